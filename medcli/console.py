@@ -1,0 +1,122 @@
+"""The one Rich console (on stderr), log helpers and the progress-bar factory.
+
+stdout is reserved for results a script can consume; everything here goes to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+from rich.console import Console
+from rich.text import Text
+from rich.progress import (
+    BarColumn,
+    ProgressColumn,
+    Task,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+    DownloadColumn,
+)
+
+_state = {"quiet": False, "verbose": False}
+_console: Console | None = None
+
+
+def configure(quiet: bool = False, verbose: bool = False) -> None:
+    _state["quiet"] = quiet
+    _state["verbose"] = verbose
+
+
+def is_verbose() -> bool:
+    return _state["verbose"]
+
+
+def is_quiet() -> bool:
+    return _state["quiet"]
+
+
+def console() -> Console:
+    """The stderr console (created lazily so tests can swap sys.stderr)."""
+    global _console
+    if _console is None or _console.file is not sys.stderr:
+        _console = Console(stderr=True, highlight=False, soft_wrap=True)
+    return _console
+
+
+def info(message: str) -> None:
+    if not _state["quiet"]:
+        console().print(message)
+
+
+def debug(message: str) -> None:
+    if _state["verbose"]:
+        console().print(f"[dim]{message}[/dim]")
+
+
+def warn(message: str) -> None:
+    console().print(f"[yellow]warning:[/yellow] {message}")
+
+
+def error(message: str) -> None:
+    # One line: collapse any newlines a library message might carry.
+    text = " ".join(str(message).split())
+    console().print(f"[bold red]error:[/bold red] {text}", markup=True, highlight=False)
+
+
+def progress_enabled() -> bool:
+    """Bars only on an interactive stderr and never with --quiet."""
+    return not _state["quiet"] and console().is_terminal
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second, in the unit named by the task's `unit` field (default "it")."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "it")
+        if not task.speed:
+            return Text(f"- {unit}/s", style="progress.data.speed")
+        return Text(f"{task.speed:,.0f} {unit}/s", style="progress.data.speed")
+
+
+class _StatusColumn(ProgressColumn):
+    """Free text a task carries in its `status` field (live loss, accuracy, lr...)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(str(task.fields.get("status", "")))
+
+
+@contextmanager
+def progress(kind: str = "items") -> Iterator[Progress]:
+    """A Rich progress bar: spinner, description, bar, done/total, rate, elapsed, ETA.
+
+    kind="bytes" shows transferred size and speed instead of counts. Tasks may carry
+    `unit=` (for the rate) and `status=` (free text) fields. The bar is disabled (all calls
+    become no-ops) when stderr is not a terminal or with --quiet.
+    """
+    if kind == "bytes":
+        counts = [DownloadColumn(), TransferSpeedColumn()]
+    else:
+        counts = [MofNCompleteColumn(), _RateColumn()]
+    bar = Progress(
+        SpinnerColumn(),
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        *counts,
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        _StatusColumn(),
+        console=console(),
+        disable=not progress_enabled(),
+    )
+    with bar:
+        yield bar

@@ -1,0 +1,271 @@
+"""Dataset registry (from `medmnist.INFO`), file layout, validation, loading and a seeded
+synthetic generator.
+
+Files live at `<root>/<flag>[_<size>].npz` (the medmnist convention) with a small JSON record
+beside each (`<flag>[_<size>].json`): flag, size, md5, official, source, time. `train` copies
+that record into the run manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medcli import fileio
+from medcli.errors import UsageError
+
+SIZES = (28, 64, 128, 224)
+SPLITS = ("train", "val", "test")
+
+
+def _info_table() -> dict:
+    from medmnist.info import INFO
+
+    return INFO
+
+
+def flags() -> list[str]:
+    """Every 2D MedMNIST dataset flag (the 3D ones are out of medcli's scope)."""
+    return [flag for flag in _info_table() if not flag.endswith("3d")]
+
+
+def info(flag: str) -> dict:
+    flag = flag.lower()
+    if flag not in flags():
+        raise UsageError(f"unknown dataset '{flag}'; choose one of: {', '.join(flags())}")
+    return _info_table()[flag]
+
+
+def class_names(flag: str) -> list[str]:
+    labels = info(flag)["label"]
+    return [labels[str(i)] for i in range(len(labels))]
+
+
+def check_size(size: int) -> int:
+    if size not in SIZES:
+        raise UsageError(f"size {size} is not a MedMNIST size; choose one of {', '.join(map(str, SIZES))}")
+    return size
+
+
+def filename(flag: str, size: int) -> str:
+    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+
+
+def official_source(flag: str, size: int) -> tuple[str, str]:
+    """(url, md5) of the official file on Zenodo."""
+    meta = info(flag)
+    suffix = "" if size == 28 else f"_{size}"
+    return meta[f"url{suffix}"], meta[f"MD5{suffix}"]
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("MEDCLI_DATA") or Path.home() / ".medmnist").expanduser()
+
+
+def data_path(root: str | os.PathLike, flag: str, size: int) -> Path:
+    return Path(root).expanduser() / filename(flag, size)
+
+
+def record_path(npz_path: str | os.PathLike) -> Path:
+    return Path(npz_path).with_suffix(".json")
+
+
+def read_record(npz_path: str | os.PathLike) -> dict | None:
+    import json
+
+    path = record_path(npz_path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_record(npz_path: str | os.PathLike, record: dict) -> Path:
+    return fileio.write_json(record_path(npz_path), record)
+
+
+def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int]:
+    """Check a file is a usable MedMNIST npz for (flag, size); return split sizes.
+
+    Checks: a readable npz, the six keys, uint8 images of size x size with the channel count
+    INFO gives, labels of matching length with values inside the class range.
+    """
+    meta = info(flag)
+    path = Path(path)
+    n_classes = len(meta["label"])
+    channels = meta["n_channels"]
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise UsageError(f"{path} does not exist") from None
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise UsageError(f"{path} is not a readable npz file ({exc}); re-download it") from None
+    counts = {}
+    with archive:
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise UsageError(f"{path} is a plain .npy array, not a MedMNIST npz archive")
+        missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in archive.files]
+        if missing:
+            raise UsageError(f"{path} lacks the keys {', '.join(missing)}; it is not a MedMNIST npz")
+        for split in SPLITS:
+            try:
+                images = archive[f"{split}_images"]
+                labels = archive[f"{split}_labels"]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise UsageError(f"{path}: cannot read {split} arrays ({exc}); the file is damaged, re-download it") from None
+            if images.dtype != np.uint8:
+                raise UsageError(f"{path}: {split}_images has dtype {images.dtype}, expected uint8")
+            expected = (size, size) if channels == 1 else (size, size, channels)
+            shape = images.shape[1:]
+            if channels == 1 and shape == (size, size, 1):
+                shape = (size, size)
+            if shape != expected:
+                raise UsageError(
+                    f"{path}: {split}_images has shape {images.shape[1:]}, expected {expected} "
+                    f"for {flag} at {size} px ({channels} channel{'s' if channels > 1 else ''})"
+                )
+            if labels.ndim != 2 or labels.shape[0] != images.shape[0]:
+                raise UsageError(f"{path}: {split}_labels has shape {labels.shape}, expected ({images.shape[0]}, k)")
+            if not np.issubdtype(labels.dtype, np.integer):
+                raise UsageError(f"{path}: {split}_labels has dtype {labels.dtype}, expected integers")
+            upper = 1 if meta["task"] == "multi-label, binary-class" else n_classes - 1
+            if labels.size and (labels.min() < 0 or labels.max() > upper):
+                raise UsageError(
+                    f"{path}: {split}_labels has values {labels.min()}..{labels.max()}, expected 0..{upper}"
+                )
+            counts[split] = int(images.shape[0])
+    return counts
+
+
+def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: dict, **extra: Any) -> dict:
+    from medcli.manifest import now_iso
+
+    _, official_md5 = official_source(flag, size)
+    return {
+        "flag": flag,
+        "size": size,
+        "file": npz.name,
+        "md5": md5,
+        "official_md5": official_md5,
+        "official": md5 == official_md5,
+        "synthetic": False,
+        "source": source,
+        "created": now_iso(),
+        "n_samples": counts,
+        **extra,
+    }
+
+
+def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
+    """Find a dataset file under root and return (path, record); a clear error if absent.
+
+    A file without a record (e.g. placed by the medmnist package) is validated, hashed and
+    given one.
+    """
+    info(flag)
+    check_size(size)
+    path = data_path(root, flag, size)
+    if not path.is_file():
+        raise UsageError(
+            f"no {flag} at {size} px under {Path(root).expanduser()}; run "
+            f"'medcli download {flag} --size {size} --root {root}' (or --from FILE to import one)"
+        )
+    record = read_record(path)
+    if record is None or record.get("flag") != flag or record.get("size") != size:
+        counts = validate_npz(path, flag, size)
+        record = make_record(flag, size, path, fileio.md5_file(path), str(path), counts)
+        write_record(path, record)
+    return path, record
+
+
+@dataclass
+class Splits:
+    """Images as uint8 arrays (N, H, W, C) and labels as int64 arrays (N,) or (N, k)."""
+
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    record: dict
+    path: Path
+
+
+def load(root: str | os.PathLike, flag: str, size: int) -> Splits:
+    path, record = resolve(root, flag, size)
+    multilabel = info(flag)["task"] == "multi-label, binary-class"
+    images, labels = {}, {}
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            for split in SPLITS:
+                array = archive[f"{split}_images"]
+                images[split] = array[..., None] if array.ndim == 3 else array
+                raw = archive[f"{split}_labels"].astype(np.int64)
+                labels[split] = raw if multilabel else raw.reshape(-1)
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise UsageError(f"{path} cannot be read ({exc}); re-download it with 'medcli download {flag}'") from None
+    return Splits(images, labels, dict(record, path=str(path.resolve())), path)
+
+
+def make_synthetic(
+    path: str | os.PathLike,
+    flag: str = "bloodmnist",
+    size: int = 28,
+    n_per_split: tuple[int, int, int] = (256, 64, 64),
+    seed: int = 0,
+) -> Path:
+    """Write a small, learnable npz in the official layout for `flag`'s classes and channels.
+
+    Each class draws oriented stripes (angle and colour tint depend on the class) inside a
+    fixed central square; outside it there is only noise. The square is the known "evidence
+    region" (recorded in the dataset record as `signal_box` = [y0, y1, x0, x1]).
+    """
+    meta = info(flag)
+    n_classes = len(meta["label"])
+    channels = meta["n_channels"]
+    multilabel = meta["task"] == "multi-label, binary-class"
+    rng = np.random.default_rng(seed)
+    lo, hi = size // 4, size - size // 4
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    arrays = {}
+    for split, n in zip(SPLITS, n_per_split):
+        labels = np.arange(n) % n_classes
+        rng.shuffle(labels)
+        imgs = rng.normal(60, 20, size=(n, size, size, channels)).astype(np.float32)
+        for i, k in enumerate(labels):
+            angle = np.pi * k / n_classes
+            freq = 2 * np.pi / max(3.0, size / 7)
+            wave = np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
+            tint = 0.6 + 0.4 * np.cos(2 * np.pi * (k / n_classes + np.arange(channels) / 3))
+            patch = 140 + 90 * wave[..., None] * tint
+            imgs[i, lo:hi, lo:hi] = patch[lo:hi, lo:hi] + rng.normal(0, 10, size=(hi - lo, hi - lo, channels))
+        images = np.clip(imgs, 0, 255).astype(np.uint8)
+        if channels == 1:
+            images = images[..., 0]
+        if multilabel:
+            onehot = np.zeros((n, n_classes), dtype=np.uint8)
+            onehot[np.arange(n), labels] = 1
+            arrays[f"{split}_labels"] = onehot
+        else:
+            arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+        arrays[f"{split}_images"] = images
+    target = Path(path)
+    with fileio.atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+    record = make_record(
+        flag, size, target, fileio.md5_file(target), f"synthetic (seed {seed})",
+        dict(zip(SPLITS, n_per_split)), synthetic=True, signal_box=[lo, hi, lo, hi],
+    )
+    record["official"] = False
+    write_record(target, record)
+    return target
+
+
+def as_tensor(images: np.ndarray, device="cpu"):
+    """(N, H, W, C) uint8 array -> one contiguous (N, C, H, W) uint8 tensor on `device`."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
