@@ -1,0 +1,34 @@
+"""Shared fixtures: tiny synthetic datasets (official npz layout) and the real-data path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medcli import console, datasets
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _reset_console():
+    console.configure(quiet=False, verbose=False)
+    yield
+    console.configure(quiet=False, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory) -> Path:
+    """A data root holding a small synthetic BloodMNIST (28 px, 8 classes, RGB)."""
+    root = tmp_path_factory.mktemp("data")
+    datasets.make_synthetic(root / datasets.filename("bloodmnist", 28), "bloodmnist", 28, (256, 64, 64), seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """../shared/data with the real PBC-derived BloodMNIST files; skips when absent."""
+    if not (SHARED_DATA / "bloodmnist_pbc_28.npz").is_file():
+        pytest.skip("../shared/data is not present (real-data tests run only beside it)")
+    return SHARED_DATA
