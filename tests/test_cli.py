@@ -1,0 +1,78 @@
+"""The CLI shell: help is instant (no torch import), errors are one line with exit codes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from medcli import __version__
+from medcli.cli import app
+
+runner = CliRunner()
+COMMANDS = ["download", "train", "evaluate", "aggregate", "plot-confusion", "explain", "clean-processes"]
+
+
+def test_help_lists_every_command_and_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from medcli.cli import app\n"
+        "from typer.testing import CliRunner\n"
+        "r = CliRunner().invoke(app, ['--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(r.output)\n"
+        "print('HEAVY:', sorted(m for m in ('torch', 'timm', 'torchvision', 'sklearn', 'matplotlib', 'pandas') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    for command in COMMANDS:
+        assert command in out
+    assert "HEAVY: []" in out
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_help_is_light(command):
+    code = (
+        "import sys\n"
+        "from medcli.cli import app\n"
+        "from typer.testing import CliRunner\n"
+        f"r = CliRunner().invoke(app, [{command!r}, '--help'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"medcli {__version__}"
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "medcli", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"medcli {__version__}"
+
+
+def test_unknown_option_is_one_line_exit_2():
+    result = runner.invoke(app, ["train", "--no-such-option"])
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--no-such-option" in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_unexpected_errors_are_one_line_unless_verbose(monkeypatch):
+    import medcli.datasets as datasets
+
+    def broken():
+        raise ZeroDivisionError("bug")
+
+    monkeypatch.setattr(datasets, "flags", broken)
+    result = runner.invoke(app, ["download", "--list"])
+    assert result.exit_code == 1
+    assert result.stderr.strip().count("\n") == 0 and "ZeroDivisionError" in result.stderr
+    verbose = runner.invoke(app, ["--verbose", "download", "--list"])
+    assert verbose.exit_code == 1 and "Traceback" in verbose.stderr
