@@ -1,0 +1,135 @@
+"""clean-processes finds only this user's medcli processes, ends them, marks their runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medcli import processes
+from medcli.cli import app
+from medcli.errors import UsageError
+from medcli.manifest import Manifest, create_run_dir
+
+runner = CliRunner()
+
+# A stand-in for a long medcli stage: it holds the run lock with a running stage, like
+# `medcli train` does, and optionally ignores SIGTERM (a hung process).
+FAKE = """
+import signal, sys, time
+from medcli.manifest import Manifest
+from medcli.processes import run_lock
+run, ignore_term = sys.argv[2], sys.argv[3] == "1"
+if ignore_term:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+with run_lock(run):
+    m = Manifest.load(run)
+    m.stages["train"] = {"status": "running", "artefacts": {}, "summary": {}}
+    m.save()
+    print("ready", flush=True)
+    time.sleep(120)
+"""
+
+
+@pytest.fixture
+def fake_medcli(tmp_path):
+    script = tmp_path / "bin" / "medcli"  # named like the console script
+    script.parent.mkdir()
+    script.write_text(FAKE)
+    started = []
+
+    def start(ignore_term=False):
+        run = create_run_dir(tmp_path / "runs", "r")
+        Manifest.new(run, config={}, dataset={})
+        proc = subprocess.Popen([sys.executable, str(script), "train", str(run), "1" if ignore_term else "0"],
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        started.append(proc)
+        return proc, run
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_lists_medcli_processes_and_their_runs_but_nothing_else(fake_medcli):
+    proc, run = fake_medcli()
+    # Mentions medcli in its arguments, but is not medcli: must be left alone.
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "medcli", "train"])
+    try:
+        found = {p.pid: p for p in processes.find_processes()}
+        assert proc.pid in found and bystander.pid not in found
+        assert os.getpid() not in found
+        assert found[proc.pid].run_dirs == [str(run)]
+        assert found[proc.pid].subcommand == "train"
+        result = runner.invoke(app, ["clean-processes", "--json"])  # dry run by default
+        assert result.exit_code == 0
+        listed = json.loads(result.stdout)
+        assert listed["ended"] is False and proc.pid in {p["pid"] for p in listed["processes"]}
+        assert proc.poll() is None  # still alive: a dry run ends nothing
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_yes_ends_processes_escalating_to_sigkill_and_marks_runs(fake_medcli):
+    polite, polite_run = fake_medcli()
+    stubborn, stubborn_run = fake_medcli(ignore_term=True)
+    result = runner.invoke(app, ["clean-processes", "--yes", "--grace", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    report = {p["pid"]: p for p in json.loads(result.stdout)["processes"]}
+    # Both are gone (psutil reaped them, so Popen can't see the signal): the stubborn one,
+    # which ignores SIGTERM and sleeps for minutes, can only have gone by SIGKILL.
+    polite.wait(timeout=10)
+    stubborn.wait(timeout=10)
+    assert report[polite.pid]["signal"] == "SIGTERM" and report[stubborn.pid]["signal"] == "SIGKILL"
+    for run in (polite_run, stubborn_run):
+        assert Manifest.load(run).stage_status("train") == "interrupted"
+
+
+def test_older_than_filters_young_processes(fake_medcli):
+    proc, _ = fake_medcli()
+    assert proc.pid not in {p.pid for p in processes.find_processes(older_than_s=3600)}
+    time.sleep(0.2)
+    assert proc.pid in {p.pid for p in processes.find_processes(older_than_s=0.1)}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start a process as another user")
+def test_other_users_processes_are_never_listed(tmp_path):
+    # argv[0] is "medcli", exactly what a real medcli process shows, but the user is nobody.
+    other = subprocess.Popen(["bash", "-c", "exec -a medcli sleep 60"], preexec_fn=lambda: os.setuid(65534))
+    try:
+        time.sleep(0.3)
+        assert other.pid not in {p.pid for p in processes.find_processes()}
+    finally:
+        other.kill()
+        other.wait()
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("10m", 600), ("2h", 7200), ("1d", 86400), ("1h30m", 5400)])
+def test_parse_duration(text, seconds):
+    assert processes.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "2x", "h", "10 minutes"])
+def test_parse_duration_rejects_garbage(text):
+    with pytest.raises(UsageError):
+        processes.parse_duration(text)
+
+
+def test_dry_run_and_yes_conflict():
+    result = runner.invoke(app, ["clean-processes", "--dry-run", "--yes"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_other_trainings_matches_device(fake_medcli):
+    proc, _ = fake_medcli()
+    assert proc.pid in {p.pid for p in processes.other_trainings("cpu")}  # its device is 'auto'
