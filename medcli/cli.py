@@ -146,9 +146,35 @@ def explain() -> None:
 
 
 @app.command("clean-processes")
-def clean_processes() -> None:
-    """List (and with --yes end) stale medcli processes of this user."""
-    _not_implemented("clean-processes")
+def clean_processes(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list (the default without --yes).")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="End the listed processes without asking.")] = False,
+    older_than: Annotated[
+        Optional[str], typer.Option(help="Only processes older than this, e.g. 30m, 2h, 1d.")
+    ] = None,
+    grace: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the processes as JSON on stdout.")] = False,
+) -> None:
+    """List this user's other medcli processes (pid, age, command, run, CPU, memory, GPU
+    memory); with consent end them: SIGTERM, then SIGKILL after --grace seconds, and mark
+    their runs interrupted. Other users' processes and non-medcli processes are never
+    touched. Without --yes it only lists, or asks when run from a terminal."""
+    from medcli import processes
+    from medcli.errors import UsageError
+
+    if dry_run and yes:
+        raise UsageError("--dry-run and --yes contradict each other; pass one of them")
+    found = processes.find_processes(processes.parse_duration(older_than) if older_than else 0.0)
+    if not json_out:
+        console.console().print(processes.table(found, f"{len(found)} medcli process(es)"))
+    end = bool(found) and not dry_run and (
+        yes or (sys.stdin.isatty() and not json_out and typer.confirm(f"End {len(found)} process(es)?", err=True))
+    )
+    result = processes.end_processes(found, grace) if end else [p.to_dict() for p in found]
+    if json_out:
+        emit({"ended": end, "processes": result})
+    elif end:
+        console.info(f"ended {len(result)} process(es)")
 
 
 def main() -> None:
