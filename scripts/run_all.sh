@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The whole CNN-vs-ViT comparison on BloodMNIST, one stage after another:
+#   data (download, or import with --from, or synthetic when offline) -> train resnet18 and
+#   vit -> evaluate both -> explain both (Grad-CAM, attention rollout) -> aggregate.
+# Each stage's duration goes to logs/run_all_<time>.log; the first failure stops the script
+# with that stage's exit code.
+#
+# Usage: scripts/run_all.sh [--reduced] [--from FILE] [--synthetic] [--size N]
+#                           [--root DIR] [--runs-dir DIR] [--out DIR] [-- extra train options]
+set -euo pipefail
+
+REDUCED=""
+FROM=""
+SYNTHETIC=0
+SIZE=28
+ROOT="${MEDCLI_DATA:-$HOME/.medmnist}"
+RUNS="runs"
+OUT=""
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --reduced) REDUCED="--reduced" ;;
+    --from) FROM="$2"; shift ;;
+    --synthetic) SYNTHETIC=1 ;;
+    --size) SIZE="$2"; shift ;;
+    --root) ROOT="$2"; shift ;;
+    --runs-dir) RUNS="$2"; shift ;;
+    --out) OUT="$2"; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+MEDCLI=${MEDCLI:-medcli}
+STAMP=$(date +%Y%m%d-%H%M%S)
+mkdir -p logs
+LOG="logs/run_all_${STAMP}.log"
+OUT=${OUT:-"$RUNS/comparison_${STAMP}"}
+
+log() { printf '%s %s\n' "$(date '+%F %T')" "$*" | tee -a "$LOG" >&2; }
+
+# stage NAME COMMAND...: run a stage, log its duration; on failure log and exit with its code.
+stage() {
+  local name=$1; shift
+  local start=$SECONDS rc=0
+  log "start $name: $*"
+  "$@" || rc=$?
+  if [ "$rc" -ne 0 ]; then
+    log "FAILED $name (exit $rc) after $((SECONDS - start)) s"
+    exit "$rc"
+  fi
+  log "done $name in $((SECONDS - start)) s"
+}
+
+# capture VAR NAME COMMAND...: like stage, and keep the command's stdout (a run directory).
+capture() {
+  local var=$1 name=$2; shift 2
+  local tmp; tmp=$(mktemp)
+  stage "$name" bash -c '"$@" > "$0"' "$tmp" "$@"
+  printf -v "$var" '%s' "$(tail -n 1 "$tmp")"
+  rm -f "$tmp"
+}
+
+log "medcli run_all: log $LOG"
+if [ -n "$FROM" ]; then
+  stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --from "$FROM" --allow-unofficial
+elif [ "$SYNTHETIC" -eq 1 ]; then
+  ROOT="$ROOT/synthetic"
+  stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --synthetic
+else
+  rc=0
+  "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" || rc=$?
+  if [ "$rc" -eq 1 ]; then
+    ROOT="$ROOT/synthetic"
+    log "the real BloodMNIST could not be downloaded: falling back to SYNTHETIC data in $ROOT"
+    log "(numbers below are a demo of the pipeline, not BloodMNIST results; use --from FILE for real data)"
+    stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --synthetic
+  elif [ "$rc" -ne 0 ]; then
+    log "FAILED data (exit $rc)"
+    exit "$rc"
+  fi
+fi
+
+capture RUN_CNN train-resnet18 "$MEDCLI" train --model resnet18 --size "$SIZE" --root "$ROOT" --runs-dir "$RUNS" $REDUCED "${EXTRA[@]}"
+capture RUN_VIT train-vit "$MEDCLI" train --model vit --size "$SIZE" --root "$ROOT" --runs-dir "$RUNS" $REDUCED "${EXTRA[@]}"
+stage evaluate-resnet18 "$MEDCLI" evaluate "$RUN_CNN" --tta
+stage evaluate-vit "$MEDCLI" evaluate "$RUN_VIT" --tta
+stage explain-resnet18 "$MEDCLI" explain "$RUN_CNN" --method gradcam
+stage explain-vit "$MEDCLI" explain "$RUN_VIT" --method rollout
+stage aggregate "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --out "$OUT" --format md
+log "all stages done; comparison in $OUT, runs $RUN_CNN and $RUN_VIT"
+echo "$OUT"
