@@ -110,15 +110,129 @@ def _not_implemented(name: str) -> None:
 
 
 @app.command()
-def download() -> None:
-    """Download (or import with --from) MedMNIST datasets, verified by md5."""
-    _not_implemented("download")
+def download(
+    flags: Annotated[
+        Optional[list[str]],
+        typer.Argument(metavar="FLAG", help="Datasets, e.g. bloodmnist pathmnist (see --list).", show_default=False),
+    ] = None,
+    size: Annotated[str, typer.Option("--size", "-s", help="Image size: 28, 64, 128, 224 or all.")] = "28",
+    root: Annotated[
+        Optional[Path],
+        typer.Option(help="Data folder (default: $MEDCLI_DATA, else ~/.medmnist).", show_default=False),
+    ] = None,
+    from_file: Annotated[
+        Optional[Path],
+        typer.Option("--from", help="Import this local npz instead of downloading (one dataset, one size)."),
+    ] = None,
+    allow_unofficial: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unofficial", help="With --from: accept an md5 that is not the official one (recorded as official: false)."
+        ),
+    ] = False,
+    list_: Annotated[bool, typer.Option("--list", help="Show every dataset and the files ROOT holds, verified.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the records (or --list entries) as JSON.")] = False,
+    mirror: Annotated[
+        Optional[str],
+        typer.Option(
+            envvar="MEDCLI_MIRROR",
+            help="Base URL of a mirror holding the official files under their own names "
+            "(e.g. http://host/medmnist), used instead of Zenodo; md5s are still checked.",
+        ),
+    ] = None,
+    tries: Annotated[int, typer.Option(min=1, help="Attempts per file, waiting 1, 2, 4... s between them.")] = 3,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server before an attempt fails.")] = 30.0,
+) -> None:
+    """Download (or import with --from) MedMNIST datasets, verified by md5.
+
+    Files go to ROOT/<flag>[_<size>].npz with a JSON record beside each (md5, official or
+    not, source). A file already present with the right md5 is not fetched again. Prints the
+    file paths (the records with --json).
+    """
+    from medcli import download as library
+
+    if list_:
+        entries = library.inventory(root, flags or [])
+        if json_out:
+            emit(entries)
+        else:
+            from rich.console import Console
+
+            Console().print(library.table(entries, root))
+        return
+    records = library.obtain(
+        flags or [], size, root, from_file=from_file, allow_unofficial=allow_unofficial,
+        mirror=mirror, tries=tries, timeout=timeout,
+    )
+    emit(records if json_out else "\n".join(record["path"] for record in records))
 
 
-@app.command()
-def train() -> None:
-    """Train a CNN or ViT; prints the new run directory."""
-    _not_implemented("train")
+from enum import Enum  # noqa: E402  (train's choices)
+
+from medcli.train import defaults_help as _train_defaults, reduced_help as _train_reduced  # noqa: E402  (no torch)
+
+
+class Optimizer(str, Enum):
+    sgd = "sgd"
+    adamw = "adamw"
+
+
+class Monitor(str, Enum):
+    acc = "acc"
+    auc = "auc"
+    f1 = "f1"
+    loss = "loss"
+
+
+class Amp(str, Enum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    off = "off"
+
+
+@app.command(help=f"Train a CNN or ViT; prints the new run directory.\n\n{_train_defaults()}")
+def train(
+    dataset: Annotated[str, typer.Option(help="MedMNIST dataset flag (single-label).")] = "bloodmnist",
+    size: Annotated[int, typer.Option(help="Dataset image size: 28, 64, 128 or 224.")] = 28,
+    model: Annotated[str, typer.Option(help="resnet18, vit, vit-small, vit-tiny or timm:<name>.")] = "resnet18",
+    reduced: Annotated[bool, typer.Option("--reduced", help=_train_reduced())] = False,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default per family/preset).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Batch size (default 128).")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (default per family).")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="Weight decay (not on norms/biases).")] = None,
+    optimizer: Annotated[Optional[Optimizer], typer.Option(help="Default: sgd for CNNs, adamw for ViTs.")] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(min=0.0, help="Linear warm-up length in epochs.")] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Label smoothing (default 0.1).")] = None,
+    mixup_alpha: Annotated[Optional[float], typer.Option(min=0.0, help="MixUp Beta(alpha, alpha); 0 = off.")] = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, help="Early stopping after N epochs without improvement (default off).")] = None,
+    monitor: Annotated[Monitor, typer.Option(help="Validation metric for best.pt and early stopping.")] = Monitor.acc,
+    seed: Annotated[int, typer.Option(min=0, help="Seed for weights, data order and augmentation.")] = 0,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help="Strict mode: deterministic kernels, bit-identical reruns.")] = False,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[Optional[Amp], typer.Option(help="Mixed precision (default bf16 on CUDA, off on CPU).")] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights.")] = False,
+    weights: Annotated[Optional[Path], typer.Option(help="Start from a local state dict / timm checkpoint.")] = None,
+    input_size: Annotated[Optional[int], typer.Option(min=8, help="Model input size (default: dataset size; 224 for full ViTs).")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Data root (default $MEDCLI_DATA or ~/.medmnist).")] = None,
+    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
+    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its last.pt.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
+) -> None:
+    from medcli import train as training
+
+    if resume is not None:
+        manifest = training.resume(resume, device=device)
+    else:
+        manifest = training.train(
+            dataset=dataset, size=size, model=model, reduced=reduced, epochs=epochs, batch_size=batch_size,
+            lr=lr, weight_decay=weight_decay, optimizer=optimizer.value if optimizer else None,
+            warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
+            patience=patience, monitor=monitor.value, seed=seed, deterministic=deterministic, device=device,
+            amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
+            input_size=input_size, root=root, runs_dir=runs_dir,
+        )
+    emit(training.summary(manifest) if json_output else str(manifest.run_dir))
 
 
 @app.command()

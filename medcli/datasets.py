@@ -8,6 +8,8 @@ that record into the run manifest.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import zipfile
 from dataclasses import dataclass
@@ -23,10 +25,21 @@ SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
 
 
+@functools.lru_cache(maxsize=1)
 def _info_table() -> dict:
-    from medmnist.info import INFO
+    """medmnist.INFO, loaded from medmnist/info.py by path.
 
-    return INFO
+    `import medmnist.info` would first run medmnist/__init__.py, which imports torch (3+ s);
+    `download` and `--help` must stay light, and info.py itself needs only the stdlib.
+    """
+    spec = importlib.util.find_spec("medmnist")  # locates the package without running it
+    if spec is None or not spec.submodule_search_locations:
+        raise UsageError("the medmnist package is not installed; pip install medmnist")
+    path = Path(spec.submodule_search_locations[0]) / "info.py"
+    info_spec = importlib.util.spec_from_file_location("medmnist.info", path)
+    module = importlib.util.module_from_spec(info_spec)
+    info_spec.loader.exec_module(module)
+    return module.INFO
 
 
 def flags() -> list[str]:
@@ -89,57 +102,69 @@ def write_record(npz_path: str | os.PathLike, record: dict) -> Path:
     return fileio.write_json(record_path(npz_path), record)
 
 
+def _npy_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of one array in an npz, read from its header without loading it."""
+    fmt = np.lib.format
+    with archive.open(f"{key}.npy") as handle:
+        version = fmt.read_magic(handle)
+        reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, _, dtype = reader(handle)
+    return shape, dtype
+
+
 def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int]:
     """Check a file is a usable MedMNIST npz for (flag, size); return split sizes.
 
-    Checks: a readable npz, the six keys, uint8 images of size x size with the channel count
-    INFO gives, labels of matching length with values inside the class range.
+    Checks: a readable zip whose members pass their CRC (streamed: a truncated or corrupted
+    file is caught without holding it in memory), the six keys, uint8 images of size x size
+    with the channel count INFO gives (from the array headers: the images of a 224-px file
+    are gigabytes and are never loaded here), and labels of matching length with values
+    inside the class range.
     """
     meta = info(flag)
     path = Path(path)
     n_classes = len(meta["label"])
     channels = meta["n_channels"]
+    upper = 1 if meta["task"] == "multi-label, binary-class" else n_classes - 1
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist")
     try:
-        archive = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise UsageError(f"{path} does not exist") from None
+        with zipfile.ZipFile(path) as archive:
+            names = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}
+            missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in names]
+            if missing:
+                raise UsageError(f"{path} lacks the keys {', '.join(missing)}; it is not a MedMNIST npz")
+            damaged = archive.testzip()
+            if damaged is not None:
+                raise UsageError(f"{path}: member {damaged} is corrupted (CRC mismatch); re-download the file")
+            counts = {split: _check_split(archive, split, path, flag, size, channels, upper) for split in SPLITS}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise UsageError(f"{path} is not a readable npz file ({exc}); re-download it") from None
-    counts = {}
-    with archive:
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise UsageError(f"{path} is a plain .npy array, not a MedMNIST npz archive")
-        missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in archive.files]
-        if missing:
-            raise UsageError(f"{path} lacks the keys {', '.join(missing)}; it is not a MedMNIST npz")
-        for split in SPLITS:
-            try:
-                images = archive[f"{split}_images"]
-                labels = archive[f"{split}_labels"]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
-                raise UsageError(f"{path}: cannot read {split} arrays ({exc}); the file is damaged, re-download it") from None
-            if images.dtype != np.uint8:
-                raise UsageError(f"{path}: {split}_images has dtype {images.dtype}, expected uint8")
-            expected = (size, size) if channels == 1 else (size, size, channels)
-            shape = images.shape[1:]
-            if channels == 1 and shape == (size, size, 1):
-                shape = (size, size)
-            if shape != expected:
-                raise UsageError(
-                    f"{path}: {split}_images has shape {images.shape[1:]}, expected {expected} "
-                    f"for {flag} at {size} px ({channels} channel{'s' if channels > 1 else ''})"
-                )
-            if labels.ndim != 2 or labels.shape[0] != images.shape[0]:
-                raise UsageError(f"{path}: {split}_labels has shape {labels.shape}, expected ({images.shape[0]}, k)")
-            if not np.issubdtype(labels.dtype, np.integer):
-                raise UsageError(f"{path}: {split}_labels has dtype {labels.dtype}, expected integers")
-            upper = 1 if meta["task"] == "multi-label, binary-class" else n_classes - 1
-            if labels.size and (labels.min() < 0 or labels.max() > upper):
-                raise UsageError(
-                    f"{path}: {split}_labels has values {labels.min()}..{labels.max()}, expected 0..{upper}"
-                )
-            counts[split] = int(images.shape[0])
     return counts
+
+
+def _check_split(archive, split, path, flag, size, channels, upper) -> int:
+    shape, dtype = _npy_header(archive, f"{split}_images")
+    if dtype != np.uint8:
+        raise UsageError(f"{path}: {split}_images has dtype {dtype}, expected uint8")
+    expected = (size, size) if channels == 1 else (size, size, channels)
+    image_shape = shape[1:]
+    if channels == 1 and image_shape == (size, size, 1):
+        image_shape = (size, size)
+    if len(shape) < 3 or image_shape != expected:
+        raise UsageError(
+            f"{path}: {split}_images has shape {shape[1:]}, expected {expected} "
+            f"for {flag} at {size} px ({channels} channel{'s' if channels > 1 else ''})"
+        )
+    with archive.open(f"{split}_labels.npy") as handle:
+        labels = np.lib.format.read_array(handle, allow_pickle=False)
+    if labels.ndim != 2 or labels.shape[0] != shape[0]:
+        raise UsageError(f"{path}: {split}_labels has shape {labels.shape}, expected ({shape[0]}, k)")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UsageError(f"{path}: {split}_labels has dtype {labels.dtype}, expected integers")
+    if labels.size and (labels.min() < 0 or labels.max() > upper):
+        raise UsageError(f"{path}: {split}_labels has values {labels.min()}..{labels.max()}, expected 0..{upper}")
+    return int(shape[0])
 
 
 def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: dict, **extra: Any) -> dict:

@@ -1,0 +1,411 @@
+"""`medcli download`: fetch MedMNIST npz files (streamed, retried, md5-verified), import local
+ones, and list what a data root holds.
+
+Every file lands through `fileio.atomic_path`: the bytes go into a uniquely named temporary
+file beside the target and are checked (zip magic, length, md5, npz layout) before it is
+renamed to `<root>/<flag>[_<size>].npz`. The final path never holds a partial or unchecked
+file, and a failed or interrupted attempt deletes its temporary file. Downloads are not
+resumed: a fresh temporary file per attempt means two concurrent downloads never write into
+the same partial file, and starting over is always correct.
+
+The JSON record beside each file (`datasets.make_record`) also stores the file's size and
+mtime when its md5 was computed. `--list` and the "already present" check trust that md5
+while size and mtime are unchanged, so they do not re-hash gigabytes (224 px files) each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import itertools
+import os
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from medcli import __version__, console, datasets, fileio
+from medcli.errors import MedcliError, UsageError
+
+CHUNK = 1 << 20
+ZIP_MAGIC = b"PK\x03\x04"  # an npz is a zip archive
+DEFAULT_TRIES = 3
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_BACKOFF = 1.0
+
+
+class _Retry(Exception):
+    """A failure that another attempt may fix: network error, timeout, HTTP 5xx/429, cut-off body."""
+
+
+class _Reject(Exception):
+    """A response that another attempt would not fix: HTTP 4xx, an HTML page, not an npz, wrong md5."""
+
+
+def source(flag: str, size: int, mirror: str | None = None) -> tuple[str, str]:
+    """(url, md5) of a file: the official Zenodo URL, or `<mirror>/<file name>` when a mirror
+    (a folder URL holding the official files under their official names) is given."""
+    url, md5 = datasets.official_source(flag, size)
+    if mirror:
+        url = f"{mirror.rstrip('/')}/{datasets.filename(flag, size)}"
+    return url, md5
+
+
+def parse_size(text: str) -> list[int]:
+    """A --size value: one of datasets.SIZES, or 'all' for every one."""
+    if text.strip().lower() == "all":
+        return list(datasets.SIZES)
+    size = int(text) if text.strip().isdigit() else None
+    if size not in datasets.SIZES:
+        choices = ", ".join(map(str, datasets.SIZES))
+        raise UsageError(f"--size {text} is not a MedMNIST size; choose one of {choices} or all")
+    return [size]
+
+
+def obtain(
+    flags: Iterable[str],
+    size: str = "28",
+    root: str | os.PathLike | None = None,
+    *,
+    from_file: str | os.PathLike | None = None,
+    allow_unofficial: bool = False,
+    mirror: str | None = None,
+    tries: int = DEFAULT_TRIES,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> list[dict]:
+    """What `medcli download FLAG...` does: import `from_file`, or fetch every flag x size.
+
+    Returns the records (each with the file's absolute `path`). Files fetched before a
+    failure stay in place (verified), so re-running resumes at the failed one.
+    """
+    flags = _flags(flags)
+    if not flags:
+        raise UsageError("name at least one dataset, e.g. 'medcli download bloodmnist', or pass --list to see them")
+    sizes = parse_size(size)
+    root = _root(root)
+    if from_file is not None:
+        if len(flags) != 1 or len(sizes) != 1:
+            raise UsageError("--from imports one file: name exactly one dataset and one --size (not all)")
+        return [import_file(from_file, flags[0], sizes[0], root, allow_unofficial=allow_unofficial)]
+    if allow_unofficial:
+        raise UsageError("--allow-unofficial applies only to --from imports; downloads must match the official md5")
+    return [fetch(flag, s, root, mirror=mirror, tries=tries, timeout=timeout) for flag in flags for s in sizes]
+
+
+def fetch(
+    flag: str,
+    size: int,
+    root: str | os.PathLike,
+    *,
+    mirror: str | None = None,
+    md5: str | None = None,
+    tries: int = DEFAULT_TRIES,
+    timeout: float = DEFAULT_TIMEOUT,
+    backoff: float = DEFAULT_BACKOFF,
+) -> dict:
+    """Make `<root>/<file name>` hold the file whose md5 is `md5` (default: the official one)
+    and return its record. No network access when it is already there.
+
+    Transient failures are retried, `tries` attempts in all, waiting backoff, 2*backoff,
+    4*backoff... s between them. The final failure is one MedcliError that also says how to
+    get the file by hand.
+    """
+    url, official_md5 = source(flag, size, mirror)
+    md5 = md5 or official_md5
+    target = datasets.data_path(root, flag, size)
+    present = _present(target, flag, size, md5)
+    if present is not None:
+        return present
+    console.info(f"downloading {url} -> {target}")
+    for attempt in itertools.count(1):
+        try:
+            counts = _download_once(url, target, flag, size, md5, timeout)
+        except _Retry as exc:
+            if attempt >= tries:
+                raise MedcliError(
+                    f"cannot download {url} ({exc}; {tries} attempt{'s' if tries > 1 else ''}); "
+                    f"{_by_hand(flag, size, target, md5)}"
+                ) from exc
+            delay = backoff * 2 ** (attempt - 1)
+            console.warn(f"{url}: {exc}; retrying in {delay:g} s (attempt {attempt + 1} of {tries})")
+            time.sleep(delay)
+        except _Reject as exc:
+            raise MedcliError(f"{url} did not give a valid {target.name}: {exc}; {_by_hand(flag, size, target, md5)}") from exc
+        else:
+            console.info(f"saved {target} (md5 {md5} verified)")
+            return _save_record(flag, size, target, md5, url, counts)
+
+
+def import_file(
+    source_file: str | os.PathLike,
+    flag: str,
+    size: int,
+    root: str | os.PathLike,
+    *,
+    allow_unofficial: bool = False,
+) -> dict:
+    """Copy a local npz into root under the official name, after checking its layout and md5.
+
+    A file whose md5 is not the official one is refused unless allow_unofficial; it is then
+    recorded with `official: false`, which `train` copies into every run made from it.
+    """
+    source_file = Path(source_file).expanduser()
+    counts = datasets.validate_npz(source_file, flag, size)
+    target = datasets.data_path(root, flag, size)
+    _, official_md5 = datasets.official_source(flag, size)
+    # Hash while copying (one read of a possibly multi-GB file); a refused copy is deleted.
+    with fileio.atomic_path(target) as tmp, open(source_file, "rb") as handle:
+        md5, _ = _copy(iter(lambda: handle.read(CHUNK), b""), tmp, os.fstat(handle.fileno()).st_size, target.name)
+        if md5 != official_md5 and not allow_unofficial:
+            raise UsageError(
+                f"{source_file} has md5 {md5}, not the official {official_md5} of {target.name}; "
+                "pass --allow-unofficial to import it anyway (recorded as official: false)"
+            )
+    record = _save_record(flag, size, target, md5, str(source_file.resolve()), counts)
+    kind = "official" if record["official"] else f"unofficial, md5 {md5}"
+    splits = ", ".join(f"{n} {split}" for split, n in counts.items())
+    console.info(f"imported {source_file} as {target} ({kind}): {splits} images")
+    return record
+
+
+def inventory(root: str | os.PathLike | None = None, flags: Iterable[str] = ()) -> list[dict]:
+    """One entry per dataset (default: every 2D flag): the INFO facts, and for each size the
+    file's path and status under root (see `_file_status`)."""
+    root = _root(root)
+    entries = []
+    for flag in _flags(flags) or datasets.flags():
+        meta = datasets.info(flag)
+        entries.append({
+            "flag": flag,
+            "task": meta["task"],
+            "classes": len(meta["label"]),
+            "channels": meta["n_channels"],
+            "n_samples": meta["n_samples"],
+            "files": {
+                str(size): _file_status(datasets.data_path(root, flag, size), flag, size) for size in datasets.SIZES
+            },
+        })
+    return entries
+
+
+_STATUS_CELLS = {
+    "official": "[green]official[/green]",
+    "unofficial": "[yellow]unofficial[/yellow]",
+    "synthetic": "[magenta]synthetic[/magenta]",
+    "mismatch": "[red]md5 mismatch[/red]",
+    "unverified": "[yellow]no record[/yellow]",
+}
+
+
+def table(entries: list[dict], root: str | os.PathLike | None = None):
+    """The --list entries as a Rich table: one row per dataset, its present files in one
+    column (narrow enough for 80 columns; --json has every size)."""
+    from rich import box
+    from rich.table import Table
+
+    grid = Table(
+        title=f"MedMNIST 2D datasets under {_root(root)} (each in {', '.join(map(str, datasets.SIZES))} px)",
+        caption=(
+            "unofficial: imported with --allow-unofficial; no record: not placed by medcli, "
+            "'medcli download FLAG -s N' verifies it; md5 mismatch: changed since recorded"
+        ),
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+    )
+    grid.add_column("dataset", no_wrap=True)
+    grid.add_column("task", min_width=12, max_width=12)
+    for name in ("classes", "train", "val", "test"):
+        grid.add_column(name, justify="right", no_wrap=True)
+    grid.add_column("files (px)", no_wrap=True)
+    for entry in entries:
+        present = [
+            f"{size} {_STATUS_CELLS[file['status']]}"
+            for size, file in entry["files"].items() if file["status"] != "missing"
+        ]
+        grid.add_row(
+            entry["flag"],
+            entry["task"],
+            str(entry["classes"]),
+            *(f"{entry['n_samples'][split]:,}" for split in datasets.SPLITS),
+            "\n".join(present) or "[dim]-[/dim]",
+        )
+    return grid
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _root(root: str | os.PathLike | None) -> Path:
+    return Path(root).expanduser() if root else datasets.default_root()
+
+
+def _flags(flags: Iterable[str]) -> list[str]:
+    """Lower-cased, de-duplicated flags, each checked against INFO (one-line UsageError)."""
+    unique = list(dict.fromkeys(flag.lower() for flag in flags))
+    for flag in unique:
+        datasets.info(flag)
+    return unique
+
+
+def _record_of(path: Path, flag: str, size: int) -> dict | None:
+    """path's JSON record when it is one medcli wrote for this flag and size."""
+    record = datasets.read_record(path)
+    if isinstance(record, dict) and record.get("flag") == flag and record.get("size") == size \
+            and isinstance(record.get("md5"), str):
+        return record
+    return None
+
+
+def _unchanged(record: dict, path: Path) -> bool:
+    """True when path has the size and mtime its record's md5 was computed for."""
+    stat = path.stat()
+    return record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
+
+
+def _current_md5(path: Path, record: dict | None) -> str:
+    """path's md5: the record's while the file is unchanged, else hashed (seconds per GB)."""
+    if record is not None and _unchanged(record, path):
+        return record["md5"]
+    return fileio.md5_file(path)
+
+
+def _file_status(path: Path, flag: str, size: int) -> dict:
+    """missing | unverified (no record: not placed by medcli) | mismatch (changed since its
+    record) | official | synthetic | unofficial. Read-only: never writes a record."""
+    entry = {"path": str(path), "status": "missing"}
+    if not path.is_file():
+        return entry
+    record = _record_of(path, flag, size)
+    if record is None:
+        return dict(entry, status="unverified")
+    md5 = _current_md5(path, record)
+    if md5 != record["md5"]:
+        status = "mismatch"
+    elif md5 == datasets.official_source(flag, size)[1]:
+        status = "official"
+    else:
+        status = "synthetic" if record.get("synthetic") else "unofficial"
+    return dict(entry, status=status, md5=md5, n_samples=record.get("n_samples"), source=record.get("source"))
+
+
+def _present(target: Path, flag: str, size: int, md5: str) -> dict | None:
+    """target's record when it already holds the file with `md5`, else None (download it).
+
+    A matching file without a current record (e.g. placed by the medmnist package, or
+    touched since) gets a fresh one, so the next check needs no hashing.
+    """
+    if not target.is_file():
+        return None
+    record = _record_of(target, flag, size)
+    actual = _current_md5(target, record)
+    if actual != md5:
+        console.info(f"{target} has md5 {actual}, not {md5}: downloading the file over it")
+        return None
+    console.info(f"{target} is present and verified (md5 {md5}); nothing to download")
+    if record is not None and record["md5"] == md5 and _unchanged(record, target):
+        return _with_path(record, target)
+    origin = record.get("source") if record is not None and record["md5"] == md5 else None
+    return _save_record(flag, size, target, md5, origin or str(target.resolve()),
+                        datasets.validate_npz(target, flag, size))
+
+
+def _download_once(url: str, target: Path, flag: str, size: int, md5: str, timeout: float) -> dict[str, int]:
+    """One attempt: stream url into a temporary file beside target, check it, rename it into
+    place; return the split sizes. Raises _Retry or _Reject (the temporary file is removed)."""
+    with fileio.atomic_path(target) as tmp:
+        with _open(url, timeout) as response:
+            length = response.headers.get("Content-Length", "")
+            total = int(length) if length.isdigit() else None
+            blocks = _blocks(response)
+            first = next(blocks, b"")
+            _check_start(response.headers.get_content_type(), first)
+            actual, received = _copy(itertools.chain([first], blocks), tmp, total, target.name)
+        if total is not None and received < total:
+            raise _Retry(f"the connection closed after {received} of {total} bytes")
+        if actual != md5:
+            raise _Reject(f"its md5 is {actual}, expected {md5}")
+        try:
+            return datasets.validate_npz(tmp, flag, size)
+        except UsageError as exc:
+            raise _Reject(f"it is not a usable MedMNIST npz ({exc})") from exc
+
+
+def _open(url: str, timeout: float):
+    """urlopen with a User-Agent; sorts failures into _Retry and _Reject."""
+    request = urllib.request.Request(url, headers={"User-Agent": f"medcli/{__version__}"})
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        transient = exc.code >= 500 or exc.code == 429
+        raise (_Retry if transient else _Reject)(f"HTTP {exc.code} {exc.reason}") from exc
+    except ValueError as exc:  # not a URL at all, e.g. a mirror without a scheme
+        raise UsageError(f"{url} is not a valid URL ({exc}); check --mirror / $MEDCLI_MIRROR") from exc
+    except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
+        raise _Retry(_reason(exc)) from exc
+
+
+def _blocks(response) -> Iterator[bytes]:
+    """The body in CHUNK-sized blocks; network errors while reading become _Retry."""
+    while True:
+        try:
+            block = response.read(CHUNK)
+        except (OSError, http.client.HTTPException) as exc:
+            raise _Retry(_reason(exc)) from exc
+        if not block:
+            return
+        yield block
+
+
+def _check_start(content_type: str, first: bytes) -> None:
+    """Reject a body that is not an npz before saving it: an HTML page (a login, quota or
+    error page served with status 200) or anything without the zip magic number."""
+    if content_type == "text/html" or first.lstrip()[:1] == b"<":
+        raise _Reject("the server sent an HTML page instead of the file")
+    if not first.startswith(ZIP_MAGIC):
+        raise _Reject("the response is empty" if not first else f"the response is not an npz file (it starts with {first[:8]!r})")
+
+
+def _copy(blocks: Iterable[bytes], dest: Path, total: int | None, label: str) -> tuple[str, int]:
+    """Write blocks to dest under a bytes progress bar; return (md5, byte count)."""
+    digest, count = hashlib.md5(), 0
+    with console.progress(kind="bytes") as bar, open(dest, "wb") as out:
+        task = bar.add_task(label, total=total)
+        for block in blocks:
+            out.write(block)
+            digest.update(block)
+            count += len(block)
+            bar.update(task, advance=len(block))
+    return digest.hexdigest(), count
+
+
+def _reason(exc: BaseException) -> str:
+    """A short human reason for a network error (URLError wraps the socket error)."""
+    reason = getattr(exc, "reason", exc)
+    if isinstance(reason, TimeoutError):
+        return "timed out"
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason) or type(reason).__name__
+
+
+def _by_hand(flag: str, size: int, target: Path, md5: str) -> str:
+    return (
+        f"download it by hand, check its md5 is {md5} and put it at {target}, or import a copy "
+        f"you have: medcli download {flag} --size {size} --root {target.parent} --from FILE"
+    )
+
+
+def _save_record(flag: str, size: int, target: Path, md5: str, origin: str, counts: dict) -> dict:
+    """Write target's JSON record, with the size and mtime its md5 belongs to."""
+    stat = target.stat()
+    record = datasets.make_record(flag, size, target, md5, origin, counts,
+                                  bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    datasets.write_record(target, record)
+    return _with_path(record, target)
+
+
+def _with_path(record: dict, target: Path) -> dict:
+    return dict(record, path=str(target.resolve()))

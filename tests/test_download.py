@@ -1,0 +1,365 @@
+"""`medcli download`: downloads against a real HTTP server on 127.0.0.1, imports through the
+CLI, the --list view, and the real PBC-derived BloodMNIST file when ../shared is present."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medcli import datasets, download, fileio
+from medcli.cli import app
+from medcli.errors import MedcliError
+
+FLAG, SIZE = "bloodmnist", 28
+NAME = datasets.filename(FLAG, SIZE)
+OFFICIAL_MD5 = datasets.official_source(FLAG, SIZE)[1]
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+# -- a real HTTP server ----------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """GET /<route>/<file>: the first path segment picks the behaviour; every hit is counted."""
+
+    def do_GET(self):
+        route = self.path.split("/")[1]
+        with self.server.lock:
+            self.server.hits[route] += 1
+            hit = self.server.hits[route]
+        body = self.server.body
+        if route == "good" or (route == "flaky" and hit > self.server.flaky_failures):
+            self._send(200, body)
+        elif route in ("flaky", "broken"):
+            self._send(500, b"internal error", "text/plain")
+        elif route == "truncated":  # a complete response of a truncated copy
+            self._send(200, body[: len(body) // 2])
+        elif route == "html":
+            self._send(200, b"<!DOCTYPE html><html>quota exceeded</html>", "text/html")
+        elif route == "disguised":  # an HTML body labelled as binary
+            self._send(200, b"\n<html><body>login</body></html>")
+        elif route == "notzip":
+            self._send(200, b'{"error": "no such record"}', "application/json")
+        elif route == "slow":
+            time.sleep(1.0)
+            self._send(200, body)
+        elif route in ("cut", "stall"):  # promise the whole body, send a part
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[:64])
+            self.wfile.flush()
+            if route == "stall":
+                self.server.stalled.set()
+                self.server.release.wait(20)
+            self.close_connection = True
+        else:
+            self._send(404, b"not found", "text/plain")
+
+    def _send(self, status: int, payload: bytes, content_type: str = "application/octet-stream") -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, body: bytes):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.body = body
+        self.hits: Counter = Counter()
+        self.lock = threading.Lock()
+        self.flaky_failures = 2
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        self.base = f"http://127.0.0.1:{self.server_address[1]}"
+
+    def handle_error(self, request, client_address):
+        pass  # the client hung up on a slow or stalled response: expected here
+
+
+@pytest.fixture(scope="module")
+def good_npz(tmp_path_factory) -> Path:
+    """A small valid BloodMNIST-layout npz (synthetic, so its md5 is not the official one)."""
+    return datasets.make_synthetic(tmp_path_factory.mktemp("src") / NAME, FLAG, SIZE, (16, 8, 8), seed=1)
+
+
+@pytest.fixture
+def server(good_npz):
+    srv = _Server(good_npz.read_bytes())
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield srv
+    srv.release.set()
+    srv.shutdown()
+    srv.server_close()
+
+
+def _fetch(server, route, root, md5, **kwargs):
+    kwargs = {"tries": 3, "timeout": 5.0, "backoff": 0.01, **kwargs}
+    return download.fetch(FLAG, SIZE, root, mirror=f"{server.base}/{route}", md5=md5, **kwargs)
+
+
+def _left(root: Path) -> list[str]:
+    return sorted(os.listdir(root)) if root.exists() else []
+
+
+# -- downloads (library) ---------------------------------------------------------------------
+
+
+def test_download_verifies_and_records_then_never_fetches_or_rehashes_again(server, good_npz, tmp_path, monkeypatch):
+    md5 = fileio.md5_file(good_npz)
+    record = _fetch(server, "good", tmp_path, md5)
+    target = tmp_path / NAME
+    assert record["path"] == str(target.resolve()) and target.read_bytes() == good_npz.read_bytes()
+    assert _left(tmp_path) == [NAME.replace(".npz", ".json"), NAME]  # no temporary file left
+    saved = datasets.read_record(target)
+    assert saved["md5"] == md5 and saved["official"] is False and saved["source"] == f"{server.base}/good/{NAME}"
+    assert saved["n_samples"] == {"train": 16, "val": 8, "test": 8}
+    assert server.hits["good"] == 1
+
+    def no_hashing(path, *args):
+        raise AssertionError(f"re-hashed {path}")
+
+    monkeypatch.setattr(download.fileio, "md5_file", no_hashing)
+    again = _fetch(server, "good", tmp_path, md5)
+    assert again["md5"] == md5 and server.hits["good"] == 1  # no request, no hashing
+    monkeypatch.undo()
+
+    stat = target.stat()  # touched, same bytes: hashed again, still no download, record refreshed
+    os.utime(target, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    _fetch(server, "good", tmp_path, md5)
+    assert server.hits["good"] == 1
+    assert datasets.read_record(target)["mtime_ns"] == stat.st_mtime_ns + 10**9
+
+
+def test_a_wrong_file_at_the_target_is_replaced(server, good_npz, tmp_path):
+    (tmp_path / NAME).write_bytes(b"PK\x03\x04 not the right file")
+    _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))
+    assert server.hits["good"] == 1 and (tmp_path / NAME).read_bytes() == good_npz.read_bytes()
+
+
+def test_server_errors_are_retried_with_exponential_backoff(server, good_npz, tmp_path, monkeypatch):
+    delays = []
+    monkeypatch.setattr(download, "time", SimpleNamespace(sleep=delays.append))
+    record = _fetch(server, "flaky", tmp_path, fileio.md5_file(good_npz), tries=3, backoff=0.5)
+    assert server.hits["flaky"] == 3 and delays == [0.5, 1.0]
+    assert Path(record["path"]).read_bytes() == good_npz.read_bytes()
+
+
+@pytest.mark.parametrize(
+    "route, tries, hits, reason",
+    [
+        ("broken", 3, 3, "HTTP 500"),  # transient: every attempt is made
+        ("cut", 2, 2, "closed after 64 of"),
+        ("slow", 2, 2, "timed out"),
+        ("html", 3, 1, "HTML page"),  # permanent: no second attempt
+        ("disguised", 3, 1, "HTML page"),
+        ("notzip", 3, 1, "not an npz file"),
+        ("missing", 3, 1, "HTTP 404"),
+        ("truncated", 3, 1, "its md5 is"),
+    ],
+)
+def test_bad_responses_fail_cleanly(server, good_npz, tmp_path, route, tries, hits, reason):
+    md5 = fileio.md5_file(good_npz)
+    with pytest.raises(MedcliError) as caught:
+        _fetch(server, route, tmp_path, md5, tries=tries, timeout=0.2)
+    message = str(caught.value)
+    assert caught.value.exit_code == 1 and "\n" not in message
+    for part in (reason, f"{server.base}/{route}/{NAME}", md5, str(tmp_path / NAME), "--from"):
+        assert part in message
+    assert server.hits[route] == hits
+    assert _left(tmp_path) == []  # nothing at the final path, no temporary file
+
+
+def test_a_valid_npz_with_the_wrong_md5_is_rejected(server, tmp_path):
+    with pytest.raises(MedcliError, match="its md5 is .*expected 0{32}"):
+        _fetch(server, "good", tmp_path, "0" * 32)
+    assert server.hits["good"] == 1 and _left(tmp_path) == []
+
+
+def test_ctrl_c_during_a_download_exits_130_and_removes_the_partial_file(server, tmp_path):
+    env = dict(os.environ, MEDCLI_MIRROR=f"{server.base}/stall", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medcli", "download", FLAG, "--root", str(tmp_path)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert server.stalled.wait(30), "the download never started"
+        assert len(_left(tmp_path)) == 1  # the temporary file being written
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in stderr and "Traceback" not in stderr
+    assert _left(tmp_path) == []
+
+
+# -- the command: downloads, imports, --list --------------------------------------------------
+
+
+def _one_line_exit(result, code: int) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_cli_download_from_a_mirror_then_list_shows_it_official(server, good_npz, tmp_path, monkeypatch):
+    """The official md5 is pretended to be the synthetic file's: the full official path runs."""
+    md5 = fileio.md5_file(good_npz)
+    monkeypatch.setattr(datasets, "official_source", lambda flag, size: ("https://zenodo.invalid/x", md5))
+    env = {"MEDCLI_MIRROR": f"{server.base}/good"}
+    for _ in range(2):
+        result = runner.invoke(app, ["download", FLAG, "--root", str(tmp_path)], env=env)
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == str((tmp_path / NAME).resolve())
+    assert server.hits["good"] == 1
+    listed = runner.invoke(app, ["download", "--list", "--json", "--root", str(tmp_path), FLAG])
+    entry = json.loads(listed.stdout)[0]
+    assert entry["files"]["28"]["status"] == "official" and entry["files"]["64"]["status"] == "missing"
+    table = runner.invoke(app, ["download", "--list", "--root", str(tmp_path)])
+    assert table.exit_code == 0 and "28 official" in table.stdout and "pathmnist" in table.stdout
+
+
+def test_cli_offline_fails_with_one_actionable_line_and_no_file(tmp_path):
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    result = runner.invoke(
+        app, ["download", FLAG, "--root", str(tmp_path), "--mirror", f"http://127.0.0.1:{port}", "--tries", "1"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    for part in (f"http://127.0.0.1:{port}/{NAME}", OFFICIAL_MD5, str(tmp_path / NAME), "--from FILE"):
+        assert part in errors[0]
+    assert _left(tmp_path) == []
+
+
+def _rewrite(source: Path, dest: Path, **changes) -> None:
+    with np.load(source) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    arrays.update(changes)
+    np.savez(dest, **arrays)
+
+
+def _bad_files(good: Path, dest: Path, case: str) -> None:
+    with np.load(good) as archive:
+        images, labels = archive["train_images"], archive["train_labels"]
+    if case == "not an npz":
+        dest.write_text("hello")
+    elif case == "wrong keys":
+        np.savez(dest, images=images, labels=labels)
+    elif case == "wrong dtype":
+        _rewrite(good, dest, train_images=images.astype(np.float32))
+    elif case == "labels out of range":
+        _rewrite(good, dest, train_labels=np.full_like(labels, 8))
+    elif case == "wrong channel count":
+        _rewrite(good, dest, train_images=images[..., 0])
+    else:  # a valid file whose md5 is not the official one
+        dest.write_bytes(good.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("not an npz", "not a readable npz"),
+        ("wrong keys", "lacks the keys"),
+        ("wrong dtype", "expected uint8"),
+        ("labels out of range", "expected 0..7"),
+        ("wrong channel count", "3 channels"),
+        ("unofficial md5", "--allow-unofficial"),
+    ],
+)
+def test_cli_import_refuses_bad_files_with_one_line(good_npz, tmp_path, case, reason):
+    bad = tmp_path / "in.npz"
+    _bad_files(good_npz, bad, case)
+    root = tmp_path / "root"
+    result = runner.invoke(app, ["download", FLAG, "--from", str(bad), "--root", str(root)])
+    assert reason in _one_line_exit(result, 2)
+    assert _left(root) == []
+
+
+def test_cli_import_unofficial_then_list(good_npz, tmp_path):
+    result = runner.invoke(
+        app, ["download", FLAG, "-s", "28", "--from", str(good_npz), "--allow-unofficial", "--json", "--root", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.stdout)
+    assert record["official"] is False and record["md5"] == fileio.md5_file(good_npz)
+    assert record["source"] == str(good_npz.resolve())
+    assert "16 train, 8 val, 8 test" in result.stderr
+    assert Path(record["path"]).read_bytes() == good_npz.read_bytes()
+    assert datasets.read_record(record["path"])["official"] is False
+    listed = runner.invoke(app, ["download", "--list", "--json", "--root", str(tmp_path)])
+    entry = next(e for e in json.loads(listed.stdout) if e["flag"] == FLAG)
+    assert entry["files"]["28"]["status"] == "unofficial"
+
+
+def test_list_tells_synthetic_unrecorded_and_changed_files_apart(tmp_path):
+    datasets.make_synthetic(tmp_path / "dermamnist_64.npz", "dermamnist", 64, (4, 2, 2))
+    datasets.make_synthetic(tmp_path / "breastmnist.npz", "breastmnist", 28, (4, 2, 2))
+    datasets.record_path(tmp_path / "breastmnist.npz").unlink()
+    changed = datasets.make_synthetic(tmp_path / NAME, FLAG, SIZE, (4, 2, 2))
+    with open(changed, "ab") as handle:
+        handle.write(b"x")
+    result = runner.invoke(app, ["download", "--list", "--json", "--root", str(tmp_path), "dermamnist", "breastmnist", FLAG])
+    status = {e["flag"]: {s: f["status"] for s, f in e["files"].items() if f["status"] != "missing"}
+              for e in json.loads(result.stdout)}
+    assert status == {"dermamnist": {"64": "synthetic"}, "breastmnist": {"28": "unverified"}, FLAG: {"28": "mismatch"}}
+
+
+@pytest.mark.parametrize(
+    "args, reason",
+    [
+        ([], "name at least one dataset"),
+        ([FLAG, "--size", "32"], "not a MedMNIST size"),
+        (["nosuchmnist"], "unknown dataset"),
+        ([FLAG, "--size", "all", "--from", "x.npz"], "exactly one dataset and one --size"),
+        ([FLAG, "--allow-unofficial"], "only to --from"),
+    ],
+)
+def test_cli_usage_errors(tmp_path, args, reason):
+    result = runner.invoke(app, ["download", *args, "--root", str(tmp_path)])
+    assert reason in _one_line_exit(result, 2)
+
+
+# -- the real PBC-derived BloodMNIST file (skips without ../shared) ---------------------------
+
+
+@pytest.mark.realdata
+def test_real_bloodmnist_import(shared_data, tmp_path):
+    source = shared_data / "bloodmnist_pbc_28.npz"
+    refused = runner.invoke(app, ["download", FLAG, "--from", str(source), "--root", str(tmp_path)])
+    assert OFFICIAL_MD5 in _one_line_exit(refused, 2)
+    assert _left(tmp_path) == []
+    result = runner.invoke(app, ["download", FLAG, "--from", str(source), "--allow-unofficial", "--root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    listed = runner.invoke(app, ["download", "--list", "--json", "--root", str(tmp_path), FLAG])
+    file = json.loads(listed.stdout)[0]["files"]["28"]
+    assert file["status"] == "unofficial"
+    assert file["n_samples"] == {"train": 11959, "val": 1712, "test": 3421}
