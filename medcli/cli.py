@@ -130,6 +130,14 @@ def download(
             "--allow-unofficial", help="With --from: accept an md5 that is not the official one (recorded as official: false)."
         ),
     ] = False,
+    synthetic: Annotated[
+        bool,
+        typer.Option(
+            "--synthetic",
+            help="Write a small seeded SYNTHETIC stand-in (the flag's classes and channels; works "
+            "offline) for demos and tests. Recorded as synthetic; never overwrites real data.",
+        ),
+    ] = False,
     list_: Annotated[bool, typer.Option("--list", help="Show every dataset and the files ROOT holds, verified.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the records (or --list entries) as JSON.")] = False,
     mirror: Annotated[
@@ -162,7 +170,7 @@ def download(
         return
     records = library.obtain(
         flags or [], size, root, from_file=from_file, allow_unofficial=allow_unofficial,
-        mirror=mirror, tries=tries, timeout=timeout,
+        synthetic=synthetic, mirror=mirror, tries=tries, timeout=timeout,
     )
     emit(records if json_out else "\n".join(record["path"] for record in records))
 

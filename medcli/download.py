@@ -32,6 +32,7 @@ CHUNK = 1 << 20
 ZIP_MAGIC = b"PK\x03\x04"  # an npz is a zip archive
 DEFAULT_TRIES = 3
 DEFAULT_TIMEOUT = 30.0
+SYNTHETIC_SPLITS = (1024, 256, 256)  # train/val/test images written by --synthetic
 DEFAULT_BACKOFF = 1.0
 
 
@@ -70,11 +71,13 @@ def obtain(
     *,
     from_file: str | os.PathLike | None = None,
     allow_unofficial: bool = False,
+    synthetic: bool = False,
     mirror: str | None = None,
     tries: int = DEFAULT_TRIES,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> list[dict]:
-    """What `medcli download FLAG...` does: import `from_file`, or fetch every flag x size.
+    """What `medcli download FLAG...` does: import `from_file`, write synthetic data, or fetch
+    every flag x size.
 
     Returns the records (each with the file's absolute `path`). Files fetched before a
     failure stay in place (verified), so re-running resumes at the failed one.
@@ -90,6 +93,8 @@ def obtain(
         return [import_file(from_file, flags[0], sizes[0], root, allow_unofficial=allow_unofficial)]
     if allow_unofficial:
         raise UsageError("--allow-unofficial applies only to --from imports; downloads must match the official md5")
+    if synthetic:
+        return [_synthesize(flag, s, root) for flag in flags for s in sizes]
     return [fetch(flag, s, root, mirror=mirror, tries=tries, timeout=timeout) for flag in flags for s in sizes]
 
 
@@ -235,6 +240,23 @@ def table(entries: list[dict], root: str | os.PathLike | None = None):
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _synthesize(flag: str, size: int, root: Path) -> dict:
+    """A seeded synthetic stand-in (datasets.make_synthetic) under the official file name.
+
+    Its record says `synthetic: true`, which train copies into the manifest and every later
+    command shows, so demo numbers can't pass for BloodMNIST results.
+    """
+    target = datasets.data_path(root, flag, size)
+    existing = datasets.read_record(target) if target.exists() else None
+    if target.exists() and not (existing or {}).get("synthetic"):
+        raise UsageError(f"{target} holds real data; refusing to overwrite it with synthetic data: "
+                         "pass another --root for the synthetic set")
+    datasets.make_synthetic(target, flag, size, SYNTHETIC_SPLITS, seed=0)
+    console.warn(f"wrote SYNTHETIC {flag} at {size} px to {target} ({'/'.join(map(str, SYNTHETIC_SPLITS))} "
+                 "train/val/test images): for demos and tests, not real data")
+    return _with_path(datasets.read_record(target), target)
 
 
 def _root(root: str | os.PathLike | None) -> Path:

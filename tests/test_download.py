@@ -363,3 +363,19 @@ def test_real_bloodmnist_import(shared_data, tmp_path):
     file = json.loads(listed.stdout)[0]["files"]["28"]
     assert file["status"] == "unofficial"
     assert file["n_samples"] == {"train": 11959, "val": 1712, "test": 3421}
+
+
+def test_cli_synthetic_writes_a_labelled_learnable_set_and_never_overwrites_real_data(good_npz, tmp_path):
+    result = runner.invoke(app, ["download", "breastmnist", "--synthetic", "--root", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)[0]
+    assert record["synthetic"] is True and record["official"] is False
+    assert datasets.validate_npz(record["path"], "breastmnist", 28) == dict(zip(datasets.SPLITS, download.SYNTHETIC_SPLITS))
+    splits = datasets.load(tmp_path, "breastmnist", 28)
+    assert set(np.unique(splits.labels["train"])) == {0, 1}
+    # A real (imported) file is never replaced by synthetic data.
+    real = runner.invoke(app, ["download", "bloodmnist", "--from", str(good_npz), "--allow-unofficial", "--root", str(tmp_path)])
+    assert real.exit_code == 0, real.output
+    before = (tmp_path / "bloodmnist.npz").read_bytes()
+    assert "holds real data" in _one_line_exit(runner.invoke(app, ["download", "bloodmnist", "--synthetic", "--root", str(tmp_path)]), 2)
+    assert (tmp_path / "bloodmnist.npz").read_bytes() == before
