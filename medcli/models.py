@@ -1,0 +1,417 @@
+"""One model factory for every architecture medcli trains: `create`, `rebuild`, `load_run_model`.
+
+Like timm's `create_model`, one function builds any model by name, adapted to the dataset
+(class count, grayscale or RGB, input size) and optionally initialised from ImageNet or a
+local file. It returns the model and a plain JSON *spec* that goes into the run manifest, so
+that `rebuild(spec)` gives the same architecture later (evaluate, explain) without the
+network. This module imports torch and timm at the top: commands import it lazily.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from urllib.parse import urlparse
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medcli import console
+from medcli.errors import UsageError
+
+if TYPE_CHECKING:
+    from medcli.manifest import Manifest
+
+ALIASES = {  # medcli name -> (architecture, library)
+    "resnet18": ("resnet18", "torchvision"),
+    "vit": ("vit_base_patch16_224", "timm"),
+    "vit-small": ("vit_small_patch16_224", "timm"),
+    "vit-tiny": ("vit_tiny_patch16_224", "timm"),
+}
+TIMM_PREFIX = "timm:"
+VALID_NAMES = f"{', '.join(ALIASES)} or {TIMM_PREFIX}<name>"
+SMALL_STEM_BELOW = 128  # ResNet inputs smaller than this get the 3x3 stride-1 stem, no max-pool
+# timm modules whose models are plain ViTs (class token, `blocks[i].norm1`, `attn.qkv`), which
+# is what the ViT code paths (training defaults, CAM reshape, attention rollout) rely on.
+_VIT_MODULES = {"vision_transformer", "deit"}
+CONNECT_TIMEOUT_S = 3.0  # reachability probe before a download
+SOCKET_TIMEOUT_S = 30.0  # any single socket operation while downloading weights
+RUN_CHECKPOINTS = ("best", "last")
+WEIGHTS_FIX = "pass a state dict saved from this architecture"
+
+
+# -- names ----------------------------------------------------------------------------------
+def resolve(name: str) -> tuple[str, str]:
+    """(architecture, library) for a medcli model name; library is "torchvision" or "timm"."""
+    if name in ALIASES:
+        return ALIASES[name]
+    if name.startswith(TIMM_PREFIX):
+        arch = name[len(TIMM_PREFIX):]
+        if not timm.is_model(arch):
+            raise UsageError(
+                f"timm has no model '{arch}'; find names with python -c \"import timm; "
+                f"print(timm.list_models('*{arch[:8]}*'))\""
+            )
+        return arch, "timm"
+    raise UsageError(f"unknown model '{name}'; choose {VALID_NAMES} (any timm model)")
+
+
+def family(name: str) -> str:
+    """"vit" for plain vision transformers, "cnn" for everything else (sets training defaults)."""
+    arch, library = resolve(name)
+    if library == "timm" and timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1] in _VIT_MODULES:
+        return "vit"
+    return "cnn"
+
+
+# -- building -------------------------------------------------------------------------------
+def create(
+    name: str,
+    num_classes: int,
+    in_chans: int,
+    input_size: int,
+    pretrained: bool = False,
+    weights: str | os.PathLike | None = None,
+    **overrides: Any,
+) -> tuple[nn.Module, dict]:
+    """Build model `name` for the dataset and return (model, spec).
+
+    `weights` (a local file) wins over `pretrained` (ImageNet weights, downloaded or cached);
+    when those cannot be fetched the model trains from scratch after one warning, and the spec
+    says `pretrained: false`. `overrides` go to the architecture (timm kwargs such as
+    `patch_size=4`; `keep_maxpool=True` for resnet18's small stem).
+    """
+    spec = {
+        "name": name,
+        "arch": resolve(name)[0],
+        "family": family(name),
+        "num_classes": _positive(num_classes, "number of classes"),
+        "in_chans": _positive(in_chans, "number of input channels"),
+        "input_size": _positive(input_size, "input size"),
+        "pretrained": False,
+        "weights": None,
+        "overrides": dict(overrides),
+    }
+    state = _read_weights_file(Path(weights)) if weights is not None else None  # fail before building
+    model = rebuild(spec)
+    if state is not None:
+        load = _load_resnet_state if spec["arch"] == "resnet18" else _load_timm_state
+        model = load(model, spec, state, str(weights), WEIGHTS_FIX)
+        spec.update(pretrained=True, weights=str(Path(weights).resolve()))
+    elif pretrained:
+        loaded = _load_imagenet(model, spec)
+        if loaded is not None:
+            model = loaded
+            spec["pretrained"] = True
+    spec["params"] = sum(p.numel() for p in model.parameters())
+    if spec["arch"] == "resnet18":
+        spec["stem"] = "small" if spec["input_size"] < SMALL_STEM_BELOW else "imagenet"
+    return model, spec
+
+
+def rebuild(spec: Mapping[str, Any]) -> nn.Module:
+    """The architecture a spec describes, randomly initialised; never touches the network."""
+    arch, library = resolve(spec["name"])
+    if library == "torchvision":
+        return _resnet18(spec["num_classes"], spec["in_chans"], spec["input_size"], **spec.get("overrides", {}))
+    return _timm_model(spec)
+
+
+def _positive(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UsageError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def _bad_option(name: str, exc: TypeError) -> UsageError:
+    return UsageError(f"model {name} does not accept that option ({exc}); drop it or pick another model")
+
+
+def _resnet18(num_classes: int, in_chans: int, input_size: int, keep_maxpool: bool = False, **overrides) -> nn.Module:
+    """torchvision ResNet-18; below 128 px a 3x3 stride-1 stem without max-pool.
+
+    ImageNet's 7x7 stride-2 conv plus max-pool shrinks a 28-px image to 7x7 before the first
+    block and costs accuracy; the small stem keeps the resolution (`keep_maxpool=True` halves
+    it once, trading a little accuracy for about 4x less compute).
+    """
+    from torchvision.models import resnet18
+
+    try:
+        model = resnet18(num_classes=num_classes, **overrides)
+    except TypeError as exc:
+        raise _bad_option("resnet18", exc) from exc
+    if input_size < SMALL_STEM_BELOW:
+        model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        if not keep_maxpool:
+            model.maxpool = nn.Identity()
+    elif in_chans != 3:
+        model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+    return model
+
+
+def _timm_model(spec: Mapping[str, Any], **load: Any) -> nn.Module:
+    """A timm model for the spec; `load` adds timm's pretrained arguments."""
+    overrides = dict(spec.get("overrides", {}))
+    if spec["family"] == "vit":  # ViTs are built for one size: positional embeddings follow it
+        overrides.setdefault("img_size", spec["input_size"])
+    try:
+        model = timm.create_model(
+            spec["arch"], num_classes=spec["num_classes"], in_chans=spec["in_chans"], **overrides, **load
+        )
+    except TypeError as exc:
+        raise _bad_option(spec["name"], exc) from exc
+    patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if patch and spec["input_size"] % patch[0]:
+        size = spec["input_size"]
+        choices = ", ".join(str(p) for p in range(2, size // 2 + 1) if size % p == 0) or "none"
+        raise UsageError(
+            f"{spec['name']}: input size {size} is not divisible by the patch size {patch[0]}; "
+            f"use patch_size one of {choices}, or an input size divisible by {patch[0]}"
+        )
+    return model
+
+
+# -- weights ----------------------------------------------------------------------------------
+def _load_imagenet(model: nn.Module, spec: dict) -> nn.Module | None:
+    """The model with ImageNet weights, or None (after one warning) when they cannot be had."""
+    if spec["arch"] == "resnet18":
+        from torchvision.models import ResNet18_Weights
+
+        url = ResNet18_Weights.IMAGENET1K_V1.url
+        state = _fetch(spec["name"], url, lambda offline: _download_state_dict(url, offline))
+        if state is None:
+            return None
+        return _load_resnet_state(model, spec, state, "the ImageNet weights", "report this as a medcli bug")
+    from huggingface_hub import constants
+
+    return _fetch(spec["name"], constants.ENDPOINT, lambda offline: _timm_model(spec, pretrained=True))
+
+
+def _download_state_dict(url: str, offline: bool) -> dict:
+    """torch hub's cached download; offline, only the cache is consulted."""
+    cached = Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
+    if offline and not cached.is_file():
+        raise ConnectionError(f"not in the torch hub cache {cached.parent}")
+    return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, check_hash=True, weights_only=True)
+
+
+def _fetch(label: str, url: str, load: Callable[[bool], Any]) -> Any:
+    """Run `load(offline)` that may download from `url`; None after one warning if it fails.
+
+    A failing download must not hang training: Hugging Face retries for about a minute when
+    there is no network, so we probe the host first (3 s) and, when it is unreachable or
+    HF_HUB_OFFLINE is set, let the hub serve only its cache. Every socket also gets a timeout.
+    """
+    reason = _unreachable(url)
+    try:
+        with _socket_timeout(SOCKET_TIMEOUT_S), _hub_offline(reason is not None):
+            return load(reason is not None)
+    except Exception as exc:  # any download, cache or format failure means: train from scratch
+        why = "; ".join(part for part in (reason, _one_line(exc)) if part)
+        console.warn(
+            f"could not fetch pretrained weights for {label} ({why}); training from scratch. "
+            "Use --weights FILE to supply them offline"
+        )
+        return None
+
+
+def _unreachable(url: str) -> str | None:
+    """Why `url` cannot be downloaded now (HF_HUB_OFFLINE, or no TCP connection), else None."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return "HF_HUB_OFFLINE is set"
+    target = urlparse(urllib.request.getproxies().get("https") or url)
+    port = target.port or (80 if target.scheme == "http" else 443)
+    try:
+        socket.create_connection((target.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        return f"cannot reach {target.hostname}: {_one_line(exc)}"
+    return None
+
+
+@contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+@contextmanager
+def _hub_offline(offline: bool) -> Iterator[None]:
+    """Hugging Face hub in offline mode (cache only) for the duration, when asked.
+
+    The hub reads HF_HUB_OFFLINE once at import; this applies our decision to this call.
+    """
+    from huggingface_hub import constants
+
+    previous = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = previous or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = previous
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _read_state_dict(path: Path, damaged_fix: str) -> dict:
+    """The tensors in a torch file: a bare state dict or a checkpoint's "state_dict"/"model".
+
+    Wrapper prefixes from DataParallel ("module.") and torch.compile ("_orig_mod.") are
+    removed so such files load into a plain model.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle garbage, disallowed globals...
+        raise UsageError(f"{path} is damaged or not a PyTorch weights file ({_one_line(exc)}); {damaged_fix}") from exc
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(torch.is_tensor(v) for v in obj.values()):
+        raise UsageError(f"{path} holds no model state dict; {damaged_fix}")
+    state = {}
+    for key, value in obj.items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key.removeprefix(prefix)
+        state[key] = value
+    return state
+
+
+def _read_weights_file(path: Path) -> dict:
+    if not path.is_file():
+        raise UsageError(f"weights file {path} does not exist; pass the path of a .pt/.pth state dict")
+    return _read_state_dict(path, WEIGHTS_FIX)
+
+
+def _load_resnet_state(model: nn.Module, spec: dict, state: dict, source: str, fix: str) -> nn.Module:
+    """Load ImageNet-style ResNet weights: adapt conv1 to the stem, drop an fc that does not fit."""
+    state = dict(state)
+    conv = state.get("conv1.weight")
+    target = model.conv1.weight
+    if conv is not None and conv.ndim == 4 and conv.shape != target.shape:
+        if conv.shape[1] != target.shape[1]:
+            conv = timm.models.adapt_input_conv(target.shape[1], conv, base_chans=conv.shape[1])
+        if conv.shape[-2:] != target.shape[-2:]:
+            conv = resize_kernel(conv, tuple(target.shape[-2:]))
+        state["conv1.weight"] = conv
+    head = ()
+    if state.get("fc.weight") is not None and state["fc.weight"].shape != model.fc.weight.shape:
+        head = ("fc.weight", "fc.bias")
+        state = {k: v for k, v in state.items() if k not in head}
+    _load_exactly(model, state, spec["name"], source, fix, allowed_missing=head)
+    return model
+
+
+def _load_timm_state(model: nn.Module, spec: dict, state: dict, source: str, fix: str) -> nn.Module:
+    """Rebuild a timm model from `state` through timm's own loader.
+
+    timm's checkpoint filter resamples positional embeddings to the new size and adapts the
+    patch embedding and the input channels; it drops the head when the class count differs.
+    Because timm then loads non-strictly, we first check the keys ourselves: every tensor
+    except the head must be there, and nothing else.
+    """
+    cfg = model.pretrained_cfg
+    heads = cfg.get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+
+    def body(keys) -> set[str]:
+        return {key for key in keys if key.rsplit(".", 1)[0] not in heads}
+
+    expected, given = body(model.state_dict()), body(state)
+    _raise_unfit(spec["name"], source, fix, sorted(expected - given), sorted(given - expected))
+    overlay = {"state_dict": state, "num_classes": -1}  # -1: timm always drops the head...
+    head_weight = state.get(f"{heads[0]}.weight") if heads else None
+    if head_weight is not None and head_weight.shape[0] == spec["num_classes"]:
+        overlay["num_classes"] = spec["num_classes"]  # ...unless it fits
+    first_conv = cfg.get("first_conv")
+    first = state.get(f"{first_conv}.weight") if isinstance(first_conv, str) else None
+    if first is not None and first.ndim == 4:  # declare the file's channels so timm adapts them
+        overlay["input_size"] = (first.shape[1], *cfg.get("input_size", (3, 224, 224))[1:])
+    try:
+        return _timm_model(spec, pretrained=True, pretrained_cfg_overlay=overlay)
+    except RuntimeError as exc:  # shape mismatches raised by load_state_dict
+        raise UsageError(f"{source} does not fit model {spec['name']} ({_one_line(exc)}); {fix}") from exc
+
+
+def _load_exactly(model: nn.Module, state: dict, name: str, source: str, fix: str, allowed_missing=()) -> None:
+    """load_state_dict that turns every mismatch into one UsageError naming a few keys."""
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # size mismatches
+        mismatch = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), _one_line(exc))
+        raise UsageError(f"{source} does not fit model {name} ({mismatch}); {fix}") from exc
+    missing = [k for k in result.missing_keys if k not in allowed_missing]
+    _raise_unfit(name, source, fix, missing, result.unexpected_keys)
+
+
+def _raise_unfit(name: str, source: str, fix: str, missing: list[str], unexpected: list[str]) -> None:
+    if not (missing or unexpected):
+        return
+    parts = [f"{label} keys {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''} ({len(keys)})"
+             for label, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    raise UsageError(f"{source} does not fit model {name} ({'; '.join(parts)}); {fix}")
+
+
+def resize_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize conv kernels (out, in, kh, kw) bicubically, keeping each kernel's sum.
+
+    The sum over the spatial taps is the kernel's response to a constant image, so after the
+    7x7 -> 3x3 transfer each filter still answers flat regions as before. Scaling by the sum
+    ratio would blow up ImageNet's zero-mean edge filters (sum ~ 0); instead the kernel is
+    scaled by the area ratio and the small remaining difference is spread over the taps.
+    """
+    resized = F.interpolate(weight.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
+    taps = size[0] * size[1]
+    resized = resized * (weight.shape[-2] * weight.shape[-1] / taps)
+    resized += (weight.float().sum((2, 3), keepdim=True) - resized.sum((2, 3), keepdim=True)) / taps
+    return resized.to(weight.dtype)
+
+
+# -- runs ---------------------------------------------------------------------------------------
+def load_run_model(manifest: Manifest, checkpoint: str = "best", device: str | torch.device = "cpu") -> nn.Module:
+    """The trained model of a run (manifest "model" spec + checkpoints/<checkpoint>.pt), in eval mode."""
+    if checkpoint not in RUN_CHECKPOINTS:
+        raise UsageError(f"unknown checkpoint '{checkpoint}'; choose {' or '.join(RUN_CHECKPOINTS)}")
+    spec = manifest.data.get("model")
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise UsageError(f"run {manifest.run_dir} has no model spec in its manifest; re-train it with medcli train")
+    relative = f"checkpoints/{checkpoint}.pt"
+    path = manifest.path(relative)
+    other = RUN_CHECKPOINTS[1 - RUN_CHECKPOINTS.index(checkpoint)]
+    if not path.is_file():
+        raise UsageError(f"run {manifest.run_dir} has no {relative}; train it first with medcli train")
+    state = _read_state_dict(path, f"re-train or use --checkpoint {other}")
+    model = rebuild(spec)
+    _load_exactly(model, state, spec["name"], relative, "re-train this run or restore its checkpoint")
+    return model.to(device).eval()
+
+
+# -- explanation support ------------------------------------------------------------------------
+def cam_target_layers(model: nn.Module, spec: Mapping[str, Any]) -> list[tuple[str, nn.Module]]:
+    """Default CAM target layer(s): the last ViT block's norm1, or a ResNet's last block."""
+    if spec["family"] == "vit":
+        name = f"blocks.{len(model.blocks) - 1}.norm1"
+    elif hasattr(model, "layer4"):
+        name = f"layer4.{len(model.layer4) - 1}"
+    else:
+        raise UsageError(f"no default CAM layer for model {spec['name']}; name one of its layers explicitly")
+    return [(name, model.get_submodule(name))]
+
+
+def named_layers(model: nn.Module) -> list[str]:
+    """Every submodule name (candidates for a CAM target layer)."""
+    return [name for name, _ in model.named_modules() if name]

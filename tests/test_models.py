@@ -1,0 +1,263 @@
+"""The model factory: stems, weight transfer, sizes, offline behaviour and run checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from medcli import models
+from medcli.errors import UsageError
+from medcli.manifest import Manifest
+
+
+def _stem(model: nn.Module) -> nn.Module:
+    return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
+
+
+def _center_response(conv: nn.Conv2d, in_chans: int, size: int) -> torch.Tensor:
+    """(in, out): each output channel's response, at the image centre, to a constant image
+    that is 1 on one input channel and 0 elsewhere: the sum of each (out, in) kernel."""
+    x = torch.eye(in_chans)[:, :, None, None].expand(in_chans, in_chans, size, size)
+    with torch.no_grad():
+        y = conv(x)
+    return y[:, :, y.shape[2] // 2, y.shape[3] // 2]
+
+
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    """No network and empty weight caches, so no real download can be attempted or succeed."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+@pytest.fixture(scope="module")
+def imagenet_like_file(tmp_path_factory) -> Path:
+    """A torchvision-layout ResNet-18 file (7x7 RGB conv1, 1000 classes) with non-zero-mean kernels."""
+    from torchvision.models import resnet18
+
+    torch.manual_seed(0)
+    state = resnet18().state_dict()
+    state["conv1.weight"] = torch.randn(64, 3, 7, 7) * 0.05 + torch.randn(64, 3, 1, 1) * 0.02
+    path = tmp_path_factory.mktemp("weights") / "resnet18_imagenet.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def vit_file_224(tmp_path_factory) -> Path:
+    """A timm checkpoint (dict with "state_dict") of test_vit at 224 px, 1000 classes."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "test_vit_224.pth"
+    torch.save({"state_dict": timm.create_model("test_vit", img_size=224).state_dict(), "epoch": 3}, path)
+    return path
+
+
+# -- ResNet stems and weight transfer ----------------------------------------------------------
+def test_resnet18_small_stem_keeps_resolution_and_standard_stem_at_128():
+    model, spec = models.create("resnet18", 8, 3, 28)
+    assert (model.conv1.kernel_size, model.conv1.stride) == ((3, 3), (1, 1))
+    assert isinstance(model.maxpool, nn.Identity) and spec["stem"] == "small"
+    assert _stem(model)(torch.zeros(1, 3, 28, 28)).shape == (1, 64, 28, 28)
+
+    big, spec = models.create("resnet18", 8, 3, 128)
+    assert (big.conv1.kernel_size, big.conv1.stride) == ((7, 7), (2, 2))
+    assert isinstance(big.maxpool, nn.MaxPool2d) and spec["stem"] == "imagenet"
+    assert _stem(big)(torch.zeros(1, 3, 128, 128)).shape == (1, 64, 32, 32)
+
+
+def test_resnet18_keep_maxpool_override_and_unknown_option():
+    model, spec = models.create("resnet18", 8, 3, 28, keep_maxpool=True)
+    assert isinstance(model.maxpool, nn.MaxPool2d) and spec["overrides"] == {"keep_maxpool": True}
+    assert _stem(model)(torch.zeros(1, 3, 28, 28)).shape == (1, 64, 14, 14)
+    with pytest.raises(UsageError, match="does not accept"):
+        models.create("resnet18", 8, 3, 28, no_such_option=1)
+
+
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_7x7_to_3x3_transfer_preserves_constant_response(imagenet_like_file, in_chans):
+    source = torch.load(imagenet_like_file, weights_only=True)
+    reference = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    reference.weight.data = source["conv1.weight"]
+    model, spec = models.create("resnet18", 5, in_chans, 28, weights=imagenet_like_file)
+
+    got = _center_response(model.conv1, in_chans, 28)
+    want = _center_response(reference, 3, 32)
+    if in_chans == 1:  # a grey image is the same value on R, G and B
+        want = want.sum(0, keepdim=True)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert model.conv1.weight.shape == (64, in_chans, 3, 3)
+    torch.testing.assert_close(model.layer1[0].conv1.weight, source["layer1.0.conv1.weight"])
+    assert model.fc.out_features == 5  # the 1000-class head was dropped
+    assert spec["pretrained"] is True and spec["weights"] == str(imagenet_like_file.resolve())
+
+
+def test_resize_kernel_keeps_zero_mean_edge_filters_bounded():
+    edge = torch.tensor([[-1.0, 0, 0, 0, 0, 0, 1.0]]).repeat(7, 1)[None, None]
+    small = models.resize_kernel(edge, (3, 3))
+    assert small.sum().abs() < 1e-5 and small.abs().max() < 10
+
+
+# -- ViTs ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size, overrides", [(28, {"patch_size": 4}), (64, {}), (128, {}), (224, {})])
+def test_vit_forward_at_any_size(size, overrides):
+    model, spec = models.create("timm:test_vit", 5, 3, size, **overrides)
+    assert model(torch.zeros(2, 3, size, size)).shape == (2, 5)
+    assert spec["family"] == "vit" and spec["overrides"] == overrides
+
+
+def test_vit_tiny_builds_grayscale_at_28_with_patch_7():
+    model, spec = models.create("vit-tiny", 3, 1, 28, patch_size=7)
+    assert spec["arch"] == "vit_tiny_patch16_224" and model.patch_embed.proj.in_channels == 1
+    assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 3)
+
+
+def test_vit_size_not_divisible_by_patch_names_choices():
+    with pytest.raises(UsageError, match=r"not divisible by the patch size 16; use patch_size one of 2, 4, 7, 14"):
+        models.create("timm:test_vit", 5, 3, 28)
+
+
+def test_names_and_families():
+    assert [models.family(n) for n in ("resnet18", "vit", "timm:test_vit", "timm:resnet10t")] == [
+        "cnn", "vit", "vit", "cnn"]
+    with pytest.raises(UsageError, match="choose resnet18, vit, vit-small, vit-tiny or timm:<name>"):
+        models.create("resnet50", 2, 3, 28)
+    with pytest.raises(UsageError, match=r"timm has no model 'nope_net'.*list_models"):
+        models.create("timm:nope_net", 2, 3, 28)
+
+
+# -- pretrained weights without a network ------------------------------------------------------
+@pytest.mark.parametrize("name", ["resnet18", "timm:test_vit"])
+def test_pretrained_offline_warns_once_and_trains_from_scratch(offline, capsys, name):
+    model, spec = models.create(name, 4, 3, 16, pretrained=True)
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "could not fetch pretrained weights" in err and "--weights" in err
+    assert spec["pretrained"] is False and spec["weights"] is None
+    assert model(torch.zeros(1, 3, 16, 16)).shape == (1, 4)
+
+
+def test_pretrained_online_really_downloads(monkeypatch, capsys, tmp_path):
+    """With the network up, resnet18 asks torch hub and timm asks the Hugging Face hub (online)."""
+    from huggingface_hub import constants
+
+    asked = []
+
+    def refuse(source, *args, **kwargs):
+        asked.append((str(source), constants.HF_HUB_OFFLINE))
+        raise ConnectionError("test refuses downloads")
+
+    monkeypatch.setattr(models, "_unreachable", lambda url: None)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
+    monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", refuse)
+    models.create("resnet18", 4, 3, 32, pretrained=True)
+    models.create("timm:test_vit", 4, 3, 32, pretrained=True)
+    assert asked[0][0].startswith("https://download.pytorch.org/models/resnet18")
+    assert asked[1] == ("timm/test_vit.r160_in1k", False)
+    assert capsys.readouterr().err.count("test refuses downloads") == 2
+
+
+def test_unreachable_honours_hf_hub_offline_and_failed_probe(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert models._unreachable("https://huggingface.co") == "HF_HUB_OFFLINE is set"
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def no_route(address, timeout):
+        assert timeout <= 5
+        raise OSError("no route")
+
+    monkeypatch.setattr(models.socket, "create_connection", no_route)
+    assert "cannot reach huggingface.co" in models._unreachable("https://huggingface.co")
+
+
+# -- weights files -----------------------------------------------------------------------------
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_timm_weights_at_224_load_at_64_with_resampled_pos_embed(vit_file_224, in_chans):
+    source = torch.load(vit_file_224, weights_only=True)["state_dict"]
+    model, spec = models.create("timm:test_vit", 5, in_chans, 64, weights=vit_file_224)
+    assert source["pos_embed"].shape[1] == 1 + 14 * 14 and model.pos_embed.shape[1] == 1 + 4 * 4
+    torch.testing.assert_close(model.blocks[0].attn.qkv.weight, source["blocks.0.attn.qkv.weight"])
+    patch = source["patch_embed.proj.weight"]
+    torch.testing.assert_close(model.patch_embed.proj.weight, patch if in_chans == 3 else patch.sum(1, keepdim=True))
+    assert model(torch.zeros(1, in_chans, 64, 64)).shape == (1, 5) and spec["pretrained"] is True
+
+
+def test_weights_of_another_architecture_are_refused(imagenet_like_file, vit_file_224):
+    with pytest.raises(UsageError, match=r"does not fit model resnet18 \(missing keys"):
+        models.create("resnet18", 5, 3, 28, weights=vit_file_224)
+    with pytest.raises(UsageError, match=r"does not fit model timm:test_vit \(missing keys"):
+        models.create("timm:test_vit", 5, 3, 64, weights=imagenet_like_file)
+    with pytest.raises(UsageError, match=r"does not fit model timm:test_vit \(.*size mismatch"):
+        models.create("timm:test_vit", 5, 3, 64, embed_dim=32, weights=vit_file_224)  # same keys, other widths
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "missing"])
+def test_unreadable_weights_files_are_usage_errors(imagenet_like_file, tmp_path, damage):
+    path = tmp_path / "weights.pth"
+    if damage == "truncated":
+        path.write_bytes(imagenet_like_file.read_bytes()[:5000])
+    elif damage == "garbage":
+        path.write_bytes(b"not a torch file at all")
+    with pytest.raises(UsageError) as info:
+        models.create("resnet18", 5, 3, 28, weights=path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+# -- rebuild and run checkpoints -----------------------------------------------------------------
+@pytest.mark.parametrize("name, size, overrides", [("resnet18", 8, {}), ("timm:test_vit", 28, {"patch_size": 7})])
+def test_rebuild_round_trip_gives_identical_outputs(name, size, overrides):
+    model, spec = models.create(name, 3, 1, size, **overrides)
+    clone = models.rebuild(spec)
+    clone.load_state_dict(model.state_dict())
+    x = torch.randn(1, 1, size, size)
+    torch.testing.assert_close(clone.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def _run(tmp_path: Path, spec: dict, state: dict | None = None, which: str = "best") -> Manifest:
+    manifest = Manifest.new(tmp_path / "run", config={}, dataset={}, model=spec)
+    if state is not None:
+        (tmp_path / "run" / "checkpoints").mkdir()
+        torch.save({"model": state, "epoch": 1}, tmp_path / "run" / "checkpoints" / f"{which}.pt")
+    return manifest
+
+
+def test_load_run_model_restores_the_trained_model(tmp_path):
+    model, spec = models.create("resnet18", 3, 3, 8)
+    manifest = _run(tmp_path, spec, model.state_dict())
+    loaded = models.load_run_model(Manifest.load(manifest.run_dir))
+    assert not loaded.training
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_load_run_model_errors(tmp_path):
+    model, spec = models.create("resnet18", 3, 3, 28)
+    manifest = _run(tmp_path, spec, model.state_dict())
+    with pytest.raises(UsageError, match=r"has no checkpoints/last.pt; train it first with medcli train"):
+        models.load_run_model(manifest, checkpoint="last")
+
+    best = manifest.path("checkpoints/best.pt")
+    best.write_bytes(best.read_bytes()[:4096])
+    with pytest.raises(UsageError, match=r"is damaged .*; re-train or use --checkpoint last"):
+        models.load_run_model(manifest)
+
+    torch.save({"model": timm.create_model("test_vit", num_classes=3).state_dict()}, best)
+    with pytest.raises(UsageError, match=r"checkpoints/best.pt does not fit model resnet18 \(missing keys"):
+        models.load_run_model(manifest)
+
+
+# -- explanation support ------------------------------------------------------------------------
+def test_cam_target_layers_defaults():
+    vit, vit_spec = models.create("timm:test_vit", 2, 3, 32, patch_size=8)
+    resnet, resnet_spec = models.create("resnet18", 2, 3, 28)
+    [(vit_name, vit_layer)] = models.cam_target_layers(vit, vit_spec)
+    [(resnet_name, resnet_layer)] = models.cam_target_layers(resnet, resnet_spec)
+    assert (vit_name, vit_layer) == (f"blocks.{len(vit.blocks) - 1}.norm1", vit.blocks[-1].norm1)
+    assert (resnet_name, resnet_layer) == ("layer4.1", resnet.layer4[-1])
+    assert {vit_name, "patch_embed"} <= set(models.named_layers(vit))
