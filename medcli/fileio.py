@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from medcli.errors import UsageError
+from medcli.errors import MedcliError, UsageError
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -58,6 +58,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
         _fsync_dir(target.parent)
+    except OSError as exc:  # disk full, read-only file system, I/O error...
+        tmp.unlink(missing_ok=True)
+        raise MedcliError(
+            f"writing {target} failed ({exc.strerror or exc}); any previous version is unchanged: "
+            f"free some space or choose another location"
+        ) from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from medcli import fileio
-from medcli.errors import UsageError
+from medcli.errors import MedcliError, UsageError
 from medcli.manifest import SCHEMA_VERSION, Manifest, create_run_dir
 
 
@@ -79,7 +79,7 @@ def test_crash_during_save_leaves_previous_manifest(tmp_path, monkeypatch):
 
     manifest.config["epochs"] = 99
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(MedcliError, match="previous version is unchanged"):
         manifest.save()
     monkeypatch.undo()
     assert (manifest.run_dir / "manifest.json").read_bytes() == before

@@ -1,0 +1,230 @@
+"""`medcli evaluate`: predict a trained run on its data, then write metrics, predictions,
+figures and the Excel report, and record them in the manifest's `evaluate` stage.
+
+Everything needed comes from the run directory: the manifest names the dataset file, the
+model spec, the preprocessing and the checkpoints. Test-time augmentation uses a fixed set of
+flips (no random noise) so an evaluation gives the same numbers every time; the views used are
+written into the metrics JSON. With `calibrate`, a temperature is fitted on the validation
+split and applied to every split; ECE/NLL/Brier before and after are recorded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from medcli import console, datasets, fileio, metrics, reports
+from medcli.errors import UsageError
+from medcli.manifest import Manifest
+
+SPLIT_CHOICES = ("test", "val", "all")
+CHECKPOINTS = ("best", "last")
+# Deterministic test-time views: the identity and the flips of the image (dims of an NCHW batch).
+# Flips keep MedMNIST's centred, orientation-free cell/organ crops on the data manifold.
+TTA_VIEWS = {"identity": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
+LOG_FLOOR = float(np.log(np.finfo(np.float32).tiny))
+SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "nll", "ece", "brier")
+
+
+def _flip(dims: tuple[int, ...]):
+    """A test-time view: the uint8 NCHW batch flipped along `dims` (none: the batch itself)."""
+
+    def view(batch):
+        return batch.flip(dims) if dims else batch
+
+    return view
+
+
+def splits_for(split: str) -> tuple[str, ...]:
+    """'all' means every split, train included (train vs test numbers expose over-fitting)."""
+    if split not in SPLIT_CHOICES:
+        raise UsageError(f"unknown --split '{split}'; choose one of {', '.join(SPLIT_CHOICES)}")
+    return datasets.SPLITS if split == "all" else (split,)
+
+
+def load_data(manifest: Manifest, root: str | os.PathLike | None) -> datasets.Splits:
+    """The run's dataset, found again by flag and size: under `root` when given (a moved run or
+    dataset), else under the data root training used, else beside the recorded file. A file
+    that differs from the one training used is a warning (the numbers may not compare)."""
+    record = manifest.dataset
+    flag, size = record.get("flag"), record.get("size")
+    if not flag or not size:
+        raise UsageError(f"run {manifest.run_dir} has no dataset flag/size in its manifest; re-train it with medcli train")
+    if root is None:
+        candidates = [Path(p) for p in (manifest.config.get("root"), Path(record.get("path", "")).parent) if p]
+        root = next((c for c in candidates if datasets.data_path(c, flag, size).is_file()), None)
+        if root is None:
+            raise UsageError(f"the dataset this run was trained on ({datasets.filename(flag, size)} under "
+                             f"{manifest.config.get('root') or record.get('path')}) is missing; pass --root DIR holding it, "
+                             f"or fetch it with 'medcli download {flag} --size {size}'")
+    data = datasets.load(root, flag, size)
+    if record.get("md5") and data.record.get("md5") != record.get("md5"):
+        console.warn(f"{data.path} differs from the file this run was trained on (md5 "
+                     f"{data.record.get('md5')} vs {record.get('md5')}); numbers may not be comparable")
+    return data
+
+
+def evaluate_run(
+    run: str | os.PathLike,
+    split: str = "test",
+    checkpoint: str = "best",
+    tta: bool = False,
+    calibrate: bool = False,
+    batch_size: int = 256,
+    device: str = "auto",
+    amp: str | None = None,
+    root: str | os.PathLike | None = None,
+) -> dict:
+    """Evaluate one run; returns {"run", "splits": {split: metrics JSON}, "files": [...]}.
+
+    Inputs are checked before the `evaluate` stage starts (a missing checkpoint or an
+    untrained run is a usage error and leaves the manifest untouched).
+    """
+    from medcli import inference, models
+
+    chosen = splits_for(split)
+    if checkpoint not in CHECKPOINTS:
+        raise UsageError(f"unknown --checkpoint '{checkpoint}'; choose best or last")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    manifest = Manifest.load(run)
+    train_stage = manifest.require_completed("train", "train it first with 'medcli train' (or finish it with --resume)")
+    dev = inference.resolve_device(device)
+    amp_mode = inference.resolve_amp(dev, amp)
+    model = models.load_run_model(manifest, checkpoint, dev)
+    data = load_data(manifest, root)
+    names = datasets.class_names(manifest.dataset["flag"])
+    views = [_flip(dims) for dims in TTA_VIEWS.values()] if tta else None
+
+    def predict(name: str) -> np.ndarray:
+        scores = inference.predict_logits(
+            model, datasets.as_tensor(data.images[name]), manifest.data["preprocess"], batch_size=batch_size,
+            device=dev, amp=amp_mode, views=views, progress_label=f"evaluate {name}").numpy().astype(np.float64)
+        # TTA returns log mean probabilities: a float32 probability that underflowed is log 0 = -inf,
+        # which would make the NLL (and the temperature fit) infinite. Floor it at float32's tiniest.
+        return np.maximum(scores, LOG_FLOOR) if tta else scores
+
+    epoch_key = "best_epoch" if checkpoint == "best" else "epochs_run"
+    context = {
+        "run_id": manifest.run_id,
+        "checkpoint": checkpoint,
+        "checkpoint_epoch": train_stage.get("summary", {}).get(epoch_key),
+        "dataset": {key: data.record.get(key) for key in ("flag", "size", "md5", "official", "synthetic", "path")},
+        "class_names": names,
+        "tta": {"enabled": tta, "views": list(TTA_VIEWS) if tta else ["identity"]},
+        "device": str(dev),
+        "amp": amp_mode,
+    }
+    results, written = {}, []
+    with manifest.stage("evaluate") as st:
+        logits = {name: predict(name) for name in chosen}
+        temperature = None
+        if calibrate:
+            val_logits = logits["val"] if "val" in logits else predict("val")
+            temperature = metrics.fit_temperature(val_logits, data.labels["val"])
+            console.info(f"temperature scaling: T = {temperature:.4f} (fitted on val, {len(val_logits)} images)")
+        for name in chosen:
+            result, files = _write_split(manifest, name, logits[name], data, names, temperature, context)
+            results[name] = result
+            written += files
+            st.summary[name] = {key: result["metrics"][key] for key in SUMMARY_METRICS} | {
+                "checkpoint": checkpoint, "tta": tta, "temperature": temperature}
+            st.add(*files, save=False)
+        written.append(write_run_report(manifest))
+        st.add(written[-1])
+    _print_summary(results)
+    return {"run": str(manifest.run_dir), "splits": results, "files": [manifest.relative(p) for p in written]}
+
+
+def _write_split(manifest: Manifest, split: str, logits: np.ndarray, data: datasets.Splits, names: list[str],
+                 temperature: float | None, context: dict) -> tuple[dict, list[Path]]:
+    """Metrics JSON, predictions CSV and the four figures of one split."""
+    labels = data.labels[split]
+    raw = metrics.softmax(logits)
+    probs = raw if temperature is None else metrics.softmax(logits, temperature)
+    values = metrics.classification_metrics(labels, probs, names)
+    bins = metrics.reliability(labels, probs)
+    calibration = None
+    panels = [("uncalibrated" if temperature is None else f"after T = {temperature:.3f}", bins)]
+    if temperature is not None:
+        before = {"ece": metrics.ece(labels, raw), "nll": metrics.nll(labels, raw), "brier": metrics.brier(labels, raw)}
+        after = {key: values[key] for key in before}
+        calibration = {"method": "temperature scaling", "fitted_on": "val", "temperature": temperature,
+                       "before": before, "after": after}
+        panels.insert(0, ("before", metrics.reliability(labels, raw)))
+    result = {**context, "split": split, "calibration": calibration, "metrics": values, "reliability": bins}
+
+    run_dir = manifest.run_dir
+    title = f"{manifest.run_id} · {split}"
+    figures = run_dir / "figures"
+    files = [
+        fileio.write_json(run_dir / "metrics" / f"{split}.json", result),
+        reports.write_predictions(run_dir / "predictions" / f"{split}.csv", reports.predictions_frame(labels, probs, names)),
+        reports.save_confusion(figures / f"confusion_{split}.png", np.asarray(values["confusion_matrix"]), names, title),
+        reports.save_samples(figures / f"samples_{split}.png", data.images[split], labels, probs, names,
+                             f"{title}: sample predictions (green right, red wrong)"),
+        reports.save_mistakes(figures / f"mistakes_{split}.png", data.images[split], labels, probs, names,
+                              f"{title}: most confident mistakes"),
+        reports.save_reliability(figures / f"reliability_{split}.png", panels, f"{title}: reliability"),
+    ]
+    return result, files
+
+
+def write_run_report(manifest: Manifest) -> Path:
+    """(Re)write `report.xlsx` from every split evaluated so far (the files on disk), so an
+    evaluation of `val` after one of `test` yields one workbook holding both."""
+    import json
+
+    import pandas as pd
+
+    run_dir = manifest.run_dir
+    evaluations = {}
+    for split in datasets.SPLITS:
+        metrics_file, csv = run_dir / "metrics" / f"{split}.json", run_dir / "predictions" / f"{split}.csv"
+        if metrics_file.is_file() and csv.is_file():
+            evaluations[split] = (json.loads(metrics_file.read_text(encoding="utf-8")), reports.read_predictions(csv)[0])
+    history_file = run_dir / "history.csv"
+    history = pd.read_csv(history_file) if history_file.is_file() else None
+    return reports.write_report(run_dir / "report.xlsx", manifest.data, evaluations, history)
+
+
+def _print_summary(results: dict) -> None:
+    """A Rich table of the main metrics per split on stderr (skipped with --quiet)."""
+    if console.is_quiet():
+        return
+    from rich.table import Table
+
+    table = Table(title="evaluation", title_justify="left")
+    table.add_column("metric")
+    for split in results:
+        table.add_column(split, justify="right")
+    rows = [("images", [str(r["metrics"]["n"]) for r in results.values()])]
+    for key in SUMMARY_METRICS:
+        rows.append((key, [_format(key, r["metrics"][key]) for r in results.values()]))
+    calibrations = [r["calibration"] for r in results.values()]
+    if all(calibrations):  # one evaluation calibrates every split or none
+        rows.append(("temperature", [f"{c['temperature']:.3f}" for c in calibrations]))
+        rows += [(f"{key} before scaling", [_format(key, c["before"][key]) for c in calibrations])
+                 for key in ("ece", "nll")]
+    for key, cells in rows:
+        table.add_row(key, *cells)
+    console.console().print(table)
+
+
+def _format(key: str, value) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.2%}" if key in metrics.PERCENT_METRICS else f"{value:.4f}"
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The plain-text result `evaluate` prints on stdout: one line per split, then the files."""
+    lines = []
+    for split, data in result["splits"].items():
+        values = data["metrics"]
+        parts = [f"{key} {_format(key, values[key])}" for key in SUMMARY_METRICS]
+        lines.append(f"{split}: " + "  ".join(parts))
+    lines += [str(Path(result["run"]) / path) for path in result["files"]]
+    return lines

@@ -1,0 +1,446 @@
+"""Figures and Excel workbooks for people: confusion matrices, sample grids, reliability
+diagrams, and the styled `report.xlsx` / aggregate workbook.
+
+Everything here is a pure function of arrays, DataFrames or files; nothing imports torch, so
+`plot-confusion` can redraw a confusion matrix from a predictions CSV on a machine without a
+GPU stack. Figures use matplotlib's object API (`Figure`, no pyplot): no global state, no
+backend to select, safe in tests. Every file is written through `fileio.atomic_path`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medcli import fileio
+from medcli.errors import UsageError
+from medcli.metrics import PERCENT_METRICS, SCALAR_METRICS
+
+PROB_PREFIX = "prob_"
+PREDICTION_COLUMNS = ("index", "label", "prediction")
+PERCENT = "0.00%"
+DECIMAL = "0.0000"
+INTEGER = "0"
+_DPI = 130
+
+
+# ---------------------------------------------------------------------------------------
+# Class names on axes
+# ---------------------------------------------------------------------------------------
+
+
+def short_names(names: Sequence[str], width: int = 18) -> list[str]:
+    """Axis-friendly class names: drop a parenthesised explanation, then cut to `width`.
+
+    BloodMNIST's "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)"
+    becomes "immature granulocytes". If two names collapse to the same text the class index
+    is appended so the axes stay unambiguous.
+    """
+    shortened = []
+    for name in names:
+        text = str(name).split("(")[0].strip() or str(name)
+        shortened.append(text if len(text) <= width else text[: width - 1].rstrip() + "…")
+    if len(set(shortened)) < len(shortened):
+        shortened = [f"{text} [{i}]" for i, text in enumerate(shortened)]
+    return shortened
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Save a matplotlib Figure atomically (the format follows the file suffix)."""
+    with fileio.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=_DPI)
+    return Path(path)
+
+
+def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) -> None:
+    """Draw one confusion matrix on `ax` (rows = true class): counts, or row-normalised shares.
+
+    The single drawing routine behind evaluate's figure and `plot-confusion`. Rows of classes
+    absent from the labels stay 0 when normalised instead of dividing by zero.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    if normalize:
+        totals = cm.sum(axis=1, keepdims=True)
+        values = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
+        image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0)
+        labels = [[f"{v:.0%}" if v else "0" for v in row] for row in values]
+    else:
+        values = cm
+        image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=max(values.max(), 1.0))
+        labels = [[f"{int(v)}" for v in row] for row in values]
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    n = len(names)
+    threshold = image.norm.vmax / 2
+    fontsize = 9 if n <= 10 else 7
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=fontsize,
+                    color="white" if values[i, j] > threshold else "black")
+    axis_names = short_names(names)
+    ax.set_xticks(range(n), axis_names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(n), axis_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("row-normalised (recall on the diagonal)" if normalize else "counts")
+
+
+def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str], title: str,
+                   panels: Sequence[bool] = (False, True)) -> Path:
+    """A confusion-matrix figure with one panel per entry of `panels` (False = counts,
+    True = row-normalised); evaluate draws both side by side."""
+    from matplotlib.figure import Figure
+
+    side = max(4.5, 0.55 * len(names) + 2.5)
+    fig = Figure(figsize=(side * len(panels), side), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, normalize in zip(axes, panels):
+        draw_confusion(ax, cm, names, normalize)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequence[bool], title: str,
+                columns: int = 8) -> Path:
+    """Thumbnails with a caption each; a green frame marks a right prediction, red a wrong one.
+
+    The tiles are composed into one mosaic array drawn on a single axes: one image instead of
+    32 subplots keeps a grid at a fraction of a second.
+    """
+    from matplotlib.colors import to_rgb
+    from matplotlib.figure import Figure
+
+    n = len(images)
+    rows = max(1, -(-n // columns))
+    height, width = (images.shape[1], images.shape[2]) if n else (28, 28)
+    frame = max(1, height // 14)
+    cell_h, cell_w = height + 2 * frame, width + 2 * frame
+    gap, caption_h = max(2, cell_w // 8), cell_h // 2  # room under each tile for a two-line caption
+    mosaic = np.ones((rows * (cell_h + caption_h), columns * (cell_w + gap), 3))
+    inch = 1.6 / (cell_w + gap)
+    fig = Figure(figsize=(mosaic.shape[1] * inch, mosaic.shape[0] * inch + 0.5), layout="constrained")
+    ax = fig.subplots()
+    ax.set_axis_off()
+    for k, (image, caption, ok) in enumerate(zip(images, titles, correct)):
+        top, left = (k // columns) * (cell_h + caption_h), (k % columns) * (cell_w + gap)
+        colour = "tab:green" if ok else "tab:red"
+        mosaic[top:top + cell_h, left:left + cell_w] = to_rgb(colour)
+        tile = image.astype(np.float64) / 255.0
+        mosaic[top + frame:top + frame + height, left + frame:left + frame + width] = (
+            np.repeat(tile, 3, axis=-1) if tile.shape[-1] == 1 else tile)
+        ax.text(left + cell_w / 2, top + cell_h + 0.5, caption, ha="center", va="top", fontsize=6.5, color=colour)
+    ax.imshow(mosaic, interpolation="nearest")
+    if n == 0:
+        ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_samples(path, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, names: Sequence[str],
+                 title: str, count: int = 32) -> Path:
+    """A representative grid: `count` samples evenly spaced over the split (deterministic),
+    captioned true / predicted, framed green (right) or red (wrong)."""
+    axis_names = short_names(names, width=14)
+    picks = np.unique(np.linspace(0, len(labels) - 1, num=min(count, len(labels))).round().astype(int))
+    preds = probs.argmax(axis=1)
+    captions = [f"T: {axis_names[labels[i]]}\nP: {axis_names[preds[i]]}" for i in picks]
+    return _image_grid(path, images[picks], captions, preds[picks] == labels[picks], title)
+
+
+def save_mistakes(path, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, names: Sequence[str],
+                  title: str, count: int = 16) -> Path:
+    """The `count` wrong predictions the model was most sure of: where to look for label noise
+    or a systematic confusion."""
+    axis_names = short_names(names, width=14)
+    preds = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    wrong = np.flatnonzero(preds != labels)
+    worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
+    captions = [f"#{i} T: {axis_names[labels[i]]}\nP: {axis_names[preds[i]]} ({confidence[i]:.0%})" for i in worst]
+    return _image_grid(path, images[worst], captions, [False] * len(worst), title)
+
+
+def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str) -> Path:
+    """Reliability diagram(s) from `metrics.reliability` bins: accuracy per confidence bin
+    against the diagonal, the gap shaded, and the share of samples per bin underneath.
+    Several panels (e.g. before / after temperature scaling) sit side by side."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.6 * len(panels), 5.4), layout="constrained")
+    axes = fig.subplots(2, len(panels), squeeze=False, sharex=True, height_ratios=[3, 1])
+    for column, (name, bins) in enumerate(panels):
+        top, bottom = axes[0][column], axes[1][column]
+        edges = np.asarray(bins["edges"])
+        centres = (edges[:-1] + edges[1:]) / 2
+        width = edges[1] - edges[0]
+        filled = [i for i, c in enumerate(bins["count"]) if c]
+        acc = np.array([bins["accuracy"][i] for i in filled])
+        conf = np.array([bins["confidence"][i] for i in filled])
+        top.bar(centres[filled], acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
+        top.bar(centres[filled], conf - acc, bottom=acc, width=width, color="tab:red", alpha=0.3,
+                hatch="//", edgecolor="tab:red", label="gap to confidence")
+        top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+        top.set_xlim(0, 1)
+        top.set_ylim(0, 1)
+        top.set_ylabel("accuracy")
+        top.set_title(f"{name}: ECE {bins['ece']:.2%}")
+        top.legend(loc="upper left", fontsize=8)
+        share = np.asarray(bins["count"], dtype=float) / max(sum(bins["count"]), 1)
+        bottom.bar(centres, share, width=width, color="gray", edgecolor="black")
+        bottom.set_xlabel("confidence (top-class probability)")
+        bottom.set_ylabel("share")
+    fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------------------
+# Predictions CSV and plot-confusion
+# ---------------------------------------------------------------------------------------
+
+
+def predictions_frame(labels: np.ndarray, probs: np.ndarray, names: Sequence[str]):
+    """The predictions table: index, label, prediction, then `prob_<class name>` per class."""
+    import pandas as pd
+
+    frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "prediction": probs.argmax(axis=1)})
+    for k, name in enumerate(names):
+        frame[f"{PROB_PREFIX}{name}"] = probs[:, k]
+    return frame
+
+
+def write_predictions(path, frame) -> Path:
+    with fileio.atomic_path(path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    return Path(path)
+
+
+def read_predictions(path: str | os.PathLike):
+    """Read and check a predictions CSV; returns (DataFrame, class names from the header)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"no predictions file {path}; run 'medcli evaluate' on the run first (or pass the CSV path)")
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path} as CSV ({' '.join(str(exc).split())}); pass a file written by 'medcli evaluate'") from None
+    names = [c[len(PROB_PREFIX):] for c in frame.columns if str(c).startswith(PROB_PREFIX)]
+    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
+    if missing or len(names) < 2:
+        lacking = missing + ([] if len(names) >= 2 else [f"{PROB_PREFIX}<class> (one per class)"])
+        raise UsageError(f"{path} lacks the columns {', '.join(lacking)}; pass a predictions CSV written by 'medcli evaluate'")
+    for column in ("label", "prediction"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if values.isna().any() or (values % 1 != 0).any() or values.min() < 0 or values.max() >= len(names):
+            raise UsageError(f"{path}: column '{column}' must hold class indices 0..{len(names) - 1}; the file is damaged, re-run 'medcli evaluate'")
+        frame[column] = values.astype(np.int64)
+    return frame, names
+
+
+def confusion_counts(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts, rows = true class (numpy only: no sklearn on this path)."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
+    return cm
+
+
+def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bool | None = None,
+                   out: str | os.PathLike | None = None) -> Path:
+    """Redraw a confusion matrix from a predictions CSV alone (no model, no torch).
+
+    `target` is a run directory (its `predictions/<split>.csv` is used) or a CSV path.
+    normalize None draws counts and row-normalised side by side (evaluate's figure); True or
+    False draws that one panel. The default output is the run's
+    `figures/confusion_<split>[_normalized|_counts].png`, or beside the CSV.
+    """
+    from medcli.manifest import Manifest
+
+    target = Path(target)
+    suffix = {None: "", True: "_normalized", False: "_counts"}[normalize]
+    if not target.exists():
+        raise UsageError(f"{target} does not exist; pass a run directory or a predictions CSV from 'medcli evaluate'")
+    if target.is_dir():
+        Manifest.load(target)  # a directory must be a readable run (one-line refusal otherwise)
+        csv = target / "predictions" / f"{split}.csv"
+        default_out = target / "figures" / f"confusion_{split}{suffix}.png"
+        title = f"{target.name} · {split}"
+    else:
+        csv = target
+        default_out = target.with_name(f"confusion_{target.stem}{suffix}.png")
+        title = target.name
+    frame, names = read_predictions(csv)
+    cm = confusion_counts(frame["label"].to_numpy(), frame["prediction"].to_numpy(), len(names))
+    destination = Path(out) if out else default_out
+    if destination.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
+        raise UsageError(f"--out {destination}: unsupported image type; use a .png, .pdf, .svg or .jpg file name")
+    panels = (False, True) if normalize is None else (normalize,)
+    return save_confusion(destination, cm, names, title, panels)
+
+
+# ---------------------------------------------------------------------------------------
+# Workbooks
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    """A table on a sheet: a DataFrame, an optional title row above it, and number formats
+    by column name (`formats`) or by the value in the first column (`row_formats`)."""
+
+    frame: object
+    title: str | None = None
+    formats: dict = field(default_factory=dict)
+    row_formats: dict = field(default_factory=dict)
+
+
+def metric_format(name: str) -> str:
+    return PERCENT if name in PERCENT_METRICS else DECIMAL
+
+
+def _cell_value(value):
+    if value is None:
+        return None
+    if isinstance(value, (float, np.floating)) and not np.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple, dict)):
+        return str(value)
+    return value
+
+
+def write_workbook(path: str | os.PathLike, sheets: dict[str, list[Block]]) -> Path:
+    """Write styled sheets: bold white-on-blue headers, titles in bold, number formats,
+    column widths fitted to the content (first 500 rows), the first table's header frozen."""
+    from openpyxl import Workbook
+    from openpyxl.styles import Alignment, Font, PatternFill
+    from openpyxl.utils import get_column_letter
+
+    header_font = Font(bold=True, color="FFFFFF")
+    header_fill = PatternFill("solid", fgColor="1F4E78")
+    title_font = Font(bold=True, size=12)
+    book = Workbook()
+    book.remove(book.active)
+    for sheet_name, blocks in sheets.items():
+        ws = book.create_sheet(sheet_name[:31])
+        widths: dict[int, int] = {}
+        row = 1
+        freeze = None
+        for block in blocks:
+            if block.title:
+                ws.cell(row=row, column=1, value=block.title).font = title_font
+                row += 1
+            columns = [str(c) for c in block.frame.columns]
+            for j, name in enumerate(columns, start=1):
+                cell = ws.cell(row=row, column=j, value=name)
+                cell.font, cell.fill = header_font, header_fill
+                cell.alignment = Alignment(horizontal="center", vertical="center", wrap_text=False)
+                widths[j] = max(widths.get(j, 0), len(name))
+            freeze = freeze or f"A{row + 1}"
+            for i, values in enumerate(block.frame.itertuples(index=False, name=None)):
+                row += 1
+                row_format = block.row_formats.get(values[0]) if values else None
+                for j, (name, value) in enumerate(zip(columns, values), start=1):
+                    cell = ws.cell(row=row, column=j, value=_cell_value(value))
+                    fmt = block.formats.get(name) or (row_format if j > 1 else None)
+                    if fmt and isinstance(cell.value, (int, float)) and not isinstance(cell.value, bool):
+                        cell.number_format = fmt
+                    if i < 500:
+                        shown = 8 if fmt in (PERCENT, DECIMAL) else len(str(cell.value if cell.value is not None else ""))
+                        widths[j] = max(widths[j], shown)
+            row += 2
+        for j, width in widths.items():
+            ws.column_dimensions[get_column_letter(j)].width = min(max(width + 2, 8), 60)
+        if freeze:
+            ws.freeze_panes = freeze
+    with fileio.atomic_path(path) as tmp:
+        book.save(tmp)
+    return Path(path)
+
+
+def _flatten(prefix: str, value, out: list) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, out)
+    else:
+        out.append((prefix, value))
+
+
+def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object]], history=None) -> Path:
+    """`report.xlsx` for one run: summary (metrics per split, then run and config), per-class,
+    confusion matrix (counts and row-normalised per split), training history, predictions.
+
+    `evaluations` maps split -> (metrics JSON as written by evaluate, predictions DataFrame).
+    """
+    import pandas as pd
+
+    splits = list(evaluations)
+    metrics_rows = [["n"] + [evaluations[s][0]["metrics"]["n"] for s in splits]]
+    metrics_rows += [[m] + [evaluations[s][0]["metrics"].get(m) for s in splits] for m in SCALAR_METRICS]
+    summary = Block(pd.DataFrame(metrics_rows, columns=["metric", *splits]),
+                    row_formats={"n": INTEGER, **{m: metric_format(m) for m in SCALAR_METRICS}})
+
+    model = manifest.get("model", {})
+    dataset = manifest.get("dataset", {})
+    info = [("run", manifest.get("run_id")), ("created", manifest.get("created")),
+            ("dataset", dataset.get("flag")), ("size", dataset.get("size")),
+            ("dataset official", dataset.get("official")), ("dataset synthetic", dataset.get("synthetic")),
+            ("model", model.get("name")), ("pretrained", model.get("pretrained")), ("parameters", model.get("params"))]
+    for split in splits:
+        meta = evaluations[split][0]
+        calibration = meta.get("calibration") or {}
+        info += [(f"{split}: checkpoint", meta.get("checkpoint")),
+                 (f"{split}: test-time views", ", ".join(meta["tta"]["views"])),
+                 (f"{split}: temperature", calibration.get("temperature"))]
+    _flatten("config", manifest.get("config", {}), info)
+    run_block = Block(pd.DataFrame(info, columns=["item", "value"]), title="run and config")
+
+    per_class = pd.DataFrame([{"split": s, **row} for s in splits for row in evaluations[s][0]["metrics"]["per_class"]])
+    per_class_formats = {"precision": PERCENT, "recall": PERCENT, "f1": PERCENT, "auc": DECIMAL, "support": INTEGER}
+
+    confusion_blocks = []
+    for split in splits:
+        meta = evaluations[split][0]
+        names = meta["class_names"]
+        cm = np.asarray(meta["metrics"]["confusion_matrix"], dtype=np.int64)
+        totals = cm.sum(axis=1, keepdims=True)
+        shares = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
+        for values, kind, fmt in ((cm, "counts", INTEGER), (shares, "row-normalised", PERCENT)):
+            frame = pd.DataFrame(values, columns=names)
+            frame.insert(0, "true \\ predicted", names)
+            confusion_blocks.append(Block(frame, title=f"{split}: {kind} (rows = true class)",
+                                          formats={n: fmt for n in names}))
+
+    if history is not None and len(history):
+        history_blocks = [Block(history, formats={c: DECIMAL for c in history.columns if history[c].dtype.kind == "f"})]
+    else:
+        history_blocks = [Block(pd.DataFrame({"note": ["no history.csv in this run"]}))]
+
+    prediction_frames = []
+    for split in splits:
+        names = evaluations[split][0]["class_names"]
+        frame = evaluations[split][1].copy()
+        frame.insert(0, "split", split)
+        frame.insert(3, "true class", [names[k] for k in frame["label"]])
+        frame.insert(5, "predicted class", [names[k] for k in frame["prediction"]])
+        frame.insert(6, "correct", frame["label"] == frame["prediction"])
+        prediction_frames.append(frame)
+    predictions = pd.concat(prediction_frames, ignore_index=True)
+    prob_formats = {c: DECIMAL for c in predictions.columns if str(c).startswith(PROB_PREFIX)}
+
+    return write_workbook(path, {
+        "summary": [summary, run_block],
+        "per-class": [Block(per_class, formats=per_class_formats)],
+        "confusion matrix": confusion_blocks,
+        "training history": history_blocks,
+        "predictions": [Block(predictions, formats=prob_formats)],
+    })

@@ -1,0 +1,118 @@
+"""aggregate over hand-made run directories: seed groups (mean ± std), leaders, runs left out
+with their reasons (never dropped), the written files, and no torch import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from medcli import fileio
+from medcli.aggregate import aggregate
+from medcli.cli import app
+from medcli.manifest import Manifest
+
+runner = CliRunner()
+
+
+def make_run(parent: Path, name: str, *, model: str = "resnet18", seed: int = 0, accuracy: float | None = 0.9,
+             train_status: str = "completed") -> Path:
+    """A run directory as train + evaluate leave it (no checkpoints: aggregate reads files only)."""
+    run = parent / name
+    run.mkdir(parents=True)
+    manifest = Manifest.new(
+        run, config={"dataset": "bloodmnist", "size": 28, "model": model, "epochs": 3, "lr": 0.1, "seed": seed,
+                     "device": "cpu", "runs_dir": str(parent)},
+        dataset={"flag": "bloodmnist", "size": 28, "md5": "abc"}, model={"name": model, "pretrained": False},
+    )
+    manifest.stages["train"] = {"status": train_status, "duration_s": 12.0, "artefacts": {},
+                                "summary": {"epochs_run": 3, "train_seconds": 10.0 + seed}}
+    manifest.save()
+    if accuracy is not None:
+        values = {"n": 100, "accuracy": accuracy, "balanced_accuracy": accuracy - 0.05, "f1_macro": accuracy - 0.1,
+                  "auc": 0.95, "ece": 0.05, "nll": 0.4}
+        fileio.write_json(run / "metrics" / "test.json", {"split": "test", "checkpoint": "best", "calibration": None,
+                                                          "tta": {"enabled": False, "views": ["identity"]},
+                                                          "metrics": values})
+    return run
+
+
+@pytest.fixture
+def runs_root(tmp_path) -> Path:
+    root = tmp_path / "runs"
+    for seed, accuracy in enumerate([0.80, 0.90, 1.00]):
+        make_run(root / "sweep", f"r18-seed{seed}", seed=seed, accuracy=accuracy)  # nested: found recursively
+    make_run(root, "vit-seed0", model="vit-tiny", accuracy=0.95)
+    make_run(root, "interrupted", train_status="interrupted")
+    make_run(root, "not-evaluated", accuracy=None)
+    (root / "broken").mkdir()
+    (root / "broken" / "manifest.json").write_text("{ not json")
+    return root
+
+
+def test_seed_groups_leaders_and_runs_left_out_with_reasons(runs_root):
+    result = aggregate([runs_root], metric_names=["accuracy", "ece"])
+    assert len(result.runs) == 4
+    r18 = next(g for g in result.groups if g["model"] == "resnet18")
+    vit = next(g for g in result.groups if g["model"] == "vit-tiny")
+    assert r18["n_runs"] == 3 and r18["seeds"] == "0, 1, 2"
+    assert r18["accuracy"] == pytest.approx(0.9) and r18["accuracy_std"] == pytest.approx(0.1)  # sample std
+    assert vit["accuracy_std"] is None  # one run: no spread to report
+    assert result.groups[0] is vit  # best first by the first metric
+    assert result.leaders["accuracy"] == [vit["group"]]
+    assert sorted(result.leaders["ece"]) == sorted([vit["group"], r18["group"]])  # a tie marks both
+
+    reasons = {Path(s["run"]).name: s["reason"] for s in result.skipped}
+    assert set(reasons) == {"broken", "interrupted", "not-evaluated"}
+    assert "not valid JSON" in reasons["broken"]
+    assert reasons["interrupted"].startswith("unfinished: train interrupted")
+    assert reasons["not-evaluated"].startswith("not evaluated on test") and "medcli evaluate" in reasons["not-evaluated"]
+
+
+def test_cli_writes_every_format_and_marks_leaders(runs_root, tmp_path):
+    from openpyxl import load_workbook
+
+    out = tmp_path / "compare"
+    result = runner.invoke(app, ["aggregate", str(runs_root), "--metrics", "accuracy,auc", "--out", str(out), "--format", "md"])
+    assert result.exit_code == 0, result.output
+    assert "★" in result.stdout and "## Not compared" in result.stdout and "90.00% ± 10.00" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["comparison.csv", "comparison.md", "comparison.png",
+                                                     "comparison.xlsx", "runs.csv"]
+    book = load_workbook(out / "comparison.xlsx")
+    assert book.sheetnames == ["comparison", "runs", "not compared"]
+    sheet = book["comparison"]
+    header = [c.value for c in sheet[1]]
+    assert header[:2] == ["group", "dataset"] and "accuracy_std" in header and sheet.freeze_panes == "A2"
+    first = {h: c.value for h, c in zip(header, sheet[2])}
+    assert first["accuracy"] == pytest.approx(0.95) and first["leads"] == "accuracy, auc"
+    assert book["not compared"].max_row == 1 + 3
+
+    as_json = runner.invoke(app, ["aggregate", str(runs_root), "--format", "json"])
+    assert as_json.exit_code == 0
+    assert len(json.loads(as_json.stdout)["skipped"]) == 3
+
+
+def test_bad_metric_and_nothing_to_compare_exit_2(runs_root, tmp_path):
+    bad = runner.invoke(app, ["aggregate", str(runs_root), "--metrics", "accuracy,speed"])
+    assert bad.exit_code == 2 and "unknown metric speed" in bad.stderr.strip().splitlines()[-1]
+    empty = tmp_path / "empty"
+    make_run(empty, "only", accuracy=None)
+    nothing = runner.invoke(app, ["aggregate", str(empty)])
+    assert nothing.exit_code == 2 and "no evaluated runs" in nothing.stderr.strip().splitlines()[-1]
+
+
+def test_aggregate_does_not_import_torch(runs_root):
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from medcli.cli import app\n"
+        f"r = CliRunner().invoke(app, ['aggregate', {str(runs_root)!r}, '--format', 'csv'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"

@@ -1,0 +1,151 @@
+"""evaluate on the tiny trained run: files, manifest, workbook, determinism (with and without
+TTA), calibration; plot-confusion from a CSV alone; bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from medcli import datasets, reports
+from medcli.cli import app
+from medcli.manifest import Manifest
+
+runner = CliRunner()
+NAMES = datasets.class_names("bloodmnist")
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A private copy of the session's tiny run (evaluate adds files and a stage to it)."""
+    return shutil.copytree(tiny_run, tmp_path / tiny_run.name)
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
+    return lines[0]
+
+
+def test_evaluate_writes_files_workbook_and_stage_and_repeats_identically(run_copy):
+    from openpyxl import load_workbook
+
+    from medcli.evaluate import evaluate_run
+
+    first = evaluate_run(run_copy, device="cpu", batch_size=32)
+    metrics_json = json.loads((run_copy / "metrics" / "test.json").read_text())
+    assert metrics_json["metrics"] == first["splits"]["test"]["metrics"]
+    assert metrics_json["tta"] == {"enabled": False, "views": ["identity"]}
+    assert metrics_json["calibration"] is None and metrics_json["class_names"] == NAMES
+
+    csv = pd.read_csv(run_copy / "predictions" / "test.csv")
+    assert list(csv.columns) == ["index", "label", "prediction", *[f"prob_{n}" for n in NAMES]]
+    assert len(csv) == metrics_json["metrics"]["n"] == 64
+    assert np.allclose(csv.filter(like="prob_").sum(axis=1), 1.0, atol=1e-4)
+    assert (csv["label"] == csv["prediction"]).mean() == pytest.approx(metrics_json["metrics"]["accuracy"])
+
+    stage = Manifest.load(run_copy).stages["evaluate"]
+    assert stage["status"] == "completed"
+    for name in ("metrics/test.json", "predictions/test.csv", "figures/confusion_test.png", "figures/samples_test.png",
+                 "figures/mistakes_test.png", "figures/reliability_test.png", "report.xlsx"):
+        assert name in stage["artefacts"] and (run_copy / name).stat().st_size > 0
+    assert stage["summary"]["test"]["accuracy"] == metrics_json["metrics"]["accuracy"]
+
+    book = load_workbook(run_copy / "report.xlsx")
+    assert book.sheetnames == ["summary", "per-class", "confusion matrix", "training history", "predictions"]
+    summary = book["summary"]
+    assert summary.freeze_panes == "A2" and summary["A1"].font.bold
+    accuracy_row = next(row for row in summary.iter_rows() if row[0].value == "accuracy")
+    assert accuracy_row[1].value == pytest.approx(metrics_json["metrics"]["accuracy"])
+    assert accuracy_row[1].number_format == "0.00%"
+    per_class = book["per-class"]
+    assert [c.value for c in per_class[1]][:3] == ["split", "class", "name"] and per_class.max_row == 1 + len(NAMES)
+    assert book["predictions"].max_row == 1 + 64
+    assert book["training history"]["A1"].value == "epoch" and book["training history"].max_row == 3  # 2 epochs
+
+    again = runner.invoke(app, ["evaluate", str(run_copy), "--json", "--device", "cpu", "--batch-size", "32"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["test"]["metrics"] == first["splits"]["test"]["metrics"]
+
+
+def test_tta_and_calibration_are_deterministic_and_recorded(run_copy):
+    from medcli.evaluate import evaluate_run
+
+    runs = [evaluate_run(run_copy, split="val", tta=True, calibrate=True, device="cpu")["splits"]["val"] for _ in range(2)]
+    assert runs[0]["metrics"] == runs[1]["metrics"] and runs[0]["calibration"] == runs[1]["calibration"]
+    assert runs[0]["tta"] == {"enabled": True, "views": ["identity", "hflip", "vflip", "hvflip"]}
+    calibration = runs[0]["calibration"]
+    assert calibration["fitted_on"] == "val" and calibration["temperature"] > 0
+    assert set(calibration["before"]) == set(calibration["after"]) == {"ece", "nll", "brier"}
+    assert calibration["after"]["nll"] == runs[0]["metrics"]["nll"]
+
+
+def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
+    names = ["basophil", "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "platelet"]
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]])
+    csv = reports.write_predictions(tmp_path / "test.csv", reports.predictions_frame(np.array([0, 1, 2, 2]), probs, names))
+    frame, parsed = reports.read_predictions(csv)
+    assert parsed == names  # the comma inside a class name survives the CSV header
+    assert reports.confusion_counts(frame["label"], frame["prediction"], 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+
+    out = tmp_path / "cm.png"
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from medcli.cli import app\n"
+        f"r = CliRunner().invoke(app, ['plot-confusion', {str(csv)!r}, '--no-normalize', '--out', {str(out)!r}])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(r.stdout.strip())\n"
+        "print('torch' in sys.modules)\n"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert lines == [str(out), "False"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_confusion_default_output_for_a_run_dir(tmp_path):
+    run = tmp_path / "run"
+    reports.write_predictions(run / "predictions" / "val.csv",
+                              reports.predictions_frame(np.array([0, 1]), np.eye(2), ["a", "b"]))
+    result = runner.invoke(app, ["plot-confusion", str(run), "--split", "val", "--normalize"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(run / "figures" / "confusion_val_normalized.png")
+
+
+def test_csv_with_missing_columns_exits_2(tmp_path):
+    csv = tmp_path / "bad.csv"
+    csv.write_text("index,label,prob_a,prob_b\n0,0,0.9,0.1\n")
+    line = _one_error_line(runner.invoke(app, ["plot-confusion", str(csv)]))
+    assert "lacks the columns prediction" in line
+
+
+def test_run_without_checkpoint_exits_2_and_leaves_manifest_alone(run_copy):
+    (run_copy / "checkpoints" / "best.pt").unlink()
+    line = _one_error_line(runner.invoke(app, ["evaluate", str(run_copy), "--device", "cpu"]))
+    assert "checkpoints/best.pt" in line
+    assert "evaluate" not in Manifest.load(run_copy).stages
+
+
+def test_untrained_run_exits_2(tmp_path):
+    Manifest.new(tmp_path / "fresh", config={}, dataset={"flag": "bloodmnist", "size": 28})
+    line = _one_error_line(runner.invoke(app, ["evaluate", str(tmp_path / "fresh")]))
+    assert "no completed train stage" in line and "medcli train" in line
+
+
+def test_moved_dataset_needs_root_and_is_found_again_with_it(run_copy, synthetic_root):
+    from medcli.evaluate import load_data
+
+    manifest = Manifest.load(run_copy)
+    manifest.config["root"] = str(run_copy / "gone")
+    manifest.dataset["path"] = str(run_copy / "gone" / "bloodmnist.npz")
+    manifest.save()
+    line = _one_error_line(runner.invoke(app, ["evaluate", str(run_copy), "--device", "cpu"]))
+    assert "is missing" in line and "--root" in line
+    assert load_data(manifest, synthetic_root).labels["test"].shape == (64,)
