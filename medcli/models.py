@@ -398,20 +398,3 @@ def load_run_model(manifest: Manifest, checkpoint: str = "best", device: str | t
     model = rebuild(spec)
     _load_exactly(model, state, spec["name"], relative, "re-train this run or restore its checkpoint")
     return model.to(device).eval()
-
-
-# -- explanation support ------------------------------------------------------------------------
-def cam_target_layers(model: nn.Module, spec: Mapping[str, Any]) -> list[tuple[str, nn.Module]]:
-    """Default CAM target layer(s): the last ViT block's norm1, or a ResNet's last block."""
-    if spec["family"] == "vit":
-        name = f"blocks.{len(model.blocks) - 1}.norm1"
-    elif hasattr(model, "layer4"):
-        name = f"layer4.{len(model.layer4) - 1}"
-    else:
-        raise UsageError(f"no default CAM layer for model {spec['name']}; name one of its layers explicitly")
-    return [(name, model.get_submodule(name))]
-
-
-def named_layers(model: nn.Module) -> list[str]:
-    """Every submodule name (candidates for a CAM target layer)."""
-    return [name for name, _ in model.named_modules() if name]

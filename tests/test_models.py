@@ -251,13 +251,3 @@ def test_load_run_model_errors(tmp_path):
     with pytest.raises(UsageError, match=r"checkpoints/best.pt does not fit model resnet18 \(missing keys"):
         models.load_run_model(manifest)
 
-
-# -- explanation support ------------------------------------------------------------------------
-def test_cam_target_layers_defaults():
-    vit, vit_spec = models.create("timm:test_vit", 2, 3, 32, patch_size=8)
-    resnet, resnet_spec = models.create("resnet18", 2, 3, 28)
-    [(vit_name, vit_layer)] = models.cam_target_layers(vit, vit_spec)
-    [(resnet_name, resnet_layer)] = models.cam_target_layers(resnet, resnet_spec)
-    assert (vit_name, vit_layer) == (f"blocks.{len(vit.blocks) - 1}.norm1", vit.blocks[-1].norm1)
-    assert (resnet_name, resnet_layer) == ("layer4.1", resnet.layer4[-1])
-    assert {vit_name, "patch_embed"} <= set(models.named_layers(vit))

@@ -1,0 +1,94 @@
+"""Benchmark `medcli explain` against issue 4's targets (a script, not a test):
+
+    medcli explain RUN --method gradcam --per-class 8   28-px ResNet-18 run, 8 classes   <= 60 s
+    medcli explain RUN --method rollout --per-class 8   reduced ViT run                  <= 60 s
+
+Each command runs as a real subprocess (interpreter start and imports included, as a user
+sees it) on a copy of the run, so the runs given are left as they were. Without --cnn/--vit,
+tiny runs are first trained on synthetic BloodMNIST (not timed).
+
+--compare-layers L1,L2,... also explains the CNN run with each layer and prints the share of
+heat-map mass inside the synthetic evidence box: the evidence behind the default CAM layer
+(meaningful only for a run trained on synthetic data well enough to classify it).
+
+Usage: .venv/bin/python scripts/bench_explain.py [--cnn RUN] [--vit RUN] [--per-class 8]
+           [--epochs 2] [--compare-layers layer2,layer3,layer4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGET_S = 60.0
+
+
+def train_runs(work: Path, epochs: int, need: set[str]) -> dict[str, Path]:
+    """Tiny runs on synthetic BloodMNIST: the 28-px ResNet-18 and the reduced ViT."""
+    from medcli import datasets, train
+
+    datasets.make_synthetic(work / datasets.filename("bloodmnist", 28), "bloodmnist", 28, (256, 64, 128), seed=0)
+    common = dict(root=work, runs_dir=work / "runs", epochs=epochs, batch_size=32, optimizer="adamw", lr=1e-3,
+                  warmup_epochs=0.0, seed=0, device="cpu")
+    models = {"cnn": dict(model="resnet18"), "vit": dict(model="vit-tiny", reduced=True)}
+    runs = {}
+    for kind in sorted(need):
+        print(f"training a {kind} run ({epochs} epochs on synthetic data; not timed)...", file=sys.stderr)
+        runs[kind] = train.train(**common, **models[kind]).run_dir
+    return runs
+
+
+def explain(run: Path, *options: str) -> tuple[float, dict]:
+    """Wall seconds of one `medcli explain RUN ... --json` and the index it printed."""
+    command = [sys.executable, "-m", "medcli", "--quiet", "explain", str(run), *options, "--json"]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        sys.exit(f"{' '.join(command[2:])} failed ({done.returncode}): {done.stderr.strip()}")
+    return seconds, json.loads(done.stdout)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cnn", type=Path, help="a 28-px resnet18 run (default: train one)")
+    parser.add_argument("--vit", type=Path, help="a reduced ViT run (default: train one)")
+    parser.add_argument("--per-class", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2, help="epochs for the runs trained here")
+    parser.add_argument("--compare-layers", help="comma-separated CNN layers, e.g. layer2,layer3,layer4")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_explain_") as tmp:
+        work = Path(tmp)
+        given = {"cnn": args.cnn, "vit": args.vit}
+        runs = {kind: run for kind, run in given.items() if run is not None}
+        runs.update(train_runs(work, args.epochs, {kind for kind, run in given.items() if run is None}))
+        copies = {kind: shutil.copytree(run, work / f"copy_{kind}") for kind, run in runs.items()}
+
+        print(f"{'command':<44} {'seconds':>8}  {'samples':>7}  target")
+        for kind, method in (("cnn", "gradcam"), ("vit", "rollout")):
+            seconds, index = explain(copies[kind], "--method", method, "--per-class", str(args.per_class))
+            verdict = "ok" if seconds <= TARGET_S else "MISSED"
+            print(f"{f'explain {kind} --method {method} --per-class {args.per_class}':<44} {seconds:8.1f}  "
+                  f"{len(index['samples']):7d}  <= {TARGET_S:.0f} s {verdict}")
+
+        if args.compare_layers:
+            print(f"\n{'layer':<12} {'mean box mass':>13}  {'samples over 1/2':>16}")
+            for layer in args.compare_layers.split(","):
+                _, index = explain(copies["cnn"], "--method", "gradcam", "--layer", layer,
+                                   "--per-class", str(args.per_class))
+                masses = [s.get("box_mass") for s in index["samples"]]
+                if index["mean_box_mass"] is None:
+                    sys.exit("--compare-layers needs a run trained on synthetic data (its record has a signal_box)")
+                over = sum(m is not None and m > 0.5 for m in masses) / len(masses)
+                print(f"{layer:<12} {index['mean_box_mass']:13.3f}  {over:16.0%}")
+
+
+if __name__ == "__main__":
+    main()
