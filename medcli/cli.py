@@ -243,28 +243,140 @@ def train(
     emit(training.summary(manifest) if json_output else str(manifest.run_dir))
 
 
-@app.command()
-def evaluate() -> None:
-    """Evaluate a trained run: metrics, predictions, figures and an Excel report."""
-    _not_implemented("evaluate")
+class EvalSplit(str, Enum):
+    test = "test"
+    val = "val"
+    all = "all"
+
+
+class Checkpoint(str, Enum):
+    best = "best"
+    last = "last"
+
+
+class OutputFormat(str, Enum):
+    table = "table"
+    csv = "csv"
+    md = "md"
+    xlsx = "xlsx"
+    json = "json"
 
 
 @app.command()
-def aggregate() -> None:
-    """Compare runs in one table and chart."""
-    _not_implemented("aggregate")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory printed by 'medcli train'.")],
+    split: Annotated[EvalSplit, typer.Option(help="Split to evaluate; all = train, val and test.")] = EvalSplit.test,
+    checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average 4 fixed views: identity, h-flip, v-flip, both.")] = False,
+    calibrate: Annotated[bool, typer.Option("--calibrate", help="Temperature scaling fitted on val; ECE/NLL before and after.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[Optional[Amp], typer.Option(help="Mixed precision (default bf16 on CUDA, off on CPU).")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="Data root, if the dataset file moved since training.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the metrics JSON of each split.")] = False,
+) -> None:
+    """Evaluate a trained run: metrics, predictions, figures and an Excel report.
+
+    Writes metrics/<split>.json, predictions/<split>.csv, figures/*_<split>.png and report.xlsx into the run.
+
+    Prints one summary line per split and the written files (with --json: the metrics JSON, keyed by split).
+    """
+    from medcli import evaluate as library
+
+    result = library.evaluate_run(run, split=split.value, checkpoint=checkpoint.value, tta=tta, calibrate=calibrate,
+                                  batch_size=batch_size, device=device, amp=amp.value if amp else None, root=root)
+    emit(result["splits"] if json_output else "\n".join(library.summary_lines(result)))
+
+
+@app.command()
+def aggregate(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or folders searched for runs (default: .).")] = None,
+    split: Annotated[str, typer.Option(help="Which metrics/<split>.json to compare: test, val or train.")] = "test",
+    metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metrics (default: accuracy,balanced_accuracy,f1_macro,auc,ece).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write comparison CSV, XLSX, Markdown and PNG into this folder.")] = None,
+    format: Annotated[OutputFormat, typer.Option("--format", help="What to print on stdout (xlsx needs --out).")] = OutputFormat.table,
+) -> None:
+    """Compare runs in one table and chart; seeds of one setup become mean ± std.
+
+    Runs that are unfinished, not evaluated or unreadable are listed with the reason.
+    """
+    from medcli import aggregate as library
+    from medcli.errors import UsageError
+
+    if format is OutputFormat.xlsx and out is None:
+        raise UsageError("--format xlsx writes a file; add --out DIR (the workbook goes to DIR/comparison.xlsx)")
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else library.DEFAULT_METRICS
+    result = library.aggregate(runs or [], split=split, metric_names=chosen)
+    written = library.write_outputs(out, result) if out is not None else []
+    for path in written:
+        console.info(f"wrote {path}")
+    if format is OutputFormat.table:
+        from rich.console import Console
+
+        out_console = Console()  # piped: wide enough for the whole table instead of Rich's 80 columns
+        (out_console if out_console.is_terminal else Console(width=240)).print(*library.rich_tables(result))
+    elif format is OutputFormat.csv:
+        emit(library.to_csv(result).rstrip("\n"))
+    elif format is OutputFormat.md:
+        emit(library.to_markdown(result).rstrip("\n"))
+    elif format is OutputFormat.json:
+        emit(result.to_json())
+    else:
+        emit(str(out / "comparison.xlsx"))
 
 
 @app.command("plot-confusion")
-def plot_confusion() -> None:
-    """Redraw a confusion matrix from a run's predictions CSV (no model needed)."""
-    _not_implemented("plot-confusion")
+def plot_confusion(
+    target: Annotated[Path, typer.Argument(help="A run directory or a predictions CSV.")],
+    split: Annotated[str, typer.Option(help="With a run directory: which predictions/<split>.csv.")] = "test",
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Row-normalised or counts only (default: both panels).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Image file to write (.png, .pdf, .svg).")] = None,
+) -> None:
+    """Redraw a confusion matrix from a run's predictions CSV (no model needed).
+
+    Class names come from the CSV header; prints the written image path.
+    """
+    from medcli import reports
+
+    emit(str(reports.plot_confusion(target, split=split, normalize=normalize, out=out)))
+
+
+from medcli import explain as _explain  # noqa: E402  (choices and help texts; no torch)
+
+ExplainMethod = Enum("ExplainMethod", {name: name for name in _explain.METHODS}, type=str)
+ExplainSplit = Enum("ExplainSplit", {name: name for name in ("test", "val", "train")}, type=str)
+ExplainTarget = Enum("ExplainTarget", {name: name for name in _explain.TARGETS}, type=str)
+HeadFusion = Enum("HeadFusion", {name: name for name in _explain.HEAD_FUSIONS}, type=str)
 
 
 @app.command()
-def explain() -> None:
-    """Explain predictions with CAM methods or attention rollout."""
-    _not_implemented("explain")
+def explain(
+    run: Annotated[Path, typer.Argument(help="Run directory printed by 'medcli train'.")],
+    method: Annotated[ExplainMethod, typer.Option(help="CAM method (CNNs and ViTs) or rollout (ViTs only).")] = ExplainMethod("gradcam"),
+    split: Annotated[ExplainSplit, typer.Option(help="Split the samples come from.")] = ExplainSplit("test"),
+    per_class: Annotated[Optional[int], typer.Option(min=1, help=f"Samples per true class (default {_explain.DEFAULT_PER_CLASS}), seeded.")] = None,
+    indices: Annotated[Optional[str], typer.Option(help="Explain these sample numbers instead, e.g. 3,17,42.")] = None,
+    only_errors: Annotated[bool, typer.Option("--only-errors", help="Only misclassified samples.")] = False,
+    target: Annotated[ExplainTarget, typer.Option(help="Class to explain: the predicted or the true one (rollout ignores it).")] = ExplainTarget("pred"),
+    layer: Annotated[Optional[str], typer.Option(help=_explain.LAYER_HELP)] = None,
+    checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
+    seed: Annotated[int, typer.Option(help="Seed of the sample choice.")] = 0,
+    head_fusion: Annotated[HeadFusion, typer.Option(help="Rollout: how the heads of a block are combined.")] = HeadFusion("mean"),
+    discard_ratio: Annotated[float, typer.Option(help="Rollout: share of the weakest attention to patches dropped per block.")] = 0.9,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per CAM batch (Score-CAM: masked images per forward pass).")] = 64,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    root: Annotated[Optional[Path], typer.Option(help="Data root, if the dataset file moved since training.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print index.json on stdout instead of the directory.")] = False,
+) -> None:
+    """Explain predictions with CAM methods or attention rollout.
+
+    Writes explain/<method>/<split>_<index>_gt-<class>_pred-<class>.png (original | heat map | overlay) per sample, a grid per class and index.json into the run; prints the directory.
+    """
+    index = _explain.explain_run(
+        run, method=method.value, split=split.value, per_class=per_class, indices=_explain.parse_indices(indices),
+        only_errors=only_errors, target=target.value, layer=layer, checkpoint=checkpoint.value, seed=seed,
+        head_fusion=head_fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, root=root)
+    emit(index if json_output else index["dir"])
 
 
 @app.command("clean-processes")

@@ -32,3 +32,17 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "bloodmnist_pbc_28.npz").is_file():
         pytest.skip("../shared/data is not present (real-data tests run only beside it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_root, tmp_path_factory) -> Path:
+    """A completed training run (timm:test_resnet, 2 epochs on `synthetic_root`, a few seconds).
+
+    Session-scoped and shared by the evaluate/explain tests: treat it as read-only (copy it
+    with shutil.copytree before adding stages to it).
+    """
+    from medcli import train
+
+    manifest = train.train(root=synthetic_root, runs_dir=tmp_path_factory.mktemp("runs"), model="timm:test_resnet",
+                           epochs=2, batch_size=64, seed=0)
+    return manifest.run_dir

@@ -1,0 +1,177 @@
+"""Preprocessing and batched on-device training augmentation.
+
+Everything works on whole uint8 (B, C, H, W) batches on the training device: one
+`affine_grid` + `grid_sample` per batch for every geometric transform (flips, 90-degree
+turns, small rotations, random-resized-crop) and the resize to the model's input size, a
+few vectorised ops for brightness/contrast, and MixUp on the finished batch. No per-image
+Python, no PIL, no DataLoader workers (the seeds spent hours in per-image PIL resizes), and
+every random draw comes from a `torch.Generator`, so a seeded run is reproducible and a
+resumed run continues the same random stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+# Per-channel statistics used to normalise inputs: 0.5/0.5 maps [0, 1] to [-1, 1], which
+# suits training from scratch on any MedMNIST modality; ImageNet statistics for pretrained.
+SCRATCH_STATS = (0.5, 0.5)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def make_prep(input_size: int, channels: int, pretrained: bool) -> dict:
+    """The manifest's `preprocess` section: input size, per-channel mean/std, interpolation."""
+    if pretrained and channels == 3:
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    elif pretrained:
+        mean, std = [sum(IMAGENET_MEAN) / 3] * channels, [sum(IMAGENET_STD) / 3] * channels
+    else:
+        mean, std = [SCRATCH_STATS[0]] * channels, [SCRATCH_STATS[1]] * channels
+    return {"input_size": int(input_size), "mean": mean, "std": std, "interpolation": "bilinear"}
+
+
+def _normalise(x, prep: dict):
+    """uint8 or [0, 255] float -> (x / 255 - mean) / std in one fused op."""
+    import torch
+
+    std = torch.tensor(prep["std"], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    mean = torch.tensor(prep["mean"], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
+    return torch.addcmul(-mean / std, x.float(), 1.0 / (255.0 * std))
+
+
+def preprocess(x, prep: dict):
+    """uint8 (B, C, H, W) -> float32 (B, C, S, S) on x's device: scale, resize, normalise.
+
+    Normalising before resizing is exact for bilinear resampling (its weights sum to one) and
+    touches fewer pixels when upsampling. Downscaling uses antialiasing.
+    """
+    import torch.nn.functional as F
+
+    size = int(prep["input_size"])
+    x = _normalise(x, prep)
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                          antialias=size < x.shape[-1])
+    return x
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Training augmentation settings (saved in the manifest config).
+
+    hflip/vflip: random flips with p=0.5; rot90: random multiples of 90 degrees (cell and
+    tissue images have no canonical orientation); degrees: extra uniform rotation in
+    [-degrees, degrees]; crop_scale: (min, max) area fraction of a random-resized-crop
+    (None: no crop); brightness/contrast: multiplicative jitter in [1 - v, 1 + v].
+    """
+
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = True
+    degrees: float = 0.0
+    crop_scale: tuple[float, float] | None = None
+    brightness: float = 0.1
+    contrast: float = 0.1
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Augment":
+        crop = data.get("crop_scale")
+        return cls(**{**data, "crop_scale": tuple(crop) if crop else None})
+
+    @property
+    def geometric(self) -> bool:
+        return self.hflip or self.vflip or self.rot90 or self.degrees > 0 or self.crop_scale is not None
+
+
+def _uniform(n: int, low: float, high: float, generator, device):
+    import torch
+
+    return torch.rand(n, generator=generator, device=device) * (high - low) + low
+
+
+def _affine(n: int, aug: Augment, generator, device):
+    """Per-sample 2x3 affine matrices (output -> input coordinates) for `affine_grid`."""
+    import math
+
+    import torch
+
+    angle = torch.zeros(n, device=device)
+    if aug.rot90:
+        angle += torch.randint(0, 4, (n,), generator=generator, device=device) * (math.pi / 2)
+    if aug.degrees > 0:
+        angle += _uniform(n, -aug.degrees, aug.degrees, generator, device) * (math.pi / 180)
+    sx = torch.ones(n, device=device)
+    sy = torch.ones(n, device=device)
+    if aug.hflip:
+        sx = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -sx, sx)
+    if aug.vflip:
+        sy = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -sy, sy)
+    tx = torch.zeros(n, device=device)
+    ty = torch.zeros(n, device=device)
+    if aug.crop_scale is not None:
+        # A square crop covering `area` of the image, placed uniformly inside it.
+        side = _uniform(n, *aug.crop_scale, generator, device).sqrt()
+        sx, sy = sx * side, sy * side
+        tx = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - side)
+        ty = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - side)
+    cos, sin = angle.cos(), angle.sin()
+    theta = torch.stack([
+        torch.stack([cos * sx, -sin * sy, tx], dim=1),
+        torch.stack([sin * sx, cos * sy, ty], dim=1),
+    ], dim=1)
+    return theta
+
+
+def train_batch(x, prep: dict, aug: Augment, generator):
+    """uint8 (B, C, H, W) batch -> augmented, resized, normalised float32 (B, C, S, S).
+
+    The geometric transforms and the resize share one `grid_sample` (reflection padding, so
+    rotated corners hold image content rather than black); photometric jitter is applied to
+    per-image means so it works for any channel count.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    size = int(prep["input_size"])
+    n = x.shape[0]
+    device = x.device
+    if not aug.geometric:
+        out = x.float()
+        if out.shape[-2:] != (size, size):
+            out = F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False,
+                                antialias=size < out.shape[-1])
+    else:
+        theta = _affine(n, aug, generator, device)
+        grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    if aug.contrast > 0:
+        factor = _uniform(n, 1 - aug.contrast, 1 + aug.contrast, generator, device).view(-1, 1, 1, 1)
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = torch.lerp(mean, out, factor)
+    if aug.brightness > 0:
+        out = out * _uniform(n, 1 - aug.brightness, 1 + aug.brightness, generator, device).view(-1, 1, 1, 1)
+    if aug.contrast > 0 or aug.brightness > 0:
+        out = out.clamp_(0, 255)
+    return _normalise(out, prep)
+
+
+def mixup(x, targets, alpha: float, generator):
+    """MixUp: x and soft `targets` (B, classes) blended with a shuffled copy of the batch.
+
+    One mixing weight lam ~ Beta(alpha, alpha) per batch (as in the MixUp paper and timm).
+    torch's Beta sampler takes no generator, so lam is drawn by numpy from a seed taken from
+    `generator`: the stream stays reproducible and resumable. Returns (x, targets, lam, perm).
+    """
+    import numpy as np
+    import torch
+
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
+    mixed_x = torch.lerp(x[perm], x, lam)
+    mixed_t = torch.lerp(targets[perm], targets, lam)
+    return mixed_x, mixed_t, lam, perm

@@ -1,0 +1,136 @@
+"""Device choice, mixed precision and batched prediction shared by train, evaluate and explain.
+
+One place decides which device a stage runs on and how autocast is entered, so that "bf16"
+means the same thing everywhere (the seeds had a mixed-precision flag that built a GradScaler
+but never entered autocast). `predict_logits` is the only batched forward pass over a uint8
+image tensor: train uses it for validation, evaluate for every split (with test-time views).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Sequence
+
+from medcli import console
+from medcli.errors import UsageError
+
+AMP_MODES = ("bf16", "fp16", "off")
+
+
+def resolve_device(name: str = "auto"):
+    """'auto' -> the first CUDA GPU if there is one, else CPU; 'cpu', 'cuda', 'cuda:N'.
+
+    An explicit CUDA device that is not there is a usage error (not a silent CPU fallback:
+    a run meant for a GPU that quietly trains on CPU wastes hours).
+    """
+    import torch
+
+    text = (name or "auto").strip().lower()
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}'; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise UsageError(f"device '{name}' is not supported; use auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asks for a CUDA GPU but none is available here; use --device cpu or auto")
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"--device {name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    return device
+
+
+def resolve_amp(device, amp: str | None) -> str:
+    """The precision a stage really uses: None/'auto' -> bf16 on CUDA, off on CPU.
+
+    fp16 is CUDA-only (it needs a GradScaler, and CPU kernels gain nothing from it); bf16 on
+    CPU is allowed when asked for explicitly (useful for tests and newer CPUs).
+    """
+    import torch
+
+    device = torch.device(device)
+    mode = (amp or "auto").lower()
+    if mode == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+    if mode not in AMP_MODES:
+        raise UsageError(f"unknown --amp '{amp}'; choose one of {', '.join(AMP_MODES)}")
+    if mode == "fp16" and device.type != "cuda":
+        raise UsageError("--amp fp16 needs a CUDA GPU; use --amp bf16 or --amp off on CPU")
+    if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UsageError("this GPU does not support bf16; use --amp fp16 or --amp off")
+    return mode
+
+
+def autocast(device, amp: str):
+    """A context that runs the forward pass in `amp` precision ('off' -> a no-op context)."""
+    import torch
+
+    if amp == "off":
+        return nullcontext()
+    if amp not in ("bf16", "fp16"):
+        raise UsageError(f"unknown amp mode '{amp}'; choose one of {', '.join(AMP_MODES)}")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def predict_logits(
+    model,
+    images,
+    prep: dict,
+    *,
+    batch_size: int,
+    device,
+    amp: str = "off",
+    views: Sequence[Callable] | None = None,
+    progress_label: str | None = None,
+):
+    """Class scores for a uint8 (N, C, H, W) tensor, as a float32 CPU tensor (N, classes).
+
+    Batches are moved to `device` (a no-op when the tensor already lives there), run through
+    `augment.preprocess` on the device and the model under `inference_mode` and autocast.
+
+    With `views` (deterministic functions uint8 batch -> uint8 batch, e.g. flips for
+    test-time augmentation) the result is log(mean over views of softmax(logits)): softmax of
+    it gives the averaged probabilities and argmax the TTA prediction, so callers treat the
+    TTA and the plain result the same way (softmax for probabilities, cross-entropy for the
+    loss). The model's train/eval mode is restored afterwards.
+    """
+    import torch
+
+    from medcli import augment
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    total = int(images.shape[0])
+    outputs = []
+    try:
+        # Only a labelled call opens a bar: Rich allows one live display, and train calls this
+        # (unlabelled) while its own epoch bars are showing.
+        with torch.inference_mode(), (console.progress() if progress_label else nullcontext()) as bar:
+            task = bar.add_task(progress_label, total=total, unit="img") if progress_label else None
+            for start in range(0, total, batch_size):
+                batch = images[start:start + batch_size].to(device, non_blocking=True)
+                if views:
+                    probs = sum(_forward(model, augment.preprocess(view(batch), prep), device, amp).softmax(1)
+                                for view in views)
+                    scores = (probs / len(views)).log()
+                else:
+                    scores = _forward(model, augment.preprocess(batch, prep), device, amp)
+                outputs.append(scores.cpu())
+                if task is not None:
+                    bar.advance(task, int(batch.shape[0]))
+    finally:
+        model.train(was_training)
+    if not outputs:
+        return torch.empty(0, 0)
+    return torch.cat(outputs)
+
+
+def _forward(model, x, device, amp: str):
+    with autocast(device, amp):
+        return model(x).float()

@@ -1,0 +1,148 @@
+"""Benchmark `medcli train` on real BloodMNIST (PBC-derived); prints its numbers.
+
+Parts (default: all):
+  --overhead  medcli's training images/s for resnet18 at 28 px (augmentation, indexing,
+              normalisation included) vs a bare forward+backward+step loop on random tensors,
+              same model, batch and optimizer, same process. Target: >= 90%.
+  --resnet    `medcli train --model resnet18 --reduced` end to end: wall time, test accuracy.
+  --vit       `medcli train --model vit --reduced` end to end: wall time, test accuracy.
+Test accuracy comes from the best checkpoint through `inference.predict_logits`.
+
+    .venv/bin/python scripts/bench_train.py --data ../shared/data/bloodmnist_pbc_28.npz [--resnet] [--vit]
+
+The numbers are disturbed by anything else running on the machine: check `uptime` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bloodmnist_pbc_28.npz"
+
+
+def make_root(source: Path, directory: Path, n_train: int | None = None) -> Path:
+    """A data root holding `source` as bloodmnist.npz (optionally only the first n_train images)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / "bloodmnist.npz"
+    if n_train is None:
+        target.symlink_to(source.resolve())
+    else:
+        with np.load(source) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+        arrays["train_images"] = arrays["train_images"][:n_train]
+        arrays["train_labels"] = arrays["train_labels"][:n_train]
+        np.savez(target, **arrays)
+    return directory
+
+
+def bare_images_per_s(batch: int, steps: int, warmup: int = 2) -> float:
+    """A bare loop on random tensors: forward, loss, backward, SGD step (nothing else), in the
+    memory format medcli trains CNNs in on CPU, so the ratio measures only the pipeline."""
+    import torch
+    import torch.nn.functional as F
+
+    from medcli import models, train
+
+    torch.manual_seed(0)
+    model, _ = models.create("resnet18", 8, 3, 28)
+    model.train()
+    x = torch.randn(batch, 3, 28, 28)
+    if train.CHANNELS_LAST_ON_CPU:
+        model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    y = torch.randint(0, 8, (batch,))
+    for step in range(warmup + steps):
+        if step == warmup:
+            start = time.perf_counter()
+        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return batch * steps / (time.perf_counter() - start)
+
+
+def medcli_images_per_s(root: Path, runs: Path, batch: int) -> float:
+    """images/s of medcli's own training loop (its second epoch: the first pays warm-up costs)."""
+    from medcli import console, train
+
+    console.configure(quiet=True)
+    manifest = train.train(root=root, runs_dir=runs, model="resnet18", epochs=2, batch_size=batch, device="cpu")
+    return manifest.stages["train"]["summary"]["images_per_s"]
+
+
+def overhead(source: Path, work: Path, batch: int = 128, n_train: int = 128 * 6) -> None:
+    from medcli import train
+
+    train.use_cpu_threads()  # the thread policy medcli trains with
+    root = make_root(source, work / "subset", n_train)
+    steps = n_train // batch
+    bare_before = bare_images_per_s(batch, steps)
+    ours = medcli_images_per_s(root, work / "runs-overhead", batch)
+    bare_after = bare_images_per_s(batch, steps)
+    bare = (bare_before + bare_after) / 2
+    print(f"[overhead] resnet18 28 px, batch {batch}, {steps} steps: bare loop {bare:.0f} img/s "
+          f"({bare_before:.0f} / {bare_after:.0f}), medcli train {ours:.0f} img/s -> {100 * ours / bare:.1f}% of bare")
+
+
+def end_to_end(model: str, source: Path, work: Path, extra: list[str]) -> None:
+    from medcli import datasets, inference, models
+    from medcli.manifest import Manifest
+
+    root = work / "full"
+    if not root.exists():
+        make_root(source, root)
+    runs = work / f"runs-{model}"
+    command = [sys.executable, "-m", "medcli", "--quiet", "train", "--model", model, "--reduced",
+               "--root", str(root), "--runs-dir", str(runs), "--device", "cpu", *extra]
+    start = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        print(f"[{model} --reduced] failed ({done.returncode}): {done.stderr.strip()}")
+        return
+    manifest = Manifest.load(done.stdout.strip())
+    net = models.load_run_model(manifest, "best")
+    splits = datasets.load(root, "bloodmnist", 28)
+    logits = inference.predict_logits(net, datasets.as_tensor(splits.images["test"]), manifest.data["preprocess"],
+                                      batch_size=512, device="cpu")
+    accuracy = float((logits.argmax(1).numpy() == splits.labels["test"]).mean())
+    summary = manifest.stages["train"]["summary"]
+    print(f"[{model} --reduced {' '.join(extra)}] wall {wall / 60:.2f} min, epochs {summary['epochs_run']}, "
+          f"best epoch {summary['best_epoch']} (val acc {summary['best_value']:.4f}), "
+          f"train {summary['images_per_s']:.0f} img/s, TEST accuracy {accuracy:.4f}  ({manifest.run_dir})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="bloodmnist_pbc_28.npz")
+    parser.add_argument("--overhead", action="store_true")
+    parser.add_argument("--resnet", action="store_true")
+    parser.add_argument("--vit", action="store_true")
+    parser.add_argument("--work", type=Path, help="where data roots and runs go (default: a temp dir)")
+    parser.add_argument("--extra", default="", help="extra 'medcli train' options for the end-to-end runs")
+    args = parser.parse_args()
+    everything = not (args.overhead or args.resnet or args.vit)
+    if not args.data.is_file():
+        sys.exit(f"{args.data} not found; pass --data PATH/bloodmnist_pbc_28.npz")
+    work = args.work or Path(tempfile.mkdtemp(prefix="medcli-bench-"))
+    print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; work dir {work}")
+    extra = args.extra.split()
+    if everything or args.overhead:
+        overhead(args.data, work)
+    if everything or args.resnet:
+        end_to_end("resnet18", args.data, work, extra)
+    if everything or args.vit:
+        end_to_end("vit", args.data, work, extra)
+
+
+if __name__ == "__main__":
+    main()
