@@ -103,7 +103,8 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     return {
         "run": manifest.run_id,
         "path": str(run_dir),
-        "dataset": manifest.dataset.get("flag"),
+        # Synthetic demo data must never pass for a real result in a comparison table.
+        "dataset": f"{manifest.dataset.get('flag')}{' (SYNTHETIC)' if manifest.dataset.get('synthetic') else ''}",
         "size": manifest.dataset.get("size"),
         "model": model.get("name", config.get("model")),
         "pretrained": bool(model.get("pretrained", config.get("pretrained"))),

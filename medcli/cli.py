@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from enum import Enum
 from typing import Annotated, Optional
 
 import typer
@@ -21,7 +22,14 @@ try:  # typer >= 0.20 vendors click as typer._click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import UsageError as ClickUsageError
 
+# Light modules only (no torch, numpy or pandas at import time): their constants give the
+# option choices and help texts below.
 from medcli import __version__, console
+from medcli import aggregate as _aggregate
+from medcli import evaluate as _evaluate
+from medcli import explain as _explain
+from medcli import inference as _inference
+from medcli import train as _train
 from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliError
 
 
@@ -98,10 +106,21 @@ def emit(result) -> None:
         typer.echo(str(result))
 
 
-def _not_implemented(name: str) -> None:
-    from medcli.errors import UsageError
+def _choice(name: str, values) -> type[Enum]:
+    """A str Enum Typer shows as a choice list, built from a library's own constant."""
+    return Enum(name, {value: value for value in values}, type=str)
 
-    raise UsageError(f"'medcli {name}' is not implemented yet")
+
+Optimizer = _choice("Optimizer", _train.OPTIMIZERS)
+Monitor = _choice("Monitor", _train.MONITORS)
+Amp = _choice("Amp", _inference.AMP_MODES)
+EvalSplit = _choice("EvalSplit", _evaluate.SPLIT_CHOICES)
+Checkpoint = _choice("Checkpoint", _evaluate.CHECKPOINTS)
+OutputFormat = _choice("OutputFormat", _aggregate.FORMATS)
+ExplainMethod = _choice("ExplainMethod", _explain.METHODS)
+ExplainSplit = _choice("ExplainSplit", ("test", "val", "train"))
+ExplainTarget = _choice("ExplainTarget", _explain.TARGETS)
+HeadFusion = _choice("HeadFusion", _explain.HEAD_FUSIONS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -175,35 +194,12 @@ def download(
     emit(records if json_out else "\n".join(record["path"] for record in records))
 
 
-from enum import Enum  # noqa: E402  (train's choices)
-
-from medcli.train import defaults_help as _train_defaults, reduced_help as _train_reduced  # noqa: E402  (no torch)
-
-
-class Optimizer(str, Enum):
-    sgd = "sgd"
-    adamw = "adamw"
-
-
-class Monitor(str, Enum):
-    acc = "acc"
-    auc = "auc"
-    f1 = "f1"
-    loss = "loss"
-
-
-class Amp(str, Enum):
-    bf16 = "bf16"
-    fp16 = "fp16"
-    off = "off"
-
-
-@app.command(help=f"Train a CNN or ViT; prints the new run directory.\n\n{_train_defaults()}")
+@app.command(help=f"Train a CNN or ViT; prints the new run directory.\n\n{_train.defaults_help()}")
 def train(
     dataset: Annotated[str, typer.Option(help="MedMNIST dataset flag (single-label).")] = "bloodmnist",
     size: Annotated[int, typer.Option(help="Dataset image size: 28, 64, 128 or 224.")] = 28,
     model: Annotated[str, typer.Option(help="resnet18, vit, vit-small, vit-tiny or timm:<name>.")] = "resnet18",
-    reduced: Annotated[bool, typer.Option("--reduced", help=_train_reduced())] = False,
+    reduced: Annotated[bool, typer.Option("--reduced", help=_train.reduced_help())] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default per family/preset).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Batch size (default 128).")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (default per family).")] = None,
@@ -241,25 +237,6 @@ def train(
             input_size=input_size, root=root, runs_dir=runs_dir,
         )
     emit(training.summary(manifest) if json_output else str(manifest.run_dir))
-
-
-class EvalSplit(str, Enum):
-    test = "test"
-    val = "val"
-    all = "all"
-
-
-class Checkpoint(str, Enum):
-    best = "best"
-    last = "last"
-
-
-class OutputFormat(str, Enum):
-    table = "table"
-    csv = "csv"
-    md = "md"
-    xlsx = "xlsx"
-    json = "json"
 
 
 @app.command()
@@ -339,14 +316,6 @@ def plot_confusion(
     from medcli import reports
 
     emit(str(reports.plot_confusion(target, split=split, normalize=normalize, out=out)))
-
-
-from medcli import explain as _explain  # noqa: E402  (choices and help texts; no torch)
-
-ExplainMethod = Enum("ExplainMethod", {name: name for name in _explain.METHODS}, type=str)
-ExplainSplit = Enum("ExplainSplit", {name: name for name in ("test", "val", "train")}, type=str)
-ExplainTarget = Enum("ExplainTarget", {name: name for name in _explain.TARGETS}, type=str)
-HeadFusion = Enum("HeadFusion", {name: name for name in _explain.HEAD_FUSIONS}, type=str)
 
 
 @app.command()

@@ -312,7 +312,7 @@ def _load_resnet_state(model: nn.Module, spec: dict, state: dict, source: str, f
     if state.get("fc.weight") is not None and state["fc.weight"].shape != model.fc.weight.shape:
         head = ("fc.weight", "fc.bias")
         state = {k: v for k, v in state.items() if k not in head}
-    _load_exactly(model, state, spec["name"], source, fix, allowed_missing=head)
+    load_state(model, state, spec["name"], source, fix, allowed_missing=head)
     return model
 
 
@@ -347,8 +347,9 @@ def _load_timm_state(model: nn.Module, spec: dict, state: dict, source: str, fix
         raise UsageError(f"{source} does not fit model {spec['name']} ({_one_line(exc)}); {fix}") from exc
 
 
-def _load_exactly(model: nn.Module, state: dict, name: str, source: str, fix: str, allowed_missing=()) -> None:
-    """load_state_dict that turns every mismatch into one UsageError naming a few keys."""
+def load_state(model: nn.Module, state: dict, name: str, source: str, fix: str, allowed_missing=()) -> None:
+    """load_state_dict that turns every mismatch into one UsageError naming a few keys
+    (used for weight files, run checkpoints and resumed training)."""
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # size mismatches
@@ -396,5 +397,5 @@ def load_run_model(manifest: Manifest, checkpoint: str = "best", device: str | t
         raise UsageError(f"run {manifest.run_dir} has no {relative}; train it first with medcli train")
     state = _read_state_dict(path, f"re-train or use --checkpoint {other}")
     model = rebuild(spec)
-    _load_exactly(model, state, spec["name"], relative, "re-train this run or restore its checkpoint")
+    load_state(model, state, spec["name"], relative, "re-train this run or restore its checkpoint")
     return model.to(device).eval()

@@ -66,6 +66,8 @@ FULL_VIT_INPUT = 224
 # kept, batch 128) training step took 3.7-4.0 s instead of 4.7-5.2 s on this 2-core CPU.
 CHANNELS_LAST_ON_CPU = True
 EVAL_BATCH = 512
+# What last.pt must hold for --resume to continue exactly where the run stopped.
+RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "best", "bad_epochs")
 
 
 def reduced_help() -> str:
@@ -528,6 +530,9 @@ def resume(run: str | os.PathLike, device: str | None = None) -> Manifest:
     dev = torch.device(config["device"])
     inference.resolve_amp(dev, config["amp"])
     last = manifest.path("checkpoints/last.pt")
+    if not last.is_file() and manifest.path("checkpoints/best.pt").is_file():
+        raise UsageError(f"run {manifest.run_dir} finished epochs but has no checkpoints/last.pt to resume from; "
+                         f"restore the file or start a new run")
     checkpoint = _read_checkpoint(last) if last.is_file() else None
     splits = _load(config)
     with determinism(config, dev):
@@ -559,10 +564,15 @@ def _read_checkpoint(path: Path) -> dict:
     import torch
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file: one line naming the fix
         raise UsageError(f"cannot read {path} ({type(exc).__name__}); the checkpoint is damaged, "
                          f"start a new run") from None
+    missing = [key for key in RESUME_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise UsageError(f"{path} is not a medcli training checkpoint (no {', '.join(missing)}); "
+                         f"the checkpoint is damaged, start a new run")
+    return checkpoint
 
 
 def fit(manifest: Manifest, model, splits: datasets.Splits, checkpoint: dict | None) -> None:
@@ -589,7 +599,7 @@ def fit(manifest: Manifest, model, splits: datasets.Splits, checkpoint: dict | N
                   scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
                   data_gen=data_gen, aug_gen=aug_gen, num_classes=manifest.data["model"]["num_classes"])
     if checkpoint is not None:
-        _restore(state, checkpoint)
+        _restore(state, checkpoint, manifest)
     class_names = datasets.class_names(config["dataset"])
     run_dir = manifest.run_dir
     files = {"last": run_dir / "checkpoints" / "last.pt", "best": run_dir / "checkpoints" / "best.pt",
@@ -650,8 +660,11 @@ def use_cpu_threads() -> None:
         torch.set_num_threads(os.cpu_count() or 1)
 
 
-def _restore(state: State, checkpoint: dict) -> None:
-    state.model.load_state_dict(checkpoint["model"])
+def _restore(state: State, checkpoint: dict, manifest: Manifest) -> None:
+    from medcli import models
+
+    models.load_state(state.model, checkpoint["model"], manifest.data["model"]["name"], "checkpoints/last.pt",
+                      "restore the run's own checkpoint or start a new run")
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.scheduler.load_state_dict(checkpoint["scheduler"])
     state.scaler.load_state_dict(checkpoint["scaler"])

@@ -42,11 +42,12 @@ OUT=${OUT:-"$RUNS/comparison_${STAMP}"}
 log() { printf '%s %s\n' "$(date '+%F %T')" "$*" | tee -a "$LOG" >&2; }
 
 # stage NAME COMMAND...: run a stage, log its duration; on failure log and exit with its code.
+# The stage's own results go to stderr: this script's stdout is only the comparison folder.
 stage() {
   local name=$1; shift
   local start=$SECONDS rc=0
   log "start $name: $*"
-  "$@" || rc=$?
+  "$@" >&2 || rc=$?
   if [ "$rc" -ne 0 ]; then
     log "FAILED $name (exit $rc) after $((SECONDS - start)) s"
     exit "$rc"
@@ -71,7 +72,7 @@ elif [ "$SYNTHETIC" -eq 1 ]; then
   stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --synthetic
 else
   rc=0
-  "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" || rc=$?
+  "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" >&2 || rc=$?
   if [ "$rc" -eq 1 ]; then
     ROOT="$ROOT/synthetic"
     log "the real BloodMNIST could not be downloaded: falling back to SYNTHETIC data in $ROOT"

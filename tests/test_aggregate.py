@@ -4,8 +4,6 @@ with their reasons (never dropped), the written files, and no torch import."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,8 @@ from typer.testing import CliRunner
 from medcli import fileio
 from medcli.aggregate import aggregate
 from medcli.cli import app
+
+from cli_helpers import cli_imports_torch
 from medcli.manifest import Manifest
 
 runner = CliRunner()
@@ -106,13 +106,4 @@ def test_bad_metric_and_nothing_to_compare_exit_2(runs_root, tmp_path):
 
 
 def test_aggregate_does_not_import_torch(runs_root):
-    code = (
-        "import sys\n"
-        "from typer.testing import CliRunner\n"
-        "from medcli.cli import app\n"
-        f"r = CliRunner().invoke(app, ['aggregate', {str(runs_root)!r}, '--format', 'csv'])\n"
-        "assert r.exit_code == 0, r.output\n"
-        "print('torch' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "False"
+    assert not cli_imports_torch(["aggregate", str(runs_root), "--format", "csv"])

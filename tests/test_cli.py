@@ -11,6 +11,8 @@ from typer.testing import CliRunner
 from medcli import __version__
 from medcli.cli import app
 
+from cli_helpers import cli_imports_torch
+
 runner = CliRunner()
 COMMANDS = ["download", "train", "evaluate", "aggregate", "plot-confusion", "explain", "clean-processes"]
 
@@ -33,16 +35,7 @@ def test_help_lists_every_command_and_does_not_import_torch():
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_each_command_help_is_light(command):
-    code = (
-        "import sys\n"
-        "from medcli.cli import app\n"
-        "from typer.testing import CliRunner\n"
-        f"r = CliRunner().invoke(app, [{command!r}, '--help'])\n"
-        "assert r.exit_code == 0, r.output\n"
-        "print('torch' in sys.modules)\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "False"
+    assert not cli_imports_torch([command, "--help"])
 
 
 def test_version():
