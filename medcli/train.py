@@ -584,6 +584,7 @@ def fit(manifest: Manifest, model, splits: datasets.Splits, checkpoint: dict | N
     config = manifest.config
     device = torch.device(config["device"])
     prep = manifest.data["preprocess"]
+    _warn_if_device_shared(config["device"])
     if device.type == "cpu":
         use_cpu_threads()
     model.to(device)
@@ -646,6 +647,17 @@ def fit(manifest: Manifest, model, splits: datasets.Splits, checkpoint: dict | N
             console.info(_epoch_line(state, config, train_stats, val, is_best))
         if stopped_early:
             console.info(f"early stop: val {config['monitor']} did not improve for {config['patience']} epochs")
+
+
+def _warn_if_device_shared(device: str) -> None:
+    """Warn (never kill) when another medcli training of this user runs on the same device:
+    both will be slower, and a forgotten one is a common cause of 'training got slow'."""
+    from medcli import processes
+
+    for other in processes.other_trainings(device):
+        console.warn(f"another medcli training (pid {other.pid}, running {other.age_s / 60:.0f} min) uses "
+                     f"device {other.device or 'auto'}; both will be slower. If it is stale: "
+                     f"medcli clean-processes --yes")
 
 
 def use_cpu_threads() -> None:

@@ -133,3 +133,14 @@ def test_dry_run_and_yes_conflict():
 def test_other_trainings_matches_device(fake_medcli):
     proc, _ = fake_medcli()
     assert proc.pid in {p.pid for p in processes.other_trainings("cpu")}  # its device is 'auto'
+
+
+def test_train_warns_when_another_training_shares_the_device(fake_medcli, monkeypatch):
+    from medcli import console, train
+
+    proc, _ = fake_medcli()  # a 'medcli train' holding a run, device auto
+    warnings = []
+    monkeypatch.setattr(console, "warn", warnings.append)
+    train._warn_if_device_shared("cpu")
+    assert any(f"pid {proc.pid}" in w for w in warnings)
+    assert proc.poll() is None  # warned, never killed
