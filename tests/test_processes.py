@@ -80,9 +80,14 @@ def test_lists_medcli_processes_and_their_runs_but_nothing_else(fake_medcli):
         bystander.wait()
 
 
-def test_yes_ends_processes_escalating_to_sigkill_and_marks_runs(fake_medcli):
+def test_yes_ends_processes_escalating_to_sigkill_and_marks_runs(fake_medcli, monkeypatch):
     polite, polite_run = fake_medcli()
     stubborn, stubborn_run = fake_medcli(ignore_term=True)
+    # Only our two fakes may be ended: the developer running these tests may have real
+    # medcli trainings going, and a test must never kill them.
+    ours = {polite.pid, stubborn.pid}
+    find = processes.find_processes
+    monkeypatch.setattr(processes, "find_processes", lambda *a, **k: [p for p in find(*a, **k) if p.pid in ours])
     result = runner.invoke(app, ["clean-processes", "--yes", "--grace", "1", "--json"])
     assert result.exit_code == 0, result.output
     report = {p["pid"]: p for p in json.loads(result.stdout)["processes"]}
