@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from medcli import datasets, reports
 from medcli.cli import app
+from medcli.manifest import Manifest, create_run_dir
 
 from cli_helpers import cli_imports_torch
-from medcli.manifest import Manifest
 
 runner = CliRunner()
 NAMES = datasets.class_names("bloodmnist")
@@ -101,7 +101,8 @@ def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
 
 
 def test_plot_confusion_default_output_for_a_run_dir(tmp_path):
-    run = tmp_path / "run"
+    run = create_run_dir(tmp_path, "run")
+    Manifest.new(run, config={}, dataset={"flag": "bloodmnist", "size": 28})  # a run is a directory with a manifest
     reports.write_predictions(run / "predictions" / "val.csv",
                               reports.predictions_frame(np.array([0, 1]), np.eye(2), ["a", "b"]))
     result = runner.invoke(app, ["plot-confusion", str(run), "--split", "val", "--normalize"])
