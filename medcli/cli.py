@@ -223,12 +223,10 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its last.pt.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
-    from medcli import train as training
-
     if resume is not None:
-        manifest = training.resume(resume, device=device)
+        manifest = _train.resume(resume, device=device)
     else:
-        manifest = training.train(
+        manifest = _train.train(
             dataset=dataset, size=size, model=model, reduced=reduced, epochs=epochs, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, optimizer=optimizer.value if optimizer else None,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
@@ -236,7 +234,7 @@ def train(
             amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
             input_size=input_size, root=root, runs_dir=runs_dir,
         )
-    emit(training.summary(manifest) if json_output else str(manifest.run_dir))
+    emit(_train.summary(manifest) if json_output else str(manifest.run_dir))
 
 
 @app.command()
@@ -258,11 +256,9 @@ def evaluate(
 
     Prints one summary line per split and the written files (with --json: the metrics JSON, keyed by split).
     """
-    from medcli import evaluate as library
-
-    result = library.evaluate_run(run, split=split.value, checkpoint=checkpoint.value, tta=tta, calibrate=calibrate,
+    result = _evaluate.evaluate_run(run, split=split.value, checkpoint=checkpoint.value, tta=tta, calibrate=calibrate,
                                   batch_size=batch_size, device=device, amp=amp.value if amp else None, root=root)
-    emit(result["splits"] if json_output else "\n".join(library.summary_lines(result)))
+    emit(result["splits"] if json_output else "\n".join(_evaluate.summary_lines(result)))
 
 
 @app.command()
@@ -277,25 +273,24 @@ def aggregate(
 
     Runs that are unfinished, not evaluated or unreadable are listed with the reason.
     """
-    from medcli import aggregate as library
     from medcli.errors import UsageError
 
     if format is OutputFormat.xlsx and out is None:
         raise UsageError("--format xlsx writes a file; add --out DIR (the workbook goes to DIR/comparison.xlsx)")
-    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else library.DEFAULT_METRICS
-    result = library.aggregate(runs or [], split=split, metric_names=chosen)
-    written = library.write_outputs(out, result) if out is not None else []
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else _aggregate.DEFAULT_METRICS
+    result = _aggregate.aggregate(runs or [], split=split, metric_names=chosen)
+    written = _aggregate.write_outputs(out, result) if out is not None else []
     for path in written:
         console.info(f"wrote {path}")
     if format is OutputFormat.table:
         from rich.console import Console
 
         out_console = Console()  # piped: wide enough for the whole table instead of Rich's 80 columns
-        (out_console if out_console.is_terminal else Console(width=240)).print(*library.rich_tables(result))
+        (out_console if out_console.is_terminal else Console(width=240)).print(*_aggregate.rich_tables(result))
     elif format is OutputFormat.csv:
-        emit(library.to_csv(result).rstrip("\n"))
+        emit(_aggregate.to_csv(result).rstrip("\n"))
     elif format is OutputFormat.md:
-        emit(library.to_markdown(result).rstrip("\n"))
+        emit(_aggregate.to_markdown(result).rstrip("\n"))
     elif format is OutputFormat.json:
         emit(result.to_json())
     else:
