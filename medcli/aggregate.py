@@ -10,8 +10,11 @@ on which device they ran) form one group reported as mean ± std. A run that can
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -310,6 +313,46 @@ def write_xlsx(path: str | os.PathLike, result: Comparison) -> Path:
         "runs": [reports.Block(runs, formats=formats)],
         "not compared": [reports.Block(skipped)],
     })
+
+
+def _table_text(result: Comparison) -> str:
+    """The Rich tables as text: coloured and terminal-wide on a terminal; plain and wide enough
+    for the whole table (instead of Rich's 80 columns) when piped."""
+    from rich.console import Console
+
+    terminal = sys.stdout.isatty()
+    buffer = io.StringIO()
+    width = shutil.get_terminal_size().columns if terminal else 240
+    Console(file=buffer, width=width, force_terminal=terminal, no_color=not terminal).print(*rich_tables(result))
+    return buffer.getvalue().rstrip("\n")
+
+
+def render(result: Comparison, fmt: str, out_dir: str | os.PathLike | None = None) -> str:
+    """What `medcli aggregate --format FMT` prints on stdout (xlsx: the workbook's path)."""
+    if fmt == "table":
+        return _table_text(result)
+    if fmt == "csv":
+        return to_csv(result).rstrip("\n")
+    if fmt == "md":
+        return to_markdown(result).rstrip("\n")
+    if fmt == "json":
+        return json.dumps(result.to_json(), indent=2, default=str)
+    if fmt == "xlsx":
+        return str(Path(out_dir) / "comparison.xlsx")
+    raise UsageError(f"unknown --format '{fmt}'; choose from {', '.join(FORMATS)}")
+
+
+def compare(paths: Sequence[str | os.PathLike], split: str = "test", metric_names: Sequence[str] = DEFAULT_METRICS,
+            out_dir: str | os.PathLike | None = None, fmt: str = "table") -> str:
+    """`medcli aggregate`: compare the runs, write the files into `out_dir` (if given) and
+    return the text for stdout in format `fmt`."""
+    if fmt == "xlsx" and out_dir is None:
+        raise UsageError("--format xlsx writes a file; add --out DIR (the workbook goes to DIR/comparison.xlsx)")
+    result = aggregate(paths, split=split, metric_names=metric_names)
+    if out_dir is not None:
+        for path in write_outputs(out_dir, result):
+            console.info(f"wrote {path}")
+    return render(result, fmt, out_dir)
 
 
 def write_outputs(out_dir: str | os.PathLike, result: Comparison) -> list[Path]:

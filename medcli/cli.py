@@ -273,28 +273,8 @@ def aggregate(
 
     Runs that are unfinished, not evaluated or unreadable are listed with the reason.
     """
-    from medcli.errors import UsageError
-
-    if format is OutputFormat.xlsx and out is None:
-        raise UsageError("--format xlsx writes a file; add --out DIR (the workbook goes to DIR/comparison.xlsx)")
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else _aggregate.DEFAULT_METRICS
-    result = _aggregate.aggregate(runs or [], split=split, metric_names=chosen)
-    written = _aggregate.write_outputs(out, result) if out is not None else []
-    for path in written:
-        console.info(f"wrote {path}")
-    if format is OutputFormat.table:
-        from rich.console import Console
-
-        out_console = Console()  # piped: wide enough for the whole table instead of Rich's 80 columns
-        (out_console if out_console.is_terminal else Console(width=240)).print(*_aggregate.rich_tables(result))
-    elif format is OutputFormat.csv:
-        emit(_aggregate.to_csv(result).rstrip("\n"))
-    elif format is OutputFormat.md:
-        emit(_aggregate.to_markdown(result).rstrip("\n"))
-    elif format is OutputFormat.json:
-        emit(result.to_json())
-    else:
-        emit(str(out / "comparison.xlsx"))
+    emit(_aggregate.compare(runs or [], split=split, metric_names=chosen, out_dir=out, fmt=format.value))
 
 
 @app.command("plot-confusion")

@@ -146,7 +146,8 @@ def resolve_layer(model, spec: dict, name: str | None) -> str:
 def cam_explainer(method: str, model, spec: dict, layer: str, batch_size: int) -> Iterator:
     """The grad-cam object for `method` on `layer`, its hooks released on exit.
 
-    `batch_size` bounds Score-CAM's masked forward passes (the other CAMs ignore it).
+    `batch_size` bounds Score-CAM's masked forward passes (the other CAMs ignore it); its own
+    tqdm bar is silenced (medcli's progress bar covers the samples, and --quiet means quiet).
     grad-cam's `__exit__` swallows an IndexError (printing it on stdout); we re-raise it as a
     RuntimeError so a bug can never leave a half-written explanation that looks complete.
     """
@@ -156,12 +157,28 @@ def cam_explainer(method: str, model, spec: dict, layer: str, batch_size: int) -
     if spec["family"] == "vit":
         reshape = partial(tokens_to_map, prefix=model.num_prefix_tokens, grid=vit_grid(model, spec))
     cam_class = getattr(pytorch_grad_cam, CAM_METHODS[method])
-    with cam_class(model=model, target_layers=[model.get_submodule(layer)], reshape_transform=reshape) as cam:
+    with _silent_score_cam(), cam_class(model=model, target_layers=[model.get_submodule(layer)],
+                                        reshape_transform=reshape) as cam:
         cam.batch_size = batch_size
         try:
             yield cam
         except IndexError as exc:
             raise RuntimeError(f"grad-cam {CAM_METHODS[method]} failed: {exc}") from exc
+
+
+@contextmanager
+def _silent_score_cam() -> Iterator[None]:
+    """grad-cam's Score-CAM wraps its masked passes in `tqdm.tqdm(...)` on stderr: hand that
+    module a tqdm that is disabled, for the duration only (tqdm's TQDM_DISABLE variable is read
+    once at import, too late to set here)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import tqdm
+    from pytorch_grad_cam import score_cam
+
+    with mock.patch.object(score_cam, "tqdm", SimpleNamespace(tqdm=partial(tqdm.tqdm, disable=True))):
+        yield
 
 
 def rollout(attentions: Sequence, head_fusion: str = "mean", discard_ratio: float = 0.0, prefix: int = 1):

@@ -18,3 +18,19 @@ def cli_imports_torch(args: list[str]) -> bool:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return out.strip().splitlines()[-1] == "True"
+
+
+def one_line_error(result, code: int | None = None, *needles: str) -> str:
+    """Assert medcli's error contract on a CliRunner result and return the error line: a
+    non-zero exit (`code` if given), nothing on stdout, no traceback, exactly one `error:` line
+    on stderr (warnings may precede it) holding every needle."""
+    assert result.exit_code != 0, result.output
+    if code is not None:
+        assert result.exit_code == code, result.output
+    assert result.stdout == "", result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], result.stderr
+    return errors[0]

@@ -17,6 +17,8 @@ from typer.testing import CliRunner
 from medcli import datasets
 from medcli.cli import app
 
+from cli_helpers import one_line_error
+
 runner = CliRunner()
 
 # Commands that take a run directory, with the arguments that make them otherwise valid.
@@ -32,18 +34,6 @@ CHECKPOINT_COMMANDS = {
     "explain": ("best.pt", lambda run: ["explain", str(run), "--method", "gradcam", "--per-class", "1"]),
     "train --resume": ("last.pt", lambda run: ["train", "--resume", str(run), "--epochs", "3"]),
 }
-
-
-def one_line_failure(result, code: int | None = None) -> str:
-    """Assert the one-line-error contract and return the line."""
-    assert result.exit_code != 0, result.output
-    if code is not None:
-        assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output and "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 def no_temp_files(root: Path) -> None:
@@ -98,7 +88,7 @@ def test_bad_run_directory(run, command, problem):
     make, message = RUN_PROBLEMS[problem]
     target = make(run)
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
-    line = one_line_failure(runner.invoke(app, RUN_COMMANDS[command](target)), 2)
+    line = one_line_error(runner.invoke(app, RUN_COMMANDS[command](target)), 2)
     assert message in line
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written
 
@@ -143,7 +133,7 @@ def test_bad_checkpoint(run, command, problem):
         data["stages"]["train"]["status"] = "interrupted"
         (run / "manifest.json").write_text(json.dumps(data))
     damage(run / "checkpoints" / name)
-    line = one_line_failure(runner.invoke(app, args(run)), 2)
+    line = one_line_error(runner.invoke(app, args(run)), 2)
     assert any(m in line for m in messages), line
     no_temp_files(run)
 
@@ -157,12 +147,12 @@ def test_truncated_dataset_file(synthetic_root, tmp_path):
     data = (synthetic_root / "bloodmnist.npz").read_bytes()
     (root / "bloodmnist.npz").write_bytes(data[: len(data) // 2])
     runs = tmp_path / "runs"
-    line = one_line_failure(runner.invoke(app, ["train", "--root", str(root), "--runs-dir", str(runs),
+    line = one_line_error(runner.invoke(app, ["train", "--root", str(root), "--runs-dir", str(runs),
                                                 "--model", "timm:test_resnet", "--epochs", "1"]), 2)
     assert "bloodmnist.npz" in line
     assert not runs.exists() or not any(runs.iterdir())  # no half-made run directory
     imported = tmp_path / "imported"
-    line = one_line_failure(runner.invoke(app, ["download", "bloodmnist", "--root", str(imported),
+    line = one_line_error(runner.invoke(app, ["download", "bloodmnist", "--root", str(imported),
                                                 "--from", str(root / "bloodmnist.npz"), "--allow-unofficial"]), 2)
     assert not (imported / "bloodmnist.npz").exists()
 
@@ -189,7 +179,7 @@ def test_option_values_out_of_range(case, run, synthetic_root, tmp_path):
     args = [str(run) if a == "RUN" else a for a in args]
     if args[0] == "train":
         args += ["--root", str(synthetic_root), "--runs-dir", str(tmp_path / "runs")]
-    line = one_line_failure(runner.invoke(app, args), 2)
+    line = one_line_error(runner.invoke(app, args), 2)
     assert needle in line
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -208,7 +198,7 @@ def test_unwritable_outputs(run, synthetic_root, tmp_path):
         ["aggregate", str(run), "--out", str(blocker / "out"), "--format", "csv"],
     ]
     for args in cases:
-        line = one_line_failure(runner.invoke(app, args))
+        line = one_line_error(runner.invoke(app, args))
         assert str(blocker) in line, line
     assert blocker.read_text() == "not a directory"
 
@@ -230,7 +220,7 @@ def test_a_write_that_fails_halfway_keeps_the_previous_file(run, monkeypatch):
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", disk_full)
-    line = one_line_failure(runner.invoke(app, ["evaluate", str(run), "--tta"]), 1)
+    line = one_line_error(runner.invoke(app, ["evaluate", str(run), "--tta"]), 1)
     assert "No space left on device" in line and "unchanged" in line
     monkeypatch.undo()
     assert metrics.read_bytes() == before

@@ -24,6 +24,8 @@ from medcli import datasets, download, fileio
 from medcli.cli import app
 from medcli.errors import MedcliError
 
+from cli_helpers import one_line_error
+
 FLAG, SIZE = "bloodmnist", 28
 NAME = datasets.filename(FLAG, SIZE)
 OFFICIAL_MD5 = datasets.official_source(FLAG, SIZE)[1]
@@ -220,14 +222,6 @@ def test_ctrl_c_during_a_download_exits_130_and_removes_the_partial_file(server,
 # -- the command: downloads, imports, --list --------------------------------------------------
 
 
-def _one_line_exit(result, code: int) -> str:
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    return lines[0]
-
-
 def test_cli_download_from_a_mirror_then_list_shows_it_official(server, good_npz, tmp_path, monkeypatch):
     """The official md5 is pretended to be the synthetic file's: the full official path runs."""
     md5 = fileio.md5_file(good_npz)
@@ -300,7 +294,7 @@ def test_cli_import_refuses_bad_files_with_one_line(good_npz, tmp_path, case, re
     _bad_files(good_npz, bad, case)
     root = tmp_path / "root"
     result = runner.invoke(app, ["download", FLAG, "--from", str(bad), "--root", str(root)])
-    assert reason in _one_line_exit(result, 2)
+    assert reason in one_line_error(result, 2)
     assert _left(root) == []
 
 
@@ -345,7 +339,7 @@ def test_list_tells_synthetic_unrecorded_and_changed_files_apart(tmp_path):
 )
 def test_cli_usage_errors(tmp_path, args, reason):
     result = runner.invoke(app, ["download", *args, "--root", str(tmp_path)])
-    assert reason in _one_line_exit(result, 2)
+    assert reason in one_line_error(result, 2)
 
 
 # -- the real PBC-derived BloodMNIST file (skips without ../shared) ---------------------------
@@ -355,7 +349,7 @@ def test_cli_usage_errors(tmp_path, args, reason):
 def test_real_bloodmnist_import(shared_data, tmp_path):
     source = shared_data / "bloodmnist_pbc_28.npz"
     refused = runner.invoke(app, ["download", FLAG, "--from", str(source), "--root", str(tmp_path)])
-    assert OFFICIAL_MD5 in _one_line_exit(refused, 2)
+    assert OFFICIAL_MD5 in one_line_error(refused, 2)
     assert _left(tmp_path) == []
     result = runner.invoke(app, ["download", FLAG, "--from", str(source), "--allow-unofficial", "--root", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -377,5 +371,5 @@ def test_cli_synthetic_writes_a_labelled_learnable_set_and_never_overwrites_real
     real = runner.invoke(app, ["download", "bloodmnist", "--from", str(good_npz), "--allow-unofficial", "--root", str(tmp_path)])
     assert real.exit_code == 0, real.output
     before = (tmp_path / "bloodmnist.npz").read_bytes()
-    assert "holds real data" in _one_line_exit(runner.invoke(app, ["download", "bloodmnist", "--synthetic", "--root", str(tmp_path)]), 2)
+    assert "holds real data" in one_line_error(runner.invoke(app, ["download", "bloodmnist", "--synthetic", "--root", str(tmp_path)]), 2)
     assert (tmp_path / "bloodmnist.npz").read_bytes() == before

@@ -15,7 +15,7 @@ from medcli import datasets, reports
 from medcli.cli import app
 from medcli.manifest import Manifest, create_run_dir
 
-from cli_helpers import cli_imports_torch
+from cli_helpers import cli_imports_torch, one_line_error
 
 runner = CliRunner()
 NAMES = datasets.class_names("bloodmnist")
@@ -25,13 +25,6 @@ NAMES = datasets.class_names("bloodmnist")
 def run_copy(tiny_run, tmp_path):
     """A private copy of the session's tiny run (evaluate adds files and a stage to it)."""
     return shutil.copytree(tiny_run, tmp_path / tiny_run.name)
-
-
-def _one_error_line(result) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output, result.stderr
-    return lines[0]
 
 
 def test_evaluate_writes_files_workbook_and_stage_and_repeats_identically(run_copy):
@@ -68,7 +61,7 @@ def test_evaluate_writes_files_workbook_and_stage_and_repeats_identically(run_co
     per_class = book["per-class"]
     assert [c.value for c in per_class[1]][:3] == ["split", "class", "name"] and per_class.max_row == 1 + len(NAMES)
     assert book["predictions"].max_row == 1 + 64
-    assert book["training history"]["A1"].value == "epoch" and book["training history"].max_row == 3  # 2 epochs
+    assert book["training history"]["A1"].value == "epoch" and book["training history"].max_row == 1 + Manifest.load(run_copy).config["epochs"]
 
     again = runner.invoke(app, ["evaluate", str(run_copy), "--json", "--device", "cpu", "--batch-size", "32"])
     assert again.exit_code == 0, again.output
@@ -113,20 +106,20 @@ def test_plot_confusion_default_output_for_a_run_dir(tmp_path):
 def test_csv_with_missing_columns_exits_2(tmp_path):
     csv = tmp_path / "bad.csv"
     csv.write_text("index,label,prob_a,prob_b\n0,0,0.9,0.1\n")
-    line = _one_error_line(runner.invoke(app, ["plot-confusion", str(csv)]))
+    line = one_line_error(runner.invoke(app, ["plot-confusion", str(csv)]), 2)
     assert "lacks the columns prediction" in line
 
 
 def test_run_without_checkpoint_exits_2_and_leaves_manifest_alone(run_copy):
     (run_copy / "checkpoints" / "best.pt").unlink()
-    line = _one_error_line(runner.invoke(app, ["evaluate", str(run_copy), "--device", "cpu"]))
+    line = one_line_error(runner.invoke(app, ["evaluate", str(run_copy), "--device", "cpu"]), 2)
     assert "checkpoints/best.pt" in line
     assert "evaluate" not in Manifest.load(run_copy).stages
 
 
 def test_untrained_run_exits_2(tmp_path):
     Manifest.new(tmp_path / "fresh", config={}, dataset={"flag": "bloodmnist", "size": 28})
-    line = _one_error_line(runner.invoke(app, ["evaluate", str(tmp_path / "fresh")]))
+    line = one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "fresh")]), 2)
     assert "no completed train stage" in line and "medcli train" in line
 
 
@@ -137,6 +130,6 @@ def test_moved_dataset_needs_root_and_is_found_again_with_it(run_copy, synthetic
     manifest.config["root"] = str(run_copy / "gone")
     manifest.dataset["path"] = str(run_copy / "gone" / "bloodmnist.npz")
     manifest.save()
-    line = _one_error_line(runner.invoke(app, ["evaluate", str(run_copy), "--device", "cpu"]))
+    line = one_line_error(runner.invoke(app, ["evaluate", str(run_copy), "--device", "cpu"]), 2)
     assert "is missing" in line and "--root" in line
     assert load_data(manifest, synthetic_root).labels["test"].shape == (64,)

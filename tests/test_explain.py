@@ -21,26 +21,17 @@ from typer.testing import CliRunner
 from medcli import augment, datasets, explain, models
 from medcli.cli import app
 
+from cli_helpers import one_line_error
+
 runner = CliRunner()
 CAM_METHODS = list(explain.CAM_METHODS)
 
 
 @pytest.fixture(scope="module")
-def learned_cnn_run(synthetic_root, tmp_path_factory):
-    """timm:test_resnet trained until it really classifies the synthetic data in eval mode
-    (about 0.9 val accuracy): 48 steps, so BatchNorm's running statistics have caught up."""
-    from medcli import train
-
-    manifest = train.train(root=synthetic_root, runs_dir=tmp_path_factory.mktemp("runs"), model="timm:test_resnet",
-                           epochs=3, batch_size=16, optimizer="adamw", lr=2e-3, warmup_epochs=0.0, seed=0)
-    return manifest.run_dir
-
-
-@pytest.fixture(scope="module")
-def cnn(learned_cnn_run):
+def cnn(tiny_run):
     from medcli.manifest import Manifest
 
-    manifest = Manifest.load(learned_cnn_run)
+    manifest = Manifest.load(tiny_run)
     return models.load_run_model(manifest, "best", "cpu"), manifest.data["model"]
 
 
@@ -79,7 +70,7 @@ def _predictions(model, images):
 # -- heat maps -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,method", [("cnn", m) for m in CAM_METHODS]
                          + [("vit", m) for m in explain.METHODS])
-def test_heat_maps_are_finite_varied_and_image_sized(family, method, cnn, vit, sample_images):
+def test_heat_maps_are_finite_varied_and_image_sized(family, method, cnn, vit, sample_images, capfd):
     model, spec = cnn if family == "cnn" else vit
     images = sample_images
     if method == "scorecam":  # one masked forward pass per channel: keep it to two images
@@ -88,6 +79,7 @@ def test_heat_maps_are_finite_varied_and_image_sized(family, method, cnn, vit, s
     assert maps.shape == (len(images), 28, 28)
     assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
     assert (maps.std(axis=(1, 2)) > 0.01).all(), "a constant heat map explains nothing"
+    assert capfd.readouterr().err == "", "grad-cam's own progress bars stay silent (Score-CAM's tqdm)"
 
 
 @pytest.mark.parametrize("family,method", [("cnn", "gradcam"), ("vit", "gradcam"), ("vit", "rollout")])
@@ -163,10 +155,10 @@ def test_hooks_are_released_after_use(family, method, cnn, vit, sample_images):
 
 
 # -- evidence --------------------------------------------------------------------------------------
-def test_gradcam_on_a_cnn_points_at_the_evidence(learned_cnn_run, tmp_path):
+def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
     """End to end through the CLI: most Grad-CAM mass lies in the signal box; files, index and
     manifest agree; a second explain of the same method replaces the first one's files."""
-    run = shutil.copytree(learned_cnn_run, tmp_path / "run")
+    run = shutil.copytree(tiny_run, tmp_path / "run")
     result = runner.invoke(app, ["explain", str(run), "--method", "gradcam", "--per-class", "4", "--json"])
     assert result.exit_code == 0, result.stderr
     index = json.loads(result.stdout)
@@ -249,12 +241,7 @@ def test_short_names_are_safe_and_distinct():
 
 # -- usage errors ----------------------------------------------------------------------------------
 def _one_line_usage_error(args, *needles):
-    result = runner.invoke(app, ["explain", *map(str, args)])
-    assert result.exit_code == 2, result.stderr
-    assert result.stdout == "" and result.stderr.strip().count("\n") == 0
-    for needle in needles:
-        assert needle in result.stderr
-    return result
+    one_line_error(runner.invoke(app, ["explain", *map(str, args)]), 2, *needles)
 
 
 def test_rollout_on_a_cnn_is_a_usage_error(tiny_run):

@@ -17,6 +17,8 @@ from medcli.cli import app
 from medcli.errors import UsageError
 from medcli.manifest import Manifest
 
+from cli_helpers import one_line_error
+
 runner = CliRunner()
 TINY = {"model": "timm:test_resnet", "batch_size": 64, "seed": 0}
 
@@ -74,9 +76,11 @@ def test_lr_follows_linear_warmup_then_cosine_per_step():
 
 def test_run_history_lr_matches_schedule(tiny_run):
     rows = _history(tiny_run)
-    steps = 256 // 64  # synthetic_root: 256 training images, batch 64, 1 warm-up epoch, 2 epochs
-    last_step = [steps - 1, 2 * steps - 1]
-    expected = [0.1 * train.lr_factor(s, 2 * steps, steps) for s in last_step]
+    config = Manifest.load(tiny_run).config
+    steps = 256 // config["batch_size"]  # synthetic_root has 256 training images
+    epochs = range(1, config["epochs"] + 1)
+    warmup = round(config["warmup_epochs"] * steps)
+    expected = [config["lr"] * train.lr_factor(e * steps - 1, len(epochs) * steps, warmup) for e in epochs]
     assert [float(r["lr"]) for r in rows] == pytest.approx(expected)
 
 
@@ -84,18 +88,19 @@ def test_run_history_lr_matches_schedule(tiny_run):
 
 def test_tiny_run_writes_loadable_checkpoints_and_best_is_best_epoch(tiny_run):
     manifest = Manifest.load(tiny_run)
+    epochs = manifest.config["epochs"]
     stage = manifest.stages["train"]
     assert stage["status"] == "completed"
     for rel in ("checkpoints/best.pt", "checkpoints/last.pt", "history.csv", "figures/curves.png"):
         assert rel in stage["artefacts"] and (tiny_run / rel).is_file()
     rows = _history(tiny_run)
-    assert list(rows[0]) == list(train.HISTORY_COLUMNS) and len(rows) == 2
+    assert list(rows[0]) == list(train.HISTORY_COLUMNS) and len(rows) == epochs
     accs = [float(r["val_acc"]) for r in rows]
     best_epoch = accs.index(max(accs)) + 1
     best, last = _load(tiny_run / "checkpoints/best.pt"), _load(tiny_run / "checkpoints/last.pt")
     assert best["epoch"] == best_epoch == stage["summary"]["best_epoch"]
     assert best["metrics"]["accuracy"] == pytest.approx(max(accs))
-    assert last["epoch"] == 2 and {"optimizer", "scheduler", "scaler", "rng", "history"} <= set(last)
+    assert last["epoch"] == epochs and {"optimizer", "scheduler", "scaler", "rng", "history"} <= set(last)
     model = models.load_run_model(manifest, "best")
     assert not model.training
 
@@ -261,8 +266,5 @@ def test_bad_options_exit_2_with_one_line_and_no_run_dir(small_root, tmp_path, a
     runs = tmp_path / "runs"
     model = [] if "--model" in args else ["--model", "timm:test_resnet"]
     result = runner.invoke(app, ["train", *root, "--runs-dir", str(runs), *model, *args])
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert result.stdout == ""
+    one_line_error(result, 2, message)
     assert not runs.exists() or not any(runs.iterdir())
