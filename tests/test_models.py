@@ -80,6 +80,45 @@ def test_resnet18_keep_maxpool_override_and_unknown_option():
         models.create("resnet18", 8, 3, 28, no_such_option=1)
 
 
+# -- SmallMapConv2d: the CPU fast path for 2x2 maps ---------------------------------------------
+@pytest.mark.parametrize("size,stride,bias", [(2, 1, False), (4, 2, True), (1, 1, False), (3, 2, False)])
+def test_small_map_conv_matches_conv2d_forward_and_gradients(size, stride, bias, monkeypatch):
+    torch.manual_seed(0)
+    reference = nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias).double()
+    fast = nn.Conv2d(16, 24, 3, stride=stride, padding=1, bias=bias).double()
+    fast.load_state_dict(reference.state_dict())
+    models._use_small_map_convs(fast)
+    unfolds = []
+    unfold = torch.nn.functional.unfold
+    monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: unfolds.append(1) or unfold(*a, **k))
+    x = torch.randn(5, 16, size, size, dtype=torch.double).contiguous(memory_format=torch.channels_last)
+    x_ref, x_fast = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_ref, out_fast = reference(x_ref), fast(x_fast)
+    assert unfolds, "the matrix-product path was taken"
+    torch.testing.assert_close(out_fast, out_ref)
+    grad = torch.randn_like(out_ref)
+    out_ref.backward(grad)
+    out_fast.backward(grad)
+    torch.testing.assert_close(x_fast.grad, x_ref.grad)
+    torch.testing.assert_close(fast.weight.grad, reference.weight.grad)
+
+
+def test_resnet18_uses_the_fast_path_only_on_small_maps(monkeypatch):
+    """At 28 px with the max-pool kept only layer4 (2x2 maps: four 3x3 convolutions and the
+    1x1 shortcut) takes the matrix-product path; without the max-pool (4x4 at layer4) none does."""
+    unfolds = []
+    unfold = torch.nn.functional.unfold
+    monkeypatch.setattr(torch.nn.functional, "unfold", lambda *a, **k: unfolds.append(1) or unfold(*a, **k))
+    model, _ = models.create("resnet18", 8, 3, 28, keep_maxpool=True)
+    assert isinstance(model.layer4[0].conv1, models.SmallMapConv2d)
+    assert set(model.state_dict()) == set(models.create("resnet18", 8, 3, 28, keep_maxpool=True)[0].state_dict())
+    model(torch.randn(2, 3, 28, 28))
+    assert len(unfolds) == 5
+    unfolds.clear()
+    models.create("resnet18", 8, 3, 28)[0](torch.randn(2, 3, 28, 28))
+    assert unfolds == []
+
+
 @pytest.mark.parametrize("in_chans", [3, 1])
 def test_7x7_to_3x3_transfer_preserves_constant_response(imagenet_like_file, in_chans):
     source = torch.load(imagenet_like_file, weights_only=True)
