@@ -11,7 +11,9 @@ resumed run continues the same random stream.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+
+from medcli.errors import UsageError
 
 # Per-channel statistics used to normalise inputs: 0.5/0.5 maps [0, 1] to [-1, 1], which
 # suits training from scratch on any MedMNIST modality; ImageNet statistics for pretrained.
@@ -85,6 +87,40 @@ class Augment:
     @property
     def geometric(self) -> bool:
         return self.hflip or self.vflip or self.rot90 or self.degrees > 0 or self.crop_scale is not None
+
+
+# MedMNIST datasets whose orientation carries meaning: OrganMNIST's classes include left and
+# right organs, chest X-rays and breast ultrasound have an anatomical up. They train without
+# flips or 90-degree turns unless asked for; every other dataset (cells, tissue, skin, retina)
+# has no canonical orientation and gets them by default.
+ORIENTED = frozenset({"organamnist", "organcmnist", "organsmnist", "chestmnist", "pneumoniamnist", "breastmnist"})
+MAX_DEGREES = 180.0
+
+
+def for_dataset(flag: str, *, flips: bool | None = None, rotate: float | None = None,
+                crop_scale: float | None = None, jitter: float | None = None) -> Augment:
+    """The training augmentation for dataset `flag`; each option left at None keeps the default.
+
+    flips: random horizontal/vertical flips and 90-degree turns (default: off for ORIENTED
+    datasets, on otherwise); rotate: extra uniform rotation in [-rotate, rotate] degrees;
+    crop_scale: random-resized-crop keeping between that fraction and all of the image area;
+    jitter: brightness and contrast factors in [1 - jitter, 1 + jitter].
+    """
+    flip = (flag not in ORIENTED) if flips is None else bool(flips)
+    aug = Augment(hflip=flip, vflip=flip, rot90=flip)
+    if rotate is not None:
+        if not 0 <= rotate <= MAX_DEGREES:
+            raise UsageError(f"--rotate must be between 0 and {MAX_DEGREES:g} degrees (got {rotate:g})")
+        aug = replace(aug, degrees=float(rotate))
+    if crop_scale is not None:
+        if not 0 < crop_scale <= 1:
+            raise UsageError(f"--crop-scale must be in (0, 1], the smallest kept share of the image area (got {crop_scale:g})")
+        aug = replace(aug, crop_scale=None if crop_scale == 1 else (float(crop_scale), 1.0))
+    if jitter is not None:
+        if not 0 <= jitter < 1:
+            raise UsageError(f"--jitter must be in [0, 1) (got {jitter:g})")
+        aug = replace(aug, brightness=float(jitter), contrast=float(jitter))
+    return aug
 
 
 def _uniform(n: int, low: float, high: float, generator, device):

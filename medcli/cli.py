@@ -26,6 +26,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 # option choices and help texts below.
 from medcli import __version__, console
 from medcli import aggregate as _aggregate
+from medcli import augment as _augment
 from medcli import evaluate as _evaluate
 from medcli import explain as _explain
 from medcli import inference as _inference
@@ -208,6 +209,12 @@ def train(
     warmup_epochs: Annotated[Optional[float], typer.Option(min=0.0, help="Linear warm-up length in epochs.")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Label smoothing (default 0.1).")] = None,
     mixup_alpha: Annotated[Optional[float], typer.Option(min=0.0, help="MixUp Beta(alpha, alpha); 0 = off.")] = None,
+    flips: Annotated[Optional[bool], typer.Option("--flips/--no-flips", help=(
+        "Random flips and 90-degree turns (default on; off for datasets with a fixed orientation: "
+        f"{', '.join(sorted(_augment.ORIENTED))})."))] = None,
+    rotate: Annotated[Optional[float], typer.Option(help="Extra random rotation within +-DEGREES (default 0).")] = None,
+    crop_scale: Annotated[Optional[float], typer.Option(help="Random-resized-crop keeping between this share and all of the image area (default off).")] = None,
+    jitter: Annotated[Optional[float], typer.Option(help="Brightness/contrast jitter in [1-v, 1+v] (default 0.1).")] = None,
     patience: Annotated[Optional[int], typer.Option(min=1, help="Early stopping after N epochs without improvement (default off).")] = None,
     monitor: Annotated[Monitor, typer.Option(help="Validation metric for best.pt and early stopping.")] = Monitor.acc,
     seed: Annotated[int, typer.Option(min=0, help="Seed for weights, data order and augmentation.")] = 0,
@@ -230,6 +237,7 @@ def train(
             dataset=dataset, size=size, model=model, reduced=reduced, epochs=epochs, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, optimizer=optimizer.value if optimizer else None,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
+            flips=flips, rotate=rotate, crop_scale=crop_scale, jitter=jitter,
             patience=patience, monitor=monitor.value, seed=seed, deterministic=deterministic, device=device,
             amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
             input_size=input_size, root=root, runs_dir=runs_dir,

@@ -3,9 +3,11 @@ figures and the Excel report, and record them in the manifest's `evaluate` stage
 
 Everything needed comes from the run directory: the manifest names the dataset file, the
 model spec, the preprocessing and the checkpoints. Test-time augmentation uses a fixed set of
-flips (no random noise) so an evaluation gives the same numbers every time; the views used are
-written into the metrics JSON. With `calibrate`, a temperature is fitted on the validation
-split and applied to every split; ECE/NLL/Brier before and after are recorded.
+flips (no random noise) so an evaluation gives the same numbers every time, and only the flips
+the run was trained with, so it never shows the model images off its training distribution
+(a chest X-ray upside down); the views used are written into the metrics JSON. With
+`calibrate`, a temperature is fitted on the validation split and applied to every split;
+ECE/NLL/Brier before and after are recorded.
 """
 
 from __future__ import annotations
@@ -15,15 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medcli import console, datasets, fileio, metrics, reports
+from medcli import augment, console, datasets, fileio, metrics, reports
 from medcli.errors import UsageError
 from medcli.manifest import Manifest
 
 SPLIT_CHOICES = ("test", "val", "all")
 CHECKPOINTS = ("best", "last")
-# Deterministic test-time views: the identity and the flips of the image (dims of an NCHW batch).
-# Flips keep MedMNIST's centred, orientation-free cell/organ crops on the data manifold.
-TTA_VIEWS = {"identity": (), "hflip": (3,), "vflip": (2,), "hvflip": (2, 3)}
 LOG_FLOOR = float(np.log(np.finfo(np.float32).tiny))
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "nll", "ece", "brier")
 
@@ -35,6 +34,20 @@ def _flip(dims: tuple[int, ...]):
         return batch.flip(dims) if dims else batch
 
     return view
+
+
+def tta_views(aug: augment.Augment) -> dict[str, tuple[int, ...]]:
+    """Deterministic test-time views (flipped dims of an NCHW batch) that the training
+    augmentation `aug` produced: the identity, each trained flip, and both flips together
+    (a 180-degree turn) when training had both flips or 90-degree turns."""
+    views: dict[str, tuple[int, ...]] = {"identity": ()}
+    if aug.hflip:
+        views["hflip"] = (3,)
+    if aug.vflip:
+        views["vflip"] = (2,)
+    if (aug.hflip and aug.vflip) or aug.rot90:
+        views["hvflip"] = (2, 3)
+    return views
 
 
 def splits_for(split: str) -> tuple[str, ...]:
@@ -96,7 +109,10 @@ def evaluate_run(
     model = models.load_run_model(manifest, checkpoint, dev)
     data = load_data(manifest, root)
     names = datasets.class_names(manifest.dataset["flag"])
-    views = [_flip(dims) for dims in TTA_VIEWS.values()] if tta else None
+    chosen_views = tta_views(augment.Augment.from_dict(manifest.config.get("augment", {}))) if tta else {"identity": ()}
+    if tta and len(chosen_views) == 1:
+        console.warn("--tta: this run was trained without flips or turns, so there is no test-time view to add")
+    views = [_flip(dims) for dims in chosen_views.values()] if tta else None
 
     def predict(name: str) -> np.ndarray:
         scores = inference.predict_logits(
@@ -113,7 +129,7 @@ def evaluate_run(
         "checkpoint_epoch": train_stage.get("summary", {}).get(epoch_key),
         "dataset": {key: data.record.get(key) for key in ("flag", "size", "md5", "official", "synthetic", "path")},
         "class_names": names,
-        "tta": {"enabled": tta, "views": list(TTA_VIEWS) if tta else ["identity"]},
+        "tta": {"enabled": tta, "views": list(chosen_views)},
         "device": str(dev),
         "amp": amp_mode,
     }

@@ -120,7 +120,10 @@ def resolve_config(
     input_size: int | None = None,
     root: str | os.PathLike | None = None,
     runs_dir: str | os.PathLike = "runs",
-    augmentation: dict | None = None,
+    flips: bool | None = None,
+    rotate: float | None = None,
+    crop_scale: float | None = None,
+    jitter: float | None = None,
 ) -> dict:
     """Every option resolved to a value (None -> family default or preset), validated.
 
@@ -187,7 +190,7 @@ def resolve_config(
         "input_size": int(chosen["input_size"]),
         "root": str(Path(root if root is not None else datasets.default_root()).expanduser().resolve()),
         "runs_dir": str(Path(runs_dir).expanduser().resolve()),
-        "augment": augment.Augment(**(augmentation or {})).to_dict(),
+        "augment": augment.for_dataset(flag, flips=flips, rotate=rotate, crop_scale=crop_scale, jitter=jitter).to_dict(),
     }
 
 

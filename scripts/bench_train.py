@@ -6,6 +6,10 @@ Parts (default: all):
               same model, batch and optimizer, same process. Target: >= 90%.
   --resnet    `medcli train --model resnet18 --reduced` end to end: wall time, test accuracy.
   --vit       `medcli train --model vit --reduced` end to end: wall time, test accuracy.
+  --full N    the full default `medcli train --model resnet18` recipe (no max-pool, batch 128,
+              SGD lr 0.1, label smoothing) shortened to N epochs: test accuracy, and the projected
+              wall time of the default epoch count at the measured time per epoch. Not part
+              of the default set (hours of CPU time at the default epoch count).
 Test accuracy comes from the best checkpoint through `inference.predict_logits`.
 
     .venv/bin/python scripts/bench_train.py --data ../shared/data/bloodmnist_pbc_28.npz [--resnet] [--vit]
@@ -93,21 +97,23 @@ def overhead(source: Path, work: Path, batch: int = 128, n_train: int = 128 * 6)
           f"({bare_before:.0f} / {bare_after:.0f}), medcli train {ours:.0f} img/s -> {100 * ours / bare:.1f}% of bare")
 
 
-def end_to_end(model: str, source: Path, work: Path, extra: list[str]) -> None:
-    from medcli import datasets, inference, models
+def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: bool = True) -> None:
+    from medcli import datasets, inference, models, train
     from medcli.manifest import Manifest
 
     root = work / "full"
     if not root.exists():
         make_root(source, root)
-    runs = work / f"runs-{model}"
-    command = [sys.executable, "-m", "medcli", "--quiet", "train", "--model", model, "--reduced",
+    preset = ["--reduced"] if reduced else []
+    runs = work / f"runs-{model}{'' if reduced else '-full'}"
+    command = [sys.executable, "-m", "medcli", "--quiet", "train", "--model", model, *preset,
                "--root", str(root), "--runs-dir", str(runs), "--device", "cpu", *extra]
+    label = f"[{model} {' '.join(preset + extra)}]"
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode != 0:
-        print(f"[{model} --reduced] failed ({done.returncode}): {done.stderr.strip()}")
+        print(f"{label} failed ({done.returncode}): {done.stderr.strip()}")
         return
     manifest = Manifest.load(done.stdout.strip())
     net = models.load_run_model(manifest, "best")
@@ -116,9 +122,13 @@ def end_to_end(model: str, source: Path, work: Path, extra: list[str]) -> None:
                                       batch_size=512, device="cpu")
     accuracy = float((logits.argmax(1).numpy() == splits.labels["test"]).mean())
     summary = manifest.stages["train"]["summary"]
-    print(f"[{model} --reduced {' '.join(extra)}] wall {wall / 60:.2f} min, epochs {summary['epochs_run']}, "
+    print(f"{label} wall {wall / 60:.2f} min, epochs {summary['epochs_run']}, "
           f"best epoch {summary['best_epoch']} (val acc {summary['best_value']:.4f}), "
           f"train {summary['images_per_s']:.0f} img/s, TEST accuracy {accuracy:.4f}  ({manifest.run_dir})")
+    if not reduced:
+        default_epochs = train.FAMILY_DEFAULTS[models.family(model)]["epochs"]
+        projected = wall / summary["epochs_run"] * default_epochs
+        print(f"{label} projected wall for the default {default_epochs} epochs: {projected / 3600:.1f} h")
 
 
 def main() -> None:
@@ -127,10 +137,11 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true")
     parser.add_argument("--resnet", action="store_true")
     parser.add_argument("--vit", action="store_true")
+    parser.add_argument("--full", type=int, metavar="N", help="full default resnet18 recipe, shortened to N epochs")
     parser.add_argument("--work", type=Path, help="where data roots and runs go (default: a temp dir)")
     parser.add_argument("--extra", default="", help="extra 'medcli train' options for the end-to-end runs")
     args = parser.parse_args()
-    everything = not (args.overhead or args.resnet or args.vit)
+    everything = not (args.overhead or args.resnet or args.vit or args.full)
     if not args.data.is_file():
         sys.exit(f"{args.data} not found; pass --data PATH/bloodmnist_pbc_28.npz")
     work = args.work or Path(tempfile.mkdtemp(prefix="medcli-bench-"))
@@ -142,6 +153,8 @@ def main() -> None:
         end_to_end("resnet18", args.data, work, extra)
     if everything or args.vit:
         end_to_end("vit", args.data, work, extra)
+    if args.full:
+        end_to_end("resnet18", args.data, work, ["--epochs", str(args.full), *extra], reduced=False)
 
 
 if __name__ == "__main__":

@@ -99,3 +99,39 @@ def test_mixup_mixes_inputs_and_soft_targets():
     assert torch.allclose(mixed_x, lam * x + (1 - lam) * x[perm], atol=1e-6)
     again = augment.mixup(x, targets, 0.4, _gen(7))
     assert again[2] == lam and torch.equal(again[3], perm)
+
+
+def test_dataset_aware_defaults_and_options():
+    cells = augment.for_dataset("bloodmnist")
+    assert (cells.hflip, cells.vflip, cells.rot90) == (True, True, True)
+    for oriented in ("organamnist", "chestmnist", "pneumoniamnist"):  # left/right organs, anatomical up
+        aug = augment.for_dataset(oriented)
+        assert not (aug.hflip or aug.vflip or aug.rot90) and not aug.geometric
+    assert augment.for_dataset("organamnist", flips=True).rot90
+    assert not augment.for_dataset("bloodmnist", flips=False).geometric
+    aug = augment.for_dataset("bloodmnist", rotate=15, crop_scale=0.5, jitter=0.3)
+    assert (aug.degrees, aug.crop_scale, aug.brightness, aug.contrast) == (15.0, (0.5, 1.0), 0.3, 0.3)
+    assert augment.for_dataset("bloodmnist", crop_scale=1.0).crop_scale is None
+
+
+@pytest.mark.parametrize("option, value", [("rotate", -1.0), ("rotate", 181.0), ("crop_scale", 0.0),
+                                           ("crop_scale", 1.5), ("jitter", 1.0), ("jitter", -0.1)])
+def test_out_of_range_augmentation_options_are_usage_errors(option, value):
+    from medcli.errors import UsageError
+
+    with pytest.raises(UsageError, match=f"--{option.replace('_', '-')}"):
+        augment.for_dataset("bloodmnist", **{option: value})
+
+
+def test_crop_scale_really_zooms_in():
+    """A crop keeping 25% of the area magnifies twice: a centred square covering 25% of the
+    image covers more of each output (56% on average over crop positions, never less than 25%)."""
+    x = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
+    x[:, :, 7:21, 7:21] = 255  # centred 14x14 square, 25% of the area
+    prep = augment.make_prep(28, 1, pretrained=False)
+    zoom = augment.Augment(hflip=False, vflip=False, rot90=False, crop_scale=(0.25, 0.25), brightness=0.0, contrast=0.0)
+    plain = augment.train_batch(x, prep, NONE, _gen())
+    zoomed = augment.train_batch(x, prep, zoom, _gen())
+    bright = lambda batch: (batch > 0).float().mean().item()  # noqa: E731 - share of bright pixels
+    assert bright(plain) == pytest.approx(0.25, abs=0.02)
+    assert bright(zoomed) > 0.25 + 0.1  # the square covers more of every output

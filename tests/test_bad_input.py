@@ -164,6 +164,8 @@ OPTION_CASES = {
     "size 27": (["train", "--size", "27"], "27"),
     "unknown model": (["train", "--model", "alexnet-9000"], "alexnet-9000"),
     "unknown dataset": (["train", "--dataset", "nosuchmnist"], "nosuchmnist"),
+    "rotate 200": (["train", "--rotate", "200"], "--rotate"),
+    "crop-scale 0": (["train", "--crop-scale", "0"], "--crop-scale"),
     "unknown method": (["explain", "RUN", "--method", "magic"], "magic"),
     "download size 27": (["download", "bloodmnist", "--size", "27"], "27"),
     "download unknown dataset": (["download", "nosuchmnist"], "nosuchmnist"),

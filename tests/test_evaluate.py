@@ -80,6 +80,27 @@ def test_tta_and_calibration_are_deterministic_and_recorded(run_copy):
     assert calibration["after"]["nll"] == runs[0]["metrics"]["nll"]
 
 
+@pytest.mark.parametrize("trained, views", [
+    ({"hflip": True, "vflip": False, "rot90": False}, ["identity", "hflip"]),
+    ({"hflip": False, "vflip": False, "rot90": True}, ["identity", "hvflip"]),
+    ({"hflip": False, "vflip": False, "rot90": False}, ["identity"]),
+])
+def test_tta_uses_only_the_flips_the_run_was_trained_with(run_copy, trained, views, capsys):
+    from medcli.evaluate import evaluate_run
+
+    manifest = Manifest.load(run_copy)
+    manifest.config["augment"].update(trained)
+    manifest.save()
+    plain = evaluate_run(run_copy, split="val", device="cpu")["splits"]["val"]
+    tta = evaluate_run(run_copy, split="val", tta=True, device="cpu")["splits"]["val"]
+    assert tta["tta"] == {"enabled": True, "views": views}
+    warned = "no test-time view to add" in capsys.readouterr().err
+    assert warned == (views == ["identity"])
+    if views == ["identity"]:  # nothing to average: TTA gives the plain predictions
+        assert tta["metrics"]["accuracy"] == plain["metrics"]["accuracy"]
+        assert tta["metrics"]["nll"] == pytest.approx(plain["metrics"]["nll"], rel=1e-5)
+
+
 def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
     names = ["basophil", "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "platelet"]
     probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]])

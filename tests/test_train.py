@@ -220,10 +220,13 @@ def test_grayscale_dataset_trains(tmp_path):
 def test_cli_prints_exactly_the_run_dir(small_root, tmp_path):
     runs = tmp_path / "runs"
     result = runner.invoke(app, ["train", "--root", str(small_root), "--runs-dir", str(runs),
-                                 "--model", "timm:test_resnet", "--epochs", "1", "--batch-size", "16"])
+                                 "--model", "timm:test_resnet", "--epochs", "1", "--batch-size", "16",
+                                 "--no-flips", "--rotate", "10", "--crop-scale", "0.6", "--jitter", "0.2"])
     assert result.exit_code == 0, result.stderr
     (run,) = runs.iterdir()
     assert result.stdout == f"{run}\n"
+    assert Manifest.load(run).config["augment"] == {"hflip": False, "vflip": False, "rot90": False, "degrees": 10.0,
+                                                    "crop_scale": [0.6, 1.0], "brightness": 0.2, "contrast": 0.2}
     assert "epoch 1/1" in result.stderr
     again = runner.invoke(app, ["train", "--resume", str(run)])
     assert again.exit_code == 2 and "already finished training" in again.stderr
