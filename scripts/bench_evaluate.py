@@ -3,7 +3,8 @@
 Trains `resnet18 --reduced` on the real data (or reuses a run given with --run), then
 evaluates the test split twice, each time with temperature scaling fitted on val:
   - without test-time augmentation, and
-  - with the fixed TTA views (identity, h-flip, v-flip, both).
+  - with the fixed TTA views the run was trained with (for BloodMNIST's default augmentation:
+    identity, h-flip, v-flip, both).
 Targets (issue 3): TTA does not lower accuracy; temperature scaling lowers ECE.
 
     .venv/bin/python scripts/bench_evaluate.py [--data ../shared/data/bloodmnist_pbc_28.npz] [--run RUN]
