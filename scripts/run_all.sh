@@ -86,8 +86,8 @@ fi
 
 capture RUN_CNN train-resnet18 "$MEDCLI" train --model resnet18 --size "$SIZE" --root "$ROOT" --runs-dir "$RUNS" $REDUCED "${EXTRA[@]}"
 capture RUN_VIT train-vit "$MEDCLI" train --model vit --size "$SIZE" --root "$ROOT" --runs-dir "$RUNS" $REDUCED "${EXTRA[@]}"
-stage evaluate-resnet18 "$MEDCLI" evaluate "$RUN_CNN" --tta
-stage evaluate-vit "$MEDCLI" evaluate "$RUN_VIT" --tta
+stage evaluate-resnet18 "$MEDCLI" evaluate "$RUN_CNN" --tta --calibrate
+stage evaluate-vit "$MEDCLI" evaluate "$RUN_VIT" --tta --calibrate
 stage explain-resnet18 "$MEDCLI" explain "$RUN_CNN" --method gradcam
 stage explain-vit "$MEDCLI" explain "$RUN_VIT" --method rollout
 stage aggregate "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --out "$OUT" --format md
