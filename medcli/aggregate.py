@@ -23,11 +23,10 @@ import numpy as np
 
 from medcli import console, fileio, reports
 from medcli.errors import UsageError
-from medcli.manifest import FILENAME, Manifest
-from medcli.metrics import LOWER_IS_BETTER, PERCENT_METRICS, SCALAR_METRICS
-
-DEFAULT_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auc", "ece")
-FORMATS = ("table", "csv", "md", "xlsx", "json")
+from medcli.manifest import FILENAME
+from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
+from medcli.names import LOWER_IS_BETTER, PERCENT_METRICS, SCALAR_METRICS, SPLITS
+from medcli.run import Run
 # Config keys that do not change the experiment: runs differing only in these are repeats.
 _NOT_EXPERIMENT = frozenset({"seed", "runs_dir", "root", "device", "amp", "compile", "channels_last", "deterministic"})
 _RUN_COLUMNS = ("run", "dataset", "size", "model", "pretrained", "epochs", "seed", "train_s", "evaluation")
@@ -80,11 +79,11 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict
 
 def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     """One comparison row; raises UsageError with the reason a run cannot be compared."""
-    manifest = Manifest.load(run_dir)
-    train = manifest.stages.get("train")
-    if not train or train.get("status") != "completed":
-        state = train.get("status") if train else "not run"
-        raise UsageError(f"unfinished: train {state} (finish it with 'medcli train --resume {run_dir}')")
+    run = Run.open(run_dir)
+    state = run.status("train")
+    if state != "completed":
+        raise UsageError(f"unfinished: train {state or 'not run'} (finish it with 'medcli train --resume {run_dir}')")
+    train = run.stages["train"]
     metrics_file = run_dir / "metrics" / f"{split}.json"
     if not metrics_file.is_file():
         raise UsageError(f"not evaluated on {split} (run 'medcli evaluate {run_dir} --split {split}')")
@@ -96,21 +95,24 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     missing = [m for m in metric_names if m not in values]
     if missing:
         raise UsageError(f"metrics/{split}.json lacks {', '.join(missing)}; re-run 'medcli evaluate'")
-    config, summary = manifest.config, train.get("summary", {})
-    model = manifest.data.get("model", {})
+    config, summary = run.config, train.get("summary", {})
+    model = run.data.get("model", {})
+    # The weights the run really started from, not the ones asked for: a --pretrained run whose
+    # download failed trained from scratch and belongs with the from-scratch runs.
+    pretrained = bool(model.get("pretrained", config.get("pretrained")))
     calibrated = bool(evaluation.get("calibration"))
     settings = [evaluation.get("checkpoint", "?")] + (["tta"] if evaluation.get("tta", {}).get("enabled") else []) \
         + (["calibrated"] if calibrated else [])
     experiment = {key: value for key, value in config.items() if key not in _NOT_EXPERIMENT}
-    experiment.update(data_md5=manifest.dataset.get("md5"), evaluation=settings)
+    experiment.update(pretrained=pretrained, data_md5=run.dataset.get("md5"), evaluation=settings)
     return {
-        "run": manifest.run_id,
+        "run": run.run_id,
         "path": str(run_dir),
         # Synthetic demo data must never pass for a real result in a comparison table.
-        "dataset": f"{manifest.dataset.get('flag')}{' (SYNTHETIC)' if manifest.dataset.get('synthetic') else ''}",
-        "size": manifest.dataset.get("size"),
+        "dataset": f"{run.dataset.get('flag')}{' (SYNTHETIC)' if run.dataset.get('synthetic') else ''}",
+        "size": run.dataset.get("size"),
         "model": model.get("name", config.get("model")),
-        "pretrained": bool(model.get("pretrained", config.get("pretrained"))),
+        "pretrained": pretrained,
         "epochs": summary.get("epochs_run"),
         "seed": config.get("seed"),
         "train_s": summary.get("train_seconds", train.get("duration_s")),
@@ -172,7 +174,7 @@ def find_leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, l
 def aggregate(paths: Sequence[str | os.PathLike], split: str = "test",
               metric_names: Sequence[str] = DEFAULT_METRICS) -> Comparison:
     """Read every run under `paths` and compare them on `metric_names` of `split`."""
-    if split not in ("train", "val", "test"):
+    if split not in SPLITS:
         raise UsageError(f"unknown --split '{split}'; choose test, val or train")
     metric_names = list(dict.fromkeys(metric_names))
     unknown = [m for m in metric_names if m not in SCALAR_METRICS]

@@ -2,11 +2,18 @@
 
 Everything works on whole uint8 (B, C, H, W) batches on the training device: one
 `affine_grid` + `grid_sample` per batch for every geometric transform (flips, 90-degree
-turns, small rotations, random-resized-crop) and the resize to the model's input size, a
-few vectorised ops for brightness/contrast, and MixUp on the finished batch. No per-image
-Python, no PIL, no DataLoader workers (the seeds spent hours in per-image PIL resizes), and
-every random draw comes from a `torch.Generator`, so a seeded run is reproducible and a
-resumed run continues the same random stream.
+turns, small rotations, random-resized-crop) at the model's input size, images larger than
+that first resized exactly as in evaluation (`preprocess`), a few vectorised ops for
+brightness/contrast, and MixUp on the finished batch. No per-image Python, no PIL, no
+DataLoader workers (the seeds spent hours in per-image PIL resizes).
+
+Every random draw comes from a `torch.Generator`, so a seeded run is reproducible and a
+resumed run continues the same random stream. That generator must be a CPU generator,
+whatever device trains: the per-sample numbers (angles, flips, crops, jitter factors, the
+MixUp permutation and seed) are drawn on the CPU and only those small tensors move to the
+batch's device. The stream is then the same on every device, and a run saved on one device
+type resumes on another (a CUDA generator's state cannot be loaded into a CPU one, nor the
+reverse). Passing another generator is a ValueError.
 """
 
 from __future__ import annotations
@@ -15,21 +22,24 @@ from dataclasses import asdict, dataclass, replace
 
 from medcli.errors import UsageError
 
-# Per-channel statistics used to normalise inputs: 0.5/0.5 maps [0, 1] to [-1, 1], which
-# suits training from scratch on any MedMNIST modality; ImageNet statistics for pretrained.
+# Per-channel statistics used to normalise inputs from scratch: 0.5/0.5 maps [0, 1] to
+# [-1, 1], which suits training from scratch on any MedMNIST modality. A pretrained model
+# brings its own statistics (`models.pretrained_stats`).
 SCRATCH_STATS = (0.5, 0.5)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def make_prep(input_size: int, channels: int, pretrained: bool) -> dict:
-    """The manifest's `preprocess` section: input size, per-channel mean/std, interpolation."""
-    if pretrained and channels == 3:
-        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    elif pretrained:
-        mean, std = [sum(IMAGENET_MEAN) / 3] * channels, [sum(IMAGENET_STD) / 3] * channels
-    else:
+def make_prep(input_size: int, channels: int, stats: tuple | None = None) -> dict:
+    """The manifest's `preprocess` section: input size, per-channel mean/std, interpolation.
+
+    `stats` = (mean, std) per RGB channel of a pretrained model, None from scratch; a model
+    that takes another channel count gets their averages on every channel.
+    """
+    if stats is None:
         mean, std = [SCRATCH_STATS[0]] * channels, [SCRATCH_STATS[1]] * channels
+    elif len(stats[0]) == channels:
+        mean, std = [float(v) for v in stats[0]], [float(v) for v in stats[1]]
+    else:
+        mean, std = [sum(stats[0]) / len(stats[0])] * channels, [sum(stats[1]) / len(stats[1])] * channels
     return {"input_size": int(input_size), "mean": mean, "std": std, "interpolation": "bilinear"}
 
 
@@ -48,14 +58,21 @@ def preprocess(x, prep: dict):
     Normalising before resizing is exact for bilinear resampling (its weights sum to one) and
     touches fewer pixels when upsampling. Downscaling uses antialiasing.
     """
+    return _resize(_normalise(x, prep), int(prep["input_size"]))
+
+
+def _resize(x, size: int):
+    """float (B, C, H, W) -> (B, C, size, size), bilinear, antialiased when downscaling.
+
+    The one resize both evaluation (`preprocess`) and training (`train_batch`) use, so the
+    model sees the same pixels in both.
+    """
     import torch.nn.functional as F
 
-    size = int(prep["input_size"])
-    x = _normalise(x, prep)
-    if x.shape[-2:] != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                          antialias=size < x.shape[-1])
-    return x
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < x.shape[-1])
 
 
 @dataclass(frozen=True)
@@ -123,23 +140,41 @@ def for_dataset(flag: str, *, flips: bool | None = None, rotate: float | None = 
     return aug
 
 
-def _uniform(n: int, low: float, high: float, generator, device):
+def _cpu_generator(generator):
+    """`generator` itself, refused unless it is a CPU `torch.Generator` (module docstring)."""
     import torch
 
-    return torch.rand(n, generator=generator, device=device) * (high - low) + low
+    device = getattr(generator, "device", None)
+    if device != torch.device("cpu"):
+        raise ValueError(f"augmentation needs a CPU torch.Generator whatever device trains, so that its "
+                         f"stream and saved state are the same on every device (got a {type(generator).__name__} "
+                         f"on {device})")
+    return generator
 
 
-def _affine(n: int, aug: Augment, generator, device):
-    """Per-sample 2x3 affine matrices (output -> input coordinates) for `affine_grid`."""
+def _uniform(n: int, low: float, high: float, generator):
+    """n uniform draws in [low, high), made on the (CPU) generator's device."""
+    import torch
+
+    return torch.rand(n, generator=generator, device=generator.device) * (high - low) + low
+
+
+def _affine(n: int, aug: Augment, generator):
+    """Per-sample 2x3 affine matrices (output -> input coordinates) for `affine_grid`.
+
+    Built where the draws are made, on the (CPU) generator's device; the caller moves the
+    finished (n, 2, 3) tensor to the batch's device.
+    """
     import math
 
     import torch
 
+    device = generator.device
     angle = torch.zeros(n, device=device)
     if aug.rot90:
         angle += torch.randint(0, 4, (n,), generator=generator, device=device) * (math.pi / 2)
     if aug.degrees > 0:
-        angle += _uniform(n, -aug.degrees, aug.degrees, generator, device) * (math.pi / 180)
+        angle += _uniform(n, -aug.degrees, aug.degrees, generator) * (math.pi / 180)
     sx = torch.ones(n, device=device)
     sy = torch.ones(n, device=device)
     if aug.hflip:
@@ -150,7 +185,7 @@ def _affine(n: int, aug: Augment, generator, device):
     ty = torch.zeros(n, device=device)
     if aug.crop_scale is not None:
         # A square crop covering `area` of the image, placed uniformly inside it.
-        side = _uniform(n, *aug.crop_scale, generator, device).sqrt()
+        side = _uniform(n, *aug.crop_scale, generator).sqrt()
         sx, sy = sx * side, sy * side
         tx = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - side)
         ty = (torch.rand(n, generator=generator, device=device) * 2 - 1) * (1 - side)
@@ -165,31 +200,37 @@ def _affine(n: int, aug: Augment, generator, device):
 def train_batch(x, prep: dict, aug: Augment, generator):
     """uint8 (B, C, H, W) batch -> augmented, resized, normalised float32 (B, C, S, S).
 
-    The geometric transforms and the resize share one `grid_sample` (reflection padding, so
-    rotated corners hold image content rather than black); photometric jitter is applied to
-    per-image means so it works for any channel count.
+    The geometric transforms run as one `grid_sample` at the model's input size (reflection
+    padding, so rotated corners hold image content rather than black). Images larger than
+    the input are first resized exactly as `preprocess` does (antialiased): a grid_sample
+    straight to a smaller size would alias, and the model would train on other pixels than
+    it is evaluated on. Smaller or equal images go through the grid_sample alone, which
+    resamples once and agrees with `preprocess`'s bilinear upsampling. Photometric jitter is
+    applied to per-image means so it works for any channel count. `generator`: a CPU
+    generator whatever x's device (module docstring).
     """
     import torch
     import torch.nn.functional as F
 
+    _cpu_generator(generator)
     size = int(prep["input_size"])
     n = x.shape[0]
     device = x.device
-    if not aug.geometric:
-        out = x.float()
-        if out.shape[-2:] != (size, size):
-            out = F.interpolate(out, size=(size, size), mode="bilinear", align_corners=False,
-                                antialias=size < out.shape[-1])
-    else:
-        theta = _affine(n, aug, generator, device)
+    out = x.float()
+    if not aug.geometric or size < x.shape[-1]:
+        out = _resize(out, size)
+    if aug.geometric:
+        theta = _affine(n, aug, generator).to(device, non_blocking=True)
         grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
-        out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        out = F.grid_sample(out, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if aug.contrast > 0:
-        factor = _uniform(n, 1 - aug.contrast, 1 + aug.contrast, generator, device).view(-1, 1, 1, 1)
+        factor = _uniform(n, 1 - aug.contrast, 1 + aug.contrast, generator).to(device, non_blocking=True)
+        factor = factor.view(-1, 1, 1, 1)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = torch.lerp(mean, out, factor)
     if aug.brightness > 0:
-        out = out * _uniform(n, 1 - aug.brightness, 1 + aug.brightness, generator, device).view(-1, 1, 1, 1)
+        factor = _uniform(n, 1 - aug.brightness, 1 + aug.brightness, generator).to(device, non_blocking=True)
+        out = out * factor.view(-1, 1, 1, 1)
     if aug.contrast > 0 or aug.brightness > 0:
         out = out.clamp_(0, 255)
     return _normalise(out, prep)
@@ -200,14 +241,16 @@ def mixup(x, targets, alpha: float, generator):
 
     One mixing weight lam ~ Beta(alpha, alpha) per batch (as in the MixUp paper and timm).
     torch's Beta sampler takes no generator, so lam is drawn by numpy from a seed taken from
-    `generator`: the stream stays reproducible and resumable. Returns (x, targets, lam, perm).
+    `generator` (a CPU generator, like the permutation: module docstring): the stream stays
+    reproducible and resumable. Returns (x, targets, lam, perm), perm on x's device.
     """
     import numpy as np
     import torch
 
+    _cpu_generator(generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
+    perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device, non_blocking=True)
     mixed_x = torch.lerp(x[perm], x, lam)
     mixed_t = torch.lerp(targets[perm], targets, lam)
     return mixed_x, mixed_t, lam, perm

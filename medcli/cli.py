@@ -22,15 +22,13 @@ try:  # typer >= 0.20 vendors click as typer._click
 except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import UsageError as ClickUsageError
 
-# Light modules only (no torch, numpy or pandas at import time): their constants give the
-# option choices and help texts below.
-from medcli import __version__, console
-from medcli import aggregate as _aggregate
+# Light modules only (no torch, numpy or pandas at import time: a test checks): their
+# constants give the option choices and help texts below. Stage modules are imported inside
+# the commands.
+from medcli import __version__, console, names
 from medcli import augment as _augment
-from medcli import evaluate as _evaluate
-from medcli import explain as _explain
-from medcli import inference as _inference
-from medcli import train as _train
+from medcli import config as _config
+from medcli import explain as _explain  # light at import: for --layer's and --per-class's help
 from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliError
 
 
@@ -112,16 +110,16 @@ def _choice(name: str, values) -> type[Enum]:
     return Enum(name, {value: value for value in values}, type=str)
 
 
-Optimizer = _choice("Optimizer", _train.OPTIMIZERS)
-Monitor = _choice("Monitor", _train.MONITORS)
-Amp = _choice("Amp", _inference.AMP_MODES)
-EvalSplit = _choice("EvalSplit", _evaluate.SPLIT_CHOICES)
-Checkpoint = _choice("Checkpoint", _evaluate.CHECKPOINTS)
-OutputFormat = _choice("OutputFormat", _aggregate.FORMATS)
-ExplainMethod = _choice("ExplainMethod", _explain.METHODS)
-ExplainSplit = _choice("ExplainSplit", ("test", "val", "train"))
-ExplainTarget = _choice("ExplainTarget", _explain.TARGETS)
-HeadFusion = _choice("HeadFusion", _explain.HEAD_FUSIONS)
+Optimizer = _choice("Optimizer", names.OPTIMIZERS)
+Monitor = _choice("Monitor", names.MONITORS)
+Amp = _choice("Amp", names.AMP_MODES)
+EvalSplit = _choice("EvalSplit", names.EVAL_SPLITS)
+Checkpoint = _choice("Checkpoint", names.CHECKPOINTS)
+OutputFormat = _choice("OutputFormat", names.COMPARE_FORMATS)
+ExplainMethod = _choice("ExplainMethod", names.EXPLAIN_METHODS)
+ExplainSplit = _choice("ExplainSplit", names.SPLITS)
+ExplainTarget = _choice("ExplainTarget", names.EXPLAIN_TARGETS)
+HeadFusion = _choice("HeadFusion", names.HEAD_FUSIONS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -195,12 +193,12 @@ def download(
     emit(records if json_out else "\n".join(record["path"] for record in records))
 
 
-@app.command(help=f"Train a CNN or ViT; prints the new run directory.\n\n{_train.defaults_help()}")
+@app.command(help=f"Train a CNN or ViT; prints the new run directory.\n\n{_config.defaults_help()}")
 def train(
     dataset: Annotated[str, typer.Option(help="MedMNIST dataset flag (single-label).")] = "bloodmnist",
     size: Annotated[int, typer.Option(help="Dataset image size: 28, 64, 128 or 224.")] = 28,
     model: Annotated[str, typer.Option(help="resnet18, vit, vit-small, vit-tiny or timm:<name>.")] = "resnet18",
-    reduced: Annotated[bool, typer.Option("--reduced", help=_train.reduced_help())] = False,
+    reduced: Annotated[bool, typer.Option("--reduced", help=_config.reduced_help())] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default per family/preset).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=1, help="Batch size (default 128).")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (default per family).")] = None,
@@ -230,10 +228,12 @@ def train(
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its last.pt.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
+    from medcli import train as library
+
     if resume is not None:
-        manifest = _train.resume(resume, device=device)
+        run = library.resume(resume, device=device)
     else:
-        manifest = _train.train(
+        run = library.train(
             dataset=dataset, size=size, model=model, reduced=reduced, epochs=epochs, batch_size=batch_size,
             lr=lr, weight_decay=weight_decay, optimizer=optimizer.value if optimizer else None,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
@@ -242,7 +242,7 @@ def train(
             amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
             input_size=input_size, root=root, runs_dir=runs_dir,
         )
-    emit(_train.summary(manifest) if json_output else str(manifest.run_dir))
+    emit(library.summary(run) if json_output else str(run.run_dir))
 
 
 @app.command()
@@ -264,16 +264,18 @@ def evaluate(
 
     Prints one summary line per split and the written files (with --json: the metrics JSON, keyed by split).
     """
-    result = _evaluate.evaluate_run(run, split=split.value, checkpoint=checkpoint.value, tta=tta, calibrate=calibrate,
+    from medcli import evaluate as library
+
+    result = library.evaluate_run(run, split=split.value, checkpoint=checkpoint.value, tta=tta, calibrate=calibrate,
                                   batch_size=batch_size, device=device, amp=amp.value if amp else None, root=root)
-    emit(result["splits"] if json_output else "\n".join(_evaluate.summary_lines(result)))
+    emit(result["splits"] if json_output else "\n".join(library.summary_lines(result)))
 
 
 @app.command()
 def aggregate(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or folders searched for runs (default: .).")] = None,
     split: Annotated[str, typer.Option(help="Which metrics/<split>.json to compare: test, val or train.")] = "test",
-    metrics: Annotated[Optional[str], typer.Option(help="Comma-separated metrics (default: accuracy,balanced_accuracy,f1_macro,auc,ece).")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help=f"Comma-separated metrics (default: {','.join(names.COMPARE_METRICS)}).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write comparison CSV, XLSX, Markdown and PNG into this folder.")] = None,
     format: Annotated[OutputFormat, typer.Option("--format", help="What to print on stdout (xlsx needs --out).")] = OutputFormat.table,
 ) -> None:
@@ -281,8 +283,10 @@ def aggregate(
 
     Runs that are unfinished, not evaluated or unreadable are listed with the reason.
     """
-    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else _aggregate.DEFAULT_METRICS
-    emit(_aggregate.compare(runs or [], split=split, metric_names=chosen, out_dir=out, fmt=format.value))
+    from medcli import aggregate as library
+
+    chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else names.COMPARE_METRICS
+    emit(library.compare(runs or [], split=split, metric_names=chosen, out_dir=out, fmt=format.value))
 
 
 @app.command("plot-confusion")
@@ -359,8 +363,13 @@ def clean_processes(
     result = processes.end_processes(found, grace) if end else [p.to_dict() for p in found]
     if json_out:
         emit({"ended": end, "processes": result})
-    elif end:
-        console.info(f"ended {len(result)} process(es)")
+    if end:
+        stuck = [p for p in result if not p["ended"]]
+        console.info(f"ended {len(result) - len(stuck)} process(es)")
+        for p in stuck:
+            console.warn(f"could not end pid {p['pid']}: {p['error']}")
+        if stuck:
+            raise typer.Exit(1)
 
 
 def main() -> None:

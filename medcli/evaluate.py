@@ -19,12 +19,12 @@ import numpy as np
 
 from medcli import augment, console, datasets, fileio, metrics, reports
 from medcli.errors import UsageError
-from medcli.manifest import Manifest
+from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS
+from medcli.run import Run
 
-SPLIT_CHOICES = ("test", "val", "all")
-CHECKPOINTS = ("best", "last")
 LOG_FLOOR = float(np.log(np.finfo(np.float32).tiny))
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "nll", "ece", "brier")
+CALIBRATION_METRICS = ("ece", "nll", "brier", "auc")  # recorded before and after temperature scaling
 
 
 def _flip(dims: tuple[int, ...]):
@@ -52,31 +52,9 @@ def tta_views(aug: augment.Augment) -> dict[str, tuple[int, ...]]:
 
 def splits_for(split: str) -> tuple[str, ...]:
     """'all' means every split, train included (train vs test numbers expose over-fitting)."""
-    if split not in SPLIT_CHOICES:
-        raise UsageError(f"unknown --split '{split}'; choose one of {', '.join(SPLIT_CHOICES)}")
-    return datasets.SPLITS if split == "all" else (split,)
-
-
-def load_data(manifest: Manifest, root: str | os.PathLike | None) -> datasets.Splits:
-    """The run's dataset, found again by flag and size: under `root` when given (a moved run or
-    dataset), else under the data root training used, else beside the recorded file. A file
-    that differs from the one training used is a warning (the numbers may not compare)."""
-    record = manifest.dataset
-    flag, size = record.get("flag"), record.get("size")
-    if not flag or not size:
-        raise UsageError(f"run {manifest.run_dir} has no dataset flag/size in its manifest; re-train it with medcli train")
-    if root is None:
-        candidates = [Path(p) for p in (manifest.config.get("root"), Path(record.get("path", "")).parent) if p]
-        root = next((c for c in candidates if datasets.data_path(c, flag, size).is_file()), None)
-        if root is None:
-            raise UsageError(f"the dataset this run was trained on ({datasets.filename(flag, size)} under "
-                             f"{manifest.config.get('root') or record.get('path')}) is missing; pass --root DIR holding it, "
-                             f"or fetch it with 'medcli download {flag} --size {size}'")
-    data = datasets.load(root, flag, size)
-    if record.get("md5") and data.record.get("md5") != record.get("md5"):
-        console.warn(f"{data.path} differs from the file this run was trained on (md5 "
-                     f"{data.record.get('md5')} vs {record.get('md5')}); numbers may not be comparable")
-    return data
+    if split not in EVAL_SPLITS:
+        raise UsageError(f"unknown --split '{split}'; choose one of {', '.join(EVAL_SPLITS)}")
+    return SPLITS if split == "all" else (split,)
 
 
 def evaluate_run(
@@ -95,28 +73,28 @@ def evaluate_run(
     Inputs are checked before the `evaluate` stage starts (a missing checkpoint or an
     untrained run is a usage error and leaves the manifest untouched).
     """
-    from medcli import inference, models
+    from medcli import inference
 
     chosen = splits_for(split)
     if checkpoint not in CHECKPOINTS:
         raise UsageError(f"unknown --checkpoint '{checkpoint}'; choose best or last")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
-    manifest = Manifest.load(run)
-    train_stage = manifest.require_completed("train", "train it first with 'medcli train' (or finish it with --resume)")
+    run = Run.open(run)
+    train_stage = run.require_trained()
     dev = inference.resolve_device(device)
-    amp_mode = inference.resolve_amp(dev, amp)
-    model = models.load_run_model(manifest, checkpoint, dev)
-    data = load_data(manifest, root)
-    names = datasets.class_names(manifest.dataset["flag"])
-    chosen_views = tta_views(augment.Augment.from_dict(manifest.config.get("augment", {}))) if tta else {"identity": ()}
+    amp_mode = inference.resolve_amp(dev, amp, default="off")  # full precision unless asked: logits feed the metrics
+    model = run.load_model(checkpoint, dev)
+    data = run.load_data(root)
+    names = datasets.class_names(run.dataset["flag"])
+    chosen_views = tta_views(augment.Augment.from_dict(run.config.get("augment", {}))) if tta else {"identity": ()}
     if tta and len(chosen_views) == 1:
         console.warn("--tta: this run was trained without flips or turns, so there is no test-time view to add")
     views = [_flip(dims) for dims in chosen_views.values()] if tta else None
 
     def predict(name: str) -> np.ndarray:
         scores = inference.predict_logits(
-            model, datasets.as_tensor(data.images[name]), manifest.data["preprocess"], batch_size=batch_size,
+            model, datasets.as_tensor(data.images[name]), run.data["preprocess"], batch_size=batch_size,
             device=dev, amp=amp_mode, views=views, progress_label=f"evaluate {name}").numpy().astype(np.float64)
         # TTA returns log mean probabilities: a float32 probability that underflowed is log 0 = -inf,
         # which would make the NLL (and the temperature fit) infinite. Floor it at float32's tiniest.
@@ -124,7 +102,7 @@ def evaluate_run(
 
     epoch_key = "best_epoch" if checkpoint == "best" else "epochs_run"
     context = {
-        "run_id": manifest.run_id,
+        "run_id": run.run_id,
         "checkpoint": checkpoint,
         "checkpoint_epoch": train_stage.get("summary", {}).get(epoch_key),
         "dataset": {key: data.record.get(key) for key in ("flag", "size", "md5", "official", "synthetic", "path")},
@@ -134,7 +112,7 @@ def evaluate_run(
         "amp": amp_mode,
     }
     results, written = {}, []
-    with manifest.stage("evaluate") as st:
+    with run.stage("evaluate") as st:
         logits = {name: predict(name) for name in chosen}
         temperature = None
         if calibrate:
@@ -142,19 +120,20 @@ def evaluate_run(
             temperature = metrics.fit_temperature(val_logits, data.labels["val"])
             console.info(f"temperature scaling: T = {temperature:.4f} (fitted on val, {len(val_logits)} images)")
         for name in chosen:
-            result, files = _write_split(manifest, name, logits[name], data, names, temperature, context)
+            result, files = _write_split(run, name, logits[name], data, names, temperature, context)
             results[name] = result
             written += files
             st.summary[name] = {key: result["metrics"][key] for key in SUMMARY_METRICS} | {
                 "checkpoint": checkpoint, "tta": tta, "temperature": temperature}
             st.add(*files, save=False)
-        written.append(write_run_report(manifest))
+        written.append(write_run_report(run))
         st.add(written[-1])
     _print_summary(results)
-    return {"run": str(manifest.run_dir), "splits": results, "files": [manifest.relative(p) for p in written]}
+    _warn_if_calibration_hurt(results)
+    return {"run": str(run.run_dir), "splits": results, "files": [run.relative(p) for p in written]}
 
 
-def _write_split(manifest: Manifest, split: str, logits: np.ndarray, data: datasets.Splits, names: list[str],
+def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits, names: list[str],
                  temperature: float | None, context: dict) -> tuple[dict, list[Path]]:
     """Metrics JSON, predictions CSV and the four figures of one split."""
     labels = data.labels[split]
@@ -165,15 +144,18 @@ def _write_split(manifest: Manifest, split: str, logits: np.ndarray, data: datas
     calibration = None
     panels = [("uncalibrated" if temperature is None else f"after T = {temperature:.3f}", bins)]
     if temperature is not None:
-        before = {"ece": metrics.ece(labels, raw), "nll": metrics.nll(labels, raw), "brier": metrics.brier(labels, raw)}
-        after = {key: values[key] for key in before}
+        # One-vs-rest AUC changes with the temperature (the classes' scores are rescaled
+        # differently per sample), so it is recorded on both sides with the calibration metrics.
+        unscaled = metrics.classification_metrics(labels, raw, names)
+        before = {key: unscaled[key] for key in CALIBRATION_METRICS}
+        after = {key: values[key] for key in CALIBRATION_METRICS}
         calibration = {"method": "temperature scaling", "fitted_on": "val", "temperature": temperature,
                        "before": before, "after": after}
         panels.insert(0, ("before", metrics.reliability(labels, raw)))
     result = {**context, "split": split, "calibration": calibration, "metrics": values, "reliability": bins}
 
-    run_dir = manifest.run_dir
-    title = f"{manifest.run_id} · {split}"
+    run_dir = run.run_dir
+    title = f"{run.run_id} · {split}"
     figures = run_dir / "figures"
     files = [
         fileio.write_json(run_dir / "metrics" / f"{split}.json", result),
@@ -188,22 +170,22 @@ def _write_split(manifest: Manifest, split: str, logits: np.ndarray, data: datas
     return result, files
 
 
-def write_run_report(manifest: Manifest) -> Path:
+def write_run_report(run: Run) -> Path:
     """(Re)write `report.xlsx` from every split evaluated so far (the files on disk), so an
     evaluation of `val` after one of `test` yields one workbook holding both."""
     import json
 
     import pandas as pd
 
-    run_dir = manifest.run_dir
+    run_dir = run.run_dir
     evaluations = {}
-    for split in datasets.SPLITS:
+    for split in SPLITS:
         metrics_file, csv = run_dir / "metrics" / f"{split}.json", run_dir / "predictions" / f"{split}.csv"
         if metrics_file.is_file() and csv.is_file():
             evaluations[split] = (json.loads(metrics_file.read_text(encoding="utf-8")), reports.read_predictions(csv)[0])
     history_file = run_dir / "history.csv"
     history = pd.read_csv(history_file) if history_file.is_file() else None
-    return reports.write_report(run_dir / "report.xlsx", manifest.data, evaluations, history)
+    return reports.write_report(run_dir / "report.xlsx", run.data, evaluations, history)
 
 
 def _print_summary(results: dict) -> None:
@@ -223,16 +205,27 @@ def _print_summary(results: dict) -> None:
     if all(calibrations):  # one evaluation calibrates every split or none
         rows.append(("temperature", [f"{c['temperature']:.3f}" for c in calibrations]))
         rows += [(f"{key} before scaling", [_format(key, c["before"][key]) for c in calibrations])
-                 for key in ("ece", "nll")]
+                 for key in ("ece", "nll", "auc")]
     for key, cells in rows:
         table.add_row(key, *cells)
     console.console().print(table)
 
 
+def _warn_if_calibration_hurt(results: dict) -> None:
+    """One warning line per split whose ECE got worse with the temperature fitted on val (a
+    small or unrepresentative validation split can do that)."""
+    for split, result in results.items():
+        calibration = result["calibration"]
+        if calibration and calibration["after"]["ece"] > calibration["before"]["ece"]:
+            console.warn(f"temperature scaling made the {split} calibration worse (ECE {calibration['before']['ece']:.2%}"
+                         f" -> {calibration['after']['ece']:.2%}, T = {calibration['temperature']:.3f} fitted on val); "
+                         f"report the uncalibrated numbers for {split}")
+
+
 def _format(key: str, value) -> str:
     if value is None:
         return "n/a"
-    return f"{value:.2%}" if key in metrics.PERCENT_METRICS else f"{value:.4f}"
+    return f"{value:.2%}" if key in PERCENT_METRICS else f"{value:.4f}"
 
 
 def summary_lines(result: dict) -> list[str]:

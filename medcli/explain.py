@@ -14,7 +14,7 @@ returning (B, S, S) maps in [0, 1] at the model's input size):
   materialises them.
 
 Output goes under `<run>/explain/<method>/`: per sample a PNG (original | heat map | overlay),
-a grid per class and `index.json`, all recorded in the manifest's `explain` stage. On
+a grid per class and `index.json`, all recorded in the manifest's `explain:<method>` stage. On
 synthetic data, whose class evidence lives in a known square (`signal_box`), each sample also
 gets the share of its heat-map mass inside that square: a built-in check that the maps point
 at the evidence.
@@ -26,7 +26,6 @@ its help text, which must stay instant.
 from __future__ import annotations
 
 import os
-import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -34,19 +33,10 @@ from typing import Any, Iterator, Sequence
 
 from medcli import console, fileio
 from medcli.errors import UsageError
-from medcli.manifest import Manifest
+from medcli.names import CAM_METHODS, EXPLAIN_METHODS, EXPLAIN_TARGETS, HEAD_FUSIONS, SPLITS, file_names
+from medcli.run import Run
 
-CAM_METHODS = {  # medcli name -> pytorch_grad_cam class
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "xgradcam": "XGradCAM",
-    "eigencam": "EigenCAM",
-    "layercam": "LayerCAM",
-    "scorecam": "ScoreCAM",
-}
-METHODS = (*CAM_METHODS, "rollout")
-TARGETS = ("pred", "true")
-HEAD_FUSIONS = {"mean": lambda a: a.mean(dim=1), "max": lambda a: a.amax(dim=1), "min": lambda a: a.amin(dim=1)}
+FUSE_HEADS = dict(zip(HEAD_FUSIONS, (lambda a: a.mean(dim=1), lambda a: a.amax(dim=1), lambda a: a.amin(dim=1))))
 DEFAULT_PER_CLASS = 4
 # The default CNN layer is the deepest stage whose map is at least this many cells a side.
 # Evidence (scripts/bench_explain.py --compare-layers; synthetic data whose class evidence fills
@@ -192,7 +182,7 @@ def rollout(attentions: Sequence, head_fusion: str = "mean", discard_ratio: floa
     """
     import torch
 
-    fuse = HEAD_FUSIONS[head_fusion]
+    fuse = FUSE_HEADS[head_fusion]
     n = attentions[0].shape[-1]
     eye = torch.eye(n, device=attentions[0].device, dtype=attentions[0].dtype)
     flow = eye.expand(attentions[0].shape[0], n, n)
@@ -377,16 +367,6 @@ def choose_samples(labels, num_classes: int, per_class: int, seed: int, predict=
     return _first_per_class(wrong, labels, num_classes, per_class)
 
 
-def short_names(names: Sequence[str]) -> list[str]:
-    """File-name-safe short class names: the words before any '(' or ',', lower case,
-    [a-z0-9-], at most 24 characters; the class number is appended where two would clash."""
-    slugs = []
-    for number, name in enumerate(names):
-        words = re.split(r"[(,]", name, maxsplit=1)[0].lower()
-        slugs.append(re.sub(r"[^a-z0-9]+", "-", words).strip("-")[:24].strip("-") or str(number))
-    return [slug if slugs.count(slug) == 1 else f"{slug}-{number}" for number, slug in enumerate(slugs)]
-
-
 # -- figures -------------------------------------------------------------------------------------
 def _as_rgb01(image):
     """uint8 (H, W, C) with 1 or 3 channels -> float32 (H, W, 3) in [0, 1]."""
@@ -449,6 +429,13 @@ def save_class_grid(path, title: str, items: Sequence[tuple]) -> None:
 
 
 # -- the command -----------------------------------------------------------------------------------
+def stage_name(method: str) -> str:
+    """The manifest stage of one method: explains with different methods write different
+    files, so each has its own stage (and lock) and they can run side by side."""
+    return f"explain:{method}"
+
+
+
 def explain_run(
     run: str | os.PathLike,
     method: str = "gradcam",
@@ -469,27 +456,27 @@ def explain_run(
     """Explain a run's predictions with `method`; returns the index written to index.json.
 
     Everything that can be wrong with the options, the run or its data is checked before the
-    `explain` stage starts, so a usage error leaves the manifest untouched.
+    `explain:<method>` stage starts, so a usage error leaves the manifest untouched.
     """
     import numpy as np
 
-    from medcli import datasets, inference, models
-    from medcli.evaluate import load_data
+    from medcli import datasets, inference
 
     _check_options(method, split, per_class, indices, only_errors, target, layer, batch_size)
-    manifest = Manifest.load(run)
-    spec = manifest.data.get("model") or {}
+    run = Run.open(run)
+    run.require_trained()
+    spec = run.spec
     if method == "rollout" and spec.get("family") != "vit":
-        raise UsageError(f"rollout explains ViT attention but run {manifest.run_id} is a {spec.get('family', 'unknown')} "
+        raise UsageError(f"rollout explains ViT attention but run {run.run_id} is a {spec.get('family', 'unknown')} "
                          f"({spec.get('name')}); use a CAM method such as --method gradcam")
     dev = inference.resolve_device(device)
-    model = models.load_run_model(manifest, checkpoint, dev)
+    model = run.load_model(checkpoint, dev)
     layer = None if method == "rollout" else resolve_layer(model, spec, layer)
     explainer = open_explainer(method, model, spec, layer, head_fusion, discard_ratio, batch_size)
-    data = load_data(manifest, root)
+    data = run.load_data(root)
     images, labels = data.images[split], data.labels[split]
-    names = datasets.class_names(manifest.dataset["flag"])
-    prep = manifest.data["preprocess"]
+    names = datasets.class_names(run.dataset["flag"])
+    prep = run.data["preprocess"]
 
     def probabilities(index) -> np.ndarray:
         logits = inference.predict_logits(model, datasets.as_tensor(images[index]), prep, batch_size=batch_size,
@@ -512,9 +499,9 @@ def explain_run(
     preds = probs.argmax(1)
     classes = preds if target == "pred" else labels[chosen]
 
-    out_dir = manifest.path(f"explain/{method}")
-    with manifest.stage("explain") as st:
-        _forget_previous(st, f"explain/{method}/")
+    out_dir = run.path(f"explain/{method}")
+    with run.stage(stage_name(method)) as st:
+        st.forget(f"explain/{method}/")
         with explainer as active:
             maps = heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
                             device=dev, progress_label=f"explain {method}")
@@ -524,7 +511,7 @@ def explain_run(
         samples, grids, files = write_figures(out_dir, method, explained, names)
         masses = explained.box_mass
         index = {
-            "run": manifest.run_id, "method": method, "split": split, "checkpoint": checkpoint, "target": target,
+            "run": run.run_id, "method": method, "split": split, "checkpoint": checkpoint, "target": target,
             "layer": layer, "seed": seed, "only_errors": only_errors,
             **({"head_fusion": head_fusion, "discard_ratio": discard_ratio} if method == "rollout" else {}),
             "mean_box_mass": _finite(np.nanmean(masses)) if masses is not None and np.isfinite(masses).any() else None,
@@ -533,9 +520,8 @@ def explain_run(
         fileio.write_json(out_dir / "index.json", index)
         st.add(*files, save=False)
         st.add(out_dir / "index.json")
-        st.summary[method] = {"dir": manifest.relative(out_dir), "split": split, "samples": len(samples),
-                              "target": target, "layer": layer, "checkpoint": checkpoint,
-                              "mean_box_mass": index["mean_box_mass"]}
+        st.summary.update(dir=run.relative(out_dir), method=method, split=split, samples=len(samples), target=target,
+                          layer=layer, checkpoint=checkpoint, mean_box_mass=index["mean_box_mass"])
     console.info(f"{method}{f' on {layer}' if layer else ''}: {len(samples)} {split} samples explained"
                  + (f", mean heat-map share in the evidence box {index['mean_box_mass']:.2f}"
                     if index["mean_box_mass"] is not None else ""))
@@ -560,7 +546,7 @@ class Explained:
 
 def write_figures(out_dir, method: str, ex: Explained, names: Sequence[str]) -> tuple[list[dict], dict, list]:
     """One PNG per sample and one grid per true class; returns (index rows, grids, files)."""
-    slugs = short_names(names)
+    slugs = file_names(names)
     classes = sorted(set(int(k) for k in ex.labels))
     samples, grids, files = [], {}, []
     with console.progress() as bar:
@@ -589,12 +575,10 @@ def write_figures(out_dir, method: str, ex: Explained, names: Sequence[str]) -> 
 
 
 def _check_options(method, split, per_class, indices, only_errors, target, layer, batch_size) -> None:
-    from medcli import datasets
-
     checks = [
-        (method in METHODS, f"unknown --method '{method}'; choose one of {', '.join(METHODS)}"),
-        (split in datasets.SPLITS, f"unknown --split '{split}'; choose one of {', '.join(datasets.SPLITS)}"),
-        (target in TARGETS, f"unknown --target '{target}'; choose pred (the predicted class) or true"),
+        (method in EXPLAIN_METHODS, f"unknown --method '{method}'; choose one of {', '.join(EXPLAIN_METHODS)}"),
+        (split in SPLITS, f"unknown --split '{split}'; choose one of {', '.join(SPLITS)}"),
+        (target in EXPLAIN_TARGETS, f"unknown --target '{target}'; choose pred (the predicted class) or true"),
         (per_class is None or per_class >= 1, f"--per-class must be at least 1 (got {per_class})"),
         (indices is None or per_class is None, "--indices and --per-class both choose samples; pass one of them"),
         (indices is None or not only_errors, "--only-errors chooses samples itself; drop it or --indices"),
@@ -604,14 +588,6 @@ def _check_options(method, split, per_class, indices, only_errors, target, layer
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
-
-
-def _forget_previous(st, prefix: str) -> None:
-    """Delete the files an earlier explain of this method recorded, so none outlives its index."""
-    artefacts = st.entry["artefacts"]
-    for relative in [rel for rel in artefacts if rel.startswith(prefix)]:
-        st.manifest.path(relative).unlink(missing_ok=True)
-        del artefacts[relative]
 
 
 def _finite(value) -> float | None:

@@ -13,8 +13,7 @@ from typing import Callable, Sequence
 
 from medcli import console
 from medcli.errors import UsageError
-
-AMP_MODES = ("bf16", "fp16", "off")
+from medcli.names import AMP_MODES
 
 
 def resolve_device(name: str = "auto"):
@@ -44,8 +43,10 @@ def resolve_device(name: str = "auto"):
     return device
 
 
-def resolve_amp(device, amp: str | None) -> str:
-    """The precision a stage really uses: None/'auto' -> bf16 on CUDA, off on CPU.
+def resolve_amp(device, amp: str | None, default: str = "bf16") -> str:
+    """The precision a stage really uses. None/'auto' -> `default` on CUDA (training: bf16;
+    evaluate and explain pass "off": evaluation is cheap and its logits feed the metrics and
+    the temperature fit, which bf16 would round), off on CPU.
 
     fp16 is CUDA-only (it needs a GradScaler, and CPU kernels gain nothing from it); bf16 on
     CPU is allowed when asked for explicitly (useful for tests and newer CPUs).
@@ -55,7 +56,9 @@ def resolve_amp(device, amp: str | None) -> str:
     device = torch.device(device)
     mode = (amp or "auto").lower()
     if mode == "auto":
-        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off"
+        if device.type != "cuda" or (default == "bf16" and not torch.cuda.is_bf16_supported()):
+            return "off"
+        return default
     if mode not in AMP_MODES:
         raise UsageError(f"unknown --amp '{amp}'; choose one of {', '.join(AMP_MODES)}")
     if mode == "fp16" and device.type != "cuda":

@@ -1,8 +1,10 @@
-"""The run manifest (`manifest.json`): the only contract between medcli commands.
+"""The run manifest (`manifest.json`) as a document: schema, validation, atomic save.
 
-A run directory holds one manifest. It records the schema version, the medcli version, the
-resolved config, the environment, the dataset record and one entry per stage (train,
-evaluate, explain) with its status, times and artefacts. Artefact paths are relative to the
+The manifest is the only contract between medcli commands; `medcli.run.Run` owns the run
+directory it lives in (locking, stages, model and data). A run directory holds one
+manifest. It records the schema version, the medcli version, the resolved config, the
+environment, the dataset record and one entry per stage (train, evaluate, explain:<method>)
+with its status, times and artefacts. Artefact paths are relative to the
 run directory, each with its sha256, so a run can be moved or copied.
 """
 
@@ -12,14 +14,12 @@ import json
 import os
 import platform
 import sys
-import time
-from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from medcli import __version__, fileio
-from medcli.errors import Interrupted, UsageError
+from medcli import __version__, fileio, system
+from medcli.errors import UsageError
 
 SCHEMA_VERSION = 1
 FILENAME = "manifest.json"
@@ -43,6 +43,7 @@ def environment(device: str | None = None, seed: int | None = None, deterministi
         "device": device,
         "device_name": None,
         "cpu_count": os.cpu_count(),
+        "usable_cpus": system.usable_cpus(),
         "torch_threads": torch.get_num_threads(),
         "seed": seed,
         "deterministic": deterministic,
@@ -53,176 +54,46 @@ def environment(device: str | None = None, seed: int | None = None, deterministi
     return env
 
 
-def create_run_dir(runs_root: str | os.PathLike, name: str) -> Path:
-    """Make a brand-new run directory; never reuse one (a numeric suffix is added instead)."""
-    root = Path(runs_root)
+def document(run_id: str, *, config: dict, dataset: dict, **sections: Any) -> dict:
+    """A new manifest document with no stages yet."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "medcli_version": __version__,
+        "created": now_iso(),
+        "run_id": run_id,
+        "config": config,
+        "dataset": dataset,
+        **sections,
+        "stages": {},
+    }
+
+
+def read(run: str | os.PathLike) -> tuple[Path, dict]:
+    """(run directory, validated manifest) for a run directory or its manifest.json; every
+    problem becomes a one-line UsageError naming the fix."""
+    path = Path(run)
+    if path.name == FILENAME and path.is_file():
+        path = path.parent
+    if not path.exists():
+        raise UsageError(f"run directory {path} does not exist; pass a directory printed by 'medcli train'")
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a run directory; pass a directory printed by 'medcli train'")
+    file = path / FILENAME
+    if not file.is_file():
+        raise UsageError(f"{path} has no {FILENAME}: not a medcli run; pass a directory printed by 'medcli train'")
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{file} is not valid JSON ({exc}); restore it from a copy or re-run the stage") from exc
     except OSError as exc:
-        raise UsageError(f"cannot create runs directory {root}: {exc.strerror}; pass a writable --runs-dir") from exc
-    for attempt in range(1000):
-        candidate = root / (name if attempt == 0 else f"{name}-{attempt + 1}")
-        try:
-            candidate.mkdir()
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise UsageError(f"cannot create run directory {candidate}: {exc.strerror}; pass a writable --runs-dir") from exc
-        return candidate
-    raise UsageError(f"too many runs named {name} under {root}")
+        raise UsageError(f"cannot read {file}: {exc.strerror}") from exc
+    validate(data, file)
+    return path, data
 
 
-class Manifest:
-    """A loaded (or new) manifest bound to its run directory."""
-
-    def __init__(self, run_dir: Path, data: dict):
-        self.run_dir = Path(run_dir)
-        self.data = data
-
-    # -- creation and loading -------------------------------------------------------------
-    @classmethod
-    def new(cls, run_dir: str | os.PathLike, *, config: dict, dataset: dict, **sections: Any) -> "Manifest":
-        run_dir = Path(run_dir)
-        data = {
-            "schema_version": SCHEMA_VERSION,
-            "medcli_version": __version__,
-            "created": now_iso(),
-            "run_id": run_dir.name,
-            "config": config,
-            "dataset": dataset,
-            **sections,
-            "stages": {},
-        }
-        manifest = cls(run_dir, data)
-        manifest.save()
-        return manifest
-
-    @classmethod
-    def load(cls, run: str | os.PathLike) -> "Manifest":
-        """Load and validate; every problem becomes a one-line UsageError naming the fix."""
-        path = Path(run)
-        if path.name == FILENAME and path.is_file():
-            path = path.parent
-        if not path.exists():
-            raise UsageError(f"run directory {path} does not exist; pass a directory printed by 'medcli train'")
-        if not path.is_dir():
-            raise UsageError(f"{path} is not a run directory; pass a directory printed by 'medcli train'")
-        file = path / FILENAME
-        if not file.is_file():
-            raise UsageError(f"{path} has no {FILENAME}: not a medcli run; pass a directory printed by 'medcli train'")
-        try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{file} is not valid JSON ({exc}); restore it from a copy or re-run the stage") from exc
-        except OSError as exc:
-            raise UsageError(f"cannot read {file}: {exc.strerror}") from exc
-        validate(data, file)
-        return cls(path, data)
-
-    def save(self) -> Path:
-        return fileio.write_json(self.run_dir / FILENAME, self.data)
-
-    # -- accessors ------------------------------------------------------------------------
-    @property
-    def run_id(self) -> str:
-        return self.data["run_id"]
-
-    @property
-    def config(self) -> dict:
-        return self.data["config"]
-
-    @property
-    def dataset(self) -> dict:
-        return self.data["dataset"]
-
-    @property
-    def stages(self) -> dict:
-        return self.data["stages"]
-
-    def stage_status(self, name: str) -> str | None:
-        return self.stages.get(name, {}).get("status")
-
-    def path(self, relative: str | os.PathLike) -> Path:
-        return self.run_dir / relative
-
-    def relative(self, path: str | os.PathLike) -> str:
-        return Path(os.path.relpath(Path(path).resolve(), self.run_dir.resolve())).as_posix()
-
-    def require_completed(self, name: str, hint: str) -> dict:
-        stage = self.stages.get(name)
-        if not stage or stage.get("status") != "completed":
-            state = stage.get("status") if stage else "not run"
-            raise UsageError(f"run {self.run_dir} has no completed {name} stage ({state}); {hint}")
-        return stage
-
-    # -- stages ---------------------------------------------------------------------------
-    @contextmanager
-    def stage(self, name: str, lock: bool = True) -> Iterator["StageRecord"]:
-        """Run a stage: lock the run, mark it running, and record how it ended.
-
-        Completed on normal exit; interrupted on Ctrl-C/SIGTERM; failed on any other error
-        (the exception is re-raised after the manifest is saved).
-        """
-        from medcli.processes import run_lock
-
-        with run_lock(self.run_dir) if lock else nullcontext():
-            entry = self.stages.setdefault(name, {})
-            entry.update(status="running", started=now_iso(), ended=None, duration_s=None, error=None,
-                         pid=os.getpid())
-            entry.setdefault("artefacts", {})
-            entry.setdefault("summary", {})
-            self.save()
-            record = StageRecord(self, entry)
-            start = time.perf_counter()
-            try:
-                yield record
-            except (KeyboardInterrupt, Interrupted):
-                self._end(entry, "interrupted", start, "interrupted by the user")
-                raise
-            except BaseException as exc:
-                self._end(entry, "failed", start, str(exc) or type(exc).__name__)
-                raise
-            self._end(entry, "completed", start, None)
-
-    def _end(self, entry: dict, status: str, start: float, error: str | None) -> None:
-        entry.update(status=status, ended=now_iso(), duration_s=round(time.perf_counter() - start, 3), error=error)
-        entry.pop("pid", None)
-        self.save()
-
-    def mark_interrupted(self, reason: str) -> bool:
-        """Mark every running stage interrupted (used when another process is ended)."""
-        changed = False
-        for entry in self.stages.values():
-            if entry.get("status") == "running":
-                entry.update(status="interrupted", ended=now_iso(), error=reason)
-                entry.pop("pid", None)
-                changed = True
-        if changed:
-            self.save()
-        return changed
-
-
-class StageRecord:
-    """Handle given to a running stage to register artefacts and a summary."""
-
-    def __init__(self, manifest: Manifest, entry: dict):
-        self.manifest = manifest
-        self.entry = entry
-
-    @property
-    def summary(self) -> dict:
-        return self.entry["summary"]
-
-    def add(self, *paths: str | os.PathLike, save: bool = True) -> None:
-        """Record artefacts (relative path -> sha256). Call after the file is in place."""
-        for path in paths:
-            rel = self.manifest.relative(path)
-            self.entry["artefacts"][rel] = fileio.sha256_file(self.manifest.run_dir / rel)
-        if save:
-            self.manifest.save()
-
-    def save(self) -> None:
-        self.manifest.save()
+def write(run_dir: str | os.PathLike, data: dict) -> Path:
+    """Save atomically: a crash leaves the previous manifest or the new one, never half of one."""
+    return fileio.write_json(Path(run_dir) / FILENAME, data)
 
 
 def validate(data: Any, source: Path | str = "manifest") -> None:

@@ -17,16 +17,9 @@ from typing import Sequence
 
 import numpy as np
 
+
 ECE_BINS = 15
 _EPS = 1e-12
-# The scalar keys of `classification_metrics`, in report order; aggregate and the workbook use
-# them to pick columns, mark leaders (lower is better for the losses) and format percentages.
-SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "precision_macro", "recall_macro",
-                  "f1_micro", "precision_micro", "recall_micro", "loss", "nll", "ece", "brier")
-LOWER_IS_BETTER = frozenset({"loss", "nll", "ece", "brier"})
-PERCENT_METRICS = frozenset({"accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro",
-                             "f1_micro", "precision_micro", "recall_micro", "ece"})
-
 
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """Row-wise log-softmax of logits / temperature in float64, stable for large logits."""

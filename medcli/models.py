@@ -1,10 +1,11 @@
-"""One model factory for every architecture medcli trains: `create`, `rebuild`, `load_run_model`.
+"""One model factory for every architecture medcli trains: `create` and `rebuild`.
 
 Like timm's `create_model`, one function builds any model by name, adapted to the dataset
 (class count, grayscale or RGB, input size) and optionally initialised from ImageNet or a
 local file. It returns the model and a plain JSON *spec* that goes into the run manifest, so
 that `rebuild(spec)` gives the same architecture later (evaluate, explain) without the
-network. This module imports torch and timm at the top: commands import it lazily.
+network (`medcli.run.Run.load_model` adds a run's checkpoint). This module imports torch and
+timm at the top: commands import it lazily.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import socket
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 from urllib.parse import urlparse
 
 import timm
@@ -24,9 +25,6 @@ from torch import nn
 
 from medcli import console
 from medcli.errors import UsageError
-
-if TYPE_CHECKING:
-    from medcli.manifest import Manifest
 
 ALIASES = {  # medcli name -> (architecture, library)
     "resnet18": ("resnet18", "torchvision"),
@@ -43,7 +41,6 @@ SMALL_MAP_POSITIONS = 4  # SmallMapConv2d: output maps of at most this many posi
 _VIT_MODULES = {"vision_transformer", "deit"}
 CONNECT_TIMEOUT_S = 3.0  # reachability probe before a download
 SOCKET_TIMEOUT_S = 30.0  # any single socket operation while downloading weights
-RUN_CHECKPOINTS = ("best", "last")
 WEIGHTS_FIX = "pass a state dict saved from this architecture"
 
 
@@ -216,6 +213,43 @@ def _timm_model(spec: Mapping[str, Any], **load: Any) -> nn.Module:
     return model
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dimensions, (N, C, H, W) -> (N, C, 1, 1): what
+    `nn.AdaptiveAvgPool2d(1)` computes, with a deterministic CUDA backward (the adaptive
+    pool's backward has none, so strict mode would stop at the first step)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
+def make_deterministic(model: nn.Module) -> list[str]:
+    """Replace, in place, the modules whose CUDA backward is not deterministic by exact
+    deterministic equivalents; returns what was replaced (for the manifest). Global average
+    pooling is the one ResNets and timm CNNs use; no parameters change, so checkpoints load
+    into the plain model as well."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, GlobalAvgPool())
+            replaced.append(f"{name}: AdaptiveAvgPool2d(1) -> mean over H, W")
+    return replaced
+
+
+def pretrained_stats(model: nn.Module, spec: Mapping[str, Any]) -> tuple[tuple, tuple] | None:
+    """(mean, std) per RGB channel that the model's pretrained weights expect, None for a model
+    trained from scratch. timm models carry theirs in their pretrained config (many ViT weights
+    use 0.5/0.5, not ImageNet's); torchvision's ResNet-18 weights use ImageNet's."""
+    if not spec.get("pretrained"):
+        return None
+    if resolve(spec["name"])[1] == "timm":
+        config = timm.data.resolve_model_data_config(model)
+        return tuple(config["mean"]), tuple(config["std"])
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+
 # -- weights ----------------------------------------------------------------------------------
 def _load_imagenet(model: nn.Module, spec: dict) -> nn.Module | None:
     """The model with ImageNet weights, or None (after one warning) when they cannot be had."""
@@ -304,7 +338,7 @@ def _one_line(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
-def _read_state_dict(path: Path, damaged_fix: str) -> dict:
+def read_state_dict(path: Path, damaged_fix: str) -> dict:
     """The tensors in a torch file: a bare state dict or a checkpoint's "state_dict"/"model".
 
     Wrapper prefixes from DataParallel ("module.") and torch.compile ("_orig_mod.") are
@@ -332,7 +366,7 @@ def _read_state_dict(path: Path, damaged_fix: str) -> dict:
 def _read_weights_file(path: Path) -> dict:
     if not path.is_file():
         raise UsageError(f"weights file {path} does not exist; pass the path of a .pt/.pth state dict")
-    return _read_state_dict(path, WEIGHTS_FIX)
+    return read_state_dict(path, WEIGHTS_FIX)
 
 
 def _load_resnet_state(model: nn.Module, spec: dict, state: dict, source: str, fix: str) -> nn.Module:
@@ -418,22 +452,3 @@ def resize_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     resized = resized * (weight.shape[-2] * weight.shape[-1] / taps)
     resized += (weight.float().sum((2, 3), keepdim=True) - resized.sum((2, 3), keepdim=True)) / taps
     return resized.to(weight.dtype)
-
-
-# -- runs ---------------------------------------------------------------------------------------
-def load_run_model(manifest: Manifest, checkpoint: str = "best", device: str | torch.device = "cpu") -> nn.Module:
-    """The trained model of a run (manifest "model" spec + checkpoints/<checkpoint>.pt), in eval mode."""
-    if checkpoint not in RUN_CHECKPOINTS:
-        raise UsageError(f"unknown checkpoint '{checkpoint}'; choose {' or '.join(RUN_CHECKPOINTS)}")
-    spec = manifest.data.get("model")
-    if not isinstance(spec, Mapping) or "name" not in spec:
-        raise UsageError(f"run {manifest.run_dir} has no model spec in its manifest; re-train it with medcli train")
-    relative = f"checkpoints/{checkpoint}.pt"
-    path = manifest.path(relative)
-    other = RUN_CHECKPOINTS[1 - RUN_CHECKPOINTS.index(checkpoint)]
-    if not path.is_file():
-        raise UsageError(f"run {manifest.run_dir} has no {relative}; train it first with medcli train")
-    state = _read_state_dict(path, f"re-train or use --checkpoint {other}")
-    model = rebuild(spec)
-    load_state(model, state, spec["name"], relative, "re-train this run or restore its checkpoint")
-    return model.to(device).eval()

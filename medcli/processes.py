@@ -1,8 +1,11 @@
-"""Run locking (one writer per run directory) and finding / ending stale medcli processes.
+"""Finding and ending stale medcli processes.
 
 A medcli process is recognised by its command line (the `medcli` console script, or
 `python -m medcli`), never by a substring match, so editors or greps that mention medcli
-are left alone. Only the current user's processes are ever considered.
+are left alone. Only the current user's processes are ever considered. The runs a process
+works on are the run directories whose stage locks (`medcli.run.STAGE_LOCK_PREFIX`) it
+holds open. Processes are signalled through the psutil handle they were found with, which
+checks the process's start time, so a pid reused by an unrelated process is never hit.
 """
 
 from __future__ import annotations
@@ -12,38 +15,15 @@ import re
 import shutil
 import subprocess
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
 from medcli.errors import UsageError
 
-LOCK_NAME = ".lock"
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-@contextmanager
-def run_lock(run_dir: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive lock on a run directory, or fail at once with a clear message."""
-    from filelock import FileLock, Timeout
-
-    path = Path(run_dir) / LOCK_NAME
-    lock = FileLock(path, timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise UsageError(
-            f"run {run_dir} is in use by another medcli process; wait for it to finish "
-            f"or end it with 'medcli clean-processes --yes'"
-        ) from None
-    except OSError as exc:
-        raise UsageError(f"cannot lock run {run_dir}: {exc.strerror}; check the directory is writable") from exc
-    try:
-        yield
-    finally:
-        lock.release()
+CPU_SAMPLE_S = 0.2  # psutil's first cpu_percent() reading is always 0: prime, wait, read
 
 
 def parse_duration(text: str) -> float:
@@ -66,9 +46,10 @@ class MedcliProcess:
     rss_mb: float = 0.0
     gpu_mb: float | None = None
     device: str | None = None
+    handle: Any = field(default=None, repr=False, compare=False)  # psutil.Process, start-time checked
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "handle"}
 
 
 def _is_medcli(cmdline: list[str]) -> int | None:
@@ -125,79 +106,103 @@ def _protected_pids() -> set[int]:
     return {me.pid, *(p.pid for p in me.parents())}
 
 
+def _run_dirs(proc) -> list[str]:
+    from medcli.run import STAGE_LOCK_PREFIX
+
+    return sorted({str(Path(f.path).parent) for f in proc.open_files() if Path(f.path).name.startswith(STAGE_LOCK_PREFIX)})
+
+
 def find_processes(older_than_s: float = 0.0) -> list[MedcliProcess]:
     """The current user's medcli processes other than this one, oldest first."""
     import psutil
 
     skip = _protected_pids()
     uid = os.getuid()
-    gpu = _gpu_memory()
     now = time.time()
-    found = []
+    candidates = []
     for proc in psutil.process_iter(["pid", "uids", "cmdline", "create_time"]):
         try:
             if proc.pid in skip or proc.info["uids"] is None or proc.info["uids"].real != uid:
                 continue
             cmdline = proc.info["cmdline"] or []
             start = _is_medcli(cmdline)
-            if start is None:
+            if start is None or now - proc.info["create_time"] < older_than_s:
                 continue
-            age = now - proc.info["create_time"]
-            if age < older_than_s:
-                continue
-            args = cmdline[start:]
-            locks = [Path(f.path).parent for f in proc.open_files() if Path(f.path).name == LOCK_NAME]
-            found.append(
-                MedcliProcess(
-                    pid=proc.pid,
-                    age_s=round(age, 1),
-                    command=" ".join(["medcli", *args]),
-                    subcommand=_subcommand(args),
-                    run_dirs=sorted(str(p) for p in locks),
-                    cpu_percent=proc.cpu_percent(interval=None),
-                    rss_mb=round(proc.memory_info().rss / 2**20, 1),
-                    gpu_mb=gpu.get(proc.pid),
-                    device=_option(args, "--device"),
+            proc.cpu_percent(interval=None)  # prime: the reading after the sample below is real
+            candidates.append((proc, cmdline[start:]))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    if not candidates:
+        return []
+    time.sleep(CPU_SAMPLE_S)
+    gpu = _gpu_memory()
+    found = []
+    for proc, args in candidates:
+        try:
+            with proc.oneshot():
+                found.append(
+                    MedcliProcess(
+                        pid=proc.pid,
+                        age_s=round(now - proc.info["create_time"], 1),
+                        command=" ".join(["medcli", *args]),
+                        subcommand=_subcommand(args),
+                        run_dirs=_run_dirs(proc),
+                        cpu_percent=proc.cpu_percent(interval=None),
+                        rss_mb=round(proc.memory_info().rss / 2**20, 1),
+                        gpu_mb=gpu.get(proc.pid),
+                        device=_option(args, "--device"),
+                        handle=proc,
+                    )
                 )
-            )
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
     return sorted(found, key=lambda p: -p.age_s)
 
 
-def end_processes(procs: list[MedcliProcess], grace_s: float = 10.0) -> list[dict]:
-    """SIGTERM each process, SIGKILL whatever is left after `grace_s`, then mark the runs
-    they held as interrupted (a process killed hard cannot do that itself)."""
+def _signal(procs: list, method: str) -> tuple[list, dict[int, str]]:
+    """Call terminate/kill on each handle; the ones signalled, and pid -> why not for the rest."""
     import psutil
 
-    from medcli.manifest import Manifest
+    sent, failed = [], {}
+    for proc in procs:
+        try:
+            getattr(proc, method)()  # psutil checks the start time: a reused pid raises NoSuchProcess
+            sent.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.AccessDenied:
+            failed[proc.pid] = "permission denied"
+    return sent, failed
 
-    handles = []
-    for entry in procs:
-        try:
-            proc = psutil.Process(entry.pid)
-            proc.terminate()
-            handles.append(proc)
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(handles, timeout=grace_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=grace_s)
-    killed = {p.pid for p in alive}
+
+def end_processes(procs: list[MedcliProcess], grace_s: float = 10.0) -> list[dict]:
+    """SIGTERM each process, SIGKILL whatever is left after `grace_s`, then mark the stages
+    they were running as interrupted (a process killed hard cannot do that itself)."""
+    import psutil
+
+    from medcli.run import Run
+
+    handles = [p.handle or psutil.Process(p.pid) for p in procs]
+    terminated, failed = _signal(handles, "terminate")
+    _, alive = psutil.wait_procs(terminated, timeout=grace_s)
+    killed, kill_failed = _signal(alive, "kill")
+    failed.update(kill_failed)
+    _, survivors = psutil.wait_procs(killed, timeout=grace_s)
+    still_alive = {p.pid for p in survivors} | set(failed)
     results = []
     for entry in procs:
         marked = []
-        for run_dir in entry.run_dirs:
-            try:
-                if Manifest.load(run_dir).mark_interrupted(f"ended by clean-processes (pid {entry.pid})"):
+        if entry.pid not in still_alive:
+            for run_dir in entry.run_dirs:
+                try:
+                    stages = Run.open(run_dir).mark_interrupted(f"ended by clean-processes (pid {entry.pid})", pid=entry.pid)
+                except UsageError:
+                    continue
+                if stages:
                     marked.append(run_dir)
-            except UsageError:
-                continue
-        results.append({**entry.to_dict(), "signal": "SIGKILL" if entry.pid in killed else "SIGTERM",
+        signal = None if entry.pid in still_alive else "SIGKILL" if entry.pid in {p.pid for p in killed} else "SIGTERM"
+        results.append({**entry.to_dict(), "signal": signal, "ended": entry.pid not in still_alive,
+                        "error": failed.get(entry.pid) or ("still running after SIGKILL" if entry.pid in still_alive else None),
                         "runs_marked_interrupted": marked})
     return results
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from medcli import fileio
 from medcli.errors import UsageError
-from medcli.metrics import PERCENT_METRICS, SCALAR_METRICS
+from medcli.names import PERCENT_METRICS, SCALAR_METRICS, short_names
 
 PROB_PREFIX = "prob_"
 PREDICTION_COLUMNS = ("index", "label", "prediction")
@@ -26,27 +26,6 @@ PERCENT = "0.00%"
 DECIMAL = "0.0000"
 INTEGER = "0"
 _DPI = 130
-
-
-# ---------------------------------------------------------------------------------------
-# Class names on axes
-# ---------------------------------------------------------------------------------------
-
-
-def short_names(names: Sequence[str], width: int = 18) -> list[str]:
-    """Axis-friendly class names: drop a parenthesised explanation, then cut to `width`.
-
-    BloodMNIST's "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)"
-    becomes "immature granulocytes". If two names collapse to the same text the class index
-    is appended so the axes stay unambiguous.
-    """
-    shortened = []
-    for name in names:
-        text = str(name).split("(")[0].strip() or str(name)
-        shortened.append(text if len(text) <= width else text[: width - 1].rstrip() + "…")
-    if len(set(shortened)) < len(shortened):
-        shortened = [f"{text} [{i}]" for i, text in enumerate(shortened)]
-    return shortened
 
 
 # ---------------------------------------------------------------------------------------
@@ -201,6 +180,43 @@ def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str) -> Pa
     return save_figure(fig, path)
 
 
+def save_curves(path, history: Sequence[dict], monitor: str) -> Path:
+    """Training curves: loss, accuracy and learning rate per epoch (train's `history`)."""
+    from matplotlib.figure import Figure
+
+    epochs = [row["epoch"] for row in history]
+    fig = Figure(figsize=(13, 3.6), layout="constrained")
+    axes = fig.subplots(1, 3)
+    axes[0].plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
+    axes[0].plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    axes[0].set_title("loss")
+    axes[1].plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
+    axes[1].plot(epochs, [r["val_acc"] for r in history], "o-", label="val")
+    axes[1].plot(epochs, [r["val_f1"] for r in history], "--", label="val macro F1")
+    axes[1].set_title("accuracy")
+    axes[2].plot(epochs, [r["lr"] for r in history], "o-")
+    axes[2].set_title("learning rate (last step of epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    axes[1].legend()
+    fig.suptitle(f"monitor: val {monitor}")
+    return save_figure(fig, path)
+
+
+def write_table(path, rows: Sequence[dict], columns: Sequence[str]) -> Path:
+    """A CSV of `rows` with exactly `columns` (a missing value is an empty cell)."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: row.get(key) for key in columns} for row in rows)
+    return fileio.write_text(path, buffer.getvalue())
+
+
 # ---------------------------------------------------------------------------------------
 # Predictions CSV and plot-confusion
 # ---------------------------------------------------------------------------------------
@@ -262,17 +278,17 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
     False draws that one panel. The default output is the run's
     `figures/confusion_<split>[_normalized|_counts].png`, or beside the CSV.
     """
-    from medcli.manifest import Manifest
+    from medcli.run import Run
 
     target = Path(target)
     suffix = {None: "", True: "_normalized", False: "_counts"}[normalize]
     if not target.exists():
         raise UsageError(f"{target} does not exist; pass a run directory or a predictions CSV from 'medcli evaluate'")
     if target.is_dir():
-        Manifest.load(target)  # a directory must be a readable run (one-line refusal otherwise)
-        csv = target / "predictions" / f"{split}.csv"
-        default_out = target / "figures" / f"confusion_{split}{suffix}.png"
-        title = f"{target.name} · {split}"
+        run = Run.open(target)  # a directory must be a readable run (one-line refusal otherwise)
+        csv = run.path(f"predictions/{split}.csv")
+        default_out = run.path(f"figures/confusion_{split}{suffix}.png")
+        title = f"{run.run_id} · {split}"
     else:
         csv = target
         default_out = target.with_name(f"confusion_{target.stem}{suffix}.png")

@@ -1,8 +1,8 @@
 """`medcli train`: one training loop for CNNs and ViTs, resumable, reproducible and fast.
 
-Shaped like torchvision's references/classification/train.py: `resolve_config` (defaults per
-model family and the `--reduced` preset), `train_one_epoch`, `evaluate`, and `train` /
-`resume` as the two entry points. The whole split lives on the training device as one uint8
+Shaped like torchvision's references/classification/train.py: `train_one_epoch`, `evaluate`,
+and `train` / `resume` as the two entry points (the options become a config in
+`medcli.config`). The whole split lives on the training device as one uint8
 tensor; each epoch draws a seeded permutation and batches are made by indexing, then
 augmented, resized and normalised on the device (`medcli.augment`). There is no DataLoader:
 at 28 px the model, not the data, is the cost.
@@ -12,211 +12,33 @@ history), `checkpoints/best.pt` when the monitored validation metric improves,
 `history.csv` and `figures/curves.png`, all atomically. `resume` restores all of it, so an
 interrupted and resumed run ends with the same weights as an uninterrupted one.
 
-`medcli.datasets` (numpy) and torch are imported inside functions: the CLI imports this module
-for its `--help` text, which must stay instant.
+`medcli.datasets` (numpy) and torch are imported inside functions.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import os
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 from medcli import augment, console, fileio, inference
+from medcli.config import fine_tune_lr, resolve_config, run_name
 from medcli.errors import UsageError
-from medcli.manifest import Manifest, create_run_dir, environment
+from medcli.manifest import environment
+from medcli.names import MONITORS, SCALAR_METRICS
+from medcli.run import Run
 
-OPTIMIZERS = ("sgd", "adamw")
-# --monitor choice -> (key in metrics.classification_metrics, direction)
-MONITORS = {"acc": ("accuracy", "max"), "auc": ("auc", "max"), "f1": ("f1_macro", "max"), "loss": ("loss", "min")}
-HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_f1", "seconds")
+if TYPE_CHECKING:
+    from medcli import datasets
 
-# Defaults per model family (for a batch of 128, training from scratch). CNNs: SGD with
-# Nesterov momentum, a one-epoch warm-up and cosine decay. ViTs have no convolutional prior
-# and are unstable early, so AdamW, a longer warm-up, stronger weight decay. Both use label
-# smoothing. Pretrained or --weights starts divide the learning rate by 10 (fine-tuning).
-FAMILY_DEFAULTS = {
-    "cnn": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1.0, "epochs": 60,
-            "batch_size": 128, "label_smoothing": 0.1, "mixup_alpha": 0.0},
-    "vit": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 5.0, "epochs": 100,
-            "batch_size": 128, "label_smoothing": 0.1, "mixup_alpha": 0.2},
-}
-# --reduced: CPU-friendly presets, 28-px model input. CNN: the stride-1 3x3 stem keeps its
-# max-pool (4x fewer FLOPs), and batch 64 gives twice the updates of batch 128 for the same
-# compute (batch 128 reached 94.9% test accuracy in 4 epochs, underfitting). Measured on 2
-# CPU cores: 3 epochs 96.76% test in 5.8 min (with models.SmallMapConv2d; 6.8 min without),
-# 4 epochs 96.93% in 9.0 min, 2 epochs 95.64%; 3 is the preset.
-# ViT: the built-in ViT names become a narrow, shallow ViT with 4-px patches on the 28-px image
-# (49 tokens instead of 196 at 224 px with 16-px patches). 10 epochs reached 95.26% test in
-# 11.1 min on 2 cores, 8 epochs 94.48-94.88% in 9.2 min (lr 2e-3 or batch 64: also 94.48%); 8 is the preset.
-REDUCED = {
-    "cnn": {"epochs": 3, "input_size": 28, "warmup_epochs": 0.5, "mixup_alpha": 0.0, "batch_size": 64, "lr": 0.05},
-    "vit": {"epochs": 8, "input_size": 28, "warmup_epochs": 1.0, "mixup_alpha": 0.0},
-}
-# Every ViT gets 4-px patches (a 16-px patch does not even divide 28 px); the built-in names
-# (vit, vit-small, vit-tiny) become a 6-block, 128-wide ViT: a training step then costs about
-# 0.6x a reduced ResNet-18 step on CPU, where the 192-wide ViT-Tiny costs 1.2x.
-REDUCED_VIT = {"variant": "vit-tiny", "patch_size": 4, "shape": {"depth": 6, "embed_dim": 128, "num_heads": 4}}
-FULL_VIT_INPUT = 224
-# channels_last (NHWC) suits cuDNN and oneDNN convolutions: one ResNet-18 (28 px, max-pool
-# kept, batch 128) training step took 3.7-4.0 s instead of 4.7-5.2 s on this 2-core CPU.
-CHANNELS_LAST_ON_CPU = True
 EVAL_BATCH = 512
+HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_f1", "seconds")
 # What last.pt must hold for --resume to continue exactly where the run stopped.
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "best", "bad_epochs")
-
-
-def reduced_help() -> str:
-    """The `--reduced` preset in words, for `medcli train --help`."""
-    cnn, vit = REDUCED["cnn"], REDUCED["vit"]
-    return (f"CPU-friendly preset: {cnn['input_size']}-px input; CNNs {cnn['epochs']} epochs, batch {cnn['batch_size']} "
-            f"(resnet18 keeps its max-pool); vit/vit-small/vit-tiny become a {REDUCED_VIT['shape']['depth']}-block, "
-            f"{REDUCED_VIT['shape']['embed_dim']}-wide ViT; ViTs use {REDUCED_VIT['patch_size']}-px patches, {vit['epochs']} epochs.")
-
-
-def defaults_help() -> str:
-    cnn, vit = FAMILY_DEFAULTS["cnn"], FAMILY_DEFAULTS["vit"]
-    return (f"Defaults: CNN {cnn['optimizer'].upper()} (Nesterov) lr {cnn['lr']} wd {cnn['weight_decay']} "
-            f"{cnn['epochs']} epochs, {cnn['warmup_epochs']:g} warm-up; ViT AdamW lr {vit['lr']} wd {vit['weight_decay']} "
-            f"{vit['epochs']} epochs, {vit['warmup_epochs']:g} warm-up, MixUp {vit['mixup_alpha']}, {FULL_VIT_INPUT}-px input; "
-            f"cosine per step, label smoothing 0.1, batch 128; lr / 10 with pretrained weights.")
-
-
-# ---------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------
-
-def resolve_config(
-    *,
-    dataset: str = "bloodmnist",
-    size: int = 28,
-    model: str = "resnet18",
-    reduced: bool = False,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    optimizer: str | None = None,
-    warmup_epochs: float | None = None,
-    label_smoothing: float | None = None,
-    mixup_alpha: float | None = None,
-    patience: int | None = None,
-    monitor: str = "acc",
-    seed: int = 0,
-    deterministic: bool = False,
-    device: str = "auto",
-    amp: str | None = None,
-    compile: bool = False,
-    pretrained: bool = False,
-    weights: str | None = None,
-    input_size: int | None = None,
-    root: str | os.PathLike | None = None,
-    runs_dir: str | os.PathLike = "runs",
-    flips: bool | None = None,
-    rotate: float | None = None,
-    crop_scale: float | None = None,
-    jitter: float | None = None,
-) -> dict:
-    """Every option resolved to a value (None -> family default or preset), validated.
-
-    The result is the manifest's `config`: a run can be repeated from it alone.
-    """
-    from medcli import datasets, models
-
-    flag = dataset.lower()
-    meta = datasets.info(flag)
-    if meta["task"] == "multi-label, binary-class":
-        raise UsageError(f"{flag} is multi-label; medcli train supports single-label datasets only for now, "
-                         f"choose another --dataset")
-    datasets.check_size(size)
-    fam = models.family(model)
-    chosen = dict(FAMILY_DEFAULTS[fam])
-    overrides: dict[str, Any] = {}
-    name = model
-    if reduced:
-        chosen.update(REDUCED[fam])
-        if fam == "vit":
-            overrides["patch_size"] = REDUCED_VIT["patch_size"]
-            if model in models.ALIASES:
-                name = REDUCED_VIT["variant"]
-                overrides.update(REDUCED_VIT["shape"])
-        elif model == "resnet18":
-            overrides["keep_maxpool"] = True
-    elif fam == "vit":
-        chosen["input_size"] = FULL_VIT_INPUT
-    if pretrained or weights:
-        chosen["lr"] /= 10
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-             "optimizer": optimizer, "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing,
-             "mixup_alpha": mixup_alpha, "input_size": input_size}
-    chosen.update({key: value for key, value in given.items() if value is not None})
-    chosen.setdefault("input_size", size)
-    _check_numbers(chosen, patience, monitor)
-    dev = inference.resolve_device(device)
-    return {
-        "dataset": flag,
-        "size": int(size),
-        "model": model,
-        "variant": name,
-        "model_overrides": overrides,
-        "reduced": bool(reduced),
-        "epochs": int(chosen["epochs"]),
-        "batch_size": int(chosen["batch_size"]),
-        "lr": float(chosen["lr"]),
-        "weight_decay": float(chosen["weight_decay"]),
-        "optimizer": chosen["optimizer"].lower(),
-        "momentum": 0.9,
-        "warmup_epochs": float(chosen["warmup_epochs"]),
-        "label_smoothing": float(chosen["label_smoothing"]),
-        "mixup_alpha": float(chosen["mixup_alpha"]),
-        "patience": int(patience) if patience else None,
-        "monitor": monitor,
-        "seed": int(seed),
-        "deterministic": bool(deterministic),
-        "device": str(dev),
-        "amp": inference.resolve_amp(dev, amp),
-        "compile": bool(compile),
-        "channels_last": fam == "cnn" and (dev.type == "cuda" or CHANNELS_LAST_ON_CPU),
-        "pretrained": bool(pretrained),
-        "weights": str(Path(weights).expanduser().resolve()) if weights else None,
-        "input_size": int(chosen["input_size"]),
-        "root": str(Path(root if root is not None else datasets.default_root()).expanduser().resolve()),
-        "runs_dir": str(Path(runs_dir).expanduser().resolve()),
-        "augment": augment.for_dataset(flag, flips=flips, rotate=rotate, crop_scale=crop_scale, jitter=jitter).to_dict(),
-    }
-
-
-def _check_numbers(chosen: dict, patience: int | None, monitor: str) -> None:
-    checks = [
-        (chosen["epochs"] > 0, f"--epochs must be at least 1 (got {chosen['epochs']})"),
-        (chosen["batch_size"] > 0, f"--batch-size must be at least 1 (got {chosen['batch_size']})"),
-        (chosen["lr"] > 0, f"--lr must be positive (got {chosen['lr']})"),
-        (chosen["weight_decay"] >= 0, f"--weight-decay must be >= 0 (got {chosen['weight_decay']})"),
-        (chosen["warmup_epochs"] >= 0, f"--warmup-epochs must be >= 0 (got {chosen['warmup_epochs']})"),
-        (0 <= chosen["label_smoothing"] < 1, f"--label-smoothing must be in [0, 1) (got {chosen['label_smoothing']})"),
-        (chosen["mixup_alpha"] >= 0, f"--mixup-alpha must be >= 0 (got {chosen['mixup_alpha']})"),
-        (chosen["optimizer"].lower() in OPTIMIZERS, f"unknown --optimizer '{chosen['optimizer']}'; choose sgd or adamw"),
-        (chosen["input_size"] >= 8, f"--input-size must be at least 8 px (got {chosen['input_size']})"),
-        (patience is None or patience >= 0, f"--patience must be >= 0 (got {patience})"),
-        (monitor in MONITORS, f"unknown --monitor '{monitor}'; choose one of {', '.join(MONITORS)}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UsageError(message)
-
-
-def run_name(config: dict) -> str:
-    model = re.sub(r"[^A-Za-z0-9._-]+", "-", config["model"])
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{stamp}_{config['dataset']}{config['size']}_{model}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -235,16 +57,13 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
 
 
 def make_optimizer(model, config: dict, device):
-    """SGD (Nesterov) or AdamW; no weight decay on biases, norms and timm's tokens/embeddings."""
+    """SGD (Nesterov) or AdamW; timm's parameter groups: no weight decay on biases, norms and the
+    model's own `no_weight_decay()` names (ViT tokens and position embeddings)."""
     import torch
+    from timm.optim import param_groups_weight_decay
 
-    skip = set(getattr(model, "no_weight_decay", lambda: set())())
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": config["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+    skip = getattr(model, "no_weight_decay", lambda: set())()
+    groups = param_groups_weight_decay(model, config["weight_decay"], no_weight_decay_list=skip)
     fused = {"fused": True} if device.type == "cuda" else {}
     if config["optimizer"] == "sgd":
         return torch.optim.SGD(groups, lr=config["lr"], momentum=config["momentum"], nesterov=True, **fused)
@@ -266,8 +85,10 @@ def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
 def determinism(config: dict, device) -> Iterator[None]:
     """Seed torch; in strict mode force deterministic kernels (restored afterwards).
 
-    Strict mode: `torch.use_deterministic_algorithms(True)`, cuBLAS workspace config, cuDNN
-    benchmark off. Otherwise cuDNN may benchmark convolutions (fastest, not bit-exact).
+    Strict mode: `torch.use_deterministic_algorithms(True)` (an op without a deterministic
+    kernel raises), cuBLAS workspace config, cuDNN benchmark off; ops medcli knows to lack a
+    deterministic CUDA backward are replaced in the model (`models.make_deterministic`).
+    Otherwise cuDNN may benchmark convolutions (fastest, not bit-exact).
     """
     import torch
 
@@ -282,6 +103,14 @@ def determinism(config: dict, device) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(previous[0])
         torch.backends.cudnn.benchmark = previous[1]
+
+
+def determinism_record(config: dict, replaced: list[str]) -> dict:
+    """What strict mode did, for the manifest's environment."""
+    if not config["deterministic"]:
+        return {"strict": False}
+    return {"strict": True, "deterministic_algorithms": True, "warn_only": False, "cudnn_benchmark": False,
+            "replaced": replaced}
 
 
 # ---------------------------------------------------------------------------------------
@@ -324,22 +153,38 @@ class State:
     best: dict = field(default_factory=lambda: {"epoch": None, "value": None})
     bad_epochs: int = 0
 
-    def rng(self) -> dict:
+    def rng(self, device) -> dict:
+        """Every random stream, with the device type it was taken on (the CUDA states only
+        apply to CUDA; the data and augmentation generators live on the CPU everywhere)."""
         import torch
 
-        state = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(), "aug": self.aug_gen.get_state()}
-        if torch.cuda.is_available():
+        state = {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(), "aug": self.aug_gen.get_state(),
+                 "device_type": device.type}
+        if device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state_all()
         return state
 
-    def set_rng(self, state: dict) -> None:
+    def set_rng(self, state: dict, device) -> None:
+        """Restore the streams saved by `rng`. On the same device type the run continues
+        bit-identically; on another one (or a machine with fewer GPUs) what can be restored is,
+        and the rest is re-seeded from the run's seed and epoch, with a warning."""
         import torch
 
         torch.set_rng_state(state["torch"])
         self.data_gen.set_state(state["data"])
-        self.aug_gen.set_state(state["aug"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        saved_type = state.get("device_type", "cuda" if "cuda" in state else "cpu")
+        try:
+            self.aug_gen.set_state(state["aug"])
+        except RuntimeError:  # a checkpoint from before the generator moved to the CPU (a CUDA state)
+            self.aug_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.data_gen)))
+            console.warn("the checkpoint's augmentation stream belongs to another device type; re-seeded it")
+        if saved_type != device.type:
+            console.warn(f"resuming on {device.type} a run that trained on {saved_type}: it continues from the "
+                         f"same weights and optimizer state, but not bit-identically")
+        elif device.type == "cuda" and state.get("cuda"):
+            saved = state["cuda"]
+            for index in range(min(len(saved), torch.cuda.device_count())):
+                torch.cuda.set_rng_state(saved[index], index)
 
 
 def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, bar, task) -> dict:
@@ -423,13 +268,10 @@ def should_stop(bad_epochs: int, patience: int | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Files
+# Checkpoints
 # ---------------------------------------------------------------------------------------
 
-SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auc", "loss", "f1_macro", "ece")
-
-
-def save_checkpoint(path: Path, state: State, metrics: dict, full: bool) -> Path:
+def save_checkpoint(path: Path, state: State, metrics: dict, full: bool, device) -> Path:
     """torch.save atomically; only tensors, numbers, strings, lists and dicts (weights_only)."""
     import torch
 
@@ -437,51 +279,10 @@ def save_checkpoint(path: Path, state: State, metrics: dict, full: bool) -> Path
                "metrics": {key: metrics.get(key) for key in SCALAR_METRICS}}
     if full:
         payload.update(optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
-                       scaler=state.scaler.state_dict(), rng=state.rng(), history=state.history,
+                       scaler=state.scaler.state_dict(), rng=state.rng(device), history=state.history,
                        best=state.best, bad_epochs=state.bad_epochs)
     with fileio.atomic_path(path) as tmp:
         torch.save(payload, tmp)
-    return path
-
-
-def write_history(path: Path, history: list[dict]) -> Path:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=HISTORY_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: row.get(key) for key in HISTORY_COLUMNS} for row in history)
-    return fileio.write_text(path, buffer.getvalue())
-
-
-def plot_curves(path: Path, history: list[dict], monitor: str) -> Path:
-    """Loss, accuracy and learning rate per epoch (matplotlib Agg, atomic)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    axes[0].plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
-    axes[0].set_title("loss")
-    axes[1].plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
-    axes[1].plot(epochs, [r["val_acc"] for r in history], "o-", label="val")
-    axes[1].plot(epochs, [r["val_f1"] for r in history], "--", label="val macro F1")
-    axes[1].set_title("accuracy")
-    axes[2].plot(epochs, [r["lr"] for r in history], "o-")
-    axes[2].set_title("learning rate (last step of epoch)")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].legend()
-    fig.suptitle(f"monitor: val {monitor}")
-    fig.tight_layout()
-    try:
-        with fileio.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
     return path
 
 
@@ -489,15 +290,15 @@ def plot_curves(path: Path, history: list[dict], monitor: str) -> Path:
 # Entry points
 # ---------------------------------------------------------------------------------------
 
-def train(**options: Any) -> Manifest:
-    """Train a new run (options as `resolve_config`); returns its manifest.
+def train(**options: Any) -> Run:
+    """Train a new run (options as `config.resolve_config`); returns it.
 
     Everything that can be wrong with the options (model, dataset, size, weights, device) is
     checked before the run directory exists, so a usage error leaves nothing behind.
     """
     import torch
 
-    from medcli import datasets
+    from medcli import datasets, models
 
     config = resolve_config(**options)
     device = torch.device(config["device"])
@@ -506,51 +307,60 @@ def train(**options: Any) -> Manifest:
     num_classes = len(datasets.class_names(config["dataset"]))
     with determinism(config, device):
         model, spec = _create_model(config, num_classes, channels)
-        prep = augment.make_prep(config["input_size"], channels, spec.get("pretrained") or bool(config["weights"]))
-        run_dir = create_run_dir(config["runs_dir"], run_name(config))
-        manifest = Manifest.new(
-            run_dir, config=config, dataset=splits.record, model=spec, preprocess=prep,
-            environment=environment(config["device"], config["seed"], config["deterministic"]),
+        config = fine_tune_lr(config, spec["pretrained"])
+        replaced = _strict_model(model, config)
+        prep = augment.make_prep(config["input_size"], channels, models.pretrained_stats(model, spec))
+        run = Run.create(
+            config["runs_dir"], run_name(config), config=config, dataset=splits.record, model=spec, preprocess=prep,
+            environment={**environment(config["device"], config["seed"], config["deterministic"]),
+                         "determinism": determinism_record(config, replaced)},
         )
-        console.info(f"run {run_dir}: {config['model']} ({spec.get('params', 0) / 1e6:.1f} M params) on "
+        console.info(f"run {run.run_dir}: {config['model']} ({spec.get('params', 0) / 1e6:.1f} M params) on "
                      f"{config['dataset']} {config['size']} px -> {config['input_size']} px, {config['device']}, "
-                     f"amp {config['amp']}")
-        fit(manifest, model, splits, checkpoint=None)
-    return manifest
+                     f"amp {config['amp']}, lr {config['lr']:g} ({config['lr_source']})")
+        fit(run, model, splits, checkpoint=None)
+    return run
 
 
-def resume(run: str | os.PathLike, device: str | None = None) -> Manifest:
-    """Continue an interrupted run from its last.pt (same config; optionally another device)."""
+def resume(path: str | os.PathLike, device: str | None = None) -> Run:
+    """Continue an interrupted run from its last.pt, on its own device or `device` (another
+    device type continues from the same state, but not bit-identically)."""
     import torch
 
     from medcli import models
 
-    manifest = Manifest.load(run)
-    stage = manifest.stages.get("train", {})
-    if stage.get("status") == "completed":
-        raise UsageError(f"run {manifest.run_dir} already finished training "
-                         f"({stage.get('summary', {}).get('epochs_run', '?')} epochs); evaluate it with "
-                         f"'medcli evaluate {manifest.run_dir}' or start a new run")
-    config = manifest.config
+    run = Run.open(path)
+    if run.status("train") == "completed":
+        raise UsageError(f"run {run.run_dir} already finished training "
+                         f"({run.stages['train'].get('summary', {}).get('epochs_run', '?')} epochs); evaluate it with "
+                         f"'medcli evaluate {run.run_dir}' or start a new run")
+    config = dict(run.config)
     if device is not None and device != "auto":
-        config["device"] = str(inference.resolve_device(device))
+        dev = inference.resolve_device(device)
+        if dev.type != torch.device(config["device"]).type:  # the precision follows the new device's default
+            config["amp"] = inference.resolve_amp(dev, None)
+        config["device"] = str(dev)
     dev = torch.device(config["device"])
-    inference.resolve_amp(dev, config["amp"])
-    last = manifest.path("checkpoints/last.pt")
-    if not last.is_file() and manifest.path("checkpoints/best.pt").is_file():
-        raise UsageError(f"run {manifest.run_dir} finished epochs but has no checkpoints/last.pt to resume from; "
+    inference.resolve_amp(dev, config["amp"])  # refuses fp16 on a CPU, bf16 on a GPU without it
+    last = run.checkpoint_path("last")
+    if not last.is_file() and run.checkpoint_path("best").is_file():
+        raise UsageError(f"run {run.run_dir} finished epochs but has no checkpoints/last.pt to resume from; "
                          f"restore the file or start a new run")
     checkpoint = _read_checkpoint(last) if last.is_file() else None
     splits = _load(config)
+    if config != run.config:
+        console.info(f"resuming on {config['device']} (amp {config['amp']}); the run trained on "
+                     f"{run.config['device']} (amp {run.config['amp']})")
+        run.update(lambda data: data["config"].update(device=config["device"], amp=config["amp"]))
     with determinism(config, dev):
         if checkpoint is None:  # interrupted before the first epoch ended: start it again
-            spec = manifest.data["model"]
-            model, _ = _create_model(config, spec["num_classes"], spec["in_chans"])
+            model, _ = _create_model(config, run.spec["num_classes"], run.spec["in_chans"])
         else:
-            model = models.rebuild(manifest.data["model"])
-        console.info(f"resuming {manifest.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
-        fit(manifest, model, splits, checkpoint=checkpoint)
-    return manifest
+            model = models.rebuild(run.spec)
+        _strict_model(model, config)
+        console.info(f"resuming {run.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
+        fit(run, model, splits, checkpoint=checkpoint)
+    return run
 
 
 def _create_model(config: dict, num_classes: int, channels: int):
@@ -559,6 +369,13 @@ def _create_model(config: dict, num_classes: int, channels: int):
 
     return models.create(config["variant"], num_classes, channels, config["input_size"],
                          pretrained=config["pretrained"], weights=config["weights"], **config["model_overrides"])
+
+
+def _strict_model(model, config: dict) -> list[str]:
+    """In strict mode, replace the modules without a deterministic CUDA kernel; their names."""
+    from medcli import models
+
+    return models.make_deterministic(model) if config["deterministic"] else []
 
 
 def _load(config: dict) -> datasets.Splits:
@@ -582,15 +399,15 @@ def _read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def fit(manifest: Manifest, model, splits: datasets.Splits, checkpoint: dict | None) -> None:
-    """The epoch loop inside the manifest's train stage (locked; interrupted on Ctrl-C)."""
+def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None) -> None:
+    """The epoch loop inside the run's train stage (locked; interrupted on Ctrl-C)."""
     import torch
 
-    from medcli import datasets
+    from medcli import datasets, reports
 
-    config = manifest.config
+    config = run.config
     device = torch.device(config["device"])
-    prep = manifest.data["preprocess"]
+    prep = run.data["preprocess"]
     _warn_if_device_shared(config["device"])
     if device.type == "cpu":
         use_cpu_threads()
@@ -600,20 +417,19 @@ def fit(manifest: Manifest, model, splits: datasets.Splits, checkpoint: dict | N
     train_data, val_data = Data.of(splits, "train", device), Data.of(splits, "val", device)
     steps = len(train_data) // min(config["batch_size"], len(train_data))
     optimizer = make_optimizer(model, config, device)
-    data_gen = torch.Generator().manual_seed(config["seed"])
-    aug_gen = torch.Generator(device=device).manual_seed(config["seed"] + 1)
     state = State(model=model, forward=torch.compile(model) if config["compile"] else model, optimizer=optimizer,
                   scheduler=make_scheduler(optimizer, config, steps),
                   scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
-                  data_gen=data_gen, aug_gen=aug_gen, num_classes=manifest.data["model"]["num_classes"])
+                  data_gen=torch.Generator().manual_seed(config["seed"]),
+                  aug_gen=torch.Generator().manual_seed(config["seed"] + 1),  # CPU: the same stream on any device
+                  num_classes=run.spec["num_classes"])
     if checkpoint is not None:
-        _restore(state, checkpoint, manifest)
+        _restore(state, checkpoint, run, device)
     class_names = datasets.class_names(config["dataset"])
-    run_dir = manifest.run_dir
-    files = {"last": run_dir / "checkpoints" / "last.pt", "best": run_dir / "checkpoints" / "best.pt",
-             "history": run_dir / "history.csv", "curves": run_dir / "figures" / "curves.png"}
+    files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best"),
+             "history": run.path("history.csv"), "curves": run.path("figures/curves.png")}
 
-    with manifest.stage("train") as st, console.progress() as bar:
+    with run.stage("train") as st, console.progress() as bar:
         summary = st.summary
         summary.setdefault("train_seconds", 0.0)
         epochs_task = bar.add_task("epochs", total=config["epochs"], completed=state.epoch, unit="epoch")
@@ -639,10 +455,10 @@ def fit(manifest: Manifest, model, splits: datasets.Splits, checkpoint: dict | N
                 "val_f1": val["f1_macro"], "seconds": round(time.perf_counter() - started, 3),
             })
             if is_best:
-                save_checkpoint(files["best"], state, val, full=False)
-            save_checkpoint(files["last"], state, val, full=True)
-            write_history(files["history"], state.history)
-            plot_curves(files["curves"], state.history, config["monitor"])
+                save_checkpoint(files["best"], state, val, full=False, device=device)
+            save_checkpoint(files["last"], state, val, full=True, device=device)
+            reports.write_table(files["history"], state.history, HISTORY_COLUMNS)
+            reports.save_curves(files["curves"], state.history, config["monitor"])
             summary.update(
                 epochs_run=state.epoch, best_epoch=state.best["epoch"], monitor=config["monitor"],
                 best_value=state.best["value"], stopped_early=stopped_early,
@@ -668,26 +484,30 @@ def _warn_if_device_shared(device: str) -> None:
 
 
 def use_cpu_threads() -> None:
-    """All cores for CPU training, unless OMP_NUM_THREADS says otherwise.
+    """One thread per CPU this process may run on (affinity and cgroup quota, not the host's
+    core count), unless OMP_NUM_THREADS says otherwise.
 
-    On a machine shared with other jobs fewer threads can be several times faster (measured
-    3x on 2 busy cores): OpenMP workers spin-wait for cores that other processes hold.
+    Oversubscription is expensive: OpenMP workers spin-wait for cores that other processes
+    hold (measured 3x slower on 2 busy cores).
     """
     import torch
 
+    from medcli import system
+
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(system.usable_cpus())
 
 
-def _restore(state: State, checkpoint: dict, manifest: Manifest) -> None:
+def _restore(state: State, checkpoint: dict, run: Run, device) -> None:
     from medcli import models
 
-    models.load_state(state.model, checkpoint["model"], manifest.data["model"]["name"], "checkpoints/last.pt",
+    models.load_state(state.model, checkpoint["model"], run.spec["name"], "checkpoints/last.pt",
                       "restore the run's own checkpoint or start a new run")
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.scheduler.load_state_dict(checkpoint["scheduler"])
-    state.scaler.load_state_dict(checkpoint["scaler"])
-    state.set_rng(checkpoint["rng"])
+    if checkpoint["scaler"] and state.scaler.is_enabled():  # an fp16 scale survives only where fp16 runs
+        state.scaler.load_state_dict(checkpoint["scaler"])
+    state.set_rng(checkpoint["rng"], device)
     state.epoch = int(checkpoint["epoch"])
     state.history = list(checkpoint["history"])
     state.best = dict(checkpoint["best"])
@@ -702,9 +522,9 @@ def _epoch_line(state: State, config: dict, train_stats: dict, val: dict, is_bes
             f"{train_stats['images_per_s']:.0f} img/s{'  *best' if is_best else ''}")
 
 
-def summary(manifest: Manifest) -> dict:
+def summary(run: Run) -> dict:
     """What `medcli train --json` prints: where the run is and how training ended."""
-    stage = manifest.stages.get("train", {})
-    return {"run_dir": str(manifest.run_dir), "run_id": manifest.run_id, "model": manifest.config["model"],
-            "dataset": manifest.config["dataset"], "size": manifest.config["size"], "status": stage.get("status"),
+    stage = run.stages.get("train", {})
+    return {"run_dir": str(run.run_dir), "run_id": run.run_id, "model": run.config["model"],
+            "dataset": run.config["dataset"], "size": run.config["size"], "status": stage.get("status"),
             **stage.get("summary", {})}

@@ -53,13 +53,13 @@ def bare_images_per_s(batch: int, steps: int, warmup: int = 2) -> float:
     import torch
     import torch.nn.functional as F
 
-    from medcli import models, train
+    from medcli import config, models
 
     torch.manual_seed(0)
     model, _ = models.create("resnet18", 8, 3, 28)
     model.train()
     x = torch.randn(batch, 3, 28, 28)
-    if train.CHANNELS_LAST_ON_CPU:
+    if config.CHANNELS_LAST_ON_CPU:
         model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
@@ -79,8 +79,8 @@ def medcli_images_per_s(root: Path, runs: Path, batch: int) -> float:
     from medcli import console, train
 
     console.configure(quiet=True)
-    manifest = train.train(root=root, runs_dir=runs, model="resnet18", epochs=2, batch_size=batch, device="cpu")
-    return manifest.stages["train"]["summary"]["images_per_s"]
+    run = train.train(root=root, runs_dir=runs, model="resnet18", epochs=2, batch_size=batch, device="cpu")
+    return run.stages["train"]["summary"]["images_per_s"]
 
 
 def overhead(source: Path, work: Path, batch: int = 128, n_train: int = 128 * 6) -> None:
@@ -98,8 +98,8 @@ def overhead(source: Path, work: Path, batch: int = 128, n_train: int = 128 * 6)
 
 
 def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: bool = True) -> None:
-    from medcli import datasets, inference, models, train
-    from medcli.manifest import Manifest
+    from medcli import config, datasets, inference, models
+    from medcli.run import Run
 
     root = work / "full"
     if not root.exists():
@@ -115,18 +115,18 @@ def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: 
     if done.returncode != 0:
         print(f"{label} failed ({done.returncode}): {done.stderr.strip()}")
         return
-    manifest = Manifest.load(done.stdout.strip())
-    net = models.load_run_model(manifest, "best")
+    run = Run.open(done.stdout.strip())
+    net = run.load_model("best", "cpu")
     splits = datasets.load(root, "bloodmnist", 28)
-    logits = inference.predict_logits(net, datasets.as_tensor(splits.images["test"]), manifest.data["preprocess"],
+    logits = inference.predict_logits(net, datasets.as_tensor(splits.images["test"]), run.data["preprocess"],
                                       batch_size=512, device="cpu")
     accuracy = float((logits.argmax(1).numpy() == splits.labels["test"]).mean())
-    summary = manifest.stages["train"]["summary"]
+    summary = run.stages["train"]["summary"]
     print(f"{label} wall {wall / 60:.2f} min, epochs {summary['epochs_run']}, "
           f"best epoch {summary['best_epoch']} (val acc {summary['best_value']:.4f}), "
-          f"train {summary['images_per_s']:.0f} img/s, TEST accuracy {accuracy:.4f}  ({manifest.run_dir})")
+          f"train {summary['images_per_s']:.0f} img/s, TEST accuracy {accuracy:.4f}  ({run.run_dir})")
     if not reduced:
-        default_epochs = train.FAMILY_DEFAULTS[models.family(model)]["epochs"]
+        default_epochs = config.FAMILY_DEFAULTS[models.family(model)]["epochs"]
         projected = wall / summary["epochs_run"] * default_epochs
         print(f"{label} projected wall for the default {default_epochs} epochs: {projected / 3600:.1f} h")
 

@@ -14,7 +14,7 @@ from medcli.aggregate import aggregate
 from medcli.cli import app
 
 from cli_helpers import cli_imports_torch
-from medcli.manifest import Manifest
+from medcli.run import Run
 
 runner = CliRunner()
 
@@ -22,16 +22,14 @@ runner = CliRunner()
 def make_run(parent: Path, name: str, *, model: str = "resnet18", seed: int = 0, accuracy: float | None = 0.9,
              train_status: str = "completed") -> Path:
     """A run directory as train + evaluate leave it (no checkpoints: aggregate reads files only)."""
-    run = parent / name
-    run.mkdir(parents=True)
-    manifest = Manifest.new(
-        run, config={"dataset": "bloodmnist", "size": 28, "model": model, "epochs": 3, "lr": 0.1, "seed": seed,
+    created = Run.create(
+        parent, name, config={"dataset": "bloodmnist", "size": 28, "model": model, "epochs": 3, "lr": 0.1, "seed": seed,
                      "device": "cpu", "runs_dir": str(parent)},
         dataset={"flag": "bloodmnist", "size": 28, "md5": "abc"}, model={"name": model, "pretrained": False},
     )
-    manifest.stages["train"] = {"status": train_status, "duration_s": 12.0, "artefacts": {},
-                                "summary": {"epochs_run": 3, "train_seconds": 10.0 + seed}}
-    manifest.save()
+    created.update(lambda data: data["stages"].__setitem__("train", {
+        "status": train_status, "duration_s": 12.0, "artefacts": {}, "summary": {"epochs_run": 3, "train_seconds": 10.0 + seed}}))
+    run = created.run_dir
     if accuracy is not None:
         values = {"n": 100, "accuracy": accuracy, "balanced_accuracy": accuracy - 0.05, "f1_macro": accuracy - 0.1,
                   "auc": 0.95, "ece": 0.05, "nll": 0.4}

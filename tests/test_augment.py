@@ -7,6 +7,7 @@ import torch
 
 from medcli import augment
 
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # a pretrained model's (mean, std)
 NONE = augment.Augment(hflip=False, vflip=False, rot90=False, brightness=0.0, contrast=0.0)
 
 
@@ -19,18 +20,18 @@ def _gen(seed=0):
 
 
 def test_preprocess_scales_normalises_and_resizes():
-    prep = augment.make_prep(28, 3, pretrained=False)
+    prep = augment.make_prep(28, 3)
     x = torch.zeros(2, 3, 28, 28, dtype=torch.uint8)
     x[1] = 255
     out = augment.preprocess(x, prep)
     assert out.dtype == torch.float32 and out.shape == (2, 3, 28, 28)
     assert torch.allclose(out[0], torch.full_like(out[0], -1.0)) and torch.allclose(out[1], torch.ones_like(out[1]))
     for size in (14, 64):
-        resized = augment.preprocess(_batch(2), augment.make_prep(size, 3, pretrained=False))
+        resized = augment.preprocess(_batch(2), augment.make_prep(size, 3))
         assert resized.shape == (2, 3, size, size)
     # normalise-then-resize equals resize-then-normalise (bilinear weights sum to one)
     x = _batch(2)
-    prep64 = augment.make_prep(64, 3, pretrained=True)
+    prep64 = augment.make_prep(64, 3, IMAGENET)
     reference = torch.nn.functional.interpolate(x.float() / 255, size=(64, 64), mode="bilinear", align_corners=False)
     mean = torch.tensor(prep64["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(prep64["std"]).view(1, 3, 1, 1)
@@ -39,14 +40,14 @@ def test_preprocess_scales_normalises_and_resizes():
 
 def test_no_augmentation_equals_preprocess():
     x = _batch()
-    prep = augment.make_prep(28, 3, pretrained=False)
+    prep = augment.make_prep(28, 3)
     assert torch.allclose(augment.train_batch(x, prep, NONE, _gen()), augment.preprocess(x, prep), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["hflip", "vflip", "rot90"])
 def test_flips_and_quarter_turns_are_exact_and_cover_all_cases(kind):
     x = _batch(64)
-    prep = augment.make_prep(28, 3, pretrained=False)
+    prep = augment.make_prep(28, 3)
     ref = augment.preprocess(x, prep)
     aug = augment.Augment(**{**NONE.to_dict(), kind: True})
     out = augment.train_batch(x, prep, aug, _gen(1))
@@ -66,7 +67,7 @@ def test_flips_and_quarter_turns_are_exact_and_cover_all_cases(kind):
 
 def test_augmentation_is_seeded_and_varies_per_sample():
     x = _batch()
-    prep = augment.make_prep(32, 3, pretrained=False)
+    prep = augment.make_prep(32, 3)
     aug = augment.Augment(degrees=15, crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2)
     a = augment.train_batch(x, prep, aug, _gen(3))
     b = augment.train_batch(x, prep, aug, _gen(3))
@@ -80,7 +81,7 @@ def test_augmentation_is_seeded_and_varies_per_sample():
 
 def test_grayscale_batches():
     x = _batch(4, c=1)
-    prep = augment.make_prep(64, 1, pretrained=True)
+    prep = augment.make_prep(64, 1, IMAGENET)
     out = augment.train_batch(x, prep, augment.Augment(degrees=10), _gen())
     assert out.shape == (4, 1, 64, 64) and len(prep["mean"]) == 1
 
@@ -128,10 +129,105 @@ def test_crop_scale_really_zooms_in():
     image covers more of each output (56% on average over crop positions, never less than 25%)."""
     x = torch.zeros(8, 1, 28, 28, dtype=torch.uint8)
     x[:, :, 7:21, 7:21] = 255  # centred 14x14 square, 25% of the area
-    prep = augment.make_prep(28, 1, pretrained=False)
+    prep = augment.make_prep(28, 1)
     zoom = augment.Augment(hflip=False, vflip=False, rot90=False, crop_scale=(0.25, 0.25), brightness=0.0, contrast=0.0)
     plain = augment.train_batch(x, prep, NONE, _gen())
     zoomed = augment.train_batch(x, prep, zoom, _gen())
     bright = lambda batch: (batch > 0).float().mean().item()  # noqa: E731 - share of bright pixels
     assert bright(plain) == pytest.approx(0.25, abs=0.02)
     assert bright(zoomed) > 0.25 + 0.1  # the square covers more of every output
+
+
+@pytest.mark.parametrize("source, size", [(64, 28), (28, 56)])
+def test_training_resizes_exactly_like_evaluation(source, size):
+    """The model must see in training what it sees in evaluation. Downscaling (64 -> 28 px)
+    goes through preprocess's antialiased resize before the geometric transform; upscaling
+    (28 -> 56 px) keeps one grid_sample, which agrees with bilinear interpolation. With flips
+    only, every training sample is therefore preprocess's output or its mirror image."""
+    x = _batch(32, size=source)
+    prep = augment.make_prep(size, 3)
+    ref = augment.preprocess(x, prep)
+    assert torch.allclose(augment.train_batch(x, prep, NONE, _gen()), ref, atol=1e-4)  # no geometry
+    flips = augment.Augment(**{**NONE.to_dict(), "hflip": True})
+    out = augment.train_batch(x, prep, flips, _gen(2))
+    assert out.shape == ref.shape
+    mirrored = 0
+    for i in range(x.shape[0]):
+        if not torch.allclose(out[i], ref[i], atol=1e-4):
+            error = (out[i] - ref[i].flip(-1)).abs().max().item()
+            assert error < 1e-4, f"sample {i} ({source} -> {size} px) is neither preprocess's output nor its mirror (off by {error:.3g})"
+            mirrored += 1
+    assert 0 < mirrored < x.shape[0]  # both cases drawn
+
+
+def _strict_samplers(monkeypatch) -> list:
+    """Make torch's seeded samplers as strict on every device as they are on CUDA (a generator
+    only draws on its own device type) and log every tensor drawn from a generator."""
+    drawn = []
+    for name in ("rand", "randint", "randperm"):
+        def sampler(*args, _real=getattr(torch, name), **kwargs):
+            generator = kwargs.get("generator")
+            if generator is not None:
+                device = torch.device(kwargs.get("device") or "cpu")
+                if device.type != generator.device.type:
+                    raise RuntimeError(f"Expected a '{device.type}' device type for generator but found '{generator.device.type}'")
+            out = _real(*args, **kwargs)
+            if generator is not None:
+                drawn.append(out.clone())
+            return out
+        monkeypatch.setattr(torch, name, sampler)
+    return drawn
+
+
+def test_random_stream_is_drawn_on_the_cpu_whatever_the_batch_device(monkeypatch):
+    """Every draw comes from the CPU generator and only the small results move to the batch's
+    device, so a run resumes on another device type with the same stream and generator state.
+
+    On CUDA a CPU generator cannot draw into a CUDA tensor (RuntimeError). Without a GPU, a
+    'meta' batch stands in for the accelerator's, and the samplers are made as strict as
+    CUDA's: drawing on the batch's device fails, drawing on the CPU gives the same numbers
+    and leaves the generator in the same state as a CPU batch does."""
+    x = _batch(8, size=64)
+    targets = torch.nn.functional.one_hot(torch.arange(8) % 4, 4).float()
+    prep = augment.make_prep(28, 3)
+    aug = augment.Augment(degrees=15, crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2)
+    drawn = _strict_samplers(monkeypatch)
+    runs = {}
+    for device in ("cpu", "meta"):
+        generator = _gen(3)
+        drawn.clear()
+        out = augment.train_batch(x.to(device), prep, aug, generator)
+        mixed_x, mixed_t, lam, perm = augment.mixup(out, targets.to(device), 0.4, generator)
+        assert out.shape == (8, 3, 28, 28) and {t.device.type for t in (out, mixed_x, mixed_t, perm)} == {device}
+        runs[device] = (list(drawn), lam, generator.get_state())
+    (cpu_draws, cpu_lam, cpu_state), (meta_draws, meta_lam, meta_state) = runs["cpu"], runs["meta"]
+    assert len(cpu_draws) == len(meta_draws) > 0 and all(map(torch.equal, cpu_draws, meta_draws))
+    assert cpu_lam == meta_lam and torch.equal(cpu_state, meta_state)
+
+
+def test_non_cpu_generators_are_refused():
+    class Accelerator:  # stands in for torch.Generator(device="cuda") on a machine without one
+        device = torch.device("cuda")
+
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        augment.train_batch(_batch(2), augment.make_prep(28, 3), augment.Augment(), Accelerator())
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        augment.mixup(torch.zeros(2, 3, 4, 4), torch.zeros(2, 2), 0.4, Accelerator())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_batches_follow_the_cpu_stream():
+    x = _batch(16, size=64)
+    targets = torch.nn.functional.one_hot(torch.arange(16) % 4, 4).float()
+    prep = augment.make_prep(28, 3)
+    aug = augment.Augment(degrees=15, crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2)
+    cpu_gen, cuda_gen = _gen(3), _gen(3)
+    cpu = augment.train_batch(x, prep, aug, cpu_gen)
+    cuda = augment.train_batch(x.cuda(), prep, aug, cuda_gen)
+    assert cuda.is_cuda and torch.allclose(cuda.cpu(), cpu, atol=1e-3)
+    _, _, cpu_lam, cpu_perm = augment.mixup(cpu, targets, 0.4, cpu_gen)
+    _, _, cuda_lam, cuda_perm = augment.mixup(cuda, targets.cuda(), 0.4, cuda_gen)
+    assert cuda_lam == cpu_lam and torch.equal(cuda_perm.cpu(), cpu_perm)
+    assert torch.equal(cuda_gen.get_state(), cpu_gen.get_state())
+    with pytest.raises(ValueError, match="CPU torch.Generator"):
+        augment.train_batch(x.cuda(), prep, aug, torch.Generator(device="cuda"))

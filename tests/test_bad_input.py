@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from medcli import datasets
 from medcli.cli import app
 
 from cli_helpers import one_line_error

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from medcli import datasets, reports
 from medcli.cli import app
-from medcli.manifest import Manifest, create_run_dir
+from medcli.run import Run
 
 from cli_helpers import cli_imports_torch, one_line_error
 
@@ -44,7 +44,7 @@ def test_evaluate_writes_files_workbook_and_stage_and_repeats_identically(run_co
     assert np.allclose(csv.filter(like="prob_").sum(axis=1), 1.0, atol=1e-4)
     assert (csv["label"] == csv["prediction"]).mean() == pytest.approx(metrics_json["metrics"]["accuracy"])
 
-    stage = Manifest.load(run_copy).stages["evaluate"]
+    stage = Run.open(run_copy).stages["evaluate"]
     assert stage["status"] == "completed"
     for name in ("metrics/test.json", "predictions/test.csv", "figures/confusion_test.png", "figures/samples_test.png",
                  "figures/mistakes_test.png", "figures/reliability_test.png", "report.xlsx"):
@@ -61,7 +61,7 @@ def test_evaluate_writes_files_workbook_and_stage_and_repeats_identically(run_co
     per_class = book["per-class"]
     assert [c.value for c in per_class[1]][:3] == ["split", "class", "name"] and per_class.max_row == 1 + len(NAMES)
     assert book["predictions"].max_row == 1 + 64
-    assert book["training history"]["A1"].value == "epoch" and book["training history"].max_row == 1 + Manifest.load(run_copy).config["epochs"]
+    assert book["training history"]["A1"].value == "epoch" and book["training history"].max_row == 1 + Run.open(run_copy).config["epochs"]
 
     again = runner.invoke(app, ["evaluate", str(run_copy), "--json", "--device", "cpu", "--batch-size", "32"])
     assert again.exit_code == 0, again.output
@@ -76,8 +76,19 @@ def test_tta_and_calibration_are_deterministic_and_recorded(run_copy):
     assert runs[0]["tta"] == {"enabled": True, "views": ["identity", "hflip", "vflip", "hvflip"]}
     calibration = runs[0]["calibration"]
     assert calibration["fitted_on"] == "val" and calibration["temperature"] > 0
-    assert set(calibration["before"]) == set(calibration["after"]) == {"ece", "nll", "brier"}
+    assert set(calibration["before"]) == set(calibration["after"]) == {"ece", "nll", "brier", "auc"}
     assert calibration["after"]["nll"] == runs[0]["metrics"]["nll"]
+    assert calibration["after"]["auc"] == runs[0]["metrics"]["auc"]
+
+
+@pytest.mark.parametrize("before, after, warned", [(0.10, 0.02, False), (0.02, 0.05, True)])
+def test_a_temperature_that_hurts_calibration_is_reported(before, after, warned, capsys):
+    from medcli.evaluate import _warn_if_calibration_hurt
+
+    calibration = {"temperature": 2.0, "before": {"ece": before}, "after": {"ece": after}}
+    _warn_if_calibration_hurt({"test": {"calibration": calibration}, "val": {"calibration": None}})
+    err = capsys.readouterr().err
+    assert ("made the test calibration worse" in err) == warned
 
 
 @pytest.mark.parametrize("trained, views", [
@@ -88,9 +99,7 @@ def test_tta_and_calibration_are_deterministic_and_recorded(run_copy):
 def test_tta_uses_only_the_flips_the_run_was_trained_with(run_copy, trained, views, capsys):
     from medcli.evaluate import evaluate_run
 
-    manifest = Manifest.load(run_copy)
-    manifest.config["augment"].update(trained)
-    manifest.save()
+    Run.open(run_copy).update(lambda data: data["config"]["augment"].update(trained))
     plain = evaluate_run(run_copy, split="val", device="cpu")["splits"]["val"]
     tta = evaluate_run(run_copy, split="val", tta=True, device="cpu")["splits"]["val"]
     assert tta["tta"] == {"enabled": True, "views": views}
@@ -115,8 +124,7 @@ def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
 
 
 def test_plot_confusion_default_output_for_a_run_dir(tmp_path):
-    run = create_run_dir(tmp_path, "run")
-    Manifest.new(run, config={}, dataset={"flag": "bloodmnist", "size": 28})  # a run is a directory with a manifest
+    run = Run.create(tmp_path, "run", config={}, dataset={"flag": "bloodmnist", "size": 28}).run_dir  # a run is a directory with a manifest
     reports.write_predictions(run / "predictions" / "val.csv",
                               reports.predictions_frame(np.array([0, 1]), np.eye(2), ["a", "b"]))
     result = runner.invoke(app, ["plot-confusion", str(run), "--split", "val", "--normalize"])
@@ -135,22 +143,21 @@ def test_run_without_checkpoint_exits_2_and_leaves_manifest_alone(run_copy):
     (run_copy / "checkpoints" / "best.pt").unlink()
     line = one_line_error(runner.invoke(app, ["evaluate", str(run_copy), "--device", "cpu"]), 2)
     assert "checkpoints/best.pt" in line
-    assert "evaluate" not in Manifest.load(run_copy).stages
+    assert "evaluate" not in Run.open(run_copy).stages
 
 
 def test_untrained_run_exits_2(tmp_path):
-    Manifest.new(tmp_path / "fresh", config={}, dataset={"flag": "bloodmnist", "size": 28})
+    Run.create(tmp_path, "fresh", config={}, dataset={"flag": "bloodmnist", "size": 28})
     line = one_line_error(runner.invoke(app, ["evaluate", str(tmp_path / "fresh")]), 2)
     assert "no completed train stage" in line and "medcli train" in line
 
 
 def test_moved_dataset_needs_root_and_is_found_again_with_it(run_copy, synthetic_root):
-    from medcli.evaluate import load_data
+    def move(data):
+        data["config"]["root"] = str(run_copy / "gone")
+        data["dataset"]["path"] = str(run_copy / "gone" / "bloodmnist.npz")
 
-    manifest = Manifest.load(run_copy)
-    manifest.config["root"] = str(run_copy / "gone")
-    manifest.dataset["path"] = str(run_copy / "gone" / "bloodmnist.npz")
-    manifest.save()
+    Run.open(run_copy).update(move)
     line = one_line_error(runner.invoke(app, ["evaluate", str(run_copy), "--device", "cpu"]), 2)
     assert "is missing" in line and "--root" in line
-    assert load_data(manifest, synthetic_root).labels["test"].shape == (64,)
+    assert Run.open(run_copy).load_data(synthetic_root).labels["test"].shape == (64,)

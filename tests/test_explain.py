@@ -18,21 +18,21 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import augment, datasets, explain, models
+from medcli import augment, datasets, explain, models, names
 from medcli.cli import app
 
 from cli_helpers import one_line_error
 
 runner = CliRunner()
-CAM_METHODS = list(explain.CAM_METHODS)
+CAM_METHODS = list(names.CAM_METHODS)
 
 
 @pytest.fixture(scope="module")
 def cnn(tiny_run):
-    from medcli.manifest import Manifest
+    from medcli.run import Run
 
-    manifest = Manifest.load(tiny_run)
-    return models.load_run_model(manifest, "best", "cpu"), manifest.data["model"]
+    run = Run.open(tiny_run)
+    return run.load_model("best", "cpu"), run.spec
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def sample_images(synthetic_root):
     return datasets.as_tensor(datasets.load(synthetic_root, "bloodmnist", 28).images["test"][:4])
 
 
-PREP = augment.make_prep(28, 3, pretrained=False)  # what train wrote for both models
+PREP = augment.make_prep(28, 3)  # what train wrote for both models
 
 
 def _maps(model, spec, method, images, targets):
@@ -69,7 +69,7 @@ def _predictions(model, images):
 
 # -- heat maps -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,method", [("cnn", m) for m in CAM_METHODS]
-                         + [("vit", m) for m in explain.METHODS])
+                         + [("vit", m) for m in names.EXPLAIN_METHODS])
 def test_heat_maps_are_finite_varied_and_image_sized(family, method, cnn, vit, sample_images, capfd):
     model, spec = cnn if family == "cnn" else vit
     images = sample_images
@@ -103,7 +103,7 @@ def test_default_layers_follow_the_map_size(cnn, vit):
 
 
 # -- rollout ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fusion", list(explain.HEAD_FUSIONS))
+@pytest.mark.parametrize("fusion", list(names.HEAD_FUSIONS))
 @pytest.mark.parametrize("discard", [0.0, 0.9])
 def test_rollout_rows_sum_to_one(fusion, discard, vit, sample_images):
     model, _ = vit
@@ -168,10 +168,10 @@ def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
 
     out = run / "explain" / "gradcam"
     sample = index["samples"][0]
-    assert sample["file"] == f"test_{sample['index']}_gt-{explain.short_names([sample['label_name']])[0]}_pred-" \
-                             f"{explain.short_names([sample['prediction_name']])[0]}.png"
+    assert sample["file"] == f"test_{sample['index']}_gt-{names.file_names([sample['label_name']])[0]}_pred-" \
+                             f"{names.file_names([sample['prediction_name']])[0]}.png"
     assert all((out / s["file"]).is_file() for s in index["samples"]) and len(index["grids"]) == 8
-    stage = json.loads((run / "manifest.json").read_text())["stages"]["explain"]
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]
     assert stage["status"] == "completed" and "explain/gradcam/index.json" in stage["artefacts"]
 
     again = runner.invoke(app, ["explain", str(run), "--indices", "0,1"])
@@ -179,7 +179,7 @@ def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
     second = json.loads((out / "index.json").read_text())
     expected = {s["file"] for s in second["samples"]} | set(second["grids"].values()) | {"index.json"}
     assert {p.name for p in out.iterdir()} == expected
-    stage = json.loads((run / "manifest.json").read_text())["stages"]["explain"]
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]
     assert {k.rsplit("/", 1)[1] for k in stage["artefacts"]} == expected
 
 
@@ -233,10 +233,10 @@ def test_samples_are_seeded_per_class_and_only_errors_picks_mistakes():
 
 
 def test_short_names_are_safe_and_distinct():
-    names = datasets.class_names("bloodmnist")
-    slugs = explain.short_names(names)
+    classes = datasets.class_names("bloodmnist")
+    slugs = names.file_names(classes)
     assert slugs[3] == "immature-granulocytes" and len(set(slugs)) == len(slugs)
-    assert explain.short_names(["a b", "a-b"]) == ["a-b-0", "a-b-1"]
+    assert names.file_names(["a b", "a-b"]) == ["a-b-0", "a-b-1"]
 
 
 # -- usage errors ----------------------------------------------------------------------------------
@@ -246,7 +246,8 @@ def _one_line_usage_error(args, *needles):
 
 def test_rollout_on_a_cnn_is_a_usage_error(tiny_run):
     _one_line_usage_error([tiny_run, "--method", "rollout"], "rollout", "--method gradcam")
-    assert "explain" not in json.loads((tiny_run / "manifest.json").read_text())["stages"]
+    stages = json.loads((tiny_run / "manifest.json").read_text())["stages"]
+    assert not any(name.startswith("explain") for name in stages)
 
 
 def test_unknown_layer_lists_the_valid_ones(tiny_run):

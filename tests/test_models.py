@@ -11,7 +11,7 @@ from torch import nn
 
 from medcli import models
 from medcli.errors import UsageError
-from medcli.manifest import Manifest
+from medcli.run import Run
 
 
 def _stem(model: nn.Module) -> nn.Module:
@@ -258,35 +258,35 @@ def test_rebuild_round_trip_gives_identical_outputs(name, size, overrides):
     torch.testing.assert_close(clone.eval()(x), model.eval()(x), rtol=0, atol=0)
 
 
-def _run(tmp_path: Path, spec: dict, state: dict | None = None, which: str = "best") -> Manifest:
-    manifest = Manifest.new(tmp_path / "run", config={}, dataset={}, model=spec)
+def _run(tmp_path: Path, spec: dict, state: dict | None = None, which: str = "best") -> Run:
+    run = Run.create(tmp_path, "run", config={}, dataset={}, model=spec)
     if state is not None:
         (tmp_path / "run" / "checkpoints").mkdir()
         torch.save({"model": state, "epoch": 1}, tmp_path / "run" / "checkpoints" / f"{which}.pt")
-    return manifest
+    return run
 
 
-def test_load_run_model_restores_the_trained_model(tmp_path):
+def test_run_load_model_restores_the_trained_model(tmp_path):
     model, spec = models.create("resnet18", 3, 3, 8)
     manifest = _run(tmp_path, spec, model.state_dict())
-    loaded = models.load_run_model(Manifest.load(manifest.run_dir))
+    loaded = Run.open(manifest.run_dir).load_model()
     assert not loaded.training
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
 
 
-def test_load_run_model_errors(tmp_path):
+def test_run_load_model_errors(tmp_path):
     model, spec = models.create("resnet18", 3, 3, 28)
     manifest = _run(tmp_path, spec, model.state_dict())
     with pytest.raises(UsageError, match=r"has no checkpoints/last.pt; train it first with medcli train"):
-        models.load_run_model(manifest, checkpoint="last")
+        manifest.load_model(checkpoint="last")
 
     best = manifest.path("checkpoints/best.pt")
     best.write_bytes(best.read_bytes()[:4096])
     with pytest.raises(UsageError, match=r"is damaged .*; re-train or use --checkpoint last"):
-        models.load_run_model(manifest)
+        manifest.load_model()
 
     torch.save({"model": timm.create_model("test_vit", num_classes=3).state_dict()}, best)
     with pytest.raises(UsageError, match=r"checkpoints/best.pt does not fit model resnet18 \(missing keys"):
-        models.load_run_model(manifest)
+        manifest.load_model()
 

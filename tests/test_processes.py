@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -15,25 +14,24 @@ from typer.testing import CliRunner
 from medcli import processes
 from medcli.cli import app
 from medcli.errors import UsageError
-from medcli.manifest import Manifest, create_run_dir
+from medcli.run import Run
 
 runner = CliRunner()
 
-# A stand-in for a long medcli stage: it holds the run lock with a running stage, like
-# `medcli train` does, and optionally ignores SIGTERM (a hung process).
+# A stand-in for a long medcli stage: it runs a stage the way `medcli train` does (stage
+# lock held, manifest entry "running"), burns CPU while it waits, and optionally ignores
+# SIGTERM (a hung process).
 FAKE = """
 import signal, sys, time
-from medcli.manifest import Manifest
-from medcli.processes import run_lock
+from medcli.run import Run
 run, ignore_term = sys.argv[2], sys.argv[3] == "1"
 if ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-with run_lock(run):
-    m = Manifest.load(run)
-    m.stages["train"] = {"status": "running", "artefacts": {}, "summary": {}}
-    m.save()
+with Run.open(run).stage("train"):
     print("ready", flush=True)
-    time.sleep(120)
+    end = time.time() + 120
+    while time.time() < end:
+        pass
 """
 
 
@@ -45,8 +43,7 @@ def fake_medcli(tmp_path):
     started = []
 
     def start(ignore_term=False):
-        run = create_run_dir(tmp_path / "runs", "r")
-        Manifest.new(run, config={}, dataset={})
+        run = Run.create(tmp_path / "runs", "r", config={}, dataset={}).run_dir
         proc = subprocess.Popen([sys.executable, str(script), "train", str(run), "1" if ignore_term else "0"],
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
@@ -70,6 +67,7 @@ def test_lists_medcli_processes_and_their_runs_but_nothing_else(fake_medcli):
         assert os.getpid() not in found
         assert found[proc.pid].run_dirs == [str(run)]
         assert found[proc.pid].subcommand == "train"
+        assert found[proc.pid].cpu_percent > 20, "a busy process must not read as 0% (unprimed psutil)"
         result = runner.invoke(app, ["clean-processes", "--json"])  # dry run by default
         assert result.exit_code == 0
         listed = json.loads(result.stdout)
@@ -97,7 +95,48 @@ def test_yes_ends_processes_escalating_to_sigkill_and_marks_runs(fake_medcli, mo
     stubborn.wait(timeout=10)
     assert report[polite.pid]["signal"] == "SIGTERM" and report[stubborn.pid]["signal"] == "SIGKILL"
     for run in (polite_run, stubborn_run):
-        assert Manifest.load(run).stage_status("train") == "interrupted"
+        stage = Run.open(run).stages["train"]
+        assert stage["status"] == "interrupted" and "clean-processes" in stage["error"]
+
+
+def test_a_reused_pid_is_never_signalled(fake_medcli):
+    """A process found, then gone, its pid taken by an unrelated process: ending the stale
+    entry must not touch the newcomer. psutil's handle checks the start time; a bare pid
+    would not."""
+    proc, run = fake_medcli()
+    [entry] = [p for p in processes.find_processes() if p.pid == proc.pid]
+    proc.kill()
+    proc.wait()
+    # Simulate the reuse: same pid, a different process (the handle's start time no longer matches).
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        import psutil
+
+        entry.handle._create_time = entry.handle.create_time() - 1000  # what a reused pid looks like
+        entry.handle._pid = bystander.pid
+        entry.pid = bystander.pid
+        [report] = processes.end_processes([entry], grace_s=1)
+        assert bystander.poll() is None and psutil.pid_exists(bystander.pid)
+        assert report["runs_marked_interrupted"] == [], "the stage of a live newcomer is not ours to mark"
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_permission_denied_is_reported_not_raised(fake_medcli, monkeypatch):
+    import psutil
+
+    proc, run = fake_medcli()
+    [entry] = [p for p in processes.find_processes() if p.pid == proc.pid]
+
+    def deny(self):
+        raise psutil.AccessDenied(self.pid)
+
+    monkeypatch.setattr(psutil.Process, "terminate", deny)
+    monkeypatch.setattr(psutil.Process, "kill", deny)
+    [report] = processes.end_processes([entry], grace_s=0.5)
+    assert report["ended"] is False and report["error"] == "permission denied" and report["signal"] is None
+    assert proc.poll() is None and Run.open(run).stages["train"]["status"] == "running"
 
 
 def test_older_than_filters_young_processes(fake_medcli):

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from medcli import datasets, models, train
 from medcli.cli import app
 from medcli.errors import UsageError
-from medcli.manifest import Manifest
+from medcli.run import Run
+from medcli.config import REDUCED, resolve_config
 
 from cli_helpers import one_line_error
 
@@ -76,7 +77,7 @@ def test_lr_follows_linear_warmup_then_cosine_per_step():
 
 def test_run_history_lr_matches_schedule(tiny_run):
     rows = _history(tiny_run)
-    config = Manifest.load(tiny_run).config
+    config = Run.open(tiny_run).config
     steps = 256 // config["batch_size"]  # synthetic_root has 256 training images
     epochs = range(1, config["epochs"] + 1)
     warmup = round(config["warmup_epochs"] * steps)
@@ -87,7 +88,7 @@ def test_run_history_lr_matches_schedule(tiny_run):
 # -- artefacts, best.pt -----------------------------------------------------------------------------
 
 def test_tiny_run_writes_loadable_checkpoints_and_best_is_best_epoch(tiny_run):
-    manifest = Manifest.load(tiny_run)
+    manifest = Run.open(tiny_run)
     epochs = manifest.config["epochs"]
     stage = manifest.stages["train"]
     assert stage["status"] == "completed"
@@ -101,7 +102,7 @@ def test_tiny_run_writes_loadable_checkpoints_and_best_is_best_epoch(tiny_run):
     assert best["epoch"] == best_epoch == stage["summary"]["best_epoch"]
     assert best["metrics"]["accuracy"] == pytest.approx(max(accs))
     assert last["epoch"] == epochs and {"optimizer", "scheduler", "scaler", "rng", "history"} <= set(last)
-    model = models.load_run_model(manifest, "best")
+    model = manifest.load_model("best")
     assert not model.training
 
 
@@ -162,7 +163,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(synthetic_root, tmp_
         train.train(runs_dir=tmp_path / "b", **options)
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     (run,) = (tmp_path / "b").iterdir()
-    assert Manifest.load(run).stages["train"]["status"] == "interrupted"
+    assert Run.open(run).stages["train"]["status"] == "interrupted"
     assert _load(run / "checkpoints/last.pt")["epoch"] == 1
 
     resumed = train.resume(run)
@@ -199,10 +200,10 @@ def test_vit_trains_at_every_size(small_root, tmp_path, model, size, reduced):
 
 
 def test_reduced_resnet_keeps_maxpool():
-    config = train.resolve_config(model="resnet18", reduced=True)
+    config = resolve_config(model="resnet18", reduced=True)
     assert config["model_overrides"] == {"keep_maxpool": True} and config["input_size"] == 28
-    assert config["epochs"] == train.REDUCED["cnn"]["epochs"] and config["optimizer"] == "sgd"
-    vit = train.resolve_config(model="vit", reduced=True)
+    assert config["epochs"] == REDUCED["cnn"]["epochs"] and config["optimizer"] == "sgd"
+    vit = resolve_config(model="vit", reduced=True)
     assert vit["variant"] == "vit-tiny" and vit["optimizer"] == "adamw" and vit["model_overrides"]["patch_size"] == 4
 
 
@@ -225,7 +226,7 @@ def test_cli_prints_exactly_the_run_dir(small_root, tmp_path):
     assert result.exit_code == 0, result.stderr
     (run,) = runs.iterdir()
     assert result.stdout == f"{run}\n"
-    assert Manifest.load(run).config["augment"] == {"hflip": False, "vflip": False, "rot90": False, "degrees": 10.0,
+    assert Run.open(run).config["augment"] == {"hflip": False, "vflip": False, "rot90": False, "degrees": 10.0,
                                                     "crop_scale": [0.6, 1.0], "brightness": 0.2, "contrast": 0.2}
     assert "epoch 1/1" in result.stderr
     again = runner.invoke(app, ["train", "--resume", str(run)])

@@ -1,4 +1,5 @@
-"""The run manifest: round trip, crash-safe saves, refusal of manifests we can't read."""
+"""The Run object and its manifest: round trip, stages and their locks, concurrent writers,
+crash-safe saves, refusal of manifests we can't read."""
 
 from __future__ import annotations
 
@@ -9,22 +10,27 @@ import pytest
 
 from medcli import fileio
 from medcli.errors import MedcliError, UsageError
-from medcli.manifest import SCHEMA_VERSION, Manifest, create_run_dir
+from medcli.manifest import SCHEMA_VERSION
+from medcli.run import Run, create_run_dir
 
 
 def _new(tmp_path, name="run"):
-    run = create_run_dir(tmp_path, name)
-    return Manifest.new(run, config={"epochs": 3, "lr": 0.1}, dataset={"flag": "bloodmnist", "size": 28})
+    return Run.create(tmp_path, name, config={"epochs": 3, "lr": 0.1}, dataset={"flag": "bloodmnist", "size": 28})
+
+
+def _files(run):
+    """The run directory's files other than the lock files."""
+    return sorted(p.name for p in run.run_dir.iterdir() if not p.name.startswith(".") or p.name.endswith(".tmp"))
 
 
 def test_round_trip(tmp_path):
     manifest = _new(tmp_path)
-    loaded = Manifest.load(manifest.run_dir)
+    loaded = Run.open(manifest.run_dir)
     assert loaded.data == manifest.data
     assert loaded.data["schema_version"] == SCHEMA_VERSION
     assert loaded.config == {"epochs": 3, "lr": 0.1}
     # Loading through the manifest file itself works too.
-    assert Manifest.load(manifest.run_dir / "manifest.json").run_id == manifest.run_id
+    assert Run.open(manifest.run_dir / "manifest.json").run_id == manifest.run_id
 
 
 def test_run_dirs_are_never_reused(tmp_path):
@@ -37,11 +43,11 @@ def test_stage_records_status_times_and_artefacts(tmp_path):
     manifest = _new(tmp_path)
     artefact = manifest.run_dir / "metrics" / "test.json"
     with manifest.stage("evaluate") as stage:
-        assert Manifest.load(manifest.run_dir).stage_status("evaluate") == "running"
+        assert Run.open(manifest.run_dir).status("evaluate") == "running"
         fileio.write_json(artefact, {"acc": 0.5})
         stage.add(artefact)
         stage.summary["acc"] = 0.5
-    entry = Manifest.load(manifest.run_dir).stages["evaluate"]
+    entry = Run.open(manifest.run_dir).stages["evaluate"]
     assert entry["status"] == "completed"
     assert entry["duration_s"] >= 0 and entry["ended"] >= entry["started"]
     assert entry["artefacts"] == {"metrics/test.json": fileio.sha256_file(artefact)}
@@ -54,20 +60,41 @@ def test_stage_failure_is_recorded(tmp_path, exc, status):
     with pytest.raises(exc):
         with manifest.stage("train"):
             raise exc("boom")
-    entry = Manifest.load(manifest.run_dir).stages["train"]
+    entry = Run.open(manifest.run_dir).stages["train"]
     assert entry["status"] == status
     assert entry["error"]
 
 
-def test_stage_lock_refuses_a_second_writer(tmp_path):
+def test_stage_lock_refuses_a_second_writer_of_the_same_stage(tmp_path):
     manifest = _new(tmp_path)
-    other = Manifest.load(manifest.run_dir)
-    with manifest.stage("train"):
-        with pytest.raises(UsageError, match="in use by another medcli process"):
+    other = Run.open(manifest.run_dir)
+    with manifest.stage("evaluate"):
+        with pytest.raises(UsageError, match=r"in use by another medcli process \(evaluate stage, pid \d+\)"):
             with other.stage("evaluate"):
                 pass
     with other.stage("evaluate"):  # free again once the first stage ended
         pass
+
+
+def test_stages_writing_different_files_run_side_by_side_and_both_are_recorded(tmp_path):
+    first = _new(tmp_path)
+    second = Run.open(first.run_dir)  # another command's view of the same run
+    with first.stage("explain:gradcam") as a:
+        with second.stage("explain:rollout") as b:
+            b.summary["maps"] = 2
+        a.summary["maps"] = 1
+    stages = Run.open(first.run_dir).stages
+    assert stages["explain:gradcam"]["status"] == stages["explain:rollout"]["status"] == "completed"
+    assert stages["explain:gradcam"]["summary"] == {"maps": 1} and stages["explain:rollout"]["summary"] == {"maps": 2}
+
+
+def test_update_rereads_the_manifest_so_no_writer_loses_another_ones_entries(tmp_path):
+    first = _new(tmp_path)
+    stale = Run.open(first.run_dir)
+    first.update(lambda data: data["stages"].__setitem__("evaluate", {"status": "completed"}))
+    stale.update(lambda data: data["stages"].__setitem__("explain:gradcam", {"status": "completed"}))
+    assert set(Run.open(first.run_dir).stages) == {"evaluate", "explain:gradcam"}
+    assert set(stale.stages) == {"evaluate", "explain:gradcam"}  # the object sees what it wrote
 
 
 def test_crash_during_save_leaves_previous_manifest(tmp_path, monkeypatch):
@@ -77,13 +104,12 @@ def test_crash_during_save_leaves_previous_manifest(tmp_path, monkeypatch):
     def crash(src, dst):
         raise OSError("disk died during rename")
 
-    manifest.config["epochs"] = 99
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(MedcliError, match="previous version is unchanged"):
-        manifest.save()
+        manifest.update(lambda data: data["config"].update(epochs=99))
     monkeypatch.undo()
     assert (manifest.run_dir / "manifest.json").read_bytes() == before
-    assert [p.name for p in manifest.run_dir.iterdir()] == ["manifest.json"]  # no temp file left
+    assert _files(manifest) == ["manifest.json"]  # no temp file left
 
 
 def test_crash_while_serialising_leaves_previous_manifest(tmp_path):
@@ -94,11 +120,10 @@ def test_crash_while_serialising_leaves_previous_manifest(tmp_path):
         def __str__(self):
             raise RuntimeError("cannot serialise")
 
-    manifest.config["bad"] = Exploding()
     with pytest.raises(RuntimeError):
-        manifest.save()
+        manifest.update(lambda data: data["config"].update(bad=Exploding()))
     assert (manifest.run_dir / "manifest.json").read_bytes() == before
-    assert sorted(p.name for p in manifest.run_dir.iterdir()) == ["manifest.json"]
+    assert _files(manifest) == ["manifest.json"]
 
 
 @pytest.mark.parametrize(
@@ -116,21 +141,27 @@ def test_refuses_unreadable_manifests(tmp_path, content, message):
     run.mkdir()
     (run / "manifest.json").write_text(content)
     with pytest.raises(UsageError, match=message):
-        Manifest.load(run)
+        Run.open(run)
 
 
 def test_refuses_missing_run_and_missing_manifest(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
-        Manifest.load(tmp_path / "nope")
+        Run.open(tmp_path / "nope")
     with pytest.raises(UsageError, match="no manifest.json"):
-        Manifest.load(tmp_path)
+        Run.open(tmp_path)
 
 
-def test_mark_interrupted_only_touches_running_stages(tmp_path):
+def test_mark_interrupted_only_touches_the_ended_process_running_stages(tmp_path):
     manifest = _new(tmp_path)
-    manifest.stages["train"] = {"status": "running", "artefacts": {}, "summary": {}}
-    manifest.stages["evaluate"] = {"status": "completed", "artefacts": {}, "summary": {}}
-    assert manifest.mark_interrupted("ended by clean-processes")
-    loaded = Manifest.load(manifest.run_dir)
-    assert loaded.stage_status("train") == "interrupted"
-    assert loaded.stage_status("evaluate") == "completed"
+
+    def stages(data):
+        data["stages"].update(train={"status": "running", "pid": 11, "artefacts": {}, "summary": {}},
+                              **{"explain:gradcam": {"status": "running", "pid": 12, "artefacts": {}, "summary": {}},
+                                 "evaluate": {"status": "completed", "artefacts": {}, "summary": {}}})
+
+    manifest.update(stages)
+    assert manifest.mark_interrupted("ended by clean-processes", pid=11) == ["train"]
+    loaded = Run.open(manifest.run_dir)
+    assert loaded.status("train") == "interrupted" and "pid" not in loaded.stages["train"]
+    assert loaded.status("explain:gradcam") == "running"
+    assert loaded.status("evaluate") == "completed"

@@ -1,0 +1,70 @@
+"""Light shared names: splits, checkpoints, metrics and the CLI's choices, each defined once.
+
+Standard library only: the CLI imports this module to build its options and help text, and
+`medcli --help` must import neither numpy nor torch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("test", "val", "all")  # `evaluate --split`: all = every split, train included
+CHECKPOINTS = ("best", "last")  # checkpoints/<name>.pt
+
+# The scalar keys of `metrics.classification_metrics`, in report order: aggregate and the
+# workbook pick columns from them, mark leaders (lower is better for the losses) and format
+# percentages; checkpoints store them for the epoch they were written at.
+SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "precision_macro", "recall_macro",
+                  "f1_micro", "precision_micro", "recall_micro", "loss", "nll", "ece", "brier")
+LOWER_IS_BETTER = frozenset({"loss", "nll", "ece", "brier"})
+PERCENT_METRICS = frozenset({"accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro",
+                             "f1_micro", "precision_micro", "recall_micro", "ece"})
+COMPARE_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auc", "ece")  # aggregate's default columns
+COMPARE_FORMATS = ("table", "csv", "md", "xlsx", "json")
+
+OPTIMIZERS = ("sgd", "adamw")
+# train --monitor choice -> (key in metrics.classification_metrics, direction)
+MONITORS = {"acc": ("accuracy", "max"), "auc": ("auc", "max"), "f1": ("f1_macro", "max"), "loss": ("loss", "min")}
+AMP_MODES = ("bf16", "fp16", "off")
+
+CAM_METHODS = {  # medcli name -> pytorch_grad_cam class
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "eigencam": "EigenCAM",
+    "layercam": "LayerCAM",
+    "scorecam": "ScoreCAM",
+}
+EXPLAIN_METHODS = (*CAM_METHODS, "rollout")
+EXPLAIN_TARGETS = ("pred", "true")
+HEAD_FUSIONS = ("mean", "max", "min")
+
+
+def short_names(names: Sequence[str], width: int = 18) -> list[str]:
+    """Display names for axes and captions: drop a parenthesised or comma-led explanation,
+    then cut to `width` characters.
+
+    BloodMNIST's "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)"
+    becomes "immature granulocytes". Where two names collapse to the same text, the class
+    number is appended so they stay distinct.
+    """
+    shortened = []
+    for number, name in enumerate(names):
+        text = re.split(r"[(,]", str(name), maxsplit=1)[0].strip() or str(name) or str(number)
+        shortened.append(text if len(text) <= width else text[: width - 1].rstrip() + "…")
+    return _distinct(shortened, "{text} [{number}]")
+
+
+def file_names(names: Sequence[str]) -> list[str]:
+    """File-name-safe class names: the short name in lower case, [a-z0-9-] only, at most 24
+    characters; the class number is appended where two would clash."""
+    slugs = [re.sub(r"[^a-z0-9]+", "-", text.rstrip("…").lower()).strip("-") or str(number)
+             for number, text in enumerate(short_names(names, width=25))]
+    return _distinct([slug[:24].strip("-") for slug in slugs], "{text}-{number}")
+
+
+def _distinct(texts: list[str], pattern: str) -> list[str]:
+    return [text if texts.count(text) == 1 else pattern.format(text=text, number=number)
+            for number, text in enumerate(texts)]

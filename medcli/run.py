@@ -1,0 +1,289 @@
+"""`Run`: the one object that owns a run directory.
+
+Every command after `train` opens a run the same way: `Run.open(path)` reads and validates
+the manifest, `require("train")` refuses a run whose stage has not completed, `load_model`
+and `load_data` give the trained model and the split data the run was trained on, and
+`stage(name)` records a stage (running, then completed / failed / interrupted).
+
+Locking. Two locks, both `filelock` files in the run directory:
+* `.manifest.lock` is held only around a read-modify-write of `manifest.json`: the file is
+  re-read under the lock, one stage entry (or section) is changed, and the result is saved
+  atomically. Two commands working on one run therefore never lose each other's entries.
+* `.lock-<stage>` is held for the whole of a stage, so two commands that would write the
+  same files refuse with one line, while stages that write different files (explains with
+  different methods) run side by side. `clean-processes` finds a process's runs through the
+  stage locks it holds open.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from medcli import console, fileio, manifest
+from medcli.errors import Interrupted, UsageError
+from medcli.names import CHECKPOINTS
+
+MANIFEST_LOCK = ".manifest.lock"
+STAGE_LOCK_PREFIX = ".lock-"
+MANIFEST_LOCK_WAIT_S = 60.0  # a read-modify-write takes milliseconds; waiting this long means a hung writer
+
+
+def create_run_dir(runs_root: str | os.PathLike, name: str) -> Path:
+    """Make a brand-new run directory; never reuse one (a numeric suffix is added instead)."""
+    root = Path(runs_root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create runs directory {root}: {exc.strerror}; pass a writable --runs-dir") from exc
+    for attempt in range(1000):
+        candidate = root / (name if attempt == 0 else f"{name}-{attempt + 1}")
+        try:
+            candidate.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise UsageError(f"cannot create run directory {candidate}: {exc.strerror}; pass a writable --runs-dir") from exc
+        return candidate
+    raise UsageError(f"too many runs named {name} under {root}")
+
+
+def stage_lock_path(run_dir: str | os.PathLike, stage: str) -> Path:
+    return Path(run_dir) / f"{STAGE_LOCK_PREFIX}{re.sub(r'[^A-Za-z0-9._-]+', '_', stage)}"
+
+
+class Run:
+    """A run directory and its manifest (`data`, as last read or written by this object)."""
+
+    def __init__(self, run_dir: Path, data: dict):
+        self.run_dir = Path(run_dir)
+        self.data = data
+
+    # -- opening ------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, runs_root: str | os.PathLike, name: str, *, config: dict, dataset: dict, **sections: Any) -> "Run":
+        """A new run directory (never an existing one) with its first manifest."""
+        run_dir = create_run_dir(runs_root, name)
+        run = cls(run_dir, manifest.document(run_dir.name, config=config, dataset=dataset, **sections))
+        manifest.write(run_dir, run.data)
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Run":
+        """An existing run (its directory or manifest.json); one-line UsageError otherwise."""
+        return cls(*manifest.read(path))
+
+    # -- the manifest -----------------------------------------------------------------------
+    @property
+    def run_id(self) -> str:
+        return self.data["run_id"]
+
+    @property
+    def config(self) -> dict:
+        return self.data["config"]
+
+    @property
+    def dataset(self) -> dict:
+        return self.data["dataset"]
+
+    @property
+    def spec(self) -> dict:
+        """The model spec (`models.create`), or a one-line refusal when the manifest has none."""
+        spec = self.data.get("model")
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise UsageError(f"run {self.run_dir} has no model spec in its manifest; re-train it with medcli train")
+        return spec
+
+    @property
+    def stages(self) -> dict:
+        return self.data["stages"]
+
+    def status(self, stage: str) -> str | None:
+        return self.stages.get(stage, {}).get("status")
+
+    def path(self, relative: str | os.PathLike) -> Path:
+        return self.run_dir / relative
+
+    def relative(self, path: str | os.PathLike) -> str:
+        return Path(os.path.relpath(Path(path).resolve(), self.run_dir.resolve())).as_posix()
+
+    def require(self, stage: str, hint: str) -> dict:
+        """The completed entry of `stage`; otherwise a one-line refusal naming its state and `hint`."""
+        entry = self.stages.get(stage)
+        if not entry or entry.get("status") != "completed":
+            state = entry.get("status") if entry else "not run"
+            raise UsageError(f"run {self.run_dir} has no completed {stage} stage ({state}); {hint}")
+        return entry
+
+    def require_trained(self) -> dict:
+        return self.require("train", f"train it first with 'medcli train' (or finish it with "
+                                     f"'medcli train --resume {self.run_dir}')")
+
+    def update(self, change: Callable[[dict], None]) -> None:
+        """Apply `change` to the manifest on disk under the manifest lock (re-read, change, save
+        atomically); `self.data` becomes the result."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(self.run_dir / MANIFEST_LOCK, timeout=MANIFEST_LOCK_WAIT_S)
+        try:
+            with lock:
+                _, data = manifest.read(self.run_dir)
+                change(data)
+                manifest.write(self.run_dir, data)
+        except Timeout:
+            raise UsageError(f"the manifest of run {self.run_dir} stayed locked for {MANIFEST_LOCK_WAIT_S:.0f} s; "
+                             f"if no medcli process uses it, delete {lock.lock_file}") from None
+        self.data = data
+
+    # -- stages -----------------------------------------------------------------------------
+    @contextmanager
+    def stage(self, name: str) -> Iterator["StageRecord"]:
+        """Run a stage under its own lock: mark it running, and record how it ended.
+
+        Completed on normal exit; interrupted on Ctrl-C/SIGTERM; failed on any other error
+        (the exception is re-raised after the manifest is saved). A second process asking for
+        the same stage of the same run is refused at once with one line.
+        """
+        with self._stage_lock(name):
+            entry = {"status": "running", "started": manifest.now_iso(), "ended": None, "duration_s": None,
+                     "error": None, "pid": os.getpid()}
+
+            def begin(data: dict) -> None:  # an earlier run of the stage keeps its artefacts and summary
+                previous = data["stages"].get(name, {})
+                entry.update(artefacts=dict(previous.get("artefacts", {})), summary=dict(previous.get("summary", {})))
+                data["stages"][name] = entry
+
+            self.update(begin)
+            record = StageRecord(self, name, entry)
+            start = time.perf_counter()
+            try:
+                yield record
+            except (KeyboardInterrupt, Interrupted):
+                record.end("interrupted", start, "interrupted by the user")
+                raise
+            except BaseException as exc:
+                record.end("failed", start, str(exc) or type(exc).__name__)
+                raise
+            record.end("completed", start, None)
+
+    @contextmanager
+    def _stage_lock(self, name: str) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(stage_lock_path(self.run_dir, name), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            pid = manifest.read(self.run_dir)[1]["stages"].get(name, {}).get("pid")  # the holder's, from disk
+            raise UsageError(f"run {self.run_dir} is in use by another medcli process ({name} stage"
+                             f"{f', pid {pid}' if pid else ''}); wait for it to finish or end it with "
+                             f"'medcli clean-processes --yes'") from None
+        except OSError as exc:
+            raise UsageError(f"cannot lock run {self.run_dir}: {exc.strerror}; check the directory is writable") from exc
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def mark_interrupted(self, reason: str, pid: int | None = None) -> list[str]:
+        """Mark running stages interrupted (those of process `pid`, or all); returns their names.
+        Used for a process that was ended and could not record it itself."""
+        marked: list[str] = []
+
+        def change(data: dict) -> None:
+            for name, entry in data["stages"].items():
+                if entry.get("status") == "running" and pid in (None, entry.get("pid")):
+                    entry.update(status="interrupted", ended=manifest.now_iso(), error=reason)
+                    entry.pop("pid", None)
+                    marked.append(name)
+
+        self.update(change)
+        return marked
+
+    # -- model and data ---------------------------------------------------------------------
+    def checkpoint_path(self, checkpoint: str) -> Path:
+        if checkpoint not in CHECKPOINTS:
+            raise UsageError(f"unknown checkpoint '{checkpoint}'; choose {' or '.join(CHECKPOINTS)}")
+        return self.path(f"checkpoints/{checkpoint}.pt")
+
+    def load_model(self, checkpoint: str = "best", device="cpu"):
+        """The trained model (the manifest's spec + checkpoints/<checkpoint>.pt) on `device`, in
+        eval mode; a missing, damaged or mismatched checkpoint is a one-line UsageError."""
+        from medcli import models
+
+        path = self.checkpoint_path(checkpoint)
+        relative = self.relative(path)
+        other = CHECKPOINTS[1 - CHECKPOINTS.index(checkpoint)]
+        if not path.is_file():
+            raise UsageError(f"run {self.run_dir} has no {relative}; train it first with medcli train")
+        state = models.read_state_dict(path, f"re-train or use --checkpoint {other}")
+        model = models.rebuild(self.spec)
+        models.load_state(model, state, self.spec["name"], relative, "re-train this run or restore its checkpoint")
+        return model.to(device).eval()
+
+    def load_data(self, root: str | os.PathLike | None = None):
+        """The run's dataset (`datasets.Splits`), found again by flag and size: under `root` when
+        given (a moved run or dataset), else under the data root training used, else beside the
+        recorded file. A file that differs from the one training used is a warning (the numbers
+        may not compare)."""
+        from medcli import datasets
+
+        record = self.dataset
+        flag, size = record.get("flag"), record.get("size")
+        if not flag or not size:
+            raise UsageError(f"run {self.run_dir} has no dataset flag/size in its manifest; re-train it with medcli train")
+        if root is None:
+            candidates = [Path(p) for p in (self.config.get("root"), Path(record.get("path", "")).parent) if p]
+            root = next((c for c in candidates if datasets.data_path(c, flag, size).is_file()), None)
+            if root is None:
+                raise UsageError(f"the dataset this run was trained on ({datasets.filename(flag, size)} under "
+                                 f"{self.config.get('root') or record.get('path')}) is missing; pass --root DIR holding "
+                                 f"it, or fetch it with 'medcli download {flag} --size {size}'")
+        data = datasets.load(root, flag, size)
+        if record.get("md5") and data.record.get("md5") != record.get("md5"):
+            console.warn(f"{data.path} differs from the file this run was trained on (md5 "
+                         f"{data.record.get('md5')} vs {record.get('md5')}); numbers may not be comparable")
+        return data
+
+
+class StageRecord:
+    """Handle given to a running stage to register artefacts and a summary."""
+
+    def __init__(self, run: Run, name: str, entry: dict):
+        self.run = run
+        self.name = name
+        self.entry = entry
+
+    @property
+    def summary(self) -> dict:
+        return self.entry["summary"]
+
+    def add(self, *paths: str | os.PathLike, save: bool = True) -> None:
+        """Record artefacts (relative path -> sha256). Call after the file is in place."""
+        for path in paths:
+            relative = self.run.relative(path)
+            self.entry["artefacts"][relative] = fileio.sha256_file(self.run.run_dir / relative)
+        if save:
+            self.save()
+
+    def forget(self, prefix: str) -> None:
+        """Delete the files this stage recorded under `prefix` (an earlier run of the stage),
+        so none outlives the index that listed it."""
+        artefacts = self.entry["artefacts"]
+        for relative in [rel for rel in artefacts if rel.startswith(prefix)]:
+            self.run.path(relative).unlink(missing_ok=True)
+            del artefacts[relative]
+
+    def save(self) -> None:
+        """Write this stage's entry into the manifest (other entries are left as they are on disk)."""
+        self.run.update(lambda data: data["stages"].__setitem__(self.name, self.entry))
+
+    def end(self, status: str, start: float, error: str | None) -> None:
+        self.entry.update(status=status, ended=manifest.now_iso(), duration_s=round(time.perf_counter() - start, 3),
+                          error=error)
+        self.entry.pop("pid", None)
+        self.save()
