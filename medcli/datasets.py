@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from medcli import fileio
-from medcli.errors import UsageError
+from medcli import console, fileio
+from medcli.errors import MedcliError, UsageError
 
 SIZES = (28, 64, 128, 224)
 SPLITS = ("train", "val", "test")
@@ -119,7 +119,7 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
     file is caught without holding it in memory), the six keys, uint8 images of size x size
     with the channel count INFO gives (from the array headers: the images of a 224-px file
     are gigabytes and are never loaded here), and labels of matching length with values
-    inside the class range.
+    inside the class range, with no split empty.
     """
     meta = info(flag)
     path = Path(path)
@@ -151,6 +151,8 @@ def _check_split(archive, split, path, flag, size, channels, upper) -> int:
     image_shape = shape[1:]
     if channels == 1 and image_shape == (size, size, 1):
         image_shape = (size, size)
+    if len(shape) >= 1 and shape[0] == 0:
+        raise UsageError(f"{path}: the {split} split has 0 images; a MedMNIST file has images in every split")
     if len(shape) < 3 or image_shape != expected:
         raise UsageError(
             f"{path}: {split}_images has shape {shape[1:]}, expected {expected} "
@@ -167,14 +169,20 @@ def _check_split(archive, split, path, flag, size, channels, upper) -> int:
     return int(shape[0])
 
 
+_MADE_BY_MAKE_RECORD = ("flag", "size", "file", "md5", "official_md5", "official", "source", "created", "n_samples",
+                        "bytes", "mtime_ns")
+
+
 def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: dict, **extra: Any) -> dict:
+    """npz's record: what it holds, its md5, and the size and mtime that md5 belongs to."""
     from medcli.manifest import now_iso
 
     _, official_md5 = official_source(flag, size)
+    stat = Path(npz).stat()
     return {
         "flag": flag,
         "size": size,
-        "file": npz.name,
+        "file": Path(npz).name,
         "md5": md5,
         "official_md5": official_md5,
         "official": md5 == official_md5,
@@ -182,15 +190,43 @@ def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: 
         "source": source,
         "created": now_iso(),
         "n_samples": counts,
+        "bytes": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
         **extra,
     }
+
+
+def record_of(path: Path, flag: str, size: int) -> dict | None:
+    """path's JSON record when it is one medcli wrote for this flag and size."""
+    record = read_record(path)
+    if isinstance(record, dict) and record.get("flag") == flag and record.get("size") == size \
+            and isinstance(record.get("md5"), str):
+        return record
+    return None
+
+
+def unchanged(record: dict, path: Path) -> bool:
+    """True when path has the size and mtime its record's md5 was computed for."""
+    stat = path.stat()
+    return record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
+
+
+def current_md5(path: Path, record: dict | None) -> str:
+    """path's md5: the record's while the file is unchanged, else hashed (seconds per GB)."""
+    if record is not None and unchanged(record, path):
+        return record["md5"]
+    return fileio.md5_file(path)
 
 
 def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
     """Find a dataset file under root and return (path, record); a clear error if absent.
 
-    A file without a record (e.g. placed by the medmnist package) is validated, hashed and
-    given one.
+    The record is trusted only while the file keeps the size and mtime its md5 was computed
+    for. A file without a record (e.g. placed by the medmnist package) or changed since its
+    record is validated and hashed again: a file with another md5 gets a new record (its
+    `official` flag from that md5, with a warning), a file only touched keeps its record's
+    facts. The record is then saved when the root is writable; on a read-only root the
+    fresh record is used as it is.
     """
     info(flag)
     check_size(size)
@@ -200,11 +236,23 @@ def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
             f"no {flag} at {size} px under {Path(root).expanduser()}; run "
             f"'medcli download {flag} --size {size} --root {root}' (or --from FILE to import one)"
         )
-    record = read_record(path)
-    if record is None or record.get("flag") != flag or record.get("size") != size:
-        counts = validate_npz(path, flag, size)
-        record = make_record(flag, size, path, fileio.md5_file(path), str(path), counts)
+    record = record_of(path, flag, size)
+    if record is not None and unchanged(record, path):
+        return path, record
+    counts = validate_npz(path, flag, size)
+    md5 = fileio.md5_file(path)
+    if record is not None and record["md5"] == md5:  # touched or copied, same content: keep its facts
+        kept = {k: v for k, v in record.items() if k not in _MADE_BY_MAKE_RECORD}
+        record = make_record(flag, size, path, md5, record.get("source", str(path)), counts, **kept)
+    else:
+        if record is not None:
+            console.warn(f"{path} changed since its record (md5 {record['md5']} -> {md5}); recording it again "
+                         f"({'official' if md5 == official_source(flag, size)[1] else 'not official'})")
+        record = make_record(flag, size, path, md5, str(path), counts)
+    try:
         write_record(path, record)
+    except MedcliError as exc:
+        console.debug(f"dataset record not saved ({exc}); the file is hashed again next time")
     return path, record
 
 
@@ -284,7 +332,6 @@ def make_synthetic(
         flag, size, target, fileio.md5_file(target), f"synthetic (seed {seed})",
         dict(zip(SPLITS, n_per_split)), synthetic=True, signal_box=[lo, hi, lo, hi],
     )
-    record["official"] = False
     write_record(target, record)
     return target
 

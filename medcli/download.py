@@ -271,38 +271,16 @@ def _flags(flags: Iterable[str]) -> list[str]:
     return unique
 
 
-def _record_of(path: Path, flag: str, size: int) -> dict | None:
-    """path's JSON record when it is one medcli wrote for this flag and size."""
-    record = datasets.read_record(path)
-    if isinstance(record, dict) and record.get("flag") == flag and record.get("size") == size \
-            and isinstance(record.get("md5"), str):
-        return record
-    return None
-
-
-def _unchanged(record: dict, path: Path) -> bool:
-    """True when path has the size and mtime its record's md5 was computed for."""
-    stat = path.stat()
-    return record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
-
-
-def _current_md5(path: Path, record: dict | None) -> str:
-    """path's md5: the record's while the file is unchanged, else hashed (seconds per GB)."""
-    if record is not None and _unchanged(record, path):
-        return record["md5"]
-    return fileio.md5_file(path)
-
-
 def _file_status(path: Path, flag: str, size: int) -> dict:
     """missing | unverified (no record: not placed by medcli) | mismatch (changed since its
     record) | official | synthetic | unofficial. Read-only: never writes a record."""
     entry = {"path": str(path), "status": "missing"}
     if not path.is_file():
         return entry
-    record = _record_of(path, flag, size)
+    record = datasets.record_of(path, flag, size)
     if record is None:
         return dict(entry, status="unverified")
-    md5 = _current_md5(path, record)
+    md5 = datasets.current_md5(path, record)
     if md5 != record["md5"]:
         status = "mismatch"
     elif md5 == datasets.official_source(flag, size)[1]:
@@ -320,13 +298,13 @@ def _present(target: Path, flag: str, size: int, md5: str) -> dict | None:
     """
     if not target.is_file():
         return None
-    record = _record_of(target, flag, size)
-    actual = _current_md5(target, record)
+    record = datasets.record_of(target, flag, size)
+    actual = datasets.current_md5(target, record)
     if actual != md5:
         console.info(f"{target} has md5 {actual}, not {md5}: downloading the file over it")
         return None
     console.info(f"{target} is present and verified (md5 {md5}); nothing to download")
-    if record is not None and record["md5"] == md5 and _unchanged(record, target):
+    if record is not None and record["md5"] == md5 and datasets.unchanged(record, target):
         return _with_path(record, target)
     origin = record.get("source") if record is not None and record["md5"] == md5 else None
     return _save_record(flag, size, target, md5, origin or str(target.resolve()),
@@ -422,9 +400,7 @@ def _by_hand(flag: str, size: int, target: Path, md5: str) -> str:
 
 def _save_record(flag: str, size: int, target: Path, md5: str, origin: str, counts: dict) -> dict:
     """Write target's JSON record, with the size and mtime its md5 belongs to."""
-    stat = target.stat()
-    record = datasets.make_record(flag, size, target, md5, origin, counts,
-                                  bytes=stat.st_size, mtime_ns=stat.st_mtime_ns)
+    record = datasets.make_record(flag, size, target, md5, origin, counts)
     datasets.write_record(target, record)
     return _with_path(record, target)
 

@@ -274,6 +274,8 @@ def _bad_files(good: Path, dest: Path, case: str) -> None:
         _rewrite(good, dest, train_labels=np.full_like(labels, 8))
     elif case == "wrong channel count":
         _rewrite(good, dest, train_images=images[..., 0])
+    elif case == "empty train split":
+        _rewrite(good, dest, train_images=images[:0], train_labels=labels[:0])
     else:  # a valid file whose md5 is not the official one
         dest.write_bytes(good.read_bytes())
 
@@ -286,6 +288,7 @@ def _bad_files(good: Path, dest: Path, case: str) -> None:
         ("wrong dtype", "expected uint8"),
         ("labels out of range", "expected 0..7"),
         ("wrong channel count", "3 channels"),
+        ("empty train split", "train split has 0 images"),
         ("unofficial md5", "--allow-unofficial"),
     ],
 )
