@@ -146,7 +146,7 @@ class State:
     scheduler: Any
     scaler: Any
     data_gen: Any  # CPU generator: epoch permutations
-    aug_gen: Any  # device generator: augmentation and MixUp
+    aug_gen: Any  # CPU generator: augmentation and MixUp draws (batches follow it on any device)
     num_classes: int
     epoch: int = 0
     history: list = field(default_factory=list)

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 
-def cli_imports_torch(args: list[str]) -> bool:
-    """Run `medcli ARGS` in a fresh interpreter; True if torch got imported on the way."""
+HEAVY = ("torch", "numpy", "timm", "torchvision", "sklearn", "matplotlib", "pandas", "scipy")
+
+
+def heavy_imports(args: list[str]) -> list[str]:
+    """Run `medcli ARGS` in a fresh interpreter; the heavy packages it imported on the way."""
     code = (
-        "import sys\n"
+        "import json, sys\n"
         "from typer.testing import CliRunner\n"
         "from medcli.cli import app\n"
         f"r = CliRunner().invoke(app, {args!r})\n"
         "assert r.exit_code == 0, r.output\n"
-        "print('torch' in sys.modules)\n"
+        f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return out.strip().splitlines()[-1] == "True"
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def one_line_error(result, code: int | None = None, *needles: str) -> str:

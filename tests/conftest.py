@@ -46,3 +46,13 @@ def tiny_run(synthetic_root, tmp_path_factory) -> Path:
     manifest = train.train(root=synthetic_root, runs_dir=tmp_path_factory.mktemp("runs"), model="timm:test_resnet",
                            epochs=3, batch_size=16, optimizer="adamw", lr=2e-3, warmup_epochs=0.0, seed=0)
     return manifest.run_dir
+
+
+@pytest.fixture()
+def offline(monkeypatch, tmp_path):
+    """No network and empty weight caches, so no real download can be attempted or succeed."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))

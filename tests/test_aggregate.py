@@ -13,19 +13,19 @@ from medcli import fileio
 from medcli.aggregate import aggregate
 from medcli.cli import app
 
-from cli_helpers import cli_imports_torch
+from cli_helpers import heavy_imports
 from medcli.run import Run
 
 runner = CliRunner()
 
 
 def make_run(parent: Path, name: str, *, model: str = "resnet18", seed: int = 0, accuracy: float | None = 0.9,
-             train_status: str = "completed") -> Path:
+             train_status: str = "completed", asked_pretrained: bool = False, loaded_pretrained: bool = False) -> Path:
     """A run directory as train + evaluate leave it (no checkpoints: aggregate reads files only)."""
     created = Run.create(
         parent, name, config={"dataset": "bloodmnist", "size": 28, "model": model, "epochs": 3, "lr": 0.1, "seed": seed,
-                     "device": "cpu", "runs_dir": str(parent)},
-        dataset={"flag": "bloodmnist", "size": 28, "md5": "abc"}, model={"name": model, "pretrained": False},
+                     "device": "cpu", "runs_dir": str(parent), "pretrained": asked_pretrained},
+        dataset={"flag": "bloodmnist", "size": 28, "md5": "abc"}, model={"name": model, "pretrained": loaded_pretrained},
     )
     created.update(lambda data: data["stages"].__setitem__("train", {
         "status": train_status, "duration_s": 12.0, "artefacts": {}, "summary": {"epochs_run": 3, "train_seconds": 10.0 + seed}}))
@@ -71,6 +71,19 @@ def test_seed_groups_leaders_and_runs_left_out_with_reasons(runs_root):
     assert reasons["not-evaluated"].startswith("not evaluated on test") and "medcli evaluate" in reasons["not-evaluated"]
 
 
+def test_seeds_group_by_the_weights_they_really_started_from(tmp_path):
+    """Review defect 4: a --pretrained run whose download failed trained from scratch; it
+    belongs with the from-scratch runs, not with the runs that loaded the weights."""
+    root = tmp_path / "runs"
+    make_run(root, "scratch", seed=0, accuracy=0.80)
+    make_run(root, "fallback", seed=1, accuracy=0.82, asked_pretrained=True)
+    make_run(root, "loaded-0", seed=0, accuracy=0.95, asked_pretrained=True, loaded_pretrained=True)
+    make_run(root, "loaded-1", seed=1, accuracy=0.97, asked_pretrained=True, loaded_pretrained=True)
+    groups = {g["pretrained"]: g for g in aggregate([root], metric_names=["accuracy"]).groups}
+    assert groups[False]["n_runs"] == 2 and groups[False]["accuracy"] == pytest.approx(0.81)
+    assert groups[True]["n_runs"] == 2 and groups[True]["accuracy"] == pytest.approx(0.96)
+
+
 def test_cli_writes_every_format_and_marks_leaders(runs_root, tmp_path):
     from openpyxl import load_workbook
 
@@ -104,4 +117,4 @@ def test_bad_metric_and_nothing_to_compare_exit_2(runs_root, tmp_path):
 
 
 def test_aggregate_does_not_import_torch(runs_root):
-    assert not cli_imports_torch(["aggregate", str(runs_root), "--format", "csv"])
+    assert "torch" not in heavy_imports(["aggregate", str(runs_root), "--format", "csv"])

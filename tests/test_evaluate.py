@@ -9,13 +9,14 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from medcli import datasets, reports
 from medcli.cli import app
 from medcli.run import Run
 
-from cli_helpers import cli_imports_torch, one_line_error
+from cli_helpers import heavy_imports, one_line_error
 
 runner = CliRunner()
 NAMES = datasets.class_names("bloodmnist")
@@ -81,6 +82,26 @@ def test_tta_and_calibration_are_deterministic_and_recorded(run_copy):
     assert calibration["after"]["auc"] == runs[0]["metrics"]["auc"]
 
 
+def test_evaluation_runs_in_full_precision_unless_asked(run_copy, monkeypatch):
+    """Review defect 6: on a bf16-capable GPU training defaults to bf16, but evaluation (cheap,
+    and its logits feed the metrics and the temperature fit) defaults to float32."""
+    from medcli import inference
+    from medcli.evaluate import evaluate_run
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda = torch.device("cuda")
+    assert inference.resolve_amp(cuda, None) == "bf16"
+    assert inference.resolve_amp(cuda, None, default="off") == "off"
+    assert inference.resolve_amp(cuda, "bf16", default="off") == "bf16"
+
+    chosen = []
+    real = inference.resolve_amp
+    monkeypatch.setattr(inference, "resolve_amp", lambda device, amp, **kw: chosen.append(real(cuda, amp, **kw)) or "off")
+    evaluate_run(run_copy, split="val", device="cpu")
+    evaluate_run(run_copy, split="val", device="cpu", amp="bf16")
+    assert chosen == ["off", "bf16"]
+
+
 @pytest.mark.parametrize("before, after, warned", [(0.10, 0.02, False), (0.02, 0.05, True)])
 def test_a_temperature_that_hurts_calibration_is_reported(before, after, warned, capsys):
     from medcli.evaluate import _warn_if_calibration_hurt
@@ -119,7 +140,7 @@ def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
     assert reports.confusion_counts(frame["label"], frame["prediction"], 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
 
     out = tmp_path / "cm.png"
-    assert not cli_imports_torch(["plot-confusion", str(csv), "--no-normalize", "--out", str(out)])
+    assert "torch" not in heavy_imports(["plot-confusion", str(csv), "--no-normalize", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

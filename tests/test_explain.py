@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from medcli import augment, datasets, explain, models, names
 from medcli.cli import app
+from medcli.run import Run
 
 from cli_helpers import one_line_error
 
@@ -258,6 +259,15 @@ def test_run_without_checkpoint_is_a_usage_error(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     (run / "checkpoints" / "best.pt").unlink()
     _one_line_usage_error([run], "checkpoints/best.pt")
+
+
+@pytest.mark.parametrize("status", ["running", "interrupted", "failed"])
+def test_a_run_whose_training_has_not_completed_is_refused(tiny_run, tmp_path, status):
+    """Review defect 10: explain used to draw maps from a half-trained checkpoint."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    Run.open(run).update(lambda data: data["stages"]["train"].update(status=status))
+    _one_line_usage_error([run], "no completed train stage", f"({status})", "--resume")
+    assert not (run / "explain").exists()
 
 
 def test_sample_numbers_outside_the_split_are_a_usage_error(tiny_run):

@@ -27,16 +27,6 @@ def _center_response(conv: nn.Conv2d, in_chans: int, size: int) -> torch.Tensor:
     return y[:, :, y.shape[2] // 2, y.shape[3] // 2]
 
 
-@pytest.fixture()
-def offline(monkeypatch, tmp_path):
-    """No network and empty weight caches, so no real download can be attempted or succeed."""
-    from huggingface_hub import constants
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-
-
 @pytest.fixture(scope="module")
 def imagenet_like_file(tmp_path_factory) -> Path:
     """A torchvision-layout ResNet-18 file (7x7 RGB conv1, 1000 classes) with non-zero-mean kernels."""
@@ -169,6 +159,37 @@ def test_names_and_families():
         models.create("resnet50", 2, 3, 28)
     with pytest.raises(UsageError, match=r"timm has no model 'nope_net'.*list_models"):
         models.create("timm:nope_net", 2, 3, 28)
+
+
+def test_pretrained_stats_come_from_the_weights_own_config():
+    """Review defect 5: timm ViT weights expect 0.5/0.5, torchvision's ResNet-18 ImageNet's;
+    a model trained from scratch uses medcli's own statistics (None here)."""
+    from timm.data import IMAGENET_DEFAULT_MEAN
+
+    vit, spec = models.create("timm:vit_tiny_patch16_224", 3, 3, 32)
+    assert models.pretrained_stats(vit, spec) is None
+    assert models.pretrained_stats(vit, {**spec, "pretrained": True}) == ((0.5,) * 3, (0.5,) * 3)
+    resnet, spec = models.create("resnet18", 3, 3, 28)
+    assert models.pretrained_stats(resnet, {**spec, "pretrained": True})[0] == IMAGENET_DEFAULT_MEAN
+
+
+def test_make_deterministic_swaps_global_pooling_for_an_exact_mean():
+    """Review defect 2: AdaptiveAvgPool2d has no deterministic CUDA backward. The replacement
+    computes the same outputs and gradients and loads the same checkpoints."""
+    torch.manual_seed(0)
+    for name in ("resnet18", "timm:test_resnet"):
+        model, _ = models.create(name, 3, 3, 28)
+        model.eval()
+        plain = {k: v.clone() for k, v in model.state_dict().items()}
+        x = torch.randn(2, 3, 28, 28, requires_grad=True)
+        expected = model(x)
+        (grad,) = torch.autograd.grad(expected.sum(), x)
+        replaced = models.make_deterministic(model)
+        assert replaced and not any(isinstance(m, nn.AdaptiveAvgPool2d) for m in model.modules())
+        out = model(x)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], grad)
+        assert model.state_dict().keys() == plain.keys()
 
 
 # -- pretrained weights without a network ------------------------------------------------------

@@ -174,6 +174,104 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(synthetic_root, tmp_
         train.resume(run)
 
 
+def _interrupted_run(root, runs, monkeypatch, **options) -> Path:
+    """A run interrupted during its second epoch (last.pt holds epoch 1)."""
+    real_epoch = train.train_one_epoch
+    calls = []
+
+    def interrupt_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", interrupt_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(root=root, runs_dir=runs, **options)
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    (run,) = runs.iterdir()
+    return run
+
+
+def test_a_run_trained_on_cuda_resumes_on_the_cpu(small_root, tmp_path, monkeypatch, capsys):
+    """Review defect 1: last.pt written on a GPU holds CUDA RNG states and (before the
+    augmentation generator moved to the CPU) a CUDA generator state, and the manifest says
+    cuda and bf16. Resuming it on a CPU must continue the run, with a warning, not crash."""
+    run = _interrupted_run(small_root, tmp_path / "runs", monkeypatch, epochs=2, batch_size=16, model="timm:test_resnet")
+    last = run / "checkpoints" / "last.pt"
+    checkpoint = _load(last)
+    cuda_generator_state = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
+    checkpoint["rng"].update(device_type="cuda", aug=cuda_generator_state,
+                             cuda=[torch.zeros(16, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)])
+    torch.save(checkpoint, last)
+    Run.open(run).update(lambda data: data["config"].update(device="cuda", amp="bf16"))
+
+    resumed = train.resume(run, device="cpu")
+    err = capsys.readouterr().err
+    assert resumed.stages["train"]["status"] == "completed" and resumed.stages["train"]["summary"]["epochs_run"] == 2
+    assert "trained on cuda" in err and "re-seeded" in err
+    assert resumed.config["device"] == "cpu" and resumed.config["amp"] == "off"
+
+
+def test_cuda_rng_states_restore_onto_fewer_gpus(monkeypatch):
+    """Review defect 1: a checkpoint from a 2-GPU machine resumed on a 1-GPU one restores the
+    state of the GPU that exists instead of failing on the missing one."""
+    restored = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append(index))
+    generator = torch.Generator()
+    state = train.State(model=None, forward=None, optimizer=None, scheduler=None, scaler=None,
+                        data_gen=torch.Generator(), aug_gen=generator, num_classes=2)
+    saved = {"torch": torch.get_rng_state(), "data": generator.get_state(), "aug": generator.get_state(),
+             "device_type": "cuda", "cuda": [torch.zeros(16, dtype=torch.uint8)] * 2}
+    state.set_rng(saved, torch.device("cuda"))
+    assert restored == [0]
+
+
+def test_strict_mode_replaces_nondeterministic_modules_and_says_so(small_root, tmp_path):
+    """Review defect 2: strict mode swaps global average pooling (no deterministic CUDA
+    backward) for an exact mean and records the swap in the manifest."""
+    run = train.train(root=small_root, runs_dir=tmp_path, epochs=1, batch_size=16, deterministic=True,
+                      model="timm:test_resnet")
+    record = run.data["environment"]["determinism"]
+    assert record["strict"] is True and record["deterministic_algorithms"] is True
+    assert record["replaced"] and all("AdaptiveAvgPool2d" in line for line in record["replaced"])
+    assert run.load_model("best", "cpu")(torch.zeros(1, 3, 28, 28)).shape == (1, 8)
+    plain = train.train(root=small_root, runs_dir=tmp_path, epochs=1, batch_size=16, model="timm:test_resnet")
+    assert plain.data["environment"]["determinism"] == {"strict": False}
+
+
+def test_pretrained_fallback_keeps_the_from_scratch_learning_rate(small_root, tmp_path, offline):
+    """Review defect 4: --pretrained whose weights cannot be fetched trains from scratch, so it
+    must keep the from-scratch learning rate, not the fine-tuning one."""
+    scratch = resolve_config(model="timm:test_resnet", root=small_root)
+    run = train.train(root=small_root, runs_dir=tmp_path, epochs=1, batch_size=16, model="timm:test_resnet",
+                      pretrained=True)
+    assert run.spec["pretrained"] is False and run.config["pretrained"] is True
+    assert run.config["lr"] == scratch["lr"] and "pretrained" not in run.config["lr_source"]
+
+
+def test_loaded_weights_get_the_fine_tuning_rate_and_their_own_statistics(small_root, tmp_path):
+    """Review defects 4 and 5: weights that really load divide the default lr by
+    FINE_TUNE_LR_DIVISOR (an explicit --lr is kept), and the inputs are normalised with the
+    statistics of the weights (timm ViTs: 0.5/0.5, not ImageNet's)."""
+    import timm
+
+    from medcli.config import FINE_TUNE_LR_DIVISOR
+
+    weights = tmp_path / "test_vit.pth"
+    torch.save(timm.create_model("test_vit").state_dict(), weights)
+    scratch = resolve_config(model="timm:test_vit", root=small_root)
+    run = train.train(root=small_root, runs_dir=tmp_path / "a", epochs=1, batch_size=16, model="timm:test_vit",
+                      weights=weights)
+    assert run.spec["pretrained"] is True
+    assert run.config["lr"] == pytest.approx(scratch["lr"] / FINE_TUNE_LR_DIVISOR)
+    assert run.data["preprocess"]["mean"] == [0.5] * 3 and run.data["preprocess"]["std"] == [0.5] * 3
+    given = train.train(root=small_root, runs_dir=tmp_path / "b", epochs=1, batch_size=16, model="timm:test_vit",
+                        weights=weights, lr=0.01)
+    assert given.config["lr"] == 0.01
+
+
 def test_strict_mode_reruns_are_bit_identical(synthetic_root, tmp_path):
     runs = [train.train(root=synthetic_root, runs_dir=tmp_path, epochs=1, deterministic=True, mixup_alpha=0.2,
                         **TINY) for _ in range(2)]
