@@ -145,36 +145,7 @@ def test_early_stopping_stops_after_patience_and_keeps_best(small_root, tmp_path
 
 # -- resume and strict mode --------------------------------------------------------------------------
 
-def test_interrupted_then_resumed_run_matches_uninterrupted(synthetic_root, tmp_path, monkeypatch):
-    options = dict(root=synthetic_root, epochs=2, mixup_alpha=0.4, **TINY)
-    straight = train.train(runs_dir=tmp_path / "a", **options)
-
-    real_epoch = train.train_one_epoch
-    calls = []
-
-    def interrupt_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", interrupt_second_epoch)
-    with pytest.raises(KeyboardInterrupt):
-        train.train(runs_dir=tmp_path / "b", **options)
-    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
-    (run,) = (tmp_path / "b").iterdir()
-    assert Run.open(run).stages["train"]["status"] == "interrupted"
-    assert _load(run / "checkpoints/last.pt")["epoch"] == 1
-
-    resumed = train.resume(run)
-    assert resumed.stages["train"]["status"] == "completed"
-    assert _weights_equal(straight.run_dir / "checkpoints/last.pt", run / "checkpoints/last.pt")
-    assert _history(run)[-1]["val_loss"] == _history(straight.run_dir)[-1]["val_loss"]
-    with pytest.raises(UsageError, match="already finished training"):
-        train.resume(run)
-
-
-def _interrupted_run(root, runs, monkeypatch, **options) -> Path:
+def _interrupted_run(runs, monkeypatch, **options) -> Path:
     """A run interrupted during its second epoch (last.pt holds epoch 1)."""
     real_epoch = train.train_one_epoch
     calls = []
@@ -187,17 +158,33 @@ def _interrupted_run(root, runs, monkeypatch, **options) -> Path:
 
     monkeypatch.setattr(train, "train_one_epoch", interrupt_second_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train.train(root=root, runs_dir=runs, **options)
+        train.train(runs_dir=runs, **options)
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
     (run,) = runs.iterdir()
     return run
+
+
+def test_interrupted_then_resumed_run_matches_uninterrupted(synthetic_root, tmp_path, monkeypatch):
+    options = dict(root=synthetic_root, epochs=2, mixup_alpha=0.4, **TINY)
+    straight = train.train(runs_dir=tmp_path / "a", **options)
+    run = _interrupted_run(runs=tmp_path / "b", monkeypatch=monkeypatch, **options)
+    assert Run.open(run).stages["train"]["status"] == "interrupted"
+    assert _load(run / "checkpoints/last.pt")["epoch"] == 1
+
+    resumed = train.resume(run)
+    assert resumed.stages["train"]["status"] == "completed"
+    assert _weights_equal(straight.run_dir / "checkpoints/last.pt", run / "checkpoints/last.pt")
+    assert _history(run)[-1]["val_loss"] == _history(straight.run_dir)[-1]["val_loss"]
+    with pytest.raises(UsageError, match="already finished training"):
+        train.resume(run)
 
 
 def test_a_run_trained_on_cuda_resumes_on_the_cpu(small_root, tmp_path, monkeypatch, capsys):
     """Review defect 1: last.pt written on a GPU holds CUDA RNG states and (before the
     augmentation generator moved to the CPU) a CUDA generator state, and the manifest says
     cuda and bf16. Resuming it on a CPU must continue the run, with a warning, not crash."""
-    run = _interrupted_run(small_root, tmp_path / "runs", monkeypatch, epochs=2, batch_size=16, model="timm:test_resnet")
+    run = _interrupted_run(tmp_path / "runs", monkeypatch, root=small_root, epochs=2, batch_size=16,
+                           model="timm:test_resnet")
     last = run / "checkpoints" / "last.pt"
     checkpoint = _load(last)
     cuda_generator_state = torch.tensor([7, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8)
