@@ -197,8 +197,30 @@ def _affine(n: int, aug: Augment, generator):
     return theta
 
 
-def train_batch(x, prep: dict, aug: Augment, generator):
-    """uint8 (B, C, H, W) batch -> augmented, resized, normalised float32 (B, C, S, S).
+def draw(n: int, aug: Augment, generator) -> dict:
+    """The random parameters of `n` augmented samples, drawn on the CPU `generator` (module
+    docstring): per-sample affine matrices, contrast and brightness factors. Drawing for a
+    whole global batch and applying a slice of it (`take`) is how every process of a
+    distributed run augments its shard exactly as one process would."""
+    _cpu_generator(generator)
+    params = {}
+    if aug.geometric:
+        params["theta"] = _affine(n, aug, generator)
+    if aug.contrast > 0:
+        params["contrast"] = _uniform(n, 1 - aug.contrast, 1 + aug.contrast, generator)
+    if aug.brightness > 0:
+        params["brightness"] = _uniform(n, 1 - aug.brightness, 1 + aug.brightness, generator)
+    return params
+
+
+def take(params: dict, index) -> dict:
+    """The parameters of some samples of a drawn batch (`index`: a slice or CPU index tensor)."""
+    return {key: value[index] for key, value in params.items()}
+
+
+def apply(x, prep: dict, aug: Augment, params: dict):
+    """uint8 (B, C, H, W) batch -> augmented, resized, normalised float32 (B, C, S, S), with
+    `params` drawn for these B samples.
 
     The geometric transforms run as one `grid_sample` at the model's input size (reflection
     padding, so rotated corners hold image content rather than black). Images larger than
@@ -206,13 +228,11 @@ def train_batch(x, prep: dict, aug: Augment, generator):
     straight to a smaller size would alias, and the model would train on other pixels than
     it is evaluated on. Smaller or equal images go through the grid_sample alone, which
     resamples once and agrees with `preprocess`'s bilinear upsampling. Photometric jitter is
-    applied to per-image means so it works for any channel count. `generator`: a CPU
-    generator whatever x's device (module docstring).
+    applied to per-image means so it works for any channel count.
     """
     import torch
     import torch.nn.functional as F
 
-    _cpu_generator(generator)
     size = int(prep["input_size"])
     n = x.shape[0]
     device = x.device
@@ -220,37 +240,45 @@ def train_batch(x, prep: dict, aug: Augment, generator):
     if not aug.geometric or size < x.shape[-1]:
         out = _resize(out, size)
     if aug.geometric:
-        theta = _affine(n, aug, generator).to(device, non_blocking=True)
-        grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
+        grid = F.affine_grid(params["theta"].to(device, non_blocking=True), [n, x.shape[1], size, size],
+                             align_corners=False)
         out = F.grid_sample(out, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if aug.contrast > 0:
-        factor = _uniform(n, 1 - aug.contrast, 1 + aug.contrast, generator).to(device, non_blocking=True)
-        factor = factor.view(-1, 1, 1, 1)
+        factor = params["contrast"].to(device, non_blocking=True).view(-1, 1, 1, 1)
         mean = out.mean(dim=(1, 2, 3), keepdim=True)
         out = torch.lerp(mean, out, factor)
     if aug.brightness > 0:
-        factor = _uniform(n, 1 - aug.brightness, 1 + aug.brightness, generator).to(device, non_blocking=True)
-        out = out * factor.view(-1, 1, 1, 1)
+        out = out * params["brightness"].to(device, non_blocking=True).view(-1, 1, 1, 1)
     if aug.contrast > 0 or aug.brightness > 0:
         out = out.clamp_(0, 255)
     return _normalise(out, prep)
 
 
-def mixup(x, targets, alpha: float, generator):
-    """MixUp: x and soft `targets` (B, classes) blended with a shuffled copy of the batch.
+def train_batch(x, prep: dict, aug: Augment, generator):
+    """`apply` with parameters freshly drawn from `generator` (a CPU generator whatever x's
+    device) for this batch."""
+    return apply(x, prep, aug, draw(x.shape[0], aug, generator))
 
-    One mixing weight lam ~ Beta(alpha, alpha) per batch (as in the MixUp paper and timm).
-    torch's Beta sampler takes no generator, so lam is drawn by numpy from a seed taken from
-    `generator` (a CPU generator, like the permutation: module docstring): the stream stays
-    reproducible and resumable. Returns (x, targets, lam, perm), perm on x's device.
-    """
+
+def draw_mixup(n: int, alpha: float, generator) -> tuple:
+    """(lam, perm) of MixUp for a batch of n: one weight lam ~ Beta(alpha, alpha) per batch (as
+    in the MixUp paper and timm) and the partner of each sample (perm, on the CPU). torch's
+    Beta sampler takes no generator, so lam is drawn by numpy from a seed taken from
+    `generator`: the stream stays reproducible and resumable."""
     import numpy as np
     import torch
 
     _cpu_generator(generator)
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device, non_blocking=True)
-    mixed_x = torch.lerp(x[perm], x, lam)
-    mixed_t = torch.lerp(targets[perm], targets, lam)
-    return mixed_x, mixed_t, lam, perm
+    return lam, torch.randperm(n, generator=generator, device=generator.device)
+
+
+def mixup(x, targets, alpha: float, generator):
+    """MixUp: x and soft `targets` (B, classes) blended with a shuffled copy of the batch.
+    Returns (x, targets, lam, perm), perm on x's device."""
+    import torch
+
+    lam, perm = draw_mixup(x.shape[0], alpha, generator)
+    perm = perm.to(x.device, non_blocking=True)
+    return torch.lerp(x[perm], x, lam), torch.lerp(targets[perm], targets, lam), lam, perm

@@ -226,10 +226,20 @@ def train(
     root: Annotated[Optional[Path], typer.Option(help="Data root (default $MEDCLI_DATA or ~/.medmnist).")] = None,
     runs_dir: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its last.pt.")] = None,
+    nproc: Annotated[Optional[int], typer.Option(min=1, help=(
+        "Train with N processes on this machine (one per GPU; gloo on CPU) through torchrun: "
+        "the same as 'torchrun --standalone --nproc-per-node N -m medcli train ...'. --batch-size is the "
+        "global batch."))] = None,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help=(
+        "Multi-GPU CNNs: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each "
+        "process's slice; matters when the per-GPU batch is small."))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
+    from medcli import distributed
     from medcli import train as library
 
+    if nproc is not None and nproc > 1:
+        raise typer.Exit(distributed.launch(nproc, sys.argv[1:]))
     if resume is not None:
         run = library.resume(resume, device=device)
     else:
@@ -240,9 +250,10 @@ def train(
             flips=flips, rotate=rotate, crop_scale=crop_scale, jitter=jitter,
             patience=patience, monitor=monitor.value, seed=seed, deterministic=deterministic, device=device,
             amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
-            input_size=input_size, root=root, runs_dir=runs_dir,
+            input_size=input_size, root=root, runs_dir=runs_dir, sync_bn=sync_bn,
         )
-    emit(library.summary(run) if json_output else str(run.run_dir))
+    if distributed.is_main_process():  # the other processes of a distributed job print nothing
+        emit(library.summary(run) if json_output else str(run.run_dir))
 
 
 @app.command()
@@ -254,7 +265,7 @@ def evaluate(
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Temperature scaling fitted on val; ECE/NLL before and after.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    amp: Annotated[Optional[Amp], typer.Option(help="Mixed precision (default bf16 on CUDA, off on CPU).")] = None,
+    amp: Annotated[Optional[Amp], typer.Option(help="Mixed precision (default off: float32 logits feed the metrics).")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Data root, if the dataset file moved since training.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the metrics JSON of each split.")] = False,
 ) -> None:

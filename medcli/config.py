@@ -101,6 +101,7 @@ def resolve_config(
     rotate: float | None = None,
     crop_scale: float | None = None,
     jitter: float | None = None,
+    sync_bn: bool = False,
 ) -> dict:
     """Every option resolved to a value (None -> family default or preset), validated.
 
@@ -137,6 +138,9 @@ def resolve_config(
     chosen.setdefault("input_size", size)
     _check_numbers(chosen, patience, monitor)
     dev = inference.resolve_device(device)
+    if sync_bn and (dev.type != "cuda" or fam != "cnn"):
+        raise UsageError("--sync-bn needs CUDA GPUs and a CNN (SyncBatchNorm has no CPU kernel, and ViTs have no "
+                         "BatchNorm); without it each process keeps its own BatchNorm statistics")
     return {
         "dataset": flag,
         "size": int(size),
@@ -161,6 +165,7 @@ def resolve_config(
         "device": str(dev),
         "amp": inference.resolve_amp(dev, amp),
         "compile": bool(compile),
+        "sync_bn": bool(sync_bn),
         "channels_last": fam == "cnn" and (dev.type == "cuda" or CHANNELS_LAST_ON_CPU),
         "pretrained": bool(pretrained),
         "weights": str(Path(weights).expanduser().resolve()) if weights else None,

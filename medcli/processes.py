@@ -207,16 +207,26 @@ def end_processes(procs: list[MedcliProcess], grace_s: float = 10.0) -> list[dic
     return results
 
 
-def other_trainings(device: str) -> list[MedcliProcess]:
-    """Other medcli trainings of this user that target the same device ('auto' matches any)."""
+def other_trainings(device: str, exclude_parent: int | None = None) -> list[MedcliProcess]:
+    """Other medcli trainings of this user that target the same device ('auto' matches any),
+    leaving out the children of `exclude_parent` (the launcher of a distributed job)."""
     same = []
     for proc in find_processes():
-        if proc.subcommand != "train":
+        if proc.subcommand != "train" or (exclude_parent is not None and _parent(proc) == exclude_parent):
             continue
         theirs = proc.device or "auto"
         if "auto" in (theirs, device) or theirs == device:
             same.append(proc)
     return same
+
+
+def _parent(proc: MedcliProcess) -> int | None:
+    import psutil
+
+    try:
+        return proc.handle.ppid() if proc.handle else None
+    except psutil.Error:
+        return None
 
 
 def table(procs: list[MedcliProcess], title: str):

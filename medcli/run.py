@@ -162,8 +162,8 @@ class Run:
             start = time.perf_counter()
             try:
                 yield record
-            except (KeyboardInterrupt, Interrupted):
-                record.end("interrupted", start, "interrupted by the user")
+            except (KeyboardInterrupt, Interrupted) as exc:
+                record.end("interrupted", start, str(exc) if isinstance(exc, Interrupted) else "interrupted by the user")
                 raise
             except BaseException as exc:
                 record.end("failed", start, str(exc) or type(exc).__name__)

@@ -20,12 +20,12 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from medcli import augment, console, fileio, inference
+from medcli import augment, console, distributed, fileio, inference
 from medcli.config import fine_tune_lr, resolve_config, run_name
 from medcli.errors import UsageError
 from medcli.manifest import environment
@@ -187,35 +187,64 @@ class State:
                 torch.cuda.set_rng_state(saved[index], index)
 
 
-def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, bar, task) -> dict:
+def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -> int:
+    """Images per optimizer step over all processes: --batch-size (at most the `n` training
+    images), each process taking an equal slice of it."""
+    batch = config["batch_size"]
+    if batch % ctx.world_size:
+        raise UsageError(f"--batch-size {batch} is the global batch and must split evenly over {ctx.world_size} "
+                         f"processes; use a multiple of {ctx.world_size}")
+    if n is not None:
+        batch = min(batch, n - n % ctx.world_size)
+    return batch
+
+
+def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, bar, task,
+                    ctx: distributed.Context = distributed.Context()) -> dict:
     """One pass over a seeded permutation of the training split.
 
-    Returns mean loss and accuracy (against the unmixed labels), the learning rate of the
-    epoch's last step, seconds and images/s. Incomplete last batches are dropped (a batch of
-    one would break BatchNorm and skew the step count the schedule was built for).
+    Every process draws the same permutation and the same augmentation (and MixUp)
+    parameters for each global batch, then augments and runs only its slice: the result
+    does not depend on the number of processes. MixUp partners from other slices are
+    augmented here too (with their own parameters), so the mixed images are the ones one
+    process would make.
+
+    Returns mean loss and accuracy (against the unmixed labels, over all processes), the
+    learning rate of the epoch's last step, seconds and images/s. Incomplete last batches are
+    dropped (a batch of one would break BatchNorm and skew the step count the schedule was
+    built for).
     """
     import torch
     import torch.nn.functional as F
 
     aug = augment.Augment.from_dict(config["augment"])
     n = len(data)
-    batch = min(config["batch_size"], n)
+    batch = global_batch(config, ctx, n)
+    mine = ctx.shard(batch)
     steps = n // batch
     refresh = max(1, steps // 50) if device.type == "cuda" else 1
     order = torch.randperm(n, generator=state.data_gen).to(device)
     state.model.train()
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, images
     start = time.perf_counter()
     bar.reset(task, total=steps * batch, description=f"epoch {state.epoch + 1}")
     for step in range(steps):
         index = order[step * batch:(step + 1) * batch]
-        labels = data.labels[index]
-        x = augment.train_batch(data.images[index], prep, aug, state.aug_gen)
+        params = augment.draw(batch, aug, state.aug_gen)
+        labels = data.labels[index[mine]]
+        x = augment.apply(data.images[index[mine]], prep, aug, augment.take(params, mine))
         targets = F.one_hot(labels, state.num_classes).float()
         if config["mixup_alpha"] > 0:
-            x, targets, _, _ = augment.mixup(x, targets, config["mixup_alpha"], state.aug_gen)
+            lam, perm = augment.draw_mixup(batch, config["mixup_alpha"], state.aug_gen)
+            partners = perm[mine]
+            if ctx.enabled:
+                other = index[partners.to(device, non_blocking=True)]
+                x_other = augment.apply(data.images[other], prep, aug, augment.take(params, partners))
+                t_other = F.one_hot(data.labels[other], state.num_classes).float()
+            else:
+                partners = partners.to(device, non_blocking=True)
+                x_other, t_other = x[partners], targets[partners]
+            x, targets = torch.lerp(x_other, x, lam), torch.lerp(t_other, targets, lam)
         if config["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
         with inference.autocast(device, config["amp"]):
@@ -227,24 +256,33 @@ def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, 
         state.scaler.update()
         lr = state.optimizer.param_groups[0]["lr"]
         state.scheduler.step()
-        loss_sum += loss.detach() * labels.shape[0]
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += labels.shape[0]
+        totals += torch.stack([loss.detach().double() * labels.shape[0],
+                               (logits.detach().argmax(1) == labels).sum().double(),
+                               torch.tensor(float(labels.shape[0]), device=device, dtype=torch.float64)])
         if (step + 1) % refresh == 0 or step + 1 == steps:
-            bar.update(task, completed=seen, status=(
-                f"loss {loss_sum.item() / seen:.3f} acc {correct.item() / seen:.3f} "
+            loss_sum, correct, seen = totals.tolist()
+            bar.update(task, completed=seen * ctx.world_size, status=(
+                f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
                 f"lr {state.optimizer.param_groups[0]['lr']:.2e}"))
     seconds = time.perf_counter() - start
-    return {"loss": loss_sum.item() / seen, "acc": correct.item() / seen, "lr": lr, "seconds": seconds,
+    loss_sum, correct, seen = distributed.sum_(ctx, totals).tolist()
+    return {"loss": loss_sum / seen, "acc": correct / seen, "lr": lr, "seconds": seconds,
             "images_per_s": seen / seconds}
 
 
-def evaluate(model, data: Data, prep: dict, config: dict, device, class_names: list[str]) -> dict:
-    """Validation metrics (metrics.classification_metrics) from one batched forward pass."""
+def evaluate(model, data: Data, prep: dict, config: dict, device, class_names: list[str],
+             ctx: distributed.Context = distributed.Context()) -> dict:
+    """Validation metrics (metrics.classification_metrics) over the whole split: each process
+    predicts its share, the logits are gathered, and every process gets the same metrics."""
+    import torch
+
     from medcli import metrics
 
-    logits = inference.predict_logits(model, data.images, prep, batch_size=EVAL_BATCH, device=device,
+    distributed.sync_buffers(ctx, model)
+    mine = ctx.shard(len(data))
+    logits = inference.predict_logits(model, data.images[mine], prep, batch_size=EVAL_BATCH, device=device,
                                       amp=config["amp"])
+    logits = torch.cat(distributed.gather(ctx, logits.cpu()))
     probs = logits.softmax(1).double().numpy()
     return metrics.classification_metrics(data.labels.cpu().numpy(), probs, class_names)
 
@@ -301,24 +339,27 @@ def train(**options: Any) -> Run:
     from medcli import datasets, models
 
     config = resolve_config(**options)
-    device = torch.device(config["device"])
-    splits = _load(config)
-    channels = splits.images["train"].shape[-1]
-    num_classes = len(datasets.class_names(config["dataset"]))
-    with determinism(config, device):
-        model, spec = _create_model(config, num_classes, channels)
-        config = fine_tune_lr(config, spec["pretrained"])
-        replaced = _strict_model(model, config)
-        prep = augment.make_prep(config["input_size"], channels, models.pretrained_stats(model, spec))
-        run = Run.create(
-            config["runs_dir"], run_name(config), config=config, dataset=splits.record, model=spec, preprocess=prep,
-            environment={**environment(config["device"], config["seed"], config["deterministic"]),
-                         "determinism": determinism_record(config, replaced)},
-        )
-        console.info(f"run {run.run_dir}: {config['model']} ({spec.get('params', 0) / 1e6:.1f} M params) on "
-                     f"{config['dataset']} {config['size']} px -> {config['input_size']} px, {config['device']}, "
-                     f"amp {config['amp']}, lr {config['lr']:g} ({config['lr_source']})")
-        fit(run, model, splits, checkpoint=None)
+    with distributed.session(torch.device(config["device"]).type) as ctx:
+        global_batch(config, ctx)
+        splits = _load(config)
+        channels = splits.images["train"].shape[-1]
+        num_classes = len(datasets.class_names(config["dataset"]))
+        with determinism(config, torch.device(config["device"])):
+            model, spec = _create_model(config, num_classes, channels)
+            config = fine_tune_lr(config, spec["pretrained"])
+            replaced = _strict_model(model, config)
+            prep = augment.make_prep(config["input_size"], channels, models.pretrained_stats(model, spec))
+            run = distributed.from_main(ctx, lambda: Run.create(
+                config["runs_dir"], run_name(config), config=config, dataset=splits.record, model=spec,
+                preprocess=prep,
+                environment={**environment(config["device"], config["seed"], config["deterministic"]),
+                             "determinism": determinism_record(config, replaced), "distributed": ctx.record()},
+            ))
+            console.info(f"run {run.run_dir}: {config['model']} ({spec.get('params', 0) / 1e6:.1f} M params) on "
+                         f"{config['dataset']} {config['size']} px -> {config['input_size']} px, {config['device']}"
+                         f"{f' x {ctx.world_size} processes ({ctx.backend})' if ctx.enabled else ''}, "
+                         f"amp {config['amp']}, lr {config['lr']:g} ({config['lr_source']})")
+            fit(run, model, splits, checkpoint=None, ctx=ctx)
     return run
 
 
@@ -347,19 +388,29 @@ def resume(path: str | os.PathLike, device: str | None = None) -> Run:
         raise UsageError(f"run {run.run_dir} finished epochs but has no checkpoints/last.pt to resume from; "
                          f"restore the file or start a new run")
     checkpoint = _read_checkpoint(last) if last.is_file() else None
-    splits = _load(config)
-    if config != run.config:
-        console.info(f"resuming on {config['device']} (amp {config['amp']}); the run trained on "
-                     f"{run.config['device']} (amp {run.config['amp']})")
-        run.update(lambda data: data["config"].update(device=config["device"], amp=config["amp"]))
-    with determinism(config, dev):
-        if checkpoint is None:  # interrupted before the first epoch ended: start it again
-            model, _ = _create_model(config, run.spec["num_classes"], run.spec["in_chans"])
-        else:
-            model = models.rebuild(run.spec)
-        _strict_model(model, config)
-        console.info(f"resuming {run.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
-        fit(run, model, splits, checkpoint=checkpoint)
+    with distributed.session(dev.type) as ctx:
+        global_batch(config, ctx)
+        splits = _load(config)
+        before = run.data.get("environment", {}).get("distributed", {"world_size": 1, "backend": None})
+        if config != run.config or before != ctx.record():
+            console.info(f"resuming on {config['device']} (amp {config['amp']}) with {ctx.world_size} process(es); "
+                         f"the run trained on {run.config['device']} (amp {run.config['amp']}) with "
+                         f"{before['world_size']}")
+
+            def change(data: dict) -> None:
+                data["config"].update(device=config["device"], amp=config["amp"])
+                data.setdefault("environment", {})["distributed"] = ctx.record()
+
+            distributed.from_main(ctx, lambda: run.update(change))
+            run.data["config"].update(device=config["device"], amp=config["amp"])
+        with determinism(config, dev):
+            if checkpoint is None:  # interrupted before the first epoch ended: start it again
+                model, _ = _create_model(config, run.spec["num_classes"], run.spec["in_chans"])
+            else:
+                model = models.rebuild(run.spec)
+            _strict_model(model, config)
+            console.info(f"resuming {run.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
+            fit(run, model, splits, checkpoint=checkpoint, ctx=ctx)
     return run
 
 
@@ -399,25 +450,35 @@ def _read_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None) -> None:
-    """The epoch loop inside the run's train stage (locked; interrupted on Ctrl-C)."""
+def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
+        ctx: distributed.Context = distributed.Context()) -> None:
+    """The epoch loop inside the run's train stage (locked; interrupted on Ctrl-C). In a
+    distributed job every process trains; rank 0 alone records the stage and writes files."""
     import torch
 
-    from medcli import datasets, reports
+    from medcli import datasets
 
     config = run.config
-    device = torch.device(config["device"])
+    device = torch.device(distributed.device_for(ctx, config["device"]))
     prep = run.data["preprocess"]
-    _warn_if_device_shared(config["device"])
+    if ctx.is_main:
+        _warn_if_device_shared(config["device"], ctx)
     if device.type == "cpu":
-        use_cpu_threads()
+        use_cpu_threads(ctx)
+    if config.get("sync_bn") and ctx.enabled:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model.to(device)
     if config["channels_last"]:
         model.to(memory_format=torch.channels_last)
     train_data, val_data = Data.of(splits, "train", device), Data.of(splits, "val", device)
-    steps = len(train_data) // min(config["batch_size"], len(train_data))
+    steps = len(train_data) // global_batch(config, ctx, len(train_data))
     optimizer = make_optimizer(model, config, device)
-    state = State(model=model, forward=torch.compile(model) if config["compile"] else model, optimizer=optimizer,
+    forward = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    state = State(model=model, forward=torch.compile(forward) if config["compile"] else forward, optimizer=optimizer,
                   scheduler=make_scheduler(optimizer, config, steps),
                   scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
                   data_gen=torch.Generator().manual_seed(config["seed"]),
@@ -426,19 +487,16 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None) -> No
     if checkpoint is not None:
         _restore(state, checkpoint, run, device)
     class_names = datasets.class_names(config["dataset"])
-    files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best"),
-             "history": run.path("history.csv"), "curves": run.path("figures/curves.png")}
 
-    with run.stage("train") as st, console.progress() as bar:
-        summary = st.summary
-        summary.setdefault("train_seconds", 0.0)
+    with (run.stage("train") if ctx.is_main else nullcontext()) as st, distributed.peers(ctx), \
+            console.progress() as bar:
         epochs_task = bar.add_task("epochs", total=config["epochs"], completed=state.epoch, unit="epoch")
         batch_task = bar.add_task("epoch", total=steps, unit="img")
         stopped_early = False
         while state.epoch < config["epochs"] and not stopped_early:
             started = time.perf_counter()
-            train_stats = train_one_epoch(state, train_data, prep, config, device, bar, batch_task)
-            val = evaluate(model, val_data, prep, config, device, class_names)
+            train_stats = train_one_epoch(state, train_data, prep, config, device, bar, batch_task, ctx)
+            val = evaluate(model, val_data, prep, config, device, class_names, ctx)
             state.epoch += 1
             value = monitored(val, config["monitor"])
             is_best = improved(value, state.best["value"], config["monitor"])
@@ -454,38 +512,52 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None) -> No
                 "val_loss": val["loss"], "val_acc": val["accuracy"], "val_auc": val["auc"],
                 "val_f1": val["f1_macro"], "seconds": round(time.perf_counter() - started, 3),
             })
-            if is_best:
-                save_checkpoint(files["best"], state, val, full=False, device=device)
-            save_checkpoint(files["last"], state, val, full=True, device=device)
-            reports.write_table(files["history"], state.history, HISTORY_COLUMNS)
-            reports.save_curves(files["curves"], state.history, config["monitor"])
-            summary.update(
-                epochs_run=state.epoch, best_epoch=state.best["epoch"], monitor=config["monitor"],
-                best_value=state.best["value"], stopped_early=stopped_early,
-                train_seconds=round(summary["train_seconds"] + train_stats["seconds"], 3),
-                images_per_s=round(train_stats["images_per_s"], 1),
-            )
-            st.add(*(path for path in files.values() if path.is_file()))
+            if st is not None:
+                _record_epoch(run, st, state, val, train_stats, is_best, stopped_early, device, ctx)
             bar.update(epochs_task, completed=state.epoch)
             console.info(_epoch_line(state, config, train_stats, val, is_best))
         if stopped_early:
             console.info(f"early stop: val {config['monitor']} did not improve for {config['patience']} epochs")
 
 
-def _warn_if_device_shared(device: str) -> None:
+def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_best: bool, stopped_early: bool,
+                  device, ctx: distributed.Context) -> None:
+    """Rank 0's files after an epoch: checkpoints, history, curves, and the stage summary."""
+    from medcli import reports
+
+    config = run.config
+    files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best"),
+             "history": run.path("history.csv"), "curves": run.path("figures/curves.png")}
+    if is_best:
+        save_checkpoint(files["best"], state, val, full=False, device=device)
+    save_checkpoint(files["last"], state, val, full=True, device=device)
+    reports.write_table(files["history"], state.history, HISTORY_COLUMNS)
+    reports.save_curves(files["curves"], state.history, config["monitor"])
+    st.summary.update(
+        epochs_run=state.epoch, best_epoch=state.best["epoch"], monitor=config["monitor"],
+        best_value=state.best["value"], stopped_early=stopped_early,
+        train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
+        images_per_s=round(train_stats["images_per_s"] * ctx.world_size, 1), world_size=ctx.world_size,
+    )
+    st.add(*(path for path in files.values() if path.is_file()))
+
+
+def _warn_if_device_shared(device: str, ctx: distributed.Context = distributed.Context()) -> None:
     """Warn (never kill) when another medcli training of this user runs on the same device:
-    both will be slower, and a forgotten one is a common cause of 'training got slow'."""
+    both will be slower, and a forgotten one is a common cause of 'training got slow'. The
+    other processes of this job (children of the same launcher) are not others."""
     from medcli import processes
 
-    for other in processes.other_trainings(device):
+    for other in processes.other_trainings(device, exclude_parent=os.getppid() if ctx.enabled else None):
         console.warn(f"another medcli training (pid {other.pid}, running {other.age_s / 60:.0f} min) uses "
                      f"device {other.device or 'auto'}; both will be slower. If it is stale: "
                      f"medcli clean-processes --yes")
 
 
-def use_cpu_threads() -> None:
+def use_cpu_threads(ctx: distributed.Context = distributed.Context()) -> None:
     """One thread per CPU this process may run on (affinity and cgroup quota, not the host's
-    core count), unless OMP_NUM_THREADS says otherwise.
+    core count; shared among the processes of this job on this node), unless
+    OMP_NUM_THREADS says otherwise.
 
     Oversubscription is expensive: OpenMP workers spin-wait for cores that other processes
     hold (measured 3x slower on 2 busy cores).
@@ -495,7 +567,8 @@ def use_cpu_threads() -> None:
     from medcli import system
 
     if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(system.usable_cpus())
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
+        torch.set_num_threads(max(1, system.usable_cpus() // max(1, local)))
 
 
 def _restore(state: State, checkpoint: dict, run: Run, device) -> None:

@@ -12,7 +12,7 @@ import medcli
 PACKAGE = Path(medcli.__file__).parent
 LAYERS = {
     "names": 0, "errors": 0, "console": 0, "system": 0, "metrics": 0,
-    "fileio": 1,
+    "fileio": 1, "distributed": 1,
     "manifest": 2, "augment": 2, "models": 2,
     "datasets": 3, "inference": 3,
     "run": 4,

@@ -188,3 +188,5 @@ def test_train_warns_when_another_training_shares_the_device(fake_medcli, monkey
     train._warn_if_device_shared("cpu")
     assert any(f"pid {proc.pid}" in w for w in warnings)
     assert proc.poll() is None  # warned, never killed
+    # The other processes of one distributed job (children of the same launcher) are not others.
+    assert proc.pid not in {p.pid for p in processes.other_trainings("cpu", exclude_parent=os.getpid())}
