@@ -233,6 +233,9 @@ def train(
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help=(
         "Multi-GPU CNNs: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each "
         "process's slice; matters when the per-GPU batch is small."))] = False,
+    data_budget: Annotated[Optional[float], typer.Option(min=0.0, help=(
+        "GiB of images that may live on the training device (default: half the free GPU memory; "
+        "unlimited on CPU). A split above it stays in pinned host memory and is copied batch by batch."))] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
     from medcli import distributed
@@ -251,6 +254,7 @@ def train(
             patience=patience, monitor=monitor.value, seed=seed, deterministic=deterministic, device=device,
             amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
             input_size=input_size, root=root, runs_dir=runs_dir, sync_bn=sync_bn,
+            data_budget_gb=data_budget,
         )
     if distributed.is_main_process():  # the other processes of a distributed job print nothing
         emit(library.summary(run) if json_output else str(run.run_dir))

@@ -102,6 +102,7 @@ def resolve_config(
     crop_scale: float | None = None,
     jitter: float | None = None,
     sync_bn: bool = False,
+    data_budget_gb: float | None = None,
 ) -> dict:
     """Every option resolved to a value (None -> family default or preset), validated.
 
@@ -166,6 +167,7 @@ def resolve_config(
         "amp": inference.resolve_amp(dev, amp),
         "compile": bool(compile),
         "sync_bn": bool(sync_bn),
+        "data_budget_gb": None if data_budget_gb is None else float(data_budget_gb),
         "channels_last": fam == "cnn" and (dev.type == "cuda" or CHANNELS_LAST_ON_CPU),
         "pretrained": bool(pretrained),
         "weights": str(Path(weights).expanduser().resolve()) if weights else None,

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from medcli import datasets
 
 EVAL_BATCH = 512
+DEVICE_DATA_SHARE = 0.5  # of free GPU memory that the uint8 splits may take (else streamed from host)
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_f1", "seconds")
 # What last.pt must hold for --resume to continue exactly where the run stopped.
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "best", "bad_epochs")
@@ -119,21 +120,83 @@ def determinism_record(config: dict, replaced: list[str]) -> dict:
 
 @dataclass
 class Data:
-    """One split on the training device: uint8 images (N, C, H, W) and int64 labels (N,)."""
+    """One split for training: uint8 images (N, C, H, W) and int64 labels (N,) on the device.
+
+    When the images do not fit the device-memory budget they stay in host memory (pinned on
+    CUDA) and `take` gathers each batch there and copies it with `non_blocking=True`,
+    through two alternating pinned buffers so the copy of one batch overlaps the work on the
+    previous one. Same batches, same augmentation, same results; only where the bytes wait
+    differs."""
 
     images: Any
     labels: Any
+    device: Any
+    _buffers: list = field(default_factory=list)
+    _events: list = field(default_factory=list)
+    _turn: int = 0
 
     @classmethod
-    def of(cls, splits: datasets.Splits, split: str, device) -> "Data":
+    def of(cls, splits: datasets.Splits, split: str, device, budget: float) -> "Data":
+        """The split on `device` if its images take at most `budget` bytes, else streamed."""
         import torch
 
         from medcli import datasets
 
-        return cls(datasets.as_tensor(splits.images[split], device), torch.from_numpy(splits.labels[split]).to(device))
+        images = datasets.as_tensor(splits.images[split])
+        labels = torch.from_numpy(splits.labels[split]).to(device)
+        if images.numel() <= budget:
+            return cls(images.to(device), labels, device)
+        console.info(f"{split} split ({images.numel() / 2**30:.2f} GiB) exceeds the device-data budget "
+                     f"({budget / 2**30:.2f} GiB): kept in {'pinned ' if device.type == 'cuda' else ''}host memory, "
+                     f"batches copied as needed")
+        return cls(images.pin_memory() if device.type == "cuda" else images, labels, device)
+
+    @property
+    def streamed(self) -> bool:
+        return self.images.device != self.device
+
+    def take(self, index):
+        """The images at `index` (a tensor on the device), on the device."""
+        if not self.streamed:
+            return self.images[index]
+        import torch
+
+        index = index.cpu()
+        if self.device.type != "cuda":
+            return self.images[index]
+        if not self._buffers:
+            shape = (0, *self.images.shape[1:])
+            self._buffers = [torch.empty(shape, dtype=self.images.dtype).pin_memory() for _ in range(2)]
+            self._events = [None, None]
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._events[turn] is not None:
+            self._events[turn].synchronize()  # its previous copy has left the buffer
+        if self._buffers[turn].shape[0] < len(index):
+            self._buffers[turn] = torch.empty((len(index), *self.images.shape[1:]),
+                                              dtype=self.images.dtype).pin_memory()
+        buffer = self._buffers[turn][:len(index)]
+        torch.index_select(self.images, 0, index, out=buffer)
+        batch = buffer.to(self.device, non_blocking=True)
+        self._events[turn] = torch.cuda.Event()
+        self._events[turn].record()
+        return batch
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+def data_budget(config: dict, device) -> float:
+    """Bytes of images that may live on the training device: --data-budget GiB when given,
+    else on CUDA half the free memory (the rest is for the model, activations and the
+    optimizer), on CPU unlimited (the data is in host memory either way)."""
+    import torch
+
+    if config.get("data_budget_gb") is not None:
+        return config["data_budget_gb"] * 2**30
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return DEVICE_DATA_SHARE * free
+    return math.inf
 
 
 @dataclass
@@ -232,14 +295,14 @@ def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, 
         index = order[step * batch:(step + 1) * batch]
         params = augment.draw(batch, aug, state.aug_gen)
         labels = data.labels[index[mine]]
-        x = augment.apply(data.images[index[mine]], prep, aug, augment.take(params, mine))
+        x = augment.apply(data.take(index[mine]), prep, aug, augment.take(params, mine))
         targets = F.one_hot(labels, state.num_classes).float()
         if config["mixup_alpha"] > 0:
             lam, perm = augment.draw_mixup(batch, config["mixup_alpha"], state.aug_gen)
             partners = perm[mine]
             if ctx.enabled:
                 other = index[partners.to(device, non_blocking=True)]
-                x_other = augment.apply(data.images[other], prep, aug, augment.take(params, partners))
+                x_other = augment.apply(data.take(other), prep, aug, augment.take(params, partners))
                 t_other = F.one_hot(data.labels[other], state.num_classes).float()
             else:
                 partners = partners.to(device, non_blocking=True)
@@ -470,7 +533,9 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
     model.to(device)
     if config["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    train_data, val_data = Data.of(splits, "train", device), Data.of(splits, "val", device)
+    budget = data_budget(config, device)
+    train_data = Data.of(splits, "train", device, budget)
+    val_data = Data.of(splits, "val", device, budget - (0 if train_data.streamed else train_data.images.numel()))
     steps = len(train_data) // global_batch(config, ctx, len(train_data))
     optimizer = make_optimizer(model, config, device)
     forward = model

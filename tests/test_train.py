@@ -259,6 +259,19 @@ def test_loaded_weights_get_the_fine_tuning_rate_and_their_own_statistics(small_
     assert given.config["lr"] == 0.01
 
 
+def test_a_split_over_the_device_budget_is_streamed_with_the_same_result(small_root, tmp_path, capsys):
+    """Splits above --data-budget stay in host memory and are copied batch by batch; the
+    batches, augmentation and result are those of the on-device run (forced on CPU here with
+    a zero budget: the same code path up to the pinned copy)."""
+    options = dict(root=small_root, epochs=2, mixup_alpha=0.4, **{**TINY, "batch_size": 8})
+    on_device = train.train(runs_dir=tmp_path / "a", **options)
+    streamed = train.train(runs_dir=tmp_path / "b", data_budget_gb=0.0, **options)
+    assert "exceeds the device-data budget" in capsys.readouterr().err
+    assert streamed.config["data_budget_gb"] == 0.0
+    assert _weights_equal(on_device.run_dir / "checkpoints/last.pt", streamed.run_dir / "checkpoints/last.pt")
+    assert _history(on_device.run_dir)[-1]["val_loss"] == _history(streamed.run_dir)[-1]["val_loss"]
+
+
 def test_strict_mode_reruns_are_bit_identical(synthetic_root, tmp_path):
     runs = [train.train(root=synthetic_root, runs_dir=tmp_path, epochs=1, deterministic=True, mixup_alpha=0.2,
                         **TINY) for _ in range(2)]
