@@ -25,7 +25,8 @@ from medcli import console, fileio, reports
 from medcli.errors import UsageError
 from medcli.manifest import FILENAME
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
-from medcli.names import LOWER_IS_BETTER, PERCENT_METRICS, SCALAR_METRICS, SPLITS
+from medcli.names import (COMPARABLE_METRICS, FAITHFULNESS_METRICS, FAITHFULNESS_PREFIX, LOWER_IS_BETTER,
+                          PERCENT_METRICS, SCALAR_METRICS, SPLITS)
 from medcli.run import Run
 # Config keys that do not change the experiment: runs differing only in these are repeats.
 _NOT_EXPERIMENT = frozenset({"seed", "runs_dir", "root", "device", "amp", "compile", "channels_last", "deterministic"})
@@ -92,6 +93,7 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
         values = evaluation["metrics"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"metrics/{split}.json is unreadable ({type(exc).__name__}); re-run 'medcli evaluate'") from None
+    values = {**values, **_faithfulness(run, [m for m in metric_names if m in FAITHFULNESS_METRICS], split)}
     missing = [m for m in metric_names if m not in values]
     if missing:
         raise UsageError(f"metrics/{split}.json lacks {', '.join(missing)}; re-run 'medcli evaluate'")
@@ -171,15 +173,30 @@ def find_leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, l
     return leaders
 
 
+def _faithfulness(run: Run, wanted: Sequence[str], split: str) -> dict:
+    """road_<method> -> the mean ROAD faithfulness of the run's explain:<method> stage on `split`."""
+    values = {}
+    for metric in wanted:
+        method = metric[len(FAITHFULNESS_PREFIX):]
+        summary = run.stages.get(f"explain:{method}", {}).get("summary", {})
+        if run.status(f"explain:{method}") != "completed" or not summary.get("faithfulness") \
+                or summary.get("split") != split:
+            raise UsageError(f"no {metric}: not explained with {method} on {split} with faithfulness scores "
+                             f"(run 'medcli explain {run.run_dir} --method {method} --split {split}')")
+        values[metric] = summary["faithfulness"]["mean"]
+    return values
+
+
 def aggregate(paths: Sequence[str | os.PathLike], split: str = "test",
               metric_names: Sequence[str] = DEFAULT_METRICS) -> Comparison:
     """Read every run under `paths` and compare them on `metric_names` of `split`."""
     if split not in SPLITS:
         raise UsageError(f"unknown --split '{split}'; choose test, val or train")
     metric_names = list(dict.fromkeys(metric_names))
-    unknown = [m for m in metric_names if m not in SCALAR_METRICS]
+    unknown = [m for m in metric_names if m not in COMPARABLE_METRICS]
     if unknown or not metric_names:
-        raise UsageError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from {', '.join(SCALAR_METRICS)}")
+        raise UsageError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from "
+                         f"{', '.join(SCALAR_METRICS)} or road_<explain method>")
     run_dirs, skipped = find_runs(paths or ["."])
     runs = []
     for run_dir in run_dirs:

@@ -290,16 +290,37 @@ def evaluate(
 def aggregate(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or folders searched for runs (default: .).")] = None,
     split: Annotated[str, typer.Option(help="Which metrics/<split>.json to compare: test, val or train.")] = "test",
-    metrics: Annotated[Optional[str], typer.Option(help=f"Comma-separated metrics (default: {','.join(names.COMPARE_METRICS)}).")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help=(
+        f"Comma-separated metrics (default: {','.join(names.COMPARE_METRICS)}); road_<method> (e.g. road_gradcam) "
+        "is the mean ROAD faithfulness of that explain method."))] = None,
     out: Annotated[Optional[Path], typer.Option(help="Write comparison CSV, XLSX, Markdown and PNG into this folder.")] = None,
     format: Annotated[OutputFormat, typer.Option("--format", help="What to print on stdout (xlsx needs --out).")] = OutputFormat.table,
+    maps: Annotated[bool, typer.Option("--maps", help=(
+        "Compare the runs' stored explanation maps instead (no model needed): per common sample, Spearman "
+        "correlation and top-20% overlap between every two explained (run, method), per class means, and a "
+        "side-by-side figure; needs --out."))] = False,
+    method: Annotated[Optional[str], typer.Option(help="With --maps: only these explain methods (comma-separated).")] = None,
 ) -> None:
     """Compare runs in one table and chart; seeds of one setup become mean ± std.
 
     Runs that are unfinished, not evaluated or unreadable are listed with the reason.
+    With --maps, compare where the runs look instead (CNN vs ViT on the same samples).
     """
     from medcli import aggregate as library
+    from medcli.errors import UsageError
 
+    if maps:
+        from medcli import maps as compare_maps
+
+        if out is None:
+            raise UsageError("--maps writes a figure and tables: give --out DIR")
+        run_dirs, skipped = library.find_runs(runs or ["."])
+        if skipped:
+            raise UsageError(f"{skipped[0]['run']}: {skipped[0]['reason']}")
+        methods = [m.strip() for m in method.split(",") if m.strip()] if method else None
+        summary = compare_maps.compare(run_dirs, out, methods)
+        emit(summary if format is OutputFormat.json else "\n".join(compare_maps.lines(summary)))
+        return
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else names.COMPARE_METRICS
     emit(library.compare(runs or [], split=split, metric_names=chosen, out_dir=out, fmt=format.value))
 
@@ -337,16 +358,20 @@ def explain(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per CAM batch (Score-CAM: masked images per forward pass).")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     root: Annotated[Optional[Path], typer.Option(help="Data root, if the dataset file moved since training.")] = None,
+    faithfulness: Annotated[bool, typer.Option("--faithfulness/--no-faithfulness", help=(
+        "Score each map's faithfulness to the model with ROAD (Rong et al. 2022, grad-cam's "
+        "pytorch_grad_cam.metrics): index.json, the manifest and 'aggregate --metrics road_<method>'."))] = True,
     json_output: Annotated[bool, typer.Option("--json", help="Print index.json on stdout instead of the directory.")] = False,
 ) -> None:
     """Explain predictions with CAM methods or attention rollout.
 
-    Writes explain/<method>/<split>_<index>_gt-<class>_pred-<class>.png (original | heat map | overlay) per sample, a grid per class and index.json into the run; prints the directory.
+    Writes explain/<method>/<split>_<index>_gt-<class>_pred-<class>.png (original | heat map | overlay, titled) per sample, a grid per class, maps.npz (the raw maps) and index.json (with per-sample ROAD faithfulness) into the run; prints the directory.
     """
     index = _explain.explain_run(
         run, method=method.value, split=split.value, per_class=per_class, indices=_explain.parse_indices(indices),
         only_errors=only_errors, target=target.value, layer=layer, checkpoint=checkpoint.value, seed=seed,
-        head_fusion=head_fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, root=root)
+        head_fusion=head_fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, root=root,
+        faithfulness=faithfulness)
     emit(index if json_output else index["dir"])
 
 

@@ -26,6 +26,7 @@ its help text, which must stay instant.
 from __future__ import annotations
 
 import os
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -50,8 +51,12 @@ DEFAULT_PER_CLASS = 4
 # (0.36 vs 0.25 at 7x7, one seed), so the deeper, more class-specific 7x7 stage is the default. It is also
 # the grid Grad-CAM was designed with (ImageNet ResNets' last stage at 224 px stays the default).
 MIN_CAM_GRID = 7
+ROAD_PERCENTILES = (20, 40, 60, 80)  # as in grad-cam's ROAD tutorial: 4 removal levels per direction
+ROAD_NAME = "ROAD combined (Rong et al. 2022), softmax of the explained class, percentiles 20/40/60/80"
 DISPLAY_PX = 224  # per-sample panels are upsampled (nearest) to at least this many pixels
 GAP_PX = 4
+TITLE_PX = 18
+MAPS_FILE = "maps.npz"
 LAYER_HELP = (
     "CAM target layer (a module name; an unknown name lists the valid ones). Default: ViTs "
     "blocks[-1].norm1; CNNs the deepest stage whose map is at least "
@@ -282,12 +287,15 @@ def open_explainer(method: str, model, spec: dict, layer: str | None, head_fusio
     return cam_explainer(method, model, spec, layer, batch_size)
 
 
-def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device, progress_label: str | None = None):
-    """Heat maps in [0, 1] for uint8 images (N, C, H, W), as float32 (N, H, W).
+def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device, progress_label: str | None = None,
+             scorer=None):
+    """Heat maps in [0, 1] for uint8 images (N, C, H, W), as float32 (N, H, W), and with
+    `scorer` the faithfulness score of each map (else None).
 
     Each batch is preprocessed exactly as in training (`augment.preprocess`, to the model's
-    input size) and explained; the maps are resized back to (H, W), the images' own size, so
-    they overlay the dataset image pixel for pixel.
+    input size) and explained; `scorer(input batch, maps at input size, targets)` sees what
+    the model saw. The maps are then resized back to (H, W), the images' own size, so they
+    overlay the dataset image pixel for pixel.
     """
     import numpy as np
     import torch
@@ -296,14 +304,18 @@ def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device,
 
     from medcli import augment
 
-    out = []
+    out, scores = [], []
     with console.progress() as bar:
         task = bar.add_task(progress_label, total=int(images.shape[0]), unit="img") if progress_label else None
         for start in range(0, int(images.shape[0]), batch_size):
             batch = images[start:start + batch_size].to(device)
-            chosen = [ClassifierOutputTarget(int(t)) for t in targets[start:start + batch_size]]
-            maps = torch.from_numpy(np.asarray(explainer(input_tensor=augment.preprocess(batch, prep), targets=chosen),
-                                               dtype=np.float32))
+            classes = [int(t) for t in targets[start:start + batch_size]]
+            x = augment.preprocess(batch, prep)
+            raw = np.asarray(explainer(input_tensor=x, targets=[ClassifierOutputTarget(k) for k in classes]),
+                             dtype=np.float32)
+            if scorer is not None:
+                scores.append(np.asarray(scorer(x, raw, classes), dtype=np.float64))
+            maps = torch.from_numpy(raw)
             size = tuple(batch.shape[-2:])
             if tuple(maps.shape[-2:]) != size:
                 maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False,
@@ -311,7 +323,33 @@ def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device,
             out.append(maps.clamp_(0, 1).numpy())
             if task is not None:
                 bar.advance(task, int(batch.shape[0]))
-    return np.concatenate(out)
+    return np.concatenate(out), (np.concatenate(scores) if scorer is not None else None)
+
+
+def road_scorer(model, seed: int, percentiles: Sequence[int] = ROAD_PERCENTILES):
+    """Faithfulness of maps to `model`: grad-cam's ROAD combined score (Rong et al., "A
+    Consistent and Efficient Evaluation Strategy for Attribution Methods", ICML 2022).
+
+    For each percentile p, the p% least relevant pixels are imputed away (noisy linear
+    imputation, which leaks no mask shape to the model) and, separately, the p% most
+    relevant; the score is the mean over percentiles of (confidence change after removing the
+    least relevant - change after removing the most relevant) / 2. Confidence is the softmax
+    probability of the explained class, so CNN and ViT scores share one scale. Higher is more
+    faithful; a map no better than chance scores about 0. The imputation noise is seeded.
+    """
+    import torch
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    metric = ROADCombined(percentiles=list(percentiles))
+
+    def score(x, maps, classes):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # grad-cam's numpy 2 idioms, not ours to fix
+            torch.manual_seed(seed)
+            return metric(x, maps, [ClassifierOutputSoftmaxTarget(k) for k in classes], model)
+
+    return score
 
 
 def box_mass(maps, box: Sequence[int]):
@@ -386,17 +424,22 @@ def panels(image, heat) -> tuple:
             show_cam_on_image(rgb, heat, use_rgb=True, image_weight=0.5))
 
 
-def save_sample_figure(path, image, heat) -> None:
-    """original | heat map | overlay side by side, upsampled (nearest) for visibility."""
+def save_sample_figure(path, image, heat, title: str) -> None:
+    """original | heat map | overlay side by side, upsampled (nearest) for visibility, under a
+    one-line title (true and predicted class, confidence, method, layer)."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     parts = panels(image, heat)
     scale = max(1, -(-DISPLAY_PX // max(image.shape[:2])))
     big = [part.repeat(scale, axis=0).repeat(scale, axis=1) for part in parts]
     gap = np.full((big[0].shape[0], GAP_PX, 3), 255, dtype=np.uint8)
+    body = np.concatenate([big[0], gap, big[1], gap, big[2]], axis=1)
+    canvas = Image.new("RGB", (body.shape[1], body.shape[0] + TITLE_PX), "white")
+    canvas.paste(Image.fromarray(body), (0, TITLE_PX))
+    ImageDraw.Draw(canvas).text((4, 4), title, fill="black")
     with fileio.atomic_path(path) as tmp:
-        Image.fromarray(np.concatenate([big[0], gap, big[1], gap, big[2]], axis=1)).save(tmp)
+        canvas.save(tmp)
 
 
 def save_class_grid(path, title: str, items: Sequence[tuple]) -> None:
@@ -452,6 +495,7 @@ def explain_run(
     batch_size: int = 64,
     device: str = "auto",
     root: str | os.PathLike | None = None,
+    faithfulness: bool = True,
 ) -> dict:
     """Explain a run's predictions with `method`; returns the index written to index.json.
 
@@ -503,28 +547,35 @@ def explain_run(
     with run.stage(stage_name(method)) as st:
         st.forget(f"explain/{method}/")
         with explainer as active:
-            maps = heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
-                            device=dev, progress_label=f"explain {method}")
+            maps, scores = heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
+                                    device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
+                                    scorer=road_scorer(model, seed) if faithfulness else None)
         box = data.record.get("signal_box")
         explained = Explained(split, chosen, images[chosen], labels[chosen], preds, probs[np.arange(len(chosen)), preds],
-                              classes, maps, box_mass(maps, box) if box else None)
-        samples, grids, files = write_figures(out_dir, method, explained, names)
+                              classes, maps, box_mass(maps, box) if box else None, scores)
+        caption = f"{method}{f' · {layer}' if layer else ''}"
+        samples, grids, files = write_figures(out_dir, caption, explained, names)
+        files.append(save_maps(out_dir / MAPS_FILE, explained, run.dataset))
         masses = explained.box_mass
         index = {
             "run": run.run_id, "method": method, "split": split, "checkpoint": checkpoint, "target": target,
             "layer": layer, "seed": seed, "only_errors": only_errors,
             **({"head_fusion": head_fusion, "discard_ratio": discard_ratio} if method == "rollout" else {}),
             "mean_box_mass": _finite(np.nanmean(masses)) if masses is not None and np.isfinite(masses).any() else None,
-            "samples": samples, "grids": grids,
+            "faithfulness": _spread(scores),
+            "maps": MAPS_FILE, "samples": samples, "grids": grids,
         }
         fileio.write_json(out_dir / "index.json", index)
         st.add(*files, save=False)
         st.add(out_dir / "index.json")
         st.summary.update(dir=run.relative(out_dir), method=method, split=split, samples=len(samples), target=target,
-                          layer=layer, checkpoint=checkpoint, mean_box_mass=index["mean_box_mass"])
+                          layer=layer, checkpoint=checkpoint, mean_box_mass=index["mean_box_mass"],
+                          faithfulness=index["faithfulness"])
+    road = index["faithfulness"]
     console.info(f"{method}{f' on {layer}' if layer else ''}: {len(samples)} {split} samples explained"
                  + (f", mean heat-map share in the evidence box {index['mean_box_mass']:.2f}"
-                    if index["mean_box_mass"] is not None else ""))
+                    if index["mean_box_mass"] is not None else "")
+                 + (f", ROAD faithfulness {road['mean']:.3f} +- {road['std']:.3f}" if road else ""))
     index["dir"] = str(out_dir)
     return index
 
@@ -542,10 +593,12 @@ class Explained:
     targets: Any  # the class each map explains
     maps: Any  # float32 (N, H, W) in [0, 1]
     box_mass: Any  # share of each map in the dataset's signal_box, or None
+    road: Any = None  # ROAD faithfulness of each map (`road_scorer`), or None
 
 
-def write_figures(out_dir, method: str, ex: Explained, names: Sequence[str]) -> tuple[list[dict], dict, list]:
-    """One PNG per sample and one grid per true class; returns (index rows, grids, files)."""
+def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str]) -> tuple[list[dict], dict, list]:
+    """One titled PNG per sample and one grid per true class; returns (index rows, grids,
+    files). `caption`: the method (and layer) named in every title."""
     slugs = file_names(names)
     classes = sorted(set(int(k) for k in ex.labels))
     samples, grids, files = [], {}, []
@@ -554,19 +607,22 @@ def write_figures(out_dir, method: str, ex: Explained, names: Sequence[str]) -> 
         for row, index in enumerate(ex.indices):
             label, pred = int(ex.labels[row]), int(ex.predictions[row])
             name = f"{ex.split}_{index}_gt-{slugs[label]}_pred-{slugs[pred]}.png"
-            save_sample_figure(out_dir / name, ex.images[row], ex.maps[row])
+            title = (f"true {names[label]} | pred {names[pred]} ({ex.confidence[row]:.2f}) | {caption}"
+                     + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None else ""))
+            save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title)
             files.append(out_dir / name)
             samples.append({
                 "index": int(index), "label": label, "label_name": names[label], "prediction": pred,
                 "prediction_name": names[pred], "confidence": round(float(ex.confidence[row]), 6),
                 "target": int(ex.targets[row]), "file": name,
                 **({"box_mass": _finite(ex.box_mass[row])} if ex.box_mass is not None else {}),
+                **({"road": _finite(ex.road[row])} if ex.road is not None else {}),
             })
             bar.advance(task)
         for k in classes:
             rows = [row for row in range(len(ex.indices)) if ex.labels[row] == k]
             grids[names[k]] = f"grid_{ex.split}_{slugs[k]}.png"
-            save_class_grid(out_dir / grids[names[k]], f"{method} · {ex.split} · true class {names[k]}", [
+            save_class_grid(out_dir / grids[names[k]], f"{caption} · {ex.split} · true class {names[k]}", [
                 (ex.images[row], ex.maps[row],
                  f"#{ex.indices[row]} pred {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}") for row in rows])
             files.append(out_dir / grids[names[k]])
@@ -588,6 +644,38 @@ def _check_options(method, split, per_class, indices, only_errors, target, layer
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+
+
+def save_maps(path, ex: Explained, dataset: dict):
+    """The raw maps (float16, at the dataset image size) with what they explain, so comparisons
+    and re-plots need no model: sample indices, labels, predictions, confidence, targets,
+    faithfulness scores, and the dataset they come from."""
+    import json
+
+    import numpy as np
+
+    arrays = {"indices": np.asarray(ex.indices, dtype=np.int64), "maps": np.asarray(ex.maps, dtype=np.float16),
+              "labels": np.asarray(ex.labels, dtype=np.int64),
+              "predictions": np.asarray(ex.predictions, dtype=np.int64),
+              "confidence": np.asarray(ex.confidence, dtype=np.float32),
+              "targets": np.asarray(ex.targets, dtype=np.int64),
+              "meta": np.asarray(json.dumps({"split": ex.split, "flag": dataset.get("flag"), "size": dataset.get("size"),
+                                              "md5": dataset.get("md5")}))}
+    if ex.road is not None:
+        arrays["road"] = np.asarray(ex.road, dtype=np.float32)
+    with fileio.atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+    return path
+
+
+def _spread(values) -> dict | None:
+    """{"metric", "mean", "std", "n"} of per-sample scores (None without scores)."""
+    import numpy as np
+
+    if values is None or not len(values):
+        return None
+    return {"metric": ROAD_NAME, "mean": _finite(np.mean(values)), "std": _finite(np.std(values)), "n": len(values)}
 
 
 def _finite(value) -> float | None:

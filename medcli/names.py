@@ -38,6 +38,10 @@ CAM_METHODS = {  # medcli name -> pytorch_grad_cam class
     "scorecam": "ScoreCAM",
 }
 EXPLAIN_METHODS = (*CAM_METHODS, "rollout")
+# aggregate columns read from the explain stages: mean ROAD faithfulness of a method's maps
+FAITHFULNESS_PREFIX = "road_"
+FAITHFULNESS_METRICS = tuple(f"{FAITHFULNESS_PREFIX}{method}" for method in EXPLAIN_METHODS)
+COMPARABLE_METRICS = (*SCALAR_METRICS, *FAITHFULNESS_METRICS)
 EXPLAIN_TARGETS = ("pred", "true")
 HEAD_FUSIONS = ("mean", "max", "min")
 

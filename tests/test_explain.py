@@ -56,7 +56,7 @@ PREP = augment.make_prep(28, 3)  # what train wrote for both models
 def _maps(model, spec, method, images, targets):
     layer = None if method == "rollout" else explain.resolve_layer(model, spec, None)
     with explain.open_explainer(method, model, spec, layer, "mean", 0.9, batch_size=64) as explainer:
-        return explain.heatmaps(explainer, images, PREP, targets, batch_size=4, device="cpu")
+        return explain.heatmaps(explainer, images, PREP, targets, batch_size=4, device="cpu")[0]
 
 
 def _preprocessed(images):
@@ -160,7 +160,8 @@ def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
     """End to end through the CLI: most Grad-CAM mass lies in the signal box; files, index and
     manifest agree; a second explain of the same method replaces the first one's files."""
     run = shutil.copytree(tiny_run, tmp_path / "run")
-    result = runner.invoke(app, ["explain", str(run), "--method", "gradcam", "--per-class", "4", "--json"])
+    result = runner.invoke(app, ["explain", str(run), "--method", "gradcam", "--per-class", "4", "--json",
+                                 "--no-faithfulness"])
     assert result.exit_code == 0, result.stderr
     index = json.loads(result.stdout)
     masses = [s["box_mass"] for s in index["samples"]]
@@ -178,7 +179,7 @@ def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
     again = runner.invoke(app, ["explain", str(run), "--indices", "0,1"])
     assert again.exit_code == 0 and again.stdout.strip() == str(out)
     second = json.loads((out / "index.json").read_text())
-    expected = {s["file"] for s in second["samples"]} | set(second["grids"].values()) | {"index.json"}
+    expected = {s["file"] for s in second["samples"]} | set(second["grids"].values()) | {"index.json", "maps.npz"}
     assert {p.name for p in out.iterdir()} == expected
     stage = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]
     assert {k.rsplit("/", 1)[1] for k in stage["artefacts"]} == expected
@@ -212,6 +213,53 @@ def test_rollout_follows_the_evidence_square_where_it_is(vit, synthetic_root):
     transposed = np.nanmean(explain.box_mass(maps, [x0 + shift, x1 + shift, y0, y1]))
     mirrored = np.nanmean(explain.box_mass(maps, [y0, y1, x0 - shift, x1 - shift]))
     assert moved > transposed + 0.1 and moved > mirrored + 0.1, (moved, transposed, mirrored)
+
+
+# -- faithfulness ----------------------------------------------------------------------------------
+def test_road_ranks_a_trained_models_gradcam_above_random_and_untrained_maps(tiny_run):
+    """The sanity checks of Adebayo et al. (2018) applied to the score: on the trained model,
+    its own Grad-CAM must be more faithful (higher ROAD) than random maps and than the
+    Grad-CAM of the same architecture with randomised weights."""
+    run = Run.open(tiny_run)
+    data = run.load_data()
+    images = datasets.as_tensor(data.images["test"][:24])
+    prep = run.data["preprocess"]
+    model = run.load_model("best", "cpu")
+    targets = _predictions(model, images)
+    scorer = explain.road_scorer(model, seed=0)
+
+    def road(maps):
+        return float(np.mean(scorer(augment.preprocess(images, prep), maps.astype(np.float32), targets)))
+
+    layer = explain.resolve_layer(model, run.spec, None)
+    with explain.open_explainer("gradcam", model, run.spec, layer, "mean", 0.9, batch_size=64) as cam:
+        trained, scores = explain.heatmaps(cam, images, prep, targets, batch_size=24, device="cpu", scorer=scorer)
+    torch.manual_seed(1)
+    untrained = models.rebuild(run.spec).eval()
+    with explain.open_explainer("gradcam", untrained, run.spec, layer, "mean", 0.9, batch_size=64) as cam:
+        randomised = explain.heatmaps(cam, images, prep, targets, batch_size=24, device="cpu")[0]
+    noise = np.random.default_rng(0).random(trained.shape).astype(np.float32)
+    assert np.mean(scores) == pytest.approx(road(trained), abs=1e-6)  # the scorer inside heatmaps is the same
+    assert road(trained) > road(noise) + 0.02 and road(trained) > road(randomised) + 0.02, \
+        (road(trained), road(noise), road(randomised))
+
+
+def test_explain_records_faithfulness_and_raw_maps(tiny_run, tmp_path):
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    result = runner.invoke(app, ["explain", str(run), "--per-class", "1", "--json"])
+    assert result.exit_code == 0, result.stderr
+    index = json.loads(result.stdout)
+    roads = [s["road"] for s in index["samples"]]
+    assert index["faithfulness"]["n"] == len(roads) == 8
+    assert index["faithfulness"]["mean"] == pytest.approx(np.mean(roads), abs=1e-5)
+    stage = Run.open(run).stages["explain:gradcam"]
+    assert stage["summary"]["faithfulness"] == index["faithfulness"]
+    stored = np.load(run / "explain" / "gradcam" / "maps.npz")
+    assert stored["maps"].shape == (8, 28, 28) and list(stored["indices"]) == [s["index"] for s in index["samples"]]
+    assert json.loads(str(stored["meta"]))["flag"] == "bloodmnist"
+    assert "explain/gradcam/maps.npz" in stage["artefacts"]
+    quick = runner.invoke(app, ["explain", str(run), "--per-class", "1", "--no-faithfulness", "--json"])
+    assert quick.exit_code == 0 and json.loads(quick.stdout)["faithfulness"] is None
 
 
 # -- samples ---------------------------------------------------------------------------------------
@@ -272,3 +320,60 @@ def test_a_run_whose_training_has_not_completed_is_refused(tiny_run, tmp_path, s
 
 def test_sample_numbers_outside_the_split_are_a_usage_error(tiny_run):
     _one_line_usage_error([tiny_run, "--indices", "1,999"], "999", "0..63")
+
+
+# -- comparing maps across runs --------------------------------------------------------------------
+def test_agreement_is_one_for_equal_maps_and_chance_for_unrelated_ones():
+    from medcli import maps
+
+    rng = np.random.default_rng(0)
+    a = rng.random((200, 28, 28))
+    rho, iou = maps.agreement(a, a.copy())
+    assert np.allclose(rho, 1) and np.allclose(iou, 1)
+    rho, iou = maps.agreement(a, rng.random((200, 28, 28)))
+    assert abs(rho.mean()) < 0.02 and abs(iou.mean() - 0.2 / 1.8) < 0.01  # two random 20% sets: IoU 1/9
+    rho, _ = maps.agreement(a, -a)
+    assert np.allclose(rho, -1)
+
+
+@pytest.fixture(scope="module")
+def explained_pair(tiny_run, tmp_path_factory):
+    """Two copies of the tiny run, explained with gradcam (no ROAD: fast) and one also with eigencam."""
+    root = tmp_path_factory.mktemp("explained")
+    runs = [shutil.copytree(tiny_run, root / name) for name in ("a", "b")]
+    for run in runs:
+        assert runner.invoke(app, ["explain", str(run), "--per-class", "2", "--no-faithfulness"]).exit_code == 0
+    assert runner.invoke(app, ["explain", str(runs[1]), "--method", "eigencam", "--per-class", "2",
+                               "--no-faithfulness"]).exit_code == 0
+    return runs
+
+
+def test_aggregate_maps_lines_up_the_same_samples_across_runs(explained_pair, tmp_path):
+    a, b = explained_pair
+    result = runner.invoke(app, ["aggregate", str(a), str(b), "--maps", "--out", str(tmp_path), "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["samples"] == 16 and len(summary["columns"]) == 3 and len(summary["pairs"]) == 3
+    same = next(p for p in summary["pairs"] if p["a"].endswith("gradcam") and p["b"].endswith("gradcam"))
+    assert same["spearman"] == pytest.approx(1.0) and same["top20_iou"] == pytest.approx(1.0)  # same model and samples
+    assert set(same["per_class"]) == set(datasets.class_names("bloodmnist"))
+    assert {p.name for p in tmp_path.iterdir()} == {"maps_agreement.csv", "maps_agreement.json", "maps_compare.png"}
+    only = runner.invoke(app, ["aggregate", str(a), str(b), "--maps", "--method", "gradcam", "--out", str(tmp_path),
+                               "--format", "json"])
+    assert len(json.loads(only.stdout)["pairs"]) == 1
+
+
+def test_aggregate_maps_bad_input_is_one_line(explained_pair, tiny_run, tmp_path):
+    a, b = explained_pair
+    other_split = shutil.copytree(tiny_run, tmp_path / "val-run")
+    assert runner.invoke(app, ["explain", str(other_split), "--split", "val", "--per-class", "1",
+                               "--no-faithfulness"]).exit_code == 0
+    cases = [
+        ([str(a), str(other_split)], "different splits"),
+        ([str(a), str(tiny_run)], "no completed explanation"),
+        ([str(a)], "at least two explained runs"),
+    ]
+    for args, needle in cases:
+        result = runner.invoke(app, ["aggregate", *args, "--maps", "--method", "gradcam", "--out", str(tmp_path / "o")])
+        assert needle in one_line_error(result, 2), args
+    assert "--out" in one_line_error(runner.invoke(app, ["aggregate", str(a), str(b), "--maps"]), 2)

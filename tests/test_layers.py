@@ -17,7 +17,7 @@ LAYERS = {
     "datasets": 3, "inference": 3,
     "run": 4,
     "config": 5, "reports": 5, "processes": 5,
-    "train": 6, "evaluate": 6, "explain": 6, "aggregate": 6, "download": 6,
+    "train": 6, "evaluate": 6, "explain": 6, "aggregate": 6, "download": 6, "maps": 6,
     "cli": 7, "__main__": 8,
 }
 CLI_ONLY = {"typer", "click"}

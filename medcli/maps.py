@@ -1,0 +1,216 @@
+"""Comparing explanations across runs, from the maps they stored (no model needed).
+
+`medcli explain` keeps each method's raw maps in `explain/<method>/maps.npz` with the
+sample numbers, labels, predictions and confidence they belong to. Sample choice depends on
+the dataset, split and seed only, so a CNN run and a ViT run explained with the same seed
+explain the same images. `compare` lines up every explained (run, method) on their common
+samples and measures how much each pair of maps agrees, per sample:
+
+* Spearman rank correlation of the two maps' pixels (1: same ranking of relevance);
+* overlap of the top 20 % most relevant pixels (intersection over union; two unrelated maps
+  score about 0.11, the IoU of two random 20 % sets).
+
+It is part of `aggregate` (`--maps`): like the metric table, it compares finished runs from
+their files alone and writes into `--out`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from typing import Sequence
+
+from medcli import fileio
+from medcli.errors import UsageError
+from medcli.names import EXPLAIN_METHODS, file_names
+from medcli.run import Run
+
+TOP_SHARE = 0.2
+MAX_PER_CLASS = 4  # rows of the comparison figure per true class
+
+
+@dataclass
+class Column:
+    """One run's maps of one method."""
+
+    run: str
+    method: str
+    meta: dict
+    data: dict  # the arrays of maps.npz
+
+    @property
+    def label(self) -> str:
+        return f"{self.run} · {self.method}"
+
+
+def _columns(run_dirs: Sequence[Path], methods: Sequence[str] | None) -> list[Column]:
+    import numpy as np
+
+    columns = []
+    for run_dir in run_dirs:
+        run = Run.open(run_dir)
+        done = [m for m in EXPLAIN_METHODS if run.status(f"explain:{m}") == "completed" and (not methods or m in methods)]
+        if not done:
+            raise UsageError(f"run {run_dir} has no completed explanation{' with ' + ', '.join(methods) if methods else ''}; "
+                             f"explain it first with 'medcli explain {run_dir}'")
+        for method in done:
+            path = run.path(f"explain/{method}/maps.npz")
+            if not path.is_file():
+                raise UsageError(f"run {run_dir} has no explain/{method}/maps.npz (explained by an older medcli); "
+                                 f"explain it again with 'medcli explain {run_dir} --method {method}'")
+            with np.load(path) as archive:
+                data = {key: archive[key] for key in archive.files}
+            columns.append(Column(run.run_dir.name, method, json.loads(str(data.pop("meta"))), data))
+    return columns
+
+
+def _check_comparable(columns: list[Column]) -> None:
+    first = columns[0]
+    for column in columns[1:]:
+        for key in ("flag", "size", "split"):
+            if column.meta.get(key) != first.meta.get(key):
+                raise UsageError(f"cannot compare maps on different {'datasets' if key != 'split' else 'splits'}: "
+                                 f"{first.label} has {key} {first.meta.get(key)}, {column.label} has {column.meta.get(key)}")
+        if column.data["maps"].shape[1:] != first.data["maps"].shape[1:]:
+            raise UsageError(f"maps of different sizes: {first.label} {first.data['maps'].shape[1:]}, "
+                             f"{column.label} {column.data['maps'].shape[1:]}")
+
+
+def agreement(a, b, top: float = TOP_SHARE) -> tuple:
+    """(Spearman rank correlation, IoU of the top `top` share of pixels) per pair of maps
+    (N, H, W); NaN correlation where a map is constant."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    ra, rb = rankdata(a, axis=1), rankdata(b, axis=1)
+    ra -= ra.mean(axis=1, keepdims=True)
+    rb -= rb.mean(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
+    k = max(1, int(round(top * a.shape[1])))
+    top_a = np.zeros(a.shape, dtype=bool)
+    top_b = np.zeros(b.shape, dtype=bool)
+    np.put_along_axis(top_a, np.argsort(-a, axis=1, kind="stable")[:, :k], True, axis=1)
+    np.put_along_axis(top_b, np.argsort(-b, axis=1, kind="stable")[:, :k], True, axis=1)
+    iou = (top_a & top_b).sum(1) / (top_a | top_b).sum(1)
+    return rho, iou
+
+
+def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, methods: Sequence[str] | None = None,
+            root: str | os.PathLike | None = None) -> dict:
+    """Line up the stored maps of `run_dirs` on their common samples; write the agreement
+    table (CSV, JSON) and a side-by-side figure into `out_dir`; returns the summary."""
+    import numpy as np
+
+    from medcli import datasets
+
+    columns = _columns([Path(p) for p in run_dirs], methods)
+    if len(columns) < 2:
+        raise UsageError("comparing maps needs at least two explained runs (or one run explained with two methods)")
+    _check_comparable(columns)
+    common = sorted(set.intersection(*(set(c.data["indices"].tolist()) for c in columns)))
+    if not common:
+        raise UsageError("the explained runs share no sample; explain them with the same --split and --seed")
+    rows = {c.label: [int(np.flatnonzero(c.data["indices"] == i)[0]) for i in common] for c in columns}
+    labels = columns[0].data["labels"][rows[columns[0].label]]
+    names = datasets.class_names(columns[0].meta["flag"])
+    out_dir = Path(out_dir)
+    table, pairs = [], []
+    for a, b in combinations(columns, 2):
+        rho, iou = agreement(a.data["maps"][rows[a.label]], b.data["maps"][rows[b.label]])
+        per_class = {names[k]: {"spearman": _mean(rho[labels == k]), "top20_iou": _mean(iou[labels == k]),
+                                "n": int((labels == k).sum())} for k in sorted(set(labels.tolist()))}
+        pairs.append({"a": a.label, "b": b.label, "spearman": _mean(rho), "top20_iou": _mean(iou),
+                      "per_class": per_class})
+        for i, sample in enumerate(common):
+            table.append({"sample": sample, "label": names[labels[i]], "a": a.label, "b": b.label,
+                          "spearman": _round(rho[i]), "top20_iou": _round(iou[i])})
+    summary = {"split": columns[0].meta["split"], "dataset": columns[0].meta["flag"], "samples": len(common),
+               "columns": [c.label for c in columns], "pairs": pairs}
+    from medcli import reports
+
+    files = [reports.write_table(out_dir / "maps_agreement.csv", table, list(table[0])),
+             fileio.write_json(out_dir / "maps_agreement.json", summary)]
+    data = datasets.load(root or _data_root(run_dirs[0]), columns[0].meta["flag"], columns[0].meta["size"])
+    figure_rows = _figure_rows(labels, common)
+    files.append(save_figure(out_dir / "maps_compare.png", columns, rows, common, figure_rows,
+                             data.images[summary["split"]], names))
+    summary["files"] = [str(f) for f in files]
+    return summary
+
+
+def _data_root(run_dir) -> Path:
+    run = Run.open(run_dir)
+    return Path(run.config.get("root") or Path(run.dataset.get("path", "")).parent)
+
+
+def _figure_rows(labels, common: list[int]) -> list[int]:
+    """Positions in `common` shown in the figure: the first MAX_PER_CLASS of each class."""
+    chosen = []
+    for k in sorted(set(labels.tolist())):
+        chosen += [i for i in range(len(common)) if labels[i] == k][:MAX_PER_CLASS]
+    return chosen
+
+
+def save_figure(path, columns: list[Column], rows: dict, common: list[int], shown: list[int], images,
+                names: Sequence[str]) -> Path:
+    """One row per sample: the image, then each column's overlay captioned with its
+    prediction and confidence."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medcli.explain import panels
+
+    slugs = file_names(names)
+    fig, axes = plt.subplots(len(shown), len(columns) + 1, figsize=(1.9 * (len(columns) + 1), 1.9 * len(shown) + 0.6),
+                             squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.35})
+    for r, i in enumerate(shown):
+        sample = common[i]
+        first = rows[columns[0].label][i]
+        image = images[sample]
+        axes[r, 0].imshow(panels(image, columns[0].data["maps"][first].astype("float32"))[0], interpolation="nearest")
+        axes[r, 0].set_title(f"#{sample} true {slugs[int(columns[0].data['labels'][first])]}", fontsize=6)
+        for c, column in enumerate(columns, start=1):
+            row = rows[column.label][i]
+            overlay = panels(image, column.data["maps"][row].astype("float32"))[2]
+            axes[r, c].imshow(overlay, interpolation="nearest")
+            axes[r, c].set_title(f"{slugs[int(column.data['predictions'][row])]} "
+                                 f"{float(column.data['confidence'][row]):.2f}", fontsize=6)
+    for c, column in enumerate(columns, start=1):
+        axes[0, c].annotate(column.label, (0.5, 1.35), xycoords="axes fraction", ha="center", fontsize=6)
+    for ax in axes.flat:
+        ax.axis("off")
+    try:
+        with fileio.atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def _mean(values) -> float | None:
+    import numpy as np
+
+    values = values[np.isfinite(values)]
+    return _round(values.mean()) if len(values) else None
+
+
+def _round(value) -> float | None:
+    value = float(value)
+    return round(value, 4) if value == value else None
+
+
+def lines(summary: dict) -> list[str]:
+    """Human-readable agreement lines for the terminal."""
+    out = [f"{summary['samples']} common {summary['split']} samples of {summary['dataset']}"]
+    for pair in summary["pairs"]:
+        out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {pair['spearman']}, top-20% IoU {pair['top20_iou']}")
+        out += [f"    {name}: {v['spearman']} / {v['top20_iou']} (n={v['n']})" for name, v in pair["per_class"].items()]
+    return out
