@@ -11,8 +11,14 @@ tiny runs are first trained on synthetic BloodMNIST (not timed).
 heat-map mass inside the synthetic evidence box: the evidence behind the default CAM layer
 (meaningful only for a run trained on synthetic data well enough to classify it).
 
+--faithfulness explains each run with every method that applies (CAMs on both, rollout on
+the ViT) with ROAD scoring, and prints each method's wall time and ROAD faithfulness (mean +-
+std over the samples), the cost of scoring (gradcam with and without it; target <= 2x), and
+the CNN-vs-ViT agreement per class (`aggregate --maps` between the CNN's gradcam and the ViT's
+rollout); with --figure PATH it keeps the comparison figure.
+
 Usage: .venv/bin/python scripts/bench_explain.py [--cnn RUN] [--vit RUN] [--per-class 8]
-           [--epochs 2] [--compare-layers layer2,layer3,layer4]
+           [--epochs 2] [--compare-layers layer2,layer3,layer4] [--faithfulness [--figure PATH]]
 """
 
 from __future__ import annotations
@@ -55,6 +61,39 @@ def explain(run: Path, *options: str) -> tuple[float, dict]:
     return seconds, json.loads(done.stdout)
 
 
+def faithfulness(copies: dict[str, Path], per_class: int, figure: Path | None) -> None:
+    """Every method with ROAD on each run; the scoring cost; CNN-vs-ViT agreement per class."""
+    from medcli.names import CAM_METHODS
+
+    print(f"{'run':<4} {'method':<10} {'seconds':>8}  {'ROAD mean +- std':>18}  samples")
+    for kind, run in sorted(copies.items()):
+        for method in (*CAM_METHODS, *(["rollout"] if kind == "vit" else [])):
+            seconds, index = explain(run, "--method", method, "--per-class", str(per_class))
+            road = index["faithfulness"]
+            print(f"{kind:<4} {method:<10} {seconds:8.1f}  {road['mean']:8.3f} +- {road['std']:.3f}  {road['n']:7d}",
+                  flush=True)
+    plain, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class), "--no-faithfulness")
+    scored, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class))
+    print(f"\ngradcam on the CNN: {plain:.1f} s without ROAD, {scored:.1f} s with it: {scored / plain:.2f}x (target <= 2x)")
+    out = Path(tempfile.mkdtemp(prefix="maps_"))
+    done = subprocess.run([sys.executable, "-m", "medcli", "--quiet", "aggregate", str(copies["cnn"]), str(copies["vit"]),
+                           "--maps", "--method", "gradcam,rollout", "--out", str(out), "--format", "json"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"aggregate --maps failed: {done.stderr.strip()}")
+    summary = json.loads(done.stdout)
+    pair = next(p for p in summary["pairs"] if p["a"].startswith("copy_cnn") != p["b"].startswith("copy_cnn")
+                and {p["a"].split(" · ")[1], p["b"].split(" · ")[1]} == {"gradcam", "rollout"})
+    print(f"\nCNN gradcam vs ViT rollout on {summary['samples']} common samples: Spearman {pair['spearman']}, "
+          f"top-20% IoU {pair['top20_iou']}")
+    for name, values in pair["per_class"].items():
+        print(f"  {name[:40]:<40} Spearman {values['spearman']:>7}  top-20% IoU {values['top20_iou']:>6}  n={values['n']}")
+    if figure:
+        figure.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "maps_compare.png", figure)
+        print(f"figure: {figure}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cnn", type=Path, help="a 28-px resnet18 run (default: train one)")
@@ -62,6 +101,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--epochs", type=int, default=2, help="epochs for the runs trained here")
     parser.add_argument("--compare-layers", help="comma-separated CNN layers, e.g. layer2,layer3,layer4")
+    parser.add_argument("--faithfulness", action="store_true", help="every method, with ROAD, and CNN-vs-ViT agreement")
+    parser.add_argument("--figure", type=Path, help="with --faithfulness: keep the comparison figure here")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench_explain_") as tmp:
@@ -71,9 +112,13 @@ def main() -> None:
         runs.update(train_runs(work, args.epochs, {kind for kind, run in given.items() if run is None}))
         copies = {kind: shutil.copytree(run, work / f"copy_{kind}") for kind, run in runs.items()}
 
+        if args.faithfulness:
+            faithfulness(copies, args.per_class, args.figure)
+            return
         print(f"{'command':<44} {'seconds':>8}  {'samples':>7}  target")
         for kind, method in (("cnn", "gradcam"), ("vit", "rollout")):
-            seconds, index = explain(copies[kind], "--method", method, "--per-class", str(args.per_class))
+            seconds, index = explain(copies[kind], "--method", method, "--per-class", str(args.per_class),
+                                     "--no-faithfulness")
             verdict = "ok" if seconds <= TARGET_S else "MISSED"
             print(f"{f'explain {kind} --method {method} --per-class {args.per_class}':<44} {seconds:8.1f}  "
                   f"{len(index['samples']):7d}  <= {TARGET_S:.0f} s {verdict}")

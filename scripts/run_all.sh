@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole CNN-vs-ViT comparison on BloodMNIST, one stage after another:
 #   data (download, or import with --from, or synthetic when offline) -> train resnet18 and
-#   vit -> evaluate both -> explain both (Grad-CAM, attention rollout) -> aggregate.
+#   vit -> evaluate both -> explain both (Grad-CAM, attention rollout; ROAD faithfulness) ->
+#   aggregate -> where the two look, side by side on the same cells (aggregate --maps).
 # Each stage's duration goes to logs/run_all_<time>.log; the first failure stops the script
 # with that stage's exit code.
 #
@@ -91,5 +92,6 @@ stage evaluate-vit "$MEDCLI" evaluate "$RUN_VIT" --tta --calibrate
 stage explain-resnet18 "$MEDCLI" explain "$RUN_CNN" --method gradcam
 stage explain-vit "$MEDCLI" explain "$RUN_VIT" --method rollout
 stage aggregate "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --out "$OUT" --format md
+stage compare-maps "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --maps --out "$OUT/maps"
 log "all stages done; comparison in $OUT, runs $RUN_CNN and $RUN_VIT"
 echo "$OUT"

@@ -244,6 +244,23 @@ def test_road_ranks_a_trained_models_gradcam_above_random_and_untrained_maps(tin
         (road(trained), road(noise), road(randomised))
 
 
+def test_road_scorer_equals_grad_cams_road_combined(tiny_run):
+    """The oracle: grad-cam's own ROADCombined with the same percentiles, target and seed."""
+    from pytorch_grad_cam.metrics.road import ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    run = Run.open(tiny_run)
+    model = run.load_model("best", "cpu")
+    x = augment.preprocess(datasets.as_tensor(run.load_data().images["test"][:6]), run.data["preprocess"])
+    maps = np.random.default_rng(1).random((6, 28, 28)).astype(np.float32)
+    classes = [0, 1, 2, 3, 4, 5]
+    ours = explain.road_scorer(model, seed=5)(x, maps, classes)
+    torch.manual_seed(5)
+    theirs = ROADCombined(percentiles=list(explain.ROAD_PERCENTILES))(
+        x, maps, [ClassifierOutputSoftmaxTarget(k) for k in classes], model)
+    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+
+
 def test_explain_records_faithfulness_and_raw_maps(tiny_run, tmp_path):
     run = shutil.copytree(tiny_run, tmp_path / "run")
     result = runner.invoke(app, ["explain", str(run), "--per-class", "1", "--json"])

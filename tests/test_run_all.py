@@ -3,6 +3,7 @@ the comparison folder on stdout, and a stop at the first failing stage with its 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -39,7 +40,12 @@ def test_run_all_chains_every_stage_and_prints_only_the_comparison(tmp_path):
     (log,) = (tmp_path / "logs").iterdir()
     stages = [line.split()[3] for line in log.read_text().splitlines() if line.split()[2:3] == ["done"]]
     assert stages == ["data", "train-resnet18", "train-vit", "evaluate-resnet18", "evaluate-vit",
-                      "explain-resnet18", "explain-vit", "aggregate"]
+                      "explain-resnet18", "explain-vit", "aggregate", "compare-maps"]
+    agreement = json.loads((tmp_path / "comparison" / "maps" / "maps_agreement.json").read_text())
+    assert agreement["samples"] == 32 and len(agreement["pairs"]) == 1  # resnet18 gradcam vs vit rollout
+    for run in runs:
+        stage = json.loads((run / "manifest.json").read_text())["stages"]
+        assert next(v for k, v in stage.items() if k.startswith("explain:"))["summary"]["faithfulness"]["n"] == 32
 
 
 def test_run_all_stops_at_the_first_failure_with_its_exit_code(tmp_path):
