@@ -118,7 +118,6 @@ Checkpoint = _choice("Checkpoint", names.CHECKPOINTS)
 OutputFormat = _choice("OutputFormat", names.COMPARE_FORMATS)
 ExplainMethod = _choice("ExplainMethod", names.EXPLAIN_METHODS)
 ExplainSplit = _choice("ExplainSplit", names.SPLITS)
-ExplainTarget = _choice("ExplainTarget", names.EXPLAIN_TARGETS)
 HeadFusion = _choice("HeadFusion", names.HEAD_FUSIONS)
 
 
@@ -214,7 +213,7 @@ def train(
     crop_scale: Annotated[Optional[float], typer.Option(help="Random-resized-crop keeping between this share and all of the image area (default off).")] = None,
     jitter: Annotated[Optional[float], typer.Option(help="Brightness/contrast jitter in [1-v, 1+v] (default 0.1).")] = None,
     patience: Annotated[Optional[int], typer.Option(min=1, help="Early stopping after N epochs without improvement (default off).")] = None,
-    monitor: Annotated[Monitor, typer.Option(help="Validation metric for best.pt and early stopping.")] = Monitor.acc,
+    monitor: Annotated[Optional[Monitor], typer.Option(help="Validation metric for best.pt and early stopping (default acc; auc for multi-label ChestMNIST).")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed for weights, data order and augmentation.")] = 0,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Strict mode: deterministic kernels, bit-identical reruns.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
@@ -251,7 +250,7 @@ def train(
             lr=lr, weight_decay=weight_decay, optimizer=optimizer.value if optimizer else None,
             warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
             flips=flips, rotate=rotate, crop_scale=crop_scale, jitter=jitter,
-            patience=patience, monitor=monitor.value, seed=seed, deterministic=deterministic, device=device,
+            patience=patience, monitor=monitor.value if monitor else None, seed=seed, deterministic=deterministic, device=device,
             amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
             input_size=input_size, root=root, runs_dir=runs_dir, sync_bn=sync_bn,
             data_budget_gb=data_budget,
@@ -267,6 +266,7 @@ def evaluate(
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average 4 fixed views: identity, h-flip, v-flip, both.")] = False,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Temperature scaling fitted on val; ECE/NLL before and after.")] = False,
+    medmnist_csv: Annotated[bool, typer.Option("--medmnist-csv", help="Also write predictions/medmnist/*.csv, the layout medmnist.Evaluator reads.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     amp: Annotated[Optional[Amp], typer.Option(help="Mixed precision (default off: float32 logits feed the metrics).")] = None,
@@ -282,6 +282,7 @@ def evaluate(
     from medcli import evaluate as library
 
     result = library.evaluate_run(run, split=split.value, checkpoint=checkpoint.value, tta=tta, calibrate=calibrate,
+                                  medmnist_csv=medmnist_csv,
                                   batch_size=batch_size, device=device, amp=amp.value if amp else None, root=root)
     emit(result["splits"] if json_output else "\n".join(library.summary_lines(result)))
 
@@ -349,7 +350,7 @@ def explain(
     per_class: Annotated[Optional[int], typer.Option(min=1, help=f"Samples per true class (default {_explain.DEFAULT_PER_CLASS}), seeded.")] = None,
     indices: Annotated[Optional[str], typer.Option(help="Explain these sample numbers instead, e.g. 3,17,42.")] = None,
     only_errors: Annotated[bool, typer.Option("--only-errors", help="Only misclassified samples.")] = False,
-    target: Annotated[ExplainTarget, typer.Option(help="Class to explain: the predicted or the true one (rollout ignores it).")] = ExplainTarget("pred"),
+    target: Annotated[str, typer.Option(help="Class to explain: pred (the predicted class; multi-label: the most probable label), true, or a class number or name (rollout ignores it).")] = "pred",
     layer: Annotated[Optional[str], typer.Option(help=_explain.LAYER_HELP)] = None,
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
     seed: Annotated[int, typer.Option(help="Seed of the sample choice.")] = 0,
@@ -369,7 +370,7 @@ def explain(
     """
     index = _explain.explain_run(
         run, method=method.value, split=split.value, per_class=per_class, indices=_explain.parse_indices(indices),
-        only_errors=only_errors, target=target.value, layer=layer, checkpoint=checkpoint.value, seed=seed,
+        only_errors=only_errors, target=target, layer=layer, checkpoint=checkpoint.value, seed=seed,
         head_fusion=head_fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, root=root,
         faithfulness=faithfulness)
     emit(index if json_output else index["dir"])

@@ -12,7 +12,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from medcli import augment
+from medcli import augment, tasks
 from medcli.errors import UsageError
 from medcli.names import MONITORS, OPTIMIZERS
 
@@ -86,7 +86,7 @@ def resolve_config(
     label_smoothing: float | None = None,
     mixup_alpha: float | None = None,
     patience: int | None = None,
-    monitor: str = "acc",
+    monitor: str | None = None,
     seed: int = 0,
     deterministic: bool = False,
     device: str = "auto",
@@ -112,9 +112,7 @@ def resolve_config(
 
     flag = dataset.lower()
     meta = datasets.info(flag)
-    if meta["task"] == "multi-label, binary-class":
-        raise UsageError(f"{flag} is multi-label; medcli train supports single-label datasets only for now, "
-                         f"choose another --dataset")
+    monitor = monitor or tasks.default_monitor(meta["task"])
     datasets.check_size(size)
     fam = models.family(model)
     chosen = dict(FAMILY_DEFAULTS[fam])
@@ -161,6 +159,7 @@ def resolve_config(
         "mixup_alpha": float(chosen["mixup_alpha"]),
         "patience": int(patience) if patience else None,
         "monitor": monitor,
+        "task": meta["task"],
         "seed": int(seed),
         "deterministic": bool(deterministic),
         "device": str(dev),

@@ -14,7 +14,7 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -293,7 +293,9 @@ def make_synthetic(
 
     Each class draws oriented stripes (angle and colour tint depend on the class) inside a
     fixed central square; outside it there is only noise. The square is the known "evidence
-    region" (recorded in the dataset record as `signal_box` = [y0, y1, x0, x1]).
+    region" (recorded in the dataset record as `signal_box` = [y0, y1, x0, x1]). For a
+    multi-label flag (ChestMNIST) every image has one label in turn plus each other label with
+    probability 0.1, and shows the sum of its labels' stripes.
     """
     meta = info(flag)
     n_classes = len(meta["label"])
@@ -306,21 +308,25 @@ def make_synthetic(
     for split, n in zip(SPLITS, n_per_split):
         labels = np.arange(n) % n_classes
         rng.shuffle(labels)
+        present = np.eye(n_classes, dtype=bool)[labels]
+        if multilabel:
+            present |= rng.random((n, n_classes)) < 0.1
         imgs = rng.normal(60, 20, size=(n, size, size, channels)).astype(np.float32)
-        for i, k in enumerate(labels):
-            angle = np.pi * k / n_classes
-            freq = 2 * np.pi / max(3.0, size / 7)
-            wave = np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
-            tint = 0.6 + 0.4 * np.cos(2 * np.pi * (k / n_classes + np.arange(channels) / 3))
-            patch = 140 + 90 * wave[..., None] * tint
+        freq = 2 * np.pi / max(3.0, size / 7)
+        for i in range(n):
+            patch = np.zeros((size, size, channels))
+            for k in np.flatnonzero(present[i]):
+                angle = np.pi * k / n_classes
+                wave = np.sin(freq * (np.cos(angle) * xx + np.sin(angle) * yy) + rng.uniform(0, 2 * np.pi))
+                tint = 0.6 + 0.4 * np.cos(2 * np.pi * (k / n_classes + np.arange(channels) / 3))
+                patch += wave[..., None] * tint
+            patch = 140 + 90 * patch / present[i].sum()
             imgs[i, lo:hi, lo:hi] = patch[lo:hi, lo:hi] + rng.normal(0, 10, size=(hi - lo, hi - lo, channels))
         images = np.clip(imgs, 0, 255).astype(np.uint8)
         if channels == 1:
             images = images[..., 0]
         if multilabel:
-            onehot = np.zeros((n, n_classes), dtype=np.uint8)
-            onehot[np.arange(n), labels] = 1
-            arrays[f"{split}_labels"] = onehot
+            arrays[f"{split}_labels"] = present.astype(np.uint8)
         else:
             arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
         arrays[f"{split}_images"] = images
@@ -334,6 +340,60 @@ def make_synthetic(
     )
     write_record(target, record)
     return target
+
+
+def make_subset(
+    source: str | os.PathLike,
+    path: str | os.PathLike,
+    flag: str,
+    counts: tuple[int, int, int],
+    seed: int = 0,
+    classes: Sequence[int] | None = None,
+    grayscale: bool = False,
+) -> Path:
+    """Write a stratified subset of a single-label npz (official layout) as `flag`'s file:
+    `counts` images per split drawn from the same split of `source`, each class keeping its
+    share; `classes` keeps only those (relabelled 0..k-1 in that order); `grayscale` turns RGB
+    into one luma channel (ITU-R BT.601). The record names the source and is marked neither
+    official nor synthetic. For small benchmark sets cut from real data (a BreastMNIST-sized
+    two-class grayscale set from BloodMNIST, for example)."""
+    source = Path(source)
+    arrays = {}
+    rng = np.random.default_rng(seed)
+    with np.load(source, allow_pickle=False) as archive:
+        for split, n in zip(SPLITS, counts):
+            images, labels = archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
+            if classes is not None:
+                keep = np.isin(labels, classes)
+                relabel = np.zeros(labels.max() + 1, dtype=np.int64)
+                relabel[list(classes)] = np.arange(len(classes))
+                images, labels = images[keep], relabel[labels[keep]]
+            if n > len(labels):
+                raise UsageError(f"{source} has {len(labels)} {split} images of the chosen classes; cannot take {n}")
+            chosen = _stratified(labels, n, rng)
+            picked = images[chosen]
+            if grayscale and picked.ndim == 4:
+                picked = np.clip(np.round(picked @ np.array([0.299, 0.587, 0.114])), 0, 255).astype(np.uint8)
+            arrays[f"{split}_images"] = picked
+            arrays[f"{split}_labels"] = labels[chosen].reshape(-1, 1).astype(np.uint8)
+    target = Path(path)
+    with fileio.atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+    record = make_record(flag, arrays["train_images"].shape[1], target, fileio.md5_file(target),
+                         f"stratified subset (seed {seed}) of {source.name}", dict(zip(SPLITS, counts)))
+    write_record(target, record)
+    return target
+
+
+def _stratified(labels: np.ndarray, n: int, rng) -> np.ndarray:
+    """`n` sorted indices with each class's share of `labels` (largest remainders round)."""
+    classes, sizes = np.unique(labels, return_counts=True)
+    exact = sizes * n / sizes.sum()
+    take = np.floor(exact).astype(int)
+    take[np.argsort(-(exact - take), kind="stable")[: n - take.sum()]] += 1
+    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == k), t, replace=False)
+                                   for k, t in zip(classes, take)]))
 
 
 def as_tensor(images: np.ndarray, device="cpu"):

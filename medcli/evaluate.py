@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medcli import augment, console, datasets, fileio, metrics, reports
+from medcli import augment, console, datasets, fileio, reports
 from medcli.errors import UsageError
-from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS
+from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS, TASK_METRICS, BINARY
 from medcli.run import Run
+from medcli.tasks import Task
 
-LOG_FLOOR = float(np.log(np.finfo(np.float32).tiny))
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "nll", "ece", "brier")
 CALIBRATION_METRICS = ("ece", "nll", "brier", "auc")  # recorded before and after temperature scaling
 
@@ -63,6 +63,7 @@ def evaluate_run(
     checkpoint: str = "best",
     tta: bool = False,
     calibrate: bool = False,
+    medmnist_csv: bool = False,
     batch_size: int = 256,
     device: str = "auto",
     amp: str | None = None,
@@ -71,7 +72,9 @@ def evaluate_run(
     """Evaluate one run; returns {"run", "splits": {split: metrics JSON}, "files": [...]}.
 
     Inputs are checked before the `evaluate` stage starts (a missing checkpoint or an
-    untrained run is a usage error and leaves the manifest untouched).
+    untrained run is a usage error and leaves the manifest untouched). With `medmnist_csv`,
+    each split's probabilities are also written in the layout `medmnist.Evaluator` reads
+    (`predictions/medmnist/<flag>[_<size>]_<split>_[AUC]..._[ACC]...@<run id>.csv`).
     """
     from medcli import inference
 
@@ -86,19 +89,16 @@ def evaluate_run(
     amp_mode = inference.resolve_amp(dev, amp, default="off")  # full precision unless asked: logits feed the metrics
     model = run.load_model(checkpoint, dev)
     data = run.load_data(root)
-    names = datasets.class_names(run.dataset["flag"])
+    task = Task.of(run.dataset["flag"])
     chosen_views = tta_views(augment.Augment.from_dict(run.config.get("augment", {}))) if tta else {"identity": ()}
     if tta and len(chosen_views) == 1:
         console.warn("--tta: this run was trained without flips or turns, so there is no test-time view to add")
     views = [_flip(dims) for dims in chosen_views.values()] if tta else None
 
     def predict(name: str) -> np.ndarray:
-        scores = inference.predict_logits(
+        return inference.predict_logits(
             model, datasets.as_tensor(data.images[name]), run.data["preprocess"], batch_size=batch_size,
-            device=dev, amp=amp_mode, views=views, progress_label=f"evaluate {name}").numpy().astype(np.float64)
-        # TTA returns log mean probabilities: a float32 probability that underflowed is log 0 = -inf,
-        # which would make the NLL (and the temperature fit) infinite. Floor it at float32's tiniest.
-        return np.maximum(scores, LOG_FLOOR) if tta else scores
+            device=dev, amp=amp_mode, views=views, task=task, progress_label=f"evaluate {name}").numpy().astype(np.float64)
 
     epoch_key = "best_epoch" if checkpoint == "best" else "epochs_run"
     context = {
@@ -106,7 +106,8 @@ def evaluate_run(
         "checkpoint": checkpoint,
         "checkpoint_epoch": train_stage.get("summary", {}).get(epoch_key),
         "dataset": {key: data.record.get(key) for key in ("flag", "size", "md5", "official", "synthetic", "path")},
-        "class_names": names,
+        "task": task.kind,
+        "class_names": list(task.names),
         "tta": {"enabled": tta, "views": list(chosen_views)},
         "device": str(dev),
         "amp": amp_mode,
@@ -117,13 +118,13 @@ def evaluate_run(
         temperature = None
         if calibrate:
             val_logits = logits["val"] if "val" in logits else predict("val")
-            temperature = metrics.fit_temperature(val_logits, data.labels["val"])
+            temperature = task.fit_temperature(val_logits, data.labels["val"])
             console.info(f"temperature scaling: T = {temperature:.4f} (fitted on val, {len(val_logits)} images)")
         for name in chosen:
-            result, files = _write_split(run, name, logits[name], data, names, temperature, context)
+            result, files = _write_split(run, name, logits[name], data, task, temperature, context, medmnist_csv)
             results[name] = result
             written += files
-            st.summary[name] = {key: result["metrics"][key] for key in SUMMARY_METRICS} | {
+            st.summary[name] = {key: result["metrics"][key] for key in shown_metrics(result)} | {
                 "checkpoint": checkpoint, "tta": tta, "temperature": temperature}
             st.add(*files, save=False)
         written.append(write_run_report(run))
@@ -133,41 +134,67 @@ def evaluate_run(
     return {"run": str(run.run_dir), "splits": results, "files": [run.relative(p) for p in written]}
 
 
-def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits, names: list[str],
-                 temperature: float | None, context: dict) -> tuple[dict, list[Path]]:
-    """Metrics JSON, predictions CSV and the four figures of one split."""
+def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits, task: Task,
+                 temperature: float | None, context: dict, medmnist_csv: bool) -> tuple[dict, list[Path]]:
+    """Metrics JSON, predictions CSV(s) and the five figures of one split."""
     labels = data.labels[split]
-    raw = metrics.softmax(logits)
-    probs = raw if temperature is None else metrics.softmax(logits, temperature)
-    values = metrics.classification_metrics(labels, probs, names)
-    bins = metrics.reliability(labels, probs)
+    names = list(task.names)
+    raw = task.probabilities(logits)
+    probs = raw if temperature is None else task.probabilities(logits, temperature)
+    values = task.metrics(labels, probs)
+    bins = task.reliability(labels, probs)
     calibration = None
     panels = [("uncalibrated" if temperature is None else f"after T = {temperature:.3f}", bins)]
     if temperature is not None:
         # One-vs-rest AUC changes with the temperature (the classes' scores are rescaled
         # differently per sample), so it is recorded on both sides with the calibration metrics.
-        unscaled = metrics.classification_metrics(labels, raw, names)
+        unscaled = task.metrics(labels, raw)
         before = {key: unscaled[key] for key in CALIBRATION_METRICS}
         after = {key: values[key] for key in CALIBRATION_METRICS}
         calibration = {"method": "temperature scaling", "fitted_on": "val", "temperature": temperature,
                        "before": before, "after": after}
-        panels.insert(0, ("before", metrics.reliability(labels, raw)))
+        panels.insert(0, ("before", task.reliability(labels, raw)))
     result = {**context, "split": split, "calibration": calibration, "metrics": values, "reliability": bins}
 
     run_dir = run.run_dir
     title = f"{run.run_id} · {split}"
     figures = run_dir / "figures"
+    captions = task.describe(labels, probs)
     files = [
         fileio.write_json(run_dir / "metrics" / f"{split}.json", result),
-        reports.write_predictions(run_dir / "predictions" / f"{split}.csv", reports.predictions_frame(labels, probs, names)),
-        reports.save_confusion(figures / f"confusion_{split}.png", np.asarray(values["confusion_matrix"]), names, title),
-        reports.save_samples(figures / f"samples_{split}.png", data.images[split], labels, probs, names,
+        reports.write_predictions(run_dir / "predictions" / f"{split}.csv",
+                                  reports.predictions_frame(labels, task.predictions(probs), probs, names)),
+        reports.save_task_confusion(figures / f"confusion_{split}.png", values, names, title),
+        reports.save_samples(figures / f"samples_{split}.png", data.images[split], captions,
                              f"{title}: sample predictions (green right, red wrong)"),
-        reports.save_mistakes(figures / f"mistakes_{split}.png", data.images[split], labels, probs, names,
+        reports.save_mistakes(figures / f"mistakes_{split}.png", data.images[split], captions,
                               f"{title}: most confident mistakes"),
         reports.save_reliability(figures / f"reliability_{split}.png", panels, f"{title}: reliability"),
+        reports.save_roc(figures / f"roc_{split}.png", reports.roc_curves(task.indicator(labels), probs, names, task.kind == BINARY),
+                         f"{title}: ROC and precision-recall"),
     ]
+    if medmnist_csv:
+        files.append(_write_medmnist_csv(run, split, probs, values, data.record))
     return result, files
+
+
+def _write_medmnist_csv(run: Run, split: str, probs: np.ndarray, values: dict, record: dict) -> Path:
+    """The split's probabilities as `medmnist.Evaluator.evaluate(..., save_folder)` writes
+    them (row index, then one column per class or label; no header), under the file name
+    `Evaluator.parse_and_evaluate` reads (flag, size suffix for 64+ px, split, metrics, run)."""
+    import pandas as pd
+
+    size = int(record["size"])
+    suffix = "" if size == 28 else f"_{size}"
+    auc = float("nan") if values["auc"] is None else values["auc"]
+    name = f"{record['flag']}{suffix}_{split}_[AUC]{auc:.3f}_[ACC]{values['accuracy']:.3f}@{run.run_id}.csv"
+    path = run.path(f"predictions/medmnist/{name}")
+    for old in path.parent.glob(f"{record['flag']}{suffix}_{split}_*@{run.run_id}.csv"):
+        if old != path:  # an earlier evaluation's file: one file per split, with today's numbers
+            old.unlink()
+    with fileio.atomic_path(path) as tmp:
+        pd.DataFrame(probs).to_csv(tmp, header=False)
+    return path
 
 
 def write_run_report(run: Run) -> Path:
@@ -185,7 +212,8 @@ def write_run_report(run: Run) -> Path:
             evaluations[split] = (json.loads(metrics_file.read_text(encoding="utf-8")), reports.read_predictions(csv)[0])
     history_file = run_dir / "history.csv"
     history = pd.read_csv(history_file) if history_file.is_file() else None
-    return reports.write_report(run_dir / "report.xlsx", run.data, evaluations, history)
+    figures = {"ROC": [p for s in evaluations if (p := run_dir / "figures" / f"roc_{s}.png").is_file()]}
+    return reports.write_report(run_dir / "report.xlsx", run.data, evaluations, history, figures)
 
 
 def _print_summary(results: dict) -> None:
@@ -199,7 +227,7 @@ def _print_summary(results: dict) -> None:
     for split in results:
         table.add_column(split, justify="right")
     rows = [("images", [str(r["metrics"]["n"]) for r in results.values()])]
-    for key in SUMMARY_METRICS:
+    for key in shown_metrics(next(iter(results.values()))):
         rows.append((key, [_format(key, r["metrics"][key]) for r in results.values()]))
     calibrations = [r["calibration"] for r in results.values()]
     if all(calibrations):  # one evaluation calibrates every split or none
@@ -222,6 +250,11 @@ def _warn_if_calibration_hurt(results: dict) -> None:
                          f"report the uncalibrated numbers for {split}")
 
 
+def shown_metrics(result: dict) -> tuple[str, ...]:
+    """The metrics a split's summary shows: the common ones, then its task's own."""
+    return (*SUMMARY_METRICS, *TASK_METRICS[result["task"]])
+
+
 def _format(key: str, value) -> str:
     if value is None:
         return "n/a"
@@ -233,7 +266,7 @@ def summary_lines(result: dict) -> list[str]:
     lines = []
     for split, data in result["splits"].items():
         values = data["metrics"]
-        parts = [f"{key} {_format(key, values[key])}" for key in SUMMARY_METRICS]
+        parts = [f"{key} {_format(key, values[key])}" for key in shown_metrics(data)]
         lines.append(f"{split}: " + "  ".join(parts))
     lines += [str(Path(result["run"]) / path) for path in result["files"]]
     return lines

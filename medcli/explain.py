@@ -34,8 +34,9 @@ from typing import Any, Iterator, Sequence
 
 from medcli import console, fileio
 from medcli.errors import UsageError
-from medcli.names import CAM_METHODS, EXPLAIN_METHODS, EXPLAIN_TARGETS, HEAD_FUSIONS, SPLITS, file_names
+from medcli.names import CAM_METHODS, EXPLAIN_METHODS, EXPLAIN_TARGETS, HEAD_FUSIONS, SPLITS, file_names, short_names
 from medcli.run import Run
+from medcli.tasks import Task
 
 FUSE_HEADS = dict(zip(HEAD_FUSIONS, (lambda a: a.mean(dim=1), lambda a: a.amax(dim=1), lambda a: a.amin(dim=1))))
 DEFAULT_PER_CLASS = 4
@@ -326,7 +327,18 @@ def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device,
     return np.concatenate(out), (np.concatenate(scores) if scorer is not None else None)
 
 
-def road_scorer(model, seed: int, percentiles: Sequence[int] = ROAD_PERCENTILES):
+class SigmoidTarget:
+    """grad-cam target: the sigmoid probability of one label (multi-label models), the
+    counterpart of `ClassifierOutputSoftmaxTarget` for outputs that are not a softmax."""
+
+    def __init__(self, label: int):
+        self.label = label
+
+    def __call__(self, model_output):
+        return model_output[..., self.label].sigmoid()
+
+
+def road_scorer(model, seed: int, multilabel: bool = False, percentiles: Sequence[int] = ROAD_PERCENTILES):
     """Faithfulness of maps to `model`: grad-cam's ROAD combined score (Rong et al., "A
     Consistent and Efficient Evaluation Strategy for Attribution Methods", ICML 2022).
 
@@ -334,7 +346,8 @@ def road_scorer(model, seed: int, percentiles: Sequence[int] = ROAD_PERCENTILES)
     imputation, which leaks no mask shape to the model) and, separately, the p% most
     relevant; the score is the mean over percentiles of (confidence change after removing the
     least relevant - change after removing the most relevant) / 2. Confidence is the softmax
-    probability of the explained class, so CNN and ViT scores share one scale. Higher is more
+    probability of the explained class (`multilabel`: the sigmoid probability of the explained
+    label), so CNN and ViT scores share one scale. Higher is more
     faithful; a map no better than chance scores about 0. The imputation noise is seeded.
 
     Built from grad-cam's own ROAD classes; it equals `ROADCombined` (a test checks it) with
@@ -350,7 +363,7 @@ def road_scorer(model, seed: int, percentiles: Sequence[int] = ROAD_PERCENTILES)
         return np.mean([metric(p)(x, maps, targets, model, return_diff=False) for p in percentiles], axis=0)
 
     def score(x, maps, classes):
-        targets = [ClassifierOutputSoftmaxTarget(k) for k in classes]
+        targets = [(SigmoidTarget if multilabel else ClassifierOutputSoftmaxTarget)(k) for k in classes]
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # grad-cam's numpy 2 idioms, not ours to fix
             torch.manual_seed(seed)
@@ -385,33 +398,45 @@ def parse_indices(text: str | None) -> list[int] | None:
     return values
 
 
-def _first_per_class(order, labels, num_classes: int, per_class: int):
-    """The first `per_class` entries of `order` of each class, grouped by class."""
+def _first_per_class(order, member, per_class: int):
+    """The first `per_class` entries of `order` in each class (column of the (N, K) boolean
+    `member`), grouped by class, each sample at most once (a multi-label sample counts for
+    the first of its labels still short of samples); returns (indices, class of each)."""
     import numpy as np
 
-    return np.concatenate([order[labels[order] == k][:per_class] for k in range(num_classes)])
+    taken: set[int] = set()
+    indices, groups = [], []
+    for k in range(member.shape[1]):
+        picked = [int(i) for i in order[member[order, k]] if int(i) not in taken][:per_class]
+        taken.update(picked)
+        indices += picked
+        groups += [k] * len(picked)
+    return np.asarray(indices, dtype=np.int64), np.asarray(groups, dtype=np.int64)
 
 
-def choose_samples(labels, num_classes: int, per_class: int, seed: int, predict=None, chunk: int = 256):
-    """`per_class` samples of each true class, the same ones for the same seed.
+def choose_samples(member, per_class: int, seed: int, is_wrong=None, chunk: int = 256):
+    """`per_class` samples of each true class (or label: `member` is `Task.indicator` of the
+    split's labels), the same ones for the same seed whatever the model; returns (sample
+    indices, the class each was chosen for).
 
     A seeded permutation of the split, then the first `per_class` of each class. With
-    `predict` (indices -> predicted classes) only misclassified samples count: the split is
+    `is_wrong` (indices -> mistaken or not) only misclassified samples count: the split is
     predicted chunk by chunk in that order and stops once every class has its share, so
     --only-errors costs a fraction of a full pass when errors are common.
     """
     import numpy as np
 
-    order = np.random.default_rng(seed).permutation(len(labels))
-    if predict is None:
-        return _first_per_class(order, labels, num_classes, per_class)
+    member = np.asarray(member, dtype=bool)
+    order = np.random.default_rng(seed).permutation(len(member))
+    if is_wrong is None:
+        return _first_per_class(order, member, per_class)
     wrong = order[:0]
     for start in range(0, len(order), chunk):
         part = order[start:start + chunk]
-        wrong = np.concatenate([wrong, part[predict(part) != labels[part]]])
-        if len(_first_per_class(wrong, labels, num_classes, per_class)) == num_classes * per_class:
+        wrong = np.concatenate([wrong, part[is_wrong(part)]])
+        if len(_first_per_class(wrong, member, per_class)[0]) == member.shape[1] * per_class:
             break
-    return _first_per_class(wrong, labels, num_classes, per_class)
+    return _first_per_class(wrong, member, per_class)
 
 
 # -- figures -------------------------------------------------------------------------------------
@@ -528,29 +553,32 @@ def explain_run(
     explainer = open_explainer(method, model, spec, layer, head_fusion, discard_ratio, batch_size)
     data = run.load_data(root)
     images, labels = data.images[split], data.labels[split]
-    names = datasets.class_names(run.dataset["flag"])
+    task = Task.of(run.dataset["flag"])
+    names = list(task.names)
     prep = run.data["preprocess"]
+    target_class = _target_class(target, names)
 
     def probabilities(index) -> np.ndarray:
         logits = inference.predict_logits(model, datasets.as_tensor(images[index]), prep, batch_size=batch_size,
                                           device=dev)
-        return logits.softmax(1).numpy()
+        return task.probs_t(logits).numpy()
 
     if indices is not None:
         bad = [i for i in indices if not 0 <= i < len(labels)]
         if bad:
             raise UsageError(f"--indices {', '.join(map(str, bad))} outside the {split} split (0..{len(labels) - 1})")
-        chosen = np.asarray(indices, dtype=np.int64)
+        chosen, groups = np.asarray(indices, dtype=np.int64), None
     else:
-        predict = (lambda index: probabilities(index).argmax(1)) if only_errors else None
-        chosen = choose_samples(labels, len(names), per_class or DEFAULT_PER_CLASS, seed, predict)
+        is_wrong = (lambda index: task.mistaken(labels[index], probabilities(index))) if only_errors else None
+        chosen, groups = choose_samples(task.indicator(labels), per_class or DEFAULT_PER_CLASS, seed, is_wrong)
     if not len(chosen):
         what = "misclassified samples" if only_errors else "samples"
         raise UsageError(f"the {split} split has no {what} to explain; choose another --split"
                          + (" or drop --only-errors" if only_errors else ""))
     probs = probabilities(chosen)
-    preds = probs.argmax(1)
-    classes = preds if target == "pred" else labels[chosen]
+    preds = task.explained_class(probs)
+    truth = task.true_class(labels[chosen], probs) if groups is None else groups
+    classes = {"pred": preds, "true": truth}.get(target, np.full(len(chosen), target_class))
 
     out_dir = run.path(f"explain/{method}")
     with run.stage(stage_name(method)) as st:
@@ -558,10 +586,11 @@ def explain_run(
         with explainer as active:
             maps, scores = heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
                                     device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
-                                    scorer=road_scorer(model, seed) if faithfulness else None)
+                                    scorer=road_scorer(model, seed, task.multilabel) if faithfulness else None)
         box = data.record.get("signal_box")
-        explained = Explained(split, chosen, images[chosen], labels[chosen], preds, probs[np.arange(len(chosen)), preds],
-                              classes, maps, box_mass(maps, box) if box else None, scores)
+        explained = Explained(split, chosen, images[chosen], truth, preds, probs[np.arange(len(chosen)), preds],
+                              classes, maps, box_mass(maps, box) if box else None, scores,
+                              label_sets=labels[chosen] if task.multilabel else None)
         caption = f"{method}{f' · {layer}' if layer else ''}"
         samples, grids, files = write_figures(out_dir, caption, explained, names)
         files.append(save_maps(out_dir / MAPS_FILE, explained, run.dataset))
@@ -603,11 +632,14 @@ class Explained:
     maps: Any  # float32 (N, H, W) in [0, 1]
     box_mass: Any  # share of each map in the dataset's signal_box, or None
     road: Any = None  # ROAD faithfulness of each map (`road_scorer`), or None
+    label_sets: Any = None  # multi-label: every sample's 0/1 labels (`labels` is the one it stands for)
 
 
 def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str]) -> tuple[list[dict], dict, list]:
     """One titled PNG per sample and one grid per true class; returns (index rows, grids,
     files). `caption`: the method (and layer) named in every title."""
+    import numpy as np
+
     slugs = file_names(names)
     classes = sorted(set(int(k) for k in ex.labels))
     samples, grids, files = [], {}, []
@@ -626,6 +658,8 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str]) ->
                 "target": int(ex.targets[row]), "file": name,
                 **({"box_mass": _finite(ex.box_mass[row])} if ex.box_mass is not None else {}),
                 **({"road": _finite(ex.road[row])} if ex.road is not None else {}),
+                **({"true_labels": [names[k] for k in np.flatnonzero(ex.label_sets[row])]}
+                   if ex.label_sets is not None else {}),
             })
             bar.advance(task)
         for k in classes:
@@ -643,7 +677,6 @@ def _check_options(method, split, per_class, indices, only_errors, target, layer
     checks = [
         (method in EXPLAIN_METHODS, f"unknown --method '{method}'; choose one of {', '.join(EXPLAIN_METHODS)}"),
         (split in SPLITS, f"unknown --split '{split}'; choose one of {', '.join(SPLITS)}"),
-        (target in EXPLAIN_TARGETS, f"unknown --target '{target}'; choose pred (the predicted class) or true"),
         (per_class is None or per_class >= 1, f"--per-class must be at least 1 (got {per_class})"),
         (indices is None or per_class is None, "--indices and --per-class both choose samples; pass one of them"),
         (indices is None or not only_errors, "--only-errors chooses samples itself; drop it or --indices"),
@@ -653,6 +686,19 @@ def _check_options(method, split, per_class, indices, only_errors, target, layer
     for ok, message in checks:
         if not ok:
             raise UsageError(message)
+
+
+def _target_class(target: str, names: Sequence[str]) -> int | None:
+    """--target: pred, true, or one class (label) named by number or by name (case-insensitive)."""
+    if target in EXPLAIN_TARGETS:
+        return None
+    lowered = [name.lower() for name in names]
+    if target.isdigit() and int(target) < len(names):
+        return int(target)
+    if target.lower() in lowered:
+        return lowered.index(target.lower())
+    raise UsageError(f"unknown --target '{target}'; choose pred (the predicted class), true, or a class of this "
+                     f"dataset by number 0..{len(names) - 1} or name ({', '.join(short_names(names))})")
 
 
 def save_maps(path, ex: Explained, dataset: dict):

@@ -89,6 +89,7 @@ def predict_logits(
     device,
     amp: str = "off",
     views: Sequence[Callable] | None = None,
+    task=None,
     progress_label: str | None = None,
 ):
     """Class scores for a uint8 (N, C, H, W) tensor, as a float32 CPU tensor (N, classes).
@@ -97,10 +98,11 @@ def predict_logits(
     `augment.preprocess` on the device and the model under `inference_mode` and autocast.
 
     With `views` (deterministic functions uint8 batch -> uint8 batch, e.g. flips for
-    test-time augmentation) the result is log(mean over views of softmax(logits)): softmax of
-    it gives the averaged probabilities and argmax the TTA prediction, so callers treat the
-    TTA and the plain result the same way (softmax for probabilities, cross-entropy for the
-    loss). The model's train/eval mode is restored afterwards.
+    test-time augmentation) and the run's `task` (a `tasks.Task`), the probabilities of the
+    views are averaged and turned back into scores (`task.scores_of_probs`: log for softmax,
+    logit for sigmoid), so callers treat the TTA and the plain result the same way
+    (`task.probabilities` gives the averaged probabilities). The model's train/eval mode is
+    restored afterwards.
     """
     import torch
 
@@ -115,18 +117,18 @@ def predict_logits(
         # Only a labelled call opens a bar: Rich allows one live display, and train calls this
         # (unlabelled) while its own epoch bars are showing.
         with torch.inference_mode(), (console.progress() if progress_label else nullcontext()) as bar:
-            task = bar.add_task(progress_label, total=total, unit="img") if progress_label else None
+            row = bar.add_task(progress_label, total=total, unit="img") if progress_label else None
             for start in range(0, total, batch_size):
                 batch = images[start:start + batch_size].to(device, non_blocking=True)
                 if views:
-                    probs = sum(_forward(model, augment.preprocess(view(batch), prep), device, amp).softmax(1)
+                    probs = sum(task.probs_t(_forward(model, augment.preprocess(view(batch), prep), device, amp))
                                 for view in views)
-                    scores = (probs / len(views)).log()
+                    scores = task.scores_of_probs(probs / len(views))
                 else:
                     scores = _forward(model, augment.preprocess(batch, prep), device, amp)
                 outputs.append(scores.cpu())
-                if task is not None:
-                    bar.advance(task, int(batch.shape[0]))
+                if row is not None:
+                    bar.advance(row, int(batch.shape[0]))
     finally:
         model.train(was_training)
     if not outputs:

@@ -17,8 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
+from medcli.names import BINARY, MULTI_CLASS, ORDINAL
+
 
 ECE_BINS = 15
+THRESHOLD = 0.5  # a label is predicted present above this probability (medmnist's getACC)
 _EPS = 1e-12
 
 def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -33,6 +36,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return np.exp(log_softmax(logits, temperature))
 
 
+def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Element-wise logistic function of logits / temperature in float64 (multi-label scores)."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
 def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
@@ -43,6 +52,16 @@ def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return labels, probs
 
 
+def _check_multilabel(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or labels.shape != probs.shape:
+        raise ValueError(f"multi-label labels and probs must both be (N, labels); got {labels.shape} and {probs.shape}")
+    if labels.size and not np.isin(labels, (0, 1)).all():
+        raise ValueError("multi-label labels must be 0 or 1")
+    return labels, probs
+
+
 def nll(labels: np.ndarray, probs: np.ndarray) -> float:
     """Mean negative log-likelihood (= cross-entropy with hard labels); probs clipped at 1e-12."""
     labels, probs = _check(labels, probs)
@@ -50,34 +69,47 @@ def nll(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(-np.log(picked).mean())
 
 
-def brier(labels: np.ndarray, probs: np.ndarray) -> float:
-    """Multi-class Brier score: mean over samples of sum_c (p_c - onehot_c)^2 (0 best, 2 worst)."""
-    labels, probs = _check(labels, probs)
-    onehot = np.zeros_like(probs)
-    onehot[np.arange(labels.size), labels] = 1.0
-    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+def binary_nll(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean binary cross-entropy over every (sample, label) entry (= BCE-with-logits' mean)."""
+    labels, probs = _check_multilabel(labels, probs)
+    p = np.clip(probs, _EPS, 1.0 - _EPS)
+    return float(-(labels * np.log(p) + (1 - labels) * np.log1p(-p)).mean())
 
 
-def reliability(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> dict:
-    """Top-label confidence histogram: per equal-width bin, the count, mean confidence and accuracy.
+def brier(targets: np.ndarray, probs: np.ndarray) -> float:
+    """Brier score: mean over samples of sum over columns of (p - target)^2, with one-hot
+    targets for single-label tasks (0 best, 2 worst) and the 0/1 label matrix for multi-label."""
+    return float(((np.asarray(probs, dtype=np.float64) - targets) ** 2).sum(axis=1).mean())
 
-    Bins are (k/n, (k+1)/n]; empty bins have confidence/accuracy None. Feeds both the ECE and the
-    reliability diagram, so the figure shows exactly the numbers the ECE was computed from.
+
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    out = np.zeros((labels.size, n_classes))
+    out[np.arange(labels.size), labels] = 1.0
+    return out
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> dict:
+    """Confidence histogram: per equal-width bin, the count, mean confidence and accuracy.
+
+    `confidence` and `correct` are flat arrays of one decision each (single-label: the top
+    class of a sample; multi-label: each label's yes/no, with confidence max(p, 1 - p)).
+    Bins are (k/n, (k+1)/n]; empty bins have confidence/accuracy None. Feeds both the ECE and
+    the reliability diagram, so the figure shows exactly the numbers the ECE was computed from.
     """
-    labels, probs = _check(labels, probs)
-    confidence = probs.max(axis=1)
-    correct = probs.argmax(axis=1) == labels
+    confidence = np.asarray(confidence, dtype=np.float64).reshape(-1)
+    correct = np.asarray(correct, dtype=np.float64).reshape(-1)
     # ceil(conf * n) - 1 puts conf in (k/n, (k+1)/n] into bin k; conf == 0 goes to bin 0.
     index = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
     counts = np.bincount(index, minlength=n_bins)
     conf_sum = np.bincount(index, weights=confidence, minlength=n_bins)
-    acc_sum = np.bincount(index, weights=correct.astype(np.float64), minlength=n_bins)
+    acc_sum = np.bincount(index, weights=correct, minlength=n_bins)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = conf_sum / counts
         mean_acc = acc_sum / counts
     filled = counts > 0
     gaps = np.abs(mean_acc - mean_conf)[filled]
-    ece = float((gaps * counts[filled]).sum() / max(labels.size, 1))
+    ece = float((gaps * counts[filled]).sum() / max(confidence.size, 1))
     return {
         "n_bins": n_bins,
         "edges": np.linspace(0.0, 1.0, n_bins + 1).round(6).tolist(),
@@ -88,9 +120,16 @@ def reliability(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -
     }
 
 
-def ece(labels: np.ndarray, probs: np.ndarray, n_bins: int = ECE_BINS) -> float:
-    """Expected calibration error: bin-weighted mean |accuracy - confidence| over 15 equal bins."""
-    return reliability(labels, probs, n_bins)["ece"]
+def top_label(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of single-label predictions: the top class's probability."""
+    labels, probs = _check(labels, probs)
+    return probs.max(axis=1), probs.argmax(axis=1) == labels
+
+
+def per_label(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of multi-label predictions: every label's yes/no at 0.5."""
+    labels, probs = _check_multilabel(labels, probs)
+    return np.maximum(probs, 1.0 - probs).reshape(-1), ((probs > THRESHOLD) == labels).reshape(-1)
 
 
 def _auc(positive: np.ndarray, score: np.ndarray) -> float | None:
@@ -102,68 +141,167 @@ def _auc(positive: np.ndarray, score: np.ndarray) -> float | None:
     return float(roc_auc_score(positive, score))
 
 
-def classification_metrics(
-    labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None = None
-) -> dict:
-    """Every metric medcli reports for single-label classification, as a JSON-ready dict.
+def _mean_if_defined(values: Sequence[float | None]) -> float | None:
+    """The mean of per-class values, None if any is undefined: medmnist's getAUC averages over
+    every column, and a column without both classes makes its mean undefined (NaN) too."""
+    return None if not values or any(v is None for v in values) else float(np.mean(values))
 
-    Keys: n, accuracy, balanced_accuracy, {precision,recall,f1}_{macro,micro}, auc (macro
-    one-vs-rest over the classes present in `labels`; plain AUC of class 1 for two classes;
-    None if undefined), loss and nll (the same cross-entropy: `loss` is the name training logs
-    use, `nll` the calibration name), ece (15 bins), brier, per_class (name, precision, recall,
-    f1, support, auc) and confusion_matrix (counts, rows = true class). Costs a few ms on 2k
-    samples, so it is fine to call every epoch.
-    """
-    from sklearn.metrics import balanced_accuracy_score, confusion_matrix, precision_recall_fscore_support
 
-    labels, probs = _check(labels, probs)
-    n_classes = probs.shape[1]
-    names = list(class_names) if class_names is not None else [str(i) for i in range(n_classes)]
-    if len(names) != n_classes:
-        raise ValueError(f"{len(names)} class names for {n_classes} probability columns")
-    preds = probs.argmax(axis=1)
-    classes = np.arange(n_classes)
+def _precision_recall_f1(labels: np.ndarray, preds: np.ndarray, classes) -> dict:
+    from sklearn.metrics import precision_recall_fscore_support
 
     with warnings.catch_warnings():  # classes absent from labels or predictions: defined as 0
         warnings.simplefilter("ignore")
         p, r, f, support = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=0)
-        averaged = {
-            avg: precision_recall_fscore_support(labels, preds, labels=classes, average=avg, zero_division=0)[:3]
-            for avg in ("macro", "micro")
-        }
+        result = {"per_class": (p, r, f, support)}
+        for avg in ("macro", "micro"):
+            ap, ar, af, _ = precision_recall_fscore_support(labels, preds, labels=classes, average=avg, zero_division=0)
+            result.update({f"precision_{avg}": float(ap), f"recall_{avg}": float(ar), f"f1_{avg}": float(af)})
+    return result
+
+
+def _per_class_rows(names: Sequence[str], scores: dict, aucs: Sequence[float | None]) -> list[dict]:
+    p, r, f, support = scores.pop("per_class")
+    return [{"class": k, "name": name, "precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+             "support": int(support[k]), "auc": aucs[k]} for k, name in enumerate(names)]
+
+
+def _names(class_names: Sequence[str] | None, n: int) -> list[str]:
+    names = list(class_names) if class_names is not None else [str(i) for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"{len(names)} class names for {n} probability columns")
+    return names
+
+
+def classification_metrics(
+    labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None = None, task: str = MULTI_CLASS
+) -> dict:
+    """Every metric medcli reports for a single-label task (multi-class, binary-class or
+    ordinal-regression, the names of `medmnist.INFO[flag]["task"]`), as a JSON-ready dict.
+
+    `accuracy` and `auc` are defined exactly as medmnist's `getACC` / `getAUC`: argmax
+    accuracy; AUC of the last column for binary-class, else the mean one-vs-rest AUC over
+    every class (None, where getAUC gives NaN, when a class is absent from the labels; each
+    class's own AUC is in `per_class`). Also: n, balanced_accuracy, {precision,recall,f1}_
+    {macro,micro}, loss and nll (the same cross-entropy: `loss` is the name training logs use,
+    `nll` the calibration name), ece (15 bins), brier, per_class (name, precision, recall, f1,
+    support, auc) and confusion_matrix (counts, rows = true class). Binary-class adds
+    sensitivity, specificity, ppv and npv of class 1 at the 0.5 threshold; ordinal-regression
+    adds mae (mean absolute class distance) and qwk (quadratic weighted Cohen's kappa).
+    Costs a few ms on 2k samples, so it is fine to call every epoch.
+    """
+    from sklearn.metrics import balanced_accuracy_score, confusion_matrix
+
+    labels, probs = _check(labels, probs)
+    n_classes = probs.shape[1]
+    names = _names(class_names, n_classes)
+    preds = probs.argmax(axis=1)
+    classes = np.arange(n_classes)
+    scores = _precision_recall_f1(labels, preds, classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         balanced = float(balanced_accuracy_score(labels, preds)) if labels.size else None
-
     per_class_auc = [_auc(labels == k, probs[:, k]) for k in classes]
-    if n_classes == 2:
-        auc = per_class_auc[1]
-    else:
-        defined = [a for a in per_class_auc if a is not None]
-        auc = float(np.mean(defined)) if defined else None
-
+    auc = per_class_auc[-1] if task == BINARY else _mean_if_defined(per_class_auc)
     cross_entropy = nll(labels, probs)
+    confidence, correct = top_label(labels, probs)
     result = {
         "n": int(labels.size),
-        "accuracy": float((preds == labels).mean()) if labels.size else None,
+        "accuracy": float(correct.mean()) if labels.size else None,
         "balanced_accuracy": balanced,
         "auc": auc,
         "loss": cross_entropy,
         "nll": cross_entropy,
-        "ece": ece(labels, probs),
-        "brier": brier(labels, probs),
+        "ece": reliability(confidence, correct)["ece"],
+        "brier": brier(one_hot(labels, n_classes), probs),
     }
-    for avg, (ap, ar, af) in averaged.items():
-        result.update({f"precision_{avg}": float(ap), f"recall_{avg}": float(ar), f"f1_{avg}": float(af)})
-    result["per_class"] = [
-        {"class": int(k), "name": names[k], "precision": float(p[k]), "recall": float(r[k]),
-         "f1": float(f[k]), "support": int(support[k]), "auc": per_class_auc[k]}
-        for k in classes
-    ]
-    result["confusion_matrix"] = confusion_matrix(labels, preds, labels=classes).tolist()
+    result.update(scores)
+    cm = confusion_matrix(labels, preds, labels=classes)
+    if task == BINARY:
+        result.update(_binary_rates(cm))
+    elif task == ORDINAL:
+        result.update(_ordinal_scores(labels, preds, n_classes))
+    result["per_class"] = _per_class_rows(names, scores, per_class_auc)
+    result["confusion_matrix"] = cm.tolist()
     return result
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017).
+def _ratio(num: float, den: float) -> float | None:
+    return float(num / den) if den else None
+
+
+def _binary_rates(cm: np.ndarray) -> dict:
+    """Sensitivity, specificity, PPV and NPV of class 1 (the positive finding) from a 2x2
+    confusion matrix (rows = true class); None where the denominator is empty."""
+    (tn, fp), (fn, tp) = cm
+    return {"sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp),
+            "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn)}
+
+
+def _ordinal_scores(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> dict:
+    """Mean absolute error in grades, and Cohen's kappa with quadratic weights (the usual
+    agreement score for graded labels such as diabetic-retinopathy severity)."""
+    from sklearn.metrics import cohen_kappa_score
+
+    if not labels.size:
+        return {"mae": None, "qwk": None}
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        warnings.simplefilter("ignore")
+        kappa = cohen_kappa_score(labels, preds, labels=np.arange(n_classes), weights="quadratic")
+    return {"mae": float(np.abs(labels - preds).mean()), "qwk": float(kappa) if np.isfinite(kappa) else None}
+
+
+def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None = None) -> dict:
+    """Every metric medcli reports for a multi-label task (ChestMNIST: 14 findings, any number
+    of them per image), with each label's yes/no decided at probability 0.5.
+
+    `accuracy` and `auc` are medmnist's: the mean over labels of each label's accuracy, and
+    the mean over labels of each label's AUC (None when a label lacks positives or
+    negatives). Also: subset_accuracy (every label right), balanced_accuracy (mean over
+    labels), {precision,recall,f1}_{macro,micro} over labels, loss and nll (mean binary
+    cross-entropy per entry, as training's BCE), ece over every (sample, label) decision,
+    brier, per_class (name, precision, recall, f1, support = positives, auc) and
+    label_confusion (per label [[tn, fp], [fn, tp]]).
+    """
+    labels, probs = _check_multilabel(labels, probs)
+    names = _names(class_names, probs.shape[1])
+    preds = (probs > THRESHOLD).astype(np.int64)
+    matrices = [_two_by_two(labels[:, k], preds[:, k]) for k in range(probs.shape[1])]
+    # sklearn's multi-label path: a label indicator matrix, one "class" per label
+    scores = _precision_recall_f1(labels, preds, np.arange(probs.shape[1]))
+    per_label_auc = [_auc(labels[:, k] == 1, probs[:, k]) for k in range(probs.shape[1])]
+    confidence, correct = per_label(labels, probs)
+    balanced = [np.mean([r for r in (_ratio(m[1][1], m[1].sum()), _ratio(m[0][0], m[0].sum())) if r is not None])
+                for m in matrices]
+    loss = binary_nll(labels, probs)
+    result = {
+        "n": int(labels.shape[0]),
+        "accuracy": float((preds == labels).mean(axis=0).mean()) if labels.size else None,
+        "subset_accuracy": float((preds == labels).all(axis=1).mean()) if labels.size else None,
+        "balanced_accuracy": float(np.mean(balanced)) if labels.size else None,
+        "auc": _mean_if_defined(per_label_auc),
+        "loss": loss,
+        "nll": loss,
+        "ece": reliability(confidence, correct)["ece"],
+        "brier": brier(labels, probs),
+    }
+    result.update(scores)
+    result["per_class"] = _per_class_rows(names, scores, per_label_auc)
+    result["label_confusion"] = [m.tolist() for m in matrices]
+    return result
+
+
+def _two_by_two(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """[[tn, fp], [fn, tp]] counts of one yes/no decision (numpy only)."""
+    cm = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(cm, (truth.astype(np.int64), pred.astype(np.int64)), 1)
+    return cm
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = False) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017), or
+    with `multilabel` the mean binary cross-entropy of sigmoid(logits / T): one T shared by
+    every label, so each label's ranking (its AUC) is unchanged.
 
     A bounded 1-D search over log T in [log 0.05, log 20]: the NLL is smooth and unimodal in
     log T, so this is deterministic, needs no torch and no learning rate, and keeps T away
@@ -171,14 +309,19 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """
     from scipy.optimize import minimize_scalar
 
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    if labels.size == 0:
+    labels = np.asarray(labels).astype(np.int64)
+    if labels.shape[0] == 0:
         raise ValueError("cannot fit a temperature on zero samples")
+    if multilabel:
+        def objective(log_t: float) -> float:
+            z = np.asarray(logits, dtype=np.float64) / np.exp(log_t)
+            return float((np.logaddexp(0.0, z) - labels * z).mean())  # BCE with logits, stable
+    else:
+        labels = labels.reshape(-1)
+        rows = np.arange(labels.size)
 
-    rows = np.arange(labels.size)
-
-    def objective(log_t: float) -> float:
-        return float(-log_softmax(logits, np.exp(log_t))[rows, labels].mean())
+        def objective(log_t: float) -> float:
+            return float(-log_softmax(logits, np.exp(log_t))[rows, labels].mean())
 
     found = minimize_scalar(objective, bounds=(np.log(0.05), np.log(20.0)), method="bounded",
                             options={"xatol": 1e-6})

@@ -13,14 +13,25 @@ SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("test", "val", "all")  # `evaluate --split`: all = every split, train included
 CHECKPOINTS = ("best", "last")  # checkpoints/<name>.pt
 
+# Task types, spelled as medmnist.INFO[flag]["task"] spells them (medcli.tasks gives each its meaning).
+MULTI_CLASS = "multi-class"
+BINARY = "binary-class"
+ORDINAL = "ordinal-regression"
+MULTI_LABEL = "multi-label, binary-class"
+TASK_TYPES = (MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL)
+
 # The scalar keys of `metrics.classification_metrics`, in report order: aggregate and the
 # workbook pick columns from them, mark leaders (lower is better for the losses) and format
 # percentages; checkpoints store them for the epoch they were written at.
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "precision_macro", "recall_macro",
                   "f1_micro", "precision_micro", "recall_micro", "loss", "nll", "ece", "brier")
-LOWER_IS_BETTER = frozenset({"loss", "nll", "ece", "brier"})
+# What a task type adds (binary: rates of class 1 at 0.5; ordinal: grade errors; multi-label: exact match).
+TASK_METRICS = {BINARY: ("sensitivity", "specificity", "ppv", "npv"), ORDINAL: ("mae", "qwk"),
+                MULTI_LABEL: ("subset_accuracy",), MULTI_CLASS: ()}
+LOWER_IS_BETTER = frozenset({"loss", "nll", "ece", "brier", "mae"})
 PERCENT_METRICS = frozenset({"accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro",
-                             "f1_micro", "precision_micro", "recall_micro", "ece"})
+                             "f1_micro", "precision_micro", "recall_micro", "ece", "sensitivity", "specificity",
+                             "ppv", "npv", "subset_accuracy"})
 COMPARE_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auc", "ece")  # aggregate's default columns
 COMPARE_FORMATS = ("table", "csv", "md", "xlsx", "json")
 
@@ -41,7 +52,8 @@ EXPLAIN_METHODS = (*CAM_METHODS, "rollout")
 # aggregate columns read from the explain stages: mean ROAD faithfulness of a method's maps
 FAITHFULNESS_PREFIX = "road_"
 FAITHFULNESS_METRICS = tuple(f"{FAITHFULNESS_PREFIX}{method}" for method in EXPLAIN_METHODS)
-COMPARABLE_METRICS = (*SCALAR_METRICS, *FAITHFULNESS_METRICS)
+COMPARABLE_METRICS = (*SCALAR_METRICS, *dict.fromkeys(m for ms in TASK_METRICS.values() for m in ms),
+                      *FAITHFULNESS_METRICS)
 EXPLAIN_TARGETS = ("pred", "true")
 HEAD_FUSIONS = ("mean", "max", "min")
 

@@ -18,10 +18,10 @@ import numpy as np
 
 from medcli import fileio
 from medcli.errors import UsageError
-from medcli.names import PERCENT_METRICS, SCALAR_METRICS, short_names
+from medcli.names import BINARY, MULTI_CLASS, PERCENT_METRICS, SCALAR_METRICS, TASK_METRICS, short_names
 
 PROB_PREFIX = "prob_"
-PREDICTION_COLUMNS = ("index", "label", "prediction")
+TRUE_PREFIX, PRED_PREFIX = "true_", "pred_"  # multi-label predictions: one column of each per label
 PERCENT = "0.00%"
 DECIMAL = "0.0000"
 INTEGER = "0"
@@ -123,28 +123,102 @@ def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequen
     return save_figure(fig, path)
 
 
-def save_samples(path, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, names: Sequence[str],
-                 title: str, count: int = 32) -> Path:
+Captions = tuple  # (true texts, predicted texts, right or wrong, confidence): tasks.Task.describe
+
+
+def save_samples(path, images: np.ndarray, captions: Captions, title: str, count: int = 32) -> Path:
     """A representative grid: `count` samples evenly spaced over the split (deterministic),
     captioned true / predicted, framed green (right) or red (wrong)."""
-    axis_names = short_names(names, width=14)
-    picks = np.unique(np.linspace(0, len(labels) - 1, num=min(count, len(labels))).round().astype(int))
-    preds = probs.argmax(axis=1)
-    captions = [f"T: {axis_names[labels[i]]}\nP: {axis_names[preds[i]]}" for i in picks]
-    return _image_grid(path, images[picks], captions, preds[picks] == labels[picks], title)
+    truth, predicted, right, _ = captions
+    picks = np.unique(np.linspace(0, len(truth) - 1, num=min(count, len(truth))).round().astype(int))
+    texts = [f"T: {truth[i]}\nP: {predicted[i]}" for i in picks]
+    return _image_grid(path, images[picks], texts, [right[i] for i in picks], title)
 
 
-def save_mistakes(path, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, names: Sequence[str],
-                  title: str, count: int = 16) -> Path:
+def save_mistakes(path, images: np.ndarray, captions: Captions, title: str, count: int = 16) -> Path:
     """The `count` wrong predictions the model was most sure of: where to look for label noise
     or a systematic confusion."""
-    axis_names = short_names(names, width=14)
-    preds = probs.argmax(axis=1)
-    confidence = probs.max(axis=1)
-    wrong = np.flatnonzero(preds != labels)
-    worst = wrong[np.argsort(-confidence[wrong], kind="stable")][:count]
-    captions = [f"#{i} T: {axis_names[labels[i]]}\nP: {axis_names[preds[i]]} ({confidence[i]:.0%})" for i in worst]
-    return _image_grid(path, images[worst], captions, [False] * len(worst), title)
+    truth, predicted, right, confidence = captions
+    wrong = np.flatnonzero(~np.asarray(right, dtype=bool))
+    worst = wrong[np.argsort(-np.asarray(confidence)[wrong], kind="stable")][:count]
+    texts = [f"#{i} T: {truth[i]}\nP: {predicted[i]} ({confidence[i]:.0%})" for i in worst]
+    return _image_grid(path, images[worst], texts, [False] * len(worst), title)
+
+
+def save_label_confusions(path, matrices: Sequence, names: Sequence[str], title: str, normalize: bool = False,
+                          columns: int = 5) -> Path:
+    """One 2x2 matrix per label of a multi-label task (rows = true absent/present), in a grid."""
+    from matplotlib.figure import Figure
+
+    n = len(matrices)
+    cols = min(columns, max(n, 1))
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(3.2 * cols, 2.9 * rows + 0.5), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
+    for ax, name, cm in zip(axes, short_names(names, width=22), matrices):
+        draw_confusion(ax, np.asarray(cm), ["absent", "present"], normalize)
+        ax.set_title(name, fontsize=9)
+    for ax in axes[n:]:
+        ax.set_axis_off()
+    fig.suptitle(f"{title}{' (row-normalised)' if normalize else ''}")
+    return save_figure(fig, path)
+
+
+def save_task_confusion(path, values: dict, names: Sequence[str], title: str) -> Path:
+    """Evaluate's confusion figure from a split's metrics: the class confusion matrix, or for a
+    multi-label task one 2x2 matrix per label."""
+    if "label_confusion" in values:
+        return save_label_confusions(path, values["label_confusion"], names, title)
+    return save_confusion(path, np.asarray(values["confusion_matrix"]), names, title)
+
+
+def roc_curves(indicator: np.ndarray, probs: np.ndarray, names: Sequence[str], only_last: bool = False) -> list[dict]:
+    """ROC and precision-recall curve points per class, one-vs-rest (`indicator` (N, K): which
+    samples belong to each class or carry each label), or of the last class alone
+    (`only_last`: binary-class, whose AUC is that of class 1). A class without positives or
+    negatives has no curve. For the figure and the workbook."""
+    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+
+    indicator = np.asarray(indicator, dtype=bool)
+    curves = []
+    for k in ([len(names) - 1] if only_last else range(len(names))):
+        positive = indicator[:, k]
+        if positive.all() or not positive.any():
+            continue
+        fpr, tpr, thresholds = roc_curve(positive, probs[:, k])
+        precision, recall, _ = precision_recall_curve(positive, probs[:, k])
+        curves.append({"class": int(k), "name": names[k], "fpr": fpr, "tpr": tpr, "threshold": thresholds,
+                       "precision": precision, "recall": recall, "auc": float(auc(fpr, tpr)),
+                       "prevalence": float(positive.mean())})
+    return curves
+
+
+def frame_arrays(frame, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(indicator (N, K), probabilities (N, K)) of a predictions table of either layout."""
+    probs = frame[[f"{PROB_PREFIX}{n}" for n in names]].to_numpy(dtype=np.float64)
+    if is_multilabel(frame, names):
+        return frame[[f"{TRUE_PREFIX}{n}" for n in names]].to_numpy() == 1, probs
+    return frame["label"].to_numpy()[:, None] == np.arange(len(names)), probs
+
+
+def save_roc(path, curves: Sequence[dict], title: str) -> Path:
+    """ROC curves (left) and precision-recall curves (right), one line per class or label."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 5), layout="constrained")
+    roc_ax, pr_ax = fig.subplots(1, 2)
+    for curve, name in zip(curves, short_names([c["name"] for c in curves], width=22)):
+        roc_ax.plot(curve["fpr"], curve["tpr"], lw=1.2, label=f"{name} (AUC {curve['auc']:.3f})")
+        pr_ax.plot(curve["recall"], curve["precision"], lw=1.2, label=name)
+    roc_ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
+    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
+    pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.01))
+    if curves:
+        roc_ax.legend(fontsize=7, loc="lower right")
+    else:
+        roc_ax.text(0.5, 0.5, "no class has both positives and negatives", ha="center", va="center")
+    fig.suptitle(title)
+    return save_figure(fig, path)
 
 
 def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str) -> Path:
@@ -222,14 +296,20 @@ def write_table(path, rows: Sequence[dict], columns: Sequence[str]) -> Path:
 # ---------------------------------------------------------------------------------------
 
 
-def predictions_frame(labels: np.ndarray, probs: np.ndarray, names: Sequence[str]):
-    """The predictions table: index, label, prediction, then `prob_<class name>` per class."""
+def predictions_frame(labels: np.ndarray, preds: np.ndarray, probs: np.ndarray, names: Sequence[str]):
+    """The predictions table. Single-label: index, label, prediction, then `prob_<class>` per
+    class. Multi-label (2-D labels): index, then `true_<label>`, `pred_<label>` (0/1 at 0.5)
+    and `prob_<label>` per label."""
     import pandas as pd
 
-    frame = pd.DataFrame({"index": np.arange(len(labels)), "label": labels, "prediction": probs.argmax(axis=1)})
-    for k, name in enumerate(names):
-        frame[f"{PROB_PREFIX}{name}"] = probs[:, k]
-    return frame
+    columns = {"index": np.arange(len(labels))}
+    if np.ndim(labels) == 2:
+        columns |= {f"{TRUE_PREFIX}{name}": labels[:, k] for k, name in enumerate(names)}
+        columns |= {f"{PRED_PREFIX}{name}": preds[:, k] for k, name in enumerate(names)}
+    else:
+        columns |= {"label": labels, "prediction": preds}
+    columns |= {f"{PROB_PREFIX}{name}": probs[:, k] for k, name in enumerate(names)}
+    return pd.DataFrame(columns)
 
 
 def write_predictions(path, frame) -> Path:
@@ -238,8 +318,13 @@ def write_predictions(path, frame) -> Path:
     return Path(path)
 
 
+def is_multilabel(frame, names: Sequence[str]) -> bool:
+    return f"{TRUE_PREFIX}{names[0]}" in frame.columns
+
+
 def read_predictions(path: str | os.PathLike):
-    """Read and check a predictions CSV; returns (DataFrame, class names from the header)."""
+    """Read and check a predictions CSV of either layout; returns (DataFrame, class names
+    from the header)."""
     import pandas as pd
 
     path = Path(path)
@@ -250,14 +335,20 @@ def read_predictions(path: str | os.PathLike):
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {path} as CSV ({' '.join(str(exc).split())}); pass a file written by 'medcli evaluate'") from None
     names = [c[len(PROB_PREFIX):] for c in frame.columns if str(c).startswith(PROB_PREFIX)]
-    missing = [c for c in PREDICTION_COLUMNS if c not in frame.columns]
-    if missing or len(names) < 2:
-        lacking = missing + ([] if len(names) >= 2 else [f"{PROB_PREFIX}<class> (one per class)"])
-        raise UsageError(f"{path} lacks the columns {', '.join(lacking)}; pass a predictions CSV written by 'medcli evaluate'")
-    for column in ("label", "prediction"):
+    if len(names) < 2:
+        raise UsageError(f"{path} lacks the columns {PROB_PREFIX}<class> (one per class); pass a predictions CSV "
+                         f"written by 'medcli evaluate'")
+    if is_multilabel(frame, names):
+        required = {f"{prefix}{name}": 1 for prefix in (TRUE_PREFIX, PRED_PREFIX) for name in names}
+    else:
+        required = {column: len(names) - 1 for column in ("label", "prediction")}
+    missing = [c for c in ("index", *required) if c not in frame.columns]
+    if missing:
+        raise UsageError(f"{path} lacks the columns {', '.join(missing)}; pass a predictions CSV written by 'medcli evaluate'")
+    for column, upper in required.items():
         values = pd.to_numeric(frame[column], errors="coerce")
-        if values.isna().any() or (values % 1 != 0).any() or values.min() < 0 or values.max() >= len(names):
-            raise UsageError(f"{path}: column '{column}' must hold class indices 0..{len(names) - 1}; the file is damaged, re-run 'medcli evaluate'")
+        if values.isna().any() or (values % 1 != 0).any() or values.min() < 0 or values.max() > upper:
+            raise UsageError(f"{path}: column '{column}' must hold integers 0..{upper}; the file is damaged, re-run 'medcli evaluate'")
         frame[column] = values.astype(np.int64)
     return frame, names
 
@@ -294,10 +385,14 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
         default_out = target.with_name(f"confusion_{target.stem}{suffix}.png")
         title = target.name
     frame, names = read_predictions(csv)
-    cm = confusion_counts(frame["label"].to_numpy(), frame["prediction"].to_numpy(), len(names))
     destination = Path(out) if out else default_out
     if destination.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
         raise UsageError(f"--out {destination}: unsupported image type; use a .png, .pdf, .svg or .jpg file name")
+    if is_multilabel(frame, names):
+        matrices = [confusion_counts(frame[f"{TRUE_PREFIX}{n}"].to_numpy(), frame[f"{PRED_PREFIX}{n}"].to_numpy(), 2)
+                    for n in names]
+        return save_label_confusions(destination, matrices, names, title, normalize=bool(normalize))
+    cm = confusion_counts(frame["label"].to_numpy(), frame["prediction"].to_numpy(), len(names))
     panels = (False, True) if normalize is None else (normalize,)
     return save_confusion(destination, cm, names, title, panels)
 
@@ -334,10 +429,13 @@ def _cell_value(value):
     return value
 
 
-def write_workbook(path: str | os.PathLike, sheets: dict[str, list[Block]]) -> Path:
+def write_workbook(path: str | os.PathLike, sheets: dict[str, list[Block]],
+                   images: dict[str, Sequence[Path]] | None = None) -> Path:
     """Write styled sheets: bold white-on-blue headers, titles in bold, number formats,
-    column widths fitted to the content (first 500 rows), the first table's header frozen."""
+    column widths fitted to the content (first 500 rows), the first table's header frozen;
+    `images` (sheet -> PNG files) are placed beside that sheet's tables."""
     from openpyxl import Workbook
+    from openpyxl.drawing.image import Image
     from openpyxl.styles import Alignment, Font, PatternFill
     from openpyxl.utils import get_column_letter
 
@@ -378,6 +476,11 @@ def write_workbook(path: str | os.PathLike, sheets: dict[str, list[Block]]) -> P
             ws.column_dimensions[get_column_letter(j)].width = min(max(width + 2, 8), 60)
         if freeze:
             ws.freeze_panes = freeze
+        anchor_column = get_column_letter(len(widths) + 2)
+        for k, picture in enumerate((images or {}).get(sheet_name, [])):
+            image = Image(str(picture))
+            image.width, image.height = image.width * 0.6, image.height * 0.6
+            ws.add_image(image, f"{anchor_column}{1 + k * 24}")
     with fileio.atomic_path(path) as tmp:
         book.save(tmp)
     return Path(path)
@@ -391,19 +494,25 @@ def _flatten(prefix: str, value, out: list) -> None:
         out.append((prefix, value))
 
 
-def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object]], history=None) -> Path:
+def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object]], history=None,
+                 figures: dict[str, Sequence[Path]] | None = None) -> Path:
     """`report.xlsx` for one run: summary (metrics per split, then run and config), per-class,
-    confusion matrix (counts and row-normalised per split), training history, predictions.
+    confusion matrix (counts and row-normalised per split; per label for multi-label), ROC
+    (AUC and curve points per class and split, beside the figures), training history,
+    predictions.
 
-    `evaluations` maps split -> (metrics JSON as written by evaluate, predictions DataFrame).
+    `evaluations` maps split -> (metrics JSON as written by evaluate, predictions DataFrame);
+    `figures` maps a sheet name to PNG files to place on it.
     """
     import pandas as pd
 
     splits = list(evaluations)
+    task = evaluations[splits[0]][0].get("task", MULTI_CLASS)
+    shown = (*SCALAR_METRICS, *TASK_METRICS[task])
     metrics_rows = [["n"] + [evaluations[s][0]["metrics"]["n"] for s in splits]]
-    metrics_rows += [[m] + [evaluations[s][0]["metrics"].get(m) for s in splits] for m in SCALAR_METRICS]
+    metrics_rows += [[m] + [evaluations[s][0]["metrics"].get(m) for s in splits] for m in shown]
     summary = Block(pd.DataFrame(metrics_rows, columns=["metric", *splits]),
-                    row_formats={"n": INTEGER, **{m: metric_format(m) for m in SCALAR_METRICS}})
+                    row_formats={"n": INTEGER, **{m: metric_format(m) for m in shown}})
 
     model = manifest.get("model", {})
     dataset = manifest.get("dataset", {})
@@ -426,15 +535,33 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
     confusion_blocks = []
     for split in splits:
         meta = evaluations[split][0]
-        names = meta["class_names"]
-        cm = np.asarray(meta["metrics"]["confusion_matrix"], dtype=np.int64)
-        totals = cm.sum(axis=1, keepdims=True)
-        shares = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
-        for values, kind, fmt in ((cm, "counts", INTEGER), (shares, "row-normalised", PERCENT)):
-            frame = pd.DataFrame(values, columns=names)
-            frame.insert(0, "true \\ predicted", names)
-            confusion_blocks.append(Block(frame, title=f"{split}: {kind} (rows = true class)",
-                                          formats={n: fmt for n in names}))
+        if "label_confusion" in meta["metrics"]:
+            tables = [(f"{split} · {name}", ["absent", "present"], np.asarray(cm, dtype=np.int64))
+                      for name, cm in zip(meta["class_names"], meta["metrics"]["label_confusion"])]
+        else:
+            tables = [(split, meta["class_names"], np.asarray(meta["metrics"]["confusion_matrix"], dtype=np.int64))]
+        for caption, names, cm in tables:
+            totals = cm.sum(axis=1, keepdims=True)
+            shares = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
+            for values, kind, fmt in ((cm, "counts", INTEGER), (shares, "row-normalised", PERCENT)):
+                frame = pd.DataFrame(values, columns=names)
+                frame.insert(0, "true \\ predicted", names)
+                confusion_blocks.append(Block(frame, title=f"{caption}: {kind} (rows = true class)",
+                                              formats={n: fmt for n in names}))
+
+    roc_rows, point_rows = [], []
+    for split in splits:
+        names = evaluations[split][0]["class_names"]
+        for curve in roc_curves(*frame_arrays(evaluations[split][1], names), names, only_last=task == BINARY):
+            roc_rows.append({"split": split, "class": curve["name"], "auc": curve["auc"],
+                             "prevalence": curve["prevalence"], "points": len(curve["fpr"])})
+            point_rows += [{"split": split, "class": curve["name"], "fpr": f, "tpr": t, "threshold": h}
+                           for f, t, h in zip(curve["fpr"], curve["tpr"], curve["threshold"])]
+    roc_blocks = [Block(pd.DataFrame(roc_rows or [{"note": "no class with both positives and negatives"}]),
+                        title="ROC AUC per class (one-vs-rest; binary-class: class 1)",
+                        formats={"auc": DECIMAL, "prevalence": PERCENT}),
+                  Block(pd.DataFrame(point_rows or [{"note": "no curve"}]), title="ROC curve points",
+                        formats={"fpr": DECIMAL, "tpr": DECIMAL, "threshold": DECIMAL})]
 
     if history is not None and len(history):
         history_blocks = [Block(history, formats={c: DECIMAL for c in history.columns if history[c].dtype.kind == "f"})]
@@ -446,9 +573,10 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
         names = evaluations[split][0]["class_names"]
         frame = evaluations[split][1].copy()
         frame.insert(0, "split", split)
-        frame.insert(3, "true class", [names[k] for k in frame["label"]])
-        frame.insert(5, "predicted class", [names[k] for k in frame["prediction"]])
-        frame.insert(6, "correct", frame["label"] == frame["prediction"])
+        if not is_multilabel(frame, names):
+            frame.insert(3, "true class", [names[k] for k in frame["label"]])
+            frame.insert(5, "predicted class", [names[k] for k in frame["prediction"]])
+            frame.insert(6, "correct", frame["label"] == frame["prediction"])
         prediction_frames.append(frame)
     predictions = pd.concat(prediction_frames, ignore_index=True)
     prob_formats = {c: DECIMAL for c in predictions.columns if str(c).startswith(PROB_PREFIX)}
@@ -457,6 +585,7 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
         "summary": [summary, run_block],
         "per-class": [Block(per_class, formats=per_class_formats)],
         "confusion matrix": confusion_blocks,
+        "ROC": roc_blocks,
         "training history": history_blocks,
         "predictions": [Block(predictions, formats=prob_formats)],
-    })
+    }, images=figures)

@@ -31,11 +31,18 @@ from medcli.errors import UsageError
 from medcli.manifest import environment
 from medcli.names import MONITORS, SCALAR_METRICS
 from medcli.run import Run
+from medcli.tasks import Task
 
 if TYPE_CHECKING:
     from medcli import datasets
 
 EVAL_BATCH = 512
+# Warm-up takes at most this share of the run, so the schedule decays within any epoch count
+# (one epoch with a one-epoch warm-up used to end at the peak learning rate, untouched by decay).
+WARMUP_MAX_SHARE = 0.2
+# Training images whose BatchNorm statistics replace the running averages before every
+# validation (and so in every checkpoint): evenly spaced over the split, no augmentation.
+BN_IMAGES = 1024
 DEVICE_DATA_SHARE = 0.5  # of free GPU memory that the uint8 splits may take (else streamed from host)
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_f1", "seconds")
 # What last.pt must hold for --resume to continue exactly where the run stopped.
@@ -71,6 +78,12 @@ def make_optimizer(model, config: dict, device):
     return torch.optim.AdamW(groups, lr=config["lr"], **fused)
 
 
+def warmup_steps(config: dict, steps_per_epoch: int) -> int:
+    """--warmup-epochs in steps, capped at WARMUP_MAX_SHARE of the run."""
+    total = config["epochs"] * steps_per_epoch
+    return min(round(config["warmup_epochs"] * steps_per_epoch), int(WARMUP_MAX_SHARE * total))
+
+
 def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
     """Warm-up + cosine, stepped after every optimizer step (the seeds' cosine never stepped)."""
     from functools import partial
@@ -78,7 +91,7 @@ def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
     import torch
 
     total = config["epochs"] * steps_per_epoch
-    warmup = min(total, round(config["warmup_epochs"] * steps_per_epoch))
+    warmup = warmup_steps(config, steps_per_epoch)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, total_steps=total, warmup_steps=warmup))
 
 
@@ -210,7 +223,7 @@ class State:
     scaler: Any
     data_gen: Any  # CPU generator: epoch permutations
     aug_gen: Any  # CPU generator: augmentation and MixUp draws (batches follow it on any device)
-    num_classes: int
+    task: Task
     epoch: int = 0
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"epoch": None, "value": None})
@@ -278,7 +291,6 @@ def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, 
     built for).
     """
     import torch
-    import torch.nn.functional as F
 
     aug = augment.Augment.from_dict(config["augment"])
     n = len(data)
@@ -296,14 +308,14 @@ def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, 
         params = augment.draw(batch, aug, state.aug_gen)
         labels = data.labels[index[mine]]
         x = augment.apply(data.take(index[mine]), prep, aug, augment.take(params, mine))
-        targets = F.one_hot(labels, state.num_classes).float()
+        targets = state.task.targets(labels)
         if config["mixup_alpha"] > 0:
             lam, perm = augment.draw_mixup(batch, config["mixup_alpha"], state.aug_gen)
             partners = perm[mine]
             if ctx.enabled:
                 other = index[partners.to(device, non_blocking=True)]
                 x_other = augment.apply(data.take(other), prep, aug, augment.take(params, partners))
-                t_other = F.one_hot(data.labels[other], state.num_classes).float()
+                t_other = state.task.targets(data.labels[other])
             else:
                 partners = partners.to(device, non_blocking=True)
                 x_other, t_other = x[partners], targets[partners]
@@ -312,7 +324,7 @@ def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, 
             x = x.contiguous(memory_format=torch.channels_last)
         with inference.autocast(device, config["amp"]):
             logits = state.forward(x)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=config["label_smoothing"])
+        loss = state.task.loss(logits.float(), targets, config["label_smoothing"])
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
         state.scaler.step(state.optimizer)
@@ -320,7 +332,7 @@ def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, 
         lr = state.optimizer.param_groups[0]["lr"]
         state.scheduler.step()
         totals += torch.stack([loss.detach().double() * labels.shape[0],
-                               (logits.detach().argmax(1) == labels).sum().double(),
+                               state.task.hits(logits.detach(), labels),
                                torch.tensor(float(labels.shape[0]), device=device, dtype=torch.float64)])
         if (step + 1) % refresh == 0 or step + 1 == steps:
             loss_sum, correct, seen = totals.tolist()
@@ -333,21 +345,42 @@ def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, 
             "images_per_s": seen / seconds}
 
 
-def evaluate(model, data: Data, prep: dict, config: dict, device, class_names: list[str],
+def evaluate(model, data: Data, prep: dict, config: dict, device, task: Task,
              ctx: distributed.Context = distributed.Context()) -> dict:
-    """Validation metrics (metrics.classification_metrics) over the whole split: each process
-    predicts its share, the logits are gathered, and every process gets the same metrics."""
+    """Validation metrics (`task.metrics`) over the whole split: each process predicts its
+    share, the logits are gathered, and every process gets the same metrics."""
     import torch
-
-    from medcli import metrics
 
     distributed.sync_buffers(ctx, model)
     mine = ctx.shard(len(data))
     logits = inference.predict_logits(model, data.images[mine], prep, batch_size=EVAL_BATCH, device=device,
                                       amp=config["amp"])
     logits = torch.cat(distributed.gather(ctx, logits.cpu()))
-    probs = logits.softmax(1).double().numpy()
-    return metrics.classification_metrics(data.labels.cpu().numpy(), probs, class_names)
+    probs = task.probs_t(logits.double()).numpy()
+    return task.metrics(data.labels.cpu().numpy(), probs)
+
+
+def reestimate_batchnorm(model, data: Data, prep: dict, config: dict, device) -> None:
+    """Precise BatchNorm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): replace the
+    running statistics, an average that lags weights moving fast early in training or at a
+    high learning rate, by those of the current weights on BN_IMAGES training images
+    (evenly spaced, as the model sees them at evaluation). With few steps per epoch (small
+    datasets, `--epochs 1`) the lagging averages made the evaluated model collapse to one
+    class while training accuracy rose. torch's `update_bn` does the pass; a model without
+    BatchNorm (ViTs) is left alone. Every process computes the same statistics."""
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    n = len(data)
+    index = torch.linspace(0, n - 1, min(n, BN_IMAGES)).round().long().to(data.labels.device)
+
+    def batches():
+        for start in range(0, len(index), EVAL_BATCH):
+            x = augment.preprocess(data.take(index[start:start + EVAL_BATCH]), prep)
+            yield x.contiguous(memory_format=torch.channels_last) if config["channels_last"] else x
+
+    with inference.autocast(device, config["amp"]):
+        update_bn(batches(), model)
 
 
 def monitored(metrics: dict, monitor: str) -> float | None:
@@ -519,8 +552,6 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
     distributed job every process trains; rank 0 alone records the stage and writes files."""
     import torch
 
-    from medcli import datasets
-
     config = run.config
     device = torch.device(distributed.device_for(ctx, config["device"]))
     prep = run.data["preprocess"]
@@ -548,11 +579,9 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
                   scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
                   data_gen=torch.Generator().manual_seed(config["seed"]),
                   aug_gen=torch.Generator().manual_seed(config["seed"] + 1),  # CPU: the same stream on any device
-                  num_classes=run.spec["num_classes"])
+                  task=Task.of(config["dataset"]))
     if checkpoint is not None:
         _restore(state, checkpoint, run, device)
-    class_names = datasets.class_names(config["dataset"])
-
     with (run.stage("train") if ctx.is_main else nullcontext()) as st, distributed.peers(ctx), \
             console.progress() as bar:
         epochs_task = bar.add_task("epochs", total=config["epochs"], completed=state.epoch, unit="epoch")
@@ -561,7 +590,8 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
         while state.epoch < config["epochs"] and not stopped_early:
             started = time.perf_counter()
             train_stats = train_one_epoch(state, train_data, prep, config, device, bar, batch_task, ctx)
-            val = evaluate(model, val_data, prep, config, device, class_names, ctx)
+            reestimate_batchnorm(model, train_data, prep, config, device)
+            val = evaluate(model, val_data, prep, config, device, state.task, ctx)
             state.epoch += 1
             value = monitored(val, config["monitor"])
             is_best = improved(value, state.best["value"], config["monitor"])

@@ -53,7 +53,7 @@ def test_evaluate_writes_files_workbook_and_stage_and_repeats_identically(run_co
     assert stage["summary"]["test"]["accuracy"] == metrics_json["metrics"]["accuracy"]
 
     book = load_workbook(run_copy / "report.xlsx")
-    assert book.sheetnames == ["summary", "per-class", "confusion matrix", "training history", "predictions"]
+    assert book.sheetnames == ["summary", "per-class", "confusion matrix", "ROC", "training history", "predictions"]
     summary = book["summary"]
     assert summary.freeze_panes == "A2" and summary["A1"].font.bold
     accuracy_row = next(row for row in summary.iter_rows() if row[0].value == "accuracy")
@@ -134,7 +134,7 @@ def test_tta_uses_only_the_flips_the_run_was_trained_with(run_copy, trained, vie
 def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
     names = ["basophil", "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "platelet"]
     probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]])
-    csv = reports.write_predictions(tmp_path / "test.csv", reports.predictions_frame(np.array([0, 1, 2, 2]), probs, names))
+    csv = reports.write_predictions(tmp_path / "test.csv", reports.predictions_frame(np.array([0, 1, 2, 2]), probs.argmax(1), probs, names))
     frame, parsed = reports.read_predictions(csv)
     assert parsed == names  # the comma inside a class name survives the CSV header
     assert reports.confusion_counts(frame["label"], frame["prediction"], 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
@@ -147,7 +147,7 @@ def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
 def test_plot_confusion_default_output_for_a_run_dir(tmp_path):
     run = Run.create(tmp_path, "run", config={}, dataset={"flag": "bloodmnist", "size": 28}).run_dir  # a run is a directory with a manifest
     reports.write_predictions(run / "predictions" / "val.csv",
-                              reports.predictions_frame(np.array([0, 1]), np.eye(2), ["a", "b"]))
+                              reports.predictions_frame(np.array([0, 1]), np.array([0, 1]), np.eye(2), ["a", "b"]))
     result = runner.invoke(app, ["plot-confusion", str(run), "--split", "val", "--normalize"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(run / "figures" / "confusion_val_normalized.png")

@@ -282,20 +282,31 @@ def test_explain_records_faithfulness_and_raw_maps(tiny_run, tmp_path):
 # -- samples ---------------------------------------------------------------------------------------
 def test_samples_are_seeded_per_class_and_only_errors_picks_mistakes():
     labels = np.arange(200) % 8
-    first = explain.choose_samples(labels, 8, 3, seed=1)
-    assert np.array_equal(first, explain.choose_samples(labels, 8, 3, seed=1))
-    assert not np.array_equal(first, explain.choose_samples(labels, 8, 3, seed=2))
+    member = labels[:, None] == np.arange(8)
+    first, groups = explain.choose_samples(member, 3, seed=1)
+    assert np.array_equal(groups, labels[first])
+    assert np.array_equal(first, explain.choose_samples(member, 3, seed=1)[0])
+    assert not np.array_equal(first, explain.choose_samples(member, 3, seed=2)[0])
     assert np.array_equal(np.bincount(labels[first]), [3] * 8)
     wrong = np.arange(200) % 3 == 0
     predicted = []
 
-    def predict(index):
+    def is_wrong(index):
         predicted.extend(index)
-        return np.where(wrong[index], labels[index] + 1, labels[index])
+        return wrong[index]
 
-    errors = explain.choose_samples(labels, 8, 2, seed=1, predict=predict, chunk=16)
+    errors, _ = explain.choose_samples(member, 2, seed=1, is_wrong=is_wrong, chunk=16)
     assert wrong[errors].all() and np.array_equal(np.bincount(labels[errors]), [2] * 8)
     assert len(predicted) < 200, "stops predicting once every class has its errors"
+
+
+def test_multilabel_samples_stand_for_one_of_their_labels_and_appear_once():
+    rng = np.random.default_rng(0)
+    member = rng.random((100, 4)) < 0.4
+    chosen, groups = explain.choose_samples(member, 5, seed=0)
+    assert len(set(chosen.tolist())) == len(chosen)  # no sample twice
+    assert member[chosen, groups].all()  # each stands for a label it has
+    assert np.array_equal(np.bincount(groups, minlength=4), [5] * 4)
 
 
 def test_short_names_are_safe_and_distinct():

@@ -15,7 +15,7 @@ LAYERS = {
     "fileio": 1, "distributed": 1,
     "manifest": 2, "augment": 2, "models": 2,
     "datasets": 3, "inference": 3,
-    "run": 4,
+    "run": 4, "tasks": 4,
     "config": 5, "reports": 5, "processes": 5,
     "train": 6, "evaluate": 6, "explain": 6, "aggregate": 6, "download": 6, "maps": 6,
     "cli": 7, "__main__": 8,

@@ -1,0 +1,189 @@
+"""The task layer: what a MedMNIST task type means for training, prediction and metrics.
+
+`medmnist.INFO[flag]["task"]` names one of four task types. `Task.of(flag)` gives the one
+object that train, evaluate, explain and the reports ask instead of assuming a softmax:
+
+| task type | outputs | loss | probabilities | prediction | metrics |
+|---|---|---|---|---|---|
+| multi-class (Blood, Path, Derma, OCT, Tissue, OrganA/C/S) | one per class | cross-entropy | softmax | argmax | `metrics.classification_metrics` |
+| binary-class (Breast, Pneumonia) | two | cross-entropy | softmax | argmax (= p1 > 0.5) | + sensitivity, specificity, PPV, NPV |
+| ordinal-regression (Retina) | one per grade | cross-entropy | softmax | argmax | + MAE, quadratic weighted kappa |
+| multi-label, binary-class (Chest) | one per label | binary cross-entropy | sigmoid per label | each p > 0.5 | `metrics.multilabel_metrics` |
+
+Ordinal grades are trained as classes, as MedMNIST v2's baselines do, so accuracy and AUC
+compare with the published numbers; the ordinal metrics say how far off the wrong grades are.
+Label smoothing applies to both losses (BCE targets move towards 0.5 by half the factor).
+
+Light at import (no numpy or torch): the CLI reads `default_monitor` to build its help.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from medcli.names import MULTI_LABEL, TASK_METRICS, TASK_TYPES
+
+
+@dataclass(frozen=True)
+class Task:
+    kind: str  # one of names.TASK_TYPES
+    names: tuple[str, ...]  # class (or label) names, one per model output
+
+    def __post_init__(self) -> None:
+        if self.kind not in TASK_TYPES:
+            raise ValueError(f"unknown task type {self.kind!r}; medcli knows {', '.join(TASK_TYPES)}")
+
+    @classmethod
+    def of(cls, flag: str) -> "Task":
+        """The task of a MedMNIST dataset, from medmnist.INFO (via `datasets.info`)."""
+        from medcli import datasets
+
+        meta = datasets.info(flag)
+        return cls(meta["task"], tuple(datasets.class_names(flag)))
+
+    @property
+    def multilabel(self) -> bool:
+        return self.kind == MULTI_LABEL
+
+    @property
+    def outputs(self) -> int:
+        return len(self.names)
+
+    @property
+    def default_monitor(self) -> str:
+        """The validation metric that picks best.pt: AUC for multi-label (accuracy at 0.5 is
+        dominated by the many absent findings), accuracy otherwise."""
+        return default_monitor(self.kind)
+
+    @property
+    def extra_metrics(self) -> tuple[str, ...]:
+        return TASK_METRICS[self.kind]
+
+    # --- torch: training ------------------------------------------------------------------
+
+    def targets(self, labels):
+        """Float training targets (N, outputs): one-hot classes, or the 0/1 label matrix (so
+        MixUp mixes both the same way)."""
+        import torch.nn.functional as F
+
+        return labels.float() if self.multilabel else F.one_hot(labels, self.outputs).float()
+
+    def loss(self, logits, targets, label_smoothing: float = 0.0):
+        import torch.nn.functional as F
+
+        if self.multilabel:
+            soft = targets * (1.0 - label_smoothing) + 0.5 * label_smoothing
+            return F.binary_cross_entropy_with_logits(logits, soft)
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+
+    def hits(self, logits, labels):
+        """Correct decisions in a batch, summed per sample: 1 per right argmax, or the share of
+        a sample's labels right at 0.5 (so hits / samples is medmnist's accuracy)."""
+        if self.multilabel:
+            return ((logits > 0) == labels.bool()).double().mean(1).sum()
+        return (logits.argmax(1) == labels).sum().double()
+
+    def probs_t(self, logits):
+        """Torch probabilities of the logits (softmax over classes, or sigmoid per label)."""
+        return logits.sigmoid() if self.multilabel else logits.softmax(1)
+
+    def scores_of_probs(self, probs):
+        """Logit-like scores whose `probabilities` are `probs` (for averaged test-time views):
+        log p for a softmax, log(p / (1 - p)) for sigmoids; finite for p at 0 or 1."""
+        import torch
+
+        tiny = torch.finfo(probs.dtype).tiny
+        if self.multilabel:
+            eps = torch.finfo(probs.dtype).eps
+            p = probs.clamp(eps, 1 - eps)
+            return (p / (1 - p)).log()
+        return probs.clamp_min(tiny).log()
+
+    # --- numpy: evaluation ----------------------------------------------------------------
+
+    def probabilities(self, logits, temperature: float = 1.0):
+        from medcli import metrics
+
+        return (metrics.sigmoid if self.multilabel else metrics.softmax)(logits, temperature)
+
+    def predictions(self, probs):
+        """Predicted class per sample (N,), or 0/1 per label (N, labels)."""
+        import numpy as np
+
+        from medcli import metrics
+
+        probs = np.asarray(probs)
+        return (probs > metrics.THRESHOLD).astype(np.int64) if self.multilabel else probs.argmax(axis=1)
+
+    def metrics(self, labels, probs) -> dict:
+        from medcli import metrics
+
+        if self.multilabel:
+            return metrics.multilabel_metrics(labels, probs, self.names)
+        return metrics.classification_metrics(labels, probs, self.names, task=self.kind)
+
+    def reliability(self, labels, probs) -> dict:
+        from medcli import metrics
+
+        return metrics.reliability(*(metrics.per_label if self.multilabel else metrics.top_label)(labels, probs))
+
+    def fit_temperature(self, logits, labels) -> float:
+        from medcli import metrics
+
+        return metrics.fit_temperature(logits, labels, multilabel=self.multilabel)
+
+    def explained_class(self, probs):
+        """The class a map explains by default (N,): the predicted class, or for multi-label
+        the most probable label (the finding the model is surest is present)."""
+        return probs.argmax(axis=1)
+
+    def mistaken(self, labels, probs):
+        """(N,) booleans: the prediction is wrong (multi-label: any label is wrong at 0.5)."""
+        wrong = self.predictions(probs) != labels
+        return wrong.any(axis=1) if self.multilabel else wrong
+
+    def true_class(self, labels, probs):
+        """The true class a sample stands for (N,): its label, or for multi-label the most
+        probable of its labels (the most probable label overall when it has none)."""
+        import numpy as np
+
+        if not self.multilabel:
+            return np.asarray(labels)
+        present = np.where(np.asarray(labels) == 1, probs, -1.0)
+        return np.where(present.max(axis=1) >= 0, present.argmax(axis=1), probs.argmax(axis=1))
+
+    def indicator(self, labels):
+        """(N, outputs) booleans: which class each sample is, or which labels it carries."""
+        import numpy as np
+
+        labels = np.asarray(labels)
+        return labels == 1 if self.multilabel else labels.reshape(-1, 1) == np.arange(self.outputs)
+
+    def members(self, labels, k: int):
+        """Mask of the samples that belong to class k (for multi-label: have label k)."""
+        return labels[:, k] == 1 if self.multilabel else labels == k
+
+    def describe(self, labels, probs, width: int = 14) -> tuple[list[str], list[str], list[bool], list[float]]:
+        """Per sample: true text, predicted text, whether the prediction is right, and its
+        confidence, for figure captions (multi-label: the sets of labels present)."""
+        import numpy as np
+
+        from medcli.names import short_names
+
+        names = short_names(self.names, width=width)
+        preds = self.predictions(probs)
+        if self.multilabel:
+            def spell(row) -> str:
+                present = [names[k] for k in np.flatnonzero(row)]
+                return "+".join(present) if present else "none"
+
+            right = (preds == labels).all(axis=1)
+            confidence = np.where(preds == 1, probs, 1 - probs).min(axis=1)  # the least sure decision
+            return [spell(r) for r in labels], [spell(r) for r in preds], right.tolist(), confidence.tolist()
+        return ([names[k] for k in labels], [names[k] for k in preds], (preds == labels).tolist(),
+                probs.max(axis=1).tolist())
+
+
+def default_monitor(kind: str) -> str:
+    return "auc" if kind == MULTI_LABEL else "acc"
+

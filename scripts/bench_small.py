@@ -1,0 +1,175 @@
+"""Do medcli's defaults hold on small datasets? A script, not a test; prints its numbers.
+
+Small sets cut from the real PBC BloodMNIST (`datasets.make_subset`, stratified, validation
+and test in MedMNIST's proportions for the dataset they imitate):
+
+  blood546    8 classes, RGB, 546 / 78 / 156 images (BreastMNIST's split sizes)
+  blood1080   8 classes, RGB, 1,080 / 120 / 400 (RetinaMNIST's split sizes)
+  gray2       2 classes (eosinophil vs neutrophil), one grayscale channel, 546 / 78 / 156,
+              written in BreastMNIST's layout (binary-class, 1 channel)
+
+For each set and seed it trains:
+
+  reference   MedMNIST v2's ResNet-18 (28) recipe, reimplemented here: the CIFAR-style
+              ResNet-18 (3x3 stride-1 stem, no max-pool), Adam lr 1e-3, batch 128, 100
+              epochs, lr x0.1 at epochs 50 and 75, no augmentation, inputs scaled to [-1, 1],
+              the model of the epoch with the best validation AUC (as their training script).
+  medcli      `medcli train --dataset FLAG --size 28` with every other option at its default,
+              then `medcli evaluate` (best.pt, no TTA).
+
+and prints test accuracy and AUC (medmnist's definitions) as mean +- std over the seeds, wall
+time, and for medcli the share of the training stage spent outside the training steps
+(validation, BatchNorm re-estimation, checkpoints, history and curves).
+
+    .venv/bin/python scripts/bench_small.py [--sets blood546,gray2] [--seeds 0,1,2] [--only medcli]
+
+Hours of CPU time at the full settings (each 546-image run is about 55k training images for the
+reference and 33k for medcli); --reference-epochs shortens the reference, which then is no
+longer the published recipe (the table says so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bloodmnist_pbc_28.npz"
+SETS = {  # name -> (flag whose layout it takes, split sizes, classes kept, grayscale)
+    "blood546": ("bloodmnist", (546, 78, 156), None, False),
+    "blood1080": ("bloodmnist", (1080, 120, 400), None, False),
+    "gray2": ("breastmnist", (546, 78, 156), (1, 6), True),
+}
+
+
+def make_set(name: str, source: Path, directory: Path) -> Path:
+    from medcli import datasets
+
+    flag, counts, classes, gray = SETS[name]
+    root = directory / name
+    root.mkdir(parents=True, exist_ok=True)
+    datasets.make_subset(source, root / datasets.filename(flag, 28), flag, counts, seed=0, classes=classes,
+                         grayscale=gray)
+    return root
+
+
+def cifar_resnet18(in_chans: int, classes: int):
+    """MedMNIST v2's ResNet-18 for 28 px: torchvision's BasicBlock ResNet-18 with a 3x3
+    stride-1 first convolution and no max-pool (the CIFAR variant their code defines)."""
+    import torch.nn as nn
+    from torchvision.models import resnet18
+
+    net = resnet18(num_classes=classes)
+    net.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+    return net
+
+
+def reference(root: Path, flag: str, seed: int, epochs: int) -> dict:
+    """The published recipe on one set; test accuracy and AUC of the best-val-AUC epoch."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from medcli import datasets, system
+    from medcli.tasks import Task
+
+    torch.set_num_threads(system.usable_cpus())
+    torch.manual_seed(seed)
+    splits = datasets.load(root, flag, 28)
+    task = Task.of(flag)
+
+    def tensors(split):
+        x = datasets.as_tensor(splits.images[split]).float().div(255).sub(0.5).div(0.5)
+        return x, torch.from_numpy(splits.labels[split])
+
+    (xtr, ytr), (xva, yva), (xte, yte) = (tensors(s) for s in ("train", "val", "test"))
+    net = cifar_resnet18(xtr.shape[1], task.outputs)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, [epochs // 2, epochs * 3 // 4], gamma=0.1)
+    generator = torch.Generator().manual_seed(seed)
+
+    def scores(x):
+        net.eval()
+        with torch.inference_mode():
+            out = torch.cat([net(x[i:i + 512]) for i in range(0, len(x), 512)])
+        return task.probs_t(out.double()).numpy()
+
+    best, best_auc = None, -1.0
+    start = time.perf_counter()
+    for _ in range(epochs):
+        net.train()
+        order = torch.randperm(len(xtr), generator=generator)
+        for i in range(0, len(order), 128):  # their DataLoader keeps the last, smaller batch
+            index = order[i:i + 128]
+            loss = F.cross_entropy(net(xtr[index]), ytr[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        auc = task.metrics(yva.numpy(), scores(xva))["auc"] or 0.0
+        if auc > best_auc:
+            best_auc, best = auc, copy.deepcopy(net.state_dict())
+    seconds = time.perf_counter() - start
+    net.load_state_dict(best)
+    m = task.metrics(yte.numpy(), scores(xte))
+    return {"accuracy": m["accuracy"], "auc": m["auc"], "seconds": seconds}
+
+
+def medcli_defaults(root: Path, flag: str, seed: int, runs: Path) -> dict:
+    from medcli import evaluate, train
+
+    start = time.perf_counter()
+    run = train.train(dataset=flag, size=28, root=root, runs_dir=runs, seed=seed)
+    seconds = time.perf_counter() - start
+    stage = run.stages["train"]
+    m = evaluate.evaluate_run(run.run_dir)["splits"]["test"]["metrics"]
+    return {"accuracy": m["accuracy"], "auc": m["auc"], "seconds": seconds,
+            "outside_steps": 1 - stage["summary"]["train_seconds"] / stage["duration_s"],
+            "epochs": stage["summary"]["epochs_run"], "batch": run.config["batch_size"], "lr": run.config["lr"]}
+
+
+def spread(values) -> str:
+    values = [v for v in values if v is not None]
+    return f"{np.mean(values):.4f} +- {np.std(values):.4f}" if values else "n/a"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--only", choices=("reference", "medcli"))
+    parser.add_argument("--reference-epochs", type=int, default=100)
+    args = parser.parse_args()
+    from medcli import console
+
+    console.configure(quiet=True, verbose=False)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    recipes = [args.only] if args.only else ["reference", "medcli"]
+    label = "reference" if args.reference_epochs == 100 else f"reference, {args.reference_epochs} epochs (NOT the published 100)"
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.sets.split(","):
+            root = make_set(name, args.data, Path(tmp))
+            flag = SETS[name][0]
+            for recipe in recipes:
+                results = []
+                for seed in seeds:
+                    if recipe == "reference":
+                        results.append(reference(root, flag, seed, args.reference_epochs))
+                    else:
+                        results.append(medcli_defaults(root, flag, seed, Path(tmp) / "runs"))
+                    print(f"  {name} {recipe} seed {seed}: {results[-1]}", flush=True)
+                extra = (f"  outside steps {np.mean([r['outside_steps'] for r in results]):.1%}"
+                         if recipe == "medcli" else "")
+                print(f"{name:10s} {label if recipe == 'reference' else 'medcli defaults':40s} "
+                      f"acc {spread([r['accuracy'] for r in results])}  auc {spread([r['auc'] for r in results])}  "
+                      f"{np.mean([r['seconds'] for r in results]) / 60:.1f} min/run{extra}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

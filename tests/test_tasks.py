@@ -1,0 +1,186 @@
+"""The task layer: metrics identical to medmnist's evaluator for all four task types (random
+and degenerate inputs), the task-specific metrics against hand counts, and every command on a
+tiny multi-label, binary and ordinal dataset (ChestMNIST, BreastMNIST, RetinaMNIST layouts)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from medcli import datasets, metrics
+from medcli.cli import app
+from medcli.names import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASK_METRICS
+from medcli.tasks import Task
+
+runner = CliRunner()
+N = 60
+
+
+def _single(rng, classes: int, kind: str = "random"):
+    labels = rng.integers(0, classes, size=N)
+    logits = rng.normal(size=(N, classes))
+    logits[np.arange(N), labels] += 1.0
+    probs = metrics.softmax(logits)
+    if kind == "absent":
+        labels = labels % (classes - 1)  # the last class never occurs
+    elif kind == "constant":
+        probs = np.full((N, classes), 1.0 / classes)
+    elif kind == "one positive":
+        labels = np.zeros(N, dtype=np.int64)
+        labels[7] = classes - 1
+    return labels, probs
+
+
+def _multilabel(rng, kind: str = "random"):
+    labels = (rng.random((N, 5)) < 0.3).astype(np.int64)
+    labels[0], labels[1] = 1, 0  # every label has both values
+    probs = np.clip(labels * 0.3 + rng.random((N, 5)) * 0.7, 0, 1)
+    if kind == "absent":
+        labels[:, 2] = 0
+    elif kind == "constant":
+        probs = np.full((N, 5), 0.5)
+    elif kind == "one positive":
+        labels[:, 3] = 0
+        labels[11, 3] = 1
+    return labels, probs
+
+
+CASES = [(task, kind) for task in (MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL)
+         for kind in ("random", "absent", "constant", "one positive")] + [(MULTI_CLASS, "two classes")]
+
+
+@pytest.mark.parametrize("task,kind", CASES)
+def test_accuracy_and_auc_equal_medmnists_evaluator(task, kind):
+    from medmnist.evaluator import getACC, getAUC
+
+    rng = np.random.default_rng(len(kind) + len(task))
+    if task == MULTI_LABEL:
+        labels, probs = _multilabel(rng, kind)
+        oracle_labels = labels
+    else:
+        classes = {MULTI_CLASS: 2 if kind == "two classes" else 6, BINARY: 2, ORDINAL: 5}[task]
+        labels, probs = _single(rng, classes, "random" if kind == "two classes" else kind)
+        oracle_labels = labels[:, None]  # the npz layout medmnist reads: (N, 1)
+    ours = Task(task, tuple(f"c{k}" for k in range(probs.shape[1]))).metrics(labels, probs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn's "only one class present" (its AUC is NaN)
+        acc, auc = getACC(oracle_labels, probs, task), getAUC(oracle_labels, probs, task)
+    assert ours["accuracy"] == pytest.approx(acc, abs=1e-12)
+    if np.isnan(auc):
+        assert ours["auc"] is None
+    else:
+        assert ours["auc"] == pytest.approx(auc, abs=1e-12)
+    assert set(TASK_METRICS[task]) <= set(ours)
+
+
+def test_binary_rates_and_ordinal_scores_against_hand_counts():
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 1])
+    p1 = np.array([0.9, 0.8, 0.3, 0.2, 0.1, 0.6, 0.4, 0.7])  # tp 3, fn 1, tn 3, fp 1
+    m = Task(BINARY, ("benign", "malignant")).metrics(labels, np.stack([1 - p1, p1], 1))
+    assert (m["sensitivity"], m["specificity"], m["ppv"], m["npv"]) == pytest.approx((0.75, 0.75, 0.75, 0.75))
+    grades = np.array([0, 1, 2, 3, 4, 4])
+    predicted = np.array([0, 2, 2, 1, 4, 3])
+    from sklearn.metrics import cohen_kappa_score
+
+    o = Task(ORDINAL, tuple("01234")).metrics(grades, np.eye(5)[predicted])
+    assert o["mae"] == pytest.approx((0 + 1 + 0 + 2 + 0 + 1) / 6)
+    assert o["qwk"] == pytest.approx(cohen_kappa_score(grades, predicted, weights="quadratic"))
+
+
+def test_multilabel_metrics_by_hand():
+    labels = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
+    probs = np.array([[0.9, 0.2], [0.6, 0.4], [0.7, 0.1], [0.2, 0.8]])  # label 0: 1 fp; label 1: 1 fn
+    m = Task(MULTI_LABEL, ("a", "b")).metrics(labels, probs)
+    assert m["accuracy"] == pytest.approx(0.75) and m["subset_accuracy"] == pytest.approx(0.5)
+    assert m["label_confusion"] == [[[1, 1], [0, 2]], [[2, 0], [1, 1]]]
+    assert [c["support"] for c in m["per_class"]] == [2, 2]
+    assert m["nll"] == pytest.approx(metrics.binary_nll(labels, probs))
+    t = Task(MULTI_LABEL, ("a", "b"))
+    assert t.mistaken(labels, probs).tolist() == [False, True, True, False]
+    assert t.true_class(labels, probs).tolist() == [0, 0, 0, 1]  # no labels: the most probable one
+
+
+def test_multilabel_temperature_is_shared_and_keeps_each_labels_ranking():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2000, 4))
+    labels = (rng.random((2000, 4)) < metrics.sigmoid(logits)).astype(int)  # calibrated by construction
+    assert metrics.fit_temperature(logits, labels, multilabel=True) == pytest.approx(1.0, abs=0.15)
+    t = metrics.fit_temperature(logits * 3, labels, multilabel=True)
+    assert t == pytest.approx(3.0, rel=0.15)
+
+
+@pytest.fixture(scope="module")
+def task_roots(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task-data")
+    for flag in ("chestmnist", "breastmnist", "retinamnist"):
+        datasets.make_synthetic(root / datasets.filename(flag, 28), flag, 28, (128, 48, 48), seed=1)
+    return root
+
+
+@pytest.mark.parametrize("flag", ["chestmnist", "breastmnist", "retinamnist"])
+def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
+    from medmnist import Evaluator
+
+    task = Task.of(flag)
+    trained = runner.invoke(app, ["--quiet", "train", "--dataset", flag, "--root", str(task_roots), "--runs-dir", str(tmp_path),
+                                  "--model", "timm:test_resnet", "--epochs", "2", "--batch-size", "16",
+                                  "--optimizer", "adamw", "--lr", "2e-3", "--warmup-epochs", "0",
+                                  "--mixup-alpha", "0.2"])
+    assert trained.exit_code == 0, trained.output
+    run = Path(trained.stdout.strip())
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["config"]["task"] == task.kind
+    assert manifest["config"]["monitor"] == ("auc" if task.multilabel else "acc")
+
+    evaluated = runner.invoke(app, ["--quiet", "evaluate", str(run), "--tta", "--calibrate", "--medmnist-csv", "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    ours = json.loads(evaluated.stdout)["test"]
+    assert ours["task"] == task.kind and ours["calibration"]["temperature"] > 0
+    assert set(TASK_METRICS[task.kind]) <= set(ours["metrics"])
+    # the official evaluator, reading our medmnist-layout CSV as its parse_and_evaluate does
+    (csv,) = (run / "predictions" / "medmnist").glob(f"{flag}_test_*@{run.name}.csv")
+    scores = pd.read_csv(csv, index_col=0, header=None).sort_index().values
+    official = Evaluator(flag, "test", size=28, root=str(task_roots)).evaluate(scores)
+    assert ours["metrics"]["accuracy"] == pytest.approx(official.ACC, abs=1e-6)
+    assert ours["metrics"]["auc"] == pytest.approx(official.AUC, abs=1e-6)
+    frame = pd.read_csv(run / "predictions" / "test.csv")
+    if task.multilabel:
+        assert {f"true_{n}" for n in task.names} | {f"prob_{n}" for n in task.names} <= set(frame.columns)
+    from openpyxl import load_workbook
+
+    assert "ROC" in load_workbook(run / "report.xlsx", read_only=True).sheetnames
+    assert (run / "figures" / "roc_test.png").is_file()
+
+    out = tmp_path / "cm.png"
+    drawn = runner.invoke(app, ["plot-confusion", str(run / "predictions" / "test.csv"), "--out", str(out)])
+    assert drawn.exit_code == 0 and out.is_file(), drawn.output
+
+    explained = runner.invoke(app, ["--quiet", "explain", str(run), "--method", "gradcam", "--per-class", "1", "--target", "true",
+                                    "--json"])
+    assert explained.exit_code == 0, explained.output
+    index = json.loads(explained.stdout)
+    assert index["faithfulness"]["n"] == len(index["samples"]) >= 2
+    if task.multilabel:
+        assert all(s["label_name"] in s["true_labels"] for s in index["samples"])
+    named = runner.invoke(app, ["--quiet", "explain", str(run), "--method", "gradcam", "--indices", "0,1",
+                                "--target", task.names[1], "--json", "--no-faithfulness"])
+    assert named.exit_code == 0, named.output
+    assert {s["target"] for s in json.loads(named.stdout)["samples"]} == {1}
+
+    extra = TASK_METRICS[task.kind][0]
+    compared = runner.invoke(app, ["aggregate", str(run), "--metrics", f"accuracy,auc,{extra}", "--format", "json"])
+    assert compared.exit_code == 0, compared.output
+    assert extra in compared.stdout
+
+
+def test_an_unknown_explain_target_is_one_line(tiny_run):
+    from cli_helpers import one_line_error
+
+    line = one_line_error(runner.invoke(app, ["explain", str(tiny_run), "--target", "neutrophilz"]), 2)
+    assert "unknown --target 'neutrophilz'" in line and "basophil" in line
