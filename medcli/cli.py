@@ -199,7 +199,7 @@ def train(
     model: Annotated[str, typer.Option(help="resnet18, vit, vit-small, vit-tiny or timm:<name>.")] = "resnet18",
     reduced: Annotated[bool, typer.Option("--reduced", help=_config.reduced_help())] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default per family/preset).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Batch size (default 128).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Global batch size (default 128; halved for small training sets until an epoch has 32 steps, with the lr scaled).")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (default per family).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="Weight decay (not on norms/biases).")] = None,
     optimizer: Annotated[Optional[Optimizer], typer.Option(help="Default: sgd for CNNs, adamw for ViTs.")] = None,

@@ -34,7 +34,16 @@ ALIASES = {  # medcli name -> (architecture, library)
 }
 TIMM_PREFIX = "timm:"
 VALID_NAMES = f"{', '.join(ALIASES)} or {TIMM_PREFIX}<name>"
-SMALL_STEM_BELOW = 128  # ResNet inputs smaller than this get the 3x3 stride-1 stem, no max-pool
+# ResNet-18 stem policy: the stem that brings the image to 28-56 px at layer1 with the least
+# compute. Measured training cost on 2 CPU cores (scripts/bench_stems.py, relative to 28 px
+# with the small stem): 28 px small 1.0x (layer1 at 28 px); 64 px small 4.5x (64 px),
+# small+pool 1.2x (32 px); 128 px imagenet 1.2x (32 px), small+pool 5.7x; 224 px imagenet 3.7x
+# (56 px). So: below 48 px the 3x3 stride-1 stem without max-pool ("small"), below 128 px the
+# same conv followed by the max-pool ("small+pool"), from 128 px ImageNet's 7x7 stride-2 conv
+# and max-pool ("imagenet"). The stem is recorded in the model spec: a run rebuilds with its own.
+SMALL_STEM_BELOW = 128  # below: the 3x3 stride-1 conv
+POOLED_STEM_FROM = 48  # from here (and with keep_maxpool) the small stem keeps the max-pool
+STEMS = ("small", "small+pool", "imagenet")
 SMALL_MAP_POSITIONS = 4  # SmallMapConv2d: output maps of at most this many positions (2x2) use unfold + matmul
 # timm modules whose models are plain ViTs (class token, `blocks[i].norm1`, `attn.qkv`), which
 # is what the ViT code paths (training defaults, CAM reshape, attention rollout) rely on.
@@ -96,6 +105,8 @@ def create(
         "weights": None,
         "overrides": dict(overrides),
     }
+    if spec["arch"] == "resnet18":
+        spec["stem"] = resnet_stem(input_size, overrides.get("keep_maxpool", False))
     state = _read_weights_file(Path(weights)) if weights is not None else None  # fail before building
     model = rebuild(spec)
     if state is not None:
@@ -108,16 +119,22 @@ def create(
             model = loaded
             spec["pretrained"] = True
     spec["params"] = sum(p.numel() for p in model.parameters())
-    if spec["arch"] == "resnet18":
-        spec["stem"] = "small" if spec["input_size"] < SMALL_STEM_BELOW else "imagenet"
     return model, spec
+
+
+def resnet_stem(input_size: int, keep_maxpool: bool = False) -> str:
+    """The ResNet-18 stem for an input size (the policy above STEMS)."""
+    if input_size >= SMALL_STEM_BELOW:
+        return "imagenet"
+    return "small+pool" if keep_maxpool or input_size >= POOLED_STEM_FROM else "small"
 
 
 def rebuild(spec: Mapping[str, Any]) -> nn.Module:
     """The architecture a spec describes, randomly initialised; never touches the network."""
     arch, library = resolve(spec["name"])
-    if library == "torchvision":
-        return _resnet18(spec["num_classes"], spec["in_chans"], spec["input_size"], **spec.get("overrides", {}))
+    if library == "torchvision":  # runs from before the pooled stem recorded "small" at 64 px: they keep it
+        return _resnet18(spec["num_classes"], spec["in_chans"], spec["input_size"], stem=spec.get("stem"),
+                         **spec.get("overrides", {}))
     return _timm_model(spec)
 
 
@@ -131,12 +148,13 @@ def _bad_option(name: str, exc: TypeError) -> UsageError:
     return UsageError(f"model {name} does not accept that option ({exc}); drop it or pick another model")
 
 
-def _resnet18(num_classes: int, in_chans: int, input_size: int, keep_maxpool: bool = False, **overrides) -> nn.Module:
-    """torchvision ResNet-18; below 128 px a 3x3 stride-1 stem without max-pool.
+def _resnet18(num_classes: int, in_chans: int, input_size: int, keep_maxpool: bool = False, stem: str | None = None,
+              **overrides) -> nn.Module:
+    """torchvision ResNet-18 with the stem `stem` (default: `resnet_stem(input_size, keep_maxpool)`).
 
     ImageNet's 7x7 stride-2 conv plus max-pool shrinks a 28-px image to 7x7 before the first
     block and costs accuracy; the small stem keeps the resolution (`keep_maxpool=True` halves
-    it once, trading a little accuracy for about 4x less compute).
+    it once, trading a little accuracy for about 2.5x less compute at 28 px).
     """
     from torchvision.models import resnet18
 
@@ -144,9 +162,10 @@ def _resnet18(num_classes: int, in_chans: int, input_size: int, keep_maxpool: bo
         model = resnet18(num_classes=num_classes, **overrides)
     except TypeError as exc:
         raise _bad_option("resnet18", exc) from exc
-    if input_size < SMALL_STEM_BELOW:
+    stem = stem or resnet_stem(input_size, keep_maxpool)
+    if stem != "imagenet":
         model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
-        if not keep_maxpool:
+        if stem == "small":
             model.maxpool = nn.Identity()
     elif in_chans != 3:
         model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)

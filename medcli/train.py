@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from medcli import augment, console, distributed, fileio, inference
-from medcli.config import fine_tune_lr, resolve_config, run_name
+from medcli.config import WARMUP_MAX_SHARE, fine_tune_lr, fit_batch_to_data, resolve_config, run_name
 from medcli.errors import UsageError
 from medcli.manifest import environment
 from medcli.names import MONITORS, SCALAR_METRICS
@@ -37,12 +37,14 @@ if TYPE_CHECKING:
     from medcli import datasets
 
 EVAL_BATCH = 512
-# Warm-up takes at most this share of the run, so the schedule decays within any epoch count
-# (one epoch with a one-epoch warm-up used to end at the peak learning rate, untouched by decay).
-WARMUP_MAX_SHARE = 0.2
 # Training images whose BatchNorm statistics replace the running averages before every
-# validation (and so in every checkpoint): evenly spaced over the split, no augmentation.
-BN_IMAGES = 1024
+# validation (and so in every checkpoint): evenly spaced, no augmentation; an eighth of the
+# split within [BN_IMAGES_MIN, BN_IMAGES_MAX], so the pass (forward only) costs about 1/24 of
+# a training epoch. On a 546-image set the full split took 32 % of the epoch's training time.
+BN_IMAGES_MIN, BN_IMAGES_MAX, BN_SHARE = 256, 1024, 1 / 8
+# The curves figure is redrawn at most this often (and after the last epoch): on small
+# datasets an epoch lasts seconds and matplotlib took a sixth of it.
+CURVES_EVERY_S = 30.0
 DEVICE_DATA_SHARE = 0.5  # of free GPU memory that the uint8 splits may take (else streamed from host)
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_f1", "seconds")
 # What last.pt must hold for --resume to continue exactly where the run stopped.
@@ -228,6 +230,7 @@ class State:
     history: list = field(default_factory=list)
     best: dict = field(default_factory=lambda: {"epoch": None, "value": None})
     bad_epochs: int = 0
+    curves_at: float = -math.inf  # perf_counter() of the last curves figure
 
     def rng(self, device) -> dict:
         """Every random stream, with the device type it was taken on (the CUDA states only
@@ -363,7 +366,7 @@ def evaluate(model, data: Data, prep: dict, config: dict, device, task: Task,
 def reestimate_batchnorm(model, data: Data, prep: dict, config: dict, device) -> None:
     """Precise BatchNorm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): replace the
     running statistics, an average that lags weights moving fast early in training or at a
-    high learning rate, by those of the current weights on BN_IMAGES training images
+    high learning rate, by those of the current weights on `bn_images(n)` training images
     (evenly spaced, as the model sees them at evaluation). With few steps per epoch (small
     datasets, `--epochs 1`) the lagging averages made the evaluated model collapse to one
     class while training accuracy rose. torch's `update_bn` does the pass; a model without
@@ -372,7 +375,7 @@ def reestimate_batchnorm(model, data: Data, prep: dict, config: dict, device) ->
     from torch.optim.swa_utils import update_bn
 
     n = len(data)
-    index = torch.linspace(0, n - 1, min(n, BN_IMAGES)).round().long().to(data.labels.device)
+    index = torch.linspace(0, n - 1, bn_images(n)).round().long().to(data.labels.device)
 
     def batches():
         for start in range(0, len(index), EVAL_BATCH):
@@ -381,6 +384,11 @@ def reestimate_batchnorm(model, data: Data, prep: dict, config: dict, device) ->
 
     with inference.autocast(device, config["amp"]):
         update_bn(batches(), model)
+
+
+def bn_images(n: int) -> int:
+    """How many of `n` training images re-estimate BatchNorm (see BN_IMAGES_MIN)."""
+    return min(n, max(BN_IMAGES_MIN, min(BN_IMAGES_MAX, round(n * BN_SHARE))))
 
 
 def monitored(metrics: dict, monitor: str) -> float | None:
@@ -436,8 +444,9 @@ def train(**options: Any) -> Run:
 
     config = resolve_config(**options)
     with distributed.session(torch.device(config["device"]).type) as ctx:
-        global_batch(config, ctx)
         splits = _load(config)
+        config = fit_batch_to_data(config, len(splits.labels["train"]))
+        global_batch(config, ctx)
         channels = splits.images["train"].shape[-1]
         num_classes = len(datasets.class_names(config["dataset"]))
         with determinism(config, torch.device(config["device"])):
@@ -627,7 +636,10 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
         save_checkpoint(files["best"], state, val, full=False, device=device)
     save_checkpoint(files["last"], state, val, full=True, device=device)
     reports.write_table(files["history"], state.history, HISTORY_COLUMNS)
-    reports.save_curves(files["curves"], state.history, config["monitor"])
+    final = stopped_early or state.epoch == config["epochs"]
+    if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
+        reports.save_curves(files["curves"], state.history, config["monitor"])
+        state.curves_at = time.perf_counter()
     st.summary.update(
         epochs_run=state.epoch, best_epoch=state.best["epoch"], monitor=config["monitor"],
         best_value=state.best["value"], stopped_early=stopped_early,

@@ -274,6 +274,9 @@ def _bad_files(good: Path, dest: Path, case: str) -> None:
         _rewrite(good, dest, train_labels=np.full_like(labels, 8))
     elif case == "wrong channel count":
         _rewrite(good, dest, train_images=images[..., 0])
+    elif case == "a split of another size":
+        with np.load(good) as archive:
+            _rewrite(good, dest, val_images=np.pad(archive["val_images"], ((0, 0), (0, 4), (0, 4), (0, 0))))
     elif case == "empty train split":
         _rewrite(good, dest, train_images=images[:0], train_labels=labels[:0])
     else:  # a valid file whose md5 is not the official one
@@ -289,6 +292,7 @@ def _bad_files(good: Path, dest: Path, case: str) -> None:
         ("labels out of range", "expected 0..7"),
         ("wrong channel count", "3 channels"),
         ("empty train split", "train split has 0 images"),
+        ("a split of another size", "val_images has shape (32, 32, 3), expected (28, 28, 3)"),
         ("unofficial md5", "--allow-unofficial"),
     ],
 )

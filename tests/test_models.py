@@ -62,6 +62,16 @@ def test_resnet18_small_stem_keeps_resolution_and_standard_stem_at_128():
     assert _stem(big)(torch.zeros(1, 3, 128, 128)).shape == (1, 64, 32, 32)
 
 
+def test_resnet18_stem_policy_keeps_layer1_between_28_and_56_px_and_old_specs_rebuild_their_own():
+    sizes = {}
+    for size in (28, 64, 128, 224):
+        model, spec = models.create("resnet18", 8, 1, size)
+        sizes[size] = (spec["stem"], _stem(model)(torch.zeros(1, 1, size, size)).shape[-1])
+    assert sizes == {28: ("small", 28), 64: ("small+pool", 32), 128: ("imagenet", 32), 224: ("imagenet", 56)}
+    old = {**spec, "input_size": 64, "stem": "small"}  # a 64-px run trained before the pooled stem
+    assert isinstance(models.rebuild(old).maxpool, nn.Identity)
+
+
 def test_resnet18_keep_maxpool_override_and_unknown_option():
     model, spec = models.create("resnet18", 8, 3, 28, keep_maxpool=True)
     assert isinstance(model.maxpool, nn.MaxPool2d) and spec["overrides"] == {"keep_maxpool": True}

@@ -396,7 +396,7 @@ def test_checkpoints_hold_batchnorm_statistics_of_their_own_weights(synthetic_ro
     stored = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
     splits = datasets.load(synthetic_root, "bloodmnist", 28)
     images = datasets.as_tensor(splits.images["train"])
-    index = torch.linspace(0, len(images) - 1, min(len(images), train.BN_IMAGES)).round().long()
+    index = torch.linspace(0, len(images) - 1, train.bn_images(len(images))).round().long()
     x = augment.preprocess(images[index], run.data["preprocess"])
     update_bn([x[i:i + train.EVAL_BATCH] for i in range(0, len(x), train.EVAL_BATCH)], model)
     assert stored and all(torch.allclose(stored[k], v, atol=1e-5) for k, v in model.state_dict().items() if k in stored)
@@ -419,3 +419,17 @@ def test_one_epoch_on_real_data_does_not_collapse(shared_data, tmp_path):
     train_acc = float(list(csv.DictReader(run.path("history.csv").open()))[-1]["train_acc"])
     test_acc = evaluate.evaluate_run(run.run_dir)["splits"]["test"]["metrics"]["accuracy"]
     assert test_acc >= train_acc - 0.05, (train_acc, test_acc)
+
+
+@pytest.mark.parametrize("n_train,batch,lr", [(546, 16, 0.0125), (1080, 32, 0.025), (11959, 128, 0.1), (100, 16, 0.0125)])
+def test_small_training_sets_get_a_smaller_default_batch_and_lr(n_train, batch, lr):
+    from medcli.config import fit_batch_to_data
+
+    config = resolve_config(device="cpu")
+    fitted = fit_batch_to_data(config, n_train)
+    assert (fitted["batch_size"], fitted["lr"]) == (batch, pytest.approx(lr))
+    assert fitted["batch_source"].startswith("cnn default") and (batch == 128) == (fitted is config)
+    given = resolve_config(device="cpu", batch_size=128, lr=0.3)
+    assert fit_batch_to_data(given, 546) is given  # what the user chose stays
+    only_batch = fit_batch_to_data(resolve_config(device="cpu", lr=0.3), 546)
+    assert (only_batch["batch_size"], only_batch["lr"]) == (16, 0.3)
