@@ -26,7 +26,7 @@ from medcli.errors import UsageError
 from medcli.manifest import FILENAME
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
 from medcli.names import (COMPARABLE_METRICS, FAITHFULNESS_METRICS, FAITHFULNESS_PREFIX, LOWER_IS_BETTER,
-                          PERCENT_METRICS, SCALAR_METRICS, SPLITS)
+                          MULTI_CLASS, PERCENT_METRICS, SPLITS, TASK_METRICS)
 from medcli.run import Run
 # Config keys that do not change the experiment: runs differing only in these are repeats.
 _NOT_EXPERIMENT = frozenset({"seed", "runs_dir", "root", "device", "amp", "compile", "channels_last", "deterministic"})
@@ -95,6 +95,10 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
         raise UsageError(f"metrics/{split}.json is unreadable ({type(exc).__name__}); re-run 'medcli evaluate'") from None
     values = {**values, **_faithfulness(run, [m for m in metric_names if m in FAITHFULNESS_METRICS], split)}
     missing = [m for m in metric_names if m not in values]
+    task = evaluation.get("task", MULTI_CLASS)
+    foreign = [m for m in missing if m not in TASK_METRICS[task] and any(m in ms for ms in TASK_METRICS.values())]
+    if foreign:
+        raise UsageError(f"{', '.join(foreign)} does not apply to a {task} task; leave it out of --metrics")
     if missing:
         raise UsageError(f"metrics/{split}.json lacks {', '.join(missing)}; re-run 'medcli evaluate'")
     config, summary = run.config, train.get("summary", {})
@@ -196,7 +200,8 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test",
     unknown = [m for m in metric_names if m not in COMPARABLE_METRICS]
     if unknown or not metric_names:
         raise UsageError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from "
-                         f"{', '.join(SCALAR_METRICS)} or road_<explain method>")
+                         f"{', '.join(m for m in COMPARABLE_METRICS if m not in FAITHFULNESS_METRICS)} "
+                         f"or road_<explain method>")
     run_dirs, skipped = find_runs(paths or ["."])
     runs = []
     for run_dir in run_dirs:

@@ -194,12 +194,12 @@ def download(
 
 @app.command(help=f"Train a CNN or ViT; prints the new run directory.\n\n{_config.defaults_help()}")
 def train(
-    dataset: Annotated[str, typer.Option(help="MedMNIST dataset flag (single-label).")] = "bloodmnist",
+    dataset: Annotated[str, typer.Option(help="MedMNIST 2D dataset flag (any task type: multi-class, binary, ordinal, multi-label).")] = "bloodmnist",
     size: Annotated[int, typer.Option(help="Dataset image size: 28, 64, 128 or 224.")] = 28,
     model: Annotated[str, typer.Option(help="resnet18, vit, vit-small, vit-tiny or timm:<name>.")] = "resnet18",
     reduced: Annotated[bool, typer.Option("--reduced", help=_config.reduced_help())] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default per family/preset).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Global batch size (default 128; halved for small training sets until an epoch has 32 steps, with the lr scaled).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Global batch size (default {_config.FAMILY_DEFAULTS['cnn']['batch_size']}; halved for small training sets until an epoch has {_config.MIN_STEPS_PER_EPOCH} steps, not below {_config.MIN_DEFAULT_BATCH}, with the lr scaled).")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (default per family).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="Weight decay (not on norms/biases).")] = None,
     optimizer: Annotated[Optional[Optimizer], typer.Option(help="Default: sgd for CNNs, adamw for ViTs.")] = None,
@@ -233,7 +233,7 @@ def train(
         "Multi-GPU CNNs: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each "
         "process's slice; matters when the per-GPU batch is small."))] = False,
     data_budget: Annotated[Optional[float], typer.Option(min=0.0, help=(
-        "GiB of images that may live on the training device (default: half the free GPU memory; "
+        f"GiB of images that may live on the training device (default: {_config.DEVICE_DATA_SHARE:.0%} of the free GPU memory; "
         "unlimited on CPU). A split above it stays in pinned host memory and is copied batch by batch."))] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
@@ -264,7 +264,7 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory printed by 'medcli train'.")],
     split: Annotated[EvalSplit, typer.Option(help="Split to evaluate; all = train, val and test.")] = EvalSplit.test,
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average 4 fixed views: identity, h-flip, v-flip, both.")] = False,
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average fixed flipped views: the identity and each flip the run trained with (none for a run trained without flips).")] = False,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Temperature scaling fitted on val; ECE/NLL before and after.")] = False,
     medmnist_csv: Annotated[bool, typer.Option("--medmnist-csv", help="Also write predictions/medmnist/*.csv, the layout medmnist.Evaluator reads.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,

@@ -67,8 +67,9 @@ def defaults_help() -> str:
     return (f"Defaults: CNN {cnn['optimizer'].upper()} (Nesterov) lr {cnn['lr']} wd {cnn['weight_decay']} "
             f"{cnn['epochs']} epochs, {cnn['warmup_epochs']:g} warm-up; ViT AdamW lr {vit['lr']} wd {vit['weight_decay']} "
             f"{vit['epochs']} epochs, {vit['warmup_epochs']:g} warm-up, MixUp {vit['mixup_alpha']}, {FULL_VIT_INPUT}-px input; "
-            f"cosine per step (warm-up at most {WARMUP_MAX_SHARE:.0%} of the run), label smoothing 0.1, batch 128 (halved "
-            f"for small training sets until an epoch has {MIN_STEPS_PER_EPOCH} steps, lr scaled with it); BatchNorm "
+            f"cosine per step (warm-up at most {WARMUP_MAX_SHARE:.0%} of the run), label smoothing 0.1, batch {cnn['batch_size']} (halved "
+            f"for small training sets until an epoch has {MIN_STEPS_PER_EPOCH} steps, not below {MIN_DEFAULT_BATCH}, lr scaled "
+            f"with it); BatchNorm "
             f"re-estimated before each validation; lr / 10 with pretrained weights.")
 
 
@@ -226,6 +227,7 @@ def fine_tune_lr(config: dict, pretrained: bool) -> dict:
 # 546 PBC images (scripts/bench_small.py, seed 0, 60 epochs): batch 128 / lr 0.1 35.3 % test,
 # batch 32 / lr 0.025 79.5 %, batch 16 / lr 0.0125 86.5 % (MedMNIST v2's recipe: 78.9 %).
 MIN_STEPS_PER_EPOCH = 32
+DEVICE_DATA_SHARE = 0.5  # of free GPU memory that the uint8 splits may take (else streamed from host)
 MIN_DEFAULT_BATCH = 16
 
 

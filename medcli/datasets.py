@@ -20,9 +20,9 @@ import numpy as np
 
 from medcli import console, fileio
 from medcli.errors import MedcliError, UsageError
+from medcli.names import MULTI_LABEL, SPLITS
 
 SIZES = (28, 64, 128, 224)
-SPLITS = ("train", "val", "test")
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,14 +118,15 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
     Checks: a readable zip whose members pass their CRC (streamed: a truncated or corrupted
     file is caught without holding it in memory), the six keys, uint8 images of size x size
     with the channel count INFO gives (from the array headers: the images of a 224-px file
-    are gigabytes and are never loaded here), and labels of matching length with values
-    inside the class range, with no split empty.
+    are gigabytes and are never loaded here), and labels of shape (N, 1) (multi-label:
+    (N, labels)) with values inside the class range, with no split empty.
     """
     meta = info(flag)
     path = Path(path)
     n_classes = len(meta["label"])
     channels = meta["n_channels"]
-    upper = 1 if meta["task"] == "multi-label, binary-class" else n_classes - 1
+    multilabel = meta["task"] == MULTI_LABEL
+    upper, columns = (1, n_classes) if multilabel else (n_classes - 1, 1)
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
     try:
@@ -137,13 +138,14 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
             damaged = archive.testzip()
             if damaged is not None:
                 raise UsageError(f"{path}: member {damaged} is corrupted (CRC mismatch); re-download the file")
-            counts = {split: _check_split(archive, split, path, flag, size, channels, upper) for split in SPLITS}
+            counts = {split: _check_split(archive, split, path, flag, size, channels, upper, columns)
+                      for split in SPLITS}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
         raise UsageError(f"{path} is not a readable npz file ({exc}); re-download it") from None
     return counts
 
 
-def _check_split(archive, split, path, flag, size, channels, upper) -> int:
+def _check_split(archive, split, path, flag, size, channels, upper, columns) -> int:
     shape, dtype = _npy_header(archive, f"{split}_images")
     if dtype != np.uint8:
         raise UsageError(f"{path}: {split}_images has dtype {dtype}, expected uint8")
@@ -160,8 +162,8 @@ def _check_split(archive, split, path, flag, size, channels, upper) -> int:
         )
     with archive.open(f"{split}_labels.npy") as handle:
         labels = np.lib.format.read_array(handle, allow_pickle=False)
-    if labels.ndim != 2 or labels.shape[0] != shape[0]:
-        raise UsageError(f"{path}: {split}_labels has shape {labels.shape}, expected ({shape[0]}, k)")
+    if labels.ndim != 2 or labels.shape != (shape[0], columns):
+        raise UsageError(f"{path}: {split}_labels has shape {labels.shape}, expected ({shape[0]}, {columns})")
     if not np.issubdtype(labels.dtype, np.integer):
         raise UsageError(f"{path}: {split}_labels has dtype {labels.dtype}, expected integers")
     if labels.size and (labels.min() < 0 or labels.max() > upper):
@@ -268,7 +270,7 @@ class Splits:
 
 def load(root: str | os.PathLike, flag: str, size: int) -> Splits:
     path, record = resolve(root, flag, size)
-    multilabel = info(flag)["task"] == "multi-label, binary-class"
+    multilabel = info(flag)["task"] == MULTI_LABEL
     images, labels = {}, {}
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -300,7 +302,7 @@ def make_synthetic(
     meta = info(flag)
     n_classes = len(meta["label"])
     channels = meta["n_channels"]
-    multilabel = meta["task"] == "multi-label, binary-class"
+    multilabel = meta["task"] == MULTI_LABEL
     rng = np.random.default_rng(seed)
     lo, hi = size // 4, size - size // 4
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -396,8 +398,14 @@ def _stratified(labels: np.ndarray, n: int, rng) -> np.ndarray:
                                    for k, t in zip(classes, take)]))
 
 
-def as_tensor(images: np.ndarray, device="cpu"):
-    """(N, H, W, C) uint8 array -> one contiguous (N, C, H, W) uint8 tensor on `device`."""
+def as_tensor(images: np.ndarray, device="cpu", pin: bool = False):
+    """(N, H, W, C) uint8 array -> one contiguous (N, C, H, W) uint8 tensor on `device`, or
+    with `pin` in page-locked host memory (written there directly: one host copy, not two).
+    The layout change happens on `device`, so a GPU gets the array as it is."""
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous().to(device)
+    source = torch.from_numpy(np.ascontiguousarray(images))
+    if pin:
+        n, h, w, c = source.shape
+        return torch.empty((n, c, h, w), dtype=source.dtype, pin_memory=True).copy_(source.permute(0, 3, 1, 2))
+    return source.to(device).permute(0, 3, 1, 2).contiguous()

@@ -19,7 +19,7 @@ import numpy as np
 
 from medcli import augment, console, datasets, fileio, reports
 from medcli.errors import UsageError
-from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS, TASK_METRICS, BINARY
+from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS, TASK_METRICS
 from medcli.run import Run
 from medcli.tasks import Task
 
@@ -170,7 +170,7 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
         reports.save_mistakes(figures / f"mistakes_{split}.png", data.images[split], captions,
                               f"{title}: most confident mistakes"),
         reports.save_reliability(figures / f"reliability_{split}.png", panels, f"{title}: reliability"),
-        reports.save_roc(figures / f"roc_{split}.png", reports.roc_curves(task.indicator(labels), probs, names, task.kind == BINARY),
+        reports.save_roc(figures / f"roc_{split}.png", reports.roc_curves(task.indicator(labels), probs, names, task.kind),
                          f"{title}: ROC and precision-recall"),
     ]
     if medmnist_csv:

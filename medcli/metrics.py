@@ -1,6 +1,6 @@
 """Classification and calibration metrics on plain numpy arrays (no torch).
 
-One function, `classification_metrics`, is shared by training (per-epoch validation) and
+The same functions (through `medcli.tasks`) serve training (per-epoch validation) and
 `evaluate`, so a number called "balanced_accuracy" means the same thing everywhere. It works
 from probabilities, not logits, so it also serves predictions read back from a CSV. Undefined
 values (an AUC for a class absent from the labels) are `None`, never NaN: the result goes into
@@ -266,7 +266,7 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Seque
     labels, probs = _check_multilabel(labels, probs)
     names = _names(class_names, probs.shape[1])
     preds = (probs > THRESHOLD).astype(np.int64)
-    matrices = [_two_by_two(labels[:, k], preds[:, k]) for k in range(probs.shape[1])]
+    matrices = [confusion_counts(labels[:, k], preds[:, k], 2) for k in range(probs.shape[1])]
     # sklearn's multi-label path: a label indicator matrix, one "class" per label
     scores = _precision_recall_f1(labels, preds, np.arange(probs.shape[1]))
     per_label_auc = [_auc(labels[:, k] == 1, probs[:, k]) for k in range(probs.shape[1])]
@@ -291,10 +291,11 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Seque
     return result
 
 
-def _two_by_two(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """[[tn, fp], [fn, tp]] counts of one yes/no decision (numpy only)."""
-    cm = np.zeros((2, 2), dtype=np.int64)
-    np.add.at(cm, (truth.astype(np.int64), pred.astype(np.int64)), 1)
+def confusion_counts(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts, rows = true class (numpy only; for one yes/no decision,
+    n_classes 2: [[tn, fp], [fn, tp]])."""
+    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(cm, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
     return cm
 
 

@@ -17,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from medcli import fileio
+from medcli.metrics import confusion_counts
 from medcli.errors import UsageError
 from medcli.names import BINARY, MULTI_CLASS, PERCENT_METRICS, SCALAR_METRICS, TASK_METRICS, short_names
 
@@ -172,16 +173,16 @@ def save_task_confusion(path, values: dict, names: Sequence[str], title: str) ->
     return save_confusion(path, np.asarray(values["confusion_matrix"]), names, title)
 
 
-def roc_curves(indicator: np.ndarray, probs: np.ndarray, names: Sequence[str], only_last: bool = False) -> list[dict]:
+def roc_curves(indicator: np.ndarray, probs: np.ndarray, names: Sequence[str], kind: str) -> list[dict]:
     """ROC and precision-recall curve points per class, one-vs-rest (`indicator` (N, K): which
-    samples belong to each class or carry each label), or of the last class alone
-    (`only_last`: binary-class, whose AUC is that of class 1). A class without positives or
-    negatives has no curve. For the figure and the workbook."""
+    samples belong to each class or carry each label), or for a binary-class task (`kind`) of
+    class 1 alone, whose AUC is the task's. A class without positives or negatives has no
+    curve. For the figure and the workbook."""
     from sklearn.metrics import auc, precision_recall_curve, roc_curve
 
     indicator = np.asarray(indicator, dtype=bool)
     curves = []
-    for k in ([len(names) - 1] if only_last else range(len(names))):
+    for k in ([len(names) - 1] if kind == BINARY else range(len(names))):
         positive = indicator[:, k]
         if positive.all() or not positive.any():
             continue
@@ -248,14 +249,15 @@ def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str) -> Pa
         top.legend(loc="upper left", fontsize=8)
         share = np.asarray(bins["count"], dtype=float) / max(sum(bins["count"]), 1)
         bottom.bar(centres, share, width=width, color="gray", edgecolor="black")
-        bottom.set_xlabel("confidence (top-class probability)")
+        bottom.set_xlabel(f"confidence ({bins.get('confidence_of', 'top-class probability')})")
         bottom.set_ylabel("share")
     fig.suptitle(title)
     return save_figure(fig, path)
 
 
 def save_curves(path, history: Sequence[dict], monitor: str) -> Path:
-    """Training curves: loss, accuracy and learning rate per epoch (train's `history`)."""
+    """Training curves: loss, accuracy (with validation macro F1 and AUC) and learning rate
+    per epoch (train's `history`); the title names the monitored metric."""
     from matplotlib.figure import Figure
 
     epochs = [row["epoch"] for row in history]
@@ -267,7 +269,8 @@ def save_curves(path, history: Sequence[dict], monitor: str) -> Path:
     axes[1].plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
     axes[1].plot(epochs, [r["val_acc"] for r in history], "o-", label="val")
     axes[1].plot(epochs, [r["val_f1"] for r in history], "--", label="val macro F1")
-    axes[1].set_title("accuracy")
+    axes[1].plot(epochs, [np.nan if r["val_auc"] is None else r["val_auc"] for r in history], ":", label="val AUC")
+    axes[1].set_title("accuracy, F1, AUC")
     axes[2].plot(epochs, [r["lr"] for r in history], "o-")
     axes[2].set_title("learning rate (last step of epoch)")
     for ax in axes:
@@ -351,13 +354,6 @@ def read_predictions(path: str | os.PathLike):
             raise UsageError(f"{path}: column '{column}' must hold integers 0..{upper}; the file is damaged, re-run 'medcli evaluate'")
         frame[column] = values.astype(np.int64)
     return frame, names
-
-
-def confusion_counts(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_classes, n_classes) counts, rows = true class (numpy only: no sklearn on this path)."""
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (np.asarray(labels, dtype=np.int64), np.asarray(preds, dtype=np.int64)), 1)
-    return cm
 
 
 def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bool | None = None,
@@ -552,7 +548,7 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
     roc_rows, point_rows = [], []
     for split in splits:
         names = evaluations[split][0]["class_names"]
-        for curve in roc_curves(*frame_arrays(evaluations[split][1], names), names, only_last=task == BINARY):
+        for curve in roc_curves(*frame_arrays(evaluations[split][1], names), names, task):
             roc_rows.append({"split": split, "class": curve["name"], "auc": curve["auc"],
                              "prevalence": curve["prevalence"], "points": len(curve["fpr"])})
             point_rows += [{"split": split, "class": curve["name"], "fpr": f, "tpr": t, "threshold": h}

@@ -14,14 +14,14 @@ Ordinal grades are trained as classes, as MedMNIST v2's baselines do, so accurac
 compare with the published numbers; the ordinal metrics say how far off the wrong grades are.
 Label smoothing applies to both losses (BCE targets move towards 0.5 by half the factor).
 
-Light at import (no numpy or torch): the CLI reads `default_monitor` to build its help.
+Light at import (no numpy or torch).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from medcli.names import MULTI_LABEL, TASK_METRICS, TASK_TYPES
+from medcli.names import MULTI_LABEL, TASK_TYPES
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,6 @@ class Task:
     @property
     def outputs(self) -> int:
         return len(self.names)
-
-    @property
-    def default_monitor(self) -> str:
-        """The validation metric that picks best.pt: AUC for multi-label (accuracy at 0.5 is
-        dominated by the many absent findings), accuracy otherwise."""
-        return default_monitor(self.kind)
-
-    @property
-    def extra_metrics(self) -> tuple[str, ...]:
-        return TASK_METRICS[self.kind]
 
     # --- torch: training ------------------------------------------------------------------
 
@@ -125,7 +115,10 @@ class Task:
     def reliability(self, labels, probs) -> dict:
         from medcli import metrics
 
-        return metrics.reliability(*(metrics.per_label if self.multilabel else metrics.top_label)(labels, probs))
+        if self.multilabel:
+            return {**metrics.reliability(*metrics.per_label(labels, probs)),
+                    "confidence_of": "each label's yes/no decision"}
+        return {**metrics.reliability(*metrics.top_label(labels, probs)), "confidence_of": "top-class probability"}
 
     def fit_temperature(self, logits, labels) -> float:
         from medcli import metrics
@@ -159,10 +152,6 @@ class Task:
         labels = np.asarray(labels)
         return labels == 1 if self.multilabel else labels.reshape(-1, 1) == np.arange(self.outputs)
 
-    def members(self, labels, k: int):
-        """Mask of the samples that belong to class k (for multi-label: have label k)."""
-        return labels[:, k] == 1 if self.multilabel else labels == k
-
     def describe(self, labels, probs, width: int = 14) -> tuple[list[str], list[str], list[bool], list[float]]:
         """Per sample: true text, predicted text, whether the prediction is right, and its
         confidence, for figure captions (multi-label: the sets of labels present)."""
@@ -185,5 +174,7 @@ class Task:
 
 
 def default_monitor(kind: str) -> str:
+    """The validation metric that picks best.pt: AUC for multi-label (accuracy at 0.5 is
+    dominated by the many absent findings), accuracy otherwise."""
     return "auc" if kind == MULTI_LABEL else "acc"
 

@@ -2,8 +2,9 @@
 
 Shaped like torchvision's references/classification/train.py: `train_one_epoch`, `evaluate`,
 and `train` / `resume` as the two entry points (the options become a config in
-`medcli.config`). The whole split lives on the training device as one uint8
-tensor; each epoch draws a seeded permutation and batches are made by indexing, then
+`medcli.config`). Each split lives on the training device as one uint8 tensor (in
+pinned host memory when it exceeds --data-budget, copied batch by batch); each epoch draws a
+seeded permutation and batches are made by indexing, then
 augmented, resized and normalised on the device (`medcli.augment`). There is no DataLoader:
 at 28 px the model, not the data, is the cost.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from medcli import augment, console, distributed, fileio, inference
-from medcli.config import WARMUP_MAX_SHARE, fine_tune_lr, fit_batch_to_data, resolve_config, run_name
+from medcli.config import DEVICE_DATA_SHARE, WARMUP_MAX_SHARE, fine_tune_lr, fit_batch_to_data, resolve_config, run_name
 from medcli.errors import UsageError
 from medcli.manifest import environment
 from medcli.names import MONITORS, SCALAR_METRICS
@@ -45,7 +46,6 @@ BN_IMAGES_MIN, BN_IMAGES_MAX, BN_SHARE = 256, 1024, 1 / 8
 # The curves figure is redrawn at most this often (and after the last epoch): on small
 # datasets an epoch lasts seconds and matplotlib took a sixth of it.
 CURVES_EVERY_S = 30.0
-DEVICE_DATA_SHARE = 0.5  # of free GPU memory that the uint8 splits may take (else streamed from host)
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_f1", "seconds")
 # What last.pt must hold for --resume to continue exactly where the run stopped.
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "best", "bad_epochs")
@@ -146,8 +146,9 @@ class Data:
     images: Any
     labels: Any
     device: Any
-    _buffers: list = field(default_factory=list)
-    _events: list = field(default_factory=list)
+    streamed: bool = False
+    _buffers: list = field(default_factory=lambda: [None, None])
+    _events: list = field(default_factory=lambda: [None, None])
     _turn: int = 0
 
     @classmethod
@@ -157,43 +158,37 @@ class Data:
 
         from medcli import datasets
 
-        images = datasets.as_tensor(splits.images[split])
+        array = splits.images[split]
         labels = torch.from_numpy(splits.labels[split]).to(device)
-        if images.numel() <= budget:
-            return cls(images.to(device), labels, device)
-        console.info(f"{split} split ({images.numel() / 2**30:.2f} GiB) exceeds the device-data budget "
-                     f"({budget / 2**30:.2f} GiB): kept in {'pinned ' if device.type == 'cuda' else ''}host memory, "
+        if array.nbytes <= budget:
+            return cls(datasets.as_tensor(array, device), labels, device)
+        cuda = device.type == "cuda"
+        console.info(f"{split} split ({array.nbytes / 2**30:.2f} GiB) exceeds the device-data budget "
+                     f"({budget / 2**30:.2f} GiB): kept in {'pinned ' if cuda else ''}host memory, "
                      f"batches copied as needed")
-        return cls(images.pin_memory() if device.type == "cuda" else images, labels, device)
-
-    @property
-    def streamed(self) -> bool:
-        return self.images.device != self.device
+        return cls(datasets.as_tensor(array, pin=cuda), labels, device, streamed=True)
 
     def take(self, index):
-        """The images at `index` (a tensor on the device), on the device."""
+        """The images at `index` (a tensor on the device), on the device: a fresh tensor that
+        later calls do not overwrite."""
         if not self.streamed:
             return self.images[index]
         import torch
 
+        cuda = self.device.type == "cuda"
         index = index.cpu()
-        if self.device.type != "cuda":
-            return self.images[index]
-        if not self._buffers:
-            shape = (0, *self.images.shape[1:])
-            self._buffers = [torch.empty(shape, dtype=self.images.dtype).pin_memory() for _ in range(2)]
-            self._events = [None, None]
         turn, self._turn = self._turn, 1 - self._turn
         if self._events[turn] is not None:
             self._events[turn].synchronize()  # its previous copy has left the buffer
-        if self._buffers[turn].shape[0] < len(index):
-            self._buffers[turn] = torch.empty((len(index), *self.images.shape[1:]),
-                                              dtype=self.images.dtype).pin_memory()
+        if self._buffers[turn] is None or self._buffers[turn].shape[0] < len(index):
+            self._buffers[turn] = torch.empty((len(index), *self.images.shape[1:]), dtype=self.images.dtype,
+                                              pin_memory=cuda)
         buffer = self._buffers[turn][:len(index)]
         torch.index_select(self.images, 0, index, out=buffer)
-        batch = buffer.to(self.device, non_blocking=True)
-        self._events[turn] = torch.cuda.Event()
-        self._events[turn].record()
+        batch = buffer.to(self.device, non_blocking=True, copy=True)
+        if cuda:
+            self._events[turn] = torch.cuda.Event()
+            self._events[turn].record()
         return batch
 
     def __len__(self) -> int:
@@ -392,15 +387,25 @@ def bn_images(n: int) -> int:
 
 
 def monitored(metrics: dict, monitor: str) -> float | None:
-    return metrics.get(MONITORS[monitor][0])
+    """The validation value best.pt and early stopping follow. An undefined AUC (a class or
+    label absent from the validation split: medmnist's AUC is undefined then) is replaced by
+    the mean AUC of the classes whose AUC is defined, so small validation splits still pick
+    a best epoch."""
+    value = metrics.get(MONITORS[monitor][0])
+    if value is None and monitor == "auc":
+        defined = [row["auc"] for row in metrics["per_class"] if row["auc"] is not None]
+        value = sum(defined) / len(defined) if defined else None
+    return value
 
 
 def improved(value: float | None, best: float | None, monitor: str) -> bool:
-    """Is `value` strictly better than `best`? An undefined value (None) never is."""
-    if value is None:
-        return False
+    """Is `value` strictly better than `best`? An undefined value is not better than a defined
+    one; while the monitor has never been defined, the latest epoch is the best (best.pt
+    always exists)."""
     if best is None:
         return True
+    if value is None:
+        return False
     return value < best if MONITORS[monitor][1] == "min" else value > best
 
 

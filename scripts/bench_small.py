@@ -22,15 +22,20 @@ time, and for medcli the share of the training stage spent outside the training 
 (validation, BatchNorm re-estimation, checkpoints, history and curves).
 
     .venv/bin/python scripts/bench_small.py [--sets blood546,gray2] [--seeds 0,1,2] [--only medcli]
+                                            [--results bench_small.jsonl]
 
 Hours of CPU time at the full settings (each 546-image run is about 55k training images for the
 reference and 33k for medcli); --reference-epochs shortens the reference, which then is no
-longer the published recipe (the table says so).
+longer the published recipe (the table says so). With --results, every finished run is appended
+to a JSON-lines file (with the commit, threads and date it ran with) and runs already there are
+not repeated, so the benchmark can be spread over several sittings; the table covers the file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -138,6 +143,35 @@ def spread(values) -> str:
     return f"{np.mean(values):.4f} +- {np.std(values):.4f}" if values else "n/a"
 
 
+def provenance() -> dict:
+    from medcli import system
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    return {"commit": commit or None, "threads": system.usable_cpus(), "date": time.strftime("%Y-%m-%d %H:%M")}
+
+
+def load_results(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def table(results: list[dict], sets: list[str], recipes: list[str], reference_epochs: int) -> None:
+    for name in sets:
+        for recipe in recipes:
+            rows = [r for r in results if r["set"] == name and r["recipe"] == recipe
+                    and (recipe == "medcli" or r["reference_epochs"] == reference_epochs)]
+            if not rows:
+                continue
+            label = ("medcli defaults" if recipe == "medcli" else "reference" if reference_epochs == 100
+                     else f"reference, {reference_epochs} epochs (NOT the published 100)")
+            extra = f"  outside steps {np.mean([r['outside_steps'] for r in rows]):.1%}" if recipe == "medcli" else ""
+            print(f"{name:10s} {label:40s} seeds {','.join(str(r['seed']) for r in rows):6s} "
+                  f"acc {spread([r['accuracy'] for r in rows])}  auc {spread([r['auc'] for r in rows])}  "
+                  f"{np.mean([r['seconds'] for r in rows]) / 60:.1f} min/run{extra}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -145,30 +179,37 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--only", choices=("reference", "medcli"))
     parser.add_argument("--reference-epochs", type=int, default=100)
+    parser.add_argument("--results", type=Path, help="JSON-lines file: runs found there are reused, new ones appended")
     args = parser.parse_args()
     from medcli import console
 
     console.configure(quiet=True, verbose=False)
+    sets = args.sets.split(",")
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = [args.only] if args.only else ["reference", "medcli"]
-    label = "reference" if args.reference_epochs == 100 else f"reference, {args.reference_epochs} epochs (NOT the published 100)"
+    results = load_results(args.results)
+    done = {(r["set"], r["recipe"], r["seed"], r.get("reference_epochs")) for r in results}
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.sets.split(","):
-            root = make_set(name, args.data, Path(tmp))
-            flag = SETS[name][0]
-            for recipe in recipes:
-                results = []
-                for seed in seeds:
+        for name in sets:
+            root, flag = None, SETS[name][0]
+            for seed in seeds:  # seed-major, so a stopped benchmark leaves both recipes with equal seeds
+                for recipe in recipes:
+                    epochs = args.reference_epochs if recipe == "reference" else None
+                    if (name, recipe, seed, epochs) in done:
+                        continue
+                    root = root or make_set(name, args.data, Path(tmp))
                     if recipe == "reference":
-                        results.append(reference(root, flag, seed, args.reference_epochs))
+                        result = reference(root, flag, seed, epochs)
                     else:
-                        results.append(medcli_defaults(root, flag, seed, Path(tmp) / "runs"))
-                    print(f"  {name} {recipe} seed {seed}: {results[-1]}", flush=True)
-                extra = (f"  outside steps {np.mean([r['outside_steps'] for r in results]):.1%}"
-                         if recipe == "medcli" else "")
-                print(f"{name:10s} {label if recipe == 'reference' else 'medcli defaults':40s} "
-                      f"acc {spread([r['accuracy'] for r in results])}  auc {spread([r['auc'] for r in results])}  "
-                      f"{np.mean([r['seconds'] for r in results]) / 60:.1f} min/run{extra}", flush=True)
+                        result = medcli_defaults(root, flag, seed, Path(tmp) / "runs")
+                    result = {"set": name, "recipe": recipe, "seed": seed, "reference_epochs": epochs,
+                              **result, **provenance()}
+                    results.append(result)
+                    if args.results:
+                        with args.results.open("a") as out:
+                            out.write(json.dumps(result) + "\n")
+                    print(f"  {name} {recipe} seed {seed}: {result}", flush=True)
+    table([r for r in results if r["seed"] in seeds], sets, recipes, args.reference_epochs)
 
 
 if __name__ == "__main__":

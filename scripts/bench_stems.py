@@ -13,10 +13,12 @@ from __future__ import annotations
 import argparse
 import time
 
+
 def build(stem: str, size: int):
+    """ResNet-18 with this stem, as a run whose spec records it is rebuilt."""
     from medcli import models
 
-    return models._resnet18(8, 3, size, stem=stem)
+    return models.rebuild({"name": "resnet18", "num_classes": 8, "in_chans": 3, "input_size": size, "stem": stem})
 
 
 def images_per_s(stem: str, size: int, steps: int, batch: int = 32) -> tuple[float, int]:

@@ -107,6 +107,19 @@ def test_cli_writes_every_format_and_marks_leaders(runs_root, tmp_path):
     assert len(json.loads(as_json.stdout)["skipped"]) == 3
 
 
+def test_a_metric_of_another_task_type_is_named_as_such(tmp_path):
+    from medcli import aggregate
+
+    run = make_run(tmp_path, "multiclass")
+    binary = make_run(tmp_path, "binary")
+    evaluation = json.loads((binary / "metrics" / "test.json").read_text())
+    evaluation["task"], evaluation["metrics"]["sensitivity"] = "binary-class", 0.8
+    fileio.write_json(binary / "metrics" / "test.json", evaluation)
+    skipped = aggregate.aggregate([run, binary], metric_names=["accuracy", "sensitivity"]).skipped
+    assert skipped == [{"run": str(run), "reason": "sensitivity does not apply to a multi-class task; "
+                                                   "leave it out of --metrics"}]
+
+
 def test_bad_metric_and_nothing_to_compare_exit_2(runs_root, tmp_path):
     bad = runner.invoke(app, ["aggregate", str(runs_root), "--metrics", "accuracy,speed"])
     assert bad.exit_code == 2 and "unknown metric speed" in bad.stderr.strip().splitlines()[-1]

@@ -279,6 +279,8 @@ def _bad_files(good: Path, dest: Path, case: str) -> None:
             _rewrite(good, dest, val_images=np.pad(archive["val_images"], ((0, 0), (0, 4), (0, 4), (0, 0))))
     elif case == "empty train split":
         _rewrite(good, dest, train_images=images[:0], train_labels=labels[:0])
+    elif case == "two label columns":
+        _rewrite(good, dest, test_labels=np.zeros((8, 2), dtype=labels.dtype))
     else:  # a valid file whose md5 is not the official one
         dest.write_bytes(good.read_bytes())
 
@@ -293,6 +295,7 @@ def _bad_files(good: Path, dest: Path, case: str) -> None:
         ("wrong channel count", "3 channels"),
         ("empty train split", "train split has 0 images"),
         ("a split of another size", "val_images has shape (32, 32, 3), expected (28, 28, 3)"),
+        ("two label columns", "test_labels has shape (8, 2), expected (8, 1)"),
         ("unofficial md5", "--allow-unofficial"),
     ],
 )

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import datasets, reports
+from medcli import datasets, metrics, reports
 from medcli.cli import app
 from medcli.run import Run
 
@@ -137,7 +137,7 @@ def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
     csv = reports.write_predictions(tmp_path / "test.csv", reports.predictions_frame(np.array([0, 1, 2, 2]), probs.argmax(1), probs, names))
     frame, parsed = reports.read_predictions(csv)
     assert parsed == names  # the comma inside a class name survives the CSV header
-    assert reports.confusion_counts(frame["label"], frame["prediction"], 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
+    assert metrics.confusion_counts(frame["label"], frame["prediction"], 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
 
     out = tmp_path / "cm.png"
     assert "torch" not in heavy_imports(["plot-confusion", str(csv), "--no-normalize", "--out", str(out)])

@@ -63,21 +63,6 @@ def test_reliability_bins_cover_every_sample_including_confidence_one():
     assert bins["accuracy"][0] is None  # empty bins are None, not NaN
 
 
-def test_acc_and_auc_match_medmnist_evaluator_functions():
-    from medmnist.evaluator import getACC, getAUC
-
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 8, size=400)
-    logits = rng.normal(size=(400, 8))
-    logits[np.arange(400), labels] += 1.5
-    probs = metrics.softmax(logits)
-    m = metrics.classification_metrics(labels, probs)
-    assert m["accuracy"] == pytest.approx(getACC(labels[:, None], probs, "multi-class"))
-    assert m["auc"] == pytest.approx(getAUC(labels[:, None], probs, "multi-class"))
-    binary = metrics.classification_metrics(labels % 2, metrics.softmax(logits[:, :2]))
-    assert binary["auc"] == pytest.approx(getAUC((labels % 2)[:, None], metrics.softmax(logits[:, :2]), "binary-class"))
-
-
 def _toy_logits(n: int, seed: int):
     rng = np.random.default_rng(seed)
     logits = rng.normal(size=(n, 4))

@@ -79,6 +79,28 @@ def test_accuracy_and_auc_equal_medmnists_evaluator(task, kind):
     assert set(TASK_METRICS[task]) <= set(ours)
 
 
+@pytest.mark.parametrize("task", [MULTI_CLASS, BINARY, MULTI_LABEL])
+def test_roc_curves_are_sklearns_and_binary_draws_the_class_the_auc_is_of(task):
+    from sklearn.metrics import roc_auc_score
+
+    from medcli import reports
+
+    rng = np.random.default_rng(5)
+    if task == MULTI_LABEL:
+        labels, probs = _multilabel(rng, "absent")  # label 2 has no positives: no curve
+    else:
+        labels, probs = _single(rng, 2 if task == BINARY else 4)
+    t = Task(task, tuple(f"c{k}" for k in range(probs.shape[1])))
+    curves = reports.roc_curves(t.indicator(labels), probs, t.names, task)
+    indicator = t.indicator(labels)
+    expected = {BINARY: [1], MULTI_CLASS: [0, 1, 2, 3], MULTI_LABEL: [0, 1, 3, 4]}[task]
+    assert [c["class"] for c in curves] == expected
+    for c in curves:
+        assert c["auc"] == pytest.approx(roc_auc_score(indicator[:, c["class"]], probs[:, c["class"]]), abs=1e-12)
+    if task == BINARY:
+        assert curves[0]["auc"] == pytest.approx(t.metrics(labels, probs)["auc"], abs=1e-12)
+
+
 def test_binary_rates_and_ordinal_scores_against_hand_counts():
     labels = np.array([1, 1, 1, 0, 0, 0, 0, 1])
     p1 = np.array([0.9, 0.8, 0.3, 0.2, 0.1, 0.6, 0.4, 0.7])  # tp 3, fn 1, tn 3, fp 1

@@ -262,7 +262,8 @@ def test_loaded_weights_get_the_fine_tuning_rate_and_their_own_statistics(small_
 def test_a_split_over_the_device_budget_is_streamed_with_the_same_result(small_root, tmp_path, capsys):
     """Splits above --data-budget stay in host memory and are copied batch by batch; the
     batches, augmentation and result are those of the on-device run (forced on CPU here with
-    a zero budget: the same code path up to the pinned copy)."""
+    a zero budget: the gather into alternating buffers and the copy run as on a GPU, only the
+    buffers are not page-locked and no CUDA event is recorded)."""
     options = dict(root=small_root, epochs=2, mixup_alpha=0.4, **{**TINY, "batch_size": 8})
     on_device = train.train(runs_dir=tmp_path / "a", **options)
     streamed = train.train(runs_dir=tmp_path / "b", data_budget_gb=0.0, **options)
@@ -270,6 +271,31 @@ def test_a_split_over_the_device_budget_is_streamed_with_the_same_result(small_r
     assert streamed.config["data_budget_gb"] == 0.0
     assert _weights_equal(on_device.run_dir / "checkpoints/last.pt", streamed.run_dir / "checkpoints/last.pt")
     assert _history(on_device.run_dir)[-1]["val_loss"] == _history(streamed.run_dir)[-1]["val_loss"]
+
+
+def test_streamed_batches_equal_the_on_device_ones_and_survive_later_batches(synthetic_root):
+    splits = datasets.load(synthetic_root, "bloodmnist", 28)
+    cpu = torch.device("cpu")
+    resident, streamed = train.Data.of(splits, "train", cpu, float("inf")), train.Data.of(splits, "train", cpu, 0)
+    assert not resident.streamed and streamed.streamed
+    generator = torch.Generator().manual_seed(0)
+    indices = [torch.randperm(len(resident), generator=generator)[:n] for n in (5, 9, 3, 12, 7)]  # buffers regrow
+    batches = [streamed.take(i) for i in indices]
+    for index, batch in zip(indices, batches):  # earlier batches are not overwritten by later takes
+        assert torch.equal(batch, resident.take(index))
+
+
+def test_an_undefined_val_auc_still_picks_a_best_epoch(tmp_path):
+    """4 validation images for 8 classes: medmnist's AUC is undefined, best.pt follows the
+    mean AUC of the classes present instead of never being written."""
+    root = tmp_path / "data"
+    datasets.make_synthetic(root / "bloodmnist.npz", "bloodmnist", 28, (32, 4, 8), seed=2)
+    run = train.train(root=root, runs_dir=tmp_path / "runs", epochs=2, monitor="auc", **{**TINY, "batch_size": 16})
+    assert all(row["val_auc"] == "" for row in _history(run.run_dir))  # the official AUC stays undefined
+    summary = run.stages["train"]["summary"]
+    assert summary["best_value"] is not None and summary["best_epoch"] in (1, 2)
+    assert run.checkpoint_path("best").is_file()
+    assert train.improved(None, None, "auc") and train.improved(0.5, None, "auc") and not train.improved(None, 0.5, "auc")
 
 
 def test_strict_mode_reruns_are_bit_identical(synthetic_root, tmp_path):
@@ -406,8 +432,11 @@ def test_checkpoints_hold_batchnorm_statistics_of_their_own_weights(synthetic_ro
 
 def test_one_epoch_on_real_data_does_not_collapse(shared_data, tmp_path):
     """Issue 12: `--epochs 1` reached 68 % train but 26 % test accuracy (the schedule ended at
-    its peak and BatchNorm's averages lagged). On 3,000 real PBC images with the default
-    learning rate, batch and warm-up, test accuracy must not fall below train accuracy."""
+    its peak and BatchNorm's averages lagged). On 3,000 real PBC images, with the full default
+    recipe's learning rate, batch and warm-up given explicitly (the reduced preset's own are
+    gentler; it is used for its cheaper pooled stem), test accuracy after the epoch must be at
+    least the accuracy measured during it minus 5 points (before the fix: 36.9 % during, 13.8 %
+    after on validation)."""
     from medcli import evaluate
 
     root = tmp_path / "data"
