@@ -327,18 +327,7 @@ def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device,
     return np.concatenate(out), (np.concatenate(scores) if scorer is not None else None)
 
 
-class SigmoidTarget:
-    """grad-cam target: the sigmoid probability of one label (multi-label models), the
-    counterpart of `ClassifierOutputSoftmaxTarget` for outputs that are not a softmax."""
-
-    def __init__(self, label: int):
-        self.label = label
-
-    def __call__(self, model_output):
-        return model_output[..., self.label].sigmoid()
-
-
-def road_scorer(model, seed: int, multilabel: bool = False, percentiles: Sequence[int] = ROAD_PERCENTILES):
+def road_scorer(model, seed: int, task: Task, percentiles: Sequence[int] = ROAD_PERCENTILES):
     """Faithfulness of maps to `model`: grad-cam's ROAD combined score (Rong et al., "A
     Consistent and Efficient Evaluation Strategy for Attribution Methods", ICML 2022).
 
@@ -346,8 +335,8 @@ def road_scorer(model, seed: int, multilabel: bool = False, percentiles: Sequenc
     imputation, which leaks no mask shape to the model) and, separately, the p% most
     relevant; the score is the mean over percentiles of (confidence change after removing the
     least relevant - change after removing the most relevant) / 2. Confidence is the softmax
-    probability of the explained class (`multilabel`: the sigmoid probability of the explained
-    label), so CNN and ViT scores share one scale. Higher is more
+    probability of the explained class (multi-label: the sigmoid probability of the explained
+    label; `task.confidence_target`), so CNN and ViT scores share one scale. Higher is more
     faithful; a map no better than chance scores about 0. The imputation noise is seeded.
 
     Built from grad-cam's own ROAD classes; it equals `ROADCombined` (a test checks it) with
@@ -357,13 +346,12 @@ def road_scorer(model, seed: int, multilabel: bool = False, percentiles: Sequenc
     import numpy as np
     import torch
     from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     def after_removal(metric, x, maps, targets):
         return np.mean([metric(p)(x, maps, targets, model, return_diff=False) for p in percentiles], axis=0)
 
     def score(x, maps, classes):
-        targets = [(SigmoidTarget if multilabel else ClassifierOutputSoftmaxTarget)(k) for k in classes]
+        targets = [task.confidence_target(k) for k in classes]
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)  # grad-cam's numpy 2 idioms, not ours to fix
             torch.manual_seed(seed)
@@ -586,7 +574,7 @@ def explain_run(
         with explainer as active:
             maps, scores = heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
                                     device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
-                                    scorer=road_scorer(model, seed, task.multilabel) if faithfulness else None)
+                                    scorer=road_scorer(model, seed, task) if faithfulness else None)
         box = data.record.get("signal_box")
         explained = Explained(split, chosen, images[chosen], truth, preds, probs[np.arange(len(chosen)), preds],
                               classes, maps, box_mass(maps, box) if box else None, scores,

@@ -125,6 +125,15 @@ class Task:
 
         return metrics.fit_temperature(logits, labels, multilabel=self.multilabel)
 
+    def confidence_target(self, k: int):
+        """grad-cam model target: the probability of class k (softmax), or of label k (its
+        sigmoid) for multi-label models: what ROAD measures the change of."""
+        if self.multilabel:
+            return SigmoidTarget(k)
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+        return ClassifierOutputSoftmaxTarget(k)
+
     def explained_class(self, probs):
         """The class a map explains by default (N,): the predicted class, or for multi-label
         the most probable label (the finding the model is surest is present)."""
@@ -171,6 +180,17 @@ class Task:
             return [spell(r) for r in labels], [spell(r) for r in preds], right.tolist(), confidence.tolist()
         return ([names[k] for k in labels], [names[k] for k in preds], (preds == labels).tolist(),
                 probs.max(axis=1).tolist())
+
+
+class SigmoidTarget:
+    """grad-cam target: the sigmoid probability of one label, the counterpart of
+    `ClassifierOutputSoftmaxTarget` for outputs that are not a softmax."""
+
+    def __init__(self, label: int):
+        self.label = label
+
+    def __call__(self, model_output):
+        return model_output[..., self.label].sigmoid()
 
 
 def default_monitor(kind: str) -> str:

@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from medcli import augment, datasets, explain, models, names
 from medcli.cli import app
 from medcli.run import Run
+from medcli.tasks import Task
 
 from cli_helpers import one_line_error
 
@@ -226,7 +227,7 @@ def test_road_ranks_a_trained_models_gradcam_above_random_and_untrained_maps(tin
     prep = run.data["preprocess"]
     model = run.load_model("best", "cpu")
     targets = _predictions(model, images)
-    scorer = explain.road_scorer(model, seed=0)
+    scorer = explain.road_scorer(model, seed=0, task=Task.of("bloodmnist"))
 
     def road(maps):
         return float(np.mean(scorer(augment.preprocess(images, prep), maps.astype(np.float32), targets)))
@@ -254,7 +255,7 @@ def test_road_scorer_equals_grad_cams_road_combined(tiny_run):
     x = augment.preprocess(datasets.as_tensor(run.load_data().images["test"][:6]), run.data["preprocess"])
     maps = np.random.default_rng(1).random((6, 28, 28)).astype(np.float32)
     classes = [0, 1, 2, 3, 4, 5]
-    ours = explain.road_scorer(model, seed=5)(x, maps, classes)
+    ours = explain.road_scorer(model, seed=5, task=Task.of("bloodmnist"))(x, maps, classes)
     torch.manual_seed(5)
     theirs = ROADCombined(percentiles=list(explain.ROAD_PERCENTILES))(
         x, maps, [ClassifierOutputSoftmaxTarget(k) for k in classes], model)
