@@ -96,9 +96,10 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     values = {**values, **_faithfulness(run, [m for m in metric_names if m in FAITHFULNESS_METRICS], split)}
     missing = [m for m in metric_names if m not in values]
     task = evaluation.get("task", MULTI_CLASS)
-    foreign = [m for m in missing if m not in TASK_METRICS[task] and any(m in ms for ms in TASK_METRICS.values())]
+    foreign = [m for m in missing if task in TASK_METRICS and m not in TASK_METRICS[task]
+               and any(m in ms for ms in TASK_METRICS.values())]
     if foreign:
-        raise UsageError(f"{', '.join(foreign)} does not apply to a {task} task; leave it out of --metrics")
+        raise UsageError(f"{', '.join(foreign)} does not apply to {task} tasks; leave it out of --metrics")
     if missing:
         raise UsageError(f"metrics/{split}.json lacks {', '.join(missing)}; re-run 'medcli evaluate'")
     config, summary = run.config, train.get("summary", {})

@@ -227,8 +227,9 @@ def fine_tune_lr(config: dict, pretrained: bool) -> dict:
 # 546 PBC images (scripts/bench_small.py, seed 0, 60 epochs): batch 128 / lr 0.1 35.3 % test,
 # batch 32 / lr 0.025 79.5 %, batch 16 / lr 0.0125 86.5 % (MedMNIST v2's recipe: 78.9 %).
 MIN_STEPS_PER_EPOCH = 32
-DEVICE_DATA_SHARE = 0.5  # of free GPU memory that the uint8 splits may take (else streamed from host)
 MIN_DEFAULT_BATCH = 16
+# Of the free GPU memory, the share the uint8 splits may take (else kept in pinned host memory).
+DEVICE_DATA_SHARE = 0.5
 
 
 def fit_batch_to_data(config: dict, n_train: int) -> dict:

@@ -400,12 +400,12 @@ def _stratified(labels: np.ndarray, n: int, rng) -> np.ndarray:
 
 def as_tensor(images: np.ndarray, device="cpu", pin: bool = False):
     """(N, H, W, C) uint8 array -> one contiguous (N, C, H, W) uint8 tensor on `device`, or
-    with `pin` in page-locked host memory (written there directly: one host copy, not two).
-    The layout change happens on `device`, so a GPU gets the array as it is."""
+    with `pin` in page-locked host memory (written there directly: one host copy, not two;
+    needs a GPU). The layout changes on the host, so the device never holds two copies."""
     import torch
 
     source = torch.from_numpy(np.ascontiguousarray(images))
     if pin:
         n, h, w, c = source.shape
         return torch.empty((n, c, h, w), dtype=source.dtype, pin_memory=True).copy_(source.permute(0, 3, 1, 2))
-    return source.to(device).permute(0, 3, 1, 2).contiguous()
+    return source.permute(0, 3, 1, 2).contiguous().to(device)

@@ -608,6 +608,10 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
             val = evaluate(model, val_data, prep, config, device, state.task, ctx)
             state.epoch += 1
             value = monitored(val, config["monitor"])
+            if not state.history and ctx.is_main and val.get(MONITORS[config["monitor"]][0]) is None:
+                console.warn(f"val {config['monitor']} is undefined (a class is absent from the validation split): "
+                             + ("best.pt follows the mean AUC of the classes present" if value is not None
+                                else "best.pt follows the last epoch and --patience cannot stop early"))
             is_best = improved(value, state.best["value"], config["monitor"])
             if is_best:
                 state.best = {"epoch": state.epoch, "value": value}

@@ -169,7 +169,8 @@ def table(results: list[dict], sets: list[str], recipes: list[str], reference_ep
             extra = f"  outside steps {np.mean([r['outside_steps'] for r in rows]):.1%}" if recipe == "medcli" else ""
             print(f"{name:10s} {label:40s} seeds {','.join(str(r['seed']) for r in rows):6s} "
                   f"acc {spread([r['accuracy'] for r in rows])}  auc {spread([r['auc'] for r in rows])}  "
-                  f"{np.mean([r['seconds'] for r in rows]) / 60:.1f} min/run{extra}", flush=True)
+                  f"{np.mean([r['seconds'] for r in rows]) / 60:.1f} min/run{extra}  "
+                  f"commits {','.join(sorted({str(r.get('commit')) for r in rows}))}", flush=True)
 
 
 def main() -> None:

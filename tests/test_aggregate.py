@@ -116,7 +116,7 @@ def test_a_metric_of_another_task_type_is_named_as_such(tmp_path):
     evaluation["task"], evaluation["metrics"]["sensitivity"] = "binary-class", 0.8
     fileio.write_json(binary / "metrics" / "test.json", evaluation)
     skipped = aggregate.aggregate([run, binary], metric_names=["accuracy", "sensitivity"]).skipped
-    assert skipped == [{"run": str(run), "reason": "sensitivity does not apply to a multi-class task; "
+    assert skipped == [{"run": str(run), "reason": "sensitivity does not apply to multi-class tasks; "
                                                    "leave it out of --metrics"}]
 
 

@@ -285,13 +285,14 @@ def test_streamed_batches_equal_the_on_device_ones_and_survive_later_batches(syn
         assert torch.equal(batch, resident.take(index))
 
 
-def test_an_undefined_val_auc_still_picks_a_best_epoch(tmp_path):
+def test_an_undefined_val_auc_still_picks_a_best_epoch(tmp_path, capsys):
     """4 validation images for 8 classes: medmnist's AUC is undefined, best.pt follows the
     mean AUC of the classes present instead of never being written."""
     root = tmp_path / "data"
     datasets.make_synthetic(root / "bloodmnist.npz", "bloodmnist", 28, (32, 4, 8), seed=2)
     run = train.train(root=root, runs_dir=tmp_path / "runs", epochs=2, monitor="auc", **{**TINY, "batch_size": 16})
     assert all(row["val_auc"] == "" for row in _history(run.run_dir))  # the official AUC stays undefined
+    assert "best.pt follows the mean AUC of the classes present" in capsys.readouterr().err
     summary = run.stages["train"]["summary"]
     assert summary["best_value"] is not None and summary["best_epoch"] in (1, 2)
     assert run.checkpoint_path("best").is_file()
