@@ -69,8 +69,7 @@ def defaults_help() -> str:
             f"{vit['epochs']} epochs, {vit['warmup_epochs']:g} warm-up, MixUp {vit['mixup_alpha']}, {FULL_VIT_INPUT}-px input; "
             f"cosine per step (warm-up at most {WARMUP_MAX_SHARE:.0%} of the run), label smoothing 0.1, batch {cnn['batch_size']} (halved "
             f"for small training sets until an epoch has {MIN_STEPS_PER_EPOCH} steps, not below {MIN_DEFAULT_BATCH}, lr scaled "
-            f"with it); BatchNorm "
-            f"re-estimated before each validation; lr / 10 with pretrained weights.")
+            f"with it); BatchNorm re-estimated before each validation; lr / 10 with pretrained weights.")
 
 
 # ---------------------------------------------------------------------------------------

@@ -223,7 +223,7 @@ def save_roc(path, curves: Sequence[dict], title: str) -> Path:
 
 
 def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str) -> Path:
-    """Reliability diagram(s) from `metrics.reliability` bins: accuracy per confidence bin
+    """Reliability diagram(s) from `Task.reliability` bins: accuracy per confidence bin
     against the diagonal, the gap shaded, and the share of samples per bin underneath.
     Several panels (e.g. before / after temperature scaling) sit side by side."""
     from matplotlib.figure import Figure
@@ -249,7 +249,7 @@ def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str) -> Pa
         top.legend(loc="upper left", fontsize=8)
         share = np.asarray(bins["count"], dtype=float) / max(sum(bins["count"]), 1)
         bottom.bar(centres, share, width=width, color="gray", edgecolor="black")
-        bottom.set_xlabel(f"confidence ({bins.get('confidence_of', 'top-class probability')})")
+        bottom.set_xlabel(f"confidence ({bins['confidence_of']})")
         bottom.set_ylabel("share")
     fig.suptitle(title)
     return save_figure(fig, path)
