@@ -213,7 +213,7 @@ def train(
     crop_scale: Annotated[Optional[float], typer.Option(help="Random-resized-crop keeping between this share and all of the image area (default off).")] = None,
     jitter: Annotated[Optional[float], typer.Option(help="Brightness/contrast jitter in [1-v, 1+v] (default 0.1).")] = None,
     patience: Annotated[Optional[int], typer.Option(min=1, help="Early stopping after N epochs without improvement (default off).")] = None,
-    monitor: Annotated[Optional[Monitor], typer.Option(help="Validation metric for best.pt and early stopping (default acc; auc for multi-label ChestMNIST). An undefined AUC (a class absent from val) is the mean over the classes present.")] = None,
+    monitor: Annotated[Optional[Monitor], typer.Option(help="Validation metric for best.pt and early stopping (default acc; auc for multi-label ChestMNIST). Ties go to the later epoch; only a strict improvement resets --patience. An undefined AUC (a class absent from val) is the mean over the classes present.")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Seed for weights, data order and augmentation.")] = 0,
     deterministic: Annotated[bool, typer.Option("--deterministic", help="Strict mode: deterministic kernels, bit-identical reruns.")] = False,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",

@@ -9,7 +9,8 @@ augmented, resized and normalised on the device (`medcli.augment`). There is no 
 at 28 px the model, not the data, is the cost.
 
 Every epoch writes `checkpoints/last.pt` (model, optimizer, scheduler, scaler, RNG states,
-history), `checkpoints/best.pt` when the monitored validation metric improves,
+history), `checkpoints/best.pt` when the monitored validation metric improves or ties (the
+later of equal epochs: it trained longer at a lower learning rate),
 `history.csv` and `figures/curves.png`, all atomically. `resume` restores all of it, so an
 interrupted and resumed run ends with the same weights as an uninterrupted one.
 
@@ -398,15 +399,15 @@ def monitored(metrics: dict, monitor: str) -> float | None:
     return value
 
 
-def improved(value: float | None, best: float | None, monitor: str) -> bool:
-    """Is `value` strictly better than `best`? An undefined value is not better than a defined
-    one; while the monitor has never been defined, the latest epoch is the best (best.pt
-    always exists)."""
+def compare(value: float | None, best: float | None, monitor: str) -> int:
+    """1 if `value` is strictly better than `best`, 0 if equal, -1 if worse. An undefined
+    value is worse than a defined one; while the monitor has never been defined, every epoch
+    improves on the last (best.pt always exists)."""
     if best is None:
-        return True
-    if value is None:
-        return False
-    return value < best if MONITORS[monitor][1] == "min" else value > best
+        return 1
+    if value is None or value == best:
+        return -1 if value is None else 0
+    return 1 if (value < best if MONITORS[monitor][1] == "min" else value > best) else -1
 
 
 def should_stop(bad_epochs: int, patience: int | None) -> bool:
@@ -612,12 +613,14 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
                 console.warn(f"val {config['monitor']} is undefined (a class is absent from the validation split): "
                              + ("best.pt follows the mean AUC of the classes present" if value is not None
                                 else "best.pt follows the last epoch and --patience cannot stop early"))
-            is_best = improved(value, state.best["value"], config["monitor"])
+            change = compare(value, state.best["value"], config["monitor"])
+            # A tie moves best.pt to this epoch (a 78-image validation set has 79 possible
+            # accuracies; the later epoch trained longer at a lower learning rate), but only
+            # a strict improvement resets --patience.
+            is_best = change >= 0
             if is_best:
                 state.best = {"epoch": state.epoch, "value": value}
-                state.bad_epochs = 0
-            else:
-                state.bad_epochs += 1
+            state.bad_epochs = 0 if change > 0 else state.bad_epochs + 1
             stopped_early = should_stop(state.bad_epochs, config["patience"]) and state.epoch < config["epochs"]
             state.history.append({
                 "epoch": state.epoch, "lr": train_stats["lr"],

@@ -97,7 +97,7 @@ def test_tiny_run_writes_loadable_checkpoints_and_best_is_best_epoch(tiny_run):
     rows = _history(tiny_run)
     assert list(rows[0]) == list(train.HISTORY_COLUMNS) and len(rows) == epochs
     accs = [float(r["val_acc"]) for r in rows]
-    best_epoch = accs.index(max(accs)) + 1
+    best_epoch = len(accs) - accs[::-1].index(max(accs))  # the later of tied epochs
     best, last = _load(tiny_run / "checkpoints/best.pt"), _load(tiny_run / "checkpoints/last.pt")
     assert best["epoch"] == best_epoch == stage["summary"]["best_epoch"]
     assert best["metrics"]["accuracy"] == pytest.approx(max(accs))
@@ -141,6 +141,27 @@ def test_early_stopping_stops_after_patience_and_keeps_best(small_root, tmp_path
     assert summary["best_epoch"] == 2 and summary["best_value"] == 0.7
     assert _load(manifest.run_dir / "checkpoints/best.pt")["epoch"] == 2
     assert len(_history(manifest.run_dir)) == 4
+
+
+@pytest.mark.parametrize("monitor, scripted, best_epoch", [
+    ("acc", [0.5, 0.7, 0.7, 0.6, 0.7, 0.9], 3),  # the tie at epoch 3 takes best.pt, then patience runs out
+    ("loss", [0.5, 0.7, 0.7, 0.6, 0.7, 0.9], 3),
+])
+def test_a_tie_moves_best_to_the_later_epoch_but_does_not_reset_patience(small_root, tmp_path, monkeypatch,
+                                                                          monitor, scripted, best_epoch):
+    values = iter(scripted)
+
+    def fake_evaluate(*args, **kwargs):
+        acc = next(values)
+        return {"accuracy": acc, "loss": 1 - acc, "auc": acc, "f1_macro": acc}
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    manifest = train.train(root=small_root, runs_dir=tmp_path, epochs=6, patience=2, monitor=monitor,
+                           **{**TINY, "batch_size": 16})
+    summary = manifest.stages["train"]["summary"]
+    assert summary["epochs_run"] == 4 and summary["stopped_early"] is True
+    assert summary["best_epoch"] == best_epoch == _load(manifest.run_dir / "checkpoints/best.pt")["epoch"]
+    assert train.compare(0.7, 0.7, monitor) == 0
 
 
 # -- resume and strict mode --------------------------------------------------------------------------
@@ -296,7 +317,8 @@ def test_an_undefined_val_auc_still_picks_a_best_epoch(tmp_path, capsys):
     summary = run.stages["train"]["summary"]
     assert summary["best_value"] is not None and summary["best_epoch"] in (1, 2)
     assert run.checkpoint_path("best").is_file()
-    assert train.improved(None, None, "auc") and train.improved(0.5, None, "auc") and not train.improved(None, 0.5, "auc")
+    assert train.compare(None, None, "auc") == train.compare(0.5, None, "auc") == 1
+    assert train.compare(None, 0.5, "auc") == -1
 
 
 def test_strict_mode_reruns_are_bit_identical(synthetic_root, tmp_path):
