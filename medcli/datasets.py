@@ -172,7 +172,12 @@ def _check_split(archive, split, path, flag, size, channels, upper, columns) -> 
 
 
 _MADE_BY_MAKE_RECORD = ("flag", "size", "file", "md5", "official_md5", "official", "source", "created", "n_samples",
-                        "bytes", "mtime_ns")
+                        "bytes", "mtime_ns", "checks")
+
+
+# What validate_npz checks; bumped whenever it checks more, so a record written by an older
+# medcli (e.g. before the label-column check) sends its file through validate_npz again.
+CHECKS = 2
 
 
 def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: dict, **extra: Any) -> dict:
@@ -194,6 +199,7 @@ def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: 
         "n_samples": counts,
         "bytes": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
+        "checks": CHECKS,
         **extra,
     }
 
@@ -224,7 +230,7 @@ def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
     """Find a dataset file under root and return (path, record); a clear error if absent.
 
     The record is trusted only while the file keeps the size and mtime its md5 was computed
-    for. A file without a record (e.g. placed by the medmnist package) or changed since its
+    for and its checks are the current ones (CHECKS). A file without a record (e.g. placed by the medmnist package) or changed since its
     record is validated and hashed again: a file with another md5 gets a new record (its
     `official` flag from that md5, with a warning), a file only touched keeps its record's
     facts. The record is then saved when the root is writable; on a read-only root the
@@ -239,10 +245,10 @@ def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
             f"'medcli download {flag} --size {size} --root {root}' (or --from FILE to import one)"
         )
     record = record_of(path, flag, size)
-    if record is not None and unchanged(record, path):
+    if record is not None and unchanged(record, path) and record.get("checks") == CHECKS:
         return path, record
     counts = validate_npz(path, flag, size)
-    md5 = fileio.md5_file(path)
+    md5 = current_md5(path, record)  # an unchanged file whose record predates CHECKS is not hashed again
     if record is not None and record["md5"] == md5:  # touched or copied, same content: keep its facts
         kept = {k: v for k, v in record.items() if k not in _MADE_BY_MAKE_RECORD}
         record = make_record(flag, size, path, md5, record.get("source", str(path)), counts, **kept)

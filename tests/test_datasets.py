@@ -65,6 +65,31 @@ def test_an_unchanged_file_is_not_hashed_again(root, monkeypatch):
     assert datasets.resolve(root, FLAG, SIZE)[1]["synthetic"] is True
 
 
+def test_a_record_from_before_the_current_checks_sends_its_file_through_them_again(tmp_path, monkeypatch):
+    """A file recorded by a medcli whose import did not check label columns yet: its record
+    says nothing of the check, so load validates it (without hashing it again) and refuses it."""
+    import numpy as np
+
+    path = datasets.data_path(tmp_path, FLAG, SIZE)
+    datasets.make_synthetic(path, FLAG, SIZE, (16, 8, 8), seed=0)
+    with np.load(path) as archive:
+        arrays = dict(archive)
+    arrays["test_labels"] = np.zeros((8, 2), dtype=np.uint8)
+    np.savez(path, **arrays)
+    old = datasets.make_record(FLAG, SIZE, path, fileio.md5_file(path), "an older medcli", {"train": 16})
+    del old["checks"]
+    datasets.write_record(path, old)
+    good = datasets.make_synthetic(tmp_path / "good" / datasets.filename(FLAG, SIZE), FLAG, SIZE, (16, 8, 8), seed=0)
+    record = datasets.read_record(good)
+    del record["checks"]
+    datasets.write_record(good, record)
+    monkeypatch.setattr(fileio, "md5_file", lambda p: pytest.fail("hashed a file whose record has its md5"))
+    with pytest.raises(MedcliError, match=r"test_labels has shape \(8, 2\), expected \(8, 1\)"):
+        datasets.load(tmp_path, FLAG, SIZE)
+    assert datasets.resolve(good.parent, FLAG, SIZE)[1]["checks"] == datasets.CHECKS
+    assert datasets.read_record(good)["synthetic"] is True, "a file that passes keeps its record's facts"
+
+
 def test_a_read_only_root_without_records_still_trains(root, tmp_path, monkeypatch):
     """A shared, read-only data root holding a file without a record (e.g. placed by the
     medmnist package): train must work, with the record computed in memory."""
