@@ -144,11 +144,18 @@ def spread(values) -> str:
 
 
 def provenance() -> dict:
+    """The commit checked out when the benchmark started ("+dirty" when medcli/ or scripts/
+    differed from it), taken once: the code a long benchmark runs is the code it started with,
+    whatever is committed meanwhile. And the threads it runs with."""
     from medcli import system
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    return {"commit": commit or None, "threads": system.usable_cpus(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent)
+
+    commit = git("rev-parse", "--short", "HEAD").stdout.strip() or None
+    if commit and git("diff", "--quiet", "HEAD", "--", ":/medcli", ":/scripts").returncode == 1:
+        commit += "+dirty"
+    return {"commit": commit, "threads": system.usable_cpus()}
 
 
 def load_results(path: Path | None) -> list[dict]:
@@ -190,6 +197,7 @@ def main() -> None:
     recipes = [args.only] if args.only else ["reference", "medcli"]
     results = load_results(args.results)
     done = {(r["set"], r["recipe"], r["seed"], r.get("reference_epochs")) for r in results}
+    started = provenance()
     with tempfile.TemporaryDirectory() as tmp:
         for name in sets:
             root, flag = None, SETS[name][0]
@@ -204,7 +212,7 @@ def main() -> None:
                     else:
                         result = medcli_defaults(root, flag, seed, Path(tmp) / "runs")
                     result = {"set": name, "recipe": recipe, "seed": seed, "reference_epochs": epochs,
-                              **result, **provenance()}
+                              **result, **started, "date": time.strftime("%Y-%m-%d %H:%M")}
                     results.append(result)
                     if args.results:
                         with args.results.open("a") as out:
