@@ -199,7 +199,7 @@ def train(
     model: Annotated[str, typer.Option(help="resnet18, vit, vit-small, vit-tiny or timm:<name>.")] = "resnet18",
     reduced: Annotated[bool, typer.Option("--reduced", help=_config.reduced_help())] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default per family/preset).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Global batch size (default {_config.FAMILY_DEFAULTS['cnn']['batch_size']}; halved for small training sets until an epoch has {_config.MIN_STEPS_PER_EPOCH} steps, not below {_config.MIN_DEFAULT_BATCH}, with the lr scaled).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Global batch size (default {_config.FAMILY_DEFAULTS['cnn']['batch_size']}; halved for small training sets until an epoch has {_config.MIN_STEPS_PER_EPOCH} steps, not below {_config.MIN_DEFAULT_BATCH}, and rounded down to a multiple of --nproc; the lr scaled with it).")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (default per family).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="Weight decay (not on norms/biases).")] = None,
     optimizer: Annotated[Optional[Optimizer], typer.Option(help="Default: sgd for CNNs, adamw for ViTs.")] = None,

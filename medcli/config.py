@@ -231,19 +231,25 @@ MIN_DEFAULT_BATCH = 16
 DEVICE_DATA_SHARE = 0.5
 
 
-def fit_batch_to_data(config: dict, n_train: int) -> dict:
+def fit_batch_to_data(config: dict, n_train: int, processes: int = 1) -> dict:
     """The config with the batch (and, unless --lr was given, the learning rate) a small
-    training split needs; a given --batch-size is kept. Decided once the data is loaded."""
+    training split needs, split evenly over `processes`; a given --batch-size is kept (and
+    checked by the training loop). Decided once the data is loaded."""
     batch = config["batch_size"]
     if config["batch_source"] == "--batch-size":
         return config
+    reasons = []
     while batch // 2 >= MIN_DEFAULT_BATCH and n_train // batch < MIN_STEPS_PER_EPOCH:
         batch //= 2
-    if batch == config["batch_size"]:
+    if batch != config["batch_size"]:
+        reasons.append(f"halved: {n_train} training images (at least {MIN_STEPS_PER_EPOCH} steps per epoch)")
+    if batch % processes:
+        batch = max(processes, batch - batch % processes)
+        reasons.append(f"a multiple of the {processes} processes")
+    if not reasons:
         return config
-    fitted = {**config, "batch_size": batch, "batch_source": (
-        f"{config['batch_source']} {config['batch_size']} halved to {batch}: {n_train} training images "
-        f"(at least {MIN_STEPS_PER_EPOCH} steps per epoch)")}
+    fitted = {**config, "batch_size": batch,
+              "batch_source": f"{config['batch_source']} {config['batch_size']} -> {batch}, {'; '.join(reasons)}"}
     if config["lr_source"] != "--lr":
         fitted.update(lr=config["lr"] * batch / config["batch_size"],
                       lr_source=f"{config['lr_source']} x {batch}/{config['batch_size']} (scaled with the batch)")

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medcli.names import BINARY, MULTI_CLASS, ORDINAL
+from medcli.names import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL
 
 
 ECE_BINS = 15
@@ -120,16 +120,28 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_B
     }
 
 
-def top_label(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def predict(probs: np.ndarray, task: str = MULTI_CLASS) -> np.ndarray:
+    """medmnist's decision rule (getACC's): each label above 0.5 for multi-label, the last
+    column above 0.5 for binary-class (not the argmax: scores read from a CSV need not sum to
+    one), else the argmax. (N,) class indices, or (N, labels) 0/1."""
+    probs = np.asarray(probs)
+    if task == MULTI_LABEL:
+        return (probs > THRESHOLD).astype(np.int64)
+    if task == BINARY:
+        return (probs[:, -1] > THRESHOLD).astype(np.int64)
+    return probs.argmax(axis=1)
+
+
+def top_label(labels: np.ndarray, probs: np.ndarray, task: str = MULTI_CLASS) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, correct) of single-label predictions: the top class's probability."""
     labels, probs = _check(labels, probs)
-    return probs.max(axis=1), probs.argmax(axis=1) == labels
+    return probs.max(axis=1), predict(probs, task) == labels
 
 
 def per_label(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(confidence, correct) of multi-label predictions: every label's yes/no at 0.5."""
     labels, probs = _check_multilabel(labels, probs)
-    return np.maximum(probs, 1.0 - probs).reshape(-1), ((probs > THRESHOLD) == labels).reshape(-1)
+    return np.maximum(probs, 1.0 - probs).reshape(-1), (predict(probs, MULTI_LABEL) == labels).reshape(-1)
 
 
 def _auc(positive: np.ndarray, score: np.ndarray) -> float | None:
@@ -179,9 +191,9 @@ def classification_metrics(
     """Every metric medcli reports for a single-label task (multi-class, binary-class or
     ordinal-regression, the names of `medmnist.INFO[flag]["task"]`), as a JSON-ready dict.
 
-    `accuracy` and `auc` are defined exactly as medmnist's `getACC` / `getAUC`: argmax
-    accuracy; AUC of the last column for binary-class, else the mean one-vs-rest AUC over
-    every class (None, where getAUC gives NaN, when a class is absent from the labels; each
+    `accuracy` and `auc` are defined exactly as medmnist's `getACC` / `getAUC`: accuracy of
+    `predict` (argmax; binary-class: class 1 above 0.5); AUC of the last column for
+    binary-class, else the mean one-vs-rest AUC over every class (None, where getAUC gives NaN, when a class is absent from the labels; each
     class's own AUC is in `per_class`). Also: n, balanced_accuracy, {precision,recall,f1}_
     {macro,micro}, loss and nll (the same cross-entropy: `loss` is the name training logs use,
     `nll` the calibration name), ece (15 bins), brier, per_class (name, precision, recall, f1,
@@ -195,7 +207,7 @@ def classification_metrics(
     labels, probs = _check(labels, probs)
     n_classes = probs.shape[1]
     names = _names(class_names, n_classes)
-    preds = probs.argmax(axis=1)
+    preds = predict(probs, task)
     classes = np.arange(n_classes)
     scores = _precision_recall_f1(labels, preds, classes)
     with warnings.catch_warnings():
@@ -204,7 +216,7 @@ def classification_metrics(
     per_class_auc = [_auc(labels == k, probs[:, k]) for k in classes]
     auc = per_class_auc[-1] if task == BINARY else _mean_if_defined(per_class_auc)
     cross_entropy = nll(labels, probs)
-    confidence, correct = top_label(labels, probs)
+    confidence, correct = top_label(labels, probs, task)
     result = {
         "n": int(labels.size),
         "accuracy": float(correct.mean()) if labels.size else None,
@@ -265,7 +277,7 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Seque
     """
     labels, probs = _check_multilabel(labels, probs)
     names = _names(class_names, probs.shape[1])
-    preds = (probs > THRESHOLD).astype(np.int64)
+    preds = predict(probs, MULTI_LABEL)
     matrices = [confusion_counts(labels[:, k], preds[:, k], 2) for k in range(probs.shape[1])]
     # sklearn's multi-label path: a label indicator matrix, one "class" per label
     scores = _precision_recall_f1(labels, preds, np.arange(probs.shape[1]))

@@ -316,8 +316,10 @@ def predictions_frame(labels: np.ndarray, preds: np.ndarray, probs: np.ndarray, 
 
 
 def write_predictions(path, frame) -> Path:
+    """The CSV, probabilities in the shortest text that reads back to the same float (rounded
+    ones would tie scores the model kept apart, and the AUC computed from the file would move)."""
     with fileio.atomic_path(path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
+        frame.to_csv(tmp, index=False)
     return Path(path)
 
 

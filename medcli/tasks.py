@@ -6,7 +6,7 @@ object that train, evaluate, explain and the reports ask instead of assuming a s
 | task type | outputs | loss | probabilities | prediction | metrics |
 |---|---|---|---|---|---|
 | multi-class (Blood, Path, Derma, OCT, Tissue, OrganA/C/S) | one per class | cross-entropy | softmax | argmax | `metrics.classification_metrics` |
-| binary-class (Breast, Pneumonia) | two | cross-entropy | softmax | argmax (= p1 > 0.5) | + sensitivity, specificity, PPV, NPV |
+| binary-class (Breast, Pneumonia) | two | cross-entropy | softmax | p1 > 0.5 (getACC's rule) | + sensitivity, specificity, PPV, NPV |
 | ordinal-regression (Retina) | one per grade | cross-entropy | softmax | argmax | + MAE, quadratic weighted kappa |
 | multi-label, binary-class (Chest) | one per label | binary cross-entropy | sigmoid per label | each p > 0.5 | `metrics.multilabel_metrics` |
 
@@ -98,12 +98,9 @@ class Task:
 
     def predictions(self, probs):
         """Predicted class per sample (N,), or 0/1 per label (N, labels)."""
-        import numpy as np
-
         from medcli import metrics
 
-        probs = np.asarray(probs)
-        return (probs > metrics.THRESHOLD).astype(np.int64) if self.multilabel else probs.argmax(axis=1)
+        return metrics.predict(probs, self.kind)
 
     def metrics(self, labels, probs) -> dict:
         from medcli import metrics
@@ -118,7 +115,7 @@ class Task:
         if self.multilabel:
             return {**metrics.reliability(*metrics.per_label(labels, probs)),
                     "confidence_of": "each label's yes/no decision"}
-        return {**metrics.reliability(*metrics.top_label(labels, probs)), "confidence_of": "top-class probability"}
+        return {**metrics.reliability(*metrics.top_label(labels, probs, self.kind)), "confidence_of": "top-class probability"}
 
     def fit_temperature(self, logits, labels) -> float:
         from medcli import metrics
@@ -137,7 +134,7 @@ class Task:
     def explained_class(self, probs):
         """The class a map explains by default (N,): the predicted class, or for multi-label
         the most probable label (the finding the model is surest is present)."""
-        return probs.argmax(axis=1)
+        return probs.argmax(axis=1) if self.multilabel else self.predictions(probs)
 
     def mistaken(self, labels, probs):
         """(N,) booleans: the prediction is wrong (multi-label: any label is wrong at 0.5)."""
@@ -176,7 +173,10 @@ class Task:
                 return "+".join(present) if present else "none"
 
             right = (preds == labels).all(axis=1)
-            confidence = np.where(preds == 1, probs, 1 - probs).min(axis=1)  # the least sure decision
+            sure = np.where(preds == 1, probs, 1 - probs)  # each label's yes/no confidence
+            # right: its least sure decision; wrong: its surest wrong one (what "the most
+            # confident mistakes" rank)
+            confidence = np.where(right, sure.min(axis=1), np.where(preds != labels, sure, 0.0).max(axis=1))
             return [spell(r) for r in labels], [spell(r) for r in preds], right.tolist(), confidence.tolist()
         return ([names[k] for k in labels], [names[k] for k in preds], (preds == labels).tolist(),
                 probs.max(axis=1).tolist())

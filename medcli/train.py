@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from medcli import augment, console, distributed, fileio, inference
 from medcli.config import DEVICE_DATA_SHARE, WARMUP_MAX_SHARE, fine_tune_lr, fit_batch_to_data, resolve_config, run_name
-from medcli.errors import UsageError
+from medcli.errors import MedcliError, UsageError
 from medcli.manifest import environment
 from medcli.names import MONITORS, SCALAR_METRICS
 from medcli.run import Run
@@ -393,6 +393,8 @@ def monitored(metrics: dict, monitor: str) -> float | None:
     the mean AUC of the classes whose AUC is defined, so small validation splits still pick
     a best epoch."""
     value = metrics.get(MONITORS[monitor][0])
+    if value is not None and not math.isfinite(value):  # an overflowing (fp16) validation loss
+        return None
     if value is None and monitor == "auc":
         defined = [row["auc"] for row in metrics["per_class"] if row["auc"] is not None]
         value = sum(defined) / len(defined) if defined else None
@@ -408,6 +410,19 @@ def compare(value: float | None, best: float | None, monitor: str) -> int:
     if value is None or value == best:
         return -1 if value is None else 0
     return 1 if (value < best if MONITORS[monitor][1] == "min" else value > best) else -1
+
+
+def check_finite(model, epoch: int, config: dict) -> None:
+    """Stop a diverged run with one line: weights that are NaN or infinite never come back, so
+    training on would only overwrite last.pt with them. (A step whose fp16 gradients overflow
+    is skipped by the GradScaler and leaves the weights finite.)"""
+    import torch
+
+    if all(torch.isfinite(p).all() for p in model.parameters()):
+        return
+    hint = "lower --lr" + (" or train with --amp bf16" if config["amp"] == "fp16" else "")
+    kept = f"last.pt keeps epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
+    raise MedcliError(f"training diverged in epoch {epoch}: the weights are no longer finite ({kept}); {hint}")
 
 
 def should_stop(bad_epochs: int, patience: int | None) -> bool:
@@ -451,7 +466,7 @@ def train(**options: Any) -> Run:
     config = resolve_config(**options)
     with distributed.session(torch.device(config["device"]).type) as ctx:
         splits = _load(config)
-        config = fit_batch_to_data(config, len(splits.labels["train"]))
+        config = fit_batch_to_data(config, len(splits.labels["train"]), ctx.world_size)
         global_batch(config, ctx)
         channels = splits.images["train"].shape[-1]
         num_classes = len(datasets.class_names(config["dataset"]))
@@ -605,6 +620,7 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
         while state.epoch < config["epochs"] and not stopped_early:
             started = time.perf_counter()
             train_stats = train_one_epoch(state, train_data, prep, config, device, bar, batch_task, ctx)
+            check_finite(model, state.epoch + 1, config)
             reestimate_batchnorm(model, train_data, prep, config, device)
             val = evaluate(model, val_data, prep, config, device, state.task, ctx)
             state.epoch += 1

@@ -144,6 +144,18 @@ def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_predictions_csv_keeps_every_probability_exactly(tmp_path):
+    """The report's ROC curves and anyone's metrics are computed from the CSV: a probability
+    rounded there (0.99999996 -> 1) would tie scores the model kept apart and move the AUC."""
+    rng = np.random.default_rng(0)
+    probs = metrics.softmax(rng.normal(scale=12, size=(200, 3)))
+    probs[0] = [1 - 4e-8, 2e-8, 2e-8]
+    labels = rng.integers(0, 3, size=200)
+    csv = reports.write_predictions(tmp_path / "test.csv", reports.predictions_frame(labels, probs.argmax(1), probs, list("abc")))
+    frame, _ = reports.read_predictions(csv)
+    assert np.array_equal(frame[[f"{reports.PROB_PREFIX}{c}" for c in "abc"]].to_numpy(), probs)
+
+
 def test_plot_confusion_default_output_for_a_run_dir(tmp_path):
     run = Run.create(tmp_path, "run", config={}, dataset={"flag": "bloodmnist", "size": 28}).run_dir  # a run is a directory with a manifest
     reports.write_predictions(run / "predictions" / "val.csv",

@@ -34,6 +34,8 @@ def _single(rng, classes: int, kind: str = "random"):
     elif kind == "one positive":
         labels = np.zeros(N, dtype=np.int64)
         labels[7] = classes - 1
+    elif kind == "unnormalised":  # scores read back from someone's CSV: rows need not sum to 1
+        probs = rng.random((N, classes)) * 0.6
     return labels, probs
 
 
@@ -48,11 +50,13 @@ def _multilabel(rng, kind: str = "random"):
     elif kind == "one positive":
         labels[:, 3] = 0
         labels[11, 3] = 1
+    elif kind == "unnormalised":
+        probs = rng.random((N, 5)) * 0.6
     return labels, probs
 
 
 CASES = [(task, kind) for task in (MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL)
-         for kind in ("random", "absent", "constant", "one positive")] + [(MULTI_CLASS, "two classes")]
+         for kind in ("random", "absent", "constant", "one positive", "unnormalised")] + [(MULTI_CLASS, "two classes")]
 
 
 @pytest.mark.parametrize("task,kind", CASES)
@@ -113,6 +117,17 @@ def test_binary_rates_and_ordinal_scores_against_hand_counts():
     o = Task(ORDINAL, tuple("01234")).metrics(grades, np.eye(5)[predicted])
     assert o["mae"] == pytest.approx((0 + 1 + 0 + 2 + 0 + 1) / 6)
     assert o["qwk"] == pytest.approx(cohen_kappa_score(grades, predicted, weights="quadratic"))
+
+
+def test_a_multilabel_mistake_is_as_confident_as_its_surest_wrong_label():
+    """A sample wrong on one label at 0.99 is a more confident mistake than one wrong at 0.6,
+    whatever its other labels; a right sample is as sure as its least sure label."""
+    task = Task(MULTI_LABEL, ("a", "b", "c"))
+    labels = np.array([[0, 0, 0], [0, 0, 0], [1, 0, 0]])
+    probs = np.array([[0.99, 0.45, 0.1], [0.6, 0.0, 0.0], [0.8, 0.3, 0.1]])
+    _, _, right, confidence = task.describe(labels, probs)
+    assert right == [False, False, True]
+    assert confidence == pytest.approx([0.99, 0.6, 0.7])
 
 
 def test_multilabel_metrics_by_hand():

@@ -125,6 +125,31 @@ def test_autocast_is_entered_only_when_asked(small_root, tmp_path, monkeypatch, 
     assert seen and all(seen) == (amp == "bf16") and any(seen) == (amp == "bf16")
 
 
+# -- divergence -------------------------------------------------------------------------------------
+
+def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_finite_epoch(small_root, tmp_path, monkeypatch):
+    one_epoch = train.train_one_epoch
+
+    def poisoned(state, *args, **kwargs):
+        stats = one_epoch(state, *args, **kwargs)
+        if state.epoch == 1:  # the second epoch (state.epoch counts finished ones)
+            with torch.no_grad():
+                next(state.model.parameters()).fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(train, "train_one_epoch", poisoned)
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["train", "--root", str(small_root), "--runs-dir", str(runs),
+                                 "--model", "timm:test_resnet", "--epochs", "3", "--batch-size", "16"])
+    one_line_error(result, 1, "diverged in epoch 2", "last.pt keeps epoch 1", "lower --lr")
+    (run,) = runs.iterdir()
+    assert Run.open(run).stages["train"]["status"] == "failed"
+    assert _load(run / "checkpoints/last.pt")["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in _load(run / "checkpoints/last.pt")["model"].values()
+               if v.is_floating_point())
+    assert train.monitored({"loss": float("nan")}, "loss") is None  # an overflowing val loss picks nothing
+
+
 # -- early stopping -------------------------------------------------------------------------------
 
 def test_early_stopping_stops_after_patience_and_keeps_best(small_root, tmp_path, monkeypatch):
@@ -485,3 +510,6 @@ def test_small_training_sets_get_a_smaller_default_batch_and_lr(n_train, batch, 
     assert fit_batch_to_data(given, 546) is given  # what the user chose stays
     only_batch = fit_batch_to_data(resolve_config(device="cpu", lr=0.3), 546)
     assert (only_batch["batch_size"], only_batch["lr"]) == (16, 0.3)
+    three = fit_batch_to_data(config, n_train, processes=3)  # a default splits over the processes
+    assert three["batch_size"] % 3 == 0 and batch - 2 <= three["batch_size"] <= batch
+    assert three["lr"] == pytest.approx(lr * three["batch_size"] / batch)
