@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medcli import augment, console, datasets, fileio, reports
+from medcli import augment, console, datasets, fileio, metrics, reports
 from medcli.errors import UsageError
 from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS, TASK_METRICS
 from medcli.run import Run
@@ -119,7 +119,8 @@ def evaluate_run(
         if calibrate:
             val_logits = logits["val"] if "val" in logits else predict("val")
             temperature = task.fit_temperature(val_logits, data.labels["val"])
-            console.info(f"temperature scaling: T = {temperature:.4f} (fitted on val, {len(val_logits)} images)")
+            console.info(f"temperature scaling: T = {metrics.temperature_text(temperature)} "
+                         f"(fitted on val, {len(val_logits)} images)")
         for name in chosen:
             result, files = _write_split(run, name, logits[name], data, task, temperature, context, medmnist_csv)
             results[name] = result
@@ -135,7 +136,7 @@ def evaluate_run(
 
 
 def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits, task: Task,
-                 temperature: float | None, context: dict, medmnist_csv: bool) -> tuple[dict, list[Path]]:
+                 temperature: float | list[float] | None, context: dict, medmnist_csv: bool) -> tuple[dict, list[Path]]:
     """Metrics JSON, predictions CSV(s) and the five figures of one split."""
     labels = data.labels[split]
     names = list(task.names)
@@ -144,7 +145,7 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
     values = task.metrics(labels, probs)
     bins = task.reliability(labels, probs)
     calibration = None
-    panels = [("uncalibrated" if temperature is None else f"after T = {temperature:.3f}", bins)]
+    panels = [("uncalibrated" if temperature is None else f"after T = {metrics.temperature_text(temperature)}", bins)]
     if temperature is not None:
         # One-vs-rest AUC changes with the temperature (the classes' scores are rescaled
         # differently per sample), so it is recorded on both sides with the calibration metrics.
@@ -231,7 +232,7 @@ def _print_summary(results: dict) -> None:
         rows.append((key, [_format(key, r["metrics"][key]) for r in results.values()]))
     calibrations = [r["calibration"] for r in results.values()]
     if all(calibrations):  # one evaluation calibrates every split or none
-        rows.append(("temperature", [f"{c['temperature']:.3f}" for c in calibrations]))
+        rows.append(("temperature", [metrics.temperature_text(c["temperature"]) for c in calibrations]))
         rows += [(f"{key} before scaling", [_format(key, c["before"][key]) for c in calibrations])
                  for key in ("ece", "nll", "auc")]
     for key, cells in rows:
@@ -246,7 +247,7 @@ def _warn_if_calibration_hurt(results: dict) -> None:
         calibration = result["calibration"]
         if calibration and calibration["after"]["ece"] > calibration["before"]["ece"]:
             console.warn(f"temperature scaling made the {split} calibration worse (ECE {calibration['before']['ece']:.2%}"
-                         f" -> {calibration['after']['ece']:.2%}, T = {calibration['temperature']:.3f} fitted on val); "
+                         f" -> {calibration['after']['ece']:.2%}, T = {metrics.temperature_text(calibration['temperature'])} fitted on val); "
                          f"report the uncalibrated numbers for {split}")
 
 

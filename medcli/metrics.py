@@ -36,9 +36,10 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return np.exp(log_softmax(logits, temperature))
 
 
-def sigmoid(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Element-wise logistic function of logits / temperature in float64 (multi-label scores)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
+def sigmoid(logits: np.ndarray, temperature: float | Sequence[float] = 1.0) -> np.ndarray:
+    """Element-wise logistic function of logits / temperature in float64 (multi-label scores;
+    a sequence of temperatures holds one per label, i.e. per column)."""
+    z = np.asarray(logits, dtype=np.float64) / np.asarray(temperature, dtype=np.float64)
     return np.exp(-np.logaddexp(0.0, -z))
 
 
@@ -311,31 +312,41 @@ def confusion_counts(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> n
     return cm
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = False) -> float:
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = False) -> float | list[float]:
     """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017), or
-    with `multilabel` the mean binary cross-entropy of sigmoid(logits / T): one T shared by
-    every label, so each label's ranking (its AUC) is unchanged.
+    with `multilabel` one temperature per label, each minimising that label's binary
+    cross-entropy of sigmoid(logit / T): labels are separate yes/no decisions, over- or
+    under-confident to different degrees. Either way each class's or label's ranking (its
+    AUC) is unchanged, as is the argmax.
 
     A bounded 1-D search over log T in [log 0.05, log 20]: the NLL is smooth and unimodal in
     log T, so this is deterministic, needs no torch and no learning rate, and keeps T away
-    from degenerate values. T > 1 softens an over-confident model; argmax (accuracy) is unchanged.
+    from degenerate values. T > 1 softens an over-confident model.
     """
-    from scipy.optimize import minimize_scalar
-
     labels = np.asarray(labels).astype(np.int64)
+    logits = np.asarray(logits, dtype=np.float64)
     if labels.shape[0] == 0:
         raise ValueError("cannot fit a temperature on zero samples")
     if multilabel:
-        def objective(log_t: float) -> float:
-            z = np.asarray(logits, dtype=np.float64) / np.exp(log_t)
-            return float((np.logaddexp(0.0, z) - labels * z).mean())  # BCE with logits, stable
-    else:
-        labels = labels.reshape(-1)
-        rows = np.arange(labels.size)
+        def label_objective(k: int):
+            return lambda log_t: float((np.logaddexp(0.0, z := logits[:, k] / np.exp(log_t)) - labels[:, k] * z).mean())
 
-        def objective(log_t: float) -> float:
-            return float(-log_softmax(logits, np.exp(log_t))[rows, labels].mean())
+        return [_fit_log_temperature(label_objective(k)) for k in range(logits.shape[1])]
+    labels = labels.reshape(-1)
+    rows = np.arange(labels.size)
+    return _fit_log_temperature(lambda log_t: float(-log_softmax(logits, np.exp(log_t))[rows, labels].mean()))
+
+
+def _fit_log_temperature(objective) -> float:
+    from scipy.optimize import minimize_scalar
 
     found = minimize_scalar(objective, bounds=(np.log(0.05), np.log(20.0)), method="bounded",
                             options={"xatol": 1e-6})
     return float(np.exp(found.x))
+
+
+def temperature_text(temperature: float | Sequence[float]) -> str:
+    """A temperature for a log line or a table cell: "1.234", or "0.912-1.518 (14 labels)"."""
+    if np.ndim(temperature) == 0:
+        return f"{temperature:.3f}"
+    return f"{min(temperature):.3f}-{max(temperature):.3f} ({len(temperature)} labels)"

@@ -17,7 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from medcli import fileio
-from medcli.metrics import confusion_counts
+from medcli.metrics import confusion_counts, temperature_text
 from medcli.errors import UsageError
 from medcli.names import BINARY, MULTI_CLASS, PERCENT_METRICS, SCALAR_METRICS, TASK_METRICS, short_names
 
@@ -523,7 +523,7 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
         calibration = meta.get("calibration") or {}
         info += [(f"{split}: checkpoint", meta.get("checkpoint")),
                  (f"{split}: test-time views", ", ".join(meta["tta"]["views"])),
-                 (f"{split}: temperature", calibration.get("temperature"))]
+                 (f"{split}: temperature", temperature_text(calibration["temperature"]) if calibration else None)]
     _flatten("config", manifest.get("config", {}), info)
     run_block = Block(pd.DataFrame(info, columns=["item", "value"]), title="run and config")
 

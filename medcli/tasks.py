@@ -91,7 +91,7 @@ class Task:
 
     # --- numpy: evaluation ----------------------------------------------------------------
 
-    def probabilities(self, logits, temperature: float = 1.0):
+    def probabilities(self, logits, temperature: float | list[float] = 1.0):
         from medcli import metrics
 
         return (metrics.sigmoid if self.multilabel else metrics.softmax)(logits, temperature)
@@ -117,7 +117,7 @@ class Task:
                     "confidence_of": "each label's yes/no decision"}
         return {**metrics.reliability(*metrics.top_label(labels, probs, self.kind)), "confidence_of": "top-class probability"}
 
-    def fit_temperature(self, logits, labels) -> float:
+    def fit_temperature(self, logits, labels) -> float | list[float]:
         from medcli import metrics
 
         return metrics.fit_temperature(logits, labels, multilabel=self.multilabel)

@@ -143,13 +143,19 @@ def test_multilabel_metrics_by_hand():
     assert t.true_class(labels, probs).tolist() == [0, 0, 0, 1]  # no labels: the most probable one
 
 
-def test_multilabel_temperature_is_shared_and_keeps_each_labels_ranking():
+def test_multilabel_temperatures_are_per_label_and_keep_each_labels_ranking():
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(2000, 4))
     labels = (rng.random((2000, 4)) < metrics.sigmoid(logits)).astype(int)  # calibrated by construction
-    assert metrics.fit_temperature(logits, labels, multilabel=True) == pytest.approx(1.0, abs=0.15)
-    t = metrics.fit_temperature(logits * 3, labels, multilabel=True)
-    assert t == pytest.approx(3.0, rel=0.15)
+    assert metrics.fit_temperature(logits, labels, multilabel=True) == pytest.approx([1.0] * 4, abs=0.15)
+    sharper = logits * np.array([3.0, 1.0, 0.5, 1.0])  # over-confident, calibrated, under-confident labels
+    t = metrics.fit_temperature(sharper, labels, multilabel=True)
+    assert t == pytest.approx([3.0, 1.0, 0.5, 1.0], rel=0.15)
+    scaled = Task(MULTI_LABEL, tuple("abcd")).probabilities(sharper, t)
+    assert metrics.binary_nll(labels, scaled) < metrics.binary_nll(labels, metrics.sigmoid(sharper))
+    before, after = (metrics.multilabel_metrics(labels, p)["per_class"] for p in (metrics.sigmoid(sharper), scaled))
+    assert [r["auc"] for r in after] == pytest.approx([r["auc"] for r in before], abs=1e-12)
+    assert metrics.temperature_text(t).endswith("(4 labels)") and metrics.temperature_text(2.0) == "2.000"
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +184,9 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     evaluated = runner.invoke(app, ["--quiet", "evaluate", str(run), "--tta", "--calibrate", "--medmnist-csv", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     ours = json.loads(evaluated.stdout)["test"]
-    assert ours["task"] == task.kind and ours["calibration"]["temperature"] > 0
+    temperature = np.asarray(ours["calibration"]["temperature"])
+    assert ours["task"] == task.kind and (temperature > 0).all()
+    assert temperature.shape == ((len(task.names),) if task.multilabel else ())  # one per label
     assert set(TASK_METRICS[task.kind]) <= set(ours["metrics"])
     # the official evaluator, reading our medmnist-layout CSV as its parse_and_evaluate does
     (csv,) = (run / "predictions" / "medmnist").glob(f"{flag}_test_*@{run.name}.csv")
