@@ -119,6 +119,20 @@ def test_binary_rates_and_ordinal_scores_against_hand_counts():
     assert o["qwk"] == pytest.approx(cohen_kappa_score(grades, predicted, weights="quadratic"))
 
 
+@pytest.mark.parametrize("task", [MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL])
+def test_every_monitor_has_a_value_for_every_task(task):
+    """--monitor acc|auc|f1|loss picks best.pt for any task: each names a metric the task has."""
+    from medcli import train
+    from medcli.names import MONITORS
+
+    rng = np.random.default_rng(0)
+    labels, probs = _multilabel(rng) if task == MULTI_LABEL else _single(rng, {BINARY: 2}.get(task, 5))
+    values = Task(task, tuple(f"c{k}" for k in range(probs.shape[1]))).metrics(labels, probs)
+    for monitor in MONITORS:
+        value = train.monitored(values, monitor)
+        assert isinstance(value, float) and np.isfinite(value), (monitor, value)
+
+
 def test_a_multilabel_mistake_is_as_confident_as_its_surest_wrong_label():
     """A sample wrong on one label at 0.99 is a more confident mistake than one wrong at 0.6,
     whatever its other labels; a right sample is as sure as its least sure label."""

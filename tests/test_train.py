@@ -125,6 +125,28 @@ def test_autocast_is_entered_only_when_asked(small_root, tmp_path, monkeypatch, 
     assert seen and all(seen) == (amp == "bf16") and any(seen) == (amp == "bf16")
 
 
+# -- larger images ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size, stem", [(64, "small+pool"), (128, "imagenet")])
+def test_resnet18_trains_evaluates_and_explains_at_larger_sizes(tmp_path, size, stem):
+    """The 64- and 128-px path end to end on a tiny grayscale binary set (BreastMNIST layout):
+    the stem the size policy picks, recorded in the manifest, and every later command."""
+    root = tmp_path / "data"
+    datasets.make_synthetic(root / datasets.filename("breastmnist", size), "breastmnist", size, (32, 8, 8), seed=0)
+    trained = runner.invoke(app, ["train", "--dataset", "breastmnist", "--size", str(size), "--root", str(root),
+                                  "--runs-dir", str(tmp_path / "runs"), "--model", "resnet18", "--epochs", "1"])
+    assert trained.exit_code == 0, trained.output
+    run = Path(trained.stdout.strip())
+    manifest = Run.open(run)
+    assert manifest.spec["stem"] == stem and manifest.spec["input_size"] == size
+    evaluated = runner.invoke(app, ["--quiet", "evaluate", str(run), "--json"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.stdout)["test"]["metrics"]["n"] == 8
+    explained = runner.invoke(app, ["--quiet", "explain", str(run), "--method", "gradcam", "--per-class", "1",
+                                    "--no-faithfulness", "--json"])
+    assert explained.exit_code == 0, explained.output
+
+
 # -- divergence -------------------------------------------------------------------------------------
 
 def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_finite_epoch(small_root, tmp_path, monkeypatch):
