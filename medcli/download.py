@@ -272,13 +272,14 @@ def _flags(flags: Iterable[str]) -> list[str]:
 
 
 def _file_status(path: Path, flag: str, size: int) -> dict:
-    """missing | unverified (no record: not placed by medcli) | mismatch (changed since its
-    record) | official | synthetic | unofficial. Read-only: never writes a record."""
+    """missing | unverified (no record: not placed by medcli; or recorded before the current
+    import checks, which its next use runs) | mismatch (changed since its record) | official |
+    synthetic | unofficial. Read-only: never writes a record."""
     entry = {"path": str(path), "status": "missing"}
     if not path.is_file():
         return entry
     record = datasets.record_of(path, flag, size)
-    if record is None:
+    if record is None or record.get("checks") != datasets.CHECKS:
         return dict(entry, status="unverified")
     md5 = datasets.current_md5(path, record)
     if md5 != record["md5"]:

@@ -3,6 +3,7 @@ as `download` checks), and a read-only data root still works."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -83,6 +84,8 @@ def test_a_record_from_before_the_current_checks_sends_its_file_through_them_aga
     record = datasets.read_record(good)
     del record["checks"]
     datasets.write_record(good, record)
+    listed = runner.invoke(app, ["download", "--list", "--json", "--root", str(tmp_path), FLAG])
+    assert json.loads(listed.stdout)[0]["files"]["28"]["status"] == "unverified"  # until its next use checks it
     monkeypatch.setattr(fileio, "md5_file", lambda p: pytest.fail("hashed a file whose record has its md5"))
     with pytest.raises(MedcliError, match=r"test_labels has shape \(8, 2\), expected \(8, 1\)"):
         datasets.load(tmp_path, FLAG, SIZE)
