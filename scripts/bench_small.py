@@ -22,7 +22,7 @@ time, and for medcli the share of the training stage spent outside the training 
 (validation, BatchNorm re-estimation, checkpoints, history and curves).
 
     .venv/bin/python scripts/bench_small.py [--sets blood546,gray2] [--seeds 0,1,2] [--only medcli]
-                                            [--results bench_small.jsonl]
+                                            [--results bench_small.jsonl [--table]]
 
 Hours of CPU time at the full settings (each 546-image run is about 55k training images for the
 reference and 33k for medcli); --reference-epochs shortens the reference, which then is no
@@ -178,6 +178,20 @@ def table(results: list[dict], sets: list[str], recipes: list[str], reference_ep
                   f"acc {spread([r['accuracy'] for r in rows])}  auc {spread([r['auc'] for r in rows])}  "
                   f"{np.mean([r['seconds'] for r in rows]) / 60:.1f} min/run{extra}  "
                   f"commits {','.join(sorted({str(r.get('commit')) for r in rows}))}", flush=True)
+        verdict(results, name, reference_epochs)
+
+
+def verdict(results: list[dict], name: str, reference_epochs: int) -> None:
+    """medcli's mean minus the reference's, on the seeds both recipes have finished."""
+    by = {recipe: {r["seed"]: r for r in results if r["set"] == name and r["recipe"] == recipe
+                   and (recipe == "medcli" or r["reference_epochs"] == reference_epochs)}
+          for recipe in ("reference", "medcli")}
+    seeds = sorted(set(by["reference"]) & set(by["medcli"]))
+    if not seeds:
+        return
+    gaps = {key: np.mean([by["medcli"][s][key] - by["reference"][s][key] for s in seeds]) for key in ("accuracy", "auc")}
+    print(f"{name:10s} medcli - reference on seeds {','.join(map(str, seeds))}: accuracy {gaps['accuracy']:+.2%}, "
+          f"auc {gaps['auc']:+.5f} ({'beats' if min(gaps.values()) > 0 else 'does NOT beat'} it on both)", flush=True)
 
 
 def main() -> None:
@@ -188,6 +202,7 @@ def main() -> None:
     parser.add_argument("--only", choices=("reference", "medcli"))
     parser.add_argument("--reference-epochs", type=int, default=100)
     parser.add_argument("--results", type=Path, help="JSON-lines file: runs found there are reused, new ones appended")
+    parser.add_argument("--table", action="store_true", help="only print the table of the runs in --results")
     args = parser.parse_args()
     from medcli import console
 
@@ -196,6 +211,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = [args.only] if args.only else ["reference", "medcli"]
     results = load_results(args.results)
+    if not args.table:
+        run_missing(args, sets, seeds, recipes, results)
+    table([r for r in results if r["seed"] in seeds], sets, recipes, args.reference_epochs)
+
+
+def run_missing(args, sets: list[str], seeds: list[int], recipes: list[str], results: list[dict]) -> None:
+    """Train every (set, seed, recipe) not in `results` yet; append each to `results` (and
+    to the --results file) as it finishes."""
     done = {(r["set"], r["recipe"], r["seed"], r.get("reference_epochs")) for r in results}
     started = provenance()
     with tempfile.TemporaryDirectory() as tmp:
@@ -218,8 +241,6 @@ def main() -> None:
                         with args.results.open("a") as out:
                             out.write(json.dumps(result) + "\n")
                     print(f"  {name} {recipe} seed {seed}: {result}", flush=True)
-    table([r for r in results if r["seed"] in seeds], sets, recipes, args.reference_epochs)
-
 
 if __name__ == "__main__":
     main()
