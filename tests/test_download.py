@@ -204,9 +204,13 @@ def test_a_valid_npz_with_the_wrong_md5_is_rejected(server, tmp_path):
 
 def test_ctrl_c_during_a_download_exits_130_and_removes_the_partial_file(server, tmp_path):
     env = dict(os.environ, MEDCLI_MIRROR=f"{server.base}/stall", PYTHONPATH=str(REPO))
+    # A shell starts background jobs with SIGINT ignored, and Python then keeps ignoring it (a
+    # CI run launched with `&` made this test hang): the child gets the default disposition,
+    # as a command typed at a terminal has.
     proc = subprocess.Popen(
         [sys.executable, "-m", "medcli", "download", FLAG, "--root", str(tmp_path)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         assert server.stalled.wait(30), "the download never started"
