@@ -418,7 +418,9 @@ def check_finite(model, epoch: int, config: dict) -> None:
     is skipped by the GradScaler and leaves the weights finite.)"""
     import torch
 
-    if all(torch.isfinite(p).all() for p in model.parameters()):
+    # One host sync for the whole model: the largest |weight| of every tensor (NaN propagates).
+    largest = torch._foreach_norm([p.detach() for p in model.parameters()], float("inf"))
+    if torch.stack(largest).isfinite().all():
         return
     hint = "lower --lr" + (" or train with --amp bf16" if config["amp"] == "fp16" else "")
     kept = f"last.pt keeps epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"

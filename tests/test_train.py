@@ -172,6 +172,19 @@ def test_a_diverged_run_stops_with_one_line_and_keeps_the_last_finite_epoch(smal
     assert train.monitored({"loss": float("nan")}, "loss") is None  # an overflowing val loss picks nothing
 
 
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_check_finite_finds_one_bad_weight_anywhere_and_passes_huge_finite_ones(bad):
+    from medcli.errors import MedcliError
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.fill_(1e30)  # finite; its squared norm would overflow float32
+    train.check_finite(model, 3, {"amp": "none"})
+    with torch.no_grad():
+        model[2].bias[1] = bad  # the last element of the last tensor
+    with pytest.raises(MedcliError, match="diverged in epoch 3"):
+        train.check_finite(model, 3, {"amp": "none"})
+
 # -- early stopping -------------------------------------------------------------------------------
 
 def test_early_stopping_stops_after_patience_and_keeps_best(small_root, tmp_path, monkeypatch):
