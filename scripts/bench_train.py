@@ -6,11 +6,13 @@ Parts (default: all):
               same model, batch and optimizer, same process. Target: >= 90%.
   --resnet    `medcli train --model resnet18 --reduced` end to end: wall time, test accuracy.
   --vit       `medcli train --model vit --reduced` end to end: wall time, test accuracy.
-  --full N    the full default `medcli train --model resnet18` recipe (no max-pool, batch 128,
-              SGD lr 0.1, label smoothing) shortened to N epochs: test accuracy, and the projected
-              wall time of the default epoch count at the measured time per epoch. Not part
-              of the default set (hours of CPU time at the default epoch count).
-Test accuracy comes from the best checkpoint through `inference.predict_logits`.
+  --full N    the full default `medcli train --model resnet18` recipe (batch 128, SGD lr 0.1,
+              label smoothing, the stem of the size policy) shortened to N epochs: test accuracy,
+              and the projected wall time of the default epoch count at the measured time per
+              epoch. Not part of the default set (hours of CPU time at the default epoch count).
+The end-to-end runs train at the size of the --data file (28 px, or 64 px with
+bloodmnist_pbc_64.npz). Test accuracy comes from the best checkpoint through
+`inference.predict_logits`.
 
     .venv/bin/python scripts/bench_train.py --data ../shared/data/bloodmnist_pbc_28.npz [--resnet] [--vit]
 
@@ -32,10 +34,19 @@ import numpy as np
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bloodmnist_pbc_28.npz"
 
 
+def image_size(source: Path) -> int:
+    """The image size of a BloodMNIST-layout npz (28, 64, ...), from its validation images."""
+    with np.load(source) as archive:
+        return int(archive["val_images"].shape[1])
+
+
 def make_root(source: Path, directory: Path, n_train: int | None = None) -> Path:
-    """A data root holding `source` as bloodmnist.npz (optionally only the first n_train images)."""
+    """A data root holding `source` under medmnist's file name for its size (optionally only the
+    first n_train images)."""
+    from medcli import datasets
+
     directory.mkdir(parents=True, exist_ok=True)
-    target = directory / "bloodmnist.npz"
+    target = directory / datasets.filename("bloodmnist", image_size(source))
     if n_train is None:
         target.symlink_to(source.resolve())
     else:
@@ -101,14 +112,15 @@ def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: 
     from medcli import config, datasets, inference, models
     from medcli.run import Run
 
-    root = work / "full"
+    size = image_size(source)
+    root = work / f"full-{size}"
     if not root.exists():
         make_root(source, root)
     preset = ["--reduced"] if reduced else []
-    runs = work / f"runs-{model}{'' if reduced else '-full'}"
-    command = [sys.executable, "-m", "medcli", "--quiet", "train", "--model", model, *preset,
+    runs = work / f"runs-{model}-{size}{'' if reduced else '-full'}"
+    command = [sys.executable, "-m", "medcli", "--quiet", "train", "--model", model, *preset, "--size", str(size),
                "--root", str(root), "--runs-dir", str(runs), "--device", "cpu", *extra]
-    label = f"[{model} {' '.join(preset + extra)}]"
+    label = f"[{model} {size} px {' '.join(preset + extra)}]"
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -117,7 +129,7 @@ def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: 
         return
     run = Run.open(done.stdout.strip())
     net = run.load_model("best", "cpu")
-    splits = datasets.load(root, "bloodmnist", 28)
+    splits = datasets.load(root, "bloodmnist", size)
     logits = inference.predict_logits(net, datasets.as_tensor(splits.images["test"]), run.data["preprocess"],
                                       batch_size=512, device="cpu")
     accuracy = float((logits.argmax(1).numpy() == splits.labels["test"]).mean())
@@ -133,7 +145,8 @@ def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="bloodmnist_pbc_28.npz")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="bloodmnist_pbc_28.npz (or _64.npz: --resnet/--vit/--full then train at 64 px)")
     parser.add_argument("--overhead", action="store_true")
     parser.add_argument("--resnet", action="store_true")
     parser.add_argument("--vit", action="store_true")
