@@ -132,7 +132,7 @@ def resnet_stem(input_size: int, keep_maxpool: bool = False) -> str:
 def rebuild(spec: Mapping[str, Any]) -> nn.Module:
     """The architecture a spec describes, randomly initialised; never touches the network."""
     arch, library = resolve(spec["name"])
-    if library == "torchvision":  # runs from before the pooled stem recorded "small" at 64 px: they keep it
+    if library == "torchvision":  # the recorded stem wins: older runs rebuild with their own
         return _resnet18(spec["num_classes"], spec["in_chans"], spec["input_size"], stem=spec.get("stem"),
                          **spec.get("overrides", {}))
     return _timm_model(spec)
@@ -163,6 +163,8 @@ def _resnet18(num_classes: int, in_chans: int, input_size: int, keep_maxpool: bo
     except TypeError as exc:
         raise _bad_option("resnet18", exc) from exc
     stem = stem or resnet_stem(input_size, keep_maxpool)
+    if stem == "small" and keep_maxpool:  # recorded before "small+pool" existed (--reduced runs): pooled
+        stem = "small+pool"
     if stem != "imagenet":
         model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
         if stem == "small":

@@ -70,6 +70,9 @@ def test_resnet18_stem_policy_keeps_layer1_between_28_and_56_px_and_old_specs_re
     assert sizes == {28: ("small", 28), 64: ("small+pool", 32), 128: ("imagenet", 32), 224: ("imagenet", 56)}
     old = {**spec, "input_size": 64, "stem": "small"}  # a 64-px run trained before the pooled stem
     assert isinstance(models.rebuild(old).maxpool, nn.Identity)
+    # a --reduced run from then: "small" with keep_maxpool meant the pooled stem
+    old_reduced = {**spec, "input_size": 28, "stem": "small", "overrides": {"keep_maxpool": True}}
+    assert isinstance(models.rebuild(old_reduced).maxpool, nn.MaxPool2d)
 
 
 def test_resnet18_keep_maxpool_override_and_unknown_option():
