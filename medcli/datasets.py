@@ -372,8 +372,13 @@ def make_subset(
         for split, n in zip(SPLITS, counts):
             images, labels = archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
             if classes is not None:
+                absent = sorted(set(classes) - set(np.unique(labels).tolist()))
+                if absent:
+                    raise UsageError(f"{source} has no {split} images of class {', '.join(map(str, absent))}")
+                if len(set(classes)) != len(classes):
+                    raise UsageError(f"classes {list(classes)} name a class twice")
                 keep = np.isin(labels, classes)
-                relabel = np.zeros(labels.max() + 1, dtype=np.int64)
+                relabel = np.zeros(labels.max() + 1, dtype=np.int64)  # every kept class is <= labels.max()
                 relabel[list(classes)] = np.arange(len(classes))
                 images, labels = images[keep], relabel[labels[keep]]
             if n > len(labels):
@@ -385,10 +390,12 @@ def make_subset(
             arrays[f"{split}_images"] = picked
             arrays[f"{split}_labels"] = labels[chosen].reshape(-1, 1).astype(np.uint8)
     target = Path(path)
+    size = arrays["train_images"].shape[1]
     with fileio.atomic_path(target) as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)
-    record = make_record(flag, arrays["train_images"].shape[1], target, fileio.md5_file(target),
+        validate_npz(tmp, flag, size)  # the checks resolve() trusts the record for; nothing kept on failure
+    record = make_record(flag, size, target, fileio.md5_file(target),
                          f"stratified subset (seed {seed}) of {source.name}", dict(zip(SPLITS, counts)))
     write_record(target, record)
     return target
