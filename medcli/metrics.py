@@ -312,6 +312,9 @@ def confusion_counts(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> n
     return cm
 
 
+TEMPERATURE_RANGE = (0.05, 20.0)
+
+
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = False) -> float | list[float]:
     """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017), or
     with `multilabel` one temperature per label, each minimising that label's binary
@@ -319,9 +322,15 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = F
     under-confident to different degrees. Either way each class's or label's ranking (its
     AUC) is unchanged, as is the argmax.
 
-    A bounded 1-D search over log T in [log 0.05, log 20]: the NLL is smooth and unimodal in
+    A bounded 1-D search over log T in TEMPERATURE_RANGE ([log 0.05, log 20]): the NLL is smooth and unimodal in
     log T, so this is deterministic, needs no torch and no learning rate, and keeps T away
     from degenerate values. T > 1 softens an over-confident model.
+
+    A validation split that cannot pin T down gets T = 1 (logits unchanged): one whose
+    labels are all on the right side of the decision (perfectly separated, common on a
+    78-image split) has its NLL falling all the way to T -> 0, and a multi-label label with
+    no positive (or no negative) validation image says nothing about its ranking. The search
+    would stop at the bound 0.05 and multiply the test logits by 20.
     """
     labels = np.asarray(labels).astype(np.int64)
     logits = np.asarray(logits, dtype=np.float64)
@@ -331,7 +340,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = F
         def label_objective(k: int):
             return lambda log_t: float((np.logaddexp(0.0, z := logits[:, k] / np.exp(log_t)) - labels[:, k] * z).mean())
 
-        return [_fit_log_temperature(label_objective(k)) for k in range(logits.shape[1])]
+        return [_fit_log_temperature(label_objective(k)) if 0 < labels[:, k].sum() < labels.shape[0] else 1.0
+                for k in range(logits.shape[1])]
     labels = labels.reshape(-1)
     rows = np.arange(labels.size)
     return _fit_log_temperature(lambda log_t: float(-log_softmax(logits, np.exp(log_t))[rows, labels].mean()))
@@ -340,9 +350,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = F
 def _fit_log_temperature(objective) -> float:
     from scipy.optimize import minimize_scalar
 
-    found = minimize_scalar(objective, bounds=(np.log(0.05), np.log(20.0)), method="bounded",
+    lower = np.log(TEMPERATURE_RANGE[0])
+    found = minimize_scalar(objective, bounds=(lower, np.log(TEMPERATURE_RANGE[1])), method="bounded",
                             options={"xatol": 1e-6})
-    return float(np.exp(found.x))
+    return 1.0 if found.x < lower + 1e-3 else float(np.exp(found.x))  # at the bound: T not identified
 
 
 def temperature_text(temperature: float | Sequence[float]) -> str:

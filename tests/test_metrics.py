@@ -82,6 +82,15 @@ def test_temperature_scaling_fixes_an_over_confident_model():
     assert (after.argmax(1) == before.argmax(1)).all()  # accuracy is untouched
 
 
+def test_a_perfectly_separated_validation_split_keeps_the_logits():
+    logits, _ = _toy_logits(78, seed=4)
+    labels = logits.argmax(1)  # every validation image right: the NLL falls all the way to T -> 0
+    assert metrics.fit_temperature(logits, labels) == 1.0
+    multi = np.column_stack([logits[:, 0], logits[:, 1]])
+    one_sided = np.column_stack([multi[:, 0] > 0, np.zeros(78, int)])  # label 1: no positive at all
+    assert metrics.fit_temperature(multi, one_sided, multilabel=True) == [1.0, 1.0]
+
+
 def test_temperature_is_about_one_for_a_calibrated_model():
     logits, labels = _toy_logits(3000, seed=2)
     assert metrics.fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.15)
