@@ -29,7 +29,8 @@ from medcli.names import (COMPARABLE_METRICS, FAITHFULNESS_METRICS, FAITHFULNESS
                           MULTI_CLASS, PERCENT_METRICS, SPLITS, TASK_METRICS)
 from medcli.run import Run
 # Config keys that do not change the experiment: runs differing only in these are repeats.
-_NOT_EXPERIMENT = frozenset({"seed", "runs_dir", "root", "device", "amp", "compile", "channels_last", "deterministic"})
+_NOT_EXPERIMENT = frozenset({"seed", "runs_dir", "root", "device", "amp", "compile", "channels_last", "deterministic",
+                             "data_budget_gb"})
 _RUN_COLUMNS = ("run", "dataset", "size", "model", "pretrained", "epochs", "seed", "train_s", "evaluation")
 LEADER_MARK = "★"
 

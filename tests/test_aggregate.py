@@ -20,11 +20,12 @@ runner = CliRunner()
 
 
 def make_run(parent: Path, name: str, *, model: str = "resnet18", seed: int = 0, accuracy: float | None = 0.9,
-             train_status: str = "completed", asked_pretrained: bool = False, loaded_pretrained: bool = False) -> Path:
+             train_status: str = "completed", asked_pretrained: bool = False, loaded_pretrained: bool = False,
+             **config) -> Path:
     """A run directory as train + evaluate leave it (no checkpoints: aggregate reads files only)."""
     created = Run.create(
         parent, name, config={"dataset": "bloodmnist", "size": 28, "model": model, "epochs": 3, "lr": 0.1, "seed": seed,
-                     "device": "cpu", "runs_dir": str(parent), "pretrained": asked_pretrained},
+                     "device": "cpu", "runs_dir": str(parent), "pretrained": asked_pretrained, **config},
         dataset={"flag": "bloodmnist", "size": 28, "md5": "abc"}, model={"name": model, "pretrained": loaded_pretrained},
     )
     created.update(lambda data: data["stages"].__setitem__("train", {
@@ -82,6 +83,16 @@ def test_seeds_group_by_the_weights_they_really_started_from(tmp_path):
     groups = {g["pretrained"]: g for g in aggregate([root], metric_names=["accuracy"]).groups}
     assert groups[False]["n_runs"] == 2 and groups[False]["accuracy"] == pytest.approx(0.81)
     assert groups[True]["n_runs"] == 2 and groups[True]["accuracy"] == pytest.approx(0.96)
+
+
+def test_runs_differing_only_in_where_and_how_fast_they_ran_are_repeats(tmp_path):
+    """--data-budget only decides where the split lives (same weights), like --device or --amp."""
+    root = tmp_path / "runs"
+    make_run(root, "resident", seed=0, accuracy=0.80, data_budget_gb=None)
+    make_run(root, "streamed", seed=1, accuracy=0.82, data_budget_gb=0.0, device="cuda", amp="bf16")
+    make_run(root, "other-lr", seed=0, accuracy=0.70, lr=0.01)
+    groups = sorted(g["n_runs"] for g in aggregate([root], metric_names=["accuracy"]).groups)
+    assert groups == [1, 2]
 
 
 def test_cli_writes_every_format_and_marks_leaders(runs_root, tmp_path):
