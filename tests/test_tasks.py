@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medcli import datasets, metrics
+from medcli.errors import MedcliError
 from medcli.cli import app
 from medcli.names import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASK_METRICS
 from medcli.tasks import Task
@@ -243,3 +244,19 @@ def test_an_unknown_explain_target_is_one_line(tiny_run):
 
     line = one_line_error(runner.invoke(app, ["explain", str(tiny_run), "--target", "neutrophilz"]), 2)
     assert "unknown --target 'neutrophilz'" in line and "basophil" in line
+
+
+@pytest.mark.parametrize("flag, target, expected", [
+    ("breastmnist", "normal", 1), ("breastmnist", "Normal, Benign", 1), ("breastmnist", "1", 1),
+    ("bloodmnist", "immature granulocytes", 3), ("chestmnist", "pleural", 12),
+])
+def test_explain_targets_accept_the_names_the_error_lists(flag, target, expected):
+    from medcli.datasets import class_names
+    from medcli.explain import _target_class
+
+    names = class_names(flag)
+    assert _target_class(target, names) == expected
+    with pytest.raises(MedcliError) as raised:
+        _target_class("no such class", names)
+    listed = str(raised.value).split(" or name (")[1].rstrip(")").split(", ")
+    assert [_target_class(name, names) for name in listed] == list(range(len(names)))
