@@ -94,6 +94,10 @@ def evaluate_run(
     if tta and len(chosen_views) == 1:
         console.warn("--tta: this run was trained without flips or turns, so there is no test-time view to add")
     views = [_flip(dims) for dims in chosen_views.values()] if tta else None
+    if medmnist_csv and not data.record.get("official"):
+        console.warn(f"--medmnist-csv: medmnist.Evaluator scores these files against the labels of the official "
+                     f"{run.dataset['flag']} file, and this run's data is not that file ({data.record.get('source')}): "
+                     "its numbers there are not this run's")
 
     def predict(name: str) -> np.ndarray:
         return inference.predict_logits(
