@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from typing import Callable, Sequence
 
 from medcli import console
-from medcli.errors import UsageError
+from medcli.errors import MedcliError, UsageError
 from medcli.names import AMP_MODES
 
 
@@ -103,12 +103,30 @@ def predict_logits(
     logit for sigmoid), so callers treat the TTA and the plain result the same way
     (`task.probabilities` gives the averaged probabilities). The model's train/eval mode is
     restored afterwards.
+
+    Scores that overflow under `amp` (fp16's largest value is 65,504) are computed again in
+    full precision, with a warning; scores that are still not finite mean a diverged model
+    and stop with one line (they would turn every metric into NaN).
     """
+    import torch
+
+    arguments = dict(batch_size=batch_size, device=torch.device(device), views=views, task=task,
+                     progress_label=progress_label)
+    scores = _predict(model, images, prep, amp=amp, **arguments)
+    if amp != "off" and not torch.isfinite(scores).all():
+        console.warn(f"the model's outputs overflowed in {amp}; predicting again in full precision")
+        scores = _predict(model, images, prep, amp="off", **arguments)
+    if not torch.isfinite(scores).all():
+        raise MedcliError("the model's outputs are NaN or infinite: its weights or BatchNorm statistics have "
+                          "diverged; evaluate another checkpoint or train again with a lower --lr")
+    return scores
+
+
+def _predict(model, images, prep: dict, *, batch_size: int, device, amp: str, views, task, progress_label):
     import torch
 
     from medcli import augment
 
-    device = torch.device(device)
     was_training = model.training
     model.eval()
     total = int(images.shape[0])

@@ -194,3 +194,27 @@ def test_moved_dataset_needs_root_and_is_found_again_with_it(run_copy, synthetic
     line = one_line_error(runner.invoke(app, ["evaluate", str(run_copy), "--device", "cpu"]), 2)
     assert "is missing" in line and "--root" in line
     assert Run.open(run_copy).load_data(synthetic_root).labels["test"].shape == (64,)
+
+
+class _Scores(torch.nn.Module):
+    """3 class scores per image: `amp_value` under autocast, `value` in full precision."""
+
+    def __init__(self, value: float, amp_value: float):
+        super().__init__()
+        self.value, self.amp_value = value, amp_value
+
+    def forward(self, x):
+        value = self.amp_value if torch.is_autocast_enabled("cpu") else self.value
+        return torch.full((x.shape[0], 3), value, dtype=x.dtype)
+
+
+def test_scores_that_overflow_in_fp16_are_predicted_again_and_diverged_ones_stop(tiny_run, capsys):
+    from medcli import inference
+    from medcli.errors import MedcliError
+
+    prep, images = Run.open(tiny_run).data["preprocess"], torch.zeros(5, 3, 28, 28, dtype=torch.uint8)
+    scores = inference.predict_logits(_Scores(1.0, float("inf")), images, prep, batch_size=2, device="cpu", amp="fp16")
+    assert torch.equal(scores, torch.ones(5, 3)) and "predicting again in full precision" in capsys.readouterr().err
+    for diverged in (float("nan"), float("inf")):
+        with pytest.raises(MedcliError, match="NaN or infinite"):
+            inference.predict_logits(_Scores(diverged, diverged), images, prep, batch_size=2, device="cpu")
