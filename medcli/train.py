@@ -662,13 +662,14 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
     config = run.config
     files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best"),
              "history": run.path("history.csv"), "curves": run.path("figures/curves.png")}
+    written = [files["last"], files["history"]]  # only these are hashed again: an unchanged best.pt keeps its hash
     if is_best:
-        save_checkpoint(files["best"], state, val, full=False, device=device)
+        written.append(save_checkpoint(files["best"], state, val, full=False, device=device))
     save_checkpoint(files["last"], state, val, full=True, device=device)
     reports.write_table(files["history"], state.history, HISTORY_COLUMNS)
     final = stopped_early or state.epoch == config["epochs"]
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
-        reports.save_curves(files["curves"], state.history, config["monitor"])
+        written.append(reports.save_curves(files["curves"], state.history, config["monitor"]))
         state.curves_at = time.perf_counter()
     st.summary.update(
         epochs_run=state.epoch, best_epoch=state.best["epoch"], monitor=config["monitor"],
@@ -676,7 +677,7 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
         train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
         images_per_s=round(train_stats["images_per_s"] * ctx.world_size, 1), world_size=ctx.world_size,
     )
-    st.add(*(path for path in files.values() if path.is_file()))
+    st.add(*written)
 
 
 def _warn_if_device_shared(device: str, ctx: distributed.Context = distributed.Context()) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import datasets, models, train
+from medcli import datasets, fileio, models, train
 from medcli.cli import app
 from medcli.errors import UsageError
 from medcli.run import Run
@@ -215,12 +215,19 @@ def test_a_tie_moves_best_to_the_later_epoch_but_does_not_reset_patience(small_r
         acc = next(values)
         return {"accuracy": acc, "loss": 1 - acc, "auc": acc, "f1_macro": acc}
 
+    hashed = []
+    real_sha256 = fileio.sha256_file
+    monkeypatch.setattr(fileio, "sha256_file", lambda path: hashed.append(Path(path).name) or real_sha256(path))
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
     manifest = train.train(root=small_root, runs_dir=tmp_path, epochs=6, patience=2, monitor=monitor,
                            **{**TINY, "batch_size": 16})
     summary = manifest.stages["train"]["summary"]
     assert summary["epochs_run"] == 4 and summary["stopped_early"] is True
     assert summary["best_epoch"] == best_epoch == _load(manifest.run_dir / "checkpoints/best.pt")["epoch"]
+    # best.pt is hashed when written (epochs 1-3), not again at epoch 4; the recorded hash is the file's
+    assert hashed.count("best.pt") == best_epoch and hashed.count("last.pt") == 4
+    best = manifest.run_dir / "checkpoints/best.pt"
+    assert manifest.stages["train"]["artefacts"]["checkpoints/best.pt"] == real_sha256(best)
     assert train.compare(0.7, 0.7, monitor) == 0
 
 
