@@ -88,7 +88,7 @@ def evaluate_run(
     dev = inference.resolve_device(device)
     amp_mode = inference.resolve_amp(dev, amp, default="off")  # full precision unless asked: logits feed the metrics
     model = run.load_model(checkpoint, dev)
-    data = run.load_data(root)
+    data = run.load_data(root, sorted(set(chosen) | ({"val"} if calibrate else set())))
     task = Task.of(run.dataset["flag"])
     chosen_views = tta_views(augment.Augment.from_dict(run.config.get("augment", {}))) if tta else {"identity": ()}
     if tta and len(chosen_views) == 1:

@@ -539,7 +539,7 @@ def explain_run(
     model = run.load_model(checkpoint, dev)
     layer = None if method == "rollout" else resolve_layer(model, spec, layer)
     explainer = open_explainer(method, model, spec, layer, head_fusion, discard_ratio, batch_size)
-    data = run.load_data(root)
+    data = run.load_data(root, [split])
     images, labels = data.images[split], data.labels[split]
     task = Task.of(run.dataset["flag"])
     names = list(task.names)

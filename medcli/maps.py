@@ -136,7 +136,8 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
 
     files = [reports.write_table(out_dir / "maps_agreement.csv", table, list(table[0])),
              fileio.write_json(out_dir / "maps_agreement.json", summary)]
-    data = datasets.load(root or _data_root(run_dirs[0]), columns[0].meta["flag"], columns[0].meta["size"])
+    data = datasets.load(root or _data_root(run_dirs[0]), columns[0].meta["flag"], columns[0].meta["size"],
+                         [summary["split"]])
     figure_rows = _figure_rows(labels, common)
     files.append(save_figure(out_dir / "maps_compare.png", columns, rows, common, figure_rows,
                              data.images[summary["split"]], names))

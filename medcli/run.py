@@ -22,11 +22,11 @@ import re
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from medcli import console, fileio, manifest
 from medcli.errors import Interrupted, UsageError
-from medcli.names import CHECKPOINTS
+from medcli.names import CHECKPOINTS, SPLITS
 
 MANIFEST_LOCK = ".manifest.lock"
 STAGE_LOCK_PREFIX = ".lock-"
@@ -225,8 +225,8 @@ class Run:
         models.load_state(model, state, self.spec["name"], relative, "re-train this run or restore its checkpoint")
         return model.to(device).eval()
 
-    def load_data(self, root: str | os.PathLike | None = None):
-        """The run's dataset (`datasets.Splits`), found again by flag and size: under `root` when
+    def load_data(self, root: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS):
+        """The run's dataset (`datasets.Splits`, only `splits`), found again by flag and size: under `root` when
         given (a moved run or dataset), else under the data root training used, else beside the
         recorded file. A file that differs from the one training used is a warning (the numbers
         may not compare)."""
@@ -243,7 +243,7 @@ class Run:
                 raise UsageError(f"the dataset this run was trained on ({datasets.filename(flag, size)} under "
                                  f"{self.config.get('root') or record.get('path')}) is missing; pass --root DIR holding "
                                  f"it, or fetch it with 'medcli download {flag} --size {size}'")
-        data = datasets.load(root, flag, size)
+        data = datasets.load(root, flag, size, splits)
         if record.get("md5") and data.record.get("md5") != record.get("md5"):
             console.warn(f"{data.path} differs from the file this run was trained on (md5 "
                          f"{data.record.get('md5')} vs {record.get('md5')}); numbers may not be comparable")

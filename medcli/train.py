@@ -154,12 +154,14 @@ class Data:
 
     @classmethod
     def of(cls, splits: datasets.Splits, split: str, device, budget: float) -> "Data":
-        """The split on `device` if its images take at most `budget` bytes, else streamed."""
+        """The split on `device` if its images take at most `budget` bytes, else streamed. The
+        split's numpy images leave `splits` (the tensor replaces them: a split too big for the
+        device is not held twice in host memory)."""
         import torch
 
         from medcli import datasets
 
-        array = splits.images[split]
+        array = splits.images.pop(split)
         labels = torch.from_numpy(splits.labels[split]).to(device)
         if array.nbytes <= budget:
             return cls(datasets.as_tensor(array, device), labels, device)
@@ -560,7 +562,7 @@ def _strict_model(model, config: dict) -> list[str]:
 def _load(config: dict) -> datasets.Splits:
     from medcli import datasets
 
-    return datasets.load(config["root"], config["dataset"], config["size"])
+    return datasets.load(config["root"], config["dataset"], config["size"], ("train", "val"))  # fit never tests
 
 
 def _read_checkpoint(path: Path) -> dict:

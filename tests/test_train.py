@@ -362,10 +362,13 @@ def test_a_split_over_the_device_budget_is_streamed_with_the_same_result(small_r
 
 
 def test_streamed_batches_equal_the_on_device_ones_and_survive_later_batches(synthetic_root):
-    splits = datasets.load(synthetic_root, "bloodmnist", 28)
+    splits = datasets.load(synthetic_root, "bloodmnist", 28, ("train",))
+    assert list(splits.images) == ["train"]  # the splits asked for, nothing else read
     cpu = torch.device("cpu")
-    resident, streamed = train.Data.of(splits, "train", cpu, float("inf")), train.Data.of(splits, "train", cpu, 0)
+    resident = train.Data.of(datasets.load(synthetic_root, "bloodmnist", 28), "train", cpu, float("inf"))
+    streamed = train.Data.of(splits, "train", cpu, 0)
     assert not resident.streamed and streamed.streamed
+    assert "train" not in splits.images  # the tensor replaced the numpy copy: the split is held once
     generator = torch.Generator().manual_seed(0)
     indices = [torch.randperm(len(resident), generator=generator)[:n] for n in (5, 9, 3, 12, 7)]  # buffers regrow
     batches = [streamed.take(i) for i in indices]
