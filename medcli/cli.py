@@ -366,7 +366,7 @@ def explain(
 ) -> None:
     """Explain predictions with CAM methods or attention rollout.
 
-    Writes explain/<method>/<split>_<index>_gt-<class>_pred-<class>.png (original | heat map | overlay, titled) per sample, a grid per class, maps.npz (the raw maps) and index.json (with per-sample ROAD faithfulness) into the run; prints the directory.
+    Writes explain/<method>/<split>_<index>_gt-<class>_pred-<class>.png (multi-label: gt- lists every label, or none) (original | heat map | overlay, titled) per sample, a grid per class, maps.npz (the raw maps) and index.json (with per-sample ROAD faithfulness) into the run; prints the directory.
     """
     index = _explain.explain_run(
         run, method=method.value, split=split.value, per_class=per_class, indices=_explain.parse_indices(indices),

@@ -629,29 +629,36 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str]) ->
     import numpy as np
 
     slugs = file_names(names)
-    classes = sorted(set(int(k) for k in ex.labels))
+    # multi-label: a sample is named by its whole set of labels; one without any (no finding,
+    # common in ChestMNIST) stands for no label and joins no per-label grid
+    present = ([[int(ex.labels[row])] for row in range(len(ex.indices))] if ex.label_sets is None
+               else [np.flatnonzero(labels).tolist() for labels in ex.label_sets])
+    in_grids = [row for row in range(len(ex.indices)) if present[row]]
+    classes = sorted(set(int(ex.labels[row]) for row in in_grids))
     samples, grids, files = [], {}, []
     with console.progress() as bar:
         task = bar.add_task("figures", total=len(ex.indices) + len(classes), unit="fig")
         for row, index in enumerate(ex.indices):
-            label, pred = int(ex.labels[row]), int(ex.predictions[row])
-            name = f"{ex.split}_{index}_gt-{slugs[label]}_pred-{slugs[pred]}.png"
-            title = (f"true {names[label]} | pred {names[pred]} ({ex.confidence[row]:.2f}) | {caption}"
+            label, pred = (int(ex.labels[row]) if present[row] else None), int(ex.predictions[row])
+            true_slug = "+".join(slugs[k] for k in present[row]) or "none"
+            name = f"{ex.split}_{index}_gt-{true_slug}_pred-{slugs[pred]}.png"
+            true_text = "+".join(names[k] for k in present[row]) or "no finding"
+            title = (f"true {true_text} | pred {names[pred]} ({ex.confidence[row]:.2f}) | {caption}"
                      + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None else ""))
             save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title)
             files.append(out_dir / name)
             samples.append({
-                "index": int(index), "label": label, "label_name": names[label], "prediction": pred,
+                "index": int(index), "label": label, "label_name": None if label is None else names[label],
+                "prediction": pred,
                 "prediction_name": names[pred], "confidence": round(float(ex.confidence[row]), 6),
                 "target": int(ex.targets[row]), "file": name,
                 **({"box_mass": _finite(ex.box_mass[row])} if ex.box_mass is not None else {}),
                 **({"road": _finite(ex.road[row])} if ex.road is not None else {}),
-                **({"true_labels": [names[k] for k in np.flatnonzero(ex.label_sets[row])]}
-                   if ex.label_sets is not None else {}),
+                **({"true_labels": [names[k] for k in present[row]]} if ex.label_sets is not None else {}),
             })
             bar.advance(task)
         for k in classes:
-            rows = [row for row in range(len(ex.indices)) if ex.labels[row] == k]
+            rows = [row for row in in_grids if ex.labels[row] == k]
             grids[names[k]] = f"grid_{ex.split}_{slugs[k]}.png"
             save_class_grid(out_dir / grids[names[k]], f"{caption} · {ex.split} · true class {names[k]}", [
                 (ex.images[row], ex.maps[row],

@@ -406,3 +406,19 @@ def test_aggregate_maps_bad_input_is_one_line(explained_pair, tiny_run, tmp_path
         result = runner.invoke(app, ["aggregate", *args, "--maps", "--method", "gradcam", "--out", str(tmp_path / "o")])
         assert needle in one_line_error(result, 2), args
     assert "--out" in one_line_error(runner.invoke(app, ["aggregate", str(a), str(b), "--maps"]), 2)
+
+
+def test_a_multilabel_sample_without_findings_is_named_so_and_joins_no_label_grid(tmp_path):
+    """ChestMNIST: about half the images carry no label; their figure must not call them
+    "true <most probable label>" (Task.true_class's stand-in) nor put them in that label's grid."""
+    from medcli.explain import Explained, write_figures
+
+    names = ["effusion", "mass", "edema"]
+    ex = Explained(split="test", indices=np.array([4, 7]), images=np.zeros((2, 28, 28, 1), np.uint8),
+                   labels=np.array([1, 1]), predictions=np.array([1, 1]), confidence=np.array([0.9, 0.8]),
+                   targets=np.array([1, 1]), maps=np.zeros((2, 28, 28), np.float32), box_mass=None,
+                   label_sets=np.array([[1, 1, 0], [0, 0, 0]]))
+    samples, grids, files = write_figures(tmp_path, "gradcam", ex, names)
+    assert [s["file"] for s in samples] == ["test_4_gt-effusion+mass_pred-mass.png", "test_7_gt-none_pred-mass.png"]
+    assert samples[1]["label"] is None and samples[1]["true_labels"] == [] and samples[0]["label_name"] == "mass"
+    assert list(grids) == ["mass"] and all(f.is_file() for f in files)
