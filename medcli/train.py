@@ -375,9 +375,9 @@ def reestimate_batchnorm(model, data: Data, prep: dict, config: dict, device) ->
     n = len(data)
     index = torch.linspace(0, n - 1, bn_images(n)).round().long().to(data.labels.device)
 
-    def batches():
-        for start in range(0, len(index), EVAL_BATCH):
-            x = augment.preprocess(data.take(index[start:start + EVAL_BATCH]), prep)
+    def batches():  # sizes within one of each other: update_bn averages batches with equal weight
+        for chunk in torch.tensor_split(index, math.ceil(len(index) / EVAL_BATCH)):
+            x = augment.preprocess(data.take(chunk), prep)
             yield x.contiguous(memory_format=torch.channels_last) if config["channels_last"] else x
 
     with inference.autocast(device, config["amp"]):

@@ -517,10 +517,28 @@ def test_checkpoints_hold_batchnorm_statistics_of_their_own_weights(synthetic_ro
     images = datasets.as_tensor(splits.images["train"])
     index = torch.linspace(0, len(images) - 1, train.bn_images(len(images))).round().long()
     x = augment.preprocess(images[index], run.data["preprocess"])
-    update_bn([x[i:i + train.EVAL_BATCH] for i in range(0, len(x), train.EVAL_BATCH)], model)
+    update_bn(torch.tensor_split(x, -(-len(x) // train.EVAL_BATCH)), model)
     assert stored and all(torch.allclose(stored[k], v, atol=1e-5) for k, v in model.state_dict().items() if k in stored)
     drifted = models.rebuild(run.spec)
     assert not all(torch.allclose(stored[k], v) for k, v in drifted.state_dict().items() if k in stored)
+
+
+def test_batchnorm_reestimation_weighs_every_image_alike():
+    """update_bn averages batch statistics with equal weight per batch: 600 images as 512 + 88
+    gave the last 88 images almost six times the weight of the others. Equal batches give
+    the first BatchNorm the exact mean of its input over the images used."""
+    from medcli import augment
+
+    n = 4800  # bn_images: 600 images, more than one EVAL_BATCH
+    images = torch.linspace(0, 255, n).round().to(torch.uint8).reshape(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    data = train.Data(images, torch.zeros(n, dtype=torch.long), torch.device("cpu"))
+    prep = augment.make_prep(4, 1)
+    model = torch.nn.Sequential(torch.nn.BatchNorm2d(1))
+    train.reestimate_batchnorm(model, data, prep, {"channels_last": False, "amp": "off"}, "cpu")
+    index = torch.linspace(0, n - 1, train.bn_images(n)).round().long()
+    exact = augment.preprocess(images[index], prep).mean()
+    assert train.bn_images(n) > train.EVAL_BATCH
+    assert model[0].running_mean.item() == pytest.approx(exact.item(), abs=1e-5)
 
 
 def test_one_epoch_on_real_data_does_not_collapse(shared_data, tmp_path):
