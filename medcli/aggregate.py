@@ -109,8 +109,8 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     # download failed trained from scratch and belongs with the from-scratch runs.
     pretrained = bool(model.get("pretrained", config.get("pretrained")))
     calibrated = bool(evaluation.get("calibration"))
-    settings = [evaluation.get("checkpoint", "?")] + (["tta"] if evaluation.get("tta", {}).get("enabled") else []) \
-        + (["calibrated"] if calibrated else [])
+    tta = len(evaluation.get("tta", {}).get("views", [])) > 1  # the identity alone is a plain evaluation
+    settings = [evaluation.get("checkpoint", "?")] + (["tta"] if tta else []) + (["calibrated"] if calibrated else [])
     experiment = {key: value for key, value in config.items() if key not in _NOT_EXPERIMENT}
     experiment.update(pretrained=pretrained, data_md5=run.dataset.get("md5"), evaluation=settings)
     return {

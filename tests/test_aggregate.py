@@ -95,6 +95,19 @@ def test_runs_differing_only_in_where_and_how_fast_they_ran_are_repeats(tmp_path
     assert groups == [1, 2]
 
 
+def test_tta_with_only_the_identity_view_is_a_plain_evaluation(tmp_path):
+    """A run trained without flips (e.g. an oriented dataset) has nothing to add at test time:
+    `--tta` gives the plain numbers and must not make another experiment."""
+    root = tmp_path / "runs"
+    runs = [make_run(root, f"seed{seed}", seed=seed, accuracy=0.8 + seed / 100) for seed in range(3)]
+    for run, views in zip(runs[1:], (["identity"], ["identity", "hflip"])):
+        metrics_file = run / "metrics" / "test.json"
+        evaluation = json.loads(metrics_file.read_text())
+        fileio.write_json(metrics_file, {**evaluation, "tta": {"enabled": True, "views": views}})
+    groups = {g["evaluation"]: g["n_runs"] for g in aggregate([root], metric_names=["accuracy"]).groups}
+    assert groups == {"best": 2, "best, tta": 1}
+
+
 def test_cli_writes_every_format_and_marks_leaders(runs_root, tmp_path):
     from openpyxl import load_workbook
 
