@@ -322,9 +322,9 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = F
     under-confident to different degrees. Either way each class's or label's ranking (its
     AUC) is unchanged, as is the argmax.
 
-    A bounded 1-D search over log T in TEMPERATURE_RANGE ([log 0.05, log 20]): the NLL is smooth and unimodal in
-    log T, so this is deterministic, needs no torch and no learning rate, and keeps T away
-    from degenerate values. T > 1 softens an over-confident model.
+    A bounded 1-D search over log T within TEMPERATURE_RANGE (0.05 to 20): the NLL is smooth
+    and unimodal in log T, so this is deterministic, needs no torch and no learning rate, and
+    keeps T away from degenerate values. T > 1 softens an over-confident model.
 
     A validation split that cannot pin T down gets T = 1 (logits unchanged): one whose
     labels are all on the right side of the decision (perfectly separated, common on a
