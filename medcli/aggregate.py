@@ -21,18 +21,27 @@ from typing import Sequence
 
 import numpy as np
 
-from medcli import console, fileio, reports
+from medcli import console, fileio, reports, tables
 from medcli.errors import UsageError
-from medcli.manifest import FILENAME
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
-from medcli.names import (COMPARABLE_METRICS, FAITHFULNESS_METRICS, FAITHFULNESS_PREFIX, LOWER_IS_BETTER,
-                          MULTI_CLASS, PERCENT_METRICS, SPLITS, TASK_METRICS)
-from medcli.run import Run
+from medcli.explainers import METHODS as EXPLAIN_METHODS
+from medcli.names import (FAITHFULNESS_PREFIX, LOWER_IS_BETTER, PERCENT_METRICS, SCALAR_METRICS,
+                          SPLITS)
+from medcli.tasks import EXTRA_METRICS, MultiClass
+from medcli.run import Run, find_runs
+
+__all__ = ["aggregate", "compare"]
+
 # Config keys that do not change the experiment: runs differing only in these are repeats.
 _NOT_EXPERIMENT = frozenset({"seed", "runs_dir", "root", "device", "amp", "compile", "channels_last", "deterministic",
                              "data_budget_gb"})
 _RUN_COLUMNS = ("run", "dataset", "size", "model", "pretrained", "epochs", "seed", "train_s", "evaluation")
 LEADER_MARK = "★"
+
+# Every metric a run can be compared on: the common ones, each task type's own, faithfulness.
+FAITHFULNESS_METRICS = tuple(f"{FAITHFULNESS_PREFIX}{method}" for method in EXPLAIN_METHODS)
+COMPARABLE_METRICS = (*SCALAR_METRICS, *dict.fromkeys(m for ms in EXTRA_METRICS.values() for m in ms),
+                      *FAITHFULNESS_METRICS)
 
 
 @dataclass
@@ -56,29 +65,6 @@ class Comparison:
 # ---------------------------------------------------------------------------------------
 
 
-def find_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict]]:
-    """Run directories under `paths` (a run dir, its manifest.json, or a folder searched
-    recursively), deduplicated, plus `skipped` entries for paths that hold no run."""
-    found: dict[Path, None] = {}
-    skipped = []
-    for raw in paths:
-        path = Path(raw)
-        if path.name == FILENAME and path.is_file():
-            path = path.parent
-        if not path.exists():
-            skipped.append({"run": str(raw), "reason": "does not exist"})
-        elif (path / FILENAME).is_file():
-            found[path.resolve()] = None
-        elif path.is_dir():
-            runs = sorted(p.parent.resolve() for p in path.rglob(FILENAME))
-            if not runs:
-                skipped.append({"run": str(raw), "reason": f"no {FILENAME} found in it"})
-            found.update(dict.fromkeys(runs))
-        else:
-            skipped.append({"run": str(raw), "reason": "not a run directory or folder of runs"})
-    return list(found), skipped
-
-
 def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     """One comparison row; raises UsageError with the reason a run cannot be compared."""
     run = Run.open(run_dir)
@@ -86,23 +72,23 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     if state != "completed":
         raise UsageError(f"unfinished: train {state or 'not run'} (finish it with 'medcli train --resume {run_dir}')")
     train = run.stages["train"]
-    metrics_file = run_dir / "metrics" / f"{split}.json"
+    metrics_file = run.metrics_file(split)
     if not metrics_file.is_file():
         raise UsageError(f"not evaluated on {split} (run 'medcli evaluate {run_dir} --split {split}')")
     try:
         evaluation = json.loads(metrics_file.read_text(encoding="utf-8"))
         values = evaluation["metrics"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"metrics/{split}.json is unreadable ({type(exc).__name__}); re-run 'medcli evaluate'") from None
+        raise UsageError(f"{run.relative(metrics_file)} is unreadable ({type(exc).__name__}); re-run 'medcli evaluate'") from None
     values = {**values, **_faithfulness(run, [m for m in metric_names if m in FAITHFULNESS_METRICS], split)}
     missing = [m for m in metric_names if m not in values]
-    task = evaluation.get("task", MULTI_CLASS)
-    foreign = [m for m in missing if task in TASK_METRICS and m not in TASK_METRICS[task]
-               and any(m in ms for ms in TASK_METRICS.values())]
+    task = evaluation.get("task", MultiClass.kind)  # recorded since the task layer; older runs were multi-class
+    foreign = [m for m in missing if task in EXTRA_METRICS and m not in EXTRA_METRICS[task]
+               and any(m in ms for ms in EXTRA_METRICS.values())]
     if foreign:
         raise UsageError(f"{', '.join(foreign)} does not apply to {task} tasks; leave it out of --metrics")
     if missing:
-        raise UsageError(f"metrics/{split}.json lacks {', '.join(missing)}; re-run 'medcli evaluate'")
+        raise UsageError(f"{run.relative(metrics_file)} lacks {', '.join(missing)}; re-run 'medcli evaluate'")
     config, summary = run.config, train.get("summary", {})
     model = run.data.get("model", {})
     # The weights the run really started from, not the ones asked for: a --pretrained run whose
@@ -184,8 +170,8 @@ def _faithfulness(run: Run, wanted: Sequence[str], split: str) -> dict:
     values = {}
     for metric in wanted:
         method = metric[len(FAITHFULNESS_PREFIX):]
-        summary = run.stages.get(f"explain:{method}", {}).get("summary", {})
-        if run.status(f"explain:{method}") != "completed" or not summary.get("faithfulness") \
+        summary = run.stages.get(run.explain_stage(method), {}).get("summary", {})
+        if run.status(run.explain_stage(method)) != "completed" or not summary.get("faithfulness") \
                 or summary.get("split") != split:
             raise UsageError(f"no {metric}: not explained with {method} on {split} with faithfulness scores "
                              f"(run 'medcli explain {run.run_dir} --method {method} --split {split}')")
@@ -264,15 +250,15 @@ def rich_tables(result: Comparison) -> list:
         table.add_column(f"{name} {arrows[name]}" if name in arrows else name, justify="right" if numeric else "left")
     for row in rows:
         table.add_row(*row)
-    tables = [table]
+    shown = [table]
     if result.skipped:
         left_out = Table(title="not compared", title_justify="left")
         left_out.add_column("run")
         left_out.add_column("reason")
         for entry in result.skipped:
             left_out.add_row(entry["run"], entry["reason"])
-        tables.append(left_out)
-    return tables
+        shown.append(left_out)
+    return shown
 
 
 def to_markdown(result: Comparison) -> str:
@@ -331,13 +317,13 @@ def write_chart(path: str | os.PathLike, result: Comparison) -> Path:
 
 def write_xlsx(path: str | os.PathLike, result: Comparison) -> Path:
     groups, runs, skipped = _frames(result)
-    formats = {"size": reports.INTEGER, "n_runs": reports.INTEGER, "train_s": "0.0", "epochs": "0.#"}
+    formats = {"size": tables.INTEGER, "n_runs": tables.INTEGER, "train_s": "0.0", "epochs": "0.#"}
     for metric in result.metrics:
-        formats[metric] = formats[f"{metric}_std"] = reports.metric_format(metric)
-    return reports.write_workbook(path, {
-        "comparison": [reports.Block(groups, formats=formats)],
-        "runs": [reports.Block(runs, formats=formats)],
-        "not compared": [reports.Block(skipped)],
+        formats[metric] = formats[f"{metric}_std"] = tables.metric_format(metric)
+    return tables.write_workbook(path, {
+        "comparison": [tables.Block(groups, formats=formats)],
+        "runs": [tables.Block(runs, formats=formats)],
+        "not compared": [tables.Block(skipped)],
     })
 
 

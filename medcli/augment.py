@@ -22,6 +22,11 @@ from dataclasses import asdict, dataclass, replace
 
 from medcli.errors import UsageError
 
+__all__ = [
+    "Augment", "ORIENTED", "apply", "draw", "draw_mixup", "for_dataset", "make_prep", "mixup", "preprocess",
+    "take", "train_batch",
+]
+
 # Per-channel statistics used to normalise inputs from scratch: 0.5/0.5 maps [0, 1] to
 # [-1, 1], which suits training from scratch on any MedMNIST modality. A pretrained model
 # brings its own statistics (`models.pretrained_stats`).

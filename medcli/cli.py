@@ -28,8 +28,12 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from medcli import __version__, console, names
 from medcli import augment as _augment
 from medcli import config as _config
-from medcli import explain as _explain  # light at import: for --layer's and --per-class's help
+from medcli import models as _models  # light at import: its family records give train's choices and defaults
+from medcli import explain as _explain  # light at import: for --per-class's help
+from medcli import explainers as _explainers  # light at import: the methods, --layer's help
 from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliError
+
+__all__ = ["app", "main"]
 
 
 class MedcliGroup(TyperGroup):
@@ -116,9 +120,9 @@ Amp = _choice("Amp", names.AMP_MODES)
 EvalSplit = _choice("EvalSplit", names.EVAL_SPLITS)
 Checkpoint = _choice("Checkpoint", names.CHECKPOINTS)
 OutputFormat = _choice("OutputFormat", names.COMPARE_FORMATS)
-ExplainMethod = _choice("ExplainMethod", names.EXPLAIN_METHODS)
+ExplainMethod = _choice("ExplainMethod", tuple(_explainers.METHODS))
 ExplainSplit = _choice("ExplainSplit", names.SPLITS)
-HeadFusion = _choice("HeadFusion", names.HEAD_FUSIONS)
+HeadFusion = _choice("HeadFusion", _explainers.HEAD_FUSIONS)
 
 
 # ---------------------------------------------------------------------------------------
@@ -196,10 +200,10 @@ def download(
 def train(
     dataset: Annotated[str, typer.Option(help="MedMNIST 2D dataset flag (any task type: multi-class, binary, ordinal, multi-label).")] = "bloodmnist",
     size: Annotated[int, typer.Option(help="Dataset image size: 28, 64, 128 or 224.")] = 28,
-    model: Annotated[str, typer.Option(help="resnet18, vit, vit-small, vit-tiny or timm:<name>.")] = "resnet18",
+    model: Annotated[str, typer.Option(help=f"{_models.VALID_NAMES}.")] = _models.DEFAULT_MODEL,
     reduced: Annotated[bool, typer.Option("--reduced", help=_config.reduced_help())] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default per family/preset).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Global batch size (default {_config.FAMILY_DEFAULTS['cnn']['batch_size']}; halved for small training sets until an epoch has {_config.MIN_STEPS_PER_EPOCH} steps, not below {_config.MIN_DEFAULT_BATCH}, and rounded down to a multiple of --nproc; the lr scaled with it).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Global batch size (default {_models.record(_models.DEFAULT_MODEL).defaults['batch_size']}; halved for small training sets until an epoch has {_config.MIN_STEPS_PER_EPOCH} steps, not below {_config.MIN_DEFAULT_BATCH}, and rounded down to a multiple of --nproc; the lr scaled with it).")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (default per family).")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="Weight decay (not on norms/biases).")] = None,
     optimizer: Annotated[Optional[Optimizer], typer.Option(help="Default: sgd for CNNs, adamw for ViTs.")] = None,
@@ -307,21 +311,15 @@ def aggregate(
     Runs that are unfinished, not evaluated or unreadable are listed with the reason.
     With --maps, compare where the runs look instead (CNN vs ViT on the same samples).
     """
-    from medcli import aggregate as library
-    from medcli.errors import UsageError
-
     if maps:
         from medcli import maps as compare_maps
 
-        if out is None:
-            raise UsageError("--maps writes a figure and tables: give --out DIR")
-        run_dirs, skipped = library.find_runs(runs or ["."])
-        if skipped:
-            raise UsageError(f"{skipped[0]['run']}: {skipped[0]['reason']}")
         methods = [m.strip() for m in method.split(",") if m.strip()] if method else None
-        summary = compare_maps.compare(run_dirs, out, methods)
+        summary = compare_maps.aggregate_maps(runs or ["."], out, methods)
         emit(summary if format is OutputFormat.json else "\n".join(compare_maps.lines(summary)))
         return
+    from medcli import aggregate as library
+
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else names.COMPARE_METRICS
     emit(library.compare(runs or [], split=split, metric_names=chosen, out_dir=out, fmt=format.value))
 
@@ -351,7 +349,7 @@ def explain(
     indices: Annotated[Optional[str], typer.Option(help="Explain these sample numbers instead, e.g. 3,17,42.")] = None,
     only_errors: Annotated[bool, typer.Option("--only-errors", help="Only misclassified samples.")] = False,
     target: Annotated[str, typer.Option(help="Class to explain: pred (the predicted class; multi-label: the most probable label), true, or a class number or name (rollout ignores it).")] = "pred",
-    layer: Annotated[Optional[str], typer.Option(help=_explain.LAYER_HELP)] = None,
+    layer: Annotated[Optional[str], typer.Option(help=_explainers.LAYER_HELP)] = None,
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
     seed: Annotated[int, typer.Option(help="Seed of the sample choice.")] = 0,
     head_fusion: Annotated[HeadFusion, typer.Option(help="Rollout: how the heads of a block are combined.")] = HeadFusion("mean"),
@@ -391,26 +389,16 @@ def clean_processes(
     their runs interrupted. Other users' processes and non-medcli processes are never
     touched. Without --yes it only lists, or asks when run from a terminal."""
     from medcli import processes
-    from medcli.errors import UsageError
 
-    if dry_run and yes:
-        raise UsageError("--dry-run and --yes contradict each other; pass one of them")
-    found = processes.find_processes(processes.parse_duration(older_than) if older_than else 0.0)
-    if not json_out:
-        console.console().print(processes.table(found, f"{len(found)} medcli process(es)"))
-    end = bool(found) and not dry_run and (
-        yes or (sys.stdin.isatty() and not json_out and typer.confirm(f"End {len(found)} process(es)?", err=True))
-    )
-    result = processes.end_processes(found, grace) if end else [p.to_dict() for p in found]
+    def ask(count: int) -> bool:  # only from a terminal, and never when stdout carries JSON
+        return sys.stdin.isatty() and not json_out and typer.confirm(f"End {count} process(es)?", err=True)
+
+    report = processes.clean(dry_run=dry_run, yes=yes, older_than=older_than, grace_s=grace, show=not json_out,
+                             confirm=ask)
     if json_out:
-        emit({"ended": end, "processes": result})
-    if end:
-        stuck = [p for p in result if not p["ended"]]
-        console.info(f"ended {len(result) - len(stuck)} process(es)")
-        for p in stuck:
-            console.warn(f"could not end pid {p['pid']}: {p['error']}")
-        if stuck:
-            raise typer.Exit(1)
+        emit(report)
+    if report["ended"] and not all(p["ended"] for p in report["processes"]):
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
-"""Training configuration: defaults per model family, the `--reduced` presets, and
-`resolve_config`, which turns the options of `medcli train` into the manifest's `config`.
+"""Training configuration: `resolve_config` turns the options of `medcli train` into the
+manifest's `config`, starting from the model family's record (`models.FAMILIES`: its training
+defaults and `--reduced` preset).
 
 A light module (no torch or numpy at import): the CLI builds `medcli train --help` from it.
 """
@@ -12,64 +13,62 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from medcli import augment, tasks
+from medcli import augment, models, tasks
 from medcli.errors import UsageError
 from medcli.names import MONITORS, OPTIMIZERS
+
+__all__ = [
+    "CHANNELS_LAST_ON_CPU", "DEVICE_DATA_SHARE", "FINE_TUNE_LR_DIVISOR", "MIN_DEFAULT_BATCH",
+    "MIN_STEPS_PER_EPOCH", "WARMUP_MAX_SHARE", "defaults_help", "fine_tune_lr", "fit_batch_to_data",
+    "reduced_help", "resolve_config", "run_name",
+]
 
 FINE_TUNE_LR_DIVISOR = 10
 # Warm-up takes at most this share of the run, so the schedule decays within any epoch count
 # (one epoch with a one-epoch warm-up used to end at the peak learning rate, untouched by decay).
 WARMUP_MAX_SHARE = 0.2
 
-# Defaults per model family (for a batch of 128, training from scratch). CNNs: SGD with
-# Nesterov momentum, a one-epoch warm-up and cosine decay. ViTs have no convolutional prior
-# and are unstable early, so AdamW, a longer warm-up, stronger weight decay. Both use label
-# smoothing. A start from weights that really loaded (--pretrained, --weights) divides the
-# default learning rate by FINE_TUNE_LR_DIVISOR (`fine_tune_lr`, decided after the weights are in).
-FAMILY_DEFAULTS = {
-    "cnn": {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1.0, "epochs": 60,
-            "batch_size": 128, "label_smoothing": 0.1, "mixup_alpha": 0.0},
-    "vit": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 5.0, "epochs": 100,
-            "batch_size": 128, "label_smoothing": 0.1, "mixup_alpha": 0.2},
-}
-# --reduced: CPU-friendly presets, 28-px model input. CNN: the stride-1 3x3 stem keeps its
-# max-pool (4x fewer FLOPs), and batch 64 gives twice the updates of batch 128 for the same
-# compute (batch 128 reached 94.9% test accuracy in 4 epochs, underfitting). Measured on 2
-# CPU cores: 3 epochs 96.76% test in 5.8 min (with models.SmallMapConv2d; 6.8 min without),
-# 4 epochs 96.93% in 9.0 min, 2 epochs 95.64%; 3 is the preset.
-# ViT: the built-in ViT names become a narrow, shallow ViT with 4-px patches on the 28-px image
-# (49 tokens instead of 196 at 224 px with 16-px patches). 10 epochs reached 95.26% test in
-# 11.1 min on 2 cores, 8 epochs 94.48-94.88% in 9.2 min (lr 2e-3 or batch 64: also 94.48%); 8 is the preset.
-REDUCED = {
-    "cnn": {"epochs": 3, "input_size": 28, "warmup_epochs": 0.5, "mixup_alpha": 0.0, "batch_size": 64, "lr": 0.05},
-    "vit": {"epochs": 8, "input_size": 28, "warmup_epochs": 1.0, "mixup_alpha": 0.0},
-}
-# Every ViT gets 4-px patches (a 16-px patch does not even divide 28 px); the built-in names
-# (vit, vit-small, vit-tiny) become a 6-block, 128-wide ViT: a training step then costs about
-# 0.6x a reduced ResNet-18 step on CPU, where the 192-wide ViT-Tiny costs 1.2x.
-REDUCED_VIT = {"variant": "vit-tiny", "patch_size": 4, "shape": {"depth": 6, "embed_dim": 128, "num_heads": 4}}
-FULL_VIT_INPUT = 224
 # channels_last (NHWC) suits cuDNN and oneDNN convolutions: one ResNet-18 (28 px, max-pool
 # kept, batch 128) training step took 3.7-4.0 s instead of 4.7-5.2 s on this 2-core CPU.
 CHANNELS_LAST_ON_CPU = True
+_OPTIMIZER_NAMES = {"sgd": "SGD (Nesterov)", "adamw": "AdamW"}  # for help texts
 
 
 def reduced_help() -> str:
-    """The `--reduced` preset in words, for `medcli train --help`."""
-    cnn, vit = REDUCED["cnn"], REDUCED["vit"]
-    return (f"CPU-friendly preset: {cnn['input_size']}-px input; CNNs {cnn['epochs']} epochs, batch {cnn['batch_size']} "
-            f"(resnet18 keeps its max-pool); vit/vit-small/vit-tiny become a {REDUCED_VIT['shape']['depth']}-block, "
-            f"{REDUCED_VIT['shape']['embed_dim']}-wide ViT; ViTs use {REDUCED_VIT['patch_size']}-px patches, {vit['epochs']} epochs.")
+    """The `--reduced` preset of every model family, in words, for `medcli train --help`."""
+
+    def preset(rec: models.Family) -> str:
+        text = ", ".join(f"{key}={value}" for key, value in {**rec.reduced, **rec.reduced_overrides}.items())
+        if rec.reduced_alias:
+            variant, shape = rec.reduced_alias
+            text += f" (the built-in names become {variant} with {', '.join(f'{k}={v}' for k, v in shape.items())})"
+        return text
+
+    return f"CPU-friendly preset. {_by_family(preset)}."
 
 
 def defaults_help() -> str:
-    cnn, vit = FAMILY_DEFAULTS["cnn"], FAMILY_DEFAULTS["vit"]
-    return (f"Defaults: CNN {cnn['optimizer'].upper()} (Nesterov) lr {cnn['lr']} wd {cnn['weight_decay']} "
-            f"{cnn['epochs']} epochs, {cnn['warmup_epochs']:g} warm-up; ViT AdamW lr {vit['lr']} wd {vit['weight_decay']} "
-            f"{vit['epochs']} epochs, {vit['warmup_epochs']:g} warm-up, MixUp {vit['mixup_alpha']}, {FULL_VIT_INPUT}-px input; "
-            f"cosine per step (warm-up at most {WARMUP_MAX_SHARE:.0%} of the run), label smoothing 0.1, batch {cnn['batch_size']} (halved "
-            f"for small training sets until an epoch has {MIN_STEPS_PER_EPOCH} steps, not below {MIN_DEFAULT_BATCH}, lr scaled "
-            f"with it); BatchNorm re-estimated before each validation; lr / 10 with pretrained weights.")
+    base = models.record(models.DEFAULT_MODEL).defaults
+
+    def recipe(rec: models.Family) -> str:
+        values = rec.defaults
+        text = (f"{_OPTIMIZER_NAMES[values['optimizer']]} lr {values['lr']} wd {values['weight_decay']} "
+                f"{values['epochs']} epochs, {values['warmup_epochs']:g} warm-up")
+        return (text + (f", MixUp {values['mixup_alpha']}" if values["mixup_alpha"] else "")
+                + (f", {values['input_size']}-px input" if "input_size" in values else ""))
+
+    return (f"Defaults: {_by_family(recipe)}; cosine per step (warm-up at most {WARMUP_MAX_SHARE:.0%} of the run), "
+            f"label smoothing {base['label_smoothing']}, batch {base['batch_size']} (halved for small training sets until "
+            f"an epoch has {MIN_STEPS_PER_EPOCH} steps, not below {MIN_DEFAULT_BATCH}, lr scaled with it); BatchNorm "
+            f"re-estimated before each validation; lr / {FINE_TUNE_LR_DIVISOR} with pretrained weights.")
+
+
+def _by_family(describe) -> str:
+    """`describe(record)` of every family record; records described alike share one entry."""
+    labels: dict[str, list[str]] = {}
+    for rec in models.FAMILIES.values():
+        labels.setdefault(describe(rec), []).append(rec.label)
+    return "; ".join(f"{', '.join(names)}: {text}" for text, names in labels.items())
 
 
 # ---------------------------------------------------------------------------------------
@@ -80,7 +79,7 @@ def resolve_config(
     *,
     dataset: str = "bloodmnist",
     size: int = 28,
-    model: str = "resnet18",
+    model: str = models.DEFAULT_MODEL,
     reduced: bool = False,
     epochs: int | None = None,
     batch_size: int | None = None,
@@ -113,36 +112,31 @@ def resolve_config(
 
     The result is the manifest's `config`: a run can be repeated from it alone.
     """
-    from medcli import datasets, inference, models
+    from medcli import datasets, inference
 
     flag = dataset.lower()
     meta = datasets.info(flag)
-    monitor = monitor or tasks.default_monitor(meta["task"])
+    monitor = monitor or tasks.TASKS[meta["task"]].default_monitor
     datasets.check_size(size)
-    fam = models.family(model)
-    chosen = dict(FAMILY_DEFAULTS[fam])
+    rec = models.record(model)
+    chosen = dict(rec.defaults)
     overrides: dict[str, Any] = {}
     name = model
     if reduced:
-        chosen.update(REDUCED[fam])
-        if fam == "vit":
-            overrides["patch_size"] = REDUCED_VIT["patch_size"]
-            if model in models.ALIASES:
-                name = REDUCED_VIT["variant"]
-                overrides.update(REDUCED_VIT["shape"])
-        elif model == "resnet18":
-            overrides["keep_maxpool"] = True
-    elif fam == "vit":
-        chosen["input_size"] = FULL_VIT_INPUT
+        chosen.update(rec.reduced)
+        overrides.update(rec.reduced_overrides)
+        if rec.reduced_alias and model in models.ALIASES:
+            name, shape = rec.reduced_alias
+            overrides.update(shape)
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
              "optimizer": optimizer, "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing,
              "mixup_alpha": mixup_alpha, "input_size": input_size}
     chosen.update({key: value for key, value in given.items() if value is not None})
-    lr_source = "--lr" if lr is not None else f"{'reduced preset' if reduced and 'lr' in REDUCED[fam] else fam + ' default'}"
+    lr_source = "--lr" if lr is not None else f"{'reduced preset' if reduced and 'lr' in rec.reduced else rec.kind + ' default'}"
     chosen.setdefault("input_size", size)
     _check_numbers(chosen, patience, monitor)
     dev = inference.resolve_device(device)
-    if sync_bn and (dev.type != "cuda" or fam != "cnn"):
+    if sync_bn and (dev.type != "cuda" or rec.kind != "cnn"):
         raise UsageError("--sync-bn needs CUDA GPUs and a CNN (SyncBatchNorm has no CPU kernel, and ViTs have no "
                          "BatchNorm); without it each process keeps its own BatchNorm statistics")
     return {
@@ -155,7 +149,7 @@ def resolve_config(
         "epochs": int(chosen["epochs"]),
         "batch_size": int(chosen["batch_size"]),
         "batch_source": "--batch-size" if batch_size is not None else
-                        f"{'reduced preset' if reduced and 'batch_size' in REDUCED[fam] else fam + ' default'}",
+                        f"{'reduced preset' if reduced and 'batch_size' in rec.reduced else rec.kind + ' default'}",
         "lr": float(chosen["lr"]),
         "lr_source": lr_source,
         "weight_decay": float(chosen["weight_decay"]),
@@ -174,7 +168,7 @@ def resolve_config(
         "compile": bool(compile),
         "sync_bn": bool(sync_bn),
         "data_budget_gb": None if data_budget_gb is None else float(data_budget_gb),
-        "channels_last": fam == "cnn" and (dev.type == "cuda" or CHANNELS_LAST_ON_CPU),
+        "channels_last": rec.channels_last and (dev.type == "cuda" or CHANNELS_LAST_ON_CPU),
         "pretrained": bool(pretrained),
         "weights": str(Path(weights).expanduser().resolve()) if weights else None,
         "input_size": int(chosen["input_size"]),

@@ -26,6 +26,8 @@ from rich.progress import (
     DownloadColumn,
 )
 
+__all__ = ["configure", "console", "debug", "error", "info", "is_quiet", "is_verbose", "progress", "warn"]
+
 _state = {"quiet": False, "verbose": False}
 _console: Console | None = None
 

@@ -18,9 +18,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medcli import console, fileio
+from medcli import console, fileio, tasks
 from medcli.errors import MedcliError, UsageError
-from medcli.names import MULTI_LABEL, SPLITS
+from medcli.names import SPLITS
+
+__all__ = [
+    "CHECKS", "SIZES", "SPLITS", "Splits", "as_tensor", "check_size", "class_names", "current_md5", "data_path",
+    "default_root", "filename", "flags", "info", "load", "make_record", "make_synthetic", "official_source",
+    "read_record", "record_of", "record_path", "resolve", "task", "unchanged", "validate_npz", "write_record",
+]
 
 SIZES = (28, 64, 128, 224)
 
@@ -57,6 +63,11 @@ def info(flag: str) -> dict:
 def class_names(flag: str) -> list[str]:
     labels = info(flag)["label"]
     return [labels[str(i)] for i in range(len(labels))]
+
+
+def task(flag: str) -> tasks.Task:
+    """The task object of a dataset: its medmnist.INFO task type, with its class names."""
+    return tasks.for_kind(info(flag)["task"], class_names(flag))
 
 
 def check_size(size: int) -> int:
@@ -123,10 +134,8 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
     """
     meta = info(flag)
     path = Path(path)
-    n_classes = len(meta["label"])
     channels = meta["n_channels"]
-    multilabel = meta["task"] == MULTI_LABEL
-    upper, columns = (1, n_classes) if multilabel else (n_classes - 1, 1)
+    columns, upper = task(flag).label_layout()
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
     try:
@@ -278,7 +287,7 @@ def load(root: str | os.PathLike, flag: str, size: int, splits: Sequence[str] = 
     """The named splits of (flag, size) under root (the others are not read: PathMNIST's train
     split at 224 px is 13.5 GB)."""
     path, record = resolve(root, flag, size)
-    multilabel = info(flag)["task"] == MULTI_LABEL
+    kind = task(flag)
     images, labels = {}, {}
     try:
         with np.load(path, allow_pickle=False) as archive:
@@ -286,7 +295,7 @@ def load(root: str | os.PathLike, flag: str, size: int, splits: Sequence[str] = 
                 array = archive[f"{split}_images"]
                 images[split] = array[..., None] if array.ndim == 3 else array
                 raw = archive[f"{split}_labels"].astype(np.int64)
-                labels[split] = raw if multilabel else raw.reshape(-1)
+                labels[split] = kind.labels_from_file(raw)
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise UsageError(f"{path} cannot be read ({exc}); re-download it with 'medcli download {flag}'") from None
     return Splits(images, labels, dict(record, path=str(path.resolve())), path)
@@ -310,7 +319,7 @@ def make_synthetic(
     meta = info(flag)
     n_classes = len(meta["label"])
     channels = meta["n_channels"]
-    multilabel = meta["task"] == MULTI_LABEL
+    kind = task(flag)
     rng = np.random.default_rng(seed)
     lo, hi = size // 4, size - size // 4
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
@@ -319,7 +328,7 @@ def make_synthetic(
         labels = np.arange(n) % n_classes
         rng.shuffle(labels)
         present = np.eye(n_classes, dtype=bool)[labels]
-        if multilabel:
+        if kind.several_per_image:
             present |= rng.random((n, n_classes)) < 0.1
         imgs = rng.normal(60, 20, size=(n, size, size, channels)).astype(np.float32)
         freq = 2 * np.pi / max(3.0, size / 7)
@@ -335,10 +344,7 @@ def make_synthetic(
         images = np.clip(imgs, 0, 255).astype(np.uint8)
         if channels == 1:
             images = images[..., 0]
-        if multilabel:
-            arrays[f"{split}_labels"] = present.astype(np.uint8)
-        else:
-            arrays[f"{split}_labels"] = labels.reshape(-1, 1).astype(np.uint8)
+        arrays[f"{split}_labels"] = kind.encode(present).astype(np.uint8)
         arrays[f"{split}_images"] = images
     target = Path(path)
     with fileio.atomic_path(target) as tmp:
@@ -350,67 +356,6 @@ def make_synthetic(
     )
     write_record(target, record)
     return target
-
-
-def make_subset(
-    source: str | os.PathLike,
-    path: str | os.PathLike,
-    flag: str,
-    counts: tuple[int, int, int],
-    seed: int = 0,
-    classes: Sequence[int] | None = None,
-    grayscale: bool = False,
-) -> Path:
-    """Write a stratified subset of a single-label npz (official layout) as `flag`'s file:
-    `counts` images per split drawn from the same split of `source`, each class keeping its
-    share; `classes` keeps only those (relabelled 0..k-1 in that order); `grayscale` turns RGB
-    into one luma channel (ITU-R BT.601). The record names the source and is marked neither
-    official nor synthetic. For small benchmark sets cut from real data (a BreastMNIST-sized
-    two-class grayscale set from BloodMNIST, for example)."""
-    source = Path(source)
-    arrays = {}
-    rng = np.random.default_rng(seed)
-    with np.load(source, allow_pickle=False) as archive:
-        for split, n in zip(SPLITS, counts):
-            images, labels = archive[f"{split}_images"], archive[f"{split}_labels"].reshape(-1)
-            if classes is not None:
-                absent = sorted(set(classes) - set(np.unique(labels).tolist()))
-                if absent:
-                    raise UsageError(f"{source} has no {split} images of class {', '.join(map(str, absent))}")
-                if len(set(classes)) != len(classes):
-                    raise UsageError(f"classes {list(classes)} name a class twice")
-                keep = np.isin(labels, classes)
-                relabel = np.zeros(labels.max() + 1, dtype=np.int64)  # every kept class is <= labels.max()
-                relabel[list(classes)] = np.arange(len(classes))
-                images, labels = images[keep], relabel[labels[keep]]
-            if n > len(labels):
-                raise UsageError(f"{source} has {len(labels)} {split} images of the chosen classes; cannot take {n}")
-            chosen = _stratified(labels, n, rng)
-            picked = images[chosen]
-            if grayscale and picked.ndim == 4:
-                picked = np.clip(np.round(picked @ np.array([0.299, 0.587, 0.114])), 0, 255).astype(np.uint8)
-            arrays[f"{split}_images"] = picked
-            arrays[f"{split}_labels"] = labels[chosen].reshape(-1, 1).astype(np.uint8)
-    target = Path(path)
-    size = arrays["train_images"].shape[1]
-    with fileio.atomic_path(target) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        validate_npz(tmp, flag, size)  # the checks resolve() trusts the record for; nothing kept on failure
-    record = make_record(flag, size, target, fileio.md5_file(target),
-                         f"stratified subset (seed {seed}) of {source.name}", dict(zip(SPLITS, counts)))
-    write_record(target, record)
-    return target
-
-
-def _stratified(labels: np.ndarray, n: int, rng) -> np.ndarray:
-    """`n` sorted indices with each class's share of `labels` (largest remainders round)."""
-    classes, sizes = np.unique(labels, return_counts=True)
-    exact = sizes * n / sizes.sum()
-    take = np.floor(exact).astype(int)
-    take[np.argsort(-(exact - take), kind="stable")[: n - take.sum()]] += 1
-    return np.sort(np.concatenate([rng.choice(np.flatnonzero(labels == k), t, replace=False)
-                                   for k, t in zip(classes, take)]))
 
 
 def as_tensor(images: np.ndarray, device="cpu", pin: bool = False):

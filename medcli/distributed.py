@@ -26,6 +26,11 @@ from typing import Any, Iterator
 from medcli import console
 from medcli.errors import Interrupted, MedcliError, UsageError
 
+__all__ = [
+    "Context", "device_for", "from_main", "gather", "is_main_process", "launch", "peers", "session", "sum_",
+    "sync_buffers",
+]
+
 TIMEOUT = timedelta(minutes=10)
 _PEER_LOST = re.compile(r"connection (closed|reset)|broken pipe|gloo|nccl|timed out", re.IGNORECASE)  # a collective waiting this long means a peer is gone or hung
 

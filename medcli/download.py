@@ -28,6 +28,8 @@ from typing import Iterable, Iterator
 from medcli import __version__, console, datasets, fileio
 from medcli.errors import MedcliError, UsageError
 
+__all__ = ["SYNTHETIC_SPLITS", "fetch", "inventory", "obtain", "table"]
+
 CHUNK = 1 << 20
 ZIP_MAGIC = b"PK\x03\x04"  # an npz is a zip archive
 DEFAULT_TRIES = 3

@@ -1,5 +1,7 @@
 """User-facing errors. The CLI turns each into one red line and its exit code."""
 
+__all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "Interrupted", "MedcliError", "UsageError"]
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2

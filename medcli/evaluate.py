@@ -17,11 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medcli import augment, console, datasets, fileio, metrics, reports
+from medcli import augment, console, datasets, fileio, metrics, reports, tables
 from medcli.errors import UsageError
-from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS, TASK_METRICS
+from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS
 from medcli.run import Run
-from medcli.tasks import Task
+from medcli.tasks import EXTRA_METRICS, Task
+
+__all__ = ["evaluate_run", "summary_lines"]
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "nll", "ece", "brier")
 CALIBRATION_METRICS = ("ece", "nll", "brier", "auc")  # recorded before and after temperature scaling
@@ -89,7 +91,7 @@ def evaluate_run(
     amp_mode = inference.resolve_amp(dev, amp, default="off")  # full precision unless asked: logits feed the metrics
     model = run.load_model(checkpoint, dev)
     data = run.load_data(root, sorted(set(chosen) | ({"val"} if calibrate else set())))
-    task = Task.of(run.dataset["flag"])
+    task = datasets.task(run.dataset["flag"])
     chosen_views = tta_views(augment.Augment.from_dict(run.config.get("augment", {}))) if tta else {"identity": ()}
     if tta and len(chosen_views) == 1:
         console.warn("--tta: this run was trained without flips or turns, so there is no test-time view to add")
@@ -161,21 +163,18 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
         panels.insert(0, ("before", task.reliability(labels, raw)))
     result = {**context, "split": split, "calibration": calibration, "metrics": values, "reliability": bins}
 
-    run_dir = run.run_dir
     title = f"{run.run_id} · {split}"
-    figures = run_dir / "figures"
     captions = task.describe(labels, probs)
     files = [
-        fileio.write_json(run_dir / "metrics" / f"{split}.json", result),
-        reports.write_predictions(run_dir / "predictions" / f"{split}.csv",
-                                  reports.predictions_frame(labels, task.predictions(probs), probs, names)),
-        reports.save_task_confusion(figures / f"confusion_{split}.png", values, names, title),
-        reports.save_samples(figures / f"samples_{split}.png", data.images[split], captions,
+        fileio.write_json(run.metrics_file(split), result),
+        *tables.write_predictions(run.predictions_file(split), task, labels, probs),
+        reports.save_task_confusion(run.figure_file("confusion", split), values, names, title),
+        reports.save_samples(run.figure_file("samples", split), data.images[split], captions,
                              f"{title}: sample predictions (green right, red wrong)"),
-        reports.save_mistakes(figures / f"mistakes_{split}.png", data.images[split], captions,
+        reports.save_mistakes(run.figure_file("mistakes", split), data.images[split], captions,
                               f"{title}: most confident mistakes"),
-        reports.save_reliability(figures / f"reliability_{split}.png", panels, f"{title}: reliability"),
-        reports.save_roc(figures / f"roc_{split}.png", reports.roc_curves(task.indicator(labels), probs, names, task.kind),
+        reports.save_reliability(run.figure_file("reliability", split), panels, f"{title}: reliability"),
+        reports.save_roc(run.figure_file("roc", split), tables.roc_curves(task.indicator(labels), probs, names, task.roc_classes()),
                          f"{title}: ROC and precision-recall"),
     ]
     if medmnist_csv:
@@ -193,7 +192,7 @@ def _write_medmnist_csv(run: Run, split: str, probs: np.ndarray, values: dict, r
     suffix = "" if size == 28 else f"_{size}"
     auc = float("nan") if values["auc"] is None else values["auc"]
     name = f"{record['flag']}{suffix}_{split}_[AUC]{auc:.3f}_[ACC]{values['accuracy']:.3f}@{run.run_id}.csv"
-    path = run.path(f"predictions/medmnist/{name}")
+    path = run.medmnist_dir() / name
     for old in path.parent.glob(f"{record['flag']}{suffix}_{split}_*@{run.run_id}.csv"):
         if old != path:  # an earlier evaluation's file: one file per split, with today's numbers
             old.unlink()
@@ -209,16 +208,15 @@ def write_run_report(run: Run) -> Path:
 
     import pandas as pd
 
-    run_dir = run.run_dir
     evaluations = {}
     for split in SPLITS:
-        metrics_file, csv = run_dir / "metrics" / f"{split}.json", run_dir / "predictions" / f"{split}.csv"
+        metrics_file, csv = run.metrics_file(split), run.predictions_file(split)
         if metrics_file.is_file() and csv.is_file():
-            evaluations[split] = (json.loads(metrics_file.read_text(encoding="utf-8")), reports.read_predictions(csv)[0])
-    history_file = run_dir / "history.csv"
+            evaluations[split] = (json.loads(metrics_file.read_text(encoding="utf-8")), tables.read_predictions(csv)[0])
+    history_file = run.history_file()
     history = pd.read_csv(history_file) if history_file.is_file() else None
-    figures = {"ROC": [p for s in evaluations if (p := run_dir / "figures" / f"roc_{s}.png").is_file()]}
-    return reports.write_report(run_dir / "report.xlsx", run.data, evaluations, history, figures)
+    figures = {"ROC": [p for s in evaluations if (p := run.figure_file("roc", s)).is_file()]}
+    return tables.write_report(run.report_file(), run.data, evaluations, history, figures)
 
 
 def _print_summary(results: dict) -> None:
@@ -257,7 +255,7 @@ def _warn_if_calibration_hurt(results: dict) -> None:
 
 def shown_metrics(result: dict) -> tuple[str, ...]:
     """The metrics a split's summary shows: the common ones, then its task's own."""
-    return (*SUMMARY_METRICS, *TASK_METRICS[result["task"]])
+    return (*SUMMARY_METRICS, *EXTRA_METRICS[result["task"]])
 
 
 def _format(key: str, value) -> str:

@@ -17,6 +17,8 @@ from typing import Any, Iterator
 
 from medcli.errors import MedcliError, UsageError
 
+__all__ = ["atomic_path", "md5_file", "sha256_file", "write_json", "write_text"]
+
 
 def _fsync_dir(directory: Path) -> None:
     try:

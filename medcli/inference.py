@@ -15,6 +15,8 @@ from medcli import console
 from medcli.errors import MedcliError, UsageError
 from medcli.names import AMP_MODES
 
+__all__ = ["autocast", "predict_logits", "resolve_amp", "resolve_device"]
+
 
 def resolve_device(name: str = "auto"):
     """'auto' -> the first CUDA GPU if there is one, else CPU; 'cpu', 'cuda', 'cuda:N'.

@@ -21,6 +21,8 @@ from typing import Any
 from medcli import __version__, fileio, system
 from medcli.errors import UsageError
 
+__all__ = ["FILENAME", "SCHEMA_VERSION", "document", "environment", "now_iso", "read", "write"]
+
 SCHEMA_VERSION = 1
 FILENAME = "manifest.json"
 STATUSES = ("running", "completed", "failed", "interrupted")

@@ -25,8 +25,11 @@ from typing import Sequence
 
 from medcli import fileio
 from medcli.errors import UsageError
-from medcli.names import EXPLAIN_METHODS, file_names
-from medcli.run import Run
+from medcli.explainers import METHODS as EXPLAIN_METHODS
+from medcli.names import file_names
+from medcli.run import Run, find_runs
+
+__all__ = ["aggregate_maps", "agreement", "compare", "lines"]
 
 TOP_SHARE = 0.2
 MAX_PER_CLASS = 4  # rows of the comparison figure per true class
@@ -52,14 +55,14 @@ def _columns(run_dirs: Sequence[Path], methods: Sequence[str] | None) -> list[Co
     columns = []
     for run_dir in run_dirs:
         run = Run.open(run_dir)
-        done = [m for m in EXPLAIN_METHODS if run.status(f"explain:{m}") == "completed" and (not methods or m in methods)]
+        done = [m for m in EXPLAIN_METHODS if run.status(run.explain_stage(m)) == "completed" and (not methods or m in methods)]
         if not done:
             raise UsageError(f"run {run_dir} has no completed explanation{' with ' + ', '.join(methods) if methods else ''}; "
                              f"explain it first with 'medcli explain {run_dir}'")
         for method in done:
-            path = run.path(f"explain/{method}/maps.npz")
+            path = run.maps_file(method)
             if not path.is_file():
-                raise UsageError(f"run {run_dir} has no explain/{method}/maps.npz (explained by an older medcli); "
+                raise UsageError(f"run {run_dir} has no {run.relative(path)} (explained by an older medcli); "
                                  f"explain it again with 'medcli explain {run_dir} --method {method}'")
             with np.load(path) as archive:
                 data = {key: archive[key] for key in archive.files}
@@ -132,22 +135,16 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
                           "spearman": _round(rho[i]), "top20_iou": _round(iou[i])})
     summary = {"split": columns[0].meta["split"], "dataset": columns[0].meta["flag"], "samples": len(common),
                "columns": [c.label for c in columns], "pairs": pairs}
-    from medcli import reports
+    from medcli import tables
 
-    files = [reports.write_table(out_dir / "maps_agreement.csv", table, list(table[0])),
+    files = [tables.write_table(out_dir / "maps_agreement.csv", table, list(table[0])),
              fileio.write_json(out_dir / "maps_agreement.json", summary)]
-    data = datasets.load(root or _data_root(run_dirs[0]), columns[0].meta["flag"], columns[0].meta["size"],
-                         [summary["split"]])
+    data = Run.open(run_dirs[0]).load_data(root, [summary["split"]])
     figure_rows = _figure_rows(labels, common)
     files.append(save_figure(out_dir / "maps_compare.png", columns, rows, common, figure_rows,
                              data.images[summary["split"]], names))
     summary["files"] = [str(f) for f in files]
     return summary
-
-
-def _data_root(run_dir) -> Path:
-    run = Run.open(run_dir)
-    return Path(run.config.get("root") or Path(run.dataset.get("path", "")).parent)
 
 
 def _figure_rows(labels, common: list[int]) -> list[int]:
@@ -167,7 +164,7 @@ def save_figure(path, columns: list[Column], rows: dict, common: list[int], show
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from medcli.explain import panels
+    from medcli.reports import panels
 
     slugs = file_names(names)
     fig, axes = plt.subplots(len(shown), len(columns) + 1, figsize=(1.9 * (len(columns) + 1), 1.9 * len(shown) + 0.6),
@@ -206,6 +203,18 @@ def _mean(values) -> float | None:
 def _round(value) -> float | None:
     value = float(value)
     return round(value, 4) if value == value else None
+
+
+def aggregate_maps(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None,
+                   methods: Sequence[str] | None = None) -> dict:
+    """`medcli aggregate --maps`: compare the stored maps of the runs found under `paths`
+    (run directories or folders of runs; default: .) into `out_dir`; returns the summary."""
+    if out_dir is None:
+        raise UsageError("--maps writes a figure and tables: give --out DIR")
+    run_dirs, skipped = find_runs(paths or ["."])
+    if skipped:
+        raise UsageError(f"{skipped[0]['run']}: {skipped[0]['reason']}")
+    return compare(run_dirs, out_dir, methods)
 
 
 def lines(summary: dict) -> list[str]:

@@ -17,7 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from medcli.names import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL
+__all__ = [
+    "above_threshold", "binary_nll", "binary_rates", "classification_metrics", "confusion_counts", "fit_label_temperatures",
+    "fit_temperature", "label_matrix_metrics", "nll", "ordinal_scores", "per_label", "reliability", "sigmoid", "softmax",
+    "temperature_text", "top_label", "THRESHOLD",
+]
 
 
 ECE_BINS = 15
@@ -53,13 +57,13 @@ def _check(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return labels, probs
 
 
-def _check_multilabel(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _check_label_matrix(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels = np.asarray(labels).astype(np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     if probs.ndim != 2 or labels.shape != probs.shape:
-        raise ValueError(f"multi-label labels and probs must both be (N, labels); got {labels.shape} and {probs.shape}")
+        raise ValueError(f"label-matrix labels and probs must both be (N, labels); got {labels.shape} and {probs.shape}")
     if labels.size and not np.isin(labels, (0, 1)).all():
-        raise ValueError("multi-label labels must be 0 or 1")
+        raise ValueError("a label matrix holds 0 or 1")
     return labels, probs
 
 
@@ -72,7 +76,7 @@ def nll(labels: np.ndarray, probs: np.ndarray) -> float:
 
 def binary_nll(labels: np.ndarray, probs: np.ndarray) -> float:
     """Mean binary cross-entropy over every (sample, label) entry (= BCE-with-logits' mean)."""
-    labels, probs = _check_multilabel(labels, probs)
+    labels, probs = _check_label_matrix(labels, probs)
     p = np.clip(probs, _EPS, 1.0 - _EPS)
     return float(-(labels * np.log(p) + (1 - labels) * np.log1p(-p)).mean())
 
@@ -121,28 +125,24 @@ def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_B
     }
 
 
-def predict(probs: np.ndarray, task: str = MULTI_CLASS) -> np.ndarray:
-    """medmnist's decision rule (getACC's): each label above 0.5 for multi-label, the last
-    column above 0.5 for binary-class (not the argmax: scores read from a CSV need not sum to
-    one), else the argmax. (N,) class indices, or (N, labels) 0/1."""
-    probs = np.asarray(probs)
-    if task == MULTI_LABEL:
-        return (probs > THRESHOLD).astype(np.int64)
-    if task == BINARY:
-        return (probs[:, -1] > THRESHOLD).astype(np.int64)
-    return probs.argmax(axis=1)
+def above_threshold(probs: np.ndarray) -> np.ndarray:
+    """0/1 per entry: probability above THRESHOLD (medmnist's getACC rule for labels)."""
+    return (np.asarray(probs) > THRESHOLD).astype(np.int64)
 
 
-def top_label(labels: np.ndarray, probs: np.ndarray, task: str = MULTI_CLASS) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, correct) of single-label predictions: the top class's probability."""
+def top_label(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of single-label decisions `preds` (default: the argmax): the top
+    class's probability."""
     labels, probs = _check(labels, probs)
-    return probs.max(axis=1), predict(probs, task) == labels
+    return probs.max(axis=1), (probs.argmax(axis=1) if preds is None else preds) == labels
 
 
-def per_label(labels: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(confidence, correct) of multi-label predictions: every label's yes/no at 0.5."""
-    labels, probs = _check_multilabel(labels, probs)
-    return np.maximum(probs, 1.0 - probs).reshape(-1), (predict(probs, MULTI_LABEL) == labels).reshape(-1)
+def per_label(labels: np.ndarray, probs: np.ndarray, preds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(confidence, correct) of multi-label decisions (default: each label at 0.5): every
+    label's yes/no with confidence max(p, 1 - p)."""
+    labels, probs = _check_label_matrix(labels, probs)
+    preds = above_threshold(probs) if preds is None else preds
+    return np.maximum(probs, 1.0 - probs).reshape(-1), (preds == labels).reshape(-1)
 
 
 def _auc(positive: np.ndarray, score: np.ndarray) -> float | None:
@@ -187,20 +187,20 @@ def _names(class_names: Sequence[str] | None, n: int) -> list[str]:
 
 
 def classification_metrics(
-    labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None = None, task: str = MULTI_CLASS
+    labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None = None,
+    preds: np.ndarray | None = None, auc_class: int | None = None,
 ) -> dict:
-    """Every metric medcli reports for a single-label task (multi-class, binary-class or
-    ordinal-regression, the names of `medmnist.INFO[flag]["task"]`), as a JSON-ready dict.
+    """Every metric medcli reports for single-label decisions, as a JSON-ready dict (the task
+    classes of `medcli.tasks` pass their decisions and add their own metrics).
 
-    `accuracy` and `auc` are defined exactly as medmnist's `getACC` / `getAUC`: accuracy of
-    `predict` (argmax; binary-class: class 1 above 0.5); AUC of the last column for
-    binary-class, else the mean one-vs-rest AUC over every class (None, where getAUC gives NaN, when a class is absent from the labels; each
-    class's own AUC is in `per_class`). Also: n, balanced_accuracy, {precision,recall,f1}_
+    `accuracy` and `auc` are defined exactly as medmnist's `getACC` / `getAUC` when `preds`
+    follows the task's rule (default: the argmax) and `auc_class` names the class whose AUC is
+    the task's (binary-class: the last), else the AUC is the mean one-vs-rest AUC over every
+    class (None, where getAUC gives NaN, when a class is absent from the labels; each class's
+    own AUC is in `per_class`). Also: n, balanced_accuracy, {precision,recall,f1}_
     {macro,micro}, loss and nll (the same cross-entropy: `loss` is the name training logs use,
     `nll` the calibration name), ece (15 bins), brier, per_class (name, precision, recall, f1,
-    support, auc) and confusion_matrix (counts, rows = true class). Binary-class adds
-    sensitivity, specificity, ppv and npv of class 1 at the 0.5 threshold; ordinal-regression
-    adds mae (mean absolute class distance) and qwk (quadratic weighted Cohen's kappa).
+    support, auc) and confusion_matrix (counts, rows = true class).
     Costs a few ms on 2k samples, so it is fine to call every epoch.
     """
     from sklearn.metrics import balanced_accuracy_score, confusion_matrix
@@ -208,16 +208,16 @@ def classification_metrics(
     labels, probs = _check(labels, probs)
     n_classes = probs.shape[1]
     names = _names(class_names, n_classes)
-    preds = predict(probs, task)
+    preds = probs.argmax(axis=1) if preds is None else np.asarray(preds)
     classes = np.arange(n_classes)
     scores = _precision_recall_f1(labels, preds, classes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         balanced = float(balanced_accuracy_score(labels, preds)) if labels.size else None
     per_class_auc = [_auc(labels == k, probs[:, k]) for k in classes]
-    auc = per_class_auc[-1] if task == BINARY else _mean_if_defined(per_class_auc)
+    auc = _mean_if_defined(per_class_auc) if auc_class is None else per_class_auc[auc_class]
     cross_entropy = nll(labels, probs)
-    confidence, correct = top_label(labels, probs, task)
+    confidence, correct = top_label(labels, probs, preds)
     result = {
         "n": int(labels.size),
         "accuracy": float(correct.mean()) if labels.size else None,
@@ -230,10 +230,6 @@ def classification_metrics(
     }
     result.update(scores)
     cm = confusion_matrix(labels, preds, labels=classes)
-    if task == BINARY:
-        result.update(_binary_rates(cm))
-    elif task == ORDINAL:
-        result.update(_ordinal_scores(labels, preds, n_classes))
     result["per_class"] = _per_class_rows(names, scores, per_class_auc)
     result["confusion_matrix"] = cm.tolist()
     return result
@@ -243,7 +239,7 @@ def _ratio(num: float, den: float) -> float | None:
     return float(num / den) if den else None
 
 
-def _binary_rates(cm: np.ndarray) -> dict:
+def binary_rates(cm: np.ndarray) -> dict:
     """Sensitivity, specificity, PPV and NPV of class 1 (the positive finding) from a 2x2
     confusion matrix (rows = true class); None where the denominator is empty."""
     (tn, fp), (fn, tp) = cm
@@ -251,7 +247,7 @@ def _binary_rates(cm: np.ndarray) -> dict:
             "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn)}
 
 
-def _ordinal_scores(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> dict:
+def ordinal_scores(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> dict:
     """Mean absolute error in grades, and Cohen's kappa with quadratic weights (the usual
     agreement score for graded labels such as diabetic-retinopathy severity)."""
     from sklearn.metrics import cohen_kappa_score
@@ -264,9 +260,10 @@ def _ordinal_scores(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> di
     return {"mae": float(np.abs(labels - preds).mean()), "qwk": float(kappa) if np.isfinite(kappa) else None}
 
 
-def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None = None) -> dict:
+def label_matrix_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str] | None = None,
+                       preds: np.ndarray | None = None) -> dict:
     """Every metric medcli reports for a multi-label task (ChestMNIST: 14 findings, any number
-    of them per image), with each label's yes/no decided at probability 0.5.
+    of them per image), with each label's yes/no decided at probability 0.5 (or `preds`).
 
     `accuracy` and `auc` are medmnist's: the mean over labels of each label's accuracy, and
     the mean over labels of each label's AUC (None when a label lacks positives or
@@ -276,14 +273,14 @@ def multilabel_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Seque
     brier, per_class (name, precision, recall, f1, support = positives, auc) and
     label_confusion (per label [[tn, fp], [fn, tp]]).
     """
-    labels, probs = _check_multilabel(labels, probs)
+    labels, probs = _check_label_matrix(labels, probs)
     names = _names(class_names, probs.shape[1])
-    preds = predict(probs, MULTI_LABEL)
+    preds = above_threshold(probs) if preds is None else np.asarray(preds)
     matrices = [confusion_counts(labels[:, k], preds[:, k], 2) for k in range(probs.shape[1])]
     # sklearn's multi-label path: a label indicator matrix, one "class" per label
     scores = _precision_recall_f1(labels, preds, np.arange(probs.shape[1]))
     per_label_auc = [_auc(labels[:, k] == 1, probs[:, k]) for k in range(probs.shape[1])]
-    confidence, correct = per_label(labels, probs)
+    confidence, correct = per_label(labels, probs, preds)
     balanced = [np.mean([r for r in (_ratio(m[1][1], m[1].sum()), _ratio(m[0][0], m[0].sum())) if r is not None])
                 for m in matrices]
     loss = binary_nll(labels, probs)
@@ -315,12 +312,10 @@ def confusion_counts(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> n
 TEMPERATURE_RANGE = (0.05, 20.0)
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = False) -> float | list[float]:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017), or
-    with `multilabel` one temperature per label, each minimising that label's binary
-    cross-entropy of sigmoid(logit / T): labels are separate yes/no decisions, over- or
-    under-confident to different degrees. Either way each class's or label's ranking (its
-    AUC) is unchanged, as is the argmax.
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017);
+    `fit_label_temperatures` fits one per label of sigmoid outputs. Either way each class's or
+    label's ranking (its AUC) is unchanged, as is the argmax.
 
     A bounded 1-D search over log T within TEMPERATURE_RANGE (0.05 to 20): the NLL is smooth
     and unimodal in log T, so this is deterministic, needs no torch and no learning rate, and
@@ -332,19 +327,31 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, multilabel: bool = F
     no positive (or no negative) validation image says nothing about its ranking. The search
     would stop at the bound 0.05 and multiply the test logits by 20.
     """
-    labels = np.asarray(labels).astype(np.int64)
-    logits = np.asarray(logits, dtype=np.float64)
-    if labels.shape[0] == 0:
-        raise ValueError("cannot fit a temperature on zero samples")
-    if multilabel:
-        def label_objective(k: int):
-            return lambda log_t: float((np.logaddexp(0.0, z := logits[:, k] / np.exp(log_t)) - labels[:, k] * z).mean())
-
-        return [_fit_log_temperature(label_objective(k)) if 0 < labels[:, k].sum() < labels.shape[0] else 1.0
-                for k in range(logits.shape[1])]
+    labels, logits = _fit_inputs(logits, labels)
     labels = labels.reshape(-1)
     rows = np.arange(labels.size)
     return _fit_log_temperature(lambda log_t: float(-log_softmax(logits, np.exp(log_t))[rows, labels].mean()))
+
+
+def fit_label_temperatures(logits: np.ndarray, labels: np.ndarray) -> list[float]:
+    """One temperature per label of (N, labels) sigmoid logits, each minimising that label's
+    binary cross-entropy of sigmoid(logit / T): labels are separate yes/no decisions, over- or
+    under-confident to different degrees. A label whose validation images are all positive or
+    all negative says nothing about its ranking: T = 1 (see `fit_temperature`)."""
+    labels, logits = _fit_inputs(logits, labels)
+
+    def label_objective(k: int):
+        return lambda log_t: float((np.logaddexp(0.0, z := logits[:, k] / np.exp(log_t)) - labels[:, k] * z).mean())
+
+    return [_fit_log_temperature(label_objective(k)) if 0 < labels[:, k].sum() < labels.shape[0] else 1.0
+            for k in range(logits.shape[1])]
+
+
+def _fit_inputs(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).astype(np.int64)
+    if labels.shape[0] == 0:
+        raise ValueError("cannot fit a temperature on zero samples")
+    return labels, np.asarray(logits, dtype=np.float64)
 
 
 def _fit_log_temperature(objective) -> float:

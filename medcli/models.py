@@ -1,11 +1,13 @@
-"""One model factory for every architecture medcli trains: `create` and `rebuild`.
+"""One model factory for every architecture medcli trains (`create`, `rebuild`), one record per family.
 
-Like timm's `create_model`, one function builds any model by name, adapted to the dataset
-(class count, grayscale or RGB, input size) and optionally initialised from ImageNet or a
-local file. It returns the model and a plain JSON *spec* that goes into the run manifest, so
-that `rebuild(spec)` gives the same architecture later (evaluate, explain) without the
-network (`medcli.run.Run.load_model` adds a run's checkpoint). This module imports torch and
-timm at the top: commands import it lazily.
+Like timm's `create_model`, `create` builds any model by name, adapted to the dataset (class count,
+grayscale or RGB, input size), optionally from ImageNet or a local file, and returns it with a plain
+JSON *spec* for the run manifest: `rebuild(spec)` gives the same architecture later (evaluate,
+explain) without the network (`medcli.run.Run.load_model` adds a run's checkpoint). Everything medcli
+decides per model family (training defaults, --reduced preset, stem policy, default CAM layer, ViT
+token reshape, rollout, channels_last, where torchvision weights go) is one `Family` record in FAMILIES,
+like a row of medmnist's INFO or timm's pretrained config: `config` and `explain` ask the record, never
+the name. torch, torchvision and timm are imported inside functions (the CLI's help reads the records).
 """
 
 from __future__ import annotations
@@ -14,43 +16,82 @@ import os
 import socket
 import urllib.request
 from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 from urllib.parse import urlparse
-
-import timm
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from medcli import console
 from medcli.errors import UsageError
 
-ALIASES = {  # medcli name -> (architecture, library)
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "ALIASES", "DEFAULT_MODEL", "FAMILIES", "Family", "STEMS", "SmallMapConv2d", "Torchvision", "VALID_NAMES",
+    "create", "load_state", "make_deterministic", "pretrained_stats", "read_state_dict", "rebuild",
+    "record", "resize_kernel",
+]
+
+ALIASES = {  # medcli name -> (architecture, library); each has a record in FAMILIES
     "resnet18": ("resnet18", "torchvision"),
+    "densenet121": ("densenet121", "torchvision"),
     "vit": ("vit_base_patch16_224", "timm"),
     "vit-small": ("vit_small_patch16_224", "timm"),
     "vit-tiny": ("vit_tiny_patch16_224", "timm"),
 }
 TIMM_PREFIX = "timm:"
 VALID_NAMES = f"{', '.join(ALIASES)} or {TIMM_PREFIX}<name>"
-# ResNet-18 stem policy: the stem that brings the image to 28-56 px at layer1 with the least
-# compute. Measured training cost on 2 CPU cores (scripts/bench_stems.py, relative to 28 px
-# with the small stem): 28 px small 1.0x (layer1 at 28 px); 64 px small 4.5x (64 px),
-# small+pool 1.2x (32 px); 128 px imagenet 1.2x (32 px), small+pool 5.7x; 224 px imagenet 3.7x
-# (56 px). So: below 48 px the 3x3 stride-1 stem without max-pool ("small"), below 128 px the
-# same conv followed by the max-pool ("small+pool"), from 128 px ImageNet's 7x7 stride-2 conv
-# and max-pool ("imagenet"). The stem is recorded in the model spec: a run rebuilds with its own.
+DEFAULT_MODEL = "resnet18"
+# Stem policy of the torchvision CNNs: the stem that brings the image to 28-56 px at ResNet-18's layer1
+# with the least compute. Measured training cost on 2 CPU cores (scripts/bench_stems.py, relative to 28 px
+# with the small stem): 28 px small 1.0x (layer1 at 28 px); 64 px small 4.5x (64 px), small+pool 1.2x
+# (32 px); 128 px imagenet 1.2x (32 px), small+pool 5.7x; 224 px imagenet 3.7x (56 px). So: below 48 px
+# the 3x3 stride-1 stem without max-pool ("small"), below 128 px the same conv followed by the max-pool
+# ("small+pool"), from 128 px ImageNet's 7x7 stride-2 conv and max-pool ("imagenet"). DenseNet-121's
+# conv0 + pool0 follow it too. The stem is recorded in the model spec: a run rebuilds with its own.
 SMALL_STEM_BELOW = 128  # below: the 3x3 stride-1 conv
 POOLED_STEM_FROM = 48  # from here (and with keep_maxpool) the small stem keeps the max-pool
 STEMS = ("small", "small+pool", "imagenet")
 SMALL_MAP_POSITIONS = 4  # SmallMapConv2d: output maps of at most this many positions (2x2) use unfold + matmul
-# timm modules whose models are plain ViTs (class token, `blocks[i].norm1`, `attn.qkv`), which
-# is what the ViT code paths (training defaults, CAM reshape, attention rollout) rely on.
+# timm modules of plain ViTs (class token, `blocks[i].norm1`, `attn.qkv`): what the "vit" record relies on.
 _VIT_MODULES = {"vision_transformer", "deit"}
 CONNECT_TIMEOUT_S = 3.0  # reachability probe before a download
 SOCKET_TIMEOUT_S = 30.0  # any single socket operation while downloading weights
 WEIGHTS_FIX = "pass a state dict saved from this architecture"
+
+
+@dataclass(frozen=True)
+class Torchvision:
+    """Where a torchvision CNN keeps the parts medcli adapts (timm's pretrained config says it for timm's)."""
+
+    weights: str  # the torchvision.models enum of its ImageNet weights
+    first_conv: str  # the small stem's 3x3 conv replaces it; ImageNet's kernels are resized into it
+    pool: str  # the stem's max-pool: an Identity in the "small" stem
+    classifier: str  # dropped from weights whose class count differs
+    fix_keys: Callable[[dict], dict] | None = None  # older weight files' key names -> today's
+
+
+@dataclass(frozen=True)
+class Family:
+    """What medcli decides per model family (the records are FAMILIES; `record(name)`)."""
+
+    label: str  # the models it covers, for help texts
+    kind: str  # "cnn" | "vit": the spec's "family", named in the config's lr and batch sources
+    build: Callable[..., Any]  # spec (timm: + timm's loading options) -> the model, randomly initialised
+    defaults: Mapping[str, Any]  # training defaults: `config.resolve_config` starts from them
+    reduced: Mapping[str, Any]  # --reduced: the config values it sets...
+    reduced_overrides: Mapping[str, Any]  # ...and the architecture options
+    cam_stages: Callable[[Any], list[str]]  # model -> candidates for the default CAM layer, shallow to deep
+    reduced_alias: tuple[str, Mapping[str, Any]] | None = None  # --reduced: built-in names become this variant
+    stem: Callable[[int, bool], str] | None = None  # (input size, keep_maxpool) -> stem, recorded in the spec
+    token_grid: Callable[[Any, Mapping], tuple[int, tuple[int, int]]] | None = None  # ViT tokens: (prefix, grid)
+    rollout: bool = False  # attention rollout explains it
+    channels_last: bool = True  # train in NHWC memory format
+    torchvision: Torchvision | None = None  # None: a timm model
 
 
 # -- names ----------------------------------------------------------------------------------
@@ -59,58 +100,49 @@ def resolve(name: str) -> tuple[str, str]:
     if name in ALIASES:
         return ALIASES[name]
     if name.startswith(TIMM_PREFIX):
+        import timm
+
         arch = name[len(TIMM_PREFIX):]
         if not timm.is_model(arch):
-            raise UsageError(
-                f"timm has no model '{arch}'; find names with python -c \"import timm; "
-                f"print(timm.list_models('*{arch[:8]}*'))\""
-            )
+            raise UsageError(f"timm has no model '{arch}'; find names with python -c \"import timm; "
+                             f"print(timm.list_models('*{arch[:8]}*'))\"")
         return arch, "timm"
     raise UsageError(f"unknown model '{name}'; choose {VALID_NAMES} (any timm model)")
 
 
-def family(name: str) -> str:
-    """"vit" for plain vision transformers, "cnn" for everything else (sets training defaults)."""
+def record(name: str) -> Family:
+    """The family record of model `name`: a torchvision alias's own, else timm's ViT or CNN one."""
     arch, library = resolve(name)
-    if library == "timm" and timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1] in _VIT_MODULES:
-        return "vit"
-    return "cnn"
+    if library == "torchvision":
+        return FAMILIES[arch]
+    import timm
+
+    vit = timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1] in _VIT_MODULES
+    return FAMILIES["vit" if vit else "timm"]
 
 
 # -- building -------------------------------------------------------------------------------
-def create(
-    name: str,
-    num_classes: int,
-    in_chans: int,
-    input_size: int,
-    pretrained: bool = False,
-    weights: str | os.PathLike | None = None,
-    **overrides: Any,
-) -> tuple[nn.Module, dict]:
+def create(name: str, num_classes: int, in_chans: int, input_size: int, pretrained: bool = False,
+           weights: str | os.PathLike | None = None, **overrides: Any) -> tuple[nn.Module, dict]:
     """Build model `name` for the dataset and return (model, spec).
 
     `weights` (a local file) wins over `pretrained` (ImageNet weights, downloaded or cached);
     when those cannot be fetched the model trains from scratch after one warning, and the spec
     says `pretrained: false`. `overrides` go to the architecture (timm kwargs such as
-    `patch_size=4`; `keep_maxpool=True` for resnet18's small stem).
+    `patch_size=4`; `keep_maxpool=True` for a torchvision CNN's small stem).
     """
-    spec = {
-        "name": name,
-        "arch": resolve(name)[0],
-        "family": family(name),
-        "num_classes": _positive(num_classes, "number of classes"),
-        "in_chans": _positive(in_chans, "number of input channels"),
-        "input_size": _positive(input_size, "input size"),
-        "pretrained": False,
-        "weights": None,
-        "overrides": dict(overrides),
-    }
-    if spec["arch"] == "resnet18":
-        spec["stem"] = resnet_stem(input_size, overrides.get("keep_maxpool", False))
+    rec = record(name)
+    spec = {"name": name, "arch": resolve(name)[0], "family": rec.kind,
+            "num_classes": _positive(num_classes, "number of classes"),
+            "in_chans": _positive(in_chans, "number of input channels"),
+            "input_size": _positive(input_size, "input size"),
+            "pretrained": False, "weights": None, "overrides": dict(overrides)}
+    if rec.stem:
+        spec["stem"] = rec.stem(input_size, overrides.get("keep_maxpool", False))
     state = _read_weights_file(Path(weights)) if weights is not None else None  # fail before building
     model = rebuild(spec)
     if state is not None:
-        load = _load_resnet_state if spec["arch"] == "resnet18" else _load_timm_state
+        load = _load_torchvision_state if rec.torchvision else _load_timm_state
         model = load(model, spec, state, str(weights), WEIGHTS_FIX)
         spec.update(pretrained=True, weights=str(Path(weights).resolve()))
     elif pretrained:
@@ -122,20 +154,16 @@ def create(
     return model, spec
 
 
-def resnet_stem(input_size: int, keep_maxpool: bool = False) -> str:
-    """The ResNet-18 stem for an input size (the policy above STEMS)."""
+def cnn_stem(input_size: int, keep_maxpool: bool = False) -> str:
+    """The torchvision CNNs' stem for an input size (the policy above STEMS)."""
     if input_size >= SMALL_STEM_BELOW:
         return "imagenet"
     return "small+pool" if keep_maxpool or input_size >= POOLED_STEM_FROM else "small"
 
 
 def rebuild(spec: Mapping[str, Any]) -> nn.Module:
-    """The architecture a spec describes, randomly initialised; never touches the network."""
-    arch, library = resolve(spec["name"])
-    if library == "torchvision":  # the recorded stem wins: older runs rebuild with their own
-        return _resnet18(spec["num_classes"], spec["in_chans"], spec["input_size"], stem=spec.get("stem"),
-                         **spec.get("overrides", {}))
-    return _timm_model(spec)
+    """The architecture a spec describes (with its recorded stem), randomly initialised; no network."""
+    return record(spec["name"]).build(spec)
 
 
 def _positive(value: Any, what: str) -> int:
@@ -148,111 +176,200 @@ def _bad_option(name: str, exc: TypeError) -> UsageError:
     return UsageError(f"model {name} does not accept that option ({exc}); drop it or pick another model")
 
 
-def _resnet18(num_classes: int, in_chans: int, input_size: int, keep_maxpool: bool = False, stem: str | None = None,
-              **overrides) -> nn.Module:
-    """torchvision ResNet-18 with the stem `stem` (default: `resnet_stem(input_size, keep_maxpool)`).
+def _torchvision_cnn(spec: Mapping[str, Any]) -> nn.Module:
+    """The spec's torchvision CNN with the stem the spec records (default: its record's policy).
+    ImageNet's 7x7 stride-2 conv plus max-pool shrinks a 28-px image to 7x7 before the first block
+    and costs accuracy; the small stem keeps the resolution (`keep_maxpool=True` halves it once,
+    trading a little accuracy for about 2.5x less compute at 28 px)."""
+    import torchvision
+    from torch import nn
 
-    ImageNet's 7x7 stride-2 conv plus max-pool shrinks a 28-px image to 7x7 before the first
-    block and costs accuracy; the small stem keeps the resolution (`keep_maxpool=True` halves
-    it once, trading a little accuracy for about 2.5x less compute at 28 px).
-    """
-    from torchvision.models import resnet18
-
+    rec, overrides = record(spec["name"]), dict(spec.get("overrides", {}))
+    keep_maxpool = overrides.pop("keep_maxpool", False)
     try:
-        model = resnet18(num_classes=num_classes, **overrides)
+        model = getattr(torchvision.models, resolve(spec["name"])[0])(num_classes=spec["num_classes"], **overrides)
     except TypeError as exc:
-        raise _bad_option("resnet18", exc) from exc
-    stem = stem or resnet_stem(input_size, keep_maxpool)
+        raise _bad_option(spec["name"], exc) from exc
+    stem = spec.get("stem") or rec.stem(spec["input_size"], keep_maxpool)
     if stem == "small" and keep_maxpool:  # recorded before "small+pool" existed (--reduced runs): pooled
         stem = "small+pool"
+    conv, in_chans = model.get_submodule(rec.torchvision.first_conv), spec["in_chans"]
     if stem != "imagenet":
-        model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        conv = nn.Conv2d(in_chans, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
         if stem == "small":
-            model.maxpool = nn.Identity()
+            model.set_submodule(rec.torchvision.pool, nn.Identity())
     elif in_chans != 3:
-        model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
-    _use_small_map_convs(model)
+        conv = nn.Conv2d(in_chans, conv.out_channels, kernel_size=7, stride=2, padding=3, bias=False)
+    model.set_submodule(rec.torchvision.first_conv, conv)
+    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # torchvision ResNet's init
     return model
 
 
-class SmallMapConv2d(nn.Conv2d):
-    """nn.Conv2d with the same parameters and results that computes, on the CPU, an output
-    map of at most SMALL_MAP_POSITIONS positions as `unfold` + one matrix product.
+def _densenet121(spec: Mapping[str, Any]) -> nn.Module:
+    """DenseNet-121 with its stem as a Sequential of the same modules (same state-dict keys) whose global
+    pool is a module `make_deterministic` can swap (DenseNet.forward calls F.adaptive_avg_pool2d: no
+    deterministic CUDA backward). Its final ReLU is not in place, so a CAM on features.norm5 sees its
+    own output. No SmallMapConv2d: a 28-px CPU training step took 3-7% longer with it."""
+    from collections import OrderedDict
 
-    oneDNN's backward pass for a 3x3 convolution on a 2x2 map (ResNet-18's last stage on a
-    28-px image with the max-pool kept) runs 4-7x slower than its forward pass and took half of
-    the training step on 2 CPU cores; as a matrix product the whole step ran 28-35% faster.
-    On 4x4 maps and larger oneDNN is the faster one (measured), and on GPUs cuDNN is, so they
-    keep the standard path.
-    """
+    from torch import nn
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or x.dim() != 4:
-            return super().forward(x)
-        n, _, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
-        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        if ho * wo > SMALL_MAP_POSITIONS:
-            return super().forward(x)
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (n, c*kh*kw, ho*wo)
-        out = cols.transpose(1, 2).reshape(n * ho * wo, -1) @ self.weight.reshape(self.out_channels, -1).t()
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # channels_last memory
+    net = _torchvision_cnn(spec)
+    return nn.Sequential(OrderedDict(features=net.features, relu=nn.ReLU(), pool=nn.AdaptiveAvgPool2d(1),
+                                     flatten=nn.Flatten(1), classifier=net.classifier))
 
 
-def _use_small_map_convs(model: nn.Module) -> None:
+def _densenet_keys(state: Mapping[str, Any]) -> dict:
+    """`state` through torchvision's own key fix for DenseNet files from before torchvision 0.4
+    ("norm.1" is now "norm1"): its loader, handed the dict as the weights and a recorder as the model."""
+    from torchvision.models.densenet import _load_state_dict
+
+    fixed: dict = {}
+    _load_state_dict(SimpleNamespace(load_state_dict=fixed.update),
+                     SimpleNamespace(get_state_dict=lambda **_: dict(state)), progress=False)
+    return fixed
+
+
+@cache
+def _torch_modules() -> SimpleNamespace:
+    """medcli's torch modules, defined on first use (importing this module must not import torch)."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    class SmallMapConv2d(nn.Conv2d):
+        """nn.Conv2d with the same parameters and results that computes, on the CPU, an output
+        map of at most SMALL_MAP_POSITIONS positions as `unfold` + one matrix product.
+
+        oneDNN's backward pass for a 3x3 convolution on a 2x2 map (ResNet-18's last stage on a 28-px
+        image with the max-pool kept) runs 4-7x slower than its forward pass and took half of the
+        training step on 2 CPU cores; as a matrix product the whole step ran 28-35% faster. On 4x4
+        maps and larger oneDNN is the faster one (measured), and on GPUs cuDNN is: standard path."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.device.type != "cpu" or x.dim() != 4:
+                return super().forward(x)
+            n, _, h, w = x.shape
+            (kh, kw), (sh, sw), (ph, pw), (dh, dw) = self.kernel_size, self.stride, self.padding, self.dilation
+            ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+            wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+            if ho * wo > SMALL_MAP_POSITIONS:
+                return super().forward(x)
+            cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)  # (n, c*kh*kw, ho*wo)
+            out = cols.transpose(1, 2).reshape(n * ho * wo, -1) @ self.weight.reshape(self.out_channels, -1).t()
+            if self.bias is not None:
+                out = out + self.bias
+            return out.view(n, ho, wo, self.out_channels).permute(0, 3, 1, 2)  # channels_last memory
+
+    class GlobalAvgPool(nn.Module):
+        """Mean over the spatial dimensions, (N, C, H, W) -> (N, C, 1, 1): what
+        `nn.AdaptiveAvgPool2d(1)` computes, with a deterministic CUDA backward (the adaptive
+        pool's backward has none, so strict mode would stop at the first step)."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.mean(dim=(2, 3), keepdim=True)
+
+    SmallMapConv2d.__qualname__, GlobalAvgPool.__qualname__ = "SmallMapConv2d", "GlobalAvgPool"  # picklable
+    return SimpleNamespace(SmallMapConv2d=SmallMapConv2d, GlobalAvgPool=GlobalAvgPool)
+
+
+def __getattr__(name: str) -> Any:  # models.SmallMapConv2d, models.GlobalAvgPool
+    if name in ("SmallMapConv2d", "GlobalAvgPool"):
+        return getattr(_torch_modules(), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _use_small_map_convs(model: nn.Module) -> nn.Module:
     """Turn every plain Conv2d in `model` into a SmallMapConv2d in place: same parameter
     tensors, so state dicts, initialisation and the random stream are unchanged."""
+    from torch import nn
+
     for conv in model.modules():
         if type(conv) is nn.Conv2d and conv.groups == 1 and conv.padding_mode == "zeros" \
                 and not isinstance(conv.padding, str):
-            conv.__class__ = SmallMapConv2d
+            conv.__class__ = _torch_modules().SmallMapConv2d
+    return model
 
 
-def _timm_model(spec: Mapping[str, Any], **load: Any) -> nn.Module:
-    """A timm model for the spec; `load` adds timm's pretrained arguments."""
+def _timm_model(spec: Mapping[str, Any], fixed_size: bool = False, **load: Any) -> nn.Module:
+    """A timm model for the spec; `load` adds timm's pretrained arguments. `fixed_size`: built
+    for the spec's input size (ViTs: their positional embeddings follow it)."""
+    import timm
+
     overrides = dict(spec.get("overrides", {}))
-    if spec["family"] == "vit":  # ViTs are built for one size: positional embeddings follow it
+    if fixed_size:
         overrides.setdefault("img_size", spec["input_size"])
     try:
-        model = timm.create_model(
-            spec["arch"], num_classes=spec["num_classes"], in_chans=spec["in_chans"], **overrides, **load
-        )
+        model = timm.create_model(spec["arch"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
+                                  **overrides, **load)
     except TypeError as exc:
         raise _bad_option(spec["name"], exc) from exc
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch and spec["input_size"] % patch[0]:
         size = spec["input_size"]
         choices = ", ".join(str(p) for p in range(2, size // 2 + 1) if size % p == 0) or "none"
-        raise UsageError(
-            f"{spec['name']}: input size {size} is not divisible by the patch size {patch[0]}; "
-            f"use patch_size one of {choices}, or an input size divisible by {patch[0]}"
-        )
+        raise UsageError(f"{spec['name']}: input size {size} is not divisible by the patch size {patch[0]}; "
+                         f"use patch_size one of {choices}, or an input size divisible by {patch[0]}")
     return model
 
 
-class GlobalAvgPool(nn.Module):
-    """Mean over the spatial dimensions, (N, C, H, W) -> (N, C, 1, 1): what
-    `nn.AdaptiveAvgPool2d(1)` computes, with a deterministic CUDA backward (the adaptive
-    pool's backward has none, so strict mode would stop at the first step)."""
+def _stages(model: nn.Module) -> list[str]:
+    """A CNN's stages, shallow to deep: timm's `feature_info`, else the top-level children."""
+    info = getattr(model, "feature_info", None) or []
+    return [f["module"] for f in info] or [name for name, _ in model.named_children()]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.mean(dim=(2, 3), keepdim=True)
+
+# -- the records ------------------------------------------------------------------------------
+# Training defaults (for a batch of 128, training from scratch). CNNs: SGD with Nesterov momentum, a
+# one-epoch warm-up and cosine decay. ViTs have no convolutional prior and are unstable early, so
+# AdamW, a longer warm-up, stronger weight decay, MixUp; they train at 224 px. Both use label smoothing.
+# Weights that really loaded (--pretrained, --weights) divide the default lr (`config.fine_tune_lr`).
+CNN_DEFAULTS = {"optimizer": "sgd", "lr": 0.1, "weight_decay": 5e-4, "warmup_epochs": 1.0, "epochs": 60,
+                "batch_size": 128, "label_smoothing": 0.1, "mixup_alpha": 0.0}
+VIT_DEFAULTS = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.05, "warmup_epochs": 5.0, "epochs": 100,
+                "batch_size": 128, "label_smoothing": 0.1, "mixup_alpha": 0.2, "input_size": 224}
+# --reduced: CPU-friendly presets, 28-px model input. CNN: the stride-1 3x3 stem keeps its max-pool
+# (4x fewer FLOPs), and batch 64 gives twice the updates of batch 128 for the same compute (batch 128
+# reached 94.9% test accuracy in 4 epochs, underfitting). Measured on 2 CPU cores (ResNet-18): 3 epochs
+# 96.76% test in 5.8 min (with SmallMapConv2d; 6.8 min without), 4 epochs 96.93% in 9.0 min, 2 epochs
+# 95.64%; 3 is the preset. ViT: every ViT gets 4-px patches (a 16-px patch does not even divide 28 px);
+# the built-in names become a 6-block, 128-wide ViT (49 tokens instead of 196 at 224 px): a training
+# step costs about 0.6x a reduced ResNet-18 step on CPU, where the 192-wide ViT-Tiny costs 1.2x. 10
+# epochs reached 95.26% test in 11.1 min on 2 cores, 8 epochs 94.48-94.88% in 9.2 min (lr 2e-3 or
+# batch 64: also 94.48%); 8 is the preset.
+CNN_REDUCED = {"epochs": 3, "input_size": 28, "warmup_epochs": 0.5, "mixup_alpha": 0.0, "batch_size": 64, "lr": 0.05}
+VIT_REDUCED = {"epochs": 8, "input_size": 28, "warmup_epochs": 1.0, "mixup_alpha": 0.0}
+FAMILIES = {  # torchvision families under their alias; "vit" and "timm" for timm:<name> (see `record`)
+    "resnet18": Family("resnet18", "cnn", lambda spec: _use_small_map_convs(_torchvision_cnn(spec)), CNN_DEFAULTS,
+                       CNN_REDUCED, {"keep_maxpool": True}, _stages, stem=cnn_stem,
+                       torchvision=Torchvision("ResNet18_Weights", "conv1", "maxpool", "fc")),
+    # MedMNIST+'s strongest CNN. --reduced keeps the max-pool: a training step (batch 64, 28 px,
+    # 3 channels, 8 classes, SGD, 2 shared CPU cores) took 0.46-0.58 s with it, 1.5-1.9x the reduced
+    # ResNet-18's 0.28-0.34 s, and 1.9-4.0 s without it (6-13x).
+    "densenet121": Family("densenet121", "cnn", _densenet121, CNN_DEFAULTS, CNN_REDUCED, {"keep_maxpool": True},
+                          lambda model: [f"features.{name}" for name, _ in model.features.named_children()],
+                          stem=cnn_stem, torchvision=Torchvision("DenseNet121_Weights", "features.conv0",
+                                                                 "features.pool0", "classifier", _densenet_keys)),
+    "vit": Family("vit, vit-small, vit-tiny and timm ViTs", "vit", partial(_timm_model, fixed_size=True),
+                  VIT_DEFAULTS, VIT_REDUCED, {"patch_size": 4}, lambda model: [f"blocks.{len(model.blocks) - 1}.norm1"],
+                  reduced_alias=("vit-tiny", {"depth": 6, "embed_dim": 128, "num_heads": 4}),
+                  token_grid=lambda model, spec: (model.num_prefix_tokens,  # class and register tokens; patch grid
+                                                  tuple(spec["input_size"] // p for p in model.patch_embed.patch_size)),
+                  rollout=True, channels_last=False),
+    "timm": Family("other timm models", "cnn", _timm_model, CNN_DEFAULTS, CNN_REDUCED, {}, _stages),
+}
 
 
 def make_deterministic(model: nn.Module) -> list[str]:
-    """Replace, in place, the modules whose CUDA backward is not deterministic by exact
-    deterministic equivalents; returns what was replaced (for the manifest). Global average
-    pooling is the one ResNets and timm CNNs use; no parameters change, so checkpoints load
-    into the plain model as well."""
+    """Replace, in place, the modules whose CUDA backward is not deterministic by exact deterministic
+    equivalents; returns what was replaced (for the manifest). Global average pooling is the one
+    ResNets, DenseNets and timm CNNs use; no parameters change, so checkpoints load into the plain model."""
+    from torch import nn
+
     replaced = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.AdaptiveAvgPool2d) and module.output_size in (1, (1, 1)):
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, attr, GlobalAvgPool())
+            setattr(model.get_submodule(parent) if parent else model, attr, _torch_modules().GlobalAvgPool())
             replaced.append(f"{name}: AdaptiveAvgPool2d(1) -> mean over H, W")
     return replaced
 
@@ -260,35 +377,38 @@ def make_deterministic(model: nn.Module) -> list[str]:
 def pretrained_stats(model: nn.Module, spec: Mapping[str, Any]) -> tuple[tuple, tuple] | None:
     """(mean, std) per RGB channel that the model's pretrained weights expect, None for a model
     trained from scratch. timm models carry theirs in their pretrained config (many ViT weights
-    use 0.5/0.5, not ImageNet's); torchvision's ResNet-18 weights use ImageNet's."""
+    use 0.5/0.5, not ImageNet's); torchvision's weights use ImageNet's."""
     if not spec.get("pretrained"):
         return None
+    import timm
+
     if resolve(spec["name"])[1] == "timm":
         config = timm.data.resolve_model_data_config(model)
         return tuple(config["mean"]), tuple(config["std"])
-    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-
-    return IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    return timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
 
 
 # -- weights ----------------------------------------------------------------------------------
 def _load_imagenet(model: nn.Module, spec: dict) -> nn.Module | None:
     """The model with ImageNet weights, or None (after one warning) when they cannot be had."""
-    if spec["arch"] == "resnet18":
-        from torchvision.models import ResNet18_Weights
+    rec = record(spec["name"])
+    if rec.torchvision:
+        import torchvision
 
-        url = ResNet18_Weights.IMAGENET1K_V1.url
+        url = getattr(torchvision.models, rec.torchvision.weights).IMAGENET1K_V1.url
         state = _fetch(spec["name"], url, lambda offline: _download_state_dict(url, offline))
         if state is None:
             return None
-        return _load_resnet_state(model, spec, state, "the ImageNet weights", "report this as a medcli bug")
+        return _load_torchvision_state(model, spec, state, "the ImageNet weights", "report this as a medcli bug")
     from huggingface_hub import constants
 
-    return _fetch(spec["name"], constants.ENDPOINT, lambda offline: _timm_model(spec, pretrained=True))
+    return _fetch(spec["name"], constants.ENDPOINT, lambda offline: rec.build(spec, pretrained=True))
 
 
 def _download_state_dict(url: str, offline: bool) -> dict:
     """torch hub's cached download; offline, only the cache is consulted."""
+    import torch
+
     cached = Path(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(url).path))
     if offline and not cached.is_file():
         raise ConnectionError(f"not in the torch hub cache {cached.parent}")
@@ -298,10 +418,9 @@ def _download_state_dict(url: str, offline: bool) -> dict:
 def _fetch(label: str, url: str, load: Callable[[bool], Any]) -> Any:
     """Run `load(offline)` that may download from `url`; None after one warning if it fails.
 
-    A failing download must not hang training: Hugging Face retries for about a minute when
-    there is no network, so we probe the host first (3 s) and, when it is unreachable or
-    HF_HUB_OFFLINE is set, let the hub serve only its cache. Every socket also gets a timeout.
-    """
+    A failing download must not hang training: Hugging Face retries for about a minute when there
+    is no network, so we probe the host first (3 s) and, when it is unreachable or HF_HUB_OFFLINE
+    is set, let the hub serve only its cache. Every socket also gets a timeout."""
     reason = _unreachable(url)
     try:
         with _socket_timeout(SOCKET_TIMEOUT_S), _hub_offline(reason is not None):
@@ -342,8 +461,7 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 def _hub_offline(offline: bool) -> Iterator[None]:
     """Hugging Face hub in offline mode (cache only) for the duration, when asked.
 
-    The hub reads HF_HUB_OFFLINE once at import; this applies our decision to this call.
-    """
+    The hub reads HF_HUB_OFFLINE once at import; this applies our decision to this call."""
     from huggingface_hub import constants
 
     previous = constants.HF_HUB_OFFLINE
@@ -362,9 +480,10 @@ def _one_line(exc: BaseException) -> str:
 def read_state_dict(path: Path, damaged_fix: str) -> dict:
     """The tensors in a torch file: a bare state dict or a checkpoint's "state_dict"/"model".
 
-    Wrapper prefixes from DataParallel ("module.") and torch.compile ("_orig_mod.") are
-    removed so such files load into a plain model.
-    """
+    Wrapper prefixes from DataParallel ("module.") and torch.compile ("_orig_mod.") are removed so
+    such files load into a plain model."""
+    import torch
+
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle garbage, disallowed globals...
@@ -390,21 +509,26 @@ def _read_weights_file(path: Path) -> dict:
     return read_state_dict(path, WEIGHTS_FIX)
 
 
-def _load_resnet_state(model: nn.Module, spec: dict, state: dict, source: str, fix: str) -> nn.Module:
-    """Load ImageNet-style ResNet weights: adapt conv1 to the stem, drop an fc that does not fit."""
-    state = dict(state)
-    conv = state.get("conv1.weight")
-    target = model.conv1.weight
+def _load_torchvision_state(model: nn.Module, spec: dict, state: dict, source: str, fix: str) -> nn.Module:
+    """Load ImageNet-style torchvision weights: fix old key names, adapt the first conv to the
+    stem and the input channels, drop a classifier that does not fit."""
+    import timm
+
+    layout = record(spec["name"]).torchvision
+    state = layout.fix_keys(state) if layout.fix_keys else dict(state)
+    key, target = f"{layout.first_conv}.weight", model.get_submodule(layout.first_conv).weight
+    conv = state.get(key)
     if conv is not None and conv.ndim == 4 and conv.shape != target.shape:
         if conv.shape[1] != target.shape[1]:
             conv = timm.models.adapt_input_conv(target.shape[1], conv, base_chans=conv.shape[1])
         if conv.shape[-2:] != target.shape[-2:]:
             conv = resize_kernel(conv, tuple(target.shape[-2:]))
-        state["conv1.weight"] = conv
-    head = ()
-    if state.get("fc.weight") is not None and state["fc.weight"].shape != model.fc.weight.shape:
-        head = ("fc.weight", "fc.bias")
+        state[key] = conv
+    head = (f"{layout.classifier}.weight", f"{layout.classifier}.bias")
+    if state.get(head[0]) is not None and state[head[0]].shape != model.get_submodule(layout.classifier).weight.shape:
         state = {k: v for k, v in state.items() if k not in head}
+    else:
+        head = ()
     load_state(model, state, spec["name"], source, fix, allowed_missing=head)
     return model
 
@@ -412,11 +536,10 @@ def _load_resnet_state(model: nn.Module, spec: dict, state: dict, source: str, f
 def _load_timm_state(model: nn.Module, spec: dict, state: dict, source: str, fix: str) -> nn.Module:
     """Rebuild a timm model from `state` through timm's own loader.
 
-    timm's checkpoint filter resamples positional embeddings to the new size and adapts the
-    patch embedding and the input channels; it drops the head when the class count differs.
-    Because timm then loads non-strictly, we first check the keys ourselves: every tensor
-    except the head must be there, and nothing else.
-    """
+    timm's checkpoint filter resamples positional embeddings to the new size and adapts the patch
+    embedding and the input channels; it drops the head when the class count differs. Because timm
+    then loads non-strictly, we first check the keys ourselves: every tensor except the head must be
+    there, and nothing else."""
     cfg = model.pretrained_cfg
     heads = cfg.get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
@@ -435,7 +558,7 @@ def _load_timm_state(model: nn.Module, spec: dict, state: dict, source: str, fix
     if first is not None and first.ndim == 4:  # declare the file's channels so timm adapts them
         overlay["input_size"] = (first.shape[1], *cfg.get("input_size", (3, 224, 224))[1:])
     try:
-        return _timm_model(spec, pretrained=True, pretrained_cfg_overlay=overlay)
+        return record(spec["name"]).build(spec, pretrained=True, pretrained_cfg_overlay=overlay)
     except RuntimeError as exc:  # shape mismatches raised by load_state_dict
         raise UsageError(f"{source} does not fit model {spec['name']} ({_one_line(exc)}); {fix}") from exc
 
@@ -463,11 +586,12 @@ def _raise_unfit(name: str, source: str, fix: str, missing: list[str], unexpecte
 def resize_kernel(weight: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Resize conv kernels (out, in, kh, kw) bicubically, keeping each kernel's sum.
 
-    The sum over the spatial taps is the kernel's response to a constant image, so after the
-    7x7 -> 3x3 transfer each filter still answers flat regions as before. Scaling by the sum
-    ratio would blow up ImageNet's zero-mean edge filters (sum ~ 0); instead the kernel is
-    scaled by the area ratio and the small remaining difference is spread over the taps.
-    """
+    The sum over the spatial taps is the kernel's response to a constant image, so after the 7x7 ->
+    3x3 transfer each filter still answers flat regions as before. Scaling by the sum ratio would
+    blow up ImageNet's zero-mean edge filters (sum ~ 0); instead the kernel is scaled by the area
+    ratio and the small remaining difference is spread over the taps."""
+    import torch.nn.functional as F
+
     resized = F.interpolate(weight.float(), size=size, mode="bicubic", align_corners=False, antialias=True)
     taps = size[0] * size[1]
     resized = resized * (weight.shape[-2] * weight.shape[-1] / taps)

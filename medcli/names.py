@@ -9,25 +9,24 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+__all__ = [
+    "AMP_MODES", "CHECKPOINTS", "COMPARE_FORMATS",
+    "COMPARE_METRICS", "EVAL_SPLITS", "EXPLAIN_TARGETS", 
+    "FAITHFULNESS_PREFIX", "LOWER_IS_BETTER", "MONITORS",
+    "OPTIMIZERS", "PERCENT_METRICS", "SCALAR_METRICS", "SPLITS",
+    "file_names", "short_names",
+]
+
 SPLITS = ("train", "val", "test")
 EVAL_SPLITS = ("test", "val", "all")  # `evaluate --split`: all = every split, train included
 CHECKPOINTS = ("best", "last")  # checkpoints/<name>.pt
-
-# Task types, spelled as medmnist.INFO[flag]["task"] spells them (medcli.tasks gives each its meaning).
-MULTI_CLASS = "multi-class"
-BINARY = "binary-class"
-ORDINAL = "ordinal-regression"
-MULTI_LABEL = "multi-label, binary-class"
-TASK_TYPES = (MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL)
 
 # The scalar keys of `metrics.classification_metrics`, in report order: aggregate and the
 # workbook pick columns from them, mark leaders (lower is better for the losses) and format
 # percentages; checkpoints store them for the epoch they were written at.
 SCALAR_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "precision_macro", "recall_macro",
                   "f1_micro", "precision_micro", "recall_micro", "loss", "nll", "ece", "brier")
-# What a task type adds (binary: rates of class 1 at 0.5; ordinal: grade errors; multi-label: exact match).
-TASK_METRICS = {BINARY: ("sensitivity", "specificity", "ppv", "npv"), ORDINAL: ("mae", "qwk"),
-                MULTI_LABEL: ("subset_accuracy",), MULTI_CLASS: ()}
+# (What each task type adds to these: `tasks.EXTRA_METRICS`.)
 LOWER_IS_BETTER = frozenset({"loss", "nll", "ece", "brier", "mae"})
 PERCENT_METRICS = frozenset({"accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro",
                              "f1_micro", "precision_micro", "recall_micro", "ece", "sensitivity", "specificity",
@@ -40,22 +39,10 @@ OPTIMIZERS = ("sgd", "adamw")
 MONITORS = {"acc": ("accuracy", "max"), "auc": ("auc", "max"), "f1": ("f1_macro", "max"), "loss": ("loss", "min")}
 AMP_MODES = ("bf16", "fp16", "off")
 
-CAM_METHODS = {  # medcli name -> pytorch_grad_cam class
-    "gradcam": "GradCAM",
-    "gradcam++": "GradCAMPlusPlus",
-    "xgradcam": "XGradCAM",
-    "eigencam": "EigenCAM",
-    "layercam": "LayerCAM",
-    "scorecam": "ScoreCAM",
-}
-EXPLAIN_METHODS = (*CAM_METHODS, "rollout")
 # aggregate columns read from the explain stages: mean ROAD faithfulness of a method's maps
+# (the methods themselves: `explainers.METHODS`)
 FAITHFULNESS_PREFIX = "road_"
-FAITHFULNESS_METRICS = tuple(f"{FAITHFULNESS_PREFIX}{method}" for method in EXPLAIN_METHODS)
-COMPARABLE_METRICS = (*SCALAR_METRICS, *dict.fromkeys(m for ms in TASK_METRICS.values() for m in ms),
-                      *FAITHFULNESS_METRICS)
 EXPLAIN_TARGETS = ("pred", "true")
-HEAD_FUSIONS = ("mean", "max", "min")
 
 
 def short_names(names: Sequence[str], width: int = 18) -> list[str]:

@@ -17,9 +17,12 @@ import subprocess
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from medcli import console
 from medcli.errors import UsageError
+
+__all__ = ["MedcliProcess", "clean", "end_processes", "find_processes", "other_trainings", "parse_duration"]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -205,6 +208,28 @@ def end_processes(procs: list[MedcliProcess], grace_s: float = 10.0) -> list[dic
                         "error": failed.get(entry.pid) or ("still running after SIGKILL" if entry.pid in still_alive else None),
                         "runs_marked_interrupted": marked})
     return results
+
+
+def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = None, grace_s: float = 10.0,
+          show: bool = True, confirm: Callable[[int], bool] | None = None) -> dict:
+    """`medcli clean-processes`: find this user's other medcli processes (older than
+    `older_than`, e.g. '2h'), show them as a table on stderr (`show`), and end them with
+    `yes`, or when `confirm(count)` says so (never with `dry_run`). Returns {"ended": bool,
+    "processes": [...]}: end_processes' reports when they were ended (each with `ended`),
+    else the processes found; a process that could not be ended is warned about."""
+    if dry_run and yes:
+        raise UsageError("--dry-run and --yes contradict each other; pass one of them")
+    found = find_processes(parse_duration(older_than) if older_than else 0.0)
+    if show:
+        console.console().print(table(found, f"{len(found)} medcli process(es)"))
+    end = bool(found) and not dry_run and (yes or (confirm is not None and bool(confirm(len(found)))))
+    result = end_processes(found, grace_s) if end else [p.to_dict() for p in found]
+    if end:
+        stuck = [p for p in result if not p["ended"]]
+        console.info(f"ended {len(result) - len(stuck)} process(es)")
+        for p in stuck:
+            console.warn(f"could not end pid {p['pid']}: {p['error']}")
+    return {"ended": end, "processes": result}
 
 
 def other_trainings(device: str, exclude_parent: int | None = None) -> list[MedcliProcess]:

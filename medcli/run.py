@@ -28,6 +28,19 @@ from medcli import console, fileio, manifest
 from medcli.errors import Interrupted, UsageError
 from medcli.names import CHECKPOINTS, SPLITS
 
+__all__ = ["Run", "STAGE_LOCK_PREFIX", "create_run_dir", "find_runs"]
+
+# The layout of a run directory (see the `Run` methods that build paths from these).
+CHECKPOINT_DIR = "checkpoints"
+FIGURE_DIR = "figures"
+METRICS_DIR = "metrics"
+PREDICTIONS_DIR = "predictions"
+EXPLAIN_DIR = "explain"
+HISTORY_FILE = "history.csv"
+REPORT_FILE = "report.xlsx"
+MAPS_FILE = "maps.npz"
+EXPLAIN_INDEX = "index.json"
+EXPLAIN_STAGE_PREFIX = "explain:"
 MANIFEST_LOCK = ".manifest.lock"
 STAGE_LOCK_PREFIX = ".lock-"
 MANIFEST_LOCK_WAIT_S = 60.0  # a read-modify-write takes milliseconds; waiting this long means a hung writer
@@ -54,6 +67,29 @@ def create_run_dir(runs_root: str | os.PathLike, name: str) -> Path:
 
 def stage_lock_path(run_dir: str | os.PathLike, stage: str) -> Path:
     return Path(run_dir) / f"{STAGE_LOCK_PREFIX}{re.sub(r'[^A-Za-z0-9._-]+', '_', stage)}"
+
+
+def find_runs(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[dict]]:
+    """Run directories under `paths` (a run dir, its manifest.json, or a folder searched
+    recursively), deduplicated, plus `skipped` entries for paths that hold no run."""
+    found: dict[Path, None] = {}
+    skipped = []
+    for raw in paths:
+        path = Path(raw)
+        if path.name == manifest.FILENAME and path.is_file():
+            path = path.parent
+        if not path.exists():
+            skipped.append({"run": str(raw), "reason": "does not exist"})
+        elif (path / manifest.FILENAME).is_file():
+            found[path.resolve()] = None
+        elif path.is_dir():
+            runs = sorted(p.parent.resolve() for p in path.rglob(manifest.FILENAME))
+            if not runs:
+                skipped.append({"run": str(raw), "reason": f"no {manifest.FILENAME} found in it"})
+            found.update(dict.fromkeys(runs))
+        else:
+            skipped.append({"run": str(raw), "reason": "not a run directory or folder of runs"})
+    return list(found), skipped
 
 
 class Run:
@@ -204,11 +240,57 @@ class Run:
         self.update(change)
         return marked
 
-    # -- model and data ---------------------------------------------------------------------
+    # -- the layout: every path inside a run directory is spelled here, and only here ----------
     def checkpoint_path(self, checkpoint: str) -> Path:
         if checkpoint not in CHECKPOINTS:
             raise UsageError(f"unknown checkpoint '{checkpoint}'; choose {' or '.join(CHECKPOINTS)}")
-        return self.path(f"checkpoints/{checkpoint}.pt")
+        return self.path(f"{CHECKPOINT_DIR}/{checkpoint}.pt")
+
+    def history_file(self) -> Path:
+        """Per-epoch training history (`train`)."""
+        return self.path(HISTORY_FILE)
+
+    def figure_file(self, name: str, split: str | None = None) -> Path:
+        """`figures/<name>.png`, or `figures/<name>_<split>.png` for a split's figure."""
+        return self.path(f"{FIGURE_DIR}/{name}{f'_{split}' if split else ''}.png")
+
+    def metrics_file(self, split: str) -> Path:
+        """A split's metrics (`evaluate`; read by `aggregate` and the report)."""
+        return self.path(f"{METRICS_DIR}/{split}.json")
+
+    def predictions_file(self, split: str) -> Path:
+        """A split's predictions CSV (`evaluate`; read by `plot-confusion` and the report)."""
+        return self.path(f"{PREDICTIONS_DIR}/{split}.csv")
+
+    def medmnist_dir(self) -> Path:
+        """Where `evaluate --medmnist-csv` writes the files medmnist's evaluator reads."""
+        return self.path(f"{PREDICTIONS_DIR}/medmnist")
+
+    def report_file(self) -> Path:
+        return self.path(REPORT_FILE)
+
+    def explain_dir(self, method: str) -> Path:
+        """Everything one explanation method wrote (`explain`)."""
+        return self.path(f"{EXPLAIN_DIR}/{method}")
+
+    def explain_prefix(self, method: str) -> str:
+        """The artefact prefix of `explain_dir(method)` in the manifest."""
+        return f"{EXPLAIN_DIR}/{method}/"
+
+    def maps_file(self, method: str) -> Path:
+        """A method's raw maps (`explain`; read by `aggregate --maps`)."""
+        return self.explain_dir(method) / MAPS_FILE
+
+    def explain_index(self, method: str) -> Path:
+        return self.explain_dir(method) / EXPLAIN_INDEX
+
+    @staticmethod
+    def explain_stage(method: str) -> str:
+        """The manifest stage of one method: explains with different methods write different
+        files, so each has its own stage (and lock) and they can run side by side."""
+        return f"{EXPLAIN_STAGE_PREFIX}{method}"
+
+    # -- model and data ---------------------------------------------------------------------
 
     def load_model(self, checkpoint: str = "best", device="cpu"):
         """The trained model (the manifest's spec + checkpoints/<checkpoint>.pt) on `device`, in

@@ -12,6 +12,8 @@ import math
 import os
 from pathlib import Path
 
+__all__ = ["usable_cpus"]
+
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 

@@ -2,8 +2,9 @@
 
 Shaped like torchvision's references/classification/train.py: `train_one_epoch`, `evaluate`,
 and `train` / `resume` as the two entry points (the options become a config in
-`medcli.config`). Each split lives on the training device as one uint8 tensor (in
-pinned host memory when it exceeds --data-budget, copied batch by batch); each epoch draws a
+`medcli.config`; the optimizer, schedule and strict mode are `medcli.optim`'s). Each split
+lives on the training device as one uint8 tensor (in pinned host memory when it exceeds
+--data-budget, copied batch by batch: `medcli.feed`); each epoch draws a
 seeded permutation and batches are made by indexing, then
 augmented, resized and normalised on the device (`medcli.augment`). There is no DataLoader:
 at 28 px the model, not the data, is the cost.
@@ -22,13 +23,13 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
-from medcli import augment, console, distributed, fileio, inference
-from medcli.config import DEVICE_DATA_SHARE, WARMUP_MAX_SHARE, fine_tune_lr, fit_batch_to_data, resolve_config, run_name
+from medcli import augment, console, distributed, feed, fileio, inference, optim
+from medcli.config import fine_tune_lr, fit_batch_to_data, resolve_config, run_name
 from medcli.errors import MedcliError, UsageError
 from medcli.manifest import environment
 from medcli.names import MONITORS, SCALAR_METRICS
@@ -37,6 +38,12 @@ from medcli.tasks import Task
 
 if TYPE_CHECKING:
     from medcli import datasets
+
+__all__ = [
+    "EVAL_BATCH", "HISTORY_COLUMNS", "State", "bn_images", "check_finite", "compare",
+    "monitored", "reestimate_batchnorm", "resume", "summary", "train", "train_one_epoch",
+    "use_cpu_threads",
+]
 
 EVAL_BATCH = 512
 # Training images whose BatchNorm statistics replace the running averages before every
@@ -53,164 +60,8 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "his
 
 
 # ---------------------------------------------------------------------------------------
-# Schedule, optimizer, determinism
-# ---------------------------------------------------------------------------------------
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up from 1/warmup to 1 over `warmup_steps`, then cosine decay to 0.
-
-    `step` counts optimizer steps from 0; the factor multiplies the base learning rate.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model, config: dict, device):
-    """SGD (Nesterov) or AdamW; timm's parameter groups: no weight decay on biases, norms and the
-    model's own `no_weight_decay()` names (ViT tokens and position embeddings)."""
-    import torch
-    from timm.optim import param_groups_weight_decay
-
-    skip = getattr(model, "no_weight_decay", lambda: set())()
-    groups = param_groups_weight_decay(model, config["weight_decay"], no_weight_decay_list=skip)
-    fused = {"fused": True} if device.type == "cuda" else {}
-    if config["optimizer"] == "sgd":
-        return torch.optim.SGD(groups, lr=config["lr"], momentum=config["momentum"], nesterov=True, **fused)
-    return torch.optim.AdamW(groups, lr=config["lr"], **fused)
-
-
-def warmup_steps(config: dict, steps_per_epoch: int) -> int:
-    """--warmup-epochs in steps, capped at WARMUP_MAX_SHARE of the run."""
-    total = config["epochs"] * steps_per_epoch
-    return min(round(config["warmup_epochs"] * steps_per_epoch), int(WARMUP_MAX_SHARE * total))
-
-
-def make_scheduler(optimizer, config: dict, steps_per_epoch: int):
-    """Warm-up + cosine, stepped after every optimizer step (the seeds' cosine never stepped)."""
-    from functools import partial
-
-    import torch
-
-    total = config["epochs"] * steps_per_epoch
-    warmup = warmup_steps(config, steps_per_epoch)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, total_steps=total, warmup_steps=warmup))
-
-
-@contextmanager
-def determinism(config: dict, device) -> Iterator[None]:
-    """Seed torch; in strict mode force deterministic kernels (restored afterwards).
-
-    Strict mode: `torch.use_deterministic_algorithms(True)` (an op without a deterministic
-    kernel raises), cuBLAS workspace config, cuDNN benchmark off; ops medcli knows to lack a
-    deterministic CUDA backward are replaced in the model (`models.make_deterministic`).
-    Otherwise cuDNN may benchmark convolutions (fastest, not bit-exact).
-    """
-    import torch
-
-    torch.manual_seed(config["seed"])
-    previous = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
-    if config["deterministic"]:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(config["deterministic"])
-    torch.backends.cudnn.benchmark = device.type == "cuda" and not config["deterministic"]
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(previous[0])
-        torch.backends.cudnn.benchmark = previous[1]
-
-
-def determinism_record(config: dict, replaced: list[str]) -> dict:
-    """What strict mode did, for the manifest's environment."""
-    if not config["deterministic"]:
-        return {"strict": False}
-    return {"strict": True, "deterministic_algorithms": True, "warn_only": False, "cudnn_benchmark": False,
-            "replaced": replaced}
-
-
-# ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
-
-@dataclass
-class Data:
-    """One split for training: uint8 images (N, C, H, W) and int64 labels (N,) on the device.
-
-    When the images do not fit the device-memory budget they stay in host memory (pinned on
-    CUDA) and `take` gathers each batch there and copies it with `non_blocking=True`,
-    through two alternating pinned buffers so the copy of one batch overlaps the work on the
-    previous one. Same batches, same augmentation, same results; only where the bytes wait
-    differs."""
-
-    images: Any
-    labels: Any
-    device: Any
-    streamed: bool = False
-    _buffers: list = field(default_factory=lambda: [None, None])
-    _events: list = field(default_factory=lambda: [None, None])
-    _turn: int = 0
-
-    @classmethod
-    def of(cls, splits: datasets.Splits, split: str, device, budget: float) -> "Data":
-        """The split on `device` if its images take at most `budget` bytes, else streamed. The
-        split's numpy images leave `splits` (the tensor replaces them: a split too big for the
-        device is not held twice in host memory)."""
-        import torch
-
-        from medcli import datasets
-
-        array = splits.images.pop(split)
-        labels = torch.from_numpy(splits.labels[split]).to(device)
-        if array.nbytes <= budget:
-            return cls(datasets.as_tensor(array, device), labels, device)
-        cuda = device.type == "cuda"
-        console.info(f"{split} split ({array.nbytes / 2**30:.2f} GiB) exceeds the device-data budget "
-                     f"({budget / 2**30:.2f} GiB): kept in {'pinned ' if cuda else ''}host memory, "
-                     f"batches copied as needed")
-        return cls(datasets.as_tensor(array, pin=cuda), labels, device, streamed=True)
-
-    def take(self, index):
-        """The images at `index` (a tensor on the device), on the device: a fresh tensor that
-        later calls do not overwrite."""
-        if not self.streamed:
-            return self.images[index]
-        import torch
-
-        cuda = self.device.type == "cuda"
-        index = index.cpu()
-        turn, self._turn = self._turn, 1 - self._turn
-        if self._events[turn] is not None:
-            self._events[turn].synchronize()  # its previous copy has left the buffer
-        if self._buffers[turn] is None or self._buffers[turn].shape[0] < len(index):
-            self._buffers[turn] = torch.empty((len(index), *self.images.shape[1:]), dtype=self.images.dtype,
-                                              pin_memory=cuda)
-        buffer = self._buffers[turn][:len(index)]
-        torch.index_select(self.images, 0, index, out=buffer)
-        batch = buffer.to(self.device, non_blocking=True, copy=True)
-        if cuda:
-            self._events[turn] = torch.cuda.Event()
-            self._events[turn].record()
-        return batch
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-
-def data_budget(config: dict, device) -> float:
-    """Bytes of images that may live on the training device: --data-budget GiB when given,
-    else on CUDA half the free memory (the rest is for the model, activations and the
-    optimizer), on CPU unlimited (the data is in host memory either way)."""
-    import torch
-
-    if config.get("data_budget_gb") is not None:
-        return config["data_budget_gb"] * 2**30
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return DEVICE_DATA_SHARE * free
-    return math.inf
-
 
 @dataclass
 class State:
@@ -276,7 +127,7 @@ def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -
     return batch
 
 
-def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, bar, task,
+def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, device, bar, task,
                     ctx: distributed.Context = distributed.Context()) -> dict:
     """One pass over a seeded permutation of the training split.
 
@@ -346,7 +197,7 @@ def train_one_epoch(state: State, data: Data, prep: dict, config: dict, device, 
             "images_per_s": seen / seconds}
 
 
-def evaluate(model, data: Data, prep: dict, config: dict, device, task: Task,
+def evaluate(model, data: feed.Data, prep: dict, config: dict, device, task: Task,
              ctx: distributed.Context = distributed.Context()) -> dict:
     """Validation metrics (`task.metrics`) over the whole split: each process predicts its
     share, the logits are gathered, and every process gets the same metrics."""
@@ -361,7 +212,7 @@ def evaluate(model, data: Data, prep: dict, config: dict, device, task: Task,
     return task.metrics(data.labels.cpu().numpy(), probs)
 
 
-def reestimate_batchnorm(model, data: Data, prep: dict, config: dict, device) -> None:
+def reestimate_batchnorm(model, data: feed.Data, prep: dict, config: dict, device) -> None:
     """Precise BatchNorm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): replace the
     running statistics, an average that lags weights moving fast early in training or at a
     high learning rate, by those of the current weights on `bn_images(n)` training images
@@ -474,7 +325,7 @@ def train(**options: Any) -> Run:
         global_batch(config, ctx)
         channels = splits.images["train"].shape[-1]
         num_classes = len(datasets.class_names(config["dataset"]))
-        with determinism(config, torch.device(config["device"])):
+        with optim.determinism(config, torch.device(config["device"])):
             model, spec = _create_model(config, num_classes, channels)
             config = fine_tune_lr(config, spec["pretrained"])
             replaced = _strict_model(model, config)
@@ -483,7 +334,7 @@ def train(**options: Any) -> Run:
                 config["runs_dir"], run_name(config), config=config, dataset=splits.record, model=spec,
                 preprocess=prep,
                 environment={**environment(config["device"], config["seed"], config["deterministic"]),
-                             "determinism": determinism_record(config, replaced), "distributed": ctx.record()},
+                             "determinism": optim.determinism_record(config, replaced), "distributed": ctx.record()},
             ))
             console.info(f"run {run.run_dir}: {config['model']} ({spec.get('params', 0) / 1e6:.1f} M params) on "
                          f"{config['dataset']} {config['size']} px -> {config['input_size']} px, {config['device']}"
@@ -533,7 +384,7 @@ def resume(path: str | os.PathLike, device: str | None = None) -> Run:
 
             distributed.from_main(ctx, lambda: run.update(change))
             run.data["config"].update(device=config["device"], amp=config["amp"])
-        with determinism(config, dev):
+        with optim.determinism(config, dev):
             if checkpoint is None:  # interrupted before the first epoch ended: start it again
                 model, _ = _create_model(config, run.spec["num_classes"], run.spec["in_chans"])
             else:
@@ -586,6 +437,8 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
     distributed job every process trains; rank 0 alone records the stage and writes files."""
     import torch
 
+    from medcli import datasets
+
     config = run.config
     device = torch.device(distributed.device_for(ctx, config["device"]))
     prep = run.data["preprocess"]
@@ -598,22 +451,22 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
     model.to(device)
     if config["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    budget = data_budget(config, device)
-    train_data = Data.of(splits, "train", device, budget)
-    val_data = Data.of(splits, "val", device, budget - (0 if train_data.streamed else train_data.images.numel()))
+    budget = feed.data_budget(config, device)
+    train_data = feed.Data.of(splits, "train", device, budget)
+    val_data = feed.Data.of(splits, "val", device, budget - (0 if train_data.streamed else train_data.images.numel()))
     steps = len(train_data) // global_batch(config, ctx, len(train_data))
-    optimizer = make_optimizer(model, config, device)
+    optimizer = optim.make_optimizer(model, config, device)
     forward = model
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     state = State(model=model, forward=torch.compile(forward) if config["compile"] else forward, optimizer=optimizer,
-                  scheduler=make_scheduler(optimizer, config, steps),
+                  scheduler=optim.make_scheduler(optimizer, config, steps),
                   scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
                   data_gen=torch.Generator().manual_seed(config["seed"]),
                   aug_gen=torch.Generator().manual_seed(config["seed"] + 1),  # CPU: the same stream on any device
-                  task=Task.of(config["dataset"]))
+                  task=datasets.task(config["dataset"]))
     if checkpoint is not None:
         _restore(state, checkpoint, run, device)
     with (run.stage("train") if ctx.is_main else nullcontext()) as st, distributed.peers(ctx), \
@@ -659,16 +512,16 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
 def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_best: bool, stopped_early: bool,
                   device, ctx: distributed.Context) -> None:
     """Rank 0's files after an epoch: checkpoints, history, curves, and the stage summary."""
-    from medcli import reports
+    from medcli import reports, tables
 
     config = run.config
     files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best"),
-             "history": run.path("history.csv"), "curves": run.path("figures/curves.png")}
+             "history": run.history_file(), "curves": run.figure_file("curves")}
     written = [files["last"], files["history"]]  # only these are hashed again: an unchanged best.pt keeps its hash
     if is_best:
         written.append(save_checkpoint(files["best"], state, val, full=False, device=device))
     save_checkpoint(files["last"], state, val, full=True, device=device)
-    reports.write_table(files["history"], state.history, HISTORY_COLUMNS)
+    tables.write_table(files["history"], state.history, HISTORY_COLUMNS)
     final = stopped_early or state.epoch == config["epochs"]
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
         written.append(reports.save_curves(files["curves"], state.history, config["monitor"]))

@@ -63,11 +63,11 @@ def explain(run: Path, *options: str) -> tuple[float, dict]:
 
 def faithfulness(copies: dict[str, Path], per_class: int, figure: Path | None) -> None:
     """Every method with ROAD on each run; the scoring cost; CNN-vs-ViT agreement per class."""
-    from medcli.names import CAM_METHODS
+    from medcli.explainers import CAM_CLASSES
 
     print(f"{'run':<4} {'method':<10} {'seconds':>8}  {'ROAD mean +- std':>18}  samples")
     for kind, run in sorted(copies.items()):
-        for method in (*CAM_METHODS, *(["rollout"] if kind == "vit" else [])):
+        for method in (*CAM_CLASSES, *(["rollout"] if kind == "vit" else [])):
             seconds, index = explain(run, "--method", method, "--per-class", str(per_class))
             road = index["faithfulness"]
             print(f"{kind:<4} {method:<10} {seconds:8.1f}  {road['mean']:8.3f} +- {road['std']:.3f}  {road['n']:7d}",

@@ -1,6 +1,6 @@
 """Do medcli's defaults hold on small datasets? A script, not a test; prints its numbers.
 
-Small sets cut from the real PBC BloodMNIST (`datasets.make_subset`, stratified, validation
+Small sets cut from the real PBC BloodMNIST (`subsets.make_subset`, stratified, validation
 and test in MedMNIST's proportions for the dataset they imitate):
 
   blood546    8 classes, RGB, 546 / 78 / 156 images (BreastMNIST's split sizes)
@@ -52,12 +52,12 @@ SETS = {  # name -> (flag whose layout it takes, split sizes, classes kept, gray
 
 def make_set(name: str, source: Path, directory: Path) -> Path:
     from medcli import datasets
+    from subsets import make_subset  # scripts/subsets.py, beside this script
 
     flag, counts, classes, gray = SETS[name]
     root = directory / name
     root.mkdir(parents=True, exist_ok=True)
-    datasets.make_subset(source, root / datasets.filename(flag, 28), flag, counts, seed=0, classes=classes,
-                         grayscale=gray)
+    make_subset(source, root / datasets.filename(flag, 28), flag, counts, seed=0, classes=classes, grayscale=gray)
     return root
 
 
@@ -81,12 +81,11 @@ def reference(root: Path, flag: str, seed: int, epochs: int) -> dict:
     import torch.nn.functional as F
 
     from medcli import datasets, system
-    from medcli.tasks import Task
 
     torch.set_num_threads(system.usable_cpus())
     torch.manual_seed(seed)
     splits = datasets.load(root, flag, 28)
-    task = Task.of(flag)
+    task = datasets.task(flag)
 
     def tensors(split):
         x = datasets.as_tensor(splits.images[split]).float().div(255).sub(0.5).div(0.5)

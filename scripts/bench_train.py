@@ -109,7 +109,7 @@ def overhead(source: Path, work: Path, batch: int = 128, n_train: int = 128 * 6)
 
 
 def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: bool = True) -> None:
-    from medcli import config, datasets, inference, models
+    from medcli import datasets, inference, models
     from medcli.run import Run
 
     size = image_size(source)
@@ -138,7 +138,7 @@ def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: 
           f"best epoch {summary['best_epoch']} (val acc {summary['best_value']:.4f}), "
           f"train {summary['images_per_s']:.0f} img/s, TEST accuracy {accuracy:.4f}  ({run.run_dir})")
     if not reduced:
-        default_epochs = config.FAMILY_DEFAULTS[models.family(model)]["epochs"]
+        default_epochs = models.record(model).defaults["epochs"]
         projected = wall / summary["epochs_run"] * default_epochs
         print(f"{label} projected wall for the default {default_epochs} epochs: {projected / 3600:.1f} h")
 

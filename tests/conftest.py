@@ -9,6 +9,7 @@ import pytest
 from medcli import console, datasets
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
 
 @pytest.fixture(autouse=True)
@@ -32,6 +33,17 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "bloodmnist_pbc_28.npz").is_file():
         pytest.skip("../shared/data is not present (real-data tests run only beside it)")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def make_subset():
+    """scripts/subsets.py's `make_subset` (benchmark sets cut from real data; not part of medcli)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("subsets", SCRIPTS / "subsets.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_subset
 
 
 @pytest.fixture(scope="session")

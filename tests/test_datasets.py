@@ -120,11 +120,11 @@ def test_a_really_read_only_root(root):
         root.chmod(0o755)
 
 
-def test_make_subset_is_stratified_relabelled_and_checked_like_an_import(tmp_path):
+def test_make_subset_is_stratified_relabelled_and_checked_like_an_import(tmp_path, make_subset):
     source = datasets.make_synthetic(tmp_path / "src.npz", "bloodmnist", 28, (80, 40, 40), seed=0)
     # RGB and 2 of 8 classes as retinamnist (RGB, 5 classes): class 5 becomes 0, class 2 becomes 1
-    datasets.make_subset(source, tmp_path / "rgb" / datasets.filename("retinamnist", 28), "retinamnist",
-                         (20, 10, 10), classes=(5, 2))
+    make_subset(source, tmp_path / "rgb" / datasets.filename("retinamnist", 28), "retinamnist", (20, 10, 10),
+                classes=(5, 2))
     splits = datasets.load(tmp_path / "rgb", "retinamnist", 28)
     with np.load(source) as archive:
         images, labels = archive["train_images"], archive["train_labels"][:, 0]
@@ -133,12 +133,12 @@ def test_make_subset_is_stratified_relabelled_and_checked_like_an_import(tmp_pat
         assert len(picked) == 10  # stratified: the two classes are equally common in the source
         assert all((images[labels == old_label] == image).all(axis=(1, 2, 3)).any() for image in picked)
     gray = tmp_path / "gray" / datasets.filename("breastmnist", 28)
-    datasets.make_subset(source, gray, "breastmnist", (20, 10, 10), classes=(5, 2), grayscale=True)
+    make_subset(source, gray, "breastmnist", (20, 10, 10), classes=(5, 2), grayscale=True)
     assert datasets.load(tmp_path / "gray", "breastmnist", 28).images["train"].shape == (20, 28, 28, 1)
     # RGB images under a grayscale flag used to pass on the record's word: refused, no file left
     other = tmp_path / "bad" / datasets.filename("breastmnist", 28)
     with pytest.raises(MedcliError, match="expected \\(28, 28\\)"):
-        datasets.make_subset(source, other, "breastmnist", (20, 10, 10), classes=(5, 2))
+        make_subset(source, other, "breastmnist", (20, 10, 10), classes=(5, 2))
     with pytest.raises(MedcliError, match="no train images of class 9"):
-        datasets.make_subset(source, other, "breastmnist", (20, 10, 10), classes=(1, 9), grayscale=True)
+        make_subset(source, other, "breastmnist", (20, 10, 10), classes=(1, 9), grayscale=True)
     assert not other.parent.exists() or not any(other.parent.iterdir())

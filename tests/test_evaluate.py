@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import datasets, metrics, reports
+from medcli import datasets, metrics, tables, tasks
 from medcli.cli import app
 from medcli.run import Run
 
@@ -134,9 +134,9 @@ def test_tta_uses_only_the_flips_the_run_was_trained_with(run_copy, trained, vie
 def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
     names = ["basophil", "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "platelet"]
     probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]])
-    csv = reports.write_predictions(tmp_path / "test.csv", reports.predictions_frame(np.array([0, 1, 2, 2]), probs.argmax(1), probs, names))
-    frame, parsed = reports.read_predictions(csv)
-    assert parsed == names  # the comma inside a class name survives the CSV header
+    csv, _ = tables.write_predictions(tmp_path / "test.csv", tasks.MultiClass(names), np.array([0, 1, 2, 2]), probs)
+    frame, parsed = tables.read_predictions(csv)
+    assert parsed == tasks.MultiClass(names)  # the comma inside a class name survives the CSV header
     assert metrics.confusion_counts(frame["label"], frame["prediction"], 3).tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 1]]
 
     out = tmp_path / "cm.png"
@@ -151,15 +151,14 @@ def test_the_predictions_csv_keeps_every_probability_exactly(tmp_path):
     probs = metrics.softmax(rng.normal(scale=12, size=(200, 3)))
     probs[0] = [1 - 4e-8, 2e-8, 2e-8]
     labels = rng.integers(0, 3, size=200)
-    csv = reports.write_predictions(tmp_path / "test.csv", reports.predictions_frame(labels, probs.argmax(1), probs, list("abc")))
-    frame, _ = reports.read_predictions(csv)
-    assert np.array_equal(frame[[f"{reports.PROB_PREFIX}{c}" for c in "abc"]].to_numpy(), probs)
+    csv, _ = tables.write_predictions(tmp_path / "test.csv", tasks.MultiClass(list("abc")), labels, probs)
+    frame, _ = tables.read_predictions(csv)
+    assert np.array_equal(frame[[f"{tables.PROB_PREFIX}{c}" for c in "abc"]].to_numpy(), probs)
 
 
 def test_plot_confusion_default_output_for_a_run_dir(tmp_path):
     run = Run.create(tmp_path, "run", config={}, dataset={"flag": "bloodmnist", "size": 28}).run_dir  # a run is a directory with a manifest
-    reports.write_predictions(run / "predictions" / "val.csv",
-                              reports.predictions_frame(np.array([0, 1]), np.array([0, 1]), np.eye(2), ["a", "b"]))
+    tables.write_predictions(run / "predictions" / "val.csv", tasks.MultiClass(["a", "b"]), np.array([0, 1]), np.eye(2))
     result = runner.invoke(app, ["plot-confusion", str(run), "--split", "val", "--normalize"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(run / "figures" / "confusion_val_normalized.png")

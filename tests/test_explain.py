@@ -18,15 +18,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import augment, datasets, explain, models, names
+from medcli import augment, datasets, explain, explainers, models, names
 from medcli.cli import app
 from medcli.run import Run
-from medcli.tasks import Task
 
 from cli_helpers import one_line_error
 
 runner = CliRunner()
-CAM_METHODS = list(names.CAM_METHODS)
+CAM_METHODS = list(explainers.CAM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +51,14 @@ def sample_images(synthetic_root):
 
 
 PREP = augment.make_prep(28, 3)  # what train wrote for both models
+OPTIONS = {"head_fusion": "mean", "discard_ratio": 0.9, "batch_size": 64}
 
 
 def _maps(model, spec, method, images, targets):
-    layer = None if method == "rollout" else explain.resolve_layer(model, spec, None)
-    with explain.open_explainer(method, model, spec, layer, "mean", 0.9, batch_size=64) as explainer:
-        return explain.heatmaps(explainer, images, PREP, targets, batch_size=4, device="cpu")[0]
+    chosen = explainers.METHODS[method]
+    layer = explainers.resolve_layer(model, spec, None) if chosen.uses_layer else None
+    with chosen.open(model, spec, layer, OPTIONS) as explainer:
+        return explainers.heatmaps(explainer, images, PREP, targets, batch_size=4, device="cpu")[0]
 
 
 def _preprocessed(images):
@@ -71,7 +72,7 @@ def _predictions(model, images):
 
 # -- heat maps -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,method", [("cnn", m) for m in CAM_METHODS]
-                         + [("vit", m) for m in names.EXPLAIN_METHODS])
+                         + [("vit", m) for m in explainers.METHODS])
 def test_heat_maps_are_finite_varied_and_image_sized(family, method, cnn, vit, sample_images, capfd):
     model, spec = cnn if family == "cnn" else vit
     images = sample_images
@@ -94,26 +95,31 @@ def test_heat_maps_take_the_dataset_image_size_not_the_model_input(family, metho
 
 def test_default_layers_follow_the_map_size(cnn, vit):
     model, spec = cnn
-    layers = explain.cam_layers(model, spec)
-    chosen = explain.default_layer(model, spec, layers)
-    assert min(layers[chosen]) >= explain.MIN_CAM_GRID  # test_resnet at 28 px: layer1 is 7x7, layer2 4x4
-    assert chosen == "layer1" and min(layers["layer2"]) < explain.MIN_CAM_GRID
+    layers = explainers.cam_layers(model, spec)
+    chosen = explainers.default_layer(model, spec, layers)
+    assert min(layers[chosen]) >= explainers.MIN_CAM_GRID  # test_resnet at 28 px: layer1 is 7x7, layer2 4x4
+    assert chosen == "layer1" and min(layers["layer2"]) < explainers.MIN_CAM_GRID
     resnet, resnet_spec = models.create("resnet18", 8, 3, 28)  # small stem: 28, 14, 7, 4
-    assert explain.resolve_layer(resnet.eval(), resnet_spec, None) == "layer3"
+    assert explainers.resolve_layer(resnet.eval(), resnet_spec, None) == "layer3"
+    # DenseNet-121's stages are the children of `features`: dense blocks at 28, 14, 7, 3 px
+    # (small stem) or 14, 7, 3, 1 px (the --reduced stem keeps the max-pool)
+    for overrides, layer in (({}, "features.denseblock3"), ({"keep_maxpool": True}, "features.denseblock2")):
+        densenet, densenet_spec = models.create("densenet121", 8, 3, 28, **overrides)
+        assert explainers.resolve_layer(densenet.eval(), densenet_spec, None) == layer
     model, spec = vit
-    assert explain.resolve_layer(model, spec, None) == "blocks.5.norm1"
+    assert explainers.resolve_layer(model, spec, None) == "blocks.5.norm1"
 
 
 # -- rollout ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("fusion", list(names.HEAD_FUSIONS))
+@pytest.mark.parametrize("fusion", list(explainers.HEAD_FUSIONS))
 @pytest.mark.parametrize("discard", [0.0, 0.9])
 def test_rollout_rows_sum_to_one(fusion, discard, vit, sample_images):
     model, _ = vit
-    with explain.AttentionRollout(model, fusion, discard) as rollout:
+    with explainers.AttentionRollout(model, fusion, discard) as rollout:
         model(_preprocessed(sample_images))
         weights = list(rollout.weights)
     assert len(weights) == len(model.blocks)
-    flow = explain.rollout(weights, fusion, discard, prefix=model.num_prefix_tokens)
+    flow = explainers.rollout(weights, fusion, discard, prefix=model.num_prefix_tokens)
     assert flow.shape == (4, 50, 50) and (flow >= 0).all()
     torch.testing.assert_close(flow.sum(-1), torch.ones(4, 50))
 
@@ -129,7 +135,7 @@ def test_rollout_recomputes_the_attention_timm_would_use(vit, sample_images):
     try:
         for block in model.blocks:
             block.attn.fused_attn = False
-        with explain.AttentionRollout(model) as rollout, torch.no_grad():
+        with explainers.AttentionRollout(model) as rollout, torch.no_grad():
             model(_preprocessed(sample_images))
             ours = list(rollout.weights)
     finally:
@@ -152,7 +158,7 @@ def test_hooks_are_released_after_use(family, method, cnn, vit, sample_images):
     for _ in range(3):
         _maps(model, spec, method, sample_images, [0, 1, 2, 3])
         assert _hook_count(model) == before
-    explain.cam_layers(model, spec)  # the dry run that measures layers hooks every module
+    explainers.cam_layers(model, spec)  # the dry run that measures layers hooks every module
     assert _hook_count(model) == before
 
 
@@ -195,7 +201,7 @@ def test_an_untrained_cnn_does_not_point_at_the_evidence(synthetic_root):
     model, spec = models.create("timm:test_resnet", 8, 3, 28)
     model.eval()
     maps = _maps(model, spec, "gradcam", images, _predictions(model, images))
-    assert np.nanmean(explain.box_mass(maps, data.record["signal_box"])) < 0.4
+    assert np.nanmean(explainers.box_mass(maps, data.record["signal_box"])) < 0.4
 
 
 def test_rollout_follows_the_evidence_square_where_it_is(vit, synthetic_root):
@@ -210,9 +216,9 @@ def test_rollout_follows_the_evidence_square_where_it_is(vit, synthetic_root):
     images = datasets.as_tensor(np.roll(data.images["test"][:16], shift, axis=2))
     model, spec = vit
     maps = _maps(model, spec, "rollout", images, [0] * 16)
-    moved = np.nanmean(explain.box_mass(maps, [y0, y1, x0 + shift, x1 + shift]))
-    transposed = np.nanmean(explain.box_mass(maps, [x0 + shift, x1 + shift, y0, y1]))
-    mirrored = np.nanmean(explain.box_mass(maps, [y0, y1, x0 - shift, x1 - shift]))
+    moved = np.nanmean(explainers.box_mass(maps, [y0, y1, x0 + shift, x1 + shift]))
+    transposed = np.nanmean(explainers.box_mass(maps, [x0 + shift, x1 + shift, y0, y1]))
+    mirrored = np.nanmean(explainers.box_mass(maps, [y0, y1, x0 - shift, x1 - shift]))
     assert moved > transposed + 0.1 and moved > mirrored + 0.1, (moved, transposed, mirrored)
 
 
@@ -227,18 +233,18 @@ def test_road_ranks_a_trained_models_gradcam_above_random_and_untrained_maps(tin
     prep = run.data["preprocess"]
     model = run.load_model("best", "cpu")
     targets = _predictions(model, images)
-    scorer = explain.road_scorer(model, seed=0, task=Task.of("bloodmnist"))
+    scorer = explainers.road_scorer(model, seed=0, task=datasets.task("bloodmnist"))
 
     def road(maps):
         return float(np.mean(scorer(augment.preprocess(images, prep), maps.astype(np.float32), targets)))
 
-    layer = explain.resolve_layer(model, run.spec, None)
-    with explain.open_explainer("gradcam", model, run.spec, layer, "mean", 0.9, batch_size=64) as cam:
-        trained, scores = explain.heatmaps(cam, images, prep, targets, batch_size=24, device="cpu", scorer=scorer)
+    layer = explainers.resolve_layer(model, run.spec, None)
+    with explainers.METHODS["gradcam"].open(model, run.spec, layer, OPTIONS) as cam:
+        trained, scores = explainers.heatmaps(cam, images, prep, targets, batch_size=24, device="cpu", scorer=scorer)
     torch.manual_seed(1)
     untrained = models.rebuild(run.spec).eval()
-    with explain.open_explainer("gradcam", untrained, run.spec, layer, "mean", 0.9, batch_size=64) as cam:
-        randomised = explain.heatmaps(cam, images, prep, targets, batch_size=24, device="cpu")[0]
+    with explainers.METHODS["gradcam"].open(untrained, run.spec, layer, OPTIONS) as cam:
+        randomised = explainers.heatmaps(cam, images, prep, targets, batch_size=24, device="cpu")[0]
     noise = np.random.default_rng(0).random(trained.shape).astype(np.float32)
     assert np.mean(scores) == pytest.approx(road(trained), abs=1e-6)  # the scorer inside heatmaps is the same
     assert road(trained) > road(noise) + 0.02 and road(trained) > road(randomised) + 0.02, \
@@ -255,9 +261,9 @@ def test_road_scorer_equals_grad_cams_road_combined(tiny_run):
     x = augment.preprocess(datasets.as_tensor(run.load_data().images["test"][:6]), run.data["preprocess"])
     maps = np.random.default_rng(1).random((6, 28, 28)).astype(np.float32)
     classes = [0, 1, 2, 3, 4, 5]
-    ours = explain.road_scorer(model, seed=5, task=Task.of("bloodmnist"))(x, maps, classes)
+    ours = explainers.road_scorer(model, seed=5, task=datasets.task("bloodmnist"))(x, maps, classes)
     torch.manual_seed(5)
-    theirs = ROADCombined(percentiles=list(explain.ROAD_PERCENTILES))(
+    theirs = ROADCombined(percentiles=list(explainers.ROAD_PERCENTILES))(
         x, maps, [ClassifierOutputSoftmaxTarget(k) for k in classes], model)
     np.testing.assert_allclose(ours, theirs, atol=1e-6)
 

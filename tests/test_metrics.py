@@ -88,7 +88,7 @@ def test_a_perfectly_separated_validation_split_keeps_the_logits():
     assert metrics.fit_temperature(logits, labels) == 1.0
     multi = np.column_stack([logits[:, 0], logits[:, 1]])
     one_sided = np.column_stack([multi[:, 0] > 0, np.zeros(78, int)])  # label 1: no positive at all
-    assert metrics.fit_temperature(multi, one_sided, multilabel=True) == [1.0, 1.0]
+    assert metrics.fit_label_temperatures(multi, one_sided) == [1.0, 1.0]
 
 
 def test_temperature_is_about_one_for_a_calibrated_model():

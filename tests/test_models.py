@@ -27,17 +27,23 @@ def _center_response(conv: nn.Conv2d, in_chans: int, size: int) -> torch.Tensor:
     return y[:, :, y.shape[2] // 2, y.shape[3] // 2]
 
 
-@pytest.fixture(scope="module")
-def imagenet_like_file(tmp_path_factory) -> Path:
-    """A torchvision-layout ResNet-18 file (7x7 RGB conv1, 1000 classes) with non-zero-mean kernels."""
-    from torchvision.models import resnet18
-
+def _imagenet_like(tmp_path_factory, builder, first_conv: str) -> Path:
+    """A torchvision-layout weights file (7x7 RGB first conv, 1000 classes) with non-zero-mean
+    first-conv kernels."""
     torch.manual_seed(0)
-    state = resnet18().state_dict()
-    state["conv1.weight"] = torch.randn(64, 3, 7, 7) * 0.05 + torch.randn(64, 3, 1, 1) * 0.02
-    path = tmp_path_factory.mktemp("weights") / "resnet18_imagenet.pth"
+    state = builder().state_dict()
+    state[first_conv] = torch.randn(64, 3, 7, 7) * 0.05 + torch.randn(64, 3, 1, 1) * 0.02
+    path = tmp_path_factory.mktemp("weights") / f"{builder.__name__}_imagenet.pth"
     torch.save(state, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def imagenet_like_file(tmp_path_factory) -> Path:
+    """A torchvision ResNet-18 file."""
+    from torchvision.models import resnet18
+
+    return _imagenet_like(tmp_path_factory, resnet18, "conv1.weight")
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +152,101 @@ def test_resize_kernel_keeps_zero_mean_edge_filters_bounded():
     assert small.sum().abs() < 1e-5 and small.abs().max() < 10
 
 
+# -- DenseNet-121: the second torchvision family, from its record ---------------------------------
+def _densenet_stem(model: nn.Module) -> nn.Module:
+    f = model.features
+    return nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0)
+
+
+@pytest.mark.parametrize("size, stem, kernel, at_block1", [(28, "small", 3, 28), (64, "small+pool", 3, 32),
+                                                           (128, "imagenet", 7, 32)])
+def test_densenet121_builds_with_the_recorded_stem_and_rebuilds_from_its_spec(size, stem, kernel, at_block1):
+    torch.manual_seed(0)
+    model, spec = models.create("densenet121", 5, 1, size)
+    assert spec["stem"] == stem and spec["family"] == "cnn" and spec["arch"] == "densenet121"
+    assert model.features.conv0.kernel_size == (kernel, kernel) and model.features.conv0.in_channels == 1
+    assert _densenet_stem(model)(torch.zeros(1, 1, size, size)).shape[-1] == at_block1
+    clone = models.rebuild(spec)
+    clone.load_state_dict(model.state_dict())
+    x = torch.randn(2, 1, size, size)
+    torch.testing.assert_close(clone.eval()(x), model.eval()(x), rtol=0, atol=0)
+
+
+def test_densenet121_keeps_torchvisions_state_dict_keys():
+    from torchvision.models import densenet121
+
+    model, _ = models.create("densenet121", 5, 3, 128)
+    assert model.state_dict().keys() == densenet121(num_classes=5).state_dict().keys()
+    pooled, spec = models.create("densenet121", 5, 3, 28, keep_maxpool=True)  # the --reduced model
+    assert spec["stem"] == "small+pool" and isinstance(pooled.features.pool0, nn.MaxPool2d)
+
+
+@pytest.fixture(scope="module")
+def densenet_file(tmp_path_factory) -> Path:
+    """A torchvision DenseNet-121 file."""
+    from torchvision.models import densenet121
+
+    return _imagenet_like(tmp_path_factory, densenet121, "features.conv0.weight")
+
+
+@pytest.mark.parametrize("old_keys", [False, True])
+def test_densenet121_weights_file_loads_adapted_to_the_small_stem(densenet_file, tmp_path, old_keys):
+    """--weights: conv0 resized 7x7 -> 3x3 and summed to one channel (the constant response
+    kept), the 1000-class head dropped; files with torchvision's pre-0.4 key names
+    ("denselayer1.norm.1", as in its ImageNet file) load through torchvision's own key fix."""
+    import re
+
+    source = torch.load(densenet_file, weights_only=True)
+    path = densenet_file
+    if old_keys:
+        path = tmp_path / "densenet121_old.pth"
+        old = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))(\d)", r"\1.\2", key): v  # and no BatchNorm counters
+               for key, v in source.items() if not key.endswith("num_batches_tracked")}
+        torch.save(old, path)
+        assert "features.denseblock1.denselayer1.norm.1.weight" in torch.load(path, weights_only=True)
+    model, spec = models.create("densenet121", 5, 1, 28, weights=path)
+    reference = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    reference.weight.data = source["features.conv0.weight"]
+    torch.testing.assert_close(_center_response(model.features.conv0, 1, 28),
+                               _center_response(reference, 3, 32).sum(0, keepdim=True), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(model.features.denseblock1.denselayer1.norm1.weight,
+                               source["features.denseblock1.denselayer1.norm1.weight"])
+    assert model.classifier.out_features == 5 and spec["pretrained"] is True
+    torch.save(models.create("resnet18", 5, 3, 28)[0].state_dict(), tmp_path / "resnet.pth")
+    with pytest.raises(UsageError, match=r"does not fit model densenet121 \(missing keys"):
+        models.create("densenet121", 5, 3, 28, weights=tmp_path / "resnet.pth")
+
+
+def test_every_model_name_has_a_family_record():
+    """The record is the one place that knows a family: every alias has one, the torchvision
+    ones are exactly the torchvision aliases, and config and explain never branch on a name."""
+    import inspect
+    import re
+
+    from medcli import config, explain
+
+    for name, (_, library) in models.ALIASES.items():
+        record = models.record(name)
+        assert record in models.FAMILIES.values() and (record.torchvision is not None) == (library == "torchvision")
+        assert set(record.reduced) <= set(record.defaults) | {"input_size"} and record.kind in ("cnn", "vit")
+    assert {k for k, r in models.FAMILIES.items() if r.torchvision} == {
+        n for n, (_, library) in models.ALIASES.items() if library == "torchvision"}
+    assert models.record("timm:test_vit") is models.FAMILIES["vit"] and models.record("timm:test_resnet").rollout is False
+    for module in (config, explain):
+        source = inspect.getsource(module)
+        assert not re.findall(r'"(?:resnet18|densenet121|vit)"|\["family"\]|get\("family"|models\.family\(', source)
+
+
+def test_the_records_are_light_to_import():
+    """`medcli train --help` reads the records: importing models and config loads neither torch nor timm."""
+    import subprocess
+    import sys
+
+    code = ("import sys, medcli.config, medcli.models; "
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm', 'numpy') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "[]"
+
+
 # -- ViTs ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("size, overrides", [(28, {"patch_size": 4}), (64, {}), (128, {}), (224, {})])
 def test_vit_forward_at_any_size(size, overrides):
@@ -166,9 +267,9 @@ def test_vit_size_not_divisible_by_patch_names_choices():
 
 
 def test_names_and_families():
-    assert [models.family(n) for n in ("resnet18", "vit", "timm:test_vit", "timm:resnet10t")] == [
-        "cnn", "vit", "vit", "cnn"]
-    with pytest.raises(UsageError, match="choose resnet18, vit, vit-small, vit-tiny or timm:<name>"):
+    assert [models.record(n).kind for n in ("resnet18", "densenet121", "vit", "timm:test_vit", "timm:resnet10t")] == [
+        "cnn", "cnn", "vit", "vit", "cnn"]
+    with pytest.raises(UsageError, match="choose resnet18, densenet121, vit, vit-small, vit-tiny or timm:<name>"):
         models.create("resnet50", 2, 3, 28)
     with pytest.raises(UsageError, match=r"timm has no model 'nope_net'.*list_models"):
         models.create("timm:nope_net", 2, 3, 28)
@@ -190,7 +291,7 @@ def test_make_deterministic_swaps_global_pooling_for_an_exact_mean():
     """Review defect 2: AdaptiveAvgPool2d has no deterministic CUDA backward. The replacement
     computes the same outputs and gradients and loads the same checkpoints."""
     torch.manual_seed(0)
-    for name in ("resnet18", "timm:test_resnet"):
+    for name in ("resnet18", "densenet121", "timm:test_resnet"):
         model, _ = models.create(name, 3, 3, 28)
         model.eval()
         plain = {k: v.clone() for k, v in model.state_dict().items()}
@@ -206,7 +307,7 @@ def test_make_deterministic_swaps_global_pooling_for_an_exact_mean():
 
 
 # -- pretrained weights without a network ------------------------------------------------------
-@pytest.mark.parametrize("name", ["resnet18", "timm:test_vit"])
+@pytest.mark.parametrize("name", ["resnet18", "densenet121", "timm:test_vit"])
 def test_pretrained_offline_warns_once_and_trains_from_scratch(offline, capsys, name):
     model, spec = models.create(name, 4, 3, 16, pretrained=True)
     err = capsys.readouterr().err
@@ -231,9 +332,11 @@ def test_pretrained_online_really_downloads(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", refuse)
     models.create("resnet18", 4, 3, 32, pretrained=True)
     models.create("timm:test_vit", 4, 3, 32, pretrained=True)
+    models.create("densenet121", 4, 3, 32, pretrained=True)
     assert asked[0][0].startswith("https://download.pytorch.org/models/resnet18")
     assert asked[1] == ("timm/test_vit.r160_in1k", False)
-    assert capsys.readouterr().err.count("test refuses downloads") == 2
+    assert asked[2][0].startswith("https://download.pytorch.org/models/densenet121")
+    assert capsys.readouterr().err.count("test refuses downloads") == 3
 
 
 def test_unreachable_honours_hf_hub_offline_and_failed_probe(monkeypatch):

@@ -174,6 +174,29 @@ def test_dry_run_and_yes_conflict():
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_clean_ends_only_with_consent_and_a_process_left_running_exits_1(monkeypatch):
+    """processes.clean (the whole of clean-processes): asks `confirm` with the count, ends
+    nothing on a no or with dry_run; the CLI exits 1 when a process could not be ended."""
+    found = processes.MedcliProcess(pid=999999, age_s=5.0, command="medcli train", subcommand="train")
+    monkeypatch.setattr(processes, "find_processes", lambda older_than_s=0.0: [found])
+    ended = []
+
+    def end(procs, grace_s=10.0):
+        ended.append(procs)
+        return [{**p.to_dict(), "signal": None, "ended": False, "error": "permission denied",
+                 "runs_marked_interrupted": []} for p in procs]
+
+    monkeypatch.setattr(processes, "end_processes", end)
+    asked = []
+    report = processes.clean(show=False, confirm=lambda count: asked.append(count) or False)
+    assert asked == [1] and report == {"ended": False, "processes": [found.to_dict()]} and ended == []
+    assert not processes.clean(dry_run=True, show=False, confirm=lambda count: True)["ended"] and ended == []
+    assert processes.clean(show=False, confirm=lambda count: True)["ended"] and len(ended) == 1
+    result = runner.invoke(app, ["clean-processes", "--yes", "--json"])
+    assert result.exit_code == 1 and json.loads(result.stdout)["processes"][0]["error"] == "permission denied"
+    assert "could not end pid 999999: permission denied" in result.stderr
+
+
 def test_other_trainings_matches_device(fake_medcli):
     proc, _ = fake_medcli()
     assert proc.pid in {p.pid for p in processes.other_trainings("cpu")}  # its device is 'auto'

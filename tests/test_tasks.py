@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from medcli import datasets, metrics
 from medcli.errors import MedcliError
 from medcli.cli import app
-from medcli.names import BINARY, MULTI_CLASS, MULTI_LABEL, ORDINAL, TASK_METRICS
-from medcli.tasks import Task
+from medcli.tasks import EXTRA_METRICS, Binary, MultiClass, MultiLabel, Ordinal, for_kind
+
+MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL = (cls.kind for cls in (MultiClass, Binary, Ordinal, MultiLabel))
 
 runner = CliRunner()
 N = 60
@@ -72,7 +73,7 @@ def test_accuracy_and_auc_equal_medmnists_evaluator(task, kind):
         classes = {MULTI_CLASS: 2 if kind == "two classes" else 6, BINARY: 2, ORDINAL: 5}[task]
         labels, probs = _single(rng, classes, "random" if kind == "two classes" else kind)
         oracle_labels = labels[:, None]  # the npz layout medmnist reads: (N, 1)
-    ours = Task(task, tuple(f"c{k}" for k in range(probs.shape[1]))).metrics(labels, probs)
+    ours = for_kind(task, tuple(f"c{k}" for k in range(probs.shape[1]))).metrics(labels, probs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn's "only one class present" (its AUC is NaN)
         acc, auc = getACC(oracle_labels, probs, task), getAUC(oracle_labels, probs, task)
@@ -81,22 +82,22 @@ def test_accuracy_and_auc_equal_medmnists_evaluator(task, kind):
         assert ours["auc"] is None
     else:
         assert ours["auc"] == pytest.approx(auc, abs=1e-12)
-    assert set(TASK_METRICS[task]) <= set(ours)
+    assert set(EXTRA_METRICS[task]) <= set(ours)
 
 
 @pytest.mark.parametrize("task", [MULTI_CLASS, BINARY, MULTI_LABEL])
 def test_roc_curves_are_sklearns_and_binary_draws_the_class_the_auc_is_of(task):
     from sklearn.metrics import roc_auc_score
 
-    from medcli import reports
+    from medcli import tables
 
     rng = np.random.default_rng(5)
     if task == MULTI_LABEL:
         labels, probs = _multilabel(rng, "absent")  # label 2 has no positives: no curve
     else:
         labels, probs = _single(rng, 2 if task == BINARY else 4)
-    t = Task(task, tuple(f"c{k}" for k in range(probs.shape[1])))
-    curves = reports.roc_curves(t.indicator(labels), probs, t.names, task)
+    t = for_kind(task, tuple(f"c{k}" for k in range(probs.shape[1])))
+    curves = tables.roc_curves(t.indicator(labels), probs, t.names, t.roc_classes())
     indicator = t.indicator(labels)
     expected = {BINARY: [1], MULTI_CLASS: [0, 1, 2, 3], MULTI_LABEL: [0, 1, 3, 4]}[task]
     assert [c["class"] for c in curves] == expected
@@ -109,13 +110,13 @@ def test_roc_curves_are_sklearns_and_binary_draws_the_class_the_auc_is_of(task):
 def test_binary_rates_and_ordinal_scores_against_hand_counts():
     labels = np.array([1, 1, 1, 0, 0, 0, 0, 1])
     p1 = np.array([0.9, 0.8, 0.3, 0.2, 0.1, 0.6, 0.4, 0.7])  # tp 3, fn 1, tn 3, fp 1
-    m = Task(BINARY, ("benign", "malignant")).metrics(labels, np.stack([1 - p1, p1], 1))
+    m = for_kind(BINARY, ("benign", "malignant")).metrics(labels, np.stack([1 - p1, p1], 1))
     assert (m["sensitivity"], m["specificity"], m["ppv"], m["npv"]) == pytest.approx((0.75, 0.75, 0.75, 0.75))
     grades = np.array([0, 1, 2, 3, 4, 4])
     predicted = np.array([0, 2, 2, 1, 4, 3])
     from sklearn.metrics import cohen_kappa_score
 
-    o = Task(ORDINAL, tuple("01234")).metrics(grades, np.eye(5)[predicted])
+    o = for_kind(ORDINAL, tuple("01234")).metrics(grades, np.eye(5)[predicted])
     assert o["mae"] == pytest.approx((0 + 1 + 0 + 2 + 0 + 1) / 6)
     assert o["qwk"] == pytest.approx(cohen_kappa_score(grades, predicted, weights="quadratic"))
 
@@ -128,7 +129,7 @@ def test_every_monitor_has_a_value_for_every_task(task):
 
     rng = np.random.default_rng(0)
     labels, probs = _multilabel(rng) if task == MULTI_LABEL else _single(rng, {BINARY: 2}.get(task, 5))
-    values = Task(task, tuple(f"c{k}" for k in range(probs.shape[1]))).metrics(labels, probs)
+    values = for_kind(task, tuple(f"c{k}" for k in range(probs.shape[1]))).metrics(labels, probs)
     for monitor in MONITORS:
         value = train.monitored(values, monitor)
         assert isinstance(value, float) and np.isfinite(value), (monitor, value)
@@ -137,7 +138,7 @@ def test_every_monitor_has_a_value_for_every_task(task):
 def test_a_multilabel_mistake_is_as_confident_as_its_surest_wrong_label():
     """A sample wrong on one label at 0.99 is a more confident mistake than one wrong at 0.6,
     whatever its other labels; a right sample is as sure as its least sure label."""
-    task = Task(MULTI_LABEL, ("a", "b", "c"))
+    task = for_kind(MULTI_LABEL, ("a", "b", "c"))
     labels = np.array([[0, 0, 0], [0, 0, 0], [1, 0, 0]])
     probs = np.array([[0.99, 0.45, 0.1], [0.6, 0.0, 0.0], [0.8, 0.3, 0.1]])
     _, _, right, confidence = task.describe(labels, probs)
@@ -145,15 +146,15 @@ def test_a_multilabel_mistake_is_as_confident_as_its_surest_wrong_label():
     assert confidence == pytest.approx([0.99, 0.6, 0.7])
 
 
-def test_multilabel_metrics_by_hand():
+def test_label_matrix_metrics_by_hand():
     labels = np.array([[1, 0], [1, 1], [0, 0], [0, 1]])
     probs = np.array([[0.9, 0.2], [0.6, 0.4], [0.7, 0.1], [0.2, 0.8]])  # label 0: 1 fp; label 1: 1 fn
-    m = Task(MULTI_LABEL, ("a", "b")).metrics(labels, probs)
+    m = for_kind(MULTI_LABEL, ("a", "b")).metrics(labels, probs)
     assert m["accuracy"] == pytest.approx(0.75) and m["subset_accuracy"] == pytest.approx(0.5)
     assert m["label_confusion"] == [[[1, 1], [0, 2]], [[2, 0], [1, 1]]]
     assert [c["support"] for c in m["per_class"]] == [2, 2]
     assert m["nll"] == pytest.approx(metrics.binary_nll(labels, probs))
-    t = Task(MULTI_LABEL, ("a", "b"))
+    t = for_kind(MULTI_LABEL, ("a", "b"))
     assert t.mistaken(labels, probs).tolist() == [False, True, True, False]
     assert t.true_class(labels, probs).tolist() == [0, 0, 0, 1]  # no labels: the most probable one
 
@@ -162,13 +163,13 @@ def test_multilabel_temperatures_are_per_label_and_keep_each_labels_ranking():
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(2000, 4))
     labels = (rng.random((2000, 4)) < metrics.sigmoid(logits)).astype(int)  # calibrated by construction
-    assert metrics.fit_temperature(logits, labels, multilabel=True) == pytest.approx([1.0] * 4, abs=0.15)
+    assert metrics.fit_label_temperatures(logits, labels) == pytest.approx([1.0] * 4, abs=0.15)
     sharper = logits * np.array([3.0, 1.0, 0.5, 1.0])  # over-confident, calibrated, under-confident labels
-    t = metrics.fit_temperature(sharper, labels, multilabel=True)
+    t = metrics.fit_label_temperatures(sharper, labels)
     assert t == pytest.approx([3.0, 1.0, 0.5, 1.0], rel=0.15)
-    scaled = Task(MULTI_LABEL, tuple("abcd")).probabilities(sharper, t)
+    scaled = for_kind(MULTI_LABEL, tuple("abcd")).probabilities(sharper, t)
     assert metrics.binary_nll(labels, scaled) < metrics.binary_nll(labels, metrics.sigmoid(sharper))
-    before, after = (metrics.multilabel_metrics(labels, p)["per_class"] for p in (metrics.sigmoid(sharper), scaled))
+    before, after = (metrics.label_matrix_metrics(labels, p)["per_class"] for p in (metrics.sigmoid(sharper), scaled))
     assert [r["auc"] for r in after] == pytest.approx([r["auc"] for r in before], abs=1e-12)
     assert metrics.temperature_text(t).endswith("(4 labels)") and metrics.temperature_text(2.0) == "2.000"
 
@@ -185,7 +186,7 @@ def task_roots(tmp_path_factory):
 def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     from medmnist import Evaluator
 
-    task = Task.of(flag)
+    task = datasets.task(flag)
     trained = runner.invoke(app, ["--quiet", "train", "--dataset", flag, "--root", str(task_roots), "--runs-dir", str(tmp_path),
                                   "--model", "timm:test_resnet", "--epochs", "2", "--batch-size", "16",
                                   "--optimizer", "adamw", "--lr", "2e-3", "--warmup-epochs", "0",
@@ -194,7 +195,7 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     run = Path(trained.stdout.strip())
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["config"]["task"] == task.kind
-    assert manifest["config"]["monitor"] == ("auc" if task.multilabel else "acc")
+    assert manifest["config"]["monitor"] == ("auc" if isinstance(task, MultiLabel) else "acc")
 
     evaluated = runner.invoke(app, ["--quiet", "evaluate", str(run), "--tta", "--calibrate", "--medmnist-csv", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
@@ -202,8 +203,8 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     ours = json.loads(evaluated.stdout)["test"]
     temperature = np.asarray(ours["calibration"]["temperature"])
     assert ours["task"] == task.kind and (temperature > 0).all()
-    assert temperature.shape == ((len(task.names),) if task.multilabel else ())  # one per label
-    assert set(TASK_METRICS[task.kind]) <= set(ours["metrics"])
+    assert temperature.shape == ((len(task.names),) if isinstance(task, MultiLabel) else ())  # one per label
+    assert set(EXTRA_METRICS[task.kind]) <= set(ours["metrics"])
     # the official evaluator, reading our medmnist-layout CSV as its parse_and_evaluate does
     (csv,) = (run / "predictions" / "medmnist").glob(f"{flag}_test_*@{run.name}.csv")
     scores = pd.read_csv(csv, index_col=0, header=None).sort_index().values
@@ -211,7 +212,7 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     assert ours["metrics"]["accuracy"] == pytest.approx(official.ACC, abs=1e-6)
     assert ours["metrics"]["auc"] == pytest.approx(official.AUC, abs=1e-6)
     frame = pd.read_csv(run / "predictions" / "test.csv")
-    if task.multilabel:
+    if isinstance(task, MultiLabel):
         assert {f"true_{n}" for n in task.names} | {f"prob_{n}" for n in task.names} <= set(frame.columns)
     from openpyxl import load_workbook
 
@@ -227,14 +228,14 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     assert explained.exit_code == 0, explained.output
     index = json.loads(explained.stdout)
     assert index["faithfulness"]["n"] == len(index["samples"]) >= 2
-    if task.multilabel:
+    if isinstance(task, MultiLabel):
         assert all(s["label_name"] in s["true_labels"] for s in index["samples"])
     named = runner.invoke(app, ["--quiet", "explain", str(run), "--method", "gradcam", "--indices", "0,1",
                                 "--target", task.names[1], "--json", "--no-faithfulness"])
     assert named.exit_code == 0, named.output
     assert {s["target"] for s in json.loads(named.stdout)["samples"]} == {1}
 
-    extra = TASK_METRICS[task.kind][0]
+    extra = EXTRA_METRICS[task.kind][0]
     compared = runner.invoke(app, ["aggregate", str(run), "--metrics", f"accuracy,auc,{extra}", "--format", "json"])
     assert compared.exit_code == 0, compared.output
     assert extra in compared.stdout

@@ -12,11 +12,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import datasets, fileio, models, train
+from medcli import datasets, feed, fileio, models, optim, train
 from medcli.cli import app
 from medcli.errors import UsageError
 from medcli.run import Run
-from medcli.config import REDUCED, resolve_config
+from medcli.config import resolve_config
 
 from cli_helpers import one_line_error
 
@@ -63,7 +63,7 @@ def test_lr_follows_linear_warmup_then_cosine_per_step():
     param = torch.nn.Parameter(torch.zeros(1))
     config = {"optimizer": "sgd", "lr": 0.4, "momentum": 0.9, "weight_decay": 0.0, "epochs": 5, "warmup_epochs": 1.0}
     optimizer = torch.optim.SGD([param], lr=config["lr"])
-    scheduler = train.make_scheduler(optimizer, config, steps_per_epoch=10)
+    scheduler = optim.make_scheduler(optimizer, config, steps_per_epoch=10)
     seen = []
     for _ in range(50):
         seen.append(optimizer.param_groups[0]["lr"])
@@ -80,8 +80,8 @@ def test_run_history_lr_matches_schedule(tiny_run):
     config = Run.open(tiny_run).config
     steps = 256 // config["batch_size"]  # synthetic_root has 256 training images
     epochs = range(1, config["epochs"] + 1)
-    warmup = train.warmup_steps(config, steps)
-    expected = [config["lr"] * train.lr_factor(e * steps - 1, len(epochs) * steps, warmup) for e in epochs]
+    warmup = optim.warmup_steps(config, steps)
+    expected = [config["lr"] * optim.lr_factor(e * steps - 1, len(epochs) * steps, warmup) for e in epochs]
     assert [float(r["lr"]) for r in rows] == pytest.approx(expected)
 
 
@@ -139,12 +139,30 @@ def test_resnet18_trains_evaluates_and_explains_at_larger_sizes(tmp_path, size, 
     run = Path(trained.stdout.strip())
     manifest = Run.open(run)
     assert manifest.spec["stem"] == stem and manifest.spec["input_size"] == size
+    _evaluate_and_explain(run)
+
+
+def _evaluate_and_explain(run: Path) -> dict:
+    """`evaluate` (8 test images) and one Grad-CAM per class on a trained run; the explain index."""
     evaluated = runner.invoke(app, ["--quiet", "evaluate", str(run), "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads(evaluated.stdout)["test"]["metrics"]["n"] == 8
     explained = runner.invoke(app, ["--quiet", "explain", str(run), "--method", "gradcam", "--per-class", "1",
                                     "--no-faithfulness", "--json"])
     assert explained.exit_code == 0, explained.output
+    return json.loads(explained.stdout)
+
+
+def test_densenet121_trains_evaluates_and_explains(small_root, tmp_path):
+    """The second torchvision family end to end on 16 synthetic 28-px images: the small stem
+    in the manifest, evaluate, and Grad-CAM on the record's default layer (the 7x7 dense block)."""
+    trained = runner.invoke(app, ["train", "--root", str(small_root), "--runs-dir", str(tmp_path), "--model",
+                                  "densenet121", "--epochs", "1", "--batch-size", "16"])
+    assert trained.exit_code == 0, trained.output
+    run = Path(trained.stdout.strip())
+    spec = Run.open(run).spec
+    assert spec["name"] == "densenet121" and spec["stem"] == "small"
+    assert _evaluate_and_explain(run)["layer"] == "features.denseblock3"
 
 
 # -- divergence -------------------------------------------------------------------------------------
@@ -365,8 +383,8 @@ def test_streamed_batches_equal_the_on_device_ones_and_survive_later_batches(syn
     splits = datasets.load(synthetic_root, "bloodmnist", 28, ("train",))
     assert list(splits.images) == ["train"]  # the splits asked for, nothing else read
     cpu = torch.device("cpu")
-    resident = train.Data.of(datasets.load(synthetic_root, "bloodmnist", 28), "train", cpu, float("inf"))
-    streamed = train.Data.of(splits, "train", cpu, 0)
+    resident = feed.Data.of(datasets.load(synthetic_root, "bloodmnist", 28), "train", cpu, float("inf"))
+    streamed = feed.Data.of(splits, "train", cpu, 0)
     assert not resident.streamed and streamed.streamed
     assert "train" not in splits.images  # the tensor replaced the numpy copy: the split is held once
     generator = torch.Generator().manual_seed(0)
@@ -419,9 +437,19 @@ def test_vit_trains_at_every_size(small_root, tmp_path, model, size, reduced):
 def test_reduced_resnet_keeps_maxpool():
     config = resolve_config(model="resnet18", reduced=True)
     assert config["model_overrides"] == {"keep_maxpool": True} and config["input_size"] == 28
-    assert config["epochs"] == REDUCED["cnn"]["epochs"] and config["optimizer"] == "sgd"
+    assert config["epochs"] == models.record("resnet18").reduced["epochs"] and config["optimizer"] == "sgd"
     vit = resolve_config(model="vit", reduced=True)
     assert vit["variant"] == "vit-tiny" and vit["optimizer"] == "adamw" and vit["model_overrides"]["patch_size"] == 4
+
+
+def test_densenet121_gets_the_cnn_recipe_and_a_pooled_reduced_preset():
+    recipe = ("optimizer", "lr", "lr_source", "weight_decay", "epochs", "batch_size", "warmup_epochs", "label_smoothing",
+              "mixup_alpha", "input_size", "channels_last", "model_overrides")
+    for reduced in (False, True):
+        densenet = resolve_config(model="densenet121", reduced=reduced, device="cpu")
+        resnet = resolve_config(model="resnet18", reduced=reduced, device="cpu")
+        assert {k: densenet[k] for k in recipe} == {k: resnet[k] for k in recipe}
+    assert densenet["model_overrides"] == {"keep_maxpool": True} and densenet["variant"] == "densenet121"
 
 
 def test_grayscale_dataset_trains(tmp_path):
@@ -494,11 +522,11 @@ def test_bad_options_exit_2_with_one_line_and_no_run_dir(small_root, tmp_path, a
 def test_warm_up_is_capped_so_that_even_one_epoch_decays():
     """Issue 12: one epoch with a one-epoch warm-up ended at the peak learning rate."""
     config = {"epochs": 1, "warmup_epochs": 1.0}
-    warmup = train.warmup_steps(config, 100)
+    warmup = optim.warmup_steps(config, 100)
     assert warmup == 20
-    factors = [train.lr_factor(step, 100, warmup) for step in range(100)]
+    factors = [optim.lr_factor(step, 100, warmup) for step in range(100)]
     assert max(factors) == 1.0 and factors[-1] < 0.01
-    assert train.warmup_steps({"epochs": 60, "warmup_epochs": 1.0}, 100) == 100  # long runs keep theirs
+    assert optim.warmup_steps({"epochs": 60, "warmup_epochs": 1.0}, 100) == 100  # long runs keep theirs
 
 
 def test_checkpoints_hold_batchnorm_statistics_of_their_own_weights(synthetic_root, tmp_path):
@@ -531,7 +559,7 @@ def test_batchnorm_reestimation_weighs_every_image_alike():
 
     n = 4800  # bn_images: 600 images, more than one EVAL_BATCH
     images = torch.linspace(0, 255, n).round().to(torch.uint8).reshape(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
-    data = train.Data(images, torch.zeros(n, dtype=torch.long), torch.device("cpu"))
+    data = feed.Data(images, torch.zeros(n, dtype=torch.long), torch.device("cpu"))
     prep = augment.make_prep(4, 1)
     model = torch.nn.Sequential(torch.nn.BatchNorm2d(1))
     train.reestimate_batchnorm(model, data, prep, {"channels_last": False, "amp": "off"}, "cpu")
@@ -541,7 +569,7 @@ def test_batchnorm_reestimation_weighs_every_image_alike():
     assert model[0].running_mean.item() == pytest.approx(exact.item(), abs=1e-5)
 
 
-def test_one_epoch_on_real_data_does_not_collapse(shared_data, tmp_path):
+def test_one_epoch_on_real_data_does_not_collapse(shared_data, tmp_path, make_subset):
     """Issue 12: `--epochs 1` reached 68 % train but 26 % test accuracy (the schedule ended at
     its peak and BatchNorm's averages lagged). On 3,000 real PBC images, with the full default
     recipe's learning rate, batch and warm-up given explicitly (the reduced preset's own are
@@ -552,8 +580,8 @@ def test_one_epoch_on_real_data_does_not_collapse(shared_data, tmp_path):
 
     root = tmp_path / "data"
     root.mkdir()
-    datasets.make_subset(shared_data / "bloodmnist_pbc_28.npz", root / datasets.filename("bloodmnist", 28),
-                         "bloodmnist", (3000, 300, 600), seed=0)
+    make_subset(shared_data / "bloodmnist_pbc_28.npz", root / datasets.filename("bloodmnist", 28), "bloodmnist",
+                (3000, 300, 600), seed=0)
     run = train.train(root=root, runs_dir=tmp_path / "runs", model="resnet18", reduced=True, epochs=1, batch_size=128,
                       lr=0.1, warmup_epochs=1.0, seed=0)
     train_acc = float(list(csv.DictReader(run.path("history.csv").open()))[-1]["train_acc"])
