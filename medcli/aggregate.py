@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from medcli import console, fileio, reports, tables
+from medcli.config import NOT_EXPERIMENT
 from medcli.errors import UsageError
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
 from medcli.explainers import METHODS as EXPLAIN_METHODS
@@ -33,8 +34,6 @@ from medcli.run import Run, find_runs
 __all__ = ["aggregate", "compare"]
 
 # Config keys that do not change the experiment: runs differing only in these are repeats.
-_NOT_EXPERIMENT = frozenset({"seed", "runs_dir", "root", "device", "amp", "compile", "channels_last", "deterministic",
-                             "data_budget_gb"})
 _RUN_COLUMNS = ("run", "dataset", "size", "model", "pretrained", "epochs", "seed", "train_s", "evaluation")
 LEADER_MARK = "★"
 
@@ -97,7 +96,7 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     calibrated = bool(evaluation.get("calibration"))
     tta = len(evaluation.get("tta", {}).get("views", [])) > 1  # the identity alone is a plain evaluation
     settings = [evaluation.get("checkpoint", "?")] + (["tta"] if tta else []) + (["calibrated"] if calibrated else [])
-    experiment = {key: value for key, value in config.items() if key not in _NOT_EXPERIMENT}
+    experiment = {key: value for key, value in config.items() if key not in NOT_EXPERIMENT}
     experiment.update(pretrained=pretrained, data_md5=run.dataset.get("md5"), evaluation=settings)
     return {
         "run": run.run_id,

@@ -26,7 +26,6 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 # constants give the option choices and help texts below. Stage modules are imported inside
 # the commands.
 from medcli import __version__, console, names
-from medcli import augment as _augment
 from medcli import config as _config
 from medcli import models as _models  # light at import: its family records give train's choices and defaults
 from medcli import explain as _explain  # light at import: for --per-class's help
@@ -34,6 +33,8 @@ from medcli import explainers as _explainers  # light at import: the methods, --
 from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliError
 
 __all__ = ["app", "main"]
+
+_opt = _config.TrainOptions.help  # train's help texts, written once with its options
 
 
 class MedcliGroup(TyperGroup):
@@ -198,47 +199,41 @@ def download(
 
 @app.command(help=f"Train a CNN or ViT; prints the new run directory.\n\n{_config.defaults_help()}")
 def train(
-    dataset: Annotated[str, typer.Option(help="MedMNIST 2D dataset flag (any task type: multi-class, binary, ordinal, multi-label).")] = "bloodmnist",
-    size: Annotated[int, typer.Option(help="Dataset image size: 28, 64, 128 or 224.")] = 28,
-    model: Annotated[str, typer.Option(help=f"{_models.VALID_NAMES}.")] = _models.DEFAULT_MODEL,
-    reduced: Annotated[bool, typer.Option("--reduced", help=_config.reduced_help())] = False,
-    epochs: Annotated[Optional[int], typer.Option(min=1, help="Epochs (default per family/preset).")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help=f"Global batch size (default {_models.record(_models.DEFAULT_MODEL).defaults['batch_size']}; halved for small training sets until an epoch has {_config.MIN_STEPS_PER_EPOCH} steps, not below {_config.MIN_DEFAULT_BATCH}, and rounded down to a multiple of --nproc; the lr scaled with it).")] = None,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help="Peak learning rate (default per family).")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help="Weight decay (not on norms/biases).")] = None,
-    optimizer: Annotated[Optional[Optimizer], typer.Option(help="Default: sgd for CNNs, adamw for ViTs.")] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option(min=0.0, help="Linear warm-up length in epochs.")] = None,
-    label_smoothing: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="Label smoothing (default 0.1).")] = None,
-    mixup_alpha: Annotated[Optional[float], typer.Option(min=0.0, help="MixUp Beta(alpha, alpha); 0 = off.")] = None,
-    flips: Annotated[Optional[bool], typer.Option("--flips/--no-flips", help=(
-        "Random flips and 90-degree turns (default on; off for datasets with a fixed orientation: "
-        f"{', '.join(sorted(_augment.ORIENTED))})."))] = None,
-    rotate: Annotated[Optional[float], typer.Option(help="Extra random rotation within +-DEGREES (default 0).")] = None,
-    crop_scale: Annotated[Optional[float], typer.Option(help="Random-resized-crop keeping between this share and all of the image area (default off).")] = None,
-    jitter: Annotated[Optional[float], typer.Option(help="Brightness/contrast jitter in [1-v, 1+v] (default 0.1).")] = None,
-    patience: Annotated[Optional[int], typer.Option(min=1, help="Early stopping after N epochs without improvement (default off).")] = None,
-    monitor: Annotated[Optional[Monitor], typer.Option(help="Validation metric for best.pt and early stopping (default acc; auc for multi-label ChestMNIST). Ties go to the later epoch; only a strict improvement resets --patience. An undefined AUC (a class absent from val) is the mean over the classes present.")] = None,
-    seed: Annotated[int, typer.Option(min=0, help="Seed for weights, data order and augmentation.")] = 0,
-    deterministic: Annotated[bool, typer.Option("--deterministic", help="Strict mode: deterministic kernels, bit-identical reruns.")] = False,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    amp: Annotated[Optional[Amp], typer.Option(help="Mixed precision (default bf16 on CUDA, off on CPU).")] = None,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help="torch.compile the model.")] = False,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help="Start from ImageNet weights.")] = False,
-    weights: Annotated[Optional[Path], typer.Option(help="Start from a local state dict / timm checkpoint.")] = None,
-    input_size: Annotated[Optional[int], typer.Option(min=8, help="Model input size (default: dataset size; 224 for full ViTs).")] = None,
-    root: Annotated[Optional[Path], typer.Option(help="Data root (default $MEDCLI_DATA or ~/.medmnist).")] = None,
-    runs_dir: Annotated[Path, typer.Option(help="Where run directories are created.")] = Path("runs"),
+    dataset: Annotated[str, typer.Option(help=_opt("dataset"))] = "bloodmnist",
+    size: Annotated[int, typer.Option(help=_opt("size"))] = 28,
+    model: Annotated[str, typer.Option(help=_opt("model"))] = _models.DEFAULT_MODEL,
+    reduced: Annotated[bool, typer.Option("--reduced", help=_opt("reduced"))] = False,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help=_opt("epochs"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help=_opt("batch_size"))] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("lr"))] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("weight_decay"))] = None,
+    optimizer: Annotated[Optional[Optimizer], typer.Option(help=_opt("optimizer"))] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("warmup_epochs"))] = None,
+    label_smoothing: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help=_opt("label_smoothing"))] = None,
+    mixup_alpha: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("mixup_alpha"))] = None,
+    flips: Annotated[Optional[bool], typer.Option("--flips/--no-flips", help=_opt("flips"))] = None,
+    rotate: Annotated[Optional[float], typer.Option(help=_opt("rotate"))] = None,
+    crop_scale: Annotated[Optional[float], typer.Option(help=_opt("crop_scale"))] = None,
+    jitter: Annotated[Optional[float], typer.Option(help=_opt("jitter"))] = None,
+    patience: Annotated[Optional[int], typer.Option(min=1, help=_opt("patience"))] = None,
+    monitor: Annotated[Optional[Monitor], typer.Option(help=_opt("monitor"))] = None,
+    seed: Annotated[int, typer.Option(min=0, help=_opt("seed"))] = 0,
+    deterministic: Annotated[bool, typer.Option("--deterministic", help=_opt("deterministic"))] = False,
+    device: Annotated[str, typer.Option(help=_opt("device"))] = "auto",
+    amp: Annotated[Optional[Amp], typer.Option(help=_opt("amp"))] = None,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", help=_opt("compile"))] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help=_opt("pretrained"))] = False,
+    weights: Annotated[Optional[Path], typer.Option(help=_opt("weights"))] = None,
+    input_size: Annotated[Optional[int], typer.Option(min=8, help=_opt("input_size"))] = None,
+    root: Annotated[Optional[Path], typer.Option(help=_opt("root"))] = None,
+    runs_dir: Annotated[Path, typer.Option(help=_opt("runs_dir"))] = Path("runs"),
     resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its last.pt.")] = None,
     nproc: Annotated[Optional[int], typer.Option(min=1, help=(
         "Train with N processes on this machine (one per GPU; gloo on CPU) through torchrun: "
         "the same as 'torchrun --standalone --nproc-per-node N -m medcli train ...'. --batch-size is the "
         "global batch."))] = None,
-    sync_bn: Annotated[bool, typer.Option("--sync-bn", help=(
-        "Multi-GPU CNNs: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each "
-        "process's slice; matters when the per-GPU batch is small."))] = False,
-    data_budget: Annotated[Optional[float], typer.Option(min=0.0, help=(
-        f"GiB of images that may live on the training device (default: {_config.DEVICE_DATA_SHARE:.0%} of the free GPU memory; "
-        "unlimited on CPU). A split above it stays in pinned host memory and is copied batch by batch."))] = None,
+    sync_bn: Annotated[bool, typer.Option("--sync-bn", help=_opt("sync_bn"))] = False,
+    data_budget: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("data_budget_gb"))] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
     from medcli import distributed

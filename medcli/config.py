@@ -7,10 +7,10 @@ A light module (no torch or numpy at import): the CLI builds `medcli train --hel
 
 from __future__ import annotations
 
-import os
 import re
 from datetime import datetime
 from pathlib import Path
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from medcli import augment, models, tasks
@@ -19,7 +19,7 @@ from medcli.names import MONITORS, OPTIMIZERS
 
 __all__ = [
     "CHANNELS_LAST_ON_CPU", "DEVICE_DATA_SHARE", "FINE_TUNE_LR_DIVISOR", "MIN_DEFAULT_BATCH",
-    "MIN_STEPS_PER_EPOCH", "WARMUP_MAX_SHARE", "defaults_help", "fine_tune_lr", "fit_batch_to_data",
+    "MIN_STEPS_PER_EPOCH", "NOT_EXPERIMENT", "TrainOptions", "WARMUP_MAX_SHARE", "defaults_help", "fine_tune_lr", "fit_batch_to_data",
     "reduced_help", "resolve_config", "run_name",
 ]
 
@@ -31,6 +31,17 @@ WARMUP_MAX_SHARE = 0.2
 # channels_last (NHWC) suits cuDNN and oneDNN convolutions: one ResNet-18 (28 px, max-pool
 # kept, batch 128) training step took 3.7-4.0 s instead of 4.7-5.2 s on this 2-core CPU.
 CHANNELS_LAST_ON_CPU = True
+# A default batch is halved (down to MIN_DEFAULT_BATCH) until an epoch has this many optimizer
+# steps: BreastMNIST's 546 training images give 4 steps per epoch at batch 128, 240 in a
+# 60-epoch run. The learning rate follows the batch linearly (Goyal et al., 2017). Measured on
+# 546 PBC images (scripts/bench_small.py, seed 0, 60 epochs): batch 128 / lr 0.1 35.3 % test,
+# batch 32 / lr 0.025 79.5 %, batch 16 / lr 0.0125 86.5 % (MedMNIST v2's recipe: 78.9 %).
+MIN_STEPS_PER_EPOCH = 32
+MIN_DEFAULT_BATCH = 16
+# Of the free GPU memory, the share the uint8 splits may take (else kept in pinned host memory).
+DEVICE_DATA_SHARE = 0.5
+
+
 _OPTIMIZER_NAMES = {"sgd": "SGD (Nesterov)", "adamw": "AdamW"}  # for help texts
 
 
@@ -72,84 +83,126 @@ def _by_family(describe) -> str:
 
 
 # ---------------------------------------------------------------------------------------
+# The options of `medcli train`, written once
+# ---------------------------------------------------------------------------------------
+
+def _option(default: Any, help: str, experiment: bool = True) -> Any:
+    """A `TrainOptions` field: its default, its `--help` text, and whether it defines the
+    experiment (runs that differ only in options that do not are repeats for `aggregate`)."""
+    return field(default=default, metadata={"help": help, "experiment": experiment})
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every option of `medcli train` (None: the model family's default or preset). The CLI's
+    signature mirrors it (a test checks names, defaults and help), `resolve_config` reads it,
+    the manifest's `config` holds each resolved value, and `aggregate` groups runs by the
+    options marked `experiment`."""
+
+    dataset: str = _option("bloodmnist", "MedMNIST 2D dataset flag (any task type: multi-class, binary, ordinal, "
+                                         "multi-label).")
+    size: int = _option(28, "Dataset image size: 28, 64, 128 or 224.")
+    model: str = _option(models.DEFAULT_MODEL, f"{models.VALID_NAMES}.")
+    reduced: bool = _option(False, reduced_help())
+    epochs: int | None = _option(None, "Epochs (default per family/preset).")
+    batch_size: int | None = _option(None, (
+        f"Global batch size (default {models.record(models.DEFAULT_MODEL).defaults['batch_size']}; halved for small "
+        f"training sets until an epoch has {MIN_STEPS_PER_EPOCH} steps, not below {MIN_DEFAULT_BATCH}, and rounded "
+        "down to a multiple of --nproc; the lr scaled with it)."))
+    lr: float | None = _option(None, "Peak learning rate (default per family).")
+    weight_decay: float | None = _option(None, "Weight decay (not on norms/biases).")
+    optimizer: str | None = _option(None, "Default: sgd for CNNs, adamw for ViTs.")
+    warmup_epochs: float | None = _option(None, "Linear warm-up length in epochs.")
+    label_smoothing: float | None = _option(None, "Label smoothing (default 0.1).")
+    mixup_alpha: float | None = _option(None, "MixUp Beta(alpha, alpha); 0 = off.")
+    flips: bool | None = _option(None, (
+        "Random flips and 90-degree turns (default on; off for datasets with a fixed orientation: "
+        f"{', '.join(sorted(augment.ORIENTED))})."))
+    rotate: float | None = _option(None, "Extra random rotation within +-DEGREES (default 0).")
+    crop_scale: float | None = _option(None, "Random-resized-crop keeping between this share and all of the image "
+                                             "area (default off).")
+    jitter: float | None = _option(None, "Brightness/contrast jitter in [1-v, 1+v] (default 0.1).")
+    patience: int | None = _option(None, "Early stopping after N epochs without improvement (default off).")
+    monitor: str | None = _option(None, (
+        "Validation metric for best.pt and early stopping (default acc; auc for multi-label ChestMNIST). Ties go "
+        "to the later epoch; only a strict improvement resets --patience. An undefined AUC (a class absent from "
+        "val) is the mean over the classes present."))
+    seed: int = _option(0, "Seed for weights, data order and augmentation.", experiment=False)
+    deterministic: bool = _option(False, "Strict mode: deterministic kernels, bit-identical reruns.", experiment=False)
+    device: str = _option("auto", "auto, cpu, cuda or cuda:N.", experiment=False)
+    amp: str | None = _option(None, "Mixed precision (default bf16 on CUDA, off on CPU).", experiment=False)
+    compile: bool = _option(False, "torch.compile the model.", experiment=False)
+    pretrained: bool = _option(False, "Start from ImageNet weights.")
+    weights: str | None = _option(None, "Start from a local state dict / timm checkpoint.")
+    input_size: int | None = _option(None, "Model input size (default: dataset size; 224 for full ViTs).")
+    root: str | None = _option(None, "Data root (default $MEDCLI_DATA or ~/.medmnist).", experiment=False)
+    runs_dir: str = _option("runs", "Where run directories are created.", experiment=False)
+    sync_bn: bool = _option(False, (
+        "Multi-GPU CNNs: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each process's "
+        "slice; matters when the per-GPU batch is small."))
+    data_budget_gb: float | None = _option(None, (
+        f"GiB of images that may live on the training device (default: {DEVICE_DATA_SHARE:.0%} of the free GPU "
+        "memory; unlimited on CPU). A split above it stays in pinned host memory and is copied batch by batch."),
+        experiment=False)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        return _FIELDS[name].metadata["help"]
+
+
+_FIELDS = {f.name: f for f in fields(TrainOptions)}
+# Config keys that do not define the experiment: those options, and channels_last (it follows --device).
+NOT_EXPERIMENT = frozenset({name for name, f in _FIELDS.items() if not f.metadata["experiment"]} | {"channels_last"})
+
+
+# ---------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------
 
-def resolve_config(
-    *,
-    dataset: str = "bloodmnist",
-    size: int = 28,
-    model: str = models.DEFAULT_MODEL,
-    reduced: bool = False,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    lr: float | None = None,
-    weight_decay: float | None = None,
-    optimizer: str | None = None,
-    warmup_epochs: float | None = None,
-    label_smoothing: float | None = None,
-    mixup_alpha: float | None = None,
-    patience: int | None = None,
-    monitor: str | None = None,
-    seed: int = 0,
-    deterministic: bool = False,
-    device: str = "auto",
-    amp: str | None = None,
-    compile: bool = False,
-    pretrained: bool = False,
-    weights: str | None = None,
-    input_size: int | None = None,
-    root: str | os.PathLike | None = None,
-    runs_dir: str | os.PathLike = "runs",
-    flips: bool | None = None,
-    rotate: float | None = None,
-    crop_scale: float | None = None,
-    jitter: float | None = None,
-    sync_bn: bool = False,
-    data_budget_gb: float | None = None,
-) -> dict:
-    """Every option resolved to a value (None -> family default or preset), validated.
+def resolve_config(**given: Any) -> dict:
+    """Every option of `TrainOptions` (keyword arguments; the rest keep their defaults)
+    resolved to a value (None -> family default or preset), validated.
 
     The result is the manifest's `config`: a run can be repeated from it alone.
     """
     from medcli import datasets, inference
 
-    flag = dataset.lower()
+    o = TrainOptions(**given)
+    flag = o.dataset.lower()
     meta = datasets.info(flag)
-    monitor = monitor or tasks.TASKS[meta["task"]].default_monitor
-    datasets.check_size(size)
-    rec = models.record(model)
+    monitor = o.monitor or tasks.TASKS[meta["task"]].default_monitor
+    datasets.check_size(o.size)
+    rec = models.record(o.model)
     chosen = dict(rec.defaults)
     overrides: dict[str, Any] = {}
-    name = model
-    if reduced:
+    name = o.model
+    if o.reduced:
         chosen.update(rec.reduced)
         overrides.update(rec.reduced_overrides)
-        if rec.reduced_alias and model in models.ALIASES:
+        if rec.reduced_alias and o.model in models.ALIASES:
             name, shape = rec.reduced_alias
             overrides.update(shape)
-    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
-             "optimizer": optimizer, "warmup_epochs": warmup_epochs, "label_smoothing": label_smoothing,
-             "mixup_alpha": mixup_alpha, "input_size": input_size}
-    chosen.update({key: value for key, value in given.items() if value is not None})
-    lr_source = "--lr" if lr is not None else f"{'reduced preset' if reduced and 'lr' in rec.reduced else rec.kind + ' default'}"
-    chosen.setdefault("input_size", size)
-    _check_numbers(chosen, patience, monitor)
-    dev = inference.resolve_device(device)
-    if sync_bn and (dev.type != "cuda" or rec.kind != "cnn"):
+    recipe = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "label_smoothing",
+              "mixup_alpha", "input_size")
+    chosen.update({key: getattr(o, key) for key in recipe if getattr(o, key) is not None})
+    lr_source = "--lr" if o.lr is not None else f"{'reduced preset' if o.reduced and 'lr' in rec.reduced else rec.kind + ' default'}"
+    chosen.setdefault("input_size", o.size)
+    _check_numbers(chosen, o.patience, monitor)
+    dev = inference.resolve_device(o.device)
+    if o.sync_bn and (dev.type != "cuda" or rec.kind != "cnn"):
         raise UsageError("--sync-bn needs CUDA GPUs and a CNN (SyncBatchNorm has no CPU kernel, and ViTs have no "
                          "BatchNorm); without it each process keeps its own BatchNorm statistics")
     return {
         "dataset": flag,
-        "size": int(size),
-        "model": model,
+        "size": int(o.size),
+        "model": o.model,
         "variant": name,
         "model_overrides": overrides,
-        "reduced": bool(reduced),
+        "reduced": bool(o.reduced),
         "epochs": int(chosen["epochs"]),
         "batch_size": int(chosen["batch_size"]),
-        "batch_source": "--batch-size" if batch_size is not None else
-                        f"{'reduced preset' if reduced and 'batch_size' in rec.reduced else rec.kind + ' default'}",
+        "batch_source": "--batch-size" if o.batch_size is not None else
+                        f"{'reduced preset' if o.reduced and 'batch_size' in rec.reduced else rec.kind + ' default'}",
         "lr": float(chosen["lr"]),
         "lr_source": lr_source,
         "weight_decay": float(chosen["weight_decay"]),
@@ -158,23 +211,23 @@ def resolve_config(
         "warmup_epochs": float(chosen["warmup_epochs"]),
         "label_smoothing": float(chosen["label_smoothing"]),
         "mixup_alpha": float(chosen["mixup_alpha"]),
-        "patience": int(patience) if patience else None,
+        "patience": int(o.patience) if o.patience else None,
         "monitor": monitor,
         "task": meta["task"],
-        "seed": int(seed),
-        "deterministic": bool(deterministic),
+        "seed": int(o.seed),
+        "deterministic": bool(o.deterministic),
         "device": str(dev),
-        "amp": inference.resolve_amp(dev, amp),
-        "compile": bool(compile),
-        "sync_bn": bool(sync_bn),
-        "data_budget_gb": None if data_budget_gb is None else float(data_budget_gb),
+        "amp": inference.resolve_amp(dev, o.amp),
+        "compile": bool(o.compile),
+        "sync_bn": bool(o.sync_bn),
+        "data_budget_gb": None if o.data_budget_gb is None else float(o.data_budget_gb),
         "channels_last": rec.channels_last and (dev.type == "cuda" or CHANNELS_LAST_ON_CPU),
-        "pretrained": bool(pretrained),
-        "weights": str(Path(weights).expanduser().resolve()) if weights else None,
+        "pretrained": bool(o.pretrained),
+        "weights": str(Path(o.weights).expanduser().resolve()) if o.weights else None,
         "input_size": int(chosen["input_size"]),
-        "root": str(Path(root if root is not None else datasets.default_root()).expanduser().resolve()),
-        "runs_dir": str(Path(runs_dir).expanduser().resolve()),
-        "augment": augment.for_dataset(flag, flips=flips, rotate=rotate, crop_scale=crop_scale, jitter=jitter).to_dict(),
+        "root": str(Path(o.root if o.root is not None else datasets.default_root()).expanduser().resolve()),
+        "runs_dir": str(Path(o.runs_dir).expanduser().resolve()),
+        "augment": augment.for_dataset(flag, flips=o.flips, rotate=o.rotate, crop_scale=o.crop_scale, jitter=o.jitter).to_dict(),
     }
 
 
@@ -212,17 +265,6 @@ def fine_tune_lr(config: dict, pretrained: bool) -> dict:
         return config
     return {**config, "lr": config["lr"] / FINE_TUNE_LR_DIVISOR,
             "lr_source": f"{config['lr_source']} / {FINE_TUNE_LR_DIVISOR} (pretrained weights loaded)"}
-
-
-# A default batch is halved (down to MIN_DEFAULT_BATCH) until an epoch has this many optimizer
-# steps: BreastMNIST's 546 training images give 4 steps per epoch at batch 128, 240 in a
-# 60-epoch run. The learning rate follows the batch linearly (Goyal et al., 2017). Measured on
-# 546 PBC images (scripts/bench_small.py, seed 0, 60 epochs): batch 128 / lr 0.1 35.3 % test,
-# batch 32 / lr 0.025 79.5 %, batch 16 / lr 0.0125 86.5 % (MedMNIST v2's recipe: 78.9 %).
-MIN_STEPS_PER_EPOCH = 32
-MIN_DEFAULT_BATCH = 16
-# Of the free GPU memory, the share the uint8 splits may take (else kept in pinned host memory).
-DEVICE_DATA_SHARE = 0.5
 
 
 def fit_batch_to_data(config: dict, n_train: int, processes: int = 1) -> dict:

@@ -567,7 +567,7 @@ def use_cpu_threads(ctx: distributed.Context = distributed.Context()) -> None:
 def _restore(state: State, checkpoint: dict, run: Run, device) -> None:
     from medcli import models
 
-    models.load_state(state.model, checkpoint["model"], run.spec["name"], "checkpoints/last.pt",
+    models.load_state(state.model, checkpoint["model"], run.spec["name"], run.relative(run.checkpoint_path("last")),
                       "restore the run's own checkpoint or start a new run")
     state.optimizer.load_state_dict(checkpoint["optimizer"])
     state.scheduler.load_state_dict(checkpoint["scheduler"])

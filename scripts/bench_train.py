@@ -6,6 +6,7 @@ Parts (default: all):
               same model, batch and optimizer, same process. Target: >= 90%.
   --resnet    `medcli train --model resnet18 --reduced` end to end: wall time, test accuracy.
   --vit       `medcli train --model vit --reduced` end to end: wall time, test accuracy.
+  --densenet  `medcli train --model densenet121 --reduced` end to end: wall time, test accuracy.
   --full N    the full default `medcli train --model resnet18` recipe (batch 128, SGD lr 0.1,
               label smoothing, the stem of the size policy) shortened to N epochs: test accuracy,
               and the projected wall time of the default epoch count at the measured time per
@@ -150,11 +151,12 @@ def main() -> None:
     parser.add_argument("--overhead", action="store_true")
     parser.add_argument("--resnet", action="store_true")
     parser.add_argument("--vit", action="store_true")
+    parser.add_argument("--densenet", action="store_true")
     parser.add_argument("--full", type=int, metavar="N", help="full default resnet18 recipe, shortened to N epochs")
     parser.add_argument("--work", type=Path, help="where data roots and runs go (default: a temp dir)")
     parser.add_argument("--extra", default="", help="extra 'medcli train' options for the end-to-end runs")
     args = parser.parse_args()
-    everything = not (args.overhead or args.resnet or args.vit or args.full)
+    everything = not (args.overhead or args.resnet or args.vit or args.densenet or args.full)
     if not args.data.is_file():
         sys.exit(f"{args.data} not found; pass --data PATH/bloodmnist_pbc_28.npz")
     work = args.work or Path(tempfile.mkdtemp(prefix="medcli-bench-"))
@@ -166,6 +168,8 @@ def main() -> None:
         end_to_end("resnet18", args.data, work, extra)
     if everything or args.vit:
         end_to_end("vit", args.data, work, extra)
+    if everything or args.densenet:
+        end_to_end("densenet121", args.data, work, extra)
     if args.full:
         end_to_end("resnet18", args.data, work, ["--epochs", str(args.full), *extra], reduced=False)
 

@@ -55,3 +55,33 @@ def test_unexpected_errors_are_one_line_unless_verbose(monkeypatch):
     assert result.stderr.strip().count("\n") == 0 and "ZeroDivisionError" in result.stderr
     verbose = runner.invoke(app, ["--verbose", "download", "--list"])
     assert verbose.exit_code == 1 and "Traceback" in verbose.stderr
+
+
+def test_train_options_are_written_once():
+    """`config.TrainOptions` is the one list of train's options: the CLI signature has each of
+    them (and its own launch options) with the same default and the help written there, and
+    the resolved config (the manifest's) holds a value for each."""
+    import dataclasses
+    import inspect
+    import typing
+    from enum import Enum
+    from pathlib import Path
+
+    from medcli import cli, config
+
+    cli_only = {"resume", "nproc", "json_output"}
+    renamed = {"data_budget": "data_budget_gb"}  # --data-budget takes GiB
+    fields = {f.name: f for f in dataclasses.fields(config.TrainOptions)}
+    hints = typing.get_type_hints(cli.train, include_extras=True)
+    parameters = {name: p for name, p in inspect.signature(cli.train).parameters.items() if name not in cli_only}
+    assert {renamed.get(name, name) for name in parameters} == set(fields)
+    for name, parameter in parameters.items():
+        field = fields[renamed.get(name, name)]
+        default = parameter.default
+        default = default.value if isinstance(default, Enum) else str(default) if isinstance(default, Path) else default
+        assert default == field.default, name
+        assert hints[name].__metadata__[0].help == field.metadata["help"], name
+    resolved = config.resolve_config()
+    augment = {"flips", "rotate", "crop_scale", "jitter"}  # resolved into the augment record
+    assert set(fields) - augment <= set(resolved) and resolved["augment"]
+    assert config.NOT_EXPERIMENT <= set(resolved)

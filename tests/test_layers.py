@@ -103,3 +103,16 @@ def test_every_module_declares_its_public_names():
         unknown += [f"{name}.{n}" for n in public if not hasattr(module, n)]
         unknown += [f"{name}.{n} (twice)" for n in set(public) if list(public).count(n) > 1]
     assert missing == [] and unknown == []
+
+
+def test_one_module_owns_each_fact():
+    """The run layout is spelled only in run.py and the task types only in tasks.py: a path
+    literal inside a run directory, or a branch on a task type, anywhere else fails."""
+    owners = {
+        "run": ('"metrics/', '"predictions/', '"explain/', '"figures/', '"checkpoints/', '"history.csv"', '"maps.npz"',
+                '"index.json"', '"report.xlsx"'),
+        "tasks": ("multilabel", '"multi-label, binary-class"', '"binary-class"', '"ordinal-regression"', '"multi-class"'),
+    }
+    found = [f"{path.stem}: {needle}" for owner, needles in owners.items() for path in sorted(PACKAGE.glob("*.py"))
+             if path.stem != owner for needle in needles if needle in path.read_text()]
+    assert found == []
