@@ -2,10 +2,14 @@
 and a grouped bar chart.
 
 A pure function of files: each run's `manifest.json` (what was trained) and
-`metrics/<split>.json` (how it scored). No model is loaded and torch is never imported, so
-comparing a hundred runs takes a second. Runs that differ only by their seed (and by where or
-on which device they ran) form one group reported as mean ± std. A run that cannot be compared
-(unreadable, unfinished, not evaluated) is listed with the reason, never silently dropped.
+`metrics/<split>.json` (how it scored); the paired tests also read the predictions CSVs. No
+model is loaded and torch is never imported, so comparing a hundred runs takes a second. Runs
+that differ only by their seed (and by where or on which device they ran) form one group
+reported as mean ± std; a copy of a run (the same run id or checkpoint) is not another seed. A
+run that cannot be compared (unreadable, unfinished, not evaluated, a copy) is listed with the
+reason, never silently dropped; a metric a run cannot have (rollout faithfulness of a CNN) is a
+blank cell. Models are named by what ran (`model_label`), data that is not the official file
+says so, and two setups get paired tests (`compare_stats`).
 """
 
 from __future__ import annotations
@@ -15,32 +19,33 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from medcli import console, fileio, reports, tables
+from medcli import compare_stats, console, datasets, fileio, reports, tables
 from medcli.config import NOT_EXPERIMENT
 from medcli.errors import UsageError
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
 from medcli.explainers import METHODS as EXPLAIN_METHODS
-from medcli.names import (FAITHFULNESS_PREFIX, LOWER_IS_BETTER, PERCENT_METRICS, SCALAR_METRICS,
+from medcli.names import (CHECKPOINTS, FAITHFULNESS_PREFIX, LOWER_IS_BETTER, PERCENT_METRICS, SCALAR_METRICS,
                           SPLITS)
 from medcli.tasks import EXTRA_METRICS, MultiClass
 from medcli.run import Run, find_runs
 
-__all__ = ["aggregate", "compare"]
+__all__ = ["aggregate", "compare", "model_label", "table_text"]
 
-# Config keys that do not change the experiment: runs differing only in these are repeats.
-_RUN_COLUMNS = ("run", "dataset", "size", "model", "pretrained", "epochs", "seed", "train_s", "evaluation")
+_RUN_COLUMNS = ("run", "dataset", "size", "data", "model", "pretrained", "epochs", "seed", "train_s", "evaluation")
 LEADER_MARK = "★"
 
-# Every metric a run can be compared on: the common ones, each task type's own, faithfulness.
+# Every metric a run can be compared on: the common ones, each task type's own, faithfulness
+# (`road_<method>`: that method's; `road`: the run's own method's, named beside the score).
 FAITHFULNESS_METRICS = tuple(f"{FAITHFULNESS_PREFIX}{method}" for method in EXPLAIN_METHODS)
-COMPARABLE_METRICS = (*SCALAR_METRICS, *dict.fromkeys(m for ms in EXTRA_METRICS.values() for m in ms),
-                      *FAITHFULNESS_METRICS)
+OWN_FAITHFULNESS = FAITHFULNESS_PREFIX.rstrip("_")
+ROAD_METRICS = (*FAITHFULNESS_METRICS, OWN_FAITHFULNESS)
+COMPARABLE_METRICS = (*SCALAR_METRICS, *dict.fromkeys(m for ms in EXTRA_METRICS.values() for m in ms), *ROAD_METRICS)
 
 
 @dataclass
@@ -53,10 +58,13 @@ class Comparison:
     groups: list[dict]
     leaders: dict[str, list[str]]
     skipped: list[dict]
+    paired: dict | None = None  # `compare_stats.paired_tests` of the two setups compared, if any
+    references: list[dict] = field(default_factory=list)  # `compare_stats.references` (--reference)
 
     def to_json(self) -> dict:
         return {"split": self.split, "metrics": self.metrics, "groups": self.groups, "runs": self.runs,
-                "leaders": self.leaders, "skipped": self.skipped}
+                "leaders": self.leaders, "skipped": self.skipped, "paired": self.paired,
+                "references": self.references}
 
 
 # ---------------------------------------------------------------------------------------
@@ -79,7 +87,8 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
         values = evaluation["metrics"]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{run.relative(metrics_file)} is unreadable ({type(exc).__name__}); re-run 'medcli evaluate'") from None
-    values = {**values, **_faithfulness(run, [m for m in metric_names if m in FAITHFULNESS_METRICS], split)}
+    spec = run.data.get("model", {})
+    values = {**values, **_faithfulness(run, spec, [m for m in metric_names if m in ROAD_METRICS], split)}
     missing = [m for m in metric_names if m not in values]
     task = evaluation.get("task", MultiClass.kind)  # recorded since the task layer; older runs were multi-class
     foreign = [m for m in missing if task in EXTRA_METRICS and m not in EXTRA_METRICS[task]
@@ -89,30 +98,46 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     if missing:
         raise UsageError(f"{run.relative(metrics_file)} lacks {', '.join(missing)}; re-run 'medcli evaluate'")
     config, summary = run.config, train.get("summary", {})
-    model = run.data.get("model", {})
     # The weights the run really started from, not the ones asked for: a --pretrained run whose
     # download failed trained from scratch and belongs with the from-scratch runs.
-    pretrained = bool(model.get("pretrained", config.get("pretrained")))
-    calibrated = bool(evaluation.get("calibration"))
+    pretrained = bool(spec.get("pretrained", config.get("pretrained")))
+    calibration = evaluation.get("calibration") or {}
+    calibrated = bool(calibration) and not calibration.get("skipped")  # a skipped fit kept the logits
     tta = len(evaluation.get("tta", {}).get("views", [])) > 1  # the identity alone is a plain evaluation
     settings = [evaluation.get("checkpoint", "?")] + (["tta"] if tta else []) + (["calibrated"] if calibrated else [])
     experiment = {key: value for key, value in config.items() if key not in NOT_EXPERIMENT}
     experiment.update(pretrained=pretrained, data_md5=run.dataset.get("md5"), evaluation=settings)
+    checkpoint = evaluation.get("checkpoint")
     return {
         "run": run.run_id,
         "path": str(run_dir),
-        # Synthetic demo data must never pass for a real result in a comparison table.
-        "dataset": f"{run.dataset.get('flag')}{' (SYNTHETIC)' if run.dataset.get('synthetic') else ''}",
+        "dataset": run.dataset.get("flag"),
         "size": run.dataset.get("size"),
-        "model": model.get("name", config.get("model")),
+        "data": datasets.provenance_kind(run.dataset) or "",
+        "model": model_label(spec, config.get("model")),
         "pretrained": pretrained,
         "epochs": summary.get("epochs_run"),
         "seed": config.get("seed"),
         "train_s": summary.get("train_seconds", train.get("duration_s")),
         "evaluation": ", ".join(settings),
-        "experiment": json.dumps(experiment, sort_keys=True, default=str),
-        **{m: values[m] for m in metric_names},
+        "checkpoint_sha256": train.get("artefacts", {}).get(run.relative(run.checkpoint_path(checkpoint)))
+        if checkpoint in CHECKPOINTS else None,
+        "experiment": experiment,
+        **{m: values[m] for m in (*metric_names, f"{OWN_FAITHFULNESS}_method") if m in values},
     }
+
+
+def model_label(spec: dict, fallback: str | None = None) -> str:
+    """The model as it ran: the spec's name, then depth x width where the run set them (the
+    --reduced ViT is 6 blocks of width 128, not ViT-Tiny's 12 x 192) and the parameter count,
+    e.g. "vit-tiny (6x128, 1.2M)", "resnet18 (11.2M)"; the bare name when the spec has neither."""
+    overrides, params = spec.get("overrides") or {}, spec.get("params")
+    parts = [f"{overrides.get('depth', '?')}x{overrides.get('embed_dim', '?')}"] \
+        if {"depth", "embed_dim"} & set(overrides) else []
+    if params:
+        parts.append(f"{params / 1e6:.1f}M" if params >= 1e5 else f"{params / 1e3:.0f}k")
+    name = spec.get("name") or fallback or "?"
+    return f"{name} ({', '.join(parts)})" if parts else name
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,27 +155,62 @@ def _mean_std(values: list) -> tuple[float | None, float | None]:
 
 def group_runs(runs: list[dict], metric_names: Sequence[str]) -> list[dict]:
     """Merge runs with the same experiment (all but seed/location/device) into mean ± std
-    (sample std, ddof=1; None for a single run), ordered best first by the first metric."""
+    (sample std, ddof=1; None for a single run), ordered best first by the first metric. Each
+    group is named by its model and seeds (`_name_groups`)."""
     by_experiment: dict[str, list[dict]] = {}
     for row in runs:
-        by_experiment.setdefault(row["experiment"], []).append(row)
+        by_experiment.setdefault(json.dumps(row["experiment"], sort_keys=True, default=str), []).append(row)
     groups = []
     for members in by_experiment.values():
         first = members[0]
         seeds = sorted(m["seed"] for m in members if m["seed"] is not None)
-        label = first["run"] if len(members) == 1 else f"{first['run']} +{len(members) - 1}"
-        group = {"group": label, "dataset": first["dataset"], "size": first["size"], "model": first["model"],
+        group = {"group": f"{first['model']}{' pretrained' if first['pretrained'] else ''}"
+                          f"{f' s{_seed_text(seeds)}' if seeds else ''}",
+                 "dataset": first["dataset"], "size": first["size"], "data": first["data"], "model": first["model"],
                  "pretrained": first["pretrained"], "evaluation": first["evaluation"], "n_runs": len(members),
                  "seeds": ", ".join(map(str, seeds)), "runs": [m["run"] for m in members],
+                 "paths": [m["path"] for m in members], "experiment": first["experiment"],
                  "epochs": _mean_std([m["epochs"] for m in members])[0],
                  "train_s": _mean_std([m["train_s"] for m in members])[0]}
         for metric in metric_names:
             group[metric], group[f"{metric}_std"] = _mean_std([m[metric] for m in members])
+        if OWN_FAITHFULNESS in metric_names:
+            group[f"{OWN_FAITHFULNESS}_method"] = "/".join(dict.fromkeys(
+                m[f"{OWN_FAITHFULNESS}_method"] for m in members if m[f"{OWN_FAITHFULNESS}_method"])) or None
         groups.append(group)
+    _name_groups(groups)
     key = metric_names[0]
     sign = 1 if key in LOWER_IS_BETTER else -1
     groups.sort(key=lambda g: (g[key] is None, sign * (g[key] or 0.0), g["group"]))
     return groups
+
+
+def _seed_text(seeds: list) -> str:
+    """"0", "0-2" for consecutive seeds, else "0,3,7"."""
+    consecutive = all(isinstance(s, int) for s in seeds) and seeds == list(range(seeds[0], seeds[0] + len(seeds)))
+    return f"{seeds[0]}-{seeds[-1]}" if consecutive and len(seeds) > 2 else ",".join(map(str, seeds))
+
+
+def _name_groups(groups: list[dict]) -> None:
+    """Make the labels (model and seeds) unique: groups that share one get the settings in
+    which their experiments differ (two at most, e.g. "lr=0.01"), then a number if need be."""
+    for label in {g["group"] for g in groups}:
+        same = [g for g in groups if g["group"] == label]
+        if len(same) < 2:
+            continue
+        keys = sorted(k for k in set().union(*(g["experiment"] for g in same))
+                      if len({json.dumps(g["experiment"].get(k), default=str) for g in same}) > 1)
+        for g in same:
+            g["group"] += " " + ", ".join(f"{k}={_brief(g['experiment'].get(k))}" for k in keys[:2])
+    for label in {g["group"] for g in groups}:
+        same = [g for g in groups if g["group"] == label]
+        for number, g in enumerate(same[1:], start=2):
+            g["group"] += f" #{number}"
+
+
+def _brief(value) -> str:
+    text = "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return text if len(text) <= 12 else text[:8]
 
 
 def find_leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[str]]:
@@ -164,23 +224,38 @@ def find_leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, l
     return leaders
 
 
-def _faithfulness(run: Run, wanted: Sequence[str], split: str) -> dict:
-    """road_<method> -> the mean ROAD faithfulness of the run's explain:<method> stage on `split`."""
-    values = {}
-    for metric in wanted:
-        method = metric[len(FAITHFULNESS_PREFIX):]
+def _faithfulness(run: Run, spec: dict, wanted: Sequence[str], split: str) -> dict:
+    """The ROAD faithfulness metrics of a run: road_<method> -> the mean score of its
+    explain:<method> stage on `split`; `road` -> the score of the run's own method (the one its
+    family alone supports, rollout for a ViT, else the first explained in METHODS order), named
+    in `road_method`. A method the run's model cannot be explained with is None (a blank cell);
+    one it could have but was not explained with is None with a warning naming the command."""
+    scores = {}
+    for method in EXPLAIN_METHODS:
         summary = run.stages.get(run.explain_stage(method), {}).get("summary", {})
-        if run.status(run.explain_stage(method)) != "completed" or not summary.get("faithfulness") \
-                or summary.get("split") != split:
-            raise UsageError(f"no {metric}: not explained with {method} on {split} with faithfulness scores "
-                             f"(run 'medcli explain {run.run_dir} --method {method} --split {split}')")
-        values[metric] = summary["faithfulness"]["mean"]
+        if run.status(run.explain_stage(method)) == "completed" and summary.get("faithfulness") \
+                and summary.get("split") == split:
+            scores[method] = summary["faithfulness"]["mean"]
+    preferred = sorted(EXPLAIN_METHODS, key=lambda m: EXPLAIN_METHODS[m].supported_by is None)
+    own = next((m for m in preferred if m in scores), None)
+    values = {f"{OWN_FAITHFULNESS}_method": own}
+    for metric in wanted:
+        method = metric[len(FAITHFULNESS_PREFIX):] if metric != OWN_FAITHFULNESS \
+            else own or next(m for m in preferred if EXPLAIN_METHODS[m].supports(spec))
+        values[metric] = scores.get(method)
+        if values[metric] is None and EXPLAIN_METHODS[method].supports(spec):
+            console.warn(f"{run.run_id} has no {metric} on {split}: explain it with 'medcli explain {run.run_dir} "
+                         f"--method {method} --split {split}'")
     return values
 
 
-def aggregate(paths: Sequence[str | os.PathLike], split: str = "test",
-              metric_names: Sequence[str] = DEFAULT_METRICS) -> Comparison:
-    """Read every run under `paths` and compare them on `metric_names` of `split`."""
+
+
+def aggregate(paths: Sequence[str | os.PathLike], split: str = "test", metric_names: Sequence[str] = DEFAULT_METRICS,
+              pair: Sequence[str] | None = None, reference: bool = False) -> Comparison:
+    """Read every run under `paths` and compare them on `metric_names` of `split`; the two
+    setups `pair` names (or the only two) get paired tests, and with `reference` the
+    published MedMNIST v2 numbers of their datasets come along."""
     if split not in SPLITS:
         raise UsageError(f"unknown --split '{split}'; choose test, val or train")
     metric_names = list(dict.fromkeys(metric_names))
@@ -188,7 +263,7 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test",
     if unknown or not metric_names:
         raise UsageError(f"unknown metric {', '.join(unknown) or '(none given)'}; choose from "
                          f"{', '.join(m for m in COMPARABLE_METRICS if m not in FAITHFULNESS_METRICS)} "
-                         f"or road_<explain method>")
+                         f"(the faithfulness of each run's own explain method) or road_<explain method>")
     run_dirs, skipped = find_runs(paths or ["."])
     runs = []
     for run_dir in run_dirs:
@@ -196,13 +271,33 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test",
             runs.append(read_run(run_dir, split, metric_names))
         except UsageError as exc:
             skipped.append({"run": str(run_dir), "reason": str(exc)})
+    runs = _drop_copies(runs, skipped)
     for entry in skipped:
         console.warn(f"not compared: {entry['run']}: {entry['reason']}")
     if not runs:
         raise UsageError(f"no evaluated runs to compare among {len(run_dirs)} found; "
                          f"evaluate them first with 'medcli evaluate RUN --split {split}'")
     groups = group_runs(runs, metric_names)
-    return Comparison(split, metric_names, runs, groups, find_leaders(groups, metric_names), skipped)
+    chosen = compare_stats.pair_groups(groups, pair)
+    return Comparison(split, metric_names, runs, groups, find_leaders(groups, metric_names), skipped,
+                      paired=compare_stats.paired_tests(*chosen, runs, split, metric_names) if chosen else None,
+                      references=compare_stats.references(runs) if reference else [])
+
+
+def _drop_copies(runs: list[dict], skipped: list[dict]) -> list[dict]:
+    """The runs without copies of an earlier one (the same run id, or the same checkpoint by
+    sha256): a copied run directory is the same result, not another seed. Copies join `skipped`."""
+    kept, seen = [], {}
+    for row in runs:
+        keys = [("run id", row["run"]), ("checkpoint", row["checkpoint_sha256"])]
+        match = next((key for key in keys if key[1] and key in seen), None)
+        if match:
+            skipped.append({"run": row["path"], "reason": f"a copy of {seen[match]['path']} (the same {match[0]}), "
+                                                          f"not another seed; compare one of them"})
+            continue
+        seen.update({key: row for key in keys if key[1]})
+        kept.append(row)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------
@@ -210,64 +305,105 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test",
 # ---------------------------------------------------------------------------------------
 
 
-def _display(metric: str, mean, std) -> str:
+def _display(metric: str, mean, std, method: str | None = None, gap: str = " ") -> str:
+    """A metric's cell: mean ±std (percent metrics in % and points; `gap` before the std), the
+    faithfulness method named; blank where there is no value (a metric the run cannot have)."""
     if mean is None:
-        return "n/a"
+        return ""
     percent = metric in PERCENT_METRICS
     value = f"{mean:.2%}" if percent else f"{mean:.4f}"
     if std is not None:
-        value += f" ± {std * 100:.2f}" if percent else f" ± {std:.4f}"
-    return value
+        value += f"{gap}±{std * 100:.2f}" if percent else f"{gap}±{std:.4f}"
+    return f"{value} ({method})" if method else value
 
 
-def display_rows(result: Comparison) -> tuple[list[str], list[list[str]]]:
-    """Header and text rows of the comparison (mean ± std, leaders starred), shared by the
-    Rich table and the Markdown file."""
-    header = ["run", "setup", "evaluation", "seeds", "epochs", "train time", *result.metrics]
+def _heading(name: str) -> str:
+    """A column heading: metric names with spaces (so a narrow table can wrap them), an arrow
+    on those where lower is better."""
+    return name.replace("_", " ") + (" ↓" if name in LOWER_IS_BETTER else "")
+
+
+def _data_text(entry: dict) -> str:
+    """"bloodmnist 28 px", with the provenance of data that is not the official file in capitals."""
+    return f"{entry['dataset']} {entry['size']} px" + (f" ({entry['data'].upper()})" if entry["data"] else "")
+
+
+def display_rows(result: Comparison, wide: bool = False, gap: str = " ") -> tuple[str, list[str], list[list[str]]]:
+    """Title, header and text rows of the comparison (mean ±std, leaders starred, then any
+    published rows), shared by the Rich table and the Markdown file. The default view is the
+    setup (model and seeds) and the metrics, with the data and the evaluation in the title when
+    every setup shares them (else as columns); `wide` shows every column. `gap` goes between a
+    mean and its std (the table puts the std on a line of its own)."""
+    columns = {"data": _data_text, "evaluation": lambda g: g["evaluation"]}
+    shared = {name: next(iter(values)) for name, text in columns.items()
+              if len(values := {text(g) for g in result.groups}) == 1 and not wide}
+    extra = [name for name in columns if name not in shared] + (["runs", "epochs", "train time"] if wide else [])
     rows = []
     for g in result.groups:
-        setup = f"{g['dataset']} {g['size']}px, {g['model']}{', pretrained' if g['pretrained'] else ''}"
-        cells = [g["group"], setup, g["evaluation"], g["seeds"],
-                 "" if g["epochs"] is None else f"{g['epochs']:g}",
-                 "" if g["train_s"] is None else f"{g['train_s']:.0f} s"]
-        for metric in result.metrics:
-            text = _display(metric, g[metric], g[f"{metric}_std"])
-            cells.append(f"{text} {LEADER_MARK}" if g["group"] in result.leaders.get(metric, []) else text)
-        rows.append(cells)
-    return header, rows
+        cells = {"setup": g["group"], "data": _data_text(g), "evaluation": g["evaluation"], "runs": " ".join(g["runs"]),
+                 "epochs": "" if g["epochs"] is None else f"{g['epochs']:g}",
+                 "train time": "" if g["train_s"] is None else f"{g['train_s']:.0f} s"}
+        metric_cells = [_display(m, g[m], g[f"{m}_std"], g.get(f"{m}_method"), gap) for m in result.metrics]
+        rows.append([cells[c] for c in ("setup", *extra)]
+                    + [f"{t} {LEADER_MARK}" if g["group"] in result.leaders.get(m, []) else t
+                       for m, t in zip(result.metrics, metric_cells)])
+    several = len({r["dataset"] for r in result.references}) > 1
+    for ref in result.references:
+        label = f"{ref['method']} published" + (f" [{ref['dataset']}]" if several else "") \
+            + (f" (different data: {ref['different_data']})" if ref["different_data"] else "")
+        cells = {"setup": label, "data": f"{ref['dataset']} {ref['size']} px"}
+        rows.append([cells.get(c, "") for c in ("setup", *extra)]
+                    + [_display(m, ref.get(m), None) for m in result.metrics])
+    title = f"{result.split} split" + (f" of {shared['data']}" if "data" in shared else "") \
+        + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "") \
+        + f"; mean ±std over seeds, {LEADER_MARK} = best" \
+        + (", ↓ = lower is better" if LOWER_IS_BETTER & set(result.metrics) else "")
+    return title, ["setup", *extra, *result.metrics], rows
 
 
-def rich_tables(result: Comparison) -> list:
-    """The comparison as a Rich table, plus one listing runs left out (for stdout)."""
+def rich_tables(result: Comparison, wide: bool = False) -> list:
+    """The comparison as a Rich table (with the citation of any published rows), one listing
+    runs left out, and the paired tests in words. Cells wrap at spaces and fold long words:
+    nothing is cut off, whatever the width."""
     from rich.table import Table
+    from rich.text import Text
 
-    header, rows = display_rows(result)
-    arrows = {m: "↓" if m in LOWER_IS_BETTER else "↑" for m in result.metrics}
-    table = Table(title=f"{result.split} split ({LEADER_MARK} = best)", title_justify="left")
-    for name in header:
+    title, header, rows = display_rows(result, wide, gap="\n")
+    table = Table(title=title, title_justify="left", caption_justify="left",
+                  caption=f"published: {compare_stats.CITATION}" if result.references else None)
+    for index, name in enumerate(header):
         numeric = name in result.metrics or name in ("epochs", "train time")
-        table.add_column(f"{name} {arrows[name]}" if name in arrows else name, justify="right" if numeric else "left")
+        # a metric column is as wide as its longest number or heading word: the room left goes to the setups
+        fit = max(len(word) for word in [*_heading(name).split(), *(line for row in rows
+                                                                     for line in row[index].splitlines())])
+        table.add_column(_heading(name), justify="right" if numeric else "left", overflow="fold",
+                         max_width=fit if name in result.metrics else None)
     for row in rows:
         table.add_row(*row)
     shown = [table]
     if result.skipped:
         left_out = Table(title="not compared", title_justify="left")
-        left_out.add_column("run")
-        left_out.add_column("reason")
+        left_out.add_column("run", overflow="fold")
+        left_out.add_column("reason", overflow="fold")
         for entry in result.skipped:
             left_out.add_row(entry["run"], entry["reason"])
         shown.append(left_out)
-    return shown
+    return shown + [Text("\n".join(compare_stats.paired_lines(result.paired)))] if result.paired else shown
 
 
-def to_markdown(result: Comparison) -> str:
-    header, rows = display_rows(result)
+def to_markdown(result: Comparison, wide: bool = False) -> str:
+    title, header, rows = display_rows(result, wide)
+
     def escape(text) -> str:
         return str(text).replace("|", "\\|")
 
-    lines = [f"## Comparison on the {result.split} split ({LEADER_MARK} = best)", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = [f"## {title}", "", "| " + " | ".join(_heading(h) for h in header) + " |",
+             "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    if result.references:
+        lines += ["", f"Published: {compare_stats.CITATION}."]
+    if result.paired:
+        lines += ["", "```", *compare_stats.paired_lines(result.paired), "```"]
     if result.skipped:
         lines += ["", "## Not compared", "", "| run | reason |", "|---|---|"]
         lines += [f"| {escape(s['run'])} | {escape(s['reason'])} |" for s in result.skipped]
@@ -278,10 +414,10 @@ def _frames(result: Comparison):
     """(groups, runs, skipped) DataFrames with numeric metric columns (mean, std)."""
     import pandas as pd
 
-    group_columns = ["group", "dataset", "size", "model", "pretrained", "evaluation", "n_runs", "seeds", "epochs",
-                     "train_s"]
+    group_columns = ["group", "dataset", "size", "data", "model", "pretrained", "evaluation", "n_runs", "seeds",
+                     "epochs", "train_s"]
     for metric in result.metrics:
-        group_columns += [metric, f"{metric}_std"]
+        group_columns += [metric, f"{metric}_std"] + ([f"{metric}_method"] if metric == OWN_FAITHFULNESS else [])
     groups = pd.DataFrame(result.groups, columns=group_columns)
     groups["leads"] = [", ".join(m for m in result.metrics if g in result.leaders.get(m, [])) for g in groups["group"]]
     runs = pd.DataFrame(result.runs, columns=[*_RUN_COLUMNS, *result.metrics, "path"])
@@ -294,23 +430,34 @@ def to_csv(result: Comparison) -> str:
 
 
 def write_chart(path: str | os.PathLike, result: Comparison) -> Path:
-    """Grouped bar chart: one cluster per metric, one bar per group, error bars = std."""
+    """Grouped bar chart: one cluster per metric, one bar per setup (labelled by model and
+    seeds) with its value printed on it and the std over seeds as an error bar; the data and
+    split in the title. Bars are outlined, so a zero still shows; a missing value reads n/a."""
     from matplotlib.figure import Figure
 
     n = len(result.groups)
     width = 0.8 / max(n, 1)
-    fig = Figure(figsize=(max(6.0, 1.6 * len(result.metrics) + 0.3 * n), 4.8), layout="constrained")
+    fig = Figure(figsize=(max(6.4, len(result.metrics) * (0.6 + 0.45 * n)), 4.8), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(result.metrics))
+    tops = [0.0]
     for i, g in enumerate(result.groups):
-        means = [g[m] if g[m] is not None else np.nan for m in result.metrics]
-        stds = [g[f"{m}_std"] or 0.0 for m in result.metrics] if g["n_runs"] > 1 else None
-        ax.bar(x - 0.4 + width * (i + 0.5), means, width, yerr=stds, capsize=3, label=g["group"])
-    ax.set_xticks(x, [f"{m} {'↓' if m in LOWER_IS_BETTER else '↑'}" for m in result.metrics])
-    ax.set_ylabel("value (mean ± std over seeds)")
-    ax.set_title(f"comparison on the {result.split} split")
+        values = [g[m] for m in result.metrics]
+        stds = [g[f"{m}_std"] or 0.0 for m in result.metrics] if g["n_runs"] > 1 else [0.0] * len(values)
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), [v or 0.0 for v in values], width, label=g["group"],
+                      yerr=stds if g["n_runs"] > 1 else None, capsize=3, edgecolor="black", linewidth=0.8)
+        for bar, metric, value, std in zip(bars, result.metrics, values, stds):  # above the error bar
+            text = "n/a" if value is None else f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.3f}"
+            ax.annotate(text + (f"\n{g[f'{metric}_method']}" if g.get(f"{metric}_method") else ""),
+                        (bar.get_x() + bar.get_width() / 2, (value or 0.0) + std), xytext=(0, 3),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=9, rotation=90 if n > 2 else 0)
+        tops += [(v or 0.0) + s for v, s in zip(values, stds)]
+    ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(tops) * (1.3 if n > 2 else 1.15) or 1.0)
+    ax.set_xticks(x, [_heading(m) for m in result.metrics], fontsize=11)
+    ax.set_ylabel("mean over seeds (error bar: std)", fontsize=10)
+    ax.set_title(f"{', '.join(dict.fromkeys(_data_text(g) for g in result.groups))}: {result.split} split", fontsize=12)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(n, 3))
+    ax.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(n, 2))
     return reports.save_figure(fig, path)
 
 
@@ -326,47 +473,55 @@ def write_xlsx(path: str | os.PathLike, result: Comparison) -> Path:
     })
 
 
-def _table_text(result: Comparison) -> str:
-    """The Rich tables as text: coloured and terminal-wide on a terminal; plain and wide enough
-    for the whole table (instead of Rich's 80 columns) when piped."""
+def table_text(result: Comparison, wide: bool = False, width: int | None = None) -> str:
+    """The Rich tables as text, `width` columns wide: by default coloured and terminal-wide on
+    a terminal; plain and wide enough for the whole table (instead of Rich's 80 columns) when
+    piped. A table that cannot fit (many metrics) runs past the width rather than lose its
+    right-hand columns. No line ends in spaces."""
     from rich.console import Console
 
     terminal = sys.stdout.isatty()
     buffer = io.StringIO()
-    width = shutil.get_terminal_size().columns if terminal else 240
-    Console(file=buffer, width=width, force_terminal=terminal, no_color=not terminal).print(*rich_tables(result))
-    return buffer.getvalue().rstrip("\n")
+    width = width or (shutil.get_terminal_size().columns if terminal else 240)
+    Console(file=buffer, width=width, force_terminal=terminal, no_color=not terminal).print(*rich_tables(result, wide),
+                                                                                           crop=False)
+    return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
 
 
-def render(result: Comparison, fmt: str, out_dir: str | os.PathLike | None = None) -> str:
-    """What `medcli aggregate --format FMT` prints on stdout (xlsx: the workbook's path)."""
+def render(result: Comparison, fmt: str, files: Sequence[Path] = (), wide: bool = False) -> str:
+    """What `medcli aggregate --format FMT` prints on stdout: the comparison, then the files
+    written (`files`), one per line (json: a "files" list; xlsx: the files alone; csv and md
+    print the comparison alone, so their output stays a CSV or Markdown document)."""
+    listed = "".join(f"\n{path}" for path in files)
     if fmt == "table":
-        return _table_text(result)
+        return table_text(result, wide) + (f"\n{listed}" if files else "")
     if fmt == "csv":
         return to_csv(result).rstrip("\n")
     if fmt == "md":
-        return to_markdown(result).rstrip("\n")
+        return to_markdown(result, wide).rstrip("\n")
     if fmt == "json":
-        return json.dumps(result.to_json(), indent=2, default=str)
+        return json.dumps({**result.to_json(), "files": [str(path) for path in files]}, indent=2, default=str)
     if fmt == "xlsx":
-        return str(Path(out_dir) / "comparison.xlsx")
+        return listed.lstrip("\n")
     raise UsageError(f"unknown --format '{fmt}'; choose from {', '.join(FORMATS)}")
 
 
 def compare(paths: Sequence[str | os.PathLike], split: str = "test", metric_names: Sequence[str] = DEFAULT_METRICS,
-            out_dir: str | os.PathLike | None = None, fmt: str = "table") -> str:
+            out_dir: str | os.PathLike | None = None, fmt: str = "table", pair: Sequence[str] | None = None,
+            reference: bool = False, wide: bool = False) -> str:
     """`medcli aggregate`: compare the runs, write the files into `out_dir` (if given) and
-    return the text for stdout in format `fmt`."""
+    return the text for stdout in format `fmt` (`render`)."""
     if fmt == "xlsx" and out_dir is None:
         raise UsageError("--format xlsx writes a file; add --out DIR (the workbook goes to DIR/comparison.xlsx)")
-    result = aggregate(paths, split=split, metric_names=metric_names)
-    if out_dir is not None:
-        for path in write_outputs(out_dir, result):
+    result = aggregate(paths, split=split, metric_names=metric_names, pair=pair, reference=reference)
+    files = write_outputs(out_dir, result, wide) if out_dir is not None else []
+    if fmt in ("csv", "md"):
+        for path in files:
             console.info(f"wrote {path}")
-    return render(result, fmt, out_dir)
+    return render(result, fmt, files, wide)
 
 
-def write_outputs(out_dir: str | os.PathLike, result: Comparison) -> list[Path]:
+def write_outputs(out_dir: str | os.PathLike, result: Comparison, wide: bool = False) -> list[Path]:
     """comparison.csv (groups), runs.csv, comparison.xlsx, comparison.md and comparison.png."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -375,6 +530,6 @@ def write_outputs(out_dir: str | os.PathLike, result: Comparison) -> list[Path]:
         fileio.write_text(out / "comparison.csv", to_csv(result)),
         fileio.write_text(out / "runs.csv", _frames(result)[1].to_csv(index=False, float_format="%.6g")),
         write_xlsx(out / "comparison.xlsx", result),
-        fileio.write_text(out / "comparison.md", to_markdown(result)),
+        fileio.write_text(out / "comparison.md", to_markdown(result, wide)),
         write_chart(out / "comparison.png", result),
     ]

@@ -47,15 +47,20 @@ class MedcliGroup(TyperGroup):
             raise
         except ClickUsageError as exc:
             name = f"medcli {exc.ctx.info_name}" if exc.ctx and exc.ctx.parent else "medcli"
-            console.error(f"{exc.format_message()} (see '{name} --help')")
+            option = getattr(exc, "option_name", None)
+            if name != "medcli" and option in {opt for param in self.params for opt in param.opts}:
+                console.error(f"{option} is a global option: put it before the command, "
+                              f"as in 'medcli {option} {exc.ctx.info_name} ...'")
+            else:
+                console.error(f"{exc.format_message()} (see '{name} --help')")
             raise typer.Exit(EXIT_USAGE) from None
         except MedcliError as exc:
             if console.is_verbose():
                 console.console().print_exception()
             console.error(str(exc))
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            console.error("interrupted")
+        except KeyboardInterrupt as exc:  # a stage names its run and how to continue (`Run.stage`)
+            console.error(str(exc) or "interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:  # an unexpected bug: one line unless --verbose
             if console.is_verbose():
@@ -69,7 +74,9 @@ app = typer.Typer(
     name="medcli",
     help="MedMNIST from download to a trained, evaluated, explained and compared classifier.",
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    # Click's own help layout: two columns that wrap at the terminal width (at most 80), where
+    # Rich's six-column option table left train's descriptions 16 characters and cut words.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -160,6 +167,14 @@ def download(
             "offline) for demos and tests. Recorded as synthetic; never overwrites real data.",
         ),
     ] = False,
+    sample: Annotated[
+        bool,
+        typer.Option(
+            "--sample",
+            help="Place the embedded sample of real blood-cell images (2,900 PBC images, CC BY 4.0; bloodmnist, "
+            "28 px; works offline) in ROOT/sample. Recorded as a sample, not the official file.",
+        ),
+    ] = False,
     list_: Annotated[bool, typer.Option("--list", help="Show every dataset and the files ROOT holds, verified.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the records (or --list entries) as JSON.")] = False,
     mirror: Annotated[
@@ -170,14 +185,14 @@ def download(
             "(e.g. http://host/medmnist), used instead of Zenodo; md5s are still checked.",
         ),
     ] = None,
-    tries: Annotated[int, typer.Option(min=1, help="Attempts per file, waiting 1, 2, 4... s between them.")] = 3,
+    tries: Annotated[int, typer.Option(min=1, help="Attempts per file; the waits between them double from 1 s.")] = 3,
     timeout: Annotated[float, typer.Option(min=0.1, help="Seconds to wait for the server before an attempt fails.")] = 30.0,
 ) -> None:
-    """Download (or import with --from) MedMNIST datasets, verified by md5.
+    """Download MedMNIST datasets, verified by md5.
 
-    Files go to ROOT/<flag>[_<size>].npz with a JSON record beside each (md5, official or
-    not, source). A file already present with the right md5 is not fetched again. Prints the
-    file paths (the records with --json).
+    Or import a local file with --from. Files go to ROOT/<flag>[_<size>].npz with a JSON
+    record beside each (md5, official or not, source). A file already present with the right
+    md5 is not fetched again. Prints the file paths (the records with --json).
     """
     from medcli import download as library
 
@@ -192,7 +207,7 @@ def download(
         return
     records = library.obtain(
         flags or [], size, root, from_file=from_file, allow_unofficial=allow_unofficial,
-        synthetic=synthetic, mirror=mirror, tries=tries, timeout=timeout,
+        synthetic=synthetic, sample=sample, mirror=mirror, tries=tries, timeout=timeout,
     )
     emit(records if json_out else "\n".join(record["path"] for record in records))
 
@@ -221,17 +236,18 @@ def train(
     deterministic: Annotated[bool, typer.Option("--deterministic", help=_opt("deterministic"))] = False,
     device: Annotated[str, typer.Option(help=_opt("device"))] = "auto",
     amp: Annotated[Optional[Amp], typer.Option(help=_opt("amp"))] = None,
-    compile: Annotated[bool, typer.Option("--compile/--no-compile", help=_opt("compile"))] = False,
-    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", help=_opt("pretrained"))] = False,
+    compile: Annotated[bool, typer.Option("--compile/--no-compile", show_default=False, help=_opt("compile"))] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", show_default=False, help=_opt("pretrained"))] = False,
     weights: Annotated[Optional[Path], typer.Option(help=_opt("weights"))] = None,
     input_size: Annotated[Optional[int], typer.Option(min=8, help=_opt("input_size"))] = None,
     root: Annotated[Optional[Path], typer.Option(help=_opt("root"))] = None,
     runs_dir: Annotated[Path, typer.Option(help=_opt("runs_dir"))] = Path("runs"),
-    resume: Annotated[Optional[Path], typer.Option(help="Continue an interrupted run from its last.pt.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(metavar="RUN", help=(
+        "Continue an interrupted run from its last.pt, with its own options (and --device)."))] = None,
     nproc: Annotated[Optional[int], typer.Option(min=1, help=(
-        "Train with N processes on this machine (one per GPU; gloo on CPU) through torchrun: "
-        "the same as 'torchrun --standalone --nproc-per-node N -m medcli train ...'. --batch-size is the "
-        "global batch."))] = None,
+        "Train with N processes on this machine (one per GPU; gloo on CPU) through torchrun, as "
+        "'torchrun --standalone --nproc-per-node N -m medcli train' with the other options would. "
+        "--batch-size is the global batch."))] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help=_opt("sync_bn"))] = False,
     data_budget: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("data_budget_gb"))] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
@@ -255,35 +271,38 @@ def train(
             data_budget_gb=data_budget,
         )
     if distributed.is_main_process():  # the other processes of a distributed job print nothing
-        emit(library.summary(run) if json_output else str(run.run_dir))
+        emit(library.summary(run) if json_output else str(run.run_dir.resolve()))
 
 
 @app.command()
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run directory printed by 'medcli train'.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory printed by 'medcli train'.")],
     split: Annotated[EvalSplit, typer.Option(help="Split to evaluate; all = train, val and test.")] = EvalSplit.test,
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
-    tta: Annotated[bool, typer.Option("--tta/--no-tta", help="Average fixed flipped views: the identity and each flip the run trained with (none for a run trained without flips).")] = False,
+    tta: Annotated[bool, typer.Option("--tta/--no-tta", show_default=False, help=(
+        "Average fixed flipped views: the identity and each flip the run trained with (none for a run "
+        "trained without flips). Default: off."))] = False,
     calibrate: Annotated[bool, typer.Option("--calibrate", help="Temperature scaling fitted on val; ECE/NLL before and after.")] = False,
     medmnist_csv: Annotated[bool, typer.Option("--medmnist-csv", help="Also write predictions/medmnist/*.csv, the layout medmnist.Evaluator reads.")] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     amp: Annotated[Optional[Amp], typer.Option(help="Mixed precision (default off: float32 logits feed the metrics).")] = None,
     root: Annotated[Optional[Path], typer.Option(help="Data root, if the dataset file moved since training.")] = None,
-    json_output: Annotated[bool, typer.Option("--json", help="Print the metrics JSON of each split.")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help=(
+        "Print the metrics JSON keyed by split, and the written files under 'files'."))] = False,
 ) -> None:
-    """Evaluate a trained run: metrics, predictions, figures and an Excel report.
+    """Evaluate a run: metrics, predictions, figures, a report.
 
-    Writes metrics/<split>.json, predictions/<split>.csv, figures/*_<split>.png and report.xlsx into the run.
-
-    Prints one summary line per split and the written files (with --json: the metrics JSON, keyed by split).
+    Writes metrics/<split>.json, predictions/<split>.csv, figures/*_<split>.png and
+    report.xlsx into the run. Prints the written files; the summary table goes to stderr.
     """
     from medcli import evaluate as library
 
     result = library.evaluate_run(run, split=split.value, checkpoint=checkpoint.value, tta=tta, calibrate=calibrate,
                                   medmnist_csv=medmnist_csv,
                                   batch_size=batch_size, device=device, amp=amp.value if amp else None, root=root)
-    emit(result["splits"] if json_output else "\n".join(library.summary_lines(result)))
+    files = library.written_files(result)
+    emit({**result["splits"], "files": files} if json_output else "\n".join(files))
 
 
 @app.command()
@@ -291,20 +310,32 @@ def aggregate(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or folders searched for runs (default: .).")] = None,
     split: Annotated[str, typer.Option(help="Which metrics/<split>.json to compare: test, val or train.")] = "test",
     metrics: Annotated[Optional[str], typer.Option(help=(
-        f"Comma-separated metrics (default: {','.join(names.COMPARE_METRICS)}); road_<method> (e.g. road_gradcam) "
-        "is the mean ROAD faithfulness of that explain method."))] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write comparison CSV, XLSX, Markdown and PNG into this folder.")] = None,
+        f"Comma-separated metrics (default: {', '.join(names.COMPARE_METRICS)}); road_<method> (e.g. road_gradcam) "
+        "is the mean ROAD faithfulness of that explain method (blank for a model it cannot explain), road that of "
+        "each run's own method (rollout for a ViT, a CAM for a CNN), named in the cell."))] = None,
+    out: Annotated[Optional[Path], typer.Option(help=(
+        "Write comparison CSV, XLSX, Markdown and PNG into this folder; the files written are printed after the "
+        "table (json: a files list; csv and md: logged on stderr)."))] = None,
     format: Annotated[OutputFormat, typer.Option("--format", help="What to print on stdout (xlsx needs --out).")] = OutputFormat.table,
     maps: Annotated[bool, typer.Option("--maps", help=(
         "Compare the runs' stored explanation maps instead (no model needed): per common sample, Spearman "
         "correlation and top-20% overlap between every two explained (run, method), per class means, and a "
         "side-by-side figure; needs --out."))] = False,
     method: Annotated[Optional[str], typer.Option(help="With --maps: only these explain methods (comma-separated).")] = None,
+    pair: Annotated[Optional[tuple[str, str]], typer.Option(help=(
+        "Paired tests of these two setups (each a run directory, run id or setup label) on the same test images: "
+        "McNemar's exact test (accuracy), a paired bootstrap (AUC), and across seeds a t-interval of the mean "
+        "difference. Default: the only two setups, when exactly two are compared."))] = None,
+    reference: Annotated[bool, typer.Option("--reference", help=(
+        "Add the published MedMNIST v2 numbers (ACC, AUC of 7 methods) for each compared dataset, marked as "
+        "different data when a run did not use the official 28-px file."))] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Show every column (data, evaluation, run ids, epochs, train time).")] = False,
 ) -> None:
-    """Compare runs in one table and chart; seeds of one setup become mean ± std.
+    """Compare runs in one table and chart.
 
-    Runs that are unfinished, not evaluated or unreadable are listed with the reason.
-    With --maps, compare where the runs look instead (CNN vs ViT on the same samples).
+    Seeds of one setup become mean ± std. Runs that are unfinished, not evaluated or
+    unreadable are listed with the reason. With --maps, compare where the runs look instead
+    (CNN vs ViT on the same samples).
     """
     if maps:
         from medcli import maps as compare_maps
@@ -316,19 +347,20 @@ def aggregate(
     from medcli import aggregate as library
 
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else names.COMPARE_METRICS
-    emit(library.compare(runs or [], split=split, metric_names=chosen, out_dir=out, fmt=format.value))
+    emit(library.compare(runs or [], split=split, metric_names=chosen, out_dir=out, fmt=format.value,
+                         pair=pair if pair and all(pair) else None, reference=reference, wide=wide))
 
 
 @app.command("plot-confusion")
 def plot_confusion(
-    target: Annotated[Path, typer.Argument(help="A run directory or a predictions CSV.")],
+    target: Annotated[Path, typer.Argument(metavar="RUN|CSV", help="A run directory or a predictions CSV.")],
     split: Annotated[str, typer.Option(help="With a run directory: which predictions/<split>.csv.")] = "test",
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Row-normalised or counts only (default: both panels).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Image file to write (.png, .pdf, .svg).")] = None,
 ) -> None:
-    """Redraw a confusion matrix from a run's predictions CSV (no model needed).
+    """Redraw a confusion matrix from a predictions CSV.
 
-    Class names come from the CSV header; prints the written image path.
+    No model needed: class names come from the CSV header. Prints the written image path.
     """
     from medcli import reports
 
@@ -337,7 +369,7 @@ def plot_confusion(
 
 @app.command()
 def explain(
-    run: Annotated[Path, typer.Argument(help="Run directory printed by 'medcli train'.")],
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory printed by 'medcli train'.")],
     method: Annotated[ExplainMethod, typer.Option(help="CAM method (CNNs and ViTs) or rollout (ViTs only).")] = ExplainMethod("gradcam"),
     split: Annotated[ExplainSplit, typer.Option(help="Split the samples come from.")] = ExplainSplit("test"),
     per_class: Annotated[Optional[int], typer.Option(min=1, help=f"Samples per true class (default {_explain.DEFAULT_PER_CLASS}), seeded.")] = None,
@@ -355,17 +387,22 @@ def explain(
     faithfulness: Annotated[bool, typer.Option("--faithfulness/--no-faithfulness", help=(
         "Score each map's faithfulness to the model with ROAD (Rong et al. 2022, grad-cam's "
         "pytorch_grad_cam.metrics): index.json, the manifest and 'aggregate --metrics road_<method>'."))] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=(
+        "Replace an earlier explanation with this method of other samples (refused without it)."))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print index.json on stdout instead of the directory.")] = False,
 ) -> None:
-    """Explain predictions with CAM methods or attention rollout.
+    """Explain predictions: CAM methods or attention rollout.
 
-    Writes explain/<method>/<split>_<index>_gt-<class>_pred-<class>.png (multi-label: gt- lists every label, or none) (original | heat map | overlay, titled) per sample, a grid per class, maps.npz (the raw maps) and index.json (with per-sample ROAD faithfulness) into the run; prints the directory.
+    Writes into the run's explain/<method>/: per sample a titled PNG (original | heat map |
+    overlay) named <split>_<index>_gt-<class>_pred-<class>.png (multi-label: gt- lists every
+    label, or none), a grid per class, maps.npz (the raw maps) and index.json (with each map's
+    ROAD faithfulness). Prints the directory.
     """
     index = _explain.explain_run(
         run, method=method.value, split=split.value, per_class=per_class, indices=_explain.parse_indices(indices),
         only_errors=only_errors, target=target, layer=layer, checkpoint=checkpoint.value, seed=seed,
         head_fusion=head_fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, root=root,
-        faithfulness=faithfulness)
+        faithfulness=faithfulness, overwrite=overwrite)
     emit(index if json_output else index["dir"])
 
 
@@ -379,14 +416,17 @@ def clean_processes(
     grace: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the processes as JSON on stdout.")] = False,
 ) -> None:
-    """List this user's other medcli processes (pid, age, command, run, CPU, memory, GPU
-    memory); with consent end them: SIGTERM, then SIGKILL after --grace seconds, and mark
-    their runs interrupted. Other users' processes and non-medcli processes are never
-    touched. Without --yes it only lists, or asks when run from a terminal."""
+    """List or end this user's other medcli processes.
+
+    Shows pid, age, command, run, CPU, memory and GPU memory. Ending a process: SIGTERM, then
+    SIGKILL after --grace seconds, and its runs are marked interrupted. Other users' processes
+    and processes other than medcli are never touched. Without --yes it only lists, or asks
+    when run from a terminal."""
     from medcli import processes
 
     def ask(count: int) -> bool:  # only from a terminal, and never when stdout carries JSON
-        return sys.stdin.isatty() and not json_out and typer.confirm(f"End {count} process(es)?", err=True)
+        question = f"End {console.plural(count, 'process', 'processes')}?"
+        return sys.stdin.isatty() and not json_out and typer.confirm(question, err=True)
 
     report = processes.clean(dry_run=dry_run, yes=yes, older_than=older_than, grace_s=grace, show=not json_out,
                              confirm=ask)

@@ -19,7 +19,8 @@ from medcli.names import MONITORS, OPTIMIZERS
 
 __all__ = [
     "CHANNELS_LAST_ON_CPU", "DEVICE_DATA_SHARE", "FINE_TUNE_LR_DIVISOR", "MIN_DEFAULT_BATCH",
-    "MIN_STEPS_PER_EPOCH", "NOT_EXPERIMENT", "TrainOptions", "WARMUP_MAX_SHARE", "defaults_help", "fine_tune_lr", "fit_batch_to_data",
+    "MIN_STEPS_PER_EPOCH", "NOT_EXPERIMENT", "TrainOptions", "WARMUP_MAX_SHARE", "defaults_help", "fine_tune_lr",
+    "fit_batch_to_data", "fit_epochs_to_data",
     "reduced_help", "resolve_config", "run_name",
 ]
 
@@ -55,7 +56,8 @@ def reduced_help() -> str:
             text += f" (the built-in names become {variant} with {', '.join(f'{k}={v}' for k, v in shape.items())})"
         return text
 
-    return f"CPU-friendly preset. {_by_family(preset)}."
+    return (f"CPU-friendly preset. {_by_family(preset)}. A smaller training set trains more epochs, until the run "
+            "makes min_steps optimizer steps.")
 
 
 def defaults_help() -> str:
@@ -131,8 +133,8 @@ class TrainOptions:
     deterministic: bool = _option(False, "Strict mode: deterministic kernels, bit-identical reruns.", experiment=False)
     device: str = _option("auto", "auto, cpu, cuda or cuda:N.", experiment=False)
     amp: str | None = _option(None, "Mixed precision (default bf16 on CUDA, off on CPU).", experiment=False)
-    compile: bool = _option(False, "torch.compile the model.", experiment=False)
-    pretrained: bool = _option(False, "Start from ImageNet weights.")
+    compile: bool = _option(False, "torch.compile the model (default off).", experiment=False)
+    pretrained: bool = _option(False, "Start from ImageNet weights (default off).")
     weights: str | None = _option(None, "Start from a local state dict / timm checkpoint.")
     input_size: int | None = _option(None, "Model input size (default: dataset size; 224 for full ViTs).")
     root: str | None = _option(None, "Data root (default $MEDCLI_DATA or ~/.medmnist).", experiment=False)
@@ -185,7 +187,7 @@ def resolve_config(**given: Any) -> dict:
     recipe = ("epochs", "batch_size", "lr", "weight_decay", "optimizer", "warmup_epochs", "label_smoothing",
               "mixup_alpha", "input_size")
     chosen.update({key: getattr(o, key) for key in recipe if getattr(o, key) is not None})
-    lr_source = "--lr" if o.lr is not None else f"{'reduced preset' if o.reduced and 'lr' in rec.reduced else rec.kind + ' default'}"
+    lr_source = "--lr" if o.lr is not None else _source(o.reduced, "lr", rec)
     chosen.setdefault("input_size", o.size)
     _check_numbers(chosen, o.patience, monitor)
     dev = inference.resolve_device(o.device)
@@ -200,9 +202,11 @@ def resolve_config(**given: Any) -> dict:
         "model_overrides": overrides,
         "reduced": bool(o.reduced),
         "epochs": int(chosen["epochs"]),
+        "epochs_source": "--epochs" if o.epochs is not None else _source(o.reduced, "epochs", rec),
+        # --reduced on a small training set: at least this many optimizer steps (`fit_epochs_to_data`)
+        "min_steps": chosen.get("min_steps") if o.reduced and o.epochs is None else None,
         "batch_size": int(chosen["batch_size"]),
-        "batch_source": "--batch-size" if o.batch_size is not None else
-                        f"{'reduced preset' if o.reduced and 'batch_size' in rec.reduced else rec.kind + ' default'}",
+        "batch_source": "--batch-size" if o.batch_size is not None else _source(o.reduced, "batch_size", rec),
         "lr": float(chosen["lr"]),
         "lr_source": lr_source,
         "weight_decay": float(chosen["weight_decay"]),
@@ -229,6 +233,11 @@ def resolve_config(**given: Any) -> dict:
         "runs_dir": str(Path(o.runs_dir).expanduser().resolve()),
         "augment": augment.for_dataset(flag, flips=o.flips, rotate=o.rotate, crop_scale=o.crop_scale, jitter=o.jitter).to_dict(),
     }
+
+
+def _source(reduced: bool, key: str, rec: models.Family) -> str:
+    """Where a value the user did not give comes from: the --reduced preset or the family default."""
+    return "reduced preset" if reduced and key in rec.reduced else f"{rec.kind} default"
 
 
 def _check_numbers(chosen: dict, patience: int | None, monitor: str) -> None:
@@ -265,6 +274,21 @@ def fine_tune_lr(config: dict, pretrained: bool) -> dict:
         return config
     return {**config, "lr": config["lr"] / FINE_TUNE_LR_DIVISOR,
             "lr_source": f"{config['lr_source']} / {FINE_TUNE_LR_DIVISOR} (pretrained weights loaded)"}
+
+
+def fit_epochs_to_data(config: dict, n_train: int) -> dict:
+    """The config with the epochs a --reduced run on a small training split needs: the preset's
+    epochs, raised until the run makes at least the preset's `min_steps` optimizer steps (what
+    its epochs make on BloodMNIST's 11,959 training images). A given --epochs is kept. Decided
+    once the data is loaded and the batch fitted."""
+    min_steps = config.get("min_steps")
+    steps = max(1, n_train // config["batch_size"])
+    if not min_steps or config["epochs"] * steps >= min_steps:
+        return config
+    epochs = -(-min_steps // steps)
+    return {**config, "epochs": epochs,
+            "epochs_source": f"{config['epochs_source']} {config['epochs']} -> {epochs}: at least {min_steps} steps "
+                             f"({steps} per epoch on {n_train} training images)"}
 
 
 def fit_batch_to_data(config: dict, n_train: int, processes: int = 1) -> dict:

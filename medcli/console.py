@@ -26,7 +26,7 @@ from rich.progress import (
     DownloadColumn,
 )
 
-__all__ = ["configure", "console", "debug", "error", "info", "is_quiet", "is_verbose", "progress", "warn"]
+__all__ = ["configure", "console", "debug", "error", "info", "is_quiet", "is_verbose", "plural", "progress", "warn"]
 
 _state = {"quiet": False, "verbose": False}
 _console: Console | None = None
@@ -64,13 +64,19 @@ def debug(message: str) -> None:
 
 
 def warn(message: str) -> None:
-    console().print(f"[yellow]warning:[/yellow] {message}")
+    if not _state["quiet"]:  # --quiet: errors only
+        console().print(f"[yellow]warning:[/yellow] {message}")
 
 
 def error(message: str) -> None:
     # One line: collapse any newlines a library message might carry.
     text = " ".join(str(message).split())
     console().print(f"[bold red]error:[/bold red] {text}", markup=True, highlight=False)
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 sample', '2 samples' ('1 process', '2 processes' with `plural_form`)."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
 
 
 def progress_enabled() -> bool:

@@ -23,12 +23,17 @@ from medcli.errors import MedcliError, UsageError
 from medcli.names import SPLITS
 
 __all__ = [
-    "CHECKS", "SIZES", "SPLITS", "Splits", "as_tensor", "check_size", "class_names", "current_md5", "data_path",
+    "CHECKS", "SAMPLE_DIR", "SAMPLE_OF", "provenance", "provenance_kind", "SIZES", "SPLITS", "SYNTHETIC_DIR", "Splits", "as_tensor", "check_size", "class_names", "current_md5", "data_path",
     "default_root", "filename", "flags", "info", "load", "make_record", "make_synthetic", "official_source",
     "read_record", "record_of", "record_path", "resolve", "task", "unchanged", "validate_npz", "write_record",
 ]
 
 SIZES = (28, 64, 128, 224)
+# Stand-ins medcli keeps in folders of their own under a data root, never under the official
+# file's path: the embedded real sample (`download --sample`, of SAMPLE_OF's flag and size) and
+# synthetic data (`download --synthetic` as scripts/run_all.sh uses it).
+SAMPLE_DIR, SYNTHETIC_DIR = "sample", "synthetic"
+SAMPLE_OF = ("bloodmnist", 28)
 
 
 @functools.lru_cache(maxsize=1)
@@ -235,6 +240,41 @@ def current_md5(path: Path, record: dict | None) -> str:
     return fileio.md5_file(path)
 
 
+def provenance_kind(record: dict) -> str | None:
+    """What a dataset record says its data is when it is not the official MedMNIST file:
+    "synthetic" (demo data), "sample" (the embedded sample) or "unofficial" (any other file);
+    None for the official file."""
+    for kind in ("synthetic", "sample"):
+        if record.get(kind):
+            return kind
+    return None if record.get("official", True) else "unofficial"
+
+
+def provenance(record: dict) -> str | None:
+    """The sentence every log line, figure, workbook and summary of a run says about its data
+    when it is not the official file (None when it is)."""
+    flag = record.get("flag", "?")
+    return {"synthetic": f"SYNTHETIC data (a {flag} stand-in, not a real result)",
+            "sample": f"embedded PBC sample (not the official {flag} file)",
+            "unofficial": f"unofficial {flag} data (md5 {record.get('md5')})",
+            None: None}[provenance_kind(record)]
+
+
+def _missing(root: Path, flag: str, size: int) -> str:
+    """Why (flag, size) is not under root, and the ways to get it: the stand-ins medcli keeps
+    beside the real files (the embedded sample, synthetic data) that hold it, then download,
+    --from, --sample and --synthetic."""
+    stand_ins = [f"{root / sub} holds {what} (pass --root {root / sub})"
+                 for sub, what in ((SAMPLE_DIR, "the embedded PBC sample that scripts/run_all.sh uses offline"),
+                                   (SYNTHETIC_DIR, "SYNTHETIC stand-in data"))
+                 if data_path(root / sub, flag, size).is_file()]
+    ways = [f"'medcli download {flag} --size {size} --root {root}'", "--from FILE to import a copy you have"]
+    if (flag, size) == SAMPLE_OF:
+        ways.append("--sample for the embedded real sample")
+    ways.append("--synthetic for a demo stand-in")
+    return "; ".join([f"no {flag} at {size} px under {root}", *stand_ins, f"get it with {', '.join(ways)}"])
+
+
 def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
     """Find a dataset file under root and return (path, record); a clear error if absent.
 
@@ -249,10 +289,7 @@ def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
     check_size(size)
     path = data_path(root, flag, size)
     if not path.is_file():
-        raise UsageError(
-            f"no {flag} at {size} px under {Path(root).expanduser()}; run "
-            f"'medcli download {flag} --size {size} --root {root}' (or --from FILE to import one)"
-        )
+        raise UsageError(_missing(Path(root).expanduser(), flag, size))
     record = record_of(path, flag, size)
     if record is not None and unchanged(record, path) and record.get("checks") == CHECKS:
         return path, record

@@ -28,13 +28,24 @@ from typing import Iterable, Iterator
 from medcli import __version__, console, datasets, fileio
 from medcli.errors import MedcliError, UsageError
 
-__all__ = ["SYNTHETIC_SPLITS", "fetch", "inventory", "obtain", "table"]
+__all__ = ["SAMPLE_FILE", "SAMPLE_SPLITS", "SYNTHETIC_SPLITS", "fetch", "inventory", "obtain", "table"]
 
 CHUNK = 1 << 20
 ZIP_MAGIC = b"PK\x03\x04"  # an npz is a zip archive
 DEFAULT_TRIES = 3
 DEFAULT_TIMEOUT = 30.0
 SYNTHETIC_SPLITS = (1024, 256, 256)  # train/val/test images written by --synthetic
+# The embedded sample (--sample): real blood-cell images shipped inside the package, a seeded
+# class-stratified subset of each split of the PBC-derived BloodMNIST (scripts/make_sample.py
+# builds it). Not the official BloodMNIST file: it lands in <root>/sample/ and is recorded as
+# official: false, sample: true.
+SAMPLE_FLAG, SAMPLE_SIZE = datasets.SAMPLE_OF
+_KEPT_ON_IMPORT = ("synthetic", "sample", "signal_box", "licence")  # record facts a copy of the same bytes keeps
+SAMPLE_FILE = Path(__file__).parent / "data" / "bloodmnist_pbc_sample_28.npz"
+SAMPLE_SPLITS = (2000, 250, 650)  # train/val/test images
+SAMPLE_MD5 = "d00efd7992c1fdf5034fab52ce6ac77c"
+SAMPLE_SOURCE = ("embedded sample of PBC blood-cell images (Acevedo et al., Data in Brief 30, 2020, "
+                 "Mendeley Data snkd93bnjr; CC BY 4.0), prepared as MedMNIST's BloodMNIST, not the official split")
 DEFAULT_BACKOFF = 1.0
 
 
@@ -74,12 +85,13 @@ def obtain(
     from_file: str | os.PathLike | None = None,
     allow_unofficial: bool = False,
     synthetic: bool = False,
+    sample: bool = False,
     mirror: str | None = None,
     tries: int = DEFAULT_TRIES,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> list[dict]:
-    """What `medcli download FLAG...` does: import `from_file`, write synthetic data, or fetch
-    every flag x size.
+    """What `medcli download FLAG...` does: import `from_file`, write synthetic data, place the
+    embedded sample, or fetch every flag x size.
 
     Returns the records (each with the file's absolute `path`). Files fetched before a
     failure stay in place (verified), so re-running resumes at the failed one.
@@ -89,6 +101,10 @@ def obtain(
         raise UsageError("name at least one dataset, e.g. 'medcli download bloodmnist', or pass --list to see them")
     sizes = parse_size(size)
     root = _root(root)
+    if sum(map(bool, (from_file is not None, synthetic, sample))) > 1:
+        raise UsageError("--from, --synthetic and --sample each choose the data; pass one of them")
+    if sample:
+        return [_place_sample(flags, sizes, root)]
     if from_file is not None:
         if len(flags) != 1 or len(sizes) != 1:
             raise UsageError("--from imports one file: name exactly one dataset and one --size (not all)")
@@ -169,8 +185,12 @@ def import_file(
                 f"{source_file} has md5 {md5}, not the official {official_md5} of {target.name}; "
                 "pass --allow-unofficial to import it anyway (recorded as official: false)"
             )
-    record = _save_record(flag, size, target, md5, str(source_file.resolve()), counts)
+    # A copy of a file medcli made (synthetic data, the embedded sample) keeps what its record says it is.
+    origin = datasets.record_of(source_file, flag, size) or {}
+    kept = {key: origin[key] for key in _KEPT_ON_IMPORT if key in origin and origin.get("md5") == md5}
+    record = _save_record(flag, size, target, md5, str(source_file.resolve()), counts, **kept)
     kind = "official" if record["official"] else f"unofficial, md5 {md5}"
+    kind += "".join(f", {key}" for key in ("synthetic", "sample") if record.get(key))
     splits = ", ".join(f"{n} {split}" for split, n in counts.items())
     console.info(f"imported {source_file} as {target} ({kind}): {splits} images")
     return record
@@ -259,6 +279,35 @@ def _synthesize(flag: str, size: int, root: Path) -> dict:
     console.warn(f"wrote SYNTHETIC {flag} at {size} px to {target} ({'/'.join(map(str, SYNTHETIC_SPLITS))} "
                  "train/val/test images): for demos and tests, not real data")
     return _with_path(datasets.read_record(target), target)
+
+
+def _place_sample(flags: list[str], sizes: list[int], root: Path) -> dict:
+    """Copy the embedded sample to `<root>/sample/` (datasets.SAMPLE_DIR) under BloodMNIST's
+    file name, checked (md5, layout) like an import, and record it `sample: true`."""
+    if flags != [SAMPLE_FLAG] or sizes != [SAMPLE_SIZE]:
+        raise UsageError(f"--sample is the embedded {SAMPLE_FLAG} sample at {SAMPLE_SIZE} px only: "
+                         f"'medcli download {SAMPLE_FLAG} --sample'")
+    target = datasets.data_path(root / datasets.SAMPLE_DIR, SAMPLE_FLAG, SAMPLE_SIZE)
+    existing = datasets.record_of(target, SAMPLE_FLAG, SAMPLE_SIZE) if target.exists() else None
+    if existing is not None and existing.get("sample") and datasets.unchanged(existing, target):
+        console.info(f"the embedded sample is already at {target}")
+        return _with_path(existing, target)
+    if not SAMPLE_FILE.is_file():
+        raise MedcliError(f"this medcli installation lacks its embedded sample {SAMPLE_FILE}; reinstall medcli")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with fileio.atomic_path(target) as tmp, open(SAMPLE_FILE, "rb") as handle:
+        md5, _ = _copy(iter(lambda: handle.read(CHUNK), b""), tmp, os.fstat(handle.fileno()).st_size, target.name)
+        if md5 != SAMPLE_MD5:
+            raise MedcliError(f"the embedded sample {SAMPLE_FILE} is damaged (md5 {md5}, expected {SAMPLE_MD5}); "
+                              "reinstall medcli")
+        counts = datasets.validate_npz(tmp, SAMPLE_FLAG, SAMPLE_SIZE)
+    record = datasets.make_record(SAMPLE_FLAG, SAMPLE_SIZE, target, md5, SAMPLE_SOURCE, counts, sample=True,
+                                  licence="CC BY 4.0")
+    datasets.write_record(target, record)
+    splits = ", ".join(f"{n} {split}" for split, n in counts.items())
+    console.info(f"placed the embedded PBC blood-cell sample at {target} ({splits} images; not the official "
+                 f"BloodMNIST): train on it with --root {target.parent}")
+    return _with_path(record, target)
 
 
 def _root(root: str | os.PathLike | None) -> Path:
@@ -401,9 +450,9 @@ def _by_hand(flag: str, size: int, target: Path, md5: str) -> str:
     )
 
 
-def _save_record(flag: str, size: int, target: Path, md5: str, origin: str, counts: dict) -> dict:
+def _save_record(flag: str, size: int, target: Path, md5: str, origin: str, counts: dict, **extra) -> dict:
     """Write target's JSON record, with the size and mtime its md5 belongs to."""
-    record = datasets.make_record(flag, size, target, md5, origin, counts)
+    record = datasets.make_record(flag, size, target, md5, origin, counts, **extra)
     datasets.write_record(target, record)
     return _with_path(record, target)
 

@@ -7,7 +7,9 @@ flips (no random noise) so an evaluation gives the same numbers every time, and 
 the run was trained with, so it never shows the model images off its training distribution
 (a chest X-ray upside down); the views used are written into the metrics JSON. With
 `calibrate`, a temperature is fitted on the validation split and applied to every split;
-ECE/NLL/Brier before and after are recorded.
+ECE/NLL/Brier before and after are recorded (a validation split that cannot pin T down keeps
+T = 1, and the reason is recorded). Each split also gets seeded bootstrap intervals of its
+accuracy and AUC.
 """
 
 from __future__ import annotations
@@ -23,10 +25,11 @@ from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS
 from medcli.run import Run
 from medcli.tasks import EXTRA_METRICS, Task
 
-__all__ = ["evaluate_run", "summary_lines"]
+__all__ = ["BOOTSTRAP", "evaluate_run", "written_files"]
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "nll", "ece", "brier")
 CALIBRATION_METRICS = ("ece", "nll", "brier", "auc")  # recorded before and after temperature scaling
+BOOTSTRAP = {"resamples": 1000, "seed": 0}  # the intervals of accuracy and AUC (`tasks.Task.intervals`)
 
 
 def _flip(dims: tuple[int, ...]):
@@ -111,7 +114,7 @@ def evaluate_run(
         "run_id": run.run_id,
         "checkpoint": checkpoint,
         "checkpoint_epoch": train_stage.get("summary", {}).get(epoch_key),
-        "dataset": {key: data.record.get(key) for key in ("flag", "size", "md5", "official", "synthetic", "path")},
+        "dataset": {key: data.record.get(key) for key in ("flag", "size", "md5", "official", "synthetic", "sample", "path")},
         "task": task.kind,
         "class_names": list(task.names),
         "tta": {"enabled": tta, "views": list(chosen_views)},
@@ -121,18 +124,18 @@ def evaluate_run(
     results, written = {}, []
     with run.stage("evaluate") as st:
         logits = {name: predict(name) for name in chosen}
-        temperature = None
+        fit = None
         if calibrate:
             val_logits = logits["val"] if "val" in logits else predict("val")
-            temperature = task.fit_temperature(val_logits, data.labels["val"])
-            console.info(f"temperature scaling: T = {metrics.temperature_text(temperature)} "
-                         f"(fitted on val, {len(val_logits)} images)")
+            fit = task.fit_temperature(val_logits, data.labels["val"])
+            console.info(f"temperature scaling fitted on val ({len(val_logits)} images): T = "
+                         f"{metrics.temperature_text(fit[0])}" + (f"; skipped (T = 1): {fit[1]}" if fit[1] else ""))
         for name in chosen:
-            result, files = _write_split(run, name, logits[name], data, task, temperature, context, medmnist_csv)
+            result, files = _write_split(run, name, logits[name], data, task, fit, context, medmnist_csv)
             results[name] = result
             written += files
             st.summary[name] = {key: result["metrics"][key] for key in shown_metrics(result)} | {
-                "checkpoint": checkpoint, "tta": tta, "temperature": temperature}
+                "checkpoint": checkpoint, "tta": tta, "temperature": fit and fit[0]}
             st.add(*files, save=False)
         written.append(write_run_report(run))
         st.add(written[-1])
@@ -142,40 +145,49 @@ def evaluate_run(
 
 
 def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits, task: Task,
-                 temperature: float | list[float] | None, context: dict, medmnist_csv: bool) -> tuple[dict, list[Path]]:
-    """Metrics JSON, predictions CSV(s) and the five figures of one split."""
+                 fit: tuple | None, context: dict, medmnist_csv: bool) -> tuple[dict, list[Path]]:
+    """Metrics JSON, predictions CSV(s) and the five figures of one split. `fit`: the
+    temperature fitted on val and why it was skipped, if it was (`Task.fit_temperature`)."""
     labels = data.labels[split]
     names = list(task.names)
     raw = task.probabilities(logits)
-    probs = raw if temperature is None else task.probabilities(logits, temperature)
+    probs = raw if fit is None else task.probabilities(logits, fit[0])
     values = task.metrics(labels, probs)
     bins = task.reliability(labels, probs)
     calibration = None
-    panels = [("uncalibrated" if temperature is None else f"after T = {metrics.temperature_text(temperature)}", bins)]
-    if temperature is not None:
+    panels = [("uncalibrated", bins)]
+    if fit is not None:
+        temperature, skipped = fit
         # One-vs-rest AUC changes with the temperature (the classes' scores are rescaled
         # differently per sample), so it is recorded on both sides with the calibration metrics.
         unscaled = task.metrics(labels, raw)
         before = {key: unscaled[key] for key in CALIBRATION_METRICS}
         after = {key: values[key] for key in CALIBRATION_METRICS}
         calibration = {"method": "temperature scaling", "fitted_on": "val", "temperature": temperature,
-                       "before": before, "after": after}
-        panels.insert(0, ("before", task.reliability(labels, raw)))
-    result = {**context, "split": split, "calibration": calibration, "metrics": values, "reliability": bins}
+                       "skipped": skipped, "before": before, "after": after,
+                       "reliability_before": task.reliability(labels, raw)}
+        if np.all(np.asarray(temperature) == 1.0):  # nothing was scaled: one panel says why
+            panels = [(f"uncalibrated: temperature fit skipped ({skipped})", bins)]
+        else:
+            panels = [("before", calibration["reliability_before"]),
+                      (f"after T = {metrics.temperature_text(temperature)}"
+                       + (f" (T = 1 where skipped: {skipped})" if skipped else ""), bins)]
+    result = {**context, "split": split, "calibration": calibration, "metrics": values,
+              "ci": task.intervals(labels, probs, **BOOTSTRAP), "reliability": bins}
 
-    title = f"{run.run_id} · {split}"
+    title, note = f"{run.run_id} · {split}", datasets.provenance(data.record)
     captions = task.describe(labels, probs)
     files = [
         fileio.write_json(run.metrics_file(split), result),
         *tables.write_predictions(run.predictions_file(split), task, labels, probs),
-        reports.save_task_confusion(run.figure_file("confusion", split), values, names, title),
+        reports.save_task_confusion(run.figure_file("confusion", split), values, names, title, note),
         reports.save_samples(run.figure_file("samples", split), data.images[split], captions,
-                             f"{title}: sample predictions (green right, red wrong)"),
+                             f"{title}: sample predictions (green right, red wrong; confidence in brackets)", note),
         reports.save_mistakes(run.figure_file("mistakes", split), data.images[split], captions,
-                              f"{title}: most confident mistakes"),
-        reports.save_reliability(run.figure_file("reliability", split), panels, f"{title}: reliability"),
+                              f"{title}: most confident mistakes", note),
+        reports.save_reliability(run.figure_file("reliability", split), panels, f"{title}: reliability", note),
         reports.save_roc(run.figure_file("roc", split), tables.roc_curves(task.indicator(labels), probs, names, task.roc_classes()),
-                         f"{title}: ROC and precision-recall"),
+                         f"{title}: ROC and precision-recall", note),
     ]
     if medmnist_csv:
         files.append(_write_medmnist_csv(run, split, probs, values, data.record))
@@ -215,31 +227,48 @@ def write_run_report(run: Run) -> Path:
             evaluations[split] = (json.loads(metrics_file.read_text(encoding="utf-8")), tables.read_predictions(csv)[0])
     history_file = run.history_file()
     history = pd.read_csv(history_file) if history_file.is_file() else None
-    figures = {"ROC": [p for s in evaluations if (p := run.figure_file("roc", s)).is_file()]}
+    figures = {sheet: [p for s in evaluations if (p := run.figure_file(kind, s)).is_file()]
+               for sheet, kind in (("ROC", "roc"), ("reliability", "reliability"))}
     return tables.write_report(run.report_file(), run.data, evaluations, history, figures)
 
 
 def _print_summary(results: dict) -> None:
-    """A Rich table of the main metrics per split on stderr (skipped with --quiet)."""
+    """A Rich table of the main metrics per split on stderr (skipped with --quiet): the data's
+    provenance in the title when it is not the official file, the bootstrap intervals, and
+    the temperature with the metrics before scaling (or why the fit was skipped)."""
     if console.is_quiet():
         return
     from rich.table import Table
 
-    table = Table(title="evaluation", title_justify="left")
+    first = next(iter(results.values()))
+    note = datasets.provenance(first["dataset"])
+    ci = first["ci"]
+    captions = [f"{ci['level']:.0%} CI: {ci['method']} over the images, {ci['resamples']} resamples, seed {ci['seed']}"]
+    table = Table(title="evaluation" + (f" · data: {note}" if note else ""), title_justify="left",
+                  title_style="bold red" if note else None, caption_justify="left")
     table.add_column("metric")
     for split in results:
         table.add_column(split, justify="right")
     rows = [("images", [str(r["metrics"]["n"]) for r in results.values()])]
-    for key in shown_metrics(next(iter(results.values()))):
+    for key in shown_metrics(first):
         rows.append((key, [_format(key, r["metrics"][key]) for r in results.values()]))
+    rows += [(f"{key} {ci['level']:.0%} CI", [_interval(key, r["ci"][key]) for r in results.values()])
+             for key in ("accuracy", "auc")]
     calibrations = [r["calibration"] for r in results.values()]
     if all(calibrations):  # one evaluation calibrates every split or none
         rows.append(("temperature", [metrics.temperature_text(c["temperature"]) for c in calibrations]))
         rows += [(f"{key} before scaling", [_format(key, c["before"][key]) for c in calibrations])
                  for key in ("ece", "nll", "auc")]
+        if first["calibration"]["skipped"]:
+            captions.append(f"temperature fit skipped (T = 1): {first['calibration']['skipped']}")
     for key, cells in rows:
         table.add_row(key, *cells)
+    table.caption = "\n".join(captions)
     console.console().print(table)
+
+
+def _interval(key: str, bounds: list[float] | None) -> str:
+    return "n/a" if bounds is None else f"{_format(key, bounds[0])} - {_format(key, bounds[1])}"
 
 
 def _warn_if_calibration_hurt(results: dict) -> None:
@@ -264,12 +293,7 @@ def _format(key: str, value) -> str:
     return f"{value:.2%}" if key in PERCENT_METRICS else f"{value:.4f}"
 
 
-def summary_lines(result: dict) -> list[str]:
-    """The plain-text result `evaluate` prints on stdout: one line per split, then the files."""
-    lines = []
-    for split, data in result["splits"].items():
-        values = data["metrics"]
-        parts = [f"{key} {_format(key, values[key])}" for key in shown_metrics(data)]
-        lines.append(f"{split}: " + "  ".join(parts))
-    lines += [str(Path(result["run"]) / path) for path in result["files"]]
-    return lines
+def written_files(result: dict) -> list[str]:
+    """The files an evaluation wrote, as absolute paths: what `evaluate` prints on stdout (its
+    summary table went to stderr)."""
+    return [str(Path(result["run"]).resolve() / path) for path in result["files"]]

@@ -5,9 +5,11 @@ the same seed), the maps of one method of `medcli.explainers` and their ROAD fai
 and the files. Output goes under the run's explain directory for the method
 (`Run.explain_dir`): per sample a PNG (original | heat map | overlay), a grid per class, the
 raw maps and an index, all recorded in the manifest's stage for the method
-(`Run.explain_stage`). On synthetic data, whose class evidence lives in a known square
-(`signal_box`), each sample also gets the share of its heat-map mass inside that square: a
-built-in check that the maps point at the evidence.
+(`Run.explain_stage`). A new explanation with a method replaces the earlier one, but one of
+other samples only with `overwrite`: an earlier selection is never lost without a word. On
+synthetic data, whose class evidence lives in a known square (`signal_box`), each sample also
+gets the share of its heat-map mass inside that square: a built-in check that the maps point
+at the evidence.
 
 torch, numpy and matplotlib are imported inside functions: the CLI imports this module for
 its help text, which must stay instant.
@@ -102,6 +104,7 @@ def explain_run(
     device: str = "auto",
     root: str | os.PathLike | None = None,
     faithfulness: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Explain a run's predictions with `method`; returns the index written to index.json.
 
@@ -147,6 +150,9 @@ def explain_run(
         what = "misclassified samples" if only_errors else "samples"
         raise UsageError(f"the {split} split has no {what} to explain; choose another --split"
                          + (" or drop --only-errors" if only_errors else ""))
+    selection = _selection(split, indices, per_class or DEFAULT_PER_CLASS, seed, only_errors)
+    if not overwrite:
+        _refuse_replacing_other_samples(run, method, split, chosen, selection)
     probs = probabilities(chosen)
     preds = task.explained_class(probs)
     truth = task.true_class(labels[chosen], probs) if groups is None else groups
@@ -164,12 +170,12 @@ def explain_run(
                               classes, maps, explainers.box_mass(maps, box) if box else None, scores,
                               label_sets=task.label_sets(labels[chosen]))
         caption = f"{method}{f' · {layer}' if layer else ''}"
-        samples, grids, files = write_figures(out_dir, caption, explained, names)
-        files.append(save_maps(run.maps_file(method), explained, run.dataset))
+        samples, grids, files = write_figures(out_dir, caption, explained, names, datasets.provenance(run.dataset))
+        files.append(save_maps(run.maps_file(method), explained, run.dataset, selection))
         masses = explained.box_mass
         index = {
             "run": run.run_id, "method": method, "split": split, "checkpoint": checkpoint, "target": target,
-            "layer": layer, "seed": seed, "only_errors": only_errors,
+            "layer": layer, "seed": seed, "only_errors": only_errors, "selection": selection,
             **{name: options[name] for name in chosen_method.options},
             "mean_box_mass": _finite(np.nanmean(masses)) if masses is not None and np.isfinite(masses).any() else None,
             "faithfulness": _spread(scores),
@@ -182,12 +188,38 @@ def explain_run(
                           layer=layer, checkpoint=checkpoint, mean_box_mass=index["mean_box_mass"],
                           faithfulness=index["faithfulness"])
     road = index["faithfulness"]
-    console.info(f"{method}{f' on {layer}' if layer else ''}: {len(samples)} {split} samples explained"
+    explained_samples = console.plural(len(samples), f"{split} sample")
+    console.info(f"{method}{f' on {layer}' if layer else ''}: {explained_samples} explained"
                  + (f", mean heat-map share in the evidence box {index['mean_box_mass']:.2f}"
                     if index["mean_box_mass"] is not None else "")
                  + (f", ROAD faithfulness {road['mean']:.3f} +- {road['std']:.3f}" if road else ""))
-    index["dir"] = str(out_dir)
+    index["dir"] = str(out_dir.resolve())
     return index
+
+
+def _selection(split: str, indices, per_class: int, seed: int, only_errors: bool) -> str:
+    """How the samples were chosen, as the options that choose them again."""
+    if indices is not None:
+        return f"--split {split} --indices {','.join(map(str, indices))}"
+    return f"--split {split} --per-class {per_class} --seed {seed}" + (" --only-errors" if only_errors else "")
+
+
+def _refuse_replacing_other_samples(run: Run, method: str, split: str, chosen, selection: str) -> None:
+    """A one-line refusal when the method's earlier explanation holds other samples than
+    `chosen` (explaining the same samples again, with any other option, replaces it freely)."""
+    import json
+
+    try:
+        earlier = json.loads(run.explain_index(method).read_text())
+        earlier_samples = {int(sample["index"]) for sample in earlier["samples"]}
+    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: nothing to keep
+        return
+    if earlier.get("split") == split and earlier_samples == {int(i) for i in chosen}:
+        return
+    what = console.plural(len(earlier_samples), f"{earlier.get('split')} sample")
+    how = earlier.get("selection") or "options not recorded"
+    raise UsageError(f"{run.relative(run.explain_dir(method))} of run {run.run_dir} holds {what} ({how}); "
+                     f"{selection} chooses other samples and would replace them: add --overwrite to do so")
 
 
 @dataclass
@@ -207,9 +239,11 @@ class Explained:
     label_sets: Any = None  # multi-label: every sample's 0/1 labels (`labels` is the one it stands for)
 
 
-def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str]) -> tuple[list[dict], dict, list]:
+def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
+                  note: str | None = None) -> tuple[list[dict], dict, list]:
     """One titled PNG per sample and one grid per true class; returns (index rows, grids,
-    files). `caption`: the method (and layer) named in every title."""
+    files). `caption`: the method (and layer) named in every title; `note`: what the data is
+    when it is not the official file (`datasets.provenance`), under every figure."""
     import numpy as np
 
     from medcli import reports
@@ -231,7 +265,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str]) ->
             true_text = "+".join(names[k] for k in present[row]) or "no finding"
             title = (f"true {true_text} | pred {names[pred]} ({ex.confidence[row]:.2f}) | {caption}"
                      + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None else ""))
-            reports.save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title)
+            reports.save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title, note)
             files.append(out_dir / name)
             samples.append({
                 "index": int(index), "label": label, "label_name": None if label is None else names[label],
@@ -248,7 +282,8 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str]) ->
             grids[names[k]] = f"grid_{ex.split}_{slugs[k]}.png"
             reports.save_class_grid(out_dir / grids[names[k]], f"{caption} · {ex.split} · true class {names[k]}", [
                 (ex.images[row], ex.maps[row],
-                 f"#{ex.indices[row]} pred {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}") for row in rows])
+                 f"#{ex.indices[row]} pred {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}") for row in rows],
+                note)
             files.append(out_dir / grids[names[k]])
             bar.advance(task)
     return samples, grids, files
@@ -288,10 +323,10 @@ def _target_class(target: str, names: Sequence[str]) -> int | None:
                      f"dataset by number 0..{len(names) - 1} or name ({', '.join(brief)})")
 
 
-def save_maps(path, ex: Explained, dataset: dict):
+def save_maps(path, ex: Explained, dataset: dict, selection: str):
     """The raw maps (float16, at the dataset image size) with what they explain, so comparisons
     and re-plots need no model: sample indices, labels, predictions, confidence, targets,
-    faithfulness scores, and the dataset they come from."""
+    faithfulness scores, the dataset they come from and the options that chose the samples."""
     import json
 
     import numpy as np
@@ -302,7 +337,7 @@ def save_maps(path, ex: Explained, dataset: dict):
               "confidence": np.asarray(ex.confidence, dtype=np.float32),
               "targets": np.asarray(ex.targets, dtype=np.int64),
               "meta": np.asarray(json.dumps({"split": ex.split, "flag": dataset.get("flag"), "size": dataset.get("size"),
-                                              "md5": dataset.get("md5")}))}
+                                              "md5": dataset.get("md5"), "selection": selection}))}
     if ex.road is not None:
         arrays["road"] = np.asarray(ex.road, dtype=np.float32)
     with fileio.atomic_path(path) as tmp:

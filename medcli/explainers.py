@@ -53,12 +53,10 @@ MIN_CAM_GRID = 7
 ROAD_PERCENTILES = (20, 40, 60, 80)  # as in grad-cam's ROAD tutorial: 4 removal levels per direction
 ROAD_NAME = "ROAD combined (Rong et al. 2022), softmax of the explained class, percentiles 20/40/60/80"
 LAYER_HELP = (
-    "CAM target layer (a module name; an unknown name lists the valid ones). Default: ViTs "
-    "blocks[-1].norm1; CNNs the deepest stage whose map is at least "
-    f"{MIN_CAM_GRID}x{MIN_CAM_GRID} at the run's input size. For the 28-px ResNet-18 that is "
-    "layer3 (7x7), not layer4 (4x4): on synthetic images whose evidence fills the central "
-    "quarter, layer3's Grad-CAM put 55-57% of its mass there, layer4's only 45-47% (over half "
-    "for 77-83% of the samples vs 0-8%)."
+    "CAM target layer, a module name (an unknown one lists the valid names). Default: the "
+    f"deepest of the model family's CAM stages whose map is at least {MIN_CAM_GRID}x{MIN_CAM_GRID} "
+    "at the run's input size (else the finest one): for 28-px images layer3 of resnet18 (layer2 "
+    "with --reduced), features.denseblock3 of densenet121; for ViTs the last block's norm1."
 )
 
 
@@ -85,11 +83,15 @@ class Method:
     supported_by: str | None = None  # a `models.Family` flag the run's family must have, or None: any model
     options: tuple[str, ...] = ()  # its own options, recorded in the index
 
-    def check_model(self, spec: dict, run_id: str) -> None:
-        """Refuse, in one line, a run whose model family cannot be explained this way."""
+    def supports(self, spec: dict) -> bool:
+        """Whether the model a spec describes can be explained this way (its family record's flag)."""
         from medcli import models
 
-        if self.supported_by and not getattr(models.record(spec["name"]), self.supported_by):
+        return self.supported_by is None or bool(getattr(models.spec_record(spec), self.supported_by))
+
+    def check_model(self, spec: dict, run_id: str) -> None:
+        """Refuse, in one line, a run whose model family cannot be explained this way."""
+        if not self.supports(spec):
             raise UsageError(f"{self.name} needs a model whose family supports it ({self.supported_by}), but run "
                              f"{run_id} is a {spec.get('family', 'unknown')} ({spec.get('name')}); use a CAM method "
                              f"such as --method gradcam")

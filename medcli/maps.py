@@ -1,7 +1,8 @@
 """Comparing explanations across runs, from the maps they stored (no model needed).
 
 `medcli explain` keeps each method's raw maps in `explain/<method>/maps.npz` with the
-sample numbers, labels, predictions and confidence they belong to. Sample choice depends on
+sample numbers, labels, predictions and confidence they belong to, and the options that chose
+those samples. Sample choice depends on
 the dataset, split and seed only, so a CNN run and a ViT run explained with the same seed
 explain the same images. `compare` lines up every explained (run, method) on their common
 samples and measures how much each pair of maps agrees, per sample:
@@ -19,20 +20,29 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from string import ascii_uppercase
 from itertools import combinations
 from pathlib import Path
 from typing import Sequence
 
-from medcli import fileio
+from medcli import console, fileio
 from medcli.errors import UsageError
 from medcli.explainers import METHODS as EXPLAIN_METHODS
-from medcli.names import file_names
+from medcli.names import short_names
 from medcli.run import Run, find_runs
 
 __all__ = ["aggregate_maps", "agreement", "compare", "lines"]
 
 TOP_SHARE = 0.2
-MAX_PER_CLASS = 4  # rows of the comparison figure per true class
+# The comparison figure: one row per true class of up to MAX_PER_CLASS samples, fewer when many
+# maps sit side by side (at most MAX_TILES_PER_ROW images a row); its resolution drops for
+# datasets with many classes so that it stays at most MAX_FIGURE_PX high.
+MAX_PER_CLASS = 4
+MAX_TILES_PER_ROW = 12
+MAX_FIGURE_PX = 2000
+DPI = 110
+TILE_IN, GAP_IN, BLOCK_GAP_IN, LABEL_IN = 0.9, 0.04, 0.22, 1.45  # layout, in inches
+TITLE_IN, LINE_IN, ROW_GAP_IN = 0.2, 0.15, 0.12
 
 
 @dataclass
@@ -118,14 +128,18 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
     _check_comparable(columns)
     common = sorted(set.intersection(*(set(c.data["indices"].tolist()) for c in columns)))
     if not common:
-        raise UsageError("the explained runs share no sample; explain them with the same --split and --seed")
+        chosen = "; ".join(f"{c.label} explained {c.meta.get('selection') or 'samples chosen by an older medcli'}"
+                           for c in columns)
+        raise UsageError(f"the explained runs share no sample ({chosen}); explain them with the same options "
+                         "(add --overwrite to replace an explanation of other samples)")
     rows = {c.label: [int(np.flatnonzero(c.data["indices"] == i)[0]) for i in common] for c in columns}
     labels = columns[0].data["labels"][rows[columns[0].label]]
     names = datasets.class_names(columns[0].meta["flag"])
     out_dir = Path(out_dir)
-    table, pairs = [], []
-    for a, b in combinations(columns, 2):
+    table, pairs, scores = [], [], []
+    for (first, a), (second, b) in combinations(enumerate(columns), 2):
         rho, iou = agreement(a.data["maps"][rows[a.label]], b.data["maps"][rows[b.label]])
+        scores.append((_letter(first) + _letter(second), rho, iou))
         per_class = {names[k]: {"spearman": _mean(rho[labels == k]), "top20_iou": _mean(iou[labels == k]),
                                 "n": int((labels == k).sum())} for k in sorted(set(labels.tolist()))}
         pairs.append({"a": a.label, "b": b.label, "spearman": _mean(rho), "top20_iou": _mean(iou),
@@ -140,25 +154,24 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
     files = [tables.write_table(out_dir / "maps_agreement.csv", table, list(table[0])),
              fileio.write_json(out_dir / "maps_agreement.json", summary)]
     data = Run.open(run_dirs[0]).load_data(root, [summary["split"]])
-    figure_rows = _figure_rows(labels, common)
-    files.append(save_figure(out_dir / "maps_compare.png", columns, rows, common, figure_rows,
-                             data.images[summary["split"]], names))
+    files.append(save_figure(out_dir / "maps_compare.png", columns, rows, common, labels, scores,
+                             data.images[summary["split"]], names, lines(summary)[0]))
     summary["files"] = [str(f) for f in files]
     return summary
 
 
-def _figure_rows(labels, common: list[int]) -> list[int]:
-    """Positions in `common` shown in the figure: the first MAX_PER_CLASS of each class."""
-    chosen = []
-    for k in sorted(set(labels.tolist())):
-        chosen += [i for i in range(len(common)) if labels[i] == k][:MAX_PER_CLASS]
-    return chosen
+def _letter(column: int) -> str:
+    """A, B, ... Z, AA, BB, ...: a column's name in the figure."""
+    return ascii_uppercase[column % 26] * (column // 26 + 1)
 
 
-def save_figure(path, columns: list[Column], rows: dict, common: list[int], shown: list[int], images,
-                names: Sequence[str]) -> Path:
-    """One row per sample: the image, then each column's overlay captioned with its
-    prediction and confidence."""
+def save_figure(path, columns: list[Column], rows: dict, common: list[int], labels, scores: list[tuple], images,
+                names: Sequence[str], title: str) -> Path:
+    """The maps side by side on a compact grid: a row per true class (its first samples), a
+    block per sample (the image, then each column's overlay, titled with its letter,
+    prediction, red when it is not the row's class, and confidence) captioned with every
+    pair's Spearman and IoU (`scores`: (pair letters, rho, iou) over `common`); a legend names
+    the lettered columns."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -166,31 +179,58 @@ def save_figure(path, columns: list[Column], rows: dict, common: list[int], show
 
     from medcli.reports import panels
 
-    slugs = file_names(names)
-    fig, axes = plt.subplots(len(shown), len(columns) + 1, figsize=(1.9 * (len(columns) + 1), 1.9 * len(shown) + 0.6),
-                             squeeze=False, gridspec_kw={"wspace": 0.05, "hspace": 0.35})
-    for r, i in enumerate(shown):
-        sample = common[i]
-        first = rows[columns[0].label][i]
-        image = images[sample]
-        axes[r, 0].imshow(panels(image, columns[0].data["maps"][first].astype("float32"))[0], interpolation="nearest")
-        axes[r, 0].set_title(f"#{sample} true {slugs[int(columns[0].data['labels'][first])]}", fontsize=6)
-        for c, column in enumerate(columns, start=1):
-            row = rows[column.label][i]
-            overlay = panels(image, column.data["maps"][row].astype("float32"))[2]
-            axes[r, c].imshow(overlay, interpolation="nearest")
-            axes[r, c].set_title(f"{slugs[int(column.data['predictions'][row])]} "
-                                 f"{float(column.data['confidence'][row]):.2f}", fontsize=6)
-    for c, column in enumerate(columns, start=1):
-        axes[0, c].annotate(column.label, (0.5, 1.35), xycoords="axes fraction", ha="center", fontsize=6)
-    for ax in axes.flat:
-        ax.axis("off")
+    brief = short_names(names, width=10)  # in captions; rows are labelled with longer names
+    per_class = max(1, min(MAX_PER_CLASS, MAX_TILES_PER_ROW // (len(columns) + 1)))
+    classes = sorted(set(labels.tolist()))
+    block = (len(columns) + 1) * TILE_IN + len(columns) * GAP_IN
+    width = LABEL_IN + per_class * block + (per_class - 1) * BLOCK_GAP_IN + 0.1
+    row_height = TITLE_IN + TILE_IN + len(scores) * LINE_IN + ROW_GAP_IN
+    header = 0.2 + LINE_IN * (len(columns) + 2.5)
+    height = header + len(classes) * row_height
+    fig = plt.figure(figsize=(width, height))
+
+    def place(x: float, y: float, **text) -> None:  # text at (x, y) inches from the top left
+        fig.text(x / width, 1 - y / height, text.pop("s"), **{"fontsize": 7, "va": "top", **text})
+
+    place(0.1, 0.1, s=title, fontsize=8, weight="bold")
+    place(0.1, 0.1 + LINE_IN * 1.2, s=f"Over each map: its column, the predicted class (red: not the row's) and its "
+                                       f"confidence. Under each sample: the Spearman \u03c1 and top-{TOP_SHARE:.0%} IoU "
+                                       "of every two maps.")
+    for c, column in enumerate(columns):
+        place(0.1, 0.1 + LINE_IN * (c + 2.5), s=f"{_letter(c)}   {column.label}")
+    for r, k in enumerate(classes):
+        top = header + r * row_height
+        place(LABEL_IN - 0.1, top + TITLE_IN + TILE_IN / 2, s=short_names(names)[k], ha="right", va="center",
+              fontsize=8)
+        for slot, i in enumerate([i for i in range(len(common)) if labels[i] == k][:per_class]):
+            left = LABEL_IN + slot * (block + BLOCK_GAP_IN)
+            first = rows[columns[0].label][i]
+            tiles = [(f"#{common[i]}", "black",
+                      panels(images[common[i]], columns[0].data["maps"][first].astype("float32"))[0])]
+            for c, column in enumerate(columns):
+                row = rows[column.label][i]
+                predicted = int(column.data["predictions"][row])
+                tiles.append((f"{_letter(c)} {brief[predicted]} {float(column.data['confidence'][row]):.2f}",
+                              "black" if predicted == k else "red",
+                              panels(images[common[i]], column.data["maps"][row].astype("float32"))[2]))
+            for t, (caption, colour, picture) in enumerate(tiles):
+                ax = fig.add_axes([(left + t * (TILE_IN + GAP_IN)) / width, 1 - (top + TITLE_IN + TILE_IN) / height,
+                                   TILE_IN / width, TILE_IN / height])
+                ax.imshow(picture, interpolation="nearest")
+                ax.set_axis_off()
+                ax.set_title(caption, fontsize=6, pad=2, color=colour)
+            place(left, top + TITLE_IN + TILE_IN + 0.03, s="\n".join(
+                f"{pair}  \u03c1 {_text(rho[i])}  IoU {_text(iou[i])}" for pair, rho, iou in scores))
     try:
         with fileio.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=110, bbox_inches="tight")
+            fig.savefig(tmp, dpi=min(DPI, MAX_FIGURE_PX / height))
     finally:
         plt.close(fig)
     return Path(path)
+
+
+def _text(value) -> str:
+    return "n/a" if _round(value) is None else f"{float(value):.2f}"
 
 
 def _mean(values) -> float | None:
@@ -219,7 +259,7 @@ def aggregate_maps(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
 
 def lines(summary: dict) -> list[str]:
     """Human-readable agreement lines for the terminal."""
-    out = [f"{summary['samples']} common {summary['split']} samples of {summary['dataset']}"]
+    out = [f"{console.plural(summary['samples'], 'common ' + summary['split'] + ' sample')} of {summary['dataset']}"]
     for pair in summary["pairs"]:
         out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {pair['spearman']}, top-20% IoU {pair['top20_iou']}")
         out += [f"    {name}: {v['spearman']} / {v['top20_iou']} (n={v['n']})" for name, v in pair["per_class"].items()]

@@ -18,9 +18,11 @@ from typing import Sequence
 import numpy as np
 
 __all__ = [
-    "above_threshold", "binary_nll", "binary_rates", "classification_metrics", "confusion_counts", "fit_label_temperatures",
-    "fit_temperature", "label_matrix_metrics", "nll", "ordinal_scores", "per_label", "reliability", "sigmoid", "softmax",
-    "temperature_text", "top_label", "THRESHOLD",
+    "above_threshold", "binary_nll", "binary_rates", "bootstrap_intervals", "classification_metrics", "confusion_counts",
+    "fit_label_temperatures",
+    "fit_temperature", "label_matrix_metrics", "mcnemar_exact", "mean_difference", "nll", "ordinal_scores",
+    "paired_bootstrap_auc", "per_label", "reliability", "sigmoid", "softmax",
+    "temperature_text", "top_label", "BOOTSTRAP_CHUNK", "ONE_SIDED", "SEPARATED", "THRESHOLD",
 ]
 
 
@@ -309,42 +311,120 @@ def confusion_counts(labels: np.ndarray, preds: np.ndarray, n_classes: int) -> n
     return cm
 
 
-TEMPERATURE_RANGE = (0.05, 20.0)
+BOOTSTRAP_CHUNK = 20  # resamples scored at once: a few (chunk, N) arrays, small enough to stay in cache
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017);
-    `fit_label_temperatures` fits one per label of sigmoid outputs. Either way each class's or
-    label's ranking (its AUC) is unchanged, as is the argmax.
+def bootstrap_intervals(correct: np.ndarray, positive: np.ndarray, scores: np.ndarray, resamples: int, seed: int,
+                        level: float = 0.95) -> dict:
+    """Percentile-bootstrap confidence intervals of accuracy and AUC over a split's images.
 
-    A bounded 1-D search over log T within TEMPERATURE_RANGE (0.05 to 20): the NLL is smooth
-    and unimodal in log T, so this is deterministic, needs no torch and no learning rate, and
-    keeps T away from degenerate values. T > 1 softens an over-confident model.
+    `correct` (N,): each image's share of right decisions (their mean is the accuracy);
+    `positive` (N, K) booleans and `scores` (N, K): the columns whose one-vs-rest AUCs average
+    into the AUC (`tasks.Task.intervals` passes its task's). Each of `resamples` resamples
+    draws N images with replacement (numpy's generator seeded with `seed`), kept as counts
+    per image: accuracy is then a weighted mean, and AUC the weighted Mann-Whitney statistic
+    over scores sorted once, ties counting one half, with no sort per resample. A resample in
+    which a column lacks positives or negatives has no AUC and is left out; the AUC interval
+    is None where the whole split lacks them.
+    """
+    correct = np.asarray(correct, dtype=np.float64)
+    positive, scores = np.asarray(positive, dtype=bool), np.asarray(scores, dtype=np.float64)
+    n = correct.size
+    columns = [_score_order(positive[:, k], scores[:, k]) for k in range(positive.shape[1])]
+    has_auc = n > 0 and bool(columns) and all(0 < column[1].size < n for column in columns)
+    accuracy, auc = [], []
+    for weights in _resample_weights(n, resamples, seed):
+        accuracy.append(weights @ correct / n)
+        if has_auc:
+            auc.append(np.mean([_weighted_auc(weights, *column) for column in columns], axis=0))
+    tail = 50.0 * (1.0 - level)
 
-    A validation split that cannot pin T down gets T = 1 (logits unchanged): one whose
-    labels are all on the right side of the decision (perfectly separated, common on a
-    78-image split) has its NLL falling all the way to T -> 0, and a multi-label label with
-    no positive (or no negative) validation image says nothing about its ranking. The search
-    would stop at the bound 0.05 and multiply the test logits by 20.
+    def interval(values: list) -> list[float] | None:
+        values = np.concatenate(values) if values else np.empty(0)
+        values = values[np.isfinite(values)]
+        return np.percentile(values, [tail, 100.0 - tail]).tolist() if values.size else None
+
+    return {"method": "percentile bootstrap", "level": level, "resamples": resamples, "seed": seed,
+            "accuracy": interval(accuracy), "auc": interval(auc)}
+
+
+def _score_order(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, ...]:
+    """One column prepared for `_weighted_auc`: its negatives and its positives (image indices)
+    in score order, and for each positive how many negatives score below it (`lo`) and not
+    above it (`hi`)."""
+    order = np.argsort(score, kind="stable")
+    ranked, is_positive = score[order], positive[order]
+    negative_scores, positive_scores = ranked[~is_positive], ranked[is_positive]
+    return (order[~is_positive], order[is_positive], np.searchsorted(negative_scores, positive_scores, side="left"),
+            np.searchsorted(negative_scores, positive_scores, side="right"))
+
+
+def _weighted_auc(weights: np.ndarray, negatives: np.ndarray, positives: np.ndarray, lo: np.ndarray,
+                  hi: np.ndarray) -> np.ndarray:
+    """ROC-AUC per row of `weights` (B, N) (each image counted that many times): the weighted
+    share of positive-negative pairs ordered right, ties one half; NaN for a row without a
+    positive or a negative. One running sum over the negatives in score order (`_score_order`)
+    gives each positive the weight of the negatives below it: integer counts keep it exact."""
+    below = np.zeros((weights.shape[0], negatives.size + 1), dtype=weights.dtype)
+    np.cumsum(weights[:, negatives], axis=1, out=below[:, 1:])
+    pos = weights[:, positives]
+    pairs = np.einsum("bn,bn->b", pos, below[:, lo] + below[:, hi], dtype=np.float64) / 2  # a tie counts one half
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return pairs / (pos.sum(axis=1, dtype=np.float64) * below[:, -1])
+
+
+TEMPERATURE_SPAN = 1e3  # T is searched within scale / 1000 .. scale * 1000 (scale: the logits' RMS)
+SEPARATED = "validation split perfectly separated"
+ONE_SIDED = "validation images all positive or all negative"
+AT_BOUND = "no optimum inside the search range"
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str | None]:
+    """(T, None) with T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017), or
+    (1.0, reason) where the validation split cannot pin T down; `fit_label_temperatures` fits
+    one per label of sigmoid outputs. Either way each class's or label's ranking (its AUC) is
+    unchanged, as is the argmax. T > 1 softens an over-confident model.
+
+    A bounded 1-D search over log T around the logits' own scale (TEMPERATURE_SPAN either
+    side), so fitting 100 x the logits gives 100 x the temperature: the NLL is smooth and
+    unimodal in log T, so this is deterministic and needs no torch and no learning rate.
+
+    A perfectly separated split (every validation image's true class strictly above every
+    other class, common on a 78-image split) has its NLL falling all the way to T -> 0: the
+    search would stop wherever the NLL underflows to 0 (a "fitted" NLL of -0.0 and an ECE of
+    0) and sharpen the test logits by that factor. It is detected directly, whatever the
+    logits' scale, and keeps T = 1. Any other split has an image whose true class is not
+    above the rest, so p_true <= 1/2 for it at every T and the fitted NLL is at least
+    log 2 / N, never ~0. An optimum at the edge of the search range is not trusted either.
     """
     labels, logits = _fit_inputs(logits, labels)
     labels = labels.reshape(-1)
     rows = np.arange(labels.size)
-    return _fit_log_temperature(lambda log_t: float(-log_softmax(logits, np.exp(log_t))[rows, labels].mean()))
+    others = np.where(np.arange(logits.shape[1]) == labels[:, None], -np.inf, logits)
+    if (logits[rows, labels] > others.max(axis=1)).all():
+        return 1.0, SEPARATED
+    return _fit_log_temperature(lambda log_t: float(-log_softmax(logits, np.exp(log_t))[rows, labels].mean()),
+                                logits - logits.mean(axis=1, keepdims=True))
 
 
-def fit_label_temperatures(logits: np.ndarray, labels: np.ndarray) -> list[float]:
+def fit_label_temperatures(logits: np.ndarray, labels: np.ndarray) -> tuple[list[float], list[str | None]]:
     """One temperature per label of (N, labels) sigmoid logits, each minimising that label's
     binary cross-entropy of sigmoid(logit / T): labels are separate yes/no decisions, over- or
-    under-confident to different degrees. A label whose validation images are all positive or
-    all negative says nothing about its ranking: T = 1 (see `fit_temperature`)."""
+    under-confident to different degrees. Returns (temperatures, reasons): a label whose
+    validation images are all positive or all negative says nothing about its ranking, and
+    one whose images all lie on the right side of 0 is separated (see `fit_temperature`);
+    either keeps T = 1 with its reason."""
     labels, logits = _fit_inputs(logits, labels)
+    fits = [_fit_label(logits[:, k], labels[:, k]) for k in range(logits.shape[1])]
+    return [t for t, _ in fits], [reason for _, reason in fits]
 
-    def label_objective(k: int):
-        return lambda log_t: float((np.logaddexp(0.0, z := logits[:, k] / np.exp(log_t)) - labels[:, k] * z).mean())
 
-    return [_fit_log_temperature(label_objective(k)) if 0 < labels[:, k].sum() < labels.shape[0] else 1.0
-            for k in range(logits.shape[1])]
+def _fit_label(z: np.ndarray, y: np.ndarray) -> tuple[float, str | None]:
+    if y.all() or not y.any():
+        return 1.0, ONE_SIDED
+    if ((2 * y - 1) * z > 0).all():
+        return 1.0, SEPARATED
+    return _fit_log_temperature(lambda log_t: float((np.logaddexp(0.0, s := z / np.exp(log_t)) - y * s).mean()), z)
 
 
 def _fit_inputs(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -354,13 +434,16 @@ def _fit_inputs(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.
     return labels, np.asarray(logits, dtype=np.float64)
 
 
-def _fit_log_temperature(objective) -> float:
+def _fit_log_temperature(objective, centred: np.ndarray) -> tuple[float, str | None]:
+    """Minimise `objective(log T)` within TEMPERATURE_SPAN of the scale (RMS) of the `centred` logits."""
     from scipy.optimize import minimize_scalar
 
-    lower = np.log(TEMPERATURE_RANGE[0])
-    found = minimize_scalar(objective, bounds=(lower, np.log(TEMPERATURE_RANGE[1])), method="bounded",
-                            options={"xatol": 1e-6})
-    return 1.0 if found.x < lower + 1e-3 else float(np.exp(found.x))  # at the bound: T not identified
+    scale = float(np.sqrt(np.mean(centred ** 2)))
+    lower, upper = (np.log(scale or 1.0) + side * np.log(TEMPERATURE_SPAN) for side in (-1, 1))
+    found = minimize_scalar(objective, bounds=(lower, upper), method="bounded", options={"xatol": 1e-6})
+    if min(found.x - lower, upper - found.x) < 1e-3:
+        return 1.0, AT_BOUND
+    return float(np.exp(found.x)), None
 
 
 def temperature_text(temperature: float | Sequence[float]) -> str:
@@ -368,3 +451,89 @@ def temperature_text(temperature: float | Sequence[float]) -> str:
     if np.ndim(temperature) == 0:
         return f"{temperature:.3f}"
     return f"{min(temperature):.3f}-{max(temperature):.3f} ({len(temperature)} labels)"
+
+
+# -- two classifiers on the same images (`aggregate`'s paired tests) ----------------------------
+def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict:
+    """McNemar's exact test of two classifiers' accuracy on the same images.
+
+    `correct_a`, `correct_b` (N,): whether each image is decided right. Only the discordant
+    images count: `only_a` right by A alone, `only_b` by B alone; under equal accuracy
+    only_a ~ Binomial(only_a + only_b, 1/2), and the p-value is scipy's two-sided exact
+    binomial test (1.0 when no image is discordant).
+    """
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(correct_a, dtype=bool).reshape(-1), np.asarray(correct_b, dtype=bool).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"both classifiers must be scored on the same images; got {a.size} and {b.size}")
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    p_value = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
+    return {"test": "McNemar exact", "n": int(a.size), "accuracy_a": float(a.mean()) if a.size else None,
+            "accuracy_b": float(b.mean()) if b.size else None, "only_a": only_a, "only_b": only_b,
+            "p_value": float(p_value)}
+
+
+def paired_bootstrap_auc(positive: np.ndarray, scores_a: np.ndarray, scores_b: np.ndarray, resamples: int, seed: int,
+                         level: float = 0.95) -> dict:
+    """Paired bootstrap of the AUC difference A - B on the same images.
+
+    `positive` (N, K) and `scores_a`, `scores_b` (N, K): the columns whose one-vs-rest AUCs
+    average into the task's AUC (as in `bootstrap_intervals`). Each resample draws N images
+    with replacement (seeded) and scores both classifiers on that same draw, so what the
+    images share cancels out. Returns both AUCs and their difference on all images, the
+    percentile interval of the difference, and the two-sided p-value 2 x min(share of
+    resampled differences <= 0, share >= 0), capped at 1. Resamples in which a column lacks
+    positives or negatives are left out (`used` counts the rest).
+    """
+    positive = np.asarray(positive, dtype=bool)
+    n = positive.shape[0]
+    columns = [[_score_order(positive[:, k], np.asarray(s, dtype=np.float64)[:, k]) for k in range(positive.shape[1])]
+               for s in (scores_a, scores_b)]
+
+    def auc(weights: np.ndarray, model: int) -> np.ndarray:
+        return np.mean([_weighted_auc(weights, *column) for column in columns[model]], axis=0)
+
+    everything = np.ones((1, n))
+    auc_a, auc_b = float(auc(everything, 0)[0]), float(auc(everything, 1)[0])
+    base = {"test": "paired bootstrap", "resamples": resamples, "seed": seed, "level": level,
+            "auc_a": auc_a if np.isfinite(auc_a) else None, "auc_b": auc_b if np.isfinite(auc_b) else None}
+    if not (np.isfinite(auc_a) and np.isfinite(auc_b)):
+        return {**base, "difference": None, "interval": None, "p_value": None, "used": 0}
+    differences = np.concatenate([auc(w, 0) - auc(w, 1) for w in _resample_weights(n, resamples, seed)])
+    differences = differences[np.isfinite(differences)]
+    tail = 50.0 * (1.0 - level)
+    p_value = min(1.0, 2.0 * min((differences <= 0).mean(), (differences >= 0).mean())) if differences.size else None
+    return {**base, "difference": auc_a - auc_b, "used": int(differences.size),
+            "interval": np.percentile(differences, [tail, 100.0 - tail]).tolist() if differences.size else None,
+            "p_value": p_value}
+
+
+def _resample_weights(n: int, resamples: int, seed: int):
+    """Bootstrap resamples of n images as counts per image, BOOTSTRAP_CHUNK rows (resamples) at a
+    time: numpy's generator seeded with `seed` draws n images with replacement per row."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, resamples if n else 0, BOOTSTRAP_CHUNK):
+        chunk = min(BOOTSTRAP_CHUNK, resamples - start)
+        draws = rng.integers(0, n, size=(chunk, n)) + n * np.arange(chunk)[:, None]
+        yield np.bincount(draws.reshape(-1), minlength=chunk * n).reshape(chunk, n).astype(np.int32)
+
+
+def mean_difference(differences: Sequence[float], level: float = 0.95) -> dict:
+    """Mean of paired differences (A - B, one per seed) with its Student-t interval and the
+    paired t-test's two-sided p-value (n - 1 degrees of freedom; needs n >= 2). Differences
+    that do not vary give a zero-width interval, and p 1.0 (mean 0) or 0.0."""
+    from scipy import stats
+
+    d = np.asarray(differences, dtype=np.float64).reshape(-1)
+    if d.size < 2:
+        raise ValueError("a t-interval needs at least two paired differences")
+    mean, std = float(d.mean()), float(d.std(ddof=1))
+    error = std / np.sqrt(d.size)
+    if error == 0:
+        half, p_value = 0.0, 1.0 if mean == 0 else 0.0
+    else:
+        half = float(stats.t.ppf(0.5 + level / 2, d.size - 1) * error)
+        p_value = float(2 * stats.t.sf(abs(mean) / error, d.size - 1))
+    return {"test": "paired t", "n": int(d.size), "mean": mean, "std": std, "level": level,
+            "interval": [mean - half, mean + half], "p_value": p_value}

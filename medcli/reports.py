@@ -11,6 +11,7 @@ Tables and workbooks live in `medcli.tables`.
 from __future__ import annotations
 
 import os
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -19,11 +20,12 @@ import numpy as np
 from medcli import fileio
 from medcli.errors import UsageError
 from medcli.names import short_names
+from medcli.datasets import provenance
 from medcli.tables import read_predictions
 
 __all__ = [
-    "panels", "plot_confusion", "save_class_grid", "save_curves", "save_figure", "save_mistakes", "save_reliability",
-    "save_roc", "save_sample_figure", "save_samples", "save_task_confusion",
+    "DISPLAY_PX", "MAP_CMAP", "TITLE_PX", "panels", "plot_confusion", "save_class_grid", "save_curves", "save_figure",
+    "save_mistakes", "save_reliability", "save_roc", "save_sample_figure", "save_samples", "save_task_confusion",
 ]
 
 _DPI = 130
@@ -39,6 +41,21 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     with fileio.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=_DPI)
     return Path(path)
+
+
+def _finish(fig, path, title: str, note: str | None) -> Path:
+    """Title a figure, add a red footer naming data that is not the official MedMNIST file
+    (`datasets.provenance`), and save it."""
+    fig.suptitle(title)
+    if note:
+        fig.supxlabel(f"data: {note}", color="tab:red", fontsize=9)
+    return save_figure(fig, path)
+
+
+def _wrapped(names: Sequence[str], width: int = 16) -> list[str]:
+    """Class names for axis ticks and legends: shortened (`short_names`) but never cut, wrapped
+    onto lines of about `width` characters."""
+    return ["\n".join(textwrap.wrap(name, width)) for name in short_names(names, width=60)]
 
 
 def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) -> None:
@@ -65,16 +82,16 @@ def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) ->
         for j in range(n):
             ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=fontsize,
                     color="white" if values[i, j] > threshold else "black")
-    axis_names = short_names(names)
-    ax.set_xticks(range(n), axis_names, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(n), axis_names)
+    # slanted names on few long lines (more lines would run into the next name), upright on short ones
+    ax.set_xticks(range(n), _wrapped(names, width=28), rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
+    ax.set_yticks(range(n), _wrapped(names), fontsize=8)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title("row-normalised (recall on the diagonal)" if normalize else "counts")
 
 
 def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str], title: str,
-                   panels: Sequence[bool] = (False, True)) -> Path:
+                   panels: Sequence[bool] = (False, True), note: str | None = None) -> Path:
     """A confusion-matrix figure with one panel per entry of `panels` (False = counts,
     True = row-normalised); evaluate draws both side by side."""
     from matplotlib.figure import Figure
@@ -84,12 +101,11 @@ def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str]
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, normalize in zip(axes, panels):
         draw_confusion(ax, cm, names, normalize)
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    return _finish(fig, path, title, note)
 
 
 def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequence[bool], title: str,
-                columns: int = 8) -> Path:
+                note: str | None, empty: str = "nothing to show", columns: int = 8) -> Path:
     """Thumbnails with a caption each; a green frame marks a right prediction, red a wrong one.
 
     The tiles are composed into one mosaic array drawn on a single axes: one image instead of
@@ -119,35 +135,38 @@ def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequen
         ax.text(left + cell_w / 2, top + cell_h + 0.5, caption, ha="center", va="top", fontsize=6.5, color=colour)
     ax.imshow(mosaic, interpolation="nearest")
     if n == 0:
-        ax.text(0.5, 0.5, "nothing to show", ha="center", va="center", transform=ax.transAxes)
-    fig.suptitle(title)
-    return save_figure(fig, path)
+        ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
+    return _finish(fig, path, title, note)
 
 
 Captions = tuple  # (true texts, predicted texts, right or wrong, confidence): tasks.Task.describe
 
 
-def save_samples(path, images: np.ndarray, captions: Captions, title: str, count: int = 32) -> Path:
+def save_samples(path, images: np.ndarray, captions: Captions, title: str, note: str | None = None,
+                 count: int = 32) -> Path:
     """A representative grid: `count` samples evenly spaced over the split (deterministic),
-    captioned true / predicted, framed green (right) or red (wrong)."""
-    truth, predicted, right, _ = captions
+    captioned true / predicted with the prediction's confidence, framed green (right) or red
+    (wrong)."""
+    truth, predicted, right, confidence = captions
     picks = np.unique(np.linspace(0, len(truth) - 1, num=min(count, len(truth))).round().astype(int))
-    texts = [f"T: {truth[i]}\nP: {predicted[i]}" for i in picks]
-    return _image_grid(path, images[picks], texts, [right[i] for i in picks], title)
+    texts = [f"T: {truth[i]}\nP: {predicted[i]} ({confidence[i]:.0%})" for i in picks]
+    return _image_grid(path, images[picks], texts, [right[i] for i in picks], title, note)
 
 
-def save_mistakes(path, images: np.ndarray, captions: Captions, title: str, count: int = 16) -> Path:
+def save_mistakes(path, images: np.ndarray, captions: Captions, title: str, note: str | None = None,
+                  count: int = 16) -> Path:
     """The `count` wrong predictions the model was most sure of: where to look for label noise
-    or a systematic confusion."""
+    or a systematic confusion. Without any, the figure says so."""
     truth, predicted, right, confidence = captions
     wrong = np.flatnonzero(~np.asarray(right, dtype=bool))
     worst = wrong[np.argsort(-np.asarray(confidence)[wrong], kind="stable")][:count]
     texts = [f"#{i} T: {truth[i]}\nP: {predicted[i]} ({confidence[i]:.0%})" for i in worst]
-    return _image_grid(path, images[worst], texts, [False] * len(worst), title)
+    return _image_grid(path, images[worst], texts, [False] * len(worst), title, note,
+                       empty=f"no mistakes: all {len(truth)} predictions are right")
 
 
 def save_label_confusions(path, matrices: Sequence, names: Sequence[str], title: str, normalize: bool = False,
-                          columns: int = 5) -> Path:
+                          note: str | None = None, columns: int = 5) -> Path:
     """One 2x2 matrix per label of a multi-label task (rows = true absent/present), in a grid."""
     from matplotlib.figure import Figure
 
@@ -156,50 +175,54 @@ def save_label_confusions(path, matrices: Sequence, names: Sequence[str], title:
     rows = max(1, -(-n // cols))
     fig = Figure(figsize=(3.2 * cols, 2.9 * rows + 0.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
-    for ax, name, cm in zip(axes, short_names(names, width=22), matrices):
+    for ax, name, cm in zip(axes, _wrapped(names, width=28), matrices):
         draw_confusion(ax, np.asarray(cm), ["absent", "present"], normalize)
         ax.set_title(name, fontsize=9)
     for ax in axes[n:]:
         ax.set_axis_off()
-    fig.suptitle(f"{title}{' (row-normalised)' if normalize else ''}")
-    return save_figure(fig, path)
+    return _finish(fig, path, f"{title}{' (row-normalised)' if normalize else ''}", note)
 
 
-def save_task_confusion(path, values: dict, names: Sequence[str], title: str) -> Path:
+def save_task_confusion(path, values: dict, names: Sequence[str], title: str, note: str | None = None) -> Path:
     """Evaluate's confusion figure from a split's metrics: the class confusion matrix, or for a
     multi-label task one 2x2 matrix per label."""
     if "label_confusion" in values:
-        return save_label_confusions(path, values["label_confusion"], names, title)
-    return save_confusion(path, np.asarray(values["confusion_matrix"]), names, title)
+        return save_label_confusions(path, values["label_confusion"], names, title, note=note)
+    return save_confusion(path, np.asarray(values["confusion_matrix"]), names, title, note=note)
 
 
-def save_roc(path, curves: Sequence[dict], title: str) -> Path:
-    """ROC curves (left) and precision-recall curves (right), one line per class or label."""
+def save_roc(path, curves: Sequence[dict], title: str, note: str | None = None) -> Path:
+    """ROC curves (left) and precision-recall curves (right), one line per class or label
+    (`tables.roc_curves`), each legend giving the class's AUC or average precision (AP); the
+    precision-recall title gives the macro average of the APs."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 5), layout="constrained")
     roc_ax, pr_ax = fig.subplots(1, 2)
-    for curve, name in zip(curves, short_names([c["name"] for c in curves], width=22)):
+    for curve, name in zip(curves, _wrapped([c["name"] for c in curves], width=30)):
         roc_ax.plot(curve["fpr"], curve["tpr"], lw=1.2, label=f"{name} (AUC {curve['auc']:.3f})")
-        pr_ax.plot(curve["recall"], curve["precision"], lw=1.2, label=name)
+        pr_ax.plot(curve["recall"], curve["precision"], lw=1.2, drawstyle="steps-post",
+                   label=f"{name} (AP {curve['ap']:.3f})")
     roc_ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
-    pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall", xlim=(0, 1), ylim=(0, 1.01))
+    macro_ap = f" (macro AP {np.mean([c['ap'] for c in curves]):.3f})" if curves else ""
+    pr_ax.set(xlabel="recall", ylabel="precision", title=f"precision-recall{macro_ap}", xlim=(0, 1), ylim=(0, 1.01))
     if curves:
         roc_ax.legend(fontsize=7, loc="lower right")
+        pr_ax.legend(fontsize=7, loc="lower left")
     else:
         roc_ax.text(0.5, 0.5, "no class has both positives and negatives", ha="center", va="center")
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    return _finish(fig, path, title, note)
 
 
-def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str) -> Path:
-    """Reliability diagram(s) from `Task.reliability` bins: accuracy per confidence bin
-    against the diagonal, the gap shaded, and the share of samples per bin underneath.
-    Several panels (e.g. before / after temperature scaling) sit side by side."""
+def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str, note: str | None = None) -> Path:
+    """Reliability diagram(s) from `Task.reliability` bins: accuracy per confidence bin (solid
+    bars) against the diagonal, the gap to the bin's mean confidence as a hatched outline drawn
+    over them without hiding them, and the share of samples per bin underneath. Several
+    panels (e.g. before / after temperature scaling) sit side by side."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.6 * len(panels), 5.4), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(panels) + 1.8, 5.4), layout="constrained")
     axes = fig.subplots(2, len(panels), squeeze=False, sharex=True, height_ratios=[3, 1])
     for column, (name, bins) in enumerate(panels):
         top, bottom = axes[0][column], axes[1][column]
@@ -210,26 +233,28 @@ def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str) -> Pa
         acc = np.array([bins["accuracy"][i] for i in filled])
         conf = np.array([bins["confidence"][i] for i in filled])
         top.bar(centres[filled], acc, width=width, edgecolor="black", color="tab:blue", label="accuracy")
-        top.bar(centres[filled], conf - acc, bottom=acc, width=width, color="tab:red", alpha=0.3,
-                hatch="//", edgecolor="tab:red", label="gap to confidence")
+        top.bar(centres[filled], conf - acc, bottom=acc, width=width, fill=False, hatch="///", edgecolor="tab:red",
+                linewidth=0.8, label="gap to mean confidence")
         top.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
         top.set_xlim(0, 1)
         top.set_ylim(0, 1)
         top.set_ylabel("accuracy")
-        top.set_title(f"{name}: ECE {bins['ece']:.2%}")
-        top.legend(loc="upper left", fontsize=8)
+        top.set_title(textwrap.fill(f"{name}: ECE {bins['ece']:.2%}", 50), fontsize=10)
         share = np.asarray(bins["count"], dtype=float) / max(sum(bins["count"]), 1)
         bottom.bar(centres, share, width=width, color="gray", edgecolor="black")
         bottom.set_xlabel(f"confidence ({bins['confidence_of']})")
         bottom.set_ylabel("share")
-    fig.suptitle(title)
-    return save_figure(fig, path)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # beside the bars, hiding none
+    return _finish(fig, path, title, note)
 
 
-def save_curves(path, history: Sequence[dict], monitor: str) -> Path:
+def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int) -> Path:
     """Training curves: loss, accuracy (with validation macro F1 and AUC) and learning rate
-    per epoch (train's `history`); the title names the monitored metric."""
+    per epoch (train's `history`) on integer epoch ticks, the best epoch (best.pt) marked,
+    titled with the model, data and run of `manifest` and the monitored metric, and the data's
+    `provenance` as a footer."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
     fig = Figure(figsize=(13, 3.6), layout="constrained")
@@ -246,11 +271,15 @@ def save_curves(path, history: Sequence[dict], monitor: str) -> Path:
     axes[2].set_title("learning rate (last step of epoch)")
     for ax in axes:
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].legend()
-    axes[1].legend()
-    fig.suptitle(f"monitor: val {monitor}")
-    return save_figure(fig, path)
+        ax.axvline(best_epoch, color="black", ls="-.", lw=1.0, label=f"best epoch ({best_epoch})")
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    config, data = manifest["config"], manifest["dataset"]
+    title = (f"{config['model']} · {data['flag']} {data['size']} px · run {manifest['run_id']}\n"
+             f"best val {config['monitor']}: epoch {best_epoch}")
+    return _finish(fig, path, title, provenance(data))
 
 
 
@@ -277,12 +306,15 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
     if target.is_dir():
         run = Run.open(target)  # a directory must be a readable run (one-line refusal otherwise)
         csv = run.predictions_file(split)
+        if not csv.is_file():
+            raise UsageError(f"run {run.run_dir} has no {run.relative(csv)}; write it with "
+                             f"'medcli evaluate {run.run_dir} --split {split}'")
         default_out = run.figure_file(f"confusion_{split}{suffix}")
-        title = f"{run.run_id} · {split}"
+        title, note = f"{run.run_id} · {split}", provenance(run.dataset)
     else:
         csv = target
         default_out = target.with_name(f"confusion_{target.stem}{suffix}.png")
-        title = target.name
+        title, note = target.name, None
     frame, task = read_predictions(csv)
     destination = Path(out) if out else default_out
     if destination.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
@@ -290,9 +322,10 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
     values = task.confusion(*task.csv_decisions(frame))
     names = list(task.names)
     if "label_confusion" in values:
-        return save_label_confusions(destination, values["label_confusion"], names, title, normalize=bool(normalize))
+        return save_label_confusions(destination, values["label_confusion"], names, title, normalize=bool(normalize),
+                                     note=note)
     panels = (False, True) if normalize is None else (normalize,)
-    return save_confusion(destination, np.asarray(values["confusion_matrix"]), names, title, panels)
+    return save_confusion(destination, np.asarray(values["confusion_matrix"]), names, title, panels, note)
 
 
 # ---------------------------------------------------------------------------------------
@@ -301,6 +334,10 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
 DISPLAY_PX = 224  # per-sample panels are upsampled (nearest) to at least this many pixels
 GAP_PX = 4
 TITLE_PX = 18
+BAR_PX = 12  # the colour bar beside a sample figure
+MAP_CMAP = "inferno"  # perceptually uniform (unlike jet), dark where a map is low, bright where high
+OVERLAY_WEIGHT = 0.5  # the coloured map's share of an overlay, the image keeps the rest
+
 
 def _as_rgb01(image):
     """uint8 (H, W, C) with 1 or 3 channels -> float32 (H, W, 3) in [0, 1]."""
@@ -308,56 +345,82 @@ def _as_rgb01(image):
     return np.repeat(rgb, 3, axis=2) if rgb.shape[2] == 1 else rgb
 
 
+def _coloured(values) -> np.ndarray:
+    """Map values in [0, 1] -> float (..., 3) RGB in MAP_CMAP."""
+    from matplotlib import colormaps
+
+    return colormaps[MAP_CMAP](np.clip(values, 0.0, 1.0))[..., :3].astype(np.float32)
+
+
+def _uint8(rgb01) -> np.ndarray:
+    return (rgb01 * 255).round().astype(np.uint8)
+
+
 def panels(image, heat) -> tuple:
-    """(original, heat map, overlay) as uint8 RGB at the image's size; grad-cam's colouring."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
-
+    """(original, heat map, overlay) as uint8 RGB at the image's size: the map coloured with
+    MAP_CMAP, and blended with the image (OVERLAY_WEIGHT) for the overlay."""
     rgb = _as_rgb01(image)
-    return ((rgb * 255).round().astype(np.uint8), show_cam_on_image(rgb, heat, use_rgb=True, image_weight=0.0),
-            show_cam_on_image(rgb, heat, use_rgb=True, image_weight=0.5))
+    heat_rgb = _coloured(heat)
+    return _uint8(rgb), _uint8(heat_rgb), _uint8((1 - OVERLAY_WEIGHT) * rgb + OVERLAY_WEIGHT * heat_rgb)
 
 
-def save_sample_figure(path, image, heat, title: str) -> None:
-    """original | heat map | overlay side by side, upsampled (nearest) for visibility, under a
-    one-line title (true and predicted class, confidence, method, layer)."""
+def save_sample_figure(path, image, heat, title: str, note: str | None = None) -> Path:
+    """original | heat map | overlay side by side, upsampled (nearest) for visibility, with a
+    colour bar (map value 0 to 1), under a one-line title (true and predicted class,
+    confidence, method, layer); `note` (`datasets.provenance`) goes underneath in red."""
     from PIL import Image, ImageDraw
 
     parts = panels(image, heat)
     scale = max(1, -(-DISPLAY_PX // max(image.shape[:2])))
     big = [part.repeat(scale, axis=0).repeat(scale, axis=1) for part in parts]
-    gap = np.full((big[0].shape[0], GAP_PX, 3), 255, dtype=np.uint8)
-    body = np.concatenate([big[0], gap, big[1], gap, big[2]], axis=1)
-    canvas = Image.new("RGB", (body.shape[1], body.shape[0] + TITLE_PX), "white")
+    height = big[0].shape[0]
+    gap = np.full((height, GAP_PX, 3), 255, dtype=np.uint8)
+    bar = _uint8(_coloured(np.linspace(1.0, 0.0, height))[:, None, :].repeat(BAR_PX, axis=1))
+    body = np.concatenate([big[0], gap, big[1], gap, big[2], gap, gap, bar], axis=1)
+    canvas = Image.new("RGB", (body.shape[1] + 4 * GAP_PX + 20, height + TITLE_PX * (2 if note else 1)), "white")
     canvas.paste(Image.fromarray(body), (0, TITLE_PX))
-    ImageDraw.Draw(canvas).text((4, 4), title, fill="black")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), title, fill="black")
+    draw.text((body.shape[1] + GAP_PX, TITLE_PX), "1", fill="black")
+    draw.text((body.shape[1] + GAP_PX, TITLE_PX + height - 11), "0", fill="black")
+    if note:
+        draw.text((4, TITLE_PX + height + 4), f"data: {note}", fill=(200, 0, 0))
     with fileio.atomic_path(path) as tmp:
         canvas.save(tmp)
+    return Path(path)
 
 
-def save_class_grid(path, title: str, items: Sequence[tuple]) -> None:
-    """One class's samples: originals above their overlays, a caption per column.
+def save_class_grid(path, title: str, items: Sequence[tuple], note: str | None = None) -> Path:
+    """One class's samples: originals (top row) above their map overlays (bottom row), a
+    caption per column, the rows labelled, a colour bar for the map, and `note`
+    (`datasets.provenance`) as a red footer.
 
     `items`: (image uint8 (H, W, C), heat (H, W), caption) per sample.
     """
-    import matplotlib
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    # Fixed margins instead of tight_layout, which cost about a second per grid.
-    fig, axes = plt.subplots(2, len(items), figsize=(1.8 * len(items) + 0.4, 4.2), squeeze=False,
-                             gridspec_kw={"left": 0.02, "right": 0.98, "bottom": 0.02, "top": 0.82,
-                                          "wspace": 0.08, "hspace": 0.08})
+    width, height = 1.8 * len(items) + 1.5, 4.4
+    left, right, bottom = 0.45 / width, 1 - 1.0 / width, (0.35 if note else 0.05) / height
+    # Fixed margins instead of a layout engine, which cost about a second per grid.
+    fig = Figure(figsize=(width, height))
+    axes = fig.subplots(2, len(items), squeeze=False, gridspec_kw={
+        "left": left, "right": right, "bottom": bottom, "top": 0.8, "wspace": 0.08, "hspace": 0.08})
     for column, (image, heat, caption) in enumerate(items):
         original, _, overlay = panels(image, heat)
         axes[0, column].imshow(original, interpolation="nearest")
         axes[1, column].imshow(overlay, interpolation="nearest")
         axes[0, column].set_title(caption, fontsize=7)
     for ax in axes.flat:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    try:
-        with fileio.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=100)
-    finally:
-        plt.close(fig)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(False)
+    axes[0, 0].set_ylabel("image", fontsize=8)
+    axes[1, 0].set_ylabel("map over image", fontsize=8)
+    overlay_box = axes[1, -1].get_position()
+    colour_bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap=MAP_CMAP), cax=fig.add_axes(
+        (right + 0.15 / width, overlay_box.y0, 0.12 / width, overlay_box.height)))
+    colour_bar.set_label("map value", fontsize=7)
+    colour_bar.ax.tick_params(labelsize=7)
+    return _finish(fig, path, textwrap.fill(title, max(30, int(7 * width))), note)

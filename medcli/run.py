@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -157,7 +158,11 @@ class Run:
 
     def require_trained(self) -> dict:
         return self.require("train", f"train it first with 'medcli train' (or finish it with "
-                                     f"'medcli train --resume {self.run_dir}')")
+                                     f"'{self.resume_command()}')")
+
+    def resume_command(self) -> str:
+        """The exact command that continues this run's training."""
+        return f"medcli train --resume {shlex.quote(str(self.run_dir.resolve()))}"
 
     def update(self, change: Callable[[dict], None]) -> None:
         """Apply `change` to the manifest on disk under the manifest lock (re-read, change, save
@@ -182,7 +187,9 @@ class Run:
 
         Completed on normal exit; interrupted on Ctrl-C/SIGTERM; failed on any other error
         (the exception is re-raised after the manifest is saved). A second process asking for
-        the same stage of the same run is refused at once with one line.
+        the same stage of the same run is refused at once with one line. Ctrl-C (and SIGTERM,
+        which the CLI turns into it) leaves as a KeyboardInterrupt whose message names the run
+        and how to continue.
         """
         with self._stage_lock(name):
             entry = {"status": "running", "started": manifest.now_iso(), "ended": None, "duration_s": None,
@@ -198,9 +205,15 @@ class Run:
             start = time.perf_counter()
             try:
                 yield record
-            except (KeyboardInterrupt, Interrupted) as exc:
-                record.end("interrupted", start, str(exc) if isinstance(exc, Interrupted) else "interrupted by the user")
+            except Interrupted as exc:
+                record.end("interrupted", start, str(exc))
                 raise
+            except KeyboardInterrupt:
+                record.end("interrupted", start, "interrupted by the user")
+                then = (f"continue it with '{self.resume_command()}'" if name == "train"
+                        else "run the command again to redo it")
+                raise KeyboardInterrupt(f"the {name} stage of run {self.run_dir.resolve()} was interrupted; "
+                                        f"{then}") from None
             except BaseException as exc:
                 record.end("failed", start, str(exc) or type(exc).__name__)
                 raise

@@ -15,14 +15,15 @@ from typing import Sequence
 
 import numpy as np
 
-from medcli import fileio, tasks
+from medcli import datasets, fileio, tasks
 from medcli.errors import UsageError
 from medcli.metrics import temperature_text
 from medcli.names import PERCENT_METRICS, SCALAR_METRICS
 
 __all__ = [
     "Block", "DECIMAL", "INTEGER", "PERCENT", "PROB_PREFIX", "frame_arrays", "metric_format", "predictions_frame",
-    "read_predictions", "roc_curves", "task_file", "write_predictions", "write_report", "write_table", "write_workbook",
+    "read_predictions", "roc_curves", "task_file", "write_predictions", "write_report", "write_table",
+    "write_workbook",
 ]
 
 PROB_PREFIX = "prob_"
@@ -35,8 +36,9 @@ def roc_curves(indicator: np.ndarray, probs: np.ndarray, names: Sequence[str], c
     """ROC and precision-recall curve points of `classes` (the task's `roc_classes`: every
     class, or class 1 alone for a binary-class task, whose AUC is the task's), one-vs-rest
     (`indicator` (N, K): which samples belong to each class or carry each label). A class
-    without positives or negatives has no curve. For the figure and the workbook."""
-    from sklearn.metrics import auc, precision_recall_curve, roc_curve
+    without positives or negatives has no curve. For the figure and the workbook; `ap` is
+    sklearn's average precision (the step-wise area under the precision-recall curve)."""
+    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
 
     indicator = np.asarray(indicator, dtype=bool)
     curves = []
@@ -48,6 +50,7 @@ def roc_curves(indicator: np.ndarray, probs: np.ndarray, names: Sequence[str], c
         precision, recall, _ = precision_recall_curve(positive, probs[:, k])
         curves.append({"class": int(k), "name": names[k], "fpr": fpr, "tpr": tpr, "threshold": thresholds,
                        "precision": precision, "recall": recall, "auc": float(auc(fpr, tpr)),
+                       "ap": float(average_precision_score(positive, probs[:, k])),
                        "prevalence": float(positive.mean())})
     return curves
 
@@ -247,9 +250,11 @@ def _flatten(prefix: str, value, out: list) -> None:
 
 def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object]], history=None,
                  figures: dict[str, Sequence[Path]] | None = None) -> Path:
-    """`report.xlsx` for one run: summary (metrics per split, then run and config), per-class,
-    confusion matrix (counts and row-normalised per split; per label for multi-label), ROC
-    (AUC and curve points per class and split, beside the figures), training history,
+    """`report.xlsx` for one run: summary (metrics per split under the data's `provenance`,
+    their bootstrap intervals, calibration before and after temperature scaling, then run and
+    config), per-class, confusion matrix (counts and row-normalised per split; per label for
+    multi-label), ROC (AUC, average precision and curve points per class and split, beside the
+    figures), reliability (the bins behind each reliability diagram), training history,
     predictions.
 
     `evaluations` maps split -> (metrics JSON as written by evaluate, predictions DataFrame);
@@ -263,21 +268,20 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
     shown = (*SCALAR_METRICS, *task.extra_metrics)
     metrics_rows = [["n"] + [evaluations[s][0]["metrics"]["n"] for s in splits]]
     metrics_rows += [[m] + [evaluations[s][0]["metrics"].get(m) for s in splits] for m in shown]
-    summary = Block(pd.DataFrame(metrics_rows, columns=["metric", *splits]),
-                    row_formats={"n": INTEGER, **{m: metric_format(m) for m in shown}})
-
     model = manifest.get("model", {})
     dataset = manifest.get("dataset", {})
+    note = datasets.provenance(dataset)
+    summary = Block(pd.DataFrame(metrics_rows, columns=["metric", *splits]), title=note and f"data: {note}",
+                    row_formats={"n": INTEGER, **{m: metric_format(m) for m in shown}})
     info = [("run", manifest.get("run_id")), ("created", manifest.get("created")),
             ("dataset", dataset.get("flag")), ("size", dataset.get("size")),
             ("dataset official", dataset.get("official")), ("dataset synthetic", dataset.get("synthetic")),
+            ("dataset sample", dataset.get("sample")),
             ("model", model.get("name")), ("pretrained", model.get("pretrained")), ("parameters", model.get("params"))]
     for split in splits:
         meta = evaluations[split][0]
-        calibration = meta.get("calibration") or {}
         info += [(f"{split}: checkpoint", meta.get("checkpoint")),
-                 (f"{split}: test-time views", ", ".join(meta["tta"]["views"])),
-                 (f"{split}: temperature", temperature_text(calibration["temperature"]) if calibration else None)]
+                 (f"{split}: test-time views", ", ".join(meta["tta"]["views"]))]
     _flatten("config", manifest.get("config", {}), info)
     run_block = Block(pd.DataFrame(info, columns=["item", "value"]), title="run and config")
 
@@ -304,13 +308,13 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
     roc_rows, point_rows = [], []
     for split in splits:
         for curve in roc_curves(*frame_arrays(evaluations[split][1], task), task.names, task.roc_classes()):
-            roc_rows.append({"split": split, "class": curve["name"], "auc": curve["auc"],
+            roc_rows.append({"split": split, "class": curve["name"], "auc": curve["auc"], "ap": curve["ap"],
                              "prevalence": curve["prevalence"], "points": len(curve["fpr"])})
             point_rows += [{"split": split, "class": curve["name"], "fpr": f, "tpr": t, "threshold": h}
                            for f, t, h in zip(curve["fpr"], curve["tpr"], curve["threshold"])]
     roc_blocks = [Block(pd.DataFrame(roc_rows or [{"note": "no class with both positives and negatives"}]),
-                        title="ROC AUC per class (one-vs-rest; binary-class: class 1)",
-                        formats={"auc": DECIMAL, "prevalence": PERCENT}),
+                        title="ROC AUC and average precision (AP) per class (one-vs-rest; binary-class: class 1)",
+                        formats={"auc": DECIMAL, "ap": DECIMAL, "prevalence": PERCENT}),
                   Block(pd.DataFrame(point_rows or [{"note": "no curve"}]), title="ROC curve points",
                         formats={"fpr": DECIMAL, "tpr": DECIMAL, "threshold": DECIMAL})]
 
@@ -331,10 +335,74 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
     prob_formats = {c: DECIMAL for c in predictions.columns if str(c).startswith(PROB_PREFIX)}
 
     return write_workbook(path, {
-        "summary": [summary, run_block],
+        "summary": [summary, *_interval_blocks(evaluations), *_calibration_blocks(evaluations), run_block],
         "per-class": [Block(per_class, formats=per_class_formats)],
         "confusion matrix": confusion_blocks,
         "ROC": roc_blocks,
+        "reliability": _reliability_blocks(evaluations),
         "training history": history_blocks,
         "predictions": [Block(predictions, formats=prob_formats)],
     }, images=figures)
+
+
+def _interval_blocks(evaluations: dict) -> list[Block]:
+    """The bootstrap confidence intervals of each split's accuracy and AUC (none for splits
+    evaluated before medcli computed them)."""
+    import pandas as pd
+
+    rows, recorded = [], None
+    for split, (meta, _) in evaluations.items():
+        for metric in ("accuracy", "auc") if meta.get("ci") else ():
+            recorded = meta["ci"]
+            low, high = recorded[metric] or (None, None)
+            rows.append({"metric": metric, "split": split, "value": meta["metrics"][metric], "low": low, "high": high})
+    if not rows:
+        return []
+    title = (f"{recorded['level']:.0%} confidence intervals ({recorded['method']} over the split's images, "
+             f"{recorded['resamples']} resamples, seed {recorded['seed']})")
+    return [Block(pd.DataFrame(rows), title=title, row_formats={m: metric_format(m) for m in ("accuracy", "auc")})]
+
+
+def _calibration_blocks(evaluations: dict) -> list[Block]:
+    """Temperature scaling per calibrated split: T (or why the fit was skipped) and each
+    calibration metric before and after."""
+    import pandas as pd
+
+    rows = []
+    for split, (meta, _) in evaluations.items():
+        calibration = meta.get("calibration")
+        if calibration:
+            rows += [{"metric": m, "split": split, "before": calibration["before"][m], "after": calibration["after"][m],
+                      "temperature": temperature_text(calibration["temperature"]),
+                      "fit": f"skipped ({calibration['skipped']})" if calibration.get("skipped") else "fitted"}
+                     for m in calibration["before"]]
+    if not rows:
+        return []
+    return [Block(pd.DataFrame(rows), title="temperature scaling fitted on val: before and after",
+                  row_formats={m: metric_format(m) for m in {row["metric"] for row in rows}})]
+
+
+def _reliability_blocks(evaluations: dict) -> list[Block]:
+    """The confidence bins behind each reliability diagram: count, share, mean confidence,
+    accuracy and their gap, per split (before and after temperature scaling)."""
+    import pandas as pd
+
+    blocks = []
+    for split, (meta, _) in evaluations.items():
+        calibration = meta.get("calibration") or {}
+        before = calibration.get("reliability_before")  # absent from files of older medcli versions
+        after = "uncalibrated" if not calibration else (
+            f"after T = {temperature_text(calibration['temperature'])}{' (fit skipped)' if calibration.get('skipped') else ''}")
+        panels = ([("before temperature scaling", before)] if before else []) + [(after, meta["reliability"])]
+        for name, bins in panels:
+            total = max(sum(bins["count"]), 1)
+            frame = pd.DataFrame({
+                "from": bins["edges"][:-1], "to": bins["edges"][1:], "images": bins["count"],
+                "share": [c / total for c in bins["count"]], "mean confidence": bins["confidence"],
+                "accuracy": bins["accuracy"],
+                "accuracy - confidence": [None if a is None else a - c
+                                          for a, c in zip(bins["accuracy"], bins["confidence"])]})
+            blocks.append(Block(frame, title=f"{split} · {name}: ECE {bins['ece']:.2%} ({bins.get('confidence_of')})",
+                                formats={"from": DECIMAL, "to": DECIMAL, "images": INTEGER, "share": PERCENT,
+                                         **dict.fromkeys(("mean confidence", "accuracy", "accuracy - confidence"), PERCENT)}))
+    return blocks

@@ -54,6 +54,15 @@ class Task:
     def outputs(self) -> int:
         return len(self.names)
 
+    def intervals(self, labels, probs, resamples: int, seed: int) -> dict:
+        """Bootstrap 95 % intervals of this task's accuracy and AUC (the AUC of `roc_classes`,
+        averaged: every class, class 1 of a binary task, every label): `metrics.bootstrap_intervals`."""
+        from medcli import metrics
+
+        columns = self.roc_classes()
+        return metrics.bootstrap_intervals(self.image_accuracy(labels, probs), self.indicator(labels)[:, columns],
+                                           probs[:, columns], resamples, seed)
+
 
 class SingleLabel(Task):
     """One class per image, a softmax over the classes (multi-class, binary, ordinal)."""
@@ -141,10 +150,17 @@ class SingleLabel(Task):
         confidence, correct = metrics.top_label(labels, probs, self.predictions(probs))
         return {**metrics.reliability(confidence, correct), "confidence_of": "top-class probability"}
 
-    def fit_temperature(self, logits, labels) -> float:
+    def fit_temperature(self, logits, labels) -> tuple[float, str | None]:
+        """(T, None), or (1.0, why the validation split cannot pin T down)."""
         from medcli import metrics
 
         return metrics.fit_temperature(logits, labels)
+
+    def image_accuracy(self, labels, probs):
+        """(N,) 1.0 where the image's class is predicted right (their mean is the accuracy)."""
+        import numpy as np
+
+        return (self.predictions(probs) == np.asarray(labels).reshape(-1)).astype(np.float64)
 
     # -- explanations and captions -----------------------------------------------------------------
     def explained_class(self, probs):
@@ -319,11 +335,21 @@ class MultiLabel(Task):
         return {**metrics.reliability(*metrics.per_label(labels, probs, self.predictions(probs))),
                 "confidence_of": "each label's yes/no decision"}
 
-    def fit_temperature(self, logits, labels) -> list[float]:
-        """One temperature per label: the findings are over- or under-confident to different degrees."""
+    def fit_temperature(self, logits, labels) -> tuple[list[float], str | None]:
+        """One temperature per label (the findings are over- or under-confident to different
+        degrees), and the labels kept at T = 1 grouped by reason ("reason: a, b; ..."), or None."""
         from medcli import metrics
 
-        return metrics.fit_label_temperatures(logits, labels)
+        temperatures, reasons = metrics.fit_label_temperatures(logits, labels)
+        skipped: dict[str, list[str]] = {}
+        for name, reason in zip(self.names, reasons):
+            if reason:
+                skipped.setdefault(reason, []).append(name)
+        return temperatures, "; ".join(f"{reason}: {', '.join(names)}" for reason, names in skipped.items()) or None
+
+    def image_accuracy(self, labels, probs):
+        """(N,) each image's share of labels right at 0.5 (their mean is medmnist's accuracy)."""
+        return (self.predictions(probs) == labels).mean(axis=1)
 
     def explained_class(self, probs):
         """The most probable label (the finding the model is surest is present)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medcli import augment, console, distributed, feed, fileio, inference, optim
-from medcli.config import fine_tune_lr, fit_batch_to_data, resolve_config, run_name
+from medcli.config import fine_tune_lr, fit_batch_to_data, fit_epochs_to_data, resolve_config, run_name
 from medcli.errors import MedcliError, UsageError
 from medcli.manifest import environment
 from medcli.names import MONITORS, SCALAR_METRICS
@@ -321,7 +321,8 @@ def train(**options: Any) -> Run:
     config = resolve_config(**options)
     with distributed.session(torch.device(config["device"]).type) as ctx:
         splits = _load(config)
-        config = fit_batch_to_data(config, len(splits.labels["train"]), ctx.world_size)
+        n_train = len(splits.labels["train"])
+        config = fit_epochs_to_data(fit_batch_to_data(config, n_train, ctx.world_size), n_train)
         global_batch(config, ctx)
         channels = splits.images["train"].shape[-1]
         num_classes = len(datasets.class_names(config["dataset"]))
@@ -339,7 +340,8 @@ def train(**options: Any) -> Run:
             console.info(f"run {run.run_dir}: {config['model']} ({spec.get('params', 0) / 1e6:.1f} M params) on "
                          f"{config['dataset']} {config['size']} px -> {config['input_size']} px, {config['device']}"
                          f"{f' x {ctx.world_size} processes ({ctx.backend})' if ctx.enabled else ''}, "
-                         f"amp {config['amp']}, lr {config['lr']:g} ({config['lr_source']})")
+                         f"amp {config['amp']}, lr {config['lr']:g} ({config['lr_source']})"
+                         + (f"; data: {note}" if (note := datasets.provenance(splits.record)) else ""))
             fit(run, model, splits, checkpoint=None, ctx=ctx)
     return run
 
@@ -353,8 +355,9 @@ def resume(path: str | os.PathLike, device: str | None = None) -> Run:
 
     run = Run.open(path)
     if run.status("train") == "completed":
-        raise UsageError(f"run {run.run_dir} already finished training "
-                         f"({run.stages['train'].get('summary', {}).get('epochs_run', '?')} epochs); evaluate it with "
+        epochs = run.stages["train"].get("summary", {}).get("epochs_run")
+        done = f" ({console.plural(epochs, 'epoch')})" if epochs is not None else ""
+        raise UsageError(f"run {run.run_dir} already finished training{done}; evaluate it with "
                          f"'medcli evaluate {run.run_dir}' or start a new run")
     config = dict(run.config)
     if device is not None and device != "auto":
@@ -506,7 +509,8 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
             bar.update(epochs_task, completed=state.epoch)
             console.info(_epoch_line(state, config, train_stats, val, is_best))
         if stopped_early:
-            console.info(f"early stop: val {config['monitor']} did not improve for {config['patience']} epochs")
+            console.info(f"early stop: val {config['monitor']} did not improve for "
+                         f"{console.plural(config['patience'], 'epoch')}")
 
 
 def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_best: bool, stopped_early: bool,
@@ -524,7 +528,7 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
     tables.write_table(files["history"], state.history, HISTORY_COLUMNS)
     final = stopped_early or state.epoch == config["epochs"]
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
-        written.append(reports.save_curves(files["curves"], state.history, config["monitor"]))
+        written.append(reports.save_curves(files["curves"], state.history, run.data, state.best["epoch"]))
         state.curves_at = time.perf_counter()
     st.summary.update(
         epochs_run=state.epoch, best_epoch=state.best["epoch"], monitor=config["monitor"],
@@ -591,6 +595,6 @@ def _epoch_line(state: State, config: dict, train_stats: dict, val: dict, is_bes
 def summary(run: Run) -> dict:
     """What `medcli train --json` prints: where the run is and how training ended."""
     stage = run.stages.get("train", {})
-    return {"run_dir": str(run.run_dir), "run_id": run.run_id, "model": run.config["model"],
+    return {"run_dir": str(run.run_dir.resolve()), "run_id": run.run_id, "model": run.config["model"],
             "dataset": run.config["dataset"], "size": run.config["size"], "status": stage.get("status"),
             **stage.get("summary", {})}

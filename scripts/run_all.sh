@@ -1,18 +1,21 @@
 #!/usr/bin/env bash
 # The whole CNN-vs-ViT comparison on BloodMNIST, one stage after another:
-#   data (download, or import with --from, or synthetic when offline) -> train resnet18 and
+#   data (download; --from FILE imports one; offline, the embedded sample of real PBC
+#   blood-cell images, or --synthetic data) -> train resnet18 and
 #   vit -> evaluate both -> explain both (Grad-CAM, attention rollout; ROAD faithfulness) ->
 #   aggregate -> where the two look, side by side on the same cells (aggregate --maps).
 # Each stage's duration goes to logs/run_all_<time>.log; the first failure stops the script
 # with that stage's exit code.
 #
-# Usage: scripts/run_all.sh [--reduced] [--from FILE] [--synthetic] [--size N]
+# Usage: scripts/run_all.sh [--reduced] [--from FILE] [--sample] [--synthetic] [--size N]
 #                           [--root DIR] [--runs-dir DIR] [--out DIR] [-- extra train options]
+# stdout: the comparison folder; the log names the runs and the data they trained on.
 set -euo pipefail
 
 REDUCED=""
 FROM=""
 SYNTHETIC=0
+SAMPLE=0
 SIZE=28
 ROOT="${MEDCLI_DATA:-$HOME/.medmnist}"
 RUNS="runs"
@@ -23,12 +26,13 @@ while [ $# -gt 0 ]; do
     --reduced) REDUCED="--reduced" ;;
     --from) FROM="$2"; shift ;;
     --synthetic) SYNTHETIC=1 ;;
+    --sample) SAMPLE=1 ;;
     --size) SIZE="$2"; shift ;;
     --root) ROOT="$2"; shift ;;
     --runs-dir) RUNS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -69,16 +73,24 @@ log "medcli run_all: log $LOG"
 if [ -n "$FROM" ]; then
   stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --from "$FROM" --allow-unofficial
 elif [ "$SYNTHETIC" -eq 1 ]; then
+  stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT/synthetic" --synthetic
   ROOT="$ROOT/synthetic"
-  stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --synthetic
+elif [ "$SAMPLE" -eq 1 ]; then
+  stage data "$MEDCLI" download bloodmnist --root "$ROOT" --sample
+  ROOT="$ROOT/sample"
 else
   rc=0
   "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" >&2 || rc=$?
-  if [ "$rc" -eq 1 ]; then
-    ROOT="$ROOT/synthetic"
-    log "the real BloodMNIST could not be downloaded: falling back to SYNTHETIC data in $ROOT"
+  if [ "$rc" -eq 1 ] && [ "$SIZE" = 28 ]; then
+    log "the official BloodMNIST could not be downloaded: falling back to the embedded sample of real PBC"
+    log "blood-cell images in $ROOT/sample (not the official split; numbers are not BloodMNIST results)"
+    stage data "$MEDCLI" download bloodmnist --root "$ROOT" --sample
+    ROOT="$ROOT/sample"
+  elif [ "$rc" -eq 1 ]; then
+    log "the official BloodMNIST at $SIZE px could not be downloaded: falling back to SYNTHETIC data"
     log "(numbers below are a demo of the pipeline, not BloodMNIST results; use --from FILE for real data)"
-    stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --synthetic
+    stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT/synthetic" --synthetic
+    ROOT="$ROOT/synthetic"
   elif [ "$rc" -ne 0 ]; then
     log "FAILED data (exit $rc)"
     exit "$rc"
@@ -93,5 +105,5 @@ stage explain-resnet18 "$MEDCLI" explain "$RUN_CNN" --method gradcam
 stage explain-vit "$MEDCLI" explain "$RUN_VIT" --method rollout
 stage aggregate "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --out "$OUT" --format md
 stage compare-maps "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --maps --out "$OUT/maps"
-log "all stages done; comparison in $OUT, runs $RUN_CNN and $RUN_VIT"
+log "all stages done; comparison in $OUT, runs $RUN_CNN and $RUN_VIT, trained on $ROOT"
 echo "$OUT"

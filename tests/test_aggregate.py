@@ -1,5 +1,7 @@
 """aggregate over hand-made run directories: seed groups (mean ± std), leaders, runs left out
-with their reasons (never dropped), the written files, and no torch import."""
+with their reasons (never dropped), copies that are not seeds, models named by what ran,
+faithfulness of CNNs and ViTs side by side, provenance, a table that fits 80 columns, the
+written files, and no torch import. (Paired tests and published numbers: test_compare_stats.py.)"""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medcli import fileio
-from medcli.aggregate import aggregate
+from medcli.aggregate import aggregate, table_text
 from medcli.cli import app
 
 from cli_helpers import heavy_imports
@@ -21,20 +23,25 @@ runner = CliRunner()
 
 def make_run(parent: Path, name: str, *, model: str = "resnet18", seed: int = 0, accuracy: float | None = 0.9,
              train_status: str = "completed", asked_pretrained: bool = False, loaded_pretrained: bool = False,
-             **config) -> Path:
-    """A run directory as train + evaluate leave it (no checkpoints: aggregate reads files only)."""
+             spec: dict | None = None, dataset: dict | None = None, checkpoint_sha256: str | None = None,
+             calibration: dict | None = None, **config) -> Path:
+    """A run directory as train + evaluate leave it (no checkpoints: aggregate reads files only;
+    `checkpoint_sha256` is what train recorded for checkpoints/best.pt)."""
     created = Run.create(
         parent, name, config={"dataset": "bloodmnist", "size": 28, "model": model, "epochs": 3, "lr": 0.1, "seed": seed,
                      "device": "cpu", "runs_dir": str(parent), "pretrained": asked_pretrained, **config},
-        dataset={"flag": "bloodmnist", "size": 28, "md5": "abc"}, model={"name": model, "pretrained": loaded_pretrained},
+        dataset={"flag": "bloodmnist", "size": 28, "md5": "abc", "official": True, **(dataset or {})},
+        model={"name": model, "pretrained": loaded_pretrained, **(spec or {})},
     )
+    artefacts = {"checkpoints/best.pt": checkpoint_sha256} if checkpoint_sha256 else {}
     created.update(lambda data: data["stages"].__setitem__("train", {
-        "status": train_status, "duration_s": 12.0, "artefacts": {}, "summary": {"epochs_run": 3, "train_seconds": 10.0 + seed}}))
+        "status": train_status, "duration_s": 12.0, "artefacts": artefacts,
+        "summary": {"epochs_run": 3, "train_seconds": 10.0 + seed}}))
     run = created.run_dir
     if accuracy is not None:
         values = {"n": 100, "accuracy": accuracy, "balanced_accuracy": accuracy - 0.05, "f1_macro": accuracy - 0.1,
                   "auc": 0.95, "ece": 0.05, "nll": 0.4}
-        fileio.write_json(run / "metrics" / "test.json", {"split": "test", "checkpoint": "best", "calibration": None,
+        fileio.write_json(run / "metrics" / "test.json", {"split": "test", "checkpoint": "best", "calibration": calibration,
                                                           "tta": {"enabled": False, "views": ["identity"]},
                                                           "metrics": values})
     return run
@@ -114,7 +121,7 @@ def test_cli_writes_every_format_and_marks_leaders(runs_root, tmp_path):
     out = tmp_path / "compare"
     result = runner.invoke(app, ["aggregate", str(runs_root), "--metrics", "accuracy,auc", "--out", str(out), "--format", "md"])
     assert result.exit_code == 0, result.output
-    assert "★" in result.stdout and "## Not compared" in result.stdout and "90.00% ± 10.00" in result.stdout
+    assert "★" in result.stdout and "## Not compared" in result.stdout and "90.00% ±10.00" in result.stdout
     assert sorted(p.name for p in out.iterdir()) == ["comparison.csv", "comparison.md", "comparison.png",
                                                      "comparison.xlsx", "runs.csv"]
     book = load_workbook(out / "comparison.xlsx")
@@ -155,3 +162,152 @@ def test_bad_metric_and_nothing_to_compare_exit_2(runs_root, tmp_path):
 
 def test_aggregate_does_not_import_torch(runs_root):
     assert "torch" not in heavy_imports(["aggregate", str(runs_root), "--format", "csv"])
+
+
+# -- review issue 24 ------------------------------------------------------------------------------
+REDUCED_VIT = {"name": "vit-tiny", "family": "vit", "params": 1_234_567,
+               "overrides": {"depth": 6, "embed_dim": 128, "num_heads": 4, "patch_size": 4}}
+RESNET = {"name": "resnet18", "family": "cnn", "params": 11_173_962, "overrides": {"keep_maxpool": True}}
+
+
+def explained(run: Path, method: str, score: float, split: str = "test") -> None:
+    """Record a completed explain:<method> stage with its mean ROAD faithfulness."""
+    Run.open(run).update(lambda data: data["stages"].__setitem__(f"explain:{method}", {
+        "status": "completed", "artefacts": {}, "summary": {"method": method, "split": split,
+                                                              "faithfulness": {"mean": score, "std": 0.01, "n": 8}}}))
+
+
+def test_models_are_named_by_what_ran(tmp_path):
+    """`--model vit --reduced` trains a 6-block, 128-wide ViT: it must not pass for ViT-Tiny."""
+    make_run(tmp_path, "vit", model="vit-tiny", spec=REDUCED_VIT)
+    make_run(tmp_path, "cnn", spec=RESNET)
+    models = {g["model"] for g in aggregate([tmp_path], metric_names=["accuracy"]).groups}
+    assert models == {"vit-tiny (6x128, 1.2M)", "resnet18 (11.2M)"}
+
+
+def test_a_copied_run_is_not_another_seed(tmp_path, capsys):
+    """A copied run directory (same run id) or the same checkpoint under another id is one result:
+    left out with the reason, not averaged in as a second seed with ± 0.00 and a star."""
+    import shutil
+
+    original = make_run(tmp_path / "a", "r18-seed0", accuracy=0.8, checkpoint_sha256="f" * 64)
+    shutil.copytree(original, tmp_path / "b" / "copied")
+    make_run(tmp_path / "c", "renamed", accuracy=0.8, checkpoint_sha256="f" * 64)
+    make_run(tmp_path / "c", "r18-seed1", seed=1, accuracy=0.9, checkpoint_sha256="e" * 64)
+    result = aggregate([tmp_path], metric_names=["accuracy"])
+    (group,) = result.groups
+    assert group["n_runs"] == 2 and group["seeds"] == "0, 1"
+    reasons = {Path(s["run"]).name: s["reason"] for s in result.skipped}
+    assert set(reasons) == {"copied", "renamed"}
+    assert "same run id" in reasons["copied"] and "same checkpoint" in reasons["renamed"]
+    assert "not another seed" in capsys.readouterr().err
+
+
+def test_experiment_is_an_object_in_json(runs_root):
+    shown = runner.invoke(app, ["aggregate", str(runs_root), "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    document = json.loads(shown.stdout)
+    assert all(isinstance(r["experiment"], dict) for r in document["runs"])
+    assert document["runs"][0]["experiment"]["lr"] == 0.1
+
+
+def test_cnn_and_vit_faithfulness_in_one_table(tmp_path, capsys):
+    """A CNN can never have rollout: its road_rollout is a blank cell, not a reason to drop it;
+    `road` puts each run's own method (Grad-CAM for the CNN, rollout for the ViT) side by side."""
+    cnn = make_run(tmp_path, "cnn", spec=RESNET, accuracy=0.9)
+    vit = make_run(tmp_path, "vit", model="vit-tiny", spec=REDUCED_VIT, accuracy=0.85)
+    explained(cnn, "gradcam", 0.21)
+    explained(vit, "rollout", 0.34)
+    result = aggregate([tmp_path], metric_names=["accuracy", "road_gradcam", "road_rollout", "road"])
+    assert result.skipped == [] and len(result.groups) == 2
+    by_model = {g["model"].split()[0]: g for g in result.groups}
+    assert by_model["resnet18"]["road_rollout"] is None and by_model["resnet18"]["road_gradcam"] == 0.21
+    assert by_model["vit-tiny"]["road_gradcam"] is None and by_model["vit-tiny"]["road_rollout"] == 0.34
+    assert (by_model["resnet18"]["road"], by_model["resnet18"]["road_method"]) == (0.21, "gradcam")
+    assert (by_model["vit-tiny"]["road"], by_model["vit-tiny"]["road_method"]) == (0.34, "rollout")
+    warnings = capsys.readouterr().err
+    assert "no road_gradcam" in warnings and "--method gradcam" in warnings  # the ViT could have Grad-CAM
+    assert "no road_rollout" not in warnings  # the CNN never can
+    text = table_text(result, width=100)
+    assert "0.3400 (rollout)" in text and "0.2100 (gradcam)" in text
+
+
+def crowded(root: Path) -> Path:
+    """Runs of the kind a CNN-vs-ViT study leaves: three seeds, a pretrained twin, a reduced ViT,
+    synthetic data, and two runs left out with long paths in their reasons."""
+    for seed in range(3):
+        make_run(root / "sweeps" / "a-long-folder-name-for-the-sweep", f"20261130-031500_bloodmnist28_resnet18-{seed}",
+                 seed=seed, accuracy=0.9 + seed / 100, spec=RESNET, dataset={"synthetic": True})
+    make_run(root, "20261130-041500_bloodmnist28_resnet18", spec=RESNET, loaded_pretrained=True,
+             asked_pretrained=True, dataset={"synthetic": True})
+    make_run(root, "20261130-051500_bloodmnist28_vit-tiny", model="vit-tiny", spec=REDUCED_VIT,
+             dataset={"synthetic": True})
+    make_run(root, "20261130-061500_bloodmnist28_vit-tiny-interrupted", train_status="interrupted")
+    make_run(root, "20261130-071500_bloodmnist28_vit-tiny-not-evaluated", accuracy=None)
+    return root
+
+
+@pytest.mark.parametrize("width", [80, 100])
+def test_the_default_table_fits_the_terminal(tmp_path, width):
+    """Review: lines of 206 characters and cells cut to `20261...`. Each line fits, nothing is
+    cut off with an ellipsis, no line ends in spaces, and the setups are named by model and seeds."""
+    result = aggregate([crowded(tmp_path)])
+    text = table_text(result, width=width)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= width, "\n" + text
+    assert all(line[-1] in "┓┃┩│┘" for line in lines if line[0] in "┏┃┡│└")  # no column cropped away
+    assert "…" not in text and "..." not in text
+    assert all(line == line.rstrip() for line in lines)
+    assert "resnet18 (11.2M) s0-2" in text and "(SYNTHETIC)" in text
+    assert "20261130-031500" not in text.split("not compared")[0]  # run ids only in --wide
+    assert "20261130-031500_bloodmnist28_resnet18-0" in table_text(result, wide=True, width=240)  # --wide, piped
+
+
+@pytest.mark.parametrize("data, marker", [({"synthetic": True}, "SYNTHETIC"), ({"sample": True}, "SAMPLE"),
+                                          ({"official": False}, "UNOFFICIAL"), ({}, None)])
+def test_data_that_is_not_the_official_file_says_so(tmp_path, data, marker):
+    make_run(tmp_path, "run", dataset=data)
+    text = table_text(aggregate([tmp_path], metric_names=["accuracy"]), width=100)
+    assert (f"({marker})" in text) if marker else not any(m in text for m in ("SYNTHETIC", "SAMPLE", "UNOFFICIAL"))
+
+
+def test_out_prints_the_files_it_wrote(runs_root, tmp_path):
+    out = tmp_path / "compare"
+    shown = runner.invoke(app, ["aggregate", str(runs_root), "--out", str(out)])
+    assert shown.exit_code == 0, shown.output
+    written = sorted(str(p) for p in out.iterdir())
+    assert sorted(shown.stdout.strip().splitlines()[-5:]) == written
+    as_json = runner.invoke(app, ["aggregate", str(runs_root), "--out", str(out), "--format", "json"])
+    assert sorted(json.loads(as_json.stdout)["files"]) == written
+    as_csv = runner.invoke(app, ["aggregate", str(runs_root), "--out", str(out), "--format", "csv"])
+    assert str(out) not in as_csv.stdout  # a CSV on stdout stays a CSV
+
+
+def test_chart_is_labelled_by_model_and_seed(tmp_path):
+    from medcli.aggregate import write_chart
+
+    make_run(tmp_path, "cnn", spec=RESNET, accuracy=0.0)  # a zero bar
+    make_run(tmp_path, "vit", model="vit-tiny", spec=REDUCED_VIT, accuracy=0.9)
+    result = aggregate([tmp_path], metric_names=["accuracy", "auc", "ece"])
+    path = write_chart(tmp_path / "chart.png", result)
+    assert path.stat().st_size > 10_000
+    assert {g["group"] for g in result.groups} == {"resnet18 (11.2M) s0", "vit-tiny (6x128, 1.2M) s0"}
+
+
+def test_faithfulness_does_not_import_torch(tmp_path):
+    """Whether a method applies is read from the spec: a ViT's family without importing timm."""
+    explained(make_run(tmp_path, "vit", model="vit-tiny", spec=REDUCED_VIT), "rollout", 0.3)
+    explained(make_run(tmp_path, "cnn", spec=RESNET), "gradcam", 0.2)
+    assert "torch" not in heavy_imports(["aggregate", str(tmp_path), "--metrics", "accuracy,road,road_rollout",
+                                         "--format", "csv"])
+
+
+def test_a_skipped_calibration_is_not_called_calibrated(tmp_path):
+    """A validation split that could not fix a temperature (perfectly separated) kept T = 1:
+    the run is grouped and labelled as uncalibrated, not as a calibrated result."""
+    fitted = {"temperature": 1.3, "skipped": None}
+    skipped = {"temperature": 1.0, "skipped": "validation split perfectly separated"}
+    make_run(tmp_path, "fitted", calibration=fitted)
+    make_run(tmp_path, "skipped", calibration=skipped, seed=1)
+    runs = {row["run"].split("_")[-1]: row for row in aggregate([tmp_path]).runs}
+    assert "calibrated" in runs["fitted"]["evaluation"] and "calibrated" not in runs["skipped"]["evaluation"]

@@ -229,3 +229,10 @@ def test_a_write_that_fails_halfway_keeps_the_previous_file(run, monkeypatch):
     after = json.loads((run / "manifest.json").read_text())
     assert after["stages"]["evaluate"]["status"] == "failed"
     assert after["stages"]["train"] == manifest_before["stages"]["train"]
+
+
+def test_plot_confusion_of_an_unevaluated_split_names_the_evaluate_command(run):
+    """Review #24: the error named 'medcli evaluate' without the split the user asked for."""
+    one_line_error(runner.invoke(app, ["plot-confusion", str(run), "--split", "val"]), 2,
+                   "predictions/val.csv", f"'medcli evaluate {run} --split val'")
+    assert not (run / "figures" / "confusion_val.png").exists()

@@ -1,9 +1,17 @@
-"""The CLI shell: help is instant (no torch import), errors are one line with exit codes."""
+"""The CLI shell: help is instant (no torch import) and reads at 80 columns, errors are one line
+with exit codes, results go to stdout and the rest to stderr."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -85,3 +93,87 @@ def test_train_options_are_written_once():
     augment = {"flips", "rotate", "crop_scale", "jitter"}  # resolved into the augment record
     assert set(fields) - augment <= set(resolved) and resolved["augment"]
     assert config.NOT_EXPERIMENT <= set(resolved)
+
+
+# -- help ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("command", [[]] + [[c] for c in COMMANDS])
+def test_every_help_reads_at_80_columns(command):
+    """Review #24: Rich's six-column table left train's descriptions 16 characters wide, cut
+    texts with an ellipsis and showed flags as taking a <bool> value."""
+    result = runner.invoke(app, [*command, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert max(map(len, lines)) <= 80, max(lines, key=len)
+    assert "…" not in result.stdout and "<bool>" not in result.stdout
+    # '...' only where Click marks a repeated value (usage line, `runs...`, `<str,str>...`), never a cut
+    text = "\n".join(re.sub(r"(^\s+\w+|>)\.\.\.", "", line) for line in lines if not line.startswith("Usage:"))
+    assert "..." not in text
+    assert command != ["train"] or len(lines) < 120
+
+
+def test_a_global_option_after_the_command_says_where_it_goes():
+    one_line_error(runner.invoke(app, ["train", "--verbose"]), 2, "--verbose is a global option",
+                   "'medcli --verbose train ...'")
+    one_line_error(runner.invoke(app, ["evaluate", "-q"]), 2, "medcli -q evaluate")
+
+
+# -- streams ---------------------------------------------------------------------------------------
+def test_sigterm_names_the_run_and_the_exact_resume_command(synthetic_root, tmp_path, monkeypatch):
+    """SIGTERM (and Ctrl-C, which takes the same path) in the middle of training: exit 130,
+    one line naming the run and the command that continues it; that command, run as printed,
+    finishes the run and prints the same absolute directory as train does."""
+    import medcli.train as library
+
+    real_epoch = library.train_one_epoch
+    calls = []
+
+    def terminated_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the CLI's handler turns it into an interrupt
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(library, "train_one_epoch", terminated_in_second_epoch)
+    stopped = runner.invoke(app, ["train", "--root", str(synthetic_root), "--runs-dir", "runs", "--model",
+                                  "timm:test_resnet", "--epochs", "2", "--batch-size", "16"])
+    (run,) = (tmp_path / "runs").iterdir()
+    line = one_line_error(stopped, 130, f"the train stage of run {run} was interrupted",
+                          f"continue it with 'medcli train --resume {run}'")
+    monkeypatch.setattr(library, "train_one_epoch", real_epoch)
+    resume = shlex.split(line.split("continue it with ")[1].strip("'"))
+    assert resume[:3] == ["medcli", "train", "--resume"]
+    resumed = runner.invoke(app, resume[1:])
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.stdout == f"{run}\n" and run.is_absolute()
+    again = runner.invoke(app, ["train", "--resume", "runs/" + run.name])
+    one_line_error(again, 2, "already finished training (2 epochs)")
+
+
+def test_evaluate_prints_the_files_it_wrote_and_quiet_keeps_only_errors(tiny_run, tmp_path):
+    """stdout carries the written files (absolute; --json: under 'files'), the summary table
+    and warnings go to stderr, and --quiet leaves stderr to errors alone."""
+    from medcli.run import Run
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    Run.open(run).update(lambda data: data["dataset"].update(md5="0" * 32))  # load_data warns about the file
+    result = runner.invoke(app, ["evaluate", str(run)])
+    assert result.exit_code == 0, result.output
+    files = result.stdout.splitlines()
+    assert str(run / "metrics" / "test.json") in files and str(run / "report.xlsx") in files
+    assert all(Path(f).is_absolute() and Path(f).is_file() for f in files)
+    assert "warning:" in result.stderr and "evaluation" in result.stderr
+    as_json = runner.invoke(app, ["evaluate", str(run), "--json"])
+    assert json.loads(as_json.stdout)["files"] == files
+    quiet = runner.invoke(app, ["--quiet", "evaluate", str(run)])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and quiet.stdout.splitlines() == files
+    one_line_error(runner.invoke(app, ["--quiet", "evaluate", str(tmp_path / "nothing")]), 2, "does not exist")
+
+
+def test_counts_read_as_english():
+    from medcli import console
+
+    assert [console.plural(n, "test sample") for n in (0, 1, 2)] == ["0 test samples", "1 test sample",
+                                                                     "2 test samples"]
+    assert console.plural(1, "process", "processes") == "1 process"
+    assert console.plural(3, "process", "processes") == "3 processes"

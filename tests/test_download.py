@@ -104,8 +104,12 @@ class _Server(ThreadingHTTPServer):
 
 @pytest.fixture(scope="module")
 def good_npz(tmp_path_factory) -> Path:
-    """A small valid BloodMNIST-layout npz (synthetic, so its md5 is not the official one)."""
-    return datasets.make_synthetic(tmp_path_factory.mktemp("src") / NAME, FLAG, SIZE, (16, 8, 8), seed=1)
+    """A small valid BloodMNIST-layout npz standing for a real file someone has (made
+    synthetically, so its md5 is not the official one, but without medcli's record that would
+    say so)."""
+    path = datasets.make_synthetic(tmp_path_factory.mktemp("src") / NAME, FLAG, SIZE, (16, 8, 8), seed=1)
+    datasets.record_path(path).unlink()
+    return path
 
 
 @pytest.fixture
@@ -349,6 +353,9 @@ def test_list_tells_synthetic_unrecorded_and_changed_files_apart(tmp_path):
         (["nosuchmnist"], "unknown dataset"),
         ([FLAG, "--size", "all", "--from", "x.npz"], "exactly one dataset and one --size"),
         ([FLAG, "--allow-unofficial"], "only to --from"),
+        (["pathmnist", "--sample"], "bloodmnist sample at 28 px only"),
+        ([FLAG, "--size", "64", "--sample"], "bloodmnist sample at 28 px only"),
+        ([FLAG, "--sample", "--synthetic"], "pass one of them"),
     ],
 )
 def test_cli_usage_errors(tmp_path, args, reason):
@@ -387,3 +394,45 @@ def test_cli_synthetic_writes_a_labelled_learnable_set_and_never_overwrites_real
     before = (tmp_path / "bloodmnist.npz").read_bytes()
     assert "holds real data" in one_line_error(runner.invoke(app, ["download", "bloodmnist", "--synthetic", "--root", str(tmp_path)]), 2)
     assert (tmp_path / "bloodmnist.npz").read_bytes() == before
+
+
+# -- the embedded sample ---------------------------------------------------------------------
+
+
+def test_cli_sample_places_real_images_apart_from_the_official_file_offline(tmp_path):
+    """`download bloodmnist --sample` needs no network: the package's own file, checked by its
+    md5 and layout, lands in ROOT/sample/ (never the official path), recorded as a sample."""
+    result = runner.invoke(app, ["download", FLAG, "--sample", "--root", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)[0]
+    assert Path(record["path"]) == tmp_path / datasets.SAMPLE_DIR / NAME and not (tmp_path / NAME).exists()
+    assert record["sample"] is True and record["official"] is False and record["synthetic"] is False
+    assert record["md5"] == download.SAMPLE_MD5 == fileio.md5_file(download.SAMPLE_FILE)
+    assert record["n_samples"] == dict(zip(datasets.SPLITS, download.SAMPLE_SPLITS))
+    assert "CC BY 4.0" in record["licence"] and "Acevedo" in record["source"]
+    assert download.SAMPLE_FILE.stat().st_size <= 6_000_000
+    splits = datasets.load(tmp_path / datasets.SAMPLE_DIR, FLAG, SIZE)
+    counts = np.bincount(splits.labels["test"], minlength=8)
+    assert (counts > 0).all() and counts.sum() == download.SAMPLE_SPLITS[2]  # every class, stratified
+    again = runner.invoke(app, ["download", FLAG, "--sample", "--root", str(tmp_path)])
+    assert again.exit_code == 0 and "already" in again.stderr
+
+
+def test_a_missing_dataset_names_the_stand_ins_beside_it(tmp_path):
+    """After the offline main job (the sample in ROOT/sample), training on ROOT says where the
+    data it used is and how to get the real file, instead of only suggesting a download that
+    fails offline."""
+    assert runner.invoke(app, ["download", FLAG, "--sample", "--root", str(tmp_path)]).exit_code == 0
+    result = runner.invoke(app, ["train", "--root", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
+    line = one_line_error(result, 2, f"--root {tmp_path / datasets.SAMPLE_DIR}", "--from FILE", "--sample", "--synthetic")
+    assert "embedded PBC sample" in line
+
+
+def test_an_imported_copy_of_synthetic_data_stays_synthetic(tmp_path):
+    made = runner.invoke(app, ["download", "breastmnist", "--synthetic", "--root", str(tmp_path / "a"), "--json"])
+    source = json.loads(made.stdout)[0]["path"]
+    result = runner.invoke(app, ["download", "breastmnist", "--from", source, "--allow-unofficial",
+                                 "--root", str(tmp_path / "b"), "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)[0]
+    assert record["synthetic"] is True and record["signal_box"] == json.loads(made.stdout)[0]["signal_box"]

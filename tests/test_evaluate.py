@@ -53,9 +53,10 @@ def test_evaluate_writes_files_workbook_and_stage_and_repeats_identically(run_co
     assert stage["summary"]["test"]["accuracy"] == metrics_json["metrics"]["accuracy"]
 
     book = load_workbook(run_copy / "report.xlsx")
-    assert book.sheetnames == ["summary", "per-class", "confusion matrix", "ROC", "training history", "predictions"]
+    assert book.sheetnames == ["summary", "per-class", "confusion matrix", "ROC", "reliability", "training history",
+                               "predictions"]
     summary = book["summary"]
-    assert summary.freeze_panes == "A2" and summary["A1"].font.bold
+    assert summary.freeze_panes == "A3" and summary["A1"].font.bold  # A1: the synthetic data's provenance
     accuracy_row = next(row for row in summary.iter_rows() if row[0].value == "accuracy")
     assert accuracy_row[1].value == pytest.approx(metrics_json["metrics"]["accuracy"])
     assert accuracy_row[1].number_format == "0.00%"
@@ -217,3 +218,189 @@ def test_scores_that_overflow_in_fp16_are_predicted_again_and_diverged_ones_stop
     for diverged in (float("nan"), float("inf")):
         with pytest.raises(MedcliError, match="NaN or infinite"):
             inference.predict_logits(_Scores(diverged, diverged), images, prep, batch_size=2, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 24: calibration that cannot be fitted, intervals, figures, provenance
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """Every matplotlib Figure the reports save, kept for inspection (and still written)."""
+    from medcli import reports
+
+    kept, real = [], reports.save_figure
+    monkeypatch.setattr(reports, "save_figure", lambda fig, path: kept.append(fig) or real(fig, path))
+    return kept
+
+
+def _texts(fig) -> str:
+    return " ".join(t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text")))
+
+
+def test_a_separated_validation_split_skips_the_fit_and_every_output_says_so(run_copy, monkeypatch, figures, capsys):
+    """Issue 24: a perfectly separated val split with large logits got T = 0.085, an NLL of
+    -0.0 and an ECE of 0 that aggregate ranked first. Now T = 1, the numbers stay the
+    uncalibrated ones, and the JSON, the summary, the figure and report.xlsx say why."""
+    from openpyxl import load_workbook
+
+    from medcli import inference
+    from medcli.evaluate import evaluate_run
+
+    labels = Run.open(run_copy).load_data().labels
+
+    def separated(model, images, prep, progress_label, **kwargs):  # val: every image right by a wide margin
+        split = progress_label.split()[-1]
+        y = labels[split]
+        logits = np.random.default_rng(len(y)).normal(size=(len(y), len(NAMES)))
+        logits[np.arange(len(y)), y] += 8.0 if split == "val" else 1.0
+        return torch.from_numpy(logits * 50.0)
+
+    monkeypatch.setattr(inference, "predict_logits", separated)
+    result = evaluate_run(run_copy, split="test", calibrate=True, device="cpu")["splits"]["test"]
+    calibration = result["calibration"]
+    assert calibration["temperature"] == 1.0 and calibration["skipped"] == metrics.SEPARATED
+    assert calibration["after"] == calibration["before"] and result["metrics"]["nll"] == calibration["before"]["nll"] > 0
+    assert "skipped (T = 1): validation split perfectly separated" in " ".join(capsys.readouterr().err.split())
+    reliability = next(fig for fig in figures if "reliability" in fig.get_suptitle())
+    assert len(reliability.axes) == 2 and "temperature fit skipped (validation split perfectly separated)" in " ".join(
+        reliability.axes[0].get_title().split())
+    rows = [[c.value for c in row] for row in load_workbook(run_copy / "report.xlsx")["summary"].iter_rows()]
+    ece = next(row for row in rows if row[:2] == ["ece", "test"])
+    assert ece[2:] == [pytest.approx(calibration["before"]["ece"])] * 2 + ["1.000", f"skipped ({metrics.SEPARATED})"]
+
+
+def test_evaluate_reports_bootstrap_intervals_and_the_data_provenance(run_copy, figures, capsys):
+    """Issue 24: each split gets a seeded bootstrap interval of accuracy and AUC (JSON, summary,
+    workbook), and a run on synthetic data says so in the summary, every figure and the workbook."""
+    from openpyxl import load_workbook
+
+    from medcli.evaluate import BOOTSTRAP, evaluate_run
+
+    result = evaluate_run(run_copy, split="test", device="cpu")["splits"]["test"]
+    ci = json.loads((run_copy / "metrics" / "test.json").read_text())["ci"]
+    assert ci == result["ci"] and {k: ci[k] for k in ("method", "resamples", "seed")} == {
+        "method": "percentile bootstrap", **BOOTSTRAP}
+    for key in ("accuracy", "auc"):
+        assert ci[key][0] <= result["metrics"][key] <= ci[key][1] and ci[key][0] < ci[key][1]
+    err = " ".join(capsys.readouterr().err.split())
+    assert "accuracy 95% CI" in err and "SYNTHETIC" in err and "1000 resamples" in err
+    assert len(figures) == 5 and all("data: SYNTHETIC" in _texts(fig) for fig in figures)  # confusion ... roc
+    book = load_workbook(run_copy / "report.xlsx")
+    assert book["summary"]["A1"].value.startswith("data: SYNTHETIC data")
+    rows = [[c.value for c in row] for row in book["summary"].iter_rows()]
+    assert ["accuracy", "test", result["metrics"]["accuracy"], *ci["accuracy"]] in rows
+    assert book["reliability"].max_row > 15 and "ap" in [c.value for c in book["ROC"][2]]
+
+
+def test_reliability_bars_read_each_bins_accuracy_with_the_gap_outlined(figures, tmp_path):
+    """Issue 24: with 100 % accuracy in every bin the bars looked like 0.46-0.82, because the
+    filled gap bars were drawn over them."""
+    from medcli import reports
+
+    confidence = np.repeat([0.45, 0.62, 0.75, 0.95], 10)
+    correct = np.ones(40)
+    correct[10:15] = 0  # bin accuracies 1, 0.5, 1, 1
+    bins = {**metrics.reliability(confidence, correct), "confidence_of": "top-class probability"}
+    reports.save_reliability(tmp_path / "reliability.png", [("test", bins)], "known bins")
+    accuracy, gap = figures[0].axes[0].containers
+    assert [bar.get_height() for bar in accuracy] == pytest.approx([1.0, 0.5, 1.0, 1.0])
+    assert not any(bar.get_fill() for bar in gap)  # an outline: the accuracy bar stays visible beneath
+    assert [bar.get_y() + bar.get_height() for bar in gap] == pytest.approx([0.45, 0.62, 0.75, 0.95])
+
+
+def test_training_curves_name_the_run_mark_the_best_epoch_on_integer_ticks(figures, tmp_path):
+    from medcli import reports
+
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "train_acc": 0.5 + 0.05 * e, "val_acc": 0.5,
+                "val_f1": 0.4, "val_auc": 0.8, "lr": 1e-3} for e in range(1, 6)]
+    manifest = {"run_id": "20260101-000000_bloodmnist28_resnet18", "config": {"model": "resnet18", "monitor": "acc"},
+                "dataset": {"flag": "bloodmnist", "size": 28, "sample": True, "official": False}}
+    reports.save_curves(tmp_path / "curves.png", history, manifest, best_epoch=3)
+    fig = figures[0]
+    assert all(part in fig.get_suptitle() for part in ("resnet18", "bloodmnist 28 px", manifest["run_id"], "epoch 3"))
+    assert "embedded PBC sample" in _texts(fig)
+    for ax in fig.axes:
+        assert all(float(t).is_integer() for t in ax.get_xticks())
+        assert [line.get_xdata()[0] for line in ax.lines if line.get_label().startswith("best epoch")] == [3]
+
+
+def test_confusion_class_names_are_whole_and_inside_the_figure(figures, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medcli import reports
+
+    reports.save_task_confusion(tmp_path / "cm.png", {"confusion_matrix": np.eye(len(NAMES), dtype=int)}, NAMES, "names")
+    fig = figures[0]
+    FigureCanvasAgg(fig).draw()
+    labels = fig.axes[0].get_xticklabels() + fig.axes[0].get_yticklabels()
+    shown = {" ".join(label.get_text().split()) for label in labels}
+    assert "immature granulocytes" in shown and not any("…" in text for text in shown)
+    for label in labels:
+        box = label.get_window_extent()
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.x1 and box.y1 <= fig.bbox.y1
+
+
+def test_the_precision_recall_panel_has_a_legend_with_average_precision(figures, tmp_path):
+    from sklearn.metrics import average_precision_score
+
+    from medcli import reports
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=90)
+    probs = metrics.softmax(np.eye(3)[labels] * 2 + rng.normal(size=(90, 3)))
+    curves = tables.roc_curves(np.eye(3, dtype=bool)[labels], probs, list("abc"), [0, 1, 2])
+    assert [c["ap"] for c in curves] == pytest.approx([average_precision_score(labels == k, probs[:, k]) for k in range(3)])
+    reports.save_roc(tmp_path / "roc.png", curves, "pr")
+    pr = figures[0].axes[1]
+    assert [t.get_text() for t in pr.get_legend().get_texts()] == [f"{c['name']} (AP {c['ap']:.3f})" for c in curves]
+    assert pr.get_title() == f"precision-recall (macro AP {np.mean([c['ap'] for c in curves]):.3f})"
+
+
+def test_sample_captions_give_the_confidence_and_an_empty_mistakes_figure_says_why(figures, tmp_path):
+    from medcli import reports
+
+    images = np.zeros((4, 28, 28, 3), dtype=np.uint8)
+    captions = (["a"] * 4, ["a"] * 4, [True] * 4, [0.9, 0.8, 0.7, 0.6])
+    reports.save_samples(tmp_path / "samples.png", images, captions, "samples")
+    reports.save_mistakes(tmp_path / "mistakes.png", images, captions, "mistakes")
+    assert "P: a (90%)" in _texts(figures[0])
+    assert "no mistakes: all 4 predictions are right" in _texts(figures[1])
+
+
+def test_explanation_figures_use_a_uniform_colour_map_with_a_colour_bar_and_row_labels(figures, tmp_path):
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from medcli import reports
+
+    image = np.full((28, 28, 1), 128, dtype=np.uint8)
+    heat = np.tile(np.linspace(0, 1, 28, dtype=np.float32), (28, 1))
+    _, coloured, overlay = reports.panels(image, heat)
+    expected = (colormaps[reports.MAP_CMAP](heat)[..., :3] * 255).round()
+    assert reports.MAP_CMAP in ("viridis", "inferno", "magma", "cividis") and np.abs(coloured - expected).max() <= 1
+    assert np.abs(overlay - (0.5 * 128 + 0.5 * expected)).max() <= 1
+
+    reports.save_sample_figure(tmp_path / "one.png", image, heat, "title", note="SYNTHETIC data")
+    body = np.asarray(Image.open(tmp_path / "one.png").convert("RGB"), dtype=float)[
+        reports.TITLE_PX:reports.TITLE_PX + reports.DISPLAY_PX]
+    top, bottom = (np.abs(body[row] - expected[0, column]).max(axis=1) <= 1 for row, column in ((0, -1), (-1, 0)))
+    assert (top & bottom).any()  # a colour bar: a column running from the map's 1 (top) to its 0 (bottom)
+
+    reports.save_class_grid(tmp_path / "grid.png", "gradcam · test · true class a", [(image, heat, "#1")] * 3,
+                            note="SYNTHETIC data")
+    fig = figures[0]
+    assert len(fig.axes) == 2 * 3 + 1 and fig.axes[-1].get_ylabel() == "map value"  # the colour bar
+    assert [fig.axes[0].get_ylabel(), fig.axes[3].get_ylabel()] == ["image", "map over image"]
+    assert "data: SYNTHETIC data" in _texts(fig)
+
+
+@pytest.mark.parametrize("record, expected", [
+    ({"flag": "bloodmnist", "official": True, "synthetic": False}, None),
+    ({"flag": "bloodmnist", "official": False, "synthetic": True}, "SYNTHETIC data (a bloodmnist stand-in, not a real result)"),
+    ({"flag": "bloodmnist", "official": False, "sample": True}, "embedded PBC sample (not the official bloodmnist file)"),
+    ({"flag": "bloodmnist", "official": False, "md5": "abc"}, "unofficial bloodmnist data (md5 abc)"),
+])
+def test_provenance_names_data_that_is_not_the_official_file(record, expected):
+    assert datasets.provenance(record) == expected

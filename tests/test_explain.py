@@ -99,8 +99,10 @@ def test_default_layers_follow_the_map_size(cnn, vit):
     chosen = explainers.default_layer(model, spec, layers)
     assert min(layers[chosen]) >= explainers.MIN_CAM_GRID  # test_resnet at 28 px: layer1 is 7x7, layer2 4x4
     assert chosen == "layer1" and min(layers["layer2"]) < explainers.MIN_CAM_GRID
-    resnet, resnet_spec = models.create("resnet18", 8, 3, 28)  # small stem: 28, 14, 7, 4
-    assert explainers.resolve_layer(resnet.eval(), resnet_spec, None) == "layer3"
+    # ResNet-18's stages at 28 px: 28, 14, 7, 4 px; with --reduced's max-pool 14, 7, 4, 2 px
+    for overrides, layer in (({}, "layer3"), ({"keep_maxpool": True}, "layer2")):
+        resnet, resnet_spec = models.create("resnet18", 8, 3, 28, **overrides)
+        assert explainers.resolve_layer(resnet.eval(), resnet_spec, None) == layer
     # DenseNet-121's stages are the children of `features`: dense blocks at 28, 14, 7, 3 px
     # (small stem) or 14, 7, 3, 1 px (the --reduced stem keeps the max-pool)
     for overrides, layer in (({}, "features.denseblock3"), ({"keep_maxpool": True}, "features.denseblock2")):
@@ -108,6 +110,9 @@ def test_default_layers_follow_the_map_size(cnn, vit):
         assert explainers.resolve_layer(densenet.eval(), densenet_spec, None) == layer
     model, spec = vit
     assert explainers.resolve_layer(model, spec, None) == "blocks.5.norm1"
+    # --layer's help names these defaults (review #24: it named one that was not used)
+    assert all(text in explainers.LAYER_HELP for text in ("layer3 of resnet18", "layer2 with --reduced",
+                                                           "features.denseblock3", "the last block's norm1"))
 
 
 # -- rollout ---------------------------------------------------------------------------------------
@@ -165,7 +170,9 @@ def test_hooks_are_released_after_use(family, method, cnn, vit, sample_images):
 # -- evidence --------------------------------------------------------------------------------------
 def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
     """End to end through the CLI: most Grad-CAM mass lies in the signal box; files, index and
-    manifest agree; a second explain of the same method replaces the first one's files."""
+    manifest agree; an explain of other samples with the same method is refused (review #24:
+    `--indices 5` silently replaced 32 samples) unless --overwrite, which replaces the first
+    one's files; the same samples explained again need no --overwrite."""
     run = shutil.copytree(tiny_run, tmp_path / "run")
     result = runner.invoke(app, ["explain", str(run), "--method", "gradcam", "--per-class", "4", "--json",
                                  "--no-faithfulness"])
@@ -183,8 +190,16 @@ def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
     stage = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]
     assert stage["status"] == "completed" and "explain/gradcam/index.json" in stage["artefacts"]
 
-    again = runner.invoke(app, ["explain", str(run), "--indices", "0,1"])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    one_line_error(runner.invoke(app, ["explain", str(run), "--indices", "5"]), 2,
+                   "explain/gradcam", "holds 32 test samples (--split test --per-class 4 --seed 0)",
+                   "--split test --indices 5 chooses other samples", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    again = runner.invoke(app, ["explain", str(run), "--indices", "5", "--overwrite"])
     assert again.exit_code == 0 and again.stdout.strip() == str(out)
+    assert ": 1 test sample explained" in again.stderr
+    same = runner.invoke(app, ["explain", str(run), "--indices", "5", "--target", "true"])
+    assert same.exit_code == 0, same.stderr
     second = json.loads((out / "index.json").read_text())
     expected = {s["file"] for s in second["samples"]} | set(second["grids"].values()) | {"index.json", "maps.npz"}
     assert {p.name for p in out.iterdir()} == expected
@@ -281,6 +296,7 @@ def test_explain_records_faithfulness_and_raw_maps(tiny_run, tmp_path):
     stored = np.load(run / "explain" / "gradcam" / "maps.npz")
     assert stored["maps"].shape == (8, 28, 28) and list(stored["indices"]) == [s["index"] for s in index["samples"]]
     assert json.loads(str(stored["meta"]))["flag"] == "bloodmnist"
+    assert json.loads(str(stored["meta"]))["selection"] == index["selection"] == "--split test --per-class 1 --seed 0"
     assert "explain/gradcam/maps.npz" in stage["artefacts"]
     quick = runner.invoke(app, ["explain", str(run), "--per-class", "1", "--no-faithfulness", "--json"])
     assert quick.exit_code == 0 and json.loads(quick.stdout)["faithfulness"] is None
@@ -393,6 +409,10 @@ def test_aggregate_maps_lines_up_the_same_samples_across_runs(explained_pair, tm
     assert same["spearman"] == pytest.approx(1.0) and same["top20_iou"] == pytest.approx(1.0)  # same model and samples
     assert set(same["per_class"]) == set(datasets.class_names("bloodmnist"))
     assert {p.name for p in tmp_path.iterdir()} == {"maps_agreement.csv", "maps_agreement.json", "maps_compare.png"}
+    from PIL import Image
+
+    with Image.open(tmp_path / "maps_compare.png") as figure:  # review #24: a 540 x 5,273 px strip
+        assert figure.height < 2000 and figure.width < 2000, figure.size
     only = runner.invoke(app, ["aggregate", str(a), str(b), "--maps", "--method", "gradcam", "--out", str(tmp_path),
                                "--format", "json"])
     assert len(json.loads(only.stdout)["pairs"]) == 1
@@ -403,8 +423,15 @@ def test_aggregate_maps_bad_input_is_one_line(explained_pair, tiny_run, tmp_path
     other_split = shutil.copytree(tiny_run, tmp_path / "val-run")
     assert runner.invoke(app, ["explain", str(other_split), "--split", "val", "--per-class", "1",
                                "--no-faithfulness"]).exit_code == 0
+    taken = {s["index"] for s in json.loads((a / "explain" / "gradcam" / "index.json").read_text())["samples"]}
+    other = min(set(range(64)) - taken)
+    other_samples = shutil.copytree(tiny_run, tmp_path / "other-samples")
+    assert runner.invoke(app, ["explain", str(other_samples), "--indices", str(other),
+                               "--no-faithfulness"]).exit_code == 0
     cases = [
         ([str(a), str(other_split)], "different splits"),
+        ([str(a), str(other_samples)], f"share no sample (a · gradcam explained --split test --per-class 2 --seed 0; "
+                                       f"other-samples · gradcam explained --split test --indices {other})"),
         ([str(a), str(tiny_run)], "no completed explanation"),
         ([str(a)], "at least two explained runs"),
     ]

@@ -73,8 +73,8 @@ def _toy_logits(n: int, seed: int):
 def test_temperature_scaling_fixes_an_over_confident_model():
     logits, labels = _toy_logits(3000, seed=1)
     sharp = logits * 4.0  # same ranking, four times too confident
-    t = metrics.fit_temperature(sharp, labels)
-    assert t == pytest.approx(4.0, rel=0.15)
+    t, skipped = metrics.fit_temperature(sharp, labels)
+    assert t == pytest.approx(4.0, rel=0.15) and skipped is None
     before, after = metrics.softmax(sharp), metrics.softmax(sharp, t)
     assert metrics.nll(labels, after) < metrics.nll(labels, before)
     assert (metrics.reliability(*metrics.top_label(labels, after))["ece"]
@@ -82,15 +82,70 @@ def test_temperature_scaling_fixes_an_over_confident_model():
     assert (after.argmax(1) == before.argmax(1)).all()  # accuracy is untouched
 
 
-def test_a_perfectly_separated_validation_split_keeps_the_logits():
+@pytest.mark.parametrize("scale", [1.0, 12.0, 30.0, 1000.0])
+def test_a_perfectly_separated_validation_split_keeps_the_logits_whatever_their_scale(scale):
+    """Issue 24: a separated split with large logits got T = 0.085 (its NLL underflowed to
+    -0.0 inside the search range, so the optimum looked interior); separation is now detected
+    directly, with the reason recorded."""
     logits, _ = _toy_logits(78, seed=4)
     labels = logits.argmax(1)  # every validation image right: the NLL falls all the way to T -> 0
-    assert metrics.fit_temperature(logits, labels) == 1.0
-    multi = np.column_stack([logits[:, 0], logits[:, 1]])
-    one_sided = np.column_stack([multi[:, 0] > 0, np.zeros(78, int)])  # label 1: no positive at all
-    assert metrics.fit_label_temperatures(multi, one_sided) == [1.0, 1.0]
+    assert metrics.fit_temperature(logits * scale, labels) == (1.0, metrics.SEPARATED)
+    multi = np.column_stack([logits[:, 0], logits[:, 1], logits[:, 2]]) * scale
+    labels = np.column_stack([multi[:, 0] > 0, np.zeros(78, int), multi[:, 2] > 0])  # label 1: no positive at all
+    labels[np.argmax(multi[:, 2]), 2] = 0  # label 2: one image on the wrong side, so T is fitted
+    temperatures, reasons = metrics.fit_label_temperatures(multi, labels)
+    assert temperatures[:2] == [1.0, 1.0] and reasons == [metrics.SEPARATED, metrics.ONE_SIDED, None]
+    assert temperatures[2] != 1.0
+
+
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_the_temperature_follows_the_scale_of_the_logits(scale):
+    """The search range sits around the logits' own scale: a model with 100 x the logits needs
+    100 x the temperature (the old fixed range 0.05-20 stopped at its bound)."""
+    logits, labels = _toy_logits(2000, seed=5)
+    sharp = logits * 3.0
+    t, _ = metrics.fit_temperature(sharp, labels)
+    assert metrics.fit_temperature(sharp * scale, labels) == (pytest.approx(t * scale, rel=1e-3), None)
+
+
+def test_a_fitted_temperature_never_drives_the_validation_nll_to_zero():
+    """One image on the wrong side is enough to keep the fit proper: its p_true <= 1/2 at every
+    T, so the fitted NLL stays at least log 2 / N even with huge logits."""
+    logits, _ = _toy_logits(78, seed=4)
+    labels = logits.argmax(1)
+    labels[0] = (labels[0] + 1) % 4
+    t, skipped = metrics.fit_temperature(logits * 1000.0, labels)
+    assert skipped is None
+    assert metrics.nll(labels, metrics.softmax(logits * 1000.0, t)) >= math.log(2) / 78
 
 
 def test_temperature_is_about_one_for_a_calibrated_model():
     logits, labels = _toy_logits(3000, seed=2)
-    assert metrics.fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.15)
+    assert metrics.fit_temperature(logits, labels) == (pytest.approx(1.0, abs=0.15), None)
+
+
+def _naive_bootstrap(correct, positive, scores, resamples, seed):
+    """The same draws as `bootstrap_intervals`, scored image by image with sklearn."""
+    from sklearn.metrics import roc_auc_score
+
+    rng, n = np.random.default_rng(seed), correct.size
+    draws = np.concatenate([rng.integers(0, n, size=(min(metrics.BOOTSTRAP_CHUNK, resamples - start), n))
+                            for start in range(0, resamples, metrics.BOOTSTRAP_CHUNK)])
+    accuracy = [correct[d].mean() for d in draws]
+    auc = [np.mean([roc_auc_score(positive[d, k], scores[d, k]) for k in range(positive.shape[1])]) for d in draws]
+    return np.percentile(accuracy, [2.5, 97.5]), np.percentile(auc, [2.5, 97.5])
+
+
+def test_bootstrap_intervals_equal_a_resample_by_resample_computation():
+    rng = np.random.default_rng(0)
+    positive = np.eye(3, dtype=bool)[rng.integers(0, 3, size=300)]
+    scores = np.round(positive * 0.3 + rng.random((300, 3)), 1)  # rounded: many tied scores
+    correct = (rng.random(300) < 0.8).astype(float)
+    ci = metrics.bootstrap_intervals(correct, positive, scores, resamples=120, seed=3)
+    accuracy, auc = _naive_bootstrap(correct, positive, scores, 120, 3)
+    assert ci["accuracy"] == pytest.approx(accuracy.tolist()) and ci["auc"] == pytest.approx(auc.tolist())
+    assert {k: ci[k] for k in ("method", "level", "resamples", "seed")} == {
+        "method": "percentile bootstrap", "level": 0.95, "resamples": 120, "seed": 3}
+    assert metrics.bootstrap_intervals(correct, positive, scores, resamples=120, seed=3) == ci
+    lonely = metrics.bootstrap_intervals(correct, np.zeros((300, 1), bool), scores[:, :1], resamples=10, seed=0)
+    assert lonely["auc"] is None and lonely["accuracy"] is not None  # no positive: no AUC at all

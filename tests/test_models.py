@@ -9,7 +9,7 @@ import timm
 import torch
 from torch import nn
 
-from medcli import models
+from medcli import hub, models
 from medcli.errors import UsageError
 from medcli.run import Run
 
@@ -228,7 +228,7 @@ def test_every_model_name_has_a_family_record():
     for name, (_, library) in models.ALIASES.items():
         record = models.record(name)
         assert record in models.FAMILIES.values() and (record.torchvision is not None) == (library == "torchvision")
-        assert set(record.reduced) <= set(record.defaults) | {"input_size"} and record.kind in ("cnn", "vit")
+        assert set(record.reduced) <= set(record.defaults) | {"input_size", "min_steps"} and record.kind in ("cnn", "vit")
     assert {k for k, r in models.FAMILIES.items() if r.torchvision} == {
         n for n, (_, library) in models.ALIASES.items() if library == "torchvision"}
     assert models.record("timm:test_vit") is models.FAMILIES["vit"] and models.record("timm:test_resnet").rollout is False
@@ -326,7 +326,7 @@ def test_pretrained_online_really_downloads(monkeypatch, capsys, tmp_path):
         asked.append((str(source), constants.HF_HUB_OFFLINE))
         raise ConnectionError("test refuses downloads")
 
-    monkeypatch.setattr(models, "_unreachable", lambda url: None)
+    monkeypatch.setattr(hub, "unreachable", lambda url: None)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
     monkeypatch.setattr(timm.models._builder, "load_state_dict_from_hf", refuse)
@@ -341,15 +341,15 @@ def test_pretrained_online_really_downloads(monkeypatch, capsys, tmp_path):
 
 def test_unreachable_honours_hf_hub_offline_and_failed_probe(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert models._unreachable("https://huggingface.co") == "HF_HUB_OFFLINE is set"
+    assert hub.unreachable("https://huggingface.co") == "HF_HUB_OFFLINE is set"
     monkeypatch.delenv("HF_HUB_OFFLINE")
 
     def no_route(address, timeout):
         assert timeout <= 5
         raise OSError("no route")
 
-    monkeypatch.setattr(models.socket, "create_connection", no_route)
-    assert "cannot reach huggingface.co" in models._unreachable("https://huggingface.co")
+    monkeypatch.setattr(hub.socket, "create_connection", no_route)
+    assert "cannot reach huggingface.co" in hub.unreachable("https://huggingface.co")
 
 
 # -- weights files -----------------------------------------------------------------------------

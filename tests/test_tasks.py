@@ -85,6 +85,28 @@ def test_accuracy_and_auc_equal_medmnists_evaluator(task, kind):
     assert set(EXTRA_METRICS[task]) <= set(ours)
 
 
+@pytest.mark.parametrize("task", [MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL])
+def test_bootstrap_intervals_follow_each_tasks_accuracy_and_auc(task):
+    """The intervals resample the task's own numbers: the mean of `image_accuracy` is its
+    accuracy, the mean AUC over `roc_classes` its AUC (class 1's alone for a binary task)."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    if task == MULTI_LABEL:
+        labels, probs = _multilabel(rng)
+    else:
+        labels, probs = _single(rng, {MULTI_CLASS: 6, BINARY: 2, ORDINAL: 5}[task])
+    kind = for_kind(task, tuple(f"c{k}" for k in range(probs.shape[1])))
+    ours = kind.metrics(labels, probs)
+    assert kind.image_accuracy(labels, probs).mean() == pytest.approx(ours["accuracy"])
+    indicator = kind.indicator(labels)
+    assert np.mean([roc_auc_score(indicator[:, k], probs[:, k]) for k in kind.roc_classes()]) == pytest.approx(ours["auc"])
+    ci = kind.intervals(labels, probs, resamples=400, seed=0)
+    assert ci["resamples"] == 400 and ci["seed"] == 0
+    for key in ("accuracy", "auc"):
+        assert ci[key][0] < ours[key] < ci[key][1]
+
+
 @pytest.mark.parametrize("task", [MULTI_CLASS, BINARY, MULTI_LABEL])
 def test_roc_curves_are_sklearns_and_binary_draws_the_class_the_auc_is_of(task):
     from sklearn.metrics import roc_auc_score
@@ -163,10 +185,15 @@ def test_multilabel_temperatures_are_per_label_and_keep_each_labels_ranking():
     rng = np.random.default_rng(3)
     logits = rng.normal(size=(2000, 4))
     labels = (rng.random((2000, 4)) < metrics.sigmoid(logits)).astype(int)  # calibrated by construction
-    assert metrics.fit_label_temperatures(logits, labels) == pytest.approx([1.0] * 4, abs=0.15)
+    assert metrics.fit_label_temperatures(logits, labels)[0] == pytest.approx([1.0] * 4, abs=0.15)
     sharper = logits * np.array([3.0, 1.0, 0.5, 1.0])  # over-confident, calibrated, under-confident labels
-    t = metrics.fit_label_temperatures(sharper, labels)
-    assert t == pytest.approx([3.0, 1.0, 0.5, 1.0], rel=0.15)
+    t, skipped = for_kind(MULTI_LABEL, tuple("abcd")).fit_temperature(sharper, labels)
+    assert t == pytest.approx([3.0, 1.0, 0.5, 1.0], rel=0.15) and skipped is None
+    one_sided = labels.copy()
+    one_sided[:, 1] = 0
+    one_sided[:, 3] = sharper[:, 3] > 0
+    assert for_kind(MULTI_LABEL, tuple("abcd")).fit_temperature(sharper, one_sided)[1] == (
+        f"{metrics.ONE_SIDED}: b; {metrics.SEPARATED}: d")
     scaled = for_kind(MULTI_LABEL, tuple("abcd")).probabilities(sharper, t)
     assert metrics.binary_nll(labels, scaled) < metrics.binary_nll(labels, metrics.sigmoid(sharper))
     before, after = (metrics.label_matrix_metrics(labels, p)["per_class"] for p in (metrics.sigmoid(sharper), scaled))
@@ -197,7 +224,7 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     assert manifest["config"]["task"] == task.kind
     assert manifest["config"]["monitor"] == ("auc" if isinstance(task, MultiLabel) else "acc")
 
-    evaluated = runner.invoke(app, ["--quiet", "evaluate", str(run), "--tta", "--calibrate", "--medmnist-csv", "--json"])
+    evaluated = runner.invoke(app, ["evaluate", str(run), "--tta", "--calibrate", "--medmnist-csv", "--json"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "is not that file" in " ".join(evaluated.stderr.split())  # synthetic data: the evaluator's labels differ
     ours = json.loads(evaluated.stdout)["test"]
@@ -231,7 +258,7 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     if isinstance(task, MultiLabel):
         assert all(s["label_name"] in s["true_labels"] for s in index["samples"])
     named = runner.invoke(app, ["--quiet", "explain", str(run), "--method", "gradcam", "--indices", "0,1",
-                                "--target", task.names[1], "--json", "--no-faithfulness"])
+                                "--target", task.names[1], "--json", "--no-faithfulness", "--overwrite"])
     assert named.exit_code == 0, named.output
     assert {s["target"] for s in json.loads(named.stdout)["samples"]} == {1}
 

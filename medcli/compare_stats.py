@@ -1,0 +1,217 @@
+"""What a comparison's claims are measured against: paired tests between two setups evaluated
+on the same images, and the published MedMNIST v2 numbers (`aggregate`, `--pair`, `--reference`).
+
+Paired tests. Two runs evaluated on the same test images (the same dataset file by md5, and the
+same images and labels in the same order in their predictions CSVs) are compared image by
+image: McNemar's exact test on the images each gets right (accuracy), and a paired bootstrap of
+the AUC difference (both models scored on the same resamples; BOOTSTRAP_RESAMPLES resamples
+seeded with BOOTSTRAP_SEED, both recorded). Setups repeated over seeds are paired by seed, and
+each metric's per-seed differences give a mean difference with a Student-t interval. A test
+that cannot be made says why, in one line, instead of a number.
+
+Published numbers. `data/medmnist_v2_benchmarks.csv` is Table 3 of the MedMNIST v2 paper (test
+AUC and ACC of seven methods on the twelve 2D datasets, all trained and tested on the official
+28-px images; "(224)" means those images resized to 224 px), transcribed from the MedMNIST
+team's page medmnist.com/v2. `references` gives the rows of the compared datasets, marked as
+different data where a run did not use the official 28-px file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medcli import metrics, tables
+from medcli.errors import UsageError
+from medcli.names import PERCENT_METRICS
+from medcli.run import Run
+
+__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CITATION", "benchmarks", "pair_groups", "paired_lines",
+           "paired_tests", "references"]
+
+BOOTSTRAP_RESAMPLES = 2000
+BOOTSTRAP_SEED = 0
+BENCHMARKS_FILE = "medmnist_v2_benchmarks.csv"
+CITATION = ("Yang et al., MedMNIST v2, Scientific Data 10:41 (2023), Table 3: test set, official 28-px images "
+            "(medmnist.com/v2)")
+PUBLISHED_SIZE = 28
+PUBLISHED_METRICS = {"acc": "accuracy", "auc": "auc"}  # the file's columns -> medcli's metric names
+
+
+# ---------------------------------------------------------------------------------------
+# Paired tests
+# ---------------------------------------------------------------------------------------
+
+
+def pair_groups(groups: list[dict], pair: Sequence[str] | None) -> tuple[dict, dict] | None:
+    """The two setups (groups of `aggregate`) a paired test compares: the ones `pair` names (each
+    by its label, one of its run ids or run directories), else the only two when exactly two
+    are compared; None when there is no pair."""
+    if not pair:
+        return (groups[0], groups[1]) if len(groups) == 2 else None
+    a, b = (_named_group(groups, name) for name in pair)
+    if a is b:
+        raise UsageError(f"--pair names the setup '{a['group']}' twice; name two different setups")
+    return a, b
+
+
+def _named_group(groups: list[dict], name: str) -> dict:
+    path = Path(name).resolve()
+    found = [g for g in groups if g["group"] == name or name in g["runs"]
+             or any(Path(p).resolve() == path for p in g["paths"])]
+    if len(found) != 1:
+        raise UsageError(f"--pair '{name}' names {'no' if not found else 'more than one'} compared setup; name a run "
+                         f"directory, a run id or one of: {', '.join(repr(g['group']) for g in groups)}")
+    return found[0]
+
+
+def paired_tests(a: dict, b: dict, runs: list[dict], split: str, metric_names: Sequence[str]) -> dict:
+    """Setup `a` against setup `b` on `split`: per pair of runs (the same seed; or the two runs
+    when each setup has one), McNemar and the AUC bootstrap on the same images; over two or
+    more seed pairs, each metric's mean difference A - B with its t-interval."""
+    members = [[r for r in runs if r["run"] in g["runs"]] for g in (a, b)]
+    if len(members[0]) == 1 == len(members[1]):
+        pairs = [(members[0][0], members[1][0])]
+    else:
+        by_seed = {r["seed"]: r for r in members[1]}
+        pairs = [(r, by_seed[r["seed"]]) for r in members[0] if r["seed"] in by_seed]
+    result = {"a": a["group"], "b": b["group"], "split": split,
+              "pairs": [_image_tests(ra, rb, split) for ra, rb in pairs]}
+    if len(members[0]) > 1 or len(members[1]) > 1:
+        result["across_seeds"] = _across_seeds(pairs, metric_names)
+    return result
+
+
+def _image_tests(ra: dict, rb: dict, split: str) -> dict:
+    entry = {"run_a": ra["run"], "run_b": rb["run"], "seed_a": ra["seed"], "seed_b": rb["seed"]}
+    try:
+        task, labels, probs_a, probs_b = _same_images(ra, rb, split)
+    except UsageError as exc:
+        return {**entry, "refused": str(exc)}
+    entry["n"] = int(len(labels))
+    correct = [task.image_accuracy(labels, probs) for probs in (probs_a, probs_b)]
+    if all(np.isin(c, (0.0, 1.0)).all() for c in correct):
+        entry["accuracy"] = metrics.mcnemar_exact(*correct)
+    else:
+        entry["accuracy"] = {"refused": "accuracy is each image's share of labels right here; McNemar needs one "
+                                        "right or wrong decision per image"}
+    columns = task.roc_classes()
+    entry["auc"] = metrics.paired_bootstrap_auc(task.indicator(labels)[:, columns], probs_a[:, columns],
+                                                probs_b[:, columns], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
+    return entry
+
+
+def _same_images(ra: dict, rb: dict, split: str):
+    """(task, labels, probabilities of A, of B) from the two runs' predictions CSVs of `split`;
+    a one-line UsageError unless both saw the same images: the same dataset file (md5) and the
+    same image indices and labels in the same order."""
+    md5 = [r["experiment"].get("data_md5") for r in (ra, rb)]
+    if md5[0] is None or md5[0] != md5[1]:
+        raise UsageError(f"not the same test images: {ra['run']} and {rb['run']} used different dataset files "
+                         f"(md5 {md5[0]} vs {md5[1]})")
+    (frame_a, task), (frame_b, task_b) = (tables.read_predictions(Run.open(r["path"]).predictions_file(split))
+                                          for r in (ra, rb))
+    labels, labels_b = task.csv_decisions(frame_a)[0], task_b.csv_decisions(frame_b)[0]
+    if task != task_b or labels.shape != labels_b.shape or not np.array_equal(labels, labels_b) \
+            or not np.array_equal(frame_a["index"], frame_b["index"]):
+        raise UsageError(f"not the same test images: the {split} predictions of {ra['run']} and {rb['run']} differ "
+                         f"in their images, labels or classes; re-run 'medcli evaluate' on both")
+    return task, labels, tables.frame_arrays(frame_a, task)[1], tables.frame_arrays(frame_b, task)[1]
+
+
+def _across_seeds(pairs: list[tuple[dict, dict]], metric_names: Sequence[str]) -> dict:
+    """Per metric, the mean difference A - B over the seed pairs (t-interval), or why not."""
+    if len(pairs) < 2:
+        return {"refused": f"a t-interval needs two or more seeds run by both setups; {len(pairs)} in common"}
+    result = {"seeds": [ra["seed"] for ra, _ in pairs]}
+    for metric in metric_names:
+        differences = [ra[metric] - rb[metric] for ra, rb in pairs if ra[metric] is not None and rb[metric] is not None]
+        result[metric] = (metrics.mean_difference(differences) if len(differences) > 1
+                          else {"refused": "not every run of the pairs has it"})
+    return result
+
+
+def paired_lines(paired: dict) -> list[str]:
+    """The paired tests in words, one line per finding (for the table and the Markdown file)."""
+    lines = [f"Paired tests, A = {paired['a']} vs B = {paired['b']} ({paired['split']} split):"]
+    for entry in paired["pairs"]:
+        head = f"  seed {entry['seed_a']} vs {entry['seed_b']}"
+        if "refused" in entry:
+            lines.append(f"{head}: no test, {entry['refused']}")
+            continue
+        lines.append(f"{head}, the same {entry['n']} images:")
+        accuracy, auc = entry["accuracy"], entry["auc"]
+        if "refused" in accuracy:
+            lines.append(f"    accuracy: no McNemar test, {accuracy['refused']}")
+        else:
+            lines.append(f"    accuracy {accuracy['accuracy_a']:.2%} vs {accuracy['accuracy_b']:.2%}: McNemar exact "
+                         f"{_p(accuracy['p_value'])} (right only by A: {accuracy['only_a']}, only by B: "
+                         f"{accuracy['only_b']})")
+        if auc["difference"] is None:
+            lines.append("    AUC: undefined on these images (a class without positives or negatives)")
+        else:
+            low, high = auc["interval"]
+            lines.append(f"    AUC {auc['auc_a']:.4f} vs {auc['auc_b']:.4f}: A - B {auc['difference']:+.4f}, "
+                         f"{auc['level']:.0%} CI {low:+.4f} to {high:+.4f}, paired bootstrap {_p(auc['p_value'])} "
+                         f"({auc['used']} of {auc['resamples']} resamples, seed {auc['seed']})")
+    across = paired.get("across_seeds")
+    if across is not None and "refused" in across:
+        lines.append(f"  across seeds: no interval, {across['refused']}")
+    elif across is not None:
+        lines.append(f"  across seeds {', '.join(map(str, across['seeds']))} (paired by seed), A - B:")
+        for metric, found in across.items():
+            if metric == "seeds":
+                continue
+            if "refused" in found:
+                lines.append(f"    {metric}: {found['refused']}")
+                continue
+            low, high = found["interval"]
+            lines.append(f"    {metric} {_difference(metric, found['mean'])}, {found['level']:.0%} t-interval "
+                         f"{_difference(metric, low)} to {_difference(metric, high)}, paired t {_p(found['p_value'])}")
+    return lines
+
+
+def _p(p_value: float | None) -> str:
+    if p_value is None:
+        return "p undefined"
+    return "p < 0.0001" if p_value < 1e-4 else f"p = {p_value:.2g}"
+
+
+def _difference(metric: str, value: float) -> str:
+    return f"{value * 100:+.2f} points" if metric in PERCENT_METRICS else f"{value:+.4f}"
+
+
+# ---------------------------------------------------------------------------------------
+# Published numbers
+# ---------------------------------------------------------------------------------------
+
+
+@cache
+def benchmarks() -> dict[str, list[dict]]:
+    """The MedMNIST v2 table by dataset flag: [{"method", "accuracy", "auc"}, ...] in the paper's order."""
+    text = resources.files("medcli").joinpath("data").joinpath(BENCHMARKS_FILE).read_text(encoding="utf-8")
+    table: dict[str, list[dict]] = {}
+    for row in csv.DictReader(io.StringIO(text)):
+        table.setdefault(row["flag"], []).append(
+            {"method": row["method"], **{name: float(row[column]) for column, name in PUBLISHED_METRICS.items()}})
+    return table
+
+
+def references(runs: list[dict]) -> list[dict]:
+    """The published rows of every MedMNIST 2D dataset among `runs` (their "dataset" flag, "size"
+    and "data": the provenance, empty for the official file), each with the citation and, where
+    some run used other data than the official 28-px file, what differs."""
+    rows = []
+    for flag in dict.fromkeys(r["dataset"] for r in runs):
+        mine = [r for r in runs if r["dataset"] == flag]
+        differs = sorted({f"{r['size']} px" for r in mine if r["size"] != PUBLISHED_SIZE}
+                         | {r["data"] for r in mine if r["data"]})
+        rows += [{"dataset": flag, "size": PUBLISHED_SIZE, **published, "source": CITATION,
+                  "different_data": ", ".join(differs) or None} for published in benchmarks().get(flag, [])]
+    return rows

@@ -1,0 +1,156 @@
+"""What `aggregate` judges a comparison by: McNemar's exact test against a hand-computed case,
+the paired AUC bootstrap (seeded, deterministic), the t-interval over seeds, paired tests
+between runs on the same images (and refusals when they are not), and the published MedMNIST
+v2 table checked against the paper."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medcli import compare_stats, metrics, tables, tasks
+from medcli.aggregate import aggregate, table_text
+from medcli.cli import app
+from medcli.run import Run
+
+from test_aggregate import make_run
+
+runner = CliRunner()
+TASK = tasks.for_kind("multi-class", ["basophil", "eosinophil", "neutrophil"])
+
+
+def test_mcnemar_exact_against_a_hand_computed_case():
+    # 5 images both right, 3 both wrong, 1 right only by A, 9 right only by B:
+    # p = 2 * P(X <= 1), X ~ Binomial(10, 1/2) = 2 * (1 + 10) / 1024
+    a = np.array([1] * 5 + [0] * 3 + [1] * 1 + [0] * 9, dtype=bool)
+    b = np.array([1] * 5 + [0] * 3 + [0] * 1 + [1] * 9, dtype=bool)
+    found = metrics.mcnemar_exact(a, b)
+    assert (found["only_a"], found["only_b"], found["n"]) == (1, 9, 18)
+    assert found["p_value"] == pytest.approx(22 / 1024)
+    assert found["accuracy_a"] == pytest.approx(6 / 18) and found["accuracy_b"] == pytest.approx(14 / 18)
+    assert metrics.mcnemar_exact(a, a)["p_value"] == 1.0  # no discordant image: no evidence of a difference
+
+
+def test_paired_bootstrap_is_seeded_and_matches_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    positive = rng.random((300, 2)) < 0.4
+    good = positive + rng.normal(0, 0.6, size=positive.shape)
+    poor = positive + rng.normal(0, 1.5, size=positive.shape)
+    first = metrics.paired_bootstrap_auc(positive, good, poor, resamples=300, seed=7)
+    assert first == metrics.paired_bootstrap_auc(positive, good, poor, resamples=300, seed=7)
+    assert first["interval"] != metrics.paired_bootstrap_auc(positive, good, poor, resamples=300, seed=8)["interval"]
+    expected = np.mean([roc_auc_score(positive[:, k], good[:, k]) for k in range(2)])
+    assert first["auc_a"] == pytest.approx(expected)
+    assert first["difference"] > 0 and first["interval"][0] > 0 and first["p_value"] < 0.01
+    assert (first["resamples"], first["seed"], first["used"]) == (300, 7, 300)
+    same = metrics.paired_bootstrap_auc(positive, good, good, resamples=100, seed=0)
+    assert same["difference"] == 0 and same["interval"] == [0.0, 0.0] and same["p_value"] == 1.0
+
+
+def test_mean_difference_t_interval():
+    from scipy import stats
+
+    found = metrics.mean_difference([1.0, 2.0, 3.0])
+    half = stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3)  # std 1, n 3
+    assert found["mean"] == 2.0 and found["interval"] == pytest.approx([2 - half, 2 + half])
+    assert found["p_value"] == pytest.approx(stats.ttest_1samp([1.0, 2.0, 3.0], 0).pvalue)
+    with pytest.raises(ValueError):
+        metrics.mean_difference([1.0])
+
+
+def predicted(run: Path, right: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """Write the run's test predictions: confident in the label where `right`, else in the next class."""
+    labels = np.arange(right.size) % 3 if labels is None else labels
+    decided = np.where(right, labels, (labels + 1) % 3)
+    probs = np.full((right.size, 3), 0.1)
+    probs[np.arange(right.size), decided] = 0.8
+    tables.write_predictions(Run.open(run).predictions_file("test"), TASK, labels, probs)
+
+
+# A right on 30 of 40 images, B on 22: 20 both, 10 only A, 2 only B, 8 neither.
+RIGHT_A = np.array([1] * 20 + [1] * 10 + [0] * 2 + [0] * 8, dtype=bool)
+RIGHT_B = np.array([1] * 20 + [0] * 10 + [1] * 2 + [0] * 8, dtype=bool)
+
+
+def test_two_runs_on_the_same_images_get_paired_tests(tmp_path):
+    cnn = make_run(tmp_path, "cnn", accuracy=0.75)
+    vit = make_run(tmp_path, "vit", model="vit-tiny", accuracy=0.55)
+    predicted(cnn, RIGHT_A)
+    predicted(vit, RIGHT_B)
+    result = aggregate([tmp_path], metric_names=["accuracy", "auc"])
+    (pair,) = result.paired["pairs"]
+    assert pair["n"] == 40
+    assert (pair["accuracy"]["only_a"], pair["accuracy"]["only_b"]) == (10, 2)
+    assert pair["accuracy"]["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 2 * P(X <= 2), X ~ B(12, 1/2)
+    assert (pair["auc"]["resamples"], pair["auc"]["seed"]) == (compare_stats.BOOTSTRAP_RESAMPLES,
+                                                               compare_stats.BOOTSTRAP_SEED)
+    assert pair["auc"] == aggregate([tmp_path], metric_names=["accuracy", "auc"]).paired["pairs"][0]["auc"]
+    text = table_text(result, width=100)
+    assert "McNemar exact p = 0.039" in text and "paired bootstrap" in text
+
+
+@pytest.mark.parametrize("change", ["md5", "labels"])
+def test_paired_tests_refuse_different_images(tmp_path, change):
+    cnn = make_run(tmp_path, "cnn")
+    vit = make_run(tmp_path, "vit", model="vit-tiny", dataset={"md5": "other"} if change == "md5" else None)
+    predicted(cnn, RIGHT_A)
+    predicted(vit, RIGHT_B, labels=(np.arange(40) + (change == "labels")) % 3)
+    (pair,) = aggregate([tmp_path], metric_names=["accuracy"]).paired["pairs"]
+    assert pair["refused"].startswith("not the same test images") and "accuracy" not in pair
+
+
+def test_seeds_give_a_mean_difference_with_a_t_interval(tmp_path):
+    for seed, (a, b) in enumerate([(0.90, 0.80), (0.92, 0.84)]):
+        make_run(tmp_path, f"cnn{seed}", seed=seed, accuracy=a)
+        make_run(tmp_path, f"vit{seed}", model="vit-tiny", seed=seed, accuracy=b)
+    paired = aggregate([tmp_path], metric_names=["accuracy"]).paired
+    across = paired["across_seeds"]
+    assert across["seeds"] == [0, 1] and across["accuracy"]["mean"] == pytest.approx(0.09)
+    assert across["accuracy"]["n"] == 2 and across["accuracy"]["interval"][0] < 0.09 < across["accuracy"]["interval"][1]
+    assert all("no predictions file" in pair["refused"] for pair in paired["pairs"])  # said, not silently skipped
+
+
+def test_pair_chooses_two_of_several_setups(tmp_path):
+    runs = [make_run(tmp_path, name, model=model) for name, model in
+            (("cnn", "resnet18"), ("vit", "vit-tiny"), ("dense", "densenet121"))]
+    assert aggregate([tmp_path], metric_names=["accuracy"]).paired is None  # three setups: nothing automatic
+    shown = runner.invoke(app, ["aggregate", str(tmp_path), "--pair", str(runs[0]), "vit", "--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    paired = json.loads(shown.stdout)["paired"]
+    assert (paired["a"], paired["b"]) == ("resnet18 s0", "vit-tiny s0")
+    bad = runner.invoke(app, ["aggregate", str(tmp_path), "--pair", "cnn", "alexnet"])
+    assert bad.exit_code == 2 and "--pair 'alexnet' names no compared setup" in bad.stderr
+
+
+def test_published_table_matches_the_paper():
+    """MedMNIST v2 (Yang et al., Sci Data 2023), Table 3: a few cells read off the paper."""
+    table = compare_stats.benchmarks()
+    assert len(table) == 12 and all(len(rows) == 7 for rows in table.values())
+
+    def cell(flag: str, method: str) -> tuple[float, float]:
+        row = next(r for r in table[flag] if r["method"] == method)
+        return row["auc"], row["accuracy"]
+
+    assert cell("bloodmnist", "ResNet-18 (28)") == (0.998, 0.958)
+    assert cell("breastmnist", "ResNet-18 (28)") == (0.901, 0.863)
+    assert cell("retinamnist", "ResNet-18 (28)") == (0.717, 0.524)
+    assert cell("pneumoniamnist", "Google AutoML Vision") == (0.991, 0.946)
+    assert cell("chestmnist", "auto-sklearn") == (0.649, 0.779)
+
+
+@pytest.mark.parametrize("dataset, different", [(None, None), ({"synthetic": True}, "synthetic"),
+                                                ({"size": 64}, "64 px")])
+def test_reference_adds_the_published_rows(tmp_path, dataset, different):
+    make_run(tmp_path, "cnn", dataset=dataset)
+    result = aggregate([tmp_path], metric_names=["accuracy", "auc", "ece"], reference=True)
+    assert len(result.references) == 7 and {r["different_data"] for r in result.references} == {different}
+    text = table_text(result, width=100)
+    assert "ResNet-18 (28) published" in text and "95.80%" in text and "Yang et al." in text
+    assert ("different data" in text) == (different is not None)
+    assert aggregate([tmp_path], metric_names=["accuracy"]).references == []
