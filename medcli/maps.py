@@ -154,8 +154,9 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
     files = [tables.write_table(out_dir / "maps_agreement.csv", table, list(table[0])),
              fileio.write_json(out_dir / "maps_agreement.json", summary)]
     data = Run.open(run_dirs[0]).load_data(root, [summary["split"]])
+    note = datasets.provenance(data.record)  # data that is not the official file says so
     files.append(save_figure(out_dir / "maps_compare.png", columns, rows, common, labels, scores,
-                             data.images[summary["split"]], names, lines(summary)[0]))
+                             data.images[summary["split"]], names, lines(summary)[0] + (f"; data: {note}" if note else "")))
     summary["files"] = [str(f) for f in files]
     return summary
 
