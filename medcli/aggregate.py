@@ -35,7 +35,7 @@ from medcli.names import (CHECKPOINTS, FAITHFULNESS_PREFIX, LOWER_IS_BETTER, PER
 from medcli.tasks import EXTRA_METRICS, MultiClass
 from medcli.run import Run, find_runs
 
-__all__ = ["aggregate", "compare", "model_label", "table_text"]
+__all__ = ["Comparison", "aggregate", "compare", "display_rows", "heading", "model_label", "table_text", "write_chart"]
 
 _RUN_COLUMNS = ("run", "dataset", "size", "data", "model", "pretrained", "epochs", "seed", "train_s", "evaluation")
 LEADER_MARK = "★"
@@ -317,7 +317,7 @@ def _display(metric: str, mean, std, method: str | None = None, gap: str = " ") 
     return f"{value} ({method})" if method else value
 
 
-def _heading(name: str) -> str:
+def heading(name: str) -> str:
     """A column heading: metric names with spaces (so a narrow table can wrap them), an arrow
     on those where lower is better."""
     return name.replace("_", " ") + (" ↓" if name in LOWER_IS_BETTER else "")
@@ -374,9 +374,9 @@ def rich_tables(result: Comparison, wide: bool = False) -> list:
     for index, name in enumerate(header):
         numeric = name in result.metrics or name in ("epochs", "train time")
         # a metric column is as wide as its longest number or heading word: the room left goes to the setups
-        fit = max(len(word) for word in [*_heading(name).split(), *(line for row in rows
+        fit = max(len(word) for word in [*heading(name).split(), *(line for row in rows
                                                                      for line in row[index].splitlines())])
-        table.add_column(_heading(name), justify="right" if numeric else "left", overflow="fold",
+        table.add_column(heading(name), justify="right" if numeric else "left", overflow="fold",
                          max_width=fit if name in result.metrics else None)
     for row in rows:
         table.add_row(*row)
@@ -397,7 +397,7 @@ def to_markdown(result: Comparison, wide: bool = False) -> str:
     def escape(text) -> str:
         return str(text).replace("|", "\\|")
 
-    lines = [f"## {title}", "", "| " + " | ".join(_heading(h) for h in header) + " |",
+    lines = [f"## {title}", "", "| " + " | ".join(heading(h) for h in header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
     if result.references:
@@ -453,7 +453,7 @@ def write_chart(path: str | os.PathLike, result: Comparison) -> Path:
                         textcoords="offset points", ha="center", va="bottom", fontsize=9, rotation=90 if n > 2 else 0)
         tops += [(v or 0.0) + s for v, s in zip(values, stds)]
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(tops) * (1.3 if n > 2 else 1.15) or 1.0)
-    ax.set_xticks(x, [_heading(m) for m in result.metrics], fontsize=11)
+    ax.set_xticks(x, [heading(m) for m in result.metrics], fontsize=11)
     ax.set_ylabel("mean over seeds (error bar: std)", fontsize=10)
     ax.set_title(f"{', '.join(dict.fromkeys(_data_text(g) for g in result.groups))}: {result.split} split", fontsize=12)
     ax.grid(axis="y", alpha=0.3)

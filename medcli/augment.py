@@ -19,12 +19,14 @@ reverse). Passing another generator is a ValueError.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
+from typing import Any
 
 from medcli.errors import UsageError
 
 __all__ = [
-    "Augment", "ORIENTED", "apply", "draw", "draw_mixup", "for_dataset", "make_prep", "mixup", "preprocess",
-    "take", "train_batch",
+    "Augment", "Draws", "ORIENTED", "apply", "draw", "draw_epoch", "draw_mixup", "for_dataset", "make_prep", "mixup",
+    "preprocess", "take", "train_batch",
 ]
 
 # Per-channel statistics used to normalise inputs from scratch: 0.5/0.5 maps [0, 1] to
@@ -52,9 +54,20 @@ def _normalise(x, prep: dict):
     """uint8 or [0, 255] float -> (x / 255 - mean) / std in one fused op."""
     import torch
 
-    std = torch.tensor(prep["std"], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    mean = torch.tensor(prep["mean"], device=x.device, dtype=torch.float32).view(1, -1, 1, 1)
-    return torch.addcmul(-mean / std, x.float(), 1.0 / (255.0 * std))
+    shift, scale = _normalisation(tuple(prep["mean"]), tuple(prep["std"]), x.device)
+    return torch.addcmul(shift, x.float(), scale)
+
+
+@lru_cache(maxsize=16)
+def _normalisation(mean: tuple, std: tuple, device) -> tuple:
+    """(-mean / std, 1 / (255 std)) as (1, C, 1, 1) tensors on `device`, built once per run and
+    device: a tensor made from Python numbers on a GPU is a copy the host waits for, and every
+    batch (training, validation, BatchNorm re-estimation) is normalised."""
+    import torch
+
+    std_t = torch.tensor(std, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    mean_t = torch.tensor(mean, device=device, dtype=torch.float32).view(1, -1, 1, 1)
+    return -mean_t / std_t, 1.0 / (255.0 * std_t)
 
 
 def preprocess(x, prep: dict):
@@ -270,13 +283,59 @@ def draw_mixup(n: int, alpha: float, generator) -> tuple:
     in the MixUp paper and timm) and the partner of each sample (perm, on the CPU). torch's
     Beta sampler takes no generator, so lam is drawn by numpy from a seed taken from
     `generator`: the stream stays reproducible and resumable."""
+    _cpu_generator(generator)
+    seed, perm = _mixup_draws(n, generator)
+    return _beta(int(seed), alpha), perm
+
+
+def _mixup_draws(n: int, generator) -> tuple:
+    """MixUp's draws from `generator`: the seed of lam's Beta draw (a 1-element tensor) and perm."""
+    import torch
+
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device)
+    return seed, torch.randperm(n, generator=generator, device=generator.device)
+
+
+def _beta(seed: int, alpha: float) -> float:
     import numpy as np
+
+    return float(np.random.default_rng(seed).beta(alpha, alpha))
+
+
+@dataclass
+class Draws:
+    """The random numbers of a training epoch, drawn up front (`draw_epoch`): each step's
+    augmentation parameters (`params[key][step]`, as `draw` makes them) and, with MixUp, its
+    weight (`lams[step]`) and partners (`perms[step]`)."""
+
+    params: dict
+    lams: list
+    perms: Any = None  # (steps, batch) int64, None without MixUp
+
+    def map(self, move) -> "Draws":
+        """The same draws with every tensor passed through `move` (e.g. to the device)."""
+        return Draws({key: move(value) for key, value in self.params.items()}, self.lams,
+                     None if self.perms is None else move(self.perms))
+
+
+def draw_epoch(steps: int, batch: int, aug: Augment, alpha: float, generator) -> Draws:
+    """The numbers `steps` calls of `draw(batch, ...)` make, each followed (alpha > 0) by
+    `draw_mixup(batch, alpha, ...)`: the same calls on `generator` in the same order, stacked
+    per step, so an epoch's parameters reach the device in one copy each and the MixUp seeds
+    are read in one go."""
     import torch
 
     _cpu_generator(generator)
-    seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
-    return lam, torch.randperm(n, generator=generator, device=generator.device)
+    params, seeds, perms = [], [], []
+    for _ in range(steps):
+        params.append(draw(batch, aug, generator))
+        if alpha > 0:
+            seed, perm = _mixup_draws(batch, generator)
+            seeds.append(seed)
+            perms.append(perm)
+    stacked = {key: torch.stack([step[key] for step in params]) for key in (params[0] if params else {})}
+    lams = [_beta(seed, alpha) for seed in torch.cat(seeds).tolist()] if seeds else []
+    return Draws(stacked, lams, torch.stack(perms) if perms else None)
 
 
 def mixup(x, targets, alpha: float, generator):

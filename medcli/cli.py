@@ -30,7 +30,7 @@ from medcli import config as _config
 from medcli import models as _models  # light at import: its family records give train's choices and defaults
 from medcli import explain as _explain  # light at import: for --per-class's help
 from medcli import explainers as _explainers  # light at import: the methods, --layer's help
-from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliError
+from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliError, UsageError
 
 __all__ = ["app", "main"]
 
@@ -55,6 +55,10 @@ class MedcliGroup(TyperGroup):
                 console.error(f"{exc.format_message()} (see '{name} --help')")
             raise typer.Exit(EXIT_USAGE) from None
         except MedcliError as exc:
+            from medcli import distributed
+
+            if isinstance(exc, UsageError) and distributed.from_env().local_rank != 0:
+                raise typer.Exit(exc.exit_code) from None  # every process of a node finds it: one says it
             if console.is_verbose():
                 console.console().print_exception()
             console.error(str(exc))
@@ -255,21 +259,21 @@ def train(
     from medcli import distributed
     from medcli import train as library
 
+    options = dict(
+        dataset=dataset, size=size, model=model, reduced=reduced, epochs=epochs, batch_size=batch_size,
+        lr=lr, weight_decay=weight_decay, optimizer=optimizer.value if optimizer else None,
+        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
+        flips=flips, rotate=rotate, crop_scale=crop_scale, jitter=jitter,
+        patience=patience, monitor=monitor.value if monitor else None, seed=seed, deterministic=deterministic, device=device,
+        amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
+        input_size=input_size, root=root, runs_dir=runs_dir, sync_bn=sync_bn,
+        data_budget_gb=data_budget,
+    )
     if nproc is not None and nproc > 1:
+        if resume is None:
+            library.check_launch(nproc, **options)
         raise typer.Exit(distributed.launch(nproc, sys.argv[1:]))
-    if resume is not None:
-        run = library.resume(resume, device=device)
-    else:
-        run = library.train(
-            dataset=dataset, size=size, model=model, reduced=reduced, epochs=epochs, batch_size=batch_size,
-            lr=lr, weight_decay=weight_decay, optimizer=optimizer.value if optimizer else None,
-            warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
-            flips=flips, rotate=rotate, crop_scale=crop_scale, jitter=jitter,
-            patience=patience, monitor=monitor.value if monitor else None, seed=seed, deterministic=deterministic, device=device,
-            amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
-            input_size=input_size, root=root, runs_dir=runs_dir, sync_bn=sync_bn,
-            data_budget_gb=data_budget,
-        )
+    run = library.resume(resume, device=device) if resume is not None else library.train(**options)
     if distributed.is_main_process():  # the other processes of a distributed job print nothing
         emit(library.summary(run) if json_output else str(run.run_dir.resolve()))
 
@@ -404,6 +408,27 @@ def explain(
         head_fusion=head_fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, root=root,
         faithfulness=faithfulness, overwrite=overwrite)
     emit(index if json_output else index["dir"])
+
+
+@app.command()
+def report(
+    runs: Annotated[list[Path], typer.Argument(metavar="RUN", show_default=False, help=(
+        "A run directory for its own page; with --out, runs or folders of runs to compare."))],
+    out: Annotated[Optional[Path], typer.Option(help=(
+        "Write a page comparing the runs into this folder: comparison.html, beside the chart and "
+        "maps figure it shows."))] = None,
+) -> None:
+    """Write one HTML page a person can open or print.
+
+    One run: RUN/report.html, with the data's provenance, the metrics and their intervals,
+    the calibration before and after, every figure, the explanation grids and the config.
+    With --out: a comparison page (aggregate's table, paired tests and chart, and how the
+    runs' explanation maps agree). Self-contained: figures are embedded, nothing is loaded
+    from the network. Prints the page's path.
+    """
+    from medcli import webpage
+
+    emit(str(webpage.report(runs, out).resolve()))
 
 
 @app.command("clean-processes")

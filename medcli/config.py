@@ -291,12 +291,27 @@ def fit_epochs_to_data(config: dict, n_train: int) -> dict:
                              f"({steps} per epoch on {n_train} training images)"}
 
 
+def _warn_unscaled_lr(config: dict) -> None:
+    """One warning line when --batch-size differs from the batch the default learning rate was
+    chosen for and --lr was not given: the rate is kept, not scaled (a run's config stays what
+    was asked for; the linear rule's value is named)."""
+    from medcli import console
+
+    rec = models.record(config["model"])
+    recipe = {**rec.defaults, **(rec.reduced if config["reduced"] else {})}["batch_size"]
+    if config["lr_source"] != "--lr" and config["batch_size"] != recipe:
+        console.warn(f"--batch-size {config['batch_size']} without --lr keeps lr {config['lr']:g} "
+                     f"({config['lr_source']}, chosen for batch {recipe}); the linear rule would scale it to "
+                     f"{config['lr'] * config['batch_size'] / recipe:g}")
+
+
 def fit_batch_to_data(config: dict, n_train: int, processes: int = 1) -> dict:
     """The config with the batch (and, unless --lr was given, the learning rate) a small
     training split needs, split evenly over `processes`; a given --batch-size is kept (and
     checked by the training loop). Decided once the data is loaded."""
     batch = config["batch_size"]
     if config["batch_source"] == "--batch-size":
+        _warn_unscaled_lr(config)
         return config
     reasons = []
     while batch // 2 >= MIN_DEFAULT_BATCH and n_train // batch < MIN_STEPS_PER_EPOCH:

@@ -27,12 +27,16 @@ from medcli import console
 from medcli.errors import Interrupted, MedcliError, UsageError
 
 __all__ = [
-    "Context", "device_for", "from_main", "gather", "is_main_process", "launch", "peers", "session", "sum_",
-    "sync_buffers",
+    "Context", "device_for", "from_env", "from_main", "gather", "gpu_index", "is_main_process", "launch", "peer_lost", "peers",
+    "session", "sum_", "sync_buffers",
 ]
 
 TIMEOUT = timedelta(minutes=10)
-_PEER_LOST = re.compile(r"connection (closed|reset)|broken pipe|gloo|nccl|timed out", re.IGNORECASE)  # a collective waiting this long means a peer is gone or hung
+# What a collective reports when another process of the job is gone or hung (gloo: the peer's
+# socket closed; NCCL: the watchdog's timeout or an aborted communicator). Any other error, an
+# out-of-memory error or a real NCCL failure among them, is the process's own: `failed`.
+_PEER_LOST = re.compile(r"connection (closed|reset|refused)|broken pipe|timed out|timeout|communicator was aborted"
+                        r"|socket closed|end of file", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,10 @@ def is_main_process() -> bool:
 
 
 @contextmanager
-def session(device_type: str) -> Iterator[Context]:
-    """Join the process group for the whole of a training (left again afterwards)."""
+def session(device: str) -> Iterator[Context]:
+    """Join the process group for the whole of a training on `device` (the config's: "cpu",
+    "cuda", "cuda:N"), left again afterwards. A device this process cannot take in the job is
+    refused before anything is written."""
     ctx = from_env()
     if not ctx.enabled:
         yield ctx
@@ -87,12 +93,10 @@ def session(device_type: str) -> Iterator[Context]:
     import torch
     import torch.distributed as dist
 
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    if device_type == "cuda":
-        if ctx.local_rank >= torch.cuda.device_count():
-            raise UsageError(f"local rank {ctx.local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                             f"start at most one process per GPU (--nproc-per-node)")
-        torch.cuda.set_device(ctx.local_rank)
+    own = torch.device(device_for(ctx, device))
+    backend = "nccl" if own.type == "cuda" else "gloo"
+    if own.type == "cuda":
+        torch.cuda.set_device(own)
     dist.init_process_group(backend, timeout=TIMEOUT)
     if not ctx.is_main:
         console.configure(quiet=True)  # one voice: rank 0 logs, the others only report errors
@@ -102,11 +106,29 @@ def session(device_type: str) -> Iterator[Context]:
         dist.destroy_process_group()
 
 
+def gpu_index(ctx: Context, visible: int) -> int:
+    """This process's GPU among the `visible` ones: LOCAL_RANK when the process sees every GPU
+    of its node, or the one it sees when its launcher gave each process its own GPU through
+    CUDA_VISIBLE_DEVICES (SLURM's --gpus-per-task, some schedulers)."""
+    if ctx.local_rank < visible:
+        return ctx.local_rank
+    if visible == 1:
+        return 0
+    raise UsageError(f"local rank {ctx.local_rank} has no GPU ({visible} visible); start at most one process per GPU "
+                     f"(--nproc-per-node), or give each process one GPU through CUDA_VISIBLE_DEVICES")
+
+
 def device_for(ctx: Context, device: str) -> str:
-    """The device this process trains on: its own GPU (cuda:LOCAL_RANK) in a CUDA job."""
-    if ctx.enabled and device.startswith("cuda"):
-        return f"cuda:{ctx.local_rank}"
-    return device
+    """The device this process trains on: its own GPU in a CUDA job (`gpu_index`). A GPU chosen
+    by number (--device cuda:N) cannot be every process's own: refused in one line."""
+    if not (ctx.enabled and device.startswith("cuda")):
+        return device
+    if device != "cuda":
+        raise UsageError(f"--device {device} picks one GPU, but in a distributed job each process trains on its own; "
+                         f"pass --device cuda (or auto), and choose the GPUs with CUDA_VISIBLE_DEVICES")
+    import torch
+
+    return f"cuda:{gpu_index(ctx, torch.cuda.device_count())}"
 
 
 @contextmanager
@@ -122,11 +144,23 @@ def peers(ctx: Context) -> Iterator[None]:
     try:
         yield
     except (dist.DistError, RuntimeError) as exc:
-        if not isinstance(exc, dist.DistError) and not _PEER_LOST.search(str(exc)):
+        if not peer_lost(exc):
             raise
         reason = str(exc).strip().splitlines()[0][:200]
         raise Interrupted(f"another process of this distributed job was lost ({reason}); "
                           f"continue with 'medcli train --resume RUN'") from exc
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether an error raised in a collective means another process is gone: torch's network
+    and store errors always do; other errors (a backend's own, out of memory) only when their
+    text says a connection closed or a collective timed out."""
+    import torch.distributed as dist
+
+    if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" not in str(exc).lower() \
+        and bool(_PEER_LOST.search(str(exc)))
 
 
 def from_main(ctx: Context, make) -> Any:
@@ -184,7 +218,8 @@ def sync_buffers(ctx: Context, model) -> None:
 def launch(nproc: int, argv: list[str]) -> int:
     """`medcli train --nproc N ...`: run the same command under torchrun's launcher (in this
     process, as `torchrun --standalone --nproc-per-node N -m medcli ...` would) and turn its
-    failure report into one line. Returns the exit code."""
+    failure report into one line. Returns the exit code: a usage error the processes found
+    (exit 2) was already said, once, by the first process of the node, and is not said again."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -201,6 +236,8 @@ def launch(nproc: int, argv: list[str]) -> int:
         raise Interrupted(f"distributed training stopped by {exc.sigval.name}; resume it with "
                           f"'medcli train --resume RUN'") from None
     except ChildFailedError as exc:
+        if any(f.exitcode == UsageError.exit_code for f in exc.failures.values()):  # the others were stopped
+            return UsageError.exit_code
         rank, failure = min(exc.failures.items())
         if failure.exitcode in (130, -2, -15):
             raise Interrupted("distributed training interrupted; resume it with 'medcli train --resume RUN'") from None

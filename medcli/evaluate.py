@@ -25,7 +25,7 @@ from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS
 from medcli.run import Run
 from medcli.tasks import EXTRA_METRICS, Task
 
-__all__ = ["BOOTSTRAP", "evaluate_run", "written_files"]
+__all__ = ["BOOTSTRAP", "evaluate_run", "interval_text", "metric_text", "shown_metrics", "written_files"]
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "nll", "ece", "brier")
 CALIBRATION_METRICS = ("ece", "nll", "brier", "auc")  # recorded before and after temperature scaling
@@ -251,13 +251,13 @@ def _print_summary(results: dict) -> None:
         table.add_column(split, justify="right")
     rows = [("images", [str(r["metrics"]["n"]) for r in results.values()])]
     for key in shown_metrics(first):
-        rows.append((key, [_format(key, r["metrics"][key]) for r in results.values()]))
-    rows += [(f"{key} {ci['level']:.0%} CI", [_interval(key, r["ci"][key]) for r in results.values()])
+        rows.append((key, [metric_text(key, r["metrics"][key]) for r in results.values()]))
+    rows += [(f"{key} {ci['level']:.0%} CI", [interval_text(key, r["ci"][key]) for r in results.values()])
              for key in ("accuracy", "auc")]
     calibrations = [r["calibration"] for r in results.values()]
     if all(calibrations):  # one evaluation calibrates every split or none
         rows.append(("temperature", [metrics.temperature_text(c["temperature"]) for c in calibrations]))
-        rows += [(f"{key} before scaling", [_format(key, c["before"][key]) for c in calibrations])
+        rows += [(f"{key} before scaling", [metric_text(key, c["before"][key]) for c in calibrations])
                  for key in ("ece", "nll", "auc")]
         if first["calibration"]["skipped"]:
             captions.append(f"temperature fit skipped (T = 1): {first['calibration']['skipped']}")
@@ -267,8 +267,9 @@ def _print_summary(results: dict) -> None:
     console.console().print(table)
 
 
-def _interval(key: str, bounds: list[float] | None) -> str:
-    return "n/a" if bounds is None else f"{_format(key, bounds[0])} - {_format(key, bounds[1])}"
+def interval_text(key: str, bounds: list[float] | None) -> str:
+    """A bootstrap interval for a table cell: "80.00% - 90.00%", or n/a."""
+    return "n/a" if bounds is None else f"{metric_text(key, bounds[0])} - {metric_text(key, bounds[1])}"
 
 
 def _warn_if_calibration_hurt(results: dict) -> None:
@@ -287,7 +288,8 @@ def shown_metrics(result: dict) -> tuple[str, ...]:
     return (*SUMMARY_METRICS, *EXTRA_METRICS[result["task"]])
 
 
-def _format(key: str, value) -> str:
+def metric_text(key: str, value) -> str:
+    """A metric for a table cell: percent metrics in %, the others to 4 decimals, n/a for None."""
     if value is None:
         return "n/a"
     return f"{value:.2%}" if key in PERCENT_METRICS else f"{value:.4f}"

@@ -22,7 +22,6 @@ checks a method by name. Light at import: torch and grad-cam are imported inside
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -51,7 +50,11 @@ FUSE_HEADS = dict(zip(HEAD_FUSIONS, (lambda a: a.mean(dim=1), lambda a: a.amax(d
 # the grid Grad-CAM was designed with (ImageNet ResNets' last stage at 224 px stays the default).
 MIN_CAM_GRID = 7
 ROAD_PERCENTILES = (20, 40, 60, 80)  # as in grad-cam's ROAD tutorial: 4 removal levels per direction
-ROAD_NAME = "ROAD combined (Rong et al. 2022), softmax of the explained class, percentiles 20/40/60/80"
+# Ties: grad-cam keeps the pixels strictly below a percentile, none when a map's lowest value (a
+# ReLU'd Grad-CAM's zero) fills more than p % of it, and then removes the whole image.
+ROAD_NAME = ("ROAD combined (Rong et al. 2022), softmax of the explained class, percentiles 20/40/60/80, "
+             "tied pixels ranked in a seeded random order (grad-cam's ROADCombined keeps none of a tie at a "
+             "percentile)")
 LAYER_HELP = (
     "CAM target layer, a module name (an unknown one lists the valid names). Default: the "
     f"deepest of the model family's CAM stages whose map is at least {MIN_CAM_GRID}x{MIN_CAM_GRID} "
@@ -363,35 +366,36 @@ def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device,
 
 
 def road_scorer(model, seed: int, task, percentiles: Sequence[int] = ROAD_PERCENTILES):
-    """Faithfulness of maps to `model`: grad-cam's ROAD combined score (Rong et al., "A
-    Consistent and Efficient Evaluation Strategy for Attribution Methods", ICML 2022).
+    """Faithfulness of maps to `model`: the ROAD combined score (Rong et al., "A Consistent and
+    Efficient Evaluation Strategy for Attribution Methods", ICML 2022) as grad-cam's
+    `ROADCombined` computes it, its imputation solved on the model's device (`medcli.road`).
 
-    For each percentile p, the p% least relevant pixels are imputed away (noisy linear
-    imputation, which leaks no mask shape to the model) and, separately, the p% most
-    relevant; the score is the mean over percentiles of (confidence change after removing the
-    least relevant - change after removing the most relevant) / 2. Confidence is the softmax
-    probability of the explained class (multi-label: the sigmoid probability of the explained
-    label; `task.confidence_target`), so CNN and ViT scores share one scale. Higher is more
-    faithful; a map no better than chance scores about 0. The imputation noise is seeded.
-
-    Built from grad-cam's own ROAD classes; it equals `ROADCombined` (a test checks it) with
-    half the forward passes: the confidence before removal cancels out of the difference, so
-    it is not recomputed at every percentile.
+    At percentile p the p % most relevant pixels are kept and the rest imputed away (noisy
+    linear imputation, which leaks no mask shape to the model) and, separately, the p % least
+    relevant are kept: each removes 100 - p % of the image. The score is the mean over
+    percentiles of (confidence after removing the least relevant - after removing the most
+    relevant) / 2. Confidence is the softmax probability of the explained class (multi-label:
+    the sigmoid probability of the explained label; `task.confidence_target`), so CNN and ViT
+    scores share one scale. Higher is more faithful; a map no better than chance scores about 0.
+    The noise and the order of tied pixels are seeded (ROAD_NAME: ties are where medcli differs
+    from grad-cam). The confidence before removal cancels out of the difference, so it is not
+    computed.
     """
-    import numpy as np
     import torch
-    from pytorch_grad_cam.metrics.road import ROADLeastRelevantFirst, ROADMostRelevantFirst
 
-    def after_removal(metric, x, maps, targets):
-        return np.mean([metric(p)(x, maps, targets, model, return_diff=False) for p in percentiles], axis=0)
+    from medcli import road
 
     def score(x, maps, classes):
         targets = [task.confidence_target(k) for k in classes]
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # grad-cam's numpy 2 idioms, not ours to fix
-            torch.manual_seed(seed)
-            least = after_removal(ROADLeastRelevantFirst, x, maps, targets)
-            most = after_removal(ROADMostRelevantFirst, x, maps, targets)
+        confidences: list = []
+        with torch.no_grad():
+            for images in road.perturbed(x, maps, percentiles, seed):
+                for start in range(0, len(images), len(classes)):
+                    done = len(confidences)
+                    outputs = model(images[start:start + len(classes)])
+                    confidences += [targets[(done + i) % len(classes)](out) for i, out in enumerate(outputs)]
+        after = torch.stack(confidences).float().cpu().numpy().reshape(2, len(percentiles), len(classes))
+        least, most = after.mean(axis=1)
         return (least - most) / 2
 
     return score

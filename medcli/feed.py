@@ -15,7 +15,7 @@ from medcli.config import DEVICE_DATA_SHARE
 if TYPE_CHECKING:
     from medcli import datasets
 
-__all__ = ["Data", "data_budget"]
+__all__ = ["Data", "data_budget", "to_device"]
 
 
 @dataclass
@@ -55,15 +55,16 @@ class Data:
                      f"batches copied as needed")
         return cls(datasets.as_tensor(array, pin=cuda), labels, device, streamed=True)
 
-    def take(self, index):
+    def take(self, index, host=None):
         """The images at `index` (a tensor on the device), on the device: a fresh tensor that
-        later calls do not overwrite."""
+        later calls do not overwrite. A streamed split gathers them at `host`, the same
+        positions on the CPU (without it, it reads `index` back: a wait for the device)."""
         if not self.streamed:
             return self.images[index]
         import torch
 
         cuda = self.device.type == "cuda"
-        index = index.cpu()
+        index = index.cpu() if host is None else host
         turn, self._turn = self._turn, 1 - self._turn
         if self._events[turn] is not None:
             self._events[turn].synchronize()  # its previous copy has left the buffer
@@ -80,6 +81,14 @@ class Data:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+
+def to_device(tensor, device):
+    """A CPU tensor on `device`; to a GPU through page-locked memory, without blocking the host
+    (a copy from pageable memory waits for the device)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def data_budget(config: dict, device) -> float:

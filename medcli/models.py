@@ -410,15 +410,18 @@ def _load_imagenet(model: nn.Module, spec: dict) -> nn.Module | None:
     return hub.fetch(spec["name"], constants.ENDPOINT, lambda offline: rec.build(spec, pretrained=True))
 
 
-def read_state_dict(path: Path, damaged_fix: str) -> dict:
-    """The tensors in a torch file: a bare state dict or a checkpoint's "state_dict"/"model".
+def read_state_dict(path: Path, damaged_fix: str, data: bytes | None = None) -> dict:
+    """The tensors in a torch file (or in `data`, its bytes already read): a bare state dict or a
+    checkpoint's "state_dict"/"model".
 
     Wrapper prefixes from DataParallel ("module.") and torch.compile ("_orig_mod.") are removed so
     such files load into a plain model."""
+    import io
+
     import torch
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle garbage, disallowed globals...
         raise UsageError(f"{path} is damaged or not a PyTorch weights file ({hub.one_line(exc)}); {damaged_fix}") from exc
     if isinstance(obj, Mapping):

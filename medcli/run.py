@@ -39,6 +39,7 @@ PREDICTIONS_DIR = "predictions"
 EXPLAIN_DIR = "explain"
 HISTORY_FILE = "history.csv"
 REPORT_FILE = "report.xlsx"
+HTML_REPORT_FILE = "report.html"
 MAPS_FILE = "maps.npz"
 EXPLAIN_INDEX = "index.json"
 EXPLAIN_STAGE_PREFIX = "explain:"
@@ -282,6 +283,10 @@ class Run:
     def report_file(self) -> Path:
         return self.path(REPORT_FILE)
 
+    def html_report_file(self) -> Path:
+        """The run's page for people (`report`): every figure and number in one HTML file."""
+        return self.path(HTML_REPORT_FILE)
+
     def explain_dir(self, method: str) -> Path:
         """Everything one explanation method wrote (`explain`)."""
         return self.path(f"{EXPLAIN_DIR}/{method}")
@@ -315,10 +320,27 @@ class Run:
         other = CHECKPOINTS[1 - CHECKPOINTS.index(checkpoint)]
         if not path.is_file():
             raise UsageError(f"run {self.run_dir} has no {relative}; train it first with medcli train")
-        state = models.read_state_dict(path, f"re-train or use --checkpoint {other}")
+        state = models.read_state_dict(path, f"re-train or use --checkpoint {other}", data=self.read_artefact(path))
         model = models.rebuild(self.spec)
         models.load_state(model, state, self.spec["name"], relative, "re-train this run or restore its checkpoint")
         return model.to(device).eval()
+
+    def read_artefact(self, path: Path) -> bytes:
+        """The bytes of a file a completed stage of this run recorded, read and hashed once and
+        checked against the sha256 in the manifest: a file that is not the one this run wrote
+        (another run's checkpoint copied over it, a damaged copy) is a one-line UsageError. A
+        stage that did not complete (interrupted while writing) vouches for nothing: its files
+        are read as they are."""
+        import hashlib
+
+        relative = self.relative(path)
+        recorded = next((entry["artefacts"][relative] for entry in self.stages.values()
+                         if entry.get("status") == "completed" and relative in entry.get("artefacts", {})), None)
+        data = Path(path).read_bytes()
+        if recorded and hashlib.sha256(data).hexdigest() != recorded:
+            raise UsageError(f"{relative} of run {self.run_dir} is not the file this run wrote (its sha256 differs "
+                             f"from the manifest's); restore the run's own file or train the run again")
+        return data
 
     def load_data(self, root: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS):
         """The run's dataset (`datasets.Splits`, only `splits`), found again by flag and size: under `root` when

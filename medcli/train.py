@@ -12,8 +12,9 @@ at 28 px the model, not the data, is the cost.
 Every epoch writes `checkpoints/last.pt` (model, optimizer, scheduler, scaler, RNG states,
 history), `checkpoints/best.pt` when the monitored validation metric improves or ties (the
 later of equal epochs: it trained longer at a lower learning rate),
-`history.csv` and `figures/curves.png`, all atomically. `resume` restores all of it, so an
-interrupted and resumed run ends with the same weights as an uninterrupted one.
+`history.csv` and `figures/curves.png`, all atomically (`medcli.checkpoints`). `resume`
+restores all of it, so an interrupted and resumed run ends with the same weights as an
+uninterrupted one.
 
 `medcli.datasets` (numpy) and torch are imported inside functions.
 """
@@ -25,14 +26,13 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medcli import augment, console, distributed, feed, fileio, inference, optim
+from medcli import augment, checkpoints, console, distributed, feed, inference, optim
 from medcli.config import fine_tune_lr, fit_batch_to_data, fit_epochs_to_data, resolve_config, run_name
 from medcli.errors import MedcliError, UsageError
 from medcli.manifest import environment
-from medcli.names import MONITORS, SCALAR_METRICS
+from medcli.names import MONITORS
 from medcli.run import Run
 from medcli.tasks import Task
 
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from medcli import datasets
 
 __all__ = [
-    "EVAL_BATCH", "HISTORY_COLUMNS", "State", "bn_images", "check_finite", "compare",
+    "EVAL_BATCH", "HISTORY_COLUMNS", "State", "bn_images", "check_finite", "check_launch", "compare",
     "monitored", "reestimate_batchnorm", "resume", "summary", "train", "train_one_epoch",
     "use_cpu_threads",
 ]
@@ -55,8 +55,6 @@ BN_IMAGES_MIN, BN_IMAGES_MAX, BN_SHARE = 256, 1024, 1 / 8
 # datasets an epoch lasts seconds and matplotlib took a sixth of it.
 CURVES_EVERY_S = 30.0
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_f1", "seconds")
-# What last.pt must hold for --resume to continue exactly where the run stopped.
-RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "best", "bad_epochs")
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,6 +125,14 @@ def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -
     return batch
 
 
+def check_launch(nproc: int, **options: Any) -> None:
+    """What `train --nproc N` checks before it starts N processes (each would find the same, N
+    times, and later): the options resolve, and a given --batch-size splits over the processes."""
+    config = resolve_config(**options)
+    if config["batch_source"] == "--batch-size":
+        global_batch(config, distributed.Context(world_size=nproc))
+
+
 def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, device, bar, task,
                     ctx: distributed.Context = distributed.Context()) -> dict:
     """One pass over a seeded permutation of the training split.
@@ -137,10 +143,16 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
     augmented here too (with their own parameters), so the mixed images are the ones one
     process would make.
 
+    The host never waits for the device inside the epoch: the permutation and the epoch's
+    augmentation and MixUp draws (`augment.draw_epoch`: the numbers a draw per step would
+    make) reach the device in one copy each, and losses and hits are summed there and read
+    once, at the end. The progress bar follows images and the learning rate meanwhile, and
+    shows loss and accuracy when the epoch ends.
+
     Returns mean loss and accuracy (against the unmixed labels, over all processes), the
-    learning rate of the epoch's last step, seconds and images/s. Incomplete last batches are
-    dropped (a batch of one would break BatchNorm and skew the step count the schedule was
-    built for).
+    learning rate of the epoch's last step, seconds and images/s (all processes' images).
+    Incomplete last batches are dropped (a batch of one would break BatchNorm and skew the
+    step count the schedule was built for).
     """
     import torch
 
@@ -149,28 +161,31 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
     batch = global_batch(config, ctx, n)
     mine = ctx.shard(batch)
     steps = n // batch
-    refresh = max(1, steps // 50) if device.type == "cuda" else 1
-    order = torch.randperm(n, generator=state.data_gen).to(device)
+    refresh = max(1, steps // 50)  # progress-bar updates
+    order = torch.randperm(n, generator=state.data_gen)
+    draws = augment.draw_epoch(steps, batch, aug, config["mixup_alpha"], state.aug_gen)
+    positions, moved = feed.to_device(order, device), draws.map(lambda values: feed.to_device(values, device))
     state.model.train()
-    totals = torch.zeros(3, device=device, dtype=torch.float64)  # loss sum, correct, images
+    totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct
     start = time.perf_counter()
     bar.reset(task, total=steps * batch, description=f"epoch {state.epoch + 1}")
     for step in range(steps):
-        index = order[step * batch:(step + 1) * batch]
-        params = augment.draw(batch, aug, state.aug_gen)
+        rows = slice(step * batch, (step + 1) * batch)
+        index, host = positions[rows], order[rows]
+        params = {key: values[step] for key, values in moved.params.items()}
         labels = data.labels[index[mine]]
-        x = augment.apply(data.take(index[mine]), prep, aug, augment.take(params, mine))
+        x = augment.apply(data.take(index[mine], host[mine]), prep, aug, augment.take(params, mine))
         targets = state.task.targets(labels)
         if config["mixup_alpha"] > 0:
-            lam, perm = augment.draw_mixup(batch, config["mixup_alpha"], state.aug_gen)
-            partners = perm[mine]
+            partners = moved.perms[step][mine]
             if ctx.enabled:
-                other = index[partners.to(device, non_blocking=True)]
-                x_other = augment.apply(data.take(other), prep, aug, augment.take(params, partners))
+                other = index[partners]
+                x_other = augment.apply(data.take(other, host[draws.perms[step][mine]]), prep, aug,
+                                        augment.take(params, partners))
                 t_other = state.task.targets(data.labels[other])
             else:
-                partners = partners.to(device, non_blocking=True)
                 x_other, t_other = x[partners], targets[partners]
+            lam = draws.lams[step]
             x, targets = torch.lerp(x_other, x, lam), torch.lerp(t_other, targets, lam)
         if config["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -183,16 +198,13 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
         state.scaler.update()
         lr = state.optimizer.param_groups[0]["lr"]
         state.scheduler.step()
-        totals += torch.stack([loss.detach().double() * labels.shape[0],
-                               state.task.hits(logits.detach(), labels),
-                               torch.tensor(float(labels.shape[0]), device=device, dtype=torch.float64)])
+        totals += torch.stack([loss.detach().double() * labels.shape[0], state.task.hits(logits.detach(), labels)])
         if (step + 1) % refresh == 0 or step + 1 == steps:
-            loss_sum, correct, seen = totals.tolist()
-            bar.update(task, completed=seen * ctx.world_size, status=(
-                f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f} "
-                f"lr {state.optimizer.param_groups[0]['lr']:.2e}"))
+            bar.update(task, completed=(step + 1) * batch, status=f"lr {state.optimizer.param_groups[0]['lr']:.2e}")
     seconds = time.perf_counter() - start
-    loss_sum, correct, seen = distributed.sum_(ctx, totals).tolist()
+    loss_sum, correct = distributed.sum_(ctx, totals).tolist()
+    seen = steps * batch
+    bar.update(task, status=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
     return {"loss": loss_sum / seen, "acc": correct / seen, "lr": lr, "seconds": seconds,
             "images_per_s": seen / seconds}
 
@@ -286,25 +298,6 @@ def should_stop(bad_epochs: int, patience: int | None) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------
-
-def save_checkpoint(path: Path, state: State, metrics: dict, full: bool, device) -> Path:
-    """torch.save atomically; only tensors, numbers, strings, lists and dicts (weights_only)."""
-    import torch
-
-    payload = {"model": state.model.state_dict(), "epoch": state.epoch,
-               "metrics": {key: metrics.get(key) for key in SCALAR_METRICS}}
-    if full:
-        payload.update(optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
-                       scaler=state.scaler.state_dict(), rng=state.rng(device), history=state.history,
-                       best=state.best, bad_epochs=state.bad_epochs)
-    with fileio.atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
-
-
-# ---------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------
 
@@ -319,7 +312,7 @@ def train(**options: Any) -> Run:
     from medcli import datasets, models
 
     config = resolve_config(**options)
-    with distributed.session(torch.device(config["device"]).type) as ctx:
+    with distributed.session(config["device"]) as ctx:
         splits = _load(config)
         n_train = len(splits.labels["train"])
         config = fit_epochs_to_data(fit_batch_to_data(config, n_train, ctx.world_size), n_train)
@@ -371,8 +364,8 @@ def resume(path: str | os.PathLike, device: str | None = None) -> Run:
     if not last.is_file() and run.checkpoint_path("best").is_file():
         raise UsageError(f"run {run.run_dir} finished epochs but has no checkpoints/last.pt to resume from; "
                          f"restore the file or start a new run")
-    checkpoint = _read_checkpoint(last) if last.is_file() else None
-    with distributed.session(dev.type) as ctx:
+    checkpoint = checkpoints.read(last) if last.is_file() else None
+    with distributed.session(config["device"]) as ctx:
         global_batch(config, ctx)
         splits = _load(config)
         before = run.data.get("environment", {}).get("distributed", {"world_size": 1, "backend": None})
@@ -419,21 +412,6 @@ def _load(config: dict) -> datasets.Splits:
     return datasets.load(config["root"], config["dataset"], config["size"], ("train", "val"))  # fit never tests
 
 
-def _read_checkpoint(path: Path) -> dict:
-    import torch
-
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file: one line naming the fix
-        raise UsageError(f"cannot read {path} ({type(exc).__name__}); the checkpoint is damaged, "
-                         f"start a new run") from None
-    missing = [key for key in RESUME_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
-    if missing:
-        raise UsageError(f"{path} is not a medcli training checkpoint (no {', '.join(missing)}); "
-                         f"the checkpoint is damaged, start a new run")
-    return checkpoint
-
-
 def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
         ctx: distributed.Context = distributed.Context()) -> None:
     """The epoch loop inside the run's train stage (locked; interrupted on Ctrl-C). In a
@@ -471,7 +449,7 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
                   aug_gen=torch.Generator().manual_seed(config["seed"] + 1),  # CPU: the same stream on any device
                   task=datasets.task(config["dataset"]))
     if checkpoint is not None:
-        _restore(state, checkpoint, run, device)
+        checkpoints.restore(state, checkpoint, run, device)
     with (run.stage("train") if ctx.is_main else nullcontext()) as st, distributed.peers(ctx), \
             console.progress() as bar:
         epochs_task = bar.add_task("epochs", total=config["epochs"], completed=state.epoch, unit="epoch")
@@ -523,8 +501,8 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
              "history": run.history_file(), "curves": run.figure_file("curves")}
     written = [files["last"], files["history"]]  # only these are hashed again: an unchanged best.pt keeps its hash
     if is_best:
-        written.append(save_checkpoint(files["best"], state, val, full=False, device=device))
-    save_checkpoint(files["last"], state, val, full=True, device=device)
+        written.append(checkpoints.save(files["best"], state, val, full=False, device=device))
+    checkpoints.save(files["last"], state, val, full=True, device=device)
     tables.write_table(files["history"], state.history, HISTORY_COLUMNS)
     final = stopped_early or state.epoch == config["epochs"]
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
@@ -534,7 +512,7 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
         epochs_run=state.epoch, best_epoch=state.best["epoch"], monitor=config["monitor"],
         best_value=state.best["value"], stopped_early=stopped_early,
         train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
-        images_per_s=round(train_stats["images_per_s"] * ctx.world_size, 1), world_size=ctx.world_size,
+        images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,  # all processes' images
     )
     st.add(*written)
 
@@ -566,22 +544,6 @@ def use_cpu_threads(ctx: distributed.Context = distributed.Context()) -> None:
     if "OMP_NUM_THREADS" not in os.environ:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", ctx.world_size))
         torch.set_num_threads(max(1, system.usable_cpus() // max(1, local)))
-
-
-def _restore(state: State, checkpoint: dict, run: Run, device) -> None:
-    from medcli import models
-
-    models.load_state(state.model, checkpoint["model"], run.spec["name"], run.relative(run.checkpoint_path("last")),
-                      "restore the run's own checkpoint or start a new run")
-    state.optimizer.load_state_dict(checkpoint["optimizer"])
-    state.scheduler.load_state_dict(checkpoint["scheduler"])
-    if checkpoint["scaler"] and state.scaler.is_enabled():  # an fp16 scale survives only where fp16 runs
-        state.scaler.load_state_dict(checkpoint["scaler"])
-    state.set_rng(checkpoint["rng"], device)
-    state.epoch = int(checkpoint["epoch"])
-    state.history = list(checkpoint["history"])
-    state.best = dict(checkpoint["best"])
-    state.bad_epochs = int(checkpoint["bad_epochs"])
 
 
 def _epoch_line(state: State, config: dict, train_stats: dict, val: dict, is_best: bool) -> str:

@@ -17,8 +17,17 @@ std over the samples), the cost of scoring (gradcam with and without it; target 
 the CNN-vs-ViT agreement per class (`aggregate --maps` between the CNN's gradcam and the ViT's
 rollout); with --figure PATH it keeps the comparison figure.
 
+--road times ROAD's imputation alone (issue 26's target: >= 20x grad-cam's solver on a 224-px
+map on the CPU): every removal of ROAD_PERCENTILES in both directions of tie-free maps,
+`medcli.road.perturbed` on one thread and on every usable CPU against grad-cam's own
+perturbations (`RemoveMostRelevantFirst` / `RemoveLeastRelevantFirst` with its
+`NoisyLinearImputer`; scipy's SuperLU uses one thread), at 224 and 28 px; then both scores on a
+random timm test_resnet, which must agree (`road_scorer` against `ROADCombined`, same seed). No
+runs are trained.
+
 Usage: .venv/bin/python scripts/bench_explain.py [--cnn RUN] [--vit RUN] [--per-class 8]
            [--epochs 2] [--compare-layers layer2,layer3,layer4] [--faithfulness [--figure PATH]]
+       .venv/bin/python scripts/bench_explain.py --road
 """
 
 from __future__ import annotations
@@ -94,6 +103,64 @@ def faithfulness(copies: dict[str, Path], per_class: int, figure: Path | None) -
         print(f"figure: {figure}")
 
 
+def road_speed() -> None:
+    """ROAD's imputation, medcli's solver against grad-cam's, and the two scores (see --road)."""
+    import numpy as np
+    import torch
+    from pytorch_grad_cam.metrics.perturbation_confidence import RemoveLeastRelevantFirst, RemoveMostRelevantFirst
+    from pytorch_grad_cam.metrics.road import NoisyLinearImputer, ROADCombined
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
+
+    from medcli import datasets, explainers, models, road, system
+
+    percentiles = explainers.ROAD_PERCENTILES
+    cpus = system.usable_cpus()
+    print(f"{'size':>4} {'maps':>4}  {'grad-cam ms/map':>15}  {'medcli ms/map, 1 thread':>23}  "
+          f"{f'{cpus} threads':>10}  {'max |score difference|':>22}")
+    for size, n in ((224, 2), (28, 32)):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(n, 3, size, size, generator=generator)
+        axis = torch.linspace(-1, 1, size)
+        blob = torch.exp(-((axis[:, None] - 0.3) ** 2 + (axis[None] + 0.2) ** 2) / 0.3)  # a Grad-CAM-like hill
+        ranks = torch.stack([torch.randperm(size * size, generator=generator) for _ in range(n)]).view(n, size, size)
+        maps = (blob + ranks * 1e-6).numpy().astype(np.float32)  # no ties, also in 1 - map
+        maps /= maps.max()
+
+        def ours():
+            for _ in road.perturbed(x, maps, percentiles, seed=0):
+                pass
+
+        def theirs():
+            torch.manual_seed(0)
+            for removal in (RemoveLeastRelevantFirst, RemoveMostRelevantFirst):
+                for p in percentiles:
+                    for i in range(n):
+                        removal(p, NoisyLinearImputer())(x[i], torch.from_numpy(maps[i]))
+
+        torch.set_num_threads(1)
+        gradcam_s = _seconds(theirs)
+        single = min(_seconds(ours) for _ in range(3))
+        torch.set_num_threads(cpus)
+        parallel = min(_seconds(ours) for _ in range(3))
+        torch.manual_seed(0)
+        model, _ = models.create("timm:test_resnet", 8, 3, size)
+        model.eval()
+        classes = [i % 8 for i in range(n)]
+        mine = explainers.road_scorer(model, seed=0, task=datasets.task("bloodmnist"))(x, maps, classes)
+        torch.manual_seed(0)
+        reference = ROADCombined(percentiles=list(percentiles))(x, maps, [ClassifierOutputSoftmaxTarget(k) for k in classes],
+                                                               model)
+        print(f"{size:4d} {n:4d}  {gradcam_s / n * 1e3:15.1f}  {single / n * 1e3:9.1f} ({gradcam_s / single:5.1f}x faster)"
+              f"  {parallel / n * 1e3:5.1f} ({gradcam_s / parallel:4.1f}x)  {np.abs(mine - reference).max():22.2e}",
+              flush=True)
+
+
+def _seconds(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cnn", type=Path, help="a 28-px resnet18 run (default: train one)")
@@ -103,7 +170,11 @@ def main() -> None:
     parser.add_argument("--compare-layers", help="comma-separated CNN layers, e.g. layer2,layer3,layer4")
     parser.add_argument("--faithfulness", action="store_true", help="every method, with ROAD, and CNN-vs-ViT agreement")
     parser.add_argument("--figure", type=Path, help="with --faithfulness: keep the comparison figure here")
+    parser.add_argument("--road", action="store_true", help="ROAD's imputation: medcli's solver against grad-cam's")
     args = parser.parse_args()
+    if args.road:
+        road_speed()
+        return
 
     with tempfile.TemporaryDirectory(prefix="bench_explain_") as tmp:
         work = Path(tmp)

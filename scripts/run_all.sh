@@ -3,7 +3,8 @@
 #   data (download; --from FILE imports one; offline, the embedded sample of real PBC
 #   blood-cell images, or --synthetic data) -> train resnet18 and
 #   vit -> evaluate both -> explain both (Grad-CAM, attention rollout; ROAD faithfulness) ->
-#   aggregate -> where the two look, side by side on the same cells (aggregate --maps).
+#   aggregate -> where the two look, side by side on the same cells (aggregate --maps) ->
+#   HTML pages (report).
 # Each stage's duration goes to logs/run_all_<time>.log; the first failure stops the script
 # with that stage's exit code.
 #
@@ -105,5 +106,8 @@ stage explain-resnet18 "$MEDCLI" explain "$RUN_CNN" --method gradcam
 stage explain-vit "$MEDCLI" explain "$RUN_VIT" --method rollout
 stage aggregate "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --out "$OUT" --format md
 stage compare-maps "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --maps --out "$OUT/maps"
+stage report-resnet18 "$MEDCLI" report "$RUN_CNN"
+stage report-vit "$MEDCLI" report "$RUN_VIT"
+stage report-comparison "$MEDCLI" report "$RUN_CNN" "$RUN_VIT" --out "$OUT"
 log "all stages done; comparison in $OUT, runs $RUN_CNN and $RUN_VIT, trained on $ROOT"
 echo "$OUT"

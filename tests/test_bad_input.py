@@ -25,6 +25,7 @@ RUN_COMMANDS = {
     "evaluate": lambda run: ["evaluate", str(run)],
     "explain": lambda run: ["explain", str(run), "--method", "gradcam", "--per-class", "1"],
     "plot-confusion": lambda run: ["plot-confusion", str(run)],
+    "report": lambda run: ["report", str(run)],
     "train --resume": lambda run: ["train", "--resume", str(run)],
 }
 # Commands that load a checkpoint, and which one.
@@ -115,11 +116,33 @@ def _checkpoint_other_architecture(path: Path) -> None:
     torch.save(checkpoint, path)
 
 
+def _checkpoint_of_another_run(path: Path) -> None:
+    """A valid checkpoint of the same architecture that another run wrote (the same weights,
+    one changed a little: what evaluate used to report under this run's name)."""
+    import torch
+
+    checkpoint = torch.load(path, weights_only=True)
+    state = checkpoint["model"] if "model" in checkpoint else checkpoint
+    first = next(key for key, value in state.items() if value.is_floating_point())
+    state[first] = state[first] + 0.01
+    torch.save(checkpoint, path)
+
+
+NOT_ITS_OWN = "not the file this run wrote"
 CHECKPOINT_PROBLEMS = {
     "missing": (_checkpoint_missing, ("no checkpoints", "does not exist", "missing", "not found")),
-    "truncated": (_checkpoint_truncated, ("damaged", "truncated", "cannot be read", "not a")),
-    "other architecture": (_checkpoint_other_architecture, ("does not fit", "architecture", "mismatch")),
+    "truncated": (_checkpoint_truncated, ("damaged", "truncated", "cannot be read", "not a", NOT_ITS_OWN)),
+    "other architecture": (_checkpoint_other_architecture, ("does not fit", "architecture", "mismatch", NOT_ITS_OWN)),
 }
+
+
+@pytest.mark.parametrize("command", ["evaluate", "explain"])
+def test_a_checkpoint_another_run_wrote_is_refused(run, command):
+    """The manifest records each checkpoint's sha256: a command reading best.pt notices that it
+    is not the file this run wrote, instead of reporting another model's numbers as this run's."""
+    name, args = CHECKPOINT_COMMANDS[command]
+    _checkpoint_of_another_run(run / "checkpoints" / name)
+    assert NOT_ITS_OWN in one_line_error(runner.invoke(app, args(run)), 2)
 
 
 @pytest.mark.parametrize("problem", CHECKPOINT_PROBLEMS)

@@ -22,7 +22,7 @@ from medcli.cli import app
 from cli_helpers import heavy_imports, one_line_error
 
 runner = CliRunner()
-COMMANDS = ["download", "train", "evaluate", "aggregate", "plot-confusion", "explain", "clean-processes"]
+COMMANDS = ["download", "train", "evaluate", "aggregate", "plot-confusion", "explain", "report", "clean-processes"]
 
 
 def test_help_lists_every_command_and_imports_neither_torch_nor_numpy():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -83,6 +84,10 @@ def test_torchrun_with_two_processes_trains_the_one_process_model(single, data_r
     assert manifest["environment"]["distributed"] == {"world_size": 2, "backend": "gloo"}
     assert manifest["stages"]["train"]["status"] == "completed"
     assert manifest["stages"]["train"]["summary"]["world_size"] == 2
+    # images/s counts each image once: the manifest says what rank 0's last epoch line says
+    last_line = [line for line in (rank_logs["0"] / "stderr.log").read_text().splitlines() if "epoch 3/3" in line][-1]
+    shown = float(re.search(r"(\d+) img/s", last_line).group(1))
+    assert manifest["stages"]["train"]["summary"]["images_per_s"] == pytest.approx(shown, abs=1), last_line
     assert _manifest(single)["environment"]["distributed"] == {"world_size": 1, "backend": None}
     _assert_same_model(single, run)
     # Validation covers the whole split in both (gathered, not one shard).
@@ -156,3 +161,55 @@ def test_global_batch_must_split_evenly(data_root, tmp_path):
 def test_sync_bn_needs_cuda_and_a_cnn(data_root, tmp_path):
     done = _medcli("train", "--sync-bn", "--device", "cpu", "--root", str(data_root), "--runs-dir", str(tmp_path))
     assert done.returncode == 2 and "--sync-bn needs CUDA" in done.stderr
+
+
+# -- failures and devices, without a process group ---------------------------------------------
+
+@pytest.mark.parametrize("error, lost", [
+    (RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:52012"), True),
+    (RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection reset by peer"), True),
+    (RuntimeError("Watchdog caught collective operation timeout: WorkNCCL(SeqNum=9, OpType=ALLREDUCE) ran for "
+                  "600000 milliseconds before timing out."), True),
+    (RuntimeError("NCCL communicator was aborted on rank 1."), True),
+    (RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error (run with NCCL_DEBUG=INFO)"), False),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total; NCCL buffers 1 GiB)"), False),
+    (RuntimeError("gloo: unsupported reduction op"), False),
+])
+def test_only_a_lost_peer_interrupts_a_distributed_run(error, lost):
+    """A collective that fails because another process is gone means 'interrupted, resume';
+    the process's own error (out of memory, a real NCCL failure) is a failure with its message
+    (every message naming gloo or NCCL used to count as a lost peer)."""
+    from medcli import distributed
+    from medcli.errors import Interrupted
+
+    assert distributed.peer_lost(error) is lost
+    with pytest.raises(Interrupted if lost else RuntimeError) as raised:
+        with distributed.peers(distributed.Context(rank=0, world_size=2)):
+            raise error
+    assert isinstance(raised.value, Interrupted) == lost
+
+
+def test_each_process_takes_its_own_gpu_also_when_the_launcher_hides_the_others():
+    from medcli import distributed
+    from medcli.errors import UsageError
+
+    ctx = distributed.Context(rank=3, world_size=8, local_rank=3)
+    assert distributed.gpu_index(ctx, 8) == 3
+    assert distributed.gpu_index(ctx, 1) == 0  # CUDA_VISIBLE_DEVICES gave this process one GPU
+    with pytest.raises(UsageError, match="local rank 3 has no GPU"):
+        distributed.gpu_index(ctx, 2)
+    with pytest.raises(UsageError, match="--device cuda:1 picks one GPU"):
+        distributed.device_for(ctx, "cuda:1")  # used to be ignored silently
+    assert distributed.device_for(ctx, "cpu") == "cpu"
+    assert distributed.device_for(distributed.Context(), "cuda:1") == "cuda:1"  # one process: its choice
+
+
+def test_a_usage_error_inside_the_processes_reaches_the_user_once_as_a_usage_error(data_root, tmp_path):
+    """`train --nproc 2 --batch-size 15`: 15 does not split over 2; the user gets that one line
+    once and exit code 2, found before any process starts (it used to be every process's line,
+    then 'rank 0 exited with code 2 (its error is above)', exit 1)."""
+    done = _medcli("train", "--nproc", "2", *OPTIONS, "--batch-size", "15", "--root", str(data_root),
+                   "--runs-dir", str(tmp_path / "runs"))
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2, done.stderr
+    assert len(errors) == 1 and "must split evenly over 2 processes" in errors[0], done.stderr

@@ -267,20 +267,22 @@ def test_road_ranks_a_trained_models_gradcam_above_random_and_untrained_maps(tin
 
 
 def test_road_scorer_equals_grad_cams_road_combined(tiny_run):
-    """The oracle: grad-cam's own ROADCombined with the same percentiles, target and seed."""
+    """The oracle: grad-cam's own ROADCombined with the same percentiles, target and seed, on
+    maps without ties (where medcli ranks tied pixels differently: tests/test_road.py)."""
     from pytorch_grad_cam.metrics.road import ROADCombined
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
 
     run = Run.open(tiny_run)
     model = run.load_model("best", "cpu")
     x = augment.preprocess(datasets.as_tensor(run.load_data().images["test"][:6]), run.data["preprocess"])
-    maps = np.random.default_rng(1).random((6, 28, 28)).astype(np.float32)
+    maps = (np.stack([np.random.default_rng(k).permutation(784) for k in range(6)]) / 784).reshape(6, 28, 28)
+    maps = maps.astype(np.float32)
     classes = [0, 1, 2, 3, 4, 5]
     ours = explainers.road_scorer(model, seed=5, task=datasets.task("bloodmnist"))(x, maps, classes)
     torch.manual_seed(5)
     theirs = ROADCombined(percentiles=list(explainers.ROAD_PERCENTILES))(
         x, maps, [ClassifierOutputSoftmaxTarget(k) for k in classes], model)
-    np.testing.assert_allclose(ours, theirs, atol=1e-6)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
 def test_explain_records_faithfulness_and_raw_maps(tiny_run, tmp_path):

@@ -607,6 +607,24 @@ def test_small_training_sets_get_a_smaller_default_batch_and_lr(n_train, batch, 
     assert three["lr"] == pytest.approx(lr * three["batch_size"] / batch)
 
 
+def test_a_given_batch_without_lr_keeps_the_default_lr_and_says_so_in_one_line(capsys):
+    """--batch-size 512 alone trains with the lr chosen for batch 128 (the config stays what was
+    asked for), and one warning names that and the linearly scaled rate."""
+    from medcli.config import fit_batch_to_data
+
+    config = resolve_config(device="cpu", batch_size=512)
+    assert fit_batch_to_data(config, 11959) is config and config["lr"] == 0.1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--batch-size 512 without --lr keeps lr 0.1" in lines[0], lines
+    assert "chosen for batch 128" in lines[0] and "scale it to 0.4" in lines[0]
+    for asked in (dict(batch_size=512, lr=0.1), dict(batch_size=128), dict(model="vit", batch_size=128),
+                  dict(reduced=True, batch_size=64)):
+        fit_batch_to_data(resolve_config(device="cpu", **asked), 11959)
+    assert capsys.readouterr().err == ""
+    fit_batch_to_data(resolve_config(device="cpu", reduced=True, batch_size=128), 11959)
+    assert "chosen for batch 64" in capsys.readouterr().err  # the --reduced preset's batch
+
+
 @pytest.mark.parametrize("n_train,model,epochs", [(11959, "resnet18", 3), (2000, "resnet18", 9), (2000, "vit", 12),
                                                  (11959, "vit", 8), (100000, "resnet18", 3)])
 def test_reduced_keeps_its_steps_on_a_small_training_set(n_train, model, epochs):

@@ -1,0 +1,385 @@
+"""`medcli report`: pages a person can open or print, one HTML file per run or per comparison.
+
+A page stands alone: every figure is its PNG inlined as a `data:` URI, the style sheet (with
+a print style sheet) is inline, and there is no script, font or link to load; its content
+security policy lets the browser fetch nothing, so it opens offline, as an attachment, and
+makes no network request. Everything on it comes from files the other commands wrote: a page
+takes a second and never loads a model.
+
+* The run page (`Run.html_report_file()`, recorded by the run's `report` stage): what the
+  data is at the top when it is not the official file, the metrics of every evaluated split
+  with their bootstrap intervals and per-class values, the calibration before and after
+  temperature scaling with the reliability diagrams, every figure train and evaluate drew,
+  each explanation method's class grids, then the run (files, training, stages) and its
+  configuration and environment.
+* The comparison page (`DIR/comparison.html`): `aggregate`'s table (mean ± std over seeds,
+  leaders starred), its paired tests and chart, the agreement of the runs' stored explanation
+  maps (`maps`), and the runs compared or left out.
+
+This module sits above the stage modules: a comparison page shows what two of them compute
+(`aggregate`, `maps`), which neither may import from the other. No stage imports it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import struct
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from medcli import __version__, aggregate, compare_stats, console, datasets, fileio, maps
+from medcli.errors import UsageError
+from medcli.evaluate import interval_text, metric_text, shown_metrics
+from medcli.explainers import METHODS as EXPLAIN_METHODS
+from medcli.metrics import temperature_text
+from medcli.names import SPLITS
+from medcli.run import Run
+
+__all__ = ["COMPARISON_PAGE", "REPORT_STAGE", "comparison_page", "report", "run_page", "write_comparison_page",
+           "write_run_page"]
+
+REPORT_STAGE = "report"
+COMPARISON_PAGE = "comparison.html"
+SPLIT_ORDER = tuple(reversed(SPLITS))  # test first: the split a result is reported on
+EVALUATION_KEYS = ("task", "metrics", "ci", "checkpoint", "tta", "device")  # what the page reads of a metrics JSON
+SPLIT_FIGURES = (("roc", "ROC and precision-recall curves"), ("samples", "Sample predictions (green right, red wrong)"),
+                 ("mistakes", "Most confident mistakes"))  # the confusion matrix goes with the metrics
+# The browser may load nothing but the inline style sheet and the inlined images.
+POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+STYLE = """
+:root { --ink: #1b1f24; --muted: #57606a; --line: #d0d7de; --head: #f3f5f8; --warn: #b00020; }
+* { box-sizing: border-box; }
+body { margin: 0; color: var(--ink); background: #fff;
+       font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, "Liberation Sans", Arial, sans-serif; }
+main { max-width: 1120px; margin: 0 auto; padding: 24px 28px 48px; }
+h1 { font-size: 1.6em; margin: 0 0 .15em; overflow-wrap: anywhere; }
+h2 { font-size: 1.3em; margin: 1.8em 0 .5em; padding-bottom: .2em; border-bottom: 2px solid var(--line); }
+h3 { font-size: 1.08em; margin: 1.3em 0 .4em; }
+.sub, .note, figcaption { color: var(--muted); }
+.note { margin: .4em 0 .2em; font-size: .92em; }
+.provenance { margin: 1em 0; padding: .7em 1em; border: 2px solid var(--warn); border-left-width: 8px;
+              background: #fdecee; color: #6d0015; font-weight: 600; }
+nav a { margin-right: 1.1em; color: #0550ae; text-decoration: none; }
+.wide { overflow-x: auto; }
+table { border-collapse: collapse; margin: .4em 0 1em; font-variant-numeric: tabular-nums; }
+th, td { border: 1px solid var(--line); padding: .28em .6em; text-align: left; vertical-align: top;
+         overflow-wrap: break-word; }
+thead th { background: var(--head); }
+td.num { text-align: right; white-space: nowrap; }
+figure { margin: .8em 0 1.4em; break-inside: avoid; page-break-inside: avoid; }
+figure img { display: block; max-width: 100%; width: auto; height: auto; border: 1px solid #e6e8eb; }
+figcaption { font-size: .88em; margin-top: .3em; }
+.grids { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 0 18px; }
+pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f8fa; border: 1px solid var(--line);
+      padding: .7em .9em; font-size: .86em; }
+footer { margin-top: 3em; padding-top: .6em; border-top: 1px solid var(--line); color: var(--muted); font-size: .85em; }
+@media print {
+  @page { margin: 14mm; }
+  body { font-size: 10pt; }
+  main { max-width: none; padding: 0; }
+  nav { display: none; }
+  section + section { break-before: page; page-break-before: always; }
+  h2, h3 { break-after: avoid; page-break-after: avoid; }
+  tr { break-inside: avoid; page-break-inside: avoid; }
+  .wide { overflow: visible; }
+  figure img { max-height: 230mm; }
+  .grids { grid-template-columns: 1fr 1fr; }
+  .provenance, thead th { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+}
+"""
+
+
+# ---------------------------------------------------------------------------------------
+# HTML pieces
+# ---------------------------------------------------------------------------------------
+
+
+def _e(value) -> str:
+    return html.escape(str(value))
+
+
+def _table(header: Sequence[str] | None, rows: Iterable[Sequence], numeric: Iterable[int] = (),
+           caption: str | None = None) -> str:
+    """A table (numeric columns right-aligned) under its caption, in a box that scrolls sideways
+    on a narrow screen."""
+    numeric = set(numeric)
+    head = "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead>" if header else ""
+    body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    title = _note(caption) if caption else ""
+    return f'{title}<div class="wide"><table>{head}<tbody>{body}</tbody></table></div>'
+
+
+def _pairs(items: Iterable[tuple[str, object]]) -> str:
+    """A two-column table of names and values (other than text, as JSON: true, null, [...])."""
+    return _table(None, [(key, value if isinstance(value, str) else json.dumps(value, default=str))
+                         for key, value in items])
+
+
+def _figure(path: Path, caption: str) -> str:
+    """A PNG inlined as a data: URI, with its caption; its pixel size goes into width and height
+    so the page keeps its layout while it loads."""
+    data = Path(path).read_bytes()
+    width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk follows the 8-byte signature
+    return (f'<figure><img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" width="{width}" '
+            f'height="{height}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>')
+
+
+def _note(text: str) -> str:
+    return f'<p class="note">{_e(text)}</p>'
+
+
+def _page(title: str, subtitle: str, notes: Sequence[str], sections: Sequence[tuple[str, str, str]],
+          source: str) -> str:
+    """The whole document: a heading, a red box per note on the data, a contents line, the
+    sections (id, heading, HTML body) and a footer naming where it came from."""
+    banner = "".join(f'<p class="provenance">Not the official MedMNIST data: {_e(note)}</p>' for note in notes)
+    contents = "".join(f'<a href="#{key}">{_e(name)}</a>' for key, name, _ in sections)
+    body = "\n".join(f'<section id="{key}"><h2>{_e(name)}</h2>{part}</section>' for key, name, part in sections)
+    written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{POLICY}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{_e(title)}</title><style>{STYLE}</style></head>\n"
+            f"<body><main><header><h1>{_e(title)}</h1><p class=\"sub\">{_e(subtitle)}</p>{banner}"
+            f"<nav>{contents}</nav></header>\n{body}\n"
+            f"<footer>Written by medcli {__version__} on {written} from {_e(source)}. Every figure is embedded: "
+            f"the page needs no other file and no network.</footer></main></body></html>\n")
+
+
+def _read(path: Path, fix: str) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# The run page
+# ---------------------------------------------------------------------------------------
+
+
+def write_run_page(path: str | os.PathLike) -> Path:
+    """Write a run's page (`Run.html_report_file()`) inside its `report` stage; returns its path.
+    A run that is not trained or not evaluated is a one-line refusal naming the command to run."""
+    run = Run.open(path)
+    run.require_trained()
+    hint = f"evaluate it first with 'medcli evaluate {run.run_dir}'"
+    run.require("evaluate", hint)
+    evaluations = {split: _evaluation(run, split) for split in SPLIT_ORDER if run.metrics_file(split).is_file()}
+    if not evaluations:
+        raise UsageError(f"run {run.run_dir} has no evaluated split left; {hint}")
+    with run.stage(REPORT_STAGE) as st:
+        page = fileio.write_text(run.html_report_file(), run_page(run, evaluations))
+        st.add(page, save=False)
+        st.summary.update(splits=list(evaluations), bytes=page.stat().st_size)
+    return page
+
+
+def _evaluation(run: Run, split: str) -> dict:
+    """A split's metrics JSON, refused with one line when it lacks what the page shows (an older
+    medcli wrote no intervals)."""
+    fix = f"re-run 'medcli evaluate {run.run_dir} --split {split}'"
+    result = _read(run.metrics_file(split), fix)
+    missing = [key for key in EVALUATION_KEYS if key not in result]
+    if missing:
+        raise UsageError(f"{run.metrics_file(split)} has no {', '.join(missing)} (an older medcli wrote it); {fix}")
+    return result
+
+
+def run_page(run: Run, evaluations: dict[str, dict]) -> str:
+    """The HTML of a run's page from its manifest and `evaluations` (split -> metrics JSON)."""
+    first = next(iter(evaluations.values()))
+    record = run.dataset
+    note = datasets.provenance(record)
+    subtitle = (f"{aggregate.model_label(run.data.get('model', {}), run.config.get('model'))} on {record.get('flag')} "
+                f"{record.get('size')} px ({first['task']}), trained {run.data.get('created')} with medcli "
+                f"{run.data.get('medcli_version')}")
+    sections = [("metrics", "Metrics", _metrics(run, evaluations)),
+                ("calibration", "Calibration", _calibration(run, evaluations)),
+                ("figures", "Figures", _figures(run, evaluations)),
+                ("explanations", "Explanations", _explanations(run)),
+                ("run", "Run", _overview(run, evaluations)),
+                ("configuration", "Configuration", _configuration(run))]
+    return _page(f"Run {run.run_id}", subtitle, [f"{note}; source: {record.get('source')}"] if note else [],
+                 sections, str(run.run_dir.resolve()))
+
+
+def _overview(run: Run, evaluations: dict[str, dict]) -> str:
+    record = run.dataset
+    kind = datasets.provenance_kind(record)
+    facts = [("run directory", str(run.run_dir.resolve())),
+             ("data file", f"{record.get('path')} (md5 {record.get('md5')}, {kind or 'official'})"),
+             ("images per split", ", ".join(f"{split} {n}" for split, n in (record.get("n_samples") or {}).items())),
+             ("evaluated", "; ".join(f"{split}: checkpoint {e['checkpoint']} (epoch {e.get('checkpoint_epoch')}), "
+                                     f"views {', '.join(e['tta']['views'])}, {e['device']}"
+                                     for split, e in evaluations.items()))]
+    stages = [(name, entry.get("status"), entry.get("ended"), entry.get("duration_s"))
+              for name, entry in run.stages.items() if name != REPORT_STAGE]
+    return (_pairs(facts) + "<h3>Training</h3>" + _pairs(run.stages["train"].get("summary", {}).items())
+            + "<h3>Stages</h3>" + _table(("stage", "status", "ended", "seconds"), stages, numeric=[3]))
+
+
+def _metrics(run: Run, evaluations: dict[str, dict]) -> str:
+    """Every split side by side with the bootstrap intervals, then each split's confusion matrix
+    and per-class values."""
+    splits, results = list(evaluations), list(evaluations.values())
+    ci = results[0]["ci"]
+    keys = shown_metrics(results[0])
+    rows = [("images", *[r["metrics"]["n"] for r in results])]
+    rows += [(key, *[metric_text(key, r["metrics"].get(key)) for r in results]) for key in keys]
+    rows += [(f"{key} {ci['level']:.0%} CI", *[interval_text(key, r["ci"].get(key)) for r in results])
+             for key in keys if key in ci]
+    caption = f"{ci['level']:.0%} CI: {ci['method']} over the images, {ci['resamples']} resamples, seed {ci['seed']}"
+    parts = [_table(("metric", *splits), rows, numeric=range(1, len(splits) + 1), caption=caption)]
+    for split, result in evaluations.items():
+        parts.append(f"<h3>{_e(split)} split</h3>")
+        confusion = run.figure_file("confusion", split)
+        if confusion.is_file():
+            parts.append(_figure(confusion, f"Confusion matrix, {split} split"))
+        per_class = result["metrics"].get("per_class") or []
+        if per_class:
+            columns = [c for c in per_class[0] if c != "class"]
+            cells = [[f"{row[c]:.4f}" if isinstance(row[c], float) else ("n/a" if row[c] is None else row[c])
+                      for c in columns] for row in per_class]
+            parts.append(_table(columns, cells, numeric=range(1, len(columns)), caption=f"Per class, {split} split"))
+    return "".join(parts)
+
+
+def _calibration(run: Run, evaluations: dict[str, dict]) -> str:
+    """Per split: the temperature and the calibration metrics before and after it (or how to
+    fit one), and the reliability diagram (before and after side by side when calibrated)."""
+    parts = []
+    for split, result in evaluations.items():
+        calibration = result.get("calibration")
+        parts.append(f"<h3>{_e(split)} split</h3>")
+        if calibration:
+            fitted = (f"Temperature scaling fitted on {calibration['fitted_on']}: T = "
+                      f"{temperature_text(calibration['temperature'])}"
+                      + (f"; skipped (T = 1): {calibration['skipped']}" if calibration["skipped"] else ""))
+            parts.append(f"<p>{_e(fitted)}</p>" + _table(
+                ("metric", "before", "after"),
+                [(key, metric_text(key, before), metric_text(key, calibration["after"][key]))
+                 for key, before in calibration["before"].items()], numeric=[1, 2]))
+        else:
+            parts.append(_note(f"Not calibrated: 'medcli evaluate {run.run_dir} --split {split} --calibrate' fits a "
+                               "temperature on val and shows the calibration before and after it."))
+        figure = run.figure_file("reliability", split)
+        if figure.is_file():
+            parts.append(_figure(figure, f"Reliability diagram, {split} split"
+                                 + (", before and after temperature scaling" if calibration else "")))
+    return "".join(parts)
+
+
+def _figures(run: Run, evaluations: dict[str, dict]) -> str:
+    parts = []
+    curves = run.figure_file("curves")
+    if curves.is_file():
+        parts.append("<h3>Training</h3>" + _figure(curves, "Training curves"))
+    for split in evaluations:
+        shown = [(run.figure_file(kind, split), text) for kind, text in SPLIT_FIGURES]
+        parts.append(f"<h3>{_e(split)} split</h3>"
+                     + "".join(_figure(path, f"{text}, {split} split") for path, text in shown if path.is_file()))
+    return "".join(parts)
+
+
+def _explanations(run: Run) -> str:
+    """Each explained method: how its samples were chosen, its faithfulness, its class grids."""
+    parts = []
+    for method in EXPLAIN_METHODS:
+        if run.status(run.explain_stage(method)) != "completed":
+            continue
+        index = _read(run.explain_index(method), f"re-run 'medcli explain {run.run_dir} --method {method}'")
+        road, mass = index.get("faithfulness"), index.get("mean_box_mass")
+        facts = [f"{len(index['samples'])} {index['split']} samples ({index.get('selection')})",
+                 f"target {index['target']}", f"checkpoint {index['checkpoint']}"]
+        facts += [f"layer {index['layer']}"] if index.get("layer") else []
+        facts += [f"{road['metric']} {road['mean']:.3f} ± {road['std']:.3f}"] if road else []
+        facts += [f"mean heat-map share in the evidence box {mass:.2f}"] if mass is not None else []
+        grids = [(run.explain_dir(method) / file, f"{method}: true class {name}")
+                 for name, file in index["grids"].items()]
+        parts.append(f"<h3>{_e(method)}</h3><p>{_e('; '.join(facts))}</p><div class=\"grids\">"
+                     + "".join(_figure(path, caption) for path, caption in grids if path.is_file()) + "</div>")
+    return "".join(parts) or _note(f"Not explained yet: 'medcli explain {run.run_dir}' draws heat maps of where the "
+                                   "model looks, with a grid per class.")
+
+
+def _configuration(run: Run) -> str:
+    blocks = [("Training options", run.config), ("Model", run.data.get("model") or {}),
+              ("Preprocessing", run.data.get("preprocess") or {}), ("Environment", run.data.get("environment") or {})]
+    return "".join(f"<h3>{_e(name)}</h3>" + _pairs(values.items()) for name, values in blocks)
+
+
+# ---------------------------------------------------------------------------------------
+# The comparison page
+# ---------------------------------------------------------------------------------------
+
+
+def write_comparison_page(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
+    """Compare the runs under `paths` (`aggregate.aggregate`, test split, default metrics) and
+    their stored explanation maps (`maps.compare`), and write `out_dir/comparison.html` beside
+    the chart and the maps figure it shows; returns the page's path."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory for the comparison page")
+    result = aggregate.aggregate(paths)
+    chart = aggregate.write_chart(out / "comparison.png", result)
+    try:
+        agreement: dict | str = maps.compare([row["path"] for row in result.runs], out)
+    except UsageError as exc:  # nothing to compare (fewer than two explanations, no common sample...)
+        agreement = str(exc)
+        console.info(f"the page has no comparison of explanation maps: {agreement}")
+    return fileio.write_text(out / COMPARISON_PAGE, comparison_page(result, chart, agreement))
+
+
+def comparison_page(result: aggregate.Comparison, chart: Path, agreement: dict | str) -> str:
+    """The HTML of a comparison: `result`, its chart, and the maps' agreement (`maps.compare`'s
+    summary, or why there is none)."""
+    notes = sorted({note for row in result.runs if (note := datasets.provenance(Run.open(row["path"]).dataset))})
+    title, header, rows = aggregate.display_rows(result)
+    numeric = [i for i, name in enumerate(header) if name in result.metrics or name in ("epochs", "train time")]
+    table = _table([aggregate.heading(name) for name in header], rows, numeric, caption=title)
+    tests = (f"<h3>Paired tests</h3><pre>{_e(chr(10).join(compare_stats.paired_lines(result.paired)))}</pre>"
+             if result.paired else _note(f"No paired tests: they compare two setups on the same images, and there are "
+                                         f"{len(result.groups)}; choose two with 'medcli aggregate --pair A B'."))
+    setups = {run: group["group"] for group in result.groups for run in group["runs"]}
+    runs = _table(("run", "setup", "seed", "evaluation", "directory"),
+                  [(r["run"], setups[r["run"]], r["seed"], r["evaluation"], r["path"]) for r in result.runs])
+    if result.skipped:
+        runs += "<h3>Not compared</h3>" + _table(("run", "reason"), [(s["run"], s["reason"]) for s in result.skipped])
+    sections = [("comparison", "Comparison", table + tests),
+                ("chart", "Chart", _figure(chart, f"Mean over seeds with the std as error bar, {result.split} split")),
+                ("maps", "Explanation maps", _agreement(agreement)),
+                ("runs", "Runs", runs)]
+    datasets_shown = ", ".join(dict.fromkeys(f"{g['dataset']} {g['size']} px" for g in result.groups))
+    return _page(f"Comparison of {len(result.runs)} runs", f"{len(result.groups)} setups on {datasets_shown}, "
+                 f"{result.split} split", notes, sections, ", ".join(dict.fromkeys(str(Path(r["path"]).parent)
+                                                                                   for r in result.runs)))
+
+
+def _agreement(agreement: dict | str) -> str:
+    if isinstance(agreement, str):
+        return _note(f"No comparison of explanation maps: {agreement}")
+    figure = next(Path(f) for f in agreement["files"] if f.endswith(".png"))
+    pairs = [(p["a"], p["b"], p["spearman"], p["top20_iou"]) for p in agreement["pairs"]]
+    per_class = [(f"{p['a']} vs {p['b']}", name, v["spearman"], v["top20_iou"], v["n"])
+                 for p in agreement["pairs"] for name, v in p["per_class"].items()]
+    return (_table(("A", "B", "Spearman", "top-20% IoU"), pairs, numeric=[2, 3], caption=maps.lines(agreement)[0])
+            + _figure(figure, "The explained samples side by side, each map over its image")
+            + "<h3>Per class</h3>" + _table(("pair", "class", "Spearman", "top-20% IoU", "samples"), per_class,
+                                             numeric=[2, 3, 4]))
+
+
+def report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None) -> Path:
+    """`medcli report`: one run without `out_dir` gets its own page; with `out_dir`, the runs
+    under `paths` get a comparison page there. Returns the page's path."""
+    if out_dir is not None:
+        return write_comparison_page(paths, out_dir)
+    if len(paths) != 1:
+        raise UsageError("one RUN gets its own page; a comparison of several needs --out DIR (it gets "
+                         f"DIR/{COMPARISON_PAGE})")
+    return write_run_page(paths[0])

@@ -1,0 +1,162 @@
+"""`medcli report`: the run page and the comparison page are self-contained HTML (no script,
+no link, nothing to fetch; every image an inlined PNG that decodes), written where `Run` says
+and recorded in the manifest; a run not evaluated yet is a one-line usage error. In a real
+headless browser (Chromium; skipped where none is installed) each page loads without a console
+message, fetches nothing, decodes every image, and its screenshot shows the figures."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import io
+import json
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageStat
+from typer.testing import CliRunner
+
+from medcli.cli import app
+from medcli.run import Run
+
+from cli_helpers import one_line_error
+
+runner = CliRunner()
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+WINDOW = (1280, 2000)  # the browser window of the screenshot, in CSS pixels
+
+
+@pytest.fixture(scope="module")
+def explained_runs(tiny_run, synthetic_root, tmp_path_factory) -> tuple[Path, Path]:
+    """Two setups, evaluated on test and explained with gradcam on the same samples: a copy of
+    the session's tiny run (calibrated) and a one-epoch run with another learning rate."""
+    from medcli import evaluate, explain, train
+
+    runs_dir = tmp_path_factory.mktemp("report") / "runs"
+    first = shutil.copytree(tiny_run, runs_dir / tiny_run.name)
+    second = train.train(root=synthetic_root, runs_dir=runs_dir, model="timm:test_resnet", epochs=1, batch_size=32,
+                         optimizer="adamw", lr=1e-3, warmup_epochs=0.0, seed=0).run_dir
+    for run in (first, second):
+        evaluate.evaluate_run(run, calibrate=run == first, device="cpu", batch_size=64)
+        explain.explain_run(run, per_class=1, faithfulness=False, device="cpu")
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def pages(explained_runs, tmp_path_factory) -> dict[str, Path]:
+    """The run page of the first run and the comparison page of both, written by the CLI."""
+    first, second = explained_runs
+    written = {}
+    for name, args in (("run", [str(first)]),
+                       ("comparison", [str(first), str(second), "--out", str(tmp_path_factory.mktemp("compare"))])):
+        result = runner.invoke(app, ["report", *args])
+        assert result.exit_code == 0, result.output
+        written[name] = Path(result.stdout.strip())
+    return written
+
+
+class _Tags(HTMLParser):
+    """Every start tag and its attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def self_contained_images(page: Path) -> list[bytes]:
+    """Check that `page` needs nothing outside itself; returns its images (PNG bytes), each
+    checked to decode to the size its tag gives."""
+    text = page.read_text(encoding="utf-8")
+    assert "http://" not in text and "https://" not in text
+    parser = _Tags()
+    parser.feed(text)
+    assert not {"script", "link", "iframe", "object", "embed"} & {tag for tag, _ in parser.tags}
+    assert "url(" not in text  # no style that loads anything
+    assert all(attrs["href"].startswith("#") for _, attrs in parser.tags if "href" in attrs)
+    images = []
+    for tag, attrs in parser.tags:
+        if "src" in attrs:
+            assert tag == "img" and attrs["src"].startswith("data:image/png;base64,"), attrs["src"][:60]
+            data = base64.b64decode(attrs["src"].split(",", 1)[1], validate=True)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                assert image.size == (int(attrs["width"]), int(attrs["height"]))
+            images.append(data)
+    return images
+
+
+def test_the_run_page_is_self_contained_recorded_and_shows_every_figure(explained_runs, pages):
+    page = pages["run"]
+    run = Run.open(explained_runs[0])
+    assert page == run.html_report_file().resolve()
+    inlined = set(self_contained_images(page))
+    drawn = [run.path(rel) for stage in ("train", "evaluate") for rel in run.stages[stage]["artefacts"]
+             if rel.endswith(".png")]
+    index = json.loads(run.explain_index("gradcam").read_text(encoding="utf-8"))
+    grids = [run.explain_dir("gradcam") / name for name in index["grids"].values()]
+    assert len(drawn) == 6 and len(grids) == 8  # curves; confusion, samples, mistakes, reliability, ROC; a grid a class
+    assert {path.read_bytes() for path in drawn + grids} == inlined
+    text = page.read_text(encoding="utf-8")
+    banner = text.index('class="provenance"')
+    assert "SYNTHETIC" in text[banner:text.index("</p>", banner)] and banner < text.index("<section")
+    for needle in ("accuracy 95% CI", "auc 95% CI", "Temperature scaling fitted on val", "before", "after",
+                   "Per class, test split", "Confusion matrix, test split", "Training options", run.run_id):
+        assert needle in text, needle
+    stage = run.stages["report"]
+    assert stage["status"] == "completed" and set(stage["artefacts"]) == {run.relative(page)}
+    assert stage["summary"]["splits"] == ["test"]
+
+
+def test_the_comparison_page_has_the_table_tests_chart_and_maps(explained_runs, pages):
+    page = pages["comparison"]
+    assert page.name == "comparison.html"
+    images = self_contained_images(page)
+    assert [Image.open(io.BytesIO(data)).size for data in images] == [
+        Image.open(page.parent / name).size for name in ("comparison.png", "maps_compare.png")]
+    text = page.read_text(encoding="utf-8")
+    for needle in ("SYNTHETIC", "McNemar exact", "paired bootstrap", "Spearman", "top-20% IoU", "epochs=1",
+                   *(Run.open(run).run_id for run in explained_runs)):
+        assert needle in text, needle
+
+
+def test_a_run_not_evaluated_or_several_runs_without_out_are_one_line_usage_errors(tiny_run, explained_runs,
+                                                                                   tmp_path):
+    copy = shutil.copytree(tiny_run, tmp_path / tiny_run.name)
+    one_line_error(runner.invoke(app, ["report", str(copy)]), 2, f"medcli evaluate {copy}")
+    run = Run.open(copy)
+    assert not run.html_report_file().exists() and "report" not in run.stages
+    one_line_error(runner.invoke(app, ["report", *map(str, explained_runs)]), 2, "--out DIR")
+    one_line_error(runner.invoke(app, ["report", str(copy), "--out", str(tmp_path / "cmp")]), 2, "medcli evaluate")
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """scripts/screenshot_reports.py, whose functions drive the browser; skips without one."""
+    spec = importlib.util.spec_from_file_location("screenshot_reports", SCRIPTS / "screenshot_reports.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if module.browser() is None:
+        pytest.skip(f"no browser on PATH ({', '.join(module.BROWSERS)}): install chromium for the browser checks")
+    return module
+
+
+@pytest.mark.parametrize("name", ["run", "comparison"])
+def test_each_page_loads_in_chromium_and_its_screenshot_shows_the_figures(pages, chromium, name, tmp_path):
+    page = pages[name]
+    shot = tmp_path / "shot.png"
+    assert chromium.screenshot(page, shot, *WINDOW) == []  # no console message: no error, no blocked fetch
+    loaded = chromium.probe(page, *WINDOW)
+    assert loaded["resources"] == []  # nothing fetched, even without the page's content security policy
+    assert len(loaded["images"]) == len(self_contained_images(page))
+    assert all(image["complete"] and image["width"] > 0 for image in loaded["images"])
+    screen = Image.open(shot).convert("L")
+    assert screen.size == WINDOW
+    shown = [image["box"] for image in loaded["images"] if image["box"][1] + image["box"][3] <= WINDOW[1]]
+    assert shown, "no figure within the first screen"
+    for x, y, width, height in shown:  # each figure on screen was painted: not a blank box
+        assert ImageStat.Stat(screen.crop((int(x), int(y), int(x + width), int(y + height)))).stddev[0] > 20
