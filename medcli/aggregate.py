@@ -77,7 +77,7 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     run = Run.open(run_dir)
     state = run.status("train")
     if state != "completed":
-        raise UsageError(f"unfinished: train {state or 'not run'} (finish it with 'medcli train --resume {run_dir}')")
+        raise UsageError(f"unfinished: train {state or 'not run'} (finish it with '{run.resume_command()}')")
     train = run.stages["train"]
     metrics_file = run.metrics_file(split)
     if not metrics_file.is_file():

@@ -28,7 +28,6 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from medcli import __version__, console, names
 from medcli import config as _config
 from medcli import models as _models  # light at import: its family records give train's choices and defaults
-from medcli import explain as _explain  # light at import: for --per-class's help
 from medcli import explainers as _explainers  # light at import: the methods, --layer's help
 from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliError, UsageError
 
@@ -376,7 +375,7 @@ def explain(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory printed by 'medcli train'.")],
     method: Annotated[ExplainMethod, typer.Option(help="CAM method (CNNs and ViTs) or rollout (ViTs only).")] = ExplainMethod("gradcam"),
     split: Annotated[ExplainSplit, typer.Option(help="Split the samples come from.")] = ExplainSplit("test"),
-    per_class: Annotated[Optional[int], typer.Option(min=1, help=f"Samples per true class (default {_explain.DEFAULT_PER_CLASS}), seeded.")] = None,
+    per_class: Annotated[Optional[int], typer.Option(min=1, help=f"Samples per true class (default {_explainers.DEFAULT_PER_CLASS}), seeded.")] = None,
     indices: Annotated[Optional[str], typer.Option(help="Explain these sample numbers instead, e.g. 3,17,42.")] = None,
     only_errors: Annotated[bool, typer.Option("--only-errors", help="Only misclassified samples.")] = False,
     target: Annotated[str, typer.Option(help="Class to explain: pred (the predicted class; multi-label: the most probable label), true, or a class number or name (rollout ignores it).")] = "pred",
@@ -402,8 +401,10 @@ def explain(
     label, or none), a grid per class, maps.npz (the raw maps) and index.json (with each map's
     ROAD faithfulness). Prints the directory.
     """
-    index = _explain.explain_run(
-        run, method=method.value, split=split.value, per_class=per_class, indices=_explain.parse_indices(indices),
+    from medcli import explain as library
+
+    index = library.explain_run(
+        run, method=method.value, split=split.value, per_class=per_class, indices=library.parse_indices(indices),
         only_errors=only_errors, target=target, layer=layer, checkpoint=checkpoint.value, seed=seed,
         head_fusion=head_fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, root=root,
         faithfulness=faithfulness, overwrite=overwrite)

@@ -301,13 +301,12 @@ def _place_sample(flags: list[str], sizes: list[int], root: Path) -> dict:
             raise MedcliError(f"the embedded sample {SAMPLE_FILE} is damaged (md5 {md5}, expected {SAMPLE_MD5}); "
                               "reinstall medcli")
         counts = datasets.validate_npz(tmp, SAMPLE_FLAG, SAMPLE_SIZE)
-    record = datasets.make_record(SAMPLE_FLAG, SAMPLE_SIZE, target, md5, SAMPLE_SOURCE, counts, sample=True,
-                                  licence="CC BY 4.0")
-    datasets.write_record(target, record)
+    record = _save_record(SAMPLE_FLAG, SAMPLE_SIZE, target, md5, SAMPLE_SOURCE, counts, sample=True,
+                          licence="CC BY 4.0")
     splits = ", ".join(f"{n} {split}" for split, n in counts.items())
     console.info(f"placed the embedded PBC blood-cell sample at {target} ({splits} images; not the official "
                  f"BloodMNIST): train on it with --root {target.parent}")
-    return _with_path(record, target)
+    return record
 
 
 def _root(root: str | os.PathLike | None) -> Path:

@@ -26,9 +26,7 @@ from medcli.errors import UsageError
 from medcli.names import EXPLAIN_TARGETS, SPLITS, file_names, short_names
 from medcli.run import Run
 
-__all__ = ["DEFAULT_PER_CLASS", "Explained", "choose_samples", "explain_run", "parse_indices", "write_figures"]
-
-DEFAULT_PER_CLASS = 4
+__all__ = ["Explained", "choose_samples", "explain_run", "parse_indices", "write_figures"]
 
 
 # -- samples ---------------------------------------------------------------------------------------
@@ -145,12 +143,12 @@ def explain_run(
         chosen, groups = np.asarray(indices, dtype=np.int64), None
     else:
         is_wrong = (lambda index: task.mistaken(labels[index], probabilities(index))) if only_errors else None
-        chosen, groups = choose_samples(task.indicator(labels), per_class or DEFAULT_PER_CLASS, seed, is_wrong)
+        chosen, groups = choose_samples(task.indicator(labels), per_class or explainers.DEFAULT_PER_CLASS, seed, is_wrong)
     if not len(chosen):
         what = "misclassified samples" if only_errors else "samples"
         raise UsageError(f"the {split} split has no {what} to explain; choose another --split"
                          + (" or drop --only-errors" if only_errors else ""))
-    selection = _selection(split, indices, per_class or DEFAULT_PER_CLASS, seed, only_errors)
+    selection = _selection(split, indices, per_class or explainers.DEFAULT_PER_CLASS, seed, only_errors)
     if not overwrite:
         _refuse_replacing_other_samples(run, method, split, chosen, selection)
     probs = probabilities(chosen)

@@ -221,12 +221,12 @@ def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = Non
         raise UsageError("--dry-run and --yes contradict each other; pass one of them")
     found = find_processes(parse_duration(older_than) if older_than else 0.0)
     if show:
-        console.console().print(table(found, f"{len(found)} medcli process(es)"))
+        console.console().print(table(found, f"{console.plural(len(found), 'medcli process', 'medcli processes')}"))
     end = bool(found) and not dry_run and (yes or (confirm is not None and bool(confirm(len(found)))))
     result = end_processes(found, grace_s) if end else [p.to_dict() for p in found]
     if end:
         stuck = [p for p in result if not p["ended"]]
-        console.info(f"ended {len(result) - len(stuck)} process(es)")
+        console.info(f"ended {console.plural(len(result) - len(stuck), 'process', 'processes')}")
         for p in stuck:
             console.warn(f"could not end pid {p['pid']}: {p['error']}")
     return {"ended": end, "processes": result}

@@ -237,7 +237,7 @@ class Binary(SingleLabel):
     def predictions(self, probs):
         from medcli import metrics
 
-        return (probs[:, -1] > metrics.THRESHOLD).astype("int64")
+        return metrics.above_threshold(probs[:, -1])
 
     def auc_class(self) -> int:
         return self.outputs - 1
@@ -319,7 +319,7 @@ class MultiLabel(Task):
         """0/1 per label (N, labels)."""
         from medcli import metrics
 
-        return (probs > metrics.THRESHOLD).astype("int64")
+        return metrics.above_threshold(probs)
 
     def roc_classes(self) -> list[int]:
         return list(range(self.outputs))

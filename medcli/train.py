@@ -362,7 +362,7 @@ def resume(path: str | os.PathLike, device: str | None = None) -> Run:
     inference.resolve_amp(dev, config["amp"])  # refuses fp16 on a CPU, bf16 on a GPU without it
     last = run.checkpoint_path("last")
     if not last.is_file() and run.checkpoint_path("best").is_file():
-        raise UsageError(f"run {run.run_dir} finished epochs but has no checkpoints/last.pt to resume from; "
+        raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
                          f"restore the file or start a new run")
     checkpoint = checkpoints.read(last) if last.is_file() else None
     with distributed.session(config["device"]) as ctx:
@@ -370,7 +370,7 @@ def resume(path: str | os.PathLike, device: str | None = None) -> Run:
         splits = _load(config)
         before = run.data.get("environment", {}).get("distributed", {"world_size": 1, "backend": None})
         if config != run.config or before != ctx.record():
-            console.info(f"resuming on {config['device']} (amp {config['amp']}) with {ctx.world_size} process(es); "
+            console.info(f"resuming on {config['device']} (amp {config['amp']}) with {console.plural(ctx.world_size, 'process', 'processes')}; "
                          f"the run trained on {run.config['device']} (amp {run.config['amp']}) with "
                          f"{before['world_size']}")
 
