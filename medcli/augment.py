@@ -20,13 +20,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 from medcli.errors import UsageError
 
 __all__ = [
-    "Augment", "Draws", "ORIENTED", "apply", "draw", "draw_epoch", "draw_mixup", "for_dataset", "make_prep", "mixup",
-    "preprocess", "take", "train_batch",
+    "Augment", "Axes", "Draws", "MODALITIES", "ORIENTED", "apply", "draw", "draw_epoch", "draw_mixup", "flips_help",
+    "for_dataset", "make_prep", "mixup", "preprocess", "source", "take", "test_views", "train_batch",
 ]
 
 # Per-channel statistics used to normalise inputs from scratch: 0.5/0.5 maps [0, 1] to
@@ -124,25 +124,103 @@ class Augment:
         return self.hflip or self.vflip or self.rot90 or self.degrees > 0 or self.crop_scale is not None
 
 
-# MedMNIST datasets whose orientation carries meaning: OrganMNIST's classes include left and
-# right organs, chest X-rays and breast ultrasound have an anatomical up. They train without
-# flips or 90-degree turns unless asked for; every other dataset (cells, tissue, skin, retina)
-# has no canonical orientation and gets them by default.
-ORIENTED = frozenset({"organamnist", "organcmnist", "organsmnist", "chestmnist", "pneumoniamnist", "breastmnist"})
+def test_views(aug: Augment) -> dict:
+    """Deterministic test-time views of a uint8 NCHW batch that the training augmentation
+    `aug` produced, by name: the identity, each trained flip, and both flips together (a
+    180-degree turn) when training had both flips or 90-degree turns. Each view is a
+    function batch -> batch (evaluate and predict average the probabilities over them)."""
+    dims = {"identity": ()}
+    if aug.hflip:
+        dims["hflip"] = (3,)
+    if aug.vflip:
+        dims["vflip"] = (2,)
+    if (aug.hflip and aug.vflip) or aug.rot90:
+        dims["hvflip"] = (2, 3)
+    return {name: _flip(flipped) for name, flipped in dims.items()}
+
+
+def _flip(dims: tuple[int, ...]):
+    def view(batch):
+        return batch.flip(dims) if dims else batch
+
+    return view
+
+
+class Axes(NamedTuple):
+    """Which geometric transforms keep a dataset's images (and labels) true: a horizontal flip
+    (left-right mirror), a vertical flip, 90-degree turns, and the default small rotation."""
+
+    hflip: bool
+    vflip: bool
+    rot90: bool
+    degrees: float
+    why: str
+
+
+_FREE = (True, True, True, 0.0)
+# The default augmentation of each MedMNIST 2D dataset (modality from medmnist.INFO), per axis,
+# with the reason. --flips / --no-flips turn all three flips on or off; --rotate replaces degrees.
+MODALITIES = {
+    "pathmnist": Axes(*_FREE, "colon pathology patches: tissue has no up or left"),
+    "dermamnist": Axes(*_FREE, "dermatoscope images: a skin lesion has no canonical orientation"),
+    "bloodmnist": Axes(*_FREE, "blood-smear cells: no orientation"),
+    "tissuemnist": Axes(*_FREE, "kidney cortex microscopy: no orientation"),
+    "retinamnist": Axes(*_FREE, "fundus photographs: left and right eyes mirror each other; grades have no up"),
+    "octmnist": Axes(True, False, False, 0.0, "retinal OCT B-scans: the vitreous is above the retina's layers; "
+                                               "left-right is the nasal/temporal mirror"),
+    "breastmnist": Axes(True, False, False, 10.0, "breast ultrasound: the skin (probe) is at the top; left-right "
+                                                   "mirrors the same anatomy; the probe tilts a little"),
+    "pneumoniamnist": Axes(False, False, False, 10.0, "chest X-ray: the heart is on the left and the apices up; "
+                                                       "small rotations from the patient's position"),
+    "chestmnist": Axes(False, False, False, 10.0, "chest X-ray: the heart is on the left and the apices up; "
+                                                   "small rotations from the patient's position"),
+    "organamnist": Axes(False, False, False, 0.0, "abdominal CT, axial: left and right organs are different classes"),
+    "organcmnist": Axes(False, False, False, 0.0, "abdominal CT, coronal: left and right organs are different "
+                                                   "classes; the body has an up"),
+    "organsmnist": Axes(False, False, False, 0.0, "abdominal CT, sagittal: front and back, head and feet are fixed"),
+}
+# Datasets with at least one axis that may not be flipped (kept for older callers).
+ORIENTED = frozenset(flag for flag, axes in MODALITIES.items() if not (axes.hflip and axes.vflip and axes.rot90))
 MAX_DEGREES = 180.0
+
+
+def _axes(flag: str) -> Axes:
+    """The table's row (a dataset not in it: every flip and turn, as before the table)."""
+    return MODALITIES.get(flag, Axes(*_FREE, "not in the table: every flip and turn"))
+
+
+def flips_help() -> str:
+    """The table in words, for `medcli train --help`."""
+    groups: dict[str, list[str]] = {}
+    for flag, axes in MODALITIES.items():
+        kinds = [name for name, on in (("horizontal", axes.hflip), ("vertical", axes.vflip), ("90-degree turns",
+                                                                                              axes.rot90)) if on]
+        label = "all flips and turns" if len(kinds) == 3 else f"{kinds[0]} flip only" if kinds else "none"
+        groups.setdefault(label, []).append(flag.removesuffix("mnist"))
+    return "; ".join(f"{label}: {', '.join(flags)}" for label, flags in groups.items())
+
+
+def source(flag: str, **given: Any) -> str:
+    """Where a dataset's augmentation comes from, for the manifest: the table's reason and the
+    options given (each replaces the table's value)."""
+    options = [f"--{name.replace('_', '-')}" for name, value in given.items() if value is not None]
+    return f"{flag}: {_axes(flag).why}" + (f"; given: {', '.join(options)}" if options else "")
 
 
 def for_dataset(flag: str, *, flips: bool | None = None, rotate: float | None = None,
                 crop_scale: float | None = None, jitter: float | None = None) -> Augment:
     """The training augmentation for dataset `flag`; each option left at None keeps the default.
 
-    flips: random horizontal/vertical flips and 90-degree turns (default: off for ORIENTED
-    datasets, on otherwise); rotate: extra uniform rotation in [-rotate, rotate] degrees;
-    crop_scale: random-resized-crop keeping between that fraction and all of the image area;
-    jitter: brightness and contrast factors in [1 - jitter, 1 + jitter].
+    flips: random horizontal/vertical flips and 90-degree turns (default: each axis as the
+    dataset's MODALITIES row says); rotate: extra uniform rotation in [-rotate, rotate] degrees
+    (default: the row's); crop_scale: random-resized-crop keeping between that fraction and all
+    of the image area; jitter: brightness and contrast factors in [1 - jitter, 1 + jitter].
     """
-    flip = (flag not in ORIENTED) if flips is None else bool(flips)
-    aug = Augment(hflip=flip, vflip=flip, rot90=flip)
+    axes = _axes(flag)
+    if flips is None:
+        aug = Augment(hflip=axes.hflip, vflip=axes.vflip, rot90=axes.rot90, degrees=axes.degrees)
+    else:
+        aug = Augment(hflip=bool(flips), vflip=bool(flips), rot90=bool(flips), degrees=axes.degrees)
     if rotate is not None:
         if not 0 <= rotate <= MAX_DEGREES:
             raise UsageError(f"--rotate must be between 0 and {MAX_DEGREES:g} degrees (got {rotate:g})")

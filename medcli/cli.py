@@ -132,6 +132,7 @@ EvalSplit = _choice("EvalSplit", names.EVAL_SPLITS)
 Checkpoint = _choice("Checkpoint", names.CHECKPOINTS)
 OutputFormat = _choice("OutputFormat", names.COMPARE_FORMATS)
 ExplainMethod = _choice("ExplainMethod", tuple(_explainers.METHODS))
+ExportFormat = _choice("ExportFormat", names.EXPORT_FORMATS)
 ExplainSplit = _choice("ExplainSplit", names.SPLITS)
 HeadFusion = _choice("HeadFusion", _explainers.HEAD_FUSIONS)
 
@@ -382,8 +383,8 @@ def explain(
     layer: Annotated[Optional[str], typer.Option(help=_explainers.LAYER_HELP)] = None,
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
     seed: Annotated[int, typer.Option(help="Seed of the sample choice.")] = 0,
-    head_fusion: Annotated[HeadFusion, typer.Option(help="Rollout: how the heads of a block are combined.")] = HeadFusion("mean"),
-    discard_ratio: Annotated[float, typer.Option(help="Rollout: share of the weakest attention to patches dropped per block.")] = 0.9,
+    head_fusion: Annotated[HeadFusion, typer.Option(help="Rollout: how the heads of a block are combined.")] = HeadFusion(_explainers.DEFAULT_OPTIONS["head_fusion"]),
+    discard_ratio: Annotated[float, typer.Option(help="Rollout: share of the weakest attention to patches dropped per block.")] = _explainers.DEFAULT_OPTIONS["discard_ratio"],
     batch_size: Annotated[int, typer.Option(min=1, help="Images per CAM batch (Score-CAM: masked images per forward pass).")] = 64,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     root: Annotated[Optional[Path], typer.Option(help="Data root, if the dataset file moved since training.")] = None,
@@ -409,6 +410,83 @@ def explain(
         head_fusion=head_fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, root=root,
         faithfulness=faithfulness, overwrite=overwrite)
     emit(index if json_output else index["dir"])
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(metavar="RUN", help=(
+        "A run directory, or a model file 'medcli export' wrote (.onnx or TorchScript .pt, its .json beside it)."))],
+    paths: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False, help=(
+        "Image files (PNG, JPEG, TIFF, BMP; 8/16 bit; gray, RGB, RGBA), folders (searched recursively, sorted), "
+        "globs, .npy/.npz arrays in the MedMNIST layout, DICOM (pip install 'medcli[dicom]')."))],
+    out: Annotated[Optional[Path], typer.Option(help="Write the CSV here (default: print it on stdout).")] = None,
+    tta: Annotated[bool, typer.Option("--tta", help="Average the trained flips as test-time views, as evaluate --tta.")] = False,
+    calibrated: Annotated[bool, typer.Option("--calibrated", help=(
+        "Apply the temperature of the run's calibrated evaluation (evaluate --calibrate)."))] = False,
+    explain: Annotated[Optional[ExplainMethod], typer.Option(help=(
+        "Also write one overlay per image (image, map, overlay) into OUT's name + _METHOD/; needs --out and a run."))] = None,
+    checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt or last.pt (a run only).")] = Checkpoint.best,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images read and predicted at a time.")] = 256,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (ONNX models run on the CPU).")] = "auto",
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help=(
+        "Exit 0 when some files cannot be read (they are listed on stderr and left out); default: exit 2."))] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out (and its overlays).")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help=(
+        "Print JSON instead of CSV: one record per image, the files that failed, and the model used."))] = False,
+) -> None:
+    """Predict image files with a run or an exported model.
+
+    Each image gets the run's preprocessing: the dataset's channels, a centre crop and a
+    bicubic resize to the dataset's image size (as MedMNIST made its images), then what
+    evaluate does. Prints (or writes with --out) a CSV: path, prediction, one prob_ column per
+    class or label. A file that cannot be read is one line on stderr; the others are predicted.
+    """
+    from medcli import predict as library
+
+    result = library.predict_files(model, paths, out=out, tta=tta, calibrated=calibrated,
+                                   explain=explain.value if explain else None, checkpoint=checkpoint.value,
+                                   batch_size=batch_size, device=device, overwrite=overwrite)
+    table = result["table"]
+    if json_output:
+        emit({"predictions": table.to_dict(orient="records"), "failed": result["failed"], "model": result["model"],
+              "out": str(result["out"].resolve()) if result["out"] else None})
+    elif result["out"] is not None:
+        emit(str(result["out"].resolve()))
+    else:
+        typer.echo(table.to_csv(index=False), nl=False)
+    if result["failed"]:
+        failed = console.plural(len(result["failed"]), "file")
+        if skip_bad:
+            console.warn(f"--skip-bad: {failed} left out: {', '.join(f['path'] for f in result['failed'])}")
+        else:
+            console.error(f"{failed} could not be read (listed above); pass --skip-bad to exit 0 anyway")
+            raise typer.Exit(EXIT_USAGE)
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory printed by 'medcli train'.")],
+    format: Annotated[ExportFormat, typer.Option("--format", help=(
+        "onnx (torch.onnx.export, dynamic batch) or torchscript (the fallback, torch.jit.trace)."))] = ExportFormat.onnx,
+    checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt or last.pt.")] = Checkpoint.best,
+    out: Annotated[Optional[Path], typer.Option(help=(
+        "The model file (default RUN/export/<run id>_<checkpoint>.onnx); .json and .md beside it."))] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace earlier export files.")] = False,
+    root: Annotated[Optional[Path], typer.Option(help="Data root, if the dataset file moved since training.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the files and the check as JSON.")] = False,
+) -> None:
+    """Export a run to ONNX or TorchScript, with a model card.
+
+    The export is checked before it is kept: its logits must match PyTorch's on the run's
+    test images. Beside the model: <name>.json (classes, task, preprocessing, temperature,
+    versions, dataset record; what 'medcli predict MODEL' reads) and <name>.md, a model card.
+    Needs the export extra: pip install 'medcli[export]'. Prints the three paths.
+    """
+    from medcli import export as library
+
+    result = library.export_run(run, format=format.value, checkpoint=checkpoint.value, out=out,
+                                overwrite=overwrite, root=root)
+    emit(result if json_output else "\n".join(result[key] for key in ("model", "sidecar", "card")))
 
 
 @app.command()

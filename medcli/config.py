@@ -13,14 +13,14 @@ from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from medcli import augment, models, tasks
+from medcli import augment, models, selection, tasks
 from medcli.errors import UsageError
 from medcli.names import MONITORS, OPTIMIZERS
 
 __all__ = [
     "CHANNELS_LAST_ON_CPU", "DEVICE_DATA_SHARE", "FINE_TUNE_LR_DIVISOR", "MIN_DEFAULT_BATCH",
     "MIN_STEPS_PER_EPOCH", "NOT_EXPERIMENT", "TrainOptions", "WARMUP_MAX_SHARE", "defaults_help", "fine_tune_lr",
-    "fit_batch_to_data", "fit_epochs_to_data",
+    "SMALL_TRAIN", "SMALL_TRAIN_CROP", "fit_augment_to_data", "fit_batch_to_data", "fit_epochs_to_data",
     "reduced_help", "resolve_config", "run_name",
 ]
 
@@ -41,6 +41,11 @@ MIN_STEPS_PER_EPOCH = 32
 MIN_DEFAULT_BATCH = 16
 # Of the free GPU memory, the share the uint8 splits may take (else kept in pinned host memory).
 DEVICE_DATA_SHARE = 0.5
+# A training split below SMALL_TRAIN images gets a random-resized crop keeping SMALL_TRAIN_CROP to
+# all of the image area unless --crop-scale is given (BreastMNIST's 546 images and RetinaMNIST's
+# 1,080 were learnt by heart within a dozen epochs).
+SMALL_TRAIN = 2000
+SMALL_TRAIN_CROP = 0.8
 
 
 _OPTIMIZER_NAMES = {"sgd": "SGD (Nesterov)", "adamw": "AdamW"}  # for help texts
@@ -73,7 +78,9 @@ def defaults_help() -> str:
     return (f"Defaults: {_by_family(recipe)}; cosine per step (warm-up at most {WARMUP_MAX_SHARE:.0%} of the run), "
             f"label smoothing {base['label_smoothing']}, batch {base['batch_size']} (halved for small training sets until "
             f"an epoch has {MIN_STEPS_PER_EPOCH} steps, not below {MIN_DEFAULT_BATCH}, lr scaled with it); BatchNorm "
-            f"re-estimated before each validation; lr / {FINE_TUNE_LR_DIVISOR} with pretrained weights.")
+            f"re-estimated before each validation; lr / {FINE_TUNE_LR_DIVISOR} with pretrained weights; augmentation "
+            f"per dataset (--flips), a crop of {SMALL_TRAIN_CROP:g}-1 of the area below {SMALL_TRAIN} training images; "
+            f"{selection.rule_help()}.")
 
 
 def _by_family(describe) -> str:
@@ -115,20 +122,25 @@ class TrainOptions:
     weight_decay: float | None = _option(None, "Weight decay (not on norms/biases).")
     optimizer: str | None = _option(None, "Default: sgd for CNNs, adamw for ViTs.")
     warmup_epochs: float | None = _option(None, "Linear warm-up length in epochs.")
-    label_smoothing: float | None = _option(None, "Label smoothing (default 0.1).")
+    label_smoothing: float | None = _option(None, "Label smoothing (default 0.1; for ordinal grades it goes to the "
+                                                  "neighbouring grades).")
     mixup_alpha: float | None = _option(None, "MixUp Beta(alpha, alpha); 0 = off.")
     flips: bool | None = _option(None, (
-        "Random flips and 90-degree turns (default on; off for datasets with a fixed orientation: "
-        f"{', '.join(sorted(augment.ORIENTED))})."))
-    rotate: float | None = _option(None, "Extra random rotation within +-DEGREES (default 0).")
+        "Random flips and 90-degree turns on (--flips) or off (--no-flips). Default: per dataset and axis, "
+        f"{augment.flips_help()}."))
+    rotate: float | None = _option(None, "Extra random rotation within +-DEGREES (default 0; 10 for chest X-rays "
+                                         "and breast ultrasound).")
     crop_scale: float | None = _option(None, "Random-resized-crop keeping between this share and all of the image "
-                                             "area (default off).")
+                                             f"area (default {SMALL_TRAIN_CROP:g} below {SMALL_TRAIN} training "
+                                             "images, else off; 1 = off).")
     jitter: float | None = _option(None, "Brightness/contrast jitter in [1-v, 1+v] (default 0.1).")
     patience: int | None = _option(None, "Early stopping after N epochs without improvement (default off).")
     monitor: str | None = _option(None, (
-        "Validation metric for best.pt and early stopping (default acc; auc for multi-label ChestMNIST). Ties go "
-        "to the later epoch; only a strict improvement resets --patience. An undefined AUC (a class absent from "
-        "val) is the mean over the classes present."))
+        "Validation metric for best.pt and early stopping, epoch by epoch on the trained weights (default acc; "
+        f"auc for multi-label ChestMNIST). Below {selection.SMALL_VAL} validation images the default is instead "
+        f"the mean {selection.SMALL_MONITOR} of {selection.WINDOW} epochs of the weights' EMA (see above); a given "
+        "--monitor keeps the epoch-by-epoch rule. Ties go to the later epoch; only a strict improvement resets "
+        "--patience. An undefined AUC (a class absent from val) is the mean over the classes present."))
     seed: int = _option(0, "Seed for weights, data order and augmentation.", experiment=False)
     deterministic: bool = _option(False, "Strict mode: deterministic kernels, bit-identical reruns.", experiment=False)
     device: str = _option("auto", "auto, cpu, cuda or cuda:N.", experiment=False)
@@ -217,6 +229,8 @@ def resolve_config(**given: Any) -> dict:
         "mixup_alpha": float(chosen["mixup_alpha"]),
         "patience": int(o.patience) if o.patience else None,
         "monitor": monitor,
+        # the best-checkpoint rule: a given --monitor's now, else `selection.choose` once the data is loaded
+        "select": selection.given(monitor) if o.monitor else None,
         "task": meta["task"],
         "seed": int(o.seed),
         "deterministic": bool(o.deterministic),
@@ -232,6 +246,7 @@ def resolve_config(**given: Any) -> dict:
         "root": str(Path(o.root if o.root is not None else datasets.default_root()).expanduser().resolve()),
         "runs_dir": str(Path(o.runs_dir).expanduser().resolve()),
         "augment": augment.for_dataset(flag, flips=o.flips, rotate=o.rotate, crop_scale=o.crop_scale, jitter=o.jitter).to_dict(),
+        "augment_source": augment.source(flag, flips=o.flips, rotate=o.rotate, crop_scale=o.crop_scale, jitter=o.jitter),
     }
 
 
@@ -289,6 +304,18 @@ def fit_epochs_to_data(config: dict, n_train: int) -> dict:
     return {**config, "epochs": epochs,
             "epochs_source": f"{config['epochs_source']} {config['epochs']} -> {epochs}: at least {min_steps} steps "
                              f"({steps} per epoch on {n_train} training images)"}
+
+
+def fit_augment_to_data(config: dict, n_train: int) -> dict:
+    """The config with the augmentation a small training split gets: a random-resized crop
+    keeping SMALL_TRAIN_CROP to all of the area below SMALL_TRAIN images, unless --crop-scale
+    was given. Decided once the data is loaded."""
+    source = config.get("augment_source", "")
+    if n_train >= SMALL_TRAIN or "--crop-scale" in source or config["augment"].get("crop_scale"):
+        return config
+    return {**config, "augment": {**config["augment"], "crop_scale": (SMALL_TRAIN_CROP, 1.0)},
+            "augment_source": f"{source}; crop {SMALL_TRAIN_CROP:g}-1 of the area: {n_train} training images "
+                              f"(fewer than {SMALL_TRAIN})"}
 
 
 def _warn_unscaled_lr(config: dict) -> None:

@@ -21,38 +21,15 @@ import numpy as np
 
 from medcli import augment, console, datasets, fileio, metrics, reports, tables
 from medcli.errors import UsageError
-from medcli.names import CHECKPOINTS, EVAL_SPLITS, PERCENT_METRICS, SPLITS
+from medcli.names import CHECKPOINTS, EVAL_SPLITS, SPLITS
 from medcli.run import Run
 from medcli.tasks import EXTRA_METRICS, Task
 
-__all__ = ["BOOTSTRAP", "evaluate_run", "interval_text", "metric_text", "shown_metrics", "written_files"]
+__all__ = ["BOOTSTRAP", "evaluate_run", "shown_metrics", "written_files"]
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "nll", "ece", "brier")
 CALIBRATION_METRICS = ("ece", "nll", "brier", "auc")  # recorded before and after temperature scaling
 BOOTSTRAP = {"resamples": 1000, "seed": 0}  # the intervals of accuracy and AUC (`tasks.Task.intervals`)
-
-
-def _flip(dims: tuple[int, ...]):
-    """A test-time view: the uint8 NCHW batch flipped along `dims` (none: the batch itself)."""
-
-    def view(batch):
-        return batch.flip(dims) if dims else batch
-
-    return view
-
-
-def tta_views(aug: augment.Augment) -> dict[str, tuple[int, ...]]:
-    """Deterministic test-time views (flipped dims of an NCHW batch) that the training
-    augmentation `aug` produced: the identity, each trained flip, and both flips together
-    (a 180-degree turn) when training had both flips or 90-degree turns."""
-    views: dict[str, tuple[int, ...]] = {"identity": ()}
-    if aug.hflip:
-        views["hflip"] = (3,)
-    if aug.vflip:
-        views["vflip"] = (2,)
-    if (aug.hflip and aug.vflip) or aug.rot90:
-        views["hvflip"] = (2, 3)
-    return views
 
 
 def splits_for(split: str) -> tuple[str, ...]:
@@ -95,10 +72,10 @@ def evaluate_run(
     model = run.load_model(checkpoint, dev)
     data = run.load_data(root, sorted(set(chosen) | ({"val"} if calibrate else set())))
     task = datasets.task(run.dataset["flag"])
-    chosen_views = tta_views(augment.Augment.from_dict(run.config.get("augment", {}))) if tta else {"identity": ()}
+    chosen_views = augment.test_views(augment.Augment.from_dict(run.config.get("augment", {}))) if tta else {"identity": None}
     if tta and len(chosen_views) == 1:
         console.warn("--tta: this run was trained without flips or turns, so there is no test-time view to add")
-    views = [_flip(dims) for dims in chosen_views.values()] if tta else None
+    views = list(chosen_views.values()) if tta else None
     if medmnist_csv and not data.record.get("official"):
         console.warn(f"--medmnist-csv: medmnist.Evaluator scores these files against the labels of the official "
                      f"{run.dataset['flag']} file, and this run's data is not that file ({data.record.get('source')}): "
@@ -251,13 +228,13 @@ def _print_summary(results: dict) -> None:
         table.add_column(split, justify="right")
     rows = [("images", [str(r["metrics"]["n"]) for r in results.values()])]
     for key in shown_metrics(first):
-        rows.append((key, [metric_text(key, r["metrics"][key]) for r in results.values()]))
-    rows += [(f"{key} {ci['level']:.0%} CI", [interval_text(key, r["ci"][key]) for r in results.values()])
+        rows.append((key, [metrics.metric_text(key, r["metrics"][key]) for r in results.values()]))
+    rows += [(f"{key} {ci['level']:.0%} CI", [metrics.interval_text(key, r["ci"][key]) for r in results.values()])
              for key in ("accuracy", "auc")]
     calibrations = [r["calibration"] for r in results.values()]
     if all(calibrations):  # one evaluation calibrates every split or none
         rows.append(("temperature", [metrics.temperature_text(c["temperature"]) for c in calibrations]))
-        rows += [(f"{key} before scaling", [metric_text(key, c["before"][key]) for c in calibrations])
+        rows += [(f"{key} before scaling", [metrics.metric_text(key, c["before"][key]) for c in calibrations])
                  for key in ("ece", "nll", "auc")]
         if first["calibration"]["skipped"]:
             captions.append(f"temperature fit skipped (T = 1): {first['calibration']['skipped']}")
@@ -265,11 +242,6 @@ def _print_summary(results: dict) -> None:
         table.add_row(key, *cells)
     table.caption = "\n".join(captions)
     console.console().print(table)
-
-
-def interval_text(key: str, bounds: list[float] | None) -> str:
-    """A bootstrap interval for a table cell: "80.00% - 90.00%", or n/a."""
-    return "n/a" if bounds is None else f"{metric_text(key, bounds[0])} - {metric_text(key, bounds[1])}"
 
 
 def _warn_if_calibration_hurt(results: dict) -> None:
@@ -286,13 +258,6 @@ def _warn_if_calibration_hurt(results: dict) -> None:
 def shown_metrics(result: dict) -> tuple[str, ...]:
     """The metrics a split's summary shows: the common ones, then its task's own."""
     return (*SUMMARY_METRICS, *EXTRA_METRICS[result["task"]])
-
-
-def metric_text(key: str, value) -> str:
-    """A metric for a table cell: percent metrics in %, the others to 4 decimals, n/a for None."""
-    if value is None:
-        return "n/a"
-    return f"{value:.2%}" if key in PERCENT_METRICS else f"{value:.4f}"
 
 
 def written_files(result: dict) -> list[str]:

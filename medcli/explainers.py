@@ -31,11 +31,12 @@ from medcli import console
 from medcli.errors import UsageError
 
 __all__ = [
-    "AttentionRollout", "CAM_CLASSES", "DEFAULT_PER_CLASS", "HEAD_FUSIONS", "LAYER_HELP", "METHODS", "MIN_CAM_GRID", "Method", "ROAD_NAME",
+    "AttentionRollout", "CAM_CLASSES", "DEFAULT_OPTIONS", "DEFAULT_PER_CLASS", "HEAD_FUSIONS", "LAYER_HELP", "METHODS", "MIN_CAM_GRID", "Method", "ROAD_NAME",
     "ROAD_PERCENTILES", "box_mass", "cam_layers", "default_layer", "heatmaps", "resolve_layer", "road_scorer", "rollout",
 ]
 
 HEAD_FUSIONS = ("mean", "max", "min")
+DEFAULT_OPTIONS = {"head_fusion": "mean", "discard_ratio": 0.9}  # rollout's options unless asked otherwise
 DEFAULT_PER_CLASS = 4  # samples explained per class (or label) unless --per-class or --indices says otherwise
 FUSE_HEADS = dict(zip(HEAD_FUSIONS, (lambda a: a.mean(dim=1), lambda a: a.amax(dim=1), lambda a: a.amin(dim=1))))
 # The default CNN layer is the deepest stage whose map is at least this many cells a side.

@@ -17,9 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
+from medcli.names import PERCENT_METRICS
+
 __all__ = [
     "above_threshold", "binary_nll", "binary_rates", "bootstrap_intervals", "classification_metrics", "confusion_counts",
-    "fit_label_temperatures",
+    "fit_label_temperatures", "interval_text", "metric_text",
     "fit_temperature", "label_matrix_metrics", "mcnemar_exact", "mean_difference", "nll", "ordinal_scores",
     "paired_bootstrap_auc", "per_label", "reliability", "sigmoid", "softmax",
     "temperature_text", "top_label", "BOOTSTRAP_CHUNK", "ONE_SIDED", "SEPARATED", "THRESHOLD",
@@ -451,6 +453,18 @@ def temperature_text(temperature: float | Sequence[float]) -> str:
     if np.ndim(temperature) == 0:
         return f"{temperature:.3f}"
     return f"{min(temperature):.3f}-{max(temperature):.3f} ({len(temperature)} labels)"
+
+
+def metric_text(key: str, value) -> str:
+    """A metric for a table cell: percent metrics in %, the others to 4 decimals, n/a for None."""
+    if value is None:
+        return "n/a"
+    return f"{value:.2%}" if key in PERCENT_METRICS else f"{value:.4f}"
+
+
+def interval_text(key: str, bounds: list[float] | None) -> str:
+    """A bootstrap interval for a table cell: "80.00% - 90.00%", or n/a."""
+    return "n/a" if bounds is None else f"{metric_text(key, bounds[0])} - {metric_text(key, bounds[1])}"
 
 
 # -- two classifiers on the same images (`aggregate`'s paired tests) ----------------------------

@@ -10,7 +10,7 @@ import re
 from typing import Sequence
 
 __all__ = [
-    "AMP_MODES", "CHECKPOINTS", "COMPARE_FORMATS",
+    "AMP_MODES", "CHECKPOINTS", "COMPARE_FORMATS", "EXPORT_FORMATS",
     "COMPARE_METRICS", "EVAL_SPLITS", "EXPLAIN_TARGETS", 
     "FAITHFULNESS_PREFIX", "LOWER_IS_BETTER", "MONITORS",
     "OPTIMIZERS", "PERCENT_METRICS", "SCALAR_METRICS", "SPLITS",
@@ -33,6 +33,7 @@ PERCENT_METRICS = frozenset({"accuracy", "balanced_accuracy", "f1_macro", "preci
                              "ppv", "npv", "subset_accuracy"})
 COMPARE_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auc", "ece")  # aggregate's default columns
 COMPARE_FORMATS = ("table", "csv", "md", "xlsx", "json")
+EXPORT_FORMATS = ("onnx", "torchscript")  # medcli export --format
 
 OPTIMIZERS = ("sgd", "adamw")
 # train --monitor choice -> (key in metrics.classification_metrics, direction)

@@ -37,6 +37,7 @@ FIGURE_DIR = "figures"
 METRICS_DIR = "metrics"
 PREDICTIONS_DIR = "predictions"
 EXPLAIN_DIR = "explain"
+EXPORT_DIR = "export"
 HISTORY_FILE = "history.csv"
 REPORT_FILE = "report.xlsx"
 HTML_REPORT_FILE = "report.html"
@@ -286,6 +287,12 @@ class Run:
     def html_report_file(self) -> Path:
         """The run's page for people (`report`): every figure and number in one HTML file."""
         return self.path(HTML_REPORT_FILE)
+
+    def export_file(self, checkpoint: str, suffix: str, tag: str = "") -> Path:
+        """An exported model (`export`): `export/<run id>_<checkpoint>[_<tag>]<suffix>`; its
+        description and model card sit beside it with .json and .md."""
+        self.checkpoint_path(checkpoint)  # checks the name
+        return self.path(f"{EXPORT_DIR}/{self.run_id}_{checkpoint}{f'_{tag}' if tag else ''}{suffix}")
 
     def explain_dir(self, method: str) -> Path:
         """Everything one explanation method wrote (`explain`)."""

@@ -8,12 +8,13 @@ of assuming a softmax:
 |---|---|---|---|---|---|---|
 | multi-class (Blood, Path, Derma, OCT, Tissue, OrganA/C/S) | `MultiClass` | one per class | cross-entropy | softmax | argmax | - |
 | binary-class (Breast, Pneumonia) | `Binary` | two | cross-entropy | softmax | p1 > 0.5 (getACC's rule) | sensitivity, specificity, PPV, NPV |
-| ordinal-regression (Retina) | `Ordinal` | one per grade | cross-entropy | softmax | argmax | MAE, quadratic weighted kappa |
+| ordinal-regression (Retina) | `Ordinal` | one per grade | cross-entropy, smoothing on the neighbouring grades | softmax | argmax | MAE, quadratic weighted kappa |
 | multi-label, binary-class (Chest) | `MultiLabel` | one per label | binary cross-entropy | sigmoid per label | each p > 0.5 | subset accuracy |
 
 Ordinal grades are trained as classes, as MedMNIST v2's baselines do, so accuracy and AUC
 compare with the published numbers; the ordinal metrics say how far off the wrong grades are.
-Label smoothing applies to both losses (BCE targets move towards 0.5 by half the factor).
+Label smoothing applies to both losses (BCE targets move towards 0.5 by half the factor); for
+ordinal grades it goes to the grades next to the true one, not to all of them.
 
 A new task type is one subclass here with `kind` set (and its tests): `TASKS` registers it.
 
@@ -37,6 +38,7 @@ class Task:
     extra_metrics: ClassVar[tuple[str, ...]] = ()  # scalar metrics this type adds to the common ones
     default_monitor: ClassVar[str] = "acc"  # the validation metric that picks best.pt by default
     several_per_image: ClassVar[bool] = False  # an image may carry several labels (synthetic data draws them)
+    probability_rule: ClassVar[str] = "a softmax over the classes"  # how scores become probabilities, for people
 
     def __init__(self, names: Sequence[str]):
         self.names = tuple(names)  # class (or label) names, one per model output
@@ -122,6 +124,10 @@ class SingleLabel(Task):
     def predictions(self, probs):
         """Predicted class per sample (N,)."""
         return probs.argmax(axis=1)
+
+    def decision_names(self, probs) -> list[str]:
+        """Each sample's decision in words: the predicted class's name."""
+        return [self.names[k] for k in self.predictions(probs)]
 
     def auc_class(self) -> int | None:
         """The class whose one-vs-rest AUC is the task's AUC; None: the mean over classes."""
@@ -257,6 +263,24 @@ class Ordinal(SingleLabel):
     kind = "ordinal-regression"
     extra_metrics = ("mae", "qwk")
 
+    def loss(self, logits, targets, label_smoothing: float = 0.0):
+        """Cross-entropy whose label smoothing respects the order: the smoothed share of each
+        grade goes half to each neighbouring grade (all of it to the one neighbour of the first
+        and last grades), so grade 2 is nearer grade 1 than grade 4. Soft (MixUp) targets are
+        smoothed alike; the decision stays the argmax grade."""
+        import torch
+        import torch.nn.functional as F
+
+        k = self.outputs
+        if label_smoothing <= 0 or k < 2:
+            return F.cross_entropy(logits, targets)
+        near = torch.zeros(k, k, device=targets.device, dtype=targets.dtype)
+        grades = torch.arange(k - 1, device=targets.device)
+        near[grades, grades + 1] = near[grades + 1, grades] = 1.0
+        kernel = (1 - label_smoothing) * torch.eye(k, device=targets.device, dtype=targets.dtype) \
+            + label_smoothing * near / near.sum(1, keepdim=True)
+        return F.cross_entropy(logits, targets @ kernel)
+
     def added_metrics(self, metrics, labels, preds, result: dict) -> dict:
         import numpy as np
 
@@ -271,6 +295,7 @@ class MultiLabel(Task):
     # accuracy at 0.5 is dominated by the many absent findings: AUC picks best.pt
     default_monitor = "auc"
     several_per_image = True
+    probability_rule = "a sigmoid per label"
 
     def label_layout(self) -> tuple[int, int]:
         return self.outputs, 1
@@ -320,6 +345,10 @@ class MultiLabel(Task):
         from medcli import metrics
 
         return metrics.above_threshold(probs)
+
+    def decision_names(self, probs) -> list[str]:
+        """The labels found (probability above 0.5), joined by '; ' (empty: none found)."""
+        return ["; ".join(name for name, found in zip(self.names, row) if found) for row in self.predictions(probs)]
 
     def roc_classes(self) -> list[int]:
         return list(range(self.outputs))

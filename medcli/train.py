@@ -10,8 +10,10 @@ augmented, resized and normalised on the device (`medcli.augment`). There is no 
 at 28 px the model, not the data, is the cost.
 
 Every epoch writes `checkpoints/last.pt` (model, optimizer, scheduler, scaler, RNG states,
-history), `checkpoints/best.pt` when the monitored validation metric improves or ties (the
-later of equal epochs: it trained longer at a lower learning rate),
+history, the weights' EMA and the monitored values), `checkpoints/best.pt` when the run's
+best-checkpoint rule (`medcli.selection`: epoch by epoch, or the mean of a window of epochs
+of the EMA weights on a small validation split) improves or ties (the later of equal
+epochs: it trained longer at a lower learning rate),
 `history.csv` and `figures/curves.png`, all atomically (`medcli.checkpoints`). `resume`
 restores all of it, so an interrupted and resumed run ends with the same weights as an
 uninterrupted one.
@@ -28,12 +30,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from medcli import augment, checkpoints, console, distributed, feed, inference, optim
-from medcli.config import fine_tune_lr, fit_batch_to_data, fit_epochs_to_data, resolve_config, run_name
+from medcli import augment, checkpoints, console, distributed, feed, inference, optim, selection
+from medcli.config import (fine_tune_lr, fit_augment_to_data, fit_batch_to_data, fit_epochs_to_data, resolve_config,
+                           run_name)
 from medcli.errors import MedcliError, UsageError
 from medcli.manifest import environment
 from medcli.names import MONITORS
 from medcli.run import Run
+from medcli.selection import compare, monitored
 from medcli.tasks import Task
 
 if TYPE_CHECKING:
@@ -54,6 +58,7 @@ BN_IMAGES_MIN, BN_IMAGES_MAX, BN_SHARE = 256, 1024, 1 / 8
 # The curves figure is redrawn at most this often (and after the last epoch): on small
 # datasets an epoch lasts seconds and matplotlib took a sixth of it.
 CURVES_EVERY_S = 30.0
+# history.csv; the val columns are those of the weights the best-checkpoint rule ranks (the EMA's under `ema-window`)
 HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_auc", "val_f1", "seconds")
 
 
@@ -78,6 +83,8 @@ class State:
     best: dict = field(default_factory=lambda: {"epoch": None, "value": None})
     bad_epochs: int = 0
     curves_at: float = -math.inf  # perf_counter() of the last curves figure
+    ema: Any = None  # timm's ModelEmaV3 of the model (the `ema-window` rule), else None
+    scores: list = field(default_factory=list)  # the monitored value of every epoch
 
     def rng(self, device) -> dict:
         """Every random stream, with the device type it was taken on (the CUDA states only
@@ -198,6 +205,8 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
         state.scaler.update()
         lr = state.optimizer.param_groups[0]["lr"]
         state.scheduler.step()
+        if state.ema is not None:  # the same parameters on every process: the same EMA
+            state.ema.update(state.model, step=state.scheduler.last_epoch)
         totals += torch.stack([loss.detach().double() * labels.shape[0], state.task.hits(logits.detach(), labels)])
         if (step + 1) % refresh == 0 or step + 1 == steps:
             bar.update(task, completed=(step + 1) * batch, status=f"lr {state.optimizer.param_groups[0]['lr']:.2e}")
@@ -252,31 +261,6 @@ def bn_images(n: int) -> int:
     return min(n, max(BN_IMAGES_MIN, min(BN_IMAGES_MAX, round(n * BN_SHARE))))
 
 
-def monitored(metrics: dict, monitor: str) -> float | None:
-    """The validation value best.pt and early stopping follow. An undefined AUC (a class or
-    label absent from the validation split: medmnist's AUC is undefined then) is replaced by
-    the mean AUC of the classes whose AUC is defined, so small validation splits still pick
-    a best epoch."""
-    value = metrics.get(MONITORS[monitor][0])
-    if value is not None and not math.isfinite(value):  # an overflowing (fp16) validation loss
-        return None
-    if value is None and monitor == "auc":
-        defined = [row["auc"] for row in metrics["per_class"] if row["auc"] is not None]
-        value = sum(defined) / len(defined) if defined else None
-    return value
-
-
-def compare(value: float | None, best: float | None, monitor: str) -> int:
-    """1 if `value` is strictly better than `best`, 0 if equal, -1 if worse. An undefined
-    value is worse than a defined one; while the monitor has never been defined, every epoch
-    improves on the last (best.pt always exists)."""
-    if best is None:
-        return 1
-    if value is None or value == best:
-        return -1 if value is None else 0
-    return 1 if (value < best if MONITORS[monitor][1] == "min" else value > best) else -1
-
-
 def check_finite(model, epoch: int, config: dict) -> None:
     """Stop a diverged run with one line: weights that are NaN or infinite never come back, so
     training on would only overwrite last.pt with them. (A step whose fp16 gradients overflow
@@ -316,7 +300,9 @@ def train(**options: Any) -> Run:
         splits = _load(config)
         n_train = len(splits.labels["train"])
         config = fit_epochs_to_data(fit_batch_to_data(config, n_train, ctx.world_size), n_train)
-        global_batch(config, ctx)
+        config = fit_augment_to_data(config, n_train)
+        steps = n_train // global_batch(config, ctx, n_train)
+        config = selection.choose(config, len(splits.labels["val"]), config["epochs"] * steps)
         channels = splits.images["train"].shape[-1]
         num_classes = len(datasets.class_names(config["dataset"]))
         with optim.determinism(config, torch.device(config["device"])):
@@ -437,6 +423,8 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
     val_data = feed.Data.of(splits, "val", device, budget - (0 if train_data.streamed else train_data.images.numel()))
     steps = len(train_data) // global_batch(config, ctx, len(train_data))
     optimizer = optim.make_optimizer(model, config, device)
+    select = selection.rule(config)
+    ema = selection.make_ema(model, select)  # before DDP wraps the model, as timm's training script does
     forward = model
     if ctx.enabled:
         from torch.nn.parallel import DistributedDataParallel
@@ -447,7 +435,7 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
                   scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
                   data_gen=torch.Generator().manual_seed(config["seed"]),
                   aug_gen=torch.Generator().manual_seed(config["seed"] + 1),  # CPU: the same stream on any device
-                  task=datasets.task(config["dataset"]))
+                  task=datasets.task(config["dataset"]), ema=ema)
     if checkpoint is not None:
         checkpoints.restore(state, checkpoint, run, device)
     with (run.stage("train") if ctx.is_main else nullcontext()) as st, distributed.peers(ctx), \
@@ -460,14 +448,18 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
             train_stats = train_one_epoch(state, train_data, prep, config, device, bar, batch_task, ctx)
             check_finite(model, state.epoch + 1, config)
             reestimate_batchnorm(model, train_data, prep, config, device)
-            val = evaluate(model, val_data, prep, config, device, state.task, ctx)
+            ranked = model if state.ema is None else state.ema.module  # the weights the rule ranks (and best.pt holds)
+            if state.ema is not None:
+                reestimate_batchnorm(ranked, train_data, prep, config, device)
+            val = evaluate(ranked, val_data, prep, config, device, state.task, ctx)
             state.epoch += 1
-            value = monitored(val, config["monitor"])
-            if not state.history and ctx.is_main and val.get(MONITORS[config["monitor"]][0]) is None:
-                console.warn(f"val {config['monitor']} is undefined (a class is absent from the validation split): "
-                             + ("best.pt follows the mean AUC of the classes present" if value is not None
+            state.scores.append(monitored(val, select["monitor"]))
+            if not state.history and ctx.is_main and val.get(MONITORS[select["monitor"]][0]) is None:
+                console.warn(f"val {select['monitor']} is undefined (a class is absent from the validation split): "
+                             + ("best.pt follows the mean AUC of the classes present" if state.scores[-1] is not None
                                 else "best.pt follows the last epoch and --patience cannot stop early"))
-            change = compare(value, state.best["value"], config["monitor"])
+            value = selection.smoothed(state.scores, select["window"], config["epochs"])
+            change = compare(value, state.best["value"], select["monitor"])
             # A tie moves best.pt to this epoch (a 78-image validation set has 79 possible
             # accuracies; the later epoch trained longer at a lower learning rate), but only
             # a strict improvement resets --patience.
@@ -483,34 +475,37 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
                 "val_f1": val["f1_macro"], "seconds": round(time.perf_counter() - started, 3),
             })
             if st is not None:
-                _record_epoch(run, st, state, val, train_stats, is_best, stopped_early, device, ctx)
+                _record_epoch(run, st, state, val, train_stats, is_best, stopped_early, device, ctx, ranked)
             bar.update(epochs_task, completed=state.epoch)
             console.info(_epoch_line(state, config, train_stats, val, is_best))
         if stopped_early:
-            console.info(f"early stop: val {config['monitor']} did not improve for "
+            console.info(f"early stop: val {select['monitor']} did not improve for "
                          f"{console.plural(config['patience'], 'epoch')}")
 
 
 def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_best: bool, stopped_early: bool,
-                  device, ctx: distributed.Context) -> None:
-    """Rank 0's files after an epoch: checkpoints, history, curves, and the stage summary."""
+                  device, ctx: distributed.Context, ranked) -> None:
+    """Rank 0's files after an epoch: checkpoints (best.pt: the `ranked` weights, the model's or
+    their EMA's), history, curves, and the stage summary."""
     from medcli import reports, tables
 
-    config = run.config
+    config, select = run.config, selection.rule(run.config)
     files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best"),
              "history": run.history_file(), "curves": run.figure_file("curves")}
     written = [files["last"], files["history"]]  # only these are hashed again: an unchanged best.pt keeps its hash
     if is_best:
-        written.append(checkpoints.save(files["best"], state, val, full=False, device=device))
+        written.append(checkpoints.save(files["best"], state, val, full=False, device=device, model=ranked))
     checkpoints.save(files["last"], state, val, full=True, device=device)
     tables.write_table(files["history"], state.history, HISTORY_COLUMNS)
     final = stopped_early or state.epoch == config["epochs"]
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
-        written.append(reports.save_curves(files["curves"], state.history, run.data, state.best["epoch"]))
+        shown = select["monitor"] + (f" (EMA, mean of {select['window']} epochs)" if select["weights"] == "ema" else "")
+        written.append(reports.save_curves(files["curves"], state.history, {**run.data, "config": {**config, "monitor": shown}},
+                                           state.best["epoch"]))
         state.curves_at = time.perf_counter()
     st.summary.update(
-        epochs_run=state.epoch, best_epoch=state.best["epoch"], monitor=config["monitor"],
-        best_value=state.best["value"], stopped_early=stopped_early,
+        epochs_run=state.epoch, monitor=select["monitor"], stopped_early=stopped_early,
+        **selection.best_record(state.best, select, config["epochs"]),
         train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
         images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,  # all processes' images
     )
@@ -549,7 +544,7 @@ def use_cpu_threads(ctx: distributed.Context = distributed.Context()) -> None:
 def _epoch_line(state: State, config: dict, train_stats: dict, val: dict, is_best: bool) -> str:
     auc = f"{val['auc']:.4f}" if val["auc"] is not None else "n/a"
     return (f"epoch {state.epoch}/{config['epochs']}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.4f}  "
-            f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} auc {auc} f1 {val['f1_macro']:.4f}  "
+            f"val{' (EMA)' if state.ema is not None else ''} loss {val['loss']:.4f} acc {val['accuracy']:.4f} auc {auc} f1 {val['f1_macro']:.4f}  "
             f"lr {state.optimizer.param_groups[0]['lr']:.2e}  {state.history[-1]['seconds']:.1f}s "
             f"{train_stats['images_per_s']:.0f} img/s{'  *best' if is_best else ''}")
 

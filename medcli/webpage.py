@@ -33,7 +33,8 @@ from typing import Iterable, Sequence
 
 from medcli import __version__, aggregate, compare_stats, console, datasets, fileio, maps
 from medcli.errors import UsageError
-from medcli.evaluate import interval_text, metric_text, shown_metrics
+from medcli.evaluate import shown_metrics
+from medcli.metrics import interval_text, metric_text
 from medcli.explainers import METHODS as EXPLAIN_METHODS
 from medcli.metrics import temperature_text
 from medcli.names import SPLITS

@@ -8,6 +8,15 @@ and test in MedMNIST's proportions for the dataset they imitate):
   gray2       2 classes (eosinophil vs neutrophil), one grayscale channel, 546 / 78 / 156,
               written in BreastMNIST's layout (binary-class, 1 channel)
 
+and the hard proxies, made of the classes a full BloodMNIST run confuses most
+(`subsets.CONFUSED`), so that they are nearer BreastMNIST and RetinaMNIST than the easy ones:
+
+  hard2       immature granulocyte vs monocyte, grayscale, 546 / 78 / 156, BreastMNIST's layout
+              (binary-class, 1 channel: the BreastMNIST defaults and augmentation apply)
+  hard5       lymphocyte, monocyte, immature granulocyte, neutrophil, basophil as grades 0-4, RGB,
+              1,080 / 120 / 400, RetinaMNIST's layout (ordinal-regression, 3 channels), each
+              class next to the ones it is confused with
+
 For each set and seed it trains:
 
   reference   MedMNIST v2's ResNet-18 (28) recipe, reimplemented here: the CIFAR-style
@@ -19,7 +28,8 @@ For each set and seed it trains:
 
 and prints test accuracy and AUC (medmnist's definitions) as mean +- std over the seeds, wall
 time, and for medcli the share of the training stage spent outside the training steps
-(validation, BatchNorm re-estimation, checkpoints, history and curves).
+(validation, BatchNorm re-estimation, checkpoints, history and curves), and for both the
+epoch best.pt (the best model) came from.
 
     .venv/bin/python scripts/bench_small.py [--sets blood546,gray2] [--seeds 0,1,2] [--only medcli]
                                             [--results bench_small.jsonl [--table]]
@@ -42,11 +52,15 @@ from pathlib import Path
 
 import numpy as np
 
+from subsets import CONFUSED, class_ids  # scripts/subsets.py, beside this script
+
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bloodmnist_pbc_28.npz"
 SETS = {  # name -> (flag whose layout it takes, split sizes, classes kept, grayscale)
     "blood546": ("bloodmnist", (546, 78, 156), None, False),
     "blood1080": ("bloodmnist", (1080, 120, 400), None, False),
     "gray2": ("breastmnist", (546, 78, 156), (1, 6), True),
+    "hard2": ("breastmnist", (546, 78, 156), class_ids(("immature granulocyte", "monocyte")), True),
+    "hard5": ("retinamnist", (1080, 120, 400), class_ids(CONFUSED), False),
 }
 
 
@@ -103,9 +117,9 @@ def reference(root: Path, flag: str, seed: int, epochs: int) -> dict:
             out = torch.cat([net(x[i:i + 512]) for i in range(0, len(x), 512)])
         return task.probs_t(out.double()).numpy()
 
-    best, best_auc = None, -1.0
+    best, best_auc, best_epoch = None, -1.0, None
     start = time.perf_counter()
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(len(xtr), generator=generator)
         for i in range(0, len(order), 128):  # their DataLoader keeps the last, smaller batch
@@ -117,11 +131,11 @@ def reference(root: Path, flag: str, seed: int, epochs: int) -> dict:
         scheduler.step()
         auc = task.metrics(yva.numpy(), scores(xva))["auc"] or 0.0
         if auc > best_auc:
-            best_auc, best = auc, copy.deepcopy(net.state_dict())
+            best_auc, best, best_epoch = auc, copy.deepcopy(net.state_dict()), epoch
     seconds = time.perf_counter() - start
     net.load_state_dict(best)
     m = task.metrics(yte.numpy(), scores(xte))
-    return {"accuracy": m["accuracy"], "auc": m["auc"], "seconds": seconds}
+    return {"accuracy": m["accuracy"], "auc": m["auc"], "seconds": seconds, "best_epoch": best_epoch}
 
 
 def medcli_defaults(root: Path, flag: str, seed: int, runs: Path) -> dict:
@@ -134,7 +148,9 @@ def medcli_defaults(root: Path, flag: str, seed: int, runs: Path) -> dict:
     m = evaluate.evaluate_run(run.run_dir)["splits"]["test"]["metrics"]
     return {"accuracy": m["accuracy"], "auc": m["auc"], "seconds": seconds,
             "outside_steps": 1 - stage["summary"]["train_seconds"] / stage["duration_s"],
-            "epochs": stage["summary"]["epochs_run"], "batch": run.config["batch_size"], "lr": run.config["lr"]}
+            "epochs": stage["summary"]["epochs_run"], "batch": run.config["batch_size"], "lr": run.config["lr"],
+            "best_epoch": stage["summary"]["best_epoch"], "select": run.config.get("select"),
+            "augment": run.config["augment"]}
 
 
 def spread(values) -> str:
@@ -176,6 +192,7 @@ def table(results: list[dict], sets: list[str], recipes: list[str], reference_ep
             print(f"{name:10s} {label:40s} seeds {','.join(str(r['seed']) for r in rows):6s} "
                   f"acc {spread([r['accuracy'] for r in rows])}  auc {spread([r['auc'] for r in rows])}  "
                   f"{np.mean([r['seconds'] for r in rows]) / 60:.1f} min/run{extra}  "
+                  f"best epoch {','.join(str(r.get('best_epoch', '?')) for r in rows)}  "
                   f"commits {','.join(sorted({str(r.get('commit')) for r in rows}))}", flush=True)
         verdict(results, name, reference_epochs)
 

@@ -10,5 +10,5 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned, so pip does not pick another build while resolving medcli's needs.
 .venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,export,dicom]'
 .venv/bin/medcli --version >&2

@@ -16,7 +16,24 @@ from medcli.datasets import make_record, validate_npz, write_record
 from medcli.errors import UsageError
 from medcli.names import SPLITS
 
-__all__ = ["make_subset"]
+__all__ = ["CONFUSED", "PBC_CLASSES", "class_ids", "make_subset"]
+
+# The classes of the PBC BloodMNIST files (../shared/data/bloodmnist_pbc_*.npz), in label order.
+PBC_CLASSES = ("basophil", "eosinophil", "erythroblast", "immature granulocyte", "lymphocyte", "monocyte",
+               "neutrophil", "platelet")
+# The classes a full BloodMNIST run confuses most (its confusion matrix): the immature
+# granulocytes with monocytes and neutrophils (and basophils), lymphocytes with monocytes. In
+# this order each class's nearest neighbours are the ones it is confused with, so as grades
+# (RetinaMNIST's ordinal layout) neighbouring grades are the confusable ones.
+CONFUSED = ("lymphocyte", "monocyte", "immature granulocyte", "neutrophil", "basophil")
+
+
+def class_ids(names: Sequence[str]) -> tuple[int, ...]:
+    """PBC BloodMNIST labels of class `names` (PBC_CLASSES), in the order given."""
+    unknown = [name for name in names if name not in PBC_CLASSES]
+    if unknown:
+        raise UsageError(f"no PBC class {', '.join(unknown)}; choose from {', '.join(PBC_CLASSES)}")
+    return tuple(PBC_CLASSES.index(name) for name in names)
 
 
 def make_subset(

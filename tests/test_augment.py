@@ -107,7 +107,9 @@ def test_dataset_aware_defaults_and_options():
     assert (cells.hflip, cells.vflip, cells.rot90) == (True, True, True)
     for oriented in ("organamnist", "chestmnist", "pneumoniamnist"):  # left/right organs, anatomical up
         aug = augment.for_dataset(oriented)
-        assert not (aug.hflip or aug.vflip or aug.rot90) and not aug.geometric
+        assert not (aug.hflip or aug.vflip or aug.rot90)
+    assert not augment.for_dataset("organamnist").geometric
+    assert augment.for_dataset("chestmnist").degrees == 10.0  # small rotations only
     assert augment.for_dataset("organamnist", flips=True).rot90
     assert not augment.for_dataset("bloodmnist", flips=False).geometric
     aug = augment.for_dataset("bloodmnist", rotate=15, crop_scale=0.5, jitter=0.3)
@@ -231,3 +233,41 @@ def test_cuda_batches_follow_the_cpu_stream():
     assert torch.equal(cuda_gen.get_state(), cpu_gen.get_state())
     with pytest.raises(ValueError, match="CPU torch.Generator"):
         augment.train_batch(x.cuda(), prep, aug, torch.Generator(device="cuda"))
+
+
+@pytest.mark.parametrize("flag, axes", [
+    ("breastmnist", (True, False, False)),  # a mirror is the same anatomy; the skin stays at the top
+    ("octmnist", (True, False, False)),  # the vitreous stays above the retina's layers
+    ("pneumoniamnist", (False, False, False)),  # the heart stays on the left
+    ("organcmnist", (False, False, False)),  # left and right organs are different classes
+    ("retinamnist", (True, True, True)),  # fundus photographs have no up
+    ("dermamnist", (True, True, True)),
+])
+def test_flips_are_chosen_per_axis_from_the_modality_table(flag, axes):
+    aug = augment.for_dataset(flag)
+    assert (aug.hflip, aug.vflip, aug.rot90) == axes
+    assert augment.MODALITIES[flag].why in augment.source(flag)
+    on, off = augment.for_dataset(flag, flips=True), augment.for_dataset(flag, flips=False)  # an explicit choice wins
+    assert (on.hflip, on.vflip, on.rot90) == (True, True, True) and not (off.hflip or off.vflip or off.rot90)
+    assert augment.for_dataset(flag, rotate=0.0).degrees == 0.0 and "--rotate" in augment.source(flag, rotate=0.0)
+
+
+def test_every_medmnist_2d_dataset_has_a_row_with_a_reason():
+    from medcli import datasets
+
+    assert set(datasets.flags()) <= set(augment.MODALITIES)
+    assert all(axes.why for axes in augment.MODALITIES.values())
+    assert augment.ORIENTED == {"breastmnist", "octmnist", "pneumoniamnist", "chestmnist", "organamnist",
+                                "organcmnist", "organsmnist"}
+
+
+def test_a_small_training_set_gets_a_mild_crop_unless_crop_scale_is_given():
+    from medcli.config import SMALL_TRAIN, fit_augment_to_data, resolve_config
+
+    config = resolve_config(dataset="breastmnist", device="cpu")
+    small = fit_augment_to_data(config, 546)
+    assert small["augment"]["crop_scale"] == (0.8, 1.0) and "546 training images" in small["augment_source"]
+    assert small["augment"]["hflip"] and not small["augment"]["vflip"] and small["augment"]["degrees"] == 10.0
+    assert fit_augment_to_data(config, SMALL_TRAIN) is config  # large enough: no crop
+    given = resolve_config(dataset="breastmnist", device="cpu", crop_scale=1.0)
+    assert fit_augment_to_data(given, 546) is given and given["augment"]["crop_scale"] is None

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import datasets, feed, fileio, models, optim, train
+from medcli import datasets, feed, fileio, models, optim, selection, train
 from medcli.cli import app
 from medcli.errors import UsageError
 from medcli.run import Run
@@ -87,7 +87,9 @@ def test_run_history_lr_matches_schedule(tiny_run):
 
 # -- artefacts, best.pt -----------------------------------------------------------------------------
 
-def test_tiny_run_writes_loadable_checkpoints_and_best_is_best_epoch(tiny_run):
+def test_tiny_run_writes_loadable_checkpoints_and_best_is_best_window(tiny_run):
+    """64 validation images: the `ema-window` rule. Its 3 epochs are one window, so best.pt is
+    the EMA weights of epoch 3, and the summary says so."""
     manifest = Run.open(tiny_run)
     epochs = manifest.config["epochs"]
     stage = manifest.stages["train"]
@@ -96,12 +98,20 @@ def test_tiny_run_writes_loadable_checkpoints_and_best_is_best_epoch(tiny_run):
         assert rel in stage["artefacts"] and (tiny_run / rel).is_file()
     rows = _history(tiny_run)
     assert list(rows[0]) == list(train.HISTORY_COLUMNS) and len(rows) == epochs
-    accs = [float(r["val_acc"]) for r in rows]
-    best_epoch = len(accs) - accs[::-1].index(max(accs))  # the later of tied epochs
+    select = manifest.config["select"]
+    assert select["rule"] == "ema-window" and select["monitor"] == "auc" and manifest.config["monitor"] == "acc"
+    assert stage["summary"]["monitor"] == "auc"  # the option's value stays in config["monitor"]; the rule's is select's
+    assert select["ema_decay"] == pytest.approx(selection.ema_decay(3 * 16))
     best, last = _load(tiny_run / "checkpoints/best.pt"), _load(tiny_run / "checkpoints/last.pt")
-    assert best["epoch"] == best_epoch == stage["summary"]["best_epoch"]
-    assert best["metrics"]["accuracy"] == pytest.approx(max(accs))
-    assert last["epoch"] == epochs and {"optimizer", "scheduler", "scaler", "rng", "history"} <= set(last)
+    aucs = [float(r["val_auc"]) for r in rows]
+    summary = stage["summary"]
+    assert best["epoch"] == 3 == summary["best_epoch"] and summary["best_window"] == [1, 3]
+    assert summary["best_value"] == pytest.approx(sum(aucs) / 3) and summary["best_weights"] == "ema"
+    assert best["metrics"]["auc"] == pytest.approx(aucs[-1])
+    assert best["model"].keys() == last["ema"].keys() and all(torch.equal(best["model"][k], last["ema"][k])
+                                                              for k in best["model"])
+    assert not all(torch.equal(best["model"][k], last["model"][k]) for k in best["model"])  # the EMA, not the model
+    assert last["epoch"] == epochs and {"optimizer", "scheduler", "scaler", "rng", "history", "ema", "scores"} <= set(last)
     model = manifest.load_model("best")
     assert not model.training
 
@@ -214,7 +224,8 @@ def test_early_stopping_stops_after_patience_and_keeps_best(small_root, tmp_path
         return {"accuracy": acc, "loss": 1 - acc, "auc": acc, "f1_macro": acc}
 
     monkeypatch.setattr(train, "evaluate", fake_evaluate)
-    manifest = train.train(root=small_root, runs_dir=tmp_path, epochs=6, patience=2, **{**TINY, "batch_size": 16})
+    manifest = train.train(root=small_root, runs_dir=tmp_path, epochs=6, patience=2, monitor="acc",
+                           **{**TINY, "batch_size": 16})
     summary = manifest.stages["train"]["summary"]
     assert summary["epochs_run"] == 4 and summary["stopped_early"] is True
     assert summary["best_epoch"] == 2 and summary["best_value"] == 0.7
@@ -278,9 +289,15 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(synthetic_root, tmp_
     assert Run.open(run).stages["train"]["status"] == "interrupted"
     assert _load(run / "checkpoints/last.pt")["epoch"] == 1
 
+    assert _load(run / "checkpoints/last.pt")["ema"] is not None  # the EMA rule's state is in last.pt
     resumed = train.resume(run)
     assert resumed.stages["train"]["status"] == "completed"
+    assert resumed.config["select"]["rule"] == "ema-window"  # 64 validation images
     assert _weights_equal(straight.run_dir / "checkpoints/last.pt", run / "checkpoints/last.pt")
+    assert _weights_equal(straight.run_dir / "checkpoints/best.pt", run / "checkpoints/best.pt")  # the EMA weights
+    a, b = _load(straight.run_dir / "checkpoints/last.pt"), _load(run / "checkpoints/last.pt")
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"]) and a["scores"] == b["scores"]
+    assert resumed.stages["train"]["summary"]["best_value"] == straight.stages["train"]["summary"]["best_value"]
     assert _history(run)[-1]["val_loss"] == _history(straight.run_dir)[-1]["val_loss"]
     with pytest.raises(UsageError, match="already finished training"):
         train.resume(run)
@@ -641,3 +658,122 @@ def test_reduced_keeps_its_steps_on_a_small_training_set(n_train, model, epochs)
     given = resolve_config(device="cpu", model=model, reduced=True, epochs=2)
     assert fit_epochs_to_data(given, n_train)["epochs"] == 2 and given["min_steps"] is None
     assert resolve_config(device="cpu", model=model)["min_steps"] is None  # the full recipe is untouched
+
+
+# -- the best-checkpoint rule (medcli.selection) ------------------------------------------------------
+
+# A validation AUC curve with one lucky early epoch (epoch 2), then a higher plateau on average.
+SPIKE = [0.80, 0.93, 0.80, 0.85, 0.86, 0.87, 0.87, 0.86]
+
+
+def _replay(values: list, select: dict) -> dict:
+    """The training loop's selection over a validation curve: best epoch and value."""
+    best = {"epoch": None, "value": None}
+    for epoch in range(1, len(values) + 1):
+        value = selection.smoothed(values[:epoch], select["window"], len(values))
+        if selection.compare(value, best["value"], select["monitor"]) >= 0:
+            best = {"epoch": epoch, "value": value}
+    return best
+
+
+def test_one_lucky_epoch_does_not_win_the_window_rule_but_does_win_epoch_by_epoch():
+    small = selection.choose(resolve_config(device="cpu"), n_val=78, total_steps=2040)["select"]
+    assert small["rule"] == "ema-window" and small["window"] == 3 and small["monitor"] == "auc"
+    assert _replay(SPIKE, small) == {"epoch": 8, "value": pytest.approx((0.87 + 0.87 + 0.86) / 3)}  # tie: the later
+    assert _replay(SPIKE, selection.given("auc")) == {"epoch": 2, "value": 0.93}  # the old rule takes the spike
+    # One image of 78 in accuracy: 71/78 at epoch 6 between 69/78s, then a plateau at 70/78.
+    accs = [n / 78 for n in (60, 66, 68, 69, 69, 71, 69, 70, 70, 70, 70, 70)]
+    assert _replay(accs, {**small, "monitor": "acc"})["epoch"] == 12
+    assert _replay(accs, selection.given("acc"))["epoch"] == 6
+    # before the first complete window best.pt follows the latest epoch; a short run uses all its epochs
+    assert selection.smoothed([0.9], 3, 60) is None and selection.smoothed([0.9, 0.7], 3, 2) == pytest.approx(0.8)
+    assert selection.smoothed([0.9, None, 0.8, 0.7], 3, 60) is None and selection.compare(None, 0.5, "auc") == -1
+
+
+def test_the_rule_is_chosen_by_the_validation_size_and_an_explicit_monitor_keeps_the_old_one():
+    config = resolve_config(device="cpu")
+    assert config["select"] is None and config["monitor"] == "acc"  # decided once the data is loaded
+    small = selection.choose(config, n_val=120, total_steps=1000)
+    assert small["select"]["monitor"] == "auc" and small["select"]["weights"] == "ema" and small["monitor"] == "acc"
+    assert small["select"]["ema_decay"] == pytest.approx(1 - 1 / 50) and "120 validation images" in small["select"]["why"]
+    large = selection.choose(config, n_val=1712, total_steps=5000)["select"]
+    assert (large["rule"], large["monitor"], large["window"], large["weights"]) == ("epoch", "acc", 1, "model")
+    given = resolve_config(device="cpu", monitor="acc")
+    assert selection.choose(given, n_val=78, total_steps=2040) is given
+    assert given["select"] == {"rule": "epoch", "monitor": "acc", "window": 1, "weights": "model", "why": "--monitor given"}
+    assert selection.ema_decay(20) == 0.0 and selection.ema_decay(2000) == pytest.approx(0.99)
+    assert selection.rule({"monitor": "loss"})["rule"] == "epoch"  # a run from before the rules
+
+
+def _scripted(monkeypatch, aucs: list) -> list:
+    """Replace validation by a scripted AUC curve (accuracy fixed); returns the models it was asked about."""
+    values, asked = iter(aucs), []
+
+    def fake_evaluate(model, *args, **kwargs):
+        asked.append(model)
+        auc = next(values)
+        return {"accuracy": 0.5, "loss": 1 - auc, "auc": auc, "f1_macro": 0.5}
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+    return asked
+
+
+def test_a_tiny_validation_split_picks_the_best_window_of_ema_weights(small_root, tmp_path, monkeypatch):
+    """8 validation images: best.pt holds the EMA weights at the end of the best 3-epoch window,
+    not the lucky epoch 2; the manifest records the rule and the summary where best.pt came from."""
+    asked = _scripted(monkeypatch, SPIKE)
+    run = train.train(root=small_root, runs_dir=tmp_path, epochs=len(SPIKE), **{**TINY, "batch_size": 16})
+    summary = run.stages["train"]["summary"]
+    assert run.config["select"]["rule"] == "ema-window" and summary["monitor"] == "auc"
+    assert summary["best_epoch"] == 8 and summary["best_window"] == [6, 8] and summary["best_weights"] == "ema"
+    assert summary["best_value"] == pytest.approx((0.87 + 0.87 + 0.86) / 3)
+    best, last = _load(run.checkpoint_path("best")), _load(run.checkpoint_path("last"))
+    assert best["epoch"] == 8 and all(torch.equal(best["model"][k], last["ema"][k]) for k in best["model"])
+    assert len({id(model) for model in asked}) == 1 and last["scores"] == SPIKE
+
+
+def test_an_explicit_monitor_selects_epoch_by_epoch_as_before(small_root, tmp_path, monkeypatch):
+    asked = _scripted(monkeypatch, SPIKE)
+    run = train.train(root=small_root, runs_dir=tmp_path, epochs=len(SPIKE), monitor="auc", **{**TINY, "batch_size": 16})
+    summary = run.stages["train"]["summary"]
+    assert run.config["select"]["rule"] == "epoch" and summary["best_weights"] == "model"
+    assert summary["best_epoch"] == 2 and summary["best_value"] == 0.93 and summary["best_window"] == [2, 2]
+    assert _load(run.checkpoint_path("best"))["epoch"] == 2 and _load(run.checkpoint_path("last"))["ema"] is None
+    assert len(asked) == len(SPIKE)
+
+
+def test_the_ema_averages_the_parameters_and_gets_its_own_batchnorm_statistics(synthetic_root, tmp_path):
+    """The EMA differs from the weights it averages, and its BatchNorm statistics are those of its
+    own weights on the training images (re-estimated), not copies of the model's."""
+    from torch.optim.swa_utils import update_bn
+
+    from medcli import augment
+
+    run = train.train(root=synthetic_root, runs_dir=tmp_path, epochs=3, lr=0.05, **{**TINY, "batch_size": 16})
+    last = _load(run.checkpoint_path("last"))
+    assert 0 < run.config["select"]["ema_decay"] < 1
+    params = [k for k, v in last["model"].items() if v.is_floating_point() and "running" not in k]
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in params)
+    ema = run.load_model("best", "cpu")
+    stored = {k: v.clone() for k, v in ema.state_dict().items() if "running" in k}
+    images = datasets.as_tensor(datasets.load(synthetic_root, "bloodmnist", 28).images["train"])
+    index = torch.linspace(0, len(images) - 1, train.bn_images(len(images))).round().long()
+    update_bn([augment.preprocess(images[index], run.data["preprocess"])], ema)
+    assert stored and all(torch.allclose(stored[k], v, atol=1e-5) for k, v in ema.state_dict().items() if k in stored)
+    assert not all(torch.allclose(stored[k], last["model"][k]) for k in stored)
+
+
+def test_ordinal_label_smoothing_goes_to_the_neighbouring_grades():
+    """RetinaMNIST's grades: the smoothed share of grade 2 goes to grades 1 and 3, none to 0 or 4;
+    without smoothing the loss is plain cross-entropy."""
+    import torch.nn.functional as F
+
+    task = datasets.task("retinamnist")
+    logits = torch.randn(4, 5, generator=torch.Generator().manual_seed(0))
+    targets = task.targets(torch.tensor([0, 2, 4, 2]))
+    near = torch.tensor([[0.9, 0.1, 0, 0, 0], [0, 0.05, 0.9, 0.05, 0], [0, 0, 0, 0.1, 0.9], [0, 0.05, 0.9, 0.05, 0]])
+    assert task.loss(logits, targets, 0.1).item() == pytest.approx(F.cross_entropy(logits, near).item(), rel=1e-6)
+    assert task.loss(logits, targets, 0.0).item() == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
+    blood = datasets.task("bloodmnist")  # other tasks keep uniform smoothing
+    assert blood.loss(logits, targets, 0.1).item() == pytest.approx(
+        F.cross_entropy(logits, targets, label_smoothing=0.1).item(), rel=1e-6)

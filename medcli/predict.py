@@ -1,0 +1,181 @@
+"""`medcli predict`: a trained run, or a model `export` wrote, applied to a user's own image
+files with exactly the preprocessing the model was trained with.
+
+Files are read in batches (`images.batches`: converted to the dataset's channels and image
+size), then go through the same batched forward pass as `evaluate` (`inference.predict_logits`:
+the run's input size and normalisation, the trained flips as test-time views with --tta), so
+a PNG copy of a test image gets the probabilities `evaluate` wrote for it. A file that cannot
+be read is one line naming it; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from medcli import bundle, console, datasets, explainers, images, inference
+from medcli.errors import UsageError
+from medcli.names import CHECKPOINTS, file_names
+from medcli.tables import PROB_PREFIX
+
+__all__ = ["overlay_dir", "predict_files"]
+
+
+def overlay_dir(out: Path, method: str) -> Path:
+    """Where `--explain METHOD` writes its overlays: beside --out, named after it and the method."""
+    return out.with_name(f"{out.stem}_{method}")
+
+
+def predict_files(
+    source: str | os.PathLike,
+    paths: Sequence[str],
+    out: str | os.PathLike | None = None,
+    tta: bool = False,
+    calibrated: bool = False,
+    explain: str | None = None,
+    checkpoint: str = "best",
+    batch_size: int = 256,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> dict:
+    """Predict every image in `paths` with the model at `source` (a run directory, or an
+    exported .onnx / TorchScript .pt file with its sidecar).
+
+    Returns {"table": a DataFrame (path, prediction, prob_<class>... [, overlay]), "failed":
+    [{"path", "error"}], "out": the CSV written or None, "model": what predicted}. With `out`
+    the CSV is written atomically (an existing file is refused unless `overwrite`); the
+    caller prints the table otherwise.
+    """
+    import pandas as pd
+
+    if checkpoint not in CHECKPOINTS:
+        raise UsageError(f"unknown --checkpoint '{checkpoint}'; choose best or last")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
+    out = Path(out).expanduser() if out is not None else None
+    if explain is not None:
+        if explain not in explainers.METHODS:
+            raise UsageError(f"unknown --explain '{explain}'; choose one of {', '.join(explainers.METHODS)}")
+        if out is None:
+            raise UsageError("--explain writes one overlay per image beside the CSV: give --out FILE.csv")
+    _refuse_overwrite(out, overwrite, explain)
+    files = images.expand(paths)
+    dev = inference.resolve_device(device)
+    opened = bundle.open_model(source, checkpoint, dev)
+    if opened.kind == "onnx":
+        dev = inference.resolve_device("cpu")  # ONNX Runtime runs here on the CPU
+    if explain is not None and opened.run is None:
+        raise UsageError(f"--explain needs the run directory: {opened.source.name} is an exported "
+                         f"{opened.kind} model, which the explainers cannot open")
+    card, task = opened.card, opened.task
+    views = opened.views(tta)
+    if tta and len(views) == 1:
+        console.warn("--tta: this model was trained without flips or turns, so there is no test-time view to add")
+    temperature = _temperature(card, calibrated, tta)
+    target = images.Target(size=card["image"]["size"], channels=card["image"]["channels"])
+    names = list(task.names)
+
+    rows, failed, overlays = [], [], []
+    chosen = explainers.METHODS[explain] if explain else None
+    explainer, caption = _open_explainer(chosen, opened, batch_size) if chosen else (None, None)
+    with (explainer if explainer is not None else nullcontext()) as active, console.progress() as bar:
+        row = bar.add_task("predict", total=None, unit="img")
+        for batch_names, pixels, bad in images.batches(files, target, batch_size):
+            for path, reason in bad:
+                console.error(f"{path}: {reason}")
+                failed.append({"path": path, "error": reason})
+            if not len(batch_names):
+                continue
+            tensor = datasets.as_tensor(pixels)
+            scores = inference.predict_logits(opened.model, tensor, card["preprocess"], batch_size=batch_size,
+                                              device=dev, views=list(views.values()) if tta else None, task=task)
+            probs = task.probabilities(scores.numpy().astype(np.float64), temperature)
+            decisions = task.decision_names(probs)
+            for k, name in enumerate(batch_names):
+                rows.append({"path": name, "prediction": decisions[k],
+                             **{f"{PROB_PREFIX}{label}": probs[k, j] for j, label in enumerate(names)}})
+            if active is not None:
+                overlays += _overlays(active, explain, caption, opened, batch_names, pixels, tensor, probs, out,
+                                      len(rows), batch_size, dev)
+            bar.advance(row, len(batch_names))
+    table = pd.DataFrame(rows, columns=["path", "prediction", *(f"{PROB_PREFIX}{n}" for n in names)])
+    if explain:
+        table["overlay"] = overlays
+    written = _write(out, table) if out is not None else None
+    console.info(f"{console.plural(len(rows), 'image')} predicted with {opened.kind} {opened.source}"
+                 + (f"; {console.plural(len(failed), 'file')} failed" if failed else ""))
+    return {"table": table, "failed": failed, "out": written,
+            "model": {"source": str(opened.source), "kind": opened.kind, "checkpoint": card["checkpoint"],
+                      "tta": list(views) if tta else ["identity"], "temperature": temperature}}
+
+
+def _refuse_overwrite(out: Path | None, overwrite: bool, explain: str | None) -> None:
+    """Earlier results are never replaced silently: an existing --out (or overlay folder
+    with files in it) needs --overwrite."""
+    if out is None or overwrite:
+        return
+    if out.exists():
+        raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    folder = overlay_dir(out, explain) if explain else None
+    if folder is not None and folder.is_dir() and any(folder.iterdir()):
+        raise UsageError(f"{folder} holds earlier overlays; pass --overwrite to replace them, or choose another --out")
+
+
+def _temperature(card: dict, calibrated: bool, tta: bool):
+    """The temperature --calibrated applies (1 when not asked for, or when the model was never
+    calibrated: one line says so)."""
+    if not calibrated:
+        return 1.0
+    fit = card.get("calibration")
+    if fit is None:
+        console.warn(f"--calibrated: {card['run_id']}'s {card['checkpoint']} checkpoint has no calibrated evaluation "
+                     f"(run 'medcli evaluate RUN --calibrate'); the probabilities are uncalibrated")
+        return 1.0
+    if fit["tta"] != tta:
+        console.warn(f"--calibrated: the temperature was fitted {'with' if fit['tta'] else 'without'} test-time views "
+                     f"and this prediction is {'with' if tta else 'without'} them; it may fit less well")
+    return fit["temperature"]
+
+
+def _open_explainer(method, opened: bundle.Opened, batch_size: int):
+    """The explainer (with explain's defaults) and the caption its figures carry (method · layer)."""
+    spec = opened.card["model"]
+    method.check_model(spec, opened.card["run_id"])
+    layer = explainers.resolve_layer(opened.model, spec, None) if method.uses_layer else None
+    options = {**explainers.DEFAULT_OPTIONS, "batch_size": batch_size}
+    return method.open(opened.model, spec, layer, options), f"{method.name}{f' · {layer}' if layer else ''}"
+
+
+def _overlays(active, method: str, caption: str, opened: bundle.Opened, batch_names, pixels, tensor, probs, out: Path,
+              done: int, batch_size: int, dev) -> list[str]:
+    """One figure per image (image | map | overlay, as `explain` draws them) for the class
+    each image is explained for (`Task.explained_class`); returns the files' paths."""
+    from medcli import reports
+
+    task = opened.task
+    classes = task.explained_class(probs)
+    maps, _ = explainers.heatmaps(active, tensor, opened.card["preprocess"], classes, batch_size=batch_size, device=dev)
+    folder = overlay_dir(out, method)
+    folder.mkdir(parents=True, exist_ok=True)
+    first = done - len(batch_names)
+    written = []
+    for k, name in enumerate(batch_names):
+        stem = file_names([Path(name.split("[")[0]).stem])[0]
+        path = folder / f"{first + k:05d}_{stem}.png"
+        title = f"{Path(name).name} | pred {task.names[classes[k]]} ({probs[k, classes[k]]:.2f}) | {caption}"
+        reports.save_sample_figure(path, pixels[k], maps[k], title)
+        written.append(str(path))
+    return written
+
+
+def _write(out: Path, table) -> Path:
+    from medcli import fileio
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with fileio.atomic_path(out) as tmp:
+        table.to_csv(tmp, index=False)
+    return out

@@ -1,0 +1,208 @@
+"""predict on image files and export to ONNX / TorchScript, on the tiny trained run.
+
+The oracles: `evaluate`'s predictions CSV for predict (PNG copies of test images get the same
+probabilities, with and without TTA and calibration), PyTorch for an export (the same logits
+through ONNX Runtime / TorchScript), and predict on the run for predict on its export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from medcli import augment, bundle, datasets, export, models
+from medcli.cli import app
+from medcli.run import Run
+
+from cli_helpers import one_line_error
+
+runner = CliRunner()
+CHOSEN = [0, 3, 7, 20, 41, 63]  # test images written out as PNG files
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    return shutil.copytree(tiny_run, tmp_path / tiny_run.name)
+
+
+@pytest.fixture
+def pngs(tiny_run, tmp_path):
+    """PNG copies of some test images of the tiny run's data, named by their index."""
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    images = Run.open(tiny_run).load_data(splits=["test"]).images["test"]
+    for index in CHOSEN:
+        Image.fromarray(images[index]).save(folder / f"test_{index:03d}.png")
+    return folder
+
+
+def _probs(frame: pd.DataFrame) -> np.ndarray:
+    return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+
+
+@pytest.mark.parametrize("options", [[], ["--tta", "--calibrate"]])
+def test_predict_on_png_copies_gives_evaluates_probabilities(run_copy, pngs, tmp_path, options):
+    evaluated = runner.invoke(app, ["--quiet", "evaluate", str(run_copy), *options])
+    assert evaluated.exit_code == 0, evaluated.output
+    reference = pd.read_csv(run_copy / "predictions" / "test.csv").iloc[CHOSEN]
+    flags = ["--tta", "--calibrated"] if options else []
+    predicted = runner.invoke(app, ["predict", str(run_copy), str(pngs), *flags, "--batch-size", "4"])
+    assert predicted.exit_code == 0, predicted.output
+    ours = pd.read_csv(pd.io.common.StringIO(predicted.stdout))
+    assert [Path(p).name for p in ours["path"]] == [f"test_{i:03d}.png" for i in CHOSEN]  # sorted, stable
+    np.testing.assert_allclose(_probs(ours), _probs(reference), rtol=0, atol=1e-5)
+    names = datasets.class_names("bloodmnist")
+    assert list(ours["prediction"]) == [names[k] for k in reference["prediction"]]
+    if options:  # the temperature really was applied: without it the probabilities differ
+        plain = runner.invoke(app, ["predict", str(run_copy), str(pngs), "--tta"])
+        assert not np.allclose(_probs(pd.read_csv(pd.io.common.StringIO(plain.stdout))), _probs(ours), atol=1e-4)
+
+
+def test_predict_writes_json_and_refuses_to_overwrite_its_output(tiny_run, pngs, tmp_path):
+    out = tmp_path / "out" / "preds.csv"
+    first = runner.invoke(app, ["predict", str(tiny_run), str(pngs / "test_000.png"), str(pngs / "test_003.png"),
+                                "--out", str(out), "--json"])
+    assert first.exit_code == 0, first.output
+    result = json.loads(first.stdout)
+    assert [Path(r["path"]).name for r in result["predictions"]] == ["test_000.png", "test_003.png"]
+    assert result["failed"] == [] and result["out"] == str(out.resolve()) and out.is_file()
+    assert abs(sum(v for k, v in result["predictions"][0].items() if k.startswith("prob_")) - 1) < 1e-9
+    before = out.read_bytes()
+    again = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--out", str(out)])
+    one_line_error(again, 2, "exists", "--overwrite")
+    assert out.read_bytes() == before
+    replaced = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--out", str(out), "--overwrite"])
+    assert replaced.exit_code == 0 and replaced.stdout.strip() == str(out.resolve())
+    assert len(pd.read_csv(out)) == len(CHOSEN)
+
+
+def test_a_bad_file_is_one_line_the_others_are_predicted_and_the_exit_code_says_so(tiny_run, pngs, tmp_path):
+    (pngs / "broken.png").write_bytes((pngs / "test_000.png").read_bytes()[:60])  # truncated
+    (pngs / "empty.png").write_bytes(b"")
+    (pngs / "notes.png").write_text("not an image")
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.stderr
+    for name in ("broken.png", "empty.png", "notes.png"):
+        assert sum(name in line for line in result.stderr.splitlines()) >= 1, result.stderr
+    assert len(pd.read_csv(out)) == len(CHOSEN)  # the readable files are all there
+    skipped = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--skip-bad"])
+    assert skipped.exit_code == 0, skipped.output
+    assert "--skip-bad: 3 files left out" in " ".join(skipped.stderr.split())
+    assert len(pd.read_csv(pd.io.common.StringIO(skipped.stdout))) == len(CHOSEN)
+
+
+def test_missing_paths_and_bad_options_are_one_line(tiny_run, pngs, tmp_path):
+    one_line_error(runner.invoke(app, ["predict", str(tiny_run), str(tmp_path / "nowhere.png")]), 2, "nowhere.png")
+    one_line_error(runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--explain", "gradcam"]), 2, "--out")
+    one_line_error(runner.invoke(app, ["predict", str(tmp_path / "norun"), str(pngs)]), 2)
+
+
+def test_calibrated_without_a_calibrated_evaluation_says_so(tiny_run, pngs):
+    result = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--calibrated"])
+    assert result.exit_code == 0, result.output
+    assert "no calibrated evaluation" in " ".join(result.stderr.split())
+
+
+def test_explain_writes_one_overlay_per_image(tiny_run, pngs, tmp_path):
+    out = tmp_path / "preds.csv"
+    result = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(pngs), "--out", str(out), "--explain", "gradcam"])
+    assert result.exit_code == 0, result.output
+    frame = pd.read_csv(out)
+    overlays = [Path(p) for p in frame["overlay"]]
+    assert len(overlays) == len(CHOSEN) and all(p.is_file() and p.parent == tmp_path / "preds_gradcam" for p in overlays)
+    assert overlays[0].name == "00000_test-000.png"
+    assert Image.open(overlays[0]).size[0] > 3 * 28  # image | map | overlay, upsampled
+
+
+def test_gray_inputs_are_converted_to_the_runs_three_channels(tiny_run, tmp_path):
+    image = Run.open(tiny_run).load_data(splits=["test"]).images["test"][0]
+    Image.fromarray(image).convert("L").save(tmp_path / "gray.png")
+    gray = np.asarray(Image.open(tmp_path / "gray.png"))
+    np.save(tmp_path / "gray3.npy", np.repeat(gray[:, :, None], 3, axis=2)[None])
+    result = runner.invoke(app, ["predict", str(tiny_run), str(tmp_path / "gray.png"), str(tmp_path / "gray3.npy")])
+    assert result.exit_code == 0, result.output
+    assert "grayscale" in result.stderr.lower()  # one note on the conversion
+    frame = pd.read_csv(pd.io.common.StringIO(result.stdout))
+    assert list(frame["path"]) == [str(tmp_path / "gray.png"), f"{tmp_path / 'gray3.npy'}[0]"]
+    np.testing.assert_array_equal(_probs(frame)[0], _probs(frame)[1])  # repeated gray = the converted file
+
+
+# -- export ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_export_matches_pytorch_and_predict_on_it_matches_the_run(run_copy, pngs, tmp_path, fmt):
+    runner.invoke(app, ["--quiet", "evaluate", str(run_copy), "--calibrate"])
+    result = runner.invoke(app, ["export", str(run_copy), "--format", fmt, "--json"])
+    assert result.exit_code == 0, result.output
+    files = json.loads(result.stdout)
+    model_file = Path(files["model"])
+    assert model_file.parent == run_copy / "export" and model_file.suffix == bundle.FORMATS[fmt]
+    card = json.loads(Path(files["sidecar"]).read_text())
+    assert card["class_names"] == datasets.class_names("bloodmnist") and card["task"] == "multi-class"
+    assert card["image"] == {"size": 28, "channels": 3} and card["calibration"]["temperature"] > 0
+    assert card["dataset"]["md5"] == Run.open(run_copy).dataset["md5"] and "SYNTHETIC" in card["dataset"]["provenance"]
+    assert card["export"]["verification"]["max_abs_diff"] <= card["export"]["verification"]["tolerance"]
+    if fmt == "onnx":
+        assert card["export"]["opset"] >= 17
+    text = Path(files["card"]).read_text()
+    for needle in ("Not a medical device", "## Test metrics", "accuracy", "Trained on 28-px images", "Licence"):
+        assert needle in text, needle
+    # the oracle, independent of medcli's own check: PyTorch on a batch size the export never saw
+    run = Run.open(run_copy)
+    images = run.load_data(splits=["test"]).images["test"][:5]
+    x = augment.preprocess(datasets.as_tensor(images), run.data["preprocess"])
+    with torch.no_grad():
+        reference = run.load_model("best").float()(x).numpy()
+        exported = bundle.load_exported(fmt, model_file)(x).numpy()
+    np.testing.assert_allclose(exported, reference, rtol=0, atol=1e-4)
+    # predict on the export = predict on the run
+    through_file = runner.invoke(app, ["predict", str(model_file), str(pngs), "--calibrated"])
+    through_run = runner.invoke(app, ["predict", str(run_copy), str(pngs), "--calibrated"])
+    assert through_file.exit_code == 0 and through_run.exit_code == 0, through_file.output + through_run.output
+    a, b = (pd.read_csv(pd.io.common.StringIO(r.stdout)) for r in (through_file, through_run))
+    np.testing.assert_allclose(_probs(a), _probs(b), rtol=0, atol=1e-5)
+    assert list(a["prediction"]) == list(b["prediction"])
+    assert json.loads((run_copy / "manifest.json").read_text())["stages"]["export"]["status"] == "completed"
+    again = runner.invoke(app, ["export", str(run_copy), "--format", fmt])
+    one_line_error(again, 2, "--overwrite")
+
+
+def test_an_export_that_does_not_match_is_refused_and_nothing_is_written(run_copy, monkeypatch, tmp_path):
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(app, ["export", str(run_copy), "--out", str(out)])
+    one_line_error(result, 1, "differ from PyTorch's", "nothing was written")
+    assert list(tmp_path.glob("m*")) == []
+
+
+def test_exported_model_without_its_description_is_one_line(run_copy, tmp_path):
+    result = runner.invoke(app, ["export", str(run_copy), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "m.json").unlink()
+    one_line_error(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(tmp_path)]), 2, "m.json", "medcli export")
+
+
+@pytest.mark.parametrize("name, size, overrides", [
+    ("resnet18", 28, {}), ("resnet18", 64, {}), ("resnet18", 224, {}),
+    ("vit", 28, {"patch_size": 4, "depth": 2}), ("vit", 224, {"depth": 1}),
+])
+def test_every_model_family_exports_to_onnx_at_its_stems_and_sizes(name, size, overrides, tmp_path):
+    import onnxruntime
+
+    model, spec = models.create(name, num_classes=5, in_chans=3, input_size=size, **overrides)
+    model.eval()
+    x = torch.randn(3, 3, size, size)
+    details = export._onnx(model, x[:export.TRACE_BATCH], tmp_path / "m.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        reference = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], reference, rtol=0, atol=1e-4)
+    assert details["opset"] >= 17 and spec["input_size"] == size
