@@ -157,7 +157,7 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
     files = [
         fileio.write_json(run.metrics_file(split), result),
         *tables.write_predictions(run.predictions_file(split), task, labels, probs),
-        reports.save_task_confusion(run.figure_file("confusion", split), values, names, title, note),
+        reports.save_task_confusion(run.figure_file("confusion", split), task.confusion_tables(values), title, note),
         reports.save_samples(run.figure_file("samples", split), data.images[split], captions,
                              f"{title}: sample predictions (green right, red wrong; confidence in brackets)", note),
         reports.save_mistakes(run.figure_file("mistakes", split), data.images[split], captions,

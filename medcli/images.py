@@ -38,7 +38,6 @@ import struct
 import warnings
 import zipfile
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -68,12 +67,8 @@ _notes: set[str] = set()
 
 
 class BadFile(UsageError):
-    """One file that cannot be read as images: a one-line reason (its path first).
-
-    `path` and `reason` are the two halves of the message; `missing_extra` is True when the
-    file is fine but this environment lacks an optional package (then the exit code is 1,
-    a runtime failure, not bad input).
-    """
+    """One file that cannot be read as images: `path` and a one-line `reason`. `missing_extra`:
+    the file is fine but an optional package is missing (exit code 1, not bad input)."""
 
     def __init__(self, message: str, *, path: str | os.PathLike | None = None, missing_extra: bool = False):
         self.path = None if path is None else str(path)
@@ -113,36 +108,35 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _why(exc: BaseException) -> str:
+    return _one_line(exc) or type(exc).__name__
+
+
+def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
+    """`values` clipped to low..high, mapped linearly to 0..255 and rounded."""
+    return np.rint((np.clip(values, low, high) - low) * 255.0 / (high - low)).astype(np.uint8)
+
+
 # ---------------------------------------------------------------------------------------------
 # Paths
-
-
-def _is_hidden(name: str) -> bool:
-    return name.startswith(".")
 
 
 def _walk(folder: Path) -> list[Path]:
     """Readable files under `folder`, hidden entries skipped, sorted by their path parts."""
     found = []
     for root, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not _is_hidden(d)]
-        found += [Path(root) / f for f in files if not _is_hidden(f) and Path(f).suffix.lower() in SUFFIXES]
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES]
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
-
-
-def _no_files(folder: Path) -> UsageError:
-    return UsageError(f"{folder}: no image files ({' '.join(SUFFIXES)}) in this folder or below; "
-                      "give another folder or the files themselves")
 
 
 def expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Files, folders and glob patterns -> the files to read, in argument order, each once.
 
-    A file is taken whatever its suffix (a bad one is reported when read); a folder is walked
-    recursively for files with a suffix in SUFFIXES (hidden files and folders skipped, sorted
-    by path parts); an argument that does not exist but holds one of `*?[` is a glob pattern
-    (recursive `**`). A missing path, a pattern matching nothing or a folder without images is
-    a UsageError. A file given twice is read once (the first time), with one warning.
+    A file is taken whatever its suffix (a bad one fails when read); a folder is walked as in
+    the module docstring; a missing path holding one of `*?[` is a glob pattern (recursive
+    `**`). A missing path, a pattern matching nothing or a folder without images is a
+    UsageError. A file given twice is read once (the first time), with one warning.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
@@ -152,7 +146,8 @@ def expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
         if path.is_dir():
             found = _walk(path)
             if not found:
-                raise _no_files(path)
+                raise UsageError(f"{path}: no image files ({' '.join(SUFFIXES)}) in this folder or below; "
+                                 "give another folder or the files themselves")
             files += found
         elif path.exists():
             files.append(path)
@@ -166,18 +161,12 @@ def expand(paths: Sequence[str | os.PathLike]) -> list[Path]:
                 raise UsageError(f"{arg} matches only folders without image files; give another pattern")
         else:
             raise UsageError(f"{arg}: no such file or folder; check the path")
-    unique, seen, twice = [], set(), []
-    for path in files:
-        key = path.resolve()
-        if key in seen:
-            twice.append(path)
-            continue
-        seen.add(key)
-        unique.append(path)
+    unique: dict[Path, Path] = {}  # resolved -> the first path given for it
+    twice = [path for path in files if unique.setdefault(path.resolve(), path) is not path]
     if twice:
         console.warn(f"{console.plural(len(twice), 'file')} given more than once (e.g. {twice[0]}); "
                      "each is read once")
-    return unique
+    return list(unique.values())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -189,27 +178,25 @@ def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
     mode = img.mode
     if mode in ("L", "RGB"):
         return img
-    if mode == "1":
-        return img.convert("L")
+    if mode in ("1", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        return img.convert("L" if mode == "1" else "RGB")
     if mode in ("P", "PA"):
         _note("palette", "converting palette images to RGB")
-        if mode == "PA" or "transparency" in img.info:
-            _note("alpha", "dropping the alpha channel (transparency is ignored, not composited)")
+        if mode == "P" and "transparency" not in img.info:
+            return img.convert("RGB")
+    if mode in ("P", "PA", "RGBA", "RGBa", "LA", "La"):
+        _note("alpha", "dropping the alpha channel (transparency is ignored, not composited)")
+        if mode.startswith("P"):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 return img.convert("RGBA").convert("RGB")
-        return img.convert("RGB")
-    if mode in ("RGBA", "RGBa", "LA", "La"):
-        _note("alpha", "dropping the alpha channel (transparency is ignored, not composited)")
         return img.convert("L" if mode.startswith("L") else "RGB")  # PIL drops alpha, no compositing
     if mode.startswith("I;16") or mode.startswith("I;32") or mode == "I":
         return Image.fromarray(_scale_integers(img, path), "L")
     if mode == "F":
         _note("float", "float images: values taken as 0..1 (x 255, clipped to 0..255)")
         values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=1.0, neginf=0.0)
-        return Image.fromarray(np.rint(np.clip(values * 255.0, 0, 255)).astype(np.uint8), "L")
-    if mode in ("RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
-        return img.convert("RGB")
+        return Image.fromarray(_to_uint8(values, 0.0, 1.0), "L")
     raise BadFile(f"unsupported image mode {mode}; save it as 8- or 16-bit grayscale or RGB", path=path)
 
 
@@ -245,8 +232,7 @@ def _scale_integers(img: Image.Image, path: Path) -> np.ndarray:
     low, high, bits = _integer_range(img, values)
     _note(f"bits{bits}", f"scaling {bits}-bit images to 8 bits by the full range of the type "
                          f"({low}..{high} -> 0..255), the same for every file, never stretched per image")
-    scaled = (np.clip(values.astype(np.float64), low, high) - low) * 255.0 / (high - low)
-    return np.rint(scaled).astype(np.uint8)
+    return _to_uint8(values.astype(np.float64), low, high)
 
 
 def _fit(img: Image.Image, target: Target, path: Path) -> np.ndarray:
@@ -282,50 +268,47 @@ def _fit_array(image: np.ndarray, target: Target, path: Path) -> np.ndarray:
         image = image[:, :, None]
     if image.shape == (target.size, target.size, target.channels):
         return np.array(image, dtype=np.uint8)  # a copy: the source may be a memory map
-    if image.shape[2] == 1:
-        return _fit(Image.fromarray(np.ascontiguousarray(image[:, :, 0]), "L"), target, path)
-    return _fit(Image.fromarray(np.ascontiguousarray(image), "RGB"), target, path)
+    image = np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image)
+    return _fit(Image.fromarray(image, "L" if image.ndim == 2 else "RGB"), target, path)
 
 
 # ---------------------------------------------------------------------------------------------
 # Files
 
 
-@contextmanager
-def _strict_truncation() -> Iterator[None]:
-    """A truncated file must fail, whatever another library set PIL's switch to."""
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        yield
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+def _frame_name(path: Path, i: int, frames: int) -> str:
+    return str(path) if frames == 1 else f"{path}[frame {i}]"
 
 
 def _read_pil(path: Path, target: Target) -> list[tuple[str, np.ndarray]]:
     out = []
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES  # a truncated file must fail, whatever another library set
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        with _strict_truncation(), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 frames = getattr(img, "n_frames", 1)
                 for i in range(frames):
                     img.seek(i)
                     img.load()
-                    name = str(path) if frames == 1 else f"{path}[frame {i}]"
-                    out.append((name, _fit(img, target, path)))
+                    out.append((_frame_name(path, i, frames), _fit(img, target, path)))
     except Image.UnidentifiedImageError:
         raise BadFile("not an image file PIL can read (PNG, JPEG, TIFF, BMP, ...)", path=path) from None
     except BadFile:
         raise
     except _PIL_ERRORS as exc:
-        raise BadFile(f"truncated or damaged image ({_one_line(exc) or type(exc).__name__})", path=path) from None
+        raise BadFile(f"truncated or damaged image ({_why(exc)})", path=path) from None
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
     return out
 
 
-def _layout(shape: tuple, path: Path, key: str | None = None) -> bool:
+def _layout(shape: tuple, path: Path, key: str | None = None, dtype: np.dtype | None = None) -> bool:
     """Whether an array of `shape` is a stack (N, H, W[, C]) rather than one image; raises on
-    a shape that is neither."""
+    a shape that is neither, or on a `dtype` given that is not uint8."""
+    if dtype is not None and dtype != np.uint8:
+        raise BadFile(f"{key + ': ' if key else ''}expected uint8 images (MedMNIST layout), got {dtype}", path=path)
     where = f"{key} has" if key else "array of"
     if len(shape) == 2:
         stack = False
@@ -341,12 +324,6 @@ def _layout(shape: tuple, path: Path, key: str | None = None) -> bool:
     return stack
 
 
-def _check_dtype(dtype: np.dtype, path: Path, key: str | None = None) -> None:
-    if dtype != np.uint8:
-        where = f"{key}: " if key else ""
-        raise BadFile(f"{where}expected uint8 images (MedMNIST layout), got {dtype}", path=path)
-
-
 def _read_npy(path: Path, target: Target) -> Iterator[tuple[str, np.ndarray]]:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -354,9 +331,7 @@ def _read_npy(path: Path, target: Target) -> Iterator[tuple[str, np.ndarray]]:
         raise BadFile(f"not a readable .npy array ({_one_line(exc)})", path=path) from None
     if not isinstance(array, np.ndarray):
         raise BadFile("not a .npy array", path=path)
-    _check_dtype(array.dtype, path)
-    stack = _layout(array.shape, path)
-    return _array_images(array, stack, str(path), target, path)
+    return _array_images(array, _layout(array.shape, path, dtype=array.dtype), str(path), target, path)
 
 
 def _array_images(array, stack: bool, prefix: str, target: Target, path: Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -369,16 +344,11 @@ def _array_images(array, stack: bool, prefix: str, target: Target, path: Path) -
             yield f"{prefix}[{i}]", _fit_array(image, target, path)
 
 
-def _npz_header(archive: zipfile.ZipFile, key: str):
-    """(shape, fortran_order, dtype, version) of one npz member, from its header alone."""
+def _npy_header(handle) -> tuple:
+    """(shape, fortran_order, dtype) of an .npy stream, read up to its data."""
     fmt = np.lib.format
-    with archive.open(f"{key}.npy") as handle:
-        version = fmt.read_magic(handle)
-        if version == (1, 0):
-            shape, fortran, dtype = fmt.read_array_header_1_0(handle)
-        else:
-            shape, fortran, dtype = fmt.read_array_header_2_0(handle)
-    return shape, fortran, dtype, version
+    version = fmt.read_magic(handle)
+    return (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(handle)
 
 
 def _npz_keys(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, tuple, bool]]:
@@ -387,7 +357,8 @@ def _npz_keys(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, tuple, bo
     headers = {}
     for key in keys:
         try:
-            headers[key] = _npz_header(archive, key)
+            with archive.open(f"{key}.npy") as handle:
+                headers[key] = _npy_header(handle)
         except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
             headers[key] = exc
     named = [k for k in _SPLIT_ORDER if k in keys] + sorted(k for k in keys if k.endswith("_images")
@@ -409,9 +380,7 @@ def _npz_keys(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, tuple, bo
         header = headers[key]
         if not isinstance(header, tuple):
             raise BadFile(f"{key} is not a readable array ({_one_line(header)})", path=path)
-        shape, _, dtype, _ = header
-        _check_dtype(dtype, path, key)
-        chosen.append((key, shape, _layout(shape, path, key)))
+        chosen.append((key, header[0], _layout(header[0], path, key, header[2])))
     return chosen
 
 
@@ -421,31 +390,25 @@ def _read_npz(path: Path, target: Target) -> Iterator[tuple[str, np.ndarray]]:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise BadFile(f"not a readable .npz file ({_one_line(exc)})", path=path) from None
     try:
-        chosen = _npz_keys(archive, path)
-    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return _npz_images(archive, _npz_keys(archive, path), target, path)
+    except BaseException as exc:
         archive.close()
-        raise BadFile(f"not a readable .npz file ({_one_line(exc)})", path=path) from None
-    except BaseException:
-        archive.close()
+        if isinstance(exc, (zipfile.BadZipFile, OSError, EOFError)):
+            raise BadFile(f"not a readable .npz file ({_one_line(exc)})", path=path) from None
         raise
-    return _npz_images(archive, chosen, target, path)
 
 
 def _npz_images(archive: zipfile.ZipFile, chosen, target: Target, path: Path) -> Iterator[tuple[str, np.ndarray]]:
     """Streams each chosen array from the zip, _CHUNK images at a time (a 224-px split is
     gigabytes: it is never held whole)."""
-    fmt = np.lib.format
     with archive:
         for key, shape, stack in chosen:
             prefix = f"{path}:{key}"
             try:
                 with archive.open(f"{key}.npy") as handle:
-                    version = fmt.read_magic(handle)
-                    reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-                    _, fortran, _ = reader(handle)
-                    if fortran or not stack:  # rare layouts: read whole
+                    if _npy_header(handle)[1] or not stack:  # Fortran order or one image: read whole
                         handle.seek(0)
-                        array = fmt.read_array(handle, allow_pickle=False)
+                        array = np.lib.format.read_array(handle, allow_pickle=False)
                         yield from _array_images(array, stack, prefix, target, path)
                         continue
                     per_image = int(np.prod(shape[1:]))
@@ -473,14 +436,6 @@ def _is_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _dicom_luts():
-    try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pydicom >= 3
-    except ImportError:
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut  # pydicom 2
-    return apply_modality_lut, apply_voi_lut
-
-
 def _read_dicom(path: Path, target: Target) -> list[tuple[str, np.ndarray]]:
     try:
         import pydicom
@@ -491,8 +446,7 @@ def _read_dicom(path: Path, target: Target) -> list[tuple[str, np.ndarray]]:
         ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many kinds (InvalidDicomError, AttributeError, RuntimeError...)
-        reason = _one_line(exc) or type(exc).__name__
-        raise BadFile(f"not a readable DICOM image ({reason})", path=path) from None
+        raise BadFile(f"not a readable DICOM image ({_why(exc)})", path=path) from None
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
@@ -502,22 +456,21 @@ def _read_dicom(path: Path, target: Target) -> list[tuple[str, np.ndarray]]:
         raise BadFile(f"unsupported DICOM pixel layout {pixels.shape} ({samples} samples per pixel)", path=path)
     if samples == 3:
         if pixels.dtype != np.uint8:
-            values = pixels.astype(np.float64)
-            high = 2 ** int(ds.get("BitsStored", 8)) - 1
-            pixels = np.rint(np.clip(values, 0, high) * 255.0 / high).astype(np.uint8)
+            pixels = _to_uint8(pixels.astype(np.float64), 0, 2 ** int(ds.get("BitsStored", 8)) - 1)
         images = [Image.fromarray(np.ascontiguousarray(frame), "RGB") for frame in pixels]
     else:
         images = [Image.fromarray(frame, "L") for frame in _dicom_gray(ds, pixels, photometric)]
         _note("dicom", "DICOM: modality LUT and window applied, the window's range (else the file's "
                        "min..max) scaled to 0..255")
-    if frames == 1:
-        return [(str(path), _fit(images[0], target, path))]
-    return [(f"{path}[frame {i}]", _fit(img, target, path)) for i, img in enumerate(images)]
+    return [(_frame_name(path, i, frames), _fit(img, target, path)) for i, img in enumerate(images)]
 
 
 def _dicom_gray(ds, pixels: np.ndarray, photometric: str) -> np.ndarray:
     """Stored grayscale values (frames, H, W) -> uint8 display values."""
-    apply_modality_lut, apply_voi_lut = _dicom_luts()
+    try:
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut  # pydicom >= 3
+    except ImportError:
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut  # pydicom 2
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
     windowed = "WindowCenter" in ds and "WindowWidth" in ds and not ds.get("VOILUTSequence")
     if windowed or ds.get("VOILUTSequence"):
@@ -527,11 +480,7 @@ def _dicom_gray(ds, pixels: np.ndarray, photometric: str) -> np.ndarray:
         low, high = float(ends.min()), float(ends.max())
     else:
         low, high = float(values.min()), float(values.max())
-    if high > low:
-        scaled = (np.clip(values, low, high) - low) * 255.0 / (high - low)
-    else:
-        scaled = np.zeros_like(values)
-    out = np.rint(scaled).astype(np.uint8)
+    out = _to_uint8(values, low, high) if high > low else np.zeros(values.shape, np.uint8)
     if photometric == "MONOCHROME1":  # 0 is white
         out = 255 - out
     return out

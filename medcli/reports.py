@@ -165,30 +165,35 @@ def save_mistakes(path, images: np.ndarray, captions: Captions, title: str, note
                        empty=f"no mistakes: all {len(truth)} predictions are right")
 
 
-def save_label_confusions(path, matrices: Sequence, names: Sequence[str], title: str, normalize: bool = False,
-                          note: str | None = None, columns: int = 5) -> Path:
-    """One 2x2 matrix per label of a multi-label task (rows = true absent/present), in a grid."""
+def _save_confusion_grid(path, tables: Sequence[tuple], title: str, normalize: bool = False,
+                         note: str | None = None, columns: int = 5) -> Path:
+    """Captioned matrices in a grid (a multi-label task: one 2x2 per label, rows = truly
+    absent / present)."""
     from matplotlib.figure import Figure
 
-    n = len(matrices)
+    n = len(tables)
     cols = min(columns, max(n, 1))
     rows = max(1, -(-n // cols))
     fig = Figure(figsize=(3.2 * cols, 2.9 * rows + 0.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
-    for ax, name, cm in zip(axes, _wrapped(names, width=28), matrices):
-        draw_confusion(ax, np.asarray(cm), ["absent", "present"], normalize)
-        ax.set_title(name, fontsize=9)
+    captions = _wrapped([caption for caption, _, _ in tables], width=28)
+    for ax, caption, (_, names, cm) in zip(axes, captions, tables):
+        draw_confusion(ax, np.asarray(cm), names, normalize)
+        ax.set_title(caption, fontsize=9)
     for ax in axes[n:]:
         ax.set_axis_off()
     return _finish(fig, path, f"{title}{' (row-normalised)' if normalize else ''}", note)
 
 
-def save_task_confusion(path, values: dict, names: Sequence[str], title: str, note: str | None = None) -> Path:
-    """Evaluate's confusion figure from a split's metrics: the class confusion matrix, or for a
-    multi-label task one 2x2 matrix per label."""
-    if "label_confusion" in values:
-        return save_label_confusions(path, values["label_confusion"], names, title, note=note)
-    return save_confusion(path, np.asarray(values["confusion_matrix"]), names, title, note=note)
+def save_task_confusion(path, tables: Sequence[tuple], title: str, note: str | None = None,
+                        normalize: bool | None = None) -> Path:
+    """The confusion figure of `Task.confusion_tables`: one class matrix, counts and
+    row-normalised side by side unless `normalize` picks one; or a grid of captioned matrices
+    (a multi-label task's 2x2 per label)."""
+    if len(tables) == 1 and tables[0][0] is None:
+        _, names, cm = tables[0]
+        return save_confusion(path, cm, names, title, (False, True) if normalize is None else (normalize,), note)
+    return _save_confusion_grid(path, tables, title, normalize=bool(normalize), note=note)
 
 
 def save_roc(path, curves: Sequence[dict], title: str, note: str | None = None) -> Path:
@@ -319,13 +324,8 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
     destination = Path(out) if out else default_out
     if destination.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
         raise UsageError(f"--out {destination}: unsupported image type; use a .png, .pdf, .svg or .jpg file name")
-    values = task.confusion(*task.csv_decisions(frame))
-    names = list(task.names)
-    if "label_confusion" in values:
-        return save_label_confusions(destination, values["label_confusion"], names, title, normalize=bool(normalize),
-                                     note=note)
-    panels = (False, True) if normalize is None else (normalize,)
-    return save_confusion(destination, np.asarray(values["confusion_matrix"]), names, title, panels, note)
+    tables = task.confusion_tables(task.confusion(*task.csv_decisions(frame)))
+    return save_task_confusion(destination, tables, title, note, normalize)
 
 
 # ---------------------------------------------------------------------------------------

@@ -291,12 +291,9 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
     confusion_blocks = []
     for split in splits:
         meta = evaluations[split][0]
-        if "label_confusion" in meta["metrics"]:
-            tables = [(f"{split} · {name}", ["absent", "present"], np.asarray(cm, dtype=np.int64))
-                      for name, cm in zip(meta["class_names"], meta["metrics"]["label_confusion"])]
-        else:
-            tables = [(split, meta["class_names"], np.asarray(meta["metrics"]["confusion_matrix"], dtype=np.int64))]
-        for caption, names, cm in tables:
+        task = tasks.for_kind(meta["task"], meta["class_names"])
+        for caption, names, cm in task.confusion_tables(meta["metrics"]):
+            caption = split if caption is None else f"{split} · {caption}"
             totals = cm.sum(axis=1, keepdims=True)
             shares = np.divide(cm, totals, out=np.zeros(cm.shape), where=totals > 0)
             for values, kind, fmt in ((cm, "counts", INTEGER), (shares, "row-normalised", PERCENT)):

@@ -228,6 +228,13 @@ class SingleLabel(Task):
 
         return {"confusion_matrix": metrics.confusion_counts(labels, preds, self.outputs).tolist()}
 
+    def confusion_tables(self, values: dict) -> list[tuple[str | None, list[str], "np.ndarray"]]:
+        """The confusion entry of `values` (a split's metrics) as (caption, axis names, counts)
+        tables for figures and workbooks: one uncaptioned class matrix."""
+        import numpy as np
+
+        return [(None, list(self.names), np.asarray(values["confusion_matrix"], dtype=np.int64))]
+
 
 class MultiClass(SingleLabel):
     kind = "multi-class"
@@ -442,6 +449,13 @@ class MultiLabel(Task):
 
         return {"label_confusion": [metrics.confusion_counts(labels[:, k], preds[:, k], 2).tolist()
                                     for k in range(self.outputs)]}
+
+    def confusion_tables(self, values: dict) -> list[tuple[str | None, list[str], "np.ndarray"]]:
+        """One 2x2 table per label, captioned with its name (rows = truly absent / present)."""
+        import numpy as np
+
+        return [(name, ["absent", "present"], np.asarray(cm, dtype=np.int64))
+                for name, cm in zip(self.names, values["label_confusion"])]
 
 
 TASKS: dict[str, type[Task]] = {cls.kind: cls for cls in (MultiClass, Binary, Ordinal, MultiLabel)}

@@ -331,7 +331,7 @@ def test_confusion_class_names_are_whole_and_inside_the_figure(figures, tmp_path
 
     from medcli import reports
 
-    reports.save_task_confusion(tmp_path / "cm.png", {"confusion_matrix": np.eye(len(NAMES), dtype=int)}, NAMES, "names")
+    reports.save_task_confusion(tmp_path / "cm.png", tasks.for_kind("multi-class", NAMES).confusion_tables({"confusion_matrix": np.eye(len(NAMES), dtype=int)}), "names")
     fig = figures[0]
     FigureCanvasAgg(fig).draw()
     labels = fig.axes[0].get_xticklabels() + fig.axes[0].get_yticklabels()
