@@ -173,12 +173,9 @@ def save_figure(path, columns: list[Column], rows: dict, common: list[int], labe
     prediction, red when it is not the row's class, and confidence) captioned with every
     pair's Spearman and IoU (`scores`: (pair letters, rho, iou) over `common`); a legend names
     the lettered columns."""
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from medcli.reports import panels
+    from medcli.reports import panels, save_figure as save
 
     brief = short_names(names, width=10)  # in captions; rows are labelled with longer names
     per_class = max(1, min(MAX_PER_CLASS, MAX_TILES_PER_ROW // (len(columns) + 1)))
@@ -188,7 +185,7 @@ def save_figure(path, columns: list[Column], rows: dict, common: list[int], labe
     row_height = TITLE_IN + TILE_IN + len(scores) * LINE_IN + ROW_GAP_IN
     header = 0.2 + LINE_IN * (len(columns) + 2.5)
     height = header + len(classes) * row_height
-    fig = plt.figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
 
     def place(x: float, y: float, **text) -> None:  # text at (x, y) inches from the top left
         fig.text(x / width, 1 - y / height, text.pop("s"), **{"fontsize": 7, "va": "top", **text})
@@ -222,12 +219,7 @@ def save_figure(path, columns: list[Column], rows: dict, common: list[int], labe
                 ax.set_title(caption, fontsize=6, pad=2, color=colour)
             place(left, top + TITLE_IN + TILE_IN + 0.03, s="\n".join(
                 f"{pair}  \u03c1 {_text(rho[i])}  IoU {_text(iou[i])}" for pair, rho, iou in scores))
-    try:
-        with fileio.atomic_path(path) as tmp:
-            fig.savefig(tmp, dpi=min(DPI, MAX_FIGURE_PX / height))
-    finally:
-        plt.close(fig)
-    return Path(path)
+    return save(fig, path, dpi=min(DPI, MAX_FIGURE_PX / height))
 
 
 def _text(value) -> str:

@@ -36,10 +36,10 @@ _DPI = 130
 # ---------------------------------------------------------------------------------------
 
 
-def save_figure(fig, path: str | os.PathLike) -> Path:
+def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> Path:
     """Save a matplotlib Figure atomically (the format follows the file suffix)."""
     with fileio.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=_DPI)
+        fig.savefig(tmp, dpi=dpi or _DPI)
     return Path(path)
 
 

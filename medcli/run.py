@@ -300,7 +300,7 @@ class Run:
 
     def explain_prefix(self, method: str) -> str:
         """The artefact prefix of `explain_dir(method)` in the manifest."""
-        return f"{EXPLAIN_DIR}/{method}/"
+        return f"{self.relative(self.explain_dir(method))}/"
 
     def maps_file(self, method: str) -> Path:
         """A method's raw maps (`explain`; read by `aggregate --maps`)."""
