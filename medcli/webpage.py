@@ -45,6 +45,7 @@ __all__ = ["COMPARISON_PAGE", "REPORT_STAGE", "comparison_page", "report", "run_
 
 REPORT_STAGE = "report"
 COMPARISON_PAGE = "comparison.html"
+MAPS_DIR = "maps"  # the maps agreement files of a comparison, beside its page
 SPLIT_ORDER = tuple(reversed(SPLITS))  # test first: the split a result is reported on
 EVALUATION_KEYS = ("task", "metrics", "ci", "checkpoint", "tta", "device")  # what the page reads of a metrics JSON
 SPLIT_FIGURES = (("roc", "ROC and precision-recall curves"), ("samples", "Sample predictions (green right, red wrong)"),
@@ -322,15 +323,16 @@ def _configuration(run: Run) -> str:
 
 def write_comparison_page(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
     """Compare the runs under `paths` (`aggregate.aggregate`, test split, default metrics) and
-    their stored explanation maps (`maps.compare`), and write `out_dir/comparison.html` beside
-    the chart and the maps figure it shows; returns the page's path."""
+    their stored explanation maps (`maps.compare`, its files in `out_dir/maps/`, where
+    `aggregate --maps --out out_dir/maps` would put them), and write `out_dir/comparison.html`
+    beside the chart; returns the page's path."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory for the comparison page")
     result = aggregate.aggregate(paths)
     chart = aggregate.write_chart(out / "comparison.png", result)
     try:
-        agreement: dict | str = maps.compare([row["path"] for row in result.runs], out)
+        agreement: dict | str = maps.compare([row["path"] for row in result.runs], out / MAPS_DIR)
     except UsageError as exc:  # nothing to compare (fewer than two explanations, no common sample...)
         agreement = str(exc)
         console.info(f"the page has no comparison of explanation maps: {agreement}")

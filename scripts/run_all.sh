@@ -3,8 +3,8 @@
 #   data (download; --from FILE imports one; offline, the embedded sample of real PBC
 #   blood-cell images, or --synthetic data) -> train resnet18 and
 #   vit -> evaluate both -> explain both (Grad-CAM, attention rollout; ROAD faithfulness) ->
-#   aggregate -> where the two look, side by side on the same cells (aggregate --maps) ->
-#   HTML pages (report).
+#   aggregate -> HTML pages (report; the comparison page also writes where the two look,
+#   side by side on the same cells, into OUT/maps/ as aggregate --maps does).
 # Each stage's duration goes to logs/run_all_<time>.log; the first failure stops the script
 # with that stage's exit code.
 #
@@ -105,7 +105,6 @@ stage evaluate-vit "$MEDCLI" evaluate "$RUN_VIT" --tta --calibrate
 stage explain-resnet18 "$MEDCLI" explain "$RUN_CNN" --method gradcam
 stage explain-vit "$MEDCLI" explain "$RUN_VIT" --method rollout
 stage aggregate "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --out "$OUT" --format md
-stage compare-maps "$MEDCLI" aggregate "$RUN_CNN" "$RUN_VIT" --maps --out "$OUT/maps"
 stage report-resnet18 "$MEDCLI" report "$RUN_CNN"
 stage report-vit "$MEDCLI" report "$RUN_VIT"
 stage report-comparison "$MEDCLI" report "$RUN_CNN" "$RUN_VIT" --out "$OUT"

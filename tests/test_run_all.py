@@ -40,11 +40,12 @@ def test_run_all_chains_every_stage_and_prints_only_the_comparison(tmp_path):
     (log,) = (tmp_path / "logs").iterdir()
     stages = [line.split()[3] for line in log.read_text().splitlines() if line.split()[2:3] == ["done"]]
     assert stages == ["data", "train-resnet18", "train-vit", "evaluate-resnet18", "evaluate-vit",
-                      "explain-resnet18", "explain-vit", "aggregate", "compare-maps", "report-resnet18", "report-vit",
+                      "explain-resnet18", "explain-vit", "aggregate", "report-resnet18", "report-vit",
                       "report-comparison"]
     assert (tmp_path / "comparison" / "comparison.html").is_file()
     assert all((run / "report.html").is_file() for run in runs)
     agreement = json.loads((tmp_path / "comparison" / "maps" / "maps_agreement.json").read_text())
+    assert not list((tmp_path / "comparison").glob("maps_*"))  # the maps' files once, in maps/
     assert agreement["samples"] == 32 and len(agreement["pairs"]) == 1  # resnet18 gradcam vs vit rollout
     for run in runs:
         stage = json.loads((run / "manifest.json").read_text())["stages"]

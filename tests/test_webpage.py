@@ -117,7 +117,7 @@ def test_the_comparison_page_has_the_table_tests_chart_and_maps(explained_runs, 
     assert page.name == "comparison.html"
     images = self_contained_images(page)
     assert [Image.open(io.BytesIO(data)).size for data in images] == [
-        Image.open(page.parent / name).size for name in ("comparison.png", "maps_compare.png")]
+        Image.open(page.parent / name).size for name in ("comparison.png", "maps/maps_compare.png")]
     text = page.read_text(encoding="utf-8")
     for needle in ("SYNTHETIC", "McNemar exact", "paired bootstrap", "Spearman", "top-20% IoU", "epochs=1",
                    *(Run.open(run).run_id for run in explained_runs)):
