@@ -2,6 +2,15 @@
 bit-identically) and `checkpoints/best.pt` (weights and metrics), written atomically and read
 back with one-line errors. torch is imported inside functions.
 
+Training does not wait for them (`Writer`): after an epoch the state is copied to host memory
+(pinned on CUDA, the copies queued behind the epoch's kernels), and one background thread
+serialises, writes and hashes it while the next epoch trains, one file after another in the
+order they were asked for. The sha256 is computed from the bytes as they are written
+(`fileio.atomic_stream`), never by reading the file back, and recorded in the stage's
+artefacts only once the file is complete and renamed into place. A process killed during a
+write leaves the previous complete checkpoint (and a temporary file the next run of the stage
+removes).
+
 The training state is duck-typed (`medcli.train.State`: model, optimizer, scheduler, scaler,
 `rng(device)` / `set_rng(state, device)`, epoch, history, best, bad_epochs, and for the
 best-checkpoint rule `ema` (timm's ModelEmaV3 or None) and `scores`, the monitored value of
@@ -10,15 +19,20 @@ every epoch: `medcli.selection`).
 
 from __future__ import annotations
 
+import threading
+import time
+from copy import copy as shallow
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from medcli import fileio
+from medcli import console, fileio
 from medcli.errors import UsageError
 from medcli.names import SCALAR_METRICS
 from medcli.run import Run
 
-__all__ = ["RESUME_KEYS", "read", "restore", "save"]
+__all__ = ["RESUME_KEYS", "Writer", "payload", "read", "restore", "save", "snapshot", "write", "writing"]
 
 # What last.pt must hold for --resume to continue exactly where the run stopped.
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "best", "bad_epochs", "ema",
@@ -27,23 +41,178 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "his
 _SINCE_SELECTION = frozenset({"ema", "scores"})
 
 
-def save(path: Path, state: Any, metrics: dict, full: bool, device, model: Any = None) -> Path:
-    """torch.save atomically; only tensors, numbers, strings, lists and dicts (weights_only).
-    `model`: the module whose weights are saved (default the trained one; best.pt under the
-    `ema-window` rule: the EMA's)."""
-    import torch
-
-    payload = {"model": (state.model if model is None else model).state_dict(), "epoch": state.epoch,
+def payload(state: Any, metrics: dict, full: bool, device, model: Any = None) -> dict:
+    """What a checkpoint holds, as references to the live training state (`snapshot` copies it);
+    only tensors, numbers, strings, lists and dicts (weights_only). `full`: last.pt's resume
+    state too. `model`: the module whose weights are saved (default the trained one; best.pt
+    under the `ema-window` rule: the EMA's)."""
+    content = {"model": (state.model if model is None else model).state_dict(), "epoch": state.epoch,
                "metrics": {key: metrics.get(key) for key in SCALAR_METRICS}}
     if full:
         ema = getattr(state, "ema", None)
-        payload.update(optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
+        content.update(optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
                        scaler=state.scaler.state_dict(), rng=state.rng(device), history=state.history,
                        best=state.best, bad_epochs=state.bad_epochs,
                        ema=None if ema is None else ema.module.state_dict(), scores=list(getattr(state, "scores", [])))
-    with fileio.atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    return path
+    return content
+
+
+def snapshot(contents: list[dict], device) -> tuple[list[dict], list]:
+    """Copies of `contents` that training can no longer change (every tensor copied to host
+    memory, every dict and list rebuilt), and the CUDA events to synchronize before reading
+    them: none on the CPU; on CUDA the device tensors' copies go to pinned host memory without
+    blocking, queued on each device's current stream behind the epoch's kernels (the next
+    epoch's kernels queue behind them), and one event per device marks their end. A tensor
+    that two contents share (last.pt's and best.pt's weights) is copied once."""
+    import torch
+
+    cuda = device.type == "cuda" and torch.cuda.is_available()
+    copied: dict[tuple, Any] = {}
+    devices = set()
+
+    def host(tensor):
+        tensor = tensor.detach()
+        key = (str(tensor.device), tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in copied:
+            on_device = tensor.device.type != "cpu"
+            if cuda and on_device:
+                devices.add(tensor.device)
+            copied[key] = torch.empty_like(tensor, device="cpu", pin_memory=cuda and on_device).copy_(
+                tensor, non_blocking=cuda and on_device)
+        return copied[key]
+
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            return host(value)
+        if isinstance(value, (dict, list)):
+            out = shallow(value)  # its own type and attributes (a state dict's `_metadata`)
+            for key in (out if isinstance(out, dict) else range(len(out))):
+                out[key] = copy(out[key])
+            return out
+        if type(value) is tuple:
+            return tuple(copy(item) for item in value)
+        return value  # numbers, strings, None: immutable
+
+    copies = [copy(content) for content in contents]
+    events = []
+    for each in devices:
+        events.append(torch.cuda.Event())
+        events[-1].record(torch.cuda.current_stream(each))
+    return copies, events
+
+
+def write(path: Path, content: dict) -> str:
+    """torch.save `content` atomically to `path`; the sha256 of the file, hashed as it was written."""
+    import torch
+
+    with fileio.atomic_stream(path) as stream:
+        torch.save(content, stream)
+    return stream.hexdigest()
+
+
+def save(path: Path, state: Any, metrics: dict, full: bool, device, model: Any = None) -> str:
+    """Write a checkpoint now, on this thread (`Writer` writes them in the background); its sha256."""
+    return write(path, payload(state, metrics, full, device, model))
+
+
+class Writer:
+    """Checkpoints written by one background thread, in order, while training goes on.
+
+    `write({path: content, ...}, device)` waits for the previous write of those files, snapshots
+    the contents to host memory and hands them to the thread; `wait()` returns once everything
+    asked for is on disk (and raises a write's error on the training thread). With a `stage`,
+    each file is recorded in its artefacts (relative path -> sha256 computed while writing) by
+    the writing thread once the file is in place; `lock` serialises that with the training
+    thread's own changes to the stage (hold it around them).
+    """
+
+    def __init__(self, stage: Any = None):
+        self.stage = stage
+        self.lock = threading.Lock()
+        self.waited_s = 0.0  # what checkpoints cost the training thread: snapshots and waits
+        self._pending: dict[Path, Future] = {}
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcli-checkpoints")
+        self._closed = False
+
+    def write(self, contents: dict[Path, dict], device) -> None:
+        start = time.perf_counter()
+        for path in contents:
+            self._wait(path)
+        copies, ready = snapshot(list(contents.values()), device)
+        for path, copy in zip(contents, copies):
+            self._pending[path] = self._thread.submit(self._write, path, copy, ready)
+        self.waited_s += time.perf_counter() - start
+
+    def _write(self, path: Path, content: dict, ready: list) -> str:
+        for event in ready:  # the host copies are complete
+            event.synchronize()
+        digest = write(path, content)
+        if self.stage is not None:
+            with self.lock:
+                self.stage.record(path, digest)
+        return digest
+
+    def _wait(self, path: Path) -> None:
+        future = self._pending.get(path)
+        if future is None:
+            return
+        try:
+            future.result()
+        finally:
+            if future.done():  # a Ctrl-C during the wait leaves the write pending
+                self._pending.pop(path, None)
+
+    def wait(self) -> None:
+        """Return when every checkpoint asked for is on disk (and recorded); a failed write raises here."""
+        start = time.perf_counter()
+        try:
+            for path in list(self._pending):
+                self._wait(path)
+        finally:
+            self.waited_s += time.perf_counter() - start
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Finish the pending writes, then stop the thread. A second Ctrl-C while waiting does
+        not abandon a write half done (it is re-raised once the write is finished); without
+        `raise_errors` a failed write is one warning (another error is already on its way)."""
+        if self._closed:
+            return
+        interrupted = None
+        while True:
+            try:
+                self.wait()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
+                console.warn("finishing the checkpoint being written (the previous one stays until it is complete)")
+            except Exception as exc:
+                if raise_errors and interrupted is None:
+                    self._thread.shutdown(wait=True)
+                    self._closed = True
+                    raise
+                console.warn(f"a checkpoint write failed: {exc}")
+        self._thread.shutdown(wait=True)
+        self._closed = True
+        if interrupted is not None:
+            raise interrupted
+
+
+@contextmanager
+def writing(stage: Any = None, paths: tuple[Path, ...] = ()) -> Iterator[Writer]:
+    """A `Writer` for one stage of training: the temporary files a killed writer of `paths` left
+    are removed first (the caller holds the stage's lock, so none is being written), and on the
+    way out, normally, on Ctrl-C/SIGTERM or on an error, the pending writes finish, so the last
+    checkpoint asked for is complete on disk and recorded before the stage ends."""
+    for path in paths:
+        for partial in fileio.partial_files(path):
+            partial.unlink(missing_ok=True)
+    writer = Writer(stage)
+    try:
+        yield writer
+    except BaseException:
+        writer.close(raise_errors=False)
+        raise
+    writer.close()
 
 
 def read(path: Path) -> dict:

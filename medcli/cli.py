@@ -254,6 +254,7 @@ def train(
         "--batch-size is the global batch."))] = None,
     sync_bn: Annotated[bool, typer.Option("--sync-bn", help=_opt("sync_bn"))] = False,
     data_budget: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("data_budget_gb"))] = None,
+    collective_timeout: Annotated[Optional[float], typer.Option(metavar="SECONDS", help=_opt("collective_timeout"))] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
     from medcli import distributed
@@ -267,13 +268,16 @@ def train(
         patience=patience, monitor=monitor.value if monitor else None, seed=seed, deterministic=deterministic, device=device,
         amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
         input_size=input_size, root=root, runs_dir=runs_dir, sync_bn=sync_bn,
-        data_budget_gb=data_budget,
+        data_budget_gb=data_budget, collective_timeout=collective_timeout,
     )
     if nproc is not None and nproc > 1:
         if resume is None:
             library.check_launch(nproc, **options)
-        raise typer.Exit(distributed.launch(nproc, sys.argv[1:]))
-    run = library.resume(resume, device=device) if resume is not None else library.train(**options)
+        from medcli import processes
+
+        raise typer.Exit(distributed.launch(nproc, sys.argv[1:], lost=processes.mark_lost))
+    run = (library.resume(resume, device=device, collective_timeout=collective_timeout) if resume is not None
+           else library.train(**options))
     if distributed.is_main_process():  # the other processes of a distributed job print nothing
         emit(library.summary(run) if json_output else str(run.run_dir.resolve()))
 

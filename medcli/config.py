@@ -13,7 +13,8 @@ from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from medcli import augment, models, selection, tasks
+from medcli import augment, distributed, models, selection, tasks
+from medcli.distributed import COLLECTIVE_TIMEOUT_S
 from medcli.errors import UsageError
 from medcli.names import MONITORS, OPTIMIZERS
 
@@ -158,6 +159,9 @@ class TrainOptions:
         f"GiB of images that may live on the training device (default: {DEVICE_DATA_SHARE:.0%} of the free GPU "
         "memory; unlimited on CPU). A split above it stays in pinned host memory and is copied batch by batch."),
         experiment=False)
+    collective_timeout: float | None = _option(None, (
+        f"Seconds to wait for a lost process of a distributed job (default {COLLECTIVE_TIMEOUT_S:.0f})."),
+        experiment=False)
 
     @classmethod
     def help(cls, name: str) -> str:
@@ -239,6 +243,7 @@ def resolve_config(**given: Any) -> dict:
         "compile": bool(o.compile),
         "sync_bn": bool(o.sync_bn),
         "data_budget_gb": None if o.data_budget_gb is None else float(o.data_budget_gb),
+        "collective_timeout": distributed.collective_timeout(o.collective_timeout),
         "channels_last": rec.channels_last and (dev.type == "cuda" or CHANNELS_LAST_ON_CPU),
         "pretrained": bool(o.pretrained),
         "weights": str(Path(o.weights).expanduser().resolve()) if o.weights else None,

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.text import Text
 from rich.progress import (
     BarColumn,
@@ -53,25 +54,27 @@ def console() -> Console:
     return _console
 
 
+# Messages are plain text: file names ("scan.tif[frame 1]") and library errors ("[/src/pair.cc:534]")
+# hold square brackets, which Rich would read as markup; only the prefixes below are styled.
 def info(message: str) -> None:
     if not _state["quiet"]:
-        console().print(message)
+        console().print(escape(str(message)))
 
 
 def debug(message: str) -> None:
     if _state["verbose"]:
-        console().print(f"[dim]{message}[/dim]")
+        console().print(f"[dim]{escape(str(message))}[/dim]")
 
 
 def warn(message: str) -> None:
     if not _state["quiet"]:  # --quiet: errors only
-        console().print(f"[yellow]warning:[/yellow] {message}")
+        console().print(f"[yellow]warning:[/yellow] {escape(str(message))}")
 
 
 def error(message: str) -> None:
     # One line: collapse any newlines a library message might carry.
     text = " ".join(str(message).split())
-    console().print(f"[bold red]error:[/bold red] {text}", markup=True, highlight=False)
+    console().print(f"[bold red]error:[/bold red] {escape(text)}", markup=True, highlight=False)
 
 
 def plural(count: int, noun: str, plural_form: str | None = None) -> str:

@@ -12,26 +12,57 @@ batch, and augments and runs only its slice of it; DDP averages the gradients, s
 global batch, the schedule and the result do not depend on the number of processes beyond
 floating-point reduction order (and BatchNorm statistics, which are per process unless
 SyncBatchNorm is on). Rank 0 alone writes the run directory and prints on stdout.
+
+The model's own randomness (dropout, drop-path) is the exception: each process draws its own
+masks (`seed_model`), as one process draws different masks for different images of a batch.
+So "the same result as one process" means the same data order, augmentation, MixUp, global
+batch and schedule: for a model without dropout or drop-path the same weights up to
+floating-point reduction order; with them, a run of the same distribution, not the same
+numbers (N processes with a seed are still reproducible as N processes with that seed).
+
+A lost process ends the job within the collective timeout (`--collective-timeout`, default
+COLLECTIVE_TIMEOUT_S): on gloo a collective waiting for a process that is gone (or hung, or
+behind a lost node) raises and `peers` records the stage interrupted; on NCCL the watchdog
+tears the process down at that timeout (TORCH_NCCL_ASYNC_ERROR_HANDLING, set to 3 unless
+given). `launch` (`--nproc`) then stops the other processes and marks a stage its rank 0
+could not close interrupted.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shlex
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import timedelta
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from medcli import console
 from medcli.errors import Interrupted, MedcliError, UsageError
 
 __all__ = [
-    "Context", "device_for", "from_env", "from_main", "gather", "gpu_index", "is_main_process", "launch", "peer_lost", "peers",
-    "session", "sum_", "sync_buffers",
+    "COLLECTIVE_TIMEOUT_S", "Context", "collective_timeout", "device_for", "from_env", "from_main", "gather", "gpu_index",
+    "is_main_process", "joined", "launch", "model_seed", "peer_lost", "peers", "seed_model", "session", "sum_",
+    "sync_buffers",
 ]
 
-TIMEOUT = timedelta(minutes=10)
+# How long a collective waits for the other processes before the job counts as lost. The
+# processes meet at every step (DDP's gradient all-reduce), so the longest legitimate wait is
+# not an epoch but the work one process does alone: rank 0 writing last.pt + best.pt (about
+# 1.5 GB for a ViT-B/16 with AdamW and EMA), hashing them and drawing the curves while the
+# others wait in the next epoch's first all-reduce; seconds on a local disk, up to a minute on
+# a slow network filesystem. 3 minutes leaves a margin of 3 over that, and ends a job with a
+# dead peer 3x sooner than NCCL's 10-minute watchdog.
+COLLECTIVE_TIMEOUT_S = 180.0
+TIMEOUT_ENV = "MEDCLI_COLLECTIVE_TIMEOUT"
+# Where `launch` asks rank 0 to say which run it trains (and its pid), so that a stage left
+# running by a rank 0 that was killed can be marked interrupted by the launcher.
+RUN_FILE_ENV = "MEDCLI_LAUNCH_RUN_FILE"
 # What a collective reports when another process of the job is gone or hung (gloo: the peer's
 # socket closed; NCCL: the watchdog's timeout or an aborted communicator). Any other error, an
 # out-of-memory error or a real NCCL failure among them, is the process's own: `failed`.
@@ -81,11 +112,30 @@ def is_main_process() -> bool:
     return from_env().is_main
 
 
+def collective_timeout(given: float | None = None, recorded: float | None = None) -> float:
+    """Seconds a collective waits for the other processes: `given` (--collective-timeout), else
+    $MEDCLI_COLLECTIVE_TIMEOUT, else `recorded` (the run's, on resume), else COLLECTIVE_TIMEOUT_S."""
+    source, value = "--collective-timeout", given
+    if value is None and os.environ.get(TIMEOUT_ENV, "").strip():
+        source, value = TIMEOUT_ENV, os.environ[TIMEOUT_ENV].strip()
+    if value is None:
+        return float(recorded if recorded is not None else COLLECTIVE_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds >= 1:  # NaN too
+        raise UsageError(f"{source} must be a number of seconds of at least 1 (got {value}); e.g. "
+                         f"{COLLECTIVE_TIMEOUT_S:.0f}")
+    return seconds
+
+
 @contextmanager
-def session(device: str) -> Iterator[Context]:
+def session(device: str, timeout_s: float | None = None) -> Iterator[Context]:
     """Join the process group for the whole of a training on `device` (the config's: "cpu",
-    "cuda", "cuda:N"), left again afterwards. A device this process cannot take in the job is
-    refused before anything is written."""
+    "cuda", "cuda:N"), left again afterwards; collectives wait at most `timeout_s` (the config's
+    `collective_timeout`) for the other processes. A device this process cannot take in the job
+    is refused before anything is written."""
     ctx = from_env()
     if not ctx.enabled:
         yield ctx
@@ -97,7 +147,11 @@ def session(device: str) -> Iterator[Context]:
     backend = "nccl" if own.type == "cuda" else "gloo"
     if own.type == "cuda":
         torch.cuda.set_device(own)
-    dist.init_process_group(backend, timeout=TIMEOUT)
+        # A timed-out NCCL collective tears the process down (torch's default since 2.2, made
+        # explicit): NCCL raises nothing when a peer dies, and the CUDA work queued behind the
+        # collective cannot be trusted. `launch` (or torchrun) then stops the other processes.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s or COLLECTIVE_TIMEOUT_S))
     if not ctx.is_main:
         console.configure(quiet=True)  # one voice: rank 0 logs, the others only report errors
     try:
@@ -131,24 +185,60 @@ def device_for(ctx: Context, device: str) -> str:
     return f"cuda:{gpu_index(ctx, torch.cuda.device_count())}"
 
 
+def joined() -> bool:
+    """Whether this process is in a process group (inside `session` of a distributed job)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def model_seed(seed: int, rank: int, epoch: int) -> int:
+    """The seed of process `rank`'s own random stream (dropout, drop-path) in `epoch`."""
+    digest = hashlib.sha256(f"medcli-model-rng:{seed}:{rank}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_model(ctx: Context, seed: int, epoch: int) -> None:
+    """In a distributed job, give this process's model its own random stream for the epoch
+    (torch's global generators: dropout and drop-path masks), different on every process; the
+    data order and augmentation have their own generators and stay the same on all of them.
+    Seeded per epoch, so a resumed job draws what an uninterrupted one would. A world of one
+    keeps one stream for the whole run (saved in last.pt)."""
+    if ctx.enabled:
+        import torch
+
+        torch.manual_seed(model_seed(seed, ctx.rank, epoch))
+
+
 @contextmanager
-def peers(ctx: Context) -> Iterator[None]:
+def peers(ctx: Context, run_dir: str | os.PathLike | None = None) -> Iterator[None]:
     """Turn the loss of another process of the job (a crash, a kill, a lost node: gloo and
     NCCL then fail the collective this process waits in) into `Interrupted`, so the stage
-    is recorded as interrupted and `--resume` continues it."""
+    is recorded as interrupted and `--resume` continues it. Rank 0 tells `launch` the
+    `run_dir` it trains, so that the launcher can mark the run if this process is killed."""
     if not ctx.enabled:
         yield
         return
     import torch.distributed as dist
+
+    if ctx.is_main and run_dir is not None and os.environ.get(RUN_FILE_ENV):
+        try:
+            Path(os.environ[RUN_FILE_ENV]).write_text(json.dumps({"run_dir": str(run_dir), "pid": os.getpid()}))
+        except OSError as exc:
+            console.debug(f"could not tell the launcher the run directory: {exc}")
 
     try:
         yield
     except (dist.DistError, RuntimeError) as exc:
         if not peer_lost(exc):
             raise
-        reason = str(exc).strip().splitlines()[0][:200]
+        # gloo's messages start with a source location in brackets ("[/.../pair.cc:534] Connection
+        # closed by peer"): dropped, and brackets kept out of a line that Rich prints as markup.
+        reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [""])[0])[:200]
+        reason = reason.split(". ")[0].replace("[", "(").replace("]", ")") or type(exc).__name__  # its first sentence
+        run = shlex.quote(str(run_dir)) if run_dir is not None else "RUN"
         raise Interrupted(f"another process of this distributed job was lost ({reason}); "
-                          f"continue with 'medcli train --resume RUN'") from exc
+                          f"continue with 'medcli train --resume {run}'") from exc
 
 
 def peer_lost(exc: BaseException) -> bool:
@@ -163,22 +253,28 @@ def peer_lost(exc: BaseException) -> bool:
         and bool(_PEER_LOST.search(str(exc)))
 
 
-def from_main(ctx: Context, make) -> Any:
+def from_main(ctx: Context, make, timeout_s: float | None = None) -> Any:
     """`make()` run on rank 0 alone, its result (or its one-line error) given to every rank.
 
     A MedcliError on rank 0 is raised on every rank, so no process waits for a result that
-    will never come."""
+    will never come. The others wait at most the collective timeout, or `timeout_s` (a gloo
+    group of its own) for work that may take longer, such as a download."""
     if not ctx.enabled:
         return make()
     import torch.distributed as dist
 
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)) if timeout_s else None
     box: list = [None]
-    if ctx.is_main:
-        try:
-            box[0] = ("ok", make())
-        except MedcliError as exc:
-            box[0] = ("error", exc)
-    dist.broadcast_object_list(box, src=0)
+    try:
+        if ctx.is_main:
+            try:
+                box[0] = ("ok", make())
+            except MedcliError as exc:
+                box[0] = ("error", exc)
+        dist.broadcast_object_list(box, src=0, group=group)
+    finally:
+        if group is not None:
+            dist.destroy_process_group(group)
     status, value = box[0]
     if status == "error":
         raise value
@@ -215,11 +311,17 @@ def sync_buffers(ctx: Context, model) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def launch(nproc: int, argv: list[str], lost: Callable[[str, int, str], Any] | None = None) -> int:
     """`medcli train --nproc N ...`: run the same command under torchrun's launcher (in this
     process, as `torchrun --standalone --nproc-per-node N -m medcli ...` would) and turn its
     failure report into one line. Returns the exit code: a usage error the processes found
-    (exit 2) was already said, once, by the first process of the node, and is not said again."""
+    (exit 2) was already said, once, by the first process of the node, and is not said again.
+
+    When a process fails or dies (killed, out of host memory, torn down by a collective timeout)
+    torchrun stops the others (SIGTERM, SIGKILL 30 s later); then `lost(run_dir, pid, reason)`
+    is called for the run rank 0 announced (`peers`), to mark the stage interrupted that a
+    killed rank 0 left `running`. A child killed by a signal is "interrupted, resume it"; a
+    child that exited with its own error is a failure (its error is above)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
@@ -230,20 +332,73 @@ def launch(nproc: int, argv: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, system.usable_cpus() // nproc)))
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--module", "medcli", *_without_nproc(argv)])
-    try:
-        run(args)
-    except SignalException as exc:
-        raise Interrupted(f"distributed training stopped by {exc.sigval.name}; resume it with "
-                          f"'medcli train --resume RUN'") from None
-    except ChildFailedError as exc:
-        if any(f.exitcode == UsageError.exit_code for f in exc.failures.values()):  # the others were stopped
-            return UsageError.exit_code
-        rank, failure = min(exc.failures.items())
-        if failure.exitcode in (130, -2, -15):
-            raise Interrupted("distributed training interrupted; resume it with 'medcli train --resume RUN'") from None
-        raise MedcliError(f"distributed training failed: rank {rank} exited with code {failure.exitcode} "
-                          f"(its error is above)") from None
+    with tempfile.TemporaryDirectory(prefix="medcli-launch-") as folder:
+        announced = Path(folder) / "run.json"
+        os.environ[RUN_FILE_ENV] = str(announced)
+        try:
+            run(args)
+        except SignalException as exc:
+            where = _mark_lost(announced, lost, f"the launcher was stopped by {exc.sigval.name}")
+            raise Interrupted(f"distributed training stopped by {exc.sigval.name}; resume it with "
+                              f"'medcli train --resume {where}'") from None
+        except ChildFailedError as exc:
+            if any(f.exitcode == UsageError.exit_code for f in exc.failures.values()):  # the others were stopped
+                return UsageError.exit_code
+            # The first to fail is the cause (torchrun stops the others after it: they exit 130 on
+            # SIGTERM, or die by SIGKILL 30 s later); timestamps are whole seconds, so within one
+            # second a process killed by a signal explains the job before one that lost it.
+            rank, failure = min(exc.failures.items(),
+                                key=lambda item: (item[1].timestamp, _cause_order(item[1].exitcode), item[0]))
+            what = _describe_exit(rank, failure.pid, failure.exitcode)
+            where = _mark_lost(announced, lost, f"{what}; the other processes were stopped")
+            if _cause_order(failure.exitcode) == 1:
+                raise MedcliError(f"distributed training failed: {what} (its error is above)") from None
+            raise Interrupted(f"distributed training interrupted: {what}; resume it with "
+                              f"'medcli train --resume {where}'") from None
+        finally:
+            os.environ.pop(RUN_FILE_ENV, None)
     return 0
+
+
+_STOPPED = (130, -2, -15)  # Ctrl-C, SIGINT, SIGTERM: stopped (by the user, or by torchrun after another failed)
+
+
+def _cause_order(exitcode: int) -> int:
+    """Which failure explains a job: a process killed by a signal (SIGKILL, a crash, a watchdog
+    abort) first, then one that exited with its own error, then those stopped or interrupted
+    because of the others."""
+    if exitcode < 0 and exitcode not in _STOPPED:
+        return 0
+    return 2 if exitcode in _STOPPED else 1
+
+
+def _describe_exit(rank: int, pid: int, exitcode: int) -> str:
+    if exitcode < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"rank {rank} (pid {pid}) was killed by {name}"
+    if exitcode == 130:
+        return f"rank {rank} stopped (interrupted, or it lost another process of the job: its line is above)"
+    return f"rank {rank} exited with code {exitcode}"
+
+
+def _mark_lost(announced: Path, lost: Callable[[str, int, str], Any] | None, reason: str) -> str:
+    """Tell `lost` about the run rank 0 announced; the run directory (or RUN, when none was)."""
+    try:
+        said = json.loads(announced.read_text())
+        run_dir, pid = str(said["run_dir"]), int(said["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "RUN"
+    if lost is not None:
+        try:
+            lost(run_dir, pid, reason)
+        except MedcliError as exc:
+            console.warn(f"could not mark run {run_dir} interrupted: {exc}")
+    return shlex.quote(run_dir)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

@@ -13,11 +13,12 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from medcli.errors import MedcliError, UsageError
 
-__all__ = ["atomic_path", "md5_file", "sha256_file", "write_json", "write_text"]
+__all__ = ["HashingWriter", "atomic_path", "atomic_stream", "md5_file", "partial_files", "sha256_file", "write_json",
+           "write_text"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -69,6 +70,40 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+class HashingWriter:
+    """A binary file open for writing that hashes every byte on its way to disk, so a large
+    file's hash costs no second read (`torch.save` and other writers take it as a file object)."""
+
+    def __init__(self, handle: BinaryIO, digest: Any):
+        self.handle = handle
+        self.digest = digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def hexdigest(self) -> str:
+        return self.digest.hexdigest()
+
+
+@contextmanager
+def atomic_stream(path: str | os.PathLike, algorithm: str = "sha256") -> Iterator[HashingWriter]:
+    """`atomic_path` for content written to a stream: yields a `HashingWriter` on the temporary
+    file, whose `hexdigest()` after the block is the hash of the file now at `path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+        yield HashingWriter(handle, hashlib.new(algorithm))
+
+
+def partial_files(path: str | os.PathLike) -> list[Path]:
+    """The temporary files `atomic_path` left beside `path` when a process writing it was killed
+    (removing them is safe only while no other process writes `path`)."""
+    target = Path(path)
+    return sorted(target.parent.glob(f".{target.name}.*.tmp{target.suffix}"))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

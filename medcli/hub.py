@@ -16,11 +16,15 @@ from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
 
 from medcli import console
+from medcli.errors import MedcliError
 
 __all__ = ["download_state_dict", "fetch", "one_line", "unreachable"]
 
 CONNECT_TIMEOUT_S = 3.0  # reachability probe before a download
 SOCKET_TIMEOUT_S = 30.0  # any single socket operation while downloading weights
+# How long the other processes of a distributed job wait for rank 0's download (ViT-B/16's
+# 350 MB at 1 MB/s is 6 minutes): longer than the collective timeout, which fits training steps.
+DOWNLOAD_WAIT_S = 1800.0
 
 
 def download_state_dict(url: str, offline: bool) -> dict:
@@ -38,7 +42,29 @@ def fetch(label: str, url: str, load: Callable[[bool], Any]) -> Any:
 
     A failing download must not hang training: Hugging Face retries for about a minute when there
     is no network, so we probe the host first (3 s) and, when it is unreachable or HF_HUB_OFFLINE
-    is set, let the hub serve only its cache. Every socket also gets a timeout."""
+    is set, let the hub serve only its cache. Every socket also gets a timeout.
+
+    In a distributed job rank 0 fetches alone while the others wait (DOWNLOAD_WAIT_S), then
+    they load what it fetched from the cache (a node without it downloads it), or, when rank 0
+    could not, train from scratch as it does: every process starts alike (same weights and lr)."""
+    from medcli import distributed
+
+    if not distributed.joined():
+        return _fetch(label, url, load)
+    ctx = distributed.from_env()
+    mine: list = []
+    fetched = distributed.from_main(ctx, lambda: mine.append(_fetch(label, url, load)) or mine[0] is not None,
+                                    timeout_s=DOWNLOAD_WAIT_S)
+    if ctx.is_main or not fetched:
+        return mine[0] if mine else None
+    result = _fetch(label, url, load)
+    if result is None:  # it would train from other weights at another lr than rank 0
+        raise MedcliError(f"rank {ctx.rank} could not load the pretrained weights for {label} that rank 0 fetched; "
+                          f"give every node network access or the same cache, or pass --weights FILE")
+    return result
+
+
+def _fetch(label: str, url: str, load: Callable[[bool], Any]) -> Any:
     reason = unreachable(url)
     try:
         with _socket_timeout(SOCKET_TIMEOUT_S), _hub_offline(reason is not None):

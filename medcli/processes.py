@@ -6,6 +6,11 @@ are left alone. Only the current user's processes are ever considered. The runs 
 works on are the run directories whose stage locks (`medcli.run.STAGE_LOCK_PREFIX`) it
 holds open. Processes are signalled through the psutil handle they were found with, which
 checks the process's start time, so a pid reused by an unrelated process is never hit.
+
+Distributed jobs: `train --nproc`'s launcher marks the run of a process that died
+interrupted (`mark_lost`). Under torchrun itself a rank 0 killed hard leaves its train stage
+`running`; `medcli train --resume RUN` continues it all the same, and `clean-processes --yes`
+ends the processes of a hung job and marks their runs interrupted.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any, Callable
 from medcli import console
 from medcli.errors import UsageError
 
-__all__ = ["MedcliProcess", "clean", "end_processes", "find_processes", "other_trainings", "parse_duration"]
+__all__ = ["MedcliProcess", "clean", "end_processes", "find_processes", "mark_lost", "other_trainings", "parse_duration"]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -208,6 +213,18 @@ def end_processes(procs: list[MedcliProcess], grace_s: float = 10.0) -> list[dic
                         "error": failed.get(entry.pid) or ("still running after SIGKILL" if entry.pid in still_alive else None),
                         "runs_marked_interrupted": marked})
     return results
+
+
+def mark_lost(run_dir: str, pid: int, reason: str) -> list[str]:
+    """Mark the stages process `pid` left running in `run_dir` interrupted (it ended without
+    recording it: killed, torn down by a collective timeout, its node lost); their names. What
+    `train --nproc`'s launcher does when one of its processes dies."""
+    from medcli.run import Run
+
+    try:
+        return Run.open(run_dir).mark_interrupted(reason, pid=pid)
+    except UsageError:
+        return []
 
 
 def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = None, grace_s: float = 10.0,

@@ -389,8 +389,13 @@ class StageRecord:
     def add(self, *paths: str | os.PathLike, save: bool = True) -> None:
         """Record artefacts (relative path -> sha256). Call after the file is in place."""
         for path in paths:
-            relative = self.run.relative(path)
-            self.entry["artefacts"][relative] = fileio.sha256_file(self.run.run_dir / relative)
+            self.record(path, fileio.sha256_file(path), save=False)
+        if save:
+            self.save()
+
+    def record(self, path: str | os.PathLike, sha256: str, save: bool = True) -> None:
+        """Record one artefact whose sha256 is already known (hashed while it was written)."""
+        self.entry["artefacts"][self.run.relative(path)] = sha256
         if save:
             self.save()
 

@@ -14,7 +14,8 @@ history, the weights' EMA and the monitored values), `checkpoints/best.pt` when 
 best-checkpoint rule (`medcli.selection`: epoch by epoch, or the mean of a window of epochs
 of the EMA weights on a small validation split) improves or ties (the later of equal
 epochs: it trained longer at a lower learning rate),
-`history.csv` and `figures/curves.png`, all atomically (`medcli.checkpoints`). `resume`
+`history.csv` and `figures/curves.png`, all atomically (the checkpoints by a background
+thread while the next epoch trains: `medcli.checkpoints`). `resume`
 restores all of it, so an interrupted and resumed run ends with the same weights as an
 uninterrupted one.
 
@@ -145,8 +146,8 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
     """One pass over a seeded permutation of the training split.
 
     Every process draws the same permutation and the same augmentation (and MixUp)
-    parameters for each global batch, then augments and runs only its slice: the result
-    does not depend on the number of processes. MixUp partners from other slices are
+    parameters for each global batch, then augments and runs only its slice: the batches do
+    not depend on the number of processes (dropout masks do: `distributed.seed_model`). MixUp partners from other slices are
     augmented here too (with their own parameters), so the mixed images are the ones one
     process would make.
 
@@ -163,6 +164,7 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
     """
     import torch
 
+    distributed.seed_model(ctx, config["seed"], state.epoch)  # each process its own dropout masks
     aug = augment.Augment.from_dict(config["augment"])
     n = len(data)
     batch = global_batch(config, ctx, n)
@@ -227,7 +229,7 @@ def evaluate(model, data: feed.Data, prep: dict, config: dict, device, task: Tas
     distributed.sync_buffers(ctx, model)
     mine = ctx.shard(len(data))
     logits = inference.predict_logits(model, data.images[mine], prep, batch_size=EVAL_BATCH, device=device,
-                                      amp=config["amp"])
+                                      amp="off")  # float32 like `medcli evaluate`: history and best.pt agree with it
     logits = torch.cat(distributed.gather(ctx, logits.cpu()))
     probs = task.probs_t(logits.double()).numpy()
     return task.metrics(data.labels.cpu().numpy(), probs)
@@ -296,7 +298,7 @@ def train(**options: Any) -> Run:
     from medcli import datasets, models
 
     config = resolve_config(**options)
-    with distributed.session(config["device"]) as ctx:
+    with distributed.session(config["device"], config["collective_timeout"]) as ctx:
         splits = _load(config)
         n_train = len(splits.labels["train"])
         config = fit_epochs_to_data(fit_batch_to_data(config, n_train, ctx.world_size), n_train)
@@ -325,9 +327,10 @@ def train(**options: Any) -> Run:
     return run
 
 
-def resume(path: str | os.PathLike, device: str | None = None) -> Run:
+def resume(path: str | os.PathLike, device: str | None = None, collective_timeout: float | None = None) -> Run:
     """Continue an interrupted run from its last.pt, on its own device or `device` (another
-    device type continues from the same state, but not bit-identically)."""
+    device type continues from the same state, but not bit-identically), with its collective
+    timeout or `collective_timeout` (`distributed.collective_timeout`)."""
     import torch
 
     from medcli import models
@@ -351,8 +354,12 @@ def resume(path: str | os.PathLike, device: str | None = None) -> Run:
         raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
                          f"restore the file or start a new run")
     checkpoint = checkpoints.read(last) if last.is_file() else None
-    with distributed.session(config["device"]) as ctx:
+    timeout = distributed.collective_timeout(collective_timeout, run.config.get("collective_timeout"))
+    with distributed.session(config["device"], timeout) as ctx:
         global_batch(config, ctx)
+        if timeout != run.config.get("collective_timeout"):
+            distributed.from_main(ctx, lambda: run.update(lambda data: data["config"].update(collective_timeout=timeout)))
+            run.data["config"]["collective_timeout"] = config["collective_timeout"] = timeout
         splits = _load(config)
         before = run.data.get("environment", {}).get("distributed", {"world_size": 1, "backend": None})
         if config != run.config or before != ctx.record():
@@ -438,8 +445,10 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
                   task=datasets.task(config["dataset"]), ema=ema)
     if checkpoint is not None:
         checkpoints.restore(state, checkpoint, run, device)
-    with (run.stage("train") if ctx.is_main else nullcontext()) as st, distributed.peers(ctx), \
-            console.progress() as bar:
+    with (run.stage("train") if ctx.is_main else nullcontext()) as st, distributed.peers(ctx, run.run_dir), \
+            console.progress() as bar, \
+            (checkpoints.writing(st, (run.checkpoint_path("last"), run.checkpoint_path("best")))
+             if st is not None else nullcontext()) as writer:  # pending writes finish before the stage ends
         epochs_task = bar.add_task("epochs", total=config["epochs"], completed=state.epoch, unit="epoch")
         batch_task = bar.add_task("epoch", total=steps, unit="img")
         stopped_early = False
@@ -475,7 +484,7 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
                 "val_f1": val["f1_macro"], "seconds": round(time.perf_counter() - started, 3),
             })
             if st is not None:
-                _record_epoch(run, st, state, val, train_stats, is_best, stopped_early, device, ctx, ranked)
+                _record_epoch(run, st, state, val, train_stats, is_best, stopped_early, device, ctx, ranked, writer)
             bar.update(epochs_task, completed=state.epoch)
             console.info(_epoch_line(state, config, train_stats, val, is_best))
         if stopped_early:
@@ -484,18 +493,19 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
 
 
 def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_best: bool, stopped_early: bool,
-                  device, ctx: distributed.Context, ranked) -> None:
+                  device, ctx: distributed.Context, ranked, writer: checkpoints.Writer) -> None:
     """Rank 0's files after an epoch: checkpoints (best.pt: the `ranked` weights, the model's or
-    their EMA's), history, curves, and the stage summary."""
+    their EMA's; snapshotted here, written, hashed and recorded by the `writer`'s thread while
+    the next epoch trains), history, curves, and the stage summary."""
     from medcli import reports, tables
 
     config, select = run.config, selection.rule(run.config)
     files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best"),
              "history": run.history_file(), "curves": run.figure_file("curves")}
-    written = [files["last"], files["history"]]  # only these are hashed again: an unchanged best.pt keeps its hash
-    if is_best:
-        written.append(checkpoints.save(files["best"], state, val, full=False, device=device, model=ranked))
-    checkpoints.save(files["last"], state, val, full=True, device=device)
+    written = [files["history"]]  # hashed here; the checkpoints are hashed as they are written
+    saved = {files["best"]: checkpoints.payload(state, val, full=False, device=device, model=ranked)} if is_best else {}
+    saved[files["last"]] = checkpoints.payload(state, val, full=True, device=device)
+    writer.write(saved, device)  # an unchanged best.pt keeps its file and hash
     tables.write_table(files["history"], state.history, HISTORY_COLUMNS)
     final = stopped_early or state.epoch == config["epochs"]
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
@@ -503,13 +513,14 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
         written.append(reports.save_curves(files["curves"], state.history, {**run.data, "config": {**config, "monitor": shown}},
                                            state.best["epoch"]))
         state.curves_at = time.perf_counter()
-    st.summary.update(
-        epochs_run=state.epoch, monitor=select["monitor"], stopped_early=stopped_early,
-        **selection.best_record(state.best, select, config["epochs"]),
-        train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
-        images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,  # all processes' images
-    )
-    st.add(*written)
+    with writer.lock:  # the writer's thread records the checkpoints in the same stage entry
+        st.summary.update(
+            epochs_run=state.epoch, monitor=select["monitor"], stopped_early=stopped_early,
+            **selection.best_record(state.best, select, config["epochs"]),
+            train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
+            images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,  # all processes' images
+        )
+        st.add(*written)
 
 
 def _warn_if_device_shared(device: str, ctx: distributed.Context = distributed.Context()) -> None:

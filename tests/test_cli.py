@@ -177,3 +177,15 @@ def test_counts_read_as_english():
                                                                      "2 test samples"]
     assert console.plural(1, "process", "processes") == "1 process"
     assert console.plural(3, "process", "processes") == "3 processes"
+
+
+@pytest.mark.parametrize("say", ["info", "warn", "error", "debug"])
+def test_log_lines_print_brackets_in_messages_literally(say, capsys):
+    """File names ("scan.tif[frame 1]") and gloo's errors ("[/src/pair.cc:534] ...") hold square
+    brackets; Rich must not read them as markup (a closing tag crashed rank 0 before)."""
+    from medcli import console
+
+    console.configure(quiet=False, verbose=True)
+    text = "[/src/pair.cc:534] Connection closed by peer; scan.tif[frame 1] [bold]x[/bold]"
+    getattr(console, say)(text)
+    assert text in capsys.readouterr().err

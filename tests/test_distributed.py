@@ -213,3 +213,202 @@ def test_a_usage_error_inside_the_processes_reaches_the_user_once_as_a_usage_err
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2, done.stderr
     assert len(errors) == 1 and "must split evenly over 2 processes" in errors[0], done.stderr
+
+
+# -- a lost process ends the job within the collective timeout, and the run says interrupted -----
+
+@pytest.mark.parametrize("lose", ["kill rank 0", "hang rank 1"])
+def test_a_lost_process_ends_the_job_in_bounded_time_and_the_run_says_interrupted(data_root, tmp_path, lose):
+    """`train --nproc 2 --collective-timeout 5`, and mid-training one process is lost:
+    * rank 0 is SIGKILLed: it cannot record anything, so the launcher marks the stage it left
+      `running` interrupted (it used to stay `running`);
+    * rank 1 stops answering (SIGSTOP: a hung process or a lost node, no connection closes, as
+      NCCL sees a dead peer): rank 0's collective times out after 5 s instead of 10 minutes and
+      records the stage interrupted; the launcher stops the hung process.
+    Every process is gone well within a minute, and the launcher ends with one line, exit 130."""
+    runs = tmp_path / "runs"
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "medcli", "train", *OPTIONS, "--epochs", "300", "--collective-timeout", "5",
+         "--root", str(data_root), "--runs-dir", str(runs), "--nproc", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    workers: dict = {}
+    try:
+        deadline = time.time() + 240
+        while not list(runs.glob("*/history.csv")) and time.time() < deadline and launcher.poll() is None:
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next epoch
+        workers = _workers(psutil.Process(launcher.pid))
+        assert set(workers) == {0, 1}, "both ranks train"
+        if lose == "kill rank 0":
+            workers[0].kill()
+        else:
+            workers[1].send_signal(signal.SIGSTOP)
+        lost_at = time.time()
+        stdout, stderr = launcher.communicate(timeout=120)
+        ended_in = time.time() - lost_at
+        gone, alive = psutil.wait_procs(list(workers.values()), timeout=1)
+    finally:
+        for worker in workers.values():
+            try:
+                worker.kill()
+            except psutil.Error:
+                pass
+        if launcher.poll() is None:
+            launcher.kill()
+    assert not alive and ended_in < 60, (ended_in, stderr[-2000:])
+    assert launcher.returncode == 130 and stdout == "", stderr[-2000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error:") and "medcli train --resume" in last, stderr[-2000:]
+    (run,) = runs.iterdir()
+    manifest = _manifest(run)
+    assert manifest["stages"]["train"]["status"] == "interrupted", manifest["stages"]["train"]
+    assert manifest["config"]["collective_timeout"] == 5.0
+    assert str(run) in last or lose == "hang rank 1"  # the launcher names the run it marked
+
+
+def test_the_collective_timeout_comes_from_the_option_the_environment_or_the_default(monkeypatch):
+    from medcli import distributed
+    from medcli.errors import UsageError
+
+    monkeypatch.delenv(distributed.TIMEOUT_ENV, raising=False)
+    assert distributed.collective_timeout() == distributed.COLLECTIVE_TIMEOUT_S == 180
+    assert distributed.collective_timeout(recorded=30.0) == 30.0  # a resumed run keeps its own
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "45")
+    assert distributed.collective_timeout(recorded=30.0) == 45.0
+    assert distributed.collective_timeout(20.0, recorded=30.0) == 20.0
+    with pytest.raises(UsageError, match="--collective-timeout must be a number of seconds of at least 1"):
+        distributed.collective_timeout(0.0)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "ten")
+    with pytest.raises(UsageError, match="MEDCLI_COLLECTIVE_TIMEOUT must be"):
+        distributed.collective_timeout()
+
+
+# -- dropout per process, data and augmentation shared --------------------------------------------
+
+class _Recorder(torch.nn.Module):
+    """A linear classifier behind dropout that keeps the images it was given and its masks."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = torch.nn.Dropout(0.5)
+        self.head = torch.nn.Linear(3 * 28 * 28, 8)
+        self.inputs, self.masks = [], []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        kept = self.drop(torch.ones_like(x.flatten(1))) != 0
+        self.masks.append(kept)
+        return self.head(x.flatten(1) * kept * 2)
+
+
+def _first_epoch(rank: int, world_size: int) -> _Recorder:
+    from medcli import augment, console, datasets, distributed, feed, optim, train
+    from medcli.config import resolve_config
+
+    torch.manual_seed(0)  # the same start on every process (optim.determinism seeds all alike)
+    config = resolve_config(model="timm:test_resnet", device="cpu", batch_size=16, rotate=10.0, mixup_alpha=0.0,
+                            seed=3)
+    model = _Recorder()
+    generator = torch.Generator().manual_seed(0)
+    data = feed.Data(torch.randint(0, 256, (64, 3, 28, 28), dtype=torch.uint8, generator=generator),
+                     torch.randint(0, 8, (64,), generator=generator), torch.device("cpu"))
+    optimizer = optim.make_optimizer(model, config, torch.device("cpu"))
+    state = train.State(model=model, forward=model, optimizer=optimizer,
+                        scheduler=optim.make_scheduler(optimizer, config, 4),
+                        scaler=torch.amp.GradScaler("cpu", enabled=False),
+                        data_gen=torch.Generator().manual_seed(config["seed"]),
+                        aug_gen=torch.Generator().manual_seed(config["seed"] + 1), task=datasets.task("bloodmnist"))
+    with console.progress() as bar:
+        train.train_one_epoch(state, data, augment.make_prep(28, 3), config, torch.device("cpu"), bar,
+                              bar.add_task("epoch", total=1), distributed.Context(rank=rank, world_size=world_size))
+    return model
+
+
+def test_each_process_draws_its_own_dropout_masks_on_the_shared_batches(monkeypatch):
+    """Two processes of a job (rank 0 and rank 1 of 2) see the halves of the batches one process
+    sees, augmented alike, but draw different dropout masks (one seed for all used to give
+    both halves the same masks)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)  # for the epoch's sum
+    try:
+        ranks = [_first_epoch(rank, 2) for rank in (0, 1)]
+    finally:
+        dist.destroy_process_group()
+    alone = _first_epoch(0, 1)
+    assert len(alone.inputs) == len(ranks[0].inputs) == 4
+    for step, whole in enumerate(alone.inputs):  # data order and augmentation are the job's, not the process's
+        torch.testing.assert_close(torch.cat([ranks[0].inputs[step], ranks[1].inputs[step]]), whole)
+    for step in range(4):
+        assert not torch.equal(ranks[0].masks[step], ranks[1].masks[step]), step
+    again = [_Recorder()]  # the same rank and epoch draw the same masks: a resumed job repeats them
+    from medcli import distributed
+
+    distributed.seed_model(distributed.Context(rank=1, world_size=2), 3, 0)
+    first = again[0].drop(torch.ones(8, 100))
+    distributed.seed_model(distributed.Context(rank=1, world_size=2), 3, 0)
+    assert torch.equal(first, again[0].drop(torch.ones(8, 100)))
+    assert distributed.model_seed(3, 0, 0) != distributed.model_seed(3, 1, 0) != distributed.model_seed(3, 1, 1)
+
+
+# -- validation in float32 ---------------------------------------------------------------------
+
+def test_training_validates_in_float32_like_evaluate(data_root, tmp_path, monkeypatch):
+    """`--amp bf16` trains in bf16 but validates in float32, as `medcli evaluate` does: the
+    history, best.pt's choice and early stopping see the numbers evaluate reports (they used
+    to see bf16 logits)."""
+    from medcli import inference, train
+
+    real, used = inference.predict_logits, []
+
+    def spy(*args, **kwargs):
+        used.append(kwargs.get("amp", "off"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "predict_logits", spy)
+    run = train.train(model="timm:test_vit", input_size=32, epochs=1, batch_size=16, device="cpu", amp="bf16",
+                      root=str(data_root), runs_dir=str(tmp_path), seed=0)
+    assert run.config["amp"] == "bf16"
+    assert used and set(used) == {"off"}, used
+
+
+# -- pretrained weights: rank 0 fetches, the others wait and load them from the cache --------------
+
+_FETCH_SCRIPT = '''
+import json, sys, time
+from pathlib import Path
+import torch.distributed as dist
+from medcli import hub
+
+hub.unreachable = lambda url: None  # no network probe: the "download" below is a file
+log, cache = Path(sys.argv[1]), Path(sys.argv[2])
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+def load(offline):
+    start, cached = time.time(), cache.is_file()
+    if not cached:
+        time.sleep(1.5)  # a download
+        cache.write_text("weights")
+    with log.open("a") as out:
+        out.write(json.dumps({"rank": rank, "start": start, "end": time.time(), "cached": cached}) + "\\n")
+    return cache.read_text()
+
+assert hub.fetch("m", "https://example.invalid/m.pth", load) == "weights"
+dist.destroy_process_group()
+'''
+
+
+def test_pretrained_weights_are_fetched_by_rank_0_while_the_others_wait(tmp_path):
+    """With --pretrained every process used to download the weights into the same cache at
+    once; now rank 0 fetches, and rank 1 starts only afterwards and finds them cached."""
+    script, log = tmp_path / "fetch.py", tmp_path / "log.jsonl"
+    script.write_text(_FETCH_SCRIPT)
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+         str(log), str(tmp_path / "cache.pth")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    calls = {entry["rank"]: entry for entry in map(json.loads, log.read_text().splitlines())}
+    assert not calls[0]["cached"] and calls[1]["cached"], calls
+    assert calls[1]["start"] >= calls[0]["end"], calls

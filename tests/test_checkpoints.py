@@ -1,0 +1,249 @@
+"""Checkpoints off the training thread: snapshots that training cannot change, one background
+writer that hashes the bytes as it writes them, waits that keep the last complete checkpoint on
+disk and recorded, and a training process killed with SIGKILL in the middle of a write."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from medcli import checkpoints, fileio
+from medcli.errors import MedcliError
+
+TRAIN = ["--model", "timm:test_resnet", "--batch-size", "64", "--seed", "0", "--epochs", "5", "--mixup-alpha", "0.4"]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture()
+def no_read_back(monkeypatch):
+    """Hashing a checkpoint by reading it back fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a checkpoint was read back to hash it")
+
+    monkeypatch.setattr(fileio, "sha256_file", refuse)
+    monkeypatch.setattr(fileio, "_hash_file", refuse)
+
+
+class FakeStage:
+    """The part of `run.StageRecord` the writer uses: record(path, sha256), saving each time."""
+
+    def __init__(self, root: Path):
+        self.entry = {"artefacts": {}, "summary": {}}
+        self.run = SimpleNamespace(relative=lambda path: Path(path).relative_to(root).as_posix())
+        self.saved = []
+
+    def record(self, path, sha256):
+        self.entry["artefacts"][self.run.relative(path)] = sha256
+        self.saved.append(dict(self.entry["artefacts"]))
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                               torch.nn.LazyLinear(2)).eval()
+
+
+def test_the_hash_is_computed_while_writing_and_is_the_files(tmp_path, no_read_back):
+    model = _model()
+    model(torch.zeros(1, 3, 8, 8))
+    digest = checkpoints.write(tmp_path / "last.pt", {"model": model.state_dict(), "epoch": 3})
+    assert digest == _sha256(tmp_path / "last.pt")
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["epoch"] == 3
+    assert not fileio.partial_files(tmp_path / "last.pt")  # nothing left beside it
+
+
+def test_the_writer_records_each_file_with_its_hash_once_it_is_in_place(tmp_path, no_read_back):
+    stage = FakeStage(tmp_path)
+    seen = []
+    real_write = checkpoints.write
+
+    def write(path, content):
+        digest = real_write(path, content)
+        seen.append((path.name, path.is_file(), dict(stage.entry["artefacts"])))
+        return digest
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoints, "write", write)
+        with checkpoints.writing(stage) as writer:
+            for epoch in (1, 2):
+                writer.write({tmp_path / "best.pt": {"epoch": epoch}, tmp_path / "last.pt": {"epoch": epoch}},
+                             torch.device("cpu"))
+    assert [name for name, *_ in seen] == ["best.pt", "last.pt", "best.pt", "last.pt"]  # in the order asked
+    assert all(in_place for _, in_place, _ in seen)
+    assert seen[0][2] == {} and seen[1][2].keys() == {"best.pt"}  # recorded after the file is complete, never before
+    assert stage.entry["artefacts"] == {"best.pt": _sha256(tmp_path / "best.pt"),
+                                        "last.pt": _sha256(tmp_path / "last.pt")}
+    assert stage.saved[-1] == stage.entry["artefacts"]
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 2}
+
+
+def test_a_snapshot_is_what_the_state_was_when_it_was_taken(tmp_path):
+    """Training goes on mutating the live tensors and containers while the copy is written."""
+    model = _model()
+    model(torch.zeros(1, 3, 8, 8))
+    live = {"model": model.state_dict(), "history": [{"epoch": 1}], "best": {"epoch": 1},
+            "rng": {"torch": torch.get_rng_state()}}
+    before = {key: value.clone() for key, value in live["model"].items()}
+    (copy,), ready = checkpoints.snapshot([live], torch.device("cpu"))
+    assert ready == []  # nothing to wait for on the CPU
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    model.train()(torch.ones(2, 3, 8, 8))  # BatchNorm's running statistics move too
+    live["history"].append({"epoch": 2})
+    live["best"]["epoch"] = 2
+    assert all(torch.equal(copy["model"][key], before[key]) for key in before)
+    assert copy["history"] == [{"epoch": 1}] and copy["best"] == {"epoch": 1}
+    assert copy["model"]._metadata == live["model"]._metadata  # load_state_dict's version information
+    checkpoints.write(tmp_path / "last.pt", copy)
+    model.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=True)["model"])
+
+
+def test_shared_tensors_are_copied_once():
+    weight = torch.arange(6.0).reshape(2, 3)
+    (a, b), _ = checkpoints.snapshot([{"w": weight}, {"model": {"w": weight.detach()}}], torch.device("cpu"))
+    assert torch.equal(a["w"], weight) and a["w"] is b["model"]["w"]  # best.pt's and last.pt's weights: one copy
+    assert a["w"].data_ptr() != weight.data_ptr()
+
+
+def test_training_goes_on_during_a_write_and_the_next_write_of_a_file_waits_for_it(tmp_path):
+    started, release = threading.Event(), threading.Event()
+    real_write = checkpoints.write
+    order = []
+
+    def slow_write(path, content):
+        order.append(("start", content["epoch"]))
+        started.set()
+        assert release.wait(10)
+        digest = real_write(path, content)
+        order.append(("done", content["epoch"]))
+        return digest
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoints, "write", slow_write)
+        with checkpoints.writing() as writer:
+            writer.write({tmp_path / "last.pt": {"epoch": 1}}, torch.device("cpu"))
+            assert started.wait(10)  # the write is in progress and the training thread is free
+            assert not (tmp_path / "last.pt").exists()
+            timer = threading.Timer(0.2, release.set)
+            timer.start()
+            begun = time.perf_counter()
+            writer.write({tmp_path / "last.pt": {"epoch": 2}}, torch.device("cpu"))  # waits for epoch 1's file
+            assert time.perf_counter() - begun >= 0.15
+            assert order[:2] == [("start", 1), ("done", 1)]
+    assert order == [("start", 1), ("done", 1), ("start", 2), ("done", 2)]
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 2}
+
+
+def test_an_interruption_waits_for_the_pending_write(tmp_path):
+    real_write = checkpoints.write
+
+    def slow_write(path, content):
+        time.sleep(0.3)
+        return real_write(path, content)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(checkpoints, "write", slow_write)
+        with checkpoints.writing() as writer:
+            writer.write({tmp_path / "last.pt": {"epoch": 1}}, torch.device("cpu"))
+            raise KeyboardInterrupt  # Ctrl-C (or SIGTERM) during the next epoch
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"epoch": 1}  # complete when the stage ends
+
+
+def test_a_failed_write_raises_on_the_training_thread_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    checkpoints.write(target, {"epoch": 1})
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(MedcliError, match="No space left"):
+        with checkpoints.writing() as writer:
+            writer.write({target: {"epoch": 2}}, torch.device("cpu"))
+    assert torch.load(target, weights_only=True) == {"epoch": 1} and not fileio.partial_files(target)
+
+
+def test_a_killed_writers_partial_files_are_removed_when_the_stage_starts_again(tmp_path):
+    target = tmp_path / "last.pt"
+    partial = tmp_path / ".last.pt.abc123.tmp.pt"
+    partial.write_bytes(b"PK half a checkpoint")
+    assert fileio.partial_files(target) == [partial]
+    with checkpoints.writing(paths=(target,)):
+        assert not partial.exists()
+
+
+# -- a real training process killed with SIGKILL during a checkpoint write ---------------------------
+
+def _medcli(*args: str, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same arithmetic in every process
+    with open(log, "ab") as out:
+        return subprocess.Popen([sys.executable, "-m", "medcli", *args], stdout=out, stderr=subprocess.STDOUT,
+                                env=env, cwd=Path(__file__).resolve().parents[1])
+
+
+def _kill_during_last_write(root: Path, runs: Path, log: Path) -> Path | None:
+    """Train a run and SIGKILL it while last.pt is being rewritten (a temporary file of last.pt
+    beside an existing last.pt); the run dir, or None when the process ended first or the write
+    finished before the signal landed."""
+    process = _medcli("train", "--root", str(root), "--runs-dir", str(runs), *TRAIN, log=log)
+    try:
+        while process.poll() is None:
+            checkpoints_dir = next(runs.glob("*/checkpoints"), None)
+            if checkpoints_dir is not None and (checkpoints_dir / "last.pt").is_file() \
+                    and fileio.partial_files(checkpoints_dir / "last.pt"):
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return checkpoints_dir.parent if fileio.partial_files(checkpoints_dir / "last.pt") else None
+            time.sleep(0.0002)
+        return None
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_sigkill_during_a_write_leaves_the_previous_checkpoint_and_resume_matches(synthetic_root, tmp_path):
+    log = tmp_path / "log.txt"
+    for attempt in range(4):  # the write may finish (or the run end) before the signal lands
+        run = _kill_during_last_write(synthetic_root, tmp_path / f"runs{attempt}", log)
+        if run is not None:
+            break
+    else:
+        pytest.fail(f"never caught a last.pt write in progress in 4 runs:\n{log.read_text()[-2000:]}")
+    last = run / "checkpoints" / "last.pt"
+    assert fileio.partial_files(last)  # the half-written file was never renamed over last.pt
+    checkpoint = checkpoints.read(last)  # loads: the previous complete checkpoint
+    assert 1 <= checkpoint["epoch"] < 5
+    data = json.loads((run / "manifest.json").read_text())
+    assert data["stages"]["train"]["status"] == "running"  # SIGKILL: nothing could record the end
+    assert data["stages"]["train"]["artefacts"]["checkpoints/last.pt"] == _sha256(last)  # the file on disk
+    best = run / "checkpoints" / "best.pt"
+    assert data["stages"]["train"]["artefacts"]["checkpoints/best.pt"] == _sha256(best)
+
+    resumed = _medcli("train", "--resume", str(run), log=log)
+    straight = _medcli("train", "--root", str(synthetic_root), "--runs-dir", str(tmp_path / "straight"), *TRAIN,
+                       log=log) if resumed.wait() == 0 else None
+    assert straight is not None, log.read_text()[-2000:]
+    assert straight.wait() == 0, log.read_text()[-2000:]
+    assert not fileio.partial_files(last)  # the resumed stage removed the killed writer's file
+    (other,) = (tmp_path / "straight").iterdir()
+    for name in ("last.pt", "best.pt"):
+        a = torch.load(run / "checkpoints" / name, weights_only=True)
+        b = torch.load(other / "checkpoints" / name, weights_only=True)
+        assert a["epoch"] == b["epoch"] and a["model"].keys() == b["model"].keys()
+        assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"]), name
+    data = json.loads((run / "manifest.json").read_text())
+    assert data["stages"]["train"]["status"] == "completed"
+    for name in ("last.pt", "best.pt"):
+        assert data["stages"]["train"]["artefacts"][f"checkpoints/{name}"] == _sha256(run / "checkpoints" / name)
