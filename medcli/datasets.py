@@ -4,6 +4,12 @@ synthetic generator.
 Files live at `<root>/<flag>[_<size>].npz` (the medmnist convention) with a small JSON record
 beside each (`<flag>[_<size>].json`): flag, size, md5, official, source, time. `train` copies
 that record into the run manifest.
+
+Training data that would take much host memory is mapped instead of read (`load(...,
+mapped=...)`, `use_cache`): the npz (zip-deflated, which cannot be memory-mapped) is written
+once, uncompressed and already in the training layout (N, C, H, W), as .npy files under
+`<root>/medcli-cache/<flag>[_<size>]-<md5>/`, and every process maps them: the page cache
+holds one copy per node however many processes train on it.
 """
 
 from __future__ import annotations
@@ -18,14 +24,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from medcli import console, fileio, tasks
+from medcli import console, fileio, npzcache, tasks
 from medcli.errors import MedcliError, UsageError
 from medcli.names import SPLITS
 
 __all__ = [
-    "CHECKS", "SAMPLE_DIR", "SAMPLE_OF", "provenance", "provenance_kind", "SIZES", "SPLITS", "SYNTHETIC_DIR", "Splits", "as_tensor", "check_size", "class_names", "current_md5", "data_path",
+    "CHECKS", "MAP_MIN_BYTES", "SAMPLE_DIR", "SAMPLE_OF", "provenance", "provenance_kind", "SIZES", "SPLITS", "SYNTHETIC_DIR", "Splits", "as_tensor", "check_size", "class_names", "current_md5", "data_path",
     "default_root", "filename", "flags", "info", "load", "make_record", "make_synthetic", "official_source",
-    "read_record", "record_of", "record_path", "resolve", "task", "unchanged", "validate_npz", "write_record",
+    "read_record", "record_of", "record_path", "resolve", "task", "unchanged", "use_cache", "validate_npz", "write_record",
 ]
 
 SIZES = (28, 64, 128, 224)
@@ -34,6 +40,9 @@ SIZES = (28, 64, 128, 224)
 # synthetic data (`download --synthetic` as scripts/run_all.sh uses it).
 SAMPLE_DIR, SYNTHETIC_DIR = "sample", "synthetic"
 SAMPLE_OF = ("bloodmnist", 28)
+# auto maps the training splits when the copies a node's processes would hold in host memory
+# reach this many bytes (28-px files in one process stay in memory: nothing to save there).
+MAP_MIN_BYTES = 512 * 2**20
 
 
 @functools.lru_cache(maxsize=1)
@@ -312,30 +321,72 @@ def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
 
 @dataclass
 class Splits:
-    """Images as uint8 arrays (N, H, W, C) and labels as int64 arrays (N,) or (N, k)."""
+    """Images as uint8 arrays (N, H, W, C) and labels as int64 arrays (N,) or (N, k).
+
+    Loaded for training (`load(..., mapped=...)`), the images are (N, H, W, C) views of
+    arrays laid out (N, C, H, W), mapped from `cache` when it is set (copy-on-write: the pages
+    stay the page cache's, shared by every process mapping them, unless written)."""
 
     images: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     record: dict
     path: Path
+    cache: Path | None = None
 
 
-def load(root: str | os.PathLike, flag: str, size: int, splits: Sequence[str] = SPLITS) -> Splits:
+def load(root: str | os.PathLike, flag: str, size: int, splits: Sequence[str] = SPLITS,
+         mapped: bool | None = False, processes: int = 1) -> Splits:
     """The named splits of (flag, size) under root (the others are not read: PathMNIST's train
-    split at 224 px is 13.5 GB)."""
+    split at 224 px is 13.5 GB).
+
+    `mapped` (training): True maps the splits from the uncompressed cache (`npzcache`,
+    written on first use; a cache that cannot be written is one warning, and the splits are
+    read into memory), None lets `use_cache` decide for `processes` processes on this node.
+    Either way the images come in the training layout, so `as_tensor` makes no second copy.
+    False (the other commands) reads them into memory as they are in the file."""
     path, record = resolve(root, flag, size)
     kind = task(flag)
-    images, labels = {}, {}
+    training = mapped is not False
+    if mapped is None:
+        mapped = use_cache(record, splits, processes)
+    images, labels, cache = {}, {}, None
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            for split in splits:
-                array = archive[f"{split}_images"]
-                images[split] = array[..., None] if array.ndim == 3 else array
-                raw = archive[f"{split}_labels"].astype(np.int64)
-                labels[split] = kind.labels_from_file(raw)
+        found = npzcache.mapped(path, record["md5"], splits, info(flag)["n_channels"], record) if mapped else None
+        if found is not None:
+            cache = npzcache.cache_path(path, record["md5"])
+            for split, (array, raw) in found.items():
+                images[split] = array.transpose(0, 2, 3, 1)
+                labels[split] = kind.labels_from_file(raw.astype(np.int64))
+        else:
+            with zipfile.ZipFile(path) if training else np.load(path, allow_pickle=False) as archive:
+                for split in splits:
+                    if training:  # read chunk by chunk into (N, C, H, W): one copy, no transient second
+                        images[split] = npzcache.read_nchw(archive, f"{split}_images").transpose(0, 2, 3, 1)
+                        raw = npzcache.read_member(archive, f"{split}_labels")
+                    else:
+                        array = archive[f"{split}_images"]
+                        images[split] = array[..., None] if array.ndim == 3 else array
+                        raw = archive[f"{split}_labels"]
+                    labels[split] = kind.labels_from_file(raw.astype(np.int64))
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
         raise UsageError(f"{path} cannot be read ({exc}); re-download it with 'medcli download {flag}'") from None
-    return Splits(images, labels, dict(record, path=str(path.resolve())), path)
+    return Splits(images, labels, dict(record, path=str(path.resolve())), path, cache)
+
+
+def use_cache(record: dict, splits: Sequence[str], processes: int = 1) -> bool:
+    """Whether training maps `splits` of the file `record` describes: MEDCLI_DATA_CACHE=always
+    or never, else (auto) when the images `processes` processes on one node would each hold
+    reach MAP_MIN_BYTES together (PathMNIST's train split at 224 px in any job; at 28 px only
+    from 3 processes on)."""
+    env = npzcache.CACHE_ENV
+    choice = (os.environ.get(env) or "auto").strip().lower()
+    if choice not in ("auto", "always", "never"):
+        raise UsageError(f"{env}={os.environ[env]!r} is not one of auto, always, never")
+    if choice != "auto":
+        return choice == "always"
+    counts = record.get("n_samples") or {}
+    per_image = record["size"] ** 2 * info(record["flag"])["n_channels"]
+    return sum(counts.get(split, 0) for split in splits) * per_image * max(1, processes) >= MAP_MIN_BYTES
 
 
 def make_synthetic(
@@ -398,9 +449,18 @@ def make_synthetic(
 def as_tensor(images: np.ndarray, device="cpu", pin: bool = False):
     """(N, H, W, C) uint8 array -> one contiguous (N, C, H, W) uint8 tensor on `device`, or
     with `pin` in page-locked host memory (written there directly: one host copy, not two;
-    needs a GPU). The layout changes on the host, so the device never holds two copies."""
+    needs a GPU). The layout changes on the host, so the device never holds two copies.
+    Images already laid out (N, C, H, W) underneath (`load(..., mapped=...)`) are not copied
+    on the host at all: on the CPU the tensor shares their memory (a mapped cache's pages
+    stay shared with the other processes), to a GPU they are copied straight from them."""
     import torch
 
+    layout = images.transpose(0, 3, 1, 2)
+    if layout.flags.c_contiguous:
+        source = torch.from_numpy(layout)
+        if pin:
+            return torch.empty(source.shape, dtype=source.dtype, pin_memory=True).copy_(source)
+        return source.to(device)
     source = torch.from_numpy(np.ascontiguousarray(images))
     if pin:
         n, h, w, c = source.shape

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from medcli import console
+from medcli import console, npzcache
 from medcli.config import DEVICE_DATA_SHARE
 
 if TYPE_CHECKING:
@@ -23,7 +23,8 @@ class Data:
     """One split for training: uint8 images (N, C, H, W) and int64 labels (N,) on the device.
 
     When the images do not fit the device-memory budget they stay in host memory (pinned on
-    CUDA) and `take` gathers each batch there and copies it with `non_blocking=True`,
+    CUDA, or where they are when mapped from the dataset cache: `datasets.load(...,
+    mapped=...)`) and `take` gathers each batch there and copies it with `non_blocking=True`,
     through two alternating pinned buffers so the copy of one batch overlaps the work on the
     previous one. Same batches, same augmentation, same results; only where the bytes wait
     differs."""
@@ -49,11 +50,14 @@ class Data:
         labels = torch.from_numpy(splits.labels[split]).to(device)
         if array.nbytes <= budget:
             return cls(datasets.as_tensor(array, device), labels, device)
-        cuda = device.type == "cuda"
+        # Mapped images stay where they are (the page cache, one copy per node): pinning them
+        # would make a private copy per process; batches are gathered into pinned buffers anyway.
+        pin = device.type == "cuda" and not npzcache.is_mapped(array)
+        where = "mapped from the node's page cache" if npzcache.is_mapped(array) else \
+            f"in {'pinned ' if pin else ''}host memory"
         console.info(f"{split} split ({array.nbytes / 2**30:.2f} GiB) exceeds the device-data budget "
-                     f"({budget / 2**30:.2f} GiB): kept in {'pinned ' if cuda else ''}host memory, "
-                     f"batches copied as needed")
-        return cls(datasets.as_tensor(array, pin=cuda), labels, device, streamed=True)
+                     f"({budget / 2**30:.2f} GiB): kept {where}, batches copied as needed")
+        return cls(datasets.as_tensor(array, pin=pin), labels, device, streamed=True)
 
     def take(self, index, host=None):
         """The images at `index` (a tensor on the device), on the device: a fresh tensor that

@@ -299,7 +299,7 @@ def train(**options: Any) -> Run:
 
     config = resolve_config(**options)
     with distributed.session(config["device"], config["collective_timeout"]) as ctx:
-        splits = _load(config)
+        splits = _load(config, ctx)
         n_train = len(splits.labels["train"])
         config = fit_epochs_to_data(fit_batch_to_data(config, n_train, ctx.world_size), n_train)
         config = fit_augment_to_data(config, n_train)
@@ -360,7 +360,7 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
         if timeout != run.config.get("collective_timeout"):
             distributed.from_main(ctx, lambda: run.update(lambda data: data["config"].update(collective_timeout=timeout)))
             run.data["config"]["collective_timeout"] = config["collective_timeout"] = timeout
-        splits = _load(config)
+        splits = _load(config, ctx)
         before = run.data.get("environment", {}).get("distributed", {"world_size": 1, "backend": None})
         if config != run.config or before != ctx.record():
             console.info(f"resuming on {config['device']} (amp {config['amp']}) with {console.plural(ctx.world_size, 'process', 'processes')}; "
@@ -399,10 +399,17 @@ def _strict_model(model, config: dict) -> list[str]:
     return models.make_deterministic(model) if config["deterministic"] else []
 
 
-def _load(config: dict) -> datasets.Splits:
+def _load(config: dict, ctx: distributed.Context) -> datasets.Splits:
+    """The train and val splits (fit never tests), mapped from the dataset cache when the
+    copies this node's processes would hold are large (`datasets.use_cache`)."""
     from medcli import datasets
 
-    return datasets.load(config["root"], config["dataset"], config["size"], ("train", "val"))  # fit never tests
+    local = int(os.environ.get("LOCAL_WORLD_SIZE") or ctx.world_size) if ctx.enabled else 1  # on this node
+    splits = datasets.load(config["root"], config["dataset"], config["size"], ("train", "val"), mapped=None,
+                           processes=local)
+    if splits.cache is not None:
+        console.info(f"train and val splits mapped from {splits.cache} (one copy per node, shared by its processes)")
+    return splits
 
 
 def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from medcli import datasets, fileio
+from medcli import datasets, fileio, npzcache
 from medcli.cli import app
 from medcli.errors import MedcliError
 
@@ -142,3 +142,125 @@ def test_make_subset_is_stratified_relabelled_and_checked_like_an_import(tmp_pat
     with pytest.raises(MedcliError, match="no train images of class 9"):
         make_subset(source, other, "breastmnist", (20, 10, 10), classes=(1, 9), grayscale=True)
     assert not other.parent.exists() or not any(other.parent.iterdir())
+
+
+# -- the uncompressed, mapped cache training reads --------------------------------------------------
+
+def _cache_files(root):
+    return sorted(p.relative_to(root).as_posix() for p in (root / npzcache.CACHE_DIR).rglob("*") if p.is_file())
+
+
+def test_the_cache_is_written_once_then_mapped_and_holds_the_file_s_data(root, monkeypatch):
+    """Deflated npz -> .npy files (N, C, H, W) beside it, written on the first mapped load and
+    mapped by the next ones; the data equal the npz's, and `as_tensor` copies nothing."""
+    import torch
+
+    writes = []
+    real = npzcache._write_cache
+    monkeypatch.setattr(npzcache, "_write_cache", lambda *args: writes.append(args[2]) or real(*args))
+    plain = datasets.load(root, FLAG, SIZE)
+    first = datasets.load(root, FLAG, SIZE, mapped=True)
+    assert sorted(writes) == sorted(datasets.SPLITS)
+    md5 = first.record["md5"]
+    assert first.cache == root / npzcache.CACHE_DIR / f"bloodmnist-{md5}" == \
+        npzcache.cache_path(datasets.data_path(root, FLAG, SIZE), md5)
+    names = sorted([".lock", *(f"{s}_{k}.npy" for s in datasets.SPLITS for k in ("images", "labels"))])
+    assert _cache_files(root) == [f"{npzcache.CACHE_DIR}/bloodmnist-{md5}/{name}" for name in names]
+    second = datasets.load(root, FLAG, SIZE, ("train",), mapped=True)
+    assert sorted(writes) == sorted(datasets.SPLITS)  # reused, not written again
+    for split in datasets.SPLITS:
+        assert first.images[split].shape == plain.images[split].shape == (plain.labels[split].shape[0], SIZE, SIZE, 3)
+        assert np.array_equal(first.images[split], plain.images[split])
+        assert np.array_equal(first.labels[split], plain.labels[split]) and first.labels[split].dtype == np.int64
+        assert npzcache.is_mapped(first.images[split]) and not npzcache.is_mapped(plain.images[split])
+    tensor = datasets.as_tensor(second.images["train"])
+    assert np.shares_memory(tensor.numpy(), second.images["train"])  # no host copy: the page cache's pages
+    assert tensor.is_contiguous() and torch.equal(tensor, datasets.as_tensor(plain.images["train"]))
+    assert not datasets.load(root, FLAG, SIZE).cache  # other commands read the file as before
+
+
+def test_a_changed_file_gets_a_new_cache_and_the_old_one_goes(root, tmp_path):
+    path = datasets.data_path(root, FLAG, SIZE)
+    old = datasets.load(root, FLAG, SIZE, ("train",), mapped=True)
+    shutil.copy(_other_file(tmp_path), path)  # another file at the same path: a new md5
+    new = datasets.load(root, FLAG, SIZE, ("train",), mapped=True)
+    assert new.record["md5"] == fileio.md5_file(path) != old.record["md5"]
+    assert new.cache != old.cache and not old.cache.exists()
+    assert [p.name for p in (root / npzcache.CACHE_DIR).iterdir()] == [new.cache.name]
+    assert np.array_equal(new.images["train"], datasets.load(root, FLAG, SIZE, ("train",)).images["train"])
+    np.save(new.cache / "train_labels.npy", np.zeros(3, np.uint8))  # a damaged cache is written again
+    again = datasets.load(root, FLAG, SIZE, ("train",), mapped=True)
+    assert np.array_equal(again.labels["train"], datasets.load(root, FLAG, SIZE, ("train",)).labels["train"])
+
+
+_RACE = '''
+import json, os, sys, time
+from pathlib import Path
+from medcli import datasets, npzcache
+
+root, me, other = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+real = npzcache._write_cache
+
+def slow(*args):
+    with open(root / "writes.log", "a") as log:
+        log.write(f"{os.getpid()} {args[2]}\\n")
+    time.sleep(0.5)  # the other process arrives while this one writes
+    real(*args)
+
+npzcache._write_cache = slow
+me.touch()
+while not other.exists():
+    time.sleep(0.01)
+splits = datasets.load(root, "bloodmnist", 28, mapped=True)
+print(json.dumps({s: int(splits.images[s].astype("int64").sum()) for s in splits.images}))
+'''
+
+
+def test_two_processes_creating_the_cache_at_once_write_it_once(root, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "race.py"
+    script.write_text(_RACE)
+    flags = [tmp_path / "ready0", tmp_path / "ready1"]
+    procs = [subprocess.Popen([sys.executable, str(script), str(root), str(flags[i]), str(flags[1 - i])],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    sums = {s: int(a.astype(np.int64).sum()) for s, a in datasets.load(root, FLAG, SIZE).images.items()}
+    assert [json.loads(out) for out, _ in outs] == [sums, sums]
+    writes = (root / "writes.log").read_text().split()
+    assert sorted(writes[1::2]) == sorted(datasets.SPLITS)  # each split written by one process only
+    assert not [p for p in (root / npzcache.CACHE_DIR).rglob("*.tmp*")]  # no partial files left
+
+
+def test_a_cache_that_cannot_be_written_is_one_warning_and_the_data_is_read(root, monkeypatch, capsys):
+    (root / npzcache.CACHE_DIR).write_text("not a folder")  # as unwritable as a read-only root, also for root
+    splits = datasets.load(root, FLAG, SIZE, ("train", "val"), mapped=True)
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "cannot cache bloodmnist.npz uncompressed" in warning[0], warning
+    assert splits.cache is None and not npzcache.is_mapped(splits.images["train"])
+    plain = datasets.load(root, FLAG, SIZE, ("train", "val"))
+    assert np.array_equal(splits.images["train"], plain.images["train"])
+    assert splits.images["train"].transpose(0, 3, 1, 2).flags.c_contiguous  # read in the training layout
+    (root / npzcache.CACHE_DIR).unlink()
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10, 10, 1000))
+    assert datasets.load(root, FLAG, SIZE, ("val",), mapped=True).cache is None
+    assert "GiB free" in capsys.readouterr().err
+
+
+def test_training_maps_large_splits_or_when_told(monkeypatch):
+    record = {"flag": "pathmnist", "size": 224, "n_samples": {"train": 89996, "val": 10004, "test": 7180}}
+    small = {"flag": "bloodmnist", "size": 28, "n_samples": {"train": 11959, "val": 1712, "test": 3421}}
+    monkeypatch.delenv(npzcache.CACHE_ENV, raising=False)
+    assert datasets.use_cache(record, ("train", "val"))  # 15 GB: mapped even in one process
+    assert not datasets.use_cache(small, ("train", "val"))  # 31 MB
+    assert not datasets.use_cache(small, ("train", "val"), processes=8)  # 8 copies: 250 MB
+    assert datasets.use_cache({**small, "size": 64}, ("train", "val"), processes=4)  # 4 x 168 MB
+    monkeypatch.setenv(npzcache.CACHE_ENV, "never")
+    assert not datasets.use_cache(record, ("train",))
+    monkeypatch.setenv(npzcache.CACHE_ENV, "always")
+    assert datasets.use_cache(small, ("val",))
+    monkeypatch.setenv(npzcache.CACHE_ENV, "sometimes")
+    with pytest.raises(MedcliError, match="MEDCLI_DATA_CACHE='sometimes' is not one of auto, always, never"):
+        datasets.use_cache(small, ("val",))

@@ -22,7 +22,7 @@ import psutil
 import pytest
 import torch
 
-from medcli import datasets
+from medcli import datasets, npzcache
 
 OPTIONS = ["--model", "timm:test_vit", "--input-size", "32", "--epochs", "3", "--batch-size", "16",
            "--mixup-alpha", "0.4", "--rotate", "10", "--device", "cpu", "--seed", "3"]
@@ -412,3 +412,93 @@ def test_pretrained_weights_are_fetched_by_rank_0_while_the_others_wait(tmp_path
     calls = {entry["rank"]: entry for entry in map(json.loads, log.read_text().splitlines())}
     assert not calls[0]["cached"] and calls[1]["cached"], calls
     assert calls[1]["start"] >= calls[0]["end"], calls
+
+
+# -- host memory per node: one copy of the split, mapped by every process -------------------------
+
+# The training split of the memory test, in MiB (a parameter: the default keeps the test near
+# half a minute on 2 cores and is well above the processes' own noise of ~100-150 MiB each).
+SPLIT_MIB = int(os.environ.get("MEDCLI_TEST_DDP_SPLIT_MIB", "512"))
+
+_MEMORY_SCRIPT = '''
+"""torchrun worker: `medcli train` (argv[2:]) with this process's private memory recorded in
+argv[1]/rank<R>.json: at the moment it starts loading the data, and the most it held after."""
+import json, os, sys, threading, time
+from pathlib import Path
+from medcli import cli, train
+
+def private():
+    """Bytes of this process's own (dirty, unshareable) pages: a copy of the data read or
+    converted by the process lives there; pages mapped from a file stay the page cache's."""
+    with open("/proc/self/smaps_rollup") as rollup:
+        return 1024 * sum(int(line.split()[1]) for line in rollup if line.startswith("Private_Dirty:"))
+
+seen, load = {}, train._load
+
+def sampled(*args, **kwargs):
+    seen["before_data"] = seen["peak"] = private()
+
+    def sample():
+        while True:
+            seen["peak"] = max(seen["peak"], private())
+            time.sleep(0.02)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return load(*args, **kwargs)
+
+train._load = sampled
+sys.argv = ["medcli", *sys.argv[2:]]
+try:
+    cli.main()
+finally:
+    seen["peak"] = max(seen.get("peak", 0), private())
+    Path(os.environ["MEMORY_LOG"], f"rank{os.environ['RANK']}.json").write_text(json.dumps(seen))
+'''
+
+
+@pytest.fixture(scope="module")
+def large_root(tmp_path_factory) -> Path:
+    """BloodMNIST at 128 px with a SPLIT_MIB training split (a small synthetic set repeated;
+    stored, not deflated, so writing it stays fast: np.load reads a whole copy either way)."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("ddp-large")
+    small = datasets.make_synthetic(tmp_path_factory.mktemp("small") / "bloodmnist_128.npz", "bloodmnist", 128,
+                                    (64, 64, 8), seed=5)
+    with np.load(small) as archive:
+        arrays = dict(archive)
+    n = SPLIT_MIB * 2**20 // (128 * 128 * 3)
+    repeats = -(-n // 64)
+    arrays["train_images"] = np.tile(arrays["train_images"], (repeats, 1, 1, 1))[:n]
+    arrays["train_labels"] = np.tile(arrays["train_labels"], (repeats, 1))[:n]
+    np.savez(datasets.data_path(root, "bloodmnist", 128), **arrays)
+    datasets.resolve(root, "bloodmnist", 128)  # its record, written once here rather than by both processes
+    return root
+
+
+def test_a_node_holds_one_copy_of_the_split_however_many_processes_train(large_root, tmp_path):
+    """2 processes train on a split of SPLIT_MIB: each used to read the whole split into its
+    own memory (and briefly convert it into a second copy), 2-4 copies per node. Now the split
+    is cached uncompressed beside the npz (in the layout training uses) and both processes map
+    it: what the two hold privately together, beyond what they held before the data, stays
+    well below even one copy."""
+    script, log = tmp_path / "train.py", tmp_path / "memory"
+    script.write_text(_MEMORY_SCRIPT)
+    log.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+         str(log), "--quiet", "train", "--model", "timm:test_vit", "--input-size", "32", "--epochs", "1",
+         "--batch-size", "128", "--mixup-alpha", "0", "--device", "cpu", "--size", "128",
+         "--root", str(large_root), "--runs-dir", str(tmp_path / "runs")],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MEMORY_LOG": str(log)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    npz = datasets.data_path(large_root, "bloodmnist", 128)
+    split = datasets.read_record(npz)["n_samples"]["train"] * 128 * 128 * 3
+    assert split >= 0.99 * SPLIT_MIB * 2**20
+    ranks = [json.loads((log / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    grown = [rank["peak"] - rank["before_data"] for rank in ranks]
+    assert sum(grown) < 0.5 * (2 * split), (f"{[g / 2**20 for g in grown]} MiB held privately for a split of "
+                                            f"{split / 2**20:.0f} MiB")
+    cache = npzcache.cache_path(npz, datasets.read_record(npz)["md5"])
+    assert (cache / "train_images.npy").stat().st_size >= split  # one copy on disk, beside the npz

@@ -12,7 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import checkpoints, datasets, feed, fileio, models, optim, selection, train
+from medcli import checkpoints, datasets, feed, fileio, models, npzcache, optim, selection, train
 from medcli.cli import app
 from medcli.errors import UsageError
 from medcli.run import Run
@@ -400,6 +400,32 @@ def test_a_split_over_the_device_budget_is_streamed_with_the_same_result(small_r
     assert streamed.config["data_budget_gb"] == 0.0
     assert _weights_equal(on_device.run_dir / "checkpoints/last.pt", streamed.run_dir / "checkpoints/last.pt")
     assert _history(on_device.run_dir)[-1]["val_loss"] == _history(streamed.run_dir)[-1]["val_loss"]
+
+
+def test_data_mapped_from_the_cache_trains_the_same_model_resident_or_streamed(small_root, tmp_path, monkeypatch,
+                                                                              capsys):
+    """MEDCLI_DATA_CACHE=always: the splits are mapped from the uncompressed cache (what a large
+    split or a distributed job gets by default), on the device or streamed from the mapping,
+    and train to the weights the in-memory splits give."""
+    import shutil
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("bloodmnist.npz", "bloodmnist.json"):
+        shutil.copy(small_root / name, root / name)
+    options = dict(root=root, epochs=2, mixup_alpha=0.4, **{**TINY, "batch_size": 8})
+    monkeypatch.setenv(npzcache.CACHE_ENV, "never")
+    in_memory = train.train(runs_dir=tmp_path / "a", **options)
+    assert not (root / npzcache.CACHE_DIR).exists()
+    monkeypatch.setenv(npzcache.CACHE_ENV, "always")
+    capsys.readouterr()
+    mapped = train.train(runs_dir=tmp_path / "b", **options)
+    assert "train and val splits mapped from" in capsys.readouterr().err
+    streamed = train.train(runs_dir=tmp_path / "c", data_budget_gb=0.0, **options)
+    assert "kept mapped from the node's page cache" in capsys.readouterr().err
+    for run in (mapped, streamed):
+        assert _weights_equal(in_memory.run_dir / "checkpoints/last.pt", run.run_dir / "checkpoints/last.pt")
+        assert _history(in_memory.run_dir)[-1]["val_loss"] == _history(run.run_dir)[-1]["val_loss"]
 
 
 def test_streamed_batches_equal_the_on_device_ones_and_survive_later_batches(synthetic_root):
