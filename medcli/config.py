@@ -138,15 +138,13 @@ class TrainOptions:
     patience: int | None = _option(None, "Early stopping after N epochs without improvement (default off).")
     monitor: str | None = _option(None, (
         "Validation metric for best.pt and early stopping, epoch by epoch on the trained weights (default acc; "
-        f"auc for multi-label ChestMNIST). Below {selection.SMALL_VAL} validation images the default is instead "
-        f"the mean {selection.SMALL_MONITOR} of {selection.WINDOW} epochs of the weights' EMA (see above); a given "
-        "--monitor keeps the epoch-by-epoch rule. Ties go to the later epoch; only a strict improvement resets "
-        "--patience. An undefined AUC (a class absent from val) is the mean over the classes present."))
+        f"auc for ChestMNIST; below {selection.SMALL_VAL} validation images the EMA rule above unless given). "
+        "Ties go to the later epoch. An undefined AUC (a class absent from val): the classes present."))
     seed: int = _option(0, "Seed for weights, data order and augmentation.", experiment=False)
     deterministic: bool = _option(False, "Strict mode: deterministic kernels, bit-identical reruns.", experiment=False)
     device: str = _option("auto", "auto, cpu, cuda or cuda:N.", experiment=False)
     amp: str | None = _option(None, "Mixed precision (default bf16 on CUDA, off on CPU).", experiment=False)
-    compile: bool = _option(False, "torch.compile the model (default off).", experiment=False)
+    compile: bool = _option(False, "torch.compile the model and the optimizer step (default off).", experiment=False)
     pretrained: bool = _option(False, "Start from ImageNet weights (default off).")
     weights: str | None = _option(None, "Start from a local state dict / timm checkpoint.")
     input_size: int | None = _option(None, "Model input size (default: dataset size; 224 for full ViTs).")

@@ -93,6 +93,7 @@ def predict_logits(
     views: Sequence[Callable] | None = None,
     task=None,
     progress_label: str | None = None,
+    pad: bool = False,
 ):
     """Class scores for a uint8 (N, C, H, W) tensor, as a float32 CPU tensor (N, classes).
 
@@ -106,6 +107,12 @@ def predict_logits(
     (`task.probabilities` gives the averaged probabilities). The model's train/eval mode is
     restored afterwards.
 
+    `pad`: every forward pass sees `batch_size` images (the last batch, or a split smaller than
+    one batch, is filled up with black images whose scores are dropped), so cuDNN autotunes one
+    shape instead of two. In eval mode every image's scores are its own; the padded shape
+    may pick other kernels, so they are equal only within rounding. Training asks for it on
+    CUDA (validation every epoch); evaluate and predict keep their outputs as they were.
+
     Scores that overflow under `amp` (fp16's largest value is 65,504) are computed again in
     full precision, with a warning; scores that are still not finite mean a diverged model
     and stop with one line (they would turn every metric into NaN).
@@ -113,7 +120,7 @@ def predict_logits(
     import torch
 
     arguments = dict(batch_size=batch_size, device=torch.device(device), views=views, task=task,
-                     progress_label=progress_label)
+                     progress_label=progress_label, pad=pad)
     scores = _predict(model, images, prep, amp=amp, **arguments)
     if amp != "off" and not torch.isfinite(scores).all():
         console.warn(f"the model's outputs overflowed in {amp}; predicting again in full precision")
@@ -124,7 +131,7 @@ def predict_logits(
     return scores
 
 
-def _predict(model, images, prep: dict, *, batch_size: int, device, amp: str, views, task, progress_label):
+def _predict(model, images, prep: dict, *, batch_size: int, device, amp: str, views, task, progress_label, pad):
     import torch
 
     from medcli import augment
@@ -140,15 +147,18 @@ def _predict(model, images, prep: dict, *, batch_size: int, device, amp: str, vi
             row = bar.add_task(progress_label, total=total, unit="img") if progress_label else None
             for start in range(0, total, batch_size):
                 batch = images[start:start + batch_size].to(device, non_blocking=True)
+                real = int(batch.shape[0])
+                if pad and real < batch_size:
+                    batch = torch.cat([batch, batch.new_zeros((batch_size - real, *batch.shape[1:]))])
                 if views:
                     probs = sum(task.probs_t(_forward(model, augment.preprocess(view(batch), prep), device, amp))
                                 for view in views)
                     scores = task.scores_of_probs(probs / len(views))
                 else:
                     scores = _forward(model, augment.preprocess(batch, prep), device, amp)
-                outputs.append(scores.cpu())
+                outputs.append(scores[:real].cpu())
                 if row is not None:
-                    bar.advance(row, int(batch.shape[0]))
+                    bar.advance(row, real)
     finally:
         model.train(was_training)
     if not outputs:

@@ -86,6 +86,7 @@ class State:
     curves_at: float = -math.inf  # perf_counter() of the last curves figure
     ema: Any = None  # timm's ModelEmaV3 of the model (the `ema-window` rule), else None
     scores: list = field(default_factory=list)  # the monitored value of every epoch
+    step: Any = None  # --compile: the compiled optimizer step (`optim.compiled_step`); None: the scaler's
 
     def rng(self, device) -> dict:
         """Every random stream, with the device type it was taken on (the CUDA states only
@@ -203,15 +204,18 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
         loss = state.task.loss(logits.float(), targets, config["label_smoothing"])
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
-        state.scaler.step(state.optimizer)
-        state.scaler.update()
-        lr = state.optimizer.param_groups[0]["lr"]
+        if state.step is not None:
+            state.step()
+        else:
+            state.scaler.step(state.optimizer)
+            state.scaler.update()
+        lr = optim.current_lr(state.scheduler)  # the host's value: the optimizer's may be a device tensor
         state.scheduler.step()
         if state.ema is not None:  # the same parameters on every process: the same EMA
             state.ema.update(state.model, step=state.scheduler.last_epoch)
         totals += torch.stack([loss.detach().double() * labels.shape[0], state.task.hits(logits.detach(), labels)])
         if (step + 1) % refresh == 0 or step + 1 == steps:
-            bar.update(task, completed=(step + 1) * batch, status=f"lr {state.optimizer.param_groups[0]['lr']:.2e}")
+            bar.update(task, completed=(step + 1) * batch, status=f"lr {optim.current_lr(state.scheduler):.2e}")
     seconds = time.perf_counter() - start
     loss_sum, correct = distributed.sum_(ctx, totals).tolist()
     seen = steps * batch
@@ -229,7 +233,8 @@ def evaluate(model, data: feed.Data, prep: dict, config: dict, device, task: Tas
     distributed.sync_buffers(ctx, model)
     mine = ctx.shard(len(data))
     logits = inference.predict_logits(model, data.images[mine], prep, batch_size=EVAL_BATCH, device=device,
-                                      amp="off")  # float32 like `medcli evaluate`: history and best.pt agree with it
+                                      amp="off",  # float32 like `medcli evaluate`: history and best.pt agree with it
+                                      pad=torch.device(device).type == "cuda")  # one shape: cuDNN tunes it once
     logits = torch.cat(distributed.gather(ctx, logits.cpu()))
     probs = task.probs_t(logits.double()).numpy()
     return task.metrics(data.labels.cpu().numpy(), probs)
@@ -249,7 +254,7 @@ def reestimate_batchnorm(model, data: feed.Data, prep: dict, config: dict, devic
     n = len(data)
     index = torch.linspace(0, n - 1, bn_images(n)).round().long().to(data.labels.device)
 
-    def batches():  # sizes within one of each other: update_bn averages batches with equal weight
+    def batches():  # equal sizes (`bn_images`): update_bn averages batches with equal weight
         for chunk in torch.tensor_split(index, math.ceil(len(index) / EVAL_BATCH)):
             x = augment.preprocess(data.take(chunk), prep)
             yield x.contiguous(memory_format=torch.channels_last) if config["channels_last"] else x
@@ -259,8 +264,11 @@ def reestimate_batchnorm(model, data: feed.Data, prep: dict, config: dict, devic
 
 
 def bn_images(n: int) -> int:
-    """How many of `n` training images re-estimate BatchNorm (see BN_IMAGES_MIN)."""
-    return min(n, max(BN_IMAGES_MIN, min(BN_IMAGES_MAX, round(n * BN_SHARE))))
+    """How many of `n` training images re-estimate BatchNorm (see BN_IMAGES_MIN): a multiple of
+    the number of EVAL_BATCH batches, so they are equal and cuDNN autotunes one shape (an odd
+    count above one batch, e.g. 601, loses one image; no MedMNIST training split has one)."""
+    m = min(n, max(BN_IMAGES_MIN, min(BN_IMAGES_MAX, round(n * BN_SHARE))))
+    return m - m % math.ceil(m / EVAL_BATCH)
 
 
 def check_finite(model, epoch: int, config: dict) -> None:
@@ -452,6 +460,8 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
                   task=datasets.task(config["dataset"]), ema=ema)
     if checkpoint is not None:
         checkpoints.restore(state, checkpoint, run, device)
+    optim.place_lr(optimizer, config, device)  # a device tensor the schedule fills (--compile, CUDA)
+    state.step = optim.compiled_step(optimizer, config, state.scaler)
     with (run.stage("train") if ctx.is_main else nullcontext()) as st, distributed.peers(ctx, run.run_dir), \
             console.progress() as bar, \
             (checkpoints.writing(st, (run.checkpoint_path("last"), run.checkpoint_path("best")))
@@ -563,7 +573,7 @@ def _epoch_line(state: State, config: dict, train_stats: dict, val: dict, is_bes
     auc = f"{val['auc']:.4f}" if val["auc"] is not None else "n/a"
     return (f"epoch {state.epoch}/{config['epochs']}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.4f}  "
             f"val{' (EMA)' if state.ema is not None else ''} loss {val['loss']:.4f} acc {val['accuracy']:.4f} auc {auc} f1 {val['f1_macro']:.4f}  "
-            f"lr {state.optimizer.param_groups[0]['lr']:.2e}  {state.history[-1]['seconds']:.1f}s "
+            f"lr {optim.current_lr(state.scheduler):.2e}  {state.history[-1]['seconds']:.1f}s "
             f"{train_stats['images_per_s']:.0f} img/s{'  *best' if is_best else ''}")
 
 

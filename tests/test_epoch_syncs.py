@@ -16,9 +16,10 @@ from medcli.config import resolve_config
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
-def _reads_in_one_epoch(monkeypatch, images: int, **options) -> Counter:
+def _reads_in_one_epoch(monkeypatch, images: int, lr_tensor: bool = False, **options) -> Counter:
     """Host reads (and tensors built from Python data) while `train_one_epoch` trains a tiny
-    CNN on `images` random images, batch 16, as a run's first epoch."""
+    CNN on `images` random images, batch 16, as a run's first epoch (`lr_tensor`: the learning
+    rate a tensor the schedule fills, as with --compile and on CUDA)."""
     augment._normalisation.cache_clear()  # built in the first epoch of a run (and then kept)
     torch.manual_seed(0)
     config = resolve_config(model="timm:test_resnet", device="cpu", batch_size=16, rotate=10.0, crop_scale=0.6,
@@ -29,8 +30,9 @@ def _reads_in_one_epoch(monkeypatch, images: int, **options) -> Counter:
     data = feed.Data(torch.randint(0, 256, (images, 3, 28, 28), dtype=torch.uint8, generator=generator),
                      torch.randint(0, 8, (images,), generator=generator), device)
     optimizer = optim.make_optimizer(model, config, device)
-    state = train.State(model=model, forward=model, optimizer=optimizer,
-                        scheduler=optim.make_scheduler(optimizer, config, images // 16),
+    scheduler = optim.make_scheduler(optimizer, config, images // 16)
+    optim.place_lr(optimizer, {"compile": lr_tensor}, device)
+    state = train.State(model=model, forward=model, optimizer=optimizer, scheduler=scheduler,
                         scaler=torch.amp.GradScaler("cpu", enabled=False), data_gen=torch.Generator().manual_seed(0),
                         aug_gen=torch.Generator().manual_seed(1), task=datasets.task("bloodmnist"))
     counts: Counter = Counter()
@@ -57,5 +59,15 @@ def test_an_epoch_reads_the_device_a_fixed_number_of_times(monkeypatch, mixup):
     and copied once, normalisation constants built once per run."""
     short = _reads_in_one_epoch(monkeypatch, 64, mixup_alpha=mixup)
     long = _reads_in_one_epoch(monkeypatch, 128, mixup_alpha=mixup)
+    assert long == short, (short, long)
+    assert sum(long.values()) <= 4, long
+
+
+
+def test_a_learning_rate_tensor_is_never_read_by_the_host(monkeypatch):
+    """With the lr a tensor (--compile, CUDA) the schedule fills it in place and the progress
+    bar and history take the rate from the schedule's own arithmetic: the same handful."""
+    short = _reads_in_one_epoch(monkeypatch, 64, lr_tensor=True)
+    long = _reads_in_one_epoch(monkeypatch, 128, lr_tensor=True)
     assert long == short, (short, long)
     assert sum(long.values()) <= 4, long

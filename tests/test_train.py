@@ -85,6 +85,92 @@ def test_run_history_lr_matches_schedule(tiny_run):
     assert [float(r["lr"]) for r in rows] == pytest.approx(expected)
 
 
+def test_a_compiled_run_follows_the_schedule_and_equals_the_eager_run(small_root, tmp_path, monkeypatch):
+    """--compile: the forward and the optimizer step compiled (dynamo's `eager` backend runs the
+    captured graphs as they are; inductor is too slow on 2 cores), the learning rate a
+    device tensor the schedule fills in place. The history's rates, the weights and last.pt's
+    rate equal the uncompiled run's within float32 rounding, interrupted after epoch 1 and
+    resumed (last.pt's lr tensor goes back into the optimizer) as here."""
+    compile_ = torch.compile
+    compiled_fns = []
+
+    def compile_eager(fn, **kw):
+        compiled_fns.append(fn)
+        return compile_(fn, backend="eager", **kw)
+
+    monkeypatch.setattr(torch, "compile", compile_eager)
+    torch._dynamo.reset()
+    options = dict(root=small_root, epochs=4, warmup_epochs=1.0, **{**TINY, "batch_size": 8})  # 2 steps an epoch
+    eager = train.train(runs_dir=tmp_path / "eager", **options)
+    run = _interrupted_run(tmp_path / "compiled", monkeypatch, compile=True, **options)
+    assert isinstance(_load(run / "checkpoints/last.pt")["optimizer"]["param_groups"][0]["lr"], torch.Tensor)
+    compiled = train.resume(run)
+    torch._dynamo.reset()
+    assert len(compiled_fns) == 4  # the forward and the optimizer step, before and after the interruption
+    rates = [float(row["lr"]) for row in _history(compiled.run_dir)]
+    assert len(set(rates)) == 4 and rates == pytest.approx([float(row["lr"]) for row in _history(eager.run_dir)])
+    a, b = _load(eager.run_dir / "checkpoints/last.pt"), _load(compiled.run_dir / "checkpoints/last.pt")
+    assert all(torch.allclose(a["model"][k].float(), b["model"][k].float(), rtol=1e-4, atol=1e-5) for k in a["model"])
+    lr = b["optimizer"]["param_groups"][0]["lr"]
+    assert isinstance(lr, torch.Tensor) and float(lr) == pytest.approx(a["optimizer"]["param_groups"][0]["lr"])
+
+
+# -- warm-up once: one batch shape for validation and BatchNorm re-estimation -----------------------
+
+def _shapes(model) -> list:
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+    return seen
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_padded_validation_batches_have_one_shape_and_the_same_scores(tta):
+    """`pad=True` (training asks for it on CUDA): every forward pass sees `batch_size` images, the
+    last batch filled up with black images whose scores are dropped; the scores equal the
+    unpadded ones within rounding and the metrics are the same."""
+    from medcli import augment, inference
+
+    torch.manual_seed(0)
+    model, _ = models.create("timm:test_resnet", 8, 3, 28)
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2 * 64 + 37, 3, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(len(images)) % 8
+    task, prep = datasets.task("bloodmnist"), augment.make_prep(28, 3)
+    extra = {"views": [lambda x: x, lambda x: x.flip(-1)], "task": task} if tta else {}
+    seen = _shapes(model)
+    plain = inference.predict_logits(model, images, prep, batch_size=64, device="cpu", **extra)
+    assert sorted(set(seen)) == [(37, 3, 28, 28), (64, 3, 28, 28)]
+    seen.clear()
+    padded = inference.predict_logits(model, images, prep, batch_size=64, device="cpu", pad=True, **extra)
+    assert set(seen) == {(64, 3, 28, 28)} and len(seen) == 3 * (2 if tta else 1)
+    assert padded.shape == plain.shape and torch.allclose(padded, plain, rtol=1e-5, atol=1e-5)
+    metrics = [task.metrics(labels.numpy(), task.probs_t(scores.double()).numpy()) for scores in (plain, padded)]
+    numbers = [{k: v for k, v in m.items() if isinstance(v, float)} for m in metrics]
+    assert numbers[0] == pytest.approx(numbers[1], rel=1e-6) and "auc" in numbers[0]
+    assert metrics[0]["confusion_matrix"] == metrics[1]["confusion_matrix"]
+    seen.clear()
+    small = inference.predict_logits(model, images[:5], prep, batch_size=64, device="cpu", pad=True, **extra)
+    assert set(seen) == {(64, 3, 28, 28)} and torch.allclose(small, plain[:5], rtol=1e-5, atol=1e-5)
+
+
+def test_batchnorm_reestimation_runs_one_batch_size():
+    """The re-estimation images split into equal batches (a multiple of the batch count: an odd
+    601 above one EVAL_BATCH becomes 600), so cuDNN autotunes one shape; MedMNIST's training
+    splits all had equal batches already (256, 588, 876 or 1,024 images)."""
+    from medcli import augment
+
+    for n, expected in [(546, 256), (4708, 588), (7007, 876), (11959, 1024), (4808, 600), (4120, 514), (100, 100)]:
+        assert train.bn_images(n) == expected, n
+    n = 4808  # round(n / 8) = 601
+    images = torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    data = feed.Data(images, torch.zeros(n, dtype=torch.long), torch.device("cpu"))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    seen = _shapes(model)
+    train.reestimate_batchnorm(model, data, augment.make_prep(8, 3), {"channels_last": False, "amp": "off"}, "cpu")
+    assert seen == [(300, 3, 8, 8)] * 2
+
+
 # -- artefacts, best.pt -----------------------------------------------------------------------------
 
 def test_tiny_run_writes_loadable_checkpoints_and_best_is_best_window(tiny_run):
@@ -354,7 +440,7 @@ def test_strict_mode_replaces_nondeterministic_modules_and_says_so(small_root, t
     assert record["replaced"] and all("AdaptiveAvgPool2d" in line for line in record["replaced"])
     assert run.load_model("best", "cpu")(torch.zeros(1, 3, 28, 28)).shape == (1, 8)
     plain = train.train(root=small_root, runs_dir=tmp_path, epochs=1, batch_size=16, model="timm:test_resnet")
-    assert plain.data["environment"]["determinism"] == {"strict": False}
+    assert plain.data["environment"]["determinism"] == {"strict": False, "cudnn_benchmark": False}  # CPU
 
 
 def test_pretrained_fallback_keeps_the_from_scratch_learning_rate(small_root, tmp_path, offline):
