@@ -19,7 +19,7 @@ from typing import Any
 
 from medcli import augment, datasets, tasks
 from medcli.errors import UsageError
-from medcli.names import CHECKPOINTS, EXPORT_FORMATS, SPLITS
+from medcli.names import EXPORT_FORMATS, SPLITS
 from medcli.run import Run
 
 __all__ = ["FORMAT", "FORMATS", "Opened", "calibration", "describe", "load_exported", "open_model", "preprocessing_steps",
@@ -41,8 +41,6 @@ def describe(run: Run, checkpoint: str) -> dict:
 
     import medcli
 
-    if checkpoint not in CHECKPOINTS:
-        raise UsageError(f"unknown --checkpoint '{checkpoint}'; choose best or last")
     record, config = run.dataset, run.config
     task = datasets.task(record["flag"])
     summary = run.require_trained().get("summary", {})

@@ -21,7 +21,7 @@ import numpy as np
 
 from medcli import augment, console, datasets, fileio, metrics, reports, tables
 from medcli.errors import UsageError
-from medcli.names import CHECKPOINTS, EVAL_SPLITS, SPLITS
+from medcli.names import EVAL_SPLITS, SPLITS
 from medcli.run import Run
 from medcli.tasks import EXTRA_METRICS, Task
 
@@ -61,8 +61,6 @@ def evaluate_run(
     from medcli import inference
 
     chosen = splits_for(split)
-    if checkpoint not in CHECKPOINTS:
-        raise UsageError(f"unknown --checkpoint '{checkpoint}'; choose best or last")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     run = Run.open(run)

@@ -19,7 +19,7 @@ import numpy as np
 
 from medcli import bundle, console, datasets, explainers, images, inference
 from medcli.errors import UsageError
-from medcli.names import CHECKPOINTS, file_names
+from medcli.names import file_names
 from medcli.tables import PROB_PREFIX
 
 __all__ = ["overlay_dir", "predict_files"]
@@ -52,8 +52,6 @@ def predict_files(
     """
     import pandas as pd
 
-    if checkpoint not in CHECKPOINTS:
-        raise UsageError(f"unknown --checkpoint '{checkpoint}'; choose best or last")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     out = Path(out).expanduser() if out is not None else None
