@@ -60,7 +60,7 @@ def predict_files(
             raise UsageError(f"unknown --explain '{explain}'; choose one of {', '.join(explainers.METHODS)}")
         if out is None:
             raise UsageError("--explain writes one overlay per image beside the CSV: give --out FILE.csv")
-    _refuse_overwrite(out, overwrite, explain)
+    _clear_earlier(out, overwrite, explain)
     files = images.expand(paths)
     dev = inference.resolve_device(device)
     opened = bundle.open_model(source, checkpoint, dev)
@@ -111,16 +111,23 @@ def predict_files(
                       "tta": list(views) if tta else ["identity"], "temperature": temperature}}
 
 
-def _refuse_overwrite(out: Path | None, overwrite: bool, explain: str | None) -> None:
+def _clear_earlier(out: Path | None, overwrite: bool, explain: str | None) -> None:
     """Earlier results are never replaced silently: an existing --out (or overlay folder
-    with files in it) needs --overwrite."""
-    if out is None or overwrite:
+    with files in it) needs --overwrite, which then removes the earlier overlays (a shorter
+    list of images would otherwise leave some of them beside the new ones)."""
+    if out is None:
         return
-    if out.exists():
-        raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     folder = overlay_dir(out, explain) if explain else None
-    if folder is not None and folder.is_dir() and any(folder.iterdir()):
-        raise UsageError(f"{folder} holds earlier overlays; pass --overwrite to replace them, or choose another --out")
+    earlier = sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")) if folder is not None and folder.is_dir() else []
+    if not overwrite:
+        if out.exists():
+            raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+        if earlier:
+            raise UsageError(f"{folder} holds earlier overlays; pass --overwrite to replace them, or choose another --out")
+    elif earlier:
+        console.info(f"--overwrite: removing {console.plural(len(earlier), 'earlier overlay')} from {folder}")
+        for path in earlier:
+            path.unlink()
 
 
 def _temperature(card: dict, calibrated: bool, tta: bool):

@@ -121,6 +121,13 @@ def test_explain_writes_one_overlay_per_image(tiny_run, pngs, tmp_path):
     assert len(overlays) == len(CHOSEN) and all(p.is_file() and p.parent == tmp_path / "preds_gradcam" for p in overlays)
     assert overlays[0].name == "00000_test-000.png"
     assert Image.open(overlays[0]).size[0] > 3 * 28  # image | map | overlay, upsampled
+    again = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(pngs / "test_000.png"), "--out", str(out),
+                                "--explain", "gradcam"])
+    one_line_error(again, 2, "--overwrite")
+    fewer = runner.invoke(app, ["predict", str(tiny_run), str(pngs / "test_000.png"), "--out", str(out),
+                                "--explain", "gradcam", "--overwrite"])
+    assert fewer.exit_code == 0, fewer.output
+    assert sorted(p.name for p in (tmp_path / "preds_gradcam").iterdir()) == ["00000_test-000.png"]
 
 
 def test_gray_inputs_are_converted_to_the_runs_three_channels(tiny_run, tmp_path):
