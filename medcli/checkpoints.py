@@ -20,7 +20,6 @@ every epoch: `medcli.selection`).
 from __future__ import annotations
 
 import threading
-import time
 from copy import copy as shallow
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -32,7 +31,7 @@ from medcli.errors import UsageError
 from medcli.names import SCALAR_METRICS
 from medcli.run import Run
 
-__all__ = ["RESUME_KEYS", "Writer", "payload", "read", "restore", "save", "snapshot", "write", "writing"]
+__all__ = ["RESUME_KEYS", "Writer", "payload", "read", "restore", "snapshot", "write", "writing"]
 
 # What last.pt must hold for --resume to continue exactly where the run stopped.
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "best", "bad_epochs", "ema",
@@ -110,11 +109,6 @@ def write(path: Path, content: dict) -> str:
     return stream.hexdigest()
 
 
-def save(path: Path, state: Any, metrics: dict, full: bool, device, model: Any = None) -> str:
-    """Write a checkpoint now, on this thread (`Writer` writes them in the background); its sha256."""
-    return write(path, payload(state, metrics, full, device, model))
-
-
 class Writer:
     """Checkpoints written by one background thread, in order, while training goes on.
 
@@ -129,19 +123,16 @@ class Writer:
     def __init__(self, stage: Any = None):
         self.stage = stage
         self.lock = threading.Lock()
-        self.waited_s = 0.0  # what checkpoints cost the training thread: snapshots and waits
         self._pending: dict[Path, Future] = {}
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcli-checkpoints")
         self._closed = False
 
     def write(self, contents: dict[Path, dict], device) -> None:
-        start = time.perf_counter()
         for path in contents:
             self._wait(path)
         copies, ready = snapshot(list(contents.values()), device)
         for path, copy in zip(contents, copies):
             self._pending[path] = self._thread.submit(self._write, path, copy, ready)
-        self.waited_s += time.perf_counter() - start
 
     def _write(self, path: Path, content: dict, ready: list) -> str:
         for event in ready:  # the host copies are complete
@@ -164,12 +155,8 @@ class Writer:
 
     def wait(self) -> None:
         """Return when every checkpoint asked for is on disk (and recorded); a failed write raises here."""
-        start = time.perf_counter()
-        try:
-            for path in list(self._pending):
-                self._wait(path)
-        finally:
-            self.waited_s += time.perf_counter() - start
+        for path in list(self._pending):
+            self._wait(path)
 
     def close(self, raise_errors: bool = True) -> None:
         """Finish the pending writes, then stop the thread. A second Ctrl-C while waiting does
