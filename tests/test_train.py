@@ -211,15 +211,16 @@ def test_autocast_is_entered_only_when_asked(small_root, tmp_path, monkeypatch, 
 
     def recording_create(*args, **kwargs):
         model, spec = create(*args, **kwargs)
-        model.register_forward_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+        model.register_forward_hook(lambda module, *_: seen.append((module.training, torch.is_autocast_enabled("cpu"))))
         return model, spec
 
     monkeypatch.setattr(models, "create", recording_create)
     manifest = train.train(root=small_root, runs_dir=tmp_path, epochs=1, amp=amp, device="cpu",
                            **{**TINY, "batch_size": 16})
     assert manifest.config["amp"] == amp
-    assert seen and any(seen) == (amp == "bf16")  # the training steps
-    assert not seen[-1]  # validation, the epoch's last forward pass, is float32 whatever --amp says
+    assert any(autocast for training, autocast in seen if training) == (amp == "bf16")  # the training steps
+    validation = [autocast for training, autocast in seen if not training]
+    assert validation and not any(validation)  # float32 whatever --amp says
 
 
 # -- larger images ----------------------------------------------------------------------------------
@@ -871,13 +872,34 @@ def test_the_ema_averages_the_parameters_and_gets_its_own_batchnorm_statistics(s
     assert 0 < run.config["select"]["ema_decay"] < 1
     params = [k for k, v in last["model"].items() if v.is_floating_point() and "running" not in k]
     assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in params)
-    ema = run.load_model("best", "cpu")
-    stored = {k: v.clone() for k, v in ema.state_dict().items() if "running" in k}
     images = datasets.as_tensor(datasets.load(synthetic_root, "bloodmnist", 28).images["train"])
     index = torch.linspace(0, len(images) - 1, train.bn_images(len(images))).round().long()
-    update_bn([augment.preprocess(images[index], run.data["preprocess"])], ema)
+    batch = augment.preprocess(images[index], run.data["preprocess"])
+    ema = run.load_model("best", "cpu")
+    stored = {k: v.clone() for k, v in ema.state_dict().items() if "running" in k}
+    update_bn([batch], ema)
     assert stored and all(torch.allclose(stored[k], v, atol=1e-5) for k, v in ema.state_dict().items() if k in stored)
     assert not all(torch.allclose(stored[k], last["model"][k]) for k in stored)
+    trained = run.load_model("last", "cpu")  # last.pt's own statistics are re-estimated at the end too
+    update_bn([batch], trained)
+    assert all(torch.allclose(last["model"][k], v, atol=1e-5) for k, v in trained.state_dict().items() if k in stored)
+
+
+def test_the_ema_rule_re_estimates_the_trained_weights_batchnorm_only_for_the_final_last_pt(synthetic_root, tmp_path,
+                                                                                           monkeypatch):
+    """Under the EMA rule an epoch re-estimates BatchNorm once, for the EMA it validates; the
+    trained weights' statistics are re-estimated once, after the last epoch (a second pass
+    every epoch was ~13 % of a 546-image run)."""
+    passes, reestimate = [], train.reestimate_batchnorm
+
+    def counted(model, *args):
+        passes.append(model)
+        reestimate(model, *args)
+
+    monkeypatch.setattr(train, "reestimate_batchnorm", counted)
+    run = train.train(root=synthetic_root, runs_dir=tmp_path, epochs=3, **TINY)
+    assert run.config["select"]["rule"] == "ema-window"
+    assert len(passes) == 4 and len({id(m) for m in passes[:3]}) == 1 and passes[3] is not passes[0]
 
 
 def test_ordinal_label_smoothing_goes_to_the_neighbouring_grades():
