@@ -128,6 +128,7 @@ def _choice(name: str, values) -> type[Enum]:
 Optimizer = _choice("Optimizer", names.OPTIMIZERS)
 Monitor = _choice("Monitor", names.MONITORS)
 Amp = _choice("Amp", names.AMP_MODES)
+CompileMode = _choice("CompileMode", names.COMPILE_MODES)
 EvalSplit = _choice("EvalSplit", names.EVAL_SPLITS)
 Checkpoint = _choice("Checkpoint", names.CHECKPOINTS)
 OutputFormat = _choice("OutputFormat", names.COMPARE_FORMATS)
@@ -241,6 +242,7 @@ def train(
     device: Annotated[str, typer.Option(help=_opt("device"))] = "auto",
     amp: Annotated[Optional[Amp], typer.Option(help=_opt("amp"))] = None,
     compile: Annotated[bool, typer.Option("--compile/--no-compile", show_default=False, help=_opt("compile"))] = False,
+    compile_mode: Annotated[Optional[CompileMode], typer.Option(help=_opt("compile_mode"))] = None,
     pretrained: Annotated[bool, typer.Option("--pretrained/--no-pretrained", show_default=False, help=_opt("pretrained"))] = False,
     weights: Annotated[Optional[Path], typer.Option(help=_opt("weights"))] = None,
     input_size: Annotated[Optional[int], typer.Option(min=8, help=_opt("input_size"))] = None,
@@ -266,7 +268,8 @@ def train(
         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, mixup_alpha=mixup_alpha,
         flips=flips, rotate=rotate, crop_scale=crop_scale, jitter=jitter,
         patience=patience, monitor=monitor.value if monitor else None, seed=seed, deterministic=deterministic, device=device,
-        amp=amp.value if amp else None, compile=compile, pretrained=pretrained, weights=weights,
+        amp=amp.value if amp else None, compile=compile,
+        compile_mode=compile_mode.value if compile_mode else None, pretrained=pretrained, weights=weights,
         input_size=input_size, root=root, runs_dir=runs_dir, sync_bn=sync_bn,
         data_budget_gb=data_budget, collective_timeout=collective_timeout,
     )

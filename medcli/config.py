@@ -131,31 +131,32 @@ class TrainOptions:
         f"{augment.flips_help()}."))
     rotate: float | None = _option(None, "Extra random rotation within +-DEGREES (default 0; 10 for chest X-rays "
                                          "and breast ultrasound).")
-    crop_scale: float | None = _option(None, "Random-resized-crop keeping between this share and all of the image "
-                                             f"area (default {SMALL_TRAIN_CROP:g} below {SMALL_TRAIN} training "
-                                             "images, else off; 1 = off).")
+    crop_scale: float | None = _option(None, "Random-resized-crop of this share of the area up to all of it "
+                                             f"(default {SMALL_TRAIN_CROP:g} below {SMALL_TRAIN} training images, "
+                                             "else 1 = off).")
     jitter: float | None = _option(None, "Brightness/contrast jitter in [1-v, 1+v] (default 0.1).")
     patience: int | None = _option(None, "Early stopping after N epochs without improvement (default off).")
     monitor: str | None = _option(None, (
         "Validation metric for best.pt and early stopping, epoch by epoch on the trained weights (default acc; "
-        f"auc for ChestMNIST; below {selection.SMALL_VAL} validation images the EMA rule above unless given). "
-        "Ties go to the later epoch. An undefined AUC (a class absent from val): the classes present."))
+        f"auc for ChestMNIST; below {selection.SMALL_VAL} validation images the EMA rule above unless given); "
+        "ties go to the later epoch."))
     seed: int = _option(0, "Seed for weights, data order and augmentation.", experiment=False)
     deterministic: bool = _option(False, "Strict mode: deterministic kernels, bit-identical reruns.", experiment=False)
     device: str = _option("auto", "auto, cpu, cuda or cuda:N.", experiment=False)
     amp: str | None = _option(None, "Mixed precision (default bf16 on CUDA, off on CPU).", experiment=False)
     compile: bool = _option(False, "torch.compile the model and the optimizer step (default off).", experiment=False)
+    compile_mode: str | None = _option(None, "torch.compile mode (implies --compile); reduce-overhead replays "
+                                             "each step as CUDA graphs.", experiment=False)
     pretrained: bool = _option(False, "Start from ImageNet weights (default off).")
     weights: str | None = _option(None, "Start from a local state dict / timm checkpoint.")
     input_size: int | None = _option(None, "Model input size (default: dataset size; 224 for full ViTs).")
     root: str | None = _option(None, "Data root (default $MEDCLI_DATA or ~/.medmnist).", experiment=False)
     runs_dir: str = _option("runs", "Where run directories are created.", experiment=False)
     sync_bn: bool = _option(False, (
-        "Multi-GPU CNNs: BatchNorm statistics over the global batch (SyncBatchNorm) instead of each process's "
-        "slice; matters when the per-GPU batch is small."))
+        "Multi-GPU CNNs: BatchNorm statistics over the global batch (SyncBatchNorm), not each process's slice."))
     data_budget_gb: float | None = _option(None, (
-        f"GiB of images that may live on the training device (default: {DEVICE_DATA_SHARE:.0%} of the free GPU "
-        "memory; unlimited on CPU). A split above it stays in pinned host memory and is copied batch by batch."),
+        f"GiB of images kept on the training device (default {DEVICE_DATA_SHARE:.0%} of free GPU memory; "
+        "unlimited on CPU); a larger split streams from pinned host memory."),
         experiment=False)
     collective_timeout: float | None = _option(None, (
         f"Seconds to wait for a lost process of a distributed job (default {COLLECTIVE_TIMEOUT_S:.0f})."),
@@ -238,7 +239,8 @@ def resolve_config(**given: Any) -> dict:
         "deterministic": bool(o.deterministic),
         "device": str(dev),
         "amp": inference.resolve_amp(dev, o.amp),
-        "compile": bool(o.compile),
+        "compile": bool(o.compile or o.compile_mode),
+        "compile_mode": (o.compile_mode or "default") if (o.compile or o.compile_mode) else None,
         "sync_bn": bool(o.sync_bn),
         "data_budget_gb": None if o.data_budget_gb is None else float(o.data_budget_gb),
         "collective_timeout": distributed.collective_timeout(o.collective_timeout),

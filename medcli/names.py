@@ -10,7 +10,7 @@ import re
 from typing import Sequence
 
 __all__ = [
-    "AMP_MODES", "CHECKPOINTS", "COMPARE_FORMATS", "EXPORT_FORMATS",
+    "AMP_MODES", "CHECKPOINTS", "COMPARE_FORMATS", "COMPILE_MODES", "EXPORT_FORMATS",
     "COMPARE_METRICS", "EVAL_SPLITS", "EXPLAIN_TARGETS", 
     "FAITHFULNESS_PREFIX", "LOWER_IS_BETTER", "MONITORS",
     "OPTIMIZERS", "PERCENT_METRICS", "SCALAR_METRICS", "SPLITS",
@@ -39,6 +39,7 @@ OPTIMIZERS = ("sgd", "adamw")
 # train --monitor choice -> (key in metrics.classification_metrics, direction)
 MONITORS = {"acc": ("accuracy", "max"), "auc": ("auc", "max"), "f1": ("f1_macro", "max"), "loss": ("loss", "min")}
 AMP_MODES = ("bf16", "fp16", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (train --compile-mode)
 
 # aggregate columns read from the explain stages: mean ROAD faithfulness of a method's maps
 # (the methods themselves: `explainers.METHODS`)

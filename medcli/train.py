@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EVAL_BATCH", "HISTORY_COLUMNS", "State", "bn_images", "check_finite", "check_launch", "compare",
-    "monitored", "reestimate_batchnorm", "resume", "summary", "train", "train_one_epoch",
+    "compiled", "monitored", "reestimate_batchnorm", "resume", "summary", "train", "train_one_epoch",
     "use_cpu_threads",
 ]
 
@@ -176,6 +176,7 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
     draws = augment.draw_epoch(steps, batch, aug, config["mixup_alpha"], state.aug_gen)
     positions, moved = feed.to_device(order, device), draws.map(lambda values: feed.to_device(values, device))
     state.model.train()
+    graphs = config.get("compile_mode") == "reduce-overhead"
     totals = torch.zeros(2, device=device, dtype=torch.float64)  # loss sum, correct
     start = time.perf_counter()
     bar.reset(task, total=steps * batch, description=f"epoch {state.epoch + 1}")
@@ -199,6 +200,8 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
             x, targets = torch.lerp(x_other, x, lam), torch.lerp(t_other, targets, lam)
         if config["channels_last"]:
             x = x.contiguous(memory_format=torch.channels_last)
+        if graphs:  # a new step: the last one's graph outputs (read above) may be overwritten
+            torch.compiler.cudagraph_mark_step_begin()
         with inference.autocast(device, config["amp"]):
             logits = state.forward(x)
         loss = state.task.loss(logits.float(), targets, config["label_smoothing"])
@@ -452,7 +455,7 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = State(model=model, forward=torch.compile(forward) if config["compile"] else forward, optimizer=optimizer,
+    state = State(model=model, forward=compiled(forward, config), optimizer=optimizer,
                   scheduler=optim.make_scheduler(optimizer, config, steps),
                   scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
                   data_gen=torch.Generator().manual_seed(config["seed"]),
@@ -541,6 +544,20 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
             images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,  # all processes' images
         )
         st.add(*written)
+
+
+def compiled(forward, config: dict):
+    """The model as the training steps call it: itself, or with --compile its torch.compile
+    wrapper in the run's --compile-mode. `reduce-overhead` records the forward and backward as
+    CUDA graphs (torch's CUDA-graph trees) and replays them, one launch per graph instead of
+    one per kernel; the inputs are copied into the graph's static buffers, the learning rate
+    is a device tensor (`optim.place_lr`), and the step marks each new iteration. On the CPU
+    torch skips the graphs and the mode compiles as `default` does."""
+    import torch
+
+    if not config["compile"]:
+        return forward
+    return torch.compile(forward, mode=config.get("compile_mode") or "default")
 
 
 def _warn_if_device_shared(device: str, ctx: distributed.Context = distributed.Context()) -> None:

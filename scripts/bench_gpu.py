@@ -1,21 +1,27 @@
-"""Benchmark the GPU path of `medcli train`, `evaluate` and `explain`; prints its numbers.
+"""Benchmark the GPU path of `medcli train`, `evaluate` and `explain` against issue 26's
+targets; prints its numbers, the table last.
 
-For each case it runs the real command (a fresh process, wall time of the whole command),
-reads the run's training images/s from the manifest, and reports the share of the GPU's
-dense bf16 peak that training reached: model FLOPs per training image (forward + backward,
-counted by `torch.utils.flop_counter` on one batch) x images/s / peak.
+Each case runs the real command in a fresh process under its own time limit (and the whole
+benchmark under --budget seconds: a case that cannot finish in what is left is skipped and
+says so). It reports the whole command's wall time, the training images/s from the
+manifest, the share of the GPU's dense bf16 peak the training steps reached (model FLOPs per
+training image, forward + backward, counted by `torch.utils.flop_counter`, x images/s /
+peak), the GPU busy share (`nvidia-smi` sampled every 200 ms, mean over the train stage, or
+over the whole command for evaluate / explain) and test accuracy where there is one.
 
-Cases (default: all but --full):
-  --resnet   ResNet-18, 28 px, 60 epochs, batch 128 and 512, without and with --compile.
-             Target: <= 60 s for the whole command on one H100.
-  --vit      ViT-B/16 at 224 px (upsampled on the device from the 28-px file), 10 epochs,
-             without and with --compile. Target: <= 60 s on one H100.
-  --full     the default `medcli train --model resnet18` recipe; test accuracy (best.pt, no
-             TTA; target >= 97.5 %) and wall time.
-  --post     `evaluate` and `explain --per-class 8` on the runs made above.
-  --smoke    a few seconds on the CPU with a tiny model: checks the script itself works.
+Cases, in order (the targets of issue 26 on one H100/H200, PBC BloodMNIST 28 px):
+  resnet18      the default `medcli train --model resnet18` (60 epochs): <= 30 s, GPU busy
+                >= 80 %; then `evaluate` (best.pt): test accuracy >= 98.5 %
+  vit           ViT-B/16 at 224 px from scratch, 10 epochs, batch 256: <= 50 s, >= 40 % of
+                the bf16 peak in the training steps
+  explain       `explain --method rollout --per-class 8` with ROAD on that ViT: <= 15 s
+  resnet18-graphs  the resnet18 recipe with --compile-mode reduce-overhead (CUDA graphs)
+  vit-compile   the ViT with --compile
+  gradcam       `explain --method gradcam --per-class 8` on the resnet18 run
 
-    .venv/bin/python scripts/bench_gpu.py --data data/bloodmnist_pbc_28.npz [--resnet] [--vit] [--full] [--post]
+    python scripts/bench_gpu.py --data data/bloodmnist_pbc_28.npz [--cases resnet18,vit,explain]
+                                [--budget 450]
+    python scripts/bench_gpu.py --smoke     # seconds on the CPU: checks the script itself
 
 Peak bf16 dense TFLOP/s is looked up from the device name (override with --peak-tflops).
 """
@@ -28,7 +34,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bloodmnist_pbc_28.npz"
@@ -37,6 +46,40 @@ PEAK_BF16_TFLOPS = {  # dense, without sparsity, from the vendors' data sheets
     "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0,
     "RTX 3070 Ti": 43.5,
 }
+RESNET = ["--model", "resnet18"]
+VIT = ["--model", "vit", "--input-size", "224", "--epochs", "10", "--batch-size", "256"]
+
+
+@dataclass
+class Case:
+    name: str
+    command: str  # train, evaluate or explain
+    args: list[str]
+    limit_s: float  # this case's own time limit
+    target_s: float | None = None
+    target_busy: float | None = None  # share of the train stage the GPU was busy
+    target_peak: float | None = None  # share of the bf16 peak in the training steps
+    target_acc: float | None = None  # test accuracy of the evaluate that follows
+    flops: tuple | None = None  # (model, input size) whose training FLOPs per image to count
+    on: str | None = None  # explain / evaluate: the case whose run they use
+    row: dict = field(default_factory=dict)
+
+
+CASES = [
+    Case("resnet18", "train", RESNET, 150, target_s=30, target_busy=0.8, flops=("resnet18", 28)),
+    Case("resnet18 evaluate", "evaluate", [], 60, target_acc=0.985, on="resnet18"),
+    Case("vit", "train", VIT, 180, target_s=50, target_peak=0.40, flops=("vit", 224)),
+    Case("explain", "explain", ["--method", "rollout", "--per-class", "8"], 120, target_s=15, on="vit"),
+    Case("resnet18-graphs", "train", [*RESNET, "--compile-mode", "reduce-overhead"], 180, flops=("resnet18", 28)),
+    Case("vit-compile", "train", [*VIT, "--compile"], 200, flops=("vit", 224)),
+    Case("gradcam", "explain", ["--method", "gradcam", "--per-class", "8"], 60, on="resnet18"),
+]
+SMOKE = [  # the same code paths on the CPU, tiny
+    Case("resnet18", "train", [*RESNET, "--epochs", "1", "--batch-size", "32", "--device", "cpu"], 300,
+         target_s=30, target_busy=0.8, flops=("resnet18", 28)),
+    Case("resnet18 evaluate", "evaluate", ["--device", "cpu"], 120, target_acc=0.985, on="resnet18"),
+    Case("gradcam", "explain", ["--method", "gradcam", "--per-class", "1", "--device", "cpu"], 120, on="resnet18"),
+]
 
 
 def peak_tflops(name: str, override: float | None) -> float | None:
@@ -46,14 +89,14 @@ def peak_tflops(name: str, override: float | None) -> float | None:
     return max(matches) if matches else None
 
 
-def train_flops_per_image(model_name: str, input_size: int, device: str, **overrides) -> float:
+def train_flops_per_image(model_name: str, input_size: int, device: str) -> float:
     """Forward + backward FLOPs of one training image (counted on a batch of 8)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from medcli import models
 
-    model, _ = models.create(model_name, 8, 3, input_size, **overrides)
+    model, _ = models.create(model_name, 8, 3, input_size)
     model.to(device).train()
     x = torch.randn(8, 3, input_size, input_size, device=device)
     with FlopCounterMode(display=False) as counter:
@@ -61,10 +104,121 @@ def train_flops_per_image(model_name: str, input_size: int, device: str, **overr
     return counter.get_total_flops() / 8
 
 
-def medcli(*args: str) -> tuple[subprocess.CompletedProcess, float]:
+class BusySampler:
+    """`nvidia-smi`'s utilization.gpu every 200 ms, with the time each sample was read; no
+    samples (and busy shares of None) where there is no nvidia-smi."""
+
+    def __init__(self) -> None:
+        self.samples: list[tuple[float, float]] = []
+        try:
+            self.process = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            self.process = None
+            return
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            try:
+                self.samples.append((time.time(), float(line.split(",")[0]) / 100))
+            except ValueError:
+                continue
+
+    def share(self, start: float, end: float) -> float | None:
+        inside = [value for when, value in self.samples if start <= when <= end]
+        return sum(inside) / len(inside) if inside else None
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+
+
+def medcli(args: list[str], limit_s: float) -> tuple[subprocess.CompletedProcess | None, float]:
+    """The command's result (None when it ran past `limit_s` and was killed) and wall seconds."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "medcli", "--quiet", *args], capture_output=True, text=True)
+    try:
+        done = subprocess.run([sys.executable, "-m", "medcli", "--quiet", *args], capture_output=True, text=True,
+                              timeout=limit_s)
+    except subprocess.TimeoutExpired:
+        done = None
     return done, time.perf_counter() - start
+
+
+def run_case(case: Case, root: Path, work: Path, device: str, peak: float | None, busy: BusySampler,
+             runs: dict, left_s: float) -> None:
+    """Run one case, filling `case.row`; a case whose run is missing or that cannot finish in
+    `left_s` is skipped with the reason."""
+    row = case.row
+    if case.on is not None and case.on not in runs:
+        row["note"] = f"skipped: no {case.on} run"
+        return
+    limit = min(case.limit_s, left_s)
+    if limit < min(case.limit_s, 30):
+        row["note"] = f"skipped: {left_s:.0f} s of the budget left"
+        return
+    if case.command == "train":
+        args = ["train", *case.args, "--root", str(root), "--runs-dir", str(work / "runs"), "--json"]
+    else:
+        args = [case.command, runs[case.on], *case.args, *(["--json"] if case.command == "evaluate" else [])]
+    started = time.time()
+    done, wall = medcli(args, limit)
+    row["wall_s"] = wall
+    if done is None or done.returncode != 0:
+        row["note"] = (f"killed at its {limit:.0f} s limit" if done is None
+                       else f"FAILED ({done.returncode}): {done.stderr.strip()[-200:]}")
+        return
+    window = (started, time.time())
+    if case.command == "train":
+        summary = json.loads(done.stdout)
+        runs[case.name] = summary["run_dir"]
+        row["images_per_s"] = summary["images_per_s"]
+        stage = json.loads((Path(summary["run_dir"]) / "manifest.json").read_text())["stages"]["train"]
+        window = tuple(datetime.fromisoformat(stage[key]).timestamp() for key in ("started", "ended"))
+        row["train_s"] = summary["train_seconds"]
+        if case.flops and peak:
+            flops = train_flops_per_image(*case.flops, device)
+            row["peak_share"] = flops * summary["images_per_s"] / (peak * 1e12)
+    elif case.command == "evaluate":
+        row["accuracy"] = json.loads(done.stdout)["test"]["metrics"]["accuracy"]
+    row["busy"] = busy.share(*window)
+
+
+def verdict(case: Case) -> str:
+    """met / missed over the targets measured; the ones that could not be (no nvidia-smi, a
+    failed step) are named."""
+    row, checks, unmeasured = case.row, [], []
+    for key, target, higher in (("wall_s", case.target_s, False), ("busy", case.target_busy, True),
+                                ("peak_share", case.target_peak, True), ("accuracy", case.target_acc, True)):
+        if target is not None and row.get(key) is None:
+            unmeasured.append(key)
+        elif target is not None:
+            checks.append(row[key] >= target if higher else row[key] <= target)
+    said = ("met" if all(checks) else "missed") if checks else "-"
+    return said + (f" ({', '.join(unmeasured)} not measured)" if unmeasured else "")
+
+
+def table(cases: list[Case]) -> None:
+    def pct(value):
+        return f"{100 * value:.1f} %" if value is not None else "-"
+
+    def target(case):
+        parts = [f"<= {case.target_s:g} s" if case.target_s else "", f"busy >= {pct(case.target_busy)}" if case.target_busy else "",
+                 f">= {pct(case.target_peak)} peak" if case.target_peak else "",
+                 f"acc >= {pct(case.target_acc)}" if case.target_acc else ""]
+        return ", ".join(p for p in parts if p) or "-"
+
+    head = f"{'case':18s} {'wall s':>7s} {'train s':>7s} {'img/s':>8s} {'peak':>7s} {'GPU busy':>8s} {'test acc':>8s}  " \
+           f"{'target':30s} verdict"
+    print("\n" + head + "\n" + "-" * len(head))
+    for case in cases:
+        row = case.row
+        number = (lambda key, fmt: format(row[key], fmt) if row.get(key) is not None else "-")
+        print(f"{case.name:18s} {number('wall_s', '7.1f'):>7s} {number('train_s', '7.1f'):>7s} "
+              f"{number('images_per_s', '8.0f'):>8s} {pct(row.get('peak_share')):>7s} {pct(row.get('busy')):>8s} "
+              f"{pct(row.get('accuracy')):>8s}  {target(case):30s} {verdict(case)}"
+              + (f"  ({row['note']})" if row.get("note") else ""))
 
 
 def root_for(source: Path, work: Path) -> Path:
@@ -76,87 +230,52 @@ def root_for(source: Path, work: Path) -> Path:
     return root
 
 
-def train_case(label: str, args: list[str], root: Path, work: Path, flops: float | None, peak: float | None,
-               runs: list) -> None:
-    done, wall = medcli("train", *args, "--root", str(root), "--runs-dir", str(work / "runs"), "--json")
-    if done.returncode != 0:
-        print(f"{label:44s} FAILED ({done.returncode}): {done.stderr.strip()[-300:]}", flush=True)
-        return
-    stage = json.loads(done.stdout)
-    run = stage["run_dir"]
-    ips = stage["images_per_s"]
-    share = f"{100 * flops * ips / (peak * 1e12):5.1f} %" if flops and peak else "   n/a"
-    print(f"{label:44s} wall {wall:7.1f} s  train {stage['train_seconds']:7.1f} s  {ips:9.0f} img/s  "
-          f"peak share {share}  best val acc {stage['best_value']:.4f}", flush=True)
-    runs.append((label, run))
-
-
-def post(runs: list) -> None:
-    for label, run in runs:
-        done, wall = medcli("evaluate", run, "--json")
-        if done.returncode != 0:
-            print(f"evaluate {label}: FAILED {done.stderr.strip()[-300:]}")
-            continue
-        test = json.loads(done.stdout)["test"]["metrics"]
-        print(f"evaluate {label:35s} {wall:6.1f} s  test accuracy {test['accuracy']:.4f}  auc {test['auc']:.4f}",
-              flush=True)
-        method = "rollout" if "vit" in label else "gradcam"
-        done, wall = medcli("explain", run, "--method", method, "--per-class", "8")
-        print(f"explain --method {method} --per-class 8 {label:18s} {wall:6.1f} s"
-              f"{'' if done.returncode == 0 else ' FAILED ' + done.stderr.strip()[-200:]}", flush=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    for case in ("resnet", "vit", "full", "post", "smoke"):
-        parser.add_argument(f"--{case}", action="store_true")
+    parser.add_argument("--cases", help="comma-separated case names (default: all, in order)")
+    parser.add_argument("--budget", type=float, default=450, help="seconds for the whole benchmark (default 450)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run on the CPU: checks the script itself")
     parser.add_argument("--peak-tflops", type=float)
     parser.add_argument("--work", type=Path, help="keep runs here (default: a temporary directory)")
     options = parser.parse_args()
+    began = time.perf_counter()
 
     import torch
 
-    chosen = {c for c in ("resnet", "vit", "full", "post", "smoke") if getattr(options, c)} or {"resnet", "vit", "post"}
-    device = "cpu" if "smoke" in chosen else "cuda"
+    cases = SMOKE if options.smoke else CASES
+    if options.cases:
+        wanted = options.cases.split(",")
+        unknown = set(wanted) - {case.name for case in cases}
+        if unknown:
+            sys.exit(f"unknown cases {sorted(unknown)}; known: {', '.join(case.name for case in cases)}")
+        cases = [case for case in cases if case.name in wanted]
+    device = "cpu" if options.smoke else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu.py needs a CUDA GPU (use --smoke to check the script on a CPU)")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     peak = peak_tflops(name, options.peak_tflops) if device == "cuda" else options.peak_tflops
-    print(f"device {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+    import timm
+
+    print(f"device {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, timm {timm.__version__}, "
           f"bf16 peak {peak or 'unknown'} TFLOP/s, {os.cpu_count()} CPUs", flush=True)
     work = options.work or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     work.mkdir(parents=True, exist_ok=True)
-    runs: list = []
-    if "smoke" in chosen:
+    if options.smoke:
         from medcli import datasets
 
         root = work / "smoke-data"
         datasets.make_synthetic(root / "bloodmnist.npz", "bloodmnist", 28, (64, 32, 32), seed=0)
-        flops = train_flops_per_image("resnet18", 28, "cpu")
-        train_case("smoke: resnet18 28 px, 1 epoch", ["--model", "resnet18", "--epochs", "1", "--batch-size", "32",
-                                                        "--device", "cpu"], root, work, flops, peak, runs)
-        post(runs)
-        return
-    root = root_for(options.data, work)
-    if "resnet" in chosen:
-        flops = train_flops_per_image("resnet18", 28, device)
-        for batch in (128, 512):
-            for compiled in (False, True):
-                train_case(f"resnet18 28 px, 60 ep, batch {batch}{', compile' if compiled else ''}",
-                           ["--model", "resnet18", "--epochs", "60", "--batch-size", str(batch),
-                            *(["--compile"] if compiled else [])], root, work, flops, peak, runs)
-    if "vit" in chosen:
-        flops = train_flops_per_image("vit", 224, device)
-        for compiled in (False, True):
-            train_case(f"vit-b/16 224 px, 10 ep, batch 256{', compile' if compiled else ''}",
-                       ["--model", "vit", "--input-size", "224", "--epochs", "10", "--batch-size", "256",
-                        *(["--compile"] if compiled else [])], root, work, flops, peak, runs)
-    if "full" in chosen:
-        train_case("default resnet18 recipe", ["--model", "resnet18"], root, work,
-                   train_flops_per_image("resnet18", 28, device), peak, runs)
-    if "post" in chosen:
-        post(runs)
+    else:
+        root = root_for(options.data, work)
+    busy, runs = BusySampler(), {}
+    try:
+        for case in cases:
+            run_case(case, root, work, device, peak, busy, runs, options.budget - (time.perf_counter() - began))
+            print(f"  {case.name}: {case.row}", flush=True)
+    finally:
+        busy.stop()
+    table(cases)
 
 
 if __name__ == "__main__":

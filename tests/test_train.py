@@ -90,29 +90,52 @@ def test_a_compiled_run_follows_the_schedule_and_equals_the_eager_run(small_root
     captured graphs as they are; inductor is too slow on 2 cores), the learning rate a
     device tensor the schedule fills in place. The history's rates, the weights and last.pt's
     rate equal the uncompiled run's within float32 rounding, interrupted after epoch 1 and
-    resumed (last.pt's lr tensor goes back into the optimizer) as here."""
+    resumed (last.pt's lr tensor goes back into the optimizer) as here. --compile-mode
+    reduce-overhead reaches torch.compile for the model (CUDA graphs; torch skips them on the
+    CPU) and every step marks a new iteration for the graphs; the resumed run keeps the mode."""
     compile_ = torch.compile
-    compiled_fns = []
+    modes, marks = [], []
 
-    def compile_eager(fn, **kw):
-        compiled_fns.append(fn)
+    def compile_eager(fn, mode=None, **kw):
+        modes.append(mode)
         return compile_(fn, backend="eager", **kw)
 
     monkeypatch.setattr(torch, "compile", compile_eager)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
     torch._dynamo.reset()
     options = dict(root=small_root, epochs=4, warmup_epochs=1.0, **{**TINY, "batch_size": 8})  # 2 steps an epoch
     eager = train.train(runs_dir=tmp_path / "eager", **options)
-    run = _interrupted_run(tmp_path / "compiled", monkeypatch, compile=True, **options)
+    assert not marks and not modes
+    run = _interrupted_run(tmp_path / "compiled", monkeypatch, compile_mode="reduce-overhead", **options)
     assert isinstance(_load(run / "checkpoints/last.pt")["optimizer"]["param_groups"][0]["lr"], torch.Tensor)
     compiled = train.resume(run)
     torch._dynamo.reset()
-    assert len(compiled_fns) == 4  # the forward and the optimizer step, before and after the interruption
+    assert compiled.config["compile"] and compiled.config["compile_mode"] == "reduce-overhead"
+    # the forward in the mode and the optimizer step, before and after the interruption
+    assert modes == ["reduce-overhead", None] * 2 and len(marks) == 4 * 2
     rates = [float(row["lr"]) for row in _history(compiled.run_dir)]
     assert len(set(rates)) == 4 and rates == pytest.approx([float(row["lr"]) for row in _history(eager.run_dir)])
     a, b = _load(eager.run_dir / "checkpoints/last.pt"), _load(compiled.run_dir / "checkpoints/last.pt")
     assert all(torch.allclose(a["model"][k].float(), b["model"][k].float(), rtol=1e-4, atol=1e-5) for k in a["model"])
     lr = b["optimizer"]["param_groups"][0]["lr"]
     assert isinstance(lr, torch.Tensor) and float(lr) == pytest.approx(a["optimizer"]["param_groups"][0]["lr"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+def test_cuda_graph_steps_follow_the_schedule_and_the_eager_run(small_root, tmp_path):
+    """--compile-mode reduce-overhead on a GPU: the forward and backward replayed as CUDA graphs
+    (inductor), the lr tensor filled between replays. The rates equal the eager run's and the
+    weights stay within the rounding of fused kernels."""
+    torch._dynamo.reset()
+    options = dict(root=small_root, epochs=4, warmup_epochs=1.0, device="cuda", amp="off",
+                   **{**TINY, "batch_size": 8})
+    eager = train.train(runs_dir=tmp_path / "eager", **options)
+    graphs = train.train(runs_dir=tmp_path / "graphs", compile_mode="reduce-overhead", **options)
+    torch._dynamo.reset()
+    rates = [float(row["lr"]) for row in _history(graphs.run_dir)]
+    assert len(set(rates)) == 4 and rates == pytest.approx([float(row["lr"]) for row in _history(eager.run_dir)])
+    a, b = _load(eager.run_dir / "checkpoints/last.pt"), _load(graphs.run_dir / "checkpoints/last.pt")
+    assert all(torch.allclose(a["model"][k].float(), b["model"][k].float(), rtol=1e-3, atol=1e-4) for k in a["model"])
 
 
 # -- warm-up once: one batch shape for validation and BatchNorm re-estimation -----------------------
