@@ -253,11 +253,11 @@ def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str, note:
     return _finish(fig, path, title, note)
 
 
-def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int) -> Path:
+def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int, best_by: str) -> Path:
     """Training curves: loss, accuracy (with validation macro F1 and AUC) and learning rate
     per epoch (train's `history`) on integer epoch ticks, the best epoch (best.pt) marked,
-    titled with the model, data and run of `manifest` and the monitored metric, and the data's
-    `provenance` as a footer."""
+    titled with the model, data and run of `manifest` and what best.pt was chosen by
+    (`best_by`, e.g. "auc (EMA, mean of 3 epochs)"), and the data's `provenance` as a footer."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -283,7 +283,7 @@ def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int) 
     axes[1].legend(fontsize=8)
     config, data = manifest["config"], manifest["dataset"]
     title = (f"{config['model']} · {data['flag']} {data['size']} px · run {manifest['run_id']}\n"
-             f"best val {config['monitor']}: epoch {best_epoch}")
+             f"best val {best_by}: epoch {best_epoch}")
     return _finish(fig, path, title, provenance(data))
 
 

@@ -533,8 +533,7 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
     final = stopped_early or state.epoch == config["epochs"]
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
         shown = select["monitor"] + (f" (EMA, mean of {select['window']} epochs)" if select["weights"] == "ema" else "")
-        written.append(reports.save_curves(files["curves"], state.history, {**run.data, "config": {**config, "monitor": shown}},
-                                           state.best["epoch"]))
+        written.append(reports.save_curves(files["curves"], state.history, run.data, state.best["epoch"], shown))
         state.curves_at = time.perf_counter()
     with writer.lock:  # the writer's thread records the checkpoints in the same stage entry
         st.summary.update(

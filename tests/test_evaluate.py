@@ -317,9 +317,10 @@ def test_training_curves_name_the_run_mark_the_best_epoch_on_integer_ticks(figur
                 "val_f1": 0.4, "val_auc": 0.8, "lr": 1e-3} for e in range(1, 6)]
     manifest = {"run_id": "20260101-000000_bloodmnist28_resnet18", "config": {"model": "resnet18", "monitor": "acc"},
                 "dataset": {"flag": "bloodmnist", "size": 28, "sample": True, "official": False}}
-    reports.save_curves(tmp_path / "curves.png", history, manifest, best_epoch=3)
+    reports.save_curves(tmp_path / "curves.png", history, manifest, best_epoch=3, best_by="auc (EMA, mean of 3 epochs)")
     fig = figures[0]
-    assert all(part in fig.get_suptitle() for part in ("resnet18", "bloodmnist 28 px", manifest["run_id"], "epoch 3"))
+    assert all(part in fig.get_suptitle() for part in ("resnet18", "bloodmnist 28 px", manifest["run_id"], "epoch 3",
+                                                       "best val auc (EMA, mean of 3 epochs)"))
     assert "embedded PBC sample" in _texts(fig)
     for ax in fig.axes:
         assert all(float(t).is_integer() for t in ax.get_xticks())
