@@ -134,6 +134,11 @@ class Writer:
         for path, copy in zip(contents, copies):
             self._pending[path] = self._thread.submit(self._write, path, copy, ready)
 
+    def busy(self, path: Path) -> bool:
+        """Whether an earlier write of `path` is still under way."""
+        future = self._pending.get(path)
+        return future is not None and not future.done()
+
     def _write(self, path: Path, content: dict, ready: list) -> str:
         for event in ready:  # the host copies are complete
             event.synchronize()

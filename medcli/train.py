@@ -10,7 +10,8 @@ augmented, resized and normalised on the device (`medcli.augment`). There is no 
 at 28 px the model, not the data, is the cost.
 
 Every epoch writes `checkpoints/last.pt` (model, optimizer, scheduler, scaler, RNG states,
-history, the weights' EMA and the monitored values), `checkpoints/best.pt` when the run's
+history, the weights' EMA and the monitored values; skipped, not waited for, while the
+previous one is still being written, except after the last epoch), `checkpoints/best.pt` when the run's
 best-checkpoint rule (`medcli.selection`: epoch by epoch, or the mean of a window of epochs
 of the EMA weights on a small validation split) improves or ties (the later of equal
 epochs: it trained longer at a lower learning rate),
@@ -285,7 +286,7 @@ def check_finite(model, epoch: int, config: dict) -> None:
     if torch.stack(largest).isfinite().all():
         return
     hint = "lower --lr" + (" or train with --amp bf16" if config["amp"] == "fp16" else "")
-    kept = f"last.pt keeps epoch {epoch - 1}" if epoch > 1 else "no checkpoint was written"
+    kept = "last.pt keeps an earlier epoch" if epoch > 1 else "no checkpoint was written"
     raise MedcliError(f"training diverged in epoch {epoch}: the weights are no longer finite ({kept}); {hint}")
 
 
@@ -526,11 +527,12 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
     files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best"),
              "history": run.history_file(), "curves": run.figure_file("curves")}
     written = [files["history"]]  # hashed here; the checkpoints are hashed as they are written
+    final = stopped_early or state.epoch == config["epochs"]
     saved = {files["best"]: checkpoints.payload(state, val, full=False, device=device, model=ranked)} if is_best else {}
-    saved[files["last"]] = checkpoints.payload(state, val, full=True, device=device)
+    if final or not writer.busy(files["last"]):  # never wait for the disk: a later epoch's last.pt will do
+        saved[files["last"]] = checkpoints.payload(state, val, full=True, device=device)
     writer.write(saved, device)  # an unchanged best.pt keeps its file and hash
     tables.write_table(files["history"], state.history, HISTORY_COLUMNS)
-    final = stopped_early or state.epoch == config["epochs"]
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
         shown = select["monitor"] + (f" (EMA, mean of {select['window']} epochs)" if select["weights"] == "ema" else "")
         written.append(reports.save_curves(files["curves"], state.history, run.data, state.best["epoch"], shown))

@@ -247,3 +247,36 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_and_resume_matche
     assert data["stages"]["train"]["status"] == "completed"
     for name in ("last.pt", "best.pt"):
         assert data["stages"]["train"]["artefacts"][f"checkpoints/{name}"] == _sha256(run / "checkpoints" / name)
+
+
+def test_a_last_pt_still_being_written_is_skipped_not_waited_for_and_the_final_one_is_written(
+        synthetic_root, tmp_path, monkeypatch):
+    """Training never waits for the disk: while epoch 1's last.pt is still being written (held
+    here until epoch 2 is recorded) epoch 2 writes none; best.pt is always written, and the
+    last epoch's last.pt is. The manifest's hash is the final file's."""
+    from medcli import train
+
+    release, written = threading.Event(), []
+    write, record = checkpoints.write, train._record_epoch
+
+    def held(path, content):
+        if path.name == "last.pt" and content["epoch"] == 1:
+            assert release.wait(timeout=30)
+        written.append((path.name, content["epoch"]))
+        return write(path, content)
+
+    def recorded(run, st, state, *args):
+        record(run, st, state, *args)
+        if state.epoch == 2:
+            release.set()
+
+    monkeypatch.setattr(checkpoints, "write", held)
+    monkeypatch.setattr(train, "_record_epoch", recorded)
+    run = train.train(root=synthetic_root, runs_dir=tmp_path, epochs=4, monitor="loss", model="timm:test_resnet",
+                      batch_size=64, seed=0)
+    lasts = [epoch for name, epoch in written if name == "last.pt"]
+    assert lasts[0] == 1 and 2 not in lasts and lasts[-1] == 4  # epoch 3: written if epoch 1's was done by then
+    assert [epoch for name, epoch in written if name == "best.pt"] == [1, 2, 3, 4]  # val loss falls every epoch
+    final = checkpoints.read(run.checkpoint_path("last"))
+    assert final["epoch"] == 4 and len(final["history"]) == 4
+    assert run.stages["train"]["artefacts"]["checkpoints/last.pt"] == _sha256(run.checkpoint_path("last"))
