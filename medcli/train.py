@@ -529,7 +529,8 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
     written = [files["history"]]  # hashed here; the checkpoints are hashed as they are written
     final = stopped_early or state.epoch == config["epochs"]
     saved = {files["best"]: checkpoints.payload(state, val, full=False, device=device, model=ranked)} if is_best else {}
-    if final or not writer.busy(files["last"]):  # never wait for the disk: a later epoch's last.pt will do
+    skip_last = not final and writer.busy(files["last"])  # never wait for the disk: a later epoch's will do
+    if not skip_last:
         saved[files["last"]] = checkpoints.payload(state, val, full=True, device=device)
     writer.write(saved, device)  # an unchanged best.pt keeps its file and hash
     tables.write_table(files["history"], state.history, HISTORY_COLUMNS)
@@ -543,6 +544,7 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
             **selection.best_record(state.best, select, config["epochs"]),
             train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
             images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,  # all processes' images
+            last_skipped=st.summary.get("last_skipped", 0) + skip_last,  # epochs whose last.pt was not written
         )
         st.add(*written)
 

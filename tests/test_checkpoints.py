@@ -276,6 +276,7 @@ def test_a_last_pt_still_being_written_is_skipped_not_waited_for_and_the_final_o
                       batch_size=64, seed=0)
     lasts = [epoch for name, epoch in written if name == "last.pt"]
     assert lasts[0] == 1 and 2 not in lasts and lasts[-1] == 4  # epoch 3: written if epoch 1's was done by then
+    assert run.stages["train"]["summary"]["last_skipped"] == 4 - len(lasts)
     assert [epoch for name, epoch in written if name == "best.pt"] == [1, 2, 3, 4]  # val loss falls every epoch
     final = checkpoints.read(run.checkpoint_path("last"))
     assert final["epoch"] == 4 and len(final["history"]) == 4
