@@ -26,7 +26,7 @@ from medcli.errors import UsageError
 
 __all__ = [
     "Augment", "Axes", "Draws", "MODALITIES", "ORIENTED", "apply", "draw", "draw_epoch", "draw_mixup", "flips_help",
-    "for_dataset", "make_prep", "mixup", "preprocess", "source", "take", "test_views", "train_batch",
+    "for_dataset", "make_prep", "preprocess", "source", "take", "test_views",
 ]
 
 # Per-channel statistics used to normalise inputs from scratch: 0.5/0.5 maps [0, 1] to
@@ -82,7 +82,7 @@ def preprocess(x, prep: dict):
 def _resize(x, size: int):
     """float (B, C, H, W) -> (B, C, size, size), bilinear, antialiased when downscaling.
 
-    The one resize both evaluation (`preprocess`) and training (`train_batch`) use, so the
+    The one resize both evaluation (`preprocess`) and training (`apply`) use, so the
     model sees the same pixels in both.
     """
     import torch.nn.functional as F
@@ -350,12 +350,6 @@ def apply(x, prep: dict, aug: Augment, params: dict):
     return _normalise(out, prep)
 
 
-def train_batch(x, prep: dict, aug: Augment, generator):
-    """`apply` with parameters freshly drawn from `generator` (a CPU generator whatever x's
-    device) for this batch."""
-    return apply(x, prep, aug, draw(x.shape[0], aug, generator))
-
-
 def draw_mixup(n: int, alpha: float, generator) -> tuple:
     """(lam, perm) of MixUp for a batch of n: one weight lam ~ Beta(alpha, alpha) per batch (as
     in the MixUp paper and timm) and the partner of each sample (perm, on the CPU). torch's
@@ -414,13 +408,3 @@ def draw_epoch(steps: int, batch: int, aug: Augment, alpha: float, generator) ->
     stacked = {key: torch.stack([step[key] for step in params]) for key in (params[0] if params else {})}
     lams = [_beta(seed, alpha) for seed in torch.cat(seeds).tolist()] if seeds else []
     return Draws(stacked, lams, torch.stack(perms) if perms else None)
-
-
-def mixup(x, targets, alpha: float, generator):
-    """MixUp: x and soft `targets` (B, classes) blended with a shuffled copy of the batch.
-    Returns (x, targets, lam, perm), perm on x's device."""
-    import torch
-
-    lam, perm = draw_mixup(x.shape[0], alpha, generator)
-    perm = perm.to(x.device, non_blocking=True)
-    return torch.lerp(x[perm], x, lam), torch.lerp(targets[perm], targets, lam), lam, perm

@@ -19,6 +19,14 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
+def _mixup(x, targets, alpha, generator):
+    """MixUp as training does it: x and soft `targets` blended with a shuffled copy of the
+    batch by `draw_mixup`'s weight. Returns (x, targets, lam, perm), perm on x's device."""
+    lam, perm = augment.draw_mixup(x.shape[0], alpha, generator)
+    perm = perm.to(x.device, non_blocking=True)
+    return torch.lerp(x[perm], x, lam), torch.lerp(targets[perm], targets, lam), lam, perm
+
+
 def test_preprocess_scales_normalises_and_resizes():
     prep = augment.make_prep(28, 3)
     x = torch.zeros(2, 3, 28, 28, dtype=torch.uint8)
@@ -41,7 +49,8 @@ def test_preprocess_scales_normalises_and_resizes():
 def test_no_augmentation_equals_preprocess():
     x = _batch()
     prep = augment.make_prep(28, 3)
-    assert torch.allclose(augment.train_batch(x, prep, NONE, _gen()), augment.preprocess(x, prep), atol=1e-5)
+    out = augment.apply(x, prep, NONE, augment.draw(x.shape[0], NONE, _gen()))
+    assert torch.allclose(out, augment.preprocess(x, prep), atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["hflip", "vflip", "rot90"])
@@ -50,7 +59,7 @@ def test_flips_and_quarter_turns_are_exact_and_cover_all_cases(kind):
     prep = augment.make_prep(28, 3)
     ref = augment.preprocess(x, prep)
     aug = augment.Augment(**{**NONE.to_dict(), kind: True})
-    out = augment.train_batch(x, prep, aug, _gen(1))
+    out = augment.apply(x, prep, aug, augment.draw(x.shape[0], aug, _gen(1)))
     candidates = {
         "hflip": [lambda t: t, lambda t: t.flip(-1)],
         "vflip": [lambda t: t, lambda t: t.flip(-2)],
@@ -69,12 +78,12 @@ def test_augmentation_is_seeded_and_varies_per_sample():
     x = _batch()
     prep = augment.make_prep(32, 3)
     aug = augment.Augment(degrees=15, crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2)
-    a = augment.train_batch(x, prep, aug, _gen(3))
-    b = augment.train_batch(x, prep, aug, _gen(3))
-    c = augment.train_batch(x, prep, aug, _gen(4))
+    a = augment.apply(x, prep, aug, augment.draw(x.shape[0], aug, _gen(3)))
+    b = augment.apply(x, prep, aug, augment.draw(x.shape[0], aug, _gen(3)))
+    c = augment.apply(x, prep, aug, augment.draw(x.shape[0], aug, _gen(4)))
     assert a.shape == (16, 3, 32, 32) and torch.equal(a, b) and not torch.equal(a, c)
     same = x[:1].expand(8, -1, -1, -1).contiguous()  # one image, eight different draws
-    outs = augment.train_batch(same, prep, aug, _gen(5))
+    outs = augment.apply(same, prep, aug, augment.draw(same.shape[0], aug, _gen(5)))
     assert len({tuple(o.flatten()[:50].tolist()) for o in outs}) == 8
     assert torch.isfinite(a).all() and a.min() >= -1 - 1e-5 and a.max() <= 1 + 1e-5
 
@@ -82,7 +91,8 @@ def test_augmentation_is_seeded_and_varies_per_sample():
 def test_grayscale_batches():
     x = _batch(4, c=1)
     prep = augment.make_prep(64, 1, IMAGENET)
-    out = augment.train_batch(x, prep, augment.Augment(degrees=10), _gen())
+    aug = augment.Augment(degrees=10)
+    out = augment.apply(x, prep, aug, augment.draw(x.shape[0], aug, _gen()))
     assert out.shape == (4, 1, 64, 64) and len(prep["mean"]) == 1
 
 
@@ -90,7 +100,7 @@ def test_mixup_mixes_inputs_and_soft_targets():
     x = torch.randn(32, 3, 8, 8)
     labels = torch.arange(32) % 4
     targets = torch.nn.functional.one_hot(labels, 4).float()
-    mixed_x, mixed_t, lam, perm = augment.mixup(x, targets, 0.4, _gen(7))
+    mixed_x, mixed_t, lam, perm = _mixup(x, targets, 0.4, _gen(7))
     assert 0.0 < lam < 1.0 and not torch.equal(perm, torch.arange(32))
     assert torch.allclose(mixed_t.sum(1), torch.ones(32))
     moved = labels != labels[perm]
@@ -98,7 +108,7 @@ def test_mixup_mixes_inputs_and_soft_targets():
     assert torch.allclose(mixed_t[moved].max(1).values, torch.full((int(moved.sum()),), max(lam, 1 - lam)))
     assert torch.allclose(mixed_t, lam * targets + (1 - lam) * targets[perm])
     assert torch.allclose(mixed_x, lam * x + (1 - lam) * x[perm], atol=1e-6)
-    again = augment.mixup(x, targets, 0.4, _gen(7))
+    again = _mixup(x, targets, 0.4, _gen(7))
     assert again[2] == lam and torch.equal(again[3], perm)
 
 
@@ -133,8 +143,8 @@ def test_crop_scale_really_zooms_in():
     x[:, :, 7:21, 7:21] = 255  # centred 14x14 square, 25% of the area
     prep = augment.make_prep(28, 1)
     zoom = augment.Augment(hflip=False, vflip=False, rot90=False, crop_scale=(0.25, 0.25), brightness=0.0, contrast=0.0)
-    plain = augment.train_batch(x, prep, NONE, _gen())
-    zoomed = augment.train_batch(x, prep, zoom, _gen())
+    plain = augment.apply(x, prep, NONE, augment.draw(x.shape[0], NONE, _gen()))
+    zoomed = augment.apply(x, prep, zoom, augment.draw(x.shape[0], zoom, _gen()))
     bright = lambda batch: (batch > 0).float().mean().item()  # noqa: E731 - share of bright pixels
     assert bright(plain) == pytest.approx(0.25, abs=0.02)
     assert bright(zoomed) > 0.25 + 0.1  # the square covers more of every output
@@ -149,9 +159,10 @@ def test_training_resizes_exactly_like_evaluation(source, size):
     x = _batch(32, size=source)
     prep = augment.make_prep(size, 3)
     ref = augment.preprocess(x, prep)
-    assert torch.allclose(augment.train_batch(x, prep, NONE, _gen()), ref, atol=1e-4)  # no geometry
+    plain = augment.apply(x, prep, NONE, augment.draw(x.shape[0], NONE, _gen()))
+    assert torch.allclose(plain, ref, atol=1e-4)  # no geometry
     flips = augment.Augment(**{**NONE.to_dict(), "hflip": True})
-    out = augment.train_batch(x, prep, flips, _gen(2))
+    out = augment.apply(x, prep, flips, augment.draw(x.shape[0], flips, _gen(2)))
     assert out.shape == ref.shape
     mirrored = 0
     for i in range(x.shape[0]):
@@ -198,8 +209,8 @@ def test_random_stream_is_drawn_on_the_cpu_whatever_the_batch_device(monkeypatch
     for device in ("cpu", "meta"):
         generator = _gen(3)
         drawn.clear()
-        out = augment.train_batch(x.to(device), prep, aug, generator)
-        mixed_x, mixed_t, lam, perm = augment.mixup(out, targets.to(device), 0.4, generator)
+        out = augment.apply(x.to(device), prep, aug, augment.draw(x.shape[0], aug, generator))
+        mixed_x, mixed_t, lam, perm = _mixup(out, targets.to(device), 0.4, generator)
         assert out.shape == (8, 3, 28, 28) and {t.device.type for t in (out, mixed_x, mixed_t, perm)} == {device}
         runs[device] = (list(drawn), lam, generator.get_state())
     (cpu_draws, cpu_lam, cpu_state), (meta_draws, meta_lam, meta_state) = runs["cpu"], runs["meta"]
@@ -211,10 +222,11 @@ def test_non_cpu_generators_are_refused():
     class Accelerator:  # stands in for torch.Generator(device="cuda") on a machine without one
         device = torch.device("cuda")
 
+    x, aug = _batch(2), augment.Augment()
     with pytest.raises(ValueError, match="CPU torch.Generator"):
-        augment.train_batch(_batch(2), augment.make_prep(28, 3), augment.Augment(), Accelerator())
+        augment.apply(x, augment.make_prep(28, 3), aug, augment.draw(x.shape[0], aug, Accelerator()))
     with pytest.raises(ValueError, match="CPU torch.Generator"):
-        augment.mixup(torch.zeros(2, 3, 4, 4), torch.zeros(2, 2), 0.4, Accelerator())
+        _mixup(torch.zeros(2, 3, 4, 4), torch.zeros(2, 2), 0.4, Accelerator())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -224,15 +236,15 @@ def test_cuda_batches_follow_the_cpu_stream():
     prep = augment.make_prep(28, 3)
     aug = augment.Augment(degrees=15, crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2)
     cpu_gen, cuda_gen = _gen(3), _gen(3)
-    cpu = augment.train_batch(x, prep, aug, cpu_gen)
-    cuda = augment.train_batch(x.cuda(), prep, aug, cuda_gen)
+    cpu = augment.apply(x, prep, aug, augment.draw(x.shape[0], aug, cpu_gen))
+    cuda = augment.apply(x.cuda(), prep, aug, augment.draw(x.shape[0], aug, cuda_gen))
     assert cuda.is_cuda and torch.allclose(cuda.cpu(), cpu, atol=1e-3)
-    _, _, cpu_lam, cpu_perm = augment.mixup(cpu, targets, 0.4, cpu_gen)
-    _, _, cuda_lam, cuda_perm = augment.mixup(cuda, targets.cuda(), 0.4, cuda_gen)
+    _, _, cpu_lam, cpu_perm = _mixup(cpu, targets, 0.4, cpu_gen)
+    _, _, cuda_lam, cuda_perm = _mixup(cuda, targets.cuda(), 0.4, cuda_gen)
     assert cuda_lam == cpu_lam and torch.equal(cuda_perm.cpu(), cpu_perm)
     assert torch.equal(cuda_gen.get_state(), cpu_gen.get_state())
     with pytest.raises(ValueError, match="CPU torch.Generator"):
-        augment.train_batch(x.cuda(), prep, aug, torch.Generator(device="cuda"))
+        augment.apply(x.cuda(), prep, aug, augment.draw(x.shape[0], aug, torch.Generator(device="cuda")))
 
 
 @pytest.mark.parametrize("flag, axes", [
