@@ -29,6 +29,7 @@ __all__ = [
 ]
 
 _DPI = 130
+_CAPTION_PT, _CAPTION_CHARS = 6.5, 30  # a grid tile's caption: font size, characters per line (1.6-inch cell)
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,12 +105,20 @@ def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str]
     return _finish(fig, path, title, note)
 
 
+def _caption_lines(caption: str, width: int = _CAPTION_CHARS) -> list[str]:
+    """A tile's caption wrapped to the tile's width: at spaces, and after the "+" that joins a
+    multi-label sample's labels (never inside a name)."""
+    return [wrapped.replace("+ ", "+") for line in caption.split("\n")
+            for wrapped in textwrap.wrap(line.replace("+", "+ "), width) or [""]]
+
+
 def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequence[bool], title: str,
                 note: str | None, empty: str = "nothing to show", columns: int = 8) -> Path:
     """Thumbnails with a caption each; a green frame marks a right prediction, red a wrong one.
 
     The tiles are composed into one mosaic array drawn on a single axes: one image instead of
-    32 subplots keeps a grid at a fraction of a second.
+    32 subplots keeps a grid at a fraction of a second. Each cell is 1.6 inches wide; captions
+    are wrapped to it and the caption row grows with the longest one.
     """
     from matplotlib.colors import to_rgb
     from matplotlib.figure import Figure
@@ -119,9 +128,12 @@ def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequen
     height, width = (images.shape[1], images.shape[2]) if n else (28, 28)
     frame = max(1, height // 14)
     cell_h, cell_w = height + 2 * frame, width + 2 * frame
-    gap, caption_h = max(2, cell_w // 8), cell_h // 2  # room under each tile for a two-line caption
-    mosaic = np.ones((rows * (cell_h + caption_h), columns * (cell_w + gap), 3))
+    gap = max(2, cell_w // 8)
     inch = 1.6 / (cell_w + gap)
+    titles = ["\n".join(_caption_lines(caption)) for caption in titles]
+    lines = max((caption.count("\n") + 1 for caption in titles), default=2)
+    caption_h = max(cell_h // 2, int(np.ceil((lines * _CAPTION_PT * 1.3 / 72 + 0.08) / inch)))
+    mosaic = np.ones((rows * (cell_h + caption_h), columns * (cell_w + gap), 3))
     fig = Figure(figsize=(mosaic.shape[1] * inch, mosaic.shape[0] * inch + 0.5), layout="constrained")
     ax = fig.subplots()
     ax.set_axis_off()
@@ -132,7 +144,8 @@ def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequen
         tile = image.astype(np.float64) / 255.0
         mosaic[top + frame:top + frame + height, left + frame:left + frame + width] = (
             np.repeat(tile, 3, axis=-1) if tile.shape[-1] == 1 else tile)
-        ax.text(left + cell_w / 2, top + cell_h + 0.5, caption, ha="center", va="top", fontsize=6.5, color=colour)
+        ax.text(left + cell_w / 2, top + cell_h + 0.5, caption, ha="center", va="top", fontsize=_CAPTION_PT,
+                color=colour)
     ax.imshow(mosaic, interpolation="nearest")
     if n == 0:
         ax.text(0.5, 0.5, empty, ha="center", va="center", transform=ax.transAxes)
@@ -196,23 +209,32 @@ def save_task_confusion(path, tables: Sequence[tuple], title: str, note: str | N
     return _save_confusion_grid(path, tables, title, normalize=bool(normalize), note=note)
 
 
+_LINE_STYLES = ("-", "--", ":", "-.")
+_LEGEND_INSIDE = 8  # ROC / precision-recall legends with more entries go below the plots
+
+
 def save_roc(path, curves: Sequence[dict], title: str, note: str | None = None) -> Path:
     """ROC curves (left) and precision-recall curves (right), one line per class or label
     (`tables.roc_curves`), each legend giving the class's AUC or average precision (AP); the
     precision-recall title gives the macro average of the APs."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 5), layout="constrained")
+    fig = Figure(figsize=(11, 5 + 0.16 * max(0, len(curves) - _LEGEND_INSIDE) / 2), layout="constrained")
     roc_ax, pr_ax = fig.subplots(1, 2)
-    for curve, name in zip(curves, _wrapped([c["name"] for c in curves], width=30)):
-        roc_ax.plot(curve["fpr"], curve["tpr"], lw=1.2, label=f"{name} (AUC {curve['auc']:.3f})")
-        pr_ax.plot(curve["recall"], curve["precision"], lw=1.2, drawstyle="steps-post",
+    for k, (curve, name) in enumerate(zip(curves, _wrapped([c["name"] for c in curves], width=30))):
+        # ten colours, then the same colours dashed, dotted...: no two curves look alike
+        style = {"lw": 1.2, "color": f"C{k % 10}", "ls": _LINE_STYLES[k // 10 % len(_LINE_STYLES)]}
+        roc_ax.plot(curve["fpr"], curve["tpr"], **style, label=f"{name} (AUC {curve['auc']:.3f})")
+        pr_ax.plot(curve["recall"], curve["precision"], **style, drawstyle="steps-post",
                    label=f"{name} (AP {curve['ap']:.3f})")
     roc_ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
     macro_ap = f" (macro AP {np.mean([c['ap'] for c in curves]):.3f})" if curves else ""
     pr_ax.set(xlabel="recall", ylabel="precision", title=f"precision-recall{macro_ap}", xlim=(0, 1), ylim=(0, 1.01))
-    if curves:
+    if len(curves) > _LEGEND_INSIDE:  # a legend that long would hide the curves: below each plot
+        for ax in (roc_ax, pr_ax):
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, handlelength=2.6)
+    elif curves:
         roc_ax.legend(fontsize=7, loc="lower right")
         pr_ax.legend(fontsize=7, loc="lower left")
     else:

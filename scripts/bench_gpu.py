@@ -29,6 +29,7 @@ Peak bf16 dense TFLOP/s is looked up from the device name (override with --peak-
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -89,8 +90,9 @@ def peak_tflops(name: str, override: float | None) -> float | None:
     return max(matches) if matches else None
 
 
+@functools.cache
 def train_flops_per_image(model_name: str, input_size: int, device: str) -> float:
-    """Forward + backward FLOPs of one training image (counted on a batch of 8)."""
+    """Forward + backward FLOPs of one training image (counted once per model, on a batch of 8)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 

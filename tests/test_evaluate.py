@@ -359,6 +359,41 @@ def test_the_precision_recall_panel_has_a_legend_with_average_precision(figures,
     assert pr.get_title() == f"precision-recall (macro AP {np.mean([c['ap'] for c in curves]):.3f})"
 
 
+def test_roc_curves_of_many_labels_look_different_and_their_legends_leave_the_plots_free(figures, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medcli import reports
+
+    rng = np.random.default_rng(0)
+    labels = rng.random((200, 14)) < 0.3  # ChestMNIST's 14 labels: more than matplotlib's 10 colours
+    curves = tables.roc_curves(labels, rng.random((200, 14)), [f"finding {k}" for k in range(14)], range(14))
+    reports.save_roc(tmp_path / "roc.png", curves, "roc")
+    fig = figures[0]
+    FigureCanvasAgg(fig).draw()
+    for ax in fig.axes[:2]:
+        lines = [line for line in ax.get_lines() if line.get_label() in {t.get_text() for t in ax.get_legend().get_texts()}]
+        assert len({(line.get_color(), line.get_linestyle()) for line in lines}) == len(lines) == 14
+        legend, plot = ax.get_legend().get_window_extent(), ax.get_window_extent()
+        assert legend.y1 <= plot.y0 and legend.y0 >= 0 and legend.x0 >= 0 and legend.x1 <= fig.bbox.x1
+
+
+def test_long_multi_label_captions_are_wrapped_to_their_tile(figures, tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medcli import reports
+
+    names = "atelectasis+nodule+consolidation+cardiomegaly"
+    images = np.zeros((16, 28, 28, 1), dtype=np.uint8)
+    reports.save_samples(tmp_path / "samples.png", images, ([names] * 16, [names] * 16, [False] * 16, [0.5] * 16), "s")
+    fig = figures[0]
+    FigureCanvasAgg(fig).draw()
+    captions = [text for text in fig.axes[0].texts if text.get_text().startswith("T:")]
+    boxes = [text.get_window_extent() for text in captions]
+    assert len(boxes) == 16 and all(box.x0 >= 0 and box.x1 <= fig.bbox.x1 for box in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+    assert "".join(captions[0].get_text().split("\n")).startswith(f"T: {names}")  # wrapped after a "+", never cut
+
+
 def test_sample_captions_give_the_confidence_and_an_empty_mistakes_figure_says_why(figures, tmp_path):
     from medcli import reports
 
