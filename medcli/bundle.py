@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,13 +147,15 @@ class Opened:
         return views if tta else {"identity": views["identity"]}
 
 
-def open_model(source: str | os.PathLike, checkpoint: str = "best", device="cpu") -> Opened:
+def open_model(source: str | os.PathLike, checkpoint: str | None = None, device="cpu") -> Opened:
     """A run directory (or its manifest), an exported `.onnx` file or a TorchScript `.pt`
-    file with its sidecar, opened for prediction on `device` (ONNX Runtime runs on the CPU)."""
+    file with its sidecar, opened for prediction on `device` (ONNX Runtime runs on the CPU).
+    `checkpoint`: a run's (None: best); an exported file holds one, and another is refused."""
     path = Path(source).expanduser()
     kind = next((name for name, suffix in FORMATS.items() if path.suffix == suffix and path.is_file()), None)
     if kind is None:
         run = Run.open(path)
+        checkpoint = checkpoint or "best"
         return Opened(run.load_model(checkpoint, device), describe(run, checkpoint), "run", run.run_dir, run)
     card_path = sidecar_path(path)
     if not card_path.is_file():
@@ -164,6 +167,10 @@ def open_model(source: str | os.PathLike, checkpoint: str = "best", device="cpu"
         raise UsageError(f"cannot read {card_path} ({' '.join(str(exc).split())}); export the model again") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise UsageError(f"{card_path} is not a medcli model description; export the model with 'medcli export RUN'")
+    if checkpoint is not None and checkpoint != card.get("checkpoint"):
+        raise UsageError(f"{path.name} was exported from the {card.get('checkpoint')} checkpoint; --checkpoint applies "
+                         f"to run directories (export the {checkpoint} one with 'medcli export RUN --checkpoint "
+                         f"{checkpoint}')")
     return Opened(load_exported(kind, path, device), card, kind, path)
 
 
@@ -198,7 +205,9 @@ def _torchscript_module(path: Path, device):
     import torch
 
     try:
-        return torch.jit.load(str(path), map_location=device).eval()
+        with warnings.catch_warnings():  # torch.jit.load is deprecated for torch.export, which has no portable file
+            warnings.filterwarnings("ignore", r"`torch\.jit\.\w+` is deprecated", FutureWarning)
+            return torch.jit.load(str(path), map_location=device).eval()
     except (RuntimeError, ValueError) as exc:
         raise UsageError(f"{path} is not a readable TorchScript model ({' '.join(str(exc).split())[:200]}); "
                          "export it again") from None

@@ -432,11 +432,13 @@ def predict(
         "Apply the temperature of the run's calibrated evaluation (evaluate --calibrate)."))] = False,
     explain: Annotated[Optional[ExplainMethod], typer.Option(help=(
         "Also write one overlay per image (image, map, overlay) into OUT's name + _METHOD/; needs --out and a run."))] = None,
-    checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt or last.pt (a run only).")] = Checkpoint.best,
+    checkpoint: Annotated[Optional[Checkpoint], typer.Option(show_default=False, help=(
+        "A run's best.pt (the default) or last.pt; an exported file predicts with the checkpoint it was exported from."))] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images read and predicted at a time.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (ONNX models run on the CPU).")] = "auto",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help=(
-        "Exit 0 when some files cannot be read (they are listed on stderr and left out); default: exit 2."))] = False,
+        "Exit 0 when some files cannot be read (they are listed on stderr and left out); default: exit 2. "
+        "None readable is always exit 2."))] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out (and its overlays).")] = False,
     json_output: Annotated[bool, typer.Option("--json", help=(
         "Print JSON instead of CSV: one record per image, the files that failed, and the model used."))] = False,
@@ -451,7 +453,8 @@ def predict(
     from medcli import predict as library
 
     result = library.predict_files(model, paths, out=out, tta=tta, calibrated=calibrated,
-                                   explain=explain.value if explain else None, checkpoint=checkpoint.value,
+                                   explain=explain.value if explain else None,
+                                   checkpoint=checkpoint.value if checkpoint else None,
                                    batch_size=batch_size, device=device, overwrite=overwrite)
     table = result["table"]
     if json_output:

@@ -123,9 +123,9 @@ def _torchscript(model, example, path: Path) -> dict:
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # trace is deprecated in favour of torch.export, which has no portable file
+            warnings.simplefilter("ignore")  # trace and save are deprecated for torch.export, which has no portable file
             traced = torch.jit.trace(model, example)
-        torch.jit.save(traced, str(path))
+            torch.jit.save(traced, str(path))
     except Exception as exc:
         raise MedcliError(f"TorchScript export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
     return {"torchscript": "torch.jit.trace"}

@@ -5,13 +5,14 @@ converted to a dataset's channels and size, the way MedMNIST built its own image
   hidden entries skipped, a stable order by path parts) and glob patterns -> files, each once.
 - `read(path, target)`: every image in one file as (name, uint8 (size, size, channels)).
 - `batches(paths, target, batch)`: the same, streamed in batches with per-file failures; a
-  file that fails never stops the others.
+  file that fails never stops the others (a missing optional package, as pydicom, does).
 
 Conversions, and why:
 
 - Bit depth. 16- and 32-bit integer images are scaled by the full range of their type
-  (uint16: x * 255 / 65535, rounded; mode 'I' holding 16-bit data, as TIFF and PNG write
-  it, uses 65535 too). A fixed scale, never a per-image min..max stretch, keeps
+  (uint16: x * 255 / 65535, rounded). A 32-bit image (mode 'I') whose values fit 16 bits
+  (0..65535, or -32768..32767) is 16-bit data, as PNG and a TIFF saved from an int32 array
+  hold it: it is scaled as such. A fixed scale, never a per-image min..max stretch, keeps
   intensities comparable between files: a dark image stays dark, as it would in the
   dataset. Float images ('F') are taken as values in [0, 1]: x * 255, clipped to 0..255.
 - DICOM stores raw detector or Hounsfield values and no 8-bit display range except its
@@ -21,6 +22,9 @@ Conversions, and why:
 - Channels. For a one-channel dataset, RGB becomes grayscale through PIL's convert("L")
   (ITU-R 601-2 luma); for a three-channel dataset, grayscale is repeated into 3 channels.
   Alpha is dropped (ignored, not composited); palette images become RGB first.
+- Orientation. A frame is turned as its EXIF Orientation tag says (phones store photos
+  unturned and tag them); of an MPO file (a phone JPEG with preview or depth frames after
+  the photo) only the first frame is read.
 - Size. A non-square image is centre-cropped to a square (its shorter side), then resized
   to the dataset's side with PIL's BICUBIC resampling: how MedMNIST built its images from
   the sources (the PBC-derived BloodMNIST too). An image already at the dataset's size and
@@ -43,7 +47,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 from medcli import console
 from medcli.errors import EXIT_FAILURE, UsageError
@@ -59,8 +63,8 @@ SUFFIXES = PIL_SUFFIXES + ARRAY_SUFFIXES + DICOM_SUFFIXES
 _GLOB_CHARS = "*?["
 _SPLIT_ORDER = ("train_images", "val_images", "test_images")
 _CHUNK = 256  # images read from an array file at a time
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError,
-               Image.DecompressionBombError)
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError)
+_ORIENTATION = 0x0112  # the EXIF Orientation tag
 _NPY_LAYOUTS = "(N, H, W), (N, H, W, C), (H, W) or (H, W, C) with C 1 or 3"
 
 _notes: set[str] = set()
@@ -200,25 +204,32 @@ def _to_8bit(img: Image.Image, path: Path) -> Image.Image:
     raise BadFile(f"unsupported image mode {mode}; save it as 8- or 16-bit grayscale or RGB", path=path)
 
 
-def _integer_range(img: Image.Image, values: np.ndarray) -> tuple[int, int, int]:
-    """(low, high, bits) of an integer image's type: its dtype, or for mode 'I' (int32 in
-    memory) what the file declares (TIFF BitsPerSample / SampleFormat), else 16-bit data."""
+def _integer_range(img: Image.Image, values: np.ndarray) -> tuple[int, int, int, int]:
+    """(low, high, bits, declared bits) of an integer image: the full range of its type, its
+    dtype, or for mode 'I' (int32 in memory) what the file declares (TIFF BitsPerSample /
+    SampleFormat). Mode 'I' declaring nothing (PNG and others) or 32 bits is 16-bit data
+    when its values fit 16 bits (0..65535, else -32768..32767): a 16-bit image saved from an
+    int32 array would be a flat grey by the int32 range."""
     if img.mode != "I":
         info = np.iinfo(values.dtype)
-        return int(info.min), int(info.max), info.bits
+        return int(info.min), int(info.max), info.bits, info.bits
     tags = getattr(img, "tag_v2", None)
     bits = tags.get(258) if tags is not None else None
     signed = (tags.get(339) if tags is not None else None) in (2, (2,))
     if isinstance(bits, tuple):
         bits = bits[0] if bits else None
-    if not bits:  # PNG and others: 16-bit data in an int32 image, unless the values say otherwise
-        signed = bool(values.size and values.min() < 0)
-        bits = 16 if values.size == 0 or (values.max() <= (32767 if signed else 65535)
-                                          and values.min() >= (-32768 if signed else 0)) else 32
-    bits = int(bits)
+    declared = int(bits) if bits else None
+    if declared in (None, 32):
+        low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
+        if 0 <= low and high <= 65535:
+            return 0, 65535, 16, declared or 16
+        if -32768 <= low and high <= 32767:
+            return -32768, 32767, 16, declared or 16
+        signed = signed if declared else low < 0
+    bits = declared or 32
     if signed:
-        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, bits
-    return 0, 2**bits - 1, bits
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, bits, bits
+    return 0, 2**bits - 1, bits, bits
 
 
 def _scale_integers(img: Image.Image, path: Path) -> np.ndarray:
@@ -229,9 +240,11 @@ def _scale_integers(img: Image.Image, path: Path) -> np.ndarray:
         values = np.asarray(img)
     if values.ndim != 2 or values.dtype.kind not in "iu":
         raise BadFile(f"unsupported image mode {img.mode} (array {values.dtype} {values.shape})", path=path)
-    low, high, bits = _integer_range(img, values)
-    _note(f"bits{bits}", f"scaling {bits}-bit images to 8 bits by the full range of the type "
-                         f"({low}..{high} -> 0..255), the same for every file, never stretched per image")
+    low, high, bits, declared = _integer_range(img, values)
+    what = (f"{bits}-bit images" if declared == bits
+            else f"{declared}-bit images whose values fit {bits} bits (as {bits}-bit data)")
+    _note(f"bits{declared}-{bits}", f"scaling {what} to 8 bits by the full range of the type "
+                                    f"({low}..{high} -> 0..255), the same for every file, never stretched per image")
     return _to_uint8(values.astype(np.float64), low, high)
 
 
@@ -280,6 +293,18 @@ def _frame_name(path: Path, i: int, frames: int) -> str:
     return str(path) if frames == 1 else f"{path}[frame {i}]"
 
 
+def _upright(img: Image.Image) -> Image.Image:
+    """A frame turned as its EXIF Orientation tag says (phones store photos unturned)."""
+    if img.getexif().get(_ORIENTATION, 1) not in range(2, 9):
+        return img
+    _note("exif", "turning images by their EXIF orientation tag, as viewers show them")
+    return ImageOps.exif_transpose(img)
+
+
+def _unreadable(exc: OSError, path: Path) -> BadFile:
+    return BadFile(f"cannot read it ({exc.strerror or _why(exc)})", path=path)
+
+
 def _read_pil(path: Path, target: Target) -> list[tuple[str, np.ndarray]]:
     out = []
     saved = ImageFile.LOAD_TRUNCATED_IMAGES  # a truncated file must fail, whatever another library set
@@ -289,15 +314,24 @@ def _read_pil(path: Path, target: Target) -> list[tuple[str, np.ndarray]]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 frames = getattr(img, "n_frames", 1)
+                if img.format == "MPO" and frames > 1:
+                    _note("mpo", "MPO files (phone JPEGs with preview or depth frames): reading the first frame, "
+                                 "the photo")
+                    frames = 1
                 for i in range(frames):
                     img.seek(i)
                     img.load()
-                    out.append((_frame_name(path, i, frames), _fit(img, target, path)))
+                    out.append((_frame_name(path, i, frames), _fit(_upright(img), target, path)))
     except Image.UnidentifiedImageError:
         raise BadFile("not an image file PIL can read (PNG, JPEG, TIFF, BMP, ...)", path=path) from None
+    except Image.DecompressionBombError:
+        raise BadFile(f"the image is larger than Pillow's safety limit ({2 * Image.MAX_IMAGE_PIXELS} pixels); "
+                      "downscale it first", path=path) from None
     except BadFile:
         raise
     except _PIL_ERRORS as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:  # from the system (permission, I/O), not the decoder
+            raise _unreadable(exc, path) from None
         raise BadFile(f"truncated or damaged image ({_why(exc)})", path=path) from None
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
@@ -495,7 +529,7 @@ def _images(path: Path, target: Target) -> Iterator[tuple[str, np.ndarray]]:
             raise BadFile("is a folder; give the folder itself to expand() or its files", path=path)
         size = path.stat().st_size
     except OSError as exc:
-        raise BadFile(f"cannot read it ({exc.strerror or _one_line(exc)})", path=path) from None
+        raise _unreadable(exc, path) from None
     if size == 0:
         raise BadFile("empty file (0 bytes)", path=path)
     suffix = path.suffix.lower()
@@ -524,7 +558,8 @@ def batches(paths: Sequence[str | os.PathLike], target: Target, batch: int
     """Reads `paths` lazily: yields (names, uint8 (n, size, size, channels), failures) with
     1..`batch` images (the last yield may hold none, only failures); failures are (path, one-line
     reason) for the files that failed since the previous yield. A big array file spreads over
-    several yields; a file that fails never stops the others."""
+    several yields; a file that fails never stops the others. A missing optional package
+    (BadFile.missing_extra) is raised: no file of its kind could be read."""
     if batch < 1:
         raise UsageError(f"batch size {batch} must be at least 1")
     names: list[str] = []
@@ -545,6 +580,8 @@ def batches(paths: Sequence[str | os.PathLike], target: Target, batch: int
                 if len(names) == batch:
                     yield flush()
         except BadFile as exc:
+            if exc.missing_extra:
+                raise
             failures.append((str(path), exc.reason))
     if names or failures:
         yield flush()

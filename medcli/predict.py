@@ -5,7 +5,7 @@ Files are read in batches (`images.batches`: converted to the dataset's channels
 size), then go through the same batched forward pass as `evaluate` (`inference.predict_logits`:
 the run's input size and normalisation, the trained flips as test-time views with --tta), so
 a PNG copy of a test image gets the probabilities `evaluate` wrote for it. A file that cannot
-be read is one line naming it; the others are still predicted.
+be read is one line naming it; the others are still predicted (none readable is an error).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def predict_files(
     tta: bool = False,
     calibrated: bool = False,
     explain: str | None = None,
-    checkpoint: str = "best",
+    checkpoint: str | None = None,
     batch_size: int = 256,
     device: str = "auto",
     overwrite: bool = False,
@@ -48,7 +48,8 @@ def predict_files(
     Returns {"table": a DataFrame (path, prediction, prob_<class>... [, overlay]), "failed":
     [{"path", "error"}], "out": the CSV written or None, "model": what predicted}. With `out`
     the CSV is written atomically (an existing file is refused unless `overwrite`); the
-    caller prints the table otherwise.
+    caller prints the table otherwise. `checkpoint`: a run's (None: best); an exported file
+    has its own. No image read from any of the files is a UsageError, and nothing is written.
     """
     import pandas as pd
 
@@ -60,7 +61,7 @@ def predict_files(
             raise UsageError(f"unknown --explain '{explain}'; choose one of {', '.join(explainers.METHODS)}")
         if out is None:
             raise UsageError("--explain writes one overlay per image beside the CSV: give --out FILE.csv")
-    _clear_earlier(out, overwrite, explain)
+    earlier = _earlier_results(out, overwrite, explain)
     files = images.expand(paths)
     dev = inference.resolve_device(device)
     opened = bundle.open_model(source, checkpoint, dev)
@@ -97,9 +98,13 @@ def predict_files(
                 rows.append({"path": name, "prediction": decisions[k],
                              **{f"{PROB_PREFIX}{label}": probs[k, j] for j, label in enumerate(names)}})
             if active is not None:
+                _remove(earlier, overlay_dir(out, explain))  # only now, every check passed: new overlays follow
                 overlays += _overlays(active, explain, caption, opened, batch_names, pixels, tensor, probs, out,
                                       len(rows), batch_size, dev)
             bar.advance(row, len(batch_names))
+    if not rows:
+        raise UsageError("the file could not be read (see above)" if len(files) == 1
+                         else f"none of the {len(files)} files could be read (listed above)")
     table = pd.DataFrame(rows, columns=["path", "prediction", *(f"{PROB_PREFIX}{n}" for n in names)])
     if explain:
         table["overlay"] = overlays
@@ -111,12 +116,15 @@ def predict_files(
                       "tta": list(views) if tta else ["identity"], "temperature": temperature}}
 
 
-def _clear_earlier(out: Path | None, overwrite: bool, explain: str | None) -> None:
-    """Earlier results are never replaced silently: an existing --out (or overlay folder
-    with files in it) needs --overwrite, which then removes the earlier overlays (a shorter
-    list of images would otherwise leave some of them beside the new ones)."""
+def _earlier_results(out: Path | None, overwrite: bool, explain: str | None) -> list[Path]:
+    """The earlier overlays --overwrite is to replace. Earlier results are never replaced
+    silently: an existing --out (or overlay folder with files in it) needs --overwrite; the
+    earlier overlays are removed (`_remove`) just before the first new one is written (a
+    shorter list of images would otherwise leave some of them beside the new ones)."""
     if out is None:
-        return
+        return []
+    if out.is_dir():
+        raise UsageError(f"--out is a directory; give the CSV file to write, e.g. {out / 'predictions.csv'}")
     folder = overlay_dir(out, explain) if explain else None
     earlier = sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")) if folder is not None and folder.is_dir() else []
     if not overwrite:
@@ -124,10 +132,15 @@ def _clear_earlier(out: Path | None, overwrite: bool, explain: str | None) -> No
             raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
         if earlier:
             raise UsageError(f"{folder} holds earlier overlays; pass --overwrite to replace them, or choose another --out")
-    elif earlier:
+    return earlier
+
+
+def _remove(earlier: list[Path], folder: Path) -> None:
+    """Removes the earlier overlays, once (the list is emptied)."""
+    if earlier:
         console.info(f"--overwrite: removing {console.plural(len(earlier), 'earlier overlay')} from {folder}")
-        for path in earlier:
-            path.unlink()
+    while earlier:
+        earlier.pop().unlink()
 
 
 def _temperature(card: dict, calibrated: bool, tta: bool):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -117,6 +118,21 @@ def test_16_bit_uses_the_full_range_of_the_type(tmp_path, suffix):
     assert out[0, 1] == 100 and out.max() == 100  # never stretched to 255
 
 
+def test_32_bit_tiff_holding_16_bit_data_is_scaled_as_16_bit(tmp_path, capsys):
+    values = np.zeros((28, 28), np.int32)  # what Pillow writes from an int32 array: 32 bits, signed
+    values[0, 1], values[0, 2] = 65535, 257 * 100
+    path = save(tmp_path / "i32.tif", values)
+    with Image.open(path) as img:
+        assert img.mode == "I" and img.tag_v2[258] in (32, (32,)) and img.tag_v2[339] in (2, (2,))
+    out = only(path, GRAY)[:, :, 0]
+    assert out[0, 0] == 0 and out[0, 1] == 255 and out[0, 2] == 100 and out[5, 5] == 0
+    assert "as 16-bit data" in capsys.readouterr().err
+    assert only(save(tmp_path / "dark.tif", np.zeros((28, 28), np.int32)), GRAY).max() == 0  # dark stays dark
+    values[0, 3] = 2**31 - 1  # beyond 16 bits: the full range of the type
+    out = only(save(tmp_path / "wide.tif", values), GRAY)[:, :, 0]
+    assert out[0, 3] == 255 and out[0, 0] == 128
+
+
 def test_int_and_float_modes():
     path = Path("mem")
     ints = np.full((28, 28), 257 * 7, dtype=np.int32)  # mode 'I' holding 16-bit data
@@ -141,6 +157,27 @@ def test_tiff_stack_gives_one_image_per_frame(tmp_path):
     out = images.read(path, GRAY)
     assert [name for name, _ in out] == [f"{path}[frame 0]", f"{path}[frame 1]"]
     assert all(np.array_equal(a[:, :, 0], f) for (_, a), f in zip(out, frames))
+
+
+def test_exif_orientation_is_applied(tmp_path, capsys):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the phone was turned, rotate 90 degrees clockwise to view
+    path = save(tmp_path / "phone.jpg", noise((36, 28)), exif=exif, quality=95)
+    with Image.open(path) as img:
+        stored = np.asarray(img)  # as decoded, unrotated: 36 rows, 28 columns
+    assert np.array_equal(only(path, GRAY)[:, :, 0], np.rot90(stored, -1)[:, 4:32])  # turned, then centre-cropped
+    assert "EXIF orientation" in capsys.readouterr().err
+
+
+def test_mpo_gives_its_first_frame_only(tmp_path, capsys):
+    path = tmp_path / "phone.jpg"
+    first, preview = Image.fromarray(noise((28, 28, 3))), Image.fromarray(noise((28, 28, 3), seed=1))
+    first.save(path, "MPO", save_all=True, append_images=[preview], quality=95)
+    with Image.open(path) as img:
+        assert img.format == "MPO" and img.n_frames == 2
+        expected = np.asarray(img.convert("RGB"))
+    assert np.array_equal(only(path, RGB), expected)  # one image, named by its path alone
+    assert "MPO" in capsys.readouterr().err
 
 
 # --- size: centre crop, then bicubic -----------------------------------------------------------
@@ -290,6 +327,8 @@ def test_dicom_without_pydicom_names_the_extra(tmp_path, monkeypatch):
         images.read(path, GRAY)
     assert caught.value.missing_extra and caught.value.exit_code == EXIT_FAILURE
     assert str(path) in str(caught.value)
+    with pytest.raises(BadFile, match=r"medcli\[dicom\]"):  # not one more failed file: the whole read stops
+        list(images.batches([path], GRAY, 4))
 
 
 # --- bad files ---------------------------------------------------------------------------------
@@ -321,6 +360,27 @@ def test_bad_files_name_the_file_in_one_line(tmp_path, make, monkeypatch):
     message = str(caught.value)
     assert message.startswith(f"{path}: ") and "\n" not in message and not caught.value.missing_extra
     assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # restored
+
+
+def test_an_unreadable_file_says_so_not_damaged(tmp_path):
+    path = save(tmp_path / "locked.png", noise((28, 28)))
+    path.chmod(0)
+    try:
+        if os.access(path, os.R_OK):
+            pytest.skip("running as root: a file without permissions stays readable")
+        with pytest.raises(BadFile, match=r"cannot read it \(Permission denied\)") as caught:
+            images.read(path, GRAY)
+        assert "damaged" not in str(caught.value)
+    finally:
+        path.chmod(0o644)
+
+
+def test_an_image_above_pillows_limit_says_so(tmp_path, monkeypatch):
+    path = save(tmp_path / "big.png", noise((64, 64)))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(BadFile, match=r"larger than Pillow's safety limit \(2000 pixels\); downscale it") as caught:
+        images.read(path, GRAY)
+    assert "damaged" not in str(caught.value)
 
 
 def test_float_npy_says_what_it_got(tmp_path):

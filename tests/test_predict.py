@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,13 @@ def pngs(tiny_run, tmp_path):
     for index in CHOSEN:
         Image.fromarray(images[index]).save(folder / f"test_{index:03d}.png")
     return folder
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_run, tmp_path_factory) -> Path:
+    """A TorchScript export of (a copy of) the tiny run's best checkpoint."""
+    run = shutil.copytree(tiny_run, tmp_path_factory.mktemp("exported") / tiny_run.name)
+    return Path(export.export_run(run, format="torchscript", out=run.parent / "m.pt")["model"])
 
 
 def _probs(frame: pd.DataFrame) -> np.ndarray:
@@ -100,6 +109,35 @@ def test_a_bad_file_is_one_line_the_others_are_predicted_and_the_exit_code_says_
     assert len(pd.read_csv(pd.io.common.StringIO(skipped.stdout))) == len(CHOSEN)
 
 
+@pytest.mark.parametrize("options", [[], ["--skip-bad"]])
+def test_no_readable_file_is_an_error_and_writes_nothing(tiny_run, tmp_path, options):
+    (tmp_path / "a.png").write_text("not an image")
+    (tmp_path / "b.png").write_bytes(b"")
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(tiny_run), str(tmp_path / "a.png"), str(tmp_path / "b.png"),
+                                 "--out", str(out), *options])
+    assert result.exit_code == 2 and result.stdout == "" and "Traceback" not in result.stderr, result.output
+    assert "none of the 2 files could be read (listed above)" in result.stderr.splitlines()[-1]
+    assert not out.exists()
+
+
+def test_out_naming_a_folder_is_refused_up_front(tiny_run, pngs, tmp_path):
+    for flags in ([], ["--overwrite"]):
+        result = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--out", str(tmp_path), *flags])
+        one_line_error(result, 2, "--out is a directory", "predictions.csv")
+        assert "predicted" not in result.stderr
+
+
+def test_dicom_without_pydicom_stops_predict_naming_the_extra(tiny_run, pngs, tmp_path, monkeypatch):
+    scan = tmp_path / "scan.dcm"
+    scan.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    monkeypatch.setitem(sys.modules, "pydicom", None)
+    out = tmp_path / "p.csv"
+    result = runner.invoke(app, ["predict", str(tiny_run), str(pngs), str(scan), "--skip-bad", "--out", str(out)])
+    one_line_error(result, 1, "scan.dcm", "pip install 'medcli[dicom]'")
+    assert not out.exists()
+
+
 def test_missing_paths_and_bad_options_are_one_line(tiny_run, pngs, tmp_path):
     one_line_error(runner.invoke(app, ["predict", str(tiny_run), str(tmp_path / "nowhere.png")]), 2, "nowhere.png")
     one_line_error(runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--explain", "gradcam"]), 2, "--out")
@@ -128,6 +166,22 @@ def test_explain_writes_one_overlay_per_image(tiny_run, pngs, tmp_path):
                                 "--explain", "gradcam", "--overwrite"])
     assert fewer.exit_code == 0, fewer.output
     assert sorted(p.name for p in (tmp_path / "preds_gradcam").iterdir()) == ["00000_test-000.png"]
+
+
+def test_overwrite_keeps_earlier_overlays_until_new_ones_are_written(tiny_run, exported, pngs, tmp_path):
+    out = tmp_path / "ex" / "p.csv"
+    first = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(pngs), "--out", str(out), "--explain", "gradcam"])
+    assert first.exit_code == 0, first.output
+    folder = tmp_path / "ex" / "p_gradcam"
+    earlier = sorted(folder.iterdir())
+    (tmp_path / "bad.png").write_text("not an image")
+    for source, paths, code in [(tiny_run, [tmp_path / "typo.png"], 2),  # no such file
+                                (exported, [pngs], 2),  # --explain needs the run
+                                (tiny_run, [tmp_path / "bad.png"], 2)]:  # nothing readable
+        result = runner.invoke(app, ["predict", str(source), *map(str, paths), "--out", str(out),
+                                     "--explain", "gradcam", "--overwrite"])
+        assert result.exit_code == code, result.output
+        assert sorted(folder.iterdir()) == earlier, result.output
 
 
 def test_gray_inputs_are_converted_to_the_runs_three_channels(tiny_run, tmp_path):
@@ -195,6 +249,26 @@ def test_exported_model_without_its_description_is_one_line(run_copy, tmp_path):
     assert result.exit_code == 0, result.output
     (tmp_path / "m.json").unlink()
     one_line_error(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(tmp_path)]), 2, "m.json", "medcli export")
+
+
+def test_checkpoint_applies_to_runs_and_an_export_refuses_another(tiny_run, exported, pngs):
+    one_line_error(runner.invoke(app, ["predict", str(exported), str(pngs), "--checkpoint", "last"]), 2,
+                   "exported from the best checkpoint", "--checkpoint applies to run directories")
+    for source, flags, expected in [(exported, ["--checkpoint", "best"], "best"), (exported, [], "best"),
+                                    (tiny_run, [], "best"), (tiny_run, ["--checkpoint", "last"], "last")]:
+        result = runner.invoke(app, ["predict", str(source), str(pngs / "test_000.png"), "--json", *flags])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["model"]["checkpoint"] == expected
+
+
+def test_torchscript_save_and_load_keep_deprecation_warnings_to_themselves(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)).eval()
+    x = torch.randn(2, 3, 2, 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export._torchscript(model, x, tmp_path / "m.pt")
+        bundle.load_exported("torchscript", tmp_path / "m.pt")
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
 
 
 @pytest.mark.parametrize("name, size, overrides", [
