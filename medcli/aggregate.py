@@ -5,7 +5,7 @@ A pure function of files: each run's `manifest.json` (what was trained) and
 `metrics/<split>.json` (how it scored); the paired tests also read the predictions CSVs. No
 model is loaded and torch is never imported, so comparing a hundred runs takes a second. Runs
 that differ only by their seed (and by where or on which device they ran) form one group
-reported as mean ± std; a copy of a run (the same run id or checkpoint) is not another seed. A
+reported as mean ± std; a copy of a run (the same checkpoint) is not another seed. A
 run that cannot be compared (unreadable, unfinished, not evaluated, a copy) is listed with the
 reason, never silently dropped; a metric a run cannot have (rollout faithfulness of a CNN) is a
 blank cell. Models are named by what ran (`model_label`), data that is not the official file
@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -72,6 +73,16 @@ class Comparison:
 # ---------------------------------------------------------------------------------------
 
 
+class NotApplicable(UsageError):
+    """Metrics asked for that are another task type's (`by_task`: task type -> those metrics)."""
+
+    def __init__(self, by_task: dict[str, list[str]]):
+        self.by_task = by_task
+        them = "it" if len({m for ms in by_task.values() for m in ms}) == 1 else "them"
+        super().__init__("; ".join(f"{', '.join(ms)} {'does' if len(ms) == 1 else 'do'} not apply to {task} tasks"
+                                   for task, ms in by_task.items()) + f"; leave {them} out of --metrics")
+
+
 def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     """One comparison row; raises UsageError with the reason a run cannot be compared."""
     run = Run.open(run_dir)
@@ -94,7 +105,7 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     foreign = [m for m in missing if task in EXTRA_METRICS and m not in EXTRA_METRICS[task]
                and any(m in ms for ms in EXTRA_METRICS.values())]
     if foreign:
-        raise UsageError(f"{', '.join(foreign)} does not apply to {task} tasks; leave it out of --metrics")
+        raise NotApplicable({task: foreign})
     if missing:
         raise UsageError(f"{run.relative(metrics_file)} lacks {', '.join(missing)}; re-run 'medcli evaluate'")
     config, summary = run.config, train.get("summary", {})
@@ -102,7 +113,8 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     # download failed trained from scratch and belongs with the from-scratch runs.
     pretrained = bool(spec.get("pretrained", config.get("pretrained")))
     calibration = evaluation.get("calibration") or {}
-    calibrated = bool(calibration) and not calibration.get("skipped")  # a skipped fit kept the logits
+    # A skipped fit kept T = 1: for a multi-label task only the labels in "skipped" (as evaluate decides)
+    calibrated = bool(calibration) and bool(np.any(np.asarray(calibration.get("temperature", 1.0)) != 1.0))
     tta = len(evaluation.get("tta", {}).get("views", [])) > 1  # the identity alone is a plain evaluation
     settings = [evaluation.get("checkpoint", "?")] + (["tta"] if tta else []) + (["calibrated"] if calibrated else [])
     experiment = {key: value for key, value in config.items() if key not in NOT_EXPERIMENT}
@@ -192,15 +204,20 @@ def _seed_text(seeds: list) -> str:
 
 
 def _name_groups(groups: list[dict]) -> None:
-    """Make the labels (model and seeds) unique: groups that share one get the settings in
-    which their experiments differ (two at most, e.g. "lr=0.01"), then a number if need be."""
+    """Make the labels (model and seeds) unique. In a comparison across data every label says
+    its data ("on chestmnist 64 px": the md5 and the data's presets follow from it); groups
+    that still share one get what their experiments differ in, two things at most: the model's
+    and weights' settings before the others, and the records of where a value came from
+    (`*_source`, the file's md5) last; then a number if need be. Values are whole up to a
+    length, else cut after a word with "…" (`_brief`)."""
+    if len({_data_text(g) for g in groups}) > 1:
+        for g in groups:
+            g["group"] += f" on {_data_text(g)}"
     for label in {g["group"] for g in groups}:
         same = [g for g in groups if g["group"] == label]
-        if len(same) < 2:
-            continue
-        keys = sorted(k for k in set().union(*(g["experiment"] for g in same))
-                      if len({json.dumps(g["experiment"].get(k), default=str) for g in same}) > 1)
-        for g in same:
+        keys = sorted((k for k in set().union(*(g["experiment"] for g in same))
+                       if len({json.dumps(g["experiment"].get(k), default=str) for g in same}) > 1), key=_label_rank)
+        for g in same if len(same) > 1 and keys else ():
             g["group"] += " " + ", ".join(f"{k}={_brief(g['experiment'].get(k))}" for k in keys[:2])
     for label in {g["group"] for g in groups}:
         same = [g for g in groups if g["group"] == label]
@@ -208,20 +225,24 @@ def _name_groups(groups: list[dict]) -> None:
             g["group"] += f" #{number}"
 
 
-def _brief(value) -> str:
+_LEADING_KEYS = ("model", "pretrained")
+
+
+def _label_rank(key: str) -> tuple:
+    """Labels name the model and weights first, then the settings alphabetically, then where
+    values came from."""
+    return (_LEADING_KEYS.index(key) if key in _LEADING_KEYS else len(_LEADING_KEYS),
+            key.endswith("_source") or key == "data_md5", key)
+
+
+def _brief(value, limit: int = 24) -> str:
+    """A setting's value in a label: whole up to `limit` characters, else cut after the last
+    whole word that fits, with "…"."""
     text = "+".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    return text if len(text) <= 12 else text[:8]
-
-
-def find_leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[str]]:
-    """Per metric, the group(s) with the best mean (lower is better for losses and ECE)."""
-    leaders = {}
-    for metric in metric_names:
-        scored = [(g[metric], g["group"]) for g in groups if g[metric] is not None]
-        if scored:
-            best = (min if metric in LOWER_IS_BETTER else max)(value for value, _ in scored)
-            leaders[metric] = [name for value, name in scored if np.isclose(value, best, rtol=0, atol=1e-12)]
-    return leaders
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    return (cut.rsplit(" ", 1)[0] if " " in cut else cut).rstrip(" ,;:") + "…"
 
 
 def _faithfulness(run: Run, spec: dict, wanted: Sequence[str], split: str) -> dict:
@@ -265,37 +286,45 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test", metric_na
                          f"{', '.join(m for m in COMPARABLE_METRICS if m not in FAITHFULNESS_METRICS)} "
                          f"(the faithfulness of each run's own explain method) or road_<explain method>")
     run_dirs, skipped = find_runs(paths or ["."])
-    runs = []
+    runs, foreign = [], {}
     for run_dir in run_dirs:
         try:
             runs.append(read_run(run_dir, split, metric_names))
         except UsageError as exc:
             skipped.append({"run": str(run_dir), "reason": str(exc)})
+            if isinstance(exc, NotApplicable):
+                for task, names in exc.by_task.items():
+                    foreign.setdefault(task, {}).update(dict.fromkeys(names))
     runs = _drop_copies(runs, skipped)
     for entry in skipped:
         console.warn(f"not compared: {entry['run']}: {entry['reason']}")
+    if not runs and foreign:
+        raise UsageError(f"none of the {len(run_dirs)} runs found has the metrics asked for: "
+                         f"{NotApplicable({task: list(names) for task, names in foreign.items()})}")
     if not runs:
         raise UsageError(f"no evaluated runs to compare among {len(run_dirs)} found; "
                          f"evaluate them first with 'medcli evaluate RUN --split {split}'")
     groups = group_runs(runs, metric_names)
     chosen = compare_stats.pair_groups(groups, pair)
-    return Comparison(split, metric_names, runs, groups, find_leaders(groups, metric_names), skipped,
+    return Comparison(split, metric_names, runs, groups, compare_stats.leaders(groups, metric_names), skipped,
                       paired=compare_stats.paired_tests(*chosen, runs, split, metric_names) if chosen else None,
                       references=compare_stats.references(runs) if reference else [])
 
 
 def _drop_copies(runs: list[dict], skipped: list[dict]) -> list[dict]:
-    """The runs without copies of an earlier one (the same run id, or the same checkpoint by
-    sha256): a copied run directory is the same result, not another seed. Copies join `skipped`."""
+    """The runs without copies of an earlier one (the same checkpoint by sha256; where no hash
+    was recorded, the same run id and seed): a copied run directory is the same result, not
+    another seed. The run id alone is no proof: it is the start time to the second, dataset and
+    model, shared by seeds started together into different folders. Copies join `skipped`."""
     kept, seen = [], {}
     for row in runs:
-        keys = [("run id", row["run"]), ("checkpoint", row["checkpoint_sha256"])]
-        match = next((key for key in keys if key[1] and key in seen), None)
-        if match:
-            skipped.append({"run": row["path"], "reason": f"a copy of {seen[match]['path']} (the same {match[0]}), "
+        key = ("checkpoint", row["checkpoint_sha256"]) if row["checkpoint_sha256"] \
+            else ("run id and seed", row["run"], row["seed"])
+        if key in seen:
+            skipped.append({"run": row["path"], "reason": f"a copy of {seen[key]['path']} (the same {key[0]}), "
                                                           f"not another seed; compare one of them"})
             continue
-        seen.update({key: row for key in keys if key[1]})
+        seen[key] = row
         kept.append(row)
     return kept
 
@@ -354,17 +383,21 @@ def display_rows(result: Comparison, wide: bool = False, gap: str = " ") -> tupl
         cells = {"setup": label, "data": f"{ref['dataset']} {ref['size']} px"}
         rows.append([cells.get(c, "") for c in ("setup", *extra)]
                     + [_display(m, ref.get(m), None) for m in result.metrics])
+    several_data = len({_data_text(g) for g in result.groups}) > 1
     title = f"{result.split} split" + (f" of {shared['data']}" if "data" in shared else "") \
         + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "") \
-        + f"; mean ±std over seeds, {LEADER_MARK} = best" \
+        + "; mean ±std over seeds" \
+        + (f", {LEADER_MARK} = best{' on its data' if several_data else ''}" if result.leaders else "") \
         + (", ↓ = lower is better" if LOWER_IS_BETTER & set(result.metrics) else "")
     return title, ["setup", *extra, *result.metrics], rows
 
 
 def rich_tables(result: Comparison, wide: bool = False) -> list:
     """The comparison as a Rich table (with the citation of any published rows), one listing
-    runs left out, and the paired tests in words. Cells wrap at spaces and fold long words:
-    nothing is cut off, whatever the width."""
+    runs left out, and the paired tests in words. Text cells wrap at spaces and fold long
+    words; a metric column is as wide as its longest number or heading word, never narrower
+    (`table_text` widens the page instead): nothing is cut off, whatever the width. Cells are
+    shown as written (no Rich markup: "[bloodmnist]" stays)."""
     from rich.table import Table
     from rich.text import Text
 
@@ -377,16 +410,16 @@ def rich_tables(result: Comparison, wide: bool = False) -> list:
         fit = max(len(word) for word in [*heading(name).split(), *(line for row in rows
                                                                      for line in row[index].splitlines())])
         table.add_column(heading(name), justify="right" if numeric else "left", overflow="fold",
-                         max_width=fit if name in result.metrics else None)
+                         width=fit if name in result.metrics else None)
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*map(Text, row))
     shown = [table]
     if result.skipped:
         left_out = Table(title="not compared", title_justify="left")
         left_out.add_column("run", overflow="fold")
         left_out.add_column("reason", overflow="fold")
         for entry in result.skipped:
-            left_out.add_row(entry["run"], entry["reason"])
+            left_out.add_row(Text(entry["run"]), Text(entry["reason"]))
         shown.append(left_out)
     return shown + [Text("\n".join(compare_stats.paired_lines(result.paired)))] if result.paired else shown
 
@@ -430,21 +463,34 @@ def to_csv(result: Comparison) -> str:
 
 
 def write_chart(path: str | os.PathLike, result: Comparison) -> Path:
+    """`chart_figure` saved to `path`."""
+    return reports.save_figure(chart_figure(result), path)
+
+
+def chart_figure(result: Comparison):
     """Grouped bar chart: one cluster per metric, one bar per setup (labelled by model and
     seeds) with its value printed on it and the std over seeds as an error bar; the data and
-    split in the title. Bars are outlined, so a zero still shows; a missing value reads n/a."""
+    split in the title. Bars are outlined, so a zero still shows; a missing value reads n/a.
+    Metric names wrap onto lines of their own; the legend is one column below the axes, each
+    label wrapped to fit the figure, which grows taller to hold it."""
     from matplotlib.figure import Figure
 
     n = len(result.groups)
     width = 0.8 / max(n, 1)
-    fig = Figure(figsize=(max(6.4, len(result.metrics) * (0.6 + 0.45 * n)), 4.8), layout="constrained")
+    fig_width = max(6.4, len(result.metrics) * (0.6 + 0.45 * n))
+
+    def wrapped(text: str, points: float, room: int = 0) -> str:  # lines as wide as the figure holds
+        return "\n".join(textwrap.wrap(text, int(fig_width * 72 / (points * 0.62)) - room))
+
+    labels = [wrapped(g["group"], 10, room=12) for g in result.groups]  # room for the legend's key
+    fig = Figure(figsize=(fig_width, 4.8 + 0.2 * sum(label.count("\n") + 1 for label in labels)), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(result.metrics))
     tops = [0.0]
     for i, g in enumerate(result.groups):
         values = [g[m] for m in result.metrics]
         stds = [g[f"{m}_std"] or 0.0 for m in result.metrics] if g["n_runs"] > 1 else [0.0] * len(values)
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), [v or 0.0 for v in values], width, label=g["group"],
+        bars = ax.bar(x - 0.4 + width * (i + 0.5), [v or 0.0 for v in values], width, label=labels[i],
                       yerr=stds if g["n_runs"] > 1 else None, capsize=3, edgecolor="black", linewidth=0.8)
         for bar, metric, value, std in zip(bars, result.metrics, values, stds):  # above the error bar
             text = "n/a" if value is None else f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.3f}"
@@ -453,17 +499,18 @@ def write_chart(path: str | os.PathLike, result: Comparison) -> Path:
                         textcoords="offset points", ha="center", va="bottom", fontsize=9, rotation=90 if n > 2 else 0)
         tops += [(v or 0.0) + s for v, s in zip(values, stds)]
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(tops) * (1.3 if n > 2 else 1.15) or 1.0)
-    ax.set_xticks(x, [heading(m) for m in result.metrics], fontsize=11)
+    ax.set_xticks(x, ["\n".join(textwrap.wrap(heading(m), 9)) for m in result.metrics], fontsize=11)
     ax.set_ylabel("mean over seeds (error bar: std)", fontsize=10)
-    ax.set_title(f"{', '.join(dict.fromkeys(_data_text(g) for g in result.groups))}: {result.split} split", fontsize=12)
+    title = f"{', '.join(dict.fromkeys(_data_text(g) for g in result.groups))}: {result.split} split"
+    ax.set_title(wrapped(title, 12), fontsize=12)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=10, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(n, 2))
-    return reports.save_figure(fig, path)
+    fig.legend(fontsize=10, loc="outside lower center", ncols=1)
+    return fig
 
 
 def write_xlsx(path: str | os.PathLike, result: Comparison) -> Path:
     groups, runs, skipped = _frames(result)
-    formats = {"size": tables.INTEGER, "n_runs": tables.INTEGER, "train_s": "0.0", "epochs": "0.#"}
+    formats = {"size": tables.INTEGER, "n_runs": tables.INTEGER, "train_s": "0.0", "epochs": "General"}
     for metric in result.metrics:
         formats[metric] = formats[f"{metric}_std"] = tables.metric_format(metric)
     return tables.write_workbook(path, {
@@ -479,12 +526,16 @@ def table_text(result: Comparison, wide: bool = False, width: int | None = None)
     piped. A table that cannot fit (many metrics) runs past the width rather than lose its
     right-hand columns. No line ends in spaces."""
     from rich.console import Console
+    from rich.measure import Measurement
 
     terminal = sys.stdout.isatty()
     buffer = io.StringIO()
-    width = width or (shutil.get_terminal_size().columns if terminal else 240)
-    Console(file=buffer, width=width, force_terminal=terminal, no_color=not terminal).print(*rich_tables(result, wide),
-                                                                                           crop=False)
+    shown = rich_tables(result, wide)
+    out = Console(file=buffer, width=width or (shutil.get_terminal_size().columns if terminal else 240),
+                  force_terminal=terminal, no_color=not terminal)
+    unbounded = out.options.update_width(sys.maxsize)  # the table's own minimum, not the page's
+    out.width = max(out.width, Measurement.get(out, unbounded, shown[0]).minimum)
+    out.print(*shown, crop=False)
     return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
 
 

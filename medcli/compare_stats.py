@@ -1,5 +1,10 @@
-"""What a comparison's claims are measured against: paired tests between two setups evaluated
-on the same images, and the published MedMNIST v2 numbers (`aggregate`, `--pair`, `--reference`).
+"""What a comparison's claims are measured against: the best setup among its rivals on the same
+data, paired tests between two setups evaluated on the same images, and the published MedMNIST
+v2 numbers (`aggregate`'s stars, `--pair`, `--reference`).
+
+Leaders. A setup is best on a metric only among the setups on the same data (dataset, image
+size and provenance): scores on other data are not comparable, and a setup alone on its data
+is best at nothing.
 
 Paired tests. Two runs evaluated on the same test images (the same dataset file by md5, and the
 same images and labels in the same order in their predictions CSVs) are compared image by
@@ -29,11 +34,11 @@ import numpy as np
 
 from medcli import metrics, tables
 from medcli.errors import UsageError
-from medcli.names import PERCENT_METRICS
+from medcli.names import LOWER_IS_BETTER, PERCENT_METRICS
 from medcli.run import Run
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CITATION", "benchmarks", "pair_groups", "paired_lines",
-           "paired_tests", "references"]
+__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CITATION", "benchmarks", "leaders", "pair_groups",
+           "paired_lines", "paired_tests", "references"]
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -42,6 +47,28 @@ CITATION = ("Yang et al., MedMNIST v2, Scientific Data 10:41 (2023), Table 3: te
             "(medmnist.com/v2)")
 PUBLISHED_SIZE = 28
 PUBLISHED_METRICS = {"acc": "accuracy", "auc": "auc"}  # the file's columns -> medcli's metric names
+
+
+# ---------------------------------------------------------------------------------------
+# Leaders
+# ---------------------------------------------------------------------------------------
+
+
+def leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[str]]:
+    """Per metric, the labels of the group(s) (`aggregate`'s setups) with the best mean (lower
+    is better for losses and ECE) among two or more on the same data."""
+    by_data: dict[tuple, list[dict]] = {}
+    for g in groups:
+        by_data.setdefault((g["dataset"], g["size"], g["data"]), []).append(g)
+    found: dict[str, list[str]] = {}
+    for metric in metric_names:
+        for rivals in by_data.values():
+            scored = [(g[metric], g["group"]) for g in rivals if g[metric] is not None]
+            if len(scored) > 1:
+                best = (min if metric in LOWER_IS_BETTER else max)(value for value, _ in scored)
+                found.setdefault(metric, []).extend(
+                    name for value, name in scored if np.isclose(value, best, rtol=0, atol=1e-12))
+    return found
 
 
 # ---------------------------------------------------------------------------------------

@@ -27,10 +27,12 @@ def make_run(parent: Path, name: str, *, model: str = "resnet18", seed: int = 0,
              calibration: dict | None = None, **config) -> Path:
     """A run directory as train + evaluate leave it (no checkpoints: aggregate reads files only;
     `checkpoint_sha256` is what train recorded for checkpoints/best.pt)."""
+    record = {"flag": "bloodmnist", "size": 28, "md5": "abc", "official": True, **(dataset or {})}
     created = Run.create(
-        parent, name, config={"dataset": "bloodmnist", "size": 28, "model": model, "epochs": 3, "lr": 0.1, "seed": seed,
-                     "device": "cpu", "runs_dir": str(parent), "pretrained": asked_pretrained, **config},
-        dataset={"flag": "bloodmnist", "size": 28, "md5": "abc", "official": True, **(dataset or {})},
+        parent, name, config={"dataset": record["flag"], "size": record["size"], "model": model, "epochs": 3, "lr": 0.1,
+                              "seed": seed, "device": "cpu", "runs_dir": str(parent), "pretrained": asked_pretrained,
+                              **config},
+        dataset=record,
         model={"name": model, "pretrained": loaded_pretrained, **(spec or {})},
     )
     artefacts = {"checkpoints/best.pt": checkpoint_sha256} if checkpoint_sha256 else {}
@@ -40,7 +42,8 @@ def make_run(parent: Path, name: str, *, model: str = "resnet18", seed: int = 0,
     run = created.run_dir
     if accuracy is not None:
         values = {"n": 100, "accuracy": accuracy, "balanced_accuracy": accuracy - 0.05, "f1_macro": accuracy - 0.1,
-                  "auc": 0.95, "ece": 0.05, "nll": 0.4}
+                  "precision_macro": accuracy - 0.12, "recall_macro": accuracy - 0.08, "auc": 0.95, "ece": 0.05,
+                  "nll": 0.4, "brier": 0.1234}
         fileio.write_json(run / "metrics" / "test.json", {"split": "test", "checkpoint": "best", "calibration": calibration,
                                                           "tta": {"enabled": False, "views": ["identity"]},
                                                           "metrics": values})
@@ -131,6 +134,8 @@ def test_cli_writes_every_format_and_marks_leaders(runs_root, tmp_path):
     assert header[:2] == ["group", "dataset"] and "accuracy_std" in header and sheet.freeze_panes == "A2"
     first = {h: c.value for h, c in zip(header, sheet[2])}
     assert first["accuracy"] == pytest.approx(0.95) and first["leads"] == "accuracy, auc"
+    epochs = sheet.cell(2, header.index("epochs") + 1)
+    assert epochs.number_format == "General"  # a whole number of epochs shows as "1", not "1."
     assert book["not compared"].max_row == 1 + 3
 
     as_json = runner.invoke(app, ["aggregate", str(runs_root), "--format", "json"])
@@ -149,6 +154,19 @@ def test_a_metric_of_another_task_type_is_named_as_such(tmp_path):
     skipped = aggregate.aggregate([run, binary], metric_names=["accuracy", "sensitivity"]).skipped
     assert skipped == [{"run": str(run), "reason": "sensitivity does not apply to multi-class tasks; "
                                                    "leave it out of --metrics"}]
+
+
+def test_metrics_that_apply_to_no_run_are_the_error_named(tmp_path):
+    """Review: with every run left out because --metrics asks what its task has not, the error
+    said the runs were not evaluated (they were)."""
+    from cli_helpers import one_line_error
+
+    for seed in range(2):
+        make_run(tmp_path, f"multiclass{seed}", seed=seed)
+    shown = runner.invoke(app, ["aggregate", str(tmp_path), "--metrics", "accuracy,sensitivity,qwk"])
+    line = one_line_error(shown, 2, "none of the 2 runs found has the metrics asked for",
+                          "sensitivity, qwk do not apply to multi-class tasks", "leave them out of --metrics")
+    assert "evaluate" not in line
 
 
 def test_bad_metric_and_nothing_to_compare_exit_2(runs_root, tmp_path):
@@ -186,21 +204,38 @@ def test_models_are_named_by_what_ran(tmp_path):
 
 
 def test_a_copied_run_is_not_another_seed(tmp_path, capsys):
-    """A copied run directory (same run id) or the same checkpoint under another id is one result:
-    left out with the reason, not averaged in as a second seed with ± 0.00 and a star."""
+    """A copied run directory or the same checkpoint under another id is one result: left out
+    with the reason, not averaged in as a second seed with ± 0.00 and a star. Without a
+    checkpoint hash, the same run id and seed make a copy."""
     import shutil
 
     original = make_run(tmp_path / "a", "r18-seed0", accuracy=0.8, checkpoint_sha256="f" * 64)
     shutil.copytree(original, tmp_path / "b" / "copied")
     make_run(tmp_path / "c", "renamed", accuracy=0.8, checkpoint_sha256="f" * 64)
     make_run(tmp_path / "c", "r18-seed1", seed=1, accuracy=0.9, checkpoint_sha256="e" * 64)
+    unhashed = make_run(tmp_path / "d", "r18-seed2", seed=2, accuracy=0.7)
+    shutil.copytree(unhashed, tmp_path / "e" / "copied-unhashed")
     result = aggregate([tmp_path], metric_names=["accuracy"])
     (group,) = result.groups
-    assert group["n_runs"] == 2 and group["seeds"] == "0, 1"
+    assert group["n_runs"] == 3 and group["seeds"] == "0, 1, 2"
     reasons = {Path(s["run"]).name: s["reason"] for s in result.skipped}
-    assert set(reasons) == {"copied", "renamed"}
-    assert "same run id" in reasons["copied"] and "same checkpoint" in reasons["renamed"]
+    assert set(reasons) == {"copied", "renamed", "copied-unhashed"}
+    assert "same checkpoint" in reasons["copied"] and "same checkpoint" in reasons["renamed"]
+    assert "same run id and seed" in reasons["copied-unhashed"]
     assert "not another seed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("hashed", [True, False])
+def test_seeds_started_in_the_same_second_are_seeds(tmp_path, hashed):
+    """Review: the run id is the start time to the second + dataset + model, so seeds started
+    together into different --runs-dir folders share it; they are two results, not a copy."""
+    for seed in range(2):
+        make_run(tmp_path / f"seed{seed}", "20261130-031500_bloodmnist28_resnet18", seed=seed, accuracy=0.8 + seed / 10,
+                 checkpoint_sha256=str(seed) * 64 if hashed else None)
+    result = aggregate([tmp_path], metric_names=["accuracy"])
+    (group,) = result.groups
+    assert result.skipped == [] and group["n_runs"] == 2 and group["seeds"] == "0, 1"
+    assert group["accuracy"] == pytest.approx(0.85) and group["accuracy_std"] == pytest.approx(0.0707, abs=1e-4)
 
 
 def test_experiment_is_an_object_in_json(runs_root):
@@ -263,6 +298,26 @@ def test_the_default_table_fits_the_terminal(tmp_path, width):
     assert "20261130-031500_bloodmnist28_resnet18-0" in table_text(result, wide=True, width=240)  # --wide, piped
 
 
+def test_a_narrow_table_never_splits_a_number_or_a_heading(tmp_path):
+    """Review: at 80 columns with many metrics, numbers folded mid-digit ("20." / "12%") and
+    headings mid-word ("acc/ura/cy"). The table runs past the width instead."""
+    from medcli.aggregate import display_rows, heading
+
+    for seed in range(3):
+        make_run(tmp_path / "cnn", f"cnn{seed}", seed=seed, accuracy=0.9 + seed / 100, spec=RESNET)
+        make_run(tmp_path / "vit", f"vit{seed}", seed=seed, accuracy=0.8 + seed / 100, model="vit-tiny",
+                 spec=REDUCED_VIT)
+    metrics = ["accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro", "auc", "ece", "nll",
+               "brier"]
+    result = aggregate([tmp_path], metric_names=metrics)
+    tokens = {word for line in table_text(result, width=80).splitlines() for cell in line.split("│")
+              for word in cell.replace("┃", " ").split()}
+    rows = display_rows(result, gap="\n")[2]
+    numbers = {word for row in rows for cell in row[-len(metrics):] for word in cell.split() if word != "★"}
+    assert numbers - tokens == set()
+    assert {word for m in metrics for word in heading(m).split()} - tokens == set()
+
+
 @pytest.mark.parametrize("data, marker", [({"synthetic": True}, "SYNTHETIC"), ({"sample": True}, "SAMPLE"),
                                           ({"official": False}, "UNOFFICIAL"), ({}, None)])
 def test_data_that_is_not_the_official_file_says_so(tmp_path, data, marker):
@@ -294,6 +349,71 @@ def test_chart_is_labelled_by_model_and_seed(tmp_path):
     assert {g["group"] for g in result.groups} == {"resnet18 (11.2M) s0", "vit-tiny (6x128, 1.2M) s0"}
 
 
+def test_setups_on_other_data_are_labelled_by_their_data(tmp_path):
+    """Review: same-named setups on different datasets were told apart by the first two settings
+    in alphabetical order (augment, data_md5...), not by the dataset they ran on."""
+    make_run(tmp_path, "blood", augment_source="bloodmnist: cells, any orientation")
+    make_run(tmp_path, "chest", dataset={"flag": "chestmnist", "md5": "def"},
+             augment_source="chestmnist: frontal X-rays, no flips")
+    make_run(tmp_path, "chest-64", dataset={"flag": "chestmnist", "md5": "ghi", "size": 64},
+             augment_source="chestmnist: frontal X-rays, no flips")
+    make_run(tmp_path, "vit-chest", model="vit-tiny", dataset={"flag": "chestmnist", "md5": "def"})
+    labels = {g["group"] for g in aggregate([tmp_path], metric_names=["accuracy"]).groups}
+    assert labels == {"resnet18 s0 on bloodmnist 28 px", "resnet18 s0 on chestmnist 28 px",
+                      "resnet18 s0 on chestmnist 64 px", "vit-tiny s0 on chestmnist 28 px"}  # each says its data
+
+
+def test_labels_keep_short_values_whole_and_pair_takes_what_the_table_shows(tmp_path):
+    """Review: values cut to 8 characters ("lr_source=reduced " with its space, which the table
+    does not show, so --pair refused the label it printed) and Rich ate "[...]" as markup."""
+    make_run(tmp_path, "preset", lr_source="reduced preset")
+    make_run(tmp_path, "given", lr_source="--lr")
+    make_run(tmp_path, "long", model="vit-tiny", augment_source="retinamnist: oriented fundus images, no flips")
+    make_run(tmp_path, "short", model="vit-tiny", augment_source="--flips [hflip]")
+    result = aggregate([tmp_path], metric_names=["accuracy"])
+    labels = {g["group"] for g in result.groups}
+    assert labels == {"resnet18 s0 lr_source=reduced preset", "resnet18 s0 lr_source=--lr",
+                      "vit-tiny s0 augment_source=retinamnist: oriented…",
+                      "vit-tiny s0 augment_source=--flips [hflip]"}
+    shown = [line.split("│")[1].strip() for line in table_text(result, width=240).splitlines()
+             if line.startswith("│")]
+    assert sorted(shown) == sorted(labels)
+    for pair in (shown[:2], shown[2:]):
+        paired = runner.invoke(app, ["aggregate", str(tmp_path), "--metrics", "accuracy", "--pair", *pair,
+                                     "--format", "json"])
+        assert paired.exit_code == 0, paired.output
+        assert [json.loads(paired.stdout)["paired"][k] for k in "ab"] == pair
+
+
+@pytest.mark.parametrize("setups", [1, 4])
+def test_chart_legend_and_metric_names_are_whole_and_apart(tmp_path, setups):
+    """Review: long setup labels pushed the legend past both edges of comparison.png, and the
+    metric names ran into each other ("accuracbalanced accuracf1 macro") even with one setup."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medcli.aggregate import chart_figure
+
+    retina, chest = {"flag": "retinamnist", "synthetic": True}, {"flag": "chestmnist", "size": 64}
+    preset, given = "reduced preset for a batch of 128 on one GPU, scaled", "--lr given on the command line"
+    for name, model, data, source in [("a", "resnet18", retina, preset), ("b", "resnet18", retina, given),
+                                      ("c", "resnet18", chest, preset), ("d", "vit-tiny", retina, preset)][:setups]:
+        make_run(tmp_path, name, model=model, lr_source=source, dataset=data,
+                 spec=RESNET if model == "resnet18" else REDUCED_VIT)
+    result = aggregate([tmp_path], metric_names=["accuracy", "balanced_accuracy", "f1_macro", "auc", "ece"])
+    fig = chart_figure(result)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    (ax,) = fig.axes
+    (legend,) = [*fig.legends, *filter(None, [ax.get_legend()])]
+    assert len(legend.get_texts()) == setups
+    ticks = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
+    for box in [legend.get_window_extent(renderer), ax.title.get_window_extent(renderer), *ticks]:
+        assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+    space = fig.dpi * 11 / 72 / 2  # half an em of the 11-pt metric names
+    assert all(right.x0 - left.x1 >= space for left, right in zip(ticks, ticks[1:]))
+    assert not any(legend.get_window_extent(renderer).overlaps(box) for box in [ax.get_window_extent(), *ticks])
+
+
 def test_faithfulness_does_not_import_torch(tmp_path):
     """Whether a method applies is read from the spec: a ViT's family without importing timm."""
     explained(make_run(tmp_path, "vit", model="vit-tiny", spec=REDUCED_VIT), "rollout", 0.3)
@@ -311,3 +431,35 @@ def test_a_skipped_calibration_is_not_called_calibrated(tmp_path):
     make_run(tmp_path, "skipped", calibration=skipped, seed=1)
     runs = {row["run"].split("_")[-1]: row for row in aggregate([tmp_path]).runs}
     assert "calibrated" in runs["fitted"]["evaluation"] and "calibrated" not in runs["skipped"]["evaluation"]
+
+
+def test_a_multi_label_calibration_skipped_for_some_labels_is_calibrated(tmp_path):
+    """evaluate scales every label it could fit and keeps T = 1 for the rest, naming them in
+    `skipped`: the other labels were scaled, so the evaluation is calibrated; with T = 1 for
+    every label nothing was."""
+    partly = {"temperature": [1.4, 1.0], "skipped": "no positives in the validation split: hernia"}
+    wholly = {"temperature": [1.0, 1.0], "skipped": "no positives in the validation split: effusion, hernia"}
+    make_run(tmp_path, "partly", calibration=partly)
+    make_run(tmp_path, "wholly", calibration=wholly, seed=1)
+    runs = {row["run"]: row["evaluation"] for row in aggregate([tmp_path]).runs}
+    assert runs == {"partly": "best, calibrated", "wholly": "best"}
+
+
+def test_best_is_only_among_setups_on_the_same_data(tmp_path):
+    """Review: a synthetic retinamnist run was starred over chestmnist and bloodmnist runs, and
+    a lone setup got a star on every metric. Setups compete only on the same data (dataset,
+    size, provenance); a dataset with one setup has no best."""
+    make_run(tmp_path, "blood-cnn", accuracy=0.80)
+    make_run(tmp_path, "blood-vit", model="vit-tiny", accuracy=0.85)
+    make_run(tmp_path, "blood-64", model="vit-tiny", accuracy=0.95, dataset={"size": 64})
+    make_run(tmp_path, "retina", accuracy=0.99, dataset={"flag": "retinamnist", "synthetic": True})
+    result = aggregate([tmp_path], metric_names=["accuracy", "ece"])
+    vit = next(g for g in result.groups if g["model"] == "vit-tiny" and g["size"] == 28)
+    assert result.leaders["accuracy"] == [vit["group"]]
+    assert len(result.leaders["ece"]) == 2  # the tie of the two bloodmnist 28 px setups
+    assert "★ = best on its data" in table_text(result, width=120)
+
+    (tmp_path / "one").mkdir()
+    make_run(tmp_path / "one", "alone")
+    alone = aggregate([tmp_path / "one"], metric_names=["accuracy", "ece"])
+    assert alone.leaders == {} and "★" not in table_text(alone, width=120)
