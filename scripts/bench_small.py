@@ -225,7 +225,9 @@ def verdict(results: list[dict], name: str, reference_epochs: int) -> None:
         gaps = [by["medcli"][s][key] - by["reference"][s][key] for s in seeds]
         spread_ = max(np.std([by[recipe][s][key] for s in seeds]) for recipe in by)
         met = min(gaps) > 0 and np.mean(gaps) > spread_
-        said.append(f"{key} {np.mean(gaps):+.4f} (every seed: {'yes' if min(gaps) > 0 else 'NO'}; "
+        behind = ", ".join(f"seed {s}: " + (f"tie at {by['medcli'][s][key]:.4f}" if abs(gap) < 1e-9 else f"{gap:+.4f}")
+                           for s, gap in zip(seeds, gaps) if gap <= 0)  # a tie is no win: the numbers say which
+        said.append(f"{key} {np.mean(gaps):+.4f} (every seed: {'yes' if min(gaps) > 0 else f'NO, {behind}'}; "
                     f"mean gap > spread {spread_:.4f}: {'yes' if np.mean(gaps) > spread_ else 'NO'})")
         said[-1] += "" if met else " NOT MET"
     print(f"{name:10s} medcli - reference on seeds {','.join(map(str, seeds))}: " + "; ".join(said), flush=True)
