@@ -164,6 +164,7 @@ def download(
             "--allow-unofficial", help="With --from: accept an md5 that is not the official one (recorded as official: false)."
         ),
     ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file with another (--from).")] = False,
     synthetic: Annotated[
         bool,
         typer.Option(
@@ -211,7 +212,7 @@ def download(
             Console().print(library.table(entries, root))
         return
     records = library.obtain(
-        flags or [], size, root, from_file=from_file, allow_unofficial=allow_unofficial,
+        flags or [], size, root, from_file=from_file, allow_unofficial=allow_unofficial, overwrite=overwrite,
         synthetic=synthetic, sample=sample, mirror=mirror, tries=tries, timeout=timeout,
     )
     emit(records if json_out else "\n".join(record["path"] for record in records))
@@ -219,6 +220,7 @@ def download(
 
 @app.command(help=f"Train a CNN or ViT; prints the new run directory.\n\n{_config.defaults_help()}")
 def train(
+    ctx: typer.Context,
     dataset: Annotated[str, typer.Option(help=_opt("dataset"))] = "bloodmnist",
     size: Annotated[int, typer.Option(help=_opt("size"))] = 28,
     model: Annotated[str, typer.Option(help=_opt("model"))] = _models.DEFAULT_MODEL,
@@ -249,7 +251,7 @@ def train(
     root: Annotated[Optional[Path], typer.Option(help=_opt("root"))] = None,
     runs_dir: Annotated[Path, typer.Option(help=_opt("runs_dir"))] = Path("runs"),
     resume: Annotated[Optional[Path], typer.Option(metavar="RUN", help=(
-        "Continue an interrupted run from its last.pt, with its own options (and --device)."))] = None,
+        "Continue an interrupted run from its last.pt, with its own options (and --device, --root)."))] = None,
     nproc: Annotated[Optional[int], typer.Option(min=1, help=(
         "Train with N processes on this machine (one per GPU; gloo on CPU) through torchrun, as "
         "'torchrun --standalone --nproc-per-node N -m medcli train' with the other options would. "
@@ -259,6 +261,13 @@ def train(
     collective_timeout: Annotated[Optional[float], typer.Option(metavar="SECONDS", help=_opt("collective_timeout"))] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the run summary as JSON.")] = False,
 ) -> None:
+    if resume is not None:  # refused before the run is read: the options it would ignore
+        own = {"resume", "nproc", "device", "collective_timeout", "root", "json_output"}
+        given = ["/".join(p.opts + p.secondary_opts) for p in ctx.command.params if p.name not in own
+                 and ctx.get_parameter_source(p.name).name in ("COMMANDLINE", "ENVIRONMENT")]
+        if given:
+            raise UsageError(f"--resume continues RUN with its own options; leave out {', '.join(given)} "
+                             "(or start a new run)")
     from medcli import distributed
     from medcli import train as library
 
@@ -279,7 +288,7 @@ def train(
         from medcli import processes
 
         raise typer.Exit(distributed.launch(nproc, sys.argv[1:], lost=processes.mark_lost))
-    run = (library.resume(resume, device=device, collective_timeout=collective_timeout) if resume is not None
+    run = (library.resume(resume, device=device, collective_timeout=collective_timeout, root=root) if resume is not None
            else library.train(**options))
     if distributed.is_main_process():  # the other processes of a distributed job print nothing
         emit(library.summary(run) if json_output else str(run.run_dir.resolve()))
@@ -399,7 +408,7 @@ def explain(
         "Score each map's faithfulness to the model with ROAD (Rong et al. 2022, grad-cam's "
         "pytorch_grad_cam.metrics): index.json, the manifest and 'aggregate --metrics road_<method>'."))] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
-        "Replace an earlier explanation with this method of other samples (refused without it)."))] = False,
+        "Replace this method's earlier maps of other samples, checkpoint, target, layer or faithfulness."))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print index.json on stdout instead of the directory.")] = False,
 ) -> None:
     """Explain predictions: CAM methods or attention rollout.

@@ -22,7 +22,7 @@ __all__ = [
     "CHANNELS_LAST_ON_CPU", "DEVICE_DATA_SHARE", "FINE_TUNE_LR_DIVISOR", "MIN_DEFAULT_BATCH",
     "MIN_STEPS_PER_EPOCH", "NOT_EXPERIMENT", "TrainOptions", "WARMUP_MAX_SHARE", "defaults_help", "fine_tune_lr",
     "SMALL_TRAIN", "SMALL_TRAIN_CROP", "fit_augment_to_data", "fit_batch_to_data", "fit_epochs_to_data",
-    "reduced_help", "resolve_config", "run_name",
+    "fit_to_data", "fit_warmup_to_epochs", "reduced_help", "resolve_config", "run_name",
 ]
 
 FINE_TUNE_LR_DIVISOR = 10
@@ -228,6 +228,7 @@ def resolve_config(**given: Any) -> dict:
         "optimizer": chosen["optimizer"].lower(),
         "momentum": 0.9,
         "warmup_epochs": float(chosen["warmup_epochs"]),
+        "warmup_source": "--warmup-epochs" if o.warmup_epochs is not None else _source(o.reduced, "warmup_epochs", rec),
         "label_smoothing": float(chosen["label_smoothing"]),
         "mixup_alpha": float(chosen["mixup_alpha"]),
         "patience": int(o.patience) if o.patience else None,
@@ -296,6 +297,13 @@ def fine_tune_lr(config: dict, pretrained: bool) -> dict:
             "lr_source": f"{config['lr_source']} / {FINE_TUNE_LR_DIVISOR} (pretrained weights loaded)"}
 
 
+def fit_to_data(config: dict, n_train: int, processes: int = 1) -> dict:
+    """The config a run on `n_train` training images over `processes` trains with (the
+    manifest's): its batch, then its epochs, warm-up and augmentation fitted to the data."""
+    config = fit_epochs_to_data(fit_batch_to_data(config, n_train, processes), n_train)
+    return fit_augment_to_data(fit_warmup_to_epochs(config), n_train)
+
+
 def fit_epochs_to_data(config: dict, n_train: int) -> dict:
     """The config with the epochs a --reduced run on a small training split needs: the preset's
     epochs, raised until the run makes at least the preset's `min_steps` optimizer steps (what
@@ -309,6 +317,27 @@ def fit_epochs_to_data(config: dict, n_train: int) -> dict:
     return {**config, "epochs": epochs,
             "epochs_source": f"{config['epochs_source']} {config['epochs']} -> {epochs}: at least {min_steps} steps "
                              f"({steps} per epoch on {n_train} training images)"}
+
+
+def fit_warmup_to_epochs(config: dict) -> dict:
+    """The config with the warm-up the schedule uses: at most WARMUP_MAX_SHARE of the run
+    (`optim.warmup_steps` makes the same cap in steps); a given --warmup-epochs over it is capped
+    with a warning. Decided once the epochs are."""
+    most = round(WARMUP_MAX_SHARE * config["epochs"], 6)  # 0.6, not 0.6000000000000001
+    if config["warmup_epochs"] <= most:
+        return config
+    reason = f"capped to {WARMUP_MAX_SHARE:.0%} of the {config['epochs']}-epoch run"
+    source = f"{config['warmup_source']} {config['warmup_epochs']:g} -> {most:g}, {reason}"
+    if config["warmup_source"] == "--warmup-epochs":
+        _warn_capped(source)
+    return {**config, "warmup_epochs": most, "warmup_source": source}
+
+
+def _warn_capped(source: str) -> None:
+    """One warning line for a given option the data or the run could not take as asked."""
+    from medcli import console
+
+    console.warn(f"{source} (the run's config records the value used)")
 
 
 def fit_augment_to_data(config: dict, n_train: int) -> dict:
@@ -340,11 +369,19 @@ def _warn_unscaled_lr(config: dict) -> None:
 def fit_batch_to_data(config: dict, n_train: int, processes: int = 1) -> dict:
     """The config with the batch (and, unless --lr was given, the learning rate) a small
     training split needs, split evenly over `processes`; a given --batch-size is kept (and
-    checked by the training loop). Decided once the data is loaded."""
+    checked by the training loop) unless the split is smaller (`_cap_batch`). Decided once
+    the data is loaded."""
+    given = config["batch_source"] == "--batch-size"
+    fitted = _cap_batch(config if given else _default_batch(config, n_train, processes), n_train, processes)
+    if given:
+        _warn_unscaled_lr(fitted)
+    return fitted
+
+
+def _default_batch(config: dict, n_train: int, processes: int) -> dict:
+    """A default batch halved for a small training split and split over `processes`, the
+    learning rate scaled with it unless --lr was given (see MIN_STEPS_PER_EPOCH)."""
     batch = config["batch_size"]
-    if config["batch_source"] == "--batch-size":
-        _warn_unscaled_lr(config)
-        return config
     reasons = []
     while batch // 2 >= MIN_DEFAULT_BATCH and n_train // batch < MIN_STEPS_PER_EPOCH:
         batch //= 2
@@ -361,3 +398,16 @@ def fit_batch_to_data(config: dict, n_train: int, processes: int = 1) -> dict:
         fitted.update(lr=config["lr"] * batch / config["batch_size"],
                       lr_source=f"{config['lr_source']} x {batch}/{config['batch_size']} (scaled with the batch)")
     return fitted
+
+
+def _cap_batch(config: dict, n_train: int, processes: int) -> dict:
+    """The config with a batch over the training split capped to it (to a multiple of
+    `processes`), the batch the training loop (`train.global_batch`) takes; the learning rate
+    is kept. A given --batch-size is capped with a warning."""
+    most = n_train - n_train % processes
+    if config["batch_size"] <= most:
+        return config
+    source = f"{config['batch_source']} {config['batch_size']} -> {most}, capped to the {n_train:,} training images"
+    if config["batch_source"] == "--batch-size":
+        _warn_capped(source)
+    return {**config, "batch_size": most, "batch_source": source}

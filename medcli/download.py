@@ -84,6 +84,7 @@ def obtain(
     *,
     from_file: str | os.PathLike | None = None,
     allow_unofficial: bool = False,
+    overwrite: bool = False,
     synthetic: bool = False,
     sample: bool = False,
     mirror: str | None = None,
@@ -103,12 +104,15 @@ def obtain(
     root = _root(root)
     if sum(map(bool, (from_file is not None, synthetic, sample))) > 1:
         raise UsageError("--from, --synthetic and --sample each choose the data; pass one of them")
+    if overwrite and from_file is None:
+        raise UsageError("--overwrite applies only to --from imports; a download replaces only a file of the wrong md5")
     if sample:
         return [_place_sample(flags, sizes, root)]
     if from_file is not None:
         if len(flags) != 1 or len(sizes) != 1:
             raise UsageError("--from imports one file: name exactly one dataset and one --size (not all)")
-        return [import_file(from_file, flags[0], sizes[0], root, allow_unofficial=allow_unofficial)]
+        return [import_file(from_file, flags[0], sizes[0], root, allow_unofficial=allow_unofficial,
+                            overwrite=overwrite)]
     if allow_unofficial:
         raise UsageError("--allow-unofficial applies only to --from imports; downloads must match the official md5")
     if synthetic:
@@ -167,11 +171,14 @@ def import_file(
     root: str | os.PathLike,
     *,
     allow_unofficial: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Copy a local npz into root under the official name, after checking its layout and md5.
 
     A file whose md5 is not the official one is refused unless allow_unofficial; it is then
-    recorded with `official: false`, which `train` copies into every run made from it.
+    recorded with `official: false`, which `train` copies into every run made from it. A file
+    of another md5 already at the target (an earlier import, a download, the embedded sample)
+    is replaced only with `overwrite`.
     """
     source_file = Path(source_file).expanduser()
     counts = datasets.validate_npz(source_file, flag, size)
@@ -185,6 +192,12 @@ def import_file(
                 f"{source_file} has md5 {md5}, not the official {official_md5} of {target.name}; "
                 "pass --allow-unofficial to import it anyway (recorded as official: false)"
             )
+        earlier = _other_file_at(target, flag, size, md5)
+        if earlier and not overwrite:
+            raise UsageError(f"{target} already holds another file ({earlier}); pass --overwrite to replace it "
+                             f"with {source_file} (md5 {md5})")
+        if earlier:
+            console.warn(f"replacing {target} ({earlier}) with {source_file}")
     # A copy of a file medcli made (synthetic data, the embedded sample) keeps what its record says it is.
     origin = datasets.record_of(source_file, flag, size) or {}
     kept = {key: origin[key] for key in _KEPT_ON_IMPORT if key in origin and origin.get("md5") == md5}
@@ -220,6 +233,7 @@ _STATUS_CELLS = {
     "official": "[green]official[/green]",
     "unofficial": "[yellow]unofficial[/yellow]",
     "synthetic": "[magenta]synthetic[/magenta]",
+    "sample": "[cyan]sample[/cyan]",
     "mismatch": "[red]md5 mismatch[/red]",
     "unverified": "[yellow]no record[/yellow]",
 }
@@ -234,7 +248,7 @@ def table(entries: list[dict], root: str | os.PathLike | None = None):
     grid = Table(
         title=f"MedMNIST 2D datasets under {_root(root)} (each in {', '.join(map(str, datasets.SIZES))} px)",
         caption=(
-            "unofficial: imported with --allow-unofficial; no record: not placed by medcli, "
+            "unofficial: imported with --allow-unofficial; sample: the embedded sample (--sample); no record: not placed by medcli, "
             "'medcli download FLAG -s N' verifies it; md5 mismatch: changed since recorded"
         ),
         box=box.SIMPLE_HEAD,
@@ -324,7 +338,7 @@ def _flags(flags: Iterable[str]) -> list[str]:
 def _file_status(path: Path, flag: str, size: int) -> dict:
     """missing | unverified (no record: not placed by medcli; or recorded before the current
     import checks, which its next use runs) | mismatch (changed since its record) | official |
-    synthetic | unofficial. Read-only: never writes a record."""
+    synthetic | sample (the embedded one) | unofficial. Read-only: never writes a record."""
     entry = {"path": str(path), "status": "missing"}
     if not path.is_file():
         return entry
@@ -332,13 +346,20 @@ def _file_status(path: Path, flag: str, size: int) -> dict:
     if record is None or record.get("checks") != datasets.CHECKS:
         return dict(entry, status="unverified")
     md5 = datasets.current_md5(path, record)
-    if md5 != record["md5"]:
-        status = "mismatch"
-    elif md5 == datasets.official_source(flag, size)[1]:
-        status = "official"
-    else:
-        status = "synthetic" if record.get("synthetic") else "unofficial"
+    status = "mismatch" if md5 != record["md5"] else datasets.provenance_kind(record) or "official"
     return dict(entry, status=status, md5=md5, n_samples=record.get("n_samples"), source=record.get("source"))
+
+
+def _other_file_at(target: Path, flag: str, size: int, md5: str) -> str | None:
+    """What target holds when it is a file whose md5 is not `md5` ("md5 X, from SOURCE"), else None."""
+    if not target.is_file():
+        return None
+    record = datasets.record_of(target, flag, size)
+    actual = datasets.current_md5(target, record)
+    if actual == md5:
+        return None
+    origin = record.get("source") if record is not None and record["md5"] == actual else None
+    return f"md5 {actual}, from {origin or 'an unrecorded source'}"
 
 
 def _present(target: Path, flag: str, size: int, md5: str) -> dict | None:

@@ -5,8 +5,9 @@ the same seed), the maps of one method of `medcli.explainers` and their ROAD fai
 and the files. Output goes under the run's explain directory for the method
 (`Run.explain_dir`): per sample a PNG (original | heat map | overlay), a grid per class, the
 raw maps and an index, all recorded in the manifest's stage for the method
-(`Run.explain_stage`). A new explanation with a method replaces the earlier one, but one of
-other samples only with `overwrite`: an earlier selection is never lost without a word. On
+(`Run.explain_stage`). A new explanation with a method replaces the same explanation made
+earlier, but one of other samples, checkpoint, target, layer, faithfulness or method options
+only with `overwrite`: earlier maps are never lost without a word. On
 synthetic data, whose class evidence lives in a known square (`signal_box`), each sample also
 gets the share of its heat-map mass inside that square: a built-in check that the maps point
 at the evidence.
@@ -150,7 +151,9 @@ def explain_run(
                          + (" or drop --only-errors" if only_errors else ""))
     selection = _selection(split, indices, per_class or explainers.DEFAULT_PER_CLASS, seed, only_errors)
     if not overwrite:
-        _refuse_replacing_other_samples(run, method, split, chosen, selection)
+        wanted = {"checkpoint": checkpoint, "target": target, "layer": layer, "faithfulness": faithfulness,
+                  **{name: options[name] for name in chosen_method.options}}
+        _refuse_replacing_other_maps(run, method, split, chosen, selection, wanted, names)
     probs = probabilities(chosen)
     preds = task.explained_class(probs)
     truth = task.true_class(labels[chosen], probs) if groups is None else groups
@@ -202,9 +205,16 @@ def _selection(split: str, indices, per_class: int, seed: int, only_errors: bool
     return f"--split {split} --per-class {per_class} --seed {seed}" + (" --only-errors" if only_errors else "")
 
 
-def _refuse_replacing_other_samples(run: Run, method: str, split: str, chosen, selection: str) -> None:
-    """A one-line refusal when the method's earlier explanation holds other samples than
-    `chosen` (explaining the same samples again, with any other option, replaces it freely)."""
+_SHOWN = {"checkpoint": "{}.pt", "target": "target {}", "layer": "at {}", "head_fusion": "head fusion {}",
+          "discard_ratio": "discard ratio {}"}  # how a differing option is named in the refusal
+
+
+def _refuse_replacing_other_maps(run: Run, method: str, split: str, chosen, selection: str, wanted: dict,
+                                 names: Sequence[str]) -> None:
+    """A one-line refusal when the method's earlier explanation differs from this one: other
+    samples than `chosen`, or another value of an option in `wanted` (checkpoint, target,
+    layer, faithfulness, the method's own options). The same explanation again replaces it
+    freely; an option an older index lacks is unknown and refuses nothing."""
     import json
 
     try:
@@ -212,12 +222,36 @@ def _refuse_replacing_other_samples(run: Run, method: str, split: str, chosen, s
         earlier_samples = {int(sample["index"]) for sample in earlier["samples"]}
     except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: nothing to keep
         return
-    if earlier.get("split") == split and earlier_samples == {int(i) for i in chosen}:
-        return
-    what = console.plural(len(earlier_samples), f"{earlier.get('split')} sample")
-    how = earlier.get("selection") or "options not recorded"
-    raise UsageError(f"{run.relative(run.explain_dir(method))} of run {run.run_dir} holds {what} ({how}); "
-                     f"{selection} chooses other samples and would replace them: add --overwrite to do so")
+    if "faithfulness" in earlier:  # the index holds the scores' summary, None without them
+        earlier["faithfulness"] = earlier["faithfulness"] is not None
+    held, asked = [], []
+    if earlier.get("split") != split or earlier_samples != {int(i) for i in chosen}:
+        what = console.plural(len(earlier_samples), f"{earlier.get('split')} sample")
+        held.append(f"{what} ({earlier.get('selection') or 'options not recorded'})")
+        asked.append(f"other samples ({selection})")
+    for name, value in wanted.items():
+        before = earlier.get(name, value)  # not in an older index: unknown, taken as the same
+        if (_class_of(before, names) != _class_of(value, names)) if name == "target" else before != value:
+            held.append(_shown(name, before))
+            asked.append(_shown(name, value))
+    if held:
+        raise UsageError(f"{run.relative(run.explain_dir(method))} of run {run.run_dir} holds maps: "
+                         f"{', '.join(held)}; this asks for {', '.join(asked)}: pass --overwrite to replace them")
+
+
+def _shown(name: str, value) -> str:
+    if name == "faithfulness":
+        return "with ROAD scores" if value else "without ROAD scores"
+    return _SHOWN[name].format(value)
+
+
+def _class_of(target, names: Sequence[str]):
+    """--target's class number, or the target itself (pred, true, or what names no class)."""
+    try:
+        chosen = _target_class(str(target), names)
+    except UsageError:
+        return target
+    return target if chosen is None else chosen
 
 
 @dataclass

@@ -32,6 +32,7 @@ __all__ = ["MedcliProcess", "clean", "end_processes", "find_processes", "mark_lo
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 CPU_SAMPLE_S = 0.2  # psutil's first cpu_percent() reading is always 0: prime, wait, read
+KILL_WAIT_S = 5.0  # the least wait for SIGKILL'd processes to go (with --grace 0 too) before one counts as stuck
 
 
 def parse_duration(text: str) -> float:
@@ -195,7 +196,7 @@ def end_processes(procs: list[MedcliProcess], grace_s: float = 10.0) -> list[dic
     _, alive = psutil.wait_procs(terminated, timeout=grace_s)
     killed, kill_failed = _signal(alive, "kill")
     failed.update(kill_failed)
-    _, survivors = psutil.wait_procs(killed, timeout=grace_s)
+    _, survivors = psutil.wait_procs(killed, timeout=max(grace_s, KILL_WAIT_S))
     still_alive = {p.pid for p in survivors} | set(failed)
     results = []
     for entry in procs:

@@ -230,9 +230,10 @@ class Run:
             lock.acquire()
         except Timeout:
             pid = manifest.read(self.run_dir)[1]["stages"].get(name, {}).get("pid")  # the holder's, from disk
+            end = f"end it alone with 'kill {pid}'" if pid else "end it"  # not clean-processes --yes: it ends all
             raise UsageError(f"run {self.run_dir} is in use by another medcli process ({name} stage"
-                             f"{f', pid {pid}' if pid else ''}); wait for it to finish or end it with "
-                             f"'medcli clean-processes --yes'") from None
+                             f"{f', pid {pid}' if pid else ''}); wait for it to finish, or if it is stale {end} "
+                             f"(list medcli's processes with 'medcli clean-processes')") from None
         except OSError as exc:
             raise UsageError(f"cannot lock run {self.run_dir}: {exc.strerror}; check the directory is writable") from exc
         try:
@@ -349,11 +350,12 @@ class Run:
                              f"from the manifest's); restore the run's own file or train the run again")
         return data
 
-    def load_data(self, root: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS):
-        """The run's dataset (`datasets.Splits`, only `splits`), found again by flag and size: under `root` when
-        given (a moved run or dataset), else under the data root training used, else beside the
-        recorded file. A file that differs from the one training used is a warning (the numbers
-        may not compare)."""
+    def load_data(self, root: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS, *,
+                  same_file: bool = False, **load_options: Any):
+        """The run's dataset (`datasets.Splits`, only `splits`; `load_options` as `datasets.load`'s), found
+        again by flag and size: under `root` when given (a moved run or dataset), else under the data root
+        training used, else beside the recorded file. A file that differs from the one training used
+        is a warning (the numbers may not compare), or with `same_file` (resuming) a usage error."""
         from medcli import datasets
 
         record = self.dataset
@@ -367,10 +369,13 @@ class Run:
                 raise UsageError(f"the dataset this run was trained on ({datasets.filename(flag, size)} under "
                                  f"{self.config.get('root') or record.get('path')}) is missing; pass --root DIR holding "
                                  f"it, or fetch it with 'medcli download {flag} --size {size}'")
-        data = datasets.load(root, flag, size, splits)
+        data = datasets.load(root, flag, size, splits, **load_options)
         if record.get("md5") and data.record.get("md5") != record.get("md5"):
-            console.warn(f"{data.path} differs from the file this run was trained on (md5 "
-                         f"{data.record.get('md5')} vs {record.get('md5')}); numbers may not be comparable")
+            differs = (f"{data.path} differs from the file this run was trained on (md5 {data.record.get('md5')} "
+                       f"vs {record.get('md5')})")
+            if same_file:
+                raise UsageError(f"{differs}; pass --root DIR holding the run's own file")
+            console.warn(f"{differs}; numbers may not be comparable")
         return data
 
 

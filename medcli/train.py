@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from medcli import augment, checkpoints, console, distributed, feed, inference, optim, selection
-from medcli.config import (fine_tune_lr, fit_augment_to_data, fit_batch_to_data, fit_epochs_to_data, resolve_config,
-                           run_name)
+from medcli.config import fine_tune_lr, fit_to_data, resolve_config, run_name
 from medcli.errors import MedcliError, UsageError
 from medcli.manifest import environment
 from medcli.names import MONITORS
@@ -313,8 +312,7 @@ def train(**options: Any) -> Run:
     with distributed.session(config["device"], config["collective_timeout"]) as ctx:
         splits = _load(config, ctx)
         n_train = len(splits.labels["train"])
-        config = fit_epochs_to_data(fit_batch_to_data(config, n_train, ctx.world_size), n_train)
-        config = fit_augment_to_data(config, n_train)
+        config = fit_to_data(config, n_train, ctx.world_size)
         steps = n_train // global_batch(config, ctx, n_train)
         config = selection.choose(config, len(splits.labels["val"]), config["epochs"] * steps)
         channels = splits.images["train"].shape[-1]
@@ -339,10 +337,10 @@ def train(**options: Any) -> Run:
     return run
 
 
-def resume(path: str | os.PathLike, device: str | None = None, collective_timeout: float | None = None) -> Run:
-    """Continue an interrupted run from its last.pt, on its own device or `device` (another
-    device type continues from the same state, but not bit-identically), with its collective
-    timeout or `collective_timeout` (`distributed.collective_timeout`)."""
+def resume(path: str | os.PathLike, device: str | None = None, collective_timeout: float | None = None, root=None) -> Run:
+    """Continue an interrupted run from its last.pt, on its own device or `device` (another device type
+    continues from the same state, but not bit-identically), with its collective timeout or
+    `collective_timeout` (`distributed.collective_timeout`), on its own data file (under `root` if given)."""
     import torch
 
     from medcli import models
@@ -372,7 +370,7 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
         if timeout != run.config.get("collective_timeout"):
             distributed.from_main(ctx, lambda: run.update(lambda data: data["config"].update(collective_timeout=timeout)))
             run.data["config"]["collective_timeout"] = config["collective_timeout"] = timeout
-        splits = _load(config, ctx)
+        splits = _load(config, ctx, run, root)
         before = run.data.get("environment", {}).get("distributed", {"world_size": 1, "backend": None})
         if config != run.config or before != ctx.record():
             console.info(f"resuming on {config['device']} (amp {config['amp']}) with {console.plural(ctx.world_size, 'process', 'processes')}; "
@@ -411,14 +409,15 @@ def _strict_model(model, config: dict) -> list[str]:
     return models.make_deterministic(model) if config["deterministic"] else []
 
 
-def _load(config: dict, ctx: distributed.Context) -> datasets.Splits:
-    """The train and val splits (fit never tests), mapped from the dataset cache when the
-    copies this node's processes would hold are large (`datasets.use_cache`)."""
+def _load(config: dict, ctx: distributed.Context, run: Run | None = None, root=None) -> datasets.Splits:
+    """The train and val splits (fit never tests) of a new run, or a resumed `run`'s own file (`Run.load_data`:
+    under `root` if given), mapped from the dataset cache when large (`datasets.use_cache`)."""
     from medcli import datasets
 
     local = int(os.environ.get("LOCAL_WORLD_SIZE") or ctx.world_size) if ctx.enabled else 1  # on this node
-    splits = datasets.load(config["root"], config["dataset"], config["size"], ("train", "val"), mapped=None,
-                           processes=local)
+    options = dict(splits=("train", "val"), mapped=None, processes=local)
+    splits = (run.load_data(root, same_file=True, **options) if run is not None
+              else datasets.load(config["root"], config["dataset"], config["size"], **options))
     if splits.cache is not None:
         console.info(f"train and val splits mapped from {splits.cache} (one copy per node, shared by its processes)")
     return splits
@@ -571,8 +570,8 @@ def _warn_if_device_shared(device: str, ctx: distributed.Context = distributed.C
 
     for other in processes.other_trainings(device, exclude_parent=os.getppid() if ctx.enabled else None):
         console.warn(f"another medcli training (pid {other.pid}, running {other.age_s / 60:.0f} min) uses "
-                     f"device {other.device or 'auto'}; both will be slower. If it is stale: "
-                     f"medcli clean-processes --yes")
+                     f"device {other.device or 'auto'}; both will be slower. If it is stale, end it alone with "
+                     f"'kill {other.pid}' (list medcli's processes with 'medcli clean-processes')")
 
 
 def use_cpu_threads(ctx: distributed.Context = distributed.Context()) -> None:

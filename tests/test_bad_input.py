@@ -32,7 +32,7 @@ RUN_COMMANDS = {
 CHECKPOINT_COMMANDS = {
     "evaluate": ("best.pt", lambda run: ["evaluate", str(run)]),
     "explain": ("best.pt", lambda run: ["explain", str(run), "--method", "gradcam", "--per-class", "1"]),
-    "train --resume": ("last.pt", lambda run: ["train", "--resume", str(run), "--epochs", "3"]),
+    "train --resume": ("last.pt", lambda run: ["train", "--resume", str(run)]),
 }
 
 

@@ -77,7 +77,7 @@ def test_train_options_are_written_once():
 
     from medcli import cli, config
 
-    cli_only = {"resume", "nproc", "json_output"}
+    cli_only = {"ctx", "resume", "nproc", "json_output"}
     renamed = {"data_budget": "data_budget_gb"}  # --data-budget takes GiB
     fields = {f.name: f for f in dataclasses.fields(config.TrainOptions)}
     hints = typing.get_type_hints(cli.train, include_extras=True)
@@ -148,6 +148,20 @@ def test_sigterm_names_the_run_and_the_exact_resume_command(synthetic_root, tmp_
     assert resumed.stdout == f"{run}\n" and run.is_absolute()
     again = runner.invoke(app, ["train", "--resume", "runs/" + run.name])
     one_line_error(again, 2, "already finished training (2 epochs)")
+
+
+def test_resume_refuses_the_options_it_would_ignore_before_reading_the_run(tmp_path):
+    """--resume continues a run with its own options: any other given with it (even at its
+    default value) is named in one line, before the run is opened; --device, --root,
+    --collective-timeout and --json are resume's own."""
+    missing = str(tmp_path / "no-such-run")
+    given = ["--epochs", "3", "--lr", "0.5", "--model", "vit", "--dataset", "chestmnist", "--seed", "0", "--no-flips"]
+    line = one_line_error(runner.invoke(app, ["train", "--resume", missing, *given]), 2,
+                          "--resume continues RUN with its own options; leave out --dataset, --model, --epochs, "
+                          "--lr, --flips/--no-flips, --seed (or start a new run)")
+    assert "does not exist" not in line
+    own = ["--device", "cpu", "--root", str(tmp_path), "--collective-timeout", "5", "--json"]
+    one_line_error(runner.invoke(app, ["train", "--resume", missing, *own]), 2, "does not exist")
 
 
 def test_evaluate_prints_the_files_it_wrote_and_quiet_keeps_only_errors(tiny_run, tmp_path):

@@ -332,6 +332,49 @@ def test_cli_import_unofficial_then_list(good_npz, tmp_path):
     assert entry["files"]["28"]["status"] == "unofficial"
 
 
+def test_cli_import_never_replaces_another_file_without_overwrite(good_npz, tmp_path):
+    """Review: `--from` silently replaced an earlier import, a download or the embedded sample
+    with a file of another md5. Refused in one line naming the file there; the same file again
+    is accepted; --overwrite replaces it and says so."""
+    first = runner.invoke(app, ["download", FLAG, "--from", str(good_npz), "--allow-unofficial", "--root", str(tmp_path)])
+    assert first.exit_code == 0, first.output
+    target = tmp_path / NAME
+    before = target.read_bytes()
+    other = datasets.make_synthetic(tmp_path / "src" / NAME, FLAG, SIZE, (16, 8, 8), seed=2)
+    args = ["download", FLAG, "--from", str(other), "--allow-unofficial", "--root", str(tmp_path)]
+    one_line_error(runner.invoke(app, args), 2, str(target), fileio.md5_file(good_npz), str(good_npz.resolve()),
+                   fileio.md5_file(other), "--overwrite")
+    assert target.read_bytes() == before and datasets.read_record(target)["source"] == str(good_npz.resolve())
+    assert _left(tmp_path) == [NAME.replace(".npz", ".json"), NAME, "src"]  # no temporary file left
+    same = runner.invoke(app, ["download", FLAG, "--from", str(good_npz), "--allow-unofficial", "--root", str(tmp_path)])
+    assert same.exit_code == 0, same.output
+    replaced = runner.invoke(app, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert target.read_bytes() == other.read_bytes() and "replacing" in replaced.stderr
+    assert "only to --from" in one_line_error(runner.invoke(app, ["download", FLAG, "--overwrite",
+                                                                  "--root", str(tmp_path)]), 2)
+
+
+def test_cli_import_never_replaces_the_embedded_sample_without_overwrite(good_npz, tmp_path):
+    assert runner.invoke(app, ["download", FLAG, "--sample", "--root", str(tmp_path)]).exit_code == 0
+    sample_root = tmp_path / datasets.SAMPLE_DIR
+    result = runner.invoke(app, ["download", FLAG, "--from", str(good_npz), "--allow-unofficial",
+                                 "--root", str(sample_root)])
+    one_line_error(result, 2, str(sample_root / NAME), download.SAMPLE_MD5, "embedded sample", "--overwrite")
+    assert fileio.md5_file(sample_root / NAME) == download.SAMPLE_MD5
+
+
+def test_list_shows_the_embedded_sample_as_a_sample(tmp_path):
+    """Review: --list called the embedded sample "unofficial: imported with --allow-unofficial"."""
+    assert runner.invoke(app, ["download", FLAG, "--sample", "--root", str(tmp_path)]).exit_code == 0
+    sample_root = str(tmp_path / datasets.SAMPLE_DIR)
+    listed = runner.invoke(app, ["download", "--list", "--json", "--root", sample_root, FLAG])
+    assert json.loads(listed.stdout)[0]["files"]["28"]["status"] == "sample"
+    table = runner.invoke(app, ["download", "--list", "--root", sample_root], terminal_width=200)
+    assert table.exit_code == 0 and "28 sample" in table.stdout and "28 unofficial" not in table.stdout
+    assert "sample: the embedded" in " ".join(table.stdout.split())
+
+
 def test_list_tells_synthetic_unrecorded_and_changed_files_apart(tmp_path):
     datasets.make_synthetic(tmp_path / "dermamnist_64.npz", "dermamnist", 64, (4, 2, 2))
     datasets.make_synthetic(tmp_path / "breastmnist.npz", "breastmnist", 28, (4, 2, 2))

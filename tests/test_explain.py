@@ -172,7 +172,7 @@ def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
     """End to end through the CLI: most Grad-CAM mass lies in the signal box; files, index and
     manifest agree; an explain of other samples with the same method is refused (review #24:
     `--indices 5` silently replaced 32 samples) unless --overwrite, which replaces the first
-    one's files; the same samples explained again need no --overwrite."""
+    one's files; the same explanation made again needs no --overwrite."""
     run = shutil.copytree(tiny_run, tmp_path / "run")
     result = runner.invoke(app, ["explain", str(run), "--method", "gradcam", "--per-class", "4", "--json",
                                  "--no-faithfulness"])
@@ -192,13 +192,13 @@ def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
 
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     one_line_error(runner.invoke(app, ["explain", str(run), "--indices", "5"]), 2,
-                   "explain/gradcam", "holds 32 test samples (--split test --per-class 4 --seed 0)",
-                   "--split test --indices 5 chooses other samples", "--overwrite")
+                   "explain/gradcam", "holds maps: 32 test samples (--split test --per-class 4 --seed 0)",
+                   "this asks for other samples (--split test --indices 5)", "--overwrite")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    again = runner.invoke(app, ["explain", str(run), "--indices", "5", "--overwrite"])
+    again = runner.invoke(app, ["explain", str(run), "--indices", "5", "--overwrite", "--no-faithfulness"])
     assert again.exit_code == 0 and again.stdout.strip() == str(out)
     assert ": 1 test sample explained" in again.stderr
-    same = runner.invoke(app, ["explain", str(run), "--indices", "5", "--target", "true"])
+    same = runner.invoke(app, ["explain", str(run), "--indices", "5", "--no-faithfulness"])
     assert same.exit_code == 0, same.stderr
     second = json.loads((out / "index.json").read_text())
     expected = {s["file"] for s in second["samples"]} | set(second["grids"].values()) | {"index.json", "maps.npz"}
@@ -300,8 +300,37 @@ def test_explain_records_faithfulness_and_raw_maps(tiny_run, tmp_path):
     assert json.loads(str(stored["meta"]))["flag"] == "bloodmnist"
     assert json.loads(str(stored["meta"]))["selection"] == index["selection"] == "--split test --per-class 1 --seed 0"
     assert "explain/gradcam/maps.npz" in stage["artefacts"]
-    quick = runner.invoke(app, ["explain", str(run), "--per-class", "1", "--no-faithfulness", "--json"])
-    assert quick.exit_code == 0 and json.loads(quick.stdout)["faithfulness"] is None
+    # review: --no-faithfulness silently dropped the stored ROAD scores ('aggregate --metrics road_*' went blank)
+    quick = ["explain", str(run), "--per-class", "1", "--no-faithfulness", "--json"]
+    one_line_error(runner.invoke(app, quick), 2, "holds maps: with ROAD scores; this asks for without ROAD scores",
+                   "--overwrite")
+    assert json.loads((run / "explain" / "gradcam" / "index.json").read_text())["faithfulness"] == index["faithfulness"]
+    replaced = runner.invoke(app, [*quick, "--overwrite"])
+    assert replaced.exit_code == 0 and json.loads(replaced.stdout)["faithfulness"] is None
+
+
+def test_explaining_with_another_checkpoint_target_or_layer_is_refused_without_overwrite(tiny_run, tmp_path):
+    """Review: the guard compared only the samples, so `--checkpoint last --target true --layer
+    layer2` silently replaced the best.pt maps. A field an index of an older medcli lacks is
+    unknown and refuses nothing."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    first = ["explain", str(run), "--indices", "3,5", "--no-faithfulness"]
+    assert runner.invoke(app, first).exit_code == 0
+    index_file = run / "explain" / "gradcam" / "index.json"
+    before = index_file.read_text()
+    other = [*first, "--checkpoint", "last", "--target", "true", "--layer", "layer2"]
+    one_line_error(runner.invoke(app, other), 2, "explain/gradcam",
+                   "holds maps: best.pt, target pred, at layer1; this asks for last.pt, target true, at layer2: "
+                   "pass --overwrite to replace them")
+    assert index_file.read_text() == before
+    class_name = datasets.class_names("bloodmnist")[3]
+    assert runner.invoke(app, [*first, "--target", "3", "--overwrite"]).exit_code == 0
+    assert runner.invoke(app, [*first, "--target", class_name.upper()]).exit_code == 0  # the same class
+    older = {key: value for key, value in json.loads(index_file.read_text()).items()
+             if key not in ("checkpoint", "target", "layer", "faithfulness")}
+    index_file.write_text(json.dumps(older))
+    assert runner.invoke(app, other).exit_code == 0, "nothing recorded to compare: not refused"
+    assert json.loads(index_file.read_text())["checkpoint"] == "last"
 
 
 # -- samples ---------------------------------------------------------------------------------------

@@ -99,6 +99,19 @@ def test_yes_ends_processes_escalating_to_sigkill_and_marks_runs(fake_medcli, mo
         assert stage["status"] == "interrupted" and "clean-processes" in stage["error"]
 
 
+def test_grace_zero_still_waits_for_sigkill_before_judging(fake_medcli):
+    """--grace 0 is accepted: SIGTERM ignored, SIGKILL at once, and the report must wait for
+    the SIGKILL'd process to go (review: it judged after 0 s, "still running after SIGKILL",
+    exit 1, the run left running)."""
+    stubborn, run = fake_medcli(ignore_term=True)
+    [entry] = [p for p in processes.find_processes() if p.pid == stubborn.pid]
+    [report] = processes.end_processes([entry], grace_s=0)
+    stubborn.wait(timeout=10)
+    assert report["ended"] is True and report["signal"] == "SIGKILL" and report["error"] is None
+    assert report["runs_marked_interrupted"] == [str(run)]
+    assert Run.open(run).stages["train"]["status"] == "interrupted"
+
+
 def test_a_reused_pid_is_never_signalled(fake_medcli):
     """A process found, then gone, its pid taken by an unrelated process: ending the stale
     entry must not touch the newcomer. psutil's handle checks the start time; a bare pid

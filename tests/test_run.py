@@ -69,9 +69,11 @@ def test_stage_lock_refuses_a_second_writer_of_the_same_stage(tmp_path):
     manifest = _new(tmp_path)
     other = Run.open(manifest.run_dir)
     with manifest.stage("evaluate"):
-        with pytest.raises(UsageError, match=r"in use by another medcli process \(evaluate stage, pid \d+\)"):
+        with pytest.raises(UsageError, match=r"in use by another medcli process \(evaluate stage, pid \d+\)") as refused:
             with other.stage("evaluate"):
                 pass
+    # the advice ends that process alone (clean-processes --yes would end every other medcli process)
+    assert f"'kill {os.getpid()}'" in str(refused.value) and "--yes" not in str(refused.value)
     with other.stage("evaluate"):  # free again once the first stage ended
         pass
 

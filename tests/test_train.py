@@ -439,6 +439,41 @@ def test_a_run_trained_on_cuda_resumes_on_the_cpu(small_root, tmp_path, monkeypa
     assert resumed.config["device"] == "cpu" and resumed.config["amp"] == "off"
 
 
+def test_a_run_whose_data_moved_resumes_with_root_but_only_on_its_own_file(small_root, tmp_path, monkeypatch):
+    """Review defect 2: the data folder moved; resume looked only in the old one, ignored
+    --root and could not continue. It finds the run's file under --root, refuses another
+    file (its md5 differs), and says where to look when the file is gone."""
+    import shutil
+
+    data = shutil.copytree(small_root, tmp_path / "data")
+    run = _interrupted_run(tmp_path / "runs", monkeypatch, root=data, epochs=2, batch_size=16,
+                           model="timm:test_resnet")
+    moved = data.rename(tmp_path / "moved")
+    one_line_error(runner.invoke(app, ["train", "--resume", str(run)]), 2, "is missing; pass --root DIR")
+    other = tmp_path / "other"
+    datasets.make_synthetic(other / datasets.filename("bloodmnist", 28), "bloodmnist", 28, (16, 8, 8), seed=2)
+    one_line_error(runner.invoke(app, ["train", "--resume", str(run), "--root", str(other)]), 2,
+                   "differs from the file this run was trained on")
+    assert Run.open(run).stages["train"]["status"] == "interrupted"
+    result = runner.invoke(app, ["train", "--resume", str(run), "--root", str(moved)])
+    assert result.exit_code == 0, result.output
+    assert Run.open(run).stages["train"]["summary"]["epochs_run"] == 2
+
+
+def test_the_device_sharing_warning_names_the_process_to_end_not_all_of_them(monkeypatch, capsys):
+    """Review defect 3: the advice was 'medcli clean-processes --yes', which ends every other
+    medcli process of the user (parallel trainings included)."""
+    from types import SimpleNamespace
+
+    from medcli import processes
+
+    other = SimpleNamespace(pid=4242, age_s=600.0, device="cpu")
+    monkeypatch.setattr(processes, "other_trainings", lambda device, exclude_parent=None: [other])
+    train._warn_if_device_shared("cpu")
+    err = capsys.readouterr().err
+    assert "pid 4242" in err and "kill 4242" in err and "'medcli clean-processes'" in err and "--yes" not in err
+
+
 def test_cuda_rng_states_restore_onto_fewer_gpus(monkeypatch):
     """Review defect 1: a checkpoint from a 2-GPU machine resumed on a 1-GPU one restores the
     state of the GPU that exists instead of failing on the missing one."""
@@ -676,6 +711,22 @@ def test_bad_options_exit_2_with_one_line_and_no_run_dir(small_root, tmp_path, a
     result = runner.invoke(app, ["train", *root, "--runs-dir", str(runs), *model, *args])
     one_line_error(result, 2, message)
     assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_a_capped_batch_and_warm_up_are_recorded_as_used_with_one_warning_each(small_root, tmp_path):
+    """Review defect 4: --batch-size over the training split and a warm-up over WARMUP_MAX_SHARE
+    of the run were capped silently, and the manifest recorded the values asked for."""
+    runs = tmp_path / "runs"
+    result = runner.invoke(app, ["train", "--root", str(small_root), "--runs-dir", str(runs), "--model",
+                                 "timm:test_resnet", "--epochs", "1", "--batch-size", "5000", "--warmup-epochs", "50"])
+    assert result.exit_code == 0, result.output
+    config = Run.open(next(runs.iterdir())).config
+    assert (config["batch_size"], config["warmup_epochs"]) == (16, pytest.approx(0.2))
+    assert config["batch_source"] == "--batch-size 5000 -> 16, capped to the 16 training images"
+    assert config["warmup_source"] == "--warmup-epochs 50 -> 0.2, capped to 20% of the 1-epoch run"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:") and "capped to" in line]
+    assert [w.split(" -> ")[0] for w in warnings] == ["warning: --batch-size 5000", "warning: --warmup-epochs 50"]
+    assert resolve_config(device="cpu", model="vit")["warmup_source"] == "vit default"
 
 
 def test_warm_up_is_capped_so_that_even_one_epoch_decays():
