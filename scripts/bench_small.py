@@ -211,7 +211,30 @@ def table(results: list[dict], sets: list[str], recipes: list[str], reference_ep
         verdict(results, name, reference_epochs)
 
 
-def verdict(results: list[dict], name: str, reference_epochs: int) -> None:
+def markdown(results: list[dict], sets: list[str], reference_epochs: int) -> None:
+    """The table of the README's small-data section: per set, each recipe's accuracy and AUC
+    per seed and as mean ± std, the epoch best.pt came from and the wall time per run; under
+    it, issue 28's verdict per set."""
+    print("| set | recipe | seeds | test accuracy per seed | mean ± std | test AUC per seed | mean ± std "
+          "| best.pt from epoch | min per run |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name in sets:
+        for recipe in ("reference", "medcli"):
+            rows = sorted(rows_of(results, name, recipe, reference_epochs), key=lambda r: r["seed"])
+            if rows:
+                acc, auc = ([r[key] for r in rows] for key in ("accuracy", "auc"))
+                minutes = [r["seconds"] / 60 for r in rows]
+                print(f"| {name} | {'medcli defaults' if recipe == 'medcli' else 'reference'} "
+                      f"| {','.join(str(r['seed']) for r in rows)} | {', '.join(f'{a:.1%}' for a in acc)} "
+                      f"| {np.mean(acc):.1%} ± {np.std(acc) * 100:.1f} | {', '.join(f'{a:.4f}' for a in auc)} "
+                      f"| {np.mean(auc):.4f} ± {np.std(auc):.4f} | {', '.join(str(r.get('best_epoch', '?')) for r in rows)} "
+                      f"| {min(minutes):.0f}-{max(minutes):.0f} |")
+    print()
+    for name in sets:
+        verdict(results, name, reference_epochs, prefix="- ")
+
+
+def verdict(results: list[dict], name: str, reference_epochs: int, prefix: str = "") -> None:
     """Issue 28's test on the seeds both recipes have finished: today's defaults beat the
     reference on accuracy and AUC in every seed, and on the mean by more than the seeds'
     spread (the larger standard deviation of the two recipes)."""
@@ -230,7 +253,7 @@ def verdict(results: list[dict], name: str, reference_epochs: int) -> None:
         said.append(f"{key} {np.mean(gaps):+.4f} (every seed: {'yes' if min(gaps) > 0 else f'NO, {behind}'}; "
                     f"mean gap > spread {spread_:.4f}: {'yes' if np.mean(gaps) > spread_ else 'NO'})")
         said[-1] += "" if met else " NOT MET"
-    print(f"{name:10s} medcli - reference on seeds {','.join(map(str, seeds))}: " + "; ".join(said), flush=True)
+    print(f"{prefix}{name:10s} medcli - reference on seeds {','.join(map(str, seeds))}: " + "; ".join(said), flush=True)
 
 
 def main() -> None:
@@ -242,6 +265,7 @@ def main() -> None:
     parser.add_argument("--reference-epochs", type=int, default=100)
     parser.add_argument("--results", type=Path, help="JSON-lines file: runs found there are reused, new ones appended")
     parser.add_argument("--table", action="store_true", help="only print the table of the runs in --results")
+    parser.add_argument("--markdown", action="store_true", help="with --table: the README's Markdown table")
     args = parser.parse_args()
     from medcli import console
 
@@ -252,7 +276,8 @@ def main() -> None:
     results = load_results(args.results)
     if not args.table:
         run_missing(args, sets, seeds, recipes, results)
-    table([r for r in results if r["seed"] in seeds], sets, recipes, args.reference_epochs)
+    shown = [r for r in results if r["seed"] in seeds]
+    (markdown if args.markdown else table)(shown, sets, *([] if args.markdown else [recipes]), args.reference_epochs)
 
 
 def run_missing(args, sets: list[str], seeds: list[int], recipes: list[str], results: list[dict]) -> None:
