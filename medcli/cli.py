@@ -251,7 +251,7 @@ def train(
     root: Annotated[Optional[Path], typer.Option(help=_opt("root"))] = None,
     runs_dir: Annotated[Path, typer.Option(help=_opt("runs_dir"))] = Path("runs"),
     resume: Annotated[Optional[Path], typer.Option(metavar="RUN", help=(
-        "Continue an interrupted run from its last.pt, with its own options (and --device, --root)."))] = None,
+        "Continue an interrupted run with its own options; only --device, --root, --nproc, --json, --collective-timeout go with it."))] = None,
     nproc: Annotated[Optional[int], typer.Option(min=1, help=(
         "Train with N processes on this machine (one per GPU; gloo on CPU) through torchrun, as "
         "'torchrun --standalone --nproc-per-node N -m medcli train' with the other options would. "
@@ -442,7 +442,7 @@ def predict(
     explain: Annotated[Optional[ExplainMethod], typer.Option(help=(
         "Also write one overlay per image (image, map, overlay) into OUT's name + _METHOD/; needs --out and a run."))] = None,
     checkpoint: Annotated[Optional[Checkpoint], typer.Option(show_default=False, help=(
-        "A run's best.pt (the default) or last.pt; an exported file predicts with the checkpoint it was exported from."))] = None,
+        "A run's best.pt (the default) or last.pt; an exported file: only the checkpoint it was exported from."))] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images read and predicted at a time.")] = 256,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (ONNX models run on the CPU).")] = "auto",
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help=(
@@ -489,7 +489,7 @@ def export(
         "onnx (torch.onnx.export, dynamic batch) or torchscript (the fallback, torch.jit.trace)."))] = ExportFormat.onnx,
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt or last.pt.")] = Checkpoint.best,
     out: Annotated[Optional[Path], typer.Option(help=(
-        "The model file (default RUN/export/<run id>_<checkpoint>.onnx); .json and .md beside it."))] = None,
+        "The model file (default RUN/export/<run id>_<checkpoint>.onnx, or _torchscript.pt); .json and .md beside it."))] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace earlier export files.")] = False,
     root: Annotated[Optional[Path], typer.Option(help="Data root, if the dataset file moved since training.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the files and the check as JSON.")] = False,
