@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from medcli import compare_stats, console, datasets, fileio, reports, tables
-from medcli.config import NOT_EXPERIMENT
+from medcli.config import experiment as experiment_of
 from medcli.errors import UsageError
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
 from medcli.explainers import METHODS as EXPLAIN_METHODS
@@ -117,7 +117,7 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     calibrated = bool(calibration) and bool(np.any(np.asarray(calibration.get("temperature", 1.0)) != 1.0))
     tta = len(evaluation.get("tta", {}).get("views", [])) > 1  # the identity alone is a plain evaluation
     settings = [evaluation.get("checkpoint", "?")] + (["tta"] if tta else []) + (["calibrated"] if calibrated else [])
-    experiment = {key: value for key, value in config.items() if key not in NOT_EXPERIMENT}
+    experiment = experiment_of(config)
     experiment.update(pretrained=pretrained, data_md5=run.dataset.get("md5"), evaluation=settings)
     checkpoint = evaluation.get("checkpoint")
     return {
@@ -207,8 +207,7 @@ def _name_groups(groups: list[dict]) -> None:
     """Make the labels (model and seeds) unique. In a comparison across data every label says
     its data ("on chestmnist 64 px": the md5 and the data's presets follow from it); groups
     that still share one get what their experiments differ in, two things at most: the model's
-    and weights' settings before the others, and the records of where a value came from
-    (`*_source`, the file's md5) last; then a number if need be. Values are whole up to a
+    and weights' settings before the others, and the file's md5 last; then a number if need be. Values are whole up to a
     length, else cut after a word with "…" (`_brief`)."""
     if len({_data_text(g) for g in groups}) > 1:
         for g in groups:
@@ -229,10 +228,9 @@ _LEADING_KEYS = ("model", "pretrained")
 
 
 def _label_rank(key: str) -> tuple:
-    """Labels name the model and weights first, then the settings alphabetically, then where
-    values came from."""
-    return (_LEADING_KEYS.index(key) if key in _LEADING_KEYS else len(_LEADING_KEYS),
-            key.endswith("_source") or key == "data_md5", key)
+    """Labels name the model and weights first, then the settings alphabetically, then the
+    data's md5."""
+    return _LEADING_KEYS.index(key) if key in _LEADING_KEYS else len(_LEADING_KEYS), key == "data_md5", key
 
 
 def _brief(value, limit: int = 24) -> str:

@@ -20,8 +20,8 @@ from medcli.names import MONITORS, OPTIMIZERS
 
 __all__ = [
     "CHANNELS_LAST_ON_CPU", "DEVICE_DATA_SHARE", "FINE_TUNE_LR_DIVISOR", "MIN_DEFAULT_BATCH",
-    "MIN_STEPS_PER_EPOCH", "NOT_EXPERIMENT", "TrainOptions", "WARMUP_MAX_SHARE", "defaults_help", "fine_tune_lr",
-    "SMALL_TRAIN", "SMALL_TRAIN_CROP", "fit_augment_to_data", "fit_batch_to_data", "fit_epochs_to_data",
+    "MIN_STEPS_PER_EPOCH", "NOT_EXPERIMENT", "TrainOptions", "WARMUP_MAX_SHARE", "defaults_help", "experiment",
+    "fine_tune_lr", "SMALL_TRAIN", "SMALL_TRAIN_CROP", "fit_augment_to_data", "fit_batch_to_data", "fit_epochs_to_data",
     "fit_to_data", "fit_warmup_to_epochs", "reduced_help", "resolve_config", "run_name",
 ]
 
@@ -170,6 +170,14 @@ class TrainOptions:
 _FIELDS = {f.name: f for f in fields(TrainOptions)}
 # Config keys that do not define the experiment: those options, and channels_last (it follows --device).
 NOT_EXPERIMENT = frozenset({name for name, f in _FIELDS.items() if not f.metadata["experiment"]} | {"channels_last"})
+
+
+def experiment(config: dict) -> dict:
+    """The part of a run's config that defines its experiment (runs that agree on it are
+    repeats for `aggregate`): not the options in NOT_EXPERIMENT, nor the `*_source` records of
+    where a value came from (the value is the setting: `--lr 0.1` equal to the preset's lr is
+    the same experiment, and a run from before a source was recorded is still a repeat)."""
+    return {key: value for key, value in config.items() if key not in NOT_EXPERIMENT and not key.endswith("_source")}
 
 
 # ---------------------------------------------------------------------------------------

@@ -366,15 +366,15 @@ def test_setups_on_other_data_are_labelled_by_their_data(tmp_path):
 def test_labels_keep_short_values_whole_and_pair_takes_what_the_table_shows(tmp_path):
     """Review: values cut to 8 characters ("lr_source=reduced " with its space, which the table
     does not show, so --pair refused the label it printed) and Rich ate "[...]" as markup."""
-    make_run(tmp_path, "preset", lr_source="reduced preset")
-    make_run(tmp_path, "given", lr_source="--lr")
-    make_run(tmp_path, "long", model="vit-tiny", augment_source="retinamnist: oriented fundus images, no flips")
-    make_run(tmp_path, "short", model="vit-tiny", augment_source="--flips [hflip]")
+    make_run(tmp_path, "preset", lr=0.1)
+    make_run(tmp_path, "given", lr=0.0125)
+    make_run(tmp_path, "long", model="vit-tiny", augment={"flips": ["hflip", "vflip"], "rotate": 90})
+    make_run(tmp_path, "short", model="vit-tiny", augment={"flips": ["hflip"]})
     result = aggregate([tmp_path], metric_names=["accuracy"])
     labels = {g["group"] for g in result.groups}
-    assert labels == {"resnet18 s0 lr_source=reduced preset", "resnet18 s0 lr_source=--lr",
-                      "vit-tiny s0 augment_source=retinamnist: oriented…",
-                      "vit-tiny s0 augment_source=--flips [hflip]"}
+    assert labels == {"resnet18 s0 lr=0.1", "resnet18 s0 lr=0.0125",
+                      "vit-tiny s0 augment={'flips': ['hflip'…",
+                      "vit-tiny s0 augment={'flips': ['hflip']}"}
     shown = [line.split("│")[1].strip() for line in table_text(result, width=240).splitlines()
              if line.startswith("│")]
     assert sorted(shown) == sorted(labels)
@@ -394,10 +394,10 @@ def test_chart_legend_and_metric_names_are_whole_and_apart(tmp_path, setups):
     from medcli.aggregate import chart_figure
 
     retina, chest = {"flag": "retinamnist", "synthetic": True}, {"flag": "chestmnist", "size": 64}
-    preset, given = "reduced preset for a batch of 128 on one GPU, scaled", "--lr given on the command line"
-    for name, model, data, source in [("a", "resnet18", retina, preset), ("b", "resnet18", retina, given),
-                                      ("c", "resnet18", chest, preset), ("d", "vit-tiny", retina, preset)][:setups]:
-        make_run(tmp_path, name, model=model, lr_source=source, dataset=data,
+    preset, given = {"flips": ["hflip", "vflip"], "rotate": 90, "crop_scale": 0.8}, {"flips": []}
+    for name, model, data, augment in [("a", "resnet18", retina, preset), ("b", "resnet18", retina, given),
+                                       ("c", "resnet18", chest, preset), ("d", "vit-tiny", retina, preset)][:setups]:
+        make_run(tmp_path, name, model=model, augment=augment, dataset=data,
                  spec=RESNET if model == "resnet18" else REDUCED_VIT)
     result = aggregate([tmp_path], metric_names=["accuracy", "balanced_accuracy", "f1_macro", "auc", "ece"])
     fig = chart_figure(result)
@@ -463,3 +463,16 @@ def test_best_is_only_among_setups_on_the_same_data(tmp_path):
     make_run(tmp_path / "one", "alone")
     alone = aggregate([tmp_path / "one"], metric_names=["accuracy", "ece"])
     assert alone.leaders == {} and "★" not in table_text(alone, width=120)
+
+
+def test_where_a_value_came_from_does_not_split_a_setup(tmp_path):
+    """Review: `warmup_source`, new in the configs of later runs, put them in another group than
+    the same setup trained before it was recorded; and a value given with --lr equal to the
+    preset's is the same experiment. `*_source` keys say where a value came from, not what ran."""
+    make_run(tmp_path, "old", seed=0, warmup_epochs=1)
+    make_run(tmp_path, "new", seed=1, warmup_epochs=1, warmup_source="recipe")
+    make_run(tmp_path, "given", seed=2, warmup_epochs=1, warmup_source="--warmup-epochs", lr_source="--lr")
+    make_run(tmp_path, "other", seed=0, warmup_epochs=2, warmup_source="recipe")
+    groups = aggregate([tmp_path], metric_names=["accuracy"]).groups
+    assert sorted((g["group"], g["n_runs"]) for g in groups) == [
+        ("resnet18 s0", 1), ("resnet18 s0-2", 3)]
