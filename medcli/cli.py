@@ -164,7 +164,7 @@ def download(
             "--allow-unofficial", help="With --from: accept an md5 that is not the official one (recorded as official: false)."
         ),
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file with another (--from).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file with another (--from, --sample).")] = False,
     synthetic: Annotated[
         bool,
         typer.Option(

@@ -104,10 +104,11 @@ def obtain(
     root = _root(root)
     if sum(map(bool, (from_file is not None, synthetic, sample))) > 1:
         raise UsageError("--from, --synthetic and --sample each choose the data; pass one of them")
-    if overwrite and from_file is None:
-        raise UsageError("--overwrite applies only to --from imports; a download replaces only a file of the wrong md5")
+    if overwrite and from_file is None and not sample:
+        raise UsageError("--overwrite applies only to --from imports and --sample; a download replaces only a file "
+                         "of the wrong md5")
     if sample:
-        return [_place_sample(flags, sizes, root)]
+        return [_place_sample(flags, sizes, root, overwrite=overwrite)]
     if from_file is not None:
         if len(flags) != 1 or len(sizes) != 1:
             raise UsageError("--from imports one file: name exactly one dataset and one --size (not all)")
@@ -295,9 +296,10 @@ def _synthesize(flag: str, size: int, root: Path) -> dict:
     return _with_path(datasets.read_record(target), target)
 
 
-def _place_sample(flags: list[str], sizes: list[int], root: Path) -> dict:
+def _place_sample(flags: list[str], sizes: list[int], root: Path, *, overwrite: bool = False) -> dict:
     """Copy the embedded sample to `<root>/sample/` (datasets.SAMPLE_DIR) under BloodMNIST's
-    file name, checked (md5, layout) like an import, and record it `sample: true`."""
+    file name, checked (md5, layout) like an import, and record it `sample: true`. Another file
+    already there (one imported into that folder) is replaced only with `overwrite`."""
     if flags != [SAMPLE_FLAG] or sizes != [SAMPLE_SIZE]:
         raise UsageError(f"--sample is the embedded {SAMPLE_FLAG} sample at {SAMPLE_SIZE} px only: "
                          f"'medcli download {SAMPLE_FLAG} --sample'")
@@ -308,6 +310,12 @@ def _place_sample(flags: list[str], sizes: list[int], root: Path) -> dict:
         return _with_path(existing, target)
     if not SAMPLE_FILE.is_file():
         raise MedcliError(f"this medcli installation lacks its embedded sample {SAMPLE_FILE}; reinstall medcli")
+    earlier = _other_file_at(target, SAMPLE_FLAG, SAMPLE_SIZE, SAMPLE_MD5)
+    if earlier and not overwrite:
+        raise UsageError(f"{target} already holds another file ({earlier}); pass --overwrite to replace it with "
+                         "the embedded sample")
+    if earlier:
+        console.warn(f"replacing {target} ({earlier}) with the embedded sample")
     target.parent.mkdir(parents=True, exist_ok=True)
     with fileio.atomic_path(target) as tmp, open(SAMPLE_FILE, "rb") as handle:
         md5, _ = _copy(iter(lambda: handle.read(CHUNK), b""), tmp, os.fstat(handle.fileno()).st_size, target.name)

@@ -364,6 +364,22 @@ def test_cli_import_never_replaces_the_embedded_sample_without_overwrite(good_np
     assert fileio.md5_file(sample_root / NAME) == download.SAMPLE_MD5
 
 
+def test_sample_never_replaces_another_file_in_root_sample_without_overwrite(good_npz, tmp_path):
+    """Review: `--sample` copied the embedded sample over whatever ROOT/sample held (here a file
+    the user imported there), without a word."""
+    sample_root = tmp_path / datasets.SAMPLE_DIR
+    imported = runner.invoke(app, ["download", FLAG, "--from", str(good_npz), "--allow-unofficial",
+                                   "--root", str(sample_root)])
+    assert imported.exit_code == 0, imported.output
+    mine = (sample_root / NAME).read_bytes()
+    result = runner.invoke(app, ["download", FLAG, "--sample", "--root", str(tmp_path)])
+    one_line_error(result, 2, str(sample_root / NAME), f"md5 {fileio.md5_file(good_npz)}", "--overwrite")
+    assert (sample_root / NAME).read_bytes() == mine
+    replaced = runner.invoke(app, ["download", FLAG, "--sample", "--overwrite", "--root", str(tmp_path)])
+    assert replaced.exit_code == 0, replaced.output
+    assert fileio.md5_file(sample_root / NAME) == download.SAMPLE_MD5 and "replacing" in replaced.stderr
+
+
 def test_list_shows_the_embedded_sample_as_a_sample(tmp_path):
     """Review: --list called the embedded sample "unofficial: imported with --allow-unofficial"."""
     assert runner.invoke(app, ["download", FLAG, "--sample", "--root", str(tmp_path)]).exit_code == 0
