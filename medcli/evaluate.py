@@ -92,6 +92,7 @@ def evaluate_run(
         "dataset": {key: data.record.get(key) for key in ("flag", "size", "md5", "official", "synthetic", "sample", "path")},
         "task": task.kind,
         "class_names": list(task.names),
+        **task.facts(),
         "tta": {"enabled": tta, "views": list(chosen_views)},
         "device": str(dev),
         "amp": amp_mode,

@@ -340,19 +340,19 @@ def _check_options(method, split, per_class, indices, only_errors, target, layer
 
 def _target_class(target: str, names: Sequence[str]) -> int | None:
     """--target: pred, true, or one class (label) named by number or by name, case-insensitive:
-    the full name as medmnist.INFO gives it or the name without its explanation
-    ("normal" for BreastMNIST's "normal, benign")."""
+    the full name as medmnist.INFO gives it, the name without its explanation ("immature
+    granulocytes"), or its first part ("normal" for BreastMNIST's "normal, benign")."""
     if target in EXPLAIN_TARGETS:
         return None
     if target.isdigit() and int(target) < len(names):
         return int(target)
     brief = short_names(names, width=max(map(len, names)))  # uncut, so every listed name is accepted
-    for spelling in (names, brief):
+    for spelling in (names, brief, [name.split(",", 1)[0] for name in brief]):
         lowered = [name.lower() for name in spelling]
         if target.lower() in lowered:
             return lowered.index(target.lower())
     raise UsageError(f"unknown --target '{target}'; choose pred (the predicted class), true, or a class of this "
-                     f"dataset by number 0..{len(names) - 1} or name ({', '.join(brief)})")
+                     f"dataset by number 0..{len(names) - 1} or name ({'; '.join(brief)})")
 
 
 def save_maps(path, ex: Explained, dataset: dict, selection: str):

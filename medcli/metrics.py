@@ -245,7 +245,8 @@ def _ratio(num: float, den: float) -> float | None:
 
 def binary_rates(cm: np.ndarray) -> dict:
     """Sensitivity, specificity, PPV and NPV of class 1 (the positive finding) from a 2x2
-    confusion matrix (rows = true class); None where the denominator is empty."""
+    confusion matrix (rows = true class; `tasks.Binary` puts its finding second); None where
+    the denominator is empty."""
     (tn, fp), (fn, tp) = cm
     return {"sensitivity": _ratio(tp, tp + fn), "specificity": _ratio(tn, tn + fp),
             "ppv": _ratio(tp, tp + fp), "npv": _ratio(tn, tn + fn)}

@@ -48,16 +48,17 @@ EXPLAIN_TARGETS = ("pred", "true")
 
 
 def short_names(names: Sequence[str], width: int = 18) -> list[str]:
-    """Display names for axes and captions: drop a parenthesised or comma-led explanation,
-    then cut to `width` characters.
+    """Display names for axes and captions: drop a parenthesised explanation, then cut to
+    `width` characters ("…" says so).
 
     BloodMNIST's "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)"
-    becomes "immature granulocytes". Where two names collapse to the same text, the class
-    number is appended so they stay distinct.
+    becomes "immature granulocytes". A comma lists classes merged into one and stays:
+    BreastMNIST's "normal, benign" is not "normal". Where two names collapse to the same
+    text, the class number is appended so they stay distinct.
     """
     shortened = []
     for number, name in enumerate(names):
-        text = re.split(r"[(,]", str(name), maxsplit=1)[0].strip() or str(name) or str(number)
+        text = str(name).split("(", 1)[0].strip() or str(name) or str(number)
         shortened.append(text if len(text) <= width else text[: width - 1].rstrip() + "…")
     return _distinct(shortened, "{text} [{number}]")
 

@@ -7,7 +7,7 @@ of assuming a softmax:
 | task type | class | outputs | loss | probabilities | decision | metrics added |
 |---|---|---|---|---|---|---|
 | multi-class (Blood, Path, Derma, OCT, Tissue, OrganA/C/S) | `MultiClass` | one per class | cross-entropy | softmax | argmax | - |
-| binary-class (Breast, Pneumonia) | `Binary` | two | cross-entropy | softmax | p1 > 0.5 (getACC's rule) | sensitivity, specificity, PPV, NPV |
+| binary-class (Breast, Pneumonia) | `Binary` | two | cross-entropy | softmax | p1 > 0.5 (getACC's rule) | sensitivity, specificity, PPV, NPV of the finding |
 | ordinal-regression (Retina) | `Ordinal` | one per grade | cross-entropy, smoothing on the neighbouring grades | softmax | argmax | MAE, quadratic weighted kappa |
 | multi-label, binary-class (Chest) | `MultiLabel` | one per label | binary cross-entropy | sigmoid per label | each p > 0.5 | subset accuracy |
 
@@ -133,6 +133,10 @@ class SingleLabel(Task):
         """The class whose one-vs-rest AUC is the task's AUC; None: the mean over classes."""
         return None
 
+    def facts(self) -> dict:
+        """What a reader of this task's metrics file needs beyond the task and class names."""
+        return {}
+
     def roc_classes(self) -> list[int]:
         """The classes that get a ROC curve."""
         return list(range(self.outputs))
@@ -241,8 +245,10 @@ class MultiClass(SingleLabel):
 
 
 class Binary(SingleLabel):
-    """Two classes; class 1 is the finding. medmnist decides p1 > 0.5 (not the argmax: scores
-    read from a CSV need not sum to one) and its AUC is class 1's."""
+    """Two classes. medmnist decides p1 > 0.5 (not the argmax: scores read from a CSV need not
+    sum to one) and its AUC is class 1's. Sensitivity, specificity, PPV and NPV are of the
+    finding: the class not named "normal" (BreastMNIST: class 0, malignant, its class 1 being
+    "normal, benign"; PneumoniaMNIST: class 1, pneumonia), else class 1."""
 
     kind = "binary-class"
     extra_metrics = ("sensitivity", "specificity", "ppv", "npv")
@@ -258,10 +264,20 @@ class Binary(SingleLabel):
     def roc_classes(self) -> list[int]:
         return [self.outputs - 1]
 
+    @property
+    def finding(self) -> int:
+        """The class the rates are of (see the class docstring)."""
+        normal = [name.lower().startswith("normal") for name in self.names]
+        return normal.index(False) if normal.count(False) == 1 else self.outputs - 1
+
+    def facts(self) -> dict:
+        return {"positive_class": self.names[self.finding]}
+
     def added_metrics(self, metrics, labels, preds, result: dict) -> dict:
         import numpy as np
 
-        return metrics.binary_rates(np.asarray(result["confusion_matrix"]))
+        cm = np.asarray(result["confusion_matrix"])
+        return metrics.binary_rates(cm if self.finding == 1 else cm[::-1, ::-1])
 
 
 class Ordinal(SingleLabel):

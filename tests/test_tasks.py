@@ -129,6 +129,26 @@ def test_roc_curves_are_sklearns_and_binary_draws_the_class_the_auc_is_of(task):
         assert curves[0]["auc"] == pytest.approx(t.metrics(labels, probs)["auc"], abs=1e-12)
 
 
+@pytest.mark.parametrize("names, finding", [(("malignant", "normal, benign"), 0), (("normal", "pneumonia"), 1),
+                                             (("c0", "c1"), 1)])
+def test_binary_rates_are_of_the_finding_not_of_class_1(names, finding):
+    """Review: BreastMNIST's class 1 is "normal, benign", so its "sensitivity" was the recall of
+    benign lesions. The rates are of the finding (the class not named normal; class 1 when the
+    names do not say), named in the metrics file; the AUC stays medmnist's (class 1's)."""
+    labels = np.array([finding] * 4 + [1 - finding] * 6)
+    hits = np.array([1, 1, 1, 0, 1, 1, 1, 1, 0, 0], bool)  # finding: tp 3, fn 1; other: tn 4, fp 2
+    predicted = np.where(hits, labels, 1 - labels)
+    p1 = np.where(predicted == 1, 0.8, 0.2)
+    task = for_kind(BINARY, names)
+    m = task.metrics(labels, np.stack([1 - p1, p1], 1))
+    assert (m["sensitivity"], m["specificity"], m["ppv"], m["npv"]) == pytest.approx((3 / 4, 4 / 6, 3 / 5, 4 / 5))
+    assert m["sensitivity"] == pytest.approx(m["per_class"][finding]["recall"])
+    assert task.facts() == {"positive_class": names[finding]}
+    from medcli import names as display
+
+    assert display.short_names(names) == list(names)  # "normal, benign" is not "normal"
+
+
 def test_binary_rates_and_ordinal_scores_against_hand_counts():
     labels = np.array([1, 1, 1, 0, 0, 0, 0, 1])
     p1 = np.array([0.9, 0.8, 0.3, 0.2, 0.1, 0.6, 0.4, 0.7])  # tp 3, fn 1, tn 3, fp 1
@@ -302,5 +322,5 @@ def test_explain_targets_accept_the_names_the_error_lists(flag, target, expected
     assert _target_class(target, names) == expected
     with pytest.raises(MedcliError) as raised:
         _target_class("no such class", names)
-    listed = str(raised.value).split(" or name (")[1].rstrip(")").split(", ")
+    listed = str(raised.value).split(" or name (")[1].rstrip(")").split("; ")
     assert [_target_class(name, names) for name in listed] == list(range(len(names)))
