@@ -92,7 +92,7 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     train = run.stages["train"]
     metrics_file = run.metrics_file(split)
     if not metrics_file.is_file():
-        raise UsageError(f"not evaluated on {split} (run 'medcli evaluate {run_dir} --split {split}')")
+        raise UsageError(f"not evaluated on {split} (run '{run.evaluate_command(split)}')")
     try:
         evaluation = json.loads(metrics_file.read_text(encoding="utf-8"))
         values = evaluation["metrics"]

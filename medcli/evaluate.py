@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from medcli import augment, console, datasets, fileio, metrics, reports, tables
-from medcli.errors import UsageError
+from medcli.errors import MedcliError, UsageError
 from medcli.names import EVAL_SPLITS, SPLITS
-from medcli.run import Run
+from medcli.run import Run, StageRecord
 from medcli.tasks import EXTRA_METRICS, Task
 
 __all__ = ["BOOTSTRAP", "evaluate_run", "shown_metrics", "written_files"]
@@ -107,6 +107,7 @@ def evaluate_run(
             console.info(f"temperature scaling fitted on val ({len(val_logits)} images): T = "
                          f"{metrics.temperature_text(fit[0])}" + (f"; skipped (T = 1): {fit[1]}" if fit[1] else ""))
         for name in chosen:
+            _drop_medmnist_csv(st, name, data.record, replaced=medmnist_csv)
             result, files = _write_split(run, name, logits[name], data, task, fit, context, medmnist_csv)
             results[name] = result
             written += files
@@ -170,20 +171,35 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
     return result, files
 
 
+def _medmnist_prefix(record: dict, split: str) -> str:
+    """The start of a split's --medmnist-csv file name: flag, size suffix for 64+ px, split."""
+    size = int(record["size"])
+    return f"{record['flag']}{'' if size == 28 else f'_{size}'}_{split}_"
+
+
+def _drop_medmnist_csv(st: StageRecord, split: str, record: dict, replaced: bool) -> None:
+    """An earlier evaluation's --medmnist-csv file of `split` holds that evaluation's
+    probabilities: it goes (file and manifest entry) before the split is evaluated again, with
+    a line saying so unless this evaluation writes its own."""
+    run = st.run
+    earlier = sorted(run.medmnist_dir().glob(f"{_medmnist_prefix(record, split)}*@{run.run_id}.csv"))
+    for path in earlier:
+        path.unlink()
+        st.entry["artefacts"].pop(run.relative(path), None)
+    if earlier and not replaced:
+        console.info(f"removed the earlier --medmnist-csv file of {split} ({earlier[0].name}): it held an earlier "
+                     "evaluation's probabilities; pass --medmnist-csv to write this one's")
+
+
 def _write_medmnist_csv(run: Run, split: str, probs: np.ndarray, values: dict, record: dict) -> Path:
     """The split's probabilities as `medmnist.Evaluator.evaluate(..., save_folder)` writes
     them (row index, then one column per class or label; no header), under the file name
     `Evaluator.parse_and_evaluate` reads (flag, size suffix for 64+ px, split, metrics, run)."""
     import pandas as pd
 
-    size = int(record["size"])
-    suffix = "" if size == 28 else f"_{size}"
     auc = float("nan") if values["auc"] is None else values["auc"]
-    name = f"{record['flag']}{suffix}_{split}_[AUC]{auc:.3f}_[ACC]{values['accuracy']:.3f}@{run.run_id}.csv"
+    name = f"{_medmnist_prefix(record, split)}[AUC]{auc:.3f}_[ACC]{values['accuracy']:.3f}@{run.run_id}.csv"
     path = run.medmnist_dir() / name
-    for old in path.parent.glob(f"{record['flag']}{suffix}_{split}_*@{run.run_id}.csv"):
-        if old != path:  # an earlier evaluation's file: one file per split, with today's numbers
-            old.unlink()
     with fileio.atomic_path(path) as tmp:
         pd.DataFrame(probs).to_csv(tmp, header=False)
     return path
@@ -191,7 +207,8 @@ def _write_medmnist_csv(run: Run, split: str, probs: np.ndarray, values: dict, r
 
 def write_run_report(run: Run) -> Path:
     """(Re)write `report.xlsx` from every split evaluated so far (the files on disk), so an
-    evaluation of `val` after one of `test` yields one workbook holding both."""
+    evaluation of `val` after one of `test` yields one workbook holding both. A split whose
+    files are unreadable (damaged since) is left out with one line saying how to redo it."""
     import json
 
     import pandas as pd
@@ -199,8 +216,17 @@ def write_run_report(run: Run) -> Path:
     evaluations = {}
     for split in SPLITS:
         metrics_file, csv = run.metrics_file(split), run.predictions_file(split)
-        if metrics_file.is_file() and csv.is_file():
-            evaluations[split] = (json.loads(metrics_file.read_text(encoding="utf-8")), tables.read_predictions(csv)[0])
+        if not (metrics_file.is_file() and csv.is_file()):
+            continue
+        try:
+            read = metrics_file
+            meta = json.loads(metrics_file.read_text(encoding="utf-8"))
+            read = csv
+            evaluations[split] = (meta, tables.read_predictions(csv)[0])
+        except (ValueError, OSError, MedcliError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            reason = str(exc) if isinstance(exc, MedcliError) else f"{type(exc).__name__}: {exc}"
+            console.warn(f"report.xlsx leaves out {split}: {read} is unreadable ({' '.join(reason.split())}); "
+                         f"redo it with '{run.evaluate_command(split)}'")
     history_file = run.history_file()
     history = pd.read_csv(history_file) if history_file.is_file() else None
     figures = {sheet: [p for s in evaluations if (p := run.figure_file(kind, s)).is_file()]

@@ -335,13 +335,14 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
         csv = run.predictions_file(split)
         if not csv.is_file():
             raise UsageError(f"run {run.run_dir} has no {run.relative(csv)}; write it with "
-                             f"'medcli evaluate {run.run_dir} --split {split}'")
+                             f"'{run.evaluate_command(split)}'")
         default_out = run.figure_file(f"confusion_{split}{suffix}")
         title, note = f"{run.run_id} · {split}", provenance(run.dataset)
     else:
         csv = target
         default_out = target.with_name(f"confusion_{target.stem}{suffix}.png")
-        title, note = target.name, None
+        run = Run.of_predictions(target)  # a run's own CSV keeps the run's title and data provenance
+        title, note = (f"{run.run_id} · {target.stem}", provenance(run.dataset)) if run else (target.name, None)
     frame, task = read_predictions(csv)
     destination = Path(out) if out else default_out
     if destination.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):

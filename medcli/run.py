@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from medcli import console, fileio, manifest
 from medcli.errors import Interrupted, UsageError
-from medcli.names import CHECKPOINTS, SPLITS
+from medcli.names import CHECKPOINTS, EVAL_SPLITS, SPLITS
 
 __all__ = ["Run", "STAGE_LOCK_PREFIX", "create_run_dir", "find_runs"]
 
@@ -112,6 +112,14 @@ class Run:
         return run
 
     @classmethod
+    def of_predictions(cls, csv: str | os.PathLike) -> "Run | None":
+        """The run whose `predictions/<split>.csv` this file is, else None (a CSV elsewhere)."""
+        folder = Path(csv).resolve().parent
+        if folder.name != PREDICTIONS_DIR or not (folder.parent / manifest.FILENAME).is_file():
+            return None
+        return cls.open(folder.parent)
+
+    @classmethod
     def open(cls, path: str | os.PathLike) -> "Run":
         """An existing run (its directory or manifest.json); one-line UsageError otherwise."""
         return cls(*manifest.read(path))
@@ -165,6 +173,12 @@ class Run:
     def resume_command(self) -> str:
         """The exact command that continues this run's training."""
         return f"medcli train --resume {shlex.quote(str(self.run_dir.resolve()))}"
+
+    def evaluate_command(self, split: str, *options: str) -> str:
+        """The command that (re)writes a split's evaluation (`--split all` for train: evaluate
+        takes no train of its own)."""
+        return " ".join(["medcli evaluate", shlex.quote(str(self.run_dir)), "--split",
+                         split if split in EVAL_SPLITS else "all", *options])
 
     def update(self, change: Callable[[dict], None]) -> None:
         """Apply `change` to the manifest on disk under the manifest lock (re-read, change, save

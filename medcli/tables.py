@@ -116,6 +116,8 @@ def read_predictions(path: str | os.PathLike):
         frame = pd.read_csv(path)
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {path} as CSV ({' '.join(str(exc).split())}); pass a file written by 'medcli evaluate'") from None
+    if frame.empty:
+        raise UsageError(f"{path} holds no predictions (a header only); re-run 'medcli evaluate'")
     names = [c[len(PROB_PREFIX):] for c in frame.columns if str(c).startswith(PROB_PREFIX)]
     if len(names) < 2:
         raise UsageError(f"{path} lacks the columns {PROB_PREFIX}<class> (one per class); pass a predictions CSV "

@@ -185,7 +185,7 @@ def write_run_page(path: str | os.PathLike) -> Path:
 def _evaluation(run: Run, split: str) -> dict:
     """A split's metrics JSON, refused with one line when it lacks what the page shows (an older
     medcli wrote no intervals)."""
-    fix = f"re-run 'medcli evaluate {run.run_dir} --split {split}'"
+    fix = f"re-run '{run.evaluate_command(split)}'"
     result = _read(run.metrics_file(split), fix)
     missing = [key for key in EVALUATION_KEYS if key not in result]
     if missing:
@@ -268,7 +268,7 @@ def _calibration(run: Run, evaluations: dict[str, dict]) -> str:
                 [(key, metric_text(key, before), metric_text(key, calibration["after"][key]))
                  for key, before in calibration["before"].items()], numeric=[1, 2]))
         else:
-            parts.append(_note(f"Not calibrated: 'medcli evaluate {run.run_dir} --split {split} --calibrate' fits a "
+            parts.append(_note(f"Not calibrated: '{run.evaluate_command(split, '--calibrate')}' fits a "
                                "temperature on val and shows the calibration before and after it."))
         figure = run.figure_file("reliability", split)
         if figure.is_file():

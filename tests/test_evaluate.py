@@ -440,3 +440,76 @@ def test_explanation_figures_use_a_uniform_colour_map_with_a_colour_bar_and_row_
 ])
 def test_provenance_names_data_that_is_not_the_official_file(record, expected):
     assert datasets.provenance(record) == expected
+
+
+def test_medmnist_csv_files_of_an_earlier_evaluation_do_not_outlive_it(run_copy):
+    """Review: `evaluate --tta --medmnist-csv` then `evaluate` left the TTA probabilities in
+    predictions/medmnist/ beside metrics that no longer match them, and a later --medmnist-csv
+    deleted the older file while the manifest still listed it."""
+    folder = run_copy / "predictions" / "medmnist"
+
+    def listed() -> list[str]:
+        return sorted(a for a in Run.open(run_copy).stages["evaluate"]["artefacts"] if a.startswith("predictions/medmnist"))
+
+    assert runner.invoke(app, ["evaluate", str(run_copy), "--tta", "--medmnist-csv"]).exit_code == 0
+    (first,) = folder.iterdir()
+    assert listed() == [f"predictions/medmnist/{first.name}"]
+    again = runner.invoke(app, ["evaluate", str(run_copy), "--medmnist-csv", "--split", "all"])
+    assert again.exit_code == 0, again.output
+    assert len(list(folder.glob("*_test_*"))) == 1 and len(list(folder.iterdir())) == 3  # train, val, test
+    assert listed() == sorted(f"predictions/medmnist/{p.name}" for p in folder.iterdir())
+    plain = runner.invoke(app, ["evaluate", str(run_copy)])
+    assert plain.exit_code == 0, plain.output
+    assert not list(folder.glob("*_test_*")) and "earlier --medmnist-csv" in " ".join(plain.stderr.split())
+    assert listed() == sorted(f"predictions/medmnist/{p.name}" for p in folder.iterdir())  # val and train stay
+
+
+@pytest.mark.parametrize("damage", ["metrics", "predictions"])
+def test_a_damaged_file_of_another_split_is_left_out_of_the_workbook_not_fatal(run_copy, damage):
+    """Review: a damaged metrics/val.json made `evaluate --split test` fail after writing the
+    test split's files ("unexpected JSONDecodeError", no file named; a header-only val CSV said
+    "pass a predictions CSV written by 'medcli evaluate'"). The split asked for is finished;
+    the workbook leaves the other out, with one line naming the file and the command."""
+    from openpyxl import load_workbook
+
+    assert runner.invoke(app, ["evaluate", str(run_copy), "--split", "val"]).exit_code == 0
+    bad = run_copy / ("metrics/val.json" if damage == "metrics" else "predictions/val.csv")
+    bad.write_text("{x" if damage == "metrics" else "index,label,prediction\n")
+    result = runner.invoke(app, ["evaluate", str(run_copy)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stderr.split())
+    assert str(bad) in said and f"medcli evaluate {run_copy} --split val" in said
+    assert Run.open(run_copy).stages["evaluate"]["status"] == "completed"
+    summary = load_workbook(run_copy / "report.xlsx")["summary"]
+    header = next(row for row in summary.iter_rows(values_only=True) if row[0] == "metric")
+    assert "test" in header and "val" not in header
+
+
+def test_plot_confusion_of_train_names_the_command_evaluate_takes(tmp_path):
+    """Review: the hint said 'medcli evaluate RUN --split train', which evaluate refuses."""
+    run = Run.create(tmp_path, "run", config={}, dataset={"flag": "bloodmnist", "size": 28}).run_dir
+    one_line_error(runner.invoke(app, ["plot-confusion", str(run), "--split", "train"]), 2,
+                   f"'medcli evaluate {run} --split all'")
+
+
+def test_plot_confusion_refuses_a_csv_without_predictions(tmp_path):
+    """Review: a header-only CSV drew an all-zero matrix and exited 0."""
+    csv, _ = tables.write_predictions(tmp_path / "test.csv", tasks.MultiClass(["a", "b"]), np.array([0, 1]), np.eye(2))
+    csv.write_text(csv.read_text().splitlines()[0] + "\n")
+    one_line_error(runner.invoke(app, ["plot-confusion", str(csv), "--out", str(tmp_path / "cm.png")]), 2,
+                   str(csv), "no predictions")
+    assert not (tmp_path / "cm.png").exists()
+
+
+def test_plot_confusion_of_a_runs_csv_keeps_the_runs_title_and_provenance(tmp_path, monkeypatch):
+    """Review: given predictions/test.csv of a run on synthetic data, the figure was titled
+    "test.csv" without the run id or the SYNTHETIC footer it has when given the run."""
+    from medcli import reports
+
+    run = Run.create(tmp_path, "run", config={}, dataset={"flag": "bloodmnist", "size": 28, "synthetic": True})
+    tables.write_predictions(run.predictions_file("test"), tasks.MultiClass(["a", "b"]), np.array([0, 1]), np.eye(2))
+    drawn = []
+    monkeypatch.setattr(reports, "save_task_confusion", lambda path, t, title, note, normalize: drawn.append((title, note)))
+    for target in (run.run_dir, run.predictions_file("test")):
+        assert runner.invoke(app, ["plot-confusion", str(target), "--out", str(tmp_path / "cm.png")]).exit_code == 0
+    assert drawn[0] == drawn[1] and drawn[0][0] == f"{run.run_id} · test" and "SYNTHETIC" in drawn[0][1]
