@@ -570,15 +570,17 @@ def compare(paths: Sequence[str | os.PathLike], split: str = "test", metric_name
     return render(result, fmt, files, wide)
 
 
+OUTPUT_FILES = ("comparison.csv", "runs.csv", "comparison.xlsx", "comparison.md", "comparison.png")
+
+
 def write_outputs(out_dir: str | os.PathLike, result: Comparison, wide: bool = False) -> list[Path]:
     """comparison.csv (groups), runs.csv, comparison.xlsx, comparison.md and comparison.png."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pass a directory for the comparison files")
+    out = fileio.output_folder(out_dir, OUTPUT_FILES)
+    groups, runs, workbook, markdown, chart = (out / name for name in OUTPUT_FILES)
     return [
-        fileio.write_text(out / "comparison.csv", to_csv(result)),
-        fileio.write_text(out / "runs.csv", _frames(result)[1].to_csv(index=False, float_format="%.6g")),
-        write_xlsx(out / "comparison.xlsx", result),
-        fileio.write_text(out / "comparison.md", to_markdown(result, wide)),
-        write_chart(out / "comparison.png", result),
+        fileio.write_text(groups, to_csv(result)),
+        fileio.write_text(runs, _frames(result)[1].to_csv(index=False, float_format="%.6g")),
+        write_xlsx(workbook, result),
+        fileio.write_text(markdown, to_markdown(result, wide)),
+        write_chart(chart, result),
     ]

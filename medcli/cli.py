@@ -361,8 +361,8 @@ def aggregate(
         from medcli import maps as compare_maps
 
         methods = [m.strip() for m in method.split(",") if m.strip()] if method else None
-        summary = compare_maps.aggregate_maps(runs or ["."], out, methods)
-        emit(summary if format is OutputFormat.json else "\n".join(compare_maps.lines(summary)))
+        summary = compare_maps.aggregate_maps(runs or ["."], out, methods, fmt=format.value)
+        emit(summary if format is OutputFormat.json else "\n".join([*compare_maps.lines(summary), *summary["files"]]))
         return
     from medcli import aggregate as library
 

@@ -161,7 +161,6 @@ def explain_run(
 
     out_dir = run.explain_dir(method)
     with run.stage(run.explain_stage(method)) as st:
-        st.forget(run.explain_prefix(method))
         with explainer as active:
             maps, scores = explainers.heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
                                     device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
@@ -183,6 +182,8 @@ def explain_run(
             "maps": run.maps_file(method).name, "samples": samples, "grids": grids,
         }
         fileio.write_json(run.explain_index(method), index)
+        # the earlier explanation goes only now: an interruption or a failure above keeps it whole
+        st.forget(run.explain_prefix(method), keep=[*files, run.explain_index(method)])
         st.add(*files, save=False)
         st.add(run.explain_index(method))
         st.summary.update(dir=run.relative(out_dir), method=method, split=split, samples=len(samples), target=target,

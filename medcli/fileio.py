@@ -13,12 +13,12 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from medcli.errors import MedcliError, UsageError
 
-__all__ = ["HashingWriter", "atomic_path", "atomic_stream", "md5_file", "partial_files", "sha256_file", "write_json",
-           "write_text"]
+__all__ = ["HashingWriter", "atomic_path", "atomic_stream", "md5_file", "output_folder", "partial_files", "sha256_file",
+           "write_json", "write_text"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -118,6 +118,20 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def output_folder(path: str | os.PathLike, names: Sequence[str]) -> Path:
+    """The `--out DIR` a command writes the files `names` into: refused when it is a file; the
+    earlier files it will replace are named on stderr (never replaced unsaid)."""
+    from medcli import console
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; pass a directory for the files ({', '.join(names)})")
+    earlier = [name for name in names if (out / name).exists()]
+    if earlier:
+        console.warn(f"replacing the earlier {', '.join(earlier)} in {out}")
+    return out
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

@@ -87,6 +87,10 @@ def _check_comparable(columns: list[Column]) -> None:
             if column.meta.get(key) != first.meta.get(key):
                 raise UsageError(f"cannot compare maps on different {'datasets' if key != 'split' else 'splits'}: "
                                  f"{first.label} has {key} {first.meta.get(key)}, {column.label} has {column.meta.get(key)}")
+        md5s = first.meta.get("md5"), column.meta.get("md5")
+        if None not in md5s and md5s[0] != md5s[1]:  # sample numbers of other files are other images
+            raise UsageError(f"cannot compare maps on different data files: {first.label} explained md5 {md5s[0]}, "
+                             f"{column.label} md5 {md5s[1]}; explain runs trained on the same file")
         if column.data["maps"].shape[1:] != first.data["maps"].shape[1:]:
             raise UsageError(f"maps of different sizes: {first.label} {first.data['maps'].shape[1:]}, "
                              f"{column.label} {column.data['maps'].shape[1:]}")
@@ -114,6 +118,9 @@ def agreement(a, b, top: float = TOP_SHARE) -> tuple:
     return rho, iou
 
 
+OUTPUT_FILES = ("maps_agreement.csv", "maps_agreement.json", "maps_compare.png")
+
+
 def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, methods: Sequence[str] | None = None,
             root: str | os.PathLike | None = None) -> dict:
     """Line up the stored maps of `run_dirs` on their common samples; write the agreement
@@ -122,6 +129,9 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
 
     from medcli import datasets
 
+    unknown = [m for m in methods or () if m not in EXPLAIN_METHODS]
+    if unknown:
+        raise UsageError(f"unknown --method {', '.join(unknown)}; choose from {', '.join(EXPLAIN_METHODS)}")
     columns = _columns([Path(p) for p in run_dirs], methods)
     if len(columns) < 2:
         raise UsageError("comparing maps needs at least two explained runs (or one run explained with two methods)")
@@ -135,7 +145,7 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
     rows = {c.label: [int(np.flatnonzero(c.data["indices"] == i)[0]) for i in common] for c in columns}
     labels = columns[0].data["labels"][rows[columns[0].label]]
     names = datasets.class_names(columns[0].meta["flag"])
-    out_dir = Path(out_dir)
+    out_dir = fileio.output_folder(out_dir, OUTPUT_FILES)
     table, pairs, scores = [], [], []
     for (first, a), (second, b) in combinations(enumerate(columns), 2):
         rho, iou = agreement(a.data["maps"][rows[a.label]], b.data["maps"][rows[b.label]])
@@ -151,11 +161,11 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
                "columns": [c.label for c in columns], "pairs": pairs}
     from medcli import tables
 
-    files = [tables.write_table(out_dir / "maps_agreement.csv", table, list(table[0])),
-             fileio.write_json(out_dir / "maps_agreement.json", summary)]
+    agreement_csv, agreement_json, figure = (out_dir / name for name in OUTPUT_FILES)
+    files = [tables.write_table(agreement_csv, table, list(table[0])), fileio.write_json(agreement_json, summary)]
     data = Run.open(run_dirs[0]).load_data(root, [summary["split"]])
     note = datasets.provenance(data.record)  # data that is not the official file says so
-    files.append(save_figure(out_dir / "maps_compare.png", columns, rows, common, labels, scores,
+    files.append(save_figure(figure, columns, rows, common, labels, scores,
                              data.images[summary["split"]], names, lines(summary)[0] + (f"; data: {note}" if note else "")))
     summary["files"] = [str(f) for f in files]
     return summary
@@ -239,9 +249,13 @@ def _round(value) -> float | None:
 
 
 def aggregate_maps(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None,
-                   methods: Sequence[str] | None = None) -> dict:
+                   methods: Sequence[str] | None = None, fmt: str = "table") -> dict:
     """`medcli aggregate --maps`: compare the stored maps of the runs found under `paths`
-    (run directories or folders of runs; default: .) into `out_dir`; returns the summary."""
+    (run directories or folders of runs; default: .) into `out_dir`; returns the summary,
+    printed as lines and the files written (`fmt` table) or JSON."""
+    if fmt not in ("table", "json"):
+        raise UsageError(f"--maps prints --format table or json (its CSV goes to --out as {OUTPUT_FILES[0]}), "
+                         f"not {fmt}")
     if out_dir is None:
         raise UsageError("--maps writes a figure and tables: give --out DIR")
     run_dirs, skipped = find_runs(paths or ["."])
@@ -251,9 +265,14 @@ def aggregate_maps(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
 
 
 def lines(summary: dict) -> list[str]:
-    """Human-readable agreement lines for the terminal."""
+    """Human-readable agreement lines for the terminal ("n/a": a class whose maps are all
+    constant has no rank correlation)."""
+    def text(value) -> str:
+        return "n/a" if value is None else str(value)
+
     out = [f"{console.plural(summary['samples'], 'common ' + summary['split'] + ' sample')} of {summary['dataset']}"]
     for pair in summary["pairs"]:
-        out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {pair['spearman']}, top-20% IoU {pair['top20_iou']}")
-        out += [f"    {name}: {v['spearman']} / {v['top20_iou']} (n={v['n']})" for name, v in pair["per_class"].items()]
+        out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {text(pair['spearman'])}, top-20% IoU {text(pair['top20_iou'])}")
+        out += [f"    {name}: {text(v['spearman'])} / {text(v['top20_iou'])} (n={v['n']})"
+                for name, v in pair["per_class"].items()]
     return out

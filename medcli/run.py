@@ -418,11 +418,11 @@ class StageRecord:
         if save:
             self.save()
 
-    def forget(self, prefix: str) -> None:
+    def forget(self, prefix: str, keep: Sequence[str | os.PathLike] = ()) -> None:
         """Delete the files this stage recorded under `prefix` (an earlier run of the stage),
-        so none outlives the index that listed it."""
-        artefacts = self.entry["artefacts"]
-        for relative in [rel for rel in artefacts if rel.startswith(prefix)]:
+        so none outlives the index that listed it; `keep`: files just written over them."""
+        artefacts, kept = self.entry["artefacts"], {self.run.relative(path) for path in keep}
+        for relative in [rel for rel in artefacts if rel.startswith(prefix) and rel not in kept]:
             self.run.path(relative).unlink(missing_ok=True)
             del artefacts[relative]
 

@@ -476,3 +476,15 @@ def test_where_a_value_came_from_does_not_split_a_setup(tmp_path):
     groups = aggregate([tmp_path], metric_names=["accuracy"]).groups
     assert sorted((g["group"], g["n_runs"]) for g in groups) == [
         ("resnet18 s0", 1), ("resnet18 s0-2", 3)]
+
+
+def test_a_second_comparison_into_the_same_folder_says_it_replaces_the_first(tmp_path):
+    """Review: `aggregate --out DIR` replaced an earlier comparison's files without a word."""
+    make_run(tmp_path / "runs", "a")
+    args = ["aggregate", str(tmp_path / "runs"), "--out", str(tmp_path / "cmp")]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0 and "replacing" not in first.stderr
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0
+    assert f"replacing the earlier comparison.csv, runs.csv, comparison.xlsx, comparison.md, comparison.png in " \
+           f"{tmp_path / 'cmp'}" in " ".join(again.stderr.split())

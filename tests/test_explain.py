@@ -333,6 +333,33 @@ def test_explaining_with_another_checkpoint_target_or_layer_is_refused_without_o
     assert json.loads(index_file.read_text())["checkpoint"] == "last"
 
 
+def test_an_interrupted_explain_keeps_the_earlier_explanation(tiny_run, tmp_path, monkeypatch):
+    """Review: `explain` deleted the method's earlier files and manifest entries before computing
+    the new maps, so Ctrl-C (or a crash) during the computation left explain/gradcam/ empty."""
+    from medcli import explainers
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    args = ["explain", str(run), "--indices", "3,5", "--no-faithfulness"]
+    assert runner.invoke(app, args).exit_code == 0
+    folder = run / "explain" / "gradcam"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    recorded = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]["artefacts"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(explainers, "heatmaps", interrupted)
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 130
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]["artefacts"] == recorded
+    monkeypatch.undo()
+    assert runner.invoke(app, ["explain", str(run), "--indices", "4", "--no-faithfulness", "--overwrite"]).exit_code == 0
+    names = {p.name for p in folder.iterdir()}
+    assert not any(name.startswith("test_3_") or name.startswith("test_5_") for name in names)  # replaced: gone
+    artefacts = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]["artefacts"]
+    assert {a.rsplit("/", 1)[1] for a in artefacts} == names
+
+
 # -- samples ---------------------------------------------------------------------------------------
 def test_samples_are_seeded_per_class_and_only_errors_picks_mistakes():
     labels = np.arange(200) % 8
@@ -449,6 +476,22 @@ def test_aggregate_maps_lines_up_the_same_samples_across_runs(explained_pair, tm
     assert len(json.loads(only.stdout)["pairs"]) == 1
 
 
+def test_aggregate_maps_prints_its_files_and_says_what_it_replaces(explained_pair, tmp_path):
+    """Review: the text output listed no file written (only --format json did), printed Python's
+    None, took --format csv/md silently, and a second comparison replaced the first unsaid."""
+    a, b = explained_pair
+    args = ["aggregate", str(a), str(b), "--maps", "--out", str(tmp_path / "cmp")]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    printed = first.stdout.strip().splitlines()
+    assert printed[-3:] == [str(tmp_path / "cmp" / name) for name in
+                            ("maps_agreement.csv", "maps_agreement.json", "maps_compare.png")]
+    assert "None" not in first.stdout and "replacing" not in first.stderr
+    again = runner.invoke(app, [*args, "--method", "gradcam"])
+    assert again.exit_code == 0 and "replacing the earlier" in " ".join(again.stderr.split())
+    assert "--format table or json" in one_line_error(runner.invoke(app, [*args, "--format", "csv"]), 2)
+
+
 def test_aggregate_maps_bad_input_is_one_line(explained_pair, tiny_run, tmp_path):
     a, b = explained_pair
     other_split = shutil.copytree(tiny_run, tmp_path / "val-run")
@@ -466,9 +509,18 @@ def test_aggregate_maps_bad_input_is_one_line(explained_pair, tiny_run, tmp_path
         ([str(a), str(tiny_run)], "no completed explanation"),
         ([str(a)], "at least two explained runs"),
     ]
+    other_data = shutil.copytree(b, tmp_path / "other-data")  # review: maps of other images, compared as the same
+    maps_file = other_data / "explain" / "gradcam" / "maps.npz"
+    with np.load(maps_file) as archive:
+        content = {key: archive[key] for key in archive.files}
+    content["meta"] = np.array(json.dumps({**json.loads(str(content["meta"])), "md5": "0" * 32}))
+    np.savez(maps_file, **content)
+    cases.append(([str(a), str(other_data)], "different data files"))
     for args, needle in cases:
         result = runner.invoke(app, ["aggregate", *args, "--maps", "--method", "gradcam", "--out", str(tmp_path / "o")])
         assert needle in one_line_error(result, 2), args
+    unknown = runner.invoke(app, ["aggregate", str(a), str(b), "--maps", "--method", "nosuch", "--out", str(tmp_path / "o")])
+    assert "unknown --method nosuch" in one_line_error(unknown, 2) and "gradcam" in unknown.stderr
     assert "--out" in one_line_error(runner.invoke(app, ["aggregate", str(a), str(b), "--maps"]), 2)
 
 
