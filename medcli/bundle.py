@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from medcli import augment, datasets, tasks
+from medcli import augment, datasets, selection, tasks
 from medcli.errors import UsageError
 from medcli.names import EXPORT_FORMATS, SPLITS
 from medcli.run import Run
@@ -59,7 +59,9 @@ def describe(run: Run, checkpoint: str) -> dict:
         "calibration": calibration(run, checkpoint),
         "model": run.spec,
         "training": {key: config.get(key) for key in ("epochs", "batch_size", "lr", "optimizer", "weight_decay",
-                                                      "label_smoothing", "mixup_alpha", "seed", "monitor")},
+                                                      "label_smoothing", "mixup_alpha", "seed")}
+                    | {f"{checkpoint}.pt": selection.describe(selection.rule(config)) if checkpoint == "best"
+                       else "the weights of the last epoch"},
         "dataset": {key: record.get(key) for key in ("flag", "size", "md5", "official", "synthetic", "sample",
                                                      "source", "n_samples")}
                    | {"provenance": datasets.provenance(record), "licence": _licence(record)},

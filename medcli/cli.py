@@ -375,7 +375,7 @@ def aggregate(
 def plot_confusion(
     target: Annotated[Path, typer.Argument(metavar="RUN|CSV", help="A run directory or a predictions CSV.")],
     split: Annotated[str, typer.Option(help="With a run directory: which predictions/<split>.csv.")] = "test",
-    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Row-normalised or counts only (default: both panels).")] = None,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Row-normalised or counts only (default: both side by side; multi-label: a grid of per-label counts).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Image file to write (.png, .pdf, .svg).")] = None,
 ) -> None:
     """Redraw a confusion matrix from a predictions CSV.

@@ -273,6 +273,8 @@ def _missing(root: Path, flag: str, size: int) -> str:
     """Why (flag, size) is not under root, and the ways to get it: the stand-ins medcli keeps
     beside the real files (the embedded sample, synthetic data) that hold it, then download,
     --from, --sample and --synthetic."""
+    if root.is_file():
+        return f"--root {root} is a file; pass the folder that holds it (--root {root.parent})"
     stand_ins = [f"{root / sub} holds {what} (pass --root {root / sub})"
                  for sub, what in ((SAMPLE_DIR, "the embedded PBC sample that scripts/run_all.sh uses offline"),
                                    (SYNTHETIC_DIR, "SYNTHETIC stand-in data"))

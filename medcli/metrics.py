@@ -174,6 +174,8 @@ def _precision_recall_f1(labels: np.ndarray, preds: np.ndarray, classes) -> dict
         for avg in ("macro", "micro"):
             ap, ar, af, _ = precision_recall_fscore_support(labels, preds, labels=classes, average=avg, zero_division=0)
             result.update({f"precision_{avg}": float(ap), f"recall_{avg}": float(ar), f"f1_{avg}": float(af)})
+    if support.any():  # a class the split lacks has no recall: averaged over the others, as balanced accuracy
+        result["recall_macro"] = float(r[support > 0].mean())
     return result
 
 
@@ -202,7 +204,7 @@ def classification_metrics(
     the task's (binary-class: the last), else the AUC is the mean one-vs-rest AUC over every
     class (None, where getAUC gives NaN, when a class is absent from the labels; each class's
     own AUC is in `per_class`). Also: n, balanced_accuracy, {precision,recall,f1}_
-    {macro,micro}, loss and nll (the same cross-entropy: `loss` is the name training logs use,
+    {macro,micro} (recall_macro over the classes the split has, so it is balanced_accuracy), loss and nll (the same cross-entropy: `loss` is the name training logs use,
     `nll` the calibration name), ece (15 bins), brier, per_class (name, precision, recall, f1,
     support, auc) and confusion_matrix (counts, rows = true class).
     Costs a few ms on 2k samples, so it is fine to call every epoch.

@@ -441,7 +441,8 @@ def read_state_dict(path: Path, damaged_fix: str, data: bytes | None = None) -> 
 
 def _read_weights_file(path: Path) -> dict:
     if not path.is_file():
-        raise UsageError(f"weights file {path} does not exist; pass the path of a .pt/.pth state dict")
+        raise UsageError(f"weights file {path} {'is a folder' if path.is_dir() else 'does not exist'}; "
+                         "pass the path of a .pt/.pth state dict")
     return read_state_dict(path, WEIGHTS_FIX)
 
 

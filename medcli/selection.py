@@ -29,7 +29,8 @@ from typing import Any
 from medcli.names import MONITORS
 
 __all__ = [
-    "EMA_SHARE", "SMALL_MONITOR", "SMALL_VAL", "WINDOW", "best_record", "choose", "compare", "ema_decay", "given",
+    "EMA_SHARE", "SMALL_MONITOR", "SMALL_VAL", "WINDOW", "best_record", "choose", "compare", "describe", "ema_decay",
+    "given",
     "make_ema", "monitored", "rule", "rule_help", "smoothed",
 ]
 
@@ -56,6 +57,16 @@ def given(monitor: str) -> dict:
 def rule(config: dict) -> dict:
     """The run's rule (a run from before the rules existed: the `epoch` rule on its monitor)."""
     return config.get("select") or {**given(config["monitor"]), "why": "run from before the selection rules"}
+
+
+def describe(select: dict) -> str:
+    """The rule that chose best.pt, in words (model cards)."""
+    monitor = select["monitor"].upper()
+    if select["rule"] == "ema-window":
+        chosen = f"the EMA of the weights at the end of the {select['window']} epochs with the best mean val {monitor}"
+    else:
+        chosen = f"the epoch with the best val {monitor}"
+    return f"{chosen} ({select['why']})"
 
 
 def ema_decay(total_steps: int) -> float:

@@ -55,6 +55,20 @@ def test_absent_class_gives_none_not_a_crash():
     assert single["auc"] is None and single["accuracy"] == pytest.approx(0.25)
 
 
+def test_macro_recall_is_balanced_accuracy_when_a_class_is_absent():
+    """Review: with a class absent from the split, balanced_accuracy (sklearn: over the classes
+    present) and recall_macro (the absent class counted as recall 0) differed, though they are
+    the same quantity. Both average the classes the split has."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    labels = np.array([0, 0, 1, 1])
+    m = metrics.classification_metrics(labels, PROBS)
+    preds = PROBS.argmax(1)
+    assert m["recall_macro"] == pytest.approx(m["balanced_accuracy"])
+    assert m["recall_macro"] == pytest.approx(balanced_accuracy_score(labels, preds))
+    assert m["per_class"][2]["support"] == 0
+
+
 def test_reliability_bins_cover_every_sample_including_confidence_one():
     probs = np.array([[1.0, 0.0], [0.5, 0.5], [0.9, 0.1]])
     bins = metrics.reliability(*metrics.top_label(np.array([0, 1, 1]), probs))

@@ -216,6 +216,11 @@ def test_export_matches_pytorch_and_predict_on_it_matches_the_run(run_copy, pngs
     text = Path(files["card"]).read_text()
     for needle in ("Not a medical device", "## Test metrics", "accuracy", "Trained on 28-px images", "Licence"):
         assert needle in text, needle
+    # review: the card said "monitor acc" for a best.pt the EMA-window rule chose by mean val AUC
+    select = Run.open(run_copy).config["select"]
+    chosen = card["training"]["best.pt"]
+    assert "monitor" not in card["training"] and chosen in " ".join(text.split())
+    assert select["monitor"].upper() in chosen and (("EMA" in chosen) == (select["rule"] == "ema-window"))
     # the oracle, independent of medcli's own check: PyTorch on a batch size the export never saw
     run = Run.open(run_copy)
     images = run.load_data(splits=["test"]).images["test"][:5]

@@ -699,12 +699,16 @@ def _bad_weights(tmp_path: Path) -> tuple[Path, Path]:
     (["--weights", "{garbage}"], "damaged or not a PyTorch weights file"),
     (["--weights", "{foreign}"], "does not fit model"),
     (["--root", "{empty}"], "no bloodmnist at 28 px"),
+    # review: a file given as --root got a download hint with --root FILE; a folder as --weights "does not exist"
+    (["--root", "{garbage}"], "--root {garbage} is a file; pass the folder that holds it (--root {folder})"),
+    (["--weights", "{empty}"], "weights file {empty} is a folder; pass the path of a .pt/.pth state dict"),
 ])
 def test_bad_options_exit_2_with_one_line_and_no_run_dir(small_root, tmp_path, args, message):
     garbage, foreign = _bad_weights(tmp_path)
     empty = tmp_path / "empty"
     empty.mkdir()
     args = [a.format(garbage=garbage, foreign=foreign, empty=empty) for a in args]
+    message = message.format(garbage=garbage, empty=empty, folder=tmp_path)
     root = [] if "--root" in args else ["--root", str(small_root)]
     runs = tmp_path / "runs"
     model = [] if "--model" in args else ["--model", "timm:test_resnet"]
