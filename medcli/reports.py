@@ -356,7 +356,9 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
 # ---------------------------------------------------------------------------------------
 DISPLAY_PX = 224  # per-sample panels are upsampled (nearest) to at least this many pixels
 GAP_PX = 4
-TITLE_PX = 18
+FONT_PX = 18  # text on a sample figure (Pillow's scalable font): about 6 pt printed 3.5 in wide, 11 pt at 6.5 in
+LINE_PX = FONT_PX + 6
+TITLE_PX = LINE_PX + 4  # one title line above the panels
 BAR_PX = 12  # the colour bar beside a sample figure
 MAP_CMAP = "inferno"  # perceptually uniform (unlike jet), dark where a map is low, bright where high
 OVERLAY_WEIGHT = 0.5  # the coloured map's share of an overlay, the image keeps the rest
@@ -387,11 +389,23 @@ def panels(image, heat) -> tuple:
     return _uint8(rgb), _uint8(heat_rgb), _uint8((1 - OVERLAY_WEIGHT) * rgb + OVERLAY_WEIGHT * heat_rgb)
 
 
+def _text_lines(draw, text: str, font, width: int) -> list[str]:
+    """`text` wrapped at its spaces onto lines at most `width` pixels wide in `font` (a longer
+    word keeps a line of its own)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}", font=font) <= width:
+            lines[-1] += f" {word}"
+        else:
+            lines.append(word)
+    return lines
+
+
 def save_sample_figure(path, image, heat, title: str, note: str | None = None) -> Path:
     """original | heat map | overlay side by side, upsampled (nearest) for visibility, with a
-    colour bar (map value 0 to 1), under a one-line title (true and predicted class,
-    confidence, method, layer); `note` (`datasets.provenance`) goes underneath in red."""
-    from PIL import Image, ImageDraw
+    colour bar (map value 0 to 1), under a title (true and predicted class, confidence, method,
+    layer; wrapped to the width); `note` (`datasets.provenance`) goes underneath in red."""
+    from PIL import Image, ImageDraw, ImageFont
 
     parts = panels(image, heat)
     scale = max(1, -(-DISPLAY_PX // max(image.shape[:2])))
@@ -400,14 +414,21 @@ def save_sample_figure(path, image, heat, title: str, note: str | None = None) -
     gap = np.full((height, GAP_PX, 3), 255, dtype=np.uint8)
     bar = _uint8(_coloured(np.linspace(1.0, 0.0, height))[:, None, :].repeat(BAR_PX, axis=1))
     body = np.concatenate([big[0], gap, big[1], gap, big[2], gap, gap, bar], axis=1)
-    canvas = Image.new("RGB", (body.shape[1] + 4 * GAP_PX + 20, height + TITLE_PX * (2 if note else 1)), "white")
-    canvas.paste(Image.fromarray(body), (0, TITLE_PX))
+    width = body.shape[1] + 4 * GAP_PX + FONT_PX
+    font = ImageFont.load_default(size=FONT_PX)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    heading = _text_lines(measure, title, font, width - 8)
+    footer = _text_lines(measure, f"data: {note}", font, width - 8) if note else []
+    top = 4 + LINE_PX * len(heading)
+    canvas = Image.new("RGB", (width, top + height + (4 + LINE_PX * len(footer) if footer else 0)), "white")
+    canvas.paste(Image.fromarray(body), (0, top))
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), title, fill="black")
-    draw.text((body.shape[1] + GAP_PX, TITLE_PX), "1", fill="black")
-    draw.text((body.shape[1] + GAP_PX, TITLE_PX + height - 11), "0", fill="black")
-    if note:
-        draw.text((4, TITLE_PX + height + 4), f"data: {note}", fill=(200, 0, 0))
+    for number, line in enumerate(heading):
+        draw.text((4, 4 + LINE_PX * number), line, fill="black", font=font)
+    draw.text((body.shape[1] + GAP_PX, top), "1", fill="black", font=font)
+    draw.text((body.shape[1] + GAP_PX, top + height - LINE_PX), "0", fill="black", font=font)
+    for number, line in enumerate(footer):
+        draw.text((4, top + height + 4 + LINE_PX * number), line, fill=(200, 0, 0), font=font)
     with fileio.atomic_path(path) as tmp:
         canvas.save(tmp)
     return Path(path)
@@ -424,12 +445,16 @@ def save_class_grid(path, title: str, items: Sequence[tuple], note: str | None =
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    width, height = 1.8 * len(items) + 1.5, 4.4
+    width = 1.8 * len(items) + 1.5
+    heading = textwrap.fill(title, max(30, int(7 * width)))
+    # Fixed margins instead of a layout engine, which cost about a second per grid: the title's
+    # lines (suptitle, 'large': 0.25 in each) and two caption lines (7 pt) above the images.
+    top_in = 0.15 + 0.25 * (heading.count("\n") + 1) + 0.35
+    height = 3.5 + top_in
     left, right, bottom = 0.45 / width, 1 - 1.0 / width, (0.35 if note else 0.05) / height
-    # Fixed margins instead of a layout engine, which cost about a second per grid.
     fig = Figure(figsize=(width, height))
     axes = fig.subplots(2, len(items), squeeze=False, gridspec_kw={
-        "left": left, "right": right, "bottom": bottom, "top": 0.8, "wspace": 0.08, "hspace": 0.08})
+        "left": left, "right": right, "bottom": bottom, "top": 1 - top_in / height, "wspace": 0.08, "hspace": 0.08})
     for column, (image, heat, caption) in enumerate(items):
         original, _, overlay = panels(image, heat)
         axes[0, column].imshow(original, interpolation="nearest")
@@ -446,4 +471,4 @@ def save_class_grid(path, title: str, items: Sequence[tuple], note: str | None =
         (right + 0.15 / width, overlay_box.y0, 0.12 / width, overlay_box.height)))
     colour_bar.set_label("map value", fontsize=7)
     colour_bar.ax.tick_params(labelsize=7)
-    return _finish(fig, path, textwrap.fill(title, max(30, int(7 * width))), note)
+    return _finish(fig, path, heading, note)

@@ -513,3 +513,46 @@ def test_plot_confusion_of_a_runs_csv_keeps_the_runs_title_and_provenance(tmp_pa
     for target in (run.run_dir, run.predictions_file("test")):
         assert runner.invoke(app, ["plot-confusion", str(target), "--out", str(tmp_path / "cm.png")]).exit_code == 0
     assert drawn[0] == drawn[1] and drawn[0][0] == f"{run.run_id} · test" and "SYNTHETIC" in drawn[0][1]
+
+
+@pytest.mark.parametrize("samples", [1, 2, 4])
+def test_a_class_grid_title_never_covers_the_captions(figures, tmp_path, samples):
+    """Review: with one or two samples the wrapped title (a long class name) ran over the column
+    captions ("#27 pred basophil 0.61")."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medcli import reports
+
+    image = np.full((28, 28, 3), 128, dtype=np.uint8)
+    heat = np.tile(np.linspace(0, 1, 28, dtype=np.float32), (28, 1))
+    title = f"gradcam · layer2 · test · true class {NAMES[3]}"
+    reports.save_class_grid(tmp_path / "grid.png", title, [(image, heat, "#27 pred basophil\n0.61")] * samples,
+                            note="SYNTHETIC data")
+    (fig,) = figures
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    heading = fig._suptitle.get_window_extent(renderer)
+    below = [ax.title.get_window_extent(renderer) for ax in fig.axes[:samples]]
+    below += [ax.get_window_extent(renderer) for ax in fig.axes]
+    assert all(heading.y0 >= box.y1 for box in below)
+    assert heading.y1 <= fig.bbox.y1 and heading.x0 >= fig.bbox.x0 and heading.x1 <= fig.bbox.x1
+
+
+def test_a_sample_figures_text_is_large_enough_to_print_and_stays_on_the_canvas(tmp_path):
+    """Review: the per-sample PNG wrote its title with Pillow's 10-px bitmap font on a 736-px
+    canvas (about 3 pt printed 3.5 in wide), and a long title ran off the right edge."""
+    from PIL import Image
+
+    from medcli import reports
+
+    image = np.full((28, 28, 3), 128, dtype=np.uint8)
+    heat = np.tile(np.linspace(0, 1, 28, dtype=np.float32), (28, 1))
+    title = f"true {NAMES[3]} | pred {NAMES[3]} (0.97) | gradcam · layer2 | ROAD 0.123"
+    reports.save_sample_figure(tmp_path / "one.png", image, heat, title, note="SYNTHETIC data")
+    canvas = np.asarray(Image.open(tmp_path / "one.png").convert("L"))
+    ink_rows = np.flatnonzero((canvas < 128).any(axis=1))
+    heading = ink_rows[ink_rows < ink_rows[0] + reports.DISPLAY_PX // 2]
+    first_line = heading[: np.argmax(np.diff(heading, append=heading[-1] + 2) > 1) + 1]
+    assert len(first_line) >= 12  # ascender to descender of a font of at least 16 px: 6 pt printed 3.5 in wide
+    margin = canvas[: first_line[-1] + 1, -6:]
+    assert (margin > 200).all()  # nothing cut at the right edge
