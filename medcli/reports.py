@@ -29,6 +29,9 @@ __all__ = [
 ]
 
 _DPI = 130
+# Paper figures (confusion, ROC, reliability, training curves) keep every text at least
+# MIN_PRINT_PT points when printed PRINT_WIDTH_IN wide (178 mm, a two-column page's text width).
+PRINT_WIDTH_IN, MIN_PRINT_PT = 7.0, 6.0
 _CAPTION_PT, _CAPTION_CHARS = 6.5, 30  # a grid tile's caption: font size, characters per line (1.6-inch cell)
 
 
@@ -78,14 +81,14 @@ def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) ->
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     n = len(names)
     threshold = image.norm.vmax / 2
-    fontsize = 9 if n <= 10 else 7
+    fontsize = 9 if n <= 10 else 8
     for i in range(n):
         for j in range(n):
             ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=fontsize,
                     color="white" if values[i, j] > threshold else "black")
     # slanted names on few long lines (more lines would run into the next name), upright on short ones
-    ax.set_xticks(range(n), _wrapped(names, width=28), rotation=45, ha="right", rotation_mode="anchor", fontsize=8)
-    ax.set_yticks(range(n), _wrapped(names), fontsize=8)
+    ax.set_xticks(range(n), _wrapped(names, width=28), rotation=45, ha="right", rotation_mode="anchor", fontsize=9)
+    ax.set_yticks(range(n), _wrapped(names), fontsize=9)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title("row-normalised (recall on the diagonal)" if normalize else "counts")
@@ -97,7 +100,7 @@ def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str]
     True = row-normalised); evaluate draws both side by side."""
     from matplotlib.figure import Figure
 
-    side = max(4.5, 0.55 * len(names) + 2.5)
+    side = max(3.6, 0.42 * len(names) + 1.8)
     fig = Figure(figsize=(side * len(panels), side), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, normalize in zip(axes, panels):
@@ -210,17 +213,23 @@ def save_task_confusion(path, tables: Sequence[tuple], title: str, note: str | N
 
 
 _LINE_STYLES = ("-", "--", ":", "-.")
-_LEGEND_INSIDE = 8  # ROC / precision-recall legends with more entries go below the plots
+_LEGEND_INSIDE = 4  # with more classes, one legend (AUC and AP) goes below both plots
 
 
 def save_roc(path, curves: Sequence[dict], title: str, note: str | None = None) -> Path:
     """ROC curves (left) and precision-recall curves (right), one line per class or label
     (`tables.roc_curves`), each legend giving the class's AUC or average precision (AP); the
-    precision-recall title gives the macro average of the APs."""
+    precision-recall title gives the macro average of the APs. With more than _LEGEND_INSIDE
+    curves one legend below both plots gives each class's AUC and AP (inside, it would hide
+    the curves)."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(11, 5 + 0.16 * max(0, len(curves) - _LEGEND_INSIDE) / 2), layout="constrained")
-    roc_ax, pr_ax = fig.subplots(1, 2)
+    below = len(curves) > _LEGEND_INSIDE
+    key_h = 0.17 * -(-len(curves) // 2) + 0.15 if below else 0.0  # the legend's own row under the plots
+    fig = Figure(figsize=(8.4, 4.2 + key_h), layout="constrained")
+    axes = fig.subplot_mosaic([["roc", "pr"], ["key", "key"]] if below else [["roc", "pr"]],
+                              height_ratios=[3.6, key_h] if below else None)
+    roc_ax, pr_ax = axes["roc"], axes["pr"]
     for k, (curve, name) in enumerate(zip(curves, _wrapped([c["name"] for c in curves], width=30))):
         # ten colours, then the same colours dashed, dotted...: no two curves look alike
         style = {"lw": 1.2, "color": f"C{k % 10}", "ls": _LINE_STYLES[k // 10 % len(_LINE_STYLES)]}
@@ -231,12 +240,15 @@ def save_roc(path, curves: Sequence[dict], title: str, note: str | None = None) 
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
     macro_ap = f" (macro AP {np.mean([c['ap'] for c in curves]):.3f})" if curves else ""
     pr_ax.set(xlabel="recall", ylabel="precision", title=f"precision-recall{macro_ap}", xlim=(0, 1), ylim=(0, 1.01))
-    if len(curves) > _LEGEND_INSIDE:  # a legend that long would hide the curves: below each plot
-        for ax in (roc_ax, pr_ax):
-            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncols=2, handlelength=2.6)
+    if below:
+        axes["key"].set_axis_off()
+        axes["key"].legend(roc_ax.get_lines()[:len(curves)],
+                           [f"{name} (AUC {c['auc']:.3f}, AP {c['ap']:.3f})"
+                            for c, name in zip(curves, _wrapped([c["name"] for c in curves], width=30))],
+                           loc="center", ncols=2, fontsize=8, handlelength=2.6)
     elif curves:
-        roc_ax.legend(fontsize=7, loc="lower right")
-        pr_ax.legend(fontsize=7, loc="lower left")
+        roc_ax.legend(fontsize=8, loc="lower right")
+        pr_ax.legend(fontsize=8, loc="lower left")
     else:
         roc_ax.text(0.5, 0.5, "no class has both positives and negatives", ha="center", va="center")
     return _finish(fig, path, title, note)
@@ -249,7 +261,7 @@ def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str, note:
     panels (e.g. before / after temperature scaling) sit side by side."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4.6 * len(panels) + 1.8, 5.4), layout="constrained")
+    fig = Figure(figsize=(3.9 * len(panels) + 1.8, 5.0), layout="constrained")
     axes = fig.subplots(2, len(panels), squeeze=False, sharex=True, height_ratios=[3, 1])
     for column, (name, bins) in enumerate(panels):
         top, bottom = axes[0][column], axes[1][column]
@@ -271,7 +283,7 @@ def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str, note:
         bottom.bar(centres, share, width=width, color="gray", edgecolor="black")
         bottom.set_xlabel(f"confidence ({bins['confidence_of']})")
         bottom.set_ylabel("share")
-    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # beside the bars, hiding none
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=9)  # beside the bars, hiding none
     return _finish(fig, path, title, note)
 
 
@@ -284,7 +296,7 @@ def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int, 
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(13, 3.6), layout="constrained")
+    fig = Figure(figsize=(10, 3.4), layout="constrained")
     axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     axes[0].plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
@@ -301,8 +313,8 @@ def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int, 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.axvline(best_epoch, color="black", ls="-.", lw=1.0, label=f"best epoch ({best_epoch})")
-    axes[0].legend(fontsize=8)
-    axes[1].legend(fontsize=8)
+    axes[0].legend(fontsize=9)
+    axes[1].legend(fontsize=9)
     config, data = manifest["config"], manifest["dataset"]
     title = (f"{config['model']} · {data['flag']} {data['size']} px · run {manifest['run_id']}\n"
              f"best val {best_by}: epoch {best_epoch}")

@@ -367,14 +367,18 @@ def test_roc_curves_of_many_labels_look_different_and_their_legends_leave_the_pl
     rng = np.random.default_rng(0)
     labels = rng.random((200, 14)) < 0.3  # ChestMNIST's 14 labels: more than matplotlib's 10 colours
     curves = tables.roc_curves(labels, rng.random((200, 14)), [f"finding {k}" for k in range(14)], range(14))
-    reports.save_roc(tmp_path / "roc.png", curves, "roc")
+    reports.save_roc(tmp_path / "roc.png", curves, "roc", note="SYNTHETIC data")
     fig = figures[0]
-    FigureCanvasAgg(fig).draw()
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    (key,) = [ax.get_legend() for ax in fig.axes if ax.get_legend()]  # one legend for both plots
+    assert [t.get_text() for t in key.get_texts()] == [f"{c['name']} (AUC {c['auc']:.3f}, AP {c['ap']:.3f})"
+                                                         for c in curves]
+    assert len({(h.get_color(), h.get_linestyle()) for h in key.legend_handles}) == 14
+    box = key.get_window_extent(renderer)
     for ax in fig.axes[:2]:
-        lines = [line for line in ax.get_lines() if line.get_label() in {t.get_text() for t in ax.get_legend().get_texts()}]
-        assert len({(line.get_color(), line.get_linestyle()) for line in lines}) == len(lines) == 14
-        legend, plot = ax.get_legend().get_window_extent(), ax.get_window_extent()
-        assert legend.y1 <= plot.y0 and legend.y0 >= 0 and legend.x0 >= 0 and legend.x1 <= fig.bbox.x1
+        assert box.y1 <= ax.xaxis.label.get_window_extent(renderer).y0  # under the plots and their axis names
+    assert box.y0 >= fig._supxlabel.get_window_extent(renderer).y1 and box.x0 >= 0 and box.x1 <= fig.bbox.x1
 
 
 def test_long_multi_label_captions_are_wrapped_to_their_tile(figures, tmp_path):
@@ -556,3 +560,40 @@ def test_a_sample_figures_text_is_large_enough_to_print_and_stays_on_the_canvas(
     assert len(first_line) >= 12  # ascender to descender of a font of at least 16 px: 6 pt printed 3.5 in wide
     margin = canvas[: first_line[-1] + 1, -6:]
     assert (margin > 200).all()  # nothing cut at the right edge
+
+
+def _smallest_printed_pt(fig) -> float:
+    """The smallest visible text of `fig` in points once the figure is printed at most
+    `reports.PRINT_WIDTH_IN` wide (a page's text width; narrower figures print at their size)."""
+    from matplotlib.text import Text
+
+    from medcli import reports
+
+    scale = min(1.0, reports.PRINT_WIDTH_IN / fig.get_figwidth())
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes) * scale
+
+
+def test_the_paper_figures_are_readable_printed_at_a_page_width(figures, tmp_path):
+    """Review: printed 7 in wide, evaluate's confusion matrices (13.8 in, 8-pt names), ROC curves
+    (11 in, 7-pt legends), calibrated reliability diagrams and train's curves (13 in) came out at
+    4-5 pt. Every text of these figures is at least reports.MIN_PRINT_PT printed that wide."""
+    from medcli import reports
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 8)
+    probs = metrics.softmax(rng.normal(size=(64, 8)) + 3 * np.eye(8)[labels])
+    task = tasks.MultiClass(NAMES)
+    bins = task.reliability(labels, probs)
+    reports.save_confusion(tmp_path / "cm.png", metrics.confusion_counts(labels, probs.argmax(1), 8), NAMES, "t",
+                           note="SYNTHETIC data")
+    reports.save_roc(tmp_path / "roc.png", tables.roc_curves(task.indicator(labels), probs, NAMES, task.roc_classes()),
+                     "t", "SYNTHETIC data")
+    reports.save_reliability(tmp_path / "rel.png", [("before", bins), ("after T = 1.5", bins)], "t", "SYNTHETIC data")
+    history = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "train_acc": 0.5, "val_acc": 0.5, "val_f1": 0.4,
+                "val_auc": 0.7, "lr": 0.1} for e in range(1, 6)]
+    manifest = {"config": {"model": "resnet18"}, "dataset": {"flag": "bloodmnist", "size": 28, "synthetic": True},
+                "run_id": "r"}
+    reports.save_curves(tmp_path / "curves.png", history, manifest, 3, "auc")
+    printed = {name: _smallest_printed_pt(fig) for name, fig in zip(("confusion", "roc", "reliability", "curves"), figures)}
+    assert all(pt >= reports.MIN_PRINT_PT for pt in printed.values()), printed
