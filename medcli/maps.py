@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from dataclasses import dataclass
 from string import ascii_uppercase
 from itertools import combinations
@@ -188,24 +189,30 @@ def save_figure(path, columns: list[Column], rows: dict, common: list[int], labe
     from medcli.reports import panels, save_figure as save
 
     brief = short_names(names, width=10)  # in captions; rows are labelled with longer names
-    per_class = max(1, min(MAX_PER_CLASS, MAX_TILES_PER_ROW // (len(columns) + 1)))
+    import numpy as np
+
+    # as many sample slots per row as the fullest class fills, no empty ones
+    per_class = max(1, min(MAX_PER_CLASS, MAX_TILES_PER_ROW // (len(columns) + 1), int(np.bincount(labels).max())))
     classes = sorted(set(labels.tolist()))
     block = (len(columns) + 1) * TILE_IN + len(columns) * GAP_IN
     width = LABEL_IN + per_class * block + (per_class - 1) * BLOCK_GAP_IN + 0.1
     row_height = TITLE_IN + TILE_IN + len(scores) * LINE_IN + ROW_GAP_IN
-    header = 0.2 + LINE_IN * (len(columns) + 2.5)
+    chars = int((width - 0.2) * 17)  # 7-pt characters per line of the figure's width
+    heading = textwrap.wrap(title, int(chars * 7 / 8))  # bold, 8 pt
+    legend = textwrap.wrap(f"Over each map: its column, the predicted class (red: not the row's) and its confidence. "
+                           f"Under each sample: the Spearman \u03c1 and top-{TOP_SHARE:.0%} IoU of every two maps.", chars)
+    lines = len(heading) * 1.2 + len(legend) + 0.3  # the column names follow
+    header = 0.2 + LINE_IN * (lines + len(columns))
     height = header + len(classes) * row_height
     fig = Figure(figsize=(width, height))
 
     def place(x: float, y: float, **text) -> None:  # text at (x, y) inches from the top left
         fig.text(x / width, 1 - y / height, text.pop("s"), **{"fontsize": 7, "va": "top", **text})
 
-    place(0.1, 0.1, s=title, fontsize=8, weight="bold")
-    place(0.1, 0.1 + LINE_IN * 1.2, s=f"Over each map: its column, the predicted class (red: not the row's) and its "
-                                       f"confidence. Under each sample: the Spearman \u03c1 and top-{TOP_SHARE:.0%} IoU "
-                                       "of every two maps.")
+    place(0.1, 0.1, s="\n".join(heading), fontsize=8, weight="bold")
+    place(0.1, 0.1 + LINE_IN * 1.2 * len(heading), s="\n".join(legend))
     for c, column in enumerate(columns):
-        place(0.1, 0.1 + LINE_IN * (c + 2.5), s=f"{_letter(c)}   {column.label}")
+        place(0.1, 0.1 + LINE_IN * (c + lines), s=f"{_letter(c)}   {column.label}")
     for r, k in enumerate(classes):
         top = header + r * row_height
         place(LABEL_IN - 0.1, top + TITLE_IN + TILE_IN / 2, s=short_names(names)[k], ha="right", va="center",

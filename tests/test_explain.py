@@ -476,6 +476,20 @@ def test_aggregate_maps_lines_up_the_same_samples_across_runs(explained_pair, tm
     assert len(json.loads(only.stdout)["pairs"]) == 1
 
 
+def test_the_maps_figure_has_no_empty_sample_slots(explained_pair, tmp_path, monkeypatch):
+    """Review: four sample slots per row were reserved when each class had two samples, so the
+    right half of maps_compare.png was blank (and its text the smaller in print)."""
+    from medcli import maps, reports
+
+    kept, real = [], reports.save_figure
+    monkeypatch.setattr(reports, "save_figure", lambda fig, path, dpi=None: kept.append(fig) or real(fig, path, dpi))
+    a, b = explained_pair
+    assert runner.invoke(app, ["aggregate", str(a), str(b), "--maps", "--method", "gradcam",
+                               "--out", str(tmp_path)]).exit_code == 0
+    block = 3 * maps.TILE_IN + 2 * maps.GAP_IN  # the image and two runs' overlays
+    assert kept[0].get_figwidth() == pytest.approx(maps.LABEL_IN + 2 * block + maps.BLOCK_GAP_IN + 0.1)
+
+
 def test_aggregate_maps_prints_its_files_and_says_what_it_replaces(explained_pair, tmp_path):
     """Review: the text output listed no file written (only --format json did), printed Python's
     None, took --format csv/md silently, and a second comparison replaced the first unsaid."""
