@@ -81,8 +81,10 @@ def faithfulness(copies: dict[str, Path], per_class: int, figure: Path | None) -
             road = index["faithfulness"]
             print(f"{kind:<4} {method:<10} {seconds:8.1f}  {road['mean']:8.3f} +- {road['std']:.3f}  {road['n']:7d}",
                   flush=True)
-    plain, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class), "--no-faithfulness")
-    scored, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class))
+    # each replaces the other's maps (explain refuses that without --overwrite)
+    plain, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class), "--no-faithfulness",
+                       "--overwrite")
+    scored, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class), "--overwrite")
     print(f"\ngradcam on the CNN: {plain:.1f} s without ROAD, {scored:.1f} s with it: {scored / plain:.2f}x (target <= 2x)")
     out = Path(tempfile.mkdtemp(prefix="maps_"))
     done = subprocess.run([sys.executable, "-m", "medcli", "--quiet", "aggregate", str(copies["cnn"]), str(copies["vit"]),
