@@ -56,6 +56,10 @@ class Task:
     def outputs(self) -> int:
         return len(self.names)
 
+    def facts(self) -> dict:
+        """What a reader of this task's metrics file needs beyond the task and class names."""
+        return {}
+
     def intervals(self, labels, probs, resamples: int, seed: int) -> dict:
         """Bootstrap 95 % intervals of this task's accuracy and AUC (the AUC of `roc_classes`,
         averaged: every class, class 1 of a binary task, every label): `metrics.bootstrap_intervals`."""
@@ -132,10 +136,6 @@ class SingleLabel(Task):
     def auc_class(self) -> int | None:
         """The class whose one-vs-rest AUC is the task's AUC; None: the mean over classes."""
         return None
-
-    def facts(self) -> dict:
-        """What a reader of this task's metrics file needs beyond the task and class names."""
-        return {}
 
     def roc_classes(self) -> list[int]:
         """The classes that get a ROC curve."""
