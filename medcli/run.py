@@ -175,10 +175,14 @@ class Run:
         return f"medcli train --resume {shlex.quote(str(self.run_dir.resolve()))}"
 
     def evaluate_command(self, split: str, *options: str) -> str:
-        """The command that (re)writes a split's evaluation (`--split all` for train: evaluate
-        takes no train of its own)."""
-        return " ".join(["medcli evaluate", shlex.quote(str(self.run_dir)), "--split",
-                         split if split in EVAL_SPLITS else "all", *options])
+        """The command that (re)writes a split's evaluation as it was made (the checkpoint, TTA
+        and calibration the evaluate stage recorded for it), plus `options`; the run's absolute
+        path, and `--split all` for train (evaluate takes no train of its own)."""
+        done = self.stages.get("evaluate", {}).get("summary", {}).get(split, {})
+        recorded = [*(["--checkpoint", done["checkpoint"]] if done.get("checkpoint", "best") != "best" else []),
+                    *(["--tta"] if done.get("tta") else []), *(["--calibrate"] if done.get("temperature") else [])]
+        return " ".join(["medcli evaluate", shlex.quote(str(self.run_dir.resolve())), "--split",
+                         split if split in EVAL_SPLITS else "all", *dict.fromkeys([*recorded, *options])])
 
     def update(self, change: Callable[[dict], None]) -> None:
         """Apply `change` to the manifest on disk under the manifest lock (re-read, change, save

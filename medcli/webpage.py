@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from medcli import __version__, aggregate, compare_stats, console, datasets, fileio, maps
+from medcli import __version__, aggregate, compare_stats, console, datasets, fileio, maps, selection
 from medcli.errors import UsageError
 from medcli.evaluate import shown_metrics
 from medcli.metrics import interval_text, metric_text
@@ -238,6 +238,14 @@ def _metrics(run: Run, evaluations: dict[str, dict]) -> str:
              for key in keys if key in ci]
     caption = f"{ci['level']:.0%} CI: {ci['method']} over the images, {ci['resamples']} resamples, seed {ci['seed']}"
     parts = [_table(("metric", *splits), rows, numeric=range(1, len(splits) + 1), caption=caption)]
+    scaled = [split for split, r in evaluations.items() if _scaled(r.get("calibration"))]
+    if scaled:
+        parts.append(_note(f"ECE, NLL and Brier of {', '.join(scaled)} are after temperature scaling (before and "
+                           "after: Calibration)."))
+    positive = results[0].get("positive_class")
+    if positive:
+        parts.append(_note(f"The sensitivity, specificity, PPV and NPV are of {positive} (the finding); the AUC is "
+                           "medmnist's, of class 1 (the same number for either class of two)."))
     for split, result in evaluations.items():
         parts.append(f"<h3>{_e(split)} split</h3>")
         confusion = run.figure_file("confusion", split)
@@ -273,8 +281,14 @@ def _calibration(run: Run, evaluations: dict[str, dict]) -> str:
         figure = run.figure_file("reliability", split)
         if figure.is_file():
             parts.append(_figure(figure, f"Reliability diagram, {split} split"
-                                 + (", before and after temperature scaling" if calibration else "")))
+                                 + (", before and after temperature scaling" if _scaled(calibration) else "")))
     return "".join(parts)
+
+
+def _scaled(calibration: dict | None) -> bool:
+    """A temperature other than 1 was applied (a skipped fit keeps T = 1: nothing changed)."""
+    temperature = calibration["temperature"] if calibration else 1.0
+    return any(t != 1.0 for t in (temperature if isinstance(temperature, list) else [temperature]))
 
 
 def _figures(run: Run, evaluations: dict[str, dict]) -> str:
@@ -311,7 +325,10 @@ def _explanations(run: Run) -> str:
 
 
 def _configuration(run: Run) -> str:
-    blocks = [("Training options", run.config), ("Model", run.data.get("model") or {}),
+    """The run's options (best.pt's rule in words instead of the --monitor value it may not
+    follow), model, preprocessing and environment."""
+    options = {key: value for key, value in run.config.items() if key not in ("monitor", "select")}
+    blocks = [("Training options", {**options, "best.pt": selection.describe(selection.rule(run.config))}), ("Model", run.data.get("model") or {}),
               ("Preprocessing", run.data.get("preprocess") or {}), ("Environment", run.data.get("environment") or {})]
     return "".join(f"<h3>{_e(name)}</h3>" + _pairs(values.items()) for name, values in blocks)
 

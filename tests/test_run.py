@@ -167,3 +167,22 @@ def test_mark_interrupted_only_touches_the_ended_process_running_stages(tmp_path
     assert loaded.status("train") == "interrupted" and "pid" not in loaded.stages["train"]
     assert loaded.status("explain:gradcam") == "running"
     assert loaded.status("evaluate") == "completed"
+
+
+def test_the_evaluate_command_a_hint_gives_redoes_the_recorded_evaluation(tmp_path, monkeypatch):
+    """Review: the report's hint for a run evaluated with --tta said 'medcli evaluate runs/r --split
+    test --calibrate': followed, it turned TTA off (54.7 % -> 47.7 %), and the relative path
+    failed from another folder. The command keeps the split's recorded checkpoint, TTA and
+    calibration, and the run's absolute path; train has no --split of its own (all)."""
+    monkeypatch.chdir(tmp_path)
+    run = Run.create("runs", "r", config={}, dataset={"flag": "bloodmnist", "size": 28})
+    run.update(lambda data: data["stages"].__setitem__("evaluate", {"status": "completed", "summary": {
+        "test": {"checkpoint": "last", "tta": True, "temperature": None},
+        "val": {"checkpoint": "best", "tta": False, "temperature": 1.3}}}))
+    where = str((tmp_path / "runs" / "r").resolve())
+    assert run.evaluate_command("test") == f"medcli evaluate {where} --split test --checkpoint last --tta"
+    assert run.evaluate_command("test", "--calibrate") == \
+        f"medcli evaluate {where} --split test --checkpoint last --tta --calibrate"
+    assert run.evaluate_command("val") == f"medcli evaluate {where} --split val --calibrate"
+    assert run.evaluate_command("val", "--calibrate") == f"medcli evaluate {where} --split val --calibrate"
+    assert run.evaluate_command("train") == f"medcli evaluate {where} --split all"

@@ -7,6 +7,7 @@ message, fetches nothing, decodes every image, and its screenshot shows the figu
 from __future__ import annotations
 
 import base64
+import html
 import importlib.util
 import io
 import json
@@ -160,3 +161,30 @@ def test_each_page_loads_in_chromium_and_its_screenshot_shows_the_figures(pages,
     assert shown, "no figure within the first screen"
     for x, y, width, height in shown:  # each figure on screen was painted: not a blank box
         assert ImageStat.Stat(screen.crop((int(x), int(y), int(x + width), int(y + height)))).stddev[0] > 20
+
+
+def test_the_run_page_says_how_best_pt_was_chosen_and_which_numbers_are_calibrated(explained_runs, pages):
+    """Review: the page said "monitor acc" in the training options while best.pt was chosen by
+    the EMA-window rule on AUC, and the metrics table showed ECE/NLL/Brier after temperature
+    scaling without saying so."""
+    from medcli import selection
+
+    run = Run.open(explained_runs[0])
+    text = " ".join(pages["run"].read_text(encoding="utf-8").split())
+    options = text[text.index("Training options"):text.index("<h3>Model</h3>")]
+    assert html.escape(selection.describe(selection.rule(run.config)), quote=False) in options
+    assert ">monitor<" not in options and ">select<" not in options
+    assert "ECE, NLL and Brier of test are after temperature scaling" in text
+
+
+def test_a_binary_page_names_the_class_its_rates_are_of(tmp_path):
+    """Review: BreastMNIST's sensitivity, specificity, PPV and NPV are of malignant (class 0),
+    its AUC of class 1, and the page said neither."""
+    from medcli import webpage
+
+    run = Run.create(tmp_path, "r", config={}, dataset={"flag": "breastmnist", "size": 28})
+    result = {"task": "binary-class", "positive_class": "malignant", "calibration": None,
+              "ci": {"level": 0.95, "method": "percentile bootstrap", "resamples": 10, "seed": 0},
+              "metrics": {"n": 4, "per_class": []}}
+    text = webpage._metrics(run, {"test": result})
+    assert "sensitivity, specificity, PPV and NPV are of malignant" in text
