@@ -351,6 +351,12 @@ class Run:
         models.load_state(model, state, self.spec["name"], relative, "re-train this run or restore its checkpoint")
         return model.to(device).eval()
 
+    def writer_of(self, path: Path) -> str | None:
+        """The completed stage that recorded `path` as one of its files, else None."""
+        relative = self.relative(path)
+        return next((name for name, entry in self.stages.items()
+                     if entry.get("status") == "completed" and relative in entry.get("artefacts", {})), None)
+
     def read_artefact(self, path: Path) -> bytes:
         """The bytes of a file a completed stage of this run recorded, read and hashed once and
         checked against the sha256 in the manifest: a file that is not the one this run wrote
@@ -359,9 +365,8 @@ class Run:
         are read as they are."""
         import hashlib
 
-        relative = self.relative(path)
-        recorded = next((entry["artefacts"][relative] for entry in self.stages.values()
-                         if entry.get("status") == "completed" and relative in entry.get("artefacts", {})), None)
+        relative, stage = self.relative(path), self.writer_of(path)
+        recorded = self.stages[stage]["artefacts"][relative] if stage else None
         data = Path(path).read_bytes()
         if recorded and hashlib.sha256(data).hexdigest() != recorded:
             raise UsageError(f"{relative} of run {self.run_dir} is not the file this run wrote (its sha256 differs "

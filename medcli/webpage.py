@@ -122,13 +122,26 @@ def _pairs(items: Iterable[tuple[str, object]]) -> str:
                          for key, value in items])
 
 
-def _figure(path: Path, caption: str) -> str:
-    """A PNG inlined as a data: URI, with its caption; its pixel size goes into width and height
-    so the page keeps its layout while it loads."""
-    data = Path(path).read_bytes()
+def _figure(path: Path, caption: str, data: bytes | None = None) -> str:
+    """A PNG (`data`, else the file's bytes) inlined as a data: URI, with its caption; its pixel
+    size goes into width and height so the page keeps its layout while it loads."""
+    data = Path(path).read_bytes() if data is None else data
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24:
+        raise UsageError(f"{path} is not a whole PNG image (damaged); draw it again with the command that wrote it")
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk follows the 8-byte signature
     return (f'<figure><img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" width="{width}" '
             f'height="{height}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>')
+
+
+def _run_figure(run: Run, path: Path, caption: str) -> str:
+    """A figure of the run, checked against the sha256 its stage recorded (`Run.read_artefact`:
+    one line when it is not the run's own file); a figure the run recorded but that is gone is a
+    note naming it, one it never drew is left out."""
+    if not path.is_file():
+        stage = run.writer_of(path)
+        return _note(f"{run.relative(path)} is missing ({caption}; the {stage} stage wrote it: run that stage again "
+                     "to draw it).") if stage else ""
+    return _figure(path, caption, run.read_artefact(path))
 
 
 def _note(text: str) -> str:
@@ -153,9 +166,10 @@ def _page(title: str, subtitle: str, notes: Sequence[str], sections: Sequence[tu
             f"the page needs no other file and no network.</footer></main></body></html>\n")
 
 
-def _read(path: Path, fix: str) -> dict:
+def _read(run: Run, path: Path, fix: str) -> dict:
+    """A JSON file of the run, checked against its recorded sha256 (`Run.read_artefact`)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(run.read_artefact(path).decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
 
@@ -186,7 +200,7 @@ def _evaluation(run: Run, split: str) -> dict:
     """A split's metrics JSON, refused with one line when it lacks what the page shows (an older
     medcli wrote no intervals)."""
     fix = f"re-run '{run.evaluate_command(split)}'"
-    result = _read(run.metrics_file(split), fix)
+    result = _read(run, run.metrics_file(split), fix)
     missing = [key for key in EVALUATION_KEYS if key not in result]
     if missing:
         raise UsageError(f"{run.metrics_file(split)} has no {', '.join(missing)} (an older medcli wrote it); {fix}")
@@ -249,8 +263,7 @@ def _metrics(run: Run, evaluations: dict[str, dict]) -> str:
     for split, result in evaluations.items():
         parts.append(f"<h3>{_e(split)} split</h3>")
         confusion = run.figure_file("confusion", split)
-        if confusion.is_file():
-            parts.append(_figure(confusion, f"Confusion matrix, {split} split"))
+        parts.append(_run_figure(run, confusion, f"Confusion matrix, {split} split"))
         per_class = result["metrics"].get("per_class") or []
         if per_class:
             columns = [c for c in per_class[0] if c != "class"]
@@ -279,8 +292,7 @@ def _calibration(run: Run, evaluations: dict[str, dict]) -> str:
             parts.append(_note(f"Not calibrated: '{run.evaluate_command(split, '--calibrate')}' fits a "
                                "temperature on val and shows the calibration before and after it."))
         figure = run.figure_file("reliability", split)
-        if figure.is_file():
-            parts.append(_figure(figure, f"Reliability diagram, {split} split"
+        parts.append(_run_figure(run, figure, f"Reliability diagram, {split} split"
                                  + (", before and after temperature scaling" if _scaled(calibration) else "")))
     return "".join(parts)
 
@@ -294,12 +306,11 @@ def _scaled(calibration: dict | None) -> bool:
 def _figures(run: Run, evaluations: dict[str, dict]) -> str:
     parts = []
     curves = run.figure_file("curves")
-    if curves.is_file():
-        parts.append("<h3>Training</h3>" + _figure(curves, "Training curves"))
+    parts.append("<h3>Training</h3>" + _run_figure(run, curves, "Training curves"))
     for split in evaluations:
         shown = [(run.figure_file(kind, split), text) for kind, text in SPLIT_FIGURES]
         parts.append(f"<h3>{_e(split)} split</h3>"
-                     + "".join(_figure(path, f"{text}, {split} split") for path, text in shown if path.is_file()))
+                     + "".join(_run_figure(run, path, f"{text}, {split} split") for path, text in shown))
     return "".join(parts)
 
 
@@ -309,7 +320,7 @@ def _explanations(run: Run) -> str:
     for method in EXPLAIN_METHODS:
         if run.status(run.explain_stage(method)) != "completed":
             continue
-        index = _read(run.explain_index(method), f"re-run 'medcli explain {run.run_dir} --method {method}'")
+        index = _read(run, run.explain_index(method), f"re-run 'medcli explain {run.run_dir} --method {method}'")
         road, mass = index.get("faithfulness"), index.get("mean_box_mass")
         facts = [f"{len(index['samples'])} {index['split']} samples ({index.get('selection')})",
                  f"target {index['target']}", f"checkpoint {index['checkpoint']}"]
@@ -319,7 +330,7 @@ def _explanations(run: Run) -> str:
         grids = [(run.explain_dir(method) / file, f"{method}: true class {name}")
                  for name, file in index["grids"].items()]
         parts.append(f"<h3>{_e(method)}</h3><p>{_e('; '.join(facts))}</p><div class=\"grids\">"
-                     + "".join(_figure(path, caption) for path, caption in grids if path.is_file()) + "</div>")
+                     + "".join(_run_figure(run, path, caption) for path, caption in grids) + "</div>")
     return "".join(parts) or _note(f"Not explained yet: 'medcli explain {run.run_dir}' draws heat maps of where the "
                                    "model looks, with a grid per class.")
 

@@ -188,3 +188,27 @@ def test_a_binary_page_names_the_class_its_rates_are_of(tmp_path):
               "metrics": {"n": 4, "per_class": []}}
     text = webpage._metrics(run, {"test": result})
     assert "sensitivity, specificity, PPV and NPV are of malignant" in text
+
+
+@pytest.mark.parametrize("damage", ["other run's metrics", "truncated figure", "missing figures"])
+def test_a_run_page_never_shows_files_the_run_did_not_write(explained_runs, tmp_path, damage):
+    """Review: another run's metrics/test.json copied into the run was shown beside this run's
+    figures (exit 0); a PNG cut short was a blank image, or at 2 bytes "unexpected error"
+    (exit 1); deleted figures were dropped without a word."""
+    first, second = explained_runs
+    run = shutil.copytree(first, tmp_path / first.name)
+    figure = run / "figures" / "confusion_test.png"
+    if damage == "other run's metrics":
+        shutil.copyfile(second / "metrics" / "test.json", run / "metrics" / "test.json")
+    elif damage == "truncated figure":
+        figure.write_bytes(figure.read_bytes()[:2])
+    else:
+        shutil.rmtree(run / "figures")
+    result = runner.invoke(app, ["report", str(run)])
+    if damage == "missing figures":
+        assert result.exit_code == 0, result.output
+        text = " ".join(Run.open(run).html_report_file().read_text(encoding="utf-8").split())
+        assert "figures/confusion_test.png is missing" in text and "figures/curves.png is missing" in text
+    else:
+        wrong = "metrics/test.json" if damage == "other run's metrics" else "figures/confusion_test.png"
+        one_line_error(result, 2, wrong, "is not the file this run wrote")
