@@ -375,8 +375,9 @@ def comparison_page(result: aggregate.Comparison, chart: Path, agreement: dict |
     numeric = [i for i, name in enumerate(header) if name in result.metrics or name in ("epochs", "train time")]
     table = _table([aggregate.heading(name) for name in header], rows, numeric, caption=title)
     tests = (f"<h3>Paired tests</h3><pre>{_e(chr(10).join(compare_stats.paired_lines(result.paired)))}</pre>"
-             if result.paired else _note(f"No paired tests: they compare two setups on the same images, and there are "
-                                         f"{len(result.groups)}; choose two with 'medcli aggregate --pair A B'."))
+             if result.paired else _note(f"No paired tests: they compare two setups on the same images, and this page has "
+                                         f"{console.plural(len(result.groups), 'setup')}; choose two with "
+                                         "'medcli aggregate --pair A B'."))
     setups = {run: group["group"] for group in result.groups for run in group["runs"]}
     runs = _table(("run", "setup", "seed", "evaluation", "directory"),
                   [(r["run"], setups[r["run"]], r["seed"], r["evaluation"], r["path"]) for r in result.runs])
@@ -387,7 +388,8 @@ def comparison_page(result: aggregate.Comparison, chart: Path, agreement: dict |
                 ("maps", "Explanation maps", _agreement(agreement)),
                 ("runs", "Runs", runs)]
     datasets_shown = ", ".join(dict.fromkeys(f"{g['dataset']} {g['size']} px" for g in result.groups))
-    return _page(f"Comparison of {len(result.runs)} runs", f"{len(result.groups)} setups on {datasets_shown}, "
+    return _page(f"Comparison of {console.plural(len(result.runs), 'run')}",
+                 f"{console.plural(len(result.groups), 'setup')} on {datasets_shown}, "
                  f"{result.split} split", notes, sections, ", ".join(dict.fromkeys(str(Path(r["path"]).parent)
                                                                                    for r in result.runs)))
 
