@@ -190,11 +190,12 @@ def test_a_binary_page_names_the_class_its_rates_are_of(tmp_path):
     assert "sensitivity, specificity, PPV and NPV are of malignant" in text
 
 
-@pytest.mark.parametrize("damage", ["other run's metrics", "truncated figure", "missing figures"])
+@pytest.mark.parametrize("damage", ["other run's metrics", "truncated figure", "missing figures", "redrawn figure"])
 def test_a_run_page_never_shows_files_the_run_did_not_write(explained_runs, tmp_path, damage):
     """Review: another run's metrics/test.json copied into the run was shown beside this run's
     figures (exit 0); a PNG cut short was a blank image, or at 2 bytes "unexpected error"
-    (exit 1); deleted figures were dropped without a word."""
+    (exit 1); deleted figures were dropped without a word. A figure redrawn since (plot-confusion
+    writes figures/confusion_test.png too) is shown, and its caption says so."""
     first, second = explained_runs
     run = shutil.copytree(first, tmp_path / first.name)
     figure = run / "figures" / "confusion_test.png"
@@ -202,13 +203,20 @@ def test_a_run_page_never_shows_files_the_run_did_not_write(explained_runs, tmp_
         shutil.copyfile(second / "metrics" / "test.json", run / "metrics" / "test.json")
     elif damage == "truncated figure":
         figure.write_bytes(figure.read_bytes()[:2])
-    else:
+    elif damage == "missing figures":
         shutil.rmtree(run / "figures")
+    else:
+        shutil.copyfile(second / "figures" / "confusion_test.png", figure)
     result = runner.invoke(app, ["report", str(run)])
+    text = " ".join(Run.open(run).html_report_file().read_text(encoding="utf-8").split()) if result.exit_code == 0 else ""
     if damage == "missing figures":
         assert result.exit_code == 0, result.output
-        text = " ".join(Run.open(run).html_report_file().read_text(encoding="utf-8").split())
         assert "figures/confusion_test.png is missing" in text and "figures/curves.png is missing" in text
+    elif damage == "redrawn figure":
+        assert result.exit_code == 0, result.output
+        assert "Confusion matrix, test split (not the file the evaluate stage wrote: redrawn or replaced since)" in text
+        assert text.count("redrawn or replaced since") == 2  # its alt text and caption: no other figure
+    elif damage == "truncated figure":
+        one_line_error(result, 2, "figures/confusion_test.png", "is not a whole PNG image")
     else:
-        wrong = "metrics/test.json" if damage == "other run's metrics" else "figures/confusion_test.png"
-        one_line_error(result, 2, wrong, "is not the file this run wrote")
+        one_line_error(result, 2, "metrics/test.json", "is not the file this run wrote")
