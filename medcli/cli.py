@@ -297,7 +297,7 @@ def train(
 @app.command()
 def evaluate(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory printed by 'medcli train'.")],
-    split: Annotated[EvalSplit, typer.Option(help="Split to evaluate; all = train, val and test.")] = EvalSplit.test,
+    split: Annotated[EvalSplit, typer.Option(help="Split to evaluate; all = test, val and train.")] = EvalSplit.test,
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", show_default=False, help=(
         "Average fixed flipped views: the identity and each flip the run trained with (none for a run "

@@ -177,7 +177,16 @@ def experiment(config: dict) -> dict:
     repeats for `aggregate`): not the options in NOT_EXPERIMENT, nor the `*_source` records of
     where a value came from (the value is the setting: `--lr 0.1` equal to the preset's lr is
     the same experiment, and a run from before a source was recorded is still a repeat)."""
-    return {key: value for key, value in config.items() if key not in NOT_EXPERIMENT and not key.endswith("_source")}
+    chosen = {key: value for key, value in config.items() if key not in NOT_EXPERIMENT and not key.endswith("_source")}
+    if isinstance(chosen.get("warmup_epochs"), (int, float)) and isinstance(chosen.get("epochs"), int):
+        # the warm-up the schedule ran: older runs recorded the value asked for, newer ones the cap
+        chosen["warmup_epochs"] = min(chosen["warmup_epochs"], warmup_cap(chosen["epochs"]))
+    return chosen
+
+
+def warmup_cap(epochs: int) -> float:
+    """The longest warm-up of an `epochs`-epoch run: WARMUP_MAX_SHARE of it."""
+    return round(WARMUP_MAX_SHARE * epochs, 6)  # 0.6, not 0.6000000000000001
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,7 +340,7 @@ def fit_warmup_to_epochs(config: dict) -> dict:
     """The config with the warm-up the schedule uses: at most WARMUP_MAX_SHARE of the run
     (`optim.warmup_steps` makes the same cap in steps); a given --warmup-epochs over it is capped
     with a warning. Decided once the epochs are."""
-    most = round(WARMUP_MAX_SHARE * config["epochs"], 6)  # 0.6, not 0.6000000000000001
+    most = warmup_cap(config["epochs"])
     if config["warmup_epochs"] <= most:
         return config
     reason = f"capped to {WARMUP_MAX_SHARE:.0%} of the {config['epochs']}-epoch run"

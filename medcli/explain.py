@@ -160,7 +160,7 @@ def explain_run(
     classes = {"pred": preds, "true": truth}.get(target, np.full(len(chosen), target_class))
 
     out_dir = run.explain_dir(method)
-    with run.stage(run.explain_stage(method)) as st:
+    with run.stage(run.explain_stage(method), keep_completed=True) as st:
         with explainer as active:
             maps, scores = explainers.heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
                                     device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
@@ -170,6 +170,7 @@ def explain_run(
                               classes, maps, explainers.box_mass(maps, box) if box else None, scores,
                               label_sets=task.label_sets(labels[chosen]))
         caption = f"{method}{f' · {layer}' if layer else ''}"
+        st.writing()
         samples, grids, files = write_figures(out_dir, caption, explained, names, datasets.provenance(run.dataset))
         files.append(save_maps(run.maps_file(method), explained, run.dataset, selection))
         masses = explained.box_mass
@@ -182,7 +183,9 @@ def explain_run(
             "maps": run.maps_file(method).name, "samples": samples, "grids": grids,
         }
         fileio.write_json(run.explain_index(method), index)
-        # the earlier explanation goes only now: an interruption or a failure above keeps it whole
+        # the earlier explanation goes only now: an interruption while the maps are computed keeps
+        # it whole (files and completed stage); one while the new files are written (st.writing)
+        # leaves the stage interrupted
         st.forget(run.explain_prefix(method), keep=[*files, run.explain_index(method)])
         st.add(*files, save=False)
         st.add(run.explain_index(method))

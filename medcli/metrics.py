@@ -275,7 +275,8 @@ def label_matrix_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Seq
     `accuracy` and `auc` are medmnist's: the mean over labels of each label's accuracy, and
     the mean over labels of each label's AUC (None when a label lacks positives or
     negatives). Also: subset_accuracy (every label right), balanced_accuracy (mean over
-    labels), {precision,recall,f1}_{macro,micro} over labels, loss and nll (mean binary
+    labels), {precision,recall,f1}_{macro,micro} over labels (recall_macro over the labels
+    with positives: the others have no recall), loss and nll (mean binary
     cross-entropy per entry, as training's BCE), ece over every (sample, label) decision,
     brier, per_class (name, precision, recall, f1, support = positives, auc) and
     label_confusion (per label [[tn, fp], [fn, tp]]).

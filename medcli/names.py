@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test")
-EVAL_SPLITS = ("test", "val", "all")  # `evaluate --split`: all = every split, train included
+EVAL_SPLITS = ("test", "val", "train", "all")  # `evaluate --split`: all = every split
 CHECKPOINTS = ("best", "last")  # checkpoints/<name>.pt
 
 # The scalar keys of `metrics.classification_metrics`, in report order: aggregate and the

@@ -332,8 +332,8 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
     """Redraw a confusion matrix from a predictions CSV alone (no model, no torch).
 
     `target` is a run directory (its `predictions/<split>.csv` is used) or a CSV path.
-    normalize None draws counts and row-normalised side by side (evaluate's figure); True or
-    False draws that one panel. The default output is the run's
+    normalize None draws counts and row-normalised side by side (evaluate's figure; a
+    multi-label run: a grid of per-label counts); True or False draws that one panel (grid). The default output is the run's
     `figures/confusion_<split>[_normalized|_counts].png`, or beside the CSV.
     """
     from medcli.run import Run

@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from medcli import console, fileio, manifest
 from medcli.errors import Interrupted, UsageError
-from medcli.names import CHECKPOINTS, EVAL_SPLITS, SPLITS
+from medcli.names import CHECKPOINTS, SPLITS
 
 __all__ = ["Run", "STAGE_LOCK_PREFIX", "create_run_dir", "find_runs"]
 
@@ -176,13 +176,13 @@ class Run:
 
     def evaluate_command(self, split: str, *options: str) -> str:
         """The command that (re)writes a split's evaluation as it was made (the checkpoint, TTA
-        and calibration the evaluate stage recorded for it), plus `options`; the run's absolute
-        path, and `--split all` for train (evaluate takes no train of its own)."""
+        and calibration the evaluate stage recorded for it), plus `options`, with the run's
+        absolute path; that split alone, so no other split's evaluation changes."""
         done = self.stages.get("evaluate", {}).get("summary", {}).get(split, {})
         recorded = [*(["--checkpoint", done["checkpoint"]] if done.get("checkpoint", "best") != "best" else []),
                     *(["--tta"] if done.get("tta") else []), *(["--calibrate"] if done.get("temperature") else [])]
-        return " ".join(["medcli evaluate", shlex.quote(str(self.run_dir.resolve())), "--split",
-                         split if split in EVAL_SPLITS else "all", *dict.fromkeys([*recorded, *options])])
+        return " ".join(["medcli evaluate", shlex.quote(str(self.run_dir.resolve())), "--split", split,
+                         *dict.fromkeys([*recorded, *options])])
 
     def update(self, change: Callable[[dict], None]) -> None:
         """Apply `change` to the manifest on disk under the manifest lock (re-read, change, save
@@ -202,11 +202,13 @@ class Run:
 
     # -- stages -----------------------------------------------------------------------------
     @contextmanager
-    def stage(self, name: str) -> Iterator["StageRecord"]:
+    def stage(self, name: str, keep_completed: bool = False) -> Iterator["StageRecord"]:
         """Run a stage under its own lock: mark it running, and record how it ended.
 
         Completed on normal exit; interrupted on Ctrl-C/SIGTERM; failed on any other error
-        (the exception is re-raised after the manifest is saved). A second process asking for
+        (the exception is re-raised after the manifest is saved). With `keep_completed`, an
+        attempt that ends before it recorded or forgot any file leaves the earlier completed
+        entry as it was (its files are untouched, so its result stands). A second process asking for
         the same stage of the same run is refused at once with one line. Ctrl-C (and SIGTERM,
         which the CLI turns into it) leaves as a KeyboardInterrupt whose message names the run
         and how to continue.
@@ -215,13 +217,17 @@ class Run:
             entry = {"status": "running", "started": manifest.now_iso(), "ended": None, "duration_s": None,
                      "error": None, "pid": os.getpid()}
 
+            earlier: dict = {}
+
             def begin(data: dict) -> None:  # an earlier run of the stage keeps its artefacts and summary
                 previous = data["stages"].get(name, {})
                 entry.update(artefacts=dict(previous.get("artefacts", {})), summary=dict(previous.get("summary", {})))
+                if keep_completed and previous.get("status") == "completed":
+                    earlier.update(previous)
                 data["stages"][name] = entry
 
             self.update(begin)
-            record = StageRecord(self, name, entry)
+            record = StageRecord(self, name, entry, earlier or None)
             start = time.perf_counter()
             try:
                 yield record
@@ -357,7 +363,7 @@ class Run:
         return next((name for name, entry in self.stages.items()
                      if entry.get("status") == "completed" and relative in entry.get("artefacts", {})), None)
 
-    def read_artefact(self, path: Path) -> bytes:
+    def read_artefact(self, path: Path, fix: str = "restore the run's own file or train the run again") -> bytes:
         """The bytes of a file a completed stage of this run recorded, read and hashed once and
         checked against the sha256 in the manifest: a file that is not the one this run wrote
         (another run's checkpoint copied over it, a damaged copy) is a one-line UsageError. A
@@ -370,7 +376,7 @@ class Run:
         data = Path(path).read_bytes()
         if recorded and hashlib.sha256(data).hexdigest() != recorded:
             raise UsageError(f"{relative} of run {self.run_dir} is not the file this run wrote (its sha256 differs "
-                             f"from the manifest's); restore the run's own file or train the run again")
+                             f"from the manifest's); {fix}")
         return data
 
     def load_data(self, root: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS, *,
@@ -405,10 +411,12 @@ class Run:
 class StageRecord:
     """Handle given to a running stage to register artefacts and a summary."""
 
-    def __init__(self, run: Run, name: str, entry: dict):
+    def __init__(self, run: Run, name: str, entry: dict, earlier: dict | None = None):
         self.run = run
         self.name = name
         self.entry = entry
+        self.earlier = earlier  # the completed entry an attempt that changes no file leaves in place
+        self.touched = False  # a file was recorded or forgotten
 
     @property
     def summary(self) -> dict:
@@ -416,13 +424,20 @@ class StageRecord:
 
     def add(self, *paths: str | os.PathLike, save: bool = True) -> None:
         """Record artefacts (relative path -> sha256). Call after the file is in place."""
+        self.touched = True
         for path in paths:
             self.record(path, fileio.sha256_file(path), save=False)
         if save:
             self.save()
 
+    def writing(self) -> None:
+        """Files of the earlier result are about to be replaced: from here on an interruption
+        ends the stage as interrupted or failed, never as the earlier completed entry."""
+        self.touched = True
+
     def record(self, path: str | os.PathLike, sha256: str, save: bool = True) -> None:
         """Record one artefact whose sha256 is already known (hashed while it was written)."""
+        self.touched = True
         self.entry["artefacts"][self.run.relative(path)] = sha256
         if save:
             self.save()
@@ -430,6 +445,7 @@ class StageRecord:
     def forget(self, prefix: str, keep: Sequence[str | os.PathLike] = ()) -> None:
         """Delete the files this stage recorded under `prefix` (an earlier run of the stage),
         so none outlives the index that listed it; `keep`: files just written over them."""
+        self.touched = True
         artefacts, kept = self.entry["artefacts"], {self.run.relative(path) for path in keep}
         for relative in [rel for rel in artefacts if rel.startswith(prefix) and rel not in kept]:
             self.run.path(relative).unlink(missing_ok=True)
@@ -440,6 +456,10 @@ class StageRecord:
         self.run.update(lambda data: data["stages"].__setitem__(self.name, self.entry))
 
     def end(self, status: str, start: float, error: str | None) -> None:
+        if status != "completed" and self.earlier is not None and not self.touched:
+            self.entry = self.earlier  # nothing of the earlier result was replaced: it stands
+            self.save()
+            return
         self.entry.update(status=status, ended=manifest.now_iso(), duration_s=round(time.perf_counter() - start, 3),
                           error=error)
         self.entry.pop("pid", None)

@@ -174,7 +174,7 @@ def _page(title: str, subtitle: str, notes: Sequence[str], sections: Sequence[tu
 def _read(run: Run, path: Path, fix: str) -> dict:
     """A JSON file of the run, checked against its recorded sha256 (`Run.read_artefact`)."""
     try:
-        return json.loads(run.read_artefact(path).decode("utf-8"))
+        return json.loads(run.read_artefact(path, fix).decode("utf-8"))
     except (OSError, ValueError) as exc:
         raise UsageError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
 

@@ -469,10 +469,10 @@ def test_where_a_value_came_from_does_not_split_a_setup(tmp_path):
     """Review: `warmup_source`, new in the configs of later runs, put them in another group than
     the same setup trained before it was recorded; and a value given with --lr equal to the
     preset's is the same experiment. `*_source` keys say where a value came from, not what ran."""
-    make_run(tmp_path, "old", seed=0, warmup_epochs=1)
-    make_run(tmp_path, "new", seed=1, warmup_epochs=1, warmup_source="recipe")
-    make_run(tmp_path, "given", seed=2, warmup_epochs=1, warmup_source="--warmup-epochs", lr_source="--lr")
-    make_run(tmp_path, "other", seed=0, warmup_epochs=2, warmup_source="recipe")
+    make_run(tmp_path, "old", seed=0, warmup_epochs=0.3)
+    make_run(tmp_path, "new", seed=1, warmup_epochs=0.3, warmup_source="recipe")
+    make_run(tmp_path, "given", seed=2, warmup_epochs=0.3, warmup_source="--warmup-epochs", lr_source="--lr")
+    make_run(tmp_path, "other", seed=0, warmup_epochs=0.5, warmup_source="recipe")
     groups = aggregate([tmp_path], metric_names=["accuracy"]).groups
     assert sorted((g["group"], g["n_runs"]) for g in groups) == [
         ("resnet18 s0", 1), ("resnet18 s0-2", 3)]
@@ -488,3 +488,14 @@ def test_a_second_comparison_into_the_same_folder_says_it_replaces_the_first(tmp
     assert again.exit_code == 0
     assert f"replacing the earlier comparison.csv, runs.csv, comparison.xlsx, comparison.md, comparison.png in " \
            f"{tmp_path / 'cmp'}" in " ".join(again.stderr.split())
+
+
+def test_a_run_that_recorded_its_warm_up_uncapped_is_a_repeat_of_one_that_records_the_cap(tmp_path):
+    """Review: before warm-ups over 20 % of the run were recorded as capped, a run recorded the
+    value asked for (the schedule capped it all the same): 0.5 epochs of a 1-epoch run then,
+    0.2 now, the same schedule, two setups."""
+    make_run(tmp_path, "before", seed=0, epochs=1, warmup_epochs=0.5)
+    make_run(tmp_path, "after", seed=1, epochs=1, warmup_epochs=0.2, warmup_source="--warmup-epochs 0.5 -> 0.2")
+    make_run(tmp_path, "other", seed=0, epochs=1, warmup_epochs=0.1)
+    groups = aggregate([tmp_path], metric_names=["accuracy"]).groups
+    assert sorted(g["n_runs"] for g in groups) == [1, 2]

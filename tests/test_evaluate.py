@@ -489,11 +489,14 @@ def test_a_damaged_file_of_another_split_is_left_out_of_the_workbook_not_fatal(r
     assert "test" in header and "val" not in header
 
 
-def test_plot_confusion_of_train_names_the_command_evaluate_takes(tmp_path):
-    """Review: the hint said 'medcli evaluate RUN --split train', which evaluate refuses."""
+def test_the_train_split_is_evaluated_alone_as_the_hints_say(tmp_path, run_copy):
+    """Review: the hint said 'medcli evaluate RUN --split train', which evaluate refused; then
+    '--split all', which re-evaluated test and val with train's options (turning TTA off)."""
     run = Run.create(tmp_path, "run", config={}, dataset={"flag": "bloodmnist", "size": 28}).run_dir
     one_line_error(runner.invoke(app, ["plot-confusion", str(run), "--split", "train"]), 2,
-                   f"'medcli evaluate {run} --split all'")
+                   f"'medcli evaluate {run} --split train'")
+    assert runner.invoke(app, ["evaluate", str(run_copy), "--split", "train"]).exit_code == 0
+    assert sorted(p.name for p in (run_copy / "metrics").iterdir()) == ["train.json"]
 
 
 def test_plot_confusion_refuses_a_csv_without_predictions(tmp_path):

@@ -351,7 +351,8 @@ def test_an_interrupted_explain_keeps_the_earlier_explanation(tiny_run, tmp_path
     monkeypatch.setattr(explainers, "heatmaps", interrupted)
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 130
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
-    assert json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]["artefacts"] == recorded
+    stage = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]
+    assert stage["artefacts"] == recorded and stage["status"] == "completed"  # aggregate --maps and report use it
     monkeypatch.undo()
     assert runner.invoke(app, ["explain", str(run), "--indices", "4", "--no-faithfulness", "--overwrite"]).exit_code == 0
     names = {p.name for p in folder.iterdir()}

@@ -185,4 +185,4 @@ def test_the_evaluate_command_a_hint_gives_redoes_the_recorded_evaluation(tmp_pa
         f"medcli evaluate {where} --split test --checkpoint last --tta --calibrate"
     assert run.evaluate_command("val") == f"medcli evaluate {where} --split val --calibrate"
     assert run.evaluate_command("val", "--calibrate") == f"medcli evaluate {where} --split val --calibrate"
-    assert run.evaluate_command("train") == f"medcli evaluate {where} --split all"
+    assert run.evaluate_command("train") == f"medcli evaluate {where} --split train"  # that split alone

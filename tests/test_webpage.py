@@ -219,4 +219,4 @@ def test_a_run_page_never_shows_files_the_run_did_not_write(explained_runs, tmp_
     elif damage == "truncated figure":
         one_line_error(result, 2, "figures/confusion_test.png", "is not a whole PNG image")
     else:
-        one_line_error(result, 2, "metrics/test.json", "is not the file this run wrote")
+        one_line_error(result, 2, "metrics/test.json", "is not the file this run wrote", "re-run 'medcli evaluate")
