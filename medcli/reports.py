@@ -182,20 +182,25 @@ def save_mistakes(path, images: np.ndarray, captions: Captions, title: str, note
 
 
 def _save_confusion_grid(path, tables: Sequence[tuple], title: str, normalize: bool = False,
-                         note: str | None = None, columns: int = 5) -> Path:
+                         note: str | None = None, columns: int = 4) -> Path:
     """Captioned matrices in a grid (a multi-label task: one 2x2 per label, rows = truly
-    absent / present)."""
+    absent / present), the axis names only on the left column and under each column's last
+    matrix; four columns keep it within PRINT_WIDTH_IN's scale for MIN_PRINT_PT."""
     from matplotlib.figure import Figure
 
     n = len(tables)
     cols = min(columns, max(n, 1))
     rows = max(1, -(-n // cols))
-    fig = Figure(figsize=(3.2 * cols, 2.9 * rows + 0.5), layout="constrained")
+    fig = Figure(figsize=(2.45 * cols, 2.35 * rows + 0.5), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
     captions = _wrapped([caption for caption, _, _ in tables], width=28)
-    for ax, caption, (_, names, cm) in zip(axes, captions, tables):
+    for k, (ax, caption, (_, names, cm)) in enumerate(zip(axes, captions, tables)):
         draw_confusion(ax, np.asarray(cm), names, normalize)
         ax.set_title(caption, fontsize=9)
+        if k % cols:
+            ax.set_ylabel("")
+        if k + cols < n:  # another matrix below it
+            ax.set_xlabel("")
     for ax in axes[n:]:
         ax.set_axis_off()
     return _finish(fig, path, f"{title}{' (row-normalised)' if normalize else ''}", note)

@@ -578,9 +578,9 @@ def _smallest_printed_pt(fig) -> float:
 
 
 def test_the_paper_figures_are_readable_printed_at_a_page_width(figures, tmp_path):
-    """Review: printed 7 in wide, evaluate's confusion matrices (13.8 in, 8-pt names), ROC curves
-    (11 in, 7-pt legends), calibrated reliability diagrams and train's curves (13 in) came out at
-    4-5 pt. Every text of these figures is at least reports.MIN_PRINT_PT printed that wide."""
+    """Review: printed 7 in wide, evaluate's confusion matrices (13.8 in, 8-pt names; a
+    multi-label grid 16 in), ROC curves (11 in, 7-pt legends), calibrated reliability diagrams
+    and train's curves (13 in) came out at 4-5 pt. Every text of these figures is at least reports.MIN_PRINT_PT printed that wide."""
     from medcli import reports
 
     rng = np.random.default_rng(0)
@@ -598,5 +598,10 @@ def test_the_paper_figures_are_readable_printed_at_a_page_width(figures, tmp_pat
     manifest = {"config": {"model": "resnet18"}, "dataset": {"flag": "bloodmnist", "size": 28, "synthetic": True},
                 "run_id": "r"}
     reports.save_curves(tmp_path / "curves.png", history, manifest, 3, "auc")
-    printed = {name: _smallest_printed_pt(fig) for name, fig in zip(("confusion", "roc", "reliability", "curves"), figures)}
+    chest = tasks.MultiLabel(datasets.class_names("chestmnist"))  # a 2x2 matrix per label, 14 in a grid
+    findings = rng.random((64, 14)) < 0.3
+    reports.save_task_confusion(tmp_path / "grid.png", chest.confusion_tables(chest.metrics(findings, rng.random((64, 14)))),
+                                "t", "SYNTHETIC data")
+    printed = {name: _smallest_printed_pt(fig)
+               for name, fig in zip(("confusion", "roc", "reliability", "curves", "label grid"), figures)}
     assert all(pt >= reports.MIN_PRINT_PT for pt in printed.values()), printed
