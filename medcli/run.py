@@ -363,20 +363,24 @@ class Run:
         return next((name for name, entry in self.stages.items()
                      if entry.get("status") == "completed" and relative in entry.get("artefacts", {})), None)
 
+    def as_recorded(self, path: Path, data: bytes) -> bool:
+        """Whether `data` are the bytes the completed stage that recorded `path` wrote (True when
+        no completed stage recorded it)."""
+        import hashlib
+
+        stage = self.writer_of(path)
+        return stage is None or hashlib.sha256(data).hexdigest() == self.stages[stage]["artefacts"][self.relative(path)]
+
     def read_artefact(self, path: Path, fix: str = "restore the run's own file or train the run again") -> bytes:
         """The bytes of a file a completed stage of this run recorded, read and hashed once and
         checked against the sha256 in the manifest: a file that is not the one this run wrote
         (another run's checkpoint copied over it, a damaged copy) is a one-line UsageError. A
         stage that did not complete (interrupted while writing) vouches for nothing: its files
         are read as they are."""
-        import hashlib
-
-        relative, stage = self.relative(path), self.writer_of(path)
-        recorded = self.stages[stage]["artefacts"][relative] if stage else None
         data = Path(path).read_bytes()
-        if recorded and hashlib.sha256(data).hexdigest() != recorded:
-            raise UsageError(f"{relative} of run {self.run_dir} is not the file this run wrote (its sha256 differs "
-                             f"from the manifest's); {fix}")
+        if not self.as_recorded(path, data):
+            raise UsageError(f"{self.relative(path)} of run {self.run_dir} is not the file this run wrote (its sha256 "
+                             f"differs from the manifest's); {fix}")
         return data
 
     def load_data(self, root: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS, *,
@@ -424,7 +428,6 @@ class StageRecord:
 
     def add(self, *paths: str | os.PathLike, save: bool = True) -> None:
         """Record artefacts (relative path -> sha256). Call after the file is in place."""
-        self.touched = True
         for path in paths:
             self.record(path, fileio.sha256_file(path), save=False)
         if save:

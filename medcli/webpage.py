@@ -137,14 +137,12 @@ def _run_figure(run: Run, path: Path, caption: str) -> str:
     """A figure of the run. One whose bytes are not those its stage recorded (redrawn since, e.g.
     by `plot-confusion`, or replaced) says so in its caption; one the run recorded but that is
     gone is a note naming it; one it never drew is left out."""
-    import hashlib
-
     stage = run.writer_of(path)
     if not path.is_file():
         return _note(f"{run.relative(path)} is missing ({caption}; the {stage} stage wrote it: run that stage again "
                      "to draw it).") if stage else ""
     data = path.read_bytes()
-    if stage and hashlib.sha256(data).hexdigest() != run.stages[stage]["artefacts"][run.relative(path)]:
+    if not run.as_recorded(path, data):
         caption += f" (not the file the {stage} stage wrote: redrawn or replaced since)"
     return _figure(path, caption, data)
 
