@@ -11,6 +11,7 @@ Tables and workbooks live in `medcli.tables`.
 from __future__ import annotations
 
 import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -32,7 +33,8 @@ _DPI = 130
 # Paper figures (confusion, ROC, reliability, training curves) keep every text at least
 # MIN_PRINT_PT points when printed PRINT_WIDTH_IN wide (178 mm, a two-column page's text width).
 PRINT_WIDTH_IN, MIN_PRINT_PT = 7.0, 6.0
-_CAPTION_PT, _CAPTION_CHARS = 6.5, 30  # a grid tile's caption: font size, characters per line (1.6-inch cell)
+# a grid tile: its width in inches and its caption's font size (eight tiles a row print at their size on a page)
+_TILE_IN, _CAPTION_PT = 0.875, 6.5
 
 
 # ---------------------------------------------------------------------------------------
@@ -47,12 +49,25 @@ def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> Path:
     return Path(path)
 
 
+def _heading(width_in: float, title: str, note: str | None) -> tuple[str, str | None, float]:
+    """A figure's title and data footer wrapped to its width, and the inches they take."""
+    def fill(text: str, chars: int) -> str:  # each line of `text` wrapped to `chars`
+        return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+
+    chars = int(width_in * 72 / (0.6 * 12))  # a 12-pt line as wide as the figure
+    title = fill(title, chars)
+    note = fill(f"data: {note}", int(chars * 12 / 9)) if note else None
+    lines = (title.count("\n") + 1) * 12 + ((note.count("\n") + 1) * 9 if note else 0)
+    return title, note, lines * 1.3 / 72 + 0.2
+
+
 def _finish(fig, path, title: str, note: str | None) -> Path:
     """Title a figure, add a red footer naming data that is not the official MedMNIST file
     (`datasets.provenance`), and save it."""
+    title, note, _ = _heading(fig.get_figwidth(), title, note)
     fig.suptitle(title)
     if note:
-        fig.supxlabel(f"data: {note}", color="tab:red", fontsize=9)
+        fig.supxlabel(note, color="tab:red", fontsize=9)
     return save_figure(fig, path)
 
 
@@ -108,11 +123,32 @@ def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str]
     return _finish(fig, path, title, note)
 
 
-def _caption_lines(caption: str, width: int = _CAPTION_CHARS) -> list[str]:
-    """A tile's caption wrapped to the tile's width: at spaces, and after the "+" that joins a
-    multi-label sample's labels (never inside a name)."""
-    return [wrapped.replace("+ ", "+") for line in caption.split("\n")
-            for wrapped in textwrap.wrap(line.replace("+", "+ "), width) or [""]]
+def _caption_lines(caption: str, width_pt: float = 0.92 * _TILE_IN * 72) -> list[str]:
+    """A tile's caption wrapped to `width_pt`, measured in the caption's font: at spaces, and
+    after the "+" that joins a multi-label sample's labels; a name is split only when it alone
+    is wider than the tile."""
+    from matplotlib.textpath import TextPath
+
+    def fits(text: str) -> bool:
+        return TextPath((0, 0), text, size=_CAPTION_PT).get_extents().width <= width_pt
+
+    lines = []
+    for paragraph in caption.split("\n"):
+        line = ""
+        for word in re.findall(r"\S+?\+|\S+", paragraph):  # "a+b c" -> "a+", "b", "c"
+            joined = line + ("" if not line or line.endswith("+") else " ") + word
+            if fits(joined):
+                line = joined
+                continue
+            if line:
+                lines.append(line)
+            while not fits(word):  # one name wider than the tile: split it where it must
+                cut = max(k for k in range(1, len(word) + 1) if k == 1 or fits(word[:k]))
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    return lines
 
 
 def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequence[bool], title: str,
@@ -120,8 +156,9 @@ def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequen
     """Thumbnails with a caption each; a green frame marks a right prediction, red a wrong one.
 
     The tiles are composed into one mosaic array drawn on a single axes: one image instead of
-    32 subplots keeps a grid at a fraction of a second. Each cell is 1.6 inches wide; captions
-    are wrapped to it and the caption row grows with the longest one.
+    32 subplots keeps a grid at a fraction of a second. Each cell is _TILE_IN wide, so eight a
+    row print at their size on a page; captions are wrapped to it and the caption row grows
+    with the longest one.
     """
     from matplotlib.colors import to_rgb
     from matplotlib.figure import Figure
@@ -132,12 +169,13 @@ def _image_grid(path, images: np.ndarray, titles: Sequence[str], correct: Sequen
     frame = max(1, height // 14)
     cell_h, cell_w = height + 2 * frame, width + 2 * frame
     gap = max(2, cell_w // 8)
-    inch = 1.6 / (cell_w + gap)
+    inch = _TILE_IN / (cell_w + gap)
     titles = ["\n".join(_caption_lines(caption)) for caption in titles]
     lines = max((caption.count("\n") + 1 for caption in titles), default=2)
     caption_h = max(cell_h // 2, int(np.ceil((lines * _CAPTION_PT * 1.3 / 72 + 0.08) / inch)))
     mosaic = np.ones((rows * (cell_h + caption_h), columns * (cell_w + gap), 3))
-    fig = Figure(figsize=(mosaic.shape[1] * inch, mosaic.shape[0] * inch + 0.5), layout="constrained")
+    size = (mosaic.shape[1] * inch, mosaic.shape[0] * inch)
+    fig = Figure(figsize=(size[0], size[1] + _heading(size[0], title, note)[2]), layout="constrained")
     ax = fig.subplots()
     ax.set_axis_off()
     for k, (image, caption, ok) in enumerate(zip(images, titles, correct)):

@@ -605,3 +605,33 @@ def test_the_paper_figures_are_readable_printed_at_a_page_width(figures, tmp_pat
     printed = {name: _smallest_printed_pt(fig)
                for name, fig in zip(("confusion", "roc", "reliability", "curves", "label grid"), figures)}
     assert all(pt >= reports.MIN_PRINT_PT for pt in printed.values()), printed
+
+
+def test_sample_and_mistake_grids_are_readable_printed_at_a_page_width(figures, tmp_path):
+    """Review: the samples and mistakes grids were 12.8 in wide with 6.5-pt captions: 3.6 pt
+    printed 7 in wide. Printed at a page's width every text is at least reports.MIN_PRINT_PT,
+    and the long title and the captions stay inside the figure without overlapping."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medcli import reports
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, 64)
+    captions = tasks.MultiClass(NAMES).describe(labels, metrics.softmax(rng.normal(size=(64, 8)) + np.eye(8)[labels]))
+    images = rng.integers(0, 255, (64, 28, 28, 3), dtype=np.uint8)
+    title = "bloodmnist-28-resnet18-s0-20261130-161045 · test"
+    reports.save_samples(tmp_path / "samples.png", images, captions,
+                         f"{title}: sample predictions (green right, red wrong; confidence in brackets)",
+                         "SYNTHETIC data (a bloodmnist stand-in, not a real result)")
+    reports.save_mistakes(tmp_path / "mistakes.png", images, captions, f"{title}: most confident mistakes",
+                          "SYNTHETIC data (a bloodmnist stand-in, not a real result)")
+    for fig in figures:
+        assert _smallest_printed_pt(fig) >= reports.MIN_PRINT_PT, fig.get_figwidth()
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        boxes = [text.get_window_extent(renderer) for text in fig.axes[0].texts]
+        assert len(boxes) >= 16
+        assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        for text in [*fig.axes[0].texts, fig._suptitle, fig._supxlabel]:
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y0 >= 0 and box.y1 <= fig.bbox.y1, text.get_text()
