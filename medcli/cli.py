@@ -170,7 +170,7 @@ def download(
         typer.Option(
             "--synthetic",
             help="Write a small seeded SYNTHETIC stand-in (the flag's classes and channels; works "
-            "offline) for demos and tests. Recorded as synthetic; never overwrites real data.",
+            "offline) for demos and tests in ROOT/synthetic. Recorded as synthetic; never overwrites real data.",
         ),
     ] = False,
     sample: Annotated[
@@ -196,8 +196,8 @@ def download(
 ) -> None:
     """Download MedMNIST datasets, verified by md5.
 
-    Or import a local file with --from. Files go to ROOT/<flag>[_<size>].npz with a JSON
-    record beside each (md5, official or not, source). A file already present with the right
+    Or import a local file with --from. Files go to ROOT/<flag>[_<size>].npz (--sample and
+    --synthetic: ROOT/sample/, ROOT/synthetic/) with a JSON record beside each (md5, official or not, source). A file already present with the right
     md5 is not fetched again. Prints the file paths (the records with --json).
     """
     from medcli import download as library

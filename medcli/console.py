@@ -83,8 +83,9 @@ def plural(count: int, noun: str, plural_form: str | None = None) -> str:
 
 
 def progress_enabled() -> bool:
-    """Bars only on an interactive stderr and never with --quiet."""
-    return not _state["quiet"] and console().is_terminal
+    """Bars only on an interactive stderr and never with --quiet (Rich's is_terminal alone is
+    true under FORCE_COLOR, which CI logs set: the bars' redraws would fill them)."""
+    return not _state["quiet"] and console().is_terminal and sys.stderr.isatty()
 
 
 class _RateColumn(ProgressColumn):

@@ -18,6 +18,7 @@ import functools
 import importlib.util
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,7 +32,7 @@ from medcli.names import SPLITS
 __all__ = [
     "CHECKS", "MAP_MIN_BYTES", "SAMPLE_DIR", "SAMPLE_OF", "provenance", "provenance_kind", "SIZES", "SPLITS", "SYNTHETIC_DIR", "Splits", "as_tensor", "check_size", "class_names", "current_md5", "data_path",
     "default_root", "filename", "flags", "info", "load", "make_record", "make_synthetic", "official_source",
-    "read_record", "record_of", "record_path", "resolve", "task", "unchanged", "use_cache", "validate_npz", "write_record",
+    "keep_record", "read_record", "record_of", "record_path", "resolve", "task", "unchanged", "use_cache", "validate_npz", "write_record",
 ]
 
 SIZES = (28, 64, 128, 224)
@@ -127,6 +128,15 @@ def write_record(npz_path: str | os.PathLike, record: dict) -> Path:
     return fileio.write_json(record_path(npz_path), record)
 
 
+def keep_record(npz_path: str | os.PathLike, record: dict) -> None:
+    """Write the record of a file medcli found in place, where its folder can be written: on a
+    read-only root the file is still used, and hashed again next time."""
+    try:
+        write_record(npz_path, record)
+    except MedcliError as exc:
+        console.debug(f"dataset record not saved ({exc}); the file is hashed again next time")
+
+
 def _npy_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple, np.dtype]:
     """(shape, dtype) of one array in an npz, read from its header without loading it."""
     fmt = np.lib.format
@@ -163,7 +173,7 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
                 raise UsageError(f"{path}: member {damaged} is corrupted (CRC mismatch); re-download the file")
             counts = {split: _check_split(archive, split, path, flag, size, channels, upper, columns)
                       for split in SPLITS}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as exc:
         raise UsageError(f"{path} is not a readable npz file ({exc}); re-download it") from None
     return counts
 
@@ -314,10 +324,7 @@ def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
             console.warn(f"{path} changed since its record (md5 {record['md5']} -> {md5}); recording it again "
                          f"({'official' if md5 == official_source(flag, size)[1] else 'not official'})")
         record = make_record(flag, size, path, md5, str(path), counts)
-    try:
-        write_record(path, record)
-    except MedcliError as exc:
-        console.debug(f"dataset record not saved ({exc}); the file is hashed again next time")
+    keep_record(path, record)
     return path, record
 
 
@@ -370,7 +377,7 @@ def load(root: str | os.PathLike, flag: str, size: int, splits: Sequence[str] = 
                         images[split] = array[..., None] if array.ndim == 3 else array
                         raw = archive[f"{split}_labels"]
                     labels[split] = kind.labels_from_file(raw.astype(np.int64))
-    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         raise UsageError(f"{path} cannot be read ({exc}); re-download it with 'medcli download {flag}'") from None
     return Splits(images, labels, dict(record, path=str(path.resolve())), path, cache)
 

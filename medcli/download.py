@@ -21,6 +21,7 @@ import itertools
 import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -47,6 +48,8 @@ SAMPLE_MD5 = "d00efd7992c1fdf5034fab52ce6ac77c"
 SAMPLE_SOURCE = ("embedded sample of PBC blood-cell images (Acevedo et al., Data in Brief 30, 2020, "
                  "Mendeley Data snkd93bnjr; CC BY 4.0), prepared as MedMNIST's BloodMNIST, not the official split")
 DEFAULT_BACKOFF = 1.0
+MIRROR_SCHEMES = ("http", "https", "ftp", "file")
+STALE_PARTIAL_S = 600  # a temporary file untouched this long is a killed download's, not a running one's
 
 
 class _Retry(Exception):
@@ -62,6 +65,13 @@ def source(flag: str, size: int, mirror: str | None = None) -> tuple[str, str]:
     (a folder URL holding the official files under their official names) is given."""
     url, md5 = datasets.official_source(flag, size)
     if mirror:
+        try:
+            scheme = urllib.parse.urlsplit(mirror).scheme
+        except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+            scheme = str(exc)
+        if scheme not in MIRROR_SCHEMES:
+            raise UsageError(f"--mirror {mirror} is not a folder URL ({', '.join(s + '://' for s in MIRROR_SCHEMES)}); "
+                             "check --mirror / $MEDCLI_MIRROR")
         url = f"{mirror.rstrip('/')}/{datasets.filename(flag, size)}"
     return url, md5
 
@@ -102,6 +112,8 @@ def obtain(
         raise UsageError("name at least one dataset, e.g. 'medcli download bloodmnist', or pass --list to see them")
     sizes = parse_size(size)
     root = _root(root)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--root {root} is a file; pass a folder (--root {root.parent})")
     if sum(map(bool, (from_file is not None, synthetic, sample))) > 1:
         raise UsageError("--from, --synthetic and --sample each choose the data; pass one of them")
     if overwrite and from_file is None and not sample:
@@ -280,19 +292,22 @@ def table(entries: list[dict], root: str | os.PathLike | None = None):
 
 
 def _synthesize(flag: str, size: int, root: Path) -> dict:
-    """A seeded synthetic stand-in (datasets.make_synthetic) under the official file name.
+    """A seeded synthetic stand-in (datasets.make_synthetic) under the official file name in
+    `<root>/synthetic/` (datasets.SYNTHETIC_DIR), never where the real file goes.
 
     Its record says `synthetic: true`, which train copies into the manifest and every later
-    command shows, so demo numbers can't pass for BloodMNIST results.
+    command shows, so demo numbers can't pass for BloodMNIST results. A file there whose bytes
+    are not the ones its synthetic record describes is real data and stays.
     """
-    target = datasets.data_path(root, flag, size)
-    existing = datasets.read_record(target) if target.exists() else None
-    if target.exists() and not (existing or {}).get("synthetic"):
-        raise UsageError(f"{target} holds real data; refusing to overwrite it with synthetic data: "
-                         "pass another --root for the synthetic set")
+    target = datasets.data_path(root / datasets.SYNTHETIC_DIR, flag, size)
+    if target.exists():
+        existing = datasets.record_of(target, flag, size)
+        if not (existing and existing.get("synthetic") and datasets.current_md5(target, existing) == existing["md5"]):
+            raise UsageError(f"{target} holds real data; refusing to overwrite it with synthetic data: "
+                             "move it or pass another --root for the synthetic set")
     datasets.make_synthetic(target, flag, size, SYNTHETIC_SPLITS, seed=0)
     console.warn(f"wrote SYNTHETIC {flag} at {size} px to {target} ({'/'.join(map(str, SYNTHETIC_SPLITS))} "
-                 "train/val/test images): for demos and tests, not real data")
+                 f"train/val/test images): for demos and tests, not real data; train on it with --root {target.parent}")
     return _with_path(datasets.read_record(target), target)
 
 
@@ -316,7 +331,6 @@ def _place_sample(flags: list[str], sizes: list[int], root: Path, *, overwrite: 
                          "the embedded sample")
     if earlier:
         console.warn(f"replacing {target} ({earlier}) with the embedded sample")
-    target.parent.mkdir(parents=True, exist_ok=True)
     with fileio.atomic_path(target) as tmp, open(SAMPLE_FILE, "rb") as handle:
         md5, _ = _copy(iter(lambda: handle.read(CHUNK), b""), tmp, os.fstat(handle.fileno()).st_size, target.name)
         if md5 != SAMPLE_MD5:
@@ -388,7 +402,7 @@ def _present(target: Path, flag: str, size: int, md5: str) -> dict | None:
         return _with_path(record, target)
     origin = record.get("source") if record is not None and record["md5"] == md5 else None
     return _save_record(flag, size, target, md5, origin or str(target.resolve()),
-                        datasets.validate_npz(target, flag, size))
+                        datasets.validate_npz(target, flag, size), required=False)
 
 
 def _download_once(url: str, target: Path, flag: str, size: int, md5: str, timeout: float) -> dict[str, int]:
@@ -399,7 +413,13 @@ def _download_once(url: str, target: Path, flag: str, size: int, md5: str, timeo
             length = response.headers.get("Content-Length", "")
             total = int(length) if length.isdigit() else None
             blocks = _blocks(response)
-            first = next(blocks, b"")
+            first = b""
+            for block in blocks:  # enough bytes to recognise the file (a read may return fewer)
+                first += block
+                if len(first) >= len(ZIP_MAGIC):
+                    break
+            if total is not None and len(first) < min(total, len(ZIP_MAGIC)):
+                raise _Retry(f"the connection closed after {len(first)} of {total} bytes")
             _check_start(response.headers.get_content_type(), first)
             actual, received = _copy(itertools.chain([first], blocks), tmp, total, target.name)
         if total is not None and received < total:
@@ -414,8 +434,8 @@ def _download_once(url: str, target: Path, flag: str, size: int, md5: str, timeo
 
 def _open(url: str, timeout: float):
     """urlopen with a User-Agent; sorts failures into _Retry and _Reject."""
-    request = urllib.request.Request(url, headers={"User-Agent": f"medcli/{__version__}"})
     try:
+        request = urllib.request.Request(url, headers={"User-Agent": f"medcli/{__version__}"})
         return urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         exc.close()
@@ -478,11 +498,26 @@ def _by_hand(flag: str, size: int, target: Path, md5: str) -> str:
     )
 
 
-def _save_record(flag: str, size: int, target: Path, md5: str, origin: str, counts: dict, **extra) -> dict:
-    """Write target's JSON record, with the size and mtime its md5 belongs to."""
+def _save_record(flag: str, size: int, target: Path, md5: str, origin: str, counts: dict, *, required: bool = True,
+                 **extra) -> dict:
+    """Write target's JSON record, with the size and mtime its md5 belongs to. For a file
+    medcli did not just write (`required=False`) a root it cannot write to is no failure
+    (`datasets.keep_record`); then remove what killed writes of target left."""
     record = datasets.make_record(flag, size, target, md5, origin, counts, **extra)
-    datasets.write_record(target, record)
+    (datasets.write_record if required else datasets.keep_record)(target, record)
+    _clear_partials(target)
     return _with_path(record, target)
+
+
+def _clear_partials(target: Path) -> None:
+    """Remove the temporary files killed writes of target left beside it (a 224-px file's are
+    gigabytes); a recent one may be a concurrent download's and stays."""
+    cutoff = target.stat().st_mtime - STALE_PARTIAL_S
+    stale = [path for path in fileio.partial_files(target) if path.stat().st_mtime < cutoff]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        console.info(f"removed {console.plural(len(stale), 'temporary file')} an interrupted write of {target} left")
 
 
 def _with_path(record: dict, target: Path) -> dict:

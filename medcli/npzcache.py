@@ -42,16 +42,16 @@ def is_mapped(images) -> bool:
 
 
 def _member(archive: zipfile.ZipFile, key: str):
-    """(open member, shape, dtype) of one array of an npz, positioned at its data."""
+    """(open member, shape, Fortran order, dtype) of one array of an npz, positioned at its data."""
     fmt = np.lib.format
     handle = archive.open(f"{key}.npy")
     version = fmt.read_magic(handle)
     reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
     shape, fortran, dtype = reader(handle)
-    if fortran or dtype.hasobject:
+    if dtype.hasobject:
         handle.close()
-        raise ValueError(f"{key} is not a plain C-ordered array")
-    return handle, shape, dtype
+        raise ValueError(f"{key} holds Python objects, not images")
+    return handle, shape, fortran, dtype
 
 
 def read_member(archive: zipfile.ZipFile, key: str) -> np.ndarray:
@@ -61,14 +61,20 @@ def read_member(archive: zipfile.ZipFile, key: str) -> np.ndarray:
 
 def _nchw_chunks(archive: zipfile.ZipFile, key: str):
     """((N, C, H, W), dtype, chunks): an npz's (N, H, W[, C]) images streamed from the file a
-    few dozen MB at a time, each chunk turned to (n, C, H, W); the whole array is never held."""
-    handle, shape, dtype = _member(archive, key)
+    few dozen MB at a time, each chunk turned to (n, C, H, W); the whole array is never held,
+    except one stored in Fortran order (e.g. saved from scipy.io.loadmat), whose images are
+    not contiguous in the file: it is read whole, as one chunk."""
+    handle, shape, fortran, dtype = _member(archive, key)
     if len(shape) not in (3, 4):
         handle.close()
         raise ValueError(f"{key} has shape {shape}, expected (N, H, W[, C])")
     n, h, w = shape[:3]
     c = shape[3] if len(shape) == 4 else 1
     per = max(1, _CHUNK_BYTES // max(1, h * w * c * dtype.itemsize))
+
+    def whole():
+        handle.close()
+        yield 0, read_member(archive, key).reshape(n, h, w, c).transpose(0, 3, 1, 2)
 
     def chunks():
         with handle:
@@ -79,7 +85,7 @@ def _nchw_chunks(archive: zipfile.ZipFile, key: str):
                     raise ValueError(f"{key} is truncated")
                 yield start, np.frombuffer(raw, dtype).reshape(k, h, w, c).transpose(0, 3, 1, 2)
 
-    return (n, c, h, w), dtype, chunks()
+    return (n, c, h, w), dtype, whole() if fortran else chunks()
 
 
 def read_nchw(archive: zipfile.ZipFile, key: str) -> np.ndarray:

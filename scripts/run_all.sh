@@ -74,7 +74,7 @@ log "medcli run_all: log $LOG"
 if [ -n "$FROM" ]; then
   stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --from "$FROM" --allow-unofficial
 elif [ "$SYNTHETIC" -eq 1 ]; then
-  stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT/synthetic" --synthetic
+  stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --synthetic
   ROOT="$ROOT/synthetic"
 elif [ "$SAMPLE" -eq 1 ]; then
   stage data "$MEDCLI" download bloodmnist --root "$ROOT" --sample
@@ -90,7 +90,7 @@ else
   elif [ "$rc" -eq 1 ]; then
     log "the official BloodMNIST at $SIZE px could not be downloaded: falling back to SYNTHETIC data"
     log "(numbers below are a demo of the pipeline, not BloodMNIST results; use --from FILE for real data)"
-    stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT/synthetic" --synthetic
+    stage data "$MEDCLI" download bloodmnist --size "$SIZE" --root "$ROOT" --synthetic
     ROOT="$ROOT/synthetic"
   elif [ "$rc" -ne 0 ]; then
     log "FAILED data (exit $rc)"

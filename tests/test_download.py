@@ -60,12 +60,12 @@ class _Handler(BaseHTTPRequestHandler):
         elif route == "slow":
             time.sleep(1.0)
             self._send(200, body)
-        elif route in ("cut", "stall"):  # promise the whole body, send a part
+        elif route in ("cut", "cut2", "cut0", "stall"):  # promise the whole body, send a part
             self.send_response(200)
             self.send_header("Content-Type", "application/octet-stream")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body[:64])
+            self.wfile.write(body[: {"cut2": 2, "cut0": 0}.get(route, 64)])
             self.wfile.flush()
             if route == "stall":
                 self.server.stalled.set()
@@ -180,6 +180,8 @@ def test_server_errors_are_retried_with_exponential_backoff(server, good_npz, tm
     [
         ("broken", 3, 3, "HTTP 500"),  # transient: every attempt is made
         ("cut", 2, 2, "closed after 64 of"),
+        ("cut2", 2, 2, "closed after 2 of"),  # cut inside the zip magic: retried, not "not an npz"
+        ("cut0", 2, 2, "closed after 0 of"),
         ("slow", 2, 2, "timed out"),
         ("html", 3, 1, "HTML page"),  # permanent: no second attempt
         ("disguised", 3, 1, "HTML page"),
@@ -445,14 +447,15 @@ def test_cli_synthetic_writes_a_labelled_learnable_set_and_never_overwrites_real
     record = json.loads(result.stdout)[0]
     assert record["synthetic"] is True and record["official"] is False
     assert datasets.validate_npz(record["path"], "breastmnist", 28) == dict(zip(datasets.SPLITS, download.SYNTHETIC_SPLITS))
-    splits = datasets.load(tmp_path, "breastmnist", 28)
+    splits = datasets.load(tmp_path / datasets.SYNTHETIC_DIR, "breastmnist", 28)
     assert set(np.unique(splits.labels["train"])) == {0, 1}
     # A real (imported) file is never replaced by synthetic data.
-    real = runner.invoke(app, ["download", "bloodmnist", "--from", str(good_npz), "--allow-unofficial", "--root", str(tmp_path)])
+    synthetic_dir = tmp_path / datasets.SYNTHETIC_DIR
+    real = runner.invoke(app, ["download", "bloodmnist", "--from", str(good_npz), "--allow-unofficial", "--root", str(synthetic_dir)])
     assert real.exit_code == 0, real.output
-    before = (tmp_path / "bloodmnist.npz").read_bytes()
+    before = (synthetic_dir / "bloodmnist.npz").read_bytes()
     assert "holds real data" in one_line_error(runner.invoke(app, ["download", "bloodmnist", "--synthetic", "--root", str(tmp_path)]), 2)
-    assert (tmp_path / "bloodmnist.npz").read_bytes() == before
+    assert (synthetic_dir / "bloodmnist.npz").read_bytes() == before
 
 
 # -- the embedded sample ---------------------------------------------------------------------
@@ -495,3 +498,115 @@ def test_an_imported_copy_of_synthetic_data_stays_synthetic(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads(result.stdout)[0]
     assert record["synthetic"] is True and record["signal_box"] == json.loads(made.stdout)[0]["signal_box"]
+
+
+# -- review: mirrors, damaged archives, read-only roots, stale records, leftovers ------------
+
+
+@pytest.mark.parametrize("mirror", ["myhost/medmnist", "localhost:8765/good", "http://[::1/good"])
+def test_a_mirror_that_is_not_a_url_is_one_usage_line_without_retries(tmp_path, mirror, monkeypatch):
+    delays = []
+    monkeypatch.setattr(download, "time", SimpleNamespace(sleep=delays.append))
+    result = runner.invoke(app, ["download", FLAG, "--root", str(tmp_path), "--mirror", mirror])
+    one_line_error(result, 2, mirror, "--mirror")
+    assert delays == [] and _left(tmp_path) == []
+
+
+def _damaged_deflate(good: Path, dest: Path) -> None:
+    """A compressed npz whose train_images stream is corrupt but whose zip directory is intact."""
+    import zipfile
+
+    with np.load(good) as archive:
+        np.savez_compressed(dest, **{key: archive[key] for key in archive.files})
+    data = bytearray(dest.read_bytes())
+    with zipfile.ZipFile(dest) as archive:
+        info = archive.getinfo("train_images.npy")
+    name_len, extra_len = np.frombuffer(bytes(data[info.header_offset + 26:info.header_offset + 30]), "<u2")
+    start = info.header_offset + 30 + int(name_len) + int(extra_len)  # the local header's own lengths
+    for k in range(start + 2, start + 12):
+        data[k] ^= 0xFF
+    dest.write_bytes(bytes(data))
+
+
+def test_a_corrupt_compressed_member_is_one_line_on_import_and_load(good_npz, tmp_path):
+    bad = tmp_path / "bad.npz"
+    _damaged_deflate(good_npz, bad)
+    result = runner.invoke(app, ["download", FLAG, "--from", str(bad), "--allow-unofficial", "--root", str(tmp_path / "r")])
+    one_line_error(result, 2, "not a readable npz")
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / NAME).write_bytes(bad.read_bytes())  # placed by hand: no import checked it
+    for mapped in (False, None):
+        with pytest.raises(MedcliError, match="re-download"):
+            datasets.load(root, FLAG, SIZE, mapped=mapped)
+
+
+def test_a_verified_file_in_a_read_only_root_is_used_without_a_record(server, good_npz, tmp_path, monkeypatch):
+    """Review: the file is there with the right md5, but the root is read-only: its record
+    cannot be written, which is no reason to fail (datasets.resolve carries on the same way)."""
+    md5 = fileio.md5_file(good_npz)
+    (tmp_path / NAME).write_bytes(good_npz.read_bytes())
+
+    def read_only(path, record):
+        raise MedcliError(f"cannot write {path}: Read-only file system")
+
+    monkeypatch.setattr(datasets, "write_record", read_only)
+    record = _fetch(server, "good", tmp_path, md5)
+    assert record["md5"] == md5 and server.hits["good"] == 0
+
+
+@pytest.mark.parametrize("mode", [["--sample"], ["--synthetic"], ["--from", "GOOD", "--allow-unofficial"], []])
+def test_a_root_that_is_a_file_is_named_as_such(good_npz, tmp_path, mode):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = [str(good_npz) if arg == "GOOD" else arg for arg in mode]
+    result = runner.invoke(app, ["download", FLAG, *args, "--root", str(blocker)])
+    one_line_error(result, 2, f"--root {blocker} is a file")
+    assert blocker.read_text() == "not a folder"
+
+
+def test_synthetic_data_goes_to_its_own_folder_and_a_stale_record_never_hides_real_data(good_npz, tmp_path):
+    """--synthetic writes ROOT/synthetic/ (as --sample writes ROOT/sample/), never the official
+    file's path; and real bytes copied over a synthetic file are not overwritten because its
+    old record still says synthetic."""
+    result = runner.invoke(app, ["download", FLAG, "--synthetic", "--root", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    target = tmp_path / datasets.SYNTHETIC_DIR / NAME
+    assert Path(json.loads(result.stdout)[0]["path"]) == target and not (tmp_path / NAME).exists()
+    target.write_bytes(good_npz.read_bytes())  # the user puts real data there; the record stays
+    line = one_line_error(runner.invoke(app, ["download", FLAG, "--synthetic", "--root", str(tmp_path)]), 2)
+    assert "holds real data" in line and target.read_bytes() == good_npz.read_bytes()
+
+
+def test_a_fortran_ordered_import_trains_as_it_imports(good_npz, tmp_path):
+    """Arrays saved from scipy.io.loadmat are Fortran-ordered: the import accepted them but
+    training's chunked reader refused them with 're-download it'."""
+    with np.load(good_npz) as archive:
+        arrays = {key: np.asfortranarray(archive[key]) for key in archive.files}
+    src = tmp_path / "fortran.npz"
+    np.savez(src, **arrays)
+    root = tmp_path / "root"
+    assert runner.invoke(app, ["download", FLAG, "--from", str(src), "--allow-unofficial", "--root", str(root)]).exit_code == 0
+    plain, training = datasets.load(root, FLAG, SIZE, mapped=False), datasets.load(root, FLAG, SIZE, mapped=None)
+    for split in datasets.SPLITS:
+        np.testing.assert_array_equal(training.images[split], plain.images[split])
+        np.testing.assert_array_equal(training.images[split], arrays[f"{split}_images"])
+        np.testing.assert_array_equal(training.labels[split], plain.labels[split])
+
+
+def test_a_successful_download_removes_what_a_killed_one_left(server, good_npz, tmp_path):
+    leftover = tmp_path / f".{NAME}.abc123.tmp.npz"  # what atomic_path leaves when kill -9 stops a write
+    leftover.write_bytes(b"PK\x03\x04 half a file")
+    os.utime(leftover, (time.time() - 3600,) * 2)  # an hour old: no download is still writing it
+    recent = tmp_path / f".{NAME}.def456.tmp.npz"  # maybe a concurrent download's: it stays
+    recent.write_bytes(b"PK")
+    _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))
+    assert _left(tmp_path) == sorted([recent.name, NAME.replace(".npz", ".json"), NAME])
+
+
+def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_even_with_force_color(monkeypatch):
+    from medcli import console
+
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    monkeypatch.setattr(console, "_console", None, raising=False)
+    assert not console.progress_enabled()
