@@ -23,11 +23,13 @@ from medcli.errors import UsageError
 from medcli.names import EXPORT_FORMATS, SPLITS
 from medcli.run import Run
 
-__all__ = ["FORMAT", "FORMATS", "Opened", "calibration", "describe", "load_exported", "open_model", "preprocessing_steps",
+__all__ = ["FORMAT", "FORMATS", "Opened", "calibration", "calibrations", "describe", "load_exported", "open_model", "preprocessing_steps",
            "sidecar_path", "test_metrics"]
 
 FORMAT, VERSION = "medcli-model", 1
 FORMATS = dict(zip(EXPORT_FORMATS, (".onnx", ".pt")))  # export format -> file suffix
+_CARD_KEYS = ("run_id", "checkpoint", "task", "class_names", "image", "preprocess", "augment", "model", "dataset",
+              "steps")  # what predict reads from a sidecar
 RESAMPLING = "bicubic interpolation (PIL), as MedMNIST made its images: a centre crop, then a resize"
 
 
@@ -56,7 +58,7 @@ def describe(run: Run, checkpoint: str) -> dict:
         "image": {"size": int(record["size"]), "channels": int(run.spec["in_chans"])},
         "preprocess": run.data["preprocess"],
         "augment": config.get("augment", {}),
-        "calibration": calibration(run, checkpoint),
+        "calibrations": calibrations(run, checkpoint),
         "model": run.spec,
         "training": {key: config.get(key) for key in ("epochs", "batch_size", "lr", "optimizer", "weight_decay",
                                                       "label_smoothing", "mixup_alpha", "seed")}
@@ -67,6 +69,7 @@ def describe(run: Run, checkpoint: str) -> dict:
                    | {"provenance": datasets.provenance(record), "licence": _licence(record)},
         "versions": {"medcli": medcli.__version__, "torch": torch.__version__},
     }
+    card["calibration"] = calibration(card)  # the newest
     card["steps"] = preprocessing_steps(card)
     return card
 
@@ -110,15 +113,25 @@ def _evaluations(run: Run, checkpoint: str):
                 yield split, result
 
 
-def calibration(run: Run, checkpoint: str) -> dict | None:
-    """The temperature a calibrated evaluation of `checkpoint` fitted (on val), with whether
-    it was fitted on test-time views; None when no evaluation of it was calibrated."""
-    for _, result in _evaluations(run, checkpoint):
-        fit = result.get("calibration")
-        if fit:
-            return {"temperature": fit["temperature"], "fitted_on": fit["fitted_on"], "skipped": fit["skipped"],
-                    "tta": result["tta"]["enabled"]}
-    return None
+def calibrations(run: Run, checkpoint: str) -> list[dict]:
+    """The temperatures calibrated evaluations of `checkpoint` fitted (on val), newest first
+    (by their metrics files), each with whether it was fitted on test-time views: one per TTA
+    setting, so a prediction can apply the temperature fitted the way it predicts."""
+    found = sorted(((run.metrics_file(split).stat().st_mtime_ns, result) for split, result in _evaluations(run, checkpoint)
+                    if result.get("calibration")), key=lambda item: item[0], reverse=True)
+    fits: dict[bool, dict] = {}
+    for _, result in found:
+        fit = result["calibration"]
+        fits.setdefault(result["tta"]["enabled"], {"temperature": fit["temperature"], "fitted_on": fit["fitted_on"],
+                                                   "skipped": fit["skipped"], "tta": result["tta"]["enabled"]})
+    return list(fits.values())
+
+
+def calibration(card: dict, tta: bool | None = None) -> dict | None:
+    """The calibration a description holds for predictions with (`tta`) or without test-time
+    views: the one fitted that way, else the newest (None: the model was never calibrated)."""
+    fits = card.get("calibrations") or ([card["calibration"]] if card.get("calibration") else [])
+    return next((fit for fit in fits if fit["tta"] == tta), fits[0] if fits else None)
 
 
 def test_metrics(run: Run, checkpoint: str) -> dict | None:
@@ -155,6 +168,8 @@ def open_model(source: str | os.PathLike, checkpoint: str | None = None, device=
     `checkpoint`: a run's (None: best); an exported file holds one, and another is refused."""
     path = Path(source).expanduser()
     kind = next((name for name, suffix in FORMATS.items() if path.suffix == suffix and path.is_file()), None)
+    if kind is None and path.suffix in FORMATS.values() and not path.exists():
+        raise UsageError(f"{path} does not exist; pass a model file 'medcli export' wrote, or a run directory")
     if kind is None:
         run = Run.open(path)
         checkpoint = checkpoint or "best"
@@ -169,6 +184,11 @@ def open_model(source: str | os.PathLike, checkpoint: str | None = None, device=
         raise UsageError(f"cannot read {card_path} ({' '.join(str(exc).split())}); export the model again") from None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise UsageError(f"{card_path} is not a medcli model description; export the model with 'medcli export RUN'")
+    missing = [key for key in _CARD_KEYS if key not in card]
+    if card.get("version") != VERSION or missing:
+        what = f"lacks {', '.join(missing)}" if missing else f"is version {card.get('version')}, not {VERSION}"
+        raise UsageError(f"{card_path} {what}: it is incomplete or from another medcli; export the model again "
+                         "with 'medcli export RUN'")
     if checkpoint is not None and checkpoint != card.get("checkpoint"):
         raise UsageError(f"{path.name} was exported from the {card.get('checkpoint')} checkpoint; --checkpoint applies "
                          f"to run directories (export the {checkpoint} one with 'medcli export RUN --checkpoint "

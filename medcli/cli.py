@@ -285,6 +285,8 @@ def train(
     if nproc is not None and nproc > 1:
         if resume is None:
             library.check_launch(nproc, **options)
+        else:
+            library.check_resume_launch(resume, nproc)
         from medcli import processes
 
         raise typer.Exit(distributed.launch(nproc, sys.argv[1:], lost=processes.mark_lost))

@@ -50,13 +50,14 @@ def export_run(
                   else run.export_file(checkpoint, suffix, "" if format == "onnx" else format))
     if model_file.suffix != suffix:
         raise UsageError(f"--out {model_file}: a {format} model file ends with {suffix}")
+    fileio.output_file(model_file)
+    _check_exporter(format)
     files = [model_file, bundle.sidecar_path(model_file), model_file.with_suffix(".md")]
     existing = [str(p) for p in files if p.exists()]
     if existing and not overwrite:
         raise UsageError(f"{', '.join(existing)} exist; pass --overwrite to replace them, or choose another --out")
     model = run.load_model(checkpoint, "cpu").float()
     x, verified_on = _verification_batch(run, card, root)
-    model_file.parent.mkdir(parents=True, exist_ok=True)
     with run.stage("export") as st:
         with fileio.atomic_path(model_file) as tmp:
             with torch.no_grad():
@@ -80,6 +81,18 @@ def export_run(
                  f"{verification['max_abs_diff']:.2g} of PyTorch's on {verified_on}")
     return {"model": str(files[0].resolve()), "sidecar": str(files[1].resolve()), "card": str(files[2].resolve()),
             "verification": verification}
+
+
+def _check_exporter(format: str) -> None:
+    """Refuse up front, in one line, an ONNX export without the packages it writes and checks
+    the file with (the `export` extra)."""
+    import importlib.util
+
+    if format == "onnx":
+        missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UsageError(f"exporting to ONNX needs {', '.join(missing)}: pip install 'medcli[export]' "
+                             "(or use --format torchscript)")
 
 
 def _verification_batch(run: Run, card: dict, root):
@@ -219,5 +232,10 @@ def _metric_lines(test: dict | None) -> list[str]:
         if key in values:
             rows.append(f"| {key} | {metrics.metric_text(key, values[key])} | "
                         f"{metrics.interval_text(key, ci[key]) if key in ci else '-'} |")
-    return [f"On the test split ({values['n']} images, {'with' if test['tta']['enabled'] else 'without'} test-time "
-            f"views; intervals: {ci.get('method', 'bootstrap')} over the images):", "", *rows]
+    views = test["tta"]["views"] if test["tta"]["enabled"] else []
+    fit = test.get("calibration")
+    how = (f"with test-time views ({', '.join(views)})" if len(views) > 1 else "without test-time views") + (
+        f"; after temperature scaling, T = {metrics.temperature_text(fit['temperature'])} fitted on {fit['fitted_on']}"
+        if fit else "")
+    return [f"On the test split ({values['n']} images, {how}; intervals: {ci.get('method', 'bootstrap')} over the "
+            "images):", "", *rows]

@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 from medcli.errors import MedcliError, UsageError
 
-__all__ = ["HashingWriter", "atomic_path", "atomic_stream", "md5_file", "output_folder", "partial_files", "sha256_file",
+__all__ = ["HashingWriter", "atomic_path", "atomic_stream", "md5_file", "output_file", "output_folder", "partial_files", "sha256_file",
            "write_json", "write_text"]
 
 
@@ -131,6 +131,18 @@ def output_folder(path: str | os.PathLike, names: Sequence[str]) -> Path:
     earlier = [name for name in names if (out / name).exists()]
     if earlier:
         console.warn(f"replacing the earlier {', '.join(earlier)} in {out}")
+    return out
+
+
+def output_file(path: str | os.PathLike, option: str = "--out") -> Path:
+    """The `--out FILE` a command writes: refused up front, before any work, when it is a
+    folder or a folder on its way is a file."""
+    out = Path(path)
+    if out.is_dir():
+        raise UsageError(f"{option} {out} is a folder; give the file to write")
+    blocker = next((parent for parent in out.parents if parent.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        raise UsageError(f"{option} {out}: {blocker} is a file, not a folder; choose another {option}")
     return out
 
 

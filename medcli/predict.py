@@ -11,13 +11,14 @@ be read is one line naming it; the others are still predicted (none readable is 
 from __future__ import annotations
 
 import os
+import re
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from medcli import bundle, console, datasets, explainers, images, inference
+from medcli import bundle, console, datasets, explainers, fileio, images, inference
 from medcli.errors import UsageError
 from medcli.names import file_names
 from medcli.tables import PROB_PREFIX
@@ -62,7 +63,7 @@ def predict_files(
         if out is None:
             raise UsageError("--explain writes one overlay per image beside the CSV: give --out FILE.csv")
     earlier = _earlier_results(out, overwrite, explain)
-    files = images.expand(paths)
+    files = _inputs(paths, out)
     dev = inference.resolve_device(device)
     opened = bundle.open_model(source, checkpoint, dev)
     if opened.kind == "onnx":
@@ -125,6 +126,7 @@ def _earlier_results(out: Path | None, overwrite: bool, explain: str | None) -> 
         return []
     if out.is_dir():
         raise UsageError(f"--out is a directory; give the CSV file to write, e.g. {out / 'predictions.csv'}")
+    fileio.output_file(out)
     folder = overlay_dir(out, explain) if explain else None
     earlier = sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")) if folder is not None and folder.is_dir() else []
     if not overwrite:
@@ -133,6 +135,22 @@ def _earlier_results(out: Path | None, overwrite: bool, explain: str | None) -> 
         if earlier:
             raise UsageError(f"{folder} holds earlier overlays; pass --overwrite to replace them, or choose another --out")
     return earlier
+
+
+def _inputs(paths: Sequence[str], out: Path | None) -> list[Path]:
+    """The files to predict (`images.expand`), without this command's own earlier results: an
+    --out inside an input folder, and its overlay folders."""
+    files = images.expand(paths)
+    if out is None:
+        return files
+    own = [out.resolve(), *(overlay_dir(out, method).resolve() for method in explainers.METHODS)]
+    kept = [path for path in files if not any(path.resolve() == mine or path.resolve().is_relative_to(mine) for mine in own)]
+    if len(kept) < len(files):
+        console.info(f"left out {console.plural(len(files) - len(kept), 'file')} of earlier results (--out {out} and "
+                     "its overlays) found among the inputs")
+    if not kept:
+        raise UsageError("the inputs hold only this command's earlier results (--out and its overlays); give the images")
+    return kept
 
 
 def _remove(earlier: list[Path], folder: Path) -> None:
@@ -148,7 +166,7 @@ def _temperature(card: dict, calibrated: bool, tta: bool):
     calibrated: one line says so)."""
     if not calibrated:
         return 1.0
-    fit = card.get("calibration")
+    fit = bundle.calibration(card, tta)
     if fit is None:
         console.warn(f"--calibrated: {card['run_id']}'s {card['checkpoint']} checkpoint has no calibrated evaluation "
                      f"(run 'medcli evaluate RUN --calibrate'); the probabilities are uncalibrated")
@@ -182,18 +200,15 @@ def _overlays(active, method: str, caption: str, opened: bundle.Opened, batch_na
     first = done - len(batch_names)
     written = []
     for k, name in enumerate(batch_names):
-        stem = file_names([Path(name.split("[")[0]).stem])[0]
+        stem = file_names([Path(re.sub(r"\[(frame )?\d+\]$", "", name)).stem])[0]  # not a frame's "[i]"
         path = folder / f"{first + k:05d}_{stem}.png"
         title = f"{Path(name).name} | pred {task.names[classes[k]]} ({probs[k, classes[k]]:.2f}) | {caption}"
-        reports.save_sample_figure(path, pixels[k], maps[k], title)
+        reports.save_sample_figure(path, pixels[k], maps[k], title, note=opened.card["dataset"].get("provenance"))
         written.append(str(path))
     return written
 
 
 def _write(out: Path, table) -> Path:
-    from medcli import fileio
-
-    out.parent.mkdir(parents=True, exist_ok=True)
     with fileio.atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
     return out

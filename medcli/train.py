@@ -30,7 +30,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from medcli import augment, checkpoints, console, distributed, feed, inference, optim, selection
 from medcli.config import fine_tune_lr, fit_to_data, resolve_config, run_name
@@ -140,6 +140,16 @@ def check_launch(nproc: int, **options: Any) -> None:
     config = resolve_config(**options)
     if config["batch_source"] == "--batch-size":
         global_batch(config, distributed.Context(world_size=nproc))
+
+
+def check_resume_launch(path: str | os.PathLike, nproc: int) -> None:
+    """What `train --resume RUN --nproc N` checks before it starts N processes: the run's own
+    batch (which a resume keeps) splits over them."""
+    run = Run.open(path)
+    batch = run.config["batch_size"]
+    if batch % nproc:
+        raise UsageError(f"run {run.run_dir} trains with a global batch of {batch} images, which does not split "
+                         f"evenly over {nproc} processes; resume with an --nproc that divides {batch}")
 
 
 def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, device, bar, task,
@@ -361,28 +371,29 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
     inference.resolve_amp(dev, config["amp"])  # refuses fp16 on a CPU, bf16 on a GPU without it
     last = run.checkpoint_path("last")
     if not last.is_file() and run.checkpoint_path("best").is_file():
-        raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
-                         f"restore the file or start a new run")
+        # best.pt is written before last.pt: without last.pt, a kill in epoch 1 came between them
+        if (run.stages["train"].get("summary", {}).get("epochs_run") or 0) > 1:
+            raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
+                             f"restore the file or start a new run")
+        console.warn(f"run {run.run_dir} was stopped while its first {run.relative(last)} was written: training "
+                     "starts again from epoch 1 (best.pt is replaced)")
     checkpoint = checkpoints.read(last) if last.is_file() else None
     timeout = distributed.collective_timeout(collective_timeout, run.config.get("collective_timeout"))
     with distributed.session(config["device"], timeout) as ctx:
         global_batch(config, ctx)
-        if timeout != run.config.get("collective_timeout"):
-            distributed.from_main(ctx, lambda: run.update(lambda data: data["config"].update(collective_timeout=timeout)))
-            run.data["config"]["collective_timeout"] = config["collective_timeout"] = timeout
+        config["collective_timeout"] = timeout
         splits = _load(config, ctx, run, root)
         before = run.data.get("environment", {}).get("distributed", {"world_size": 1, "backend": None})
-        if config != run.config or before != ctx.record():
+        if (config["device"], config["amp"]) != (run.config["device"], run.config["amp"]) or before != ctx.record():
             console.info(f"resuming on {config['device']} (amp {config['amp']}) with {console.plural(ctx.world_size, 'process', 'processes')}; "
                          f"the run trained on {run.config['device']} (amp {run.config['amp']}) with "
-                         f"{before['world_size']}")
+                         f"{console.plural(before['world_size'], 'process', 'processes')}")
 
-            def change(data: dict) -> None:
-                data["config"].update(device=config["device"], amp=config["amp"])
-                data.setdefault("environment", {})["distributed"] = ctx.record()
+        def change(data: dict) -> None:  # recorded once the stage is locked (a refused resume changes nothing)
+            data["config"].update({key: config[key] for key in ("device", "amp", "collective_timeout")})
+            data.setdefault("environment", {})["distributed"] = ctx.record()
 
-            distributed.from_main(ctx, lambda: run.update(change))
-            run.data["config"].update(device=config["device"], amp=config["amp"])
+        run.data["config"].update({key: config[key] for key in ("device", "amp", "collective_timeout")})
         with optim.determinism(config, dev):
             if checkpoint is None:  # interrupted before the first epoch ended: start it again
                 model, _ = _create_model(config, run.spec["num_classes"], run.spec["in_chans"])
@@ -390,7 +401,7 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
                 model = models.rebuild(run.spec)
             _strict_model(model, config)
             console.info(f"resuming {run.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
-            fit(run, model, splits, checkpoint=checkpoint, ctx=ctx)
+            fit(run, model, splits, checkpoint=checkpoint, ctx=ctx, changes=change)
     return run
 
 
@@ -424,9 +435,12 @@ def _load(config: dict, ctx: distributed.Context, run: Run | None = None, root=N
 
 
 def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
-        ctx: distributed.Context = distributed.Context()) -> None:
+        ctx: distributed.Context = distributed.Context(), changes: Callable[[dict], None] | None = None) -> None:
     """The epoch loop inside the run's train stage (locked; interrupted on Ctrl-C). In a
-    distributed job every process trains; rank 0 alone records the stage and writes files."""
+    distributed job every process trains; rank 0 alone records the stage and writes files,
+    first the manifest `changes` of a resume. A resumed run's history, curves and summary are
+    written again from its checkpoint, which may hold an epoch they do not (the interruption
+    came between them), and an early stop it holds ends the run."""
     import torch
 
     from medcli import datasets
@@ -471,7 +485,12 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
              if st is not None else nullcontext()) as writer:  # pending writes finish before the stage ends
         epochs_task = bar.add_task("epochs", total=config["epochs"], completed=state.epoch, unit="epoch")
         batch_task = bar.add_task("epoch", total=steps, unit="img")
-        stopped_early = False
+        stopped_early = checkpoint is not None and should_stop(state.bad_epochs, config["patience"]) \
+            and state.epoch < config["epochs"]
+        if st is not None and changes is not None:
+            run.update(changes)
+        if st is not None and checkpoint is not None:
+            _record_progress(run, st, state, stopped_early, True, writer.lock)
         while state.epoch < config["epochs"] and not stopped_early:
             started = time.perf_counter()
             train_stats = train_one_epoch(state, train_data, prep, config, device, bar, batch_task, ctx)
@@ -520,31 +539,33 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
     """Rank 0's files after an epoch: checkpoints (best.pt: the `ranked` weights, the model's or
     their EMA's; snapshotted here, written, hashed and recorded by the `writer`'s thread while
     the next epoch trains), history, curves, and the stage summary."""
-    from medcli import reports, tables
-
-    config, select = run.config, selection.rule(run.config)
-    files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best"),
-             "history": run.history_file(), "curves": run.figure_file("curves")}
-    written = [files["history"]]  # hashed here; the checkpoints are hashed as they are written
-    final = stopped_early or state.epoch == config["epochs"]
+    files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best")}  # hashed as they are written
+    final = stopped_early or state.epoch == run.config["epochs"]
     saved = {files["best"]: checkpoints.payload(state, val, full=False, device=device, model=ranked)} if is_best else {}
     skip_last = not final and writer.busy(files["last"])  # never wait for the disk: a later epoch's will do
     if not skip_last:
         saved[files["last"]] = checkpoints.payload(state, val, full=True, device=device)
     writer.write(saved, device)  # an unchanged best.pt keeps its file and hash
-    tables.write_table(files["history"], state.history, HISTORY_COLUMNS)
+    _record_progress(run, st, state, stopped_early, final, writer.lock,
+                     train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
+                     images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,  # all processes' images
+                     last_skipped=st.summary.get("last_skipped", 0) + skip_last)  # epochs whose last.pt was not written
+
+
+def _record_progress(run: Run, st, state: State, stopped_early: bool, final: bool, lock, **summary) -> None:
+    """history.csv, the curves (at the end, else every CURVES_EVERY_S) and the stage summary
+    (with `summary`'s entries) from `state`, recorded in the stage under the writer's `lock`."""
+    from medcli import reports, tables
+
+    config, select = run.config, selection.rule(run.config)
+    written = [tables.write_table(run.history_file(), state.history, HISTORY_COLUMNS)]  # hashed here
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
         shown = select["monitor"] + (f" (EMA, mean of {select['window']} epochs)" if select["weights"] == "ema" else "")
-        written.append(reports.save_curves(files["curves"], state.history, run.data, state.best["epoch"], shown))
+        written.append(reports.save_curves(run.figure_file("curves"), state.history, run.data, state.best["epoch"], shown))
         state.curves_at = time.perf_counter()
-    with writer.lock:  # the writer's thread records the checkpoints in the same stage entry
-        st.summary.update(
-            epochs_run=state.epoch, monitor=select["monitor"], stopped_early=stopped_early,
-            **selection.best_record(state.best, select, config["epochs"]),
-            train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
-            images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,  # all processes' images
-            last_skipped=st.summary.get("last_skipped", 0) + skip_last,  # epochs whose last.pt was not written
-        )
+    with lock:  # the writer's thread records the checkpoints in the same stage entry
+        st.summary.update(epochs_run=state.epoch, monitor=select["monitor"], stopped_early=stopped_early,
+                          **selection.best_record(state.best, select, config["epochs"]), **summary)
         st.add(*written)
 
 
@@ -595,7 +616,7 @@ def _epoch_line(state: State, config: dict, train_stats: dict, val: dict, is_bes
     auc = f"{val['auc']:.4f}" if val["auc"] is not None else "n/a"
     return (f"epoch {state.epoch}/{config['epochs']}  train loss {train_stats['loss']:.4f} acc {train_stats['acc']:.4f}  "
             f"val{' (EMA)' if state.ema is not None else ''} loss {val['loss']:.4f} acc {val['accuracy']:.4f} auc {auc} f1 {val['f1_macro']:.4f}  "
-            f"lr {optim.current_lr(state.scheduler):.2e}  {state.history[-1]['seconds']:.1f}s "
+            f"lr {train_stats['lr']:.2e}  {state.history[-1]['seconds']:.1f}s "
             f"{train_stats['images_per_s']:.0f} img/s{'  *best' if is_best else ''}")
 
 

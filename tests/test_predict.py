@@ -292,3 +292,82 @@ def test_every_model_family_exports_to_onnx_at_its_stems_and_sizes(name, size, o
         reference = model(x).numpy()
     np.testing.assert_allclose(session.run(None, {"images": x.numpy()})[0], reference, rtol=0, atol=1e-4)
     assert details["opset"] >= 17 and spec["input_size"] == size
+
+
+# -- review: calibration choice, own outputs among the inputs, bad --out, exporter, sidecars --------
+
+
+def test_calibrated_applies_the_temperature_fitted_the_way_it_predicts(run_copy, pngs):
+    """Review: --calibrated took the first calibrated metrics file (train, val, test), though a
+    later evaluation of test had refitted it with TTA: predict disagreed with evaluate by 0.6."""
+    for options in (["--split", "all", "--calibrate"], ["--split", "test", "--calibrate", "--tta"]):
+        assert runner.invoke(app, ["--quiet", "evaluate", str(run_copy), *options]).exit_code == 0
+    reference = pd.read_csv(run_copy / "predictions" / "test.csv").iloc[CHOSEN]
+    with_tta = runner.invoke(app, ["predict", str(run_copy), str(pngs), "--tta", "--calibrated"])
+    assert with_tta.exit_code == 0 and "fitted without" not in with_tta.stderr, with_tta.output
+    np.testing.assert_allclose(_probs(pd.read_csv(pd.io.common.StringIO(with_tta.stdout))), _probs(reference), atol=1e-5)
+    plain = runner.invoke(app, ["predict", str(run_copy), str(pngs), "--calibrated", "--json"])
+    assert plain.exit_code == 0 and "fitted with" not in plain.stderr, plain.output
+    val = json.loads((run_copy / "metrics" / "val.json").read_text())["calibration"]["temperature"]
+    assert json.loads(plain.stdout)["model"]["temperature"] == val
+
+
+def test_earlier_results_inside_the_input_folder_are_not_read_as_images(tiny_run, pngs):
+    """Review: with --out inside the input folder, the second run read its own overlays as
+    inputs, then removed them while they were still to be read."""
+    out = pngs / "p.csv"
+    for extra in ([], ["--overwrite", "--batch-size", "2"]):
+        result = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--explain", "gradcam", "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        assert len(pd.read_csv(out)) == len(CHOSEN)
+    assert "left out" in result.stderr
+
+
+def test_an_out_under_a_file_is_refused_before_any_work(tiny_run, pngs, tmp_path, monkeypatch):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("x")
+    monkeypatch.setattr(bundle, "open_model", lambda *a, **k: pytest.fail("the model was opened"))
+    one_line_error(runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--out", str(blocker / "p.csv")]), 2,
+                   f"{blocker} is a file")
+    monkeypatch.setattr(export, "_verification_batch", lambda *a, **k: pytest.fail("the export started"))
+    one_line_error(runner.invoke(app, ["export", str(tiny_run), "--out", str(blocker / "m.onnx")]), 2,
+                   f"{blocker} is a file")
+
+
+def test_onnx_export_without_its_packages_is_one_line_before_any_work(run_copy, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if the export extra were not installed
+    out = tmp_path / "m.onnx"
+    one_line_error(runner.invoke(app, ["export", str(run_copy), "--out", str(out)]), 2, "onnx", "medcli[export]")
+    assert list(tmp_path.glob("m*")) == []
+
+
+@pytest.mark.parametrize("change, reason", [(lambda card: card.pop("task"), "lacks task"),
+                                            (lambda card: card.update(version=99), "version 99")])
+def test_an_incomplete_or_foreign_sidecar_is_one_line(exported, pngs, tmp_path, change, reason):
+    model = tmp_path / "y.pt"
+    shutil.copy(exported, model)
+    card = json.loads(bundle.sidecar_path(exported).read_text())
+    change(card)
+    bundle.sidecar_path(model).write_text(json.dumps(card))
+    one_line_error(runner.invoke(app, ["predict", str(model), str(pngs)]), 2, reason, "export")
+
+
+def test_a_missing_model_file_is_named_as_one(pngs, tmp_path):
+    one_line_error(runner.invoke(app, ["predict", str(tmp_path / "nothere.onnx"), str(pngs)]), 2,
+                   "nothere.onnx does not exist", "model file")
+
+
+def test_the_model_card_says_its_test_metrics_are_after_temperature_scaling(run_copy, tmp_path):
+    assert runner.invoke(app, ["--quiet", "evaluate", str(run_copy), "--calibrate"]).exit_code == 0
+    result = export.export_run(run_copy, format="torchscript", out=tmp_path / "m.pt")
+    text = Path(result["card"]).read_text()
+    temperature = json.loads((run_copy / "metrics" / "test.json").read_text())["calibration"]["temperature"]
+    assert f"without test-time views; after temperature scaling, T = {temperature:.3f} fitted on val" in text
+
+
+def test_overlays_of_files_in_a_folder_with_brackets_keep_their_names(tiny_run, pngs, tmp_path):
+    folder = shutil.copytree(pngs, tmp_path / "br[1]")
+    out = tmp_path / "ex" / "p.csv"
+    result = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(folder), "--out", str(out), "--explain", "gradcam"])
+    assert result.exit_code == 0, result.output
+    assert Path(pd.read_csv(out)["overlay"][0]).name == "00000_test-000.png"

@@ -994,3 +994,89 @@ def test_ordinal_label_smoothing_goes_to_the_neighbouring_grades():
     blood = datasets.task("bloodmnist")  # other tasks keep uniform smoothing
     assert blood.loss(logits, targets, 0.1).item() == pytest.approx(
         F.cross_entropy(logits, targets, label_smoothing=0.1).item(), rel=1e-6)
+
+
+# -- review: resume after a kill or an interruption at the very end -----------------------------
+
+
+def test_a_kill_while_the_first_last_pt_is_written_restarts_the_run(small_root, tmp_path, monkeypatch, capsys):
+    """Review: best.pt is written before last.pt; a kill between them in epoch 1 left a run
+    that resume refused ("restore the file"), though there is no file to restore. It starts
+    again from epoch 1 and ends as an uninterrupted run does; later epochs still refuse."""
+    options = dict(root=small_root, epochs=2, **{**TINY, "batch_size": 16})
+    straight = train.train(runs_dir=tmp_path / "a", **options)
+    run = _interrupted_run(tmp_path / "b", monkeypatch, **options)
+    (run / "checkpoints" / "last.pt").unlink()  # killed while writing epoch 1's last.pt
+    resumed = train.resume(run)
+    assert "starts again from epoch 1" in capsys.readouterr().err
+    assert resumed.stages["train"]["status"] == "completed"
+    assert _weights_equal(straight.run_dir / "checkpoints/last.pt", run / "checkpoints/last.pt")
+    assert _history(run) == [{**row, "seconds": mine["seconds"]} for row, mine in zip(_history(straight.run_dir), _history(run))]
+    Run.open(run).update(lambda data: data["stages"]["train"].update(status="interrupted"))
+    (run / "checkpoints" / "last.pt").unlink()  # two epochs recorded: a lost last.pt is not a kill in epoch 1
+    with pytest.raises(UsageError, match="no checkpoints/last.pt to resume from"):
+        train.resume(run)
+
+
+@pytest.mark.parametrize("aucs, patience, epochs_run", [([0.80, 0.90, 0.85, 0.84, 0.83], 1, 3), ([0.80, 0.90], None, 2)])
+def test_an_interruption_after_the_last_epochs_checkpoint_resumes_to_the_same_end(small_root, tmp_path, monkeypatch,
+                                                                                 aucs, patience, epochs_run):
+    """Review: Ctrl-C after the final (or early-stopping) epoch's last.pt was queued, before
+    its summary: resume forgot the early stop and trained on, or completed with the summary
+    of the epoch before. It ends where the uninterrupted run ended, with its summary."""
+    from medcli import reports
+
+    options = dict(root=small_root, epochs=len(aucs), monitor="auc", patience=patience, **{**TINY, "batch_size": 16})
+    _scripted(monkeypatch, aucs)
+    straight = train.train(runs_dir=tmp_path / "a", **options)
+    assert straight.stages["train"]["summary"]["epochs_run"] == epochs_run
+    real_curves = reports.save_curves
+
+    def interrupt_at_the_end(path, history, *args):
+        if len(history) == epochs_run:
+            raise KeyboardInterrupt
+        return real_curves(path, history, *args)
+
+    _scripted(monkeypatch, aucs)
+    monkeypatch.setattr(reports, "save_curves", interrupt_at_the_end)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(runs_dir=tmp_path / "b", **options)
+    monkeypatch.setattr(reports, "save_curves", real_curves)
+    (run,) = (tmp_path / "b").iterdir()
+    resumed = train.resume(run)
+    keys = ("epochs_run", "stopped_early", "best_epoch", "best_value", "monitor")
+    assert {k: resumed.stages["train"]["summary"][k] for k in keys} == \
+           {k: straight.stages["train"]["summary"][k] for k in keys}
+    assert _load(run / "checkpoints/last.pt")["epoch"] == epochs_run and len(_history(run)) == epochs_run
+    assert _weights_equal(straight.run_dir / "checkpoints/last.pt", run / "checkpoints/last.pt")
+    assert resumed.stages["train"]["artefacts"]["figures/curves.png"] == fileio.sha256_file(run / "figures/curves.png")
+
+
+def test_a_refused_resume_leaves_the_manifest_as_it_was(small_root, tmp_path, monkeypatch):
+    """Review: --collective-timeout (and a new device) were written into the manifest before
+    the data was found and the stage lock taken: a refused resume changed the run anyway."""
+    run = _interrupted_run(tmp_path / "runs", monkeypatch, root=small_root, epochs=2, **{**TINY, "batch_size": 16})
+    before = (run / "manifest.json").read_bytes()
+    with pytest.raises(UsageError):
+        train.resume(run, collective_timeout=50.0, root=tmp_path / "nodata")
+    assert (run / "manifest.json").read_bytes() == before
+    resumed = train.resume(run, collective_timeout=50.0)
+    assert resumed.config["collective_timeout"] == 50.0 and Run.open(run).config["collective_timeout"] == 50.0
+
+
+def test_resume_with_nproc_checks_the_runs_batch_before_launching(small_root, tmp_path, monkeypatch):
+    run = _interrupted_run(tmp_path / "runs", monkeypatch, root=small_root, epochs=2,
+                           **{**TINY, "batch_size": 15})
+    launched = []
+    monkeypatch.setattr("medcli.distributed.launch", lambda *args, **kwargs: launched.append(args) or 0)
+    line = one_line_error(runner.invoke(app, ["train", "--resume", str(run), "--nproc", "2"]), 2,
+                          "batch of 15", "--nproc")
+    assert "--batch-size" not in line and launched == []
+
+
+def test_the_epoch_line_shows_the_learning_rate_history_records(small_root, tmp_path, capsys):
+    """Review: the console showed the next step's learning rate (0 after the last epoch) and
+    history.csv the epoch's last step's."""
+    run = train.train(root=small_root, runs_dir=tmp_path, epochs=2, **{**TINY, "batch_size": 16})
+    shown = [line.split(" lr ")[1].split()[0] for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
+    assert shown == [f"{float(row['lr']):.2e}" for row in _history(run.run_dir)]
