@@ -63,7 +63,10 @@ class MedcliGroup(TyperGroup):
             console.error(str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # a stage names its run and how to continue (`Run.stage`)
-            console.error(str(exc) or "interrupted")
+            from medcli import distributed
+
+            if distributed.says_interruptions():  # a distributed job's end is said once
+                console.error(str(exc) or "interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except Exception as exc:  # an unexpected bug: one line unless --verbose
             if console.is_verbose():

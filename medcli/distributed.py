@@ -47,7 +47,7 @@ from medcli.errors import Interrupted, MedcliError, UsageError
 
 __all__ = [
     "COLLECTIVE_TIMEOUT_S", "Context", "collective_timeout", "device_for", "from_env", "from_main", "gather", "gpu_index",
-    "is_main_process", "joined", "launch", "model_seed", "peer_lost", "peers", "seed_model", "session", "sum_",
+    "is_main_process", "joined", "launch", "says_interruptions", "model_seed", "peer_lost", "peers", "seed_model", "session", "sum_",
     "sync_buffers",
 ]
 
@@ -110,6 +110,14 @@ def from_env() -> Context:
 
 def is_main_process() -> bool:
     return from_env().is_main
+
+
+def says_interruptions() -> bool:
+    """Whether this process says how an interrupted job ended: one process alone, or rank 0
+    of a job started by plain torchrun; not the processes `launch` started (it says it once,
+    naming the run and how to resume it) nor the other ranks."""
+    ctx = from_env()
+    return not ctx.enabled or (ctx.is_main and not os.environ.get(RUN_FILE_ENV))
 
 
 def collective_timeout(given: float | None = None, recorded: float | None = None) -> float:

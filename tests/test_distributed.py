@@ -502,3 +502,31 @@ def test_a_node_holds_one_copy_of_the_split_however_many_processes_train(large_r
                                             f"{split / 2**20:.0f} MiB")
     cache = npzcache.cache_path(npz, datasets.read_record(npz)["md5"])
     assert (cache / "train_images.npy").stat().st_size >= split  # one copy on disk, beside the npz
+
+
+@pytest.mark.parametrize("env, says", [({}, True),  # one process: it says how it ended
+                                       ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, False),
+                                       ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LAUNCHED": "1"}, False),
+                                       ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}, True)])  # plain torchrun
+def test_an_interrupted_job_says_so_once(monkeypatch, env, says):
+    """Review: a SIGTERM to `train --nproc 2` printed three error lines (the launcher's, rank
+    0's and rank 1's bare "interrupted"). Under medcli's launcher, which names the run and how
+    to resume, the processes exit 130 silently; under plain torchrun rank 0 alone says it."""
+    from typer.testing import CliRunner
+
+    from medcli import distributed, train
+    from medcli.cli import app
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", distributed.RUN_FILE_ENV):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(distributed.RUN_FILE_ENV if key == "LAUNCHED" else key, "/tmp/run.json" if key == "LAUNCHED" else value)
+
+    def interrupted(**options):
+        raise KeyboardInterrupt("run R interrupted; continue it with 'medcli train --resume R'")
+
+    monkeypatch.setattr(train, "train", interrupted)
+    result = CliRunner().invoke(app, ["train", "--model", "timm:test_resnet"])
+    assert result.exit_code == 130 and result.stdout == ""
+    assert ("error: run R interrupted" in result.stderr) is says, result.stderr
+    assert "error: interrupted" not in result.stderr
