@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections import Counter
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -103,16 +104,36 @@ def paired_tests(a: dict, b: dict, runs: list[dict], split: str, metric_names: S
     when each setup has one), McNemar and the AUC bootstrap on the same images; over two or
     more seed pairs, each metric's mean difference A - B with its t-interval."""
     members = [[r for r in runs if r["run"] in g["runs"]] for g in (a, b)]
+    repeated: list = []
     if len(members[0]) == 1 == len(members[1]):
         pairs = [(members[0][0], members[1][0])]
-    else:
-        by_seed = {r["seed"]: r for r in members[1]}
+    else:  # one run per seed and setup: a seed run twice (or unknown) by either has no pair
+        counts = [Counter(r["seed"] for r in group) for group in members]
+        repeated = sorted({seed for count in counts for seed, n in count.items() if n > 1 or seed is None}, key=str)
+        by_seed = {r["seed"]: r for r in members[1] if r["seed"] not in repeated}
         pairs = [(r, by_seed[r["seed"]]) for r in members[0] if r["seed"] in by_seed]
     result = {"a": a["group"], "b": b["group"], "split": split,
               "pairs": [_image_tests(ra, rb, split) for ra, rb in pairs]}
+    if repeated:
+        result["repeated_seeds"] = repeated
     if len(members[0]) > 1 or len(members[1]) > 1:
         result["across_seeds"] = _across_seeds(pairs, metric_names)
+    result["tests"] = _holm(result)
     return result
+
+
+def _holm(result: dict) -> int:
+    """Holm's step-down adjustment over every p-value of a comparison (the family-wise error
+    of all the tests shown), stored beside each as `p_holm`; returns the number of tests."""
+    across = result.get("across_seeds") or {}
+    tests = [test for entry in result["pairs"] if "refused" not in entry for test in (entry["accuracy"], entry["auc"])]
+    tests += [found for key, found in across.items() if key != "seeds" and isinstance(found, dict)]
+    tests = [test for test in tests if test.get("p_value") is not None]
+    adjusted = 0.0
+    for rank, test in enumerate(sorted(tests, key=lambda test: test["p_value"])):
+        adjusted = max(adjusted, min(1.0, (len(tests) - rank) * test["p_value"]))
+        test["p_holm"] = adjusted
+    return len(tests)
 
 
 def _image_tests(ra: dict, rb: dict, split: str) -> dict:
@@ -166,7 +187,12 @@ def _across_seeds(pairs: list[tuple[dict, dict]], metric_names: Sequence[str]) -
 
 def paired_lines(paired: dict) -> list[str]:
     """The paired tests in words, one line per finding (for the table and the Markdown file)."""
-    lines = [f"Paired tests, A = {paired['a']} vs B = {paired['b']} ({paired['split']} split):"]
+    count = paired.get("tests", 0)
+    lines = [f"Paired tests, A = {paired['a']} vs B = {paired['b']} ({paired['split']} split"
+             + (f"; Holm-adjusted p over the {count} tests shown" if count > 1 else "") + "):"]
+    if paired.get("repeated_seeds"):
+        lines.append(f"  seed {', '.join(map(str, paired['repeated_seeds']))} left out: a setup holds more than one "
+                     "run of it (pairing needs one run per seed and setup)")
     for entry in paired["pairs"]:
         head = f"  seed {entry['seed_a']} vs {entry['seed_b']}"
         if "refused" in entry:
@@ -178,14 +204,14 @@ def paired_lines(paired: dict) -> list[str]:
             lines.append(f"    accuracy: no McNemar test, {accuracy['refused']}")
         else:
             lines.append(f"    accuracy {accuracy['accuracy_a']:.2%} vs {accuracy['accuracy_b']:.2%}: McNemar exact "
-                         f"{_p(accuracy['p_value'])} (right only by A: {accuracy['only_a']}, only by B: "
+                         f"{_p(accuracy)} (right only by A: {accuracy['only_a']}, only by B: "
                          f"{accuracy['only_b']})")
         if auc["difference"] is None:
             lines.append("    AUC: undefined on these images (a class without positives or negatives)")
         else:
             low, high = auc["interval"]
             lines.append(f"    AUC {auc['auc_a']:.4f} vs {auc['auc_b']:.4f}: A - B {auc['difference']:+.4f}, "
-                         f"{auc['level']:.0%} CI {low:+.4f} to {high:+.4f}, paired bootstrap {_p(auc['p_value'])} "
+                         f"{auc['level']:.0%} CI {low:+.4f} to {high:+.4f}, paired bootstrap {_p(auc)} "
                          f"({auc['used']} of {auc['resamples']} resamples, seed {auc['seed']})")
     across = paired.get("across_seeds")
     if across is not None and "refused" in across:
@@ -200,14 +226,16 @@ def paired_lines(paired: dict) -> list[str]:
                 continue
             low, high = found["interval"]
             lines.append(f"    {metric} {_difference(metric, found['mean'])}, {found['level']:.0%} t-interval "
-                         f"{_difference(metric, low)} to {_difference(metric, high)}, paired t {_p(found['p_value'])}")
+                         f"{_difference(metric, low)} to {_difference(metric, high)}, paired t {_p(found)}")
     return lines
 
 
-def _p(p_value: float | None) -> str:
-    if p_value is None:
+def _p(test: dict) -> str:
+    """A test's p-value, and its Holm-adjusted one where several tests are shown."""
+    if test["p_value"] is None:
         return "p undefined"
-    return "p < 0.0001" if p_value < 1e-4 else f"p = {p_value:.2g}"
+    text = "p < 0.0001" if test["p_value"] < 1e-4 else f"p = {test['p_value']:.2g}"
+    return text + (f" (Holm {test['p_holm']:.2g})" if test.get("p_holm", test["p_value"]) != test["p_value"] else "")
 
 
 def _difference(metric: str, value: float) -> str:

@@ -176,6 +176,12 @@ def _precision_recall_f1(labels: np.ndarray, preds: np.ndarray, classes) -> dict
             result.update({f"precision_{avg}": float(ap), f"recall_{avg}": float(ar), f"f1_{avg}": float(af)})
     if support.any():  # a class the split lacks has no recall: averaged over the others, as balanced accuracy
         result["recall_macro"] = float(r[support > 0].mean())
+    # precision and F1 average the classes in the labels or the predictions (sklearn's default):
+    # one absent from both was never wrong, and counting it 0 marked perfect predictions down
+    predicted = np.asarray(preds).sum(axis=0) > 0 if np.ndim(preds) == 2 else np.isin(classes, preds)
+    present = (support > 0) | predicted
+    if present.any():
+        result.update(precision_macro=float(p[present].mean()), f1_macro=float(f[present].mean()))
     return result
 
 
@@ -204,7 +210,8 @@ def classification_metrics(
     the task's (binary-class: the last), else the AUC is the mean one-vs-rest AUC over every
     class (None, where getAUC gives NaN, when a class is absent from the labels; each class's
     own AUC is in `per_class`). Also: n, balanced_accuracy, {precision,recall,f1}_
-    {macro,micro} (recall_macro over the classes the split has, so it is balanced_accuracy), loss and nll (the same cross-entropy: `loss` is the name training logs use,
+    {macro,micro} (recall_macro over the classes the split has, so it is balanced_accuracy;
+    precision and F1 over those in the labels or predictions, as sklearn), loss and nll (the same cross-entropy: `loss` is the name training logs use,
     `nll` the calibration name), ece (15 bins), brier, per_class (name, precision, recall, f1,
     support, auc) and confusion_matrix (counts, rows = true class).
     Costs a few ms on 2k samples, so it is fine to call every epoch.
@@ -500,8 +507,9 @@ def paired_bootstrap_auc(positive: np.ndarray, scores_a: np.ndarray, scores_b: n
     average into the task's AUC (as in `bootstrap_intervals`). Each resample draws N images
     with replacement (seeded) and scores both classifiers on that same draw, so what the
     images share cancels out. Returns both AUCs and their difference on all images, the
-    percentile interval of the difference, and the two-sided p-value 2 x min(share of
-    resampled differences <= 0, share >= 0), capped at 1. Resamples in which a column lacks
+    percentile interval of the difference, and the two-sided p-value 2 x min of (1 + resampled
+    differences <= 0) and (1 + those >= 0) over (1 + resamples used), capped at 1: never below
+    what the resamples can resolve (2 / 2,001 for 2,000). Resamples in which a column lacks
     positives or negatives are left out (`used` counts the rest).
     """
     positive = np.asarray(positive, dtype=bool)
@@ -521,7 +529,8 @@ def paired_bootstrap_auc(positive: np.ndarray, scores_a: np.ndarray, scores_b: n
     differences = np.concatenate([auc(w, 0) - auc(w, 1) for w in _resample_weights(n, resamples, seed)])
     differences = differences[np.isfinite(differences)]
     tail = 50.0 * (1.0 - level)
-    p_value = min(1.0, 2.0 * min((differences <= 0).mean(), (differences >= 0).mean())) if differences.size else None
+    p_value = (min(1.0, 2.0 * (1 + min((differences <= 0).sum(), (differences >= 0).sum())) / (differences.size + 1))
+               if differences.size else None)
     return {**base, "difference": auc_a - auc_b, "used": int(differences.size),
             "interval": np.percentile(differences, [tail, 100.0 - tail]).tolist() if differences.size else None,
             "p_value": p_value}
@@ -540,7 +549,8 @@ def _resample_weights(n: int, resamples: int, seed: int):
 def mean_difference(differences: Sequence[float], level: float = 0.95) -> dict:
     """Mean of paired differences (A - B, one per seed) with its Student-t interval and the
     paired t-test's two-sided p-value (n - 1 degrees of freedom; needs n >= 2). Differences
-    that do not vary give a zero-width interval, and p 1.0 (mean 0) or 0.0."""
+    that do not vary give a zero-width interval, and p 1.0 (mean 0) or None (no test: two
+    equal differences are no evidence of a certain one)."""
     from scipy import stats
 
     d = np.asarray(differences, dtype=np.float64).reshape(-1)
@@ -549,7 +559,7 @@ def mean_difference(differences: Sequence[float], level: float = 0.95) -> dict:
     mean, std = float(d.mean()), float(d.std(ddof=1))
     error = std / np.sqrt(d.size)
     if error == 0:
-        half, p_value = 0.0, 1.0 if mean == 0 else 0.0
+        half, p_value = 0.0, 1.0 if mean == 0 else None
     else:
         half = float(stats.t.ppf(0.5 + level / 2, d.size - 1) * error)
         p_value = float(2 * stats.t.sf(abs(mean) / error, d.size - 1))

@@ -163,3 +163,18 @@ def test_bootstrap_intervals_equal_a_resample_by_resample_computation():
     assert metrics.bootstrap_intervals(correct, positive, scores, resamples=120, seed=3) == ci
     lonely = metrics.bootstrap_intervals(correct, np.zeros((300, 1), bool), scores[:, :1], resamples=10, seed=0)
     assert lonely["auc"] is None and lonely["accuracy"] is not None  # no positive: no AUC at all
+
+
+def test_macro_precision_and_f1_leave_out_a_class_neither_in_the_split_nor_predicted():
+    """Review: a class the split lacks and no image was predicted as counted as precision and
+    F1 0, so perfect predictions scored f1_macro 0.8 (--monitor f1, aggregate's column).
+    sklearn's default averages the classes in the labels or the predictions; so do we."""
+    from sklearn.metrics import f1_score, precision_score
+
+    labels = np.array([0, 1, 2, 4, 0, 1])
+    for preds in (labels, np.array([0, 1, 2, 4, 3, 1])):  # perfect; then a class absent from the labels is predicted
+        probs = np.eye(5)[preds] * 0.9 + 0.02
+        m = metrics.classification_metrics(labels, probs)
+        assert m["f1_macro"] == pytest.approx(f1_score(labels, preds, average="macro", zero_division=0))
+        assert m["precision_macro"] == pytest.approx(precision_score(labels, preds, average="macro", zero_division=0))
+    assert metrics.classification_metrics(labels, np.eye(5)[labels] * 0.9 + 0.02)["f1_macro"] == 1.0
