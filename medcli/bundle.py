@@ -30,6 +30,7 @@ FORMAT, VERSION = "medcli-model", 1
 FORMATS = dict(zip(EXPORT_FORMATS, (".onnx", ".pt")))  # export format -> file suffix
 _CARD_KEYS = ("run_id", "checkpoint", "task", "class_names", "image", "preprocess", "augment", "model", "dataset",
               "steps")  # what predict reads from a sidecar
+_CARD_INNER_KEYS = {"image": ("size", "channels"), "preprocess": ("input_size", "mean", "std", "interpolation")}
 RESAMPLING = "bicubic interpolation (PIL), as MedMNIST made its images: a centre crop, then a resize"
 
 
@@ -185,6 +186,10 @@ def open_model(source: str | os.PathLike, checkpoint: str | None = None, device=
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise UsageError(f"{card_path} is not a medcli model description; export the model with 'medcli export RUN'")
     missing = [key for key in _CARD_KEYS if key not in card]
+    missing += [f"{key}.{inner}" for key, inner_keys in _CARD_INNER_KEYS.items()
+                if isinstance(card.get(key), dict) for inner in inner_keys if inner not in card[key]]
+    missing += [f"calibrations[{k}]" for k, fit in enumerate(card.get("calibrations") or [])
+                if not (isinstance(fit, dict) and {"temperature", "tta", "fitted_on"} <= fit.keys())]
     if card.get("version") != VERSION or missing:
         what = f"lacks {', '.join(missing)}" if missing else f"is version {card.get('version')}, not {VERSION}"
         raise UsageError(f"{card_path} {what}: it is incomplete or from another medcli; export the model again "

@@ -348,7 +348,7 @@ def launch(nproc: int, argv: list[str], lost: Callable[[str, int, str], Any] | N
         except SignalException as exc:
             where = _mark_lost(announced, lost, f"the launcher was stopped by {exc.sigval.name}")
             raise Interrupted(f"distributed training stopped by {exc.sigval.name}; resume it with "
-                              f"'medcli train --resume {where}'") from None
+                              f"'medcli train --resume {where} --nproc {nproc}'") from None
         except ChildFailedError as exc:
             if any(f.exitcode == UsageError.exit_code for f in exc.failures.values()):  # the others were stopped
                 return UsageError.exit_code
@@ -362,7 +362,7 @@ def launch(nproc: int, argv: list[str], lost: Callable[[str, int, str], Any] | N
             if _cause_order(failure.exitcode) == 1:
                 raise MedcliError(f"distributed training failed: {what} (its error is above)") from None
             raise Interrupted(f"distributed training interrupted: {what}; resume it with "
-                              f"'medcli train --resume {where}'") from None
+                              f"'medcli train --resume {where} --nproc {nproc}'") from None
         finally:
             os.environ.pop(RUN_FILE_ENV, None)
     return 0

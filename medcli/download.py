@@ -65,15 +65,22 @@ def source(flag: str, size: int, mirror: str | None = None) -> tuple[str, str]:
     (a folder URL holding the official files under their official names) is given."""
     url, md5 = datasets.official_source(flag, size)
     if mirror:
-        try:
-            scheme = urllib.parse.urlsplit(mirror).scheme
-        except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-            scheme = str(exc)
-        if scheme not in MIRROR_SCHEMES:
-            raise UsageError(f"--mirror {mirror} is not a folder URL ({', '.join(s + '://' for s in MIRROR_SCHEMES)}); "
-                             "check --mirror / $MEDCLI_MIRROR")
         url = f"{mirror.rstrip('/')}/{datasets.filename(flag, size)}"
     return url, md5
+
+
+def _check_mirror(mirror: str | None) -> None:
+    """A mirror must be a folder URL; checked when a download starts (a bad $MEDCLI_MIRROR is
+    no error while every file is present)."""
+    if not mirror:
+        return
+    try:
+        scheme = urllib.parse.urlsplit(mirror).scheme
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        scheme = str(exc)
+    if scheme not in MIRROR_SCHEMES:
+        raise UsageError(f"--mirror {mirror} is not a folder URL ({', '.join(s + '://' for s in MIRROR_SCHEMES)}); "
+                         "check --mirror / $MEDCLI_MIRROR")
 
 
 def parse_size(text: str) -> list[int]:
@@ -157,6 +164,7 @@ def fetch(
     present = _present(target, flag, size, md5)
     if present is not None:
         return present
+    _check_mirror(mirror)
     console.info(f"downloading {url} -> {target}")
     for attempt in itertools.count(1):
         try:
@@ -512,12 +520,17 @@ def _save_record(flag: str, size: int, target: Path, md5: str, origin: str, coun
 def _clear_partials(target: Path) -> None:
     """Remove the temporary files killed writes of target left beside it (a 224-px file's are
     gigabytes); a recent one may be a concurrent download's and stays."""
-    cutoff = target.stat().st_mtime - STALE_PARTIAL_S
-    stale = [path for path in fileio.partial_files(target) if path.stat().st_mtime < cutoff]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    if stale:
-        console.info(f"removed {console.plural(len(stale), 'temporary file')} an interrupted write of {target} left")
+    removed = 0
+    try:
+        cutoff = target.stat().st_mtime - STALE_PARTIAL_S
+        for path in fileio.partial_files(target):
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+    except OSError as exc:  # a read-only root, or a concurrent download renamed its own
+        console.debug(f"temporary files beside {target} left as they are ({exc})")
+    if removed:
+        console.info(f"removed {console.plural(removed, 'temporary file')} an interrupted write of {target} left")
 
 
 def _with_path(record: dict, target: Path) -> dict:

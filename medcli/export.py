@@ -213,14 +213,24 @@ def model_card(card: dict, test: dict | None) -> str:
         f"- Trained on {size}-px images: detail finer than {size} px is lost before the model sees an image, and "
         "images unlike the training data (another scanner, stain, crop or modality) are out of distribution.",
         f"- One training run (seed {card['training'].get('seed')}); another seed gives somewhat different numbers.",
-        ("- Calibrated: temperature " + metrics.temperature_text(card['calibration']['temperature'])
-         + " fitted on the validation split (`medcli predict --calibrated` applies it)."
-         if card.get("calibration") else "- Not calibrated: the probabilities may be over- or under-confident."),
+        _calibration_line(card),
         *([f"- Data: {data['provenance']}."] if data.get("provenance") else []),
         "- Not a medical device.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration_line(card: dict) -> str:
+    """The temperatures `predict --calibrated` applies: the one fitted without test-time views,
+    and the one fitted with them (`--tta --calibrated`), where each exists."""
+    fits = card.get("calibrations") or ([card["calibration"]] if card.get("calibration") else [])
+    if not fits:
+        return "- Not calibrated: the probabilities may be over- or under-confident."
+    said = [f"temperature {metrics.temperature_text(fit['temperature'])} fitted on the {fit['fitted_on']} split "
+            + ("with test-time views (`medcli predict --tta --calibrated` applies it)" if fit["tta"] else
+               "without test-time views (`medcli predict --calibrated` applies it)") for fit in fits]
+    return "- Calibrated: " + "; ".join(said) + "."
 
 
 def _metric_lines(test: dict | None) -> list[str]:

@@ -370,13 +370,12 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
     dev = torch.device(config["device"])
     inference.resolve_amp(dev, config["amp"])  # refuses fp16 on a CPU, bf16 on a GPU without it
     last = run.checkpoint_path("last")
-    if not last.is_file() and run.checkpoint_path("best").is_file():
-        # best.pt is written before last.pt: without last.pt, a kill in epoch 1 came between them
-        if (run.stages["train"].get("summary", {}).get("epochs_run") or 0) > 1:
-            raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
-                             f"restore the file or start a new run")
-        console.warn(f"run {run.run_dir} was stopped while its first {run.relative(last)} was written: training "
-                     "starts again from epoch 1 (best.pt is replaced)")
+    restart = not last.is_file() and run.checkpoint_path("best").is_file()
+    # best.pt is written before last.pt: a run that never recorded a last.pt was stopped before
+    # the first one was complete (a later epoch skips its own while that one is written)
+    if restart and run.relative(last) in run.stages["train"].get("artefacts", {}):
+        raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
+                         f"restore the file or start a new run")
     checkpoint = checkpoints.read(last) if last.is_file() else None
     timeout = distributed.collective_timeout(collective_timeout, run.config.get("collective_timeout"))
     with distributed.session(config["device"], timeout) as ctx:
@@ -389,9 +388,15 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
                          f"the run trained on {run.config['device']} (amp {run.config['amp']}) with "
                          f"{console.plural(before['world_size'], 'process', 'processes')}")
 
-        def change(data: dict) -> None:  # recorded once the stage is locked (a refused resume changes nothing)
+        def change(data: dict) -> None:
             data["config"].update({key: config[key] for key in ("device", "amp", "collective_timeout")})
             data.setdefault("environment", {})["distributed"] = ctx.record()
+
+        def begin() -> None:  # rank 0, once the stage is locked: a refused resume changes and says nothing
+            if restart:
+                console.warn(f"run {run.run_dir} was stopped before its first {run.relative(last)} was complete: "
+                             "training starts again from epoch 1 (best.pt is replaced)")
+            run.update(change)
 
         run.data["config"].update({key: config[key] for key in ("device", "amp", "collective_timeout")})
         with optim.determinism(config, dev):
@@ -401,7 +406,7 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
                 model = models.rebuild(run.spec)
             _strict_model(model, config)
             console.info(f"resuming {run.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
-            fit(run, model, splits, checkpoint=checkpoint, ctx=ctx, changes=change)
+            fit(run, model, splits, checkpoint=checkpoint, ctx=ctx, begin=begin)
     return run
 
 
@@ -435,10 +440,10 @@ def _load(config: dict, ctx: distributed.Context, run: Run | None = None, root=N
 
 
 def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
-        ctx: distributed.Context = distributed.Context(), changes: Callable[[dict], None] | None = None) -> None:
+        ctx: distributed.Context = distributed.Context(), begin: Callable[[], None] | None = None) -> None:
     """The epoch loop inside the run's train stage (locked; interrupted on Ctrl-C). In a
     distributed job every process trains; rank 0 alone records the stage and writes files,
-    first the manifest `changes` of a resume. A resumed run's history, curves and summary are
+    first calling `begin` (a resume records its changes there). A resumed run's history, curves and summary are
     written again from its checkpoint, which may hold an epoch they do not (the interruption
     came between them), and an early stop it holds ends the run."""
     import torch
@@ -487,8 +492,8 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
         batch_task = bar.add_task("epoch", total=steps, unit="img")
         stopped_early = checkpoint is not None and should_stop(state.bad_epochs, config["patience"]) \
             and state.epoch < config["epochs"]
-        if st is not None and changes is not None:
-            run.update(changes)
+        if st is not None and begin is not None:
+            begin()
         if st is not None and checkpoint is not None:
             _record_progress(run, st, state, stopped_early, True, writer.lock)
         while state.epoch < config["epochs"] and not stopped_early:

@@ -258,7 +258,7 @@ def test_a_lost_process_ends_the_job_in_bounded_time_and_the_run_says_interrupte
     assert not alive and ended_in < 60, (ended_in, stderr[-2000:])
     assert launcher.returncode == 130 and stdout == "", stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "medcli train --resume" in last, stderr[-2000:]
+    assert last.startswith("error:") and "medcli train --resume" in last and "--nproc 2'" in last, stderr[-2000:]
     (run,) = runs.iterdir()
     manifest = _manifest(run)
     assert manifest["stages"]["train"]["status"] == "interrupted", manifest["stages"]["train"]

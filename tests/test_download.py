@@ -610,3 +610,26 @@ def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_even_with_force_co
     monkeypatch.setenv("FORCE_COLOR", "1")
     monkeypatch.setattr(console, "_console", None, raising=False)
     assert not console.progress_enabled()
+
+
+def test_a_present_file_needs_no_mirror_and_left_temporaries_that_cannot_go_are_no_error(server, good_npz, tmp_path,
+                                                                                        monkeypatch):
+    """Review of the fixes: a bad $MEDCLI_MIRROR failed even with every file present; on a
+    read-only root removing a killed download's temporary file escaped as an OSError."""
+    md5 = fileio.md5_file(good_npz)
+    (tmp_path / NAME).write_bytes(good_npz.read_bytes())
+    record = download.fetch(FLAG, SIZE, tmp_path, mirror="mirror.example.org/medmnist", md5=md5)
+    assert record["md5"] == md5
+    leftover = tmp_path / f".{NAME}.abc123.tmp.npz"
+    leftover.write_bytes(b"PK")
+    os.utime(leftover, (time.time() - 3600,) * 2)
+    os.utime(tmp_path / NAME)  # touched: hashed and recorded again, then the leftovers are looked at
+    real_unlink = Path.unlink
+
+    def read_only(path, *args, **kwargs):
+        if path.name.endswith(".tmp.npz"):
+            raise OSError(30, "Read-only file system")
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    assert _fetch(server, "good", tmp_path, md5)["md5"] == md5 and leftover.exists() and server.hits["good"] == 0

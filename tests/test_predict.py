@@ -342,6 +342,9 @@ def test_onnx_export_without_its_packages_is_one_line_before_any_work(run_copy, 
 
 
 @pytest.mark.parametrize("change, reason", [(lambda card: card.pop("task"), "lacks task"),
+                                            (lambda card: card["image"].pop("channels"), "lacks image.channels"),
+                                            (lambda card: card.update(calibrations=[{"temperature": 1.5}]),
+                                             "lacks calibrations[0]"),
                                             (lambda card: card.update(version=99), "version 99")])
 def test_an_incomplete_or_foreign_sidecar_is_one_line(exported, pngs, tmp_path, change, reason):
     model = tmp_path / "y.pt"
@@ -371,3 +374,16 @@ def test_overlays_of_files_in_a_folder_with_brackets_keep_their_names(tiny_run, 
     result = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(folder), "--out", str(out), "--explain", "gradcam"])
     assert result.exit_code == 0, result.output
     assert Path(pd.read_csv(out)["overlay"][0]).name == "00000_test-000.png"
+
+
+def test_the_model_card_names_the_temperature_predict_applies_with_and_without_tta(run_copy, tmp_path):
+    """Review of the fix: the card named the newest temperature (fitted with TTA) as the one
+    `predict --calibrated` applies, which applies the one fitted without TTA."""
+    for options in (["--split", "all", "--calibrate"], ["--split", "test", "--calibrate", "--tta"]):
+        assert runner.invoke(app, ["--quiet", "evaluate", str(run_copy), *options]).exit_code == 0
+    plain = json.loads((run_copy / "metrics" / "val.json").read_text())["calibration"]["temperature"]
+    with_tta = json.loads((run_copy / "metrics" / "test.json").read_text())["calibration"]["temperature"]
+    text = Path(export.export_run(run_copy, format="torchscript", out=tmp_path / "m.pt")["card"]).read_text()
+    assert (f"temperature {plain:.3f} fitted on the val split without test-time views (`medcli predict --calibrated`"
+            in text)
+    assert f"temperature {with_tta:.3f} fitted on the val split with test-time views (`medcli predict --tta" in text

@@ -186,3 +186,18 @@ def test_the_evaluate_command_a_hint_gives_redoes_the_recorded_evaluation(tmp_pa
     assert run.evaluate_command("val") == f"medcli evaluate {where} --split val --calibrate"
     assert run.evaluate_command("val", "--calibrate") == f"medcli evaluate {where} --split val --calibrate"
     assert run.evaluate_command("train") == f"medcli evaluate {where} --split train"  # that split alone
+
+
+def test_the_resume_command_keeps_a_distributed_runs_process_count(tmp_path):
+    """Review: a `--nproc 2` run was told to resume with 'medcli train --resume RUN', which
+    continues it in one process (another batch split, not the run it was)."""
+    from medcli import manifest
+    from medcli.run import Run
+
+    run_dir = tmp_path / "r"
+    run_dir.mkdir()
+    manifest.write(run_dir, manifest.document("r", config={}, dataset={},
+                                              environment={"distributed": {"world_size": 2}}))
+    assert Run.open(run_dir).resume_command().endswith(" --nproc 2")
+    Run.open(run_dir).update(lambda data: data["environment"]["distributed"].update(world_size=1))
+    assert Run.open(run_dir).resume_command() == f"medcli train --resume {run_dir.resolve()}"

@@ -1000,20 +1000,32 @@ def test_ordinal_label_smoothing_goes_to_the_neighbouring_grades():
 
 
 def test_a_kill_while_the_first_last_pt_is_written_restarts_the_run(small_root, tmp_path, monkeypatch, capsys):
-    """Review: best.pt is written before last.pt; a kill between them in epoch 1 left a run
-    that resume refused ("restore the file"), though there is no file to restore. It starts
-    again from epoch 1 and ends as an uninterrupted run does; later epochs still refuse."""
+    """Review: best.pt is written before last.pt; a kill between them in epoch 1 (or later,
+    while epoch 1's last.pt was still being written and later epochs skipped theirs) left a
+    run that resume refused ("restore the file"), though there is no file to restore. It
+    starts again from epoch 1, says so once the stage is locked, and ends as an uninterrupted
+    run does; a last.pt that was recorded and then lost is still refused."""
     options = dict(root=small_root, epochs=2, **{**TINY, "batch_size": 16})
     straight = train.train(runs_dir=tmp_path / "a", **options)
     run = _interrupted_run(tmp_path / "b", monkeypatch, **options)
-    (run / "checkpoints" / "last.pt").unlink()  # killed while writing epoch 1's last.pt
+    (run / "checkpoints" / "last.pt").unlink()  # killed while writing the first last.pt: never recorded
+
+    def never_recorded(data):
+        data["stages"]["train"]["artefacts"].pop("checkpoints/last.pt")
+        data["stages"]["train"]["summary"].update(epochs_run=2, last_skipped=1)
+
+    Run.open(run).update(never_recorded)
+    capsys.readouterr()
+    with pytest.raises(UsageError):  # refused (no data here): it says nothing about starting again
+        train.resume(run, root=tmp_path / "nodata")
+    assert "starts again" not in capsys.readouterr().err
     resumed = train.resume(run)
-    assert "starts again from epoch 1" in capsys.readouterr().err
+    assert capsys.readouterr().err.count("starts again from epoch 1") == 1
     assert resumed.stages["train"]["status"] == "completed"
     assert _weights_equal(straight.run_dir / "checkpoints/last.pt", run / "checkpoints/last.pt")
     assert _history(run) == [{**row, "seconds": mine["seconds"]} for row, mine in zip(_history(straight.run_dir), _history(run))]
     Run.open(run).update(lambda data: data["stages"]["train"].update(status="interrupted"))
-    (run / "checkpoints" / "last.pt").unlink()  # two epochs recorded: a lost last.pt is not a kill in epoch 1
+    (run / "checkpoints" / "last.pt").unlink()  # recorded, then lost: there was one to restore
     with pytest.raises(UsageError, match="no checkpoints/last.pt to resume from"):
         train.resume(run)
 
