@@ -40,12 +40,16 @@ class MedcliGroup(TyperGroup):
     """Turns every failure inside a subcommand into one line on stderr and an exit code."""
 
     def invoke(self, ctx):
+        sub = next(iter(getattr(ctx, "_protected_args", None) or []), None)  # the subcommand's name, before Click clears it
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort):
             raise
         except ClickUsageError as exc:
-            name = f"medcli {exc.ctx.info_name}" if exc.ctx and exc.ctx.parent else "medcli"
+            if exc.ctx and exc.ctx.parent:
+                name = f"medcli {exc.ctx.info_name}"
+            else:  # an option missing its value fails before the subcommand's context exists
+                name = f"medcli {sub}" if sub in self.commands else "medcli"
             option = getattr(exc, "option_name", None)
             if name != "medcli" and option in {opt for param in self.params for opt in param.opts}:
                 console.error(f"{option} is a global option: put it before the command, "
@@ -303,7 +307,7 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(metavar="RUN", help="Run directory printed by 'medcli train'.")],
     split: Annotated[EvalSplit, typer.Option(help="Split to evaluate; all = test, val and train.")] = EvalSplit.test,
-    checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
+    checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (as the run's selection rule chose it; see 'medcli train --help') or last.pt.")] = Checkpoint.best,
     tta: Annotated[bool, typer.Option("--tta/--no-tta", show_default=False, help=(
         "Average fixed flipped views: the identity and each flip the run trained with (none for a run "
         "trained without flips). Default: off."))] = False,
@@ -347,7 +351,7 @@ def aggregate(
         "correlation and top-20% overlap between every two explained (run, method), per class means, and a "
         "side-by-side figure; needs --out."))] = False,
     method: Annotated[Optional[str], typer.Option(help="With --maps: only these explain methods (comma-separated).")] = None,
-    pair: Annotated[Optional[tuple[str, str]], typer.Option(help=(
+    pair: Annotated[Optional[tuple[str, str]], typer.Option(metavar="A B", help=(
         "Paired tests of these two setups (each a run directory, run id or setup label) on the same test images: "
         "McNemar's exact test (accuracy), a paired bootstrap (AUC), and across seeds a t-interval of the mean "
         "difference. Default: the only two setups, when exactly two are compared."))] = None,
@@ -402,7 +406,7 @@ def explain(
     only_errors: Annotated[bool, typer.Option("--only-errors", help="Only misclassified samples.")] = False,
     target: Annotated[str, typer.Option(help="Class to explain: pred (the predicted class; multi-label: the most probable label), true, or a class number or name (rollout ignores it).")] = "pred",
     layer: Annotated[Optional[str], typer.Option(help=_explainers.LAYER_HELP)] = None,
-    checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (best validation epoch) or last.pt.")] = Checkpoint.best,
+    checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (as the run's selection rule chose it; see 'medcli train --help') or last.pt.")] = Checkpoint.best,
     seed: Annotated[int, typer.Option(help="Seed of the sample choice.")] = 0,
     head_fusion: Annotated[HeadFusion, typer.Option(help="Rollout: how the heads of a block are combined.")] = HeadFusion(_explainers.DEFAULT_OPTIONS["head_fusion"]),
     discard_ratio: Annotated[float, typer.Option(help="Rollout: share of the weakest attention to patches dropped per block.")] = _explainers.DEFAULT_OPTIONS["discard_ratio"],
@@ -541,13 +545,16 @@ def clean_processes(
     older_than: Annotated[
         Optional[str], typer.Option(help="Only processes older than this, e.g. 30m, 2h, 1d.")
     ] = None,
+    run: Annotated[Optional[Path], typer.Option(help="Only the job working on this run directory (its launcher and ranks too).")] = None,
+    pid: Annotated[Optional[int], typer.Option(help="Only the job of this process (its launcher and ranks too).")] = None,
     grace: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the processes as JSON on stdout.")] = False,
 ) -> None:
     """List or end this user's other medcli processes.
 
     Shows pid, age, command, run, CPU, memory and GPU memory. Ending a process: SIGTERM, then
-    SIGKILL after --grace seconds, and its runs are marked interrupted. Other users' processes
+    SIGKILL after --grace seconds, and its runs are marked interrupted; --run or --pid keeps
+    to one job (a launcher and its ranks). Other users' processes
     and processes other than medcli are never touched. Without --yes it only lists, or asks
     when run from a terminal."""
     from medcli import processes
@@ -557,7 +564,7 @@ def clean_processes(
         return sys.stdin.isatty() and not json_out and typer.confirm(question, err=True)
 
     report = processes.clean(dry_run=dry_run, yes=yes, older_than=older_than, grace_s=grace, show=not json_out,
-                             confirm=ask)
+                             confirm=ask, run=run, pid=pid)
     if json_out:
         emit(report)
     if report["ended"] and not all(p["ended"] for p in report["processes"]):

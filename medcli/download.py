@@ -231,8 +231,9 @@ def import_file(
 
 
 def inventory(root: str | os.PathLike | None = None, flags: Iterable[str] = ()) -> list[dict]:
-    """One entry per dataset (default: every 2D flag): the INFO facts, and for each size the
-    file's path and status under root (see `_file_status`)."""
+    """One entry per dataset (default: every 2D flag): the INFO facts, for each size the
+    file's path and status under root (see `_file_status`), and the stand-ins of it in
+    root's sample/ and synthetic/ folders."""
     root = _root(root)
     entries = []
     for flag in _flags(flags) or datasets.flags():
@@ -246,10 +247,15 @@ def inventory(root: str | os.PathLike | None = None, flags: Iterable[str] = ()) 
             "files": {
                 str(size): _file_status(datasets.data_path(root, flag, size), flag, size) for size in datasets.SIZES
             },
+            # the stand-ins --sample and --synthetic keep in folders of their own under root
+            "stand_ins": [dict(_file_status(path, flag, size), size=size, folder=sub)
+                          for size in datasets.SIZES for sub in (datasets.SAMPLE_DIR, datasets.SYNTHETIC_DIR)
+                          if (path := datasets.data_path(root / sub, flag, size)).is_file()],
         })
     return entries
 
 
+_TASK_WIDTH = 12  # the --list table's task column: a longer word is shown with spaces for its hyphens
 _STATUS_CELLS = {
     "official": "[green]official[/green]",
     "unofficial": "[yellow]unofficial[/yellow]",
@@ -269,7 +275,9 @@ def table(entries: list[dict], root: str | os.PathLike | None = None):
     grid = Table(
         title=f"MedMNIST 2D datasets under {_root(root)} (each in {', '.join(map(str, datasets.SIZES))} px)",
         caption=(
-            "unofficial: imported with --allow-unofficial; sample: the embedded sample (--sample); no record: not placed by medcli, "
+            "unofficial: imported with --allow-unofficial; sample: the embedded sample (--sample); sample/, synthetic/: the "
+            "folders --sample and --synthetic put their stand-ins in (train on one with --root ROOT/sample); no record: not "
+            "placed by medcli, "
             "'medcli download FLAG -s N' verifies it; md5 mismatch: changed since recorded"
         ),
         box=box.SIMPLE_HEAD,
@@ -277,7 +285,7 @@ def table(entries: list[dict], root: str | os.PathLike | None = None):
         collapse_padding=True,
     )
     grid.add_column("dataset", no_wrap=True)
-    grid.add_column("task", min_width=12, max_width=12)
+    grid.add_column("task", min_width=_TASK_WIDTH, max_width=_TASK_WIDTH)
     for name in ("classes", "train", "val", "test"):
         grid.add_column(name, justify="right", no_wrap=True)
     grid.add_column("files (px)", no_wrap=True)
@@ -285,10 +293,12 @@ def table(entries: list[dict], root: str | os.PathLike | None = None):
         present = [
             f"{size} {_STATUS_CELLS[file['status']]}"
             for size, file in entry["files"].items() if file["status"] != "missing"
-        ]
+        ] + [f"{file['size']} [dim]{file['folder']}/[/dim]"  # a stand-in: its folder, and what it is when not that
+             + ("" if file["status"] == file["folder"] else f" {_STATUS_CELLS[file['status']]}")
+             for file in entry["stand_ins"]]
         grid.add_row(
             entry["flag"],
-            entry["task"],
+            " ".join(word.replace("-", " ") if len(word) > _TASK_WIDTH else word for word in entry["task"].split(" ")),
             str(entry["classes"]),
             *(f"{entry['n_samples'][split]:,}" for split in datasets.SPLITS),
             "\n".join(present) or "[dim]-[/dim]",

@@ -75,7 +75,7 @@ def predict_files(
     views = opened.views(tta)
     if tta and len(views) == 1:
         console.warn("--tta: this model was trained without flips or turns, so there is no test-time view to add")
-    temperature = _temperature(card, calibrated, tta)
+    temperature = _temperature(opened, calibrated, tta)
     target = images.Target(size=card["image"]["size"], channels=card["image"]["channels"])
     names = list(task.names)
 
@@ -161,15 +161,21 @@ def _remove(earlier: list[Path], folder: Path) -> None:
         earlier.pop().unlink()
 
 
-def _temperature(card: dict, calibrated: bool, tta: bool):
+def _temperature(opened: bundle.Opened, calibrated: bool, tta: bool):
     """The temperature --calibrated applies (1 when not asked for, or when the model was never
     calibrated: one line says so)."""
     if not calibrated:
         return 1.0
+    card = opened.card
     fit = bundle.calibration(card, tta)
     if fit is None:
-        console.warn(f"--calibrated: {card['run_id']}'s {card['checkpoint']} checkpoint has no calibrated evaluation "
-                     f"(run 'medcli evaluate RUN --calibrate'); the probabilities are uncalibrated")
+        checkpoint = [] if card["checkpoint"] == "best" else ["--checkpoint", card["checkpoint"]]
+        how = (f"run '{opened.run.evaluate_command('test', '--calibrate', *checkpoint, *(['--tta'] if tta else []))}'"
+               if opened.run is not None else  # an export's description was fixed when it was written
+               f"calibrate its run {card['run_id']} ('medcli evaluate RUN --calibrate'), then export it again with "
+               "--overwrite")
+        console.warn(f"--calibrated: {opened.source.name} ({card['run_id']}, {card['checkpoint']}.pt) has no calibrated "
+                     f"evaluation: {how}; the probabilities are uncalibrated")
         return 1.0
     if fit["tta"] != tta:
         console.warn(f"--calibrated: the temperature was fitted {'with' if fit['tta'] else 'without'} test-time views "

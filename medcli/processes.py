@@ -9,8 +9,9 @@ checks the process's start time, so a pid reused by an unrelated process is neve
 
 Distributed jobs: `train --nproc`'s launcher marks the run of a process that died
 interrupted (`mark_lost`). Under torchrun itself a rank 0 killed hard leaves its train stage
-`running`; `medcli train --resume RUN` continues it all the same, and `clean-processes --yes`
-ends the processes of a hung job and marks their runs interrupted.
+`running`; `medcli train --resume RUN` continues it all the same, and `clean-processes --pid
+PID --yes` (any process of the job) ends the processes of a hung job and marks their runs
+interrupted.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any, Callable
 from medcli import console
 from medcli.errors import UsageError
 
-__all__ = ["MedcliProcess", "clean", "end_processes", "find_processes", "mark_lost", "other_trainings", "parse_duration"]
+__all__ = ["MedcliProcess", "clean", "end_processes", "find_processes", "job_of", "mark_lost", "other_trainings", "parse_duration"]
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -61,17 +62,30 @@ class MedcliProcess:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "handle"}
 
 
+_PYTHON_OPTIONS_WITH_VALUE = ("-X", "-W", "--check-hash-based-pycs")
+
+
 def _is_medcli(cmdline: list[str]) -> int | None:
-    """Index of the first medcli argument in a command line, or None if it isn't medcli."""
+    """Index of the first medcli argument in a command line, or None if it isn't medcli: the
+    console script, `python [options] -m medcli` (torchrun starts its processes as `python -u
+    -m medcli`), `python [options] path/to/medcli`, or torchrun running `-m medcli`."""
     if not cmdline:
         return None
     if Path(cmdline[0]).name == "medcli":
         return 1
+    i = 0
     if Path(cmdline[0]).name.startswith("python"):
-        if len(cmdline) > 1 and Path(cmdline[1]).name == "medcli":
-            return 2
-        if cmdline[1:3] == ["-m", "medcli"]:
-            return 3
+        i = 1
+        while i < len(cmdline) and cmdline[i].startswith("-") and cmdline[i] not in ("-m", "-c"):
+            i += 2 if cmdline[i] in _PYTHON_OPTIONS_WITH_VALUE else 1
+        if cmdline[i:i + 2] == ["-m", "medcli"]:
+            return i + 2
+        if i < len(cmdline) and Path(cmdline[i]).name == "medcli":
+            return i + 1
+    if i < len(cmdline) and Path(cmdline[i]).name == "torchrun":  # its options, then -m/--module medcli
+        for k in range(i + 1, len(cmdline) - 1):
+            if cmdline[k] in ("-m", "--module") and cmdline[k + 1] == "medcli":
+                return k + 2
     return None
 
 
@@ -228,16 +242,48 @@ def mark_lost(run_dir: str, pid: int, reason: str) -> list[str]:
         return []
 
 
+def job_of(found: list[MedcliProcess], run: str | os.PathLike | None = None,
+           pid: int | None = None) -> list[MedcliProcess]:
+    """The processes of `found` that make up one job: the one with `pid`, or those working on
+    the run directory `run`, with their medcli ancestors (a `--nproc` or torchrun launcher)
+    and all the medcli descendants of those (the other ranks, which hold no stage lock)."""
+    by_pid = {p.pid: p for p in found}
+    if pid is not None:
+        seeds = [by_pid[pid]] if pid in by_pid else []
+    else:
+        target = Path(run).resolve()
+        seeds = [p for p in found if any(Path(d).resolve() == target for d in p.run_dirs)]
+    members = set()
+    for proc in seeds:
+        root = proc
+        while _parent(root) in by_pid:
+            root = by_pid[_parent(root)]
+        members.add(root.pid)
+        try:
+            members.update(child.pid for child in root.handle.children(recursive=True) if child.pid in by_pid)
+        except Exception:  # psutil.Error: the process went meanwhile
+            pass
+    return [p for p in found if p.pid in members]
+
+
 def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = None, grace_s: float = 10.0,
-          show: bool = True, confirm: Callable[[int], bool] | None = None) -> dict:
+          show: bool = True, confirm: Callable[[int], bool] | None = None, run: str | os.PathLike | None = None,
+          pid: int | None = None) -> dict:
     """`medcli clean-processes`: find this user's other medcli processes (older than
-    `older_than`, e.g. '2h'), show them as a table on stderr (`show`), and end them with
-    `yes`, or when `confirm(count)` says so (never with `dry_run`). Returns {"ended": bool,
-    "processes": [...]}: end_processes' reports when they were ended (each with `ended`),
-    else the processes found; a process that could not be ended is warned about."""
+    `older_than`, e.g. '2h'; only the job of `run` or `pid`, `job_of`, when given), show them
+    as a table on stderr (`show`), and end them with `yes`, or when `confirm(count)` says so
+    (never with `dry_run`). Returns {"ended": bool, "processes": [...]}: end_processes'
+    reports when they were ended (each with `ended`), else the processes found; a process
+    that could not be ended is warned about."""
     if dry_run and yes:
         raise UsageError("--dry-run and --yes contradict each other; pass one of them")
+    if run is not None and pid is not None:
+        raise UsageError("--run and --pid each choose one job; pass one of them")
     found = find_processes(parse_duration(older_than) if older_than else 0.0)
+    if run is not None or pid is not None:
+        found = job_of(found, run, pid)
+        if not found:
+            console.info(f"no medcli process of this user is {'pid ' + str(pid) if pid is not None else 'working on ' + str(run)}")
     if show:
         console.console().print(table(found, f"{console.plural(len(found), 'medcli process', 'medcli processes')}"))
     end = bool(found) and not dry_run and (yes or (confirm is not None and bool(confirm(len(found)))))

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create ./.venv (if missing) and install medcli with its test extra into it.
+# Create ./.venv (if missing) and install medcli with its test, export and dicom extras into it.
 # Idempotent: re-running it only checks that everything is installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -11,6 +11,8 @@
 # Usage: scripts/run_all.sh [--reduced] [--from FILE] [--sample] [--synthetic] [--size N]
 #                           [--root DIR] [--runs-dir DIR] [--out DIR] [-- extra train options]
 # stdout: the comparison folder; the log names the runs and the data they trained on.
+# Environment: MEDCLI, the command to run (default: medcli); MEDCLI_DATA, the default --root
+# (else ~/.medmnist).
 set -euo pipefail
 
 REDUCED=""
@@ -33,11 +35,15 @@ while [ $# -gt 0 ]; do
     --runs-dir) RUNS="$2"; shift ;;
     --out) OUT="$2"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+if [ "$SAMPLE" -eq 1 ] && [ "$SIZE" != 28 ]; then
+  echo "run_all.sh: --sample is the embedded 28-px sample; leave out --size $SIZE, or use --from FILE" >&2
+  exit 2
+fi
 
 MEDCLI=${MEDCLI:-medcli}
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -53,7 +59,7 @@ stage() {
   local name=$1; shift
   local start=$SECONDS rc=0
   log "start $name: $*"
-  "$@" >&2 || rc=$?
+  if [ -n "${STAGE_OUT:-}" ]; then "$@" > "$STAGE_OUT" || rc=$?; else "$@" >&2 || rc=$?; fi
   if [ "$rc" -ne 0 ]; then
     log "FAILED $name (exit $rc) after $((SECONDS - start)) s"
     exit "$rc"
@@ -65,7 +71,7 @@ stage() {
 capture() {
   local var=$1 name=$2; shift 2
   local tmp; tmp=$(mktemp)
-  stage "$name" bash -c '"$@" > "$0"' "$tmp" "$@"
+  STAGE_OUT=$tmp stage "$name" "$@"
   printf -v "$var" '%s' "$(tail -n 1 "$tmp")"
   rm -f "$tmp"
 }
@@ -98,8 +104,8 @@ else
   fi
 fi
 
-capture RUN_CNN train-resnet18 "$MEDCLI" train --model resnet18 --size "$SIZE" --root "$ROOT" --runs-dir "$RUNS" $REDUCED "${EXTRA[@]}"
-capture RUN_VIT train-vit "$MEDCLI" train --model vit --size "$SIZE" --root "$ROOT" --runs-dir "$RUNS" $REDUCED "${EXTRA[@]}"
+capture RUN_CNN train-resnet18 "$MEDCLI" train --model resnet18 --size "$SIZE" --root "$ROOT" --runs-dir "$RUNS" $REDUCED ${EXTRA[@]+"${EXTRA[@]}"}
+capture RUN_VIT train-vit "$MEDCLI" train --model vit --size "$SIZE" --root "$ROOT" --runs-dir "$RUNS" $REDUCED ${EXTRA[@]+"${EXTRA[@]}"}
 stage evaluate-resnet18 "$MEDCLI" evaluate "$RUN_CNN" --tta --calibrate
 stage evaluate-vit "$MEDCLI" evaluate "$RUN_VIT" --tta --calibrate
 stage explain-resnet18 "$MEDCLI" explain "$RUN_CNN" --method gradcam

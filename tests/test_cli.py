@@ -203,3 +203,9 @@ def test_log_lines_print_brackets_in_messages_literally(say, capsys):
     text = "[/src/pair.cc:534] Connection closed by peer; scan.tif[frame 1] [bold]x[/bold]"
     getattr(console, say)(text)
     assert text in capsys.readouterr().err
+
+
+def test_an_option_missing_its_value_points_at_the_subcommands_help():
+    """Review: `aggregate --pair a` said "(see 'medcli --help')", whose help has no --pair."""
+    one_line_error(runner.invoke(app, ["aggregate", "--pair", "a"]), 2, "--pair", "see 'medcli aggregate --help'")
+    one_line_error(runner.invoke(app, ["train", "--epochs"]), 2, "see 'medcli train --help'")

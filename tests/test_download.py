@@ -633,3 +633,18 @@ def test_a_present_file_needs_no_mirror_and_left_temporaries_that_cannot_go_are_
 
     monkeypatch.setattr(Path, "unlink", read_only)
     assert _fetch(server, "good", tmp_path, md5)["md5"] == md5 and leftover.exists() and server.hits["good"] == 0
+
+
+def test_list_shows_the_stand_ins_beside_the_official_files_and_every_task_name(tmp_path):
+    """Review: after `download --sample` (or --synthetic), `--list` on the same root showed the
+    dataset as missing, and the task column cut "ordinal-regression" to "ordinal-reg…"."""
+    for mode in ("--sample", "--synthetic"):
+        assert runner.invoke(app, ["download", FLAG, mode, "--root", str(tmp_path)]).exit_code == 0
+    listed = runner.invoke(app, ["download", "--list", "--json", "--root", str(tmp_path), FLAG])
+    entry = json.loads(listed.stdout)[0]
+    assert [(f["folder"], f["status"], f["size"]) for f in entry["stand_ins"]] == [("sample", "sample", 28),
+                                                                                  ("synthetic", "synthetic", 28)]
+    assert entry["files"]["28"]["status"] == "missing"  # the official path itself holds nothing
+    table = runner.invoke(app, ["download", "--list", "--root", str(tmp_path)], env={"COLUMNS": "80"})
+    assert "28 sample/" in table.stdout and "28 synthetic/" in table.stdout
+    assert "…" not in table.stdout and "regression" in table.stdout and max(map(len, table.stdout.splitlines())) <= 80

@@ -144,10 +144,15 @@ def test_missing_paths_and_bad_options_are_one_line(tiny_run, pngs, tmp_path):
     one_line_error(runner.invoke(app, ["predict", str(tmp_path / "norun"), str(pngs)]), 2)
 
 
-def test_calibrated_without_a_calibrated_evaluation_says_so(tiny_run, pngs):
+def test_calibrated_without_a_calibrated_evaluation_says_so(tiny_run, exported, pngs):
+    """... with a command that works: the run's evaluation with its path; for an export (whose
+    description was fixed when written; review: the hint to evaluate did not help) the export too."""
     result = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--calibrated"])
     assert result.exit_code == 0, result.output
-    assert "no calibrated evaluation" in " ".join(result.stderr.split())
+    said = " ".join(result.stderr.split())
+    assert "no calibrated evaluation" in said and f"medcli evaluate {tiny_run.resolve()} --split test --calibrate" in said
+    result = runner.invoke(app, ["predict", str(exported), str(pngs), "--calibrated"])
+    assert result.exit_code == 0 and "then export it again with --overwrite" in " ".join(result.stderr.split())
 
 
 def test_explain_writes_one_overlay_per_image(tiny_run, pngs, tmp_path):

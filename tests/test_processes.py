@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -27,6 +28,8 @@ from medcli.run import Run
 run, ignore_term = sys.argv[2], sys.argv[3] == "1"
 if ignore_term:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if run == "-":  # another rank of a job: it computes, but holds no stage
+    time.sleep(120)
 with Run.open(run).stage("train"):
     print("ready", flush=True)
     end = time.time() + 120
@@ -226,3 +229,71 @@ def test_train_warns_when_another_training_shares_the_device(fake_medcli, monkey
     assert proc.poll() is None  # warned, never killed
     # The other processes of one distributed job (children of the same launcher) are not others.
     assert proc.pid not in {p.pid for p in processes.other_trainings("cpu", exclude_parent=os.getpid())}
+
+
+@pytest.mark.parametrize("cmdline, start", [
+    (["/usr/bin/python3", "-u", "-m", "medcli", "train"], 4),  # how torchrun starts each rank
+    (["python3", "-X", "dev", "-W", "ignore", "-m", "medcli", "evaluate"], 7),
+    (["python", "-u", "/venv/bin/medcli", "train"], 3),
+    (["/usr/bin/python3", "/venv/bin/torchrun", "--nproc-per-node=2", "-m", "medcli", "train"], 5),
+    (["torchrun", "--standalone", "--module", "medcli", "train"], 4),
+    (["python", "-c", "import time", "-m", "medcli"], None),  # mentions medcli, is not medcli
+    (["python", "-m", "pytest", "medcli"], None),
+])
+def test_medcli_is_recognised_behind_interpreter_options_and_torchrun(cmdline, start):
+    """Review: the ranks torchrun starts (`python -u -m medcli ...`) were invisible to
+    clean-processes, so a hung distributed job could not be ended by it."""
+    assert processes._is_medcli(cmdline) == start
+
+
+def test_run_and_pid_keep_to_one_job_with_its_launcher_and_ranks(tmp_path):
+    """Review: `--yes` was the only way to end a hung job, and it ends every medcli process
+    of the user. `--run RUN` / `--pid PID` end the job: the process on that run, its launcher
+    and the launcher's other ranks (which hold no stage lock), and nothing else."""
+    fake = tmp_path / "fake"  # `python -u -m medcli` run from here imports this stand-in
+    (fake / "medcli").mkdir(parents=True)
+    (fake / "medcli" / "__init__.py").write_text("")
+    (fake / "medcli" / "__main__.py").write_text(LAUNCHER)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "medcli").write_text(FAKE)
+    runs = [Run.create(tmp_path / "runs", name, config={}, dataset={}).run_dir for name in ("a", "b")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    jobs = [subprocess.Popen([sys.executable, "-u", "-m", "medcli", str(tmp_path / "bin" / "medcli"), str(run)],
+                             cwd=fake, env=env, stdout=subprocess.PIPE, text=True) for run in runs]
+    try:
+        for job in jobs:
+            assert job.stdout.readline().strip() == "ready"
+        found = processes.find_processes()
+        ours = [p for p in found if p.pid in {j.pid for j in jobs}]
+        assert len(ours) == 2  # the launchers, `python -u -m medcli`, are seen
+        job_a = processes.job_of(found, run=runs[0])
+        launcher = next(p for p in job_a if p.pid == jobs[0].pid)
+        ranks = [p for p in job_a if p is not launcher]
+        assert len(ranks) == 2 and any(p.run_dirs == [str(runs[0])] for p in ranks)  # rank 0 holds the lock, rank 1 not
+        assert {p.pid for p in processes.job_of(found, pid=ranks[0].pid)} == {p.pid for p in job_a}
+        assert not {p.pid for p in job_a} & {p.pid for p in processes.job_of(found, run=runs[1])}
+        result = processes.clean(yes=True, run=runs[0], grace_s=2, show=False)
+        assert result["ended"] and {p["pid"] for p in result["processes"]} == {p.pid for p in job_a}
+        jobs[0].wait(timeout=20)
+        assert jobs[1].poll() is None  # the other job runs on
+        assert Run.open(runs[0]).stages["train"]["status"] == "interrupted"
+    finally:
+        for job in jobs:
+            if job.poll() is None:
+                for child in psutil.Process(job.pid).children(recursive=True):
+                    child.kill()
+            job.kill()
+            job.wait()
+
+
+# A stand-in for `train --nproc 2`'s launcher: two ranks, `python -u <medcli> train RUN`, of which
+# rank 0 runs the stage (FAKE) and rank 1 only computes.
+LAUNCHER = """
+import subprocess, sys, time
+script, run = sys.argv[1], sys.argv[2]
+rank0 = subprocess.Popen([sys.executable, "-u", script, "train", run, "0"], stdout=subprocess.PIPE, text=True)
+rank1 = subprocess.Popen([sys.executable, "-u", script, "train", "-", "0"])
+rank0.stdout.readline()
+print("ready", flush=True)
+rank0.wait()
+"""
