@@ -207,6 +207,12 @@ def resolve_config(**given: Any) -> dict:
     monitor = o.monitor or tasks.TASKS[meta["task"]].default_monitor
     datasets.check_size(o.size)
     rec = models.record(o.model)
+    if o.pretrained and o.weights:
+        raise UsageError("--pretrained and --weights each choose the starting weights (ImageNet's, or a file's); "
+                         "pass one of them")
+    if o.reduced and o.pretrained and rec.reduced_alias and o.model in models.ALIASES:
+        raise UsageError(f"--reduced makes {o.model} a smaller ViT ({rec.reduced_alias[0]}) that no pretrained weights "
+                         f"fit; leave out --reduced (or --pretrained) to start from ImageNet weights")
     chosen = dict(rec.defaults)
     overrides: dict[str, Any] = {}
     name = o.model

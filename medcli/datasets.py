@@ -30,7 +30,7 @@ from medcli.errors import MedcliError, UsageError
 from medcli.names import SPLITS
 
 __all__ = [
-    "CHECKS", "MAP_MIN_BYTES", "SAMPLE_DIR", "SAMPLE_OF", "provenance", "provenance_kind", "SIZES", "SPLITS", "SYNTHETIC_DIR", "Splits", "as_tensor", "check_size", "class_names", "current_md5", "data_path",
+    "CHECKS", "MAP_MIN_BYTES", "SAMPLE_DIR", "SAMPLE_OF", "provenance", "provenance_kind", "SIZES", "SPLITS", "SYNTHETIC_DIR", "Splits", "as_tensor", "as_view", "check_size", "class_names", "current_md5", "data_path",
     "default_root", "filename", "flags", "info", "load", "make_record", "make_synthetic", "official_source",
     "keep_record", "read_record", "record_of", "record_path", "resolve", "task", "unchanged", "use_cache", "validate_npz", "write_record",
 ]
@@ -453,6 +453,14 @@ def make_synthetic(
     )
     write_record(target, record)
     return target
+
+
+def as_view(images: np.ndarray):
+    """(N, H, W, C) uint8 array -> an (N, C, H, W) tensor sharing its memory (no copy), for
+    reading a batch at a time (`inference.predict_logits` makes each batch contiguous)."""
+    import torch
+
+    return torch.from_numpy(images).permute(0, 3, 1, 2)
 
 
 def as_tensor(images: np.ndarray, device="cpu", pin: bool = False):

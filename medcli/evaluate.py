@@ -81,7 +81,7 @@ def evaluate_run(
 
     def predict(name: str) -> np.ndarray:
         return inference.predict_logits(
-            model, datasets.as_tensor(data.images[name]), run.data["preprocess"], batch_size=batch_size,
+            model, datasets.as_view(data.images[name]), run.data["preprocess"], batch_size=batch_size,
             device=dev, amp=amp_mode, views=views, task=task, progress_label=f"evaluate {name}").numpy().astype(np.float64)
 
     epoch_key = "best_epoch" if checkpoint == "best" else "epochs_run"

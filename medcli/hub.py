@@ -82,7 +82,9 @@ def unreachable(url: str) -> str | None:
     """Why `url` cannot be downloaded now (HF_HUB_OFFLINE, or no TCP connection), else None."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
         return "HF_HUB_OFFLINE is set"
-    target = urlparse(urllib.request.getproxies().get("https") or url)
+    direct = urlparse(url)
+    proxy = None if urllib.request.proxy_bypass(direct.hostname or "") else urllib.request.getproxies().get(direct.scheme)
+    target = urlparse(proxy or url)  # the proxy for the URL's scheme, unless NO_PROXY names its host
     port = target.port or (80 if target.scheme == "http" else 443)
     try:
         socket.create_connection((target.hostname, port), timeout=CONNECT_TIMEOUT_S).close()

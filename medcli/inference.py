@@ -146,7 +146,7 @@ def _predict(model, images, prep: dict, *, batch_size: int, device, amp: str, vi
         with torch.inference_mode(), (console.progress() if progress_label else nullcontext()) as bar:
             row = bar.add_task(progress_label, total=total, unit="img") if progress_label else None
             for start in range(0, total, batch_size):
-                batch = images[start:start + batch_size].to(device, non_blocking=True)
+                batch = images[start:start + batch_size].contiguous().to(device, non_blocking=True)  # of a view too
                 real = int(batch.shape[0])
                 if pad and real < batch_size:
                     batch = torch.cat([batch, batch.new_zeros((batch_size - real, *batch.shape[1:]))])

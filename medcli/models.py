@@ -12,6 +12,7 @@ the name. torch, torchvision and timm are imported inside functions (the CLI's h
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from functools import cache, partial
@@ -142,6 +143,8 @@ def create(name: str, num_classes: int, in_chans: int, input_size: int, pretrain
         spec["stem"] = rec.stem(input_size, overrides.get("keep_maxpool", False))
     state = _read_weights_file(Path(weights)) if weights is not None else None  # fail before building
     model = rebuild(spec)
+    if name.startswith("timm:"):
+        _probe(model, spec)
     if state is not None:
         load = _load_torchvision_state if rec.torchvision else _load_timm_state
         model = load(model, spec, state, str(weights), WEIGHTS_FIX)
@@ -153,6 +156,24 @@ def create(name: str, num_classes: int, in_chans: int, input_size: int, pretrain
             spec["pretrained"] = True
     spec["params"] = sum(p.numel() for p in model.parameters())
     return model, spec
+
+
+def _probe(model: nn.Module, spec: dict) -> None:
+    """One forward pass of a blank image at the input size (eval mode: no random numbers drawn),
+    so a timm model that cannot take that size is a UsageError here, before any run exists."""
+    import torch
+
+    size, was_training = spec["input_size"], model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, spec["in_chans"], size, size))
+    except Exception as exc:  # any architecture's complaint about the shape
+        from medcli.hub import one_line
+
+        raise UsageError(f"{spec['name']} does not take {size}-px inputs ({one_line(exc)[:160]}); choose another "
+                         "--input-size or model") from None
+    finally:
+        model.train(was_training)
 
 
 def cnn_stem(input_size: int, keep_maxpool: bool = False) -> str:
@@ -296,20 +317,31 @@ def _timm_model(spec: Mapping[str, Any], fixed_size: bool = False, **load: Any) 
     for the spec's input size (ViTs: their positional embeddings follow it)."""
     import timm
 
+    import torch
+
     overrides = dict(spec.get("overrides", {}))
-    if fixed_size:
-        overrides.setdefault("img_size", spec["input_size"])
+    sized = {"img_size": spec["input_size"], **overrides}  # models built for a size (MaxViT, Swin, ViTs) take it
+
+    def build(options: dict):
+        return timm.create_model(spec["arch"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
+                                 **options, **load)
+
+    state = torch.get_rng_state()
     try:
-        model = timm.create_model(spec["arch"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
-                                  **overrides, **load)
+        model = build(sized)
     except TypeError as exc:
-        raise _bad_option(spec["name"], exc) from exc
+        if fixed_size or "img_size" in overrides or "img_size" not in str(exc):
+            raise _bad_option(spec["name"], exc) from exc
+        torch.set_rng_state(state)  # the same initialisation as a build without the attempt
+        try:
+            model = build(overrides)  # a model of any size (CNNs)
+        except TypeError as again:
+            raise _bad_option(spec["name"], again) from again
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch and spec["input_size"] % patch[0]:
-        size = spec["input_size"]
-        choices = ", ".join(str(p) for p in range(2, size // 2 + 1) if size % p == 0) or "none"
-        raise UsageError(f"{spec['name']}: input size {size} is not divisible by the patch size {patch[0]}; "
-                         f"use patch_size one of {choices}, or an input size divisible by {patch[0]}")
+        size, step = spec["input_size"], patch[0]
+        raise UsageError(f"{spec['name']}: input size {size} is not divisible by its patch size {step}; pass an "
+                         f"--input-size divisible by {step} (e.g. {-(-size // step) * step})")
     return model
 
 
@@ -380,17 +412,33 @@ def make_deterministic(model: nn.Module) -> list[str]:
 
 
 def pretrained_stats(model: nn.Module, spec: Mapping[str, Any]) -> tuple[tuple, tuple] | None:
-    """(mean, std) per RGB channel that the model's pretrained weights expect, None for a model
-    trained from scratch. timm models carry theirs in their pretrained config (many ViT weights
-    use 0.5/0.5, not ImageNet's); torchvision's weights use ImageNet's."""
+    """(mean, std) per channel that the model's starting weights expect, None for a model
+    trained from scratch: a medcli run's checkpoint, the statistics that run trained with (its
+    manifest's); otherwise timm models carry theirs in their pretrained config (many ViT
+    weights use 0.5/0.5, not ImageNet's), and torchvision's weights use ImageNet's."""
     if not spec.get("pretrained"):
         return None
+    recorded = _run_stats(spec.get("weights"))
+    if recorded is not None:
+        return recorded
     import timm
 
     if resolve(spec["name"])[1] == "timm":
         config = timm.data.resolve_model_data_config(model)
         return tuple(config["mean"]), tuple(config["std"])
     return timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
+
+
+def _run_stats(weights: str | None) -> tuple[tuple, tuple] | None:
+    """The (mean, std) of the medcli run a weights file is a checkpoint of (RUN/checkpoints/X.pt
+    beside RUN/manifest.json), or None for any other file."""
+    if not weights or Path(weights).parent.name != "checkpoints":
+        return None
+    try:
+        prep = json.loads((Path(weights).parent.parent / "manifest.json").read_text(encoding="utf-8"))["preprocess"]
+        return tuple(float(v) for v in prep["mean"]), tuple(float(v) for v in prep["std"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 # -- weights ----------------------------------------------------------------------------------

@@ -124,6 +124,8 @@ def mapped(path: Path, md5: str, splits: Sequence[str], channels: int, record: d
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with FileLock(directory / ".lock"):
+            for orphan in directory.glob(".*.tmp.npy"):  # a writer killed mid-file (none writes while we hold the lock)
+                orphan.unlink()
             for split in splits:
                 found[split] = _cached(directory, split, record, channels)  # another process may have written it
                 if found[split] is None:

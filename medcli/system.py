@@ -32,22 +32,24 @@ def _read(path: Path) -> str | None:
 
 
 def _own_cgroup(root: Path, proc_cgroup: Path) -> list[Path]:
-    """Candidate directories holding this process's CPU limits: its own cgroup and the root.
+    """Candidate directories holding this process's CPU limits: its own cgroup, every one
+    above it (a limit on a parent binds its children), and the root.
 
-    A limit set on a parent cgroup is invisible from inside a container (the container sees
-    its cgroup as the root), so the root's files are read too."""
+    A limit set outside a container is invisible from inside it (the container sees its
+    cgroup as the root), so the root's files are read too."""
     candidates: list[Path] = []
     text = _read(proc_cgroup) or ""
     for line in text.splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
-        controllers, rel = parts[1], parts[2].lstrip("/")
+        controllers, rel = parts[1], parts[2].strip("/")
+        chain = [Path(*rel.split("/")[:depth]) for depth in range(len(rel.split("/")) if rel else 0, 0, -1)]
         if controllers == "":  # v2 unified hierarchy
-            candidates.append(root / rel)
+            candidates += [root / folder for folder in chain]
         elif "cpu" in controllers.split(","):  # v1 cpu controller
             for mount in ("cpu,cpuacct", "cpu", "cpuacct,cpu"):
-                candidates.append(root / mount / rel)
+                candidates += [root / mount / folder for folder in chain]
                 candidates.append(root / mount)
     candidates.append(root)
     seen: list[Path] = []
@@ -62,10 +64,13 @@ def _quota(directory: Path) -> float | None:
     v2 = _read(directory / "cpu.max")
     if v2:
         fields = v2.split()
-        if fields[0] != "max" and len(fields) >= 1:
-            period = float(fields[1]) if len(fields) > 1 else 100000.0
-            return float(fields[0]) / period if period > 0 else None
-        return None
+        if fields[0] == "max":
+            return None
+        try:
+            quota, period = float(fields[0]), float(fields[1]) if len(fields) > 1 else 100000.0
+        except ValueError:  # not what the kernel writes: no limit we can read
+            return None
+        return quota / period if quota > 0 and period > 0 else None
     quota, period = _read(directory / "cpu.cfs_quota_us"), _read(directory / "cpu.cfs_period_us")
     if quota and period:
         try:
@@ -78,7 +83,7 @@ def _quota(directory: Path) -> float | None:
 
 
 def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path = Path("/proc/self/cgroup")) -> float | None:
-    """The tightest CPU quota (in CPUs) over this process's cgroup and the root, or None."""
+    """The tightest CPU quota (in CPUs) over this process's cgroup, its parents and the root, or None."""
     limits = [q for q in (_quota(d) for d in _own_cgroup(root, proc_cgroup)) if q is not None]
     return min(limits) if limits else None
 

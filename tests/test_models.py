@@ -261,8 +261,10 @@ def test_vit_tiny_builds_grayscale_at_28_with_patch_7():
     assert model(torch.zeros(1, 1, 28, 28)).shape == (1, 3)
 
 
-def test_vit_size_not_divisible_by_patch_names_choices():
-    with pytest.raises(UsageError, match=r"not divisible by the patch size 16; use patch_size one of 2, 4, 7, 14"):
+def test_vit_size_not_divisible_by_patch_names_an_option_that_exists():
+    """Review: the message advised a `patch_size` no command-line option sets."""
+    with pytest.raises(UsageError, match=r"not divisible by its patch size 16; pass an --input-size divisible by 16 "
+                                         r"\(e.g. 32\)"):
         models.create("timm:test_vit", 5, 3, 28)
 
 
@@ -427,3 +429,51 @@ def test_run_load_model_errors(tmp_path):
     with pytest.raises(UsageError, match=r"checkpoints/best.pt does not fit model resnet18 \(missing keys"):
         manifest.load_model()
 
+
+
+def test_the_reachability_probe_follows_no_proxy_and_the_urls_scheme(monkeypatch):
+    """Review: the probe always tried the https proxy, so a local mirror in NO_PROXY (or an
+    http URL) was judged offline."""
+    asked = []
+    monkeypatch.setattr(hub.socket, "create_connection", lambda address, timeout: asked.append(address) or _Closed())
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert hub.unreachable("http://127.0.0.1:8765/x") is None and asked[-1] == ("127.0.0.1", 8765)
+    assert hub.unreachable("https://huggingface.co/x") is None and asked[-1] == ("proxy.invalid", 3128)
+    monkeypatch.setenv("HTTP_PROXY", "http://other.invalid:8080")
+    monkeypatch.setenv("NO_PROXY", "")
+    assert hub.unreachable("http://mirror.lan/x") is None and asked[-1] == ("other.invalid", 8080)
+
+
+class _Closed:
+    def close(self):
+        pass
+
+
+def test_timm_models_of_a_fixed_size_are_built_for_the_input_size_or_refused_up_front():
+    """Review: timm models outside the ViT record that take their size at construction
+    (MaxViT, relative-position ViTs) were built at their default size and failed in the
+    first step ("unexpected AssertionError"), after the run directory existed."""
+    model, spec = models.create("timm:test_vit_relpos", 8, 3, 32)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 8)
+    with pytest.raises(UsageError, match="timm:test_maxvit does not take 28-px inputs"):
+        models.create("timm:test_maxvit", 8, 3, 28)
+    with pytest.raises(UsageError, match="pass an --input-size divisible by 16"):
+        models.create("timm:test_vit", 8, 3, 30)
+
+
+def test_weights_from_a_medcli_run_keep_that_runs_normalisation(tmp_path):
+    """Review: any --weights file switched the normalisation to ImageNet's, though a medcli
+    run's checkpoint was trained with its own statistics (0.5/0.5 from scratch)."""
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    model, spec = models.create("timm:test_resnet", 8, 3, 28)
+    torch.save({"model": model.state_dict(), "epoch": 3}, run_dir / "checkpoints" / "best.pt")
+    (run_dir / "manifest.json").write_text('{"preprocess": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}}')
+    model, spec = models.create("timm:test_resnet", 8, 3, 28, weights=run_dir / "checkpoints" / "best.pt")
+    assert models.pretrained_stats(model, spec) == ((0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
+    (run_dir / "manifest.json").unlink()  # a foreign file: the statistics its weights were made with (timm's config)
+    model, spec = models.create("timm:test_resnet", 8, 3, 28, weights=run_dir / "checkpoints" / "best.pt")
+    assert models.pretrained_stats(model, spec) == (tuple(timm.data.resolve_model_data_config(model)["mean"]),
+                                                    tuple(timm.data.resolve_model_data_config(model)["std"]))

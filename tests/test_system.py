@@ -78,3 +78,29 @@ def test_training_sets_torch_threads_from_usable_cpus(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_a_limit_on_a_parent_cgroup_counts(tmp_path, fake_affinity, version):
+    """Review: only the process's own cgroup and the root were read, so a job limited at
+    `a/` with the process in `a/b` (unlimited itself) got every core."""
+    root = tmp_path / "cg"
+    if version == "v2":
+        (root / "a" / "b").mkdir(parents=True)
+        (root / "a" / "cpu.max").write_text("100000 100000\n")
+        (root / "a" / "b" / "cpu.max").write_text("max 100000\n")
+        proc = _proc(tmp_path, "0::/a/b\n")
+    else:
+        (root / "cpu" / "slurm" / "job").mkdir(parents=True)
+        for folder, quota in ((root / "cpu" / "slurm", "100000"), (root / "cpu" / "slurm" / "job", "-1")):
+            (folder / "cpu.cfs_quota_us").write_text(quota)
+            (folder / "cpu.cfs_period_us").write_text("100000")
+        proc = _proc(tmp_path, "2:cpu:/slurm/job\n")
+    assert system.usable_cpus(root, proc) == 1
+
+
+def test_a_malformed_cpu_max_is_no_limit_not_a_crash(tmp_path, fake_affinity):
+    root = tmp_path / "cg"
+    root.mkdir()
+    (root / "cpu.max").write_text("abc 100000\n")
+    assert system.usable_cpus(root, _proc(tmp_path, "0::/\n")) == 8

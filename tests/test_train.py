@@ -1092,3 +1092,15 @@ def test_the_epoch_line_shows_the_learning_rate_history_records(small_root, tmp_
     run = train.train(root=small_root, runs_dir=tmp_path, epochs=2, **{**TINY, "batch_size": 16})
     shown = [line.split(" lr ")[1].split()[0] for line in capsys.readouterr().err.splitlines() if line.startswith("epoch ")]
     assert shown == [f"{float(row['lr']):.2e}" for row in _history(run.run_dir)]
+
+
+def test_options_that_choose_the_starting_weights_twice_or_impossibly_are_refused():
+    """Review: --pretrained beside --weights was ignored while the manifest recorded both; and
+    --reduced turns vit into a 6-block, 128-wide ViT that no ImageNet weights fit, so
+    --pretrained could only fail ("could not fetch ... training from scratch")."""
+    with pytest.raises(UsageError, match="--pretrained and --weights"):
+        resolve_config(model="resnet18", pretrained=True, weights="w.pt", device="cpu")
+    for model in ("vit", "vit-tiny"):
+        with pytest.raises(UsageError, match="no pretrained weights fit"):
+            resolve_config(model=model, reduced=True, pretrained=True, device="cpu")
+    assert resolve_config(model="vit", pretrained=True, device="cpu")["pretrained"] is True
