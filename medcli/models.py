@@ -496,7 +496,8 @@ def _read_weights_file(path: Path) -> dict:
 
 def _load_torchvision_state(model: nn.Module, spec: dict, state: dict, source: str, fix: str) -> nn.Module:
     """Load ImageNet-style torchvision weights: fix old key names, adapt the first conv to the
-    stem and the input channels, drop a classifier that does not fit."""
+    stem and the input channels, drop a classifier made for another class count (one that
+    takes other features is another architecture's: refused, as for timm models)."""
     import timm
 
     layout = record(spec["name"]).torchvision
@@ -510,7 +511,8 @@ def _load_torchvision_state(model: nn.Module, spec: dict, state: dict, source: s
             conv = resize_kernel(conv, tuple(target.shape[-2:]))
         state[key] = conv
     head = (f"{layout.classifier}.weight", f"{layout.classifier}.bias")
-    if state.get(head[0]) is not None and state[head[0]].shape != model.get_submodule(layout.classifier).weight.shape:
+    fitted, given = model.get_submodule(layout.classifier).weight.shape, state.get(head[0])
+    if given is not None and given.shape[0] != fitted[0] and given.shape[1:] == fitted[1:]:  # another class count
         state = {k: v for k, v in state.items() if k not in head}
     else:
         head = ()

@@ -477,3 +477,18 @@ def test_weights_from_a_medcli_run_keep_that_runs_normalisation(tmp_path):
     model, spec = models.create("timm:test_resnet", 8, 3, 28, weights=run_dir / "checkpoints" / "best.pt")
     assert models.pretrained_stats(model, spec) == (tuple(timm.data.resolve_model_data_config(model)["mean"]),
                                                     tuple(timm.data.resolve_model_data_config(model)["std"]))
+
+
+def test_a_torchvision_head_of_another_width_is_refused_not_dropped(tmp_path):
+    """Review: a resnet18 file whose classifier takes 7 features (another architecture's)
+    loaded with its head dropped silently; timm models refuse such a file. A head for
+    another class count is still dropped (ImageNet's 1,000 classes)."""
+    model, _ = models.create("resnet18", 8, 3, 28)
+    state = model.state_dict()
+    state["fc.weight"] = torch.zeros(8, 7)
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(UsageError, match="does not fit model resnet18"):
+        models.create("resnet18", 8, 3, 28, weights=tmp_path / "odd.pt")
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    torch.save(state, tmp_path / "imagenet.pt")
+    assert models.create("resnet18", 8, 3, 28, weights=tmp_path / "imagenet.pt")[1]["pretrained"] is True
