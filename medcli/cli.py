@@ -40,7 +40,9 @@ class MedcliGroup(TyperGroup):
     """Turns every failure inside a subcommand into one line on stderr and an exit code."""
 
     def invoke(self, ctx):
-        sub = next(iter(getattr(ctx, "_protected_args", None) or []), None)  # the subcommand's name, before Click clears it
+        # the subcommand's name, before Click clears it (Click 8.2+: _protected_args; 8.1: protected_args)
+        pending = ctx._protected_args if hasattr(ctx, "_protected_args") else getattr(ctx, "protected_args", [])
+        sub = next(iter(pending or []), None)
         try:
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort):

@@ -294,7 +294,7 @@ def table(entries: list[dict], root: str | os.PathLike | None = None):
             f"{size} {_STATUS_CELLS[file['status']]}"
             for size, file in entry["files"].items() if file["status"] != "missing"
         ] + [f"{file['size']} [dim]{file['folder']}/[/dim]"  # a stand-in: its folder, and what it is when not that
-             + ("" if file["status"] == file["folder"] else f" {_STATUS_CELLS[file['status']]}")
+             + ("" if file["status"] == file["folder"] else f"\n   {_STATUS_CELLS[file['status']]}")
              for file in entry["stand_ins"]]
         grid.add_row(
             entry["flag"],

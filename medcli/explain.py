@@ -164,7 +164,7 @@ def explain_run(
         with explainer as active:
             maps, scores = explainers.heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
                                     device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
-                                    scorer=explainers.road_scorer(model, seed, task) if faithfulness else None)
+                                    scorer=explainers.road_scorer(model, seed, task, samples=chosen) if faithfulness else None)
         box = data.record.get("signal_box")
         explained = Explained(split, chosen, images[chosen], truth, preds, probs[np.arange(len(chosen)), preds],
                               classes, maps, explainers.box_mass(maps, box) if box else None, scores,

@@ -367,7 +367,8 @@ def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device,
     return np.concatenate(out), (np.concatenate(scores) if scorer is not None else None)
 
 
-def road_scorer(model, seed: int, task, percentiles: Sequence[int] = ROAD_PERCENTILES):
+def road_scorer(model, seed: int, task, percentiles: Sequence[int] = ROAD_PERCENTILES,
+                samples: Sequence[int] | None = None):
     """Faithfulness of maps to `model`: the ROAD combined score (Rong et al., "A Consistent and
     Efficient Evaluation Strategy for Attribution Methods", ICML 2022) as grad-cam's
     `ROADCombined` computes it, its imputation solved on the model's device (`medcli.road`).
@@ -381,17 +382,23 @@ def road_scorer(model, seed: int, task, percentiles: Sequence[int] = ROAD_PERCEN
     scores share one scale. Higher is more faithful; a map no better than chance scores about 0.
     The noise and the order of tied pixels are seeded (ROAD_NAME: ties are where medcli differs
     from grad-cam). The confidence before removal cancels out of the difference, so it is not
-    computed.
+    computed. With `samples` (an id per image, in the order the batches come) each image draws
+    its own (`road.perturbed`): its score does not change with the batch size or the other
+    images explained; without, one stream as grad-cam's (its oracle tests).
     """
     import torch
 
     from medcli import road
 
+    scored = [0]  # images scored so far: where the next batch's ids start
+
     def score(x, maps, classes):
         targets = [task.confidence_target(k) for k in classes]
         confidences: list = []
+        ids = None if samples is None else list(samples[scored[0]:scored[0] + len(classes)])
+        scored[0] += len(classes)
         with torch.no_grad():
-            for images in road.perturbed(x, maps, percentiles, seed):
+            for images in road.perturbed(x, maps, percentiles, seed, ids):
                 for start in range(0, len(images), len(classes)):
                     done = len(confidences)
                     outputs = model(images[start:start + len(classes)])

@@ -82,8 +82,10 @@ def unreachable(url: str) -> str | None:
     """Why `url` cannot be downloaded now (HF_HUB_OFFLINE, or no TCP connection), else None."""
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
         return "HF_HUB_OFFLINE is set"
-    direct = urlparse(url)
-    proxy = None if urllib.request.proxy_bypass(direct.hostname or "") else urllib.request.getproxies().get(direct.scheme)
+    direct, proxies = urlparse(url), urllib.request.getproxies()
+    proxy = None if urllib.request.proxy_bypass(direct.hostname or "") else proxies.get(direct.scheme) or proxies.get("all")
+    if proxy and "://" not in proxy:  # "host:3128", as requests and httpx accept it
+        proxy = f"http://{proxy}"
     target = urlparse(proxy or url)  # the proxy for the URL's scheme, unless NO_PROXY names its host
     port = target.port or (80 if target.scheme == "http" else 443)
     try:

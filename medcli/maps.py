@@ -99,7 +99,10 @@ def _check_comparable(columns: list[Column]) -> None:
 
 def agreement(a, b, top: float = TOP_SHARE) -> tuple:
     """(Spearman rank correlation, IoU of the top `top` share of pixels) per pair of maps
-    (N, H, W); NaN correlation where a map is constant."""
+    (N, H, W); both NaN where a map is constant. The top share of a map is its pixels above
+    its k-th largest value, and those at it when they fit: a group of pixels tied across that
+    value (the zeros of a ReLU'd map that is mostly zero) stays out, so two maps never share
+    pixels only for being tied at the same places."""
     import numpy as np
     from scipy.stats import rankdata
 
@@ -111,12 +114,17 @@ def agreement(a, b, top: float = TOP_SHARE) -> tuple:
     with np.errstate(invalid="ignore", divide="ignore"):
         rho = (ra * rb).sum(1) / np.sqrt((ra ** 2).sum(1) * (rb ** 2).sum(1))
     k = max(1, int(round(top * a.shape[1])))
-    top_a = np.zeros(a.shape, dtype=bool)
-    top_b = np.zeros(b.shape, dtype=bool)
-    np.put_along_axis(top_a, np.argsort(-a, axis=1, kind="stable")[:, :k], True, axis=1)
-    np.put_along_axis(top_b, np.argsort(-b, axis=1, kind="stable")[:, :k], True, axis=1)
-    iou = (top_a & top_b).sum(1) / (top_a | top_b).sum(1)
-    return rho, iou
+    tops = []
+    for values in (a, b):
+        threshold = -np.partition(-values, k - 1, axis=1)[:, k - 1:k]  # each map's k-th largest value
+        reached = values >= threshold
+        # a group tied across the threshold (the zeros of a ReLU'd map) is left out: which of its
+        # pixels made the top share would be arbitrary, and raster order made maps agree
+        tops.append(np.where(reached.sum(1, keepdims=True) == k, reached, values > threshold))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = (tops[0] & tops[1]).sum(1) / (tops[0] | tops[1]).sum(1)
+    constant = (a.min(1) == a.max(1)) | (b.min(1) == b.max(1))
+    return rho, np.where(constant, np.nan, iou)
 
 
 OUTPUT_FILES = ("maps_agreement.csv", "maps_agreement.json", "maps_compare.png")

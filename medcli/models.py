@@ -142,7 +142,8 @@ def create(name: str, num_classes: int, in_chans: int, input_size: int, pretrain
     if rec.stem:
         spec["stem"] = rec.stem(input_size, overrides.get("keep_maxpool", False))
     state = _read_weights_file(Path(weights)) if weights is not None else None  # fail before building
-    model = rebuild(spec)
+    other_timm = rec is FAMILIES["timm"]  # the ViT record builds for the input size itself
+    model = _sized(spec) if other_timm and "img_size" not in overrides else rebuild(spec)
     if name.startswith("timm:"):
         _probe(model, spec)
     if state is not None:
@@ -156,6 +157,24 @@ def create(name: str, num_classes: int, in_chans: int, input_size: int, pretrain
             spec["pretrained"] = True
     spec["params"] = sum(p.numel() for p in model.parameters())
     return model, spec
+
+
+def _sized(spec: dict) -> nn.Module:
+    """A timm model built for the spec's input size where it takes one (MaxViT, Swin and other
+    models built for a size; the spec then records `img_size`, so `rebuild` builds it the same),
+    else as it comes (CNNs), with the same initialisation as without the attempt."""
+    import torch
+
+    spec["overrides"]["img_size"] = spec["input_size"]
+    state = torch.get_rng_state()
+    try:
+        return rebuild(spec)
+    except UsageError as exc:
+        if not (isinstance(exc.__cause__, TypeError) and "img_size" in str(exc.__cause__)):
+            raise
+    del spec["overrides"]["img_size"]
+    torch.set_rng_state(state)
+    return rebuild(spec)
 
 
 def _probe(model: nn.Module, spec: dict) -> None:
@@ -317,26 +336,14 @@ def _timm_model(spec: Mapping[str, Any], fixed_size: bool = False, **load: Any) 
     for the spec's input size (ViTs: their positional embeddings follow it)."""
     import timm
 
-    import torch
-
     overrides = dict(spec.get("overrides", {}))
-    sized = {"img_size": spec["input_size"], **overrides}  # models built for a size (MaxViT, Swin, ViTs) take it
-
-    def build(options: dict):
-        return timm.create_model(spec["arch"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
-                                 **options, **load)
-
-    state = torch.get_rng_state()
+    if fixed_size:
+        overrides.setdefault("img_size", spec["input_size"])
     try:
-        model = build(sized)
+        model = timm.create_model(spec["arch"], num_classes=spec["num_classes"], in_chans=spec["in_chans"],
+                                  **overrides, **load)
     except TypeError as exc:
-        if fixed_size or "img_size" in overrides or "img_size" not in str(exc):
-            raise _bad_option(spec["name"], exc) from exc
-        torch.set_rng_state(state)  # the same initialisation as a build without the attempt
-        try:
-            model = build(overrides)  # a model of any size (CNNs)
-        except TypeError as again:
-            raise _bad_option(spec["name"], again) from again
+        raise _bad_option(spec["name"], exc) from exc
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
     if patch and spec["input_size"] % patch[0]:
         size, step = spec["input_size"], patch[0]

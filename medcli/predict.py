@@ -169,11 +169,12 @@ def _temperature(opened: bundle.Opened, calibrated: bool, tta: bool):
     card = opened.card
     fit = bundle.calibration(card, tta)
     if fit is None:
-        checkpoint = [] if card["checkpoint"] == "best" else ["--checkpoint", card["checkpoint"]]
-        how = (f"run '{opened.run.evaluate_command('test', '--calibrate', *checkpoint, *(['--tta'] if tta else []))}'"
-               if opened.run is not None else  # an export's description was fixed when it was written
-               f"calibrate its run {card['run_id']} ('medcli evaluate RUN --calibrate'), then export it again with "
-               "--overwrite")
+        checkpoint = card["checkpoint"]
+        flags = ["--calibrate", *(["--tta"] if tta else [])]
+        how = (f"run '{opened.run.evaluate_command('test', *flags, checkpoint=checkpoint)}'" if opened.run is not None
+               else  # an export's description was fixed when it was written
+               f"calibrate its run {card['run_id']} ('medcli evaluate RUN {' '.join(flags)}"
+               f"{'' if checkpoint == 'best' else ' --checkpoint ' + checkpoint}'), then export it again with --overwrite")
         console.warn(f"--calibrated: {opened.source.name} ({card['run_id']}, {card['checkpoint']}.pt) has no calibrated "
                      f"evaluation: {how}; the probabilities are uncalibrated")
         return 1.0

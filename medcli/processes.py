@@ -63,12 +63,16 @@ class MedcliProcess:
 
 
 _PYTHON_OPTIONS_WITH_VALUE = ("-X", "-W", "--check-hash-based-pycs")
+_TORCHRUN_FLAGS = ("--standalone", "--no-python", "--no_python", "--run-path", "--run_path", "--virtual-local-rank",
+                   "--virtual_local_rank")  # torchrun's options that take no value
 
 
 def _is_medcli(cmdline: list[str]) -> int | None:
     """Index of the first medcli argument in a command line, or None if it isn't medcli: the
     console script, `python [options] -m medcli` (torchrun starts its processes as `python -u
-    -m medcli`), `python [options] path/to/medcli`, or torchrun running `-m medcli`."""
+    -m medcli`), `python [options] path/to/medcli`, or torchrun (`torchrun`, `python -m
+    torch.distributed.run`) running `-m medcli`. Only the interpreter's and torchrun's own
+    options are looked through: an argument of another program is never taken for medcli."""
     if not cmdline:
         return None
     if Path(cmdline[0]).name == "medcli":
@@ -76,16 +80,27 @@ def _is_medcli(cmdline: list[str]) -> int | None:
     i = 0
     if Path(cmdline[0]).name.startswith("python"):
         i = 1
-        while i < len(cmdline) and cmdline[i].startswith("-") and cmdline[i] not in ("-m", "-c"):
+        while i < len(cmdline) and cmdline[i].startswith("-") and cmdline[i] not in ("-", "--", "-m", "-c"):
             i += 2 if cmdline[i] in _PYTHON_OPTIONS_WITH_VALUE else 1
         if cmdline[i:i + 2] == ["-m", "medcli"]:
             return i + 2
+        if cmdline[i:i + 2] == ["-m", "torch.distributed.run"]:
+            return _torchrun_medcli(cmdline, i + 2)
         if i < len(cmdline) and Path(cmdline[i]).name == "medcli":
             return i + 1
-    if i < len(cmdline) and Path(cmdline[i]).name == "torchrun":  # its options, then -m/--module medcli
-        for k in range(i + 1, len(cmdline) - 1):
-            if cmdline[k] in ("-m", "--module") and cmdline[k + 1] == "medcli":
-                return k + 2
+    if i < len(cmdline) and Path(cmdline[i]).name == "torchrun":
+        return _torchrun_medcli(cmdline, i + 1)
+    return None
+
+
+def _torchrun_medcli(cmdline: list[str], start: int) -> int | None:
+    """Where medcli's arguments start when torchrun's options (from `start`) end in `-m medcli`
+    (or `--module medcli`); None when they end in anything else (another program)."""
+    k = start
+    while k < len(cmdline) and cmdline[k].startswith("-") and cmdline[k] != "--":
+        if cmdline[k] in ("-m", "--module"):
+            return k + 2 if cmdline[k + 1:k + 2] == ["medcli"] else None
+        k += 1 if "=" in cmdline[k] or cmdline[k] in _TORCHRUN_FLAGS else 2  # an option and its value
     return None
 
 

@@ -40,16 +40,20 @@ MAX_ITERATIONS = 100
 CHUNK = 2**22  # image values imputed at once (16 MiB per float32 vector; the solver keeps about a dozen)
 
 
-def perturbed(x, maps, percentiles: Sequence[float], seed: int) -> Iterator:
+def perturbed(x, maps, percentiles: Sequence[float], seed: int, samples: Sequence[int] | None = None) -> Iterator:
     """The images x (N, C, H, W) after every removal ROAD makes with `maps` (N, H, W), in
     grad-cam's order: "least relevant first" then "most relevant first", each percentile, each
     image (row r is from image r % N). Yields them in chunks of at most CHUNK values, on x's
-    device. The noise and the order of tied pixels come from a CPU generator seeded with
-    `seed`: the noise is the stream grad-cam draws after torch.manual_seed(seed)."""
+    device. The noise and the order of tied pixels come from CPU generators: without `samples`
+    one seeded with `seed`, whose noise is the stream grad-cam draws after
+    torch.manual_seed(seed) (the oracle's); with `samples` (an id per image, e.g. its index in
+    the split) one per image seeded with (seed, id), so an image's score depends on neither the
+    batch it is in nor the other images explained."""
     import torch
 
     n, channels, height, width = x.shape
-    generator = torch.Generator().manual_seed(seed)
+    generator = (torch.Generator().manual_seed(seed) if samples is None else
+                 [torch.Generator().manual_seed(_sample_seed(seed, sample)) for sample in samples])
     noise = _removal_noise(height * width, channels, percentiles, n, generator)
     removed = ~kept(torch.as_tensor(maps, device=x.device), percentiles, generator).flatten(0, 2)
     source = torch.arange(len(removed), device=x.device) % n
@@ -59,16 +63,27 @@ def perturbed(x, maps, percentiles: Sequence[float], seed: int) -> Iterator:
         yield impute(x[source[rows]], removed[rows], noise[rows])
 
 
+def _sample_seed(seed: int, sample: int) -> int:
+    """A well-mixed seed for one sample's generator (numpy's SeedSequence of the pair)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed), int(sample)]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def kept(maps, percentiles: Sequence[float], generator):
     """Which pixels each removal keeps: bool (2, P, N, H, W) for maps (N, H, W); [0] "least
     relevant first" keeps the most relevant, [1] "most relevant first" the least relevant, p %
     of the pixels at percentile p (module docstring); ties in a map are broken in a random
-    order drawn from the CPU `generator`."""
+    order drawn from the CPU `generator` (or from each map's own, a list of N)."""
     import torch
 
     n, height, width = maps.shape
     pixels = height * width
-    ties = torch.randint(0, 2**32, (2, n, pixels), generator=generator).to(maps.device)
+    if isinstance(generator, torch.Generator):
+        ties = torch.randint(0, 2**32, (2, n, pixels), generator=generator)
+    else:
+        ties = torch.cat([torch.randint(0, 2**32, (2, 1, pixels), generator=own) for own in generator], dim=1)
+    ties = ties.to(maps.device)
     ranks = []
     for direction, values in enumerate((1 - maps, maps)):  # grad-cam ranks 1 - map for "least relevant first"
         bits = (values.reshape(n, pixels).float() + 0.0).view(torch.int32).long()  # + 0.0: -0 is 0
@@ -86,14 +101,18 @@ def _kept_count(pixels: int, percentile: float) -> int:
 
 
 def _removal_noise(pixels: int, channels: int, percentiles: Sequence[float], images: int, generator) -> list:
-    """grad-cam's imputation noise in its order (direction, percentile, image): per removal a
+    """grad-cam's imputation noise in its order (direction, percentile, image), from one CPU
+    `generator` (or each image's own, a list): per removal a
     (channels, removed pixels) CPU tensor, the removed pixels in raster order (grad-cam's
     `randn_like` of its transposed solution fills channel after channel: scipy returns the
     solution column-major)."""
     import torch
 
-    return [NOISE * torch.randn(channels, pixels - _kept_count(pixels, p), generator=generator)
-            for _ in range(2) for p in percentiles for _ in range(images)]
+    if isinstance(generator, torch.Generator):
+        return [NOISE * torch.randn(channels, pixels - _kept_count(pixels, p), generator=generator)
+                for _ in range(2) for p in percentiles for _ in range(images)]
+    own = [_removal_noise(pixels, channels, percentiles, 1, one) for one in generator]  # per image, in its order
+    return [own[image][removal] for removal in range(2 * len(percentiles)) for image in range(images)]
 
 
 def impute(x, unknown, noise=None):

@@ -175,15 +175,17 @@ class Run:
         world = self.data.get("environment", {}).get("distributed", {}).get("world_size") or 1
         return f"medcli train --resume {shlex.quote(str(self.run_dir.resolve()))}" + (f" --nproc {world}" if world > 1 else "")
 
-    def evaluate_command(self, split: str, *options: str) -> str:
+    def evaluate_command(self, split: str, *options: str, checkpoint: str | None = None) -> str:
         """The command that (re)writes a split's evaluation as it was made (the checkpoint, TTA
-        and calibration the evaluate stage recorded for it), plus `options`, with the run's
-        absolute path; that split alone, so no other split's evaluation changes."""
+        and calibration the evaluate stage recorded for it), plus the flags `options`, with the
+        run's absolute path; that split alone, so no other split's evaluation changes.
+        `checkpoint` replaces the recorded one."""
         done = self.stages.get("evaluate", {}).get("summary", {}).get(split, {})
-        recorded = [*(["--checkpoint", done["checkpoint"]] if done.get("checkpoint", "best") != "best" else []),
+        checkpoint = checkpoint or done.get("checkpoint", "best")
+        recorded = [*(["--checkpoint", checkpoint] if checkpoint != "best" else []),
                     *(["--tta"] if done.get("tta") else []), *(["--calibrate"] if done.get("temperature") else [])]
         return " ".join(["medcli evaluate", shlex.quote(str(self.run_dir.resolve())), "--split", split,
-                         *dict.fromkeys([*recorded, *options])])
+                         *recorded, *(flag for flag in dict.fromkeys(options) if flag not in recorded)])
 
     def update(self, change: Callable[[dict], None]) -> None:
         """Apply `change` to the manifest on disk under the manifest lock (re-read, change, save

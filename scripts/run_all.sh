@@ -40,7 +40,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-if [ "$SAMPLE" -eq 1 ] && [ "$SIZE" != 28 ]; then
+if [ "$SAMPLE" -eq 1 ] && [ -z "$FROM" ] && [ "$SYNTHETIC" -eq 0 ] && [ "$SIZE" != 28 ]; then
   echo "run_all.sh: --sample is the embedded 28-px sample; leave out --size $SIZE, or use --from FILE" >&2
   exit 2
 fi

@@ -648,3 +648,7 @@ def test_list_shows_the_stand_ins_beside_the_official_files_and_every_task_name(
     table = runner.invoke(app, ["download", "--list", "--root", str(tmp_path)], env={"COLUMNS": "80"})
     assert "28 sample/" in table.stdout and "28 synthetic/" in table.stdout
     assert "…" not in table.stdout and "regression" in table.stdout and max(map(len, table.stdout.splitlines())) <= 80
+    datasets.record_path(tmp_path / datasets.SYNTHETIC_DIR / NAME).unlink()  # a stand-in whose record is gone
+    table = runner.invoke(app, ["download", "--list", "--root", str(tmp_path)], env={"COLUMNS": "80"})
+    assert "no record" in [line.strip() for line in table.stdout.splitlines()]  # the cell's own line, not cut
+    assert max(map(len, table.stdout.splitlines())) <= 80

@@ -553,3 +553,49 @@ def test_a_multilabel_sample_without_findings_is_named_so_and_joins_no_label_gri
     assert [s["file"] for s in samples] == ["test_4_gt-effusion+mass_pred-mass.png", "test_7_gt-none_pred-mass.png"]
     assert samples[1]["label"] is None and samples[1]["true_labels"] == [] and samples[0]["label_name"] == "mass"
     assert list(grids) == ["mass"] and all(f.is_file() for f in files)
+
+
+def test_a_samples_road_score_depends_on_neither_the_batch_nor_the_other_samples(tiny_run, tmp_path):
+    """Review: one generator was reseeded for every batch, so an image's noise and tie order
+    (and its score, by up to 0.1) followed its position in the batch: `--batch-size` and the
+    other samples chosen changed the scores. Each sample now draws its own, from (seed, its
+    index); explain's scores agree between batch sizes."""
+    run = Run.open(tiny_run)
+    model = run.load_model("best", "cpu")
+    x = augment.preprocess(datasets.as_tensor(run.load_data().images["test"][:6]), run.data["preprocess"])
+    maps = np.random.default_rng(0).random((6, 28, 28)).astype(np.float32)
+    classes, ids, task = [0, 1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15], datasets.task("bloodmnist")
+    whole = explainers.road_scorer(model, seed=0, task=task, samples=ids)(x, maps, classes)
+    halves = explainers.road_scorer(model, seed=0, task=task, samples=ids)
+    split = np.concatenate([halves(x[:4], maps[:4], classes[:4]), halves(x[4:], maps[4:], classes[4:])])
+    alone = explainers.road_scorer(model, seed=0, task=task, samples=ids[3:4])(x[3:4], maps[3:4], classes[3:4])
+    np.testing.assert_allclose(split, whole, atol=1e-6)
+    np.testing.assert_allclose(alone, whole[3:4], atol=1e-6)
+    copies = [shutil.copytree(tiny_run, tmp_path / f"run{b}") for b in (64, 3)]
+    scores = []
+    for copy, batch in zip(copies, (64, 3)):
+        result = runner.invoke(app, ["explain", str(copy), "--per-class", "1", "--batch-size", str(batch), "--json"])
+        assert result.exit_code == 0, result.stderr
+        scores.append([s["road"] for s in json.loads(result.stdout)["samples"]])
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)
+
+
+def test_the_top_share_overlap_of_sparse_maps_does_not_count_their_shared_zeros():
+    """Review: the top 20 % of a map mostly zero was filled with its zero pixels in raster
+    order, the same positions in both maps: maps highlighting disjoint regions scored IoU 0.6,
+    and two all-zero maps 1.0. Pixels tied across the top share's edge stay out of it, and a
+    constant map has no top share: NaN, as its correlation."""
+    from medcli import maps
+
+    rng = np.random.default_rng(0)
+    x, y = np.zeros((1, 28, 28), np.float32), np.zeros((1, 28, 28), np.float32)
+    x[0, 20:23, 0:13] = rng.random((3, 13)) + 0.1  # 39 pixels on the left
+    y[0, 20:23, 14:27] = rng.random((3, 13)) + 0.1  # 39 on the right: nothing in common
+    assert maps.agreement(x, y)[1][0] == 0.0 and maps.agreement(x, x.copy())[1][0] == 1.0
+    rho, iou = maps.agreement(np.zeros((1, 28, 28)), np.zeros((1, 28, 28)))
+    assert np.isnan(rho[0]) and np.isnan(iou[0])
+    dense = rng.random((5, 28, 28))  # no ties: the top share as it always was
+    k = round(0.2 * 784)
+    expected = [len(set(np.argsort(-a.ravel())[:k]) & set(np.argsort(-b.ravel())[:k])) /
+                len(set(np.argsort(-a.ravel())[:k]) | set(np.argsort(-b.ravel())[:k])) for a, b in zip(dense, dense[::-1])]
+    np.testing.assert_allclose(maps.agreement(dense, dense[::-1])[1], expected)

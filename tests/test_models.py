@@ -444,6 +444,12 @@ def test_the_reachability_probe_follows_no_proxy_and_the_urls_scheme(monkeypatch
     monkeypatch.setenv("HTTP_PROXY", "http://other.invalid:8080")
     monkeypatch.setenv("NO_PROXY", "")
     assert hub.unreachable("http://mirror.lan/x") is None and asked[-1] == ("other.invalid", 8080)
+    monkeypatch.setenv("HTTPS_PROXY", "bare.invalid:3128")  # no scheme, as requests accepts it
+    assert hub.unreachable("https://huggingface.co/x") is None and asked[-1] == ("bare.invalid", 3128)
+    for name in ("HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("ALL_PROXY", "http://all.invalid:1080")
+    assert hub.unreachable("https://huggingface.co/x") is None and asked[-1] == ("all.invalid", 1080)
 
 
 class _Closed:
@@ -492,3 +498,25 @@ def test_a_torchvision_head_of_another_width_is_refused_not_dropped(tmp_path):
     state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
     torch.save(state, tmp_path / "imagenet.pt")
     assert models.create("resnet18", 8, 3, 28, weights=tmp_path / "imagenet.pt")[1]["pretrained"] is True
+
+
+def test_a_timm_model_built_for_its_size_records_it_and_older_specs_rebuild_as_before():
+    """Review of the fix: `rebuild` passed img_size to every timm model that takes one, so a
+    run trained before (built at the model's default size) no longer fit its checkpoint. The
+    size is recorded in the spec when `create` uses it, and only then passed again; a CNN is
+    built (and initialised) as before."""
+    torch.manual_seed(0)
+    model, spec = models.create("timm:test_vit_relpos", 8, 3, 32)
+    assert spec["overrides"]["img_size"] == 32
+    again = models.rebuild(spec)
+    again.load_state_dict(model.state_dict())
+    assert tuple(again.patch_embed.img_size) == (32, 32)
+    old = {**spec, "overrides": {}}  # a spec from before: the default size
+    default = timm.create_model("test_vit_relpos", num_classes=8)
+    assert tuple(models.rebuild(old).patch_embed.img_size) == tuple(default.patch_embed.img_size) != (32, 32)
+    torch.manual_seed(0)
+    cnn, cnn_spec = models.create("timm:test_resnet", 8, 3, 28)
+    torch.manual_seed(0)
+    plain = timm.create_model("test_resnet", num_classes=8, in_chans=3)
+    assert "img_size" not in cnn_spec["overrides"]
+    assert all(torch.equal(a, b) for a, b in zip(cnn.state_dict().values(), plain.state_dict().values()))

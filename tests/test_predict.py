@@ -155,6 +155,18 @@ def test_calibrated_without_a_calibrated_evaluation_says_so(tiny_run, exported, 
     assert result.exit_code == 0 and "then export it again with --overwrite" in " ".join(result.stderr.split())
 
 
+def test_the_calibration_hint_names_the_checkpoint_predicted_with(run_copy, pngs):
+    """Review of the fix: after `evaluate --checkpoint last`, the hint for best.pt repeated the
+    recorded --checkpoint last: following it changed nothing."""
+    assert runner.invoke(app, ["--quiet", "evaluate", str(run_copy), "--checkpoint", "last"]).exit_code == 0
+    said = " ".join(runner.invoke(app, ["predict", str(run_copy), str(pngs), "--calibrated"]).stderr.split())
+    command = said.split("run '")[1].split("'")[0]
+    assert command == f"medcli evaluate {run_copy.resolve()} --split test --calibrate"
+    assert runner.invoke(app, ["--quiet", *command.split()[1:]]).exit_code == 0
+    fixed = runner.invoke(app, ["predict", str(run_copy), str(pngs), "--calibrated"])
+    assert fixed.exit_code == 0 and "no calibrated evaluation" not in fixed.stderr
+
+
 def test_explain_writes_one_overlay_per_image(tiny_run, pngs, tmp_path):
     out = tmp_path / "preds.csv"
     result = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(pngs), "--out", str(out), "--explain", "gradcam"])

@@ -239,6 +239,10 @@ def test_train_warns_when_another_training_shares_the_device(fake_medcli, monkey
     (["torchrun", "--standalone", "--module", "medcli", "train"], 4),
     (["python", "-c", "import time", "-m", "medcli"], None),  # mentions medcli, is not medcli
     (["python", "-m", "pytest", "medcli"], None),
+    (["python", "-", "medcli"], None),  # a script on stdin, given the argument "medcli"
+    (["python", "/venv/bin/torchrun", "other.py", "-m", "medcli"], None),  # another program's arguments
+    (["torchrun", "--nproc-per-node", "2", "other.py", "--module", "medcli"], None),
+    (["python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "medcli", "train"], 8),
 ])
 def test_medcli_is_recognised_behind_interpreter_options_and_torchrun(cmdline, start):
     """Review: the ranks torchrun starts (`python -u -m medcli ...`) were invisible to
