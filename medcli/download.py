@@ -317,7 +317,7 @@ def _synthesize(flag: str, size: int, root: Path) -> dict:
     command shows, so demo numbers can't pass for BloodMNIST results. A file there whose bytes
     are not the ones its synthetic record describes is real data and stays.
     """
-    target = datasets.data_path(root / datasets.SYNTHETIC_DIR, flag, size)
+    target = fileio.output_file(datasets.data_path(root / datasets.SYNTHETIC_DIR, flag, size), "--root")
     if target.exists():
         existing = datasets.record_of(target, flag, size)
         if not (existing and existing.get("synthetic") and datasets.current_md5(target, existing) == existing["md5"]):
@@ -336,7 +336,7 @@ def _place_sample(flags: list[str], sizes: list[int], root: Path, *, overwrite: 
     if flags != [SAMPLE_FLAG] or sizes != [SAMPLE_SIZE]:
         raise UsageError(f"--sample is the embedded {SAMPLE_FLAG} sample at {SAMPLE_SIZE} px only: "
                          f"'medcli download {SAMPLE_FLAG} --sample'")
-    target = datasets.data_path(root / datasets.SAMPLE_DIR, SAMPLE_FLAG, SAMPLE_SIZE)
+    target = fileio.output_file(datasets.data_path(root / datasets.SAMPLE_DIR, SAMPLE_FLAG, SAMPLE_SIZE), "--root")
     existing = datasets.record_of(target, SAMPLE_FLAG, SAMPLE_SIZE) if target.exists() else None
     if existing is not None and existing.get("sample") and datasets.unchanged(existing, target):
         console.info(f"the embedded sample is already at {target}")

@@ -163,8 +163,15 @@ def _write_cache(path: Path, directory: Path, split: str) -> None:
 
 
 def _drop_stale(directory: Path) -> None:
-    """Remove the caches of earlier versions of the same file (best-effort)."""
+    """Remove the caches of earlier versions of the same file (best-effort), each under its own
+    lock: one that another process is writing (it holds the lock) stays until a later call."""
+    from filelock import FileLock, Timeout
+
     stem = directory.name.rsplit("-", 1)[0]
     for other in directory.parent.iterdir():
         if other != directory and re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{32}}", other.name):
-            shutil.rmtree(other, ignore_errors=True)
+            try:
+                with FileLock(other / ".lock", timeout=0):
+                    shutil.rmtree(other, ignore_errors=True)
+            except (Timeout, OSError):  # being written, or not ours to lock
+                continue

@@ -295,3 +295,20 @@ def test_evaluate_reads_a_split_batch_by_batch_without_a_second_copy(root, monke
     got = inference.predict_logits(model, view, prep, batch_size=7, device="cpu")
     want = inference.predict_logits(model, datasets.as_tensor(split.images["test"]), prep, batch_size=7, device="cpu")
     assert torch.equal(got, want)
+
+
+def test_the_cache_of_an_earlier_file_being_written_by_another_process_is_left_alone(root, tmp_path):
+    """Review: the caches of earlier versions of a file were removed without their lock, under
+    a process still writing one (its rename then failed)."""
+    from filelock import FileLock
+
+    path = datasets.data_path(root, FLAG, SIZE)
+    busy = npzcache.cache_path(path, "0" * 32)  # another version's cache, being written
+    busy.mkdir(parents=True)
+    (busy / "train_images.npy").write_bytes(b"written")
+    with FileLock(busy / ".lock"):  # held by "the other process" (flock: per open file, so this conflicts)
+        current = datasets.load(root, FLAG, SIZE, ("train",), mapped=True).cache
+        assert (busy / "train_images.npy").is_file()
+    shutil.rmtree(current)  # the next load writes its cache again, and clears what is stale
+    datasets.load(root, FLAG, SIZE, ("train",), mapped=True)
+    assert not busy.exists()

@@ -652,3 +652,12 @@ def test_list_shows_the_stand_ins_beside_the_official_files_and_every_task_name(
     table = runner.invoke(app, ["download", "--list", "--root", str(tmp_path)], env={"COLUMNS": "80"})
     assert "no record" in [line.strip() for line in table.stdout.splitlines()]  # the cell's own line, not cut
     assert max(map(len, table.stdout.splitlines())) <= 80
+
+
+@pytest.mark.parametrize("mode, folder", [("--sample", datasets.SAMPLE_DIR), ("--synthetic", datasets.SYNTHETIC_DIR)])
+def test_a_stand_in_folder_that_is_a_file_is_named(tmp_path, mode, folder):
+    """Review: with ROOT/synthetic a file, --synthetic said "cannot write ROOT/synthetic/
+    bloodmnist.npz: File exists", as if the dataset file were in the way."""
+    (tmp_path / folder).write_text("a file")
+    one_line_error(runner.invoke(app, ["download", FLAG, mode, "--root", str(tmp_path)]), 2,
+                   f"{tmp_path / folder} is a file, not a folder")
