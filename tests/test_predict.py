@@ -314,7 +314,7 @@ def test_every_model_family_exports_to_onnx_at_its_stems_and_sizes(name, size, o
 # -- review: calibration choice, own outputs among the inputs, bad --out, exporter, sidecars --------
 
 
-def test_calibrated_applies_the_temperature_fitted_the_way_it_predicts(run_copy, pngs):
+def test_calibrated_applies_the_temperature_fitted_the_way_it_predicts(run_copy, pngs, tmp_path):
     """Review: --calibrated took the first calibrated metrics file (train, val, test), though a
     later evaluation of test had refitted it with TTA: predict disagreed with evaluate by 0.6."""
     for options in (["--split", "all", "--calibrate"], ["--split", "test", "--calibrate", "--tta"]):
@@ -327,6 +327,12 @@ def test_calibrated_applies_the_temperature_fitted_the_way_it_predicts(run_copy,
     assert plain.exit_code == 0 and "fitted with" not in plain.stderr, plain.output
     val = json.loads((run_copy / "metrics" / "val.json").read_text())["calibration"]["temperature"]
     assert json.loads(plain.stdout)["model"]["temperature"] == val
+    # Review of the fix: the model card named the newest temperature (fitted with TTA) as the one
+    # `predict --calibrated` applies, which applies the one fitted without TTA. It names both.
+    with_tta = json.loads((run_copy / "metrics" / "test.json").read_text())["calibration"]["temperature"]
+    text = Path(export.export_run(run_copy, format="torchscript", out=tmp_path / "m.pt")["card"]).read_text()
+    assert f"temperature {val:.3f} fitted on the val split without test-time views (`medcli predict --calibrated`" in text
+    assert f"temperature {with_tta:.3f} fitted on the val split with test-time views (`medcli predict --tta" in text
 
 
 def test_earlier_results_inside_the_input_folder_are_not_read_as_images(tiny_run, pngs):
@@ -391,16 +397,3 @@ def test_overlays_of_files_in_a_folder_with_brackets_keep_their_names(tiny_run, 
     result = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(folder), "--out", str(out), "--explain", "gradcam"])
     assert result.exit_code == 0, result.output
     assert Path(pd.read_csv(out)["overlay"][0]).name == "00000_test-000.png"
-
-
-def test_the_model_card_names_the_temperature_predict_applies_with_and_without_tta(run_copy, tmp_path):
-    """Review of the fix: the card named the newest temperature (fitted with TTA) as the one
-    `predict --calibrated` applies, which applies the one fitted without TTA."""
-    for options in (["--split", "all", "--calibrate"], ["--split", "test", "--calibrate", "--tta"]):
-        assert runner.invoke(app, ["--quiet", "evaluate", str(run_copy), *options]).exit_code == 0
-    plain = json.loads((run_copy / "metrics" / "val.json").read_text())["calibration"]["temperature"]
-    with_tta = json.loads((run_copy / "metrics" / "test.json").read_text())["calibration"]["temperature"]
-    text = Path(export.export_run(run_copy, format="torchscript", out=tmp_path / "m.pt")["card"]).read_text()
-    assert (f"temperature {plain:.3f} fitted on the val split without test-time views (`medcli predict --calibrated`"
-            in text)
-    assert f"temperature {with_tta:.3f} fitted on the val split with test-time views (`medcli predict --tta" in text
