@@ -409,7 +409,7 @@ def explain(
     target: Annotated[str, typer.Option(help="Class to explain: pred (the predicted class; multi-label: the most probable label), true, or a class number or name (rollout ignores it).")] = "pred",
     layer: Annotated[Optional[str], typer.Option(help=_explainers.LAYER_HELP)] = None,
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (as the run's selection rule chose it; see 'medcli train --help') or last.pt.")] = Checkpoint.best,
-    seed: Annotated[int, typer.Option(help="Seed of the sample choice.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the sample choice.")] = 0,
     head_fusion: Annotated[HeadFusion, typer.Option(help="Rollout: how the heads of a block are combined.")] = HeadFusion(_explainers.DEFAULT_OPTIONS["head_fusion"]),
     discard_ratio: Annotated[float, typer.Option(help="Rollout: share of the weakest attention to patches dropped per block.")] = _explainers.DEFAULT_OPTIONS["discard_ratio"],
     batch_size: Annotated[int, typer.Option(min=1, help="Images per CAM batch (Score-CAM: masked images per forward pass).")] = 64,

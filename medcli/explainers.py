@@ -396,6 +396,8 @@ def road_scorer(model, seed: int, task, percentiles: Sequence[int] = ROAD_PERCEN
         targets = [task.confidence_target(k) for k in classes]
         confidences: list = []
         ids = None if samples is None else list(samples[scored[0]:scored[0] + len(classes)])
+        if ids is not None and len(ids) != len(classes):
+            raise ValueError(f"road_scorer: {len(samples)} sample ids for more than {scored[0]} images")
         scored[0] += len(classes)
         with torch.no_grad():
             for images in road.perturbed(x, maps, percentiles, seed, ids):

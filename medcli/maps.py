@@ -102,7 +102,8 @@ def agreement(a, b, top: float = TOP_SHARE) -> tuple:
     (N, H, W); both NaN where a map is constant. The top share of a map is its pixels above
     its k-th largest value, and those at it when they fit: a group of pixels tied across that
     value (the zeros of a ReLU'd map that is mostly zero) stays out, so two maps never share
-    pixels only for being tied at the same places."""
+    pixels only for being tied at the same places; a group tied at the map's maximum is its
+    top share whatever its size (a saturated or binary map)."""
     import numpy as np
     from scipy.stats import rankdata
 
@@ -120,10 +121,12 @@ def agreement(a, b, top: float = TOP_SHARE) -> tuple:
         reached = values >= threshold
         # a group tied across the threshold (the zeros of a ReLU'd map) is left out: which of its
         # pixels made the top share would be arbitrary, and raster order made maps agree
-        tops.append(np.where(reached.sum(1, keepdims=True) == k, reached, values > threshold))
+        above = values > threshold
+        # ... unless the tie is at the top (a saturated or binary map): then the tied group is it
+        tops.append(np.where((reached.sum(1, keepdims=True) == k) | ~above.any(1, keepdims=True), reached, above))
     with np.errstate(invalid="ignore", divide="ignore"):
         iou = (tops[0] & tops[1]).sum(1) / (tops[0] | tops[1]).sum(1)
-    constant = (a.min(1) == a.max(1)) | (b.min(1) == b.max(1))
+    constant = ~((a.min(1) < a.max(1)) & (b.min(1) < b.max(1)))  # a constant map, or one holding NaN
     return rho, np.where(constant, np.nan, iou)
 
 

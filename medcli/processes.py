@@ -94,14 +94,16 @@ def _is_medcli(cmdline: list[str]) -> int | None:
 
 
 def _torchrun_medcli(cmdline: list[str], start: int) -> int | None:
-    """Where medcli's arguments start when torchrun's options (from `start`) end in `-m medcli`
-    (or `--module medcli`); None when they end in anything else (another program)."""
-    k = start
+    """Where medcli's arguments start when torchrun's options (from `start`) run `-m medcli`:
+    `-m`/`--module` (a flag, anywhere among the options) and `medcli` as the first argument
+    after them; None for anything else (another program)."""
+    module, k = False, start
     while k < len(cmdline) and cmdline[k].startswith("-") and cmdline[k] != "--":
-        if cmdline[k] in ("-m", "--module"):
-            return k + 2 if cmdline[k + 1:k + 2] == ["medcli"] else None
-        k += 1 if "=" in cmdline[k] or cmdline[k] in _TORCHRUN_FLAGS else 2  # an option and its value
-    return None
+        arg = cmdline[k]
+        module = module or arg in ("-m", "--module")
+        attached = "=" in arg or (not arg.startswith("--") and len(arg) > 2)  # --opt=v, -r3
+        k += 1 if arg in ("-m", "--module") or attached or arg in _TORCHRUN_FLAGS else 2  # an option and its value
+    return k + 1 if module and cmdline[k:k + 1] == ["medcli"] else None
 
 
 def _subcommand(args: list[str]) -> str | None:

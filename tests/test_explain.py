@@ -592,6 +592,10 @@ def test_the_top_share_overlap_of_sparse_maps_does_not_count_their_shared_zeros(
     x[0, 20:23, 0:13] = rng.random((3, 13)) + 0.1  # 39 pixels on the left
     y[0, 20:23, 14:27] = rng.random((3, 13)) + 0.1  # 39 on the right: nothing in common
     assert maps.agreement(x, y)[1][0] == 0.0 and maps.agreement(x, x.copy())[1][0] == 1.0
+    saturated = np.linspace(0, 1, 100).reshape(1, 10, 10)
+    saturated[0, :3] = 1.0  # 30 pixels tied at the maximum: the top share, not an empty set
+    assert maps.agreement(saturated, saturated.copy())[1][0] == 1.0
+    assert np.isnan(maps.agreement(np.where(saturated > 0.5, np.nan, saturated), saturated)[1][0])  # a NaN map
     rho, iou = maps.agreement(np.zeros((1, 28, 28)), np.zeros((1, 28, 28)))
     assert np.isnan(rho[0]) and np.isnan(iou[0])
     dense = rng.random((5, 28, 28))  # no ties: the top share as it always was
@@ -599,3 +603,9 @@ def test_the_top_share_overlap_of_sparse_maps_does_not_count_their_shared_zeros(
     expected = [len(set(np.argsort(-a.ravel())[:k]) & set(np.argsort(-b.ravel())[:k])) /
                 len(set(np.argsort(-a.ravel())[:k]) | set(np.argsort(-b.ravel())[:k])) for a, b in zip(dense, dense[::-1])]
     np.testing.assert_allclose(maps.agreement(dense, dense[::-1])[1], expected)
+
+
+def test_a_negative_seed_is_refused_as_a_usage_error(tiny_run):
+    """Review: with ROAD's per-sample seeds, `explain --seed -1` ended in "unexpected
+    ValueError"; train already refused a negative seed."""
+    one_line_error(runner.invoke(app, ["explain", str(tiny_run), "--indices", "0,1", "--seed", "-1"]), 2, "--seed")

@@ -243,6 +243,9 @@ def test_train_warns_when_another_training_shares_the_device(fake_medcli, monkey
     (["python", "/venv/bin/torchrun", "other.py", "-m", "medcli"], None),  # another program's arguments
     (["torchrun", "--nproc-per-node", "2", "other.py", "--module", "medcli"], None),
     (["python", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "medcli", "train"], 8),
+    (["torchrun", "-r3", "-m", "medcli", "train"], 4),  # a short option with its value attached
+    (["torchrun", "-m", "--standalone", "medcli", "train"], 4),  # -m is a flag, anywhere among the options
+    (["torchrun", "-m", "--standalone", "other.py", "medcli"], None),
 ])
 def test_medcli_is_recognised_behind_interpreter_options_and_torchrun(cmdline, start):
     """Review: the ranks torchrun starts (`python -u -m medcli ...`) were invisible to
