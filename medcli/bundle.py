@@ -23,7 +23,7 @@ from medcli.errors import UsageError
 from medcli.names import EXPORT_FORMATS, SPLITS
 from medcli.run import Run
 
-__all__ = ["FORMAT", "FORMATS", "Opened", "calibration", "calibrations", "describe", "load_exported", "open_model", "preprocessing_steps",
+__all__ = ["FORMAT", "FORMATS", "Opened", "calibration", "calibrations", "card_calibrations", "describe", "load_exported", "open_model", "preprocessing_steps",
            "sidecar_path", "test_metrics"]
 
 FORMAT, VERSION = "medcli-model", 1
@@ -128,10 +128,16 @@ def calibrations(run: Run, checkpoint: str) -> list[dict]:
     return list(fits.values())
 
 
+def card_calibrations(card: dict) -> list[dict]:
+    """The calibrations a description holds, newest first (one from before `calibrations`
+    holds at most its single `calibration`)."""
+    return card.get("calibrations") or ([card["calibration"]] if card.get("calibration") else [])
+
+
 def calibration(card: dict, tta: bool | None = None) -> dict | None:
     """The calibration a description holds for predictions with (`tta`) or without test-time
     views: the one fitted that way, else the newest (None: the model was never calibrated)."""
-    fits = card.get("calibrations") or ([card["calibration"]] if card.get("calibration") else [])
+    fits = card_calibrations(card)
     return next((fit for fit in fits if fit["tta"] == tta), fits[0] if fits else None)
 
 

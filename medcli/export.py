@@ -224,7 +224,7 @@ def model_card(card: dict, test: dict | None) -> str:
 def _calibration_line(card: dict) -> str:
     """The temperatures `predict --calibrated` applies: the one fitted without test-time views,
     and the one fitted with them (`--tta --calibrated`), where each exists."""
-    fits = card.get("calibrations") or ([card["calibration"]] if card.get("calibration") else [])
+    fits = bundle.card_calibrations(card)
     if not fits:
         return "- Not calibrated: the probabilities may be over- or under-confident."
     said = [f"temperature {metrics.temperature_text(fit['temperature'])} fitted on the {fit['fitted_on']} split "

@@ -187,9 +187,7 @@ def _probe(model: nn.Module, spec: dict) -> None:
         with torch.no_grad():
             model.eval()(torch.zeros(1, spec["in_chans"], size, size))
     except Exception as exc:  # any architecture's complaint about the shape
-        from medcli.hub import one_line
-
-        raise UsageError(f"{spec['name']} does not take {size}-px inputs ({one_line(exc)[:160]}); choose another "
+        raise UsageError(f"{spec['name']} does not take {size}-px inputs ({hub.one_line(exc)[:160]}); choose another "
                          "--input-size or model") from None
     finally:
         model.train(was_training)

@@ -78,13 +78,20 @@ RIGHT_A = np.array([1] * 20 + [1] * 10 + [0] * 2 + [0] * 8, dtype=bool)
 RIGHT_B = np.array([1] * 20 + [0] * 10 + [1] * 2 + [0] * 8, dtype=bool)
 
 
-def test_two_runs_on_the_same_images_get_paired_tests(tmp_path):
+def _cnn_vs_vit(tmp_path):
+    """A CNN run and a ViT run on the same 40 test images (RIGHT_A, RIGHT_B), aggregated: the
+    result and its one pair of runs."""
     cnn = make_run(tmp_path, "cnn", accuracy=0.75)
     vit = make_run(tmp_path, "vit", model="vit-tiny", accuracy=0.55)
     predicted(cnn, RIGHT_A)
     predicted(vit, RIGHT_B)
     result = aggregate([tmp_path], metric_names=["accuracy", "auc"])
     (pair,) = result.paired["pairs"]
+    return result, pair
+
+
+def test_two_runs_on_the_same_images_get_paired_tests(tmp_path):
+    result, pair = _cnn_vs_vit(tmp_path)
     assert pair["n"] == 40
     assert (pair["accuracy"]["only_a"], pair["accuracy"]["only_b"]) == (10, 2)
     assert pair["accuracy"]["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 4096)  # 2 * P(X <= 2), X ~ B(12, 1/2)
@@ -179,12 +186,7 @@ def test_p_values_say_what_the_resamples_can_resolve_and_are_adjusted_for_the_te
                                          positive + rng.normal(0, 3.0, positive.shape), resamples=2000, seed=0)
     assert found["p_value"] == pytest.approx(2 / 2001)  # (1 + 0) / (2000 + 1) per tail, two-sided
     assert metrics.mean_difference([0.05, 0.05])["p_value"] is None  # no variation between seeds: no t-test
-    cnn = make_run(tmp_path, "cnn", accuracy=0.75)
-    vit = make_run(tmp_path, "vit", model="vit-tiny", accuracy=0.55)
-    predicted(cnn, RIGHT_A)
-    predicted(vit, RIGHT_B)
-    result = aggregate([tmp_path], metric_names=["accuracy", "auc"])
-    (pair,) = result.paired["pairs"]
+    result, pair = _cnn_vs_vit(tmp_path)
     raw = sorted([pair["accuracy"]["p_value"], pair["auc"]["p_value"]])
     holm = sorted([pair["accuracy"]["p_holm"], pair["auc"]["p_holm"]])
     assert holm == [min(1, 2 * raw[0]), max(min(1, 2 * raw[0]), raw[1])]
