@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -355,16 +356,22 @@ def _data_text(entry: dict) -> str:
     return f"{entry['dataset']} {entry['size']} px" + (f" ({entry['data'].upper()})" if entry["data"] else "")
 
 
+_SHARED = {"data": _data_text, "evaluation": lambda g: g["evaluation"]}  # in the title when every setup shares it
+
+
+def _shared(result: Comparison) -> dict[str, str]:
+    """The columns of `_SHARED` whose text every setup shares, with that text."""
+    return {name: next(iter(values)) for name, text in _SHARED.items() if len(values := {text(g) for g in result.groups}) == 1}
+
+
 def display_rows(result: Comparison, wide: bool = False, gap: str = " ") -> tuple[str, list[str], list[list[str]]]:
     """Title, header and text rows of the comparison (mean ±std, leaders starred, then any
     published rows), shared by the Rich table and the Markdown file. The default view is the
     setup (model and seeds) and the metrics, with the data and the evaluation in the title when
     every setup shares them (else as columns); `wide` shows every column. `gap` goes between a
     mean and its std (the table puts the std on a line of its own)."""
-    columns = {"data": _data_text, "evaluation": lambda g: g["evaluation"]}
-    shared = {name: next(iter(values)) for name, text in columns.items()
-              if len(values := {text(g) for g in result.groups}) == 1 and not wide}
-    extra = [name for name in columns if name not in shared] + (["runs", "epochs", "train time"] if wide else [])
+    shared = {} if wide else _shared(result)
+    extra = [name for name in _SHARED if name not in shared] + (["runs", "epochs", "train time"] if wide else [])
     rows = []
     for g in result.groups:
         cells = {"setup": g["group"], "data": _data_text(g), "evaluation": g["evaluation"], "runs": " ".join(g["runs"]),
@@ -422,27 +429,30 @@ def rich_tables(result: Comparison, wide: bool = False) -> list:
     return shown + [Text("\n".join(compare_stats.paired_lines(result.paired)))] if result.paired else shown
 
 
+def _md(text) -> str:
+    """Text for a Markdown cell or heading, shown as written: one line, Markdown's and HTML's
+    characters backslash-escaped (a run name with <b> or * is neither a tag nor emphasis)."""
+    return re.sub(r"([\\`*_\[\]|<>&#])", r"\\\1", " ".join(str(text).split()))
+
+
 def to_markdown(result: Comparison, wide: bool = False) -> str:
     title, header, rows = display_rows(result, wide)
-
-    def escape(text) -> str:
-        return str(text).replace("|", "\\|")
-
-    lines = [f"## {title}", "", "| " + " | ".join(heading(h) for h in header) + " |",
+    lines = [f"## {_md(title)}", "", "| " + " | ".join(_md(heading(h)) for h in header) + " |",
              "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_md(c) for c in row) + " |" for row in rows]
     if result.references:
         lines += ["", f"Published: {compare_stats.CITATION}."]
     if result.paired:
         lines += ["", "```", *compare_stats.paired_lines(result.paired), "```"]
     if result.skipped:
         lines += ["", "## Not compared", "", "| run | reason |", "|---|---|"]
-        lines += [f"| {escape(s['run'])} | {escape(s['reason'])} |" for s in result.skipped]
+        lines += [f"| {_md(s['run'])} | {_md(s['reason'])} |" for s in result.skipped]
     return "\n".join(lines) + "\n"
 
 
 def _frames(result: Comparison):
-    """(groups, runs, skipped) DataFrames with numeric metric columns (mean, std)."""
+    """(groups, runs, skipped) DataFrames with numeric metric columns (mean, std); any
+    published rows follow the groups, with their source."""
     import pandas as pd
 
     group_columns = ["group", "dataset", "size", "data", "model", "pretrained", "evaluation", "n_runs", "seeds",
@@ -451,6 +461,11 @@ def _frames(result: Comparison):
         group_columns += [metric, f"{metric}_std"] + ([f"{metric}_method"] if metric == OWN_FAITHFULNESS else [])
     groups = pd.DataFrame(result.groups, columns=group_columns)
     groups["leads"] = [", ".join(m for m in result.metrics if g in result.leaders.get(m, [])) for g in groups["group"]]
+    if result.references:  # the published rows, as in the table: a source column says whose numbers each row is
+        published = pd.DataFrame([{**ref, "group": f"{ref['method']} published", "model": ref["method"]}
+                                  for ref in result.references],
+                                 columns=[*group_columns, "source", "different_data"])
+        groups = pd.concat([groups.assign(source="medcli runs"), published], ignore_index=True)
     runs = pd.DataFrame(result.runs, columns=[*_RUN_COLUMNS, *result.metrics, "path"])
     skipped = pd.DataFrame(result.skipped, columns=["run", "reason"])
     return groups, runs, skipped
@@ -467,8 +482,8 @@ def write_chart(path: str | os.PathLike, result: Comparison) -> Path:
 
 def chart_figure(result: Comparison):
     """Grouped bar chart: one cluster per metric, one bar per setup (labelled by model and
-    seeds) with its value printed on it and the std over seeds as an error bar; the data and
-    split in the title. Bars are outlined, so a zero still shows; a missing value reads n/a.
+    seeds, and its evaluation where setups differ in it) with its value printed on it and the
+    std over seeds as an error bar; the data, split and any shared evaluation in the title. Bars are outlined, so a zero still shows; a missing value reads n/a.
     Metric names wrap onto lines of their own; the legend is one column below the axes, each
     label wrapped to fit the figure, which grows taller to hold it."""
     from matplotlib.figure import Figure
@@ -480,7 +495,9 @@ def chart_figure(result: Comparison):
     def wrapped(text: str, points: float, room: int = 0) -> str:  # lines as wide as the figure holds
         return "\n".join(textwrap.wrap(text, int(fig_width * 72 / (points * 0.62)) - room))
 
-    labels = [wrapped(g["group"], 10, room=12) for g in result.groups]  # room for the legend's key
+    shared = _shared(result)
+    labels = [wrapped(g["group"] + ("" if "evaluation" in shared else f" ({g['evaluation']})"), 10, room=12)
+              for g in result.groups]  # room for the legend's key
     fig = Figure(figsize=(fig_width, 4.8 + 0.2 * sum(label.count("\n") + 1 for label in labels)), layout="constrained")
     ax = fig.subplots()
     x = np.arange(len(result.metrics))
@@ -499,7 +516,8 @@ def chart_figure(result: Comparison):
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(tops) * (1.3 if n > 2 else 1.15) or 1.0)
     ax.set_xticks(x, ["\n".join(textwrap.wrap(heading(m), 9)) for m in result.metrics], fontsize=11)
     ax.set_ylabel("mean over seeds (error bar: std)", fontsize=10)
-    title = f"{', '.join(dict.fromkeys(_data_text(g) for g in result.groups))}: {result.split} split"
+    title = f"{', '.join(dict.fromkeys(_data_text(g) for g in result.groups))}: {result.split} split" \
+        + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "")
     ax.set_title(wrapped(title, 12), fontsize=12)
     ax.grid(axis="y", alpha=0.3)
     fig.legend(fontsize=10, loc="outside lower center", ncols=1)

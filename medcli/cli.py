@@ -235,7 +235,7 @@ def train(
     model: Annotated[str, typer.Option(help=_opt("model"))] = _models.DEFAULT_MODEL,
     reduced: Annotated[bool, typer.Option("--reduced", help=_opt("reduced"))] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help=_opt("epochs"))] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help=_opt("batch_size"))] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=2, help=_opt("batch_size"))] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("lr"))] = None,
     weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("weight_decay"))] = None,
     optimizer: Annotated[Optional[Optimizer], typer.Option(help=_opt("optimizer"))] = None,
@@ -336,6 +336,16 @@ def evaluate(
     emit({**result["splits"], "files": files} if json_output else "\n".join(files))
 
 
+PairOption = Annotated[Optional[tuple[str, str]], typer.Option(metavar="A B", help=(
+    "Paired tests of these two setups (each a run directory, run id or setup label) on the same test images: "
+    "McNemar's exact test (accuracy), a paired bootstrap (AUC), and across seeds a t-interval of the mean "
+    "difference. Default: the only two setups, when exactly two are compared."))]
+
+
+def _pair(pair: tuple[str, str] | None) -> tuple[str, str] | None:
+    return pair if pair and all(pair) else None
+
+
 @app.command()
 def aggregate(
     runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or folders searched for runs (default: .).")] = None,
@@ -353,10 +363,7 @@ def aggregate(
         "correlation and top-20% overlap between every two explained (run, method), per class means, and a "
         "side-by-side figure; needs --out."))] = False,
     method: Annotated[Optional[str], typer.Option(help="With --maps: only these explain methods (comma-separated).")] = None,
-    pair: Annotated[Optional[tuple[str, str]], typer.Option(metavar="A B", help=(
-        "Paired tests of these two setups (each a run directory, run id or setup label) on the same test images: "
-        "McNemar's exact test (accuracy), a paired bootstrap (AUC), and across seeds a t-interval of the mean "
-        "difference. Default: the only two setups, when exactly two are compared."))] = None,
+    pair: PairOption = None,
     reference: Annotated[bool, typer.Option("--reference", help=(
         "Add the published MedMNIST v2 numbers (ACC, AUC of 7 methods) for each compared dataset, marked as "
         "different data when a run did not use the official 28-px file."))] = False,
@@ -379,7 +386,7 @@ def aggregate(
 
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else names.COMPARE_METRICS
     emit(library.compare(runs or [], split=split, metric_names=chosen, out_dir=out, fmt=format.value,
-                         pair=pair if pair and all(pair) else None, reference=reference, wide=wide))
+                         pair=_pair(pair), reference=reference, wide=wide))
 
 
 @app.command("plot-confusion")
@@ -526,6 +533,7 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help=(
         "Write a page comparing the runs into this folder: comparison.html, beside the chart and "
         "maps figure it shows."))] = None,
+    pair: PairOption = None,
 ) -> None:
     """Write one HTML page a person can open or print.
 
@@ -537,7 +545,7 @@ def report(
     """
     from medcli import webpage
 
-    emit(str(webpage.report(runs, out).resolve()))
+    emit(str(webpage.report(runs, out, pair=_pair(pair)).resolve()))
 
 
 @app.command("clean-processes")

@@ -103,7 +103,7 @@ def paired_tests(a: dict, b: dict, runs: list[dict], split: str, metric_names: S
     """Setup `a` against setup `b` on `split`: per pair of runs (the same seed; or the two runs
     when each setup has one), McNemar and the AUC bootstrap on the same images; over two or
     more seed pairs, each metric's mean difference A - B with its t-interval."""
-    members = [[r for r in runs if r["run"] in g["runs"]] for g in (a, b)]
+    members = [[r for r in runs if r["path"] in g["paths"]] for g in (a, b)]  # run ids need not be unique
     repeated: list = []
     if len(members[0]) == 1 == len(members[1]):
         pairs = [(members[0][0], members[1][0])]

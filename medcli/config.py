@@ -7,6 +7,7 @@ A light module (no torch or numpy at import): the CLI builds `medcli train --hel
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from pathlib import Path
@@ -40,6 +41,7 @@ CHANNELS_LAST_ON_CPU = True
 # batch 32 / lr 0.025 79.5 %, batch 16 / lr 0.0125 86.5 % (MedMNIST v2's recipe: 78.9 %).
 MIN_STEPS_PER_EPOCH = 32
 MIN_DEFAULT_BATCH = 16
+MIN_BATCH = 2  # images per step and process: BatchNorm's batch statistics and a MixUp partner need two
 # Of the free GPU memory, the share the uint8 splits may take (else kept in pinned host memory).
 DEVICE_DATA_SHARE = 0.5
 # A training split below SMALL_TRAIN images gets a random-resized crop keeping SMALL_TRAIN_CROP to
@@ -287,12 +289,13 @@ def _source(reduced: bool, key: str, rec: models.Family) -> str:
 def _check_numbers(chosen: dict, patience: int | None, monitor: str) -> None:
     checks = [
         (chosen["epochs"] > 0, f"--epochs must be at least 1 (got {chosen['epochs']})"),
-        (chosen["batch_size"] > 0, f"--batch-size must be at least 1 (got {chosen['batch_size']})"),
-        (chosen["lr"] > 0, f"--lr must be positive (got {chosen['lr']})"),
-        (chosen["weight_decay"] >= 0, f"--weight-decay must be >= 0 (got {chosen['weight_decay']})"),
-        (chosen["warmup_epochs"] >= 0, f"--warmup-epochs must be >= 0 (got {chosen['warmup_epochs']})"),
+        (chosen["batch_size"] >= MIN_BATCH, f"--batch-size must be at least {MIN_BATCH} (got {chosen['batch_size']}): "
+                                             "BatchNorm and MixUp need two images a step"),
+        (0 < chosen["lr"] < math.inf, f"--lr must be positive and finite (got {chosen['lr']})"),
+        (0 <= chosen["weight_decay"] < math.inf, f"--weight-decay must be >= 0 and finite (got {chosen['weight_decay']})"),
+        (0 <= chosen["warmup_epochs"] < math.inf, f"--warmup-epochs must be >= 0 and finite (got {chosen['warmup_epochs']})"),
         (0 <= chosen["label_smoothing"] < 1, f"--label-smoothing must be in [0, 1) (got {chosen['label_smoothing']})"),
-        (chosen["mixup_alpha"] >= 0, f"--mixup-alpha must be >= 0 (got {chosen['mixup_alpha']})"),
+        (0 <= chosen["mixup_alpha"] < math.inf, f"--mixup-alpha must be >= 0 and finite (got {chosen['mixup_alpha']})"),
         (chosen["optimizer"].lower() in OPTIMIZERS, f"unknown --optimizer '{chosen['optimizer']}'; choose one of {', '.join(OPTIMIZERS)}"),
         (chosen["input_size"] >= 8, f"--input-size must be at least 8 px (got {chosen['input_size']})"),
         (patience is None or patience >= 0, f"--patience must be >= 0 (got {patience})"),

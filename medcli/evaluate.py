@@ -116,6 +116,9 @@ def evaluate_run(
             st.add(*files, save=False)
         written.append(write_run_report(run))
         st.add(written[-1])
+    from medcli import webpage  # webpage imports this module: not at the top
+
+    webpage.refresh_run_page(run)
     _print_summary(results)
     _warn_if_calibration_hurt(results)
     return {"run": str(run.run_dir), "splits": results, "files": [run.relative(p) for p in written]}

@@ -372,13 +372,18 @@ def _calibration_blocks(evaluations: dict) -> list[Block]:
         calibration = meta.get("calibration")
         if calibration:
             rows += [{"metric": m, "split": split, "before": calibration["before"][m], "after": calibration["after"][m],
-                      "temperature": temperature_text(calibration["temperature"]),
+                      "temperature": _temperature_cell(calibration["temperature"]),
                       "fit": f"skipped ({calibration['skipped']})" if calibration.get("skipped") else "fitted"}
                      for m in calibration["before"]]
     if not rows:
         return []
     return [Block(pd.DataFrame(rows), title="temperature scaling fitted on val: before and after",
-                  row_formats={m: metric_format(m) for m in {row["metric"] for row in rows}})]
+                  formats={"temperature": "0.000"}, row_formats={m: metric_format(m) for m in {row["metric"] for row in rows}})]
+
+
+def _temperature_cell(temperature: float | Sequence[float]) -> float | str:
+    """A number a spreadsheet can compute with; a multi-label fit's one per label as text."""
+    return float(temperature) if np.ndim(temperature) == 0 else temperature_text(temperature)
 
 
 def _reliability_blocks(evaluations: dict) -> list[Block]:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 from medcli import augment, checkpoints, console, distributed, feed, inference, optim, selection
-from medcli.config import fine_tune_lr, fit_to_data, resolve_config, run_name
+from medcli.config import MIN_BATCH, fine_tune_lr, fit_to_data, resolve_config, run_name
 from medcli.errors import MedcliError, UsageError
 from medcli.manifest import environment
 from medcli.names import MONITORS
@@ -129,6 +129,9 @@ def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -
     if batch % ctx.world_size:
         raise UsageError(f"--batch-size {batch} is the global batch and must split evenly over {ctx.world_size} "
                          f"processes; use a multiple of {ctx.world_size}")
+    if batch // ctx.world_size < MIN_BATCH:
+        raise UsageError(f"--batch-size {batch} gives each of {ctx.world_size} processes {batch // ctx.world_size} image a "
+                         f"step; BatchNorm and MixUp need {MIN_BATCH}: use at least {MIN_BATCH * ctx.world_size}")
     if n is not None:
         batch = min(batch, n - n % ctx.world_size)
     return batch

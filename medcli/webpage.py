@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from medcli import __version__, aggregate, compare_stats, console, datasets, fileio, maps, selection
-from medcli.errors import UsageError
+from medcli.errors import MedcliError, UsageError
 from medcli.evaluate import shown_metrics
 from medcli.metrics import interval_text, metric_text
 from medcli.explainers import METHODS as EXPLAIN_METHODS
@@ -45,6 +45,7 @@ __all__ = ["COMPARISON_PAGE", "REPORT_STAGE", "comparison_page", "report", "run_
 
 REPORT_STAGE = "report"
 COMPARISON_PAGE = "comparison.html"
+PAGE_CHART = "comparison_page.png"  # not aggregate's comparison.png: a page may be written beside its outputs
 MAPS_DIR = "maps"  # the maps agreement files of a comparison, beside its page
 SPLIT_ORDER = tuple(reversed(SPLITS))  # test first: the split a result is reported on
 EVALUATION_KEYS = ("task", "metrics", "ci", "checkpoint", "tta", "device")  # what the page reads of a metrics JSON
@@ -197,6 +198,17 @@ def write_run_page(path: str | os.PathLike) -> Path:
         st.add(page, save=False)
         st.summary.update(splits=list(evaluations), bytes=page.stat().st_size)
     return page
+
+
+def refresh_run_page(run: Run) -> None:
+    """Redraw the run's page when it has one: `evaluate` and `explain` call this after they
+    change what the page shows, which would otherwise show the earlier results unsaid."""
+    if not run.html_report_file().is_file():
+        return
+    try:
+        console.info(f"redrew {write_run_page(run.run_dir)} with the new results")
+    except MedcliError as exc:
+        console.warn(f"{run.html_report_file()} shows the earlier results and was not redrawn: {exc}")
 
 
 def _evaluation(run: Run, split: str) -> dict:
@@ -352,16 +364,16 @@ def _configuration(run: Run) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-def write_comparison_page(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> Path:
-    """Compare the runs under `paths` (`aggregate.aggregate`, test split, default metrics) and
+def write_comparison_page(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                          pair: Sequence[str] | None = None) -> Path:
+    """Compare the runs under `paths` (`aggregate.aggregate`, test split, default metrics, paired
+    tests of `pair` as `aggregate --pair`) and
     their stored explanation maps (`maps.compare`, its files in `out_dir/maps/`, where
     `aggregate --maps --out out_dir/maps` would put them), and write `out_dir/comparison.html`
-    beside the chart; returns the page's path."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; pass a directory for the comparison page")
-    result = aggregate.aggregate(paths)
-    chart = aggregate.write_chart(out / "comparison.png", result)
+    beside its chart (PAGE_CHART); returns the page's path."""
+    out = fileio.output_folder(out_dir, (COMPARISON_PAGE, PAGE_CHART))
+    result = aggregate.aggregate(paths, pair=pair)
+    chart = aggregate.write_chart(out / PAGE_CHART, result)
     try:
         agreement: dict | str = maps.compare([row["path"] for row in result.runs], out / MAPS_DIR)
     except UsageError as exc:  # nothing to compare (fewer than two explanations, no common sample...)
@@ -380,10 +392,10 @@ def comparison_page(result: aggregate.Comparison, chart: Path, agreement: dict |
     tests = (f"<h3>Paired tests</h3><pre>{_e(chr(10).join(compare_stats.paired_lines(result.paired)))}</pre>"
              if result.paired else _note(f"No paired tests: they compare two setups on the same images, and this page has "
                                          f"{console.plural(len(result.groups), 'setup')}; choose two with "
-                                         "'medcli aggregate --pair A B'."))
-    setups = {run: group["group"] for group in result.groups for run in group["runs"]}
+                                         "'medcli report --pair A B'."))
+    setups = {path: group["group"] for group in result.groups for path in group["paths"]}  # ids need not be unique
     runs = _table(("run", "setup", "seed", "evaluation", "directory"),
-                  [(r["run"], setups[r["run"]], r["seed"], r["evaluation"], r["path"]) for r in result.runs])
+                  [(r["run"], setups[r["path"]], r["seed"], r["evaluation"], r["path"]) for r in result.runs])
     if result.skipped:
         runs += "<h3>Not compared</h3>" + _table(("run", "reason"), [(s["run"], s["reason"]) for s in result.skipped])
     sections = [("comparison", "Comparison", table + tests),
@@ -410,11 +422,15 @@ def _agreement(agreement: dict | str) -> str:
                                              numeric=[2, 3, 4]))
 
 
-def report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None) -> Path:
+def report(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None = None,
+           pair: Sequence[str] | None = None) -> Path:
     """`medcli report`: one run without `out_dir` gets its own page; with `out_dir`, the runs
-    under `paths` get a comparison page there. Returns the page's path."""
+    under `paths` get a comparison page there (`pair` as `aggregate --pair`). Returns the
+    page's path."""
+    if pair and out_dir is None:
+        raise UsageError("--pair chooses the setups a comparison page tests; give it with --out DIR")
     if out_dir is not None:
-        return write_comparison_page(paths, out_dir)
+        return write_comparison_page(paths, out_dir, pair)
     if len(paths) != 1:
         raise UsageError("one RUN gets its own page; a comparison of several needs --out DIR (it gets "
                          f"DIR/{COMPARISON_PAGE})")

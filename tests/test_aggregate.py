@@ -6,6 +6,7 @@ written files, and no torch import. (Paired tests and published numbers: test_co
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -499,3 +500,32 @@ def test_a_run_that_recorded_its_warm_up_uncapped_is_a_repeat_of_one_that_record
     make_run(tmp_path, "other", seed=0, epochs=1, warmup_epochs=0.1)
     groups = aggregate([tmp_path], metric_names=["accuracy"]).groups
     assert sorted(g["n_runs"] for g in groups) == [1, 2]
+
+
+def test_markdown_shows_names_as_written(tmp_path):
+    """Review: comparison.md escaped only "|": a run name with <img ...>, *stars* or [brackets]
+    became a tag, emphasis or a link wherever the Markdown was rendered."""
+    from markdown_it import MarkdownIt
+
+    from medcli.aggregate import aggregate, to_markdown
+
+    name = "r <b>*bold*<b> & [link](x) _u_ `c` | #"
+    make_run(tmp_path, name)
+    result = aggregate([tmp_path / name, tmp_path / name / "gone"])
+    rendered = MarkdownIt("commonmark").enable("table").render(to_markdown(result, wide=True))
+    assert not re.search(r"<(b|em|a|code)\b", rendered)
+    assert rendered.count("r &lt;b&gt;*bold*&lt;b&gt; &amp; [link](x) _u_ `c` | #") == 2, rendered  # run ids, the missing run
+
+
+def test_the_chart_says_which_numbers_are_calibrated(tmp_path):
+    """Review: the table had an evaluation column ("best" vs "best, calibrated") but the chart's
+    legend and title did not, so calibrated and uncalibrated ECE bars looked alike."""
+    from medcli.aggregate import chart_figure
+
+    make_run(tmp_path, "plain", seed=0)
+    make_run(tmp_path, "calibrated", seed=1, calibration={"temperature": 1.2})
+    (ax,) = chart_figure(aggregate([tmp_path], metric_names=["accuracy", "ece"])).axes
+    legend = sorted(" ".join(t.get_text().split()) for t in ax.figure.legends[0].get_texts())
+    assert legend == ["resnet18 s0 (best)", "resnet18 s1 (best, calibrated)"]
+    (ax,) = chart_figure(aggregate([tmp_path / "calibrated"], metric_names=["ece"])).axes
+    assert ax.get_title().replace("\n", " ").endswith("test split, evaluation: best, calibrated")

@@ -188,6 +188,11 @@ OPTION_CASES = {
     "unknown dataset": (["train", "--dataset", "nosuchmnist"], "nosuchmnist"),
     "rotate 200": (["train", "--rotate", "200"], "--rotate"),
     "crop-scale 0": (["train", "--crop-scale", "0"], "--crop-scale"),
+    # review: these passed the checks and failed in the first step, leaving a failed run directory
+    "batch-size 1": (["train", "--batch-size", "1"], "--batch-size"),
+    "one image per process": (["train", "--nproc", "2", "--batch-size", "2"], "use at least 4"),
+    "lr inf": (["train", "--lr", "inf"], "--lr must be positive and finite"),
+    "weight-decay inf": (["train", "--weight-decay", "inf"], "--weight-decay must be >= 0 and finite"),
     "unknown method": (["explain", "RUN", "--method", "magic"], "magic"),
     "download size 27": (["download", "bloodmnist", "--size", "27"], "27"),
     "download unknown dataset": (["download", "nosuchmnist"], "nosuchmnist"),

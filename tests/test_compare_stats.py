@@ -5,15 +5,19 @@ v2 table checked against the paper."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
+from openpyxl import load_workbook
 from typer.testing import CliRunner
 
-from medcli import compare_stats, metrics, tables, tasks
-from medcli.aggregate import aggregate, table_text
+from medcli import compare_stats, metrics, tables, tasks, webpage
+from medcli.aggregate import aggregate, table_text, to_csv, write_chart, write_xlsx
 from medcli.cli import app
 from medcli.run import Run
 
@@ -160,6 +164,13 @@ def test_reference_adds_the_published_rows(tmp_path, dataset, different):
     text = table_text(result, width=100)
     assert "ResNet-18 (28) published" in text and "95.80%" in text and "Yang et al." in text
     assert ("different data" in text) == (different is not None)
+    # review: the published rows were in the table and comparison.md only, not in the CSV or workbook
+    frame = pd.read_csv(io.StringIO(to_csv(result)))
+    published = frame[frame["source"] == compare_stats.CITATION].set_index("group")
+    assert len(published) == 7 and published.loc["ResNet-18 (28) published", "accuracy"] == pytest.approx(0.958)
+    assert list(frame["source"]) == ["medcli runs"] + [compare_stats.CITATION] * 7
+    book = load_workbook(write_xlsx(tmp_path / "c.xlsx", result))
+    assert book["comparison"].max_row == 1 + 1 + 7
     assert aggregate([tmp_path], metric_names=["accuracy"]).references == []
 
 
@@ -192,3 +203,21 @@ def test_p_values_say_what_the_resamples_can_resolve_and_are_adjusted_for_the_te
     assert holm == [min(1, 2 * raw[0]), max(min(1, 2 * raw[0]), raw[1])]
     text = table_text(result, width=120)
     assert "Holm" in text and "2 tests" in text
+
+
+def test_runs_of_the_same_id_in_two_folders_keep_their_own_setups(tmp_path):
+    """Review: two runs started in the same second share a run id; the pairing and the page's
+    Runs table looked runs up by id, so each setup "held both" (no paired test) and the page
+    gave the first run the second's setup."""
+    cnn = make_run(tmp_path / "a", "same-id", accuracy=0.75, checkpoint_sha256="a" * 64)
+    vit = make_run(tmp_path / "b", "same-id", model="vit-tiny", accuracy=0.55,
+                   checkpoint_sha256="b" * 64)
+    predicted(cnn, RIGHT_A)
+    predicted(vit, RIGHT_B)
+    result = aggregate([cnn, vit], metric_names=["accuracy", "auc"])
+    (pair,) = result.paired["pairs"]
+    assert "repeated_seeds" not in result.paired and pair["n"] == 40
+    assert (pair["accuracy"]["only_a"], pair["accuracy"]["only_b"]) == (10, 2)
+    page = webpage.comparison_page(result, write_chart(tmp_path / "chart.png", result), "none")
+    rows = re.findall(r"<tr><td>same-id</td><td>([^<]*)</td>.*?<td>([^<]*)</td></tr>", page)
+    assert sorted(rows) == sorted([("resnet18 s0", str(cnn)), ("vit-tiny s0", str(vit))]), rows

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image, ImageStat
 from typer.testing import CliRunner
 
+from medcli import webpage
 from medcli.cli import app
 from medcli.run import Run
 
@@ -118,7 +119,7 @@ def test_the_comparison_page_has_the_table_tests_chart_and_maps(explained_runs, 
     assert page.name == "comparison.html"
     images = self_contained_images(page)
     assert [Image.open(io.BytesIO(data)).size for data in images] == [
-        Image.open(page.parent / name).size for name in ("comparison.png", "maps/maps_compare.png")]
+        Image.open(page.parent / name).size for name in (webpage.PAGE_CHART, "maps/maps_compare.png")]
     text = page.read_text(encoding="utf-8")
     for needle in ("SYNTHETIC", "McNemar exact", "paired bootstrap", "Spearman", "top-20% IoU", "epochs=1",
                    *(Run.open(run).run_id for run in explained_runs)):
@@ -180,8 +181,6 @@ def test_the_run_page_says_how_best_pt_was_chosen_and_which_numbers_are_calibrat
 def test_a_binary_page_names_the_class_its_rates_are_of(tmp_path):
     """Review: BreastMNIST's sensitivity, specificity, PPV and NPV are of malignant (class 0),
     its AUC of class 1, and the page said neither."""
-    from medcli import webpage
-
     run = Run.create(tmp_path, "r", config={}, dataset={"flag": "breastmnist", "size": 28})
     result = {"task": "binary-class", "positive_class": "malignant", "calibration": None,
               "ci": {"level": 0.95, "method": "percentile bootstrap", "resamples": 10, "seed": 0},
@@ -220,3 +219,56 @@ def test_a_run_page_never_shows_files_the_run_did_not_write(explained_runs, tmp_
         one_line_error(result, 2, "figures/confusion_test.png", "is not a whole PNG image")
     else:
         one_line_error(result, 2, "metrics/test.json", "is not the file this run wrote", "re-run 'medcli evaluate")
+
+
+def test_the_comparison_page_keeps_aggregates_chart_and_says_what_it_replaces(tmp_path, capsys):
+    """Review: `report --out DIR` wrote its chart over aggregate's comparison.png in DIR (the md
+    then described metrics the chart no longer showed), and replaced an earlier page unsaid."""
+    from medcli import aggregate
+
+    from test_aggregate import make_run
+
+    runs = [make_run(tmp_path / "runs", name, model=model) for name, model in (("a", "resnet18"), ("b", "vit-tiny"))]
+    out = tmp_path / "out"
+    aggregate.write_outputs(out, aggregate.aggregate(runs, metric_names=["accuracy"]))
+    chart = (out / "comparison.png").read_bytes()
+    for _ in range(2):
+        capsys.readouterr()
+        page = webpage.write_comparison_page(runs, out)
+    assert (out / "comparison.png").read_bytes() == chart
+    assert f"replacing the earlier {page.name}, {webpage.PAGE_CHART} in {out}" in capsys.readouterr().err
+
+
+def test_a_comparison_page_of_three_setups_tests_the_pair_named(tmp_path):
+    """Review: the page of three setups told the reader to choose two with `aggregate --pair`,
+    which never changes the page; `report --pair A B` does."""
+    from test_aggregate import make_run
+    from test_compare_stats import RIGHT_A, RIGHT_B, predicted
+
+    runs = [make_run(tmp_path / "runs", name, model=model, checkpoint_sha256=name * 64)
+            for name, model in (("a", "resnet18"), ("b", "vit-tiny"), ("c", "vit-small"))]
+    for run, right in zip(runs, (RIGHT_A, RIGHT_B, RIGHT_B)):
+        predicted(run, right)
+    texts = {}
+    for name, pair in (("none", []), ("ab", ["--pair", str(runs[0]), str(runs[1])])):
+        result = runner.invoke(app, ["report", *map(str, runs), "--out", str(tmp_path / name), *pair])
+        assert result.exit_code == 0, result.output
+        texts[name] = Path(result.stdout.strip()).read_text(encoding="utf-8")
+    assert "choose two with &#x27;medcli report --pair A B&#x27;" in texts["none"] and "McNemar" not in texts["none"]
+    assert "McNemar exact p = 0.039" in texts["ab"]
+    alone = runner.invoke(app, ["report", str(runs[0]), "--pair", "a", "b"])
+    assert alone.exit_code == 2 and "--pair" in one_line_error(alone)
+
+
+def test_evaluate_and_explain_redraw_a_page_the_run_has(explained_runs, tmp_path):
+    """Review: after `report`, `evaluate --calibrate` rewrote the metrics and report.xlsx while
+    report.html still said "Not calibrated" with the old ECE, and nothing said so."""
+    from medcli import evaluate, explain
+
+    run = Run.open(shutil.copytree(explained_runs[1], tmp_path / "run"))
+    page = webpage.write_run_page(run.run_dir)
+    assert "Temperature scaling fitted on val" not in page.read_text(encoding="utf-8")
+    evaluate.evaluate_run(run.run_dir, calibrate=True, device="cpu", batch_size=64)
+    assert "Temperature scaling fitted on val" in page.read_text(encoding="utf-8")
+    explain.explain_run(run.run_dir, method="eigencam", per_class=1, faithfulness=False, device="cpu")
+    assert "eigencam" in page.read_text(encoding="utf-8")
