@@ -143,7 +143,7 @@ class TrainOptions:
         f"auc for ChestMNIST; below {selection.SMALL_VAL} validation images the EMA rule above unless given); "
         "ties go to the later epoch."))
     seed: int = _option(0, "Seed for weights, data order and augmentation.", experiment=False)
-    deterministic: bool = _option(False, "Strict mode: deterministic kernels, bit-identical reruns.", experiment=False)
+    deterministic: bool = _option(False, "Strict mode: deterministic kernels; reruns give bit-identical weights.", experiment=False)
     device: str = _option("auto", "auto, cpu, cuda or cuda:N.", experiment=False)
     amp: str | None = _option(None, "Mixed precision (default bf16 on CUDA, off on CPU).", experiment=False)
     compile: bool = _option(False, "torch.compile the model and the optimizer step (default off).", experiment=False)

@@ -172,7 +172,7 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
     shows loss and accuracy when the epoch ends.
 
     Returns mean loss and accuracy (against the unmixed labels, over all processes), the
-    learning rate of the epoch's last step, seconds and images/s (all processes' images).
+    learning rate of the epoch's last step, seconds (until the device is done), images and images/s (all processes' images).
     Incomplete last batches are dropped (a batch of one would break BatchNorm and skew the
     step count the schedule was built for).
     """
@@ -232,11 +232,11 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
         totals += torch.stack([loss.detach().double() * labels.shape[0], state.task.hits(logits.detach(), labels)])
         if (step + 1) % refresh == 0 or step + 1 == steps:
             bar.update(task, completed=(step + 1) * batch, status=f"lr {optim.current_lr(state.scheduler):.2e}")
+    loss_sum, correct = distributed.sum_(ctx, totals).tolist()  # waits for the device: the epoch's work is done
     seconds = time.perf_counter() - start
-    loss_sum, correct = distributed.sum_(ctx, totals).tolist()
     seen = steps * batch
     bar.update(task, status=f"loss {loss_sum / seen:.3f} acc {correct / seen:.3f}")
-    return {"loss": loss_sum / seen, "acc": correct / seen, "lr": lr, "seconds": seconds,
+    return {"loss": loss_sum / seen, "acc": correct / seen, "lr": lr, "seconds": seconds, "images": seen,
             "images_per_s": seen / seconds}
 
 
@@ -555,8 +555,10 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
         saved[files["last"]] = checkpoints.payload(state, val, full=True, device=device)
     writer.write(saved, device)  # an unchanged best.pt keeps its file and hash
     _record_progress(run, st, state, stopped_early, final, writer.lock,
-                     train_seconds=round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3),
-                     images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,  # all processes' images
+                     train_seconds=(seconds := round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3)),
+                     # all processes' images, each epoch the same number: the run's rate, and the last epoch's (warm)
+                     images_per_s=round(state.epoch * train_stats["images"] / seconds, 1),
+                     last_epoch_images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,
                      last_skipped=st.summary.get("last_skipped", 0) + skip_last)  # epochs whose last.pt was not written
 
 

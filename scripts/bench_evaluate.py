@@ -15,6 +15,7 @@ The timings are disturbed by anything else running on the machine: check `uptime
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -44,12 +45,21 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep", type=Path, help="train into this folder and keep the run (default: a temporary one)")
     args = parser.parse_args()
+    if args.run is not None and not (args.run / "manifest.json").is_file():
+        parser.error(f"--run {args.run} is not a run directory (no manifest.json)")
+    if args.run is None and not args.data.is_file():
+        parser.error(f"--data {args.data} not found; pass the real bloodmnist_pbc_28.npz or --run RUN")
 
-    from medcli import console
+    from medcli import console, datasets
     from medcli.evaluate import evaluate_run
+    from medcli.run import Run
 
     with tempfile.TemporaryDirectory(prefix="bench_evaluate_") as tmp:
-        run = args.run or train_run(args.data, args.keep or Path(tmp), args.device, args.epochs)
+        if args.run:  # evaluated as a copy: the run's own evaluation stays as it was
+            run = Path(shutil.copytree(args.run, Path(tmp) / args.run.resolve().name))
+        else:
+            run = train_run(args.data, args.keep or Path(tmp), args.device, args.epochs)
+        data = datasets.provenance(Run.open(run).dataset) or "the official file"
         console.configure(quiet=True)
         rows = []
         for tta in (False, True):
@@ -59,7 +69,7 @@ def main() -> None:
             calibration = result["calibration"]
             rows.append((", ".join(result["tta"]["views"]), result["metrics"], calibration, seconds))
 
-    print(f"\nBloodMNIST (PBC-derived) test split, {rows[0][1]['n']} images, run {Path(run).name}")
+    print(f"\ntest split of {data}, {rows[0][1]['n']} images, run {Path(run).name}")
     print(f"{'views':<32} {'acc':>7} {'bal acc':>7} {'AUC':>7} {'T':>6} {'ECE before':>10} {'ECE after':>9} "
           f"{'NLL before':>10} {'NLL after':>9} {'seconds':>7}")
     for views, m, cal, seconds in rows:

@@ -29,6 +29,7 @@ Peak bf16 dense TFLOP/s is looked up from the device name (override with --peak-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -175,13 +176,13 @@ def run_case(case: Case, root: Path, work: Path, device: str, peak: float | None
     if case.command == "train":
         summary = json.loads(done.stdout)
         runs[case.name] = summary["run_dir"]
-        row["images_per_s"] = summary["images_per_s"]
+        row["images_per_s"] = summary["last_epoch_images_per_s"]  # warm, as measured before (the run's rate has epoch 1)
         stage = json.loads((Path(summary["run_dir"]) / "manifest.json").read_text())["stages"]["train"]
         window = tuple(datetime.fromisoformat(stage[key]).timestamp() for key in ("started", "ended"))
         row["train_s"] = summary["train_seconds"]
         if case.flops and peak:
             flops = train_flops_per_image(*case.flops, device)
-            row["peak_share"] = flops * summary["images_per_s"] / (peak * 1e12)
+            row["peak_share"] = flops * row["images_per_s"] / (peak * 1e12)
     elif case.command == "evaluate":
         row["accuracy"] = json.loads(done.stdout)["test"]["metrics"]["accuracy"]
     row["busy"] = busy.share(*window)
@@ -261,7 +262,13 @@ def main() -> None:
 
     print(f"device {name}, torch {torch.__version__}, CUDA {torch.version.cuda}, timm {timm.__version__}, "
           f"bf16 peak {peak or 'unknown'} TFLOP/s, {os.cpu_count()} CPUs", flush=True)
-    work = options.work or Path(tempfile.mkdtemp(prefix="bench-gpu-"))
+    with contextlib.nullcontext(options.work) if options.work else tempfile.TemporaryDirectory(prefix="bench-gpu-") as w:
+        measure(options, cases, device, peak, Path(w), began)
+    table(cases)
+
+
+def measure(options, cases: list, device: str, peak: float | None, work: Path, began: float) -> None:
+    """Run `cases` with their files in `work` (removed afterwards unless --work kept it)."""
     work.mkdir(parents=True, exist_ok=True)
     if options.smoke:
         from medcli import datasets
@@ -277,7 +284,6 @@ def main() -> None:
             print(f"  {case.name}: {case.row}", flush=True)
     finally:
         busy.stop()
-    table(cases)
 
 
 if __name__ == "__main__":

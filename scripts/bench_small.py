@@ -271,6 +271,8 @@ def main() -> None:
 
     console.configure(quiet=True, verbose=False)
     sets = args.sets.split(",")
+    if unknown := [name for name in sets if name not in SETS]:
+        parser.error(f"unknown --sets {', '.join(unknown)}; choose from {', '.join(SETS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     recipes = [args.only] if args.only else ["reference", "medcli"]
     results = load_results(args.results)

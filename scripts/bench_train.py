@@ -23,6 +23,7 @@ The numbers are disturbed by anything else running on the machine: check `uptime
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -92,7 +93,7 @@ def medcli_images_per_s(root: Path, runs: Path, batch: int) -> float:
 
     console.configure(quiet=True)
     run = train.train(root=root, runs_dir=runs, model="resnet18", epochs=2, batch_size=batch, device="cpu")
-    return run.stages["train"]["summary"]["images_per_s"]
+    return run.stages["train"]["summary"]["last_epoch_images_per_s"]
 
 
 def overhead(source: Path, work: Path, batch: int = 128, n_train: int = 128 * 6) -> None:
@@ -137,7 +138,7 @@ def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: 
     summary = run.stages["train"]["summary"]
     print(f"{label} wall {wall / 60:.2f} min, epochs {summary['epochs_run']}, "
           f"best epoch {summary['best_epoch']} (val acc {summary['best_value']:.4f}), "
-          f"train {summary['images_per_s']:.0f} img/s, TEST accuracy {accuracy:.4f}  ({run.run_dir})")
+          f"train {summary['images_per_s']:.0f} img/s (last epoch {summary['last_epoch_images_per_s']:.0f}), TEST accuracy {accuracy:.4f}  ({run.run_dir})")
     if not reduced:
         default_epochs = models.record(model).defaults["epochs"]
         projected = wall / summary["epochs_run"] * default_epochs
@@ -156,10 +157,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where data roots and runs go (default: a temp dir)")
     parser.add_argument("--extra", default="", help="extra 'medcli train' options for the end-to-end runs")
     args = parser.parse_args()
+    if args.full is not None and args.full < 1:
+        parser.error(f"--full {args.full}: give the number of epochs, at least 1")
     everything = not (args.overhead or args.resnet or args.vit or args.densenet or args.full)
     if not args.data.is_file():
         sys.exit(f"{args.data} not found; pass --data PATH/bloodmnist_pbc_28.npz")
-    work = args.work or Path(tempfile.mkdtemp(prefix="medcli-bench-"))
+    with contextlib.nullcontext(args.work) if args.work else tempfile.TemporaryDirectory(prefix="medcli-bench-") as w:
+        run_benchmarks(args, everything, Path(w))
+
+
+def run_benchmarks(args, everything: bool, work: Path) -> None:
+    """The benchmarks `args` chose, with data roots and runs in `work`."""
     print(f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs; work dir {work}")
     extra = args.extra.split()
     if everything or args.overhead:

@@ -24,16 +24,19 @@ ROOT="${MEDCLI_DATA:-$HOME/.medmnist}"
 RUNS="runs"
 OUT=""
 EXTRA=()
+need_value() {  # an option that takes a value must have one: a usage error (exit 2), not a shell one
+  if [ $# -lt 2 ]; then echo "run_all.sh: $1 needs a value (see --help)" >&2; exit 2; fi
+}
 while [ $# -gt 0 ]; do
   case "$1" in
     --reduced) REDUCED="--reduced" ;;
-    --from) FROM="$2"; shift ;;
+    --from) need_value "$@"; FROM="$2"; shift ;;
     --synthetic) SYNTHETIC=1 ;;
     --sample) SAMPLE=1 ;;
-    --size) SIZE="$2"; shift ;;
-    --root) ROOT="$2"; shift ;;
-    --runs-dir) RUNS="$2"; shift ;;
-    --out) OUT="$2"; shift ;;
+    --size) need_value "$@"; SIZE="$2"; shift ;;
+    --root) need_value "$@"; ROOT="$2"; shift ;;
+    --runs-dir) need_value "$@"; RUNS="$2"; shift ;;
+    --out) need_value "$@"; OUT="$2"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
     *) echo "run_all.sh: unknown option $1 (see --help)" >&2; exit 2 ;;

@@ -6,9 +6,8 @@ tests/test_webpage.py runs (console messages, images decoded, resources fetched)
 
 writes docs/report_run.png and docs/report_comparison.png: the top of each page in a
 1200 x 1800 window, at 2/3 size and in 256 colours (about 100 KB each). The pages in
-the README come from two tiny models (timm:test_resnet and timm:test_vit, 4 epochs) on the
-embedded PBC sample (`medcli download --sample`), evaluated with --calibrate and explained
-with gradcam and rollout.
+the README come from a resnet18 and a vit-tiny run on the embedded PBC sample (`medcli
+download --sample`), evaluated with --calibrate and explained with gradcam and rollout.
 
 Not part of medcli (no dependency is added for it): it needs a Chromium binary on PATH
 (`chromium`, `chromium-browser` or `google-chrome`; Debian: apt-get install chromium) and

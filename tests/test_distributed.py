@@ -87,7 +87,7 @@ def test_torchrun_with_two_processes_trains_the_one_process_model(single, data_r
     # images/s counts each image once: the manifest says what rank 0's last epoch line says
     last_line = [line for line in (rank_logs["0"] / "stderr.log").read_text().splitlines() if "epoch 3/3" in line][-1]
     shown = float(re.search(r"(\d+) img/s", last_line).group(1))
-    assert manifest["stages"]["train"]["summary"]["images_per_s"] == pytest.approx(shown, abs=1), last_line
+    assert manifest["stages"]["train"]["summary"]["last_epoch_images_per_s"] == pytest.approx(shown, abs=1), last_line
     assert _manifest(single)["environment"]["distributed"] == {"world_size": 1, "backend": None}
     _assert_same_model(single, run)
     # Validation covers the whole split in both (gathered, not one shard).

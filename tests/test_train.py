@@ -216,6 +216,9 @@ def test_tiny_run_writes_loadable_checkpoints_and_best_is_best_window(tiny_run):
     summary = stage["summary"]
     assert best["epoch"] == 3 == summary["best_epoch"] and summary["best_window"] == [1, 3]
     assert summary["best_value"] == pytest.approx(sum(aucs) / 3) and summary["best_weights"] == "ema"
+    # review: images_per_s was the last epoch's; it is the run's, each epoch 16 steps of 16 images
+    assert summary["images_per_s"] == pytest.approx(3 * 256 / summary["train_seconds"], rel=1e-3)
+    assert summary["last_epoch_images_per_s"] > 0
     assert best["metrics"]["auc"] == pytest.approx(aucs[-1])
     assert best["model"].keys() == last["ema"].keys() and all(torch.equal(best["model"][k], last["ema"][k])
                                                               for k in best["model"])
