@@ -20,7 +20,7 @@ from typing import Any
 
 from medcli import augment, datasets, selection, tasks
 from medcli.errors import UsageError
-from medcli.names import EXPORT_FORMATS, SPLITS
+from medcli.names import EXPORT_FORMATS
 from medcli.run import Run
 
 __all__ = ["FORMAT", "FORMATS", "Opened", "calibration", "calibrations", "card_calibrations", "describe", "load_exported", "open_model", "preprocessing_steps",
@@ -105,13 +105,12 @@ def _licence(record: dict) -> str:
 
 
 def _evaluations(run: Run, checkpoint: str):
-    """The metrics JSON of every split evaluated with `checkpoint`, by split."""
-    for split in SPLITS:
-        path = run.metrics_file(split)
-        if path.is_file():
-            result = json.loads(path.read_text(encoding="utf-8"))
-            if result.get("checkpoint") == checkpoint:
-                yield split, result
+    """The metrics JSON of every split evaluated with `checkpoint` (of the completed evaluate
+    stage, checked against its recorded hash), by split."""
+    for split in run.evaluated_splits():
+        result = run.read_json(run.metrics_file(split), f"redo it with '{run.evaluate_command(split)}'")
+        if result.get("checkpoint") == checkpoint:
+            yield split, result
 
 
 def calibrations(run: Run, checkpoint: str) -> list[dict]:

@@ -74,6 +74,8 @@ class MedcliGroup(TyperGroup):
             if distributed.says_interruptions():  # a distributed job's end is said once
                 console.error(str(exc) or "interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except BrokenPipeError:  # the reader of stdout has gone (`| head`): Click ends quietly, exit 1
+            raise
         except Exception as exc:  # an unexpected bug: one line unless --verbose
             if console.is_verbose():
                 console.console().print_exception()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -98,7 +99,7 @@ def evaluate_run(
         "amp": amp_mode,
     }
     results, written = {}, []
-    with run.stage("evaluate") as st:
+    with run.stage("evaluate", keep_completed=True) as st:  # an attempt that replaced no file leaves the earlier result
         logits = {name: predict(name) for name in chosen}
         fit = None
         if calibrate:
@@ -106,7 +107,9 @@ def evaluate_run(
             fit = task.fit_temperature(val_logits, data.labels["val"])
             console.info(f"temperature scaling fitted on val ({len(val_logits)} images): T = "
                          f"{metrics.temperature_text(fit[0])}" + (f"; skipped (T = 1): {fit[1]}" if fit[1] else ""))
+        st.writing()
         for name in chosen:
+            st.summary.pop(name, None)  # listed again once its files are all written (Run.evaluated_splits)
             _drop_medmnist_csv(st, name, data.record, replaced=medmnist_csv)
             result, files = _write_split(run, name, logits[name], data, task, fit, context, medmnist_csv)
             results[name] = result
@@ -114,7 +117,7 @@ def evaluate_run(
             st.summary[name] = {key: result["metrics"][key] for key in shown_metrics(result)} | {
                 "checkpoint": checkpoint, "tta": tta, "temperature": fit and fit[0]}
             st.add(*files, save=False)
-        written.append(write_run_report(run))
+        written.append(write_run_report(run, [split for split in SPLITS if split in st.summary]))
         st.add(written[-1])
     from medcli import webpage  # webpage imports this module: not at the top
 
@@ -208,16 +211,17 @@ def _write_medmnist_csv(run: Run, split: str, probs: np.ndarray, values: dict, r
     return path
 
 
-def write_run_report(run: Run) -> Path:
-    """(Re)write `report.xlsx` from every split evaluated so far (the files on disk), so an
-    evaluation of `val` after one of `test` yields one workbook holding both. A split whose
-    files are unreadable (damaged since) is left out with one line saying how to redo it."""
+def write_run_report(run: Run, splits: Sequence[str]) -> Path:
+    """(Re)write `report.xlsx` from every split evaluated so far (`splits`: those the evaluate
+    stage lists, each written to the end), so an evaluation of `val` after one of `test`
+    yields one workbook holding both. A split whose files are unreadable (damaged since) is
+    left out with one line saying how to redo it."""
     import json
 
     import pandas as pd
 
     evaluations = {}
-    for split in SPLITS:
+    for split in splits:
         metrics_file, csv = run.metrics_file(split), run.predictions_file(split)
         if not (metrics_file.is_file() and csv.is_file()):
             continue

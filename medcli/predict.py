@@ -203,7 +203,6 @@ def _overlays(active, method: str, caption: str, opened: bundle.Opened, batch_na
     classes = task.explained_class(probs)
     maps, _ = explainers.heatmaps(active, tensor, opened.card["preprocess"], classes, batch_size=batch_size, device=dev)
     folder = overlay_dir(out, method)
-    folder.mkdir(parents=True, exist_ok=True)
     first = done - len(batch_names)
     written = []
     for k, name in enumerate(batch_names):

@@ -386,6 +386,23 @@ class Run:
                              f"differs from the manifest's); {fix}")
         return data
 
+    def read_json(self, path: Path, fix: str) -> Any:
+        """A JSON file of the run, checked against its recorded sha256 (`read_artefact`); a
+        missing, damaged or undecodable file is a one-line UsageError ending in `fix`."""
+        import json
+
+        try:
+            return json.loads(self.read_artefact(path, fix).decode("utf-8"))
+        except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            raise UsageError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
+
+    def evaluated_splits(self) -> list[str]:
+        """The splits the completed evaluate stage lists (each evaluated to the end, its files
+        recorded), whose metrics file is there; a split an attempt left half-written is not one."""
+        done = self.stages.get("evaluate", {})
+        listed = done.get("summary", {}) if done.get("status") == "completed" else {}
+        return [split for split in SPLITS if split in listed and self.metrics_file(split).is_file()]
+
     def load_data(self, root: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS, *,
                   same_file: bool = False, **load_options: Any):
         """The run's dataset (`datasets.Splits`, only `splits`; `load_options` as `datasets.load`'s), found

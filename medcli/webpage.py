@@ -170,14 +170,6 @@ def _page(title: str, subtitle: str, notes: Sequence[str], sections: Sequence[tu
             f"the page needs no other file and no network.</footer></main></body></html>\n")
 
 
-def _read(run: Run, path: Path, fix: str) -> dict:
-    """A JSON file of the run, checked against its recorded sha256 (`Run.read_artefact`)."""
-    try:
-        return json.loads(run.read_artefact(path, fix).decode("utf-8"))
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
-
-
 # ---------------------------------------------------------------------------------------
 # The run page
 # ---------------------------------------------------------------------------------------
@@ -190,7 +182,7 @@ def write_run_page(path: str | os.PathLike) -> Path:
     run.require_trained()
     hint = f"evaluate it first with 'medcli evaluate {run.run_dir}'"
     run.require("evaluate", hint)
-    evaluations = {split: _evaluation(run, split) for split in SPLIT_ORDER if run.metrics_file(split).is_file()}
+    evaluations = {split: _evaluation(run, split) for split in SPLIT_ORDER if split in run.evaluated_splits()}
     if not evaluations:
         raise UsageError(f"run {run.run_dir} has no evaluated split left; {hint}")
     with run.stage(REPORT_STAGE) as st:
@@ -215,7 +207,7 @@ def _evaluation(run: Run, split: str) -> dict:
     """A split's metrics JSON, refused with one line when it lacks what the page shows (an older
     medcli wrote no intervals)."""
     fix = f"re-run '{run.evaluate_command(split)}'"
-    result = _read(run, run.metrics_file(split), fix)
+    result = run.read_json(run.metrics_file(split), fix)
     missing = [key for key in EVALUATION_KEYS if key not in result]
     if missing:
         raise UsageError(f"{run.metrics_file(split)} has no {', '.join(missing)} (an older medcli wrote it); {fix}")
@@ -335,7 +327,7 @@ def _explanations(run: Run) -> str:
     for method in EXPLAIN_METHODS:
         if run.status(run.explain_stage(method)) != "completed":
             continue
-        index = _read(run, run.explain_index(method), f"re-run 'medcli explain {run.run_dir} --method {method}'")
+        index = run.read_json(run.explain_index(method), f"re-run 'medcli explain {run.run_dir} --method {method}'")
         road, mass = index.get("faithfulness"), index.get("mean_box_mass")
         facts = [f"{len(index['samples'])} {index['split']} samples ({index.get('selection')})",
                  f"target {index['target']}", f"checkpoint {index['checkpoint']}"]

@@ -209,3 +209,17 @@ def test_an_option_missing_its_value_points_at_the_subcommands_help():
     """Review: `aggregate --pair a` said "(see 'medcli --help')", whose help has no --pair."""
     one_line_error(runner.invoke(app, ["aggregate", "--pair", "a"]), 2, "--pair", "see 'medcli aggregate --help'")
     one_line_error(runner.invoke(app, ["train", "--epochs"]), 2, "see 'medcli train --help'")
+
+
+def test_a_reader_that_has_gone_ends_the_command_quietly(tmp_path):
+    """Review: `medcli report RUN | true` said "unexpected BrokenPipeError" after its work was
+    done; a closed stdout ends it as Click ends a command: no message, exit 1."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the result is printed
+    try:
+        done = subprocess.run([sys.executable, "-m", "medcli", "download", "bloodmnist", "--synthetic", "--root",
+                               str(tmp_path)], stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (tmp_path / "synthetic" / "bloodmnist.npz").is_file()
+    assert done.returncode == 1 and "unexpected" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 from medcli import datasets, metrics, tables, tasks
 from medcli.cli import app
+from medcli.errors import UsageError
 from medcli.run import Run
 
 from cli_helpers import heavy_imports, one_line_error
@@ -635,3 +636,41 @@ def test_sample_and_mistake_grids_are_readable_printed_at_a_page_width(figures, 
         for text in [*fig.axes[0].texts, fig._suptitle, fig._supxlabel]:
             box = text.get_window_extent(renderer)
             assert box.x0 >= 0 and box.x1 <= fig.bbox.x1 and box.y0 >= 0 and box.y1 <= fig.bbox.y1, text.get_text()
+
+
+def test_an_evaluation_that_stops_keeps_the_earlier_one_and_a_half_written_split_is_not_reported(run_copy, monkeypatch):
+    """Review: an evaluate stopped while predicting (no file changed) voided the completed
+    evaluation (`report`: "no completed evaluate stage"), and a split whose writing failed
+    halfway (metrics/val.json written, a figure not) showed up in the next report.xlsx and
+    page as evaluated."""
+    from openpyxl import load_workbook
+
+    from medcli import inference, reports, webpage
+    from medcli.evaluate import evaluate_run
+
+    evaluate_run(run_copy, device="cpu", batch_size=64)
+    completed = Run.open(run_copy).stages["evaluate"]
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(inference, "predict_logits", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_run(run_copy, split="val", device="cpu")
+    assert Run.open(run_copy).stages["evaluate"] == completed and Run.open(run_copy).evaluated_splits() == ["test"]
+
+    def disk_full(*args, **kwargs):
+        raise UsageError("writing the figure failed (no space left on device)")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(reports, "save_mistakes", disk_full)
+        with pytest.raises(UsageError):
+            evaluate_run(run_copy, split="val", device="cpu")
+    assert (run_copy / "metrics" / "val.json").is_file() and Run.open(run_copy).status("evaluate") == "failed"
+    evaluate_run(run_copy, device="cpu", batch_size=64)
+    assert Run.open(run_copy).evaluated_splits() == ["test"]
+    splits = {row[1] for row in load_workbook(run_copy / "report.xlsx")["summary"].iter_rows(values_only=True)}
+    assert "test" in splits and "val" not in splits
+    page = webpage.write_run_page(run_copy).read_text(encoding="utf-8")
+    assert "test split" in page and "val split" not in page

@@ -167,6 +167,26 @@ def test_the_calibration_hint_names_the_checkpoint_predicted_with(run_copy, pngs
     assert fixed.exit_code == 0 and "no calibrated evaluation" not in fixed.stderr
 
 
+def test_a_damaged_evaluation_is_one_line_for_predict_and_export(run_copy, pngs, tmp_path):
+    """Review: predict and export read metrics/test.json unchecked: a truncated file was an
+    "unexpected JSONDecodeError" (exit 1) where report gave one line naming the fix."""
+    assert runner.invoke(app, ["--quiet", "evaluate", str(run_copy), "--calibrate"]).exit_code == 0
+    metrics_file = run_copy / "metrics" / "test.json"
+    metrics_file.write_bytes(metrics_file.read_bytes()[:100])
+    for args in (["predict", str(run_copy), str(pngs), "--calibrated"], ["export", str(run_copy), "--out", str(tmp_path / "m.pt")]):
+        line = one_line_error(runner.invoke(app, args), 2)
+        assert "metrics/test.json" in line and f"medcli evaluate {run_copy.resolve()} --split test --calibrate" in line, line
+
+
+def test_an_overlay_folder_that_cannot_be_made_is_one_line(tiny_run, pngs, tmp_path):
+    """Review: `--explain` made its folder unguarded: an unwritable place was an "unexpected
+    OSError" (exit 1), where the CSV's own failure is one line."""
+    (tmp_path / "preds_gradcam").write_text("a file where the overlays' folder goes")
+    result = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(pngs), "--out", str(tmp_path / "preds.csv"),
+                                 "--explain", "gradcam"])
+    assert "preds_gradcam" in one_line_error(result, 2)
+
+
 def test_explain_writes_one_overlay_per_image(tiny_run, pngs, tmp_path):
     out = tmp_path / "preds.csv"
     result = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(pngs), "--out", str(out), "--explain", "gradcam"])
