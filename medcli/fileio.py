@@ -136,13 +136,15 @@ def output_folder(path: str | os.PathLike, names: Sequence[str]) -> Path:
 
 def output_file(path: str | os.PathLike, option: str = "--out") -> Path:
     """The `--out FILE` a command writes: refused up front, before any work, when it is a
-    folder or a folder on its way is a file."""
+    folder, a folder on its way is a file, or the folder it goes into cannot be written."""
     out = Path(path)
     if out.is_dir():
         raise UsageError(f"{option} {out} is a folder; give the file to write")
     blocker = next((parent for parent in out.parents if parent.exists()), None)
     if blocker is not None and not blocker.is_dir():
         raise UsageError(f"{option} {out}: {blocker} is a file, not a folder; choose another {option}")
+    if blocker is not None and not os.access(blocker, os.W_OK | os.X_OK):  # a read-only file system, or permissions
+        raise UsageError(f"{option} {out}: {blocker} is not writable; choose a writable location")
     return out
 
 

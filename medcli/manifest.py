@@ -27,6 +27,7 @@ SCHEMA_VERSION = 1
 FILENAME = "manifest.json"
 STATUSES = ("running", "completed", "failed", "interrupted")
 _REQUIRED = ("schema_version", "medcli_version", "created", "run_id", "config", "dataset", "stages")
+_SECTIONS = ("model", "preprocess", "environment")  # written by train; objects when there
 
 
 def now_iso() -> str:
@@ -114,8 +115,10 @@ def validate(data: Any, source: Path | str = "manifest") -> None:
     missing = [key for key in _REQUIRED if key not in data]
     if missing:
         raise UsageError(f"{source} is missing {', '.join(missing)}: the manifest is damaged; re-run 'medcli train'")
-    if not isinstance(data["stages"], dict):
-        raise UsageError(f"{source} has malformed stages: the manifest is damaged")
+    malformed = [key for key in ("config", "dataset", "stages", *_SECTIONS) if key in data and not isinstance(data[key], dict)]
+    if malformed:
+        raise UsageError(f"{source} has malformed {', '.join(malformed)} (not a JSON object): the manifest is damaged")
     for name, entry in data["stages"].items():
-        if not isinstance(entry, dict) or entry.get("status") not in STATUSES:
+        if (not isinstance(entry, dict) or entry.get("status") not in STATUSES
+                or any(not isinstance(entry.get(key, {}), dict) for key in ("artefacts", "summary"))):
             raise UsageError(f"{source} has a malformed '{name}' stage: the manifest is damaged")

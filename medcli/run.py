@@ -161,14 +161,43 @@ class Run:
     def require(self, stage: str, hint: str) -> dict:
         """The completed entry of `stage`; otherwise a one-line refusal naming its state and `hint`."""
         entry = self.stages.get(stage)
+        if entry and entry.get("status") == "running":
+            pid = f" (pid {entry['pid']})" if entry.get("pid") else ""
+            held = self._stage_held(stage)
+            if held is not False:
+                raise UsageError(f"the {stage} stage of run {self.run_dir} is {'still' if held else 'marked as'} "
+                                 f"running{pid}; wait for it to finish, then run this again"
+                                 + ("" if held else f" (if its process has ended: {hint})"))
+            raise UsageError(f"the {stage} stage of run {self.run_dir} did not finish: its process{pid} ended "
+                             f"without recording how (killed?); {hint}")
         if not entry or entry.get("status") != "completed":
             state = entry.get("status") if entry else "not run"
             raise UsageError(f"run {self.run_dir} has no completed {stage} stage ({state}); {hint}")
         return entry
 
+    def _stage_held(self, name: str) -> bool | None:
+        """Whether a process holds the stage's lock (is working on it) now; None when that
+        cannot be told (a read-only run directory)."""
+        from filelock import FileLock, Timeout
+
+        lock = FileLock(stage_lock_path(self.run_dir, name), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return True
+        except OSError:
+            return None
+        lock.release()
+        return False
+
     def require_trained(self) -> dict:
-        return self.require("train", f"train it first with 'medcli train' (or finish it with "
-                                     f"'{self.resume_command()}')")
+        entry = self.require("train", f"train it first with 'medcli train' (or finish it with "
+                                      f"'{self.resume_command()}')")
+        missing = [key for key in ("model", "preprocess") if key not in self.data]
+        if missing:
+            raise UsageError(f"the manifest of run {self.run_dir} has no {' or '.join(missing)}, which training "
+                             "records: the manifest is damaged; restore it or train the run again")
+        return entry
 
     def resume_command(self) -> str:
         """The exact command that continues this run's training (with as many processes as it had)."""
@@ -466,13 +495,17 @@ class StageRecord:
             self.save()
 
     def forget(self, prefix: str, keep: Sequence[str | os.PathLike] = ()) -> None:
-        """Delete the files this stage recorded under `prefix` (an earlier run of the stage),
-        so none outlives the index that listed it; `keep`: files just written over them."""
+        """Delete every file in the folder `prefix` (one this stage alone writes) but `keep`,
+        the files just written: those an earlier run of the stage recorded, and those an attempt
+        that failed or was stopped while writing left unrecorded, so none outlives the index
+        that listed it."""
         self.touched = True
         artefacts, kept = self.entry["artefacts"], {self.run.relative(path) for path in keep}
         for relative in [rel for rel in artefacts if rel.startswith(prefix) and rel not in kept]:
-            self.run.path(relative).unlink(missing_ok=True)
             del artefacts[relative]
+        for path in self.run.path(prefix).rglob("*"):
+            if path.is_file() and self.run.relative(path) not in kept:
+                path.unlink()
 
     def save(self) -> None:
         """Write this stage's entry into the manifest (other entries are left as they are on disk)."""

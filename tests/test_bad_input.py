@@ -74,11 +74,25 @@ def _future_schema(run: Path) -> Path:
     return run
 
 
+def _edited(change):
+    """A manifest edited by hand (review: wrong types were "unexpected AttributeError", exit 1,
+    and a missing preprocess failed inside the evaluate stage, marking it failed)."""
+    def make(run: Path) -> Path:
+        data = json.loads((run / "manifest.json").read_text())
+        change(data)
+        (run / "manifest.json").write_text(json.dumps(data))
+        return run
+    return make
+
+
 RUN_PROBLEMS = {
     "missing": (_missing, "does not exist"),
     "no manifest": (_no_manifest, "no manifest.json"),
     "invalid JSON": (_invalid_json, "not valid JSON"),
     "future schema": (_future_schema, "newer than this medcli"),
+    "config null": (_edited(lambda data: data.update(config=None)), "malformed config"),
+    "environment a string": (_edited(lambda data: data.update(environment="x")), "malformed environment"),
+    "train summary null": (_edited(lambda data: data["stages"]["train"].update(summary=None)), "malformed 'train' stage"),
 }
 
 
@@ -91,6 +105,13 @@ def test_bad_run_directory(run, command, problem):
     line = one_line_error(runner.invoke(app, RUN_COMMANDS[command](target)), 2)
     assert message in line
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing written
+
+
+@pytest.mark.parametrize("command", ["evaluate", "explain"])
+def test_a_manifest_without_the_preprocessing_is_refused_before_the_stage(run, command):
+    _edited(lambda data: data.pop("preprocess"))(run)
+    assert "has no preprocess" in one_line_error(runner.invoke(app, RUN_COMMANDS[command](run)), 2)
+    assert command not in json.loads((run / "manifest.json").read_text())["stages"]  # no stage marked failed
 
 
 # -- checkpoints -------------------------------------------------------------------------

@@ -361,6 +361,27 @@ def test_an_interrupted_explain_keeps_the_earlier_explanation(tiny_run, tmp_path
     assert {a.rsplit("/", 1)[1] for a in artefacts} == names
 
 
+def test_files_of_an_explain_that_failed_while_writing_do_not_outlive_the_next(tiny_run, tmp_path, monkeypatch):
+    """Review: an explain that failed writing its grids (disk full) left the sample figures it
+    had written unrecorded, and the next explain, which removed only recorded files, kept them
+    beside its own index for good."""
+    from medcli import reports
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(reports, "save_class_grid", disk_full)
+    assert runner.invoke(app, ["explain", str(run), "--indices", "3,5", "--no-faithfulness"]).exit_code != 0
+    monkeypatch.undo()
+    folder = run / "explain" / "gradcam"
+    assert any(p.name.startswith("test_3_") for p in folder.iterdir())  # written before the failure
+    assert runner.invoke(app, ["explain", str(run), "--indices", "4", "--no-faithfulness", "--overwrite"]).exit_code == 0
+    artefacts = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]["artefacts"]
+    assert {p.name for p in folder.iterdir()} == {a.rsplit("/", 1)[1] for a in artefacts}
+
+
 # -- samples ---------------------------------------------------------------------------------------
 def test_samples_are_seeded_per_class_and_only_errors_picks_mistakes():
     labels = np.arange(200) % 8
@@ -424,7 +445,8 @@ def test_a_run_whose_training_has_not_completed_is_refused(tiny_run, tmp_path, s
     """Review defect 10: explain used to draw maps from a half-trained checkpoint."""
     run = shutil.copytree(tiny_run, tmp_path / "run")
     Run.open(run).update(lambda data: data["stages"]["train"].update(status=status))
-    _one_line_usage_error([run], "no completed train stage", f"({status})", "--resume")
+    said = ("did not finish", "killed?") if status == "running" else ("no completed train stage", f"({status})")
+    _one_line_usage_error([run], *said, "--resume")  # a running stage nobody works on: its process was killed
     assert not (run / "explain").exists()
 
 

@@ -7,6 +7,7 @@ through ONNX Runtime / TorchScript), and predict on the run for predict on its e
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -375,6 +376,21 @@ def test_an_out_under_a_file_is_refused_before_any_work(tiny_run, pngs, tmp_path
     monkeypatch.setattr(export, "_verification_batch", lambda *a, **k: pytest.fail("the export started"))
     one_line_error(runner.invoke(app, ["export", str(tiny_run), "--out", str(blocker / "m.onnx")]), 2,
                    f"{blocker} is a file")
+
+
+
+def test_an_out_in_a_read_only_folder_is_refused_before_any_work(run_copy, pngs, tmp_path, monkeypatch):
+    """Review: export into a read-only folder failed inside its stage, marking the run's
+    completed export "failed"; predict --explain's folder was an unexpected OSError."""
+    assert runner.invoke(app, ["--quiet", "export", str(run_copy), "--format", "torchscript"]).exit_code == 0
+    shut = tmp_path / "read-only"
+    shut.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != shut and real(path, mode, **kw))  # root writes anyway
+    for args in (["export", str(run_copy), "--format", "torchscript", "--out", str(shut / "m.pt")],
+                 ["predict", str(run_copy), str(pngs), "--out", str(shut / "p.csv")]):
+        one_line_error(runner.invoke(app, args), 2, f"{shut} is not writable")
+    assert Run.open(run_copy).status("export") == "completed"
 
 
 def test_onnx_export_without_its_packages_is_one_line_before_any_work(run_copy, tmp_path, monkeypatch):

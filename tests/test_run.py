@@ -201,3 +201,20 @@ def test_the_resume_command_keeps_a_distributed_runs_process_count(tmp_path):
     assert Run.open(run_dir).resume_command().endswith(" --nproc 2")
     Run.open(run_dir).update(lambda data: data["environment"]["distributed"].update(world_size=1))
     assert Run.open(run_dir).resume_command() == f"medcli train --resume {run_dir.resolve()}"
+
+
+def test_a_stage_marked_running_is_told_apart_as_live_or_ended(tmp_path):
+    """Review: `report` on a run whose evaluate was running said "no completed evaluate stage
+    (running); evaluate it first", both while it ran and after it was killed."""
+    from filelock import FileLock
+
+    from medcli.run import stage_lock_path
+
+    run = _new(tmp_path)
+    run.update(lambda data: data["stages"].update(evaluate={"status": "running", "pid": 4242, "artefacts": {},
+                                                            "summary": {}}))
+    with pytest.raises(UsageError, match=r"did not finish: its process \(pid 4242\) ended .* evaluate it first"):
+        Run.open(run.run_dir).require("evaluate", "evaluate it first")
+    with FileLock(stage_lock_path(run.run_dir, "evaluate")):  # the evaluating process, alive
+        with pytest.raises(UsageError, match=r"is still running \(pid 4242\); wait for it to finish"):
+            Run.open(run.run_dir).require("evaluate", "evaluate it first")
