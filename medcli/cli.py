@@ -74,13 +74,26 @@ class MedcliGroup(TyperGroup):
             if distributed.says_interruptions():  # a distributed job's end is said once
                 console.error(str(exc) or "interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
-        except BrokenPipeError:  # the reader of stdout has gone (`| head`): Click ends quietly, exit 1
-            raise
         except Exception as exc:  # an unexpected bug: one line unless --verbose
+            if isinstance(exc, BrokenPipeError) and _stdout_gone():  # its reader left (`| head`): Click ends quietly
+                raise
             if console.is_verbose():
                 console.console().print_exception()
             console.error(f"unexpected {type(exc).__name__}: {exc} (re-run with --verbose for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout's reader has gone (poll says so of a pipe without a reader): a broken
+    pipe elsewhere is a bug to report."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor (a test runner's buffer), no poll
+        return False
 
 
 app = typer.Typer(

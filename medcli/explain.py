@@ -19,6 +19,7 @@ its help text, which must stay instant.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -187,6 +188,7 @@ def explain_run(
         # it whole (files and completed stage); one while the new files are written (st.writing)
         # leaves the stage interrupted
         st.forget(run.explain_prefix(method), keep=[*files, run.explain_index(method)])
+        _remove_leftovers(out_dir, keep=[*files, run.explain_index(method)])
         st.add(*files, save=False)
         st.add(run.explain_index(method))
         st.summary.update(dir=run.relative(out_dir), method=method, split=split, samples=len(samples), target=target,
@@ -203,6 +205,21 @@ def explain_run(
     webpage.refresh_run_page(run)
     index["dir"] = str(out_dir.resolve())
     return index
+
+
+# explain's own files in a method's folder, and atomic_path's temporaries of them
+_OWN_FILE = re.compile(r"\.?(?:(?:train|val|test)_\d+_gt-.+_pred-.+\.png|grid_(?:train|val|test)_.+\.png|maps\.npz|index\.json)"
+                       r"(?:\..+\.tmp\.(?:png|npz|json))?")
+
+
+def _remove_leftovers(folder, keep) -> None:
+    """Remove the files of explain's own naming in `folder` that are not `keep` (the ones just
+    written): what an attempt that failed or was stopped while writing left unrecorded, which
+    the stage's forget (recorded files only) cannot see. Files of any other name stay."""
+    kept = {os.path.realpath(path) for path in keep}
+    for path in folder.iterdir():
+        if path.is_file() and _OWN_FILE.fullmatch(path.name) and os.path.realpath(path) not in kept:
+            path.unlink()
 
 
 def _selection(split: str, indices, per_class: int, seed: int, only_errors: bool) -> str:

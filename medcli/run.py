@@ -426,10 +426,10 @@ class Run:
             raise UsageError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
 
     def evaluated_splits(self) -> list[str]:
-        """The splits the completed evaluate stage lists (each evaluated to the end, its files
-        recorded), whose metrics file is there; a split an attempt left half-written is not one."""
-        done = self.stages.get("evaluate", {})
-        listed = done.get("summary", {}) if done.get("status") == "completed" else {}
+        """The splits the evaluate stage lists (each evaluated to the end, its files recorded;
+        a later attempt at another split, failed or running, leaves them be), whose metrics file
+        is there; a split an attempt left half-written is not one."""
+        listed = self.stages.get("evaluate", {}).get("summary", {})  # a split leaves it while it is rewritten
         return [split for split in SPLITS if split in listed and self.metrics_file(split).is_file()]
 
     def load_data(self, root: str | os.PathLike | None = None, splits: Sequence[str] = SPLITS, *,
@@ -495,17 +495,13 @@ class StageRecord:
             self.save()
 
     def forget(self, prefix: str, keep: Sequence[str | os.PathLike] = ()) -> None:
-        """Delete every file in the folder `prefix` (one this stage alone writes) but `keep`,
-        the files just written: those an earlier run of the stage recorded, and those an attempt
-        that failed or was stopped while writing left unrecorded, so none outlives the index
-        that listed it."""
+        """Delete the files this stage recorded under `prefix` (an earlier run of the stage),
+        so none outlives the index that listed it; `keep`: files just written over them."""
         self.touched = True
         artefacts, kept = self.entry["artefacts"], {self.run.relative(path) for path in keep}
         for relative in [rel for rel in artefacts if rel.startswith(prefix) and rel not in kept]:
+            self.run.path(relative).unlink(missing_ok=True)
             del artefacts[relative]
-        for path in self.run.path(prefix).rglob("*"):
-            if path.is_file() and self.run.relative(path) not in kept:
-                path.unlink()
 
     def save(self) -> None:
         """Write this stage's entry into the manifest (other entries are left as they are on disk)."""

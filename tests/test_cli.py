@@ -223,3 +223,16 @@ def test_a_reader_that_has_gone_ends_the_command_quietly(tmp_path):
         os.close(write)
     assert (tmp_path / "synthetic" / "bloodmnist.npz").is_file()
     assert done.returncode == 1 and "unexpected" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_a_broken_pipe_other_than_stdout_is_reported(monkeypatch, tmp_path):
+    """Review of the fix above: every BrokenPipeError ended the command without a word, one of
+    a worker's or a socket's pipe too."""
+    from medcli import download
+
+    def broken(*args, **kwargs):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(download, "_synthesize", broken)
+    line = one_line_error(CliRunner().invoke(app, ["download", "bloodmnist", "--synthetic", "--root", str(tmp_path)]), 1)
+    assert "unexpected BrokenPipeError" in line

@@ -668,6 +668,7 @@ def test_an_evaluation_that_stops_keeps_the_earlier_one_and_a_half_written_split
         with pytest.raises(UsageError):
             evaluate_run(run_copy, split="val", device="cpu")
     assert (run_copy / "metrics" / "val.json").is_file() and Run.open(run_copy).status("evaluate") == "failed"
+    assert Run.open(run_copy).evaluated_splits() == ["test"]  # test's files stand: export and predict use them
     evaluate_run(run_copy, device="cpu", batch_size=64)
     assert Run.open(run_copy).evaluated_splits() == ["test"]
     splits = {row[1] for row in load_workbook(run_copy / "report.xlsx")["summary"].iter_rows(values_only=True)}

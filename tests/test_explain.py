@@ -377,9 +377,10 @@ def test_files_of_an_explain_that_failed_while_writing_do_not_outlive_the_next(t
     monkeypatch.undo()
     folder = run / "explain" / "gradcam"
     assert any(p.name.startswith("test_3_") for p in folder.iterdir())  # written before the failure
+    (folder / "notes.txt").write_text("the user's own file: not explain's to remove")
     assert runner.invoke(app, ["explain", str(run), "--indices", "4", "--no-faithfulness", "--overwrite"]).exit_code == 0
     artefacts = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]["artefacts"]
-    assert {p.name for p in folder.iterdir()} == {a.rsplit("/", 1)[1] for a in artefacts}
+    assert {p.name for p in folder.iterdir()} == {a.rsplit("/", 1)[1] for a in artefacts} | {"notes.txt"}
 
 
 # -- samples ---------------------------------------------------------------------------------------
