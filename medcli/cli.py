@@ -343,10 +343,12 @@ def evaluate(
     report.xlsx into the run. Prints the written files; the summary table goes to stderr.
     """
     from medcli import evaluate as library
+    from medcli import webpage
 
     result = library.evaluate_run(run, split=split.value, checkpoint=checkpoint.value, tta=tta, calibrate=calibrate,
                                   medmnist_csv=medmnist_csv,
                                   batch_size=batch_size, device=device, amp=amp.value if amp else None, root=root)
+    webpage.refresh_run_page(run)
     files = library.written_files(result)
     emit({**result["splits"], "files": files} if json_output else "\n".join(files))
 
@@ -452,12 +454,14 @@ def explain(
     ROAD faithfulness). Prints the directory.
     """
     from medcli import explain as library
+    from medcli import webpage
 
     index = library.explain_run(
         run, method=method.value, split=split.value, per_class=per_class, indices=library.parse_indices(indices),
         only_errors=only_errors, target=target, layer=layer, checkpoint=checkpoint.value, seed=seed,
         head_fusion=head_fusion.value, discard_ratio=discard_ratio, batch_size=batch_size, device=device, root=root,
         faithfulness=faithfulness, overwrite=overwrite)
+    webpage.refresh_run_page(run)
     emit(index if json_output else index["dir"])
 
 

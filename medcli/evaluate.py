@@ -119,9 +119,6 @@ def evaluate_run(
             st.add(*files, save=False)
         written.append(write_run_report(run, [split for split in SPLITS if split in st.summary]))
         st.add(written[-1])
-    from medcli import webpage  # webpage imports this module: not at the top
-
-    webpage.refresh_run_page(run)
     _print_summary(results)
     _warn_if_calibration_hurt(results)
     return {"run": str(run.run_dir), "splits": results, "files": [run.relative(p) for p in written]}

@@ -200,9 +200,6 @@ def explain_run(
                  + (f", mean heat-map share in the evidence box {index['mean_box_mass']:.2f}"
                     if index["mean_box_mass"] is not None else "")
                  + (f", ROAD faithfulness {road['mean']:.3f} +- {road['std']:.3f}" if road else ""))
-    from medcli import webpage  # it imports numpy: not at the top (see above)
-
-    webpage.refresh_run_page(run)
     index["dir"] = str(out_dir.resolve())
     return index
 

@@ -192,9 +192,11 @@ def write_run_page(path: str | os.PathLike) -> Path:
     return page
 
 
-def refresh_run_page(run: Run) -> None:
-    """Redraw the run's page when it has one: `evaluate` and `explain` call this after they
-    change what the page shows, which would otherwise show the earlier results unsaid."""
+def refresh_run_page(path: str | os.PathLike) -> None:
+    """Redraw a run's page when it has one: `medcli evaluate` and `medcli explain` call this
+    after they change what the page shows, which would otherwise show the earlier results
+    unsaid (called by the CLI: the stages sit below this module)."""
+    run = Run.open(path)
     if not run.html_report_file().is_file():
         return
     try:

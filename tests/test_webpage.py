@@ -263,12 +263,11 @@ def test_a_comparison_page_of_three_setups_tests_the_pair_named(tmp_path):
 def test_evaluate_and_explain_redraw_a_page_the_run_has(explained_runs, tmp_path):
     """Review: after `report`, `evaluate --calibrate` rewrote the metrics and report.xlsx while
     report.html still said "Not calibrated" with the old ECE, and nothing said so."""
-    from medcli import evaluate, explain
-
     run = Run.open(shutil.copytree(explained_runs[1], tmp_path / "run"))
     page = webpage.write_run_page(run.run_dir)
     assert "Temperature scaling fitted on val" not in page.read_text(encoding="utf-8")
-    evaluate.evaluate_run(run.run_dir, calibrate=True, device="cpu", batch_size=64)
+    assert runner.invoke(app, ["evaluate", str(run.run_dir), "--calibrate", "--device", "cpu"]).exit_code == 0
     assert "Temperature scaling fitted on val" in page.read_text(encoding="utf-8")
-    explain.explain_run(run.run_dir, method="eigencam", per_class=1, faithfulness=False, device="cpu")
+    assert runner.invoke(app, ["explain", str(run.run_dir), "--method", "eigencam", "--per-class", "1",
+                               "--no-faithfulness", "--device", "cpu"]).exit_code == 0
     assert "eigencam" in page.read_text(encoding="utf-8")
