@@ -182,7 +182,8 @@ def write_run_page(path: str | os.PathLike) -> Path:
     run.require_trained()
     hint = f"evaluate it first with 'medcli evaluate {run.run_dir}'"
     run.require("evaluate", hint)
-    evaluations = {split: _evaluation(run, split) for split in SPLIT_ORDER if split in run.evaluated_splits()}
+    evaluated = run.evaluated_splits()
+    evaluations = {split: _evaluation(run, split) for split in SPLIT_ORDER if split in evaluated}
     if not evaluations:
         raise UsageError(f"run {run.run_dir} has no evaluated split left; {hint}")
     with run.stage(REPORT_STAGE) as st:
