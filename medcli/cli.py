@@ -188,7 +188,7 @@ def download(
             "--allow-unofficial", help="With --from: accept an md5 that is not the official one (recorded as official: false)."
         ),
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file with another (--from, --sample).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a file imported on purpose (--from, --sample, download).")] = False,
     synthetic: Annotated[
         bool,
         typer.Option(
@@ -235,11 +235,19 @@ def download(
 
             Console().print(library.table(entries, root))
         return
-    records = library.obtain(
-        flags or [], size, root, from_file=from_file, allow_unofficial=allow_unofficial, overwrite=overwrite,
-        synthetic=synthetic, sample=sample, mirror=mirror, tries=tries, timeout=timeout,
-    )
-    emit(records if json_out else "\n".join(record["path"] for record in records))
+    def show(records: list[dict]) -> None:
+        emit(records if json_out else "\n".join(record["path"] for record in records))
+
+    try:
+        records = library.obtain(
+            flags or [], size, root, from_file=from_file, allow_unofficial=allow_unofficial, overwrite=overwrite,
+            synthetic=synthetic, sample=sample, mirror=mirror, tries=tries, timeout=timeout,
+        )
+    except library.Incomplete as exc:  # the files saved are still results
+        if exc.records:
+            show(exc.records)
+        raise
+    show(records)
 
 
 @app.command(help=f"Train a CNN or ViT; prints the new run directory.\n\n{_config.defaults_help()}")

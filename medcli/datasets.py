@@ -125,7 +125,11 @@ def read_record(npz_path: str | os.PathLike) -> dict | None:
 
 
 def write_record(npz_path: str | os.PathLike, record: dict) -> Path:
-    return fileio.write_json(record_path(npz_path), record)
+    """Save the record of the file at npz_path, and drop the uncompressed caches of its earlier
+    contents (at 224 px, gigabytes nothing reads any more)."""
+    written = fileio.write_json(record_path(npz_path), record)
+    npzcache.drop_stale(npzcache.cache_path(npz_path, record["md5"]))
+    return written
 
 
 def keep_record(npz_path: str | os.PathLike, record: dict) -> None:
@@ -160,6 +164,8 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
     path = Path(path)
     channels = meta["n_channels"]
     columns, upper = task(flag).label_layout()
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; give the npz file")
     if not path.is_file():
         raise UsageError(f"{path} does not exist")
     try:
@@ -174,7 +180,7 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
             counts = {split: _check_split(archive, split, path, flag, size, channels, upper, columns)
                       for split in SPLITS}
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as exc:
-        raise UsageError(f"{path} is not a readable npz file ({exc}); re-download it") from None
+        raise UsageError(f"{path} is not a readable npz file ({exc}); get a fresh copy of it") from None
     return counts
 
 

@@ -23,13 +23,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from medcli import __version__, console, datasets, fileio
-from medcli.errors import MedcliError, UsageError
+from medcli.errors import Interrupted, MedcliError, UsageError
 
-__all__ = ["SAMPLE_FILE", "SAMPLE_SPLITS", "SYNTHETIC_SPLITS", "fetch", "inventory", "obtain", "table"]
+__all__ = ["SAMPLE_FILE", "SAMPLE_SPLITS", "SYNTHETIC_SPLITS", "Incomplete", "fetch", "inventory", "obtain", "table"]
 
 CHUNK = 1 << 20
 ZIP_MAGIC = b"PK\x03\x04"  # an npz is a zip archive
@@ -58,6 +59,15 @@ class _Retry(Exception):
 
 class _Reject(Exception):
     """A response that another attempt would not fix: HTTP 4xx, an HTML page, not an npz, wrong md5."""
+
+
+class Incomplete(MedcliError):
+    """Some of several files could not be fetched; `records` are those that were (the CLI still
+    prints their paths)."""
+
+    def __init__(self, message: str, records: list[dict]):
+        super().__init__(message)
+        self.records = records
 
 
 def source(flag: str, size: int, mirror: str | None = None) -> tuple[str, str]:
@@ -123,9 +133,8 @@ def obtain(
         raise UsageError(f"--root {root} is a file; pass a folder (--root {root.parent})")
     if sum(map(bool, (from_file is not None, synthetic, sample))) > 1:
         raise UsageError("--from, --synthetic and --sample each choose the data; pass one of them")
-    if overwrite and from_file is None and not sample:
-        raise UsageError("--overwrite applies only to --from imports and --sample; a download replaces only a file "
-                         "of the wrong md5")
+    if overwrite and synthetic:
+        raise UsageError("--overwrite does not apply to --synthetic: synthetic data lives in its own folder")
     if sample:
         return [_place_sample(flags, sizes, root, overwrite=overwrite)]
     if from_file is not None:
@@ -137,7 +146,22 @@ def obtain(
         raise UsageError("--allow-unofficial applies only to --from imports; downloads must match the official md5")
     if synthetic:
         return [_synthesize(flag, s, root) for flag in flags for s in sizes]
-    return [fetch(flag, s, root, mirror=mirror, tries=tries, timeout=timeout) for flag in flags for s in sizes]
+    wanted = [(flag, s) for flag in flags for s in sizes]
+    if len(wanted) == 1:
+        return [fetch(*wanted[0], root, mirror=mirror, tries=tries, timeout=timeout, overwrite=overwrite)]
+    records, failed = [], []
+    for flag, s in wanted:  # one file's failure does not stop the others
+        try:
+            records.append(fetch(flag, s, root, mirror=mirror, tries=tries, timeout=timeout, overwrite=overwrite))
+        except (UsageError, Interrupted):
+            raise
+        except MedcliError as exc:
+            console.error(str(exc))
+            failed.append(datasets.filename(flag, s))
+    if failed:
+        raise Incomplete(f"{len(failed)} of {len(wanted)} files not downloaded ({', '.join(failed)}; see the errors "
+                         f"above); run the command again to fetch them", records)
+    return records
 
 
 def fetch(
@@ -150,9 +174,12 @@ def fetch(
     tries: int = DEFAULT_TRIES,
     timeout: float = DEFAULT_TIMEOUT,
     backoff: float = DEFAULT_BACKOFF,
+    overwrite: bool = False,
 ) -> dict:
     """Make `<root>/<file name>` hold the file whose md5 is `md5` (default: the official one)
-    and return its record. No network access when it is already there.
+    and return its record. No network access when it is already there. A file of another md5
+    is downloaded over, unless its record says a user put it there on purpose (an unofficial
+    import, the embedded sample): that one is replaced only with `overwrite`.
 
     Transient failures are retried, `tries` attempts in all, waiting backoff, 2*backoff,
     4*backoff... s between them. The final failure is one MedcliError that also says how to
@@ -161,10 +188,12 @@ def fetch(
     url, official_md5 = source(flag, size, mirror)
     md5 = md5 or official_md5
     target = datasets.data_path(root, flag, size)
-    present = _present(target, flag, size, md5)
+    present = _present(target, flag, size, md5, overwrite)
     if present is not None:
         return present
     _check_mirror(mirror)
+    _writable(target)
+    _clear_partials(target)
     console.info(f"downloading {url} -> {target}")
     for attempt in itertools.count(1):
         try:
@@ -203,7 +232,7 @@ def import_file(
     """
     source_file = Path(source_file).expanduser()
     counts = datasets.validate_npz(source_file, flag, size)
-    target = datasets.data_path(root, flag, size)
+    target = _writable(datasets.data_path(root, flag, size))
     _, official_md5 = datasets.official_source(flag, size)
     # Hash while copying (one read of a possibly multi-GB file); a refused copy is deleted.
     with fileio.atomic_path(target) as tmp, open(source_file, "rb") as handle:
@@ -402,17 +431,23 @@ def _other_file_at(target: Path, flag: str, size: int, md5: str) -> str | None:
     return f"md5 {actual}, from {origin or 'an unrecorded source'}"
 
 
-def _present(target: Path, flag: str, size: int, md5: str) -> dict | None:
+def _present(target: Path, flag: str, size: int, md5: str, overwrite: bool = False) -> dict | None:
     """target's record when it already holds the file with `md5`, else None (download it).
 
     A matching file without a current record (e.g. placed by the medmnist package, or
-    touched since) gets a fresh one, so the next check needs no hashing.
+    touched since) gets a fresh one, so the next check needs no hashing. Another file that its
+    record says was imported on purpose is refused unless `overwrite`: runs trained on it
+    would otherwise be evaluated on other data.
     """
     if not target.is_file():
         return None
     record = datasets.record_of(target, flag, size)
     actual = datasets.current_md5(target, record)
     if actual != md5:
+        kind = datasets.provenance_kind(record) if record is not None and record["md5"] == actual else None
+        if kind is not None and not overwrite:
+            raise UsageError(f"{target} holds a file imported on purpose ({kind}, md5 {actual}, from "
+                             f"{record.get('source')}); pass --overwrite to download the official file over it")
         console.info(f"{target} has md5 {actual}, not {md5}: downloading the file over it")
         return None
     console.info(f"{target} is present and verified (md5 {md5}); nothing to download")
@@ -421,6 +456,13 @@ def _present(target: Path, flag: str, size: int, md5: str) -> dict | None:
     origin = record.get("source") if record is not None and record["md5"] == md5 else None
     return _save_record(flag, size, target, md5, origin or str(target.resolve()),
                         datasets.validate_npz(target, flag, size), required=False)
+
+
+def _writable(target: Path) -> Path:
+    """target, refused before any transfer when a folder stands there or its folder is not writable."""
+    if target.is_dir():
+        raise UsageError(f"{target} is a folder, where the dataset file goes; move it away or choose another --root")
+    return fileio.output_file(target, "--root")
 
 
 def _download_once(url: str, target: Path, flag: str, size: int, md5: str, timeout: float) -> dict[str, int]:
@@ -442,6 +484,8 @@ def _download_once(url: str, target: Path, flag: str, size: int, md5: str, timeo
             actual, received = _copy(itertools.chain([first], blocks), tmp, total, target.name)
         if total is not None and received < total:
             raise _Retry(f"the connection closed after {received} of {total} bytes")
+        if actual != md5 and total is None and not zipfile.is_zipfile(tmp):  # no length given: cut off early?
+            raise _Retry(f"the connection closed after {received} bytes, before the end of the file")
         if actual != md5:
             raise _Reject(f"its md5 is {actual}, expected {md5}")
         try:
@@ -462,7 +506,8 @@ def _open(url: str, timeout: float):
     except ValueError as exc:  # not a URL at all, e.g. a mirror without a scheme
         raise UsageError(f"{url} is not a valid URL ({exc}); check --mirror / $MEDCLI_MIRROR") from exc
     except (OSError, http.client.HTTPException) as exc:  # URLError is an OSError
-        raise _Retry(_reason(exc)) from exc
+        local = urllib.parse.urlsplit(url).scheme == "file"  # a missing or unreadable file stays so
+        raise (_Reject if local else _Retry)(_reason(exc)) from exc
 
 
 def _blocks(response) -> Iterator[bytes]:
@@ -529,10 +574,11 @@ def _save_record(flag: str, size: int, target: Path, md5: str, origin: str, coun
 
 def _clear_partials(target: Path) -> None:
     """Remove the temporary files killed writes of target left beside it (a 224-px file's are
-    gigabytes); a recent one may be a concurrent download's and stays."""
+    gigabytes), when a download starts and after target is written; a recent one may be a
+    concurrent download's and stays."""
     removed = 0
     try:
-        cutoff = target.stat().st_mtime - STALE_PARTIAL_S
+        cutoff = time.time() - STALE_PARTIAL_S
         for path in fileio.partial_files(target):
             if path.stat().st_mtime < cutoff:
                 path.unlink()

@@ -20,7 +20,7 @@ import numpy as np
 from medcli import console, fileio
 from medcli.errors import MedcliError
 
-__all__ = ["CACHE_DIR", "CACHE_ENV", "cache_path", "is_mapped", "mapped", "read_member", "read_nchw"]
+__all__ = ["CACHE_DIR", "CACHE_ENV", "cache_path", "drop_stale", "is_mapped", "mapped", "read_member", "read_nchw"]
 
 # The cache's folder in a file's data root; `CACHE_ENV` = auto (default: `datasets.use_cache`
 # decides), always or never.
@@ -133,7 +133,7 @@ def mapped(path: Path, md5: str, splits: Sequence[str], channels: int, record: d
                     found[split] = _cached(directory, split, record, channels)
                 if found[split] is None:
                     raise MedcliError(f"the {split} split written to {directory} does not read back")
-        _drop_stale(directory)
+        drop_stale(directory)
     except (OSError, MedcliError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         console.warn(f"cannot cache {path.name} uncompressed in {directory.parent} ({reason}); each process reads "
@@ -162,12 +162,14 @@ def _write_cache(path: Path, directory: Path, split: str) -> None:
                 handle.write(np.ascontiguousarray(chunk).data)
 
 
-def _drop_stale(directory: Path) -> None:
+def drop_stale(directory: Path) -> None:
     """Remove the caches of earlier versions of the same file (best-effort), each under its own
     lock: one that another process is writing (it holds the lock) stays until a later call."""
     from filelock import FileLock, Timeout
 
     stem = directory.name.rsplit("-", 1)[0]
+    if not directory.parent.is_dir():
+        return
     for other in directory.parent.iterdir():
         if other != directory and re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{32}}", other.name):
             try:

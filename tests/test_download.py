@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from typer.testing import CliRunner
 
 from medcli import datasets, download, fileio
 from medcli.cli import app
-from medcli.errors import MedcliError
+from medcli.errors import MedcliError, UsageError
 
 from cli_helpers import one_line_error
 
@@ -51,6 +50,14 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, b"internal error", "text/plain")
         elif route == "truncated":  # a complete response of a truncated copy
             self._send(200, body[: len(body) // 2])
+        elif route == "nolength" and hit == 1:  # no Content-Length, the connection dropped halfway
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.close_connection = True
+        elif route == "nolength":
+            self._send(200, body)
         elif route == "html":
             self._send(200, b"<!DOCTYPE html><html>quota exceeded</html>", "text/html")
         elif route == "disguised":  # an HTML body labelled as binary
@@ -169,7 +176,7 @@ def test_a_wrong_file_at_the_target_is_replaced(server, good_npz, tmp_path):
 
 def test_server_errors_are_retried_with_exponential_backoff(server, good_npz, tmp_path, monkeypatch):
     delays = []
-    monkeypatch.setattr(download, "time", SimpleNamespace(sleep=delays.append))
+    monkeypatch.setattr(download.time, "sleep", delays.append)
     record = _fetch(server, "flaky", tmp_path, fileio.md5_file(good_npz), tries=3, backoff=0.5)
     assert server.hits["flaky"] == 3 and delays == [0.5, 1.0]
     assert Path(record["path"]).read_bytes() == good_npz.read_bytes()
@@ -353,8 +360,8 @@ def test_cli_import_never_replaces_another_file_without_overwrite(good_npz, tmp_
     replaced = runner.invoke(app, [*args, "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert target.read_bytes() == other.read_bytes() and "replacing" in replaced.stderr
-    assert "only to --from" in one_line_error(runner.invoke(app, ["download", FLAG, "--overwrite",
-                                                                  "--root", str(tmp_path)]), 2)
+    assert "--synthetic" in one_line_error(runner.invoke(app, ["download", FLAG, "--synthetic", "--overwrite",
+                                                               "--root", str(tmp_path)]), 2)
 
 
 def test_cli_import_never_replaces_the_embedded_sample_without_overwrite(good_npz, tmp_path):
@@ -506,7 +513,7 @@ def test_an_imported_copy_of_synthetic_data_stays_synthetic(tmp_path):
 @pytest.mark.parametrize("mirror", ["myhost/medmnist", "localhost:8765/good", "http://[::1/good"])
 def test_a_mirror_that_is_not_a_url_is_one_usage_line_without_retries(tmp_path, mirror, monkeypatch):
     delays = []
-    monkeypatch.setattr(download, "time", SimpleNamespace(sleep=delays.append))
+    monkeypatch.setattr(download.time, "sleep", delays.append)
     result = runner.invoke(app, ["download", FLAG, "--root", str(tmp_path), "--mirror", mirror])
     one_line_error(result, 2, mirror, "--mirror")
     assert delays == [] and _left(tmp_path) == []
@@ -537,7 +544,7 @@ def test_a_corrupt_compressed_member_is_one_line_on_import_and_load(good_npz, tm
     root.mkdir()
     (root / NAME).write_bytes(bad.read_bytes())  # placed by hand: no import checked it
     for mapped in (False, None):
-        with pytest.raises(MedcliError, match="re-download"):
+        with pytest.raises(MedcliError, match="get a fresh copy"):
             datasets.load(root, FLAG, SIZE, mapped=mapped)
 
 
@@ -661,3 +668,92 @@ def test_a_stand_in_folder_that_is_a_file_is_named(tmp_path, mode, folder):
     (tmp_path / folder).write_text("a file")
     one_line_error(runner.invoke(app, ["download", FLAG, mode, "--root", str(tmp_path)]), 2,
                    f"{tmp_path / folder} is a file, not a folder")
+
+
+# -- review of download edge cases ------------------------------------------------------------
+
+
+def test_a_body_cut_off_without_a_length_is_retried_not_called_a_wrong_md5(server, good_npz, tmp_path, capsys):
+    """Review: a server that sends no Content-Length and drops the connection halfway gave one
+    attempt and "its md5 is ..., expected ...". The cut-off file is no complete zip: retried."""
+    record = _fetch(server, "nolength", tmp_path, fileio.md5_file(good_npz), tries=2)
+    assert server.hits["nolength"] == 2 and (tmp_path / NAME).read_bytes() == good_npz.read_bytes()
+    assert record["md5"] == fileio.md5_file(good_npz)
+    assert "before the end of the file" in capsys.readouterr().err
+
+
+def test_a_download_never_replaces_an_imported_file_without_overwrite(server, good_npz, tmp_path, monkeypatch):
+    """Review: a plain `download` replaced a file the user had imported with --allow-unofficial
+    (only an info line); runs trained on it were then evaluated on other data."""
+    other = datasets.make_synthetic(tmp_path / "src" / NAME, FLAG, SIZE, (16, 8, 8), seed=2)
+    root = tmp_path / "root"
+    imported = runner.invoke(app, ["download", FLAG, "--from", str(other), "--allow-unofficial", "--root", str(root)])
+    assert imported.exit_code == 0, imported.output
+    md5 = fileio.md5_file(good_npz)
+    monkeypatch.setattr(datasets, "official_source", lambda flag, size: ("https://zenodo.invalid/x", md5))
+    args = ["download", FLAG, "--root", str(root), "--mirror", f"{server.base}/good"]
+    one_line_error(runner.invoke(app, args), 2, str(root / NAME), "imported on purpose", fileio.md5_file(other),
+                   "--overwrite")
+    assert (root / NAME).read_bytes() == other.read_bytes() and server.hits["good"] == 0
+    replaced = runner.invoke(app, [*args, "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (root / NAME).read_bytes() == good_npz.read_bytes() and datasets.read_record(root / NAME)["official"]
+
+
+def test_a_changed_file_drops_the_cache_of_its_old_content(good_npz, tmp_path, monkeypatch):
+    """Review: the uncompressed cache of a replaced file stayed until a cached training run
+    (gigabytes at 224 px). Recording the new content removes the old cache."""
+    monkeypatch.setenv("MEDCLI_DATA_CACHE", "always")
+    path = datasets.make_synthetic(tmp_path / NAME, FLAG, SIZE, (16, 8, 8), seed=1)
+    splits = datasets.load(tmp_path, FLAG, SIZE, mapped=True)
+    old = splits.cache
+    assert old is not None and old.is_dir()
+    datasets.make_synthetic(tmp_path / "new" / NAME, FLAG, SIZE, (16, 8, 8), seed=2)
+    os.replace(tmp_path / "new" / NAME, path)
+    _, record = datasets.resolve(tmp_path, FLAG, SIZE)
+    assert record["md5"] == fileio.md5_file(path) and not old.exists()
+
+
+def test_a_folder_given_to_from_is_named_a_folder(tmp_path):
+    (tmp_path / "folder").mkdir()
+    one_line_error(runner.invoke(app, ["download", FLAG, "--from", str(tmp_path / "folder"), "--allow-unofficial",
+                                       "--root", str(tmp_path / "root")]), 2, "is a folder")
+
+
+def test_a_missing_file_on_a_file_mirror_is_not_retried(tmp_path, monkeypatch):
+    """Review: a file:// mirror without the file was retried with back-off, as a network error."""
+    monkeypatch.setattr(download.time, "sleep", lambda s: pytest.fail("retried a missing local file"))
+    with pytest.raises(MedcliError, match="did not give a valid"):
+        download.fetch(FLAG, SIZE, tmp_path / "root", mirror=(tmp_path / "nomirror").as_uri(), tries=3)
+
+
+def test_several_files_one_failing_still_fetches_and_prints_the_others(server, good_npz, tmp_path, monkeypatch):
+    """Review: `download pathmnist bloodmnist` stopped at the first failure and printed nothing,
+    though other files were (or could have been) saved."""
+    md5 = fileio.md5_file(good_npz)
+    monkeypatch.setattr(datasets, "official_source",
+                        lambda flag, size: ("https://zenodo.invalid/x", md5 if flag == FLAG else "0" * 32))
+    result = runner.invoke(app, ["download", "pathmnist", FLAG, "--tries", "1", "--root", str(tmp_path),
+                                 "--mirror", f"{server.base}/good"])
+    assert result.exit_code == 1
+    assert result.stdout.strip() == str((tmp_path / NAME).resolve())
+    assert "pathmnist.npz" in result.stderr and "1 of 2 files not downloaded" in result.stderr
+    assert (tmp_path / NAME).read_bytes() == good_npz.read_bytes() and not (tmp_path / "pathmnist.npz").exists()
+
+
+def test_a_folder_at_the_target_is_refused_before_any_transfer(server, good_npz, tmp_path):
+    (tmp_path / NAME).mkdir()
+    with pytest.raises(UsageError, match="is a folder, where the dataset file goes"):
+        _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))
+    assert server.hits["good"] == 0
+
+
+def test_a_failed_download_still_removes_what_a_killed_one_left(server, tmp_path):
+    """Review: old temporary files were removed only after a successful write of the same file."""
+    tmp_path.mkdir(exist_ok=True)
+    leftover = tmp_path / f".{NAME}.abc123.tmp.npz"
+    leftover.write_bytes(b"PK\x03\x04 half a file")
+    os.utime(leftover, (time.time() - 3600,) * 2)
+    with pytest.raises(MedcliError):
+        _fetch(server, "missing", tmp_path, "0" * 32)
+    assert not leftover.exists()
