@@ -116,7 +116,9 @@ def _evaluations(run: Run, checkpoint: str):
 def calibrations(run: Run, checkpoint: str) -> list[dict]:
     """The temperatures calibrated evaluations of `checkpoint` fitted (on val), newest first
     (by their metrics files), each with whether it was fitted on test-time views: one per TTA
-    setting, so a prediction can apply the temperature fitted the way it predicts."""
+    setting, so a prediction can apply the temperature fitted the way it predicts. Each split
+    keeps its latest evaluation only: to hold both settings, evaluate two splits (or the same
+    split again with the setting predictions will use) with --calibrate."""
     found = sorted(((run.metrics_file(split).stat().st_mtime_ns, result) for split, result in _evaluations(run, checkpoint)
                     if result.get("calibration")), key=lambda item: item[0], reverse=True)
     fits: dict[bool, dict] = {}

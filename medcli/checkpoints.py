@@ -52,7 +52,8 @@ def payload(state: Any, metrics: dict, full: bool, device, model: Any = None) ->
         content.update(optimizer=state.optimizer.state_dict(), scheduler=state.scheduler.state_dict(),
                        scaler=state.scaler.state_dict(), rng=state.rng(device), history=state.history,
                        best=state.best, bad_epochs=state.bad_epochs,
-                       ema=None if ema is None else ema.module.state_dict(), scores=list(getattr(state, "scores", [])))
+                       ema=None if ema is None else ema.module.state_dict(), scores=list(getattr(state, "scores", [])),
+                       train_seconds=getattr(state, "train_seconds", 0.0))
     return content
 
 
@@ -238,6 +239,8 @@ def restore(state: Any, checkpoint: dict, run: Run, device) -> None:
     state.set_rng(checkpoint["rng"], device)
     state.epoch = int(checkpoint["epoch"])
     state.history = list(checkpoint["history"])
+    # a last.pt from before train_seconds was kept: its epochs' whole seconds (validation too)
+    state.train_seconds = float(checkpoint.get("train_seconds", sum(row["seconds"] for row in state.history)))
     state.best = dict(checkpoint["best"])
     state.bad_epochs = int(checkpoint["bad_epochs"])
     state.scores = list(checkpoint.get("scores") or [])

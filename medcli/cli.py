@@ -34,10 +34,17 @@ from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliErro
 __all__ = ["app", "main"]
 
 _opt = _config.TrainOptions.help  # train's help texts, written once with its options
+ARGV_KEY = "medcli.argv"  # the command line, in the context's meta (`MedcliGroup.make_context`)
 
 
 class MedcliGroup(TyperGroup):
     """Turns every failure inside a subcommand into one line on stderr and an exit code."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        argv = list(args)  # the command line as given (`train --nproc` runs it again), not sys.argv:
+        ctx = super().make_context(info_name, args, parent=parent, **extra)  # medcli may be called from Python
+        ctx.meta[ARGV_KEY] = argv
+        return ctx
 
     def invoke(self, ctx):
         # the subcommand's name, before Click clears it (Click 8.2+: _protected_args; 8.1: protected_args)
@@ -318,10 +325,10 @@ def train(
         if resume is None:
             library.check_launch(nproc, **options)
         else:
-            library.check_resume_launch(resume, nproc)
+            library.check_resume_launch(resume, nproc, device)
         from medcli import processes
 
-        raise typer.Exit(distributed.launch(nproc, sys.argv[1:], lost=processes.mark_lost))
+        raise typer.Exit(distributed.launch(nproc, ctx.meta[ARGV_KEY], lost=processes.mark_lost))
     run = (library.resume(resume, device=device, collective_timeout=collective_timeout, root=root) if resume is not None
            else library.train(**options))
     if distributed.is_main_process():  # the other processes of a distributed job print nothing
@@ -458,7 +465,7 @@ def explain(
 
     Writes into the run's explain/<method>/: per sample a titled PNG (original | heat map |
     overlay) named <split>_<index>_gt-<class>_pred-<class>.png (multi-label: gt- lists every
-    label, or none), a grid per class, maps.npz (the raw maps) and index.json (with each map's
+    label, or none; top- for the most probable label when none is found), a grid per class, maps.npz (the raw maps) and index.json (with each map's
     ROAD faithfulness). Prints the directory.
     """
     from medcli import explain as library

@@ -27,7 +27,8 @@ from rich.progress import (
     DownloadColumn,
 )
 
-__all__ = ["configure", "console", "debug", "error", "info", "is_quiet", "is_verbose", "plural", "progress", "warn"]
+__all__ = ["configure", "console", "debug", "error", "info", "is_quiet", "is_verbose", "plural", "progress", "silenced",
+           "warn"]
 
 _state = {"quiet": False, "verbose": False}
 _console: Console | None = None
@@ -44,6 +45,17 @@ def is_verbose() -> bool:
 
 def is_quiet() -> bool:
     return _state["quiet"]
+
+
+@contextmanager
+def silenced() -> Iterator[None]:
+    """Info and warnings off inside: a check whose work runs (and speaks) again later."""
+    before = _state["quiet"]
+    _state["quiet"] = True
+    try:
+        yield
+    finally:
+        _state["quiet"] = before
 
 
 def console() -> Console:

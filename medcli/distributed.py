@@ -46,9 +46,9 @@ from medcli import console
 from medcli.errors import Interrupted, MedcliError, UsageError
 
 __all__ = [
-    "COLLECTIVE_TIMEOUT_S", "Context", "collective_timeout", "device_for", "from_env", "from_main", "gather", "gpu_index",
-    "is_main_process", "joined", "launch", "says_interruptions", "model_seed", "peer_lost", "peers", "seed_model", "session", "sum_",
-    "sync_buffers",
+    "COLLECTIVE_TIMEOUT_S", "Context", "check_gpus", "collective_timeout", "device_for", "from_env", "from_main", "gather",
+    "gpu_index", "is_main_process", "joined", "launch", "says_interruptions", "model_seed", "peer_lost", "peers",
+    "seed_model", "session", "sum_", "sync_buffers", "watch_launcher",
 ]
 
 # How long a collective waits for the other processes before the job counts as lost. The
@@ -63,6 +63,9 @@ TIMEOUT_ENV = "MEDCLI_COLLECTIVE_TIMEOUT"
 # Where `launch` asks rank 0 to say which run it trains (and its pid), so that a stage left
 # running by a rank 0 that was killed can be marked interrupted by the launcher.
 RUN_FILE_ENV = "MEDCLI_LAUNCH_RUN_FILE"
+# The pid of the process that `launch` runs in: its processes watch it (`watch_launcher`).
+LAUNCHER_ENV = "MEDCLI_LAUNCHER_PID"
+LAUNCHER_POLL_S = 1.0
 # What a collective reports when another process of the job is gone or hung (gloo: the peer's
 # socket closed; NCCL: the watchdog's timeout or an aborted communicator). Any other error, an
 # out-of-memory error or a real NCCL failure among them, is the process's own: `failed`.
@@ -151,6 +154,7 @@ def session(device: str, timeout_s: float | None = None) -> Iterator[Context]:
     import torch
     import torch.distributed as dist
 
+    watch_launcher()
     own = torch.device(device_for(ctx, device))
     backend = "nccl" if own.type == "cuda" else "gloo"
     if own.type == "cuda":
@@ -168,13 +172,48 @@ def session(device: str, timeout_s: float | None = None) -> Iterator[Context]:
         dist.destroy_process_group()
 
 
+def watch_launcher() -> None:
+    """In a process `launch` started: end it (SIGTERM, so a stage is recorded as interrupted)
+    when the launcher is gone. torchrun starts its processes in sessions of their own, so a
+    launcher killed by SIGKILL (or the OOM killer) would leave them training, unseen."""
+    import signal
+    import threading
+    import time
+
+    launcher = os.environ.get(LAUNCHER_ENV, "")
+    if not launcher.isdigit() or os.getppid() != int(launcher):  # not started by `launch` itself
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(launcher):
+            time.sleep(LAUNCHER_POLL_S)
+        console.warn(f"the launcher (pid {launcher}) is gone; stopping this process")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="medcli-launcher-watch", daemon=True).start()
+
+
+def check_gpus(nproc: int, device: str) -> None:
+    """`--nproc N` on CUDA trains one process per GPU: refused before any starts when fewer
+    GPUs are visible (two processes on one GPU fail later, inside NCCL)."""
+    if nproc < 2 or not device.startswith("cuda"):
+        return
+    import torch
+
+    visible = torch.cuda.device_count()
+    if nproc > visible:
+        raise UsageError(f"--nproc {nproc} trains one process per GPU, but {console.plural(visible, 'GPU')} "
+                         f"{'is' if visible == 1 else 'are'} visible; use --nproc {visible} or fewer, or --device cpu")
+
+
 def gpu_index(ctx: Context, visible: int) -> int:
     """This process's GPU among the `visible` ones: LOCAL_RANK when the process sees every GPU
     of its node, or the one it sees when its launcher gave each process its own GPU through
-    CUDA_VISIBLE_DEVICES (SLURM's --gpus-per-task, some schedulers)."""
+    CUDA_VISIBLE_DEVICES (SLURM's --gpus-per-task, some schedulers; never `launch`'s processes,
+    which all see every GPU)."""
     if ctx.local_rank < visible:
         return ctx.local_rank
-    if visible == 1:
+    if visible == 1 and not os.environ.get(RUN_FILE_ENV):
         return 0
     raise UsageError(f"local rank {ctx.local_rank} has no GPU ({visible} visible); start at most one process per GPU "
                      f"(--nproc-per-node), or give each process one GPU through CUDA_VISIBLE_DEVICES")
@@ -246,7 +285,7 @@ def peers(ctx: Context, run_dir: str | os.PathLike | None = None) -> Iterator[No
         reason = reason.split(". ")[0].replace("[", "(").replace("]", ")") or type(exc).__name__  # its first sentence
         run = shlex.quote(str(run_dir)) if run_dir is not None else "RUN"
         raise Interrupted(f"another process of this distributed job was lost ({reason}); "
-                          f"continue with 'medcli train --resume {run}'") from exc
+                          f"continue with 'medcli train --resume {run} --nproc {ctx.world_size}'") from exc
 
 
 def peer_lost(exc: BaseException) -> bool:
@@ -343,6 +382,7 @@ def launch(nproc: int, argv: list[str], lost: Callable[[str, int, str], Any] | N
     with tempfile.TemporaryDirectory(prefix="medcli-launch-") as folder:
         announced = Path(folder) / "run.json"
         os.environ[RUN_FILE_ENV] = str(announced)
+        os.environ[LAUNCHER_ENV] = str(os.getpid())
         try:
             run(args)
         except SignalException as exc:
@@ -365,6 +405,7 @@ def launch(nproc: int, argv: list[str], lost: Callable[[str, int, str], Any] | N
                               f"'medcli train --resume {where} --nproc {nproc}'") from None
         finally:
             os.environ.pop(RUN_FILE_ENV, None)
+            os.environ.pop(LAUNCHER_ENV, None)
     return 0
 
 

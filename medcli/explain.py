@@ -23,7 +23,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from medcli import console, explainers, fileio
+from medcli import console, explainers, fileio, tasks
 from medcli.errors import UsageError
 from medcli.names import EXPLAIN_TARGETS, SPLITS, file_names, short_names
 from medcli.run import Run
@@ -169,7 +169,7 @@ def explain_run(
         box = data.record.get("signal_box")
         explained = Explained(split, chosen, images[chosen], truth, preds, probs[np.arange(len(chosen)), preds],
                               classes, maps, explainers.box_mass(maps, box) if box else None, scores,
-                              label_sets=task.label_sets(labels[chosen]))
+                              label_sets=task.label_sets(labels[chosen]), decided=task.decided(probs, preds))
         caption = f"{method}{f' · {layer}' if layer else ''}"
         st.writing()
         samples, grids, files = write_figures(out_dir, caption, explained, names, datasets.provenance(run.dataset))
@@ -205,7 +205,7 @@ def explain_run(
 
 
 # explain's own files in a method's folder, and atomic_path's temporaries of them
-_OWN_FILE = re.compile(r"\.?(?:(?:train|val|test)_\d+_gt-.+_pred-.+\.png|grid_(?:train|val|test)_.+\.png|maps\.npz|index\.json)"
+_OWN_FILE = re.compile(r"\.?(?:(?:train|val|test)_\d+_gt-.+_(?:pred|top)-.+\.png|grid_(?:train|val|test)_.+\.png|maps\.npz|index\.json)"
                        r"(?:\..+\.tmp\.(?:png|npz|json))?")
 
 
@@ -290,6 +290,17 @@ class Explained:
     box_mass: Any  # share of each map in the dataset's signal_box, or None
     road: Any = None  # ROAD faithfulness of each map (`road_scorer`), or None
     label_sets: Any = None  # multi-label: every sample's 0/1 labels (`labels` is the one it stands for)
+    decided: Any = None  # whether each prediction is a decision (`Task.decided`; None: all are)
+
+
+def _decided(ex: Explained, row: int) -> bool:
+    return ex.decided is None or bool(ex.decided[row])
+
+
+def _called(ex: Explained, row: int) -> str:
+    """What a file name and a grid tile call the explained class: "pred", or "top" for a
+    multi-label image's most probable label when no label was found."""
+    return "pred" if _decided(ex, row) else "top"
 
 
 def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
@@ -314,9 +325,10 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
         for row, index in enumerate(ex.indices):
             label, pred = (int(ex.labels[row]) if present[row] else None), int(ex.predictions[row])
             true_slug = "+".join(slugs[k] for k in present[row]) or "none"
-            name = f"{ex.split}_{index}_gt-{true_slug}_pred-{slugs[pred]}.png"
+            name = f"{ex.split}_{index}_gt-{true_slug}_{_called(ex, row)}-{slugs[pred]}.png"
             true_text = "+".join(names[k] for k in present[row]) or "no finding"
-            title = (f"true {true_text} | pred {names[pred]} ({ex.confidence[row]:.2f}) | {caption}"
+            explained = tasks.explained_text(names[pred], ex.confidence[row], _decided(ex, row))
+            title = (f"true {true_text} | {explained} | {caption}"
                      + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None else ""))
             reports.save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title, note)
             files.append(out_dir / name)
@@ -324,6 +336,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
                 "index": int(index), "label": label, "label_name": None if label is None else names[label],
                 "prediction": pred,
                 "prediction_name": names[pred], "confidence": round(float(ex.confidence[row]), 6),
+                "decided": _decided(ex, row),
                 "target": int(ex.targets[row]), "file": name,
                 **({"box_mass": _finite(ex.box_mass[row])} if ex.box_mass is not None else {}),
                 **({"road": _finite(ex.road[row])} if ex.road is not None else {}),
@@ -335,7 +348,8 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
             grids[names[k]] = f"grid_{ex.split}_{slugs[k]}.png"
             reports.save_class_grid(out_dir / grids[names[k]], f"{caption} · {ex.split} · true class {names[k]}", [
                 (ex.images[row], ex.maps[row],
-                 f"#{ex.indices[row]} pred {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}") for row in rows],
+                 f"#{ex.indices[row]} {_called(ex, row)} {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}")
+                for row in rows],
                 note)
             files.append(out_dir / grids[names[k]])
             bar.advance(task)

@@ -94,12 +94,13 @@ class Method:
 
         return self.supported_by is None or bool(getattr(models.spec_record(spec), self.supported_by))
 
-    def check_model(self, spec: dict, run_id: str) -> None:
-        """Refuse, in one line, a run whose model family cannot be explained this way."""
+    def check_model(self, spec: dict, run_id: str, option: str = "--method") -> None:
+        """Refuse, in one line, a run whose model family cannot be explained this way; `option`:
+        the command's option that chose the method."""
         if not self.supports(spec):
             raise UsageError(f"{self.name} needs a model whose family supports it ({self.supported_by}), but run "
                              f"{run_id} is a {spec.get('family', 'unknown')} ({spec.get('name')}); use a CAM method "
-                             f"such as --method gradcam")
+                             f"such as {option} gradcam")
 
 
 def _open_cam(name: str, model, spec: dict, layer: str, options: dict):
@@ -280,7 +281,7 @@ class AttentionRollout:
         if (not self.attentions or getattr(model, "cls_token", None) is None
                 or not all(all(hasattr(attn, key) for key in needed) for attn in self.attentions)):
             raise UsageError(f"attention rollout needs a timm ViT with a class token and qkv attention, "
-                             f"not {type(model).__name__}; use a CAM method such as --method gradcam")
+                             f"not {type(model).__name__}; use a CAM method such as gradcam")
         if head_fusion not in HEAD_FUSIONS:
             raise UsageError(f"unknown --head-fusion '{head_fusion}'; choose one of {', '.join(HEAD_FUSIONS)}")
         if not 0 <= discard_ratio < 1:

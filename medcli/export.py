@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medcli import augment, bundle, console, datasets, fileio, metrics
+from medcli import augment, bundle, console, datasets, fileio, metrics, tasks
 from medcli.errors import MedcliError, UsageError
 from medcli.run import Run
 
@@ -64,7 +64,8 @@ def export_run(
                 reference = model(x).numpy()
             details = _EXPORTERS[format](model, x[:TRACE_BATCH], Path(tmp))
             exported = _run_exported(format, Path(tmp), x)
-            verification = _check(reference, exported, verified_on, format)
+            verification = _check(reference, exported, verified_on, format,
+                                  tasks.for_kind(card["task"], card["class_names"]))
         description = card | {"export": {"format": format, "file": model_file.name, **details,
                                          "input": {"name": "images", "dtype": "float32",
                                                    "shape": ["batch", card["image"]["channels"],
@@ -156,7 +157,9 @@ def _run_exported(format: str, path: Path, x) -> np.ndarray:
         return module(x).numpy()
 
 
-def _check(reference: np.ndarray, exported: np.ndarray, verified_on: str, format: str) -> dict:
+def _check(reference: np.ndarray, exported: np.ndarray, verified_on: str, format: str, task: tasks.Task) -> dict:
+    """The exported logits within TOLERANCE of PyTorch's, and whether the task's decisions
+    (argmax, or each label at 0.5 for multi-label) are the same."""
     diff = float(np.abs(reference - exported).max()) if reference.shape == exported.shape else float("inf")
     allowed = TOLERANCE * max(1.0, float(np.abs(reference).max()))
     if not diff <= allowed:
@@ -164,7 +167,8 @@ def _check(reference: np.ndarray, exported: np.ndarray, verified_on: str, format
                           f"(allowed {allowed:.2g}); nothing was written"
                           + ("; try --format torchscript" if format == "onnx" else ""))
     return {"images": verified_on, "max_abs_diff": diff, "tolerance": allowed,
-            "same_decisions": bool((reference.argmax(1) == exported.argmax(1)).all())}
+            "same_decisions": bool(np.array_equal(task.predictions(task.probabilities(reference)),
+                                                  task.predictions(task.probabilities(exported))))}
 
 
 def model_card(card: dict, test: dict | None) -> str:

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from medcli import bundle, console, datasets, explainers, fileio, images, inference
+from medcli import bundle, console, datasets, explainers, fileio, images, inference, tasks
 from medcli.errors import UsageError
 from medcli.names import file_names
 from medcli.tables import PROB_PREFIX
@@ -187,7 +187,7 @@ def _temperature(opened: bundle.Opened, calibrated: bool, tta: bool):
 def _open_explainer(method, opened: bundle.Opened, batch_size: int):
     """The explainer (with explain's defaults) and the caption its figures carry (method · layer)."""
     spec = opened.card["model"]
-    method.check_model(spec, opened.card["run_id"])
+    method.check_model(spec, opened.card["run_id"], "--explain")
     layer = explainers.resolve_layer(opened.model, spec, None) if method.uses_layer else None
     options = {**explainers.DEFAULT_OPTIONS, "batch_size": batch_size}
     return method.open(opened.model, spec, layer, options), f"{method.name}{f' · {layer}' if layer else ''}"
@@ -201,6 +201,7 @@ def _overlays(active, method: str, caption: str, opened: bundle.Opened, batch_na
 
     task = opened.task
     classes = task.explained_class(probs)
+    decided = task.decided(probs, classes)
     maps, _ = explainers.heatmaps(active, tensor, opened.card["preprocess"], classes, batch_size=batch_size, device=dev)
     folder = overlay_dir(out, method)
     first = done - len(batch_names)
@@ -208,7 +209,8 @@ def _overlays(active, method: str, caption: str, opened: bundle.Opened, batch_na
     for k, name in enumerate(batch_names):
         stem = file_names([Path(re.sub(r"\[(frame )?\d+\]$", "", name)).stem])[0]  # not a frame's "[i]"
         path = folder / f"{first + k:05d}_{stem}.png"
-        title = f"{Path(name).name} | pred {task.names[classes[k]]} ({probs[k, classes[k]]:.2f}) | {caption}"
+        title = (f"{Path(name).name} | {tasks.explained_text(task.names[classes[k]], probs[k, classes[k]], decided[k])}"
+                 f" | {caption}")
         reports.save_sample_figure(path, pixels[k], maps[k], title, note=opened.card["dataset"].get("provenance"))
         written.append(str(path))
     return written

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import ClassVar, Sequence
 
 __all__ = ["Task", "SingleLabel", "MultiClass", "Binary", "Ordinal", "MultiLabel", "TASKS", "EXTRA_METRICS",
-           "for_kind", "from_columns", "SigmoidTarget"]
+           "explained_text", "for_kind", "from_columns", "SigmoidTarget"]
 
 TRUE_PREFIX, PRED_PREFIX = "true_", "pred_"  # multi-label predictions CSV: one column of each per label
 
@@ -176,6 +176,11 @@ class SingleLabel(Task):
     def explained_class(self, probs):
         """The class a map explains by default (N,): the predicted class."""
         return self.predictions(probs)
+
+    def decided(self, probs, classes):
+        """(N,) booleans: each row's class is the model's decision (one of them, multi-label);
+        a caption calls it "pred" only then."""
+        return self.predictions(probs) == classes
 
     def mistaken(self, labels, probs):
         """(N,) booleans: the prediction is wrong."""
@@ -407,6 +412,12 @@ class MultiLabel(Task):
         """The most probable label (the finding the model is surest is present)."""
         return probs.argmax(axis=1)
 
+    def decided(self, probs, classes):
+        """False where no label reaches the threshold: the most probable one is then no finding."""
+        import numpy as np
+
+        return self.predictions(probs)[np.arange(len(classes)), classes].astype(bool)
+
     def mistaken(self, labels, probs):
         """Any label wrong at 0.5."""
         return (self.predictions(probs) != labels).any(axis=1)
@@ -476,6 +487,12 @@ class MultiLabel(Task):
 
 TASKS: dict[str, type[Task]] = {cls.kind: cls for cls in (MultiClass, Binary, Ordinal, MultiLabel)}
 EXTRA_METRICS = {kind: cls.extra_metrics for kind, cls in TASKS.items()}
+
+
+def explained_text(name: str, probability: float, decided: bool) -> str:
+    """A figure title's words for the class a map explains (`Task.decided`): "pred NAME (p)",
+    or "top NAME (p; no label found)" for a multi-label image's most probable label."""
+    return f"pred {name} ({probability:.2f})" if decided else f"top {name} ({probability:.2f}; no label found)"
 
 
 def for_kind(kind: str, names: Sequence[str]) -> Task:

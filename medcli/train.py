@@ -87,6 +87,7 @@ class State:
     ema: Any = None  # timm's ModelEmaV3 of the model (the `ema-window` rule), else None
     scores: list = field(default_factory=list)  # the monitored value of every epoch
     step: Any = None  # --compile: the compiled optimizer step (`optim.compiled_step`); None: the scaler's
+    train_seconds: float = 0.0  # in the training steps, every epoch so far (kept in last.pt for a resume)
 
     def rng(self, device) -> dict:
         """Every random stream, with the device type it was taken on (the CUDA states only
@@ -125,34 +126,58 @@ class State:
 def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -> int:
     """Images per optimizer step over all processes: --batch-size (at most the `n` training
     images), each process taking an equal slice of it."""
-    batch = config["batch_size"]
-    if batch % ctx.world_size:
-        raise UsageError(f"--batch-size {batch} is the global batch and must split evenly over {ctx.world_size} "
-                         f"processes; use a multiple of {ctx.world_size}")
-    if batch // ctx.world_size < MIN_BATCH:
-        raise UsageError(f"--batch-size {batch} gives each of {ctx.world_size} processes {batch // ctx.world_size} image a "
-                         f"step; BatchNorm and MixUp need {MIN_BATCH}: use at least {MIN_BATCH * ctx.world_size}")
+    batch, world = config["batch_size"], ctx.world_size
+    if n is not None and n < MIN_BATCH * world:
+        raise UsageError(f"{console.plural(n, 'training image')} allow at most {max(1, n // MIN_BATCH)} processes "
+                         f"({MIN_BATCH} images each a step, which BatchNorm and MixUp need); use a smaller --nproc")
+    if batch % world:
+        raise UsageError(f"--batch-size {batch} is the global batch and must split evenly over {world} "
+                         f"processes; use a multiple of {world}")
+    if batch // world < MIN_BATCH:
+        given = "--batch-size" if config["batch_source"] == "--batch-size" else "the default batch size"
+        raise UsageError(f"{given} {batch} gives each of {world} processes {batch // world} image a step; BatchNorm "
+                         f"and MixUp need {MIN_BATCH}: pass --batch-size {MIN_BATCH * world} or more, or use at most "
+                         f"{max(1, batch // MIN_BATCH)} processes")
     if n is not None:
-        batch = min(batch, n - n % ctx.world_size)
+        batch = min(batch, n - n % world)
     return batch
 
 
 def check_launch(nproc: int, **options: Any) -> None:
     """What `train --nproc N` checks before it starts N processes (each would find the same, N
-    times, and later): the options resolve, and a given --batch-size splits over the processes."""
-    config = resolve_config(**options)
-    if config["batch_source"] == "--batch-size":
-        global_batch(config, distributed.Context(world_size=nproc))
+    times, and later): the options resolve, there is a GPU for each process on CUDA, and the
+    batch fitted to the training split (as each process will fit it) splits over them."""
+    from medcli import datasets
+
+    with console.silenced():  # rank 0 says its warnings again
+        config = resolve_config(**options)
+        distributed.check_gpus(nproc, config["device"])
+        n_train = datasets.resolve(config["root"], config["dataset"], config["size"])[1]["n_samples"]["train"]
+        global_batch(fit_to_data(config, n_train, nproc), distributed.Context(world_size=nproc), n_train)
 
 
-def check_resume_launch(path: str | os.PathLike, nproc: int) -> None:
-    """What `train --resume RUN --nproc N` checks before it starts N processes: the run's own
-    batch (which a resume keeps) splits over them."""
+def check_resume_launch(path: str | os.PathLike, nproc: int, device: str | None = None) -> None:
+    """What `train --resume RUN --nproc N` checks before it starts N processes: the run is
+    not finished, there is a GPU for each process on CUDA, and the run's own batch (which a
+    resume keeps) splits over them, at least MIN_BATCH images each."""
     run = Run.open(path)
+    _require_unfinished(run)
+    distributed.check_gpus(nproc, inference.resolve_device(device).type if device not in (None, "auto")
+                           else run.config["device"])
     batch = run.config["batch_size"]
-    if batch % nproc:
+    if batch % nproc or batch // nproc < MIN_BATCH:
+        fits = [k for k in range(2, batch // MIN_BATCH + 1) if batch % k == 0]
         raise UsageError(f"run {run.run_dir} trains with a global batch of {batch} images, which does not split "
-                         f"evenly over {nproc} processes; resume with an --nproc that divides {batch}")
+                         f"over {nproc} processes in equal shares of at least {MIN_BATCH}; resume with "
+                         + (f"--nproc {' or '.join(map(str, fits))}" if fits else "one process (no --nproc)"))
+
+
+def _require_unfinished(run: Run) -> None:
+    if run.status("train") == "completed":
+        epochs = run.stages["train"].get("summary", {}).get("epochs_run")
+        done = f" ({console.plural(epochs, 'epoch')})" if epochs is not None else ""
+        raise UsageError(f"run {run.run_dir} already finished training{done}; evaluate it with "
+                         f"'medcli evaluate {run.run_dir}' or start a new run")
 
 
 def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, device, bar, task,
@@ -251,7 +276,7 @@ def evaluate(model, data: feed.Data, prep: dict, config: dict, device, task: Tas
     logits = inference.predict_logits(model, data.images[mine], prep, batch_size=EVAL_BATCH, device=device,
                                       amp="off",  # float32 like `medcli evaluate`: history and best.pt agree with it
                                       pad=torch.device(device).type == "cuda")  # one shape: cuDNN tunes it once
-    logits = torch.cat(distributed.gather(ctx, logits.cpu()))
+    logits = torch.cat([part for part in distributed.gather(ctx, logits.cpu()) if len(part)])  # a share may be empty
     probs = task.probs_t(logits.double()).numpy()
     return task.metrics(data.labels.cpu().numpy(), probs)
 
@@ -359,11 +384,7 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
     from medcli import models
 
     run = Run.open(path)
-    if run.status("train") == "completed":
-        epochs = run.stages["train"].get("summary", {}).get("epochs_run")
-        done = f" ({console.plural(epochs, 'epoch')})" if epochs is not None else ""
-        raise UsageError(f"run {run.run_dir} already finished training{done}; evaluate it with "
-                         f"'medcli evaluate {run.run_dir}' or start a new run")
+    _require_unfinished(run)
     config = dict(run.config)
     if device is not None and device != "auto":
         dev = inference.resolve_device(device)
@@ -502,6 +523,7 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
         while state.epoch < config["epochs"] and not stopped_early:
             started = time.perf_counter()
             train_stats = train_one_epoch(state, train_data, prep, config, device, bar, batch_task, ctx)
+            state.train_seconds += train_stats["seconds"]
             check_finite(model, state.epoch + 1, config)
             ranked = model if state.ema is None else state.ema.module  # the weights the rule ranks (and best.pt holds)
             reestimate_batchnorm(ranked, train_data, prep, config, device)
@@ -555,7 +577,7 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
         saved[files["last"]] = checkpoints.payload(state, val, full=True, device=device)
     writer.write(saved, device)  # an unchanged best.pt keeps its file and hash
     _record_progress(run, st, state, stopped_early, final, writer.lock,
-                     train_seconds=(seconds := round(st.summary.get("train_seconds", 0.0) + train_stats["seconds"], 3)),
+                     train_seconds=(seconds := round(state.train_seconds, 3)),
                      # all processes' images, each epoch the same number: the run's rate, and the last epoch's (warm)
                      images_per_s=round(state.epoch * train_stats["images"] / seconds, 1),
                      last_epoch_images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,

@@ -530,3 +530,125 @@ def test_an_interrupted_job_says_so_once(monkeypatch, env, says):
     assert result.exit_code == 130 and result.stdout == ""
     assert ("error: run R interrupted" in result.stderr) is says, result.stderr
     assert "error: interrupted" not in result.stderr
+
+
+# -- review of the distributed paths --------------------------------------------------------------
+
+
+def test_a_validation_share_may_be_empty(monkeypatch):
+    """Review: with fewer validation images than processes, the last rank's empty share came
+    back as a (0,) tensor and torch.cat failed ("Sizes of tensors must match"): the run failed.
+    Rank 1 of 2 with one validation image gets the metrics of rank 0's logits."""
+    from medcli import distributed, feed, train
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 8))
+    images = torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8)
+    data = feed.Data(images=images, labels=torch.tensor([2]), device=torch.device("cpu"))
+    prep = {"input_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
+    others = model(torch.zeros(1, 3, 8, 8)).detach()
+    monkeypatch.setattr(distributed, "sync_buffers", lambda ctx, model: None)
+    monkeypatch.setattr(distributed, "gather", lambda ctx, mine: [others, mine])  # rank 0's one image, then ours
+    metrics = train.evaluate(model, data, prep, {}, "cpu", datasets.task("bloodmnist"),
+                             distributed.Context(rank=1, world_size=2))
+    assert metrics["accuracy"] in (0.0, 1.0)
+
+
+def test_too_few_training_images_for_the_processes_are_named_before_any_starts(tmp_path, monkeypatch):
+    """Review: 5 training images under --nproc 3 blamed a --batch-size the user never gave,
+    and the advice it gave (--batch-size 6) was capped back to 3; it was found only after the
+    processes loaded the data. The launcher refuses it first, naming the processes' limit."""
+    from medcli import distributed, train
+    from medcli.errors import UsageError
+
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("processes started"))
+    datasets.make_synthetic(tmp_path / "bloodmnist.npz", "bloodmnist", 28, (5, 2, 2), seed=1)
+    options = dict(root=str(tmp_path), model="timm:test_resnet", device="cpu")
+    with pytest.raises(UsageError, match=r"5 training images allow at most 2 processes .*smaller --nproc"):
+        train.check_launch(3, **options)
+    with pytest.raises(UsageError, match=r"5 training images allow at most 2 processes"):
+        train.check_launch(3, batch_size=6, **options)
+    train.check_launch(2, **options)
+    datasets.make_synthetic(tmp_path / "bloodmnist.npz", "bloodmnist", 28, (1000, 2, 2), seed=1)
+    datasets.record_path(tmp_path / "bloodmnist.npz").unlink()
+    with pytest.raises(UsageError, match=r"^the default batch size \d+ gives each of 64 processes 1 image a step"
+                                         r".*--batch-size 128 or more, or use at most \d+ processes"):
+        train.check_launch(64, **options)
+
+
+def test_a_resume_under_nproc_is_checked_before_any_process_starts(tmp_path):
+    """Review: `--resume RUN --nproc 4` of a run with a global batch of 4 passed the launcher's
+    check, then each process said "use --batch-size 8", which --resume refuses; a finished run
+    started N processes before saying so."""
+    from medcli import train
+    from medcli.errors import UsageError
+    from medcli.run import Run
+
+    run = Run.create(tmp_path / "runs", "r", config={"batch_size": 4, "device": "cpu"}, dataset={}, model={},
+                     preprocess={}, environment={})
+    with pytest.raises(UsageError, match="global batch of 4 images.*--nproc 2"):
+        train.check_resume_launch(run.run_dir, 4)
+    with pytest.raises(UsageError, match="global batch of 4 images.*--nproc 2"):
+        train.check_resume_launch(run.run_dir, 3)
+    train.check_resume_launch(run.run_dir, 2)
+    run.update(lambda data: data["stages"].update(train={"status": "completed", "summary": {"epochs_run": 3}}))
+    with pytest.raises(UsageError, match="already finished training"):
+        train.check_resume_launch(run.run_dir, 2)
+
+
+def test_nproc_on_cuda_needs_a_gpu_per_process(monkeypatch):
+    """Review: --nproc 2 --device cuda with one GPU put both processes on cuda:0 (NCCL then
+    fails with 'Duplicate GPU detected' after the run directory exists)."""
+    from medcli import distributed
+    from medcli.errors import UsageError
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(UsageError, match="--nproc 2 trains one process per GPU, but 1 GPU is visible"):
+        distributed.check_gpus(2, "cuda")
+    distributed.check_gpus(2, "cpu")
+    distributed.check_gpus(1, "cuda")
+    monkeypatch.setenv(distributed.RUN_FILE_ENV, "x")  # inside `launch`: every process sees every GPU
+    with pytest.raises(UsageError, match="local rank 1 has no GPU"):
+        distributed.gpu_index(distributed.Context(rank=1, world_size=2, local_rank=1), 1)
+
+
+def test_nproc_relaunches_the_command_it_was_given_not_the_hosts_argv(tmp_path, monkeypatch):
+    """Review: called from Python (CliRunner, a notebook), `train --nproc 2` relaunched
+    sys.argv, the host program's own arguments."""
+    from typer.testing import CliRunner
+
+    from medcli import distributed, train
+    from medcli.cli import app
+
+    seen = []
+    monkeypatch.setattr(train, "check_launch", lambda nproc, **options: None)
+    monkeypatch.setattr(distributed, "launch", lambda nproc, argv, lost=None: seen.append(argv) or 0)
+    monkeypatch.setattr(sys, "argv", ["host.py", "--host-flag"])
+    args = ["--quiet", "train", "--epochs", "1", "--nproc", "2", "--root", str(tmp_path)]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert seen == [args]
+
+
+def test_a_launched_process_ends_when_its_launcher_is_killed(tmp_path):
+    """Review: torchrun starts its processes in sessions of their own, so `kill -9` of the
+    launcher left both ranks training to the end, printing to the terminal."""
+    from medcli import distributed
+
+    worker = ("import time\nfrom medcli import distributed\ndistributed.watch_launcher()\n"
+              "print('watching', flush=True)\ntime.sleep(60)\n")
+    launcher = (f"import os, subprocess, sys, time\n"
+                f"env = dict(os.environ, {distributed.LAUNCHER_ENV}=str(os.getpid()))\n"
+                f"child = subprocess.Popen([sys.executable, '-c', {worker!r}], env=env, start_new_session=True)\n"
+                f"print(child.pid, flush=True)\ntime.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", launcher], stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(parent.stdout.readline()))
+    assert parent.stdout.readline().strip() == "watching"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and child.is_running() and child.status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.1)
+    alive = child.is_running() and child.status() != psutil.STATUS_ZOMBIE
+    if alive:
+        child.kill()
+    assert not alive

@@ -571,9 +571,11 @@ def test_a_multilabel_sample_without_findings_is_named_so_and_joins_no_label_gri
     ex = Explained(split="test", indices=np.array([4, 7]), images=np.zeros((2, 28, 28, 1), np.uint8),
                    labels=np.array([1, 1]), predictions=np.array([1, 1]), confidence=np.array([0.9, 0.8]),
                    targets=np.array([1, 1]), maps=np.zeros((2, 28, 28), np.float32), box_mass=None,
-                   label_sets=np.array([[1, 1, 0], [0, 0, 0]]))
+                   label_sets=np.array([[1, 1, 0], [0, 0, 0]]), decided=np.array([True, False]))
     samples, grids, files = write_figures(tmp_path, "gradcam", ex, names)
-    assert [s["file"] for s in samples] == ["test_4_gt-effusion+mass_pred-mass.png", "test_7_gt-none_pred-mass.png"]
+    # review: a most probable label below 0.5 was "pred-mass" though no label was found
+    assert [s["file"] for s in samples] == ["test_4_gt-effusion+mass_pred-mass.png", "test_7_gt-none_top-mass.png"]
+    assert [s["decided"] for s in samples] == [True, False]
     assert samples[1]["label"] is None and samples[1]["true_labels"] == [] and samples[0]["label_name"] == "mass"
     assert list(grids) == ["mass"] and all(f.is_file() for f in files)
 

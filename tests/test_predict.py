@@ -287,6 +287,25 @@ def test_an_export_that_does_not_match_is_refused_and_nothing_is_written(run_cop
     assert list(tmp_path.glob("m*")) == []
 
 
+def test_same_decisions_follow_the_task_not_an_argmax():
+    """Review: the export check compared argmaxes for every task type; a multi-label logit
+    crossing 0 (a label's decision flipping) still gave same_decisions: true."""
+    from medcli import tasks
+
+    reference, exported = np.array([[1e-5, 2.0]]), np.array([[-1e-5, 2.0]])
+    multilabel = tasks.for_kind("multi-label, binary-class", ["a", "b"])
+    assert export._check(reference, exported, "x", "onnx", multilabel)["same_decisions"] is False
+    multiclass = tasks.for_kind("multi-class", ["a", "b"])
+    assert export._check(reference, exported, "x", "onnx", multiclass)["same_decisions"] is True
+
+
+def test_explain_with_a_method_the_model_cannot_take_names_predicts_option(run_copy, pngs, tmp_path):
+    """Review: predict's refusal told the user to pass --method, which predict does not have."""
+    one_line_error(runner.invoke(app, ["predict", str(run_copy), str(pngs), "--explain", "rollout", "--out",
+                                       str(tmp_path / "p.csv")]), 2,
+                   "--explain gradcam")
+
+
 def test_exported_model_without_its_description_is_one_line(run_copy, tmp_path):
     result = runner.invoke(app, ["export", str(run_copy), "--out", str(tmp_path / "m.onnx")])
     assert result.exit_code == 0, result.output

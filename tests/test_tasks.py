@@ -324,3 +324,19 @@ def test_explain_targets_accept_the_names_the_error_lists(flag, target, expected
         _target_class("no such class", names)
     listed = str(raised.value).split(" or name (")[1].rstrip(")").split("; ")
     assert [_target_class(name, names) for name in listed] == list(range(len(names)))
+
+
+def test_a_multilabel_label_below_the_threshold_is_not_called_a_prediction():
+    """Review: predict's overlays and explain called a multi-label image's most probable label
+    "pred mass (0.33)" while its CSV said no label was found. Only a decision is "pred"."""
+    from medcli import tasks
+
+    probs = np.array([[0.2, 0.33, 0.1], [0.7, 0.9, 0.1]])
+    task = MultiLabel(["effusion", "mass", "edema"])
+    classes = task.explained_class(probs)
+    assert task.decided(probs, classes).tolist() == [False, True]
+    assert task.decided(probs, np.array([0, 0])).tolist() == [False, True]
+    single = MultiClass(["a", "b", "c"])
+    assert single.decided(probs, single.explained_class(probs)).all()
+    assert tasks.explained_text("mass", 0.33, False) == "top mass (0.33; no label found)"
+    assert tasks.explained_text("mass", 0.9, True) == "pred mass (0.90)"
