@@ -1,4 +1,5 @@
-# medcli on CPU: docker build -t medcli . && docker run --rm -v medcli-data:/data -v "$PWD/runs:/work/runs" medcli train --reduced
+# medcli on CPU: docker build -t medcli . && docker run --rm -v medcli-data:/data medcli download bloodmnist --sample
+# && docker run --rm -v medcli-data:/data -v "$PWD/runs:/work/runs" medcli train --reduced --root /data/sample
 FROM python:3.11-slim
 
 ENV PYTHONHASHSEED=0 \

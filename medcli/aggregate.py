@@ -305,6 +305,9 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test", metric_na
                          f"evaluate them first with 'medcli evaluate RUN --split {split}'")
     groups = group_runs(runs, metric_names)
     chosen = compare_stats.pair_groups(groups, pair)
+    if chosen is None and len(groups) > 2:
+        console.info(f"{len(groups)} setups: the best means are marked, untested; --pair A B (a label, run id "
+                     f"or directory of each) tests two of them on the same images")
     return Comparison(split, metric_names, runs, groups, compare_stats.leaders(groups, metric_names), skipped,
                       paired=compare_stats.paired_tests(*chosen, runs, split, metric_names) if chosen else None,
                       references=compare_stats.references(runs) if reference else [])

@@ -387,7 +387,7 @@ def _weighted_auc(weights: np.ndarray, negatives: np.ndarray, positives: np.ndar
 
 
 TEMPERATURE_SPAN = 1e3  # T is searched within scale / 1000 .. scale * 1000 (scale: the logits' RMS)
-SEPARATED = "validation split perfectly separated"
+SEPARATED = "no validation image ranked wrong"
 ONE_SIDED = "validation images all positive or all negative"
 AT_BOUND = "no optimum inside the search range"
 
@@ -402,19 +402,21 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str 
     side), so fitting 100 x the logits gives 100 x the temperature: the NLL is smooth and
     unimodal in log T, so this is deterministic and needs no torch and no learning rate.
 
-    A perfectly separated split (every validation image's true class strictly above every
-    other class, common on a 78-image split) has its NLL falling all the way to T -> 0: the
-    search would stop wherever the NLL underflows to 0 (a "fitted" NLL of -0.0 and an ECE of
-    0) and sharpen the test logits by that factor. It is detected directly, whatever the
-    logits' scale, and keeps T = 1. Any other split has an image whose true class is not
-    above the rest, so p_true <= 1/2 for it at every T and the fitted NLL is at least
-    log 2 / N, never ~0. An optimum at the edge of the search range is not trusted either.
+    A perfectly separated split (every validation image's true class above every other
+    class, common on a 78-image split) has its NLL falling all the way to T -> 0: the search
+    would stop wherever the NLL underflows to 0 (a "fitted" NLL of -0.0 and an ECE of 0) and
+    sharpen the test logits by that factor. So has a split whose true classes are at worst
+    tied with another class (the NLL falls towards log 2 / N and then lies flat, and the
+    search stopped anywhere on that stretch: T = 0.04 once). Both are detected directly,
+    whatever the logits' scale, and keep T = 1. Any other split has an image whose true class
+    is below another, so the NLL rises again as T -> 0 and has an optimum. An optimum at the
+    edge of the search range is not trusted either.
     """
     labels, logits = _fit_inputs(logits, labels)
     labels = labels.reshape(-1)
     rows = np.arange(labels.size)
     others = np.where(np.arange(logits.shape[1]) == labels[:, None], -np.inf, logits)
-    if (logits[rows, labels] > others.max(axis=1)).all():
+    if (logits[rows, labels] >= others.max(axis=1)).all():
         return 1.0, SEPARATED
     return _fit_log_temperature(lambda log_t: float(-log_softmax(logits, np.exp(log_t))[rows, labels].mean()),
                                 logits - logits.mean(axis=1, keepdims=True))
@@ -435,7 +437,7 @@ def fit_label_temperatures(logits: np.ndarray, labels: np.ndarray) -> tuple[list
 def _fit_label(z: np.ndarray, y: np.ndarray) -> tuple[float, str | None]:
     if y.all() or not y.any():
         return 1.0, ONE_SIDED
-    if ((2 * y - 1) * z > 0).all():
+    if ((2 * y - 1) * z >= 0).all():  # right, or on the fence (0), for every image
         return 1.0, SEPARATED
     return _fit_log_temperature(lambda log_t: float((np.logaddexp(0.0, s := z / np.exp(log_t)) - y * s).mean()), z)
 
@@ -549,8 +551,9 @@ def _resample_weights(n: int, resamples: int, seed: int):
 def mean_difference(differences: Sequence[float], level: float = 0.95) -> dict:
     """Mean of paired differences (A - B, one per seed) with its Student-t interval and the
     paired t-test's two-sided p-value (n - 1 degrees of freedom; needs n >= 2). Differences
-    that do not vary give a zero-width interval, and p 1.0 (mean 0) or None (no test: two
-    equal differences are no evidence of a certain one)."""
+    that do not vary (up to rounding: 1/156 + 120/156 - 120/156 is not exactly 1/156) give a
+    zero-width interval, and p 1.0 (mean 0) or None (no test: two equal differences are no
+    evidence of a certain one)."""
     from scipy import stats
 
     d = np.asarray(differences, dtype=np.float64).reshape(-1)
@@ -558,8 +561,9 @@ def mean_difference(differences: Sequence[float], level: float = 0.95) -> dict:
         raise ValueError("a t-interval needs at least two paired differences")
     mean, std = float(d.mean()), float(d.std(ddof=1))
     error = std / np.sqrt(d.size)
-    if error == 0:
-        half, p_value = 0.0, 1.0 if mean == 0 else None
+    rounding = 1e-9 * max(1.0, float(np.abs(d).max()))
+    if std <= rounding:
+        half, p_value = 0.0, 1.0 if abs(mean) <= rounding else None
     else:
         half = float(stats.t.ppf(0.5 + level / 2, d.size - 1) * error)
         p_value = float(2 * stats.t.sf(abs(mean) / error, d.size - 1))

@@ -529,3 +529,14 @@ def test_the_chart_says_which_numbers_are_calibrated(tmp_path):
     assert legend == ["resnet18 s0 (best)", "resnet18 s1 (best, calibrated)"]
     (ax,) = chart_figure(aggregate([tmp_path / "calibrated"], metric_names=["ece"])).axes
     assert ax.get_title().replace("\n", " ").endswith("test split, evaluation: best, calibrated")
+
+
+def test_three_setups_without_pair_say_their_best_means_are_untested(tmp_path, capsys):
+    """Review (statistics): with three or more setups and no --pair, no test ran and nothing
+    said so; the stars looked like findings."""
+    for seed, model in enumerate(("resnet18", "vit", "densenet121")):
+        make_run(tmp_path, model, model=model, seed=seed)
+    result = aggregate([tmp_path])
+    assert result.paired is None and "untested; --pair A B" in capsys.readouterr().err
+    aggregate([tmp_path / "resnet18", tmp_path / "vit"])
+    assert "untested" not in capsys.readouterr().err

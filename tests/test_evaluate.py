@@ -263,9 +263,9 @@ def test_a_separated_validation_split_skips_the_fit_and_every_output_says_so(run
     calibration = result["calibration"]
     assert calibration["temperature"] == 1.0 and calibration["skipped"] == metrics.SEPARATED
     assert calibration["after"] == calibration["before"] and result["metrics"]["nll"] == calibration["before"]["nll"] > 0
-    assert "skipped (T = 1): validation split perfectly separated" in " ".join(capsys.readouterr().err.split())
+    assert f"skipped (T = 1): {metrics.SEPARATED}" in " ".join(capsys.readouterr().err.split())
     reliability = next(fig for fig in figures if "reliability" in fig.get_suptitle())
-    assert len(reliability.axes) == 2 and "temperature fit skipped (validation split perfectly separated)" in " ".join(
+    assert len(reliability.axes) == 2 and f"temperature fit skipped ({metrics.SEPARATED})" in " ".join(
         reliability.axes[0].get_title().split())
     rows = [[c.value for c in row] for row in load_workbook(run_copy / "report.xlsx")["summary"].iter_rows()]
     ece = next(row for row in rows if row[:2] == ["ece", "test"])

@@ -178,3 +178,28 @@ def test_macro_precision_and_f1_leave_out_a_class_neither_in_the_split_nor_predi
         assert m["f1_macro"] == pytest.approx(f1_score(labels, preds, average="macro", zero_division=0))
         assert m["precision_macro"] == pytest.approx(precision_score(labels, preds, average="macro", zero_division=0))
     assert metrics.classification_metrics(labels, np.eye(5)[labels] * 0.9 + 0.02)["f1_macro"] == 1.0
+
+
+def test_a_tie_with_the_true_class_keeps_the_temperature():
+    """Review: one validation image whose true logit tied another class (a multi-label logit
+    of exactly 0) let the NLL fall to log 2 / N and lie flat; the search stopped there at
+    T = 0.02-0.04, with no reason, and held-out NLL went from 0.51 to 5.55."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 40)
+    z = (2 * y - 1) * (1 + rng.random(40) * 3)
+    z[0] = 0.0
+    assert metrics.fit_label_temperatures(z[:, None], y[:, None]) == ([1.0], [metrics.SEPARATED])
+    logits, _ = _toy_logits(40, seed=2)
+    labels = logits.argmax(1)
+    logits[0, (labels[0] + 1) % logits.shape[1]] = logits[0, labels[0]]  # a tie, every other image right
+    assert metrics.fit_temperature(logits, labels) == (1.0, metrics.SEPARATED)
+
+
+def test_equal_differences_up_to_rounding_are_not_a_significant_t_test():
+    """Review: one image better in each of two seeds (120/156 - 119/156, 121/156 - 120/156)
+    differs in the last bit, and the t-test gave p = 5.5e-15."""
+    n = 156
+    found = metrics.mean_difference([120 / n - 119 / n, 121 / n - 120 / n])
+    assert found["p_value"] is None and found["interval"][0] == found["interval"][1]
+    assert metrics.mean_difference([0.0, 1e-17])["p_value"] == 1.0
+    assert metrics.mean_difference([0.01, 0.02])["p_value"] is not None
