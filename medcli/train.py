@@ -135,9 +135,10 @@ def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -
                          f"processes; use a multiple of {world}")
     if batch // world < MIN_BATCH:
         given = "--batch-size" if config["batch_source"] == "--batch-size" else "the default batch size"
+        fewer = batch // MIN_BATCH
         raise UsageError(f"{given} {batch} gives each of {world} processes {batch // world} image a step; BatchNorm "
-                         f"and MixUp need {MIN_BATCH}: pass --batch-size {MIN_BATCH * world} or more, or use at most "
-                         f"{max(1, batch // MIN_BATCH)} processes")
+                         f"and MixUp need {MIN_BATCH}: pass --batch-size {MIN_BATCH * world} or more, or "
+                         + (f"use at most {fewer} processes" if fewer > 1 else "train in one process"))
     if n is not None:
         batch = min(batch, n - n % world)
     return batch

@@ -211,7 +211,7 @@ OPTION_CASES = {
     "crop-scale 0": (["train", "--crop-scale", "0"], "--crop-scale"),
     # review: these passed the checks and failed in the first step, leaving a failed run directory
     "batch-size 1": (["train", "--batch-size", "1"], "--batch-size"),
-    "one image per process": (["train", "--nproc", "2", "--batch-size", "2"], "use at least 4"),
+    "one image per process": (["train", "--nproc", "2", "--batch-size", "2"], "--batch-size 4 or more, or train in one process"),
     "lr inf": (["train", "--lr", "inf"], "--lr must be positive and finite"),
     "weight-decay inf": (["train", "--weight-decay", "inf"], "--weight-decay must be >= 0 and finite"),
     "unknown method": (["explain", "RUN", "--method", "magic"], "magic"),
