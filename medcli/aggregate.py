@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import textwrap
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -305,7 +306,8 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test", metric_na
                          f"evaluate them first with 'medcli evaluate RUN --split {split}'")
     groups = group_runs(runs, metric_names)
     chosen = compare_stats.pair_groups(groups, pair)
-    if chosen is None and len(groups) > 2:
+    rivals = Counter((g["dataset"], g["size"], g["data"]) for g in groups)  # setups on the same data
+    if chosen is None and max(rivals.values()) > 2:
         console.info(f"{len(groups)} setups: the best means are marked, untested; --pair A B (a label, run id "
                      f"or directory of each) tests two of them on the same images")
     return Comparison(split, metric_names, runs, groups, compare_stats.leaders(groups, metric_names), skipped,

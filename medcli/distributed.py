@@ -181,7 +181,7 @@ def watch_launcher() -> None:
     import time
 
     launcher = os.environ.get(LAUNCHER_ENV, "")
-    if not launcher.isdigit() or os.getppid() != int(launcher):  # not started by `launch` itself
+    if not launcher.isdigit():  # not started by `launch`
         return
 
     def watch() -> None:
@@ -284,8 +284,10 @@ def peers(ctx: Context, run_dir: str | os.PathLike | None = None) -> Iterator[No
         reason = re.sub(r"^\[[^\]]*\]\s*", "", (str(exc).strip().splitlines() or [""])[0])[:200]
         reason = reason.split(". ")[0].replace("[", "(").replace("]", ")") or type(exc).__name__  # its first sentence
         run = shlex.quote(str(run_dir)) if run_dir is not None else "RUN"
+        # medcli's own launcher is one node, restarted with --nproc; a torchrun job restarts as it started
+        again = f" --nproc {ctx.world_size}" if os.environ.get(LAUNCHER_ENV) else " under the same launcher"
         raise Interrupted(f"another process of this distributed job was lost ({reason}); "
-                          f"continue with 'medcli train --resume {run} --nproc {ctx.world_size}'") from exc
+                          f"continue with 'medcli train --resume {run}{again}'") from exc
 
 
 def peer_lost(exc: BaseException) -> bool:

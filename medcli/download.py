@@ -65,9 +65,11 @@ class Incomplete(MedcliError):
     """Some of several files could not be fetched; `records` are those that were (the CLI still
     prints their paths)."""
 
-    def __init__(self, message: str, records: list[dict]):
+    def __init__(self, message: str, records: list[dict], usage: bool = False):
         super().__init__(message)
         self.records = records
+        if usage:  # every failure was the user's to fix (a file imported on purpose, a bad mirror)
+            self.exit_code = UsageError.exit_code
 
 
 def source(flag: str, size: int, mirror: str | None = None) -> tuple[str, str]:
@@ -149,18 +151,18 @@ def obtain(
     wanted = [(flag, s) for flag in flags for s in sizes]
     if len(wanted) == 1:
         return [fetch(*wanted[0], root, mirror=mirror, tries=tries, timeout=timeout, overwrite=overwrite)]
-    records, failed = [], []
+    records, failed = [], {}
     for flag, s in wanted:  # one file's failure does not stop the others
         try:
             records.append(fetch(flag, s, root, mirror=mirror, tries=tries, timeout=timeout, overwrite=overwrite))
-        except (UsageError, Interrupted):
+        except Interrupted:
             raise
         except MedcliError as exc:
             console.error(str(exc))
-            failed.append(datasets.filename(flag, s))
+            failed[datasets.filename(flag, s)] = exc
     if failed:
-        raise Incomplete(f"{len(failed)} of {len(wanted)} files not downloaded ({', '.join(failed)}; see the errors "
-                         f"above); run the command again to fetch them", records)
+        raise Incomplete(f"{len(failed)} of {len(wanted)} files not downloaded ({', '.join(failed)}): see the errors "
+                         f"above", records, usage=all(isinstance(exc, UsageError) for exc in failed.values()))
     return records
 
 
@@ -445,7 +447,7 @@ def _present(target: Path, flag: str, size: int, md5: str, overwrite: bool = Fal
     actual = datasets.current_md5(target, record)
     if actual != md5:
         kind = datasets.provenance_kind(record) if record is not None and record["md5"] == actual else None
-        if kind is not None and not overwrite:
+        if kind is not None and _imported(record, target) and not overwrite:
             raise UsageError(f"{target} holds a file imported on purpose ({kind}, md5 {actual}, from "
                              f"{record.get('source')}); pass --overwrite to download the official file over it")
         console.info(f"{target} has md5 {actual}, not {md5}: downloading the file over it")
@@ -456,6 +458,14 @@ def _present(target: Path, flag: str, size: int, md5: str, overwrite: bool = Fal
     origin = record.get("source") if record is not None and record["md5"] == md5 else None
     return _save_record(flag, size, target, md5, origin or str(target.resolve()),
                         datasets.validate_npz(target, flag, size), required=False)
+
+
+def _imported(record: dict, target: Path) -> bool:
+    """Whether a record is an import's (`--from`, a copy of the sample): its source is another
+    local file. A file medcli only found there and hashed has itself as its source, and a
+    download a URL."""
+    origin = str(record.get("source") or "")
+    return bool(origin) and "://" not in origin and Path(origin).expanduser().resolve() != target.resolve()
 
 
 def _writable(target: Path) -> Path:

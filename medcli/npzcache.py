@@ -168,9 +168,11 @@ def drop_stale(directory: Path) -> None:
     from filelock import FileLock, Timeout
 
     stem = directory.name.rsplit("-", 1)[0]
-    if not directory.parent.is_dir():
+    try:
+        others = list(directory.parent.iterdir()) if directory.parent.is_dir() else []
+    except OSError:  # another user's cache folder: not ours to clean
         return
-    for other in directory.parent.iterdir():
+    for other in others:
         if other != directory and re.fullmatch(rf"{re.escape(stem)}-[0-9a-f]{{32}}", other.name):
             try:
                 with FileLock(other / ".lock", timeout=0):

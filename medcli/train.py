@@ -128,8 +128,11 @@ def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -
     images), each process taking an equal slice of it."""
     batch, world = config["batch_size"], ctx.world_size
     if n is not None and n < MIN_BATCH * world:
-        raise UsageError(f"{console.plural(n, 'training image')} allow at most {max(1, n // MIN_BATCH)} processes "
-                         f"({MIN_BATCH} images each a step, which BatchNorm and MixUp need); use a smaller --nproc")
+        if world == 1 or n < MIN_BATCH:
+            raise UsageError(f"the training split has {console.plural(n, 'image')}; training needs at least "
+                             f"{MIN_BATCH * world} ({MIN_BATCH} a step for BatchNorm and MixUp in each process)")
+        raise UsageError(f"{n} training images allow at most {n // MIN_BATCH} processes ({MIN_BATCH} images each a "
+                         f"step, which BatchNorm and MixUp need); start fewer processes (--nproc)")
     if batch % world:
         raise UsageError(f"--batch-size {batch} is the global batch and must split evenly over {world} "
                          f"processes; use a multiple of {world}")
@@ -150,10 +153,12 @@ def check_launch(nproc: int, **options: Any) -> None:
     batch fitted to the training split (as each process will fit it) splits over them."""
     from medcli import datasets
 
-    with console.silenced():  # rank 0 says its warnings again
+    with console.silenced():  # rank 0 says these warnings again
         config = resolve_config(**options)
-        distributed.check_gpus(nproc, config["device"])
-        n_train = datasets.resolve(config["root"], config["dataset"], config["size"])[1]["n_samples"]["train"]
+    distributed.check_gpus(nproc, config["device"])
+    # said here, once: the record it saves (a changed file recorded again) is current for the processes
+    n_train = datasets.resolve(config["root"], config["dataset"], config["size"])[1]["n_samples"]["train"]
+    with console.silenced():
         global_batch(fit_to_data(config, n_train, nproc), distributed.Context(world_size=nproc), n_train)
 
 

@@ -540,3 +540,8 @@ def test_three_setups_without_pair_say_their_best_means_are_untested(tmp_path, c
     assert result.paired is None and "untested; --pair A B" in capsys.readouterr().err
     aggregate([tmp_path / "resnet18", tmp_path / "vit"])
     assert "untested" not in capsys.readouterr().err
+    other = tmp_path / "other"  # review of the session's diff: three setups on three datasets have no stars
+    for k, flag in enumerate(("bloodmnist", "pathmnist", "dermamnist")):
+        make_run(other, flag, seed=k, dataset={"flag": flag, "size": 28, "md5": flag})
+    aggregate([other])
+    assert "untested" not in capsys.readouterr().err

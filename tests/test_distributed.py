@@ -563,7 +563,7 @@ def test_too_few_training_images_for_the_processes_are_named_before_any_starts(t
     monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("processes started"))
     datasets.make_synthetic(tmp_path / "bloodmnist.npz", "bloodmnist", 28, (5, 2, 2), seed=1)
     options = dict(root=str(tmp_path), model="timm:test_resnet", device="cpu")
-    with pytest.raises(UsageError, match=r"5 training images allow at most 2 processes .*smaller --nproc"):
+    with pytest.raises(UsageError, match=r"5 training images allow at most 2 processes .*fewer processes"):
         train.check_launch(3, **options)
     with pytest.raises(UsageError, match=r"5 training images allow at most 2 processes"):
         train.check_launch(3, batch_size=6, **options)
@@ -652,3 +652,46 @@ def test_a_launched_process_ends_when_its_launcher_is_killed(tmp_path):
     if alive:
         child.kill()
     assert not alive
+
+
+def test_too_few_training_images_name_processes_only_where_there_are_several():
+    """Review of the session's diff: one process with one training image was told to use a
+    smaller --nproc ("1 training image allow at most 1 processes")."""
+    from medcli import distributed, train
+    from medcli.errors import UsageError
+
+    config = {"batch_size": 32, "batch_source": "default"}
+    for world in (1, 2):
+        with pytest.raises(UsageError, match=r"^the training split has 1 image; training needs at least"):
+            train.global_batch(config, distributed.Context(world_size=world), 1)
+
+
+def test_a_lost_peers_advice_names_nproc_only_under_medclis_launcher(monkeypatch):
+    """Review of the session's diff: a plain (multi-node) torchrun job was told to resume with
+    --nproc 8, which is one node's launcher and would be refused on a node with 4 GPUs."""
+    from medcli import distributed
+    from medcli.errors import Interrupted
+
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer")
+    for env, says in (({}, "under the same launcher"), ({distributed.LAUNCHER_ENV: "1"}, "--nproc 8")):
+        monkeypatch.delenv(distributed.LAUNCHER_ENV, raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        with pytest.raises(Interrupted, match=says):
+            with distributed.peers(distributed.Context(rank=0, world_size=8), run_dir="/runs/R"):
+                raise lost
+
+
+def test_the_launcher_says_a_changed_data_file_once(tmp_path, capsys):
+    """Review of the session's diff: `check_launch` silenced the dataset's "changed since its
+    record" warning while saving the new record, so no process of the job ever said it."""
+    from medcli import train
+
+    path = datasets.make_synthetic(tmp_path / "bloodmnist.npz", "bloodmnist", 28, (8, 2, 2), seed=1)
+    record = datasets.read_record(path)
+    datasets.make_synthetic(tmp_path / "new" / "bloodmnist.npz", "bloodmnist", 28, (8, 2, 2), seed=2)
+    os.replace(tmp_path / "new" / "bloodmnist.npz", path)
+    datasets.write_record(path, record)  # the old record, beside new content
+    capsys.readouterr()
+    train.check_launch(2, root=str(tmp_path), model="timm:test_resnet", device="cpu")
+    assert "changed since its record" in capsys.readouterr().err

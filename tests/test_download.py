@@ -757,3 +757,30 @@ def test_a_failed_download_still_removes_what_a_killed_one_left(server, tmp_path
     with pytest.raises(MedcliError):
         _fetch(server, "missing", tmp_path, "0" * 32)
     assert not leftover.exists()
+
+
+def test_a_file_medcli_only_hashed_is_downloaded_over(server, good_npz, tmp_path):
+    """Review of the session's diff: a file placed by hand (or by the medmnist package) gets a
+    record from `resolve` with itself as its source; it is no import and is downloaded over."""
+    other = datasets.make_synthetic(tmp_path / "src" / NAME, FLAG, SIZE, (16, 8, 8), seed=2)
+    datasets.record_path(other).unlink()
+    (tmp_path / NAME).write_bytes(other.read_bytes())
+    datasets.resolve(tmp_path, FLAG, SIZE)
+    assert datasets.read_record(tmp_path / NAME)["official"] is False
+    _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))
+    assert (tmp_path / NAME).read_bytes() == good_npz.read_bytes()
+
+
+def test_one_files_usage_error_does_not_stop_the_others(server, good_npz, tmp_path, monkeypatch):
+    """Review of the session's diff: a file imported on purpose (a UsageError) stopped a
+    download of several files and hid the paths saved."""
+    md5 = fileio.md5_file(good_npz)
+    other = datasets.make_synthetic(tmp_path / "src" / "pathmnist.npz", "pathmnist", SIZE, (16, 8, 8), seed=2)
+    imported = runner.invoke(app, ["download", "pathmnist", "--from", str(other), "--allow-unofficial",
+                                   "--root", str(tmp_path)])
+    assert imported.exit_code == 0, imported.output
+    monkeypatch.setattr(datasets, "official_source", lambda flag, size: ("https://zenodo.invalid/x", md5))
+    result = runner.invoke(app, ["download", "pathmnist", FLAG, "--root", str(tmp_path),
+                                 "--mirror", f"{server.base}/good"])
+    assert result.exit_code == 2 and result.stdout.strip() == str((tmp_path / NAME).resolve())
+    assert "imported on purpose" in result.stderr and "1 of 2 files not downloaded" in result.stderr
