@@ -32,7 +32,7 @@ from medcli.explainers import METHODS as EXPLAIN_METHODS
 from medcli.names import short_names
 from medcli.run import Run, find_runs
 
-__all__ = ["aggregate_maps", "agreement", "compare", "lines"]
+__all__ = ["aggregate_maps", "agreement", "compare", "lines", "shown"]
 
 TOP_SHARE = 0.2
 # The comparison figure: one row per true class of up to MAX_PER_CLASS samples, fewer when many
@@ -246,12 +246,14 @@ def save_figure(path, columns: list[Column], rows: dict, common: list[int], labe
                 ax.set_axis_off()
                 ax.set_title(caption, fontsize=6, pad=2, color=colour)
             place(left, top + TITLE_IN + TILE_IN + 0.03, s="\n".join(
-                f"{pair}  \u03c1 {_text(rho[i])}  IoU {_text(iou[i])}" for pair, rho, iou in scores))
+                f"{pair}  \u03c1 {shown(rho[i], 2)}  IoU {shown(iou[i], 2)}" for pair, rho, iou in scores))
     return save(fig, path, dpi=min(DPI, MAX_FIGURE_PX / height))
 
 
-def _text(value) -> str:
-    return "n/a" if _round(value) is None else f"{float(value):.2f}"
+def shown(value, digits: int = 3) -> str:
+    """An agreement value as text, with fixed decimals; "n/a" where there is none (the maps of
+    a sample or class are all constant: no rank correlation)."""
+    return "n/a" if value is None or value != value else f"{float(value):.{digits}f}"
 
 
 def _mean(values) -> float | None:
@@ -283,14 +285,10 @@ def aggregate_maps(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
 
 
 def lines(summary: dict) -> list[str]:
-    """Human-readable agreement lines for the terminal ("n/a": a class whose maps are all
-    constant has no rank correlation)."""
-    def text(value) -> str:
-        return "n/a" if value is None else str(value)
-
+    """Human-readable agreement lines for the terminal (`shown`)."""
     out = [f"{console.plural(summary['samples'], 'common ' + summary['split'] + ' sample')} of {summary['dataset']}"]
     for pair in summary["pairs"]:
-        out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {text(pair['spearman'])}, top-20% IoU {text(pair['top20_iou'])}")
-        out += [f"    {name}: {text(v['spearman'])} / {text(v['top20_iou'])} (n={v['n']})"
+        out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {shown(pair['spearman'])}, top-20% IoU {shown(pair['top20_iou'])}")
+        out += [f"    {name}: {shown(v['spearman'])} / {shown(v['top20_iou'])} (n={v['n']})"
                 for name, v in pair["per_class"].items()]
     return out

@@ -77,6 +77,14 @@ def _wrapped(names: Sequence[str], width: int = 16) -> list[str]:
     return ["\n".join(textwrap.wrap(name, width)) for name in short_names(names, width=60)]
 
 
+def _share(value: float) -> str:
+    """A row-normalised cell: whole percent, but a share that is neither none nor all never
+    reads as 0 % or 100 % (1 of 218 images is "<1%", 217 of 218 ">99%")."""
+    if value == 0 or value == 1:
+        return f"{value:.0%}"
+    return "<1%" if value < 0.005 else ">99%" if value >= 0.995 else f"{value:.0%}"
+
+
 def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) -> None:
     """Draw one confusion matrix on `ax` (rows = true class): counts, or row-normalised shares.
 
@@ -88,7 +96,7 @@ def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) ->
         totals = cm.sum(axis=1, keepdims=True)
         values = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
         image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0)
-        labels = [[f"{v:.0%}" if v else "0" for v in row] for row in values]
+        labels = [[_share(v) for v in row] for row in values]
     else:
         values = cm
         image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=max(values.max(), 1.0))
@@ -106,7 +114,7 @@ def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) ->
     ax.set_yticks(range(n), _wrapped(names), fontsize=9)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title("row-normalised (recall on the diagonal)" if normalize else "counts")
+    ax.set_title("row-normalised\n(recall on the diagonal)" if normalize else "counts")  # fits a 2-class panel
 
 
 def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str], title: str,

@@ -408,8 +408,8 @@ def _agreement(agreement: dict | str) -> str:
     if isinstance(agreement, str):
         return _note(f"No comparison of explanation maps: {agreement}")
     figure = next(Path(f) for f in agreement["files"] if f.endswith(".png"))
-    pairs = [(p["a"], p["b"], p["spearman"], p["top20_iou"]) for p in agreement["pairs"]]
-    per_class = [(f"{p['a']} vs {p['b']}", name, v["spearman"], v["top20_iou"], v["n"])
+    pairs = [(p["a"], p["b"], maps.shown(p["spearman"]), maps.shown(p["top20_iou"])) for p in agreement["pairs"]]
+    per_class = [(f"{p['a']} vs {p['b']}", name, maps.shown(v["spearman"]), maps.shown(v["top20_iou"]), v["n"])
                  for p in agreement["pairs"] for name, v in p["per_class"].items()]
     return (_table(("A", "B", "Spearman", "top-20% IoU"), pairs, numeric=[2, 3], caption=maps.lines(agreement)[0])
             + _figure(figure, "The explained samples side by side, each map over its image")

@@ -608,6 +608,43 @@ def test_the_paper_figures_are_readable_printed_at_a_page_width(figures, tmp_pat
     assert all(pt >= reports.MIN_PRINT_PT for pt in printed.values()), printed
 
 
+def _texts_outside(fig) -> list[str]:
+    """The visible texts of `fig` that reach beyond its edges once drawn (cut off in the PNG)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    shown = [text for text in fig.findobj(Text) if text.get_visible() and text.get_text().strip()]
+    return [text.get_text() for text in shown
+            if not all(fig.bbox.contains(*corner) for corner in text.get_window_extent(renderer).get_points())]
+
+
+def test_a_row_normalised_cell_that_is_neither_none_nor_all_never_reads_0_or_100_percent(figures, tmp_path):
+    """Review: 1 of 218 images as "0%" beside true zeros printed "0" (and 217 of 218 as "100%")."""
+    from medcli import reports
+
+    reports.save_confusion(tmp_path / "cm.png", np.array([[217, 1, 0], [0, 50, 50], [0, 0, 9]]), NAMES[:3], "t",
+                           panels=(True,))
+    cells = [text.get_text() for text in figures[0].axes[0].texts]
+    assert cells == [">99%", "<1%", "0%", "0%", "50%", "50%", "0%", "0%", "100%"]
+
+
+@pytest.mark.parametrize("n", [2, 3, 8, 14])
+def test_every_text_of_a_confusion_figure_stays_inside_it(figures, tmp_path, n):
+    """Review: a binary dataset's confusion figure (BreastMNIST, PneumoniaMNIST) cut its
+    row-normalised panel's title and colour-bar labels at the right edge; so did
+    `plot-confusion --normalize`. Every text stays inside, both panels and one."""
+    from medcli import reports
+
+    names = datasets.class_names("chestmnist")[:n]
+    cm = np.arange(n * n).reshape(n, n) + 5 * np.eye(n, dtype=int)
+    reports.save_confusion(tmp_path / "both.png", cm, names, "a run · test: confusion", note="SYNTHETIC data")
+    reports.save_confusion(tmp_path / "one.png", cm, names, "a run · test", panels=(True,))
+    for fig in figures:
+        assert not _texts_outside(fig), (fig.get_size_inches(), _texts_outside(fig))
+
+
 def test_sample_and_mistake_grids_are_readable_printed_at_a_page_width(figures, tmp_path):
     """Review: the samples and mistakes grids were 12.8 in wide with 6.5-pt captions: 3.6 pt
     printed 7 in wide. Printed at a page's width every text is at least reports.MIN_PRINT_PT,

@@ -271,3 +271,17 @@ def test_evaluate_and_explain_redraw_a_page_the_run_has(explained_runs, tmp_path
     assert runner.invoke(app, ["explain", str(run.run_dir), "--method", "eigencam", "--per-class", "1",
                                "--no-faithfulness", "--device", "cpu"]).exit_code == 0
     assert "eigencam" in page.read_text(encoding="utf-8")
+
+
+def test_agreement_cells_without_a_value_read_n_a_and_every_value_has_three_decimals(tmp_path):
+    """Review: a pair or class whose maps were all constant (no rank correlation) showed the
+    Python literal "None" on the comparison page, beside values of 3 and 4 decimals."""
+    from medcli import reports
+
+    figure = reports.save_figure(__import__("matplotlib.figure").figure.Figure(figsize=(1, 1)), tmp_path / "maps.png")
+    agreement = {"samples": 3, "split": "test", "dataset": "bloodmnist", "columns": ["A", "B"], "files": [str(figure)],
+                 "pairs": [{"a": "A", "b": "B", "spearman": None, "top20_iou": 0.5344,
+                            "per_class": {"basophil": {"spearman": 0.418, "top20_iou": None, "n": 3}}}]}
+    cells = [html.unescape(cell) for cell in __import__("re").findall(r'<td class="num">([^<]*)</td>',
+                                                                       webpage._agreement(agreement))]
+    assert cells == ["n/a", "0.534", "0.418", "n/a", "3"]
