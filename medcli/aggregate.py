@@ -265,8 +265,8 @@ def _faithfulness(run: Run, spec: dict, wanted: Sequence[str], split: str) -> di
             else own or next(m for m in preferred if EXPLAIN_METHODS[m].supports(spec))
         values[metric] = scores.get(method)
         if values[metric] is None and EXPLAIN_METHODS[method].supports(spec):
-            console.warn(f"{run.run_id} has no {metric} on {split}: explain it with 'medcli explain {run.run_dir} "
-                         f"--method {method} --split {split}'")
+            console.warn(f"{run.run_id} has no {metric} on {split}: explain it with "
+                         f"'{run.command('explain', '--method', method, '--split', split)}'")
     return values
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import shlex
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -295,7 +296,7 @@ def _missing(root: Path, flag: str, size: int) -> str:
                  for sub, what in ((SAMPLE_DIR, "the embedded PBC sample that scripts/run_all.sh uses offline"),
                                    (SYNTHETIC_DIR, "SYNTHETIC stand-in data"))
                  if data_path(root / sub, flag, size).is_file()]
-    ways = [f"'medcli download {flag} --size {size} --root {root}'", "--from FILE to import a copy you have"]
+    ways = [f"'medcli download {flag} --size {size} --root {shlex.quote(str(root))}'", "--from FILE to import a copy you have"]
     if (flag, size) == SAMPLE_OF:
         ways.append("--sample for the embedded real sample")
     ways.append("--synthetic for a demo stand-in")

@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import itertools
 import os
+import shlex
 import time
 import urllib.error
 import urllib.parse
@@ -567,7 +568,7 @@ def _reason(exc: BaseException) -> str:
 def _by_hand(flag: str, size: int, target: Path, md5: str) -> str:
     return (
         f"download it by hand, check its md5 is {md5} and put it at {target}, or import a copy "
-        f"you have: medcli download {flag} --size {size} --root {target.parent} --from FILE"
+        f"you have: medcli download {flag} --size {size} --root {shlex.quote(str(target.parent))} --from FILE"
     )
 
 

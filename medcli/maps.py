@@ -69,12 +69,12 @@ def _columns(run_dirs: Sequence[Path], methods: Sequence[str] | None) -> list[Co
         done = [m for m in EXPLAIN_METHODS if run.status(run.explain_stage(m)) == "completed" and (not methods or m in methods)]
         if not done:
             raise UsageError(f"run {run_dir} has no completed explanation{' with ' + ', '.join(methods) if methods else ''}; "
-                             f"explain it first with 'medcli explain {run_dir}'")
+                             f"explain it first with '{run.command('explain')}'")
         for method in done:
             path = run.maps_file(method)
             if not path.is_file():
                 raise UsageError(f"run {run_dir} has no {run.relative(path)} (explained by an older medcli); "
-                                 f"explain it again with 'medcli explain {run_dir} --method {method}'")
+                                 f"explain it again with '{run.command('explain', '--method', method)}'")
             with np.load(path) as archive:
                 data = {key: archive[key] for key in archive.files}
             columns.append(Column(run.run_dir.name, method, json.loads(str(data.pop("meta"))), data))

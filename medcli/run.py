@@ -199,6 +199,11 @@ class Run:
                              "records: the manifest is damaged; restore it or train the run again")
         return entry
 
+    def command(self, name: str, *options: str) -> str:
+        """`medcli NAME RUN OPTIONS` with this run's absolute path, quoted for a shell: a hint that
+        works from any folder (and on a page read elsewhere)."""
+        return " ".join([f"medcli {name}", shlex.quote(str(self.run_dir.resolve())), *options])
+
     def resume_command(self) -> str:
         """The exact command that continues this run's training (with as many processes as it had)."""
         world = self.data.get("environment", {}).get("distributed", {}).get("world_size") or 1
@@ -213,8 +218,8 @@ class Run:
         checkpoint = checkpoint or done.get("checkpoint", "best")
         recorded = [*(["--checkpoint", checkpoint] if checkpoint != "best" else []),
                     *(["--tta"] if done.get("tta") else []), *(["--calibrate"] if done.get("temperature") else [])]
-        return " ".join(["medcli evaluate", shlex.quote(str(self.run_dir.resolve())), "--split", split,
-                         *recorded, *(flag for flag in dict.fromkeys(options) if flag not in recorded)])
+        return self.command("evaluate", "--split", split, *recorded,
+                            *(flag for flag in dict.fromkeys(options) if flag not in recorded))
 
     def update(self, change: Callable[[dict], None]) -> None:
         """Apply `change` to the manifest on disk under the manifest lock (re-read, change, save

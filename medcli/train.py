@@ -183,7 +183,7 @@ def _require_unfinished(run: Run) -> None:
         epochs = run.stages["train"].get("summary", {}).get("epochs_run")
         done = f" ({console.plural(epochs, 'epoch')})" if epochs is not None else ""
         raise UsageError(f"run {run.run_dir} already finished training{done}; evaluate it with "
-                         f"'medcli evaluate {run.run_dir}' or start a new run")
+                         f"'{run.command('evaluate')}' or start a new run")
 
 
 def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, device, bar, task,

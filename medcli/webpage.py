@@ -180,7 +180,7 @@ def write_run_page(path: str | os.PathLike) -> Path:
     A run that is not trained or not evaluated is a one-line refusal naming the command to run."""
     run = Run.open(path)
     run.require_trained()
-    hint = f"evaluate it first with 'medcli evaluate {run.run_dir}'"
+    hint = f"evaluate it first with '{run.command('evaluate')}'"
     run.require("evaluate", hint)
     evaluated = run.evaluated_splits()
     evaluations = {split: _evaluation(run, split) for split in SPLIT_ORDER if split in evaluated}
@@ -330,7 +330,7 @@ def _explanations(run: Run) -> str:
     for method in EXPLAIN_METHODS:
         if run.status(run.explain_stage(method)) != "completed":
             continue
-        index = run.read_json(run.explain_index(method), f"re-run 'medcli explain {run.run_dir} --method {method}'")
+        index = run.read_json(run.explain_index(method), f"re-run '{run.command('explain', '--method', method)}'")
         road, mass = index.get("faithfulness"), index.get("mean_box_mass")
         facts = [f"{len(index['samples'])} {index['split']} samples ({index.get('selection')})",
                  f"target {index['target']}", f"checkpoint {index['checkpoint']}"]
@@ -341,7 +341,7 @@ def _explanations(run: Run) -> str:
                  for name, file in index["grids"].items()]
         parts.append(f"<h3>{_e(method)}</h3><p>{_e('; '.join(facts))}</p><div class=\"grids\">"
                      + "".join(_run_figure(run, path, caption) for path, caption in grids) + "</div>")
-    return "".join(parts) or _note(f"Not explained yet: 'medcli explain {run.run_dir}' draws heat maps of where the "
+    return "".join(parts) or _note(f"Not explained yet: '{run.command('explain')}' draws heat maps of where the "
                                    "model looks, with a grid per class.")
 
 

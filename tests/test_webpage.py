@@ -285,3 +285,18 @@ def test_agreement_cells_without_a_value_read_n_a_and_every_value_has_three_deci
     cells = [html.unescape(cell) for cell in __import__("re").findall(r'<td class="num">([^<]*)</td>',
                                                                        webpage._agreement(agreement))]
     assert cells == ["n/a", "0.534", "0.418", "n/a", "3"]
+
+
+def test_commands_a_page_suggests_work_from_any_folder(tmp_path, monkeypatch):
+    """Review: 'Not explained yet: medcli explain runs/2026...' gave the path as typed: relative
+    (wrong from any other folder, or on a page read elsewhere) and unquoted (a folder with a
+    space broke it). Every suggested command names the run by its absolute path, quoted."""
+    import shlex
+
+    monkeypatch.chdir(tmp_path)
+    run = Run.create(Path("my runs"), "r", config={}, dataset={"flag": "bloodmnist", "size": 28})
+    run = Run.open(Path("my runs") / run.run_dir.name)
+    text = html.unescape(webpage._explanations(run))
+    assert f"'medcli explain {shlex.quote(str((tmp_path / run.run_dir).resolve()))}'" in text
+    assert shlex.split(run.command("explain", "--method", "gradcam"))[2:] == [str(run.run_dir.resolve()), "--method",
+                                                                              "gradcam"]
