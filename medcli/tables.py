@@ -400,13 +400,14 @@ def _reliability_blocks(evaluations: dict) -> list[Block]:
         panels = ([("before temperature scaling", before)] if before else []) + [(after, meta["reliability"])]
         for name, bins in panels:
             total = max(sum(bins["count"]), 1)
+            counted = bins.get("counted", "images")  # multi-label: one yes/no decision per label and image
             frame = pd.DataFrame({
-                "from": bins["edges"][:-1], "to": bins["edges"][1:], "images": bins["count"],
+                "from": bins["edges"][:-1], "to": bins["edges"][1:], counted: bins["count"],
                 "share": [c / total for c in bins["count"]], "mean confidence": bins["confidence"],
                 "accuracy": bins["accuracy"],
                 "accuracy - confidence": [None if a is None else a - c
                                           for a, c in zip(bins["accuracy"], bins["confidence"])]})
             blocks.append(Block(frame, title=f"{split} · {name}: ECE {bins['ece']:.2%} ({bins.get('confidence_of')})",
-                                formats={"from": DECIMAL, "to": DECIMAL, "images": INTEGER, "share": PERCENT,
+                                formats={"from": DECIMAL, "to": DECIMAL, counted: INTEGER, "share": PERCENT,
                                          **dict.fromkeys(("mean confidence", "accuracy", "accuracy - confidence"), PERCENT)}))
     return blocks

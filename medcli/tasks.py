@@ -390,7 +390,7 @@ class MultiLabel(Task):
         from medcli import metrics
 
         return {**metrics.reliability(*metrics.per_label(labels, probs, self.predictions(probs))),
-                "confidence_of": "each label's yes/no decision"}
+                "confidence_of": "each label's yes/no decision", "counted": "label decisions"}
 
     def fit_temperature(self, logits, labels) -> tuple[list[float], str | None]:
         """One temperature per label (the findings are over- or under-confident to different

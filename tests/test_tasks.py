@@ -263,7 +263,11 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
         assert {f"true_{n}" for n in task.names} | {f"prob_{n}" for n in task.names} <= set(frame.columns)
     from openpyxl import load_workbook
 
-    assert "ROC" in load_workbook(run / "report.xlsx", read_only=True).sheetnames
+    book = load_workbook(run / "report.xlsx", read_only=True)
+    assert "ROC" in book.sheetnames
+    # the reliability bins count label decisions (image x label) for multi-label (it said "images")
+    headings = {cell for row in book["reliability"].iter_rows(values_only=True) for cell in row if isinstance(cell, str)}
+    assert ("label decisions" in headings) == isinstance(task, MultiLabel) and ("images" in headings) != isinstance(task, MultiLabel)
     assert (run / "figures" / "roc_test.png").is_file()
 
     out = tmp_path / "cm.png"
