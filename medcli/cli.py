@@ -151,6 +151,21 @@ def emit(result) -> None:
         typer.echo(str(result))
 
 
+def _given(ctx: typer.Context, names_: set[str], environment: bool = False) -> list[str]:
+    """How each of the parameters `names_` was spelled, for those given on the command line
+    (or, with `environment`, through their environment variable): the options a mode ignores."""
+    sources = ("COMMANDLINE", "ENVIRONMENT") if environment else ("COMMANDLINE",)
+    return ["/".join(p.opts + p.secondary_opts) for p in ctx.command.params
+            if p.name in names_ and ctx.get_parameter_source(p.name).name in sources]
+
+
+def _refuse_given(ctx: typer.Context, names_: set[str], mode: str) -> None:
+    """A one-line usage error naming the options of `names_` given although `mode` ignores them."""
+    given = _given(ctx, names_)
+    if given:
+        raise UsageError(f"{mode} does not use {', '.join(given)}; leave {'it' if len(given) == 1 else 'them'} out")
+
+
 def _choice(name: str, values) -> type[Enum]:
     """A str Enum Typer shows as a choice list, built from a library's own constant."""
     return Enum(name, {value: value for value in values}, type=str)
@@ -176,6 +191,7 @@ HeadFusion = _choice("HeadFusion", _explainers.HEAD_FUSIONS)
 
 @app.command()
 def download(
+    ctx: typer.Context,
     flags: Annotated[
         Optional[list[str]],
         typer.Argument(metavar="FLAG", help="Datasets, e.g. bloodmnist pathmnist (see --list).", show_default=False),
@@ -234,6 +250,8 @@ def download(
     from medcli import download as library
 
     if list_:
+        _refuse_given(ctx, {"size", "from_file", "allow_unofficial", "overwrite", "synthetic", "sample", "mirror",
+                            "tries", "timeout"}, "--list (every size of the datasets ROOT holds)")
         entries = library.inventory(root, flags or [])
         if json_out:
             emit(entries)
@@ -302,8 +320,7 @@ def train(
 ) -> None:
     if resume is not None:  # refused before the run is read: the options it would ignore
         own = {"resume", "nproc", "device", "collective_timeout", "root", "json_output"}
-        given = ["/".join(p.opts + p.secondary_opts) for p in ctx.command.params if p.name not in own
-                 and ctx.get_parameter_source(p.name).name in ("COMMANDLINE", "ENVIRONMENT")]
+        given = _given(ctx, {p.name for p in ctx.command.params} - own, environment=True)
         if given:
             raise UsageError(f"--resume continues RUN with its own options; leave out {', '.join(given)} "
                              "(or start a new run)")
@@ -380,6 +397,7 @@ def _pair(pair: tuple[str, str] | None) -> tuple[str, str] | None:
 
 @app.command()
 def aggregate(
+    ctx: typer.Context,
     runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or folders searched for runs (default: .).")] = None,
     split: Annotated[str, typer.Option(help="Which metrics/<split>.json to compare: test, val or train.")] = "test",
     metrics: Annotated[Optional[str], typer.Option(help=(
@@ -395,6 +413,8 @@ def aggregate(
         "correlation and top-20% overlap between every two explained (run, method), per class means, and a "
         "side-by-side figure; needs --out."))] = False,
     method: Annotated[Optional[str], typer.Option(help="With --maps: only these explain methods (comma-separated).")] = None,
+    root: Annotated[Optional[Path], typer.Option(help=(
+        "With --maps: the data folder holding the runs' dataset, when it is no longer where they trained."))] = None,
     pair: PairOption = None,
     reference: Annotated[bool, typer.Option("--reference", help=(
         "Add the published MedMNIST v2 numbers (ACC, AUC of 7 methods) for each compared dataset, marked as "
@@ -410,10 +430,13 @@ def aggregate(
     if maps:
         from medcli import maps as compare_maps
 
+        _refuse_given(ctx, {"split", "metrics", "pair", "reference", "wide"},
+                      "--maps (the split and samples the runs explained)")
         methods = [m.strip() for m in method.split(",") if m.strip()] if method else None
-        summary = compare_maps.aggregate_maps(runs or ["."], out, methods, fmt=format.value)
+        summary = compare_maps.aggregate_maps(runs or ["."], out, methods, fmt=format.value, root=root)
         emit(summary if format is OutputFormat.json else "\n".join([*compare_maps.lines(summary), *summary["files"]]))
         return
+    _refuse_given(ctx, {"method", "root"}, "aggregate without --maps (the metrics files evaluate wrote)")
     from medcli import aggregate as library
 
     chosen = [m.strip() for m in metrics.split(",") if m.strip()] if metrics else names.COMPARE_METRICS
@@ -458,7 +481,8 @@ def explain(
         "Score each map's faithfulness to the model with ROAD (Rong et al. 2022, grad-cam's "
         "pytorch_grad_cam.metrics): index.json, the manifest and 'aggregate --metrics road_<method>'."))] = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
-        "Replace this method's earlier maps of other samples, checkpoint, target, layer or faithfulness."))] = False,
+        "Replace this method's earlier maps of other samples, checkpoint, target, layer, faithfulness or "
+        "ROAD seed."))] = False,
     json_output: Annotated[bool, typer.Option("--json", help="Print index.json on stdout instead of the directory.")] = False,
 ) -> None:
     """Explain predictions: CAM methods or attention rollout.

@@ -33,11 +33,11 @@ __all__ = ["Explained", "choose_samples", "explain_run", "parse_indices", "write
 
 # -- samples ---------------------------------------------------------------------------------------
 def parse_indices(text: str | None) -> list[int] | None:
-    """'3,17,42' -> [3, 17, 42]; None stays None."""
+    """'3,17,42' -> [3, 17, 42] (a number given twice counts once); None stays None."""
     if text is None:
         return None
     try:
-        values = [int(part) for part in text.split(",") if part.strip()]
+        values = list(dict.fromkeys(int(part) for part in text.split(",") if part.strip()))  # each sample once
     except ValueError:
         raise UsageError(f"--indices must be comma-separated sample numbers such as 3,17,42 (got '{text}')") from None
     if not values:
@@ -153,6 +153,7 @@ def explain_run(
     selection = _selection(split, indices, per_class or explainers.DEFAULT_PER_CLASS, seed, only_errors)
     if not overwrite:
         wanted = {"checkpoint": checkpoint, "target": target, "layer": layer, "faithfulness": faithfulness,
+                  **({"seed": seed} if faithfulness else {}),  # ROAD's noise: other scores of the same maps
                   **{name: options[name] for name in chosen_method.options}}
         _refuse_replacing_other_maps(run, method, split, chosen, selection, wanted, names)
     probs = probabilities(chosen)
@@ -172,8 +173,8 @@ def explain_run(
                               label_sets=task.label_sets(labels[chosen]), decided=task.decided(probs, preds))
         caption = f"{method}{f' · {layer}' if layer else ''}"
         st.writing()
-        samples, grids, files = write_figures(out_dir, caption, explained, names, datasets.provenance(run.dataset))
-        files.append(save_maps(run.maps_file(method), explained, run.dataset, selection))
+        samples, grids, files = write_figures(out_dir, caption, explained, names, datasets.provenance(data.record))
+        files.append(save_maps(run.maps_file(method), explained, data.record, selection, target))
         masses = explained.box_mass
         index = {
             "run": run.run_id, "method": method, "split": split, "checkpoint": checkpoint, "target": target,
@@ -226,8 +227,8 @@ def _selection(split: str, indices, per_class: int, seed: int, only_errors: bool
     return f"--split {split} --per-class {per_class} --seed {seed}" + (" --only-errors" if only_errors else "")
 
 
-_SHOWN = {"checkpoint": "{}.pt", "target": "target {}", "layer": "at {}", "head_fusion": "head fusion {}",
-          "discard_ratio": "discard ratio {}"}  # how a differing option is named in the refusal
+_SHOWN = {"checkpoint": "{}.pt", "target": "target {}", "layer": "at {}", "seed": "ROAD scores of seed {}",
+          "head_fusion": "head fusion {}", "discard_ratio": "discard ratio {}"}  # how a differing option is named in the refusal
 
 
 def _refuse_replacing_other_maps(run: Run, method: str, split: str, chosen, selection: str, wanted: dict,
@@ -325,10 +326,13 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
         for row, index in enumerate(ex.indices):
             label, pred = (int(ex.labels[row]) if present[row] else None), int(ex.predictions[row])
             true_slug = "+".join(slugs[k] for k in present[row]) or "none"
-            name = f"{ex.split}_{index}_gt-{true_slug}_{_called(ex, row)}-{slugs[pred]}.png"
+            mapped = int(ex.targets[row])  # the class the map explains: another than the prediction with --target
+            other = mapped != pred
+            name = (f"{ex.split}_{index}_gt-{true_slug}_{_called(ex, row)}-{slugs[pred]}"
+                    + (f"_map-{slugs[mapped]}" if other else "") + ".png")
             true_text = "+".join(names[k] for k in present[row]) or "no finding"
             explained = tasks.explained_text(names[pred], ex.confidence[row], _decided(ex, row))
-            title = (f"true {true_text} | {explained} | {caption}"
+            title = (f"true {true_text} | {explained} | " + (f"map of {names[mapped]} | " if other else "") + caption
                      + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None else ""))
             reports.save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title, note)
             files.append(out_dir / name)
@@ -348,7 +352,8 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
             grids[names[k]] = f"grid_{ex.split}_{slugs[k]}.png"
             reports.save_class_grid(out_dir / grids[names[k]], f"{caption} · {ex.split} · true class {names[k]}", [
                 (ex.images[row], ex.maps[row],
-                 f"#{ex.indices[row]} {_called(ex, row)} {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}")
+                 f"#{ex.indices[row]} {_called(ex, row)} {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}"
+                 + (f" map {slugs[ex.targets[row]]}" if ex.targets[row] != ex.predictions[row] else ""))
                 for row in rows],
                 note)
             files.append(out_dir / grids[names[k]])
@@ -390,21 +395,26 @@ def _target_class(target: str, names: Sequence[str]) -> int | None:
                      f"dataset by number 0..{len(names) - 1} or name ({'; '.join(brief)})")
 
 
-def save_maps(path, ex: Explained, dataset: dict, selection: str):
+def save_maps(path, ex: Explained, dataset: dict, selection: str, target: str = "pred"):
     """The raw maps (float16, at the dataset image size) with what they explain, so comparisons
     and re-plots need no model: sample indices, labels, predictions, confidence, targets,
-    faithfulness scores, the dataset they come from and the options that chose the samples."""
+    faithfulness scores, the data file they were made on (`dataset`: its record), the options
+    that chose the samples and --target."""
     import json
 
     import numpy as np
 
+    labels = np.asarray(ex.labels, dtype=np.int64)
+    if ex.label_sets is not None:  # a multi-label sample without any label stands for none: -1, as index.json's null
+        labels = np.where(np.asarray(ex.label_sets).any(axis=1), labels, -1)
     arrays = {"indices": np.asarray(ex.indices, dtype=np.int64), "maps": np.asarray(ex.maps, dtype=np.float16),
-              "labels": np.asarray(ex.labels, dtype=np.int64),
+              "labels": labels,
               "predictions": np.asarray(ex.predictions, dtype=np.int64),
               "confidence": np.asarray(ex.confidence, dtype=np.float32),
               "targets": np.asarray(ex.targets, dtype=np.int64),
               "meta": np.asarray(json.dumps({"split": ex.split, "flag": dataset.get("flag"), "size": dataset.get("size"),
-                                              "md5": dataset.get("md5"), "selection": selection}))}
+                                              "md5": dataset.get("md5"), "selection": selection,
+                                              "target": target}))}
     if ex.road is not None:
         arrays["road"] = np.asarray(ex.road, dtype=np.float32)
     with fileio.atomic_path(path) as tmp:

@@ -50,14 +50,24 @@ TITLE_IN, LINE_IN, ROW_GAP_IN = 0.2, 0.15, 0.12
 class Column:
     """One run's maps of one method."""
 
-    run: str
+    run: str  # the run folder's name, or as much of its path as tells it from the others' (`_named`)
     method: str
     meta: dict
     data: dict  # the arrays of maps.npz
+    path: Path  # the run directory
 
     @property
     def label(self) -> str:
         return f"{self.run} · {self.method}"
+
+
+def _named(columns: list[Column]) -> None:
+    """Runs of one folder name under different parents (a sweep started in the same second into
+    two --runs-dir, a copied run) are named by their paths below the folder they share."""
+    if len({column.label for column in columns}) < len(columns):
+        base = os.path.commonpath([column.path.parent for column in columns])
+        for column in columns:
+            column.run = os.path.relpath(column.path, base)
 
 
 def _columns(run_dirs: Sequence[Path], methods: Sequence[str] | None) -> list[Column]:
@@ -77,7 +87,8 @@ def _columns(run_dirs: Sequence[Path], methods: Sequence[str] | None) -> list[Co
                                  f"explain it again with '{run.command('explain', '--method', method)}'")
             with np.load(path) as archive:
                 data = {key: archive[key] for key in archive.files}
-            columns.append(Column(run.run_dir.name, method, json.loads(str(data.pop("meta"))), data))
+            columns.append(Column(run.run_dir.name, method, json.loads(str(data.pop("meta"))), data, run.run_dir.resolve()))
+    _named(columns)
     return columns
 
 
@@ -92,6 +103,10 @@ def _check_comparable(columns: list[Column]) -> None:
         if None not in md5s and md5s[0] != md5s[1]:  # sample numbers of other files are other images
             raise UsageError(f"cannot compare maps on different data files: {first.label} explained md5 {md5s[0]}, "
                              f"{column.label} md5 {md5s[1]}; explain runs trained on the same file")
+        targets = first.meta.get("target"), column.meta.get("target")
+        if None not in targets and targets[0] != targets[1]:  # maps of other classes than the ones compared
+            raise UsageError(f"cannot compare maps of different targets: {first.label} explains --target {targets[0]}, "
+                             f"{column.label} --target {targets[1]}; explain them with the same --target")
         if column.data["maps"].shape[1:] != first.data["maps"].shape[1:]:
             raise UsageError(f"maps of different sizes: {first.label} {first.data['maps'].shape[1:]}, "
                              f"{column.label} {column.data['maps'].shape[1:]}")
@@ -154,33 +169,60 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
                            for c in columns)
         raise UsageError(f"the explained runs share no sample ({chosen}); explain them with the same options "
                          "(add --overwrite to replace an explanation of other samples)")
-    rows = {c.label: [int(np.flatnonzero(c.data["indices"] == i)[0]) for i in common] for c in columns}
-    labels = columns[0].data["labels"][rows[columns[0].label]]
-    names = datasets.class_names(columns[0].meta["flag"])
+    # each column's row of every common sample (a list: two columns may share a label until `_named`)
+    rows = [[int(np.flatnonzero(c.data["indices"] == i)[0]) for i in common] for c in columns]
+    split, flag = columns[0].meta["split"], columns[0].meta["flag"]
+    data = Run.open(run_dirs[0]).load_data(root, [split])  # before any file is written: it may be missing
+    explained_md5 = next((c.meta["md5"] for c in columns if c.meta.get("md5")), None)
+    if explained_md5 and data.record.get("md5") and data.record["md5"] != explained_md5:
+        raise UsageError(f"{data.record.get('path')} is not the file the maps were made on (md5 {data.record['md5']}, "
+                         f"explained {explained_md5}): its sample numbers are other images; pass --root DIR holding "
+                         "that file")
+    labels = _row_class(datasets.task(flag), data.labels[split][common])
+    names = [*datasets.class_names(flag), NO_LABEL]  # labels[i] == -1: names[-1]
     out_dir = fileio.output_folder(out_dir, OUTPUT_FILES)
     table, pairs, scores = [], [], []
     for (first, a), (second, b) in combinations(enumerate(columns), 2):
-        rho, iou = agreement(a.data["maps"][rows[a.label]], b.data["maps"][rows[b.label]])
+        rho, iou = agreement(a.data["maps"][rows[first]], b.data["maps"][rows[second]])
         scores.append((_letter(first) + _letter(second), rho, iou))
         per_class = {names[k]: {"spearman": _mean(rho[labels == k]), "top20_iou": _mean(iou[labels == k]),
-                                "n": int((labels == k).sum())} for k in sorted(set(labels.tolist()))}
+                                "n": int((labels == k).sum())} for k in _classes(labels)}
         pairs.append({"a": a.label, "b": b.label, "spearman": _mean(rho), "top20_iou": _mean(iou),
                       "per_class": per_class})
         for i, sample in enumerate(common):
             table.append({"sample": sample, "label": names[labels[i]], "a": a.label, "b": b.label,
                           "spearman": _round(rho[i]), "top20_iou": _round(iou[i])})
-    summary = {"split": columns[0].meta["split"], "dataset": columns[0].meta["flag"], "samples": len(common),
-               "columns": [c.label for c in columns], "pairs": pairs}
+    summary = {"split": split, "dataset": flag, "samples": len(common), "columns": [c.label for c in columns],
+               "pairs": pairs}
+    target = columns[0].meta.get("target", "pred")
+    if target != "pred":  # the captions name the prediction; the maps are of another class
+        summary["target"] = target
     from medcli import tables
 
     agreement_csv, agreement_json, figure = (out_dir / name for name in OUTPUT_FILES)
     files = [tables.write_table(agreement_csv, table, list(table[0])), fileio.write_json(agreement_json, summary)]
-    data = Run.open(run_dirs[0]).load_data(root, [summary["split"]])
     note = datasets.provenance(data.record)  # data that is not the official file says so
     files.append(save_figure(figure, columns, rows, common, labels, scores,
-                             data.images[summary["split"]], names, lines(summary)[0] + (f"; data: {note}" if note else "")))
+                             data.images[split], names, lines(summary)[0] + (f"; data: {note}" if note else "")))
     summary["files"] = [str(f) for f in files]
     return summary
+
+
+NO_LABEL = "no label"  # the row of multi-label samples without any label (ChestMNIST's "no finding")
+
+
+def _row_class(task, labels):
+    """The class each sample is grouped under, from the data alone (the same whatever the
+    models): its label; a multi-label sample's first label, or -1 without any."""
+    import numpy as np
+
+    present = np.asarray(task.indicator(labels), dtype=bool)
+    return np.where(present.any(axis=1), present.argmax(axis=1), -1)
+
+
+def _classes(labels) -> list[int]:
+    """The row classes present, in class order, the samples without a label last."""
+    return sorted(set(labels.tolist()), key=lambda k: (k < 0, k))
 
 
 def _letter(column: int) -> str:
@@ -188,7 +230,7 @@ def _letter(column: int) -> str:
     return ascii_uppercase[column % 26] * (column // 26 + 1)
 
 
-def save_figure(path, columns: list[Column], rows: dict, common: list[int], labels, scores: list[tuple], images,
+def save_figure(path, columns: list[Column], rows: list[list[int]], common: list[int], labels, scores: list[tuple], images,
                 names: Sequence[str], title: str) -> Path:
     """The maps side by side on a compact grid: a row per true class (its first samples), a
     block per sample (the image, then each column's overlay, titled with its letter,
@@ -203,8 +245,9 @@ def save_figure(path, columns: list[Column], rows: dict, common: list[int], labe
     import numpy as np
 
     # as many sample slots per row as the fullest class fills, no empty ones
-    per_class = max(1, min(MAX_PER_CLASS, MAX_TILES_PER_ROW // (len(columns) + 1), int(np.bincount(labels).max())))
-    classes = sorted(set(labels.tolist()))
+    per_class = max(1, min(MAX_PER_CLASS, MAX_TILES_PER_ROW // (len(columns) + 1),
+                           int(np.unique(labels, return_counts=True)[1].max())))
+    classes = _classes(labels)
     block = (len(columns) + 1) * TILE_IN + len(columns) * GAP_IN
     width = LABEL_IN + per_class * block + (per_class - 1) * BLOCK_GAP_IN + 0.1
     row_height = TITLE_IN + TILE_IN + len(scores) * LINE_IN + ROW_GAP_IN
@@ -227,14 +270,14 @@ def save_figure(path, columns: list[Column], rows: dict, common: list[int], labe
     for r, k in enumerate(classes):
         top = header + r * row_height
         place(LABEL_IN - 0.1, top + TITLE_IN + TILE_IN / 2, s=short_names(names)[k], ha="right", va="center",
-              fontsize=8)
+              fontsize=8)  # k == -1: the last name, NO_LABEL
         for slot, i in enumerate([i for i in range(len(common)) if labels[i] == k][:per_class]):
             left = LABEL_IN + slot * (block + BLOCK_GAP_IN)
-            first = rows[columns[0].label][i]
+            first = rows[0][i]
             tiles = [(f"#{common[i]}", "black",
                       panels(images[common[i]], columns[0].data["maps"][first].astype("float32"))[0])]
             for c, column in enumerate(columns):
-                row = rows[column.label][i]
+                row = rows[c][i]
                 predicted = int(column.data["predictions"][row])
                 tiles.append((f"{_letter(c)} {brief[predicted]} {float(column.data['confidence'][row]):.2f}",
                               "black" if predicted == k else "red",
@@ -269,7 +312,8 @@ def _round(value) -> float | None:
 
 
 def aggregate_maps(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike | None,
-                   methods: Sequence[str] | None = None, fmt: str = "table") -> dict:
+                   methods: Sequence[str] | None = None, fmt: str = "table",
+                   root: str | os.PathLike | None = None) -> dict:
     """`medcli aggregate --maps`: compare the stored maps of the runs found under `paths`
     (run directories or folders of runs; default: .) into `out_dir`; returns the summary,
     printed as lines and the files written (`fmt` table) or JSON."""
@@ -281,12 +325,13 @@ def aggregate_maps(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
     run_dirs, skipped = find_runs(paths or ["."])
     if skipped:
         raise UsageError(f"{skipped[0]['run']}: {skipped[0]['reason']}")
-    return compare(run_dirs, out_dir, methods)
+    return compare(run_dirs, out_dir, methods, root)
 
 
 def lines(summary: dict) -> list[str]:
     """Human-readable agreement lines for the terminal (`shown`)."""
-    out = [f"{console.plural(summary['samples'], 'common ' + summary['split'] + ' sample')} of {summary['dataset']}"]
+    target = f"; the maps explain --target {summary['target']}" if summary.get("target") else ""
+    out = [f"{console.plural(summary['samples'], 'common ' + summary['split'] + ' sample')} of {summary['dataset']}{target}"]
     for pair in summary["pairs"]:
         out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {shown(pair['spearman'])}, top-20% IoU {shown(pair['top20_iou'])}")
         out += [f"    {name}: {shown(v['spearman'])} / {shown(v['top20_iou'])} (n={v['n']})"

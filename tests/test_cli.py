@@ -236,3 +236,17 @@ def test_a_broken_pipe_other_than_stdout_is_reported(monkeypatch, tmp_path):
     monkeypatch.setattr(download, "_synthesize", broken)
     line = one_line_error(CliRunner().invoke(app, ["download", "bloodmnist", "--synthetic", "--root", str(tmp_path)]), 1)
     assert "unexpected BrokenPipeError" in line
+
+
+def test_options_a_mode_does_not_use_are_refused_not_ignored(tmp_path):
+    """Review: `download --list --synthetic`, `aggregate --maps --wide` and `aggregate --method
+    gradcam` (without --maps) ran as if the option were not there, exit 0."""
+    cases = [(["download", "--list", "--synthetic", "--root", str(tmp_path)], "--list", "--synthetic"),
+             (["download", "--list", "--size", "64", "--root", str(tmp_path)], "--size"),
+             (["aggregate", str(tmp_path), "--maps", "--out", str(tmp_path / "o"), "--wide", "--split", "val"],
+              "--maps", "--split", "--wide"),
+             (["aggregate", str(tmp_path), "--method", "gradcam"], "without --maps", "--method")]
+    for args, *needles in cases:
+        one_line_error(runner.invoke(app, args), 2, *needles)
+    listed = runner.invoke(app, ["download", "--list", "--root", str(tmp_path)], env={"MEDCLI_MIRROR": "http://x"})
+    assert listed.exit_code == 0, listed.output  # a mirror set in the environment is not an option given

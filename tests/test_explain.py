@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import augment, datasets, explain, explainers, models, names
+from medcli import augment, datasets, explain, explainers, fileio, models, names
 from medcli.cli import app
 from medcli.run import Run
 
@@ -634,3 +634,109 @@ def test_a_negative_seed_is_refused_as_a_usage_error(tiny_run):
     """Review: with ROAD's per-sample seeds, `explain --seed -1` ended in "unexpected
     ValueError"; train already refused a negative seed."""
     one_line_error(runner.invoke(app, ["explain", str(tiny_run), "--indices", "0,1", "--seed", "-1"]), 2, "--seed")
+
+
+def _explain(run, *options: str) -> None:
+    result = runner.invoke(app, ["explain", str(run), "--no-faithfulness", *options])
+    assert result.exit_code == 0, result.output
+
+
+def test_runs_of_one_folder_name_under_different_parents_are_told_apart(tiny_run, tmp_path):
+    """Review: two runs named alike (a sweep started in the same second into two --runs-dir, or
+    copies) shared one row list, so the same model on the same samples agreed at 0.69 (and
+    selections of different sizes crashed with an IndexError)."""
+    first, second = (shutil.copytree(tiny_run, tmp_path / parent / "b") for parent in ("t5", "t6"))
+    _explain(first, "--indices", "41,36,17,0")
+    _explain(second, "--indices", "0,17,36,41,5")
+    result = runner.invoke(app, ["aggregate", str(first), str(second), "--maps", "--out", str(tmp_path / "o"),
+                                 "--format", "json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["columns"] == ["t5/b · gradcam", "t6/b · gradcam"] and summary["samples"] == 4
+    assert summary["pairs"][0]["spearman"] == pytest.approx(1.0) and summary["pairs"][0]["top20_iou"] == pytest.approx(1.0)
+
+
+def test_maps_of_other_targets_or_made_on_data_found_elsewhere_are_checked(tiny_run, synthetic_root, tmp_path):
+    """Review: maps of --target 0 were compared with maps of the predictions (same model:
+    Spearman -0.16, no word); a run whose data had moved failed after the new CSV and JSON
+    had replaced an earlier comparison's (beside its old figure), advising a --root aggregate
+    lacked; maps.npz recorded the md5 of the training file, not of the file explained."""
+    runs = [shutil.copytree(tiny_run, tmp_path / name) for name in ("a", "b", "c")]
+    _explain(runs[0], "--indices", "0,1,2")
+    _explain(runs[1], "--indices", "0,1,2", "--target", "0")
+    refused = runner.invoke(app, ["aggregate", str(runs[0]), str(runs[1]), "--maps", "--out", str(tmp_path / "o")])
+    assert "different targets" in one_line_error(refused, 2, "--target 0", "--target pred")
+
+    _explain(runs[2], "--indices", "0,1,2")
+    for run in runs[::2]:  # the data moved away from where both trained
+        Run.open(run).update(lambda data: (data["config"].update(root=str(tmp_path / "gone")),
+                                           data["dataset"].update(path=str(tmp_path / "gone" / "x.npz"))))
+    out = tmp_path / "earlier"
+    out.mkdir()
+    (out / "maps_agreement.csv").write_text("earlier\n")
+    args = ["aggregate", str(runs[0]), str(runs[2]), "--maps", "--out", str(out)]
+    one_line_error(runner.invoke(app, args), 2, "is missing; pass --root DIR")
+    assert (out / "maps_agreement.csv").read_text() == "earlier\n" and len(list(out.iterdir())) == 1
+    assert runner.invoke(app, [*args, "--root", str(synthetic_root)]).exit_code == 0
+
+    changed = tmp_path / "changed"  # explained on another file: its md5 goes into maps.npz
+    changed.mkdir()
+    with np.load(synthetic_root / datasets.filename("bloodmnist", 28)) as archive:
+        content = {key: archive[key] for key in archive.files}
+    content["test_images"][0] = 255 - content["test_images"][0]
+    np.savez_compressed(changed / datasets.filename("bloodmnist", 28), **content)
+    _explain(runs[2], "--indices", "0,1,2", "--root", str(changed))
+    with np.load(runs[2] / "explain" / "gradcam" / "maps.npz") as archive:
+        meta = json.loads(str(archive["meta"]))
+    assert meta["md5"] == fileio.md5_file(changed / datasets.filename("bloodmnist", 28)) != Run.open(runs[2]).dataset["md5"]
+    assert meta["target"] == "pred"
+
+
+def test_a_map_of_another_class_than_the_prediction_says_so(tmp_path, monkeypatch):
+    """Review: with --target true or a class, the file name, the title and the grid caption
+    named only the prediction; nothing said the map was of platelet."""
+    from medcli import reports
+    from medcli.explain import Explained, write_figures
+
+    titles = []
+    real = reports.save_sample_figure
+    monkeypatch.setattr(reports, "save_sample_figure", lambda path, image, heat, title, note=None:
+                        titles.append(title) or real(path, image, heat, title, note))
+    names = ["basophil", "eosinophil", "platelet"]
+    ex = Explained(split="test", indices=np.array([5, 7]), images=np.zeros((2, 28, 28, 3), np.uint8),
+                   labels=np.array([0, 1]), predictions=np.array([0, 1]), confidence=np.array([0.97, 0.8]),
+                   targets=np.array([2, 1]), maps=np.zeros((2, 28, 28), np.float32), box_mass=None)
+    samples, _, _ = write_figures(tmp_path, "gradcam", ex, names)
+    assert [s["file"] for s in samples] == ["test_5_gt-basophil_pred-basophil_map-platelet.png",
+                                            "test_7_gt-eosinophil_pred-eosinophil.png"]
+    assert "map of platelet" in titles[0] and "map of" not in titles[1]
+
+
+def test_a_sample_given_twice_is_explained_once_and_another_road_seed_is_refused(tiny_run, tmp_path):
+    """Review: --indices 5,5,7 explained and scored sample 5 twice (in the ROAD mean and n); a
+    new --seed replaced the ROAD scores of the same maps without the refusal other options get."""
+    assert explain.parse_indices("5,5,7,5") == [5, 7]
+    run = shutil.copytree(tiny_run, tmp_path / "r")
+    assert runner.invoke(app, ["explain", str(run), "--indices", "5"]).exit_code == 0
+    again = runner.invoke(app, ["explain", str(run), "--indices", "5", "--seed", "1"])
+    one_line_error(again, 2, "ROAD scores of seed 0", "ROAD scores of seed 1", "--overwrite")
+    assert runner.invoke(app, ["explain", str(run), "--indices", "5", "--seed", "1", "--no-faithfulness",
+                               "--overwrite"]).exit_code == 0
+
+
+def test_multilabel_samples_are_grouped_by_their_labels_alone(tmp_path):
+    """Review: aggregate --maps grouped samples by the first run's stored class, which for a
+    multi-label sample without findings was the model's most probable label (and maps.npz said
+    so): samples are grouped from the data, the first of their labels or "no label"."""
+    from medcli import maps, tasks
+    from medcli.explain import Explained, save_maps
+
+    task = tasks.MultiLabel(["effusion", "mass", "edema"])
+    assert maps._row_class(task, np.array([[0, 1, 1], [0, 0, 0], [1, 0, 0]])).tolist() == [1, -1, 0]
+    assert maps._row_class(tasks.MultiClass(["a", "b", "c"]), np.array([[2], [0]])).tolist() == [2, 0]
+    ex = Explained(split="test", indices=np.array([4, 7]), images=np.zeros((2, 28, 28, 1), np.uint8),
+                   labels=np.array([1, 2]), predictions=np.array([1, 2]), confidence=np.array([0.9, 0.3]),
+                   targets=np.array([1, 2]), maps=np.zeros((2, 28, 28), np.float32), box_mass=None,
+                   label_sets=np.array([[0, 1, 0], [0, 0, 0]]))
+    with np.load(save_maps(tmp_path / "maps.npz", ex, {"flag": "chestmnist", "size": 28}, "--indices 4,7")) as archive:
+        assert archive["labels"].tolist() == [1, -1]
