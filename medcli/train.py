@@ -397,6 +397,13 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
         if dev.type != torch.device(config["device"]).type:  # the precision follows the new device's default
             config["amp"] = inference.resolve_amp(dev, None)
         config["device"] = str(dev)
+    else:  # its own device: a run trained on a GPU this machine lacks is one line, not a driver's error
+        try:
+            inference.resolve_device(config["device"])
+        except UsageError:
+            raise UsageError(f"run {run.run_dir} trained on {config['device']}, which this machine does not have; "
+                             f"continue it on another device with '{run.resume_command()} --device cpu' "
+                             "(or --device cuda)") from None
     dev = torch.device(config["device"])
     inference.resolve_amp(dev, config["amp"])  # refuses fp16 on a CPU, bf16 on a GPU without it
     last = run.checkpoint_path("last")

@@ -434,6 +434,12 @@ def test_a_run_trained_on_cuda_resumes_on_the_cpu(small_root, tmp_path, monkeypa
                              cuda=[torch.zeros(16, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)])
     torch.save(checkpoint, last)
     Run.open(run).update(lambda data: data["config"].update(device="cuda", amp="bf16"))
+    if not torch.cuda.is_available():  # review: its own device was used unchecked (a driver's error, or
+        for amp in ("bf16", "off"):    # "this GPU does not support bf16; use --amp ...", which --resume refuses)
+            Run.open(run).update(lambda data: data["config"].update(amp=amp))
+            with pytest.raises(UsageError, match=r"trained on cuda, which this machine does not have; .* --device cpu"):
+                train.resume(run)
+        assert Run.open(run).stages["train"]["status"] == "interrupted"
 
     resumed = train.resume(run, device="cpu")
     err = capsys.readouterr().err
