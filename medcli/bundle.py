@@ -63,7 +63,7 @@ def describe(run: Run, checkpoint: str) -> dict:
         "model": run.spec,
         "training": {key: config.get(key) for key in ("epochs", "batch_size", "lr", "optimizer", "weight_decay",
                                                       "label_smoothing", "mixup_alpha", "seed")}
-                    | {f"{checkpoint}.pt": selection.describe(selection.rule(config)) if checkpoint == "best"
+                    | {f"{checkpoint}.pt": selection.describe(selection.rule(config), config.get("epochs")) if checkpoint == "best"
                        else "the weights of the last epoch"},
         "dataset": {key: record.get(key) for key in ("flag", "size", "md5", "official", "synthetic", "sample",
                                                      "source", "n_samples")}

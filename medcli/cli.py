@@ -324,6 +324,8 @@ def train(
         if given:
             raise UsageError(f"--resume continues RUN with its own options; leave out {', '.join(given)} "
                              "(or start a new run)")
+    if compile_mode is not None and not compile and _given(ctx, {"compile"}):
+        raise UsageError(f"--compile-mode {compile_mode.value} compiles the model; leave out --no-compile")
     from medcli import distributed
     from medcli import train as library
 
@@ -608,7 +610,7 @@ def report(
 
 @app.command("clean-processes")
 def clean_processes(
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list (the default without --yes).")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only list, never ask (without --yes: asks on a terminal, else lists).")] = False,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="End the listed processes without asking.")] = False,
     older_than: Annotated[
         Optional[str], typer.Option(help="Only processes older than this, e.g. 30m, 2h, 1d.")

@@ -181,7 +181,7 @@ def explain_run(
             "layer": layer, "seed": seed, "only_errors": only_errors, "selection": selection,
             **{name: options[name] for name in chosen_method.options},
             "mean_box_mass": _finite(np.nanmean(masses)) if masses is not None and np.isfinite(masses).any() else None,
-            "faithfulness": _spread(scores),
+            "faithfulness": _spread(scores, task),
             "maps": run.maps_file(method).name, "samples": samples, "grids": grids,
         }
         fileio.write_json(run.explain_index(method), index)
@@ -423,13 +423,13 @@ def save_maps(path, ex: Explained, dataset: dict, selection: str, target: str = 
     return path
 
 
-def _spread(values) -> dict | None:
+def _spread(values, task) -> dict | None:
     """{"metric", "mean", "std", "n"} of per-sample scores (None without scores)."""
     import numpy as np
 
     if values is None or not len(values):
         return None
-    return {"metric": explainers.ROAD_NAME, "mean": _finite(np.mean(values)), "std": _finite(np.std(values)), "n": len(values)}
+    return {"metric": explainers.road_name(task), "mean": _finite(np.mean(values)), "std": _finite(np.std(values)), "n": len(values)}
 
 
 def _finite(value) -> float | None:

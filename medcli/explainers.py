@@ -31,8 +31,9 @@ from medcli import console
 from medcli.errors import UsageError
 
 __all__ = [
-    "AttentionRollout", "CAM_CLASSES", "DEFAULT_OPTIONS", "DEFAULT_PER_CLASS", "HEAD_FUSIONS", "LAYER_HELP", "METHODS", "MIN_CAM_GRID", "Method", "ROAD_NAME",
-    "ROAD_PERCENTILES", "box_mass", "cam_layers", "default_layer", "heatmaps", "resolve_layer", "road_scorer", "rollout",
+    "AttentionRollout", "CAM_CLASSES", "DEFAULT_OPTIONS", "DEFAULT_PER_CLASS", "HEAD_FUSIONS", "LAYER_HELP", "METHODS", "MIN_CAM_GRID", "Method",
+    "ROAD_PERCENTILES", "box_mass", "cam_layers", "default_layer", "heatmaps", "resolve_layer", "road_name", "road_scorer",
+    "rollout",
 ]
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -54,9 +55,11 @@ MIN_CAM_GRID = 7
 ROAD_PERCENTILES = (20, 40, 60, 80)  # as in grad-cam's ROAD tutorial: 4 removal levels per direction
 # Ties: grad-cam keeps the pixels strictly below a percentile, none when a map's lowest value (a
 # ReLU'd Grad-CAM's zero) fills more than p % of it, and then removes the whole image.
-ROAD_NAME = ("ROAD combined (Rong et al. 2022), softmax of the explained class, percentiles 20/40/60/80, "
-             "tied pixels ranked in a seeded random order (grad-cam's ROADCombined keeps none of a tie at a "
-             "percentile)")
+def road_name(task) -> str:
+    """The faithfulness metric as the index and the pages name it, with the confidence it
+    measures for `task` (a `medcli.tasks.Task`)."""
+    return (f"ROAD combined (Rong et al. 2022), {task.confidence_name}, percentiles 20/40/60/80, tied pixels "
+            "ranked in a seeded random order (grad-cam's ROADCombined keeps none of a tie at a percentile)")
 LAYER_HELP = (
     "CAM target layer, a module name (an unknown one lists the valid names). Default: the "
     f"deepest of the model family's CAM stages whose map is at least {MIN_CAM_GRID}x{MIN_CAM_GRID} "
@@ -381,7 +384,7 @@ def road_scorer(model, seed: int, task, percentiles: Sequence[int] = ROAD_PERCEN
     relevant) / 2. Confidence is the softmax probability of the explained class (multi-label:
     the sigmoid probability of the explained label; `task.confidence_target`), so CNN and ViT
     scores share one scale. Higher is more faithful; a map no better than chance scores about 0.
-    The noise and the order of tied pixels are seeded (ROAD_NAME: ties are where medcli differs
+    The noise and the order of tied pixels are seeded (`road_name`: ties are where medcli differs
     from grad-cam). The confidence before removal cancels out of the difference, so it is not
     computed. With `samples` (an id per image, in the order the batches come) each image draws
     its own (`road.perturbed`): its score does not change with the batch size or the other

@@ -31,7 +31,7 @@ from medcli.names import MONITORS
 __all__ = [
     "EMA_SHARE", "SMALL_MONITOR", "SMALL_VAL", "WINDOW", "best_record", "choose", "compare", "describe", "ema_decay",
     "given",
-    "make_ema", "monitored", "rule", "rule_help", "smoothed",
+    "make_ema", "monitored", "rule", "rule_help", "smoothed", "span",
 ]
 
 SMALL_VAL = 1000  # validation images below which epochs are not ranked one by one
@@ -59,11 +59,16 @@ def rule(config: dict) -> dict:
     return config.get("select") or {**given(config["monitor"]), "why": "run from before the selection rules"}
 
 
-def describe(select: dict) -> str:
-    """The rule that chose best.pt, in words (model cards)."""
+def describe(select: dict, epochs: int | None = None, short: bool = False) -> str:
+    """The rule that chose best.pt, in words: for model cards and pages, or `short` for the
+    curves' title ("auc (EMA, mean of 3 epochs)"); a run of `epochs` shorter than the window
+    averages all of them."""
+    window = select.get("window", 1) if epochs is None else span(select.get("window", 1), epochs)
+    if short:
+        return select["monitor"] + (f" (EMA, mean of {window} epochs)" if select["weights"] == "ema" else "")
     monitor = select["monitor"].upper()
     if select["rule"] == "ema-window":
-        chosen = f"the EMA of the weights at the end of the {select['window']} epochs with the best mean val {monitor}"
+        chosen = f"the EMA of the weights at the end of the {window} epochs with the best mean val {monitor}"
     else:
         chosen = f"the epoch with the best val {monitor}"
     return f"{chosen} ({select['why']})"
@@ -127,11 +132,16 @@ def monitored(metrics: dict, monitor: str) -> float | None:
 def smoothed(values: list, window: int, epochs: int) -> float | None:
     """The mean of the last `window` epochs' values (of all `epochs` when the run is shorter);
     None (ranked below any defined value) until that many exist or when one is undefined."""
-    width = max(1, min(window, epochs))
+    width = span(window, epochs)
     recent = values[-width:]
     if len(recent) < width or any(value is None for value in recent):
         return None
     return sum(recent) / width
+
+
+def span(window: int, epochs: int) -> int:
+    """How many epochs a window of `window` averages in a run of `epochs` (all of a shorter run)."""
+    return max(1, min(window, epochs))
 
 
 def compare(value: float | None, best: float | None, monitor: str) -> int:
@@ -149,7 +159,7 @@ def best_record(best: dict, select: dict, epochs: int) -> dict[str, Any]:
     """The stage summary's account of best.pt: its epoch, value, the epochs the value is the
     mean of (None while no window was complete: best.pt then follows the latest epoch) and
     which weights it holds (`model` or `ema`)."""
-    epoch, width = best["epoch"], max(1, min(select.get("window", 1), epochs))
+    epoch, width = best["epoch"], span(select.get("window", 1), epochs)
     window = [epoch - width + 1, epoch] if epoch is not None and best["value"] is not None else None
     return {"best_epoch": epoch, "best_value": best["value"], "best_window": window, "best_weights": select["weights"],
             "select_rule": select["rule"]}

@@ -113,6 +113,8 @@ class SingleLabel(Task):
 
         return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
+    confidence_name = "softmax of the explained class"  # what `confidence_target` measures, in words
+
     def confidence_target(self, k: int):
         """grad-cam model target whose change ROAD measures: the softmax probability of class k."""
         from pytorch_grad_cam.utils.model_targets import ClassifierOutputSoftmaxTarget
@@ -359,6 +361,8 @@ class MultiLabel(Task):
         eps = torch.finfo(probs.dtype).eps
         p = probs.clamp(eps, 1 - eps)
         return (p / (1 - p)).log()
+
+    confidence_name = "sigmoid of the explained label"
 
     def confidence_target(self, k: int):
         return SigmoidTarget(k)

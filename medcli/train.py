@@ -605,8 +605,8 @@ def _record_progress(run: Run, st, state: State, stopped_early: bool, final: boo
     config, select = run.config, selection.rule(run.config)
     written = [tables.write_table(run.history_file(), state.history, HISTORY_COLUMNS)]  # hashed here
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
-        shown = select["monitor"] + (f" (EMA, mean of {select['window']} epochs)" if select["weights"] == "ema" else "")
-        written.append(reports.save_curves(run.figure_file("curves"), state.history, run.data, state.best["epoch"], shown))
+        written.append(reports.save_curves(run.figure_file("curves"), state.history, run.data, state.best["epoch"],
+                                           selection.describe(select, config["epochs"], short=True)))
         state.curves_at = time.perf_counter()
     with lock:  # the writer's thread records the checkpoints in the same stage entry
         st.summary.update(epochs_run=state.epoch, monitor=select["monitor"], stopped_early=stopped_early,

@@ -349,7 +349,7 @@ def _configuration(run: Run) -> str:
     """The run's options (best.pt's rule in words instead of the --monitor value it may not
     follow), model, preprocessing and environment."""
     options = {key: value for key, value in run.config.items() if key not in ("monitor", "select")}
-    blocks = [("Training options", {**options, "best.pt": selection.describe(selection.rule(run.config))}), ("Model", run.data.get("model") or {}),
+    blocks = [("Training options", {**options, "best.pt": selection.describe(selection.rule(run.config), run.config.get("epochs"))}), ("Model", run.data.get("model") or {}),
               ("Preprocessing", run.data.get("preprocess") or {}), ("Environment", run.data.get("environment") or {})]
     return "".join(f"<h3>{_e(name)}</h3>" + _pairs(values.items()) for name, values in blocks)
 

@@ -250,3 +250,10 @@ def test_options_a_mode_does_not_use_are_refused_not_ignored(tmp_path):
         one_line_error(runner.invoke(app, args), 2, *needles)
     listed = runner.invoke(app, ["download", "--list", "--root", str(tmp_path)], env={"MEDCLI_MIRROR": "http://x"})
     assert listed.exit_code == 0, listed.output  # a mirror set in the environment is not an option given
+
+
+def test_no_compile_with_a_compile_mode_is_a_contradiction_not_a_compiled_run(tmp_path):
+    """Review: `--no-compile --compile-mode reduce-overhead` compiled silently."""
+    result = runner.invoke(app, ["train", "--no-compile", "--compile-mode", "reduce-overhead", "--runs-dir", str(tmp_path)])
+    one_line_error(result, 2, "--compile-mode reduce-overhead", "--no-compile")
+    assert not any(tmp_path.iterdir())

@@ -279,6 +279,9 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     assert explained.exit_code == 0, explained.output
     index = json.loads(explained.stdout)
     assert index["faithfulness"]["n"] == len(index["samples"]) >= 2
+    # review: the metric's name said softmax for multi-label runs too, scored on each label's sigmoid
+    assert ("sigmoid of the explained label" if isinstance(task, MultiLabel) else "softmax of the explained class") \
+        in index["faithfulness"]["metric"]
     if isinstance(task, MultiLabel):
         assert all(s["label_name"] in s["true_labels"] for s in index["samples"])
     named = runner.invoke(app, ["--quiet", "explain", str(run), "--method", "gradcam", "--indices", "0,1",

@@ -1113,3 +1113,14 @@ def test_options_that_choose_the_starting_weights_twice_or_impossibly_are_refuse
         with pytest.raises(UsageError, match="no pretrained weights fit"):
             resolve_config(model=model, reduced=True, pretrained=True, device="cpu")
     assert resolve_config(model="vit", pretrained=True, device="cpu")["pretrained"] is True
+
+
+def test_a_run_shorter_than_the_window_says_it_averaged_all_its_epochs():
+    """Review: a 2-epoch run's curves title (and model card) said "mean of 3 epochs" while the
+    manifest's best_window was [1, 2]."""
+    from medcli import selection
+
+    select = {"monitor": "auc", "weights": "ema", "rule": "ema-window", "window": 3, "why": "78 val images"}
+    assert selection.describe(select, 2, short=True) == "auc (EMA, mean of 2 epochs)"
+    assert "end of the 2 epochs" in selection.describe(select, 2) and "end of the 3 epochs" in selection.describe(select, 9)
+    assert selection.best_record({"epoch": 2, "value": 0.9}, select, 2)["best_window"] == [1, 2]

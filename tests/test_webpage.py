@@ -173,7 +173,7 @@ def test_the_run_page_says_how_best_pt_was_chosen_and_which_numbers_are_calibrat
     run = Run.open(explained_runs[0])
     text = " ".join(pages["run"].read_text(encoding="utf-8").split())
     options = text[text.index("Training options"):text.index("<h3>Model</h3>")]
-    assert html.escape(selection.describe(selection.rule(run.config)), quote=False) in options
+    assert html.escape(selection.describe(selection.rule(run.config), run.config["epochs"]), quote=False) in options
     assert ">monitor<" not in options and ">select<" not in options
     assert "ECE, NLL and Brier of test are after temperature scaling" in text
 
