@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import nullcontext
+import shutil
+import tempfile
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -82,7 +84,8 @@ def predict_files(
     rows, failed, overlays = [], [], []
     chosen = explainers.METHODS[explain] if explain else None
     explainer, caption = _open_explainer(chosen, opened, batch_size) if chosen else (None, None)
-    with (explainer if explainer is not None else nullcontext()) as active, console.progress() as bar:
+    with _staged(out, explain) as staging, (explainer if explainer is not None else nullcontext()) as active, \
+            console.progress() as bar:
         row = bar.add_task("predict", total=None, unit="img")
         for batch_names, pixels, bad in images.batches(files, target, batch_size):
             for path, reason in bad:
@@ -99,17 +102,16 @@ def predict_files(
                 rows.append({"path": name, "prediction": decisions[k],
                              **{f"{PROB_PREFIX}{label}": probs[k, j] for j, label in enumerate(names)}})
             if active is not None:
-                _remove(earlier, overlay_dir(out, explain))  # only now, every check passed: new overlays follow
-                overlays += _overlays(active, explain, caption, opened, batch_names, pixels, tensor, probs, out,
+                overlays += _overlays(active, caption, opened, batch_names, pixels, tensor, probs, staging,
                                       len(rows), batch_size, dev)
             bar.advance(row, len(batch_names))
-    if not rows:
-        raise UsageError("the file could not be read (see above)" if len(files) == 1
-                         else f"none of the {len(files)} files could be read (listed above)")
-    table = pd.DataFrame(rows, columns=["path", "prediction", *(f"{PROB_PREFIX}{n}" for n in names)])
-    if explain:
-        table["overlay"] = overlays
-    written = _write(out, table) if out is not None else None
+        if not rows:
+            raise UsageError("the file could not be read (see above)" if len(files) == 1
+                             else f"none of the {len(files)} files could be read (listed above)")
+        table = pd.DataFrame(rows, columns=["path", "prediction", *(f"{PROB_PREFIX}{n}" for n in names)])
+        if explain:
+            table["overlay"] = _publish(staging, overlays, earlier, overlay_dir(out, explain))
+        written = _write(out, table) if out is not None else None
     console.info(f"{console.plural(len(rows), 'image')} predicted with {opened.kind} {opened.source}"
                  + (f"; {console.plural(len(failed), 'file')} failed" if failed else ""))
     return {"table": table, "failed": failed, "out": written,
@@ -117,17 +119,48 @@ def predict_files(
                       "tta": list(views) if tta else ["identity"], "temperature": temperature}}
 
 
+@contextmanager
+def _staged(out: Path | None, explain: str | None):
+    """A hidden folder beside the overlay folder where `--explain`'s new overlays wait until
+    every image is predicted (`_publish`), removed on the way out: a stop halfway leaves the
+    earlier CSV and the overlays it names whole. None without --explain."""
+    if not explain:
+        yield None
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f".{overlay_dir(out, explain).name}.partial-", dir=out.parent))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _publish(staging: Path, overlays: list[str], earlier: list[Path], folder: Path) -> list[str]:
+    """The new overlays moved from `staging` into `folder`, in place of the `earlier` ones;
+    returns their paths there."""
+    _remove(earlier, folder)
+    folder.mkdir(exist_ok=True)
+    moved = []
+    for drawn in overlays:
+        os.replace(drawn, folder / Path(drawn).name)
+        moved.append(str(folder / Path(drawn).name))
+    return moved
+
+
 def _earlier_results(out: Path | None, overwrite: bool, explain: str | None) -> list[Path]:
     """The earlier overlays --overwrite is to replace. Earlier results are never replaced
     silently: an existing --out (or overlay folder with files in it) needs --overwrite; the
-    earlier overlays are removed (`_remove`) just before the first new one is written (a
-    shorter list of images would otherwise leave some of them beside the new ones)."""
+    earlier overlays are removed (`_remove`) when the new ones take their place, once every
+    image is predicted (a shorter list of images would otherwise leave some of them beside the
+    new ones)."""
     if out is None:
         return []
     if out.is_dir():
         raise UsageError(f"--out is a directory; give the CSV file to write, e.g. {out / 'predictions.csv'}")
     fileio.output_file(out)
     folder = overlay_dir(out, explain) if explain else None
+    if folder is not None and folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder}, where --explain puts its overlays, is a file; move it or choose another --out")
     earlier = sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")) if folder is not None and folder.is_dir() else []
     if not overwrite:
         if out.exists():
@@ -193,17 +226,16 @@ def _open_explainer(method, opened: bundle.Opened, batch_size: int):
     return method.open(opened.model, spec, layer, options), f"{method.name}{f' · {layer}' if layer else ''}"
 
 
-def _overlays(active, method: str, caption: str, opened: bundle.Opened, batch_names, pixels, tensor, probs, out: Path,
+def _overlays(active, caption: str, opened: bundle.Opened, batch_names, pixels, tensor, probs, folder: Path,
               done: int, batch_size: int, dev) -> list[str]:
     """One figure per image (image | map | overlay, as `explain` draws them) for the class
-    each image is explained for (`Task.explained_class`); returns the files' paths."""
+    each image is explained for (`Task.explained_class`), into `folder`; returns the files' paths."""
     from medcli import reports
 
     task = opened.task
     classes = task.explained_class(probs)
     decided = task.decided(probs, classes)
     maps, _ = explainers.heatmaps(active, tensor, opened.card["preprocess"], classes, batch_size=batch_size, device=dev)
-    folder = overlay_dir(out, method)
     first = done - len(batch_names)
     written = []
     for k, name in enumerate(batch_names):

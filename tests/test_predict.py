@@ -452,3 +452,27 @@ def test_overlays_of_files_in_a_folder_with_brackets_keep_their_names(tiny_run, 
     result = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(folder), "--out", str(out), "--explain", "gradcam"])
     assert result.exit_code == 0, result.output
     assert Path(pd.read_csv(out)["overlay"][0]).name == "00000_test-000.png"
+
+
+def test_an_overwrite_stopped_halfway_keeps_the_earlier_csv_and_its_overlays(tiny_run, pngs, tmp_path, monkeypatch):
+    """Review: `predict --explain --overwrite` removed the earlier overlays at its first batch;
+    stopped after it, the earlier CSV named overlays that no longer existed. The new ones now
+    wait in a hidden folder until every image is predicted, which a stop removes."""
+    from medcli import predict
+
+    out = tmp_path / "p.csv"
+    args = ["--quiet", "predict", str(tiny_run), str(pngs), "--out", str(out), "--explain", "gradcam", "--batch-size", "2"]
+    assert runner.invoke(app, args).exit_code == 0
+    before = {path.name: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    real, calls = predict._overlays, []
+
+    def stop_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "_overlays", stop_at_the_second_batch)
+    assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 130
+    assert {path.name: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+    assert all(Path(p).is_file() for p in pd.read_csv(out)["overlay"])
