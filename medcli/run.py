@@ -272,7 +272,11 @@ class Run:
                 record.end("interrupted", start, str(exc))
                 raise
             except KeyboardInterrupt:
+                kept = record.earlier is not None and not record.touched
                 record.end("interrupted", start, "interrupted by the user")
+                if kept:
+                    raise KeyboardInterrupt(f"the {name} stage of run {self.run_dir.resolve()} was interrupted before "
+                                            "it changed any file: its earlier result stands") from None
                 then = (f"continue it with '{self.resume_command()}'" if name == "train"
                         else "run the command again to redo it")
                 raise KeyboardInterrupt(f"the {name} stage of run {self.run_dir.resolve()} was interrupted; "
