@@ -55,9 +55,10 @@ def make_optimizer(model, config: dict, device):
 
 
 def warmup_steps(config: dict, steps_per_epoch: int) -> int:
-    """--warmup-epochs in steps, capped at WARMUP_MAX_SHARE of the run."""
+    """--warmup-epochs in steps, capped at WARMUP_MAX_SHARE of the run: the recorded (capped)
+    warm-up times the steps per epoch, rounded, as the cap is (it rounded down)."""
     total = config["epochs"] * steps_per_epoch
-    return min(round(config["warmup_epochs"] * steps_per_epoch), int(WARMUP_MAX_SHARE * total))
+    return min(round(config["warmup_epochs"] * steps_per_epoch), round(WARMUP_MAX_SHARE * total))
 
 
 def make_scheduler(optimizer, config: dict, steps_per_epoch: int):

@@ -16,7 +16,7 @@ from medcli import checkpoints, datasets, feed, fileio, models, npzcache, optim,
 from medcli.cli import app
 from medcli.errors import UsageError
 from medcli.run import Run
-from medcli.config import resolve_config
+from medcli.config import fit_warmup_to_epochs, resolve_config
 
 from cli_helpers import one_line_error
 
@@ -750,6 +750,10 @@ def test_warm_up_is_capped_so_that_even_one_epoch_decays():
     factors = [optim.lr_factor(step, 100, warmup) for step in range(100)]
     assert max(factors) == 1.0 and factors[-1] < 0.01
     assert optim.warmup_steps({"epochs": 60, "warmup_epochs": 1.0}, 100) == 100  # long runs keep theirs
+    # review: the config records the capped warm-up (0.4 of 2 epochs); its steps are that, rounded
+    for epochs, steps in ((2, 64), (1, 4), (3, 7)):
+        capped = fit_warmup_to_epochs({"epochs": epochs, "warmup_epochs": 5.0, "warmup_source": "x"})
+        assert optim.warmup_steps(capped, steps) == round(capped["warmup_epochs"] * steps), (epochs, steps)
 
 
 def test_checkpoints_hold_batchnorm_statistics_of_their_own_weights(synthetic_root, tmp_path):
