@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from medcli import datasets
 
 __all__ = [
-    "EVAL_BATCH", "HISTORY_COLUMNS", "State", "bn_images", "check_finite", "check_launch", "compare",
+    "EVAL_BATCH", "HISTORY_COLUMNS", "State", "bn_images", "check_finite", "check_launch", "check_sync_bn", "compare",
     "compiled", "monitored", "reestimate_batchnorm", "resume", "summary", "train", "train_one_epoch",
     "use_cpu_threads",
 ]
@@ -121,6 +121,14 @@ class State:
             saved = state["cuda"]
             for index in range(min(len(saved), torch.cuda.device_count())):
                 torch.cuda.set_rng_state(saved[index], index)
+
+
+def check_sync_bn(config: dict, ctx: distributed.Context) -> None:
+    """--sync-bn for a new run of one process: it would do nothing, yet be recorded (and split
+    its runs from the same runs without it in `aggregate`)."""
+    if config.get("sync_bn") and not ctx.enabled:
+        raise UsageError("--sync-bn synchronises BatchNorm over the processes of a distributed run; with one "
+                         "process it does nothing: drop it, or train with --nproc N")
 
 
 def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -> int:
@@ -354,6 +362,7 @@ def train(**options: Any) -> Run:
 
     config = resolve_config(**options)
     with distributed.session(config["device"], config["collective_timeout"]) as ctx:
+        check_sync_bn(config, ctx)
         splits = _load(config, ctx)
         n_train = len(splits.labels["train"])
         config = fit_to_data(config, n_train, ctx.world_size)

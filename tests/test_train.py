@@ -1128,3 +1128,14 @@ def test_a_run_shorter_than_the_window_says_it_averaged_all_its_epochs():
     assert selection.describe(select, 2, short=True) == "auc (EMA, mean of 2 epochs)"
     assert "end of the 2 epochs" in selection.describe(select, 2) and "end of the 3 epochs" in selection.describe(select, 9)
     assert selection.best_record({"epoch": 2, "value": 0.9}, select, 2)["best_window"] == [1, 2]
+
+
+def test_sync_bn_in_one_process_is_refused_not_recorded():
+    """Review: `--sync-bn` without --nproc (CUDA, a CNN) trained exactly as without it, but the
+    manifest said sync_bn: true, which split the runs into two setups in aggregate."""
+    from medcli import distributed
+
+    with pytest.raises(UsageError, match="with one process it does nothing"):
+        train.check_sync_bn({"sync_bn": True}, distributed.Context())
+    train.check_sync_bn({"sync_bn": True}, distributed.Context(rank=0, world_size=2, local_rank=0))
+    train.check_sync_bn({"sync_bn": False}, distributed.Context())
