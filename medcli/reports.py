@@ -273,7 +273,7 @@ _LEGEND_INSIDE = 4  # with more classes, one legend (AUC and AP) goes below both
 def save_roc(path, curves: Sequence[dict], title: str, note: str | None = None) -> Path:
     """ROC curves (left) and precision-recall curves (right), one line per class or label
     (`tables.roc_curves`), each legend giving the class's AUC or average precision (AP); the
-    precision-recall title gives the macro average of the APs. With more than _LEGEND_INSIDE
+    precision-recall title gives the macro average of the APs (of two or more curves). With more than _LEGEND_INSIDE
     curves one legend below both plots gives each class's AUC and AP (inside, it would hide
     the curves)."""
     from matplotlib.figure import Figure
@@ -292,7 +292,8 @@ def save_roc(path, curves: Sequence[dict], title: str, note: str | None = None) 
                    label=f"{name} (AP {curve['ap']:.3f})")
     roc_ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=0.8)
     roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC", xlim=(0, 1), ylim=(0, 1.01))
-    macro_ap = f" (macro AP {np.mean([c['ap'] for c in curves]):.3f})" if curves else ""
+    # a mean over two or more curves; one curve (a binary task's) has its AP in its legend
+    macro_ap = f" (macro AP {np.mean([c['ap'] for c in curves]):.3f})" if len(curves) > 1 else ""
     pr_ax.set(xlabel="recall", ylabel="precision", title=f"precision-recall{macro_ap}", xlim=(0, 1), ylim=(0, 1.01))
     if below:
         axes["key"].set_axis_off()

@@ -358,6 +358,8 @@ def test_the_precision_recall_panel_has_a_legend_with_average_precision(figures,
     pr = figures[0].axes[1]
     assert [t.get_text() for t in pr.get_legend().get_texts()] == [f"{c['name']} (AP {c['ap']:.3f})" for c in curves]
     assert pr.get_title() == f"precision-recall (macro AP {np.mean([c['ap'] for c in curves]):.3f})"
+    reports.save_roc(tmp_path / "binary.png", curves[1:2], "pr")  # review: one curve's "macro AP" (binary tasks)
+    assert figures[1].axes[1].get_title() == "precision-recall"
 
 
 def test_roc_curves_of_many_labels_look_different_and_their_legends_leave_the_plots_free(figures, tmp_path):
