@@ -459,7 +459,7 @@ def plot_confusion(
     """
     from medcli import reports
 
-    emit(str(reports.plot_confusion(target, split=split, normalize=normalize, out=out)))
+    emit(str(reports.plot_confusion(target, split=split, normalize=normalize, out=out).resolve()))
 
 
 @app.command()

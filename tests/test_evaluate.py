@@ -133,7 +133,7 @@ def test_tta_uses_only_the_flips_the_run_was_trained_with(run_copy, trained, vie
         assert tta["metrics"]["nll"] == pytest.approx(plain["metrics"]["nll"], rel=1e-5)
 
 
-def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
+def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path, monkeypatch):
     names = ["basophil", "immature granulocytes(myelocytes, metamyelocytes and promyelocytes)", "platelet"]
     probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.7, 0.1], [0.1, 0.6, 0.3], [0.1, 0.1, 0.8]])
     csv, _ = tables.write_predictions(tmp_path / "test.csv", tasks.MultiClass(names), np.array([0, 1, 2, 2]), probs)
@@ -144,6 +144,9 @@ def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path):
     out = tmp_path / "cm.png"
     assert "torch" not in heavy_imports(["plot-confusion", str(csv), "--no-normalize", "--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.chdir(tmp_path)  # review: it printed the path as typed; report and the rest print it absolute
+    printed = runner.invoke(app, ["plot-confusion", "test.csv", "--no-normalize", "--out", "cm.png"])
+    assert printed.exit_code == 0 and printed.stdout == f"{out}\n", printed.output
 
 
 def test_the_predictions_csv_keeps_every_probability_exactly(tmp_path):
