@@ -126,11 +126,29 @@ def _to_uint8(values: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 def _walk(folder: Path) -> list[Path]:
-    """Readable files under `folder`, hidden entries skipped, sorted by their path parts."""
-    found = []
-    for root, dirs, files in os.walk(folder):
+    """Readable files under `folder`, sorted by their path parts: those of a known suffix, and
+    DICOM files without one (as scanners export a series); hidden entries skipped; linked
+    folders followed, each folder once. One line says what else was left out."""
+    found, seen, left_out = [], set(), {}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        found += [Path(root) / f for f in files if not f.startswith(".") and Path(f).suffix.lower() in SUFFIXES]
+        for name in files:
+            path, suffix = Path(root) / name, Path(name).suffix.lower()
+            if name.startswith("."):
+                continue
+            if suffix in SUFFIXES or (not suffix and _is_dicom(path)):
+                found.append(path)
+            else:
+                left_out[suffix or "no suffix"] = left_out.get(suffix or "no suffix", 0) + 1
+    if left_out:
+        console.info(f"{folder}: left out {console.plural(sum(left_out.values()), 'file')} of other types ("
+                     + ", ".join(f"{count} {kind}" for kind, count in sorted(left_out.items()))
+                     + f"); medcli reads {' '.join(SUFFIXES)} and DICOM")
     return sorted(found, key=lambda p: p.relative_to(folder).parts)
 
 
@@ -213,12 +231,7 @@ def _integer_range(img: Image.Image, values: np.ndarray) -> tuple[int, int, int,
     if img.mode != "I":
         info = np.iinfo(values.dtype)
         return int(info.min), int(info.max), info.bits, info.bits
-    tags = getattr(img, "tag_v2", None)
-    bits = tags.get(258) if tags is not None else None
-    signed = (tags.get(339) if tags is not None else None) in (2, (2,))
-    if isinstance(bits, tuple):
-        bits = bits[0] if bits else None
-    declared = int(bits) if bits else None
+    declared, signed = _declared(img)
     if declared in (None, 32):
         low, high = (int(values.min()), int(values.max())) if values.size else (0, 0)
         if 0 <= low and high <= 65535:
@@ -232,6 +245,17 @@ def _integer_range(img: Image.Image, values: np.ndarray) -> tuple[int, int, int,
     return 0, 2**bits - 1, bits, bits
 
 
+def _declared(img: Image.Image) -> tuple[int | None, bool]:
+    """(bits per sample, signed) a TIFF declares (BitsPerSample, SampleFormat); (None, False)
+    for a file that declares nothing."""
+    tags = getattr(img, "tag_v2", None)
+    bits = tags.get(258) if tags is not None else None
+    signed = (tags.get(339) if tags is not None else None) in (2, (2,))
+    if isinstance(bits, tuple):
+        bits = bits[0] if bits else None
+    return (int(bits) if bits else None), signed
+
+
 def _scale_integers(img: Image.Image, path: Path) -> np.ndarray:
     try:
         values = np.asarray(img)
@@ -240,11 +264,18 @@ def _scale_integers(img: Image.Image, path: Path) -> np.ndarray:
         values = np.asarray(img)
     if values.ndim != 2 or values.dtype.kind not in "iu":
         raise BadFile(f"unsupported image mode {img.mode} (array {values.dtype} {values.shape})", path=path)
+    if img.mode == "I" and values.dtype == np.int32 and _declared(img) == (32, False):
+        values = values.view(np.uint32)  # PIL holds unsigned 32-bit data as int32: 2**31 and above wrapped
     low, high, bits, declared = _integer_range(img, values)
     what = (f"{bits}-bit images" if declared == bits
             else f"{declared}-bit images whose values fit {bits} bits (as {bits}-bit data)")
     _note(f"bits{declared}-{bits}", f"scaling {what} to 8 bits by the full range of the type "
                                     f"({low}..{high} -> 0..255), the same for every file, never stretched per image")
+    if values.size and int(values.max()) - int(values.min()) < (high - low) / 16 and "flat" not in _notes:
+        _notes.add("flat")  # 12-bit data in 16 bits, 8-bit data in 32: once, with the first such file
+        console.warn(f"{path}: its values span {int(values.min())}..{int(values.max())} of the {low}..{high} its "
+                     "type allows: it reads as a nearly flat image (others like it are not named); save such "
+                     "images as 8-bit, or scaled to their type")
     return _to_uint8(values.astype(np.float64), low, high)
 
 
@@ -348,6 +379,9 @@ def _layout(shape: tuple, path: Path, key: str | None = None, dtype: np.dtype | 
         stack = False
     elif len(shape) == 3:
         stack = shape[2] not in (1, 3)
+        if stack and shape[0] in (1, 3) and shape[1] == shape[2]:
+            console.warn(f"{path}{':' + key if key else ''}: shape {tuple(shape)} read as {shape[0]} grayscale "
+                         f"image(s); a channel-first image must be saved as (H, W, {shape[0]})")
     elif len(shape) == 4 and shape[3] in (1, 3):
         stack = True
     else:
@@ -400,7 +434,7 @@ def _npz_keys(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, tuple, bo
     if not named:  # no MedMNIST keys: every array shaped like images
         for key in sorted(keys):
             header = headers[key]
-            if isinstance(header, tuple) and len(header[0]) in (3, 4):
+            if isinstance(header, tuple) and len(header[0]) in (2, 3, 4):
                 try:
                     _layout(header[0], path, key)
                 except BadFile:
@@ -481,9 +515,26 @@ def _read_dicom(path: Path, target: Target) -> list[tuple[str, np.ndarray]]:
         pixels = ds.pixel_array
     except Exception as exc:  # pydicom raises many kinds (InvalidDicomError, AttributeError, RuntimeError...)
         raise BadFile(f"not a readable DICOM image ({_why(exc)})", path=path) from None
+    try:
+        return _dicom_images(ds, pixels, path, target)
+    except BadFile:
+        raise
+    except Exception as exc:  # a window, LUT or layout pydicom refuses: this file fails, not the batch
+        raise BadFile(f"DICOM image not supported ({_why(exc)})", path=path) from None
+
+
+def _dicom_images(ds, pixels: np.ndarray, path: Path, target: Target) -> list[tuple[str, np.ndarray]]:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":  # indices into the file's colour table (ultrasound): RGB
+        try:
+            from pydicom.pixels import apply_color_lut  # pydicom >= 3
+        except ImportError:
+            from pydicom.pixel_data_handlers.util import apply_color_lut  # pydicom 2
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        pixels = _to_uint8(np.asarray(apply_color_lut(pixels, ds), dtype=np.float64), 0, 2 ** bits - 1)
+        samples = 3
     if frames == 1:
         pixels = pixels[None]
     if pixels.ndim != (4 if samples == 3 else 3) or 0 in pixels.shape:

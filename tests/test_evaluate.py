@@ -522,7 +522,7 @@ def test_plot_confusion_of_a_runs_csv_keeps_the_runs_title_and_provenance(tmp_pa
     run = Run.create(tmp_path, "run", config={}, dataset={"flag": "bloodmnist", "size": 28, "synthetic": True})
     tables.write_predictions(run.predictions_file("test"), tasks.MultiClass(["a", "b"]), np.array([0, 1]), np.eye(2))
     drawn = []
-    monkeypatch.setattr(reports, "save_task_confusion", lambda path, t, title, note, normalize: drawn.append((title, note)))
+    monkeypatch.setattr(reports, "save_task_confusion", lambda path, t, title, note, normalize: drawn.append((title, note)) or path)
     for target in (run.run_dir, run.predictions_file("test")):
         assert runner.invoke(app, ["plot-confusion", str(target), "--out", str(tmp_path / "cm.png")]).exit_code == 0
     assert drawn[0] == drawn[1] and drawn[0][0] == f"{run.run_id} · test" and "SYNTHETIC" in drawn[0][1]

@@ -453,3 +453,73 @@ def test_a_failure_at_the_end_comes_with_no_images(tmp_path):
     out = list(images.batches([tmp_path / "a.png", tmp_path / "z.png"], GRAY, 1))
     assert [len(n) for n, _, _ in out] == [1, 0]
     assert out[1][1].shape == (0, 28, 28, 1) and out[1][2] == [(str(tmp_path / "z.png"), "empty file (0 bytes)")]
+
+
+# --- review: files a researcher brings --------------------------------------------------------
+
+
+def test_a_dicom_pydicom_cannot_window_fails_alone_and_a_palette_one_is_rgb(tmp_path):
+    """Review: a DICOM with WindowWidth 0 (or a PALETTE COLOR one with a window) raised pydicom's
+    ValueError outside the per-file guard: "unexpected ValueError", exit 1, no CSV, and the good
+    files of the batch lost. It fails alone; a palette image is read through its colour table."""
+    good = save(tmp_path / "a.png", noise((28, 28)))
+    bad = write_dicom(tmp_path / "w0.dcm", np.full((28, 28), 900, np.uint16), WindowCenter=1000, WindowWidth=0)
+    names = [name for batch_names, _, _ in images.batches([good, bad, good.with_name("b.png")], GRAY, 8)
+             for name in batch_names]
+    failures = [f for _, _, fails in images.batches([bad], GRAY, 8) for f in fails]
+    assert names == [str(good)] and failures[0][0] == str(bad) and "not supported" in failures[0][1]
+    index = np.tile(np.arange(28, dtype=np.uint16) % 4, (28, 1))
+    table = [0, 65535, 0, 32768]  # 16-bit entries: black, white, black, mid
+    palette = write_dicom(tmp_path / "us.dcm", index, photometric="PALETTE COLOR",
+                          RedPaletteColorLookupTableDescriptor=[4, 0, 16],
+                          GreenPaletteColorLookupTableDescriptor=[4, 0, 16],
+                          BluePaletteColorLookupTableDescriptor=[4, 0, 16],
+                          RedPaletteColorLookupTableData=np.array(table, "<u2").tobytes(),
+                          GreenPaletteColorLookupTableData=np.array(table, "<u2").tobytes(),
+                          BluePaletteColorLookupTableData=np.array(table, "<u2").tobytes())
+    out = only(palette, RGB)
+    assert out[0, :4, 0].tolist() == [0, 255, 0, 128]
+
+
+def test_folders_follow_links_find_dicom_without_a_suffix_and_say_what_they_leave_out(tmp_path, capsys):
+    """Review: a linked folder's images were skipped without a word (os.walk does not follow
+    links), as were .webp/.gif files and a scanner's series of DICOM files without a suffix
+    ("no image files")."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    save(elsewhere / "x.png", noise((28, 28)))
+    top = tmp_path / "top"
+    (top / "series").mkdir(parents=True)
+    save(top / "a.png", noise((28, 28)))
+    (top / "linked").symlink_to(elsewhere)
+    (top / "loop").symlink_to(top)  # a link back up the tree is walked once
+    write_dicom(top / "series" / "IM0001", np.full((28, 28), 5, np.uint16))
+    (top / "b.webp").write_bytes(b"x")
+    (top / "c.gif").write_bytes(b"x")
+    found = [p.relative_to(top).as_posix() for p in images.expand([str(top)])]
+    assert found == ["a.png", "linked/x.png", "series/IM0001"]
+    assert "left out 2 files of other types (1 .gif, 1 .webp)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_unsigned_32_bit_tiff_keeps_its_bright_pixels_and_flat_data_is_named(tmp_path, capsys):
+    """Review: PIL holds uint32 TIFF data as int32, so every value from 2**31 wrapped negative and
+    turned black; 12-bit data in a 16-bit PNG read as a nearly black image without a word."""
+    tifffile = pytest.importorskip("tifffile")
+    gray = noise((28, 28), seed=4)
+    tifffile.imwrite(tmp_path / "u32.tif", gray.astype(np.uint32) * 16843009)  # 0..255 -> 0..2**32-1
+    assert np.abs(only(tmp_path / "u32.tif", GRAY)[:, :, 0].astype(int) - gray).max() <= 1
+    assert "nearly flat" not in capsys.readouterr().err
+    save(tmp_path / "twelve.png", (gray.astype(np.uint16) * 16).astype(np.uint16))  # 0..4080 in 16 bits
+    only(tmp_path / "twelve.png", GRAY)
+    assert "twelve.png: its values span" in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_single_2d_image_in_an_npz_and_a_channel_first_array_is_named(tmp_path, capsys):
+    """Review: an npz holding one (H, W) image was refused although the message lists (H, W); a
+    (3, H, W) .npy (one channel-first RGB image) became 3 gray images without a word."""
+    gray = noise((28, 28))
+    np.savez(tmp_path / "one.npz", img=gray)
+    assert np.array_equal(images.read(tmp_path / "one.npz", GRAY)[0][1][:, :, 0], gray)
+    np.save(tmp_path / "chw.npy", noise((3, 28, 28)))
+    assert len(images.read(tmp_path / "chw.npy", GRAY)) == 3
+    assert "channel-first image must be saved as (H, W, 3)" in " ".join(capsys.readouterr().err.split())
