@@ -10,6 +10,7 @@ description (`bundle.describe`, read back by `medcli predict`) and a model card 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import warnings
@@ -53,6 +54,10 @@ def export_run(
     fileio.output_file(model_file)
     _check_exporter(format)
     files = [model_file, bundle.sidecar_path(model_file), model_file.with_suffix(".md")]
+    other = _described(files[1])
+    if other not in (None, model_file.name) and (model_file.parent / other).exists():  # even with --overwrite
+        raise UsageError(f"{files[1]} describes {model_file.parent / other}, which needs it to be predicted with; "
+                         f"give this {format} export another name (e.g. --out {model_file.with_stem(model_file.stem + '_' + format)})")
     existing = [str(p) for p in files if p.exists()]
     if existing and not overwrite:
         raise UsageError(f"{', '.join(existing)} exist; pass --overwrite to replace them, or choose another --out")
@@ -82,6 +87,14 @@ def export_run(
                  f"{verification['max_abs_diff']:.2g} of PyTorch's on {verified_on}")
     return {"model": str(files[0].resolve()), "sidecar": str(files[1].resolve()), "card": str(files[2].resolve()),
             "verification": verification}
+
+
+def _described(sidecar: Path) -> str | None:
+    """The model file an existing description beside an export names (None: none readable)."""
+    try:
+        return json.loads(sidecar.read_text())["export"]["file"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _check_exporter(format: str) -> None:

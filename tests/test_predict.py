@@ -476,3 +476,14 @@ def test_an_overwrite_stopped_halfway_keeps_the_earlier_csv_and_its_overlays(tin
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 130
     assert {path.name: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
     assert all(Path(p).is_file() for p in pd.read_csv(out)["overlay"])
+
+
+def test_an_export_never_takes_the_description_of_another_format_of_one_name(exported):
+    """Review: `export --out m.onnx` beside m.pt (with --overwrite) rewrote m.json and m.md to
+    describe m.onnx, leaving m.pt without the description it is predicted with."""
+    before = exported.with_suffix(".json").read_text()
+    run = next(exported.parent.glob("*/manifest.json")).parent
+    result = runner.invoke(app, ["export", str(run),
+                                 "--format", "onnx", "--out", str(exported.with_suffix(".onnx")), "--overwrite"])
+    one_line_error(result, 2, "describes", "m.pt", "m_onnx.onnx")
+    assert exported.with_suffix(".json").read_text() == before and not exported.with_suffix(".onnx").exists()
