@@ -418,8 +418,9 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
     last = run.checkpoint_path("last")
     restart = not last.is_file() and run.checkpoint_path("best").is_file()
     # best.pt is written before last.pt: a run that never recorded a last.pt was stopped before
-    # the first one was complete (a later epoch skips its own while that one is written)
-    if restart and run.relative(last) in run.stages["train"].get("artefacts", {}):
+    # the first one was complete (a later epoch skips its own while that one is written); one
+    # that recorded it lost it (with best.pt, too: nothing is there to say what is lost)
+    if not last.is_file() and run.relative(last) in run.stages["train"].get("artefacts", {}):
         raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
                          f"restore the file or start a new run")
     checkpoint = checkpoints.read(last) if last.is_file() else None
@@ -439,6 +440,7 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
             data.setdefault("environment", {})["distributed"] = ctx.record()
 
         def begin() -> None:  # rank 0, once the stage is locked: a refused resume changes and says nothing
+            console.info(f"resuming {run.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
             if restart:
                 console.warn(f"run {run.run_dir} was stopped before its first {run.relative(last)} was complete: "
                              "training starts again from epoch 1 (best.pt is replaced)")
@@ -451,7 +453,6 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
             else:
                 model = models.rebuild(run.spec)
             _strict_model(model, config)
-            console.info(f"resuming {run.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
             fit(run, model, splits, checkpoint=checkpoint, ctx=ctx, begin=begin)
     return run
 

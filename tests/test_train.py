@@ -1041,6 +1041,11 @@ def test_a_kill_while_the_first_last_pt_is_written_restarts_the_run(small_root, 
     (run / "checkpoints" / "last.pt").unlink()  # recorded, then lost: there was one to restore
     with pytest.raises(UsageError, match="no checkpoints/last.pt to resume from"):
         train.resume(run)
+    # review: with best.pt lost too, it started again from epoch 1 and rewrote the history unsaid
+    (run / "checkpoints" / "best.pt").unlink()
+    with pytest.raises(UsageError, match="no checkpoints/last.pt to resume from"):
+        train.resume(run)
+    assert "resuming" not in capsys.readouterr().err  # review: said before a refusal
 
 
 @pytest.mark.parametrize("aucs, patience, epochs_run", [([0.80, 0.90, 0.85, 0.84, 0.83], 1, 3), ([0.80, 0.90], None, 2)])
