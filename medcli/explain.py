@@ -173,8 +173,12 @@ def explain_run(
                               label_sets=task.label_sets(labels[chosen]), decided=task.decided(probs, preds))
         caption = f"{method}{f' · {layer}' if layer else ''}"
         st.writing()
-        samples, grids, files = write_figures(out_dir, caption, explained, names, datasets.provenance(data.record))
-        files.append(save_maps(run.maps_file(method), explained, data.record, selection, target))
+        samples, grids, files = write_figures(out_dir, caption, explained, names, datasets.provenance(data.record),
+                                              class_specific=chosen_method.class_specific)
+        # the class the maps explain, one spelling per class (a number), none for a class-agnostic method
+        mapped = (None if not chosen_method.class_specific
+                  else target if target_class is None else str(target_class))
+        files.append(save_maps(run.maps_file(method), explained, data.record, selection, mapped))
         masses = explained.box_mass
         index = {
             "run": run.run_id, "method": method, "split": split, "checkpoint": checkpoint, "target": target,
@@ -305,10 +309,12 @@ def _called(ex: Explained, row: int) -> str:
 
 
 def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
-                  note: str | None = None) -> tuple[list[dict], dict, list]:
+                  note: str | None = None, class_specific: bool = True) -> tuple[list[dict], dict, list]:
     """One titled PNG per sample and one grid per true class; returns (index rows, grids,
     files). `caption`: the method (and layer) named in every title; `note`: what the data is
-    when it is not the official file (`datasets.provenance`), under every figure."""
+    when it is not the official file (`datasets.provenance`), under every figure;
+    `class_specific`: whether the maps depend on the class explained (a map of another class
+    than the prediction then says so)."""
     import numpy as np
 
     from medcli import reports
@@ -327,7 +333,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
             label, pred = (int(ex.labels[row]) if present[row] else None), int(ex.predictions[row])
             true_slug = "+".join(slugs[k] for k in present[row]) or "none"
             mapped = int(ex.targets[row])  # the class the map explains: another than the prediction with --target
-            other = mapped != pred
+            other = class_specific and mapped != pred
             name = (f"{ex.split}_{index}_gt-{true_slug}_{_called(ex, row)}-{slugs[pred]}"
                     + (f"_map-{slugs[mapped]}" if other else "") + ".png")
             true_text = "+".join(names[k] for k in present[row]) or "no finding"
@@ -353,7 +359,8 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
             reports.save_class_grid(out_dir / grids[names[k]], f"{caption} · {ex.split} · true class {names[k]}", [
                 (ex.images[row], ex.maps[row],
                  f"#{ex.indices[row]} {_called(ex, row)} {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}"
-                 + (f" map {slugs[ex.targets[row]]}" if ex.targets[row] != ex.predictions[row] else ""))
+                 + (f" map {slugs[ex.targets[row]]}" if class_specific and ex.targets[row] != ex.predictions[row]
+                    else ""))
                 for row in rows],
                 note)
             files.append(out_dir / grids[names[k]])
@@ -395,11 +402,12 @@ def _target_class(target: str, names: Sequence[str]) -> int | None:
                      f"dataset by number 0..{len(names) - 1} or name ({'; '.join(brief)})")
 
 
-def save_maps(path, ex: Explained, dataset: dict, selection: str, target: str = "pred"):
+def save_maps(path, ex: Explained, dataset: dict, selection: str, target: str | None = "pred"):
     """The raw maps (float16, at the dataset image size) with what they explain, so comparisons
     and re-plots need no model: sample indices, labels, predictions, confidence, targets,
     faithfulness scores, the data file they were made on (`dataset`: its record), the options
-    that chose the samples and --target."""
+    that chose the samples and `target`: pred, true, a class number, or None for maps that do
+    not depend on the class."""
     import json
 
     import numpy as np

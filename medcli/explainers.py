@@ -90,6 +90,7 @@ class Method:
     uses_layer: bool  # a CAM: explains through one target layer (--layer)
     supported_by: str | None = None  # a `models.Family` flag the run's family must have, or None: any model
     options: tuple[str, ...] = ()  # its own options, recorded in the index
+    class_specific: bool = True  # its map depends on the class explained (EigenCAM's and rollout's do not)
 
     def supports(self, spec: dict) -> bool:
         """Whether the model a spec describes can be explained this way (its family record's flag)."""
@@ -115,9 +116,10 @@ def _open_rollout(model, spec: dict, layer: None, options: dict):
 
 
 METHODS: dict[str, Method] = {
-    **{name: Method(name, partial(_open_cam, name), uses_layer=True) for name in CAM_CLASSES},
+    **{name: Method(name, partial(_open_cam, name), uses_layer=True, class_specific=name != "eigencam")
+       for name in CAM_CLASSES},
     "rollout": Method("rollout", _open_rollout, uses_layer=False, supported_by="rollout",
-                      options=("head_fusion", "discard_ratio")),
+                      options=("head_fusion", "discard_ratio"), class_specific=False),
 }
 
 

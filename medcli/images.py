@@ -136,7 +136,7 @@ def _walk(folder: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # a folder reached twice: by the first name
         for name in files:
             path, suffix = Path(root) / name, Path(name).suffix.lower()
             if name.startswith("."):
@@ -379,9 +379,11 @@ def _layout(shape: tuple, path: Path, key: str | None = None, dtype: np.dtype | 
         stack = False
     elif len(shape) == 3:
         stack = shape[2] not in (1, 3)
-        if stack and shape[0] in (1, 3) and shape[1] == shape[2]:
-            console.warn(f"{path}{':' + key if key else ''}: shape {tuple(shape)} read as {shape[0]} grayscale "
-                         f"image(s); a channel-first image must be saved as (H, W, {shape[0]})")
+        where_ = f"{path}{':' + key if key else ''}"
+        if stack and shape[0] in (1, 3) and shape[1] == shape[2] and f"chw {where_}" not in _notes:
+            _notes.add(f"chw {where_}")  # once per array: an npz's arrays are laid out twice
+            console.warn(f"{where_}: shape {tuple(shape)} read as {shape[0]} grayscale image(s); a channel-first "
+                         f"image must be saved as (H, W, {shape[0]})")
     elif len(shape) == 4 and shape[3] in (1, 3):
         stack = True
     else:
@@ -431,15 +433,18 @@ def _npz_keys(archive: zipfile.ZipFile, path: Path) -> list[tuple[str, tuple, bo
             headers[key] = exc
     named = [k for k in _SPLIT_ORDER if k in keys] + sorted(k for k in keys if k.endswith("_images")
                                                             and k not in _SPLIT_ORDER)
-    if not named:  # no MedMNIST keys: every array shaped like images
-        for key in sorted(keys):
-            header = headers[key]
-            if isinstance(header, tuple) and len(header[0]) in (2, 3, 4):
-                try:
-                    _layout(header[0], path, key)
-                except BadFile:
-                    continue
-                named.append(key)
+    if not named:  # no MedMNIST keys: every array shaped like images; one (H, W) image only without them
+        for dims in ((3, 4), (2,)):
+            for key in sorted(keys):
+                header = headers[key]
+                if isinstance(header, tuple) and len(header[0]) in dims and (dims != (2,) or header[2] == np.uint8):
+                    try:
+                        _layout(header[0], path, key)
+                    except BadFile:
+                        continue
+                    named.append(key)
+            if named:
+                break
         if not named:
             raise BadFile(f"no image arrays among its keys ({', '.join(sorted(keys)) or 'none'}); "
                           f"expected train_images / val_images / test_images or {_NPY_LAYOUTS}", path=path)

@@ -178,7 +178,11 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
         raise UsageError(f"{data.record.get('path')} is not the file the maps were made on (md5 {data.record['md5']}, "
                          f"explained {explained_md5}): its sample numbers are other images; pass --root DIR holding "
                          "that file")
-    labels = _row_class(datasets.task(flag), data.labels[split][common])
+    present = np.asarray(datasets.task(flag).indicator(data.labels[split][common]), dtype=bool)  # (N, K)
+    labels = _row_class(present)
+    # per column and sample: the prediction is one of the sample's labels (no label: not judged)
+    right = [present[np.arange(len(common)), c.data["predictions"][rows[i]]] | ~present.any(axis=1)
+             for i, c in enumerate(columns)]
     names = [*datasets.class_names(flag), NO_LABEL]  # labels[i] == -1: names[-1]
     out_dir = fileio.output_folder(out_dir, OUTPUT_FILES)
     table, pairs, scores = [], [], []
@@ -194,15 +198,15 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
                           "spearman": _round(rho[i]), "top20_iou": _round(iou[i])})
     summary = {"split": split, "dataset": flag, "samples": len(common), "columns": [c.label for c in columns],
                "pairs": pairs}
-    target = columns[0].meta.get("target", "pred")
-    if target != "pred":  # the captions name the prediction; the maps are of another class
+    target = next((c.meta["target"] for c in columns if c.meta.get("target") not in (None, "pred")), None)
+    if target is not None:  # the captions name the prediction; the maps are of another class
         summary["target"] = target
     from medcli import tables
 
     agreement_csv, agreement_json, figure = (out_dir / name for name in OUTPUT_FILES)
     files = [tables.write_table(agreement_csv, table, list(table[0])), fileio.write_json(agreement_json, summary)]
     note = datasets.provenance(data.record)  # data that is not the official file says so
-    files.append(save_figure(figure, columns, rows, common, labels, scores,
+    files.append(save_figure(figure, columns, rows, right, common, labels, scores,
                              data.images[split], names, lines(summary)[0] + (f"; data: {note}" if note else "")))
     summary["files"] = [str(f) for f in files]
     return summary
@@ -211,12 +215,12 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
 NO_LABEL = "no label"  # the row of multi-label samples without any label (ChestMNIST's "no finding")
 
 
-def _row_class(task, labels):
-    """The class each sample is grouped under, from the data alone (the same whatever the
-    models): its label; a multi-label sample's first label, or -1 without any."""
+def _row_class(present):
+    """The class each sample is grouped under, from its labels alone (`present`: the (N, K)
+    `Task.indicator` of the data's labels; the same whatever the models): its label; a
+    multi-label sample's first label, or -1 without any."""
     import numpy as np
 
-    present = np.asarray(task.indicator(labels), dtype=bool)
     return np.where(present.any(axis=1), present.argmax(axis=1), -1)
 
 
@@ -230,11 +234,11 @@ def _letter(column: int) -> str:
     return ascii_uppercase[column % 26] * (column // 26 + 1)
 
 
-def save_figure(path, columns: list[Column], rows: list[list[int]], common: list[int], labels, scores: list[tuple], images,
+def save_figure(path, columns: list[Column], rows: list[list[int]], right: list, common: list[int], labels, scores: list[tuple], images,
                 names: Sequence[str], title: str) -> Path:
     """The maps side by side on a compact grid: a row per true class (its first samples), a
     block per sample (the image, then each column's overlay, titled with its letter,
-    prediction, red when it is not the row's class, and confidence) captioned with every
+    prediction, red when it is not one of the sample's labels (`right`), and confidence) captioned with every
     pair's Spearman and IoU (`scores`: (pair letters, rho, iou) over `common`); a legend names
     the lettered columns."""
     from matplotlib.figure import Figure
@@ -253,7 +257,7 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], common: list
     row_height = TITLE_IN + TILE_IN + len(scores) * LINE_IN + ROW_GAP_IN
     chars = int((width - 0.2) * 17)  # 7-pt characters per line of the figure's width
     heading = textwrap.wrap(title, int(chars * 7 / 8))  # bold, 8 pt
-    legend = textwrap.wrap(f"Over each map: its column, the predicted class (red: not the row's) and its confidence. "
+    legend = textwrap.wrap(f"Over each map: its column, the predicted class (red: not the sample's) and its confidence. "
                            f"Under each sample: the Spearman \u03c1 and top-{TOP_SHARE:.0%} IoU of every two maps.", chars)
     lines = len(heading) * 1.2 + len(legend) + 0.3  # the column names follow
     header = 0.2 + LINE_IN * (lines + len(columns))
@@ -280,7 +284,7 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], common: list
                 row = rows[c][i]
                 predicted = int(column.data["predictions"][row])
                 tiles.append((f"{_letter(c)} {brief[predicted]} {float(column.data['confidence'][row]):.2f}",
-                              "black" if predicted == k else "red",
+                              "black" if right[c][i] else "red",
                               panels(images[common[i]], column.data["maps"][row].astype("float32"))[2]))
             for t, (caption, colour, picture) in enumerate(tiles):
                 ax = fig.add_axes([(left + t * (TILE_IN + GAP_IN)) / width, 1 - (top + TITLE_IN + TILE_IN) / height,

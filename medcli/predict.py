@@ -121,36 +121,48 @@ def predict_files(
 
 @contextmanager
 def _staged(out: Path | None, explain: str | None):
-    """A hidden folder beside the overlay folder where `--explain`'s new overlays wait until
-    every image is predicted (`_publish`), removed on the way out: a stop halfway leaves the
-    earlier CSV and the overlays it names whole. None without --explain."""
+    """A hidden folder inside the overlay folder (one file system: the moves are renames) where
+    `--explain`'s new overlays wait until every image is predicted (`_publish`), removed on the
+    way out, with the folders made for it when they stayed empty: a stop or a failure before
+    then leaves the earlier CSV and the overlays it names whole, and nothing new. None without
+    --explain."""
     if not explain:
         yield None
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    folder = Path(tempfile.mkdtemp(prefix=f".{overlay_dir(out, explain).name}.partial-", dir=out.parent))
+    folder = overlay_dir(out, explain)
+    made = [folder, *(parent for parent in folder.parents if not parent.exists())]
+    made = [path for path in made if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder))
     try:
-        yield folder
+        yield staging
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        for path in made:  # innermost first
+            try:
+                path.rmdir()
+            except OSError:  # holds the new overlays (or anything else): kept
+                break
 
 
 def _publish(staging: Path, overlays: list[str], earlier: list[Path], folder: Path) -> list[str]:
-    """The new overlays moved from `staging` into `folder`, in place of the `earlier` ones;
-    returns their paths there."""
-    _remove(earlier, folder)
-    folder.mkdir(exist_ok=True)
+    """The new overlays moved from `staging` into `folder`, then the `earlier` ones they did not
+    replace removed; returns their paths there."""
     moved = []
     for drawn in overlays:
         os.replace(drawn, folder / Path(drawn).name)
-        moved.append(str(folder / Path(drawn).name))
-    return moved
+        moved.append(folder / Path(drawn).name)
+    for path in set(earlier) - set(moved):
+        path.unlink()
+    if earlier:
+        console.info(f"--overwrite: {console.plural(len(earlier), 'earlier overlay')} in {folder} replaced")
+    return [str(path) for path in moved]
 
 
 def _earlier_results(out: Path | None, overwrite: bool, explain: str | None) -> list[Path]:
     """The earlier overlays --overwrite is to replace. Earlier results are never replaced
     silently: an existing --out (or overlay folder with files in it) needs --overwrite; the
-    earlier overlays are removed (`_remove`) when the new ones take their place, once every
+    earlier overlays are removed (`_publish`) when the new ones take their place, once every
     image is predicted (a shorter list of images would otherwise leave some of them beside the
     new ones)."""
     if out is None:
@@ -184,14 +196,6 @@ def _inputs(paths: Sequence[str], out: Path | None) -> list[Path]:
     if not kept:
         raise UsageError("the inputs hold only this command's earlier results (--out and its overlays); give the images")
     return kept
-
-
-def _remove(earlier: list[Path], folder: Path) -> None:
-    """Removes the earlier overlays, once (the list is emptied)."""
-    if earlier:
-        console.info(f"--overwrite: removing {console.plural(len(earlier), 'earlier overlay')} from {folder}")
-    while earlier:
-        earlier.pop().unlink()
 
 
 def _temperature(opened: bundle.Opened, calibrated: bool, tta: bool):

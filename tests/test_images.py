@@ -523,3 +523,22 @@ def test_a_single_2d_image_in_an_npz_and_a_channel_first_array_is_named(tmp_path
     np.save(tmp_path / "chw.npy", noise((3, 28, 28)))
     assert len(images.read(tmp_path / "chw.npy", GRAY)) == 3
     assert "channel-first image must be saved as (H, W, 3)" in " ".join(capsys.readouterr().err.split())
+
+
+def test_an_npz_of_images_and_labels_reads_the_images_once_in_a_fixed_order(tmp_path, capsys):
+    """Review of the fixes above: with 2-D arrays allowed, an npz pairing images with an (N, 1)
+    label array failed whole ("y: expected uint8 images"); a channel-first array's warning came
+    twice; which path a linked folder's files got followed the disk's order."""
+    np.savez(tmp_path / "xy.npz", x=noise((4, 28, 28)), y=np.arange(4, dtype=np.int64)[:, None])
+    np.savez(tmp_path / "xy8.npz", x=noise((4, 28, 28)), y=np.arange(4, dtype=np.uint8)[:, None])
+    for name in ("xy.npz", "xy8.npz"):
+        assert [n for n, _ in images.read(tmp_path / name, GRAY)] == [f"{tmp_path / name}:x[{i}]" for i in range(4)]
+    np.savez(tmp_path / "cf.npz", img=noise((3, 28, 28)))
+    images.read(tmp_path / "cf.npz", GRAY)
+    assert capsys.readouterr().err.count("channel-first") == 1
+    tree = tmp_path / "tree"
+    for i in range(6):
+        (tree / f"real{i}").mkdir(parents=True)
+        save(tree / f"real{i}" / "x.png", noise((28, 28)))
+        (tree / f"link{i}").symlink_to(tree / f"real{i}")
+    assert [p.parent.name for p in images.expand([str(tree)])] == [f"link{i}" for i in range(6)]

@@ -487,3 +487,12 @@ def test_an_export_never_takes_the_description_of_another_format_of_one_name(exp
                                  "--format", "onnx", "--out", str(exported.with_suffix(".onnx")), "--overwrite"])
     one_line_error(result, 2, "describes", "m.pt", "m_onnx.onnx")
     assert exported.with_suffix(".json").read_text() == before and not exported.with_suffix(".onnx").exists()
+
+
+def test_explain_over_unreadable_files_leaves_no_new_folder(tiny_run, tmp_path):
+    """Review: the staging folder made --out's missing folders before any image was read; with
+    none readable it exits 2 and leaves nothing behind."""
+    (tmp_path / "bad.png").write_text("not an image")
+    result = runner.invoke(app, ["predict", str(tiny_run), str(tmp_path / "bad.png"), "--out",
+                                 str(tmp_path / "new" / "dir" / "p.csv"), "--explain", "gradcam"])
+    assert result.exit_code == 2 and not (tmp_path / "new").exists(), result.output
