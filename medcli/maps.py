@@ -199,8 +199,8 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
     summary = {"split": split, "dataset": flag, "samples": len(common), "columns": [c.label for c in columns],
                "pairs": pairs}
     target = next((c.meta["target"] for c in columns if c.meta.get("target") not in (None, "pred")), None)
-    if target is not None:  # the captions name the prediction; the maps are of another class
-        summary["target"] = target
+    if target is not None:  # the captions name the prediction; the class-specific maps are of another class
+        summary["target"] = names[int(target)] if target.isdigit() else f"the {target} class"
     from medcli import tables
 
     agreement_csv, agreement_json, figure = (out_dir / name for name in OUTPUT_FILES)
@@ -334,7 +334,7 @@ def aggregate_maps(paths: Sequence[str | os.PathLike], out_dir: str | os.PathLik
 
 def lines(summary: dict) -> list[str]:
     """Human-readable agreement lines for the terminal (`shown`)."""
-    target = f"; the maps explain --target {summary['target']}" if summary.get("target") else ""
+    target = f"; the class-specific maps explain {summary['target']}" if summary.get("target") else ""
     out = [f"{console.plural(summary['samples'], 'common ' + summary['split'] + ' sample')} of {summary['dataset']}{target}"]
     for pair in summary["pairs"]:
         out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {shown(pair['spearman'])}, top-20% IoU {shown(pair['top20_iou'])}")

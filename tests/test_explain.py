@@ -672,6 +672,7 @@ def test_maps_of_other_targets_or_made_on_data_found_elsewhere_are_checked(tiny_
     _explain(runs[3], "--indices", "0,1,2", "--target", "true", "--method", "eigencam")  # no class: any target
     same = runner.invoke(app, ["aggregate", str(runs[1]), str(runs[3]), "--maps", "--out", str(tmp_path / "s")])
     assert same.exit_code == 0, same.output
+    assert "the class-specific maps explain basophil" in same.stdout.splitlines()[0]
 
     _explain(runs[2], "--indices", "0,1,2")
     for run in runs[::2]:  # the data moved away from where both trained
