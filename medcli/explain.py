@@ -325,6 +325,8 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
     present = ([[int(ex.labels[row])] for row in range(len(ex.indices))] if ex.label_sets is None
                else [np.flatnonzero(labels).tolist() for labels in ex.label_sets])
     in_grids = [row for row in range(len(ex.indices)) if present[row]]
+    # a map of another class than the prediction (--target) says which, in its name, title and tile
+    other = [class_specific and int(ex.targets[row]) != int(ex.predictions[row]) for row in range(len(ex.indices))]
     classes = sorted(set(int(ex.labels[row]) for row in in_grids))
     samples, grids, files = [], {}, []
     with console.progress() as bar:
@@ -332,13 +334,12 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
         for row, index in enumerate(ex.indices):
             label, pred = (int(ex.labels[row]) if present[row] else None), int(ex.predictions[row])
             true_slug = "+".join(slugs[k] for k in present[row]) or "none"
-            mapped = int(ex.targets[row])  # the class the map explains: another than the prediction with --target
-            other = class_specific and mapped != pred
+            mapped = int(ex.targets[row])
             name = (f"{ex.split}_{index}_gt-{true_slug}_{_called(ex, row)}-{slugs[pred]}"
-                    + (f"_map-{slugs[mapped]}" if other else "") + ".png")
+                    + (f"_map-{slugs[mapped]}" if other[row] else "") + ".png")
             true_text = "+".join(names[k] for k in present[row]) or "no finding"
             explained = tasks.explained_text(names[pred], ex.confidence[row], _decided(ex, row))
-            title = (f"true {true_text} | {explained} | " + (f"map of {names[mapped]} | " if other else "") + caption
+            title = (f"true {true_text} | {explained} | " + (f"map of {names[mapped]} | " if other[row] else "") + caption
                      + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None else ""))
             reports.save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title, note)
             files.append(out_dir / name)
@@ -359,8 +360,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
             reports.save_class_grid(out_dir / grids[names[k]], f"{caption} · {ex.split} · true class {names[k]}", [
                 (ex.images[row], ex.maps[row],
                  f"#{ex.indices[row]} {_called(ex, row)} {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}"
-                 + (f" map {slugs[ex.targets[row]]}" if class_specific and ex.targets[row] != ex.predictions[row]
-                    else ""))
+                 + (f" map {slugs[ex.targets[row]]}" if other[row] else ""))
                 for row in rows],
                 note)
             files.append(out_dir / grids[names[k]])

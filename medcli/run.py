@@ -207,7 +207,7 @@ class Run:
     def resume_command(self) -> str:
         """The exact command that continues this run's training (with as many processes as it had)."""
         world = self.data.get("environment", {}).get("distributed", {}).get("world_size") or 1
-        return f"medcli train --resume {shlex.quote(str(self.run_dir.resolve()))}" + (f" --nproc {world}" if world > 1 else "")
+        return self.command("train --resume", *(["--nproc", str(world)] if world > 1 else []))
 
     def evaluate_command(self, split: str, *options: str, checkpoint: str | None = None) -> str:
         """The command that (re)writes a split's evaluation as it was made (the checkpoint, TTA
