@@ -114,7 +114,8 @@ class Writer:
     """Checkpoints written by one background thread, in order, while training goes on.
 
     `write({path: content, ...}, device)` waits for the previous write of those files, snapshots
-    the contents to host memory and hands them to the thread; `wait()` returns once everything
+    the contents to host memory and hands them to the thread (once a write failed, it raises
+    here and the thread writes nothing more); `wait()` returns once everything
     asked for is on disk (and raises a write's error on the training thread). With a `stage`,
     each file is recorded in its artefacts (relative path -> sha256 computed while writing) by
     the writing thread once the file is in place; `lock` serialises that with the training
@@ -125,12 +126,13 @@ class Writer:
         self.stage = stage
         self.lock = threading.Lock()
         self._pending: dict[Path, Future] = {}
+        self._failed: BaseException | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medcli-checkpoints")
         self._closed = False
 
     def write(self, contents: dict[Path, dict], device) -> None:
-        for path in contents:
-            self._wait(path)
+        for path in [*contents, *(path for path, future in self._pending.items() if future.done())]:
+            self._wait(path)  # and an earlier write that failed raises here, on the training thread
         copies, ready = snapshot(list(contents.values()), device)
         for path, copy in zip(contents, copies):
             self._pending[path] = self._thread.submit(self._write, path, copy, ready)
@@ -141,9 +143,15 @@ class Writer:
         return future is not None and not future.done()
 
     def _write(self, path: Path, content: dict, ready: list) -> str:
+        if self._failed is not None:  # a later checkpoint never lands after an earlier one failed
+            raise self._failed  # (last.pt naming a best epoch whose best.pt was never written)
         for event in ready:  # the host copies are complete
             event.synchronize()
-        digest = write(path, content)
+        try:
+            digest = write(path, content)
+        except BaseException as exc:
+            self._failed = exc
+            raise
         if self.stage is not None:
             with self.lock:
                 self.stage.record(path, digest)

@@ -11,7 +11,8 @@ at 28 px the model, not the data, is the cost.
 
 Every epoch writes `checkpoints/last.pt` (model, optimizer, scheduler, scaler, RNG states,
 history, the weights' EMA and the monitored values; skipped, not waited for, while the
-previous one is still being written, except after the last epoch), `checkpoints/best.pt` when the run's
+previous one is still being written, except after the last epoch and before a best.pt, which
+is never ahead of it), `checkpoints/best.pt` when the run's
 best-checkpoint rule (`medcli.selection`: epoch by epoch, or the mean of a window of epochs
 of the EMA weights on a small validation split) improves or ties (the later of equal
 epochs: it trained longer at a lower learning rate),
@@ -417,9 +418,10 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
     inference.resolve_amp(dev, config["amp"])  # refuses fp16 on a CPU, bf16 on a GPU without it
     last = run.checkpoint_path("last")
     restart = not last.is_file() and run.checkpoint_path("best").is_file()
-    # best.pt is written before last.pt: a run that never recorded a last.pt was stopped before
-    # the first one was complete (a later epoch skips its own while that one is written); one
-    # that recorded it lost it (with best.pt, too: nothing is there to say what is lost)
+    # best.pt was written before last.pt until medcli wrote last.pt first: such a run that never
+    # recorded a last.pt was stopped before the first one was complete (a later epoch skipped
+    # its own while that one was written); one that recorded it lost it (with best.pt, too:
+    # nothing is there to say what is lost)
     if not last.is_file() and run.relative(last) in run.stages["train"].get("artefacts", {}):
         raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
                          f"restore the file or start a new run")
@@ -542,6 +544,7 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
         if st is not None and begin is not None:
             begin()
         if st is not None and checkpoint is not None:
+            _mend_best(run, checkpoint, state, writer, device)
             _record_progress(run, st, state, stopped_early, True, writer.lock)
         while state.epoch < config["epochs"] and not stopped_early:
             started = time.perf_counter()
@@ -594,10 +597,14 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
     the next epoch trains), history, curves, and the stage summary."""
     files = {"last": run.checkpoint_path("last"), "best": run.checkpoint_path("best")}  # hashed as they are written
     final = stopped_early or state.epoch == run.config["epochs"]
-    saved = {files["best"]: checkpoints.payload(state, val, full=False, device=device, model=ranked)} if is_best else {}
-    skip_last = not final and writer.busy(files["last"])  # never wait for the disk: a later epoch's will do
-    if not skip_last:
-        saved[files["last"]] = checkpoints.payload(state, val, full=True, device=device)
+    # never wait for the disk (a later epoch's last.pt will do), except in an epoch best.pt
+    # takes: last.pt is written first, so best.pt is never ahead of the last.pt a resume starts
+    # from (a resumed run that did not rank that epoch best again would keep it under another
+    # epoch's name), and a run stopped between the two has best.pt rebuilt (`_mend_best`)
+    skip_last = not final and not is_best and writer.busy(files["last"])
+    saved = {} if skip_last else {files["last"]: checkpoints.payload(state, val, full=True, device=device)}
+    if is_best:
+        saved[files["best"]] = checkpoints.payload(state, val, full=False, device=device, model=ranked)
     writer.write(saved, device)  # an unchanged best.pt keeps its file and hash
     _record_progress(run, st, state, stopped_early, final, writer.lock,
                      train_seconds=(seconds := round(state.train_seconds, 3)),
@@ -605,6 +612,28 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
                      images_per_s=round(state.epoch * train_stats["images"] / seconds, 1),
                      last_epoch_images_per_s=round(train_stats["images_per_s"], 1), world_size=ctx.world_size,
                      last_skipped=st.summary.get("last_skipped", 0) + skip_last)  # epochs whose last.pt was not written
+
+
+def _mend_best(run: Run, checkpoint: dict, state: State, writer: checkpoints.Writer, device) -> None:
+    """Before a resumed run trains: a run stopped after writing an epoch's last.pt and before
+    its best.pt (or while writing it) gets that best.pt from last.pt, which holds the same
+    weights (the EMA's under `ema-window`) and validation metrics. A best.pt ahead of last.pt
+    (written before this order was kept) is named: the resumed run trains that epoch again."""
+    path = run.checkpoint_path("best")
+    try:
+        import torch
+
+        held = int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["epoch"])
+    except Exception:  # absent, or cut short by the stop
+        held = None
+    if state.best["epoch"] == state.epoch != held:
+        console.info(f"{run.relative(path)} of epoch {state.epoch} is written from {run.relative(run.checkpoint_path('last'))} "
+                     "(the run stopped between the two)")
+        weights = checkpoint["model"] if state.ema is None else checkpoint["ema"]
+        writer.write({path: {"model": weights, "epoch": state.epoch, "metrics": checkpoint.get("metrics", {})}}, device)
+    elif held is not None and held > state.epoch:
+        console.warn(f"{run.relative(path)} holds epoch {held}, after last.pt's {state.epoch} (written before medcli "
+                     f"kept them in order): epoch {held} is trained again and replaces it only if ranked best again")
 
 
 def _record_progress(run: Run, st, state: State, stopped_early: bool, final: bool, lock, **summary) -> None:

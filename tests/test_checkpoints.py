@@ -254,35 +254,113 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_and_resume_matche
         assert data["stages"]["train"]["artefacts"][f"checkpoints/{name}"] == _sha256(run / "checkpoints" / name)
 
 
+def _scripted_aucs(monkeypatch, aucs: list) -> None:
+    """Validation replaced by a scripted AUC curve: which epochs take best.pt is known."""
+    from medcli import train
+
+    values = iter(aucs)
+
+    def fake_evaluate(model, *args, **kwargs):
+        auc = next(values)
+        return {"accuracy": 0.5, "loss": 1 - auc, "auc": auc, "f1_macro": 0.5}
+
+    monkeypatch.setattr(train, "evaluate", fake_evaluate)
+
+
+def _recording_writes(monkeypatch, hold=None) -> list:
+    """(file name, epoch) of every checkpoint write, in the order written; `hold(name, epoch)`
+    may block a write."""
+    write, written = checkpoints.write, []
+
+    def recorded(path, content):
+        if hold is not None:
+            hold(path.name, content["epoch"])
+        written.append((path.name, content["epoch"]))
+        return write(path, content)
+
+    monkeypatch.setattr(checkpoints, "write", recorded)
+    return written
+
+
 def test_a_last_pt_still_being_written_is_skipped_not_waited_for_and_the_final_one_is_written(
         synthetic_root, tmp_path, monkeypatch):
     """Training never waits for the disk: while epoch 1's last.pt is still being written (held
-    here until epoch 2 is recorded) epoch 2 writes none; best.pt is always written, and the
-    last epoch's last.pt is. The manifest's hash is the final file's."""
+    here until epoch 2 is recorded) epoch 2, which best.pt does not take, writes none; the last
+    epoch's last.pt is written. The manifest's hash is the final file's."""
     from medcli import train
 
-    release, written = threading.Event(), []
-    write, record = checkpoints.write, train._record_epoch
-
-    def held(path, content):
-        if path.name == "last.pt" and content["epoch"] == 1:
-            assert release.wait(timeout=30)
-        written.append((path.name, content["epoch"]))
-        return write(path, content)
+    release, record = threading.Event(), train._record_epoch
+    written = _recording_writes(monkeypatch, lambda name, epoch: name == "last.pt" and epoch == 1
+                                and release.wait(timeout=30))
 
     def recorded(run, st, state, *args):
         record(run, st, state, *args)
         if state.epoch == 2:
             release.set()
 
-    monkeypatch.setattr(checkpoints, "write", held)
     monkeypatch.setattr(train, "_record_epoch", recorded)
-    run = train.train(root=synthetic_root, runs_dir=tmp_path, epochs=4, monitor="loss", model="timm:test_resnet",
+    _scripted_aucs(monkeypatch, [0.8, 0.7, 0.6, 0.5])
+    run = train.train(root=synthetic_root, runs_dir=tmp_path, epochs=4, monitor="auc", model="timm:test_resnet",
                       batch_size=64, seed=0)
     lasts = [epoch for name, epoch in written if name == "last.pt"]
     assert lasts[0] == 1 and 2 not in lasts and lasts[-1] == 4  # epoch 3: written if epoch 1's was done by then
     assert run.stages["train"]["summary"]["last_skipped"] == 4 - len(lasts)
-    assert [epoch for name, epoch in written if name == "best.pt"] == [1, 2, 3, 4]  # val loss falls every epoch
+    assert [epoch for name, epoch in written if name == "best.pt"] == [1]
     final = checkpoints.read(run.checkpoint_path("last"))
     assert final["epoch"] == 4 and len(final["history"]) == 4
     assert run.stages["train"]["artefacts"]["checkpoints/last.pt"] == _sha256(run.checkpoint_path("last"))
+
+
+def test_best_pt_is_never_ahead_of_last_pt(synthetic_root, tmp_path, monkeypatch):
+    """Review: an epoch that took best.pt while the previous last.pt was still being written
+    skipped its own last.pt, so best.pt held an epoch last.pt did not; a run stopped then
+    resumed from the earlier last.pt, and where the epoch trained again was not ranked best
+    (another device, a GPU's non-deterministic kernels) best.pt kept the abandoned epoch's
+    weights under the name of an earlier best epoch. An epoch best.pt takes waits for the
+    disk and writes last.pt first; others still skip it."""
+    from medcli import train
+
+    monkeypatch.setattr(checkpoints.Writer, "busy", lambda self, path: True)  # a disk slower than every epoch
+    written = _recording_writes(monkeypatch)
+    _scripted_aucs(monkeypatch, [0.8, 0.9, 0.85, 0.84])
+    run = train.train(root=synthetic_root, runs_dir=tmp_path, epochs=4, monitor="auc", model="timm:test_resnet",
+                      batch_size=64, seed=0)
+    assert written == [("last.pt", 1), ("best.pt", 1), ("last.pt", 2), ("best.pt", 2), ("last.pt", 4)]
+    assert run.stages["train"]["summary"]["last_skipped"] == 1
+
+
+def test_a_run_stopped_between_last_pt_and_best_pt_resumes_with_the_best_pt_it_would_have(
+        synthetic_root, tmp_path, monkeypatch, capsys):
+    """A write of epoch 2's best.pt that never finished (the disk, a kill) leaves epoch 1's
+    best.pt beside epoch 2's last.pt, which ranks epoch 2 best: resume writes epoch 2's best.pt
+    from last.pt, and the run ends with the best.pt and manifest of an uninterrupted one."""
+    from medcli import train
+
+    options = dict(root=synthetic_root, epochs=3, monitor="auc", model="timm:test_resnet", batch_size=64, seed=0)
+    _scripted_aucs(monkeypatch, [0.8, 0.9, 0.85])
+    straight = train.train(runs_dir=tmp_path / "a", **options)
+
+    def fail(name, epoch):
+        if (name, epoch) == ("best.pt", 2):
+            raise OSError(28, "No space left on device")
+
+    original = checkpoints.write
+    _recording_writes(monkeypatch, fail)
+    _scripted_aucs(monkeypatch, [0.8, 0.9, 0.85])
+    with pytest.raises(OSError):
+        train.train(runs_dir=tmp_path / "b", **options)
+    (path,) = (tmp_path / "b").iterdir()
+    assert torch.load(path / "checkpoints/best.pt", weights_only=True)["epoch"] == 1
+    assert checkpoints.read(path / "checkpoints/last.pt")["epoch"] == 2
+    monkeypatch.setattr(checkpoints, "write", original)
+    _scripted_aucs(monkeypatch, [0.85])
+    capsys.readouterr()
+    resumed = train.resume(path)
+    assert "checkpoints/best.pt of epoch 2 is written from checkpoints/last.pt" in capsys.readouterr().err
+    a = torch.load(straight.checkpoint_path("best"), weights_only=True)
+    b = torch.load(resumed.checkpoint_path("best"), weights_only=True)
+    assert a["epoch"] == b["epoch"] == 2 and a["metrics"] == b["metrics"] and a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][key], b["model"][key]) for key in a["model"])
+    summary = resumed.stages["train"]["summary"]
+    assert summary["best_epoch"] == straight.stages["train"]["summary"]["best_epoch"] == 2
+    assert resumed.stages["train"]["artefacts"]["checkpoints/best.pt"] == _sha256(resumed.checkpoint_path("best"))
