@@ -211,7 +211,7 @@ def download(
             "--allow-unofficial", help="With --from: accept an md5 that is not the official one (recorded as official: false)."
         ),
     ] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a file imported on purpose (--from, --sample, download).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace another readable file of the dataset (--from, --sample, download).")] = False,
     synthetic: Annotated[
         bool,
         typer.Option(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 import os
 import shlex
 import zipfile
@@ -142,13 +143,14 @@ def keep_record(npz_path: str | os.PathLike, record: dict) -> None:
         console.debug(f"dataset record not saved ({exc}); the file is hashed again next time")
 
 
-def _npy_header(archive: zipfile.ZipFile, key: str) -> tuple[tuple, np.dtype]:
-    """(shape, dtype) of one array in an npz, read from its header without loading it."""
-    fmt = np.lib.format
-    with archive.open(f"{key}.npy") as handle:
-        version = fmt.read_magic(handle)
-        reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
-        shape, _, dtype = reader(handle)
+def _npy_header(archive: zipfile.ZipFile, key: str, path: Path) -> tuple[tuple, np.dtype]:
+    """(shape, dtype) of one array in an npz, read from its header without loading it; a member
+    shorter than its header says (cut short inside an intact zip) is refused."""
+    handle, shape, _, dtype = npzcache.open_member(archive, key)
+    with handle:
+        needed = handle.tell() + math.prod(shape) * dtype.itemsize
+    if archive.getinfo(f"{key}.npy").file_size < needed:
+        raise UsageError(f"{path}: {key} is cut short (its header promises {shape}); get a fresh copy of the file")
     return shape, dtype
 
 
@@ -180,13 +182,14 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
                 raise UsageError(f"{path}: member {damaged} is corrupted (CRC mismatch); re-download the file")
             counts = {split: _check_split(archive, split, path, flag, size, channels, upper, columns)
                       for split in SPLITS}
-    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
+        # NotImplementedError, RuntimeError: a zip feature Python cannot read (Deflate64, encryption)
         raise UsageError(f"{path} is not a readable npz file ({exc}); get a fresh copy of it") from None
     return counts
 
 
 def _check_split(archive, split, path, flag, size, channels, upper, columns) -> int:
-    shape, dtype = _npy_header(archive, f"{split}_images")
+    shape, dtype = _npy_header(archive, f"{split}_images", path)
     if dtype != np.uint8:
         raise UsageError(f"{path}: {split}_images has dtype {dtype}, expected uint8")
     expected = (size, size) if channels == 1 else (size, size, channels)
@@ -212,12 +215,12 @@ def _check_split(archive, split, path, flag, size, channels, upper, columns) -> 
 
 
 _MADE_BY_MAKE_RECORD = ("flag", "size", "file", "md5", "official_md5", "official", "source", "created", "n_samples",
-                        "bytes", "mtime_ns", "checks")
+                        "bytes", "mtime_ns", "inode", "checks")
 
 
 # What validate_npz checks; bumped whenever it checks more, so a record written by an older
 # medcli (e.g. before the label-column check) sends its file through validate_npz again.
-CHECKS = 2
+CHECKS = 3
 
 
 def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: dict, **extra: Any) -> dict:
@@ -239,6 +242,7 @@ def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: 
         "n_samples": counts,
         "bytes": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
+        "inode": stat.st_ino,
         "checks": CHECKS,
         **extra,
     }
@@ -254,9 +258,12 @@ def record_of(path: Path, flag: str, size: int) -> dict | None:
 
 
 def unchanged(record: dict, path: Path) -> bool:
-    """True when path has the size and mtime its record's md5 was computed for."""
+    """True when path has the size, mtime and inode its record's md5 was computed for (another
+    file renamed over it has another inode, whatever its size and mtime; records written
+    before the inode was kept go by size and mtime)."""
     stat = path.stat()
-    return record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns
+    return record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns \
+        and record.get("inode", stat.st_ino) == stat.st_ino
 
 
 def current_md5(path: Path, record: dict | None) -> str:
@@ -330,7 +337,7 @@ def resolve(root: str | os.PathLike, flag: str, size: int) -> tuple[Path, dict]:
         if record is not None:
             console.warn(f"{path} changed since its record (md5 {record['md5']} -> {md5}); recording it again "
                          f"({'official' if md5 == official_source(flag, size)[1] else 'not official'})")
-        record = make_record(flag, size, path, md5, str(path), counts)
+        record = make_record(flag, size, path, md5, str(path.resolve()), counts)
     keep_record(path, record)
     return path, record
 
@@ -384,9 +391,21 @@ def load(root: str | os.PathLike, flag: str, size: int, splits: Sequence[str] = 
                         images[split] = array[..., None] if array.ndim == 3 else array
                         raw = archive[f"{split}_labels"]
                     labels[split] = kind.labels_from_file(raw.astype(np.int64))
-    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
-        raise UsageError(f"{path} cannot be read ({exc}); re-download it with 'medcli download {flag}'") from None
+    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
+            RuntimeError) as exc:
+        raise UsageError(f"{path} cannot be read ({exc}); {_fresh_copy(path, flag, size)}") from None
     return Splits(images, labels, dict(record, path=str(path.resolve())), path, cache)
+
+
+def _fresh_copy(path: Path, flag: str, size: int) -> str:
+    """How to put a good copy where the damaged dataset file `path` is, for the folder it is in."""
+    folder = path.resolve().parent
+    if folder.name == SYNTHETIC_DIR:
+        return (f"delete it and write it again with 'medcli download {flag} --synthetic --size {size} "
+                f"--root {shlex.quote(str(folder.parent))}'")
+    if folder.name == SAMPLE_DIR and (flag, size) == SAMPLE_OF:
+        return f"place it again with 'medcli download {flag} --sample --root {shlex.quote(str(folder.parent))} --overwrite'"
+    return f"download it again with 'medcli download {flag} --size {size} --root {shlex.quote(str(folder))} --overwrite'"
 
 
 def use_cache(record: dict, splits: Sequence[str], processes: int = 1) -> bool:

@@ -9,8 +9,8 @@ resumed: a fresh temporary file per attempt means two concurrent downloads never
 the same partial file, and starting over is always correct.
 
 The JSON record beside each file (`datasets.make_record`) also stores the file's size and
-mtime when its md5 was computed. `--list` and the "already present" check trust that md5
-while size and mtime are unchanged, so they do not re-hash gigabytes (224 px files) each time.
+mtime (and inode) when its md5 was computed. `--list` and the "already present" check trust
+that md5 while those are unchanged, so they do not re-hash gigabytes (224 px files) each time.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class Incomplete(MedcliError):
     def __init__(self, message: str, records: list[dict], usage: bool = False):
         super().__init__(message)
         self.records = records
-        if usage:  # every failure was the user's to fix (a file imported on purpose, a bad mirror)
+        if usage:  # every failure was the user's to fix (another readable file in place, a bad mirror)
             self.exit_code = UsageError.exit_code
 
 
@@ -396,7 +396,11 @@ def _place_sample(flags: list[str], sizes: list[int], root: Path, *, overwrite: 
 
 
 def _root(root: str | os.PathLike | None) -> Path:
-    return Path(root).expanduser() if root else datasets.default_root()
+    """The data folder: `root`, else the default; a file given as root is refused in one line."""
+    folder = Path(root).expanduser() if root else datasets.default_root()
+    if folder.is_file():
+        raise UsageError(f"--root {folder} is a file; pass the folder that holds it (--root {folder.parent})")
+    return folder
 
 
 def _flags(flags: Iterable[str]) -> list[str]:
@@ -438,19 +442,21 @@ def _present(target: Path, flag: str, size: int, md5: str, overwrite: bool = Fal
     """target's record when it already holds the file with `md5`, else None (download it).
 
     A matching file without a current record (e.g. placed by the medmnist package, or
-    touched since) gets a fresh one, so the next check needs no hashing. Another file that its
-    record says was imported on purpose is refused unless `overwrite`: runs trained on it
-    would otherwise be evaluated on other data.
+    touched since) gets a fresh one, so the next check needs no hashing. Another readable
+    dataset file (an import, the sample, a copy placed by hand that runs were trained on) is
+    refused unless `overwrite`: those runs would otherwise be evaluated on other data. A file
+    that cannot be read as the dataset (cut short, damaged) is downloaded over.
     """
     if not target.is_file():
         return None
     record = datasets.record_of(target, flag, size)
     actual = datasets.current_md5(target, record)
     if actual != md5:
-        kind = datasets.provenance_kind(record) if record is not None and record["md5"] == actual else None
-        if kind is not None and _imported(record, target) and not overwrite:
-            raise UsageError(f"{target} holds a file imported on purpose ({kind}, md5 {actual}, from "
-                             f"{record.get('source')}); pass --overwrite to download the official file over it")
+        if not overwrite and _readable(target, flag, size):
+            known = record if record is not None and record["md5"] == actual else {}
+            raise UsageError(f"{target} holds another {flag} file ({datasets.provenance_kind(known) or 'unrecorded'}, "
+                             f"md5 {actual}, from {known.get('source') or 'an unrecorded source'}); "
+                             "pass --overwrite to download the official file over it")
         console.info(f"{target} has md5 {actual}, not {md5}: downloading the file over it")
         return None
     console.info(f"{target} is present and verified (md5 {md5}); nothing to download")
@@ -461,12 +467,13 @@ def _present(target: Path, flag: str, size: int, md5: str, overwrite: bool = Fal
                         datasets.validate_npz(target, flag, size), required=False)
 
 
-def _imported(record: dict, target: Path) -> bool:
-    """Whether a record is an import's (`--from`, a copy of the sample): its source is another
-    local file. A file medcli only found there and hashed has itself as its source, and a
-    download a URL."""
-    origin = str(record.get("source") or "")
-    return bool(origin) and "://" not in origin and Path(origin).expanduser().resolve() != target.resolve()
+def _readable(path: Path, flag: str, size: int) -> bool:
+    """Whether path passes `datasets.validate_npz` for (flag, size)."""
+    try:
+        datasets.validate_npz(path, flag, size)
+    except UsageError:
+        return False
+    return True
 
 
 def _writable(target: Path) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 from medcli import console, fileio
 from medcli.errors import MedcliError
 
-__all__ = ["CACHE_DIR", "CACHE_ENV", "cache_path", "drop_stale", "is_mapped", "mapped", "read_member", "read_nchw"]
+__all__ = ["CACHE_DIR", "CACHE_ENV", "cache_path", "drop_stale", "is_mapped", "mapped", "open_member", "read_member", "read_nchw"]
 
 # The cache's folder in a file's data root; `CACHE_ENV` = auto (default: `datasets.use_cache`
 # decides), always or never.
@@ -41,7 +41,7 @@ def is_mapped(images) -> bool:
     return isinstance(images, np.memmap)
 
 
-def _member(archive: zipfile.ZipFile, key: str):
+def open_member(archive: zipfile.ZipFile, key: str):
     """(open member, shape, Fortran order, dtype) of one array of an npz, positioned at its data."""
     fmt = np.lib.format
     handle = archive.open(f"{key}.npy")
@@ -64,7 +64,7 @@ def _nchw_chunks(archive: zipfile.ZipFile, key: str):
     few dozen MB at a time, each chunk turned to (n, C, H, W); the whole array is never held,
     except one stored in Fortran order (e.g. saved from scipy.io.loadmat), whose images are
     not contiguous in the file: it is read whole, as one chunk."""
-    handle, shape, fortran, dtype = _member(archive, key)
+    handle, shape, fortran, dtype = open_member(archive, key)
     if len(shape) not in (3, 4):
         handle.close()
         raise ValueError(f"{key} has shape {shape}, expected (N, H, W[, C])")

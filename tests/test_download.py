@@ -692,12 +692,58 @@ def test_a_download_never_replaces_an_imported_file_without_overwrite(server, go
     md5 = fileio.md5_file(good_npz)
     monkeypatch.setattr(datasets, "official_source", lambda flag, size: ("https://zenodo.invalid/x", md5))
     args = ["download", FLAG, "--root", str(root), "--mirror", f"{server.base}/good"]
-    one_line_error(runner.invoke(app, args), 2, str(root / NAME), "imported on purpose", fileio.md5_file(other),
-                   "--overwrite")
+    one_line_error(runner.invoke(app, args), 2, str(root / NAME), "holds another bloodmnist file",
+                   fileio.md5_file(other), "--overwrite")
     assert (root / NAME).read_bytes() == other.read_bytes() and server.hits["good"] == 0
     replaced = runner.invoke(app, [*args, "--overwrite"])
     assert replaced.exit_code == 0, replaced.output
     assert (root / NAME).read_bytes() == good_npz.read_bytes() and datasets.read_record(root / NAME)["official"]
+
+
+@pytest.mark.parametrize("how", ["imported in place", "placed by hand and used", "placed by hand"])
+def test_a_download_never_replaces_a_readable_file_in_place_without_overwrite(server, good_npz, tmp_path, monkeypatch,
+                                                                               how):
+    """Review: a file imported where it already was (`--from ROOT/bloodmnist.npz`) or placed by
+    hand (recorded when a run was trained on it, under a relative --root from another folder)
+    has itself as its source, so it did not count as imported on purpose and a plain
+    `download` replaced it. Any readable file of the dataset stays without --overwrite."""
+    root = tmp_path / "root"
+    other = datasets.make_synthetic(tmp_path / "src" / NAME, FLAG, SIZE, (16, 8, 8), seed=2)
+    (root).mkdir()
+    os.replace(other, root / NAME)
+    datasets.record_path(other).unlink()
+    if how == "imported in place":
+        result = runner.invoke(app, ["download", FLAG, "--from", str(root / NAME), "--allow-unofficial",
+                                     "--root", str(root)])
+        assert result.exit_code == 0, result.output
+    elif how == "placed by hand and used":
+        monkeypatch.chdir(tmp_path)
+        datasets.resolve("root", FLAG, SIZE)  # as `evaluate --root root` records it
+        monkeypatch.chdir(root)
+    md5 = fileio.md5_file(good_npz)
+    monkeypatch.setattr(datasets, "official_source", lambda flag, size: ("https://zenodo.invalid/x", md5))
+    before = (root / NAME).read_bytes()
+    one_line_error(runner.invoke(app, ["download", FLAG, "--root", str(root), "--mirror", f"{server.base}/good"]), 2,
+                   "holds another bloodmnist file", "--overwrite")
+    assert (root / NAME).read_bytes() == before and server.hits["good"] == 0
+
+
+def test_a_damaged_file_in_place_is_downloaded_over(server, good_npz, tmp_path, monkeypatch):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / NAME).write_bytes(good_npz.read_bytes()[: good_npz.stat().st_size // 2])  # cut short
+    md5 = fileio.md5_file(good_npz)
+    monkeypatch.setattr(datasets, "official_source", lambda flag, size: ("https://zenodo.invalid/x", md5))
+    result = runner.invoke(app, ["download", FLAG, "--root", str(root), "--mirror", f"{server.base}/good"])
+    assert result.exit_code == 0, result.output
+    assert (root / NAME).read_bytes() == good_npz.read_bytes()
+
+
+def test_list_refuses_a_file_as_root(tmp_path):
+    """Review: `--list --root FILE` printed an empty table and exit 0."""
+    path = datasets.make_synthetic(tmp_path / NAME, FLAG, SIZE, (16, 8, 8), seed=2)
+    one_line_error(runner.invoke(app, ["download", "--list", "--root", str(path)]), 2, "is a file",
+                   f"--root {tmp_path}")
 
 
 def test_a_changed_file_drops_the_cache_of_its_old_content(good_npz, tmp_path, monkeypatch):
@@ -759,15 +805,17 @@ def test_a_failed_download_still_removes_what_a_killed_one_left(server, tmp_path
     assert not leftover.exists()
 
 
-def test_a_file_medcli_only_hashed_is_downloaded_over(server, good_npz, tmp_path):
-    """Review of the session's diff: a file placed by hand (or by the medmnist package) gets a
-    record from `resolve` with itself as its source; it is no import and is downloaded over."""
+def test_a_file_medcli_only_hashed_is_downloaded_over_with_overwrite(server, good_npz, tmp_path):
+    """A file placed by hand (or by the medmnist package) gets a record from `resolve` with
+    itself as its source; runs may have been trained on it, so only --overwrite replaces it."""
     other = datasets.make_synthetic(tmp_path / "src" / NAME, FLAG, SIZE, (16, 8, 8), seed=2)
     datasets.record_path(other).unlink()
     (tmp_path / NAME).write_bytes(other.read_bytes())
     datasets.resolve(tmp_path, FLAG, SIZE)
     assert datasets.read_record(tmp_path / NAME)["official"] is False
-    _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))
+    with pytest.raises(UsageError, match="holds another bloodmnist file"):
+        _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))
+    _fetch(server, "good", tmp_path, fileio.md5_file(good_npz), overwrite=True)
     assert (tmp_path / NAME).read_bytes() == good_npz.read_bytes()
 
 
@@ -783,4 +831,4 @@ def test_one_files_usage_error_does_not_stop_the_others(server, good_npz, tmp_pa
     result = runner.invoke(app, ["download", "pathmnist", FLAG, "--root", str(tmp_path),
                                  "--mirror", f"{server.base}/good"])
     assert result.exit_code == 2 and result.stdout.strip() == str((tmp_path / NAME).resolve())
-    assert "imported on purpose" in result.stderr and "1 of 2 files not downloaded" in result.stderr
+    assert "holds another pathmnist file" in result.stderr and "1 of 2 files not downloaded" in result.stderr
