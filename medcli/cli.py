@@ -8,6 +8,7 @@ Errors are turned into one red line and an exit code in one place: `MedcliGroup.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -69,11 +70,12 @@ class MedcliGroup(TyperGroup):
         except MedcliError as exc:
             from medcli import distributed
 
-            if isinstance(exc, UsageError) and distributed.from_env().local_rank != 0:
+            job = distributed.from_env()
+            if isinstance(exc, UsageError) and job.local_rank != 0 and not exc.rank_specific:
                 raise typer.Exit(exc.exit_code) from None  # every process of a node finds it: one says it
             if console.is_verbose():
                 console.console().print_exception()
-            console.error(str(exc))
+            console.error(_from_rank(job) + str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:  # a stage names its run and how to continue (`Run.stage`)
             from medcli import distributed
@@ -86,8 +88,17 @@ class MedcliGroup(TyperGroup):
                 raise
             if console.is_verbose():
                 console.console().print_exception()
-            console.error(f"unexpected {type(exc).__name__}: {exc} (re-run with --verbose for the traceback)")
+            from medcli import distributed
+
+            console.error(f"{_from_rank(distributed.from_env())}unexpected {type(exc).__name__}: {exc} "
+                          "(re-run with --verbose for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _from_rank(job) -> str:
+    """"rank N: " before an error of a distributed job's process other than rank 0 (each
+    process says its own: the same line from two ranks is two processes' failures)."""
+    return f"rank {job.rank}: " if job.enabled and job.rank != 0 else ""
 
 
 def _stdout_gone() -> bool:
@@ -128,6 +139,7 @@ def _sigterm(signum, frame):  # SIGTERM behaves like Ctrl-C: stages end "interru
 
 @app.callback()
 def main_options(
+    ctx: typer.Context,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only errors on stderr; no progress bars.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs, and tracebacks on errors.")] = False,
     version: Annotated[
@@ -141,6 +153,10 @@ def main_options(
     """
     console.configure(quiet=quiet, verbose=verbose)
     signal.signal(signal.SIGTERM, _sigterm)
+    if ctx.invoked_subcommand not in (None, "train") and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+        # under torchrun every rank would run it: racing for the run's lock, or writing one file twice
+        raise UsageError(f"medcli {ctx.invoked_subcommand} runs in one process (only train is distributed); "
+                         "run it without torchrun")
 
 
 def emit(result) -> None:

@@ -216,7 +216,8 @@ def gpu_index(ctx: Context, visible: int) -> int:
     if visible == 1 and not os.environ.get(RUN_FILE_ENV):
         return 0
     raise UsageError(f"local rank {ctx.local_rank} has no GPU ({visible} visible); start at most one process per GPU "
-                     f"(--nproc-per-node), or give each process one GPU through CUDA_VISIBLE_DEVICES")
+                     f"(--nproc-per-node), or give each process one GPU through CUDA_VISIBLE_DEVICES",
+                     rank_specific=True)
 
 
 def device_for(ctx: Context, device: str) -> str:
@@ -285,9 +286,9 @@ def peers(ctx: Context, run_dir: str | os.PathLike | None = None) -> Iterator[No
         reason = reason.split(". ")[0].replace("[", "(").replace("]", ")") or type(exc).__name__  # its first sentence
         run = shlex.quote(str(run_dir)) if run_dir is not None else "RUN"
         # medcli's own launcher is one node, restarted with --nproc; a torchrun job restarts as it started
-        again = f" --nproc {ctx.world_size}" if os.environ.get(LAUNCHER_ENV) else " under the same launcher"
+        again = f" --nproc {ctx.world_size}'" if os.environ.get(LAUNCHER_ENV) else "' under the same launcher"
         raise Interrupted(f"another process of this distributed job was lost ({reason}); "
-                          f"continue with 'medcli train --resume {run}{again}'") from exc
+                          f"continue with 'medcli train --resume {run}{again}") from exc
 
 
 def peer_lost(exc: BaseException) -> bool:

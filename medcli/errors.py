@@ -13,6 +13,12 @@ class MedcliError(Exception):
 
     exit_code = EXIT_FAILURE
 
+    def __init__(self, *args, rank_specific: bool = False):
+        super().__init__(*args)
+        # in a distributed job: found by this process alone, so said by it (a usage error every
+        # process finds is said by each node's first)
+        self.rank_specific = rank_specific
+
 
 class UsageError(MedcliError):
     """Bad usage or bad input: wrong option value, missing or malformed file (exit 2)."""

@@ -507,7 +507,10 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
     if device.type == "cpu":
         use_cpu_threads(ctx)
     if config.get("sync_bn") and ctx.enabled:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif ctx.is_main:  # a --sync-bn run resumed on another device (torch's SyncBatchNorm is CUDA-only)
+            console.warn(f"--sync-bn needs CUDA: on {device.type} each process keeps its own BatchNorm statistics")
     model.to(device)
     if config["channels_last"]:
         model.to(memory_format=torch.channels_last)
@@ -642,15 +645,17 @@ def _record_progress(run: Run, st, state: State, stopped_early: bool, final: boo
     from medcli import reports, tables
 
     config, select = run.config, selection.rule(run.config)
-    written = [tables.write_table(run.history_file(), state.history, HISTORY_COLUMNS)]  # hashed here
-    if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
-        written.append(reports.save_curves(run.figure_file("curves"), state.history, run.data, state.best["epoch"],
-                                           selection.describe(select, config["epochs"], short=True)))
-        state.curves_at = time.perf_counter()
+    history = tables.write_table(run.history_file(), state.history, HISTORY_COLUMNS)  # hashed here
     with lock:  # the writer's thread records the checkpoints in the same stage entry
         st.summary.update(epochs_run=state.epoch, monitor=select["monitor"], stopped_early=stopped_early,
                           **selection.best_record(state.best, select, config["epochs"]), **summary)
-        st.add(*written)
+        st.add(history)  # recorded before the curves are drawn (a second or so): a stop then loses no epoch
+    if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
+        curves = reports.save_curves(run.figure_file("curves"), state.history, run.data, state.best["epoch"],
+                                     selection.describe(select, config["epochs"], short=True))
+        state.curves_at = time.perf_counter()
+        with lock:
+            st.add(curves)
 
 
 def compiled(forward, config: dict):

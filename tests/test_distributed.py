@@ -673,7 +673,8 @@ def test_a_lost_peers_advice_names_nproc_only_under_medclis_launcher(monkeypatch
     from medcli.errors import Interrupted
 
     lost = RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer")
-    for env, says in (({}, "under the same launcher"), ({distributed.LAUNCHER_ENV: "1"}, "--nproc 8")):
+    for env, says in (({}, "'medcli train --resume /runs/R' under the same launcher"),
+                      ({distributed.LAUNCHER_ENV: "1"}, "'medcli train --resume /runs/R --nproc 8'")):
         monkeypatch.delenv(distributed.LAUNCHER_ENV, raising=False)
         for key, value in env.items():
             monkeypatch.setenv(key, value)
@@ -695,3 +696,79 @@ def test_the_launcher_says_a_changed_data_file_once(tmp_path, capsys):
     capsys.readouterr()
     train.check_launch(2, root=str(tmp_path), model="timm:test_resnet", device="cpu")
     assert "changed since its record" in capsys.readouterr().err
+
+
+_RANK_1 = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}
+
+
+def _as_rank(monkeypatch, env: dict) -> None:
+    from medcli import distributed
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", distributed.RUN_FILE_ENV, distributed.LAUNCHER_ENV):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.mark.parametrize("command", [["evaluate", "RUN"], ["explain", "RUN"], ["predict", "RUN", "x.png"],
+                                     ["aggregate", "RUN"], ["export", "RUN"]])
+def test_commands_other_than_train_refuse_torchrun(monkeypatch, tmp_path, command):
+    """Review: `torchrun --nproc-per-node 2 -m medcli evaluate RUN` ran evaluate in both
+    processes: one failed on the run's lock (held by its sibling) and torchrun then killed the
+    other, leaving the stage interrupted; predict printed its CSV twice. Rank 0 says it once."""
+    from typer.testing import CliRunner
+
+    from medcli.cli import app
+
+    _as_rank(monkeypatch, {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
+    result = CliRunner().invoke(app, [*command])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == (f"error: medcli {command[0]} runs in one process (only train is distributed); "
+                                     "run it without torchrun")
+    _as_rank(monkeypatch, _RANK_1)
+    result = CliRunner().invoke(app, [*command])
+    assert result.exit_code == 2 and result.stdout == "" and result.stderr == ""
+
+
+def test_an_error_one_rank_alone_finds_is_said_by_that_rank(monkeypatch):
+    """Review: every usage error of a rank other than each node's first was dropped, as if all
+    ranks had found it; one only rank 1 finds ("local rank 1 has no GPU") was never said.
+    Errors rank 0 says too are dropped, others are said with the rank's number."""
+    from typer.testing import CliRunner
+
+    from medcli import train
+    from medcli.cli import app
+    from medcli.errors import MedcliError, UsageError
+
+    _as_rank(monkeypatch, _RANK_1)
+    for error, said in ((UsageError("bad option"), ""),
+                        (UsageError("local rank 1 has no GPU", rank_specific=True),
+                         "error: rank 1: local rank 1 has no GPU"),
+                        (MedcliError("training diverged in epoch 1"), "error: rank 1: training diverged in epoch 1"),
+                        (ValueError("boom"), "error: rank 1: unexpected ValueError: boom")):
+        def fail(**options):
+            raise error
+
+        monkeypatch.setattr(train, "train", fail)
+        result = CliRunner().invoke(app, ["train", "--model", "timm:test_resnet"])
+        assert result.exit_code != 0 and result.stderr.strip().startswith(said), result.stderr
+        assert bool(result.stderr.strip()) is bool(said)
+
+
+def test_a_sync_bn_run_resumed_on_the_cpu_in_two_processes_trains_without_it(data_root, tmp_path):
+    """Review: a --sync-bn run (trained on GPUs) resumed with `--device cpu --nproc 2`, as the
+    message for a machine without its GPU advises, failed with "unexpected ValueError:
+    SyncBatchNorm layers only work with GPU modules", twice. It trains on, saying once that
+    each process keeps its own BatchNorm statistics."""
+    done = _medcli("--quiet", "train", "--model", "timm:test_resnet", "--epochs", "1", "--batch-size", "16",
+                   "--device", "cpu", "--root", str(data_root), "--runs-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    run = Path(done.stdout.strip())
+    manifest = _manifest(run)
+    manifest["config"].update(sync_bn=True, epochs=2)
+    manifest["stages"]["train"]["status"] = "interrupted"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    resumed = _medcli("train", "--resume", str(run), "--nproc", "2")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.count("--sync-bn needs CUDA: on cpu each process keeps its own BatchNorm statistics") == 1
+    assert _manifest(run)["stages"]["train"]["status"] == "completed"

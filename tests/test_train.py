@@ -1144,3 +1144,21 @@ def test_sync_bn_in_one_process_is_refused_not_recorded():
         train.check_sync_bn({"sync_bn": True}, distributed.Context())
     train.check_sync_bn({"sync_bn": True}, distributed.Context(rank=0, world_size=2, local_rank=0))
     train.check_sync_bn({"sync_bn": False}, distributed.Context())
+
+
+def test_a_stop_while_the_curves_are_drawn_keeps_the_epochs_summary(small_root, tmp_path, monkeypatch):
+    """Review: history.csv was written, then the curves drawn (the first draw imports matplotlib:
+    a second or more), and only then the summary and artefacts recorded; a Ctrl-C in between
+    left an interrupted stage with an empty summary beside a history of that epoch."""
+    from medcli import reports
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reports, "save_curves", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(root=small_root, runs_dir=tmp_path, epochs=2, **{**TINY, "batch_size": 16})
+    (run,) = tmp_path.iterdir()
+    stage = Run.open(run).stages["train"]
+    assert stage["status"] == "interrupted" and stage["summary"]["epochs_run"] == 1
+    assert "history.csv" in stage["artefacts"] and len(_history(run)) == 1
