@@ -1,5 +1,5 @@
 # medcli on CPU: docker build -t medcli . && docker run --rm -v medcli-data:/data medcli download bloodmnist --sample
-# && docker run --rm -v medcli-data:/data -v "$PWD/runs:/work/runs" medcli train --reduced --root /data/sample
+# && docker run --rm -v medcli-data:/data -v medcli-runs:/work/runs medcli train --reduced --root /data/sample
 FROM python:3.11-slim
 
 ENV PYTHONHASHSEED=0 \
@@ -15,7 +15,7 @@ WORKDIR /opt/medcli
 COPY pyproject.toml README.md ./
 COPY medcli ./medcli
 RUN pip install . && useradd --create-home --uid 1000 medcli \
-    && mkdir -p /data /work && chown medcli:medcli /data /work
+    && mkdir -p /data /work/runs && chown -R medcli:medcli /data /work
 
 USER medcli
 WORKDIR /work

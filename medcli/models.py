@@ -12,7 +12,6 @@ the name. torch, torchvision and timm are imported inside functions (the CLI's h
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import cache, partial
@@ -416,34 +415,25 @@ def make_deterministic(model: nn.Module) -> list[str]:
     return replaced
 
 
-def pretrained_stats(model: nn.Module, spec: Mapping[str, Any]) -> tuple[tuple, tuple] | None:
+def pretrained_stats(model: nn.Module, spec: Mapping[str, Any],
+                     recorded: Mapping[str, Any] | None = None) -> tuple[tuple, tuple] | None:
     """(mean, std) per channel that the model's starting weights expect, None for a model
-    trained from scratch: a medcli run's checkpoint, the statistics that run trained with (its
-    manifest's); otherwise timm models carry theirs in their pretrained config (many ViT
-    weights use 0.5/0.5, not ImageNet's), and torchvision's weights use ImageNet's."""
+    trained from scratch: `recorded`, the preprocessing of the medcli run whose checkpoint the
+    weights are (the statistics it trained with); otherwise timm models carry theirs in their
+    pretrained config (many ViT weights use 0.5/0.5, not ImageNet's), and torchvision's
+    weights use ImageNet's."""
     if not spec.get("pretrained"):
         return None
-    recorded = _run_stats(spec.get("weights"))
-    if recorded is not None:
-        return recorded
+    try:
+        return tuple(float(v) for v in recorded["mean"]), tuple(float(v) for v in recorded["std"])
+    except (KeyError, TypeError, ValueError):  # none recorded, or a damaged manifest's
+        pass
     import timm
 
     if resolve(spec["name"])[1] == "timm":
         config = timm.data.resolve_model_data_config(model)
         return tuple(config["mean"]), tuple(config["std"])
     return timm.data.IMAGENET_DEFAULT_MEAN, timm.data.IMAGENET_DEFAULT_STD
-
-
-def _run_stats(weights: str | None) -> tuple[tuple, tuple] | None:
-    """The (mean, std) of the medcli run a weights file is a checkpoint of (RUN/checkpoints/X.pt
-    beside RUN/manifest.json), or None for any other file."""
-    if not weights or Path(weights).parent.name != "checkpoints":
-        return None
-    try:
-        prep = json.loads((Path(weights).parent.parent / "manifest.json").read_text(encoding="utf-8"))["preprocess"]
-        return tuple(float(v) for v in prep["mean"]), tuple(float(v) for v in prep["std"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 # -- weights ----------------------------------------------------------------------------------

@@ -120,6 +120,20 @@ class Run:
         return cls.open(folder.parent)
 
     @classmethod
+    def of_checkpoint(cls, path: str | os.PathLike | None) -> "Run | None":
+        """The run whose `checkpoints/<name>.pt` this file is, else None (weights from elsewhere,
+        or a run whose manifest cannot be read)."""
+        if not path:
+            return None
+        folder = Path(path).resolve().parent
+        if folder.name != CHECKPOINT_DIR or not (folder.parent / manifest.FILENAME).is_file():
+            return None
+        try:
+            return cls.open(folder.parent)
+        except UsageError:
+            return None
+
+    @classmethod
     def open(cls, path: str | os.PathLike) -> "Run":
         """An existing run (its directory or manifest.json); one-line UsageError otherwise."""
         return cls(*manifest.read(path))

@@ -375,7 +375,9 @@ def train(**options: Any) -> Run:
             model, spec = _create_model(config, num_classes, channels)
             config = fine_tune_lr(config, spec["pretrained"])
             replaced = _strict_model(model, config)
-            prep = augment.make_prep(config["input_size"], channels, models.pretrained_stats(model, spec))
+            source = Run.of_checkpoint(spec.get("weights"))  # fine-tuning a medcli run: its statistics
+            prep = augment.make_prep(config["input_size"], channels, models.pretrained_stats(
+                model, spec, source.data.get("preprocess") if source is not None else None))
             run = distributed.from_main(ctx, lambda: Run.create(
                 config["runs_dir"], run_name(config), config=config, dataset=splits.record, model=spec,
                 preprocess=prep,

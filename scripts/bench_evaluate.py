@@ -28,8 +28,10 @@ def train_run(data: Path, workdir: Path, device: str, epochs: int | None) -> Pat
     from medcli import train
 
     root = workdir / "data"
-    root.mkdir(parents=True)
-    (root / "bloodmnist.npz").symlink_to(data.resolve())
+    root.mkdir(parents=True, exist_ok=True)  # a --keep folder used before
+    link = root / "bloodmnist.npz"
+    link.unlink(missing_ok=True)
+    link.symlink_to(data.resolve())
     started = time.perf_counter()
     manifest = train.train(root=root, runs_dir=workdir / "runs", model="resnet18", reduced=True, epochs=epochs,
                            device=device, seed=0)

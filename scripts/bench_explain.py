@@ -60,8 +60,9 @@ def train_runs(work: Path, epochs: int, need: set[str]) -> dict[str, Path]:
 
 
 def explain(run: Path, *options: str) -> tuple[float, dict]:
-    """Wall seconds of one `medcli explain RUN ... --json` and the index it printed."""
-    command = [sys.executable, "-m", "medcli", "--quiet", "explain", str(run), *options, "--json"]
+    """Wall seconds of one `medcli explain RUN ... --json --overwrite` and the index it printed
+    (the copy's maps, its own or those of a given run explained before, are replaced)."""
+    command = [sys.executable, "-m", "medcli", "--quiet", "explain", str(run), *options, "--json", "--overwrite"]
     start = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - start
@@ -88,12 +89,10 @@ def faithfulness(copies: dict[str, Path], per_class: int, figure: Path | None) -
             road = index["faithfulness"]
             print(f"{kind:<4} {method:<10} {seconds:8.1f}  {road['mean']:8.3f} +- {road['std']:.3f}  {road['n']:7d}",
                   flush=True)
-    # each replaces the other's maps (explain refuses that without --overwrite); the whole command
-    # is mostly start-up, so the explain stage (maps, scores and files, from the manifest) is timed too
-    plain, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class), "--no-faithfulness",
-                       "--overwrite")
+    # each replaces the other's maps; the whole command is mostly start-up, so the explain stage (maps, scores and files, from the manifest) is timed too
+    plain, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class), "--no-faithfulness")
     plain_stage = stage_seconds(copies["cnn"], "gradcam")
-    scored, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class), "--overwrite")
+    scored, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class))
     scored_stage = stage_seconds(copies["cnn"], "gradcam")
     print(f"\ngradcam on the CNN without / with ROAD: whole command {plain:.1f} s / {scored:.1f} s "
           f"({scored / plain:.2f}x); explain stage {plain_stage:.2f} s / {scored_stage:.2f} s "
@@ -212,7 +211,7 @@ def main() -> None:
             print(f"\n{'layer':<12} {'mean box mass':>13}  {'samples over 1/2':>16}")
             for layer in args.compare_layers.split(","):
                 _, index = explain(copies["cnn"], "--method", "gradcam", "--layer", layer,
-                                   "--per-class", str(args.per_class), "--no-faithfulness", "--overwrite")
+                                   "--per-class", str(args.per_class), "--no-faithfulness")
                 masses = [s.get("box_mass") for s in index["samples"]]
                 if index["mean_box_mass"] is None:
                     sys.exit("--compare-layers needs a run trained on synthetic data (its record has a signal_box)")

@@ -111,6 +111,7 @@ def test_one_module_owns_each_fact():
     owners = {
         "run": ('"metrics/', '"predictions/', '"explain/', '"figures/', '"checkpoints/', '"history.csv"', '"maps.npz"',
                 '"index.json"', '"report.xlsx"', '"report.html"'),
+        "manifest": ('"manifest.json"',),
         "tasks": ("multilabel", '"multi-label, binary-class"', '"binary-class"', '"ordinal-regression"', '"multi-class"'),
     }
     found = [f"{path.stem}: {needle}" for owner, needles in owners.items() for path in sorted(PACKAGE.glob("*.py"))

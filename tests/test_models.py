@@ -471,18 +471,17 @@ def test_timm_models_of_a_fixed_size_are_built_for_the_input_size_or_refused_up_
 
 def test_weights_from_a_medcli_run_keep_that_runs_normalisation(tmp_path):
     """Review: any --weights file switched the normalisation to ImageNet's, though a medcli
-    run's checkpoint was trained with its own statistics (0.5/0.5 from scratch)."""
-    run_dir = tmp_path / "run"
-    (run_dir / "checkpoints").mkdir(parents=True)
-    model, spec = models.create("timm:test_resnet", 8, 3, 28)
-    torch.save({"model": model.state_dict(), "epoch": 3}, run_dir / "checkpoints" / "best.pt")
-    (run_dir / "manifest.json").write_text('{"preprocess": {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2]}}')
-    model, spec = models.create("timm:test_resnet", 8, 3, 28, weights=run_dir / "checkpoints" / "best.pt")
-    assert models.pretrained_stats(model, spec) == ((0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
-    (run_dir / "manifest.json").unlink()  # a foreign file: the statistics its weights were made with (timm's config)
-    model, spec = models.create("timm:test_resnet", 8, 3, 28, weights=run_dir / "checkpoints" / "best.pt")
-    assert models.pretrained_stats(model, spec) == (tuple(timm.data.resolve_model_data_config(model)["mean"]),
-                                                    tuple(timm.data.resolve_model_data_config(model)["std"]))
+    run's checkpoint was trained with its own statistics (0.5/0.5 from scratch): the run's
+    recorded preprocessing wins; a foreign file's are those its weights were made with."""
+    model, _ = models.create("timm:test_resnet", 8, 3, 28)
+    torch.save({"model": model.state_dict(), "epoch": 3}, tmp_path / "best.pt")
+    model, spec = models.create("timm:test_resnet", 8, 3, 28, weights=tmp_path / "best.pt")
+    recorded = {"mean": [0.4, 0.4, 0.4], "std": [0.2, 0.2, 0.2], "interpolation": "bilinear"}
+    assert models.pretrained_stats(model, spec, recorded) == ((0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
+    timm_stats = (tuple(timm.data.resolve_model_data_config(model)["mean"]),
+                  tuple(timm.data.resolve_model_data_config(model)["std"]))
+    assert models.pretrained_stats(model, spec) == timm_stats
+    assert models.pretrained_stats(model, spec, {"mean": None}) == timm_stats  # a damaged manifest's
 
 
 def test_a_torchvision_head_of_another_width_is_refused_not_dropped(tmp_path):

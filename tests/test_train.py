@@ -540,6 +540,11 @@ def test_loaded_weights_get_the_fine_tuning_rate_and_their_own_statistics(small_
     given = train.train(root=small_root, runs_dir=tmp_path / "b", epochs=1, batch_size=16, model="timm:test_vit",
                         weights=weights, lr=0.01)
     assert given.config["lr"] == 0.01
+    # review: a medcli run's checkpoint keeps the statistics that run trained with (its manifest's)
+    Run.open(run.run_dir).update(lambda data: data["preprocess"].update(mean=[0.4] * 3, std=[0.2] * 3))
+    tuned = train.train(root=small_root, runs_dir=tmp_path / "c", epochs=1, batch_size=16, model="timm:test_vit",
+                        weights=run.checkpoint_path("best"))
+    assert tuned.data["preprocess"]["mean"] == [0.4] * 3 and tuned.data["preprocess"]["std"] == [0.2] * 3
 
 
 def test_a_split_over_the_device_budget_is_streamed_with_the_same_result(small_root, tmp_path, capsys):
