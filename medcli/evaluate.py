@@ -30,6 +30,10 @@ __all__ = ["BOOTSTRAP", "evaluate_run", "shown_metrics", "written_files"]
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "auc", "f1_macro", "nll", "ece", "brier")
 CALIBRATION_METRICS = ("ece", "nll", "brier", "auc")  # recorded before and after temperature scaling
+# What temperature scaling is fitted to improve: the only metrics a calibrated split reports
+# after it. Everything else (accuracy is unchanged; the one-vs-rest AUC of a softmax moves a
+# little) is the model's own, so a calibrated run never gains on a ranking by the transform.
+SCALED_METRICS = ("ece", "nll", "brier")
 BOOTSTRAP = {"resamples": 1000, "seed": 0}  # the intervals of accuracy and AUC (`tasks.Task.intervals`)
 
 
@@ -74,6 +78,7 @@ def evaluate_run(
     chosen_views = augment.test_views(augment.Augment.from_dict(run.config.get("augment", {}))) if tta else {"identity": None}
     if tta and len(chosen_views) == 1:
         console.warn("--tta: this run was trained without flips or turns, so there is no test-time view to add")
+        tta = False  # recorded as what ran: the image alone
     views = list(chosen_views.values()) if tta else None
     if medmnist_csv and not data.record.get("official"):
         console.warn(f"--medmnist-csv: medmnist.Evaluator scores these files against the labels of the official "
@@ -132,17 +137,19 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
     names = list(task.names)
     raw = task.probabilities(logits)
     probs = raw if fit is None else task.probabilities(logits, fit[0])
-    values = task.metrics(labels, probs)
+    values = task.metrics(labels, raw)
     bins = task.reliability(labels, probs)
     calibration = None
     panels = [("uncalibrated", bins)]
     if fit is not None:
         temperature, skipped = fit
         # One-vs-rest AUC changes with the temperature (the classes' scores are rescaled
-        # differently per sample), so it is recorded on both sides with the calibration metrics.
-        unscaled = task.metrics(labels, raw)
-        before = {key: unscaled[key] for key in CALIBRATION_METRICS}
-        after = {key: values[key] for key in CALIBRATION_METRICS}
+        # differently per sample): recorded on both sides with the calibration metrics, while
+        # the split's AUC, its interval, the predictions and the medmnist CSV stay the model's.
+        scaled = task.metrics(labels, probs)
+        before = {key: values[key] for key in CALIBRATION_METRICS}
+        after = {key: scaled[key] for key in CALIBRATION_METRICS}
+        values.update({key: scaled[key] for key in SCALED_METRICS})
         calibration = {"method": "temperature scaling", "fitted_on": "val", "temperature": temperature,
                        "skipped": skipped, "before": before, "after": after,
                        "reliability_before": task.reliability(labels, raw)}
@@ -153,13 +160,13 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
                       (f"after T = {metrics.temperature_text(temperature)}"
                        + (f" (T = 1 where skipped: {skipped})" if skipped else ""), bins)]
     result = {**context, "split": split, "calibration": calibration, "metrics": values,
-              "ci": task.intervals(labels, probs, **BOOTSTRAP), "reliability": bins}
+              "ci": task.intervals(labels, raw, **BOOTSTRAP), "reliability": bins}
 
     title, note = f"{run.run_id} · {split}", datasets.provenance(data.record)
     captions = task.describe(labels, probs)
     files = [
         fileio.write_json(run.metrics_file(split), result),
-        *tables.write_predictions(run.predictions_file(split), task, labels, probs),
+        *tables.write_predictions(run.predictions_file(split), task, labels, raw, None if fit is None else fit[0]),
         reports.save_task_confusion(run.figure_file("confusion", split), task.confusion_tables(values), title, note),
         reports.save_samples(run.figure_file("samples", split), data.images[split], captions,
                              f"{title}: sample predictions (green right, red wrong; confidence in brackets)", note),
@@ -170,7 +177,7 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
                          f"{title}: ROC and precision-recall", note),
     ]
     if medmnist_csv:
-        files.append(_write_medmnist_csv(run, split, probs, values, data.record))
+        files.append(_write_medmnist_csv(run, split, raw, values, data.record))
     return result, files
 
 
@@ -241,7 +248,8 @@ def write_run_report(run: Run, splits: Sequence[str]) -> Path:
 def _print_summary(results: dict) -> None:
     """A Rich table of the main metrics per split on stderr (skipped with --quiet): the data's
     provenance in the title when it is not the official file, the bootstrap intervals, and
-    the temperature with the metrics before scaling (or why the fit was skipped)."""
+    the temperature with the calibration metrics before scaling and the AUC after it (or why
+    the fit was skipped)."""
     if console.is_quiet():
         return
     from rich.table import Table
@@ -264,7 +272,11 @@ def _print_summary(results: dict) -> None:
     if all(calibrations):  # one evaluation calibrates every split or none
         rows.append(("temperature", [metrics.temperature_text(c["temperature"]) for c in calibrations]))
         rows += [(f"{key} before scaling", [metrics.metric_text(key, c["before"][key]) for c in calibrations])
-                 for key in ("ece", "nll", "auc")]
+                 for key in ("ece", "nll")]
+        rows.append(("auc after scaling", [metrics.metric_text("auc", c["after"]["auc"]) for c in calibrations]))
+        captions.append("ece, nll and brier after temperature scaling; every other metric is the model's own"
+                        + (" (val: the split T was fitted on, so its scaled values flatter it)" if "val" in results
+                           else ""))
         if first["calibration"]["skipped"]:
             captions.append(f"temperature fit skipped (T = 1): {first['calibration']['skipped']}")
     for key, cells in rows:

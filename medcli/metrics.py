@@ -395,8 +395,10 @@ AT_BOUND = "no optimum inside the search range"
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str | None]:
     """(T, None) with T > 0 minimising the NLL of softmax(logits / T) (Guo et al., 2017), or
     (1.0, reason) where the validation split cannot pin T down; `fit_label_temperatures` fits
-    one per label of sigmoid outputs. Either way each class's or label's ranking (its AUC) is
-    unchanged, as is the argmax. T > 1 softens an over-confident model.
+    one per label of sigmoid outputs. The argmax and each label's ranking (its AUC) are
+    unchanged; a softmax's one-vs-rest AUC may move a little (each sample's scores are
+    rescaled differently), so `evaluate` keeps the model's own. T > 1 softens an
+    over-confident model.
 
     A bounded 1-D search over log T around the logits' own scale (TEMPERATURE_SPAN either
     side), so fitting 100 x the logits gives 100 x the temperature: the NLL is smooth and

@@ -94,13 +94,18 @@ def task_file(csv: str | os.PathLike) -> Path:
     return Path(csv).with_suffix(".task.json")
 
 
-def write_predictions(path, task: tasks.Task, labels: np.ndarray, probs: np.ndarray) -> tuple[Path, Path]:
+def write_predictions(path, task: tasks.Task, labels: np.ndarray, probs: np.ndarray,
+                      temperature=None) -> tuple[Path, Path]:
     """The CSV and its task sidecar. Probabilities are written in the shortest text that reads
     back to the same float (rounded ones would tie scores the model kept apart, and the AUC
-    computed from the file would move)."""
+    computed from the file would move). They are the model's own; `temperature` (fitted by
+    `evaluate --calibrate`, per label for multi-label tasks) is recorded in the sidecar: the
+    calibrated probabilities are those of the logits divided by it."""
     with fileio.atomic_path(path) as tmp:
         predictions_frame(task, labels, probs).to_csv(tmp, index=False)
-    return Path(path), fileio.write_json(task_file(path), {"task": task.kind, "class_names": list(task.names)})
+    sidecar = {"task": task.kind, "class_names": list(task.names), "probabilities": "uncalibrated",
+               **({} if temperature is None else {"temperature": temperature})}
+    return Path(path), fileio.write_json(task_file(path), sidecar)
 
 
 def read_predictions(path: str | os.PathLike):

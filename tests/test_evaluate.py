@@ -81,7 +81,31 @@ def test_tta_and_calibration_are_deterministic_and_recorded(run_copy):
     assert calibration["fitted_on"] == "val" and calibration["temperature"] > 0
     assert set(calibration["before"]) == set(calibration["after"]) == {"ece", "nll", "brier", "auc"}
     assert calibration["after"]["nll"] == runs[0]["metrics"]["nll"]
-    assert calibration["after"]["auc"] == runs[0]["metrics"]["auc"]
+    # review: the split's AUC is the model's own; the one after scaling is the calibration's
+    assert calibration["before"]["auc"] == runs[0]["metrics"]["auc"]
+
+
+def test_calibration_changes_only_the_calibration_metrics(run_copy):
+    """Review: with --calibrate the headline AUC (its interval, the medmnist CSV and the
+    predictions the paired tests read) was that of the temperature-scaled probabilities: a
+    softmax's one-vs-rest AUC moves with T, so a calibrated run could gain on a ranking by a
+    transform fitted on val after training. They are the model's own; ece, nll and brier are
+    after scaling, and the sidecar records T."""
+    from medcli.evaluate import SCALED_METRICS, evaluate_run
+
+    run = Run.open(run_copy)
+    plain = evaluate_run(run_copy, split="test", device="cpu", medmnist_csv=True)["splits"]["test"]
+    files = {path: path.read_bytes() for path in (run.predictions_file("test"), *run.medmnist_dir().glob("*_test_*.csv"))}
+    assert len(files) == 2
+    scaled = evaluate_run(run_copy, split="test", calibrate=True, device="cpu", medmnist_csv=True)["splits"]["test"]
+    calibration = scaled["calibration"]
+    assert calibration["after"]["auc"] != calibration["before"]["auc"]  # T moves this model's AUC
+    for key, value in plain["metrics"].items():
+        assert scaled["metrics"][key] == (calibration["after"][key] if key in SCALED_METRICS else value), key
+    assert scaled["ci"] == plain["ci"]
+    assert {path: path.read_bytes() for path in files} == files
+    sidecar = json.loads(tables.task_file(run.predictions_file("test")).read_text())
+    assert sidecar["probabilities"] == "uncalibrated" and sidecar["temperature"] == calibration["temperature"]
 
 
 def test_evaluation_runs_in_full_precision_unless_asked(run_copy, monkeypatch):
@@ -125,7 +149,9 @@ def test_tta_uses_only_the_flips_the_run_was_trained_with(run_copy, trained, vie
     Run.open(run_copy).update(lambda data: data["config"]["augment"].update(trained))
     plain = evaluate_run(run_copy, split="val", device="cpu")["splits"]["val"]
     tta = evaluate_run(run_copy, split="val", tta=True, device="cpu")["splits"]["val"]
-    assert tta["tta"] == {"enabled": True, "views": views}
+    # review: with no view to add, TTA is recorded as not used (what ran was the image alone)
+    assert tta["tta"] == {"enabled": views != ["identity"], "views": views}
+    assert Run.open(run_copy).stages["evaluate"]["summary"]["val"]["tta"] is (views != ["identity"])
     warned = "no test-time view to add" in capsys.readouterr().err
     assert warned == (views == ["identity"])
     if views == ["identity"]:  # nothing to average: TTA gives the plain predictions
