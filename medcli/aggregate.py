@@ -98,6 +98,8 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     try:
         evaluation = json.loads(metrics_file.read_text(encoding="utf-8"))
         values = evaluation["metrics"]
+        if not isinstance(evaluation, dict) or not isinstance(values, dict):
+            raise TypeError("not a mapping")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"{run.relative(metrics_file)} is unreadable ({type(exc).__name__}); re-run 'medcli evaluate'") from None
     spec = run.data.get("model", {})
@@ -120,7 +122,9 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     tta = len(evaluation.get("tta", {}).get("views", [])) > 1  # the identity alone is a plain evaluation
     settings = [evaluation.get("checkpoint", "?")] + (["tta"] if tta else []) + (["calibrated"] if calibrated else [])
     experiment = experiment_of(config)
-    experiment.update(pretrained=pretrained, data_md5=run.dataset.get("md5"), evaluation=settings)
+    tested = evaluation.get("dataset") if isinstance(evaluation.get("dataset"), dict) else {}
+    experiment.update(pretrained=pretrained, data_md5=run.dataset.get("md5"), evaluation=settings,
+                      evaluated_md5=tested.get("md5") or run.dataset.get("md5"))  # `evaluate --root` another file
     checkpoint = evaluation.get("checkpoint")
     return {
         "run": run.run_id,
@@ -174,12 +178,12 @@ def group_runs(runs: list[dict], metric_names: Sequence[str]) -> list[dict]:
     by_experiment: dict[str, list[dict]] = {}
     for row in runs:
         by_experiment.setdefault(json.dumps(row["experiment"], sort_keys=True, default=str), []).append(row)
-    groups = []
+    groups, seed_texts = [], []
     for members in by_experiment.values():
         first = members[0]
         seeds = sorted(m["seed"] for m in members if m["seed"] is not None)
-        group = {"group": f"{first['model']}{' pretrained' if first['pretrained'] else ''}"
-                          f"{f' s{_seed_text(seeds)}' if seeds else ''}",
+        seed_texts.append(f" s{_seed_text(seeds)}" if seeds else "")
+        group = {"group": f"{first['model']}{' pretrained' if first['pretrained'] else ''}",
                  "dataset": first["dataset"], "size": first["size"], "data": first["data"], "model": first["model"],
                  "pretrained": first["pretrained"], "evaluation": first["evaluation"], "n_runs": len(members),
                  "seeds": ", ".join(map(str, seeds)), "runs": [m["run"] for m in members],
@@ -192,7 +196,7 @@ def group_runs(runs: list[dict], metric_names: Sequence[str]) -> list[dict]:
             group[f"{OWN_FAITHFULNESS}_method"] = "/".join(dict.fromkeys(
                 m[f"{OWN_FAITHFULNESS}_method"] for m in members if m[f"{OWN_FAITHFULNESS}_method"])) or None
         groups.append(group)
-    _name_groups(groups)
+    _name_groups(groups, seed_texts)
     key = metric_names[0]
     sign = 1 if key in LOWER_IS_BETTER else -1
     groups.sort(key=lambda g: (g[key] is None, sign * (g[key] or 0.0), g["group"]))
@@ -205,21 +209,33 @@ def _seed_text(seeds: list) -> str:
     return f"{seeds[0]}-{seeds[-1]}" if consecutive and len(seeds) > 2 else ",".join(map(str, seeds))
 
 
-def _name_groups(groups: list[dict]) -> None:
-    """Make the labels (model and seeds) unique. In a comparison across data every label says
-    its data ("on chestmnist 64 px": the md5 and the data's presets follow from it); groups
-    that still share one get what their experiments differ in, two things at most: the model's
-    and weights' settings before the others, and the file's md5 last; then a number if need be. Values are whole up to a
-    length, else cut after a word with "…" (`_brief`)."""
-    if len({_data_text(g) for g in groups}) > 1:
-        for g in groups:
+def _name_groups(groups: list[dict], seed_texts: list[str]) -> None:
+    """Label each group by its model and seeds (`seed_texts`, one per group), unique. In a
+    comparison across data every label says its data ("on chestmnist 64 px": the md5 and the
+    data's presets follow from it; two files of one flag and provenance by their md5); groups
+    whose labels without the seeds still agree (seeds differ, settings too: they must not read
+    as seeds of one setup) get what their experiments differ in, two things at most: the
+    model's and weights' settings before the others, and the file's md5 last; then a number if
+    need be. Values are whole up to a length, else cut after a word with "…" (`_brief`)."""
+    across = len({compare_stats.data_key(g) for g in groups}) > 1
+    bases = {id(g): g["group"] for g in groups}
+    for g, seeds in zip(groups, seed_texts):
+        g["group"] += seeds
+        if across:
             g["group"] += f" on {_data_text(g)}"
-    for label in {g["group"] for g in groups}:
-        same = [g for g in groups if g["group"] == label]
-        keys = sorted((k for k in set().union(*(g["experiment"] for g in same))
-                       if len({json.dumps(g["experiment"].get(k), default=str) for g in same}) > 1), key=_label_rank)
-        for g in same if len(same) > 1 and keys else ():
-            g["group"] += " " + ", ".join(f"{k}={_brief(g['experiment'].get(k))}" for k in keys[:2])
+            if len({compare_stats.data_key(o) for o in groups if _data_text(o) == _data_text(g)}) > 1:
+                g["group"] += f" md5 {str(g['experiment'].get('evaluated_md5'))[:8]}"  # files of one flag told apart
+            bases[id(g)] += f" on {g['group'].split(' on ', 1)[1]}"
+    # the evaluation has its own column, legend entry and title: named only where it alone differs
+    for ignored in (("evaluation",), ()):  # first by the labels without seeds, then by the whole labels
+        labels = bases if ignored else {id(g): g["group"] for g in groups}
+        for label in set(labels.values()):
+            same = [g for g in groups if labels[id(g)] == label]
+            keys = sorted((k for k in set().union(*(g["experiment"] for g in same)) if k not in ignored
+                           and len({json.dumps(g["experiment"].get(k), default=str) for g in same}) > 1),
+                          key=_label_rank)
+            for g in same if len(same) > 1 and keys else ():
+                g["group"] += " " + ", ".join(f"{k}={_brief(g['experiment'].get(k))}" for k in keys[:2])
     for label in {g["group"] for g in groups}:
         same = [g for g in groups if g["group"] == label]
         for number, g in enumerate(same[1:], start=2):
@@ -232,7 +248,8 @@ _LEADING_KEYS = ("model", "pretrained")
 def _label_rank(key: str) -> tuple:
     """Labels name the model and weights first, then the settings alphabetically, then the
     data's md5."""
-    return _LEADING_KEYS.index(key) if key in _LEADING_KEYS else len(_LEADING_KEYS), key == "data_md5", key
+    return (_LEADING_KEYS.index(key) if key in _LEADING_KEYS else len(_LEADING_KEYS),
+            key in ("data_md5", "evaluated_md5"), key)
 
 
 def _brief(value, limit: int = 24) -> str:
@@ -306,7 +323,7 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test", metric_na
                          f"evaluate them first with 'medcli evaluate RUN --split {split}'")
     groups = group_runs(runs, metric_names)
     chosen = compare_stats.pair_groups(groups, pair)
-    rivals = Counter((g["dataset"], g["size"], g["data"]) for g in groups)  # setups on the same data
+    rivals = Counter(compare_stats.data_key(g) for g in groups)  # setups on the same data
     if chosen is None and max(rivals.values()) > 2:
         console.info(f"{len(groups)} setups: the best means are marked, untested; --pair A B (a label, run id "
                      f"or directory of each) tests two of them on the same images")
@@ -317,13 +334,15 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test", metric_na
 
 def _drop_copies(runs: list[dict], skipped: list[dict]) -> list[dict]:
     """The runs without copies of an earlier one (the same checkpoint by sha256; where no hash
-    was recorded, the same run id and seed): a copied run directory is the same result, not
-    another seed. The run id alone is no proof: it is the start time to the second, dataset and
+    was recorded, the same run id and seed; evaluated alike, on the same file): a copied run
+    directory is the same result, not another seed (a copy evaluated with TTA or calibration,
+    or on another file, is another setup). The run id alone is no proof: it is the start time to the second, dataset and
     model, shared by seeds started together into different folders. Copies join `skipped`."""
     kept, seen = [], {}
     for row in runs:
         key = ("checkpoint", row["checkpoint_sha256"]) if row["checkpoint_sha256"] \
             else ("run id and seed", row["run"], row["seed"])
+        key += (json.dumps(row["experiment"]["evaluation"]), row["experiment"]["evaluated_md5"])  # evaluated alike
         if key in seen:
             skipped.append({"run": row["path"], "reason": f"a copy of {seen[key]['path']} (the same {key[0]}), "
                                                           f"not another seed; compare one of them"})
@@ -361,12 +380,16 @@ def _data_text(entry: dict) -> str:
     return f"{entry['dataset']} {entry['size']} px" + (f" ({entry['data'].upper()})" if entry["data"] else "")
 
 
+_BAR_HATCHES = ("", "//", "..", "xx")  # the chart's setups past matplotlib's 10 colours repeat them hatched
 _SHARED = {"data": _data_text, "evaluation": lambda g: g["evaluation"]}  # in the title when every setup shares it
 
 
 def _shared(result: Comparison) -> dict[str, str]:
-    """The columns of `_SHARED` whose text every setup shares, with that text."""
-    return {name: next(iter(values)) for name, text in _SHARED.items() if len(values := {text(g) for g in result.groups}) == 1}
+    """The columns of `_SHARED` whose text every setup shares, with that text (the data only
+    when every setup was tested on the same file)."""
+    one_file = len({compare_stats.data_key(g) for g in result.groups}) == 1
+    return {name: next(iter(values)) for name, text in _SHARED.items()
+            if len(values := {text(g) for g in result.groups}) == 1 and (name != "data" or one_file)}
 
 
 def display_rows(result: Comparison, wide: bool = False, gap: str = " ") -> tuple[str, list[str], list[list[str]]]:
@@ -511,7 +534,8 @@ def chart_figure(result: Comparison):
         values = [g[m] for m in result.metrics]
         stds = [g[f"{m}_std"] or 0.0 for m in result.metrics] if g["n_runs"] > 1 else [0.0] * len(values)
         bars = ax.bar(x - 0.4 + width * (i + 0.5), [v or 0.0 for v in values], width, label=labels[i],
-                      yerr=stds if g["n_runs"] > 1 else None, capsize=3, edgecolor="black", linewidth=0.8)
+                      yerr=stds if g["n_runs"] > 1 else None, capsize=3, edgecolor="black", linewidth=0.8,
+                      color=f"C{i % 10}", hatch=_BAR_HATCHES[i // 10 % len(_BAR_HATCHES)])  # 10 colours, then hatched
         for bar, metric, value, std in zip(bars, result.metrics, values, stds):  # above the error bar
             text = "n/a" if value is None else f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.3f}"
             ax.annotate(text + (f"\n{g[f'{metric}_method']}" if g.get(f"{metric}_method") else ""),
@@ -521,7 +545,8 @@ def chart_figure(result: Comparison):
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(tops) * (1.3 if n > 2 else 1.15) or 1.0)
     ax.set_xticks(x, ["\n".join(textwrap.wrap(heading(m), 9)) for m in result.metrics], fontsize=11)
     ax.set_ylabel("mean over seeds (error bar: std)", fontsize=10)
-    title = f"{', '.join(dict.fromkeys(_data_text(g) for g in result.groups))}: {result.split} split" \
+    texts, files = dict.fromkeys(_data_text(g) for g in result.groups), {compare_stats.data_key(g) for g in result.groups}
+    title = f"{', '.join(texts)}{f' ({len(files)} files)' if len(files) > len(texts) else ''}: {result.split} split" \
         + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "")
     ax.set_title(wrapped(title, 12), fontsize=12)
     ax.grid(axis="y", alpha=0.3)

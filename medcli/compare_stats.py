@@ -38,7 +38,7 @@ from medcli.errors import UsageError
 from medcli.names import LOWER_IS_BETTER, PERCENT_METRICS
 from medcli.run import Run
 
-__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CITATION", "benchmarks", "leaders", "pair_groups",
+__all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CITATION", "benchmarks", "data_key", "leaders", "pair_groups",
            "paired_lines", "paired_tests", "references"]
 
 BOOTSTRAP_RESAMPLES = 2000
@@ -55,12 +55,18 @@ PUBLISHED_METRICS = {"acc": "accuracy", "auc": "auc"}  # the file's columns -> m
 # ---------------------------------------------------------------------------------------
 
 
+def data_key(group: dict) -> tuple:
+    """What a setup (or run) was tested on: dataset, size, provenance and the evaluated file's
+    md5 (two unofficial files of one flag are different test sets)."""
+    return group["dataset"], group["size"], group["data"], group["experiment"].get("evaluated_md5")
+
+
 def leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[str]]:
     """Per metric, the labels of the group(s) (`aggregate`'s setups) with the best mean (lower
     is better for losses and ECE) among two or more on the same data."""
     by_data: dict[tuple, list[dict]] = {}
     for g in groups:
-        by_data.setdefault((g["dataset"], g["size"], g["data"]), []).append(g)
+        by_data.setdefault(data_key(g), []).append(g)
     found: dict[str, list[str]] = {}
     for metric in metric_names:
         for rivals in by_data.values():
@@ -80,9 +86,9 @@ def leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[s
 def pair_groups(groups: list[dict], pair: Sequence[str] | None) -> tuple[dict, dict] | None:
     """The two setups (groups of `aggregate`) a paired test compares: the ones `pair` names (each
     by its label, one of its run ids or run directories), else the only two when exactly two
-    are compared; None when there is no pair."""
+    are compared on the same data; None when there is no pair."""
     if not pair:
-        return (groups[0], groups[1]) if len(groups) == 2 else None
+        return (groups[0], groups[1]) if len(groups) == 2 and data_key(groups[0]) == data_key(groups[1]) else None
     a, b = (_named_group(groups, name) for name in pair)
     if a is b:
         raise UsageError(f"--pair names the setup '{a['group']}' twice; name two different setups")

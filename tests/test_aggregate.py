@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from medcli import fileio
-from medcli.aggregate import aggregate, table_text
+from medcli.aggregate import aggregate, display_rows, table_text
 from medcli.cli import app
 
 from cli_helpers import heavy_imports
@@ -475,8 +475,9 @@ def test_where_a_value_came_from_does_not_split_a_setup(tmp_path):
     make_run(tmp_path, "given", seed=2, warmup_epochs=0.3, warmup_source="--warmup-epochs", lr_source="--lr")
     make_run(tmp_path, "other", seed=0, warmup_epochs=0.5, warmup_source="recipe")
     groups = aggregate([tmp_path], metric_names=["accuracy"]).groups
+    # review: the setups' other seeds do not tell them apart; the setting they differ in does
     assert sorted((g["group"], g["n_runs"]) for g in groups) == [
-        ("resnet18 s0", 1), ("resnet18 s0-2", 3)]
+        ("resnet18 s0 warmup_epochs=0.5", 1), ("resnet18 s0-2 warmup_epochs=0.3", 3)]
 
 
 def test_a_second_comparison_into_the_same_folder_says_it_replaces_the_first(tmp_path):
@@ -545,3 +546,62 @@ def test_three_setups_without_pair_say_their_best_means_are_untested(tmp_path, c
         make_run(other, flag, seed=k, dataset={"flag": flag, "size": 28, "md5": flag})
     aggregate([other])
     assert "untested" not in capsys.readouterr().err
+
+
+# -- review: copies evaluated differently, different test files, broken files, many setups -------
+
+
+def test_a_copy_evaluated_differently_is_a_setup_not_a_duplicate(tmp_path):
+    """Review: a run copied to evaluate it once more with --calibrate (or --tta) was dropped as
+    "a copy of ... not another seed", though it is the paired comparison of two evaluations of
+    one model; which one survived depended on the folders' names."""
+    make_run(tmp_path, "plain", checkpoint_sha256="same")
+    make_run(tmp_path, "scaled", checkpoint_sha256="same", calibration={"temperature": 1.3})
+    make_run(tmp_path, "twin", checkpoint_sha256="same")  # a copy evaluated alike: the same result
+    result = aggregate([tmp_path], metric_names=["accuracy"])
+    assert sorted(g["evaluation"] for g in result.groups) == ["best", "best, calibrated"]
+    assert [Path(s["run"]).name for s in result.skipped] == [Path(next(tmp_path.glob("*twin"))).name]
+
+
+def test_setups_tested_on_different_files_are_no_rivals_and_say_which_file(tmp_path):
+    """Review: runs on two unofficial bloodmnist files were ranked against each other (one
+    starred best), paired by default, and titled as if they shared one dataset."""
+    from medcli.aggregate import chart_figure
+
+    make_run(tmp_path, "a", dataset={"md5": "aaaaaaaa11", "official": False})
+    make_run(tmp_path, "b", model="vit-tiny", accuracy=0.95, dataset={"md5": "bbbbbbbb22", "official": False})
+    result = aggregate([tmp_path], metric_names=["accuracy"])
+    assert result.leaders == {} and result.paired is None
+    assert sorted(g["group"] for g in result.groups) == [
+        "resnet18 s0 on bloodmnist 28 px (UNOFFICIAL) md5 aaaaaaaa",
+        "vit-tiny s0 on bloodmnist 28 px (UNOFFICIAL) md5 bbbbbbbb"]
+    title, _, _ = display_rows(result)
+    assert "UNOFFICIAL" not in title
+    (ax,) = chart_figure(result).axes
+    assert "(2 files)" in ax.get_title().replace("\n", " ")
+
+
+def test_a_malformed_metrics_file_leaves_its_run_out_not_the_comparison(tmp_path):
+    """Review: `{"metrics": null}` in one run's metrics file ended the whole command with
+    "unexpected TypeError"."""
+    make_run(tmp_path, "good")
+    bad = make_run(tmp_path, "bad", seed=1)
+    for text in ('{"metrics": null}', '{"metrics": [1, 2]}', "[]"):
+        (bad / "metrics" / "test.json").write_text(text)
+        result = aggregate([tmp_path], metric_names=["accuracy"])
+        assert len(result.runs) == 1
+        assert [s["reason"] for s in result.skipped] == ["metrics/test.json is unreadable (TypeError); "
+                                                         "re-run 'medcli evaluate'"]
+
+
+def test_the_chart_tells_more_than_ten_setups_apart(tmp_path):
+    """Review: from the 11th setup on, the bars reused the first setups' colours."""
+    from matplotlib.colors import to_hex
+
+    from medcli.aggregate import chart_figure
+
+    for number in range(12):
+        make_run(tmp_path, f"r{number}", lr=0.01 * (number + 1))
+    (ax,) = chart_figure(aggregate([tmp_path], metric_names=["accuracy"])).axes
+    looks = {(to_hex(patch.get_facecolor()), patch.get_hatch()) for patch in ax.patches}
+    assert len(looks) == 12

@@ -112,7 +112,9 @@ def test_paired_tests_refuse_different_images(tmp_path, change):
     vit = make_run(tmp_path, "vit", model="vit-tiny", dataset={"md5": "other"} if change == "md5" else None)
     predicted(cnn, RIGHT_A)
     predicted(vit, RIGHT_B, labels=(np.arange(40) + (change == "labels")) % 3)
-    (pair,) = aggregate([tmp_path], metric_names=["accuracy"]).paired["pairs"]
+    if change == "md5":  # review: two setups on different files are no default pair
+        assert aggregate([tmp_path], metric_names=["accuracy"]).paired is None
+    (pair,) = aggregate([tmp_path], metric_names=["accuracy"], pair=("cnn", "vit")).paired["pairs"]
     assert pair["refused"].startswith("not the same test images") and "accuracy" not in pair
 
 
