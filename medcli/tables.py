@@ -277,7 +277,10 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
     metrics_rows += [[m] + [evaluations[s][0]["metrics"].get(m) for s in splits] for m in shown]
     model = manifest.get("model", {})
     dataset = manifest.get("dataset", {})
-    note = datasets.provenance(dataset)
+    # what each split was evaluated on (`evaluate --root` may point at another file than training's)
+    notes = {s: datasets.provenance(evaluations[s][0].get("dataset") or dataset) for s in splits}
+    note = next(iter(notes.values())) if len(set(notes.values())) == 1 else \
+        "; ".join(f"{s}: {n or 'the official file'}" for s, n in notes.items())
     summary = Block(pd.DataFrame(metrics_rows, columns=["metric", *splits]), title=note and f"data: {note}",
                     row_formats={"n": INTEGER, **{m: metric_format(m) for m in shown}})
     info = [("run", manifest.get("run_id")), ("created", manifest.get("created")),
@@ -287,8 +290,12 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
             ("model", model.get("name")), ("pretrained", model.get("pretrained")), ("parameters", model.get("params"))]
     for split in splits:
         meta = evaluations[split][0]
-        info += [(f"{split}: checkpoint", meta.get("checkpoint")),
-                 (f"{split}: test-time views", ", ".join(meta["tta"]["views"]))]
+        calibration = meta.get("calibration") or {}
+        info += [(f"{split}: data", notes[split] or "the official file"),
+                 (f"{split}: checkpoint", meta.get("checkpoint")),
+                 (f"{split}: test-time views", ", ".join(meta["tta"]["views"])),
+                 (f"{split}: temperature", temperature_text(calibration["temperature"]) if calibration
+                  else "not calibrated")]
     _flatten("config", manifest.get("config", {}), info)
     run_block = Block(pd.DataFrame(info, columns=["item", "value"]), title="run and config")
 

@@ -743,3 +743,25 @@ def test_an_evaluation_that_stops_keeps_the_earlier_one_and_a_half_written_split
     assert "test" in splits and "val" not in splits
     page = webpage.write_run_page(run_copy).read_text(encoding="utf-8")
     assert "test split" in page and "val split" not in page
+
+
+def test_the_workbook_says_what_each_split_was_evaluated_on(run_copy):
+    """Review: report.xlsx's banner and dataset rows were the training file's, though `evaluate
+    --root` may score a split on another file (whose provenance the console, figures and
+    metrics JSON said); and a split's temperature was only to be guessed."""
+    import openpyxl
+
+    from medcli.evaluate import evaluate_run, write_run_report
+
+    evaluate_run(run_copy, split="all", calibrate=True, device="cpu")
+    run = Run.open(run_copy)
+    test = json.loads(run.metrics_file("test").read_text())
+    test["dataset"] = {**test["dataset"], "synthetic": False, "official": True}  # as if scored on the official file
+    run.metrics_file("test").write_text(json.dumps(test))
+    book = openpyxl.load_workbook(write_run_report(run, ["train", "val", "test"]))
+    summary = book["summary"]
+    cells = {row[0].value: row[1].value for row in summary.iter_rows() if row[0].value}
+    banner = summary["A1"].value
+    assert "train: SYNTHETIC data" in banner and "test: the official file" in banner
+    assert cells["test: data"] == "the official file" and cells["val: data"].startswith("SYNTHETIC data")
+    assert cells["test: temperature"] == metrics.temperature_text(test["calibration"]["temperature"])
