@@ -216,15 +216,27 @@ def _signal(procs: list, method: str) -> tuple[list, dict[int, str]]:
 
 
 def end_processes(procs: list[MedcliProcess], grace_s: float = 10.0) -> list[dict]:
-    """SIGTERM each process, SIGKILL whatever is left after `grace_s`, then mark the stages
-    they were running as interrupted (a process killed hard cannot do that itself)."""
+    """SIGTERM each process (but those whose launcher is among them: it passes the signal on),
+    SIGKILL whatever is left after `grace_s`, then mark the stages they were running as
+    interrupted (a process killed hard cannot do that itself)."""
     import psutil
 
     from medcli.run import Run
 
     handles = [p.handle or psutil.Process(p.pid) for p in procs]
-    terminated, failed = _signal(handles, "terminate")
-    _, alive = psutil.wait_procs(terminated, timeout=grace_s)
+    pids = {handle.pid for handle in handles}
+
+    def launched(handle) -> bool:  # by another process being ended: its launcher (torchrun, --nproc)
+        try:
+            return handle.ppid() in pids
+        except psutil.Error:
+            return False
+
+    # A launcher passes SIGTERM on to its processes: one sent to them too would land while they
+    # stop (a second Ctrl-C), so they get theirs from it, and SIGKILL if still there after the grace.
+    children = [handle for handle in handles if launched(handle)]
+    terminated, failed = _signal([handle for handle in handles if handle not in children], "terminate")
+    _, alive = psutil.wait_procs([*terminated, *children], timeout=grace_s)
     killed, kill_failed = _signal(alive, "kill")
     failed.update(kill_failed)
     _, survivors = psutil.wait_procs(killed, timeout=max(grace_s, KILL_WAIT_S))

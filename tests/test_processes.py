@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -304,3 +305,56 @@ rank0.stdout.readline()
 print("ready", flush=True)
 rank0.wait()
 """
+
+
+# A launcher (torchrun, `train --nproc`) that passes SIGTERM on to its process and waits for it;
+# the process writes a line per SIGTERM and takes a moment to stop, as a rank saving its state.
+FORWARDING_LAUNCHER = """
+import signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, sys.argv[2], "train", sys.argv[3]])
+signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.3), child.send_signal(signal.SIGTERM)))  # as torchrun, a moment later
+child.wait()
+"""
+COUNTING_RANK = """
+import signal, sys, time
+def stop(*args):
+    with open(sys.argv[2], "a") as handle:
+        handle.write("SIGTERM\\n")
+    time.sleep(1)
+    sys.exit(130)
+signal.signal(signal.SIGTERM, stop)
+open(sys.argv[2] + ".ready", "w").close()
+time.sleep(120)
+"""
+
+
+def test_a_launchers_processes_get_sigterm_once_through_it(tmp_path):
+    """Review: `clean-processes --run` sent SIGTERM to a torchrun launcher and to its ranks;
+    the launcher passed its own on, so each rank got two, and the second landed while rank 0
+    was stopping ("error: interrupted", its stage never recorded)."""
+    launcher_script, rank_script = tmp_path / "a" / "medcli", tmp_path / "b" / "medcli"  # named like medcli
+    for path, text in ((launcher_script, FORWARDING_LAUNCHER), (rank_script, COUNTING_RANK)):
+        path.parent.mkdir()
+        path.write_text(text)
+    log = tmp_path / "signals.txt"
+    launcher = subprocess.Popen([sys.executable, str(launcher_script), "train", str(rank_script), str(log)])
+    try:
+        deadline = time.time() + 30
+        while not (tmp_path / "signals.txt.ready").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        (rank,) = psutil.Process(launcher.pid).children()
+        found = [p for p in processes.find_processes() if p.pid in (launcher.pid, rank.pid)]
+        assert len(found) == 2
+        reports = processes.end_processes(found, grace_s=10)
+        launcher.wait(timeout=10)
+        assert log.read_text() == "SIGTERM\n"
+        assert all(report["ended"] and report["signal"] == "SIGTERM" for report in reports)
+    finally:
+        try:
+            leftovers = [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]
+        except psutil.Error:
+            leftovers = []
+        for proc in leftovers:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        launcher.wait()
