@@ -63,13 +63,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_dir(target.parent)
     except OSError as exc:  # disk full, read-only file system, I/O error...
         tmp.unlink(missing_ok=True)
-        raise MedcliError(
-            f"writing {target} failed ({exc.strerror or exc}); any previous version is unchanged: "
-            f"free some space or choose another location"
-        ) from exc
+        raise MedcliError(f"writing {target} failed ({exc.strerror or exc}); {_write_advice(exc, target)}") from exc
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def _write_advice(exc: OSError, target: Path) -> str:
+    """What to do about a failed atomic write, by its cause."""
+    import errno
+
+    if exc.errno in (errno.EISDIR, errno.ENOTEMPTY) or target.is_dir():
+        return "a folder stands there: move it away or choose another location"
+    kept = "any previous version is unchanged: "
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return kept + "free some space or choose another location"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return kept + "choose a location you can write to"
+    return kept + "choose another location"
 
 
 class HashingWriter:

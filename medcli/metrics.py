@@ -389,6 +389,7 @@ def _weighted_auc(weights: np.ndarray, negatives: np.ndarray, positives: np.ndar
 TEMPERATURE_SPAN = 1e3  # T is searched within scale / 1000 .. scale * 1000 (scale: the logits' RMS)
 SEPARATED = "no validation image ranked wrong"
 ONE_SIDED = "validation images all positive or all negative"
+ONE_CLASS = "validation images all of one class"
 AT_BOUND = "no optimum inside the search range"
 
 
@@ -416,6 +417,8 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str 
     """
     labels, logits = _fit_inputs(logits, labels)
     labels = labels.reshape(-1)
+    if np.unique(labels).size == 1:  # nothing ranked against anything: no temperature to learn
+        return 1.0, ONE_CLASS
     rows = np.arange(labels.size)
     others = np.where(np.arange(logits.shape[1]) == labels[:, None], -np.inf, logits)
     if (logits[rows, labels] >= others.max(axis=1)).all():

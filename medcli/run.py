@@ -406,7 +406,9 @@ class Run:
         relative = self.relative(path)
         other = CHECKPOINTS[1 - CHECKPOINTS.index(checkpoint)]
         if not path.is_file():
-            raise UsageError(f"run {self.run_dir} has no {relative}; train it first with medcli train")
+            raise UsageError(f"run {self.run_dir} has no {relative}; " + (
+                f"use --checkpoint {other}, or restore the file" if self.checkpoint_path(other).is_file()
+                else "restore it, or train a new run"))
         state = models.read_state_dict(path, f"re-train or use --checkpoint {other}", data=self.read_artefact(path))
         model = models.rebuild(self.spec)
         models.load_state(model, state, self.spec["name"], relative, "re-train this run or restore its checkpoint")

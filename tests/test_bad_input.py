@@ -285,3 +285,14 @@ def test_plot_confusion_of_an_unevaluated_split_names_the_evaluate_command(run):
     one_line_error(runner.invoke(app, ["plot-confusion", str(run), "--split", "val"]), 2,
                    "predictions/val.csv", f"'medcli evaluate {run} --split val'")
     assert not (run / "figures" / "confusion_val.png").exists()
+
+
+def test_a_folder_where_a_file_goes_is_named_a_folder(tmp_path):
+    """Review: `aggregate --out` over a folder named comparison.png said "any previous version
+    is unchanged: free some space", which fits a full disk, not a folder in the way."""
+    from medcli import fileio
+    from medcli.errors import MedcliError
+
+    (tmp_path / "x.json").mkdir()
+    with pytest.raises(MedcliError, match="a folder stands there: move it away or choose another location"):
+        fileio.write_json(tmp_path / "x.json", {"a": 1})

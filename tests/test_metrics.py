@@ -203,3 +203,11 @@ def test_equal_differences_up_to_rounding_are_not_a_significant_t_test():
     assert found["p_value"] is None and found["interval"][0] == found["interval"][1]
     assert metrics.mean_difference([0.0, 1e-17])["p_value"] == 1.0
     assert metrics.mean_difference([0.01, 0.02])["p_value"] is not None
+
+
+def test_a_validation_split_of_one_class_keeps_t_1_and_says_why():
+    """Review: a binary task whose validation split held one class only was "no optimum
+    inside the search range"; nothing was ranked against anything."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(20, 2))
+    assert metrics.fit_temperature(logits, np.zeros(20, dtype=int)) == (1.0, metrics.ONE_CLASS)
