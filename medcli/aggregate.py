@@ -117,21 +117,26 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     # download failed trained from scratch and belongs with the from-scratch runs.
     pretrained = bool(spec.get("pretrained", config.get("pretrained")))
     calibration = evaluation.get("calibration") or {}
+    before, after = calibration.get("before") or {}, calibration.get("after") or {}
+    if values.get("auc") is not None and values["auc"] == after.get("auc") != before.get("auc"):
+        values["auc"] = before["auc"]  # written before evaluate kept the model's own AUC under --calibrate
     # A skipped fit kept T = 1: for a multi-label task only the labels in "skipped" (as evaluate decides)
     calibrated = bool(calibration) and bool(np.any(np.asarray(calibration.get("temperature", 1.0)) != 1.0))
     tta = len(evaluation.get("tta", {}).get("views", [])) > 1  # the identity alone is a plain evaluation
     settings = [evaluation.get("checkpoint", "?")] + (["tta"] if tta else []) + (["calibrated"] if calibrated else [])
     experiment = experiment_of(config)
-    tested = evaluation.get("dataset") if isinstance(evaluation.get("dataset"), dict) else {}
+    # what the split was scored on (`evaluate --root` may point at another file than training's)
+    tested = evaluation["dataset"] if isinstance(evaluation.get("dataset"), dict) and evaluation["dataset"].get("md5") \
+        else run.dataset
     experiment.update(pretrained=pretrained, data_md5=run.dataset.get("md5"), evaluation=settings,
-                      evaluated_md5=tested.get("md5") or run.dataset.get("md5"))  # `evaluate --root` another file
+                      evaluated_md5=tested.get("md5"))
     checkpoint = evaluation.get("checkpoint")
     return {
         "run": run.run_id,
         "path": str(run_dir),
         "dataset": run.dataset.get("flag"),
         "size": run.dataset.get("size"),
-        "data": datasets.provenance_kind(run.dataset) or "",
+        "data": datasets.provenance_kind(tested) or "",
         "model": model_label(spec, config.get("model")),
         "pretrained": pretrained,
         "epochs": summary.get("epochs_run"),
@@ -224,7 +229,7 @@ def _name_groups(groups: list[dict], seed_texts: list[str]) -> None:
         if across:
             g["group"] += f" on {_data_text(g)}"
             if len({compare_stats.data_key(o) for o in groups if _data_text(o) == _data_text(g)}) > 1:
-                g["group"] += f" md5 {str(g['experiment'].get('evaluated_md5'))[:8]}"  # files of one flag told apart
+                g["group"] += f" md5 {(g['experiment'].get('evaluated_md5') or 'unknown')[:8]}"  # files of one flag
             bases[id(g)] += f" on {g['group'].split(' on ', 1)[1]}"
     # the evaluation has its own column, legend entry and title: named only where it alone differs
     for ignored in (("evaluation",), ()):  # first by the labels without seeds, then by the whole labels

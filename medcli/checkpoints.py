@@ -145,9 +145,9 @@ class Writer:
     def _write(self, path: Path, content: dict, ready: list) -> str:
         if self._failed is not None:  # a later checkpoint never lands after an earlier one failed
             raise self._failed  # (last.pt naming a best epoch whose best.pt was never written)
-        for event in ready:  # the host copies are complete
-            event.synchronize()
         try:
+            for event in ready:  # the host copies are complete
+                event.synchronize()
             digest = write(path, content)
         except BaseException as exc:
             self._failed = exc

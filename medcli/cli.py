@@ -68,9 +68,7 @@ class MedcliGroup(TyperGroup):
                 console.error(f"{exc.format_message()} (see '{name} --help')")
             raise typer.Exit(EXIT_USAGE) from None
         except MedcliError as exc:
-            from medcli import distributed
-
-            job = distributed.from_env()
+            job = _job()
             if isinstance(exc, UsageError) and job.local_rank != 0 and not exc.rank_specific:
                 raise typer.Exit(exc.exit_code) from None  # every process of a node finds it: one says it
             if console.is_verbose():
@@ -88,11 +86,20 @@ class MedcliGroup(TyperGroup):
                 raise
             if console.is_verbose():
                 console.console().print_exception()
-            from medcli import distributed
-
-            console.error(f"{_from_rank(distributed.from_env())}unexpected {type(exc).__name__}: {exc} "
+            console.error(f"{_from_rank(_job())}unexpected {type(exc).__name__}: {exc} "
                           "(re-run with --verbose for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
+
+
+def _job():
+    """This process's place in a distributed job, or a world of one where the environment that
+    would say it is malformed (the error being reported may be that very one)."""
+    from medcli import distributed
+
+    try:
+        return distributed.from_env()
+    except MedcliError:
+        return distributed.Context()
 
 
 def _from_rank(job) -> str:
@@ -153,7 +160,9 @@ def main_options(
     """
     console.configure(quiet=quiet, verbose=verbose)
     signal.signal(signal.SIGTERM, _sigterm)
-    if ctx.invoked_subcommand not in (None, "train") and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+    launched = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and \
+        any(key in os.environ for key in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"))  # torchrun's, not any launcher's
+    if ctx.invoked_subcommand not in (None, "train") and launched and not {"-h", "--help"} & set(ctx.meta.get(ARGV_KEY, ())):
         # under torchrun every rank would run it: racing for the run's lock, or writing one file twice
         raise UsageError(f"medcli {ctx.invoked_subcommand} runs in one process (only train is distributed); "
                          "run it without torchrun")

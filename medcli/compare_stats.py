@@ -165,9 +165,9 @@ def _same_images(ra: dict, rb: dict, split: str):
     """(task, labels, probabilities of A, of B) from the two runs' predictions CSVs of `split`;
     a one-line UsageError unless both saw the same images: the same dataset file (md5) and the
     same image indices and labels in the same order."""
-    md5 = [r["experiment"].get("data_md5") for r in (ra, rb)]
+    md5 = [r["experiment"].get("evaluated_md5") for r in (ra, rb)]  # the files the split was scored on
     if md5[0] is None or md5[0] != md5[1]:
-        raise UsageError(f"not the same test images: {ra['run']} and {rb['run']} used different dataset files "
+        raise UsageError(f"not the same test images: {ra['run']} and {rb['run']} were evaluated on different files "
                          f"(md5 {md5[0]} vs {md5[1]})")
     (frame_a, task), (frame_b, task_b) = (tables.read_predictions(Run.open(r["path"]).predictions_file(split))
                                           for r in (ra, rb))

@@ -184,6 +184,8 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
                       for split in SPLITS}
     except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
         # NotImplementedError, RuntimeError: a zip feature Python cannot read (Deflate64, encryption)
+        if type(exc) is RuntimeError and not _encrypted(exc):
+            raise
         raise UsageError(f"{path} is not a readable npz file ({exc}); get a fresh copy of it") from None
     return counts
 
@@ -215,7 +217,7 @@ def _check_split(archive, split, path, flag, size, channels, upper, columns) -> 
 
 
 _MADE_BY_MAKE_RECORD = ("flag", "size", "file", "md5", "official_md5", "official", "source", "created", "n_samples",
-                        "bytes", "mtime_ns", "inode", "checks")
+                        "bytes", "mtime_ns", "inode", "device", "checks")
 
 
 # What validate_npz checks; bumped whenever it checks more, so a record written by an older
@@ -243,6 +245,7 @@ def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: 
         "bytes": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
         "inode": stat.st_ino,
+        "device": stat.st_dev,
         "checks": CHECKS,
         **extra,
     }
@@ -259,11 +262,12 @@ def record_of(path: Path, flag: str, size: int) -> dict | None:
 
 def unchanged(record: dict, path: Path) -> bool:
     """True when path has the size, mtime and inode its record's md5 was computed for (another
-    file renamed over it has another inode, whatever its size and mtime; records written
-    before the inode was kept go by size and mtime)."""
+    file renamed over it has another inode, whatever its size and mtime). Inodes are a file
+    system's own: a data root copied elsewhere with its records (`cp -a`, rsync) goes by size
+    and mtime, as do records written before the inode was kept."""
     stat = path.stat()
-    return record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns \
-        and record.get("inode", stat.st_ino) == stat.st_ino
+    same_file = record.get("device") != stat.st_dev or record.get("inode") == stat.st_ino
+    return record.get("bytes") == stat.st_size and record.get("mtime_ns") == stat.st_mtime_ns and same_file
 
 
 def current_md5(path: Path, record: dict | None) -> str:
@@ -393,8 +397,15 @@ def load(root: str | os.PathLike, flag: str, size: int, splits: Sequence[str] = 
                     labels[split] = kind.labels_from_file(raw.astype(np.int64))
     except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
             RuntimeError) as exc:
+        if type(exc) is RuntimeError and not _encrypted(exc):  # a bug, not the file
+            raise
         raise UsageError(f"{path} cannot be read ({exc}); {_fresh_copy(path, flag, size)}") from None
     return Splits(images, labels, dict(record, path=str(path.resolve())), path, cache)
+
+
+def _encrypted(exc: RuntimeError) -> bool:
+    """Whether zipfile's RuntimeError says a member is encrypted (its only RuntimeError for a file)."""
+    return "encrypted" in str(exc)
 
 
 def _fresh_copy(path: Path, flag: str, size: int) -> str:

@@ -180,9 +180,9 @@ def fetch(
     overwrite: bool = False,
 ) -> dict:
     """Make `<root>/<file name>` hold the file whose md5 is `md5` (default: the official one)
-    and return its record. No network access when it is already there. A file of another md5
-    is downloaded over, unless its record says a user put it there on purpose (an unofficial
-    import, the embedded sample): that one is replaced only with `overwrite`.
+    and return its record. No network access when it is already there. A readable dataset
+    file of another md5 (an import, the embedded sample, a copy placed by hand) is replaced
+    only with `overwrite`; a damaged one is downloaded over (`_present`).
 
     Transient failures are retried, `tries` attempts in all, waiting backoff, 2*backoff,
     4*backoff... s between them. The final failure is one MedcliError that also says how to

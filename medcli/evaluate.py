@@ -173,7 +173,7 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
         reports.save_mistakes(run.figure_file("mistakes", split), data.images[split], captions,
                               f"{title}: most confident mistakes", note),
         reports.save_reliability(run.figure_file("reliability", split), panels, f"{title}: reliability", note),
-        reports.save_roc(run.figure_file("roc", split), tables.roc_curves(task.indicator(labels), probs, names, task.roc_classes()),
+        reports.save_roc(run.figure_file("roc", split), tables.roc_curves(task.indicator(labels), raw, names, task.roc_classes()),
                          f"{title}: ROC and precision-recall", note),
     ]
     if medmnist_csv:

@@ -77,6 +77,7 @@ def predict_files(
     views = opened.views(tta)
     if tta and len(views) == 1:
         console.warn("--tta: this model was trained without flips or turns, so there is no test-time view to add")
+        tta = False  # as `evaluate` records it: the image alone, the calibration fitted without views
     temperature = _temperature(opened, calibrated, tta)
     target = images.Target(size=card["image"]["size"], channels=card["image"]["channels"])
     names = list(task.names)

@@ -121,17 +121,14 @@ class Run:
 
     @classmethod
     def of_checkpoint(cls, path: str | os.PathLike | None) -> "Run | None":
-        """The run whose `checkpoints/<name>.pt` this file is, else None (weights from elsewhere,
-        or a run whose manifest cannot be read)."""
+        """The run whose `checkpoints/<name>.pt` this file is, else None (weights from elsewhere);
+        a run whose manifest cannot be read is `open`'s one-line UsageError."""
         if not path:
             return None
         folder = Path(path).resolve().parent
         if folder.name != CHECKPOINT_DIR or not (folder.parent / manifest.FILENAME).is_file():
             return None
-        try:
-            return cls.open(folder.parent)
-        except UsageError:
-            return None
+        return cls.open(folder.parent)
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "Run":

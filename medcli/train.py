@@ -375,9 +375,8 @@ def train(**options: Any) -> Run:
             model, spec = _create_model(config, num_classes, channels)
             config = fine_tune_lr(config, spec["pretrained"])
             replaced = _strict_model(model, config)
-            source = Run.of_checkpoint(spec.get("weights"))  # fine-tuning a medcli run: its statistics
-            prep = augment.make_prep(config["input_size"], channels, models.pretrained_stats(
-                model, spec, source.data.get("preprocess") if source is not None else None))
+            prep = augment.make_prep(config["input_size"], channels,
+                                     models.pretrained_stats(model, spec, _source_preprocess(spec.get("weights"))))
             run = distributed.from_main(ctx, lambda: Run.create(
                 config["runs_dir"], run_name(config), config=config, dataset=splits.record, model=spec,
                 preprocess=prep,
@@ -459,6 +458,19 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
             _strict_model(model, config)
             fit(run, model, splits, checkpoint=checkpoint, ctx=ctx, begin=begin)
     return run
+
+
+def _source_preprocess(weights: str | None) -> dict | None:
+    """The preprocessing of the medcli run whose checkpoint `weights` is (fine-tuning keeps the
+    statistics it trained with); None for other weights, with a warning where that run's
+    manifest cannot be read."""
+    try:
+        source = Run.of_checkpoint(weights)
+    except UsageError as exc:
+        console.warn(f"{weights} is a checkpoint of a run whose manifest cannot be read ({exc}): its inputs are "
+                     "normalised with the model's pretrained statistics, not the ones that run trained with")
+        return None
+    return source.data.get("preprocess") if source is not None else None
 
 
 def _create_model(config: dict, num_classes: int, channels: int):

@@ -38,3 +38,22 @@ def one_line_error(result, code: int | None = None, *needles: str) -> str:
     for needle in needles:
         assert needle in errors[0], result.stderr
     return errors[0]
+
+
+def calibrated_probabilities(csv, rows=slice(None)):
+    """The probabilities of `evaluate`'s predictions CSV (the model's own) scaled by the
+    temperature its sidecar records: what `predict --calibrated` gives for those images."""
+    import numpy as np
+    import pandas as pd
+
+    from medcli import tables, tasks
+
+    frame = pd.read_csv(csv).iloc[rows]
+    sidecar = json.loads(tables.task_file(csv).read_text())
+    probs = frame[[c for c in frame.columns if str(c).startswith(tables.PROB_PREFIX)]].to_numpy(dtype=float)
+    temperature = np.asarray(sidecar.get("temperature", 1.0), dtype=float)
+    if sidecar["task"] == tasks.MultiLabel.kind:  # one sigmoid per label
+        return 1.0 / (1.0 + np.exp(-(np.log(probs) - np.log1p(-probs)) / temperature))
+    scaled = np.log(probs) / temperature  # softmax(z / T) from softmax(z): log p is z up to a constant
+    scaled -= scaled.max(axis=1, keepdims=True)
+    return np.exp(scaled) / np.exp(scaled).sum(axis=1, keepdims=True)

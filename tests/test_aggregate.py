@@ -605,3 +605,35 @@ def test_the_chart_tells_more_than_ten_setups_apart(tmp_path):
     (ax,) = chart_figure(aggregate([tmp_path], metric_names=["accuracy"])).axes
     looks = {(to_hex(patch.get_facecolor()), patch.get_hatch()) for patch in ax.patches}
     assert len(looks) == 12
+
+
+def _evaluated_on(run: Path, **record) -> None:
+    """Rewrite a made run's test metrics as if evaluated on the file `record` describes."""
+    path = run / "metrics" / "test.json"
+    data = json.loads(path.read_text())
+    data["dataset"] = {"flag": "bloodmnist", "size": 28, **record}
+    path.write_text(json.dumps(data))
+
+
+def test_what_a_run_was_tested_on_is_the_evaluated_file_not_the_training_one(tmp_path):
+    """Review of the diff: provenance and the paired tests' check came from the training file:
+    a run trained on the sample and tested on the official file was labelled SAMPLE and no rival
+    of the official runs, and two runs tested on one file but trained on two were refused."""
+    sample = make_run(tmp_path, "sample", dataset={"md5": "sss", "official": False, "sample": True})
+    _evaluated_on(sample, md5="abc", official=True)
+    make_run(tmp_path, "vit", model="vit-tiny", accuracy=0.95)
+    result = aggregate([tmp_path], metric_names=["accuracy"])
+    assert {g["data"] for g in result.groups} == {""} and result.leaders["accuracy"] == ["vit-tiny s0"]
+    (pair,) = result.paired["pairs"]  # refused here only for the predictions these made runs lack
+    assert "different files" not in pair["refused"] and "no predictions file" in pair["refused"]
+
+
+def test_a_calibrated_evaluation_from_before_keeps_the_models_own_auc(tmp_path):
+    """Review of the diff: metrics files written before evaluate kept the model's own AUC under
+    --calibrate hold the scaled one; they are compared by the AUC before scaling, like new ones."""
+    run = make_run(tmp_path, "old", calibration={"temperature": 1.5, "before": {"auc": 0.91}, "after": {"auc": 0.95}})
+    (row,) = aggregate([tmp_path], metric_names=["auc"]).runs
+    assert row["auc"] == 0.91
+    make_run(tmp_path / "new", "new", calibration={"temperature": 1.5, "before": {"auc": 0.95}, "after": {"auc": 0.97}})
+    (row,) = aggregate([tmp_path / "new"], metric_names=["auc"]).runs
+    assert row["auc"] == 0.95

@@ -401,3 +401,12 @@ def test_a_file_damaged_after_its_record_names_the_command_for_its_own_folder_an
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     with pytest.raises(MedcliError, match=f"--size 64 --root {root} --overwrite"):
         datasets.load(root, FLAG, 64)
+
+
+def test_a_data_root_copied_to_another_file_system_keeps_its_records(root):
+    """Review of the diff: inodes are a file system's own, so a root copied elsewhere with its
+    records (`cp -a`, rsync; read-only there) was hashed again by every command."""
+    path = datasets.data_path(root, FLAG, SIZE)
+    _, record = datasets.resolve(root, FLAG, SIZE)
+    assert datasets.unchanged({**record, "device": record["device"] + 1, "inode": record["inode"] + 1}, path)
+    assert not datasets.unchanged({**record, "inode": record["inode"] + 1}, path)  # same file system: another file

@@ -728,6 +728,14 @@ def test_commands_other_than_train_refuse_torchrun(monkeypatch, tmp_path, comman
     _as_rank(monkeypatch, _RANK_1)
     result = CliRunner().invoke(app, [*command])
     assert result.exit_code == 2 and result.stdout == "" and result.stderr == ""
+    # review of the diff: --help is help; WORLD_SIZE alone (another launcher's) is no torchrun;
+    # a malformed environment is one line, not a traceback from the error handler
+    assert CliRunner().invoke(app, [command[0], "--help"]).exit_code == 0
+    _as_rank(monkeypatch, {"WORLD_SIZE": "2", "RANK": "0"})
+    assert "runs in one process" not in CliRunner().invoke(app, [*command]).stderr
+    _as_rank(monkeypatch, {"WORLD_SIZE": "abc", "LOCAL_RANK": "0"})
+    result = CliRunner().invoke(app, [*command])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def test_an_error_one_rank_alone_finds_is_said_by_that_rank(monkeypatch):

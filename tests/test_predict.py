@@ -24,7 +24,7 @@ from medcli import augment, bundle, datasets, export, models
 from medcli.cli import app
 from medcli.run import Run
 
-from cli_helpers import one_line_error
+from cli_helpers import calibrated_probabilities, one_line_error
 
 runner = CliRunner()
 CHOSEN = [0, 3, 7, 20, 41, 63]  # test images written out as PNG files
@@ -62,11 +62,8 @@ def test_predict_on_png_copies_gives_evaluates_probabilities(run_copy, pngs, tmp
     evaluated = runner.invoke(app, ["--quiet", "evaluate", str(run_copy), *options])
     assert evaluated.exit_code == 0, evaluated.output
     reference = pd.read_csv(run_copy / "predictions" / "test.csv").iloc[CHOSEN]
-    expected = _probs(reference)
-    if options:  # evaluate writes the model's probabilities and the temperature beside them
-        temperature = json.loads((run_copy / "predictions" / "test.task.json").read_text())["temperature"]
-        expected = np.exp(np.log(expected) / temperature)
-        expected /= expected.sum(axis=1, keepdims=True)
+    # evaluate writes the model's probabilities and the temperature beside them
+    expected = calibrated_probabilities(run_copy / "predictions" / "test.csv", CHOSEN)
     flags = ["--tta", "--calibrated"] if options else []
     predicted = runner.invoke(app, ["predict", str(run_copy), str(pngs), *flags, "--batch-size", "4"])
     assert predicted.exit_code == 0, predicted.output
@@ -364,10 +361,10 @@ def test_calibrated_applies_the_temperature_fitted_the_way_it_predicts(run_copy,
     later evaluation of test had refitted it with TTA: predict disagreed with evaluate by 0.6."""
     for options in (["--split", "all", "--calibrate"], ["--split", "test", "--calibrate", "--tta"]):
         assert runner.invoke(app, ["--quiet", "evaluate", str(run_copy), *options]).exit_code == 0
-    reference = pd.read_csv(run_copy / "predictions" / "test.csv").iloc[CHOSEN]
+    reference = calibrated_probabilities(run_copy / "predictions" / "test.csv", CHOSEN)
     with_tta = runner.invoke(app, ["predict", str(run_copy), str(pngs), "--tta", "--calibrated"])
     assert with_tta.exit_code == 0 and "fitted without" not in with_tta.stderr, with_tta.output
-    np.testing.assert_allclose(_probs(pd.read_csv(pd.io.common.StringIO(with_tta.stdout))), _probs(reference), atol=1e-5)
+    np.testing.assert_allclose(_probs(pd.read_csv(pd.io.common.StringIO(with_tta.stdout))), reference, atol=1e-5)
     plain = runner.invoke(app, ["predict", str(run_copy), str(pngs), "--calibrated", "--json"])
     assert plain.exit_code == 0 and "fitted with" not in plain.stderr, plain.output
     val = json.loads((run_copy / "metrics" / "val.json").read_text())["calibration"]["temperature"]
@@ -501,3 +498,16 @@ def test_explain_over_unreadable_files_leaves_no_new_folder(tiny_run, tmp_path):
     result = runner.invoke(app, ["predict", str(tiny_run), str(tmp_path / "bad.png"), "--out",
                                  str(tmp_path / "new" / "dir" / "p.csv"), "--explain", "gradcam"])
     assert result.exit_code == 2 and not (tmp_path / "new").exists(), result.output
+
+
+def test_tta_without_a_view_to_add_uses_the_calibration_evaluate_recorded_for_it(run_copy, pngs):
+    """Review of the diff: evaluate records `--tta` on a run trained without flips as not used;
+    predict kept it as used, so `--tta --calibrated` looked for a fit made with views and said
+    the one it found "was fitted without test-time views"."""
+    Run.open(run_copy).update(lambda data: data["config"]["augment"].update(hflip=False, vflip=False, rot90=False))
+    assert runner.invoke(app, ["--quiet", "evaluate", str(run_copy), "--calibrate", "--tta"]).exit_code == 0
+    result = runner.invoke(app, ["predict", str(run_copy), str(pngs), "--tta", "--calibrated"])
+    assert result.exit_code == 0 and "no test-time view to add" in result.stderr
+    assert "fitted without" not in result.stderr and "no calibrated" not in result.stderr, result.stderr
+    np.testing.assert_allclose(_probs(pd.read_csv(pd.io.common.StringIO(result.stdout))),
+                               calibrated_probabilities(run_copy / "predictions" / "test.csv", CHOSEN), atol=1e-5)

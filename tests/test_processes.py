@@ -311,9 +311,10 @@ rank0.wait()
 # the process writes a line per SIGTERM and takes a moment to stop, as a rank saving its state.
 FORWARDING_LAUNCHER = """
 import signal, subprocess, sys, time
-child = subprocess.Popen([sys.executable, sys.argv[2], "train", sys.argv[3]])
-signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.3), child.send_signal(signal.SIGTERM)))  # as torchrun, a moment later
-child.wait()
+children = []
+signal.signal(signal.SIGTERM, lambda *a: (time.sleep(0.3), children[0].send_signal(signal.SIGTERM)))  # as torchrun
+children.append(subprocess.Popen([sys.executable, sys.argv[2], "train", sys.argv[3]]))
+children[0].wait()
 """
 COUNTING_RANK = """
 import signal, sys, time
@@ -342,6 +343,7 @@ def test_a_launchers_processes_get_sigterm_once_through_it(tmp_path):
         deadline = time.time() + 30
         while not (tmp_path / "signals.txt.ready").exists() and time.time() < deadline:
             time.sleep(0.05)
+        assert (tmp_path / "signals.txt.ready").exists(), "the stand-in rank never started"
         (rank,) = psutil.Process(launcher.pid).children()
         found = [p for p in processes.find_processes() if p.pid in (launcher.pid, rank.pid)]
         assert len(found) == 2

@@ -18,6 +18,8 @@ from medcli.errors import MedcliError
 from medcli.cli import app
 from medcli.tasks import EXTRA_METRICS, Binary, MultiClass, MultiLabel, Ordinal, for_kind
 
+from cli_helpers import calibrated_probabilities
+
 MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL = (cls.kind for cls in (MultiClass, Binary, Ordinal, MultiLabel))
 
 runner = CliRunner()
@@ -298,7 +300,7 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
     # run and through its ONNX export
     images = np.load(task_roots / datasets.filename(flag, 28))["test_images"][:6]
     np.save(tmp_path / "some.npy", images)
-    evaluated_csv = pd.read_csv(run / "predictions" / "test.csv").iloc[:6]
+    evaluated = calibrated_probabilities(run / "predictions" / "test.csv", slice(0, 6))
     columns = [f"prob_{n}" for n in task.names]
     exported = runner.invoke(app, ["export", str(run), "--json"])
     assert exported.exit_code == 0, exported.output
@@ -306,8 +308,8 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
         predicted = runner.invoke(app, ["predict", str(source), str(tmp_path / "some.npy"), "--tta", "--calibrated"])
         assert predicted.exit_code == 0, predicted.output
         frame = pd.read_csv(pd.io.common.StringIO(predicted.stdout), keep_default_na=False, dtype={"prediction": str})
-        np.testing.assert_allclose(frame[columns].to_numpy(), evaluated_csv[columns].to_numpy(), rtol=0, atol=1e-5)
-        assert list(frame["prediction"]) == task.decision_names(evaluated_csv[columns].to_numpy())
+        np.testing.assert_allclose(frame[columns].to_numpy(), evaluated, rtol=0, atol=1e-5)
+        assert list(frame["prediction"]) == task.decision_names(evaluated)
 
 
 def test_an_unknown_explain_target_is_one_line(tiny_run):

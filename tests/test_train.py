@@ -521,7 +521,7 @@ def test_pretrained_fallback_keeps_the_from_scratch_learning_rate(small_root, tm
     assert run.config["lr"] == scratch["lr"] and "pretrained" not in run.config["lr_source"]
 
 
-def test_loaded_weights_get_the_fine_tuning_rate_and_their_own_statistics(small_root, tmp_path):
+def test_loaded_weights_get_the_fine_tuning_rate_and_their_own_statistics(small_root, tmp_path, capsys):
     """Review defects 4 and 5: weights that really load divide the default lr by
     FINE_TUNE_LR_DIVISOR (an explicit --lr is kept), and the inputs are normalised with the
     statistics of the weights (timm ViTs: 0.5/0.5, not ImageNet's)."""
@@ -545,6 +545,12 @@ def test_loaded_weights_get_the_fine_tuning_rate_and_their_own_statistics(small_
     tuned = train.train(root=small_root, runs_dir=tmp_path / "c", epochs=1, batch_size=16, model="timm:test_vit",
                         weights=run.checkpoint_path("best"))
     assert tuned.data["preprocess"]["mean"] == [0.4] * 3 and tuned.data["preprocess"]["std"] == [0.2] * 3
+    (run.run_dir / "manifest.json").write_text("{ damaged")  # its statistics cannot be known: said, not silent
+    capsys.readouterr()
+    unknown = train.train(root=small_root, runs_dir=tmp_path / "d", epochs=1, batch_size=16, model="timm:test_vit",
+                          weights=run.checkpoint_path("best"))
+    assert "whose manifest cannot be read" in capsys.readouterr().err
+    assert unknown.data["preprocess"]["mean"] == [0.5] * 3
 
 
 def test_a_split_over_the_device_budget_is_streamed_with_the_same_result(small_root, tmp_path, capsys):
