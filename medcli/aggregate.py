@@ -564,11 +564,22 @@ def write_xlsx(path: str | os.PathLike, result: Comparison) -> Path:
     formats = {"size": tables.INTEGER, "n_runs": tables.INTEGER, "train_s": "0.0", "epochs": "General"}
     for metric in result.metrics:
         formats[metric] = formats[f"{metric}_std"] = tables.metric_format(metric)
-    return tables.write_workbook(path, {
+    sheets = {
         "comparison": [tables.Block(groups, formats=formats)],
         "runs": [tables.Block(runs, formats=formats)],
         "not compared": [tables.Block(skipped)],
-    })
+    }
+    if result.paired:  # A and B named above the table, as in the text
+        import pandas as pd
+
+        paired = result.paired
+        sheets["paired tests"] = [tables.Block(
+            pd.DataFrame(compare_stats.paired_rows(paired)),
+            title=f"A = {paired['a']} vs B = {paired['b']} ({paired['split']} split; p_holm: Holm-adjusted over "
+                  f"the {paired.get('tests', 0)} tests)",
+            formats={"a": tables.DECIMAL, "b": tables.DECIMAL, "difference": tables.DECIMAL,
+                     "ci_low": tables.DECIMAL, "ci_high": tables.DECIMAL})]
+    return tables.write_workbook(path, sheets)
 
 
 def table_text(result: Comparison, wide: bool = False, width: int | None = None) -> str:

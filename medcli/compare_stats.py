@@ -39,7 +39,7 @@ from medcli.names import LOWER_IS_BETTER, PERCENT_METRICS
 from medcli.run import Run
 
 __all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CITATION", "benchmarks", "data_key", "leaders", "pair_groups",
-           "paired_lines", "paired_tests", "references"]
+           "paired_lines", "paired_rows", "paired_tests", "references"]
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -234,6 +234,45 @@ def paired_lines(paired: dict) -> list[str]:
             lines.append(f"    {metric} {_difference(metric, found['mean'])}, {found['level']:.0%} t-interval "
                          f"{_difference(metric, low)} to {_difference(metric, high)}, paired t {_p(found)}")
     return lines
+
+
+def paired_rows(paired: dict) -> list[dict]:
+    """The paired tests as table rows (the workbook's sheet): one per test, with the values
+    compared, the difference and its interval, p and Holm-adjusted p, or why there is no test."""
+    blank = dict.fromkeys(("a", "b", "difference", "ci_low", "ci_high", "p", "p_holm"))
+    rows = []
+    for entry in paired["pairs"]:
+        where = {"seeds": f"{entry['seed_a']} vs {entry['seed_b']}", "images": entry.get("n")}
+        if "refused" in entry:
+            rows.append({**where, "test": "-", "metric": "-", **blank, "note": entry["refused"]})
+            continue
+        accuracy, auc = entry["accuracy"], entry["auc"]
+        rows.append({**where, "test": "McNemar exact", "metric": "accuracy", **blank,
+                     **({"note": accuracy["refused"]} if "refused" in accuracy else {
+                         "a": accuracy["accuracy_a"], "b": accuracy["accuracy_b"],
+                         "difference": accuracy["accuracy_a"] - accuracy["accuracy_b"], "p": accuracy["p_value"],
+                         "p_holm": accuracy.get("p_holm", accuracy["p_value"]),
+                         "note": f"right only by A: {accuracy['only_a']}, only by B: {accuracy['only_b']}"})})
+        rows.append({**where, "test": "paired bootstrap", "metric": "auc", **blank,
+                     **({"note": "undefined on these images"} if auc["difference"] is None else {
+                         "a": auc["auc_a"], "b": auc["auc_b"], "difference": auc["difference"],
+                         "ci_low": auc["interval"][0], "ci_high": auc["interval"][1], "p": auc["p_value"],
+                         "p_holm": auc.get("p_holm", auc["p_value"]),
+                         "note": f"{auc['used']} of {auc['resamples']} resamples, seed {auc['seed']}"})})
+    across = paired.get("across_seeds") or {}
+    for metric, found in across.items():
+        if metric == "seeds" or metric == "refused":
+            continue
+        where = {"seeds": ", ".join(map(str, across["seeds"])), "images": None}
+        rows.append({**where, "test": "paired t over seeds", "metric": metric, **blank,
+                     **({"note": found["refused"]} if "refused" in found else {
+                         "difference": found["mean"], "ci_low": found["interval"][0],
+                         "ci_high": found["interval"][1], "p": found["p_value"],
+                         "p_holm": found.get("p_holm", found["p_value"]), "note": ""})})
+    if "refused" in across:
+        rows.append({"seeds": "-", "images": None, "test": "paired t over seeds", "metric": "-", **blank,
+                     "note": across["refused"]})
+    return rows
 
 
 def _p(test: dict) -> str:

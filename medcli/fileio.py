@@ -132,13 +132,20 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def output_folder(path: str | os.PathLike, names: Sequence[str]) -> Path:
-    """The `--out DIR` a command writes the files `names` into: refused when it is a file; the
-    earlier files it will replace are named on stderr (never replaced unsaid)."""
+    """The `--out DIR` a command writes the files `names` into: refused before any is written
+    when it is a file, a folder stands where one of the files goes, or it cannot be written;
+    the earlier files it will replace are named on stderr (never replaced unsaid)."""
     from medcli import console
 
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory for the files ({', '.join(names)})")
+    folders = [name for name in names if (out / name).is_dir()]
+    if folders:
+        raise UsageError(f"--out {out} holds {'a folder' if len(folders) == 1 else 'folders'} named "
+                         f"{', '.join(folders)}, where the file{'s go' if len(folders) > 1 else ' goes'}; "
+                         f"move {'it' if len(folders) == 1 else 'them'} away or choose another --out")
+    output_file(out / names[0], "--out")  # a file on the way, or a folder that cannot be written
     earlier = [name for name in names if (out / name).exists()]
     if earlier:
         console.warn(f"replacing the earlier {', '.join(earlier)} in {out}")

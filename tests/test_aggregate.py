@@ -16,7 +16,7 @@ from medcli import fileio
 from medcli.aggregate import aggregate, display_rows, table_text
 from medcli.cli import app
 
-from cli_helpers import heavy_imports
+from cli_helpers import heavy_imports, one_line_error
 from medcli.run import Run
 
 runner = CliRunner()
@@ -637,3 +637,13 @@ def test_a_calibrated_evaluation_from_before_keeps_the_models_own_auc(tmp_path):
     make_run(tmp_path / "new", "new", calibration={"temperature": 1.5, "before": {"auc": 0.95}, "after": {"auc": 0.97}})
     (row,) = aggregate([tmp_path / "new"], metric_names=["auc"]).runs
     assert row["auc"] == 0.95
+
+
+def test_a_folder_where_an_output_goes_is_refused_before_any_file_is_written(tmp_path):
+    """Review: a folder named comparison.png in --out let the CSVs, workbook and Markdown be
+    replaced before the chart failed ("any previous version is unchanged: free some space")."""
+    make_run(tmp_path / "runs", "a")
+    (tmp_path / "cmp" / "comparison.png").mkdir(parents=True)
+    result = runner.invoke(app, ["aggregate", str(tmp_path / "runs"), "--out", str(tmp_path / "cmp")])
+    one_line_error(result, 2, "holds a folder named comparison.png", "choose another --out")
+    assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["comparison.png"]

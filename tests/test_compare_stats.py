@@ -104,6 +104,16 @@ def test_two_runs_on_the_same_images_get_paired_tests(tmp_path):
     assert pair["auc"] == aggregate([tmp_path], metric_names=["accuracy", "auc"]).paired["pairs"][0]["auc"]
     text = table_text(result, width=100)
     assert "McNemar exact p = 0.039" in text and "paired bootstrap" in text
+    # review: the workbook had no paired tests (only the table, Markdown, JSON and page did)
+    sheet = load_workbook(write_xlsx(tmp_path / "c.xlsx", result))["paired tests"]
+    rows = list(sheet.iter_rows(values_only=True))
+    assert rows[0][0].startswith("A = resnet18 s0 vs B = vit-tiny s0")
+    header = list(rows[1])
+    found = {(row[header.index("test")], row[header.index("metric")]): dict(zip(header, row)) for row in rows[2:]}
+    mcnemar = found[("McNemar exact", "accuracy")]
+    assert mcnemar["p"] == pytest.approx(pair["accuracy"]["p_value"]) and mcnemar["a"] == pytest.approx(0.75)
+    bootstrap = found[("paired bootstrap", "auc")]
+    assert (bootstrap["ci_low"], bootstrap["ci_high"]) == pytest.approx(tuple(pair["auc"]["interval"]))
 
 
 @pytest.mark.parametrize("change", ["md5", "labels"])
@@ -114,8 +124,12 @@ def test_paired_tests_refuse_different_images(tmp_path, change):
     predicted(vit, RIGHT_B, labels=(np.arange(40) + (change == "labels")) % 3)
     if change == "md5":  # review: two setups on different files are no default pair
         assert aggregate([tmp_path], metric_names=["accuracy"]).paired is None
-    (pair,) = aggregate([tmp_path], metric_names=["accuracy"], pair=("cnn", "vit")).paired["pairs"]
+    result = aggregate([tmp_path], metric_names=["accuracy"], pair=("cnn", "vit"))
+    (pair,) = result.paired["pairs"]
     assert pair["refused"].startswith("not the same test images") and "accuracy" not in pair
+    (row,) = [row for row in compare_stats.paired_rows(result.paired) if row["test"] == "-"]
+    assert row["note"] == pair["refused"]
+    write_xlsx(tmp_path / "c.xlsx", result)  # a refused pair is a row too
 
 
 def test_seeds_give_a_mean_difference_with_a_t_interval(tmp_path):
@@ -125,6 +139,9 @@ def test_seeds_give_a_mean_difference_with_a_t_interval(tmp_path):
     paired = aggregate([tmp_path], metric_names=["accuracy"]).paired
     across = paired["across_seeds"]
     assert across["seeds"] == [0, 1] and across["accuracy"]["mean"] == pytest.approx(0.09)
+    (over_seeds,) = [row for row in compare_stats.paired_rows(paired)
+                     if row["test"] == "paired t over seeds" and row["metric"] == "accuracy"]
+    assert over_seeds["difference"] == pytest.approx(0.09) and over_seeds["seeds"] == "0, 1"
     assert across["accuracy"]["n"] == 2 and across["accuracy"]["interval"][0] < 0.09 < across["accuracy"]["interval"][1]
     assert all("no predictions file" in pair["refused"] for pair in paired["pairs"])  # said, not silently skipped
 
