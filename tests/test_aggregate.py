@@ -129,7 +129,7 @@ def test_cli_writes_every_format_and_marks_leaders(runs_root, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["comparison.csv", "comparison.md", "comparison.png",
                                                      "comparison.xlsx", "runs.csv"]
     book = load_workbook(out / "comparison.xlsx")
-    assert book.sheetnames == ["comparison", "runs", "not compared"]
+    assert book.sheetnames == ["comparison", "runs", "not compared", "paired tests"]  # two setups: a pair
     sheet = book["comparison"]
     header = [c.value for c in sheet[1]]
     assert header[:2] == ["group", "dataset"] and "accuracy_std" in header and sheet.freeze_panes == "A2"
