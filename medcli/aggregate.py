@@ -227,10 +227,11 @@ def _name_groups(groups: list[dict], seed_texts: list[str]) -> None:
     for g, seeds in zip(groups, seed_texts):
         g["group"] += seeds
         if across:
-            g["group"] += f" on {_data_text(g)}"
+            on = f" on {_data_text(g)}"
             if len({compare_stats.data_key(o) for o in groups if _data_text(o) == _data_text(g)}) > 1:
-                g["group"] += f" md5 {(g['experiment'].get('evaluated_md5') or 'unknown')[:8]}"  # files of one flag
-            bases[id(g)] += f" on {g['group'].split(' on ', 1)[1]}"
+                on += f" md5 {(g['experiment'].get('evaluated_md5') or 'unknown')[:8]}"  # files of one flag
+            g["group"] += on
+            bases[id(g)] += on
     # the evaluation has its own column, legend entry and title: named only where it alone differs
     for ignored in (("evaluation",), ()):  # first by the labels without seeds, then by the whole labels
         labels = bases if ignored else {id(g): g["group"] for g in groups}

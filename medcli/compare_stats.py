@@ -240,6 +240,13 @@ def paired_rows(paired: dict) -> list[dict]:
     """The paired tests as table rows (the workbook's sheet): one per test, with the values
     compared, the difference and its interval, p and Holm-adjusted p, or why there is no test."""
     blank = dict.fromkeys(("a", "b", "difference", "ci_low", "ci_high", "p", "p_holm"))
+
+    def p_values(test: dict) -> dict:
+        return {"p": test["p_value"], "p_holm": test.get("p_holm", test["p_value"])}
+
+    def interval(test: dict) -> dict:
+        return {"ci_low": test["interval"][0], "ci_high": test["interval"][1]}
+
     rows = []
     for entry in paired["pairs"]:
         where = {"seeds": f"{entry['seed_a']} vs {entry['seed_b']}", "images": entry.get("n")}
@@ -250,25 +257,20 @@ def paired_rows(paired: dict) -> list[dict]:
         rows.append({**where, "test": "McNemar exact", "metric": "accuracy", **blank,
                      **({"note": accuracy["refused"]} if "refused" in accuracy else {
                          "a": accuracy["accuracy_a"], "b": accuracy["accuracy_b"],
-                         "difference": accuracy["accuracy_a"] - accuracy["accuracy_b"], "p": accuracy["p_value"],
-                         "p_holm": accuracy.get("p_holm", accuracy["p_value"]),
+                         "difference": accuracy["accuracy_a"] - accuracy["accuracy_b"], **p_values(accuracy),
                          "note": f"right only by A: {accuracy['only_a']}, only by B: {accuracy['only_b']}"})})
         rows.append({**where, "test": "paired bootstrap", "metric": "auc", **blank,
                      **({"note": "undefined on these images"} if auc["difference"] is None else {
-                         "a": auc["auc_a"], "b": auc["auc_b"], "difference": auc["difference"],
-                         "ci_low": auc["interval"][0], "ci_high": auc["interval"][1], "p": auc["p_value"],
-                         "p_holm": auc.get("p_holm", auc["p_value"]),
-                         "note": f"{auc['used']} of {auc['resamples']} resamples, seed {auc['seed']}"})})
+                         "a": auc["auc_a"], "b": auc["auc_b"], "difference": auc["difference"], **interval(auc),
+                         **p_values(auc), "note": f"{auc['used']} of {auc['resamples']} resamples, seed {auc['seed']}"})})
     across = paired.get("across_seeds") or {}
     for metric, found in across.items():
-        if metric == "seeds" or metric == "refused":
+        if metric in ("seeds", "refused"):
             continue
         where = {"seeds": ", ".join(map(str, across["seeds"])), "images": None}
         rows.append({**where, "test": "paired t over seeds", "metric": metric, **blank,
                      **({"note": found["refused"]} if "refused" in found else {
-                         "difference": found["mean"], "ci_low": found["interval"][0],
-                         "ci_high": found["interval"][1], "p": found["p_value"],
-                         "p_holm": found.get("p_holm", found["p_value"]), "note": ""})})
+                         "difference": found["mean"], **interval(found), **p_values(found), "note": ""})})
     if "refused" in across:
         rows.append({"seeds": "-", "images": None, "test": "paired t over seeds", "metric": "-", **blank,
                      "note": across["refused"]})

@@ -182,10 +182,8 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
                 raise UsageError(f"{path}: member {damaged} is corrupted (CRC mismatch); re-download the file")
             counts = {split: _check_split(archive, split, path, flag, size, channels, upper, columns)
                       for split in SPLITS}
-    except (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError, RuntimeError) as exc:
-        # NotImplementedError, RuntimeError: a zip feature Python cannot read (Deflate64, encryption)
-        if type(exc) is RuntimeError and not _encrypted(exc):
-            raise
+    except _READ_ERRORS as exc:
+        _reraise_bugs(exc)
         raise UsageError(f"{path} is not a readable npz file ({exc}); get a fresh copy of it") from None
     return counts
 
@@ -395,17 +393,22 @@ def load(root: str | os.PathLike, flag: str, size: int, splits: Sequence[str] = 
                         images[split] = array[..., None] if array.ndim == 3 else array
                         raw = archive[f"{split}_labels"]
                     labels[split] = kind.labels_from_file(raw.astype(np.int64))
-    except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError,
-            RuntimeError) as exc:
-        if type(exc) is RuntimeError and not _encrypted(exc):  # a bug, not the file
-            raise
+    except (KeyError, *_READ_ERRORS) as exc:
+        _reraise_bugs(exc)
         raise UsageError(f"{path} cannot be read ({exc}); {_fresh_copy(path, flag, size)}") from None
     return Splits(images, labels, dict(record, path=str(path.resolve())), path, cache)
 
 
-def _encrypted(exc: RuntimeError) -> bool:
-    """Whether zipfile's RuntimeError says a member is encrypted (its only RuntimeError for a file)."""
-    return "encrypted" in str(exc)
+# What reading a damaged or unreadable npz raises; NotImplementedError and RuntimeError: a zip
+# feature Python cannot read (Deflate64, an encrypted member; `_reraise_bugs`).
+_READ_ERRORS = (zipfile.BadZipFile, zlib.error, ValueError, OSError, EOFError, NotImplementedError, RuntimeError)
+
+
+def _reraise_bugs(exc: Exception) -> None:
+    """Re-raise a plain RuntimeError that is not zipfile's "encrypted" (its only one for a
+    file): a bug, not the file."""
+    if type(exc) is RuntimeError and "encrypted" not in str(exc):
+        raise exc
 
 
 def _fresh_copy(path: Path, flag: str, size: int) -> str:
