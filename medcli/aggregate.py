@@ -93,10 +93,13 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
         raise UsageError(f"unfinished: train {state or 'not run'} (finish it with '{run.resume_command()}')")
     train = run.stages["train"]
     metrics_file = run.metrics_file(split)
-    if not metrics_file.is_file():
+    if split not in run.evaluated_splits():  # the split leaves the stage's list while an evaluation rewrites it
+        if metrics_file.is_file():
+            raise UsageError(f"its evaluation on {split} did not finish (stopped while its files were written); "
+                             f"re-run '{run.evaluate_command(split)}'")
         raise UsageError(f"not evaluated on {split} (run '{run.evaluate_command(split)}')")
     try:
-        evaluation = json.loads(metrics_file.read_text(encoding="utf-8"))
+        evaluation = json.loads(run.read_artefact(metrics_file, f"re-run '{run.evaluate_command(split)}'"))
         values = evaluation["metrics"]
         if not isinstance(evaluation, dict) or not isinstance(values, dict):
             raise TypeError("not a mapping")

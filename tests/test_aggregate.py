@@ -48,6 +48,8 @@ def make_run(parent: Path, name: str, *, model: str = "resnet18", seed: int = 0,
         fileio.write_json(run / "metrics" / "test.json", {"split": "test", "checkpoint": "best", "calibration": calibration,
                                                           "tta": {"enabled": False, "views": ["identity"]},
                                                           "metrics": values})
+        created.update(lambda data: data["stages"].__setitem__("evaluate", {
+            "status": "completed", "artefacts": {}, "summary": {"test": {"accuracy": accuracy}}}))
     return run
 
 
@@ -647,3 +649,26 @@ def test_a_folder_where_an_output_goes_is_refused_before_any_file_is_written(tmp
     result = runner.invoke(app, ["aggregate", str(tmp_path / "runs"), "--out", str(tmp_path / "cmp")])
     one_line_error(result, 2, "holds a folder named comparison.png", "choose another --out")
     assert sorted(p.name for p in (tmp_path / "cmp").iterdir()) == ["comparison.png"]
+
+
+def test_a_split_whose_re_evaluation_stopped_midway_or_whose_metrics_were_changed_is_left_out(tmp_path):
+    """Review: aggregate read metrics/test.json whatever the evaluate stage said. An evaluation
+    stopped while it rewrote the split (the split leaves the stage's list until its files are
+    all written) mixed the new metrics with the old predictions in the paired tests, and a
+    metrics file edited or copied in from elsewhere was compared as this run's."""
+    import hashlib
+
+    make_run(tmp_path, "good")
+    stopped = Run.open(make_run(tmp_path, "stopped", seed=1))
+    stopped.update(lambda data: data["stages"]["evaluate"].update(status="interrupted", summary={}))
+    edited = Run.open(make_run(tmp_path, "edited", seed=2))
+    metrics_file = edited.metrics_file("test")
+    sha = hashlib.sha256(metrics_file.read_bytes()).hexdigest()
+    edited.update(lambda data: data["stages"]["evaluate"]["artefacts"].__setitem__("metrics/test.json", sha))
+    metrics_file.write_text(metrics_file.read_text().replace('"accuracy": 0.9', '"accuracy": 0.99'))
+    result = aggregate([tmp_path], metric_names=["accuracy"])
+    assert [Path(r["path"]).name for r in result.runs] == ["good"]
+    reasons = {Path(s["run"]).name: s["reason"] for s in result.skipped}
+    assert reasons["stopped"].startswith("its evaluation on test did not finish"), reasons
+    assert "medcli evaluate" in reasons["stopped"]
+    assert "is not the file this run wrote" in reasons["edited"], reasons

@@ -35,9 +35,13 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+def _env(**extra: str) -> dict:
+    """One thread per process: the same arithmetic in every process."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+
+
 def _medcli(*args: str, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "medcli", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "medcli", *args], capture_output=True, text=True, env=_env(),
                           timeout=300, **kwargs)
 
 
@@ -71,7 +75,7 @@ def test_torchrun_with_two_processes_trains_the_one_process_model(single, data_r
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          "--log-dir", str(logs), "--redirects", "3", "-m", "medcli", "train", *OPTIONS,
          "--root", str(data_root), "--runs-dir", str(runs)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     rank_logs = {p.parent.name: p.parent for p in logs.rglob("stdout.log")}
     run = Path((rank_logs["0"] / "stdout.log").read_text().strip())
@@ -149,11 +153,10 @@ def test_losing_one_process_interrupts_the_run_and_it_resumes_in_one(single, dat
 
 
 def test_global_batch_must_split_evenly(data_root, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "medcli",
          "train", *OPTIONS, "--batch-size", "15", "--root", str(data_root), "--runs-dir", str(tmp_path / "runs")],
-        capture_output=True, text=True, timeout=300, env=env)
+        capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode != 0 and "must split evenly over 2 processes" in done.stderr
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
 
@@ -230,7 +233,7 @@ def test_a_lost_process_ends_the_job_in_bounded_time_and_the_run_says_interrupte
     launcher = subprocess.Popen(
         [sys.executable, "-m", "medcli", "train", *OPTIONS, "--epochs", "300", "--collective-timeout", "5",
          "--root", str(data_root), "--runs-dir", str(runs), "--nproc", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     workers: dict = {}
     try:
         deadline = time.time() + 240
@@ -407,7 +410,7 @@ def test_pretrained_weights_are_fetched_by_rank_0_while_the_others_wait(tmp_path
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
          str(log), str(tmp_path / "cache.pth")],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        capture_output=True, text=True, timeout=120, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
     calls = {entry["rank"]: entry for entry in map(json.loads, log.read_text().splitlines())}
     assert not calls[0]["cached"] and calls[1]["cached"], calls
@@ -491,7 +494,7 @@ def test_a_node_holds_one_copy_of_the_split_however_many_processes_train(large_r
          "--batch-size", "128", "--mixup-alpha", "0", "--device", "cpu", "--size", "128",
          "--root", str(large_root), "--runs-dir", str(tmp_path / "runs")],
         capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "MEMORY_LOG": str(log)})
+        env=_env(MEMORY_LOG=str(log)))
     assert done.returncode == 0, done.stderr[-3000:]
     npz = datasets.data_path(large_root, "bloodmnist", 128)
     split = datasets.read_record(npz)["n_samples"]["train"] * 128 * 128 * 3
