@@ -644,11 +644,11 @@ OUTPUT_FILES = ("comparison.csv", "runs.csv", "comparison.xlsx", "comparison.md"
 def write_outputs(out_dir: str | os.PathLike, result: Comparison, wide: bool = False) -> list[Path]:
     """comparison.csv (groups), runs.csv, comparison.xlsx, comparison.md and comparison.png."""
     out = fileio.output_folder(out_dir, OUTPUT_FILES)
-    groups, runs, workbook, markdown, chart = (out / name for name in OUTPUT_FILES)
-    return [
-        fileio.write_text(groups, to_csv(result)),
-        fileio.write_text(runs, _frames(result)[1].to_csv(index=False, float_format="%.6g")),
-        write_xlsx(workbook, result),
-        fileio.write_text(markdown, to_markdown(result, wide)),
-        write_chart(chart, result),
-    ]
+    with fileio.together(out) as staging:  # all five replace the earlier comparison, or none does
+        groups, runs, workbook, markdown, chart = (staging / name for name in OUTPUT_FILES)
+        fileio.write_text(groups, to_csv(result))
+        fileio.write_text(runs, _frames(result)[1].to_csv(index=False, float_format="%.6g"))
+        write_xlsx(workbook, result)
+        fileio.write_text(markdown, to_markdown(result, wide))
+        write_chart(chart, result)
+    return [out / name for name in OUTPUT_FILES]

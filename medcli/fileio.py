@@ -17,8 +17,8 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 from medcli.errors import MedcliError, UsageError
 
-__all__ = ["HashingWriter", "atomic_path", "atomic_stream", "md5_file", "output_file", "output_folder", "partial_files", "sha256_file",
-           "write_json", "write_text"]
+__all__ = ["HashingWriter", "atomic_path", "atomic_stream", "md5_file", "output_file", "output_folder", "partial_files",
+           "sha256_file", "together", "write_json", "write_text"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -150,6 +150,28 @@ def output_folder(path: str | os.PathLike, names: Sequence[str]) -> Path:
     if earlier:
         console.warn(f"replacing the earlier {', '.join(earlier)} in {out}")
     return out
+
+
+@contextmanager
+def together(out: Path) -> Iterator[Path]:
+    """A hidden folder in `out` for a set of files that replace the earlier ones together: the
+    files written into it (each atomically) are moved into `out` only when the block ends without
+    an error, by renames, which take no space; on any error none is moved and `out` holds the
+    earlier set whole. The folder is removed either way."""
+    import shutil
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".medcli-writing-", dir=out))
+    except OSError as exc:
+        raise UsageError(f"cannot write into {out}: {exc.strerror or exc}; choose a writable location") from exc
+    try:
+        yield staging
+        for file in sorted(staging.iterdir()):
+            os.replace(file, out / file.name)
+        _fsync_dir(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def output_file(path: str | os.PathLike, option: str = "--out") -> Path:

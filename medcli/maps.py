@@ -203,12 +203,14 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
         summary["target"] = names[int(target)] if target.isdigit() else f"the {target} class"
     from medcli import tables
 
-    agreement_csv, agreement_json, figure = (out_dir / name for name in OUTPUT_FILES)
-    files = [tables.write_table(agreement_csv, table, list(table[0])), fileio.write_json(agreement_json, summary)]
     note = datasets.provenance(data.record)  # data that is not the official file says so
-    files.append(save_figure(figure, columns, rows, right, common, labels, scores,
-                             data.images[split], names, lines(summary)[0] + (f"; data: {note}" if note else "")))
-    summary["files"] = [str(f) for f in files]
+    with fileio.together(out_dir) as staging:  # the three replace the earlier comparison's, or none does
+        agreement_csv, agreement_json, figure = (staging / name for name in OUTPUT_FILES)
+        tables.write_table(agreement_csv, table, list(table[0]))
+        fileio.write_json(agreement_json, summary)
+        save_figure(figure, columns, rows, right, common, labels, scores,
+                    data.images[split], names, lines(summary)[0] + (f"; data: {note}" if note else ""))
+    summary["files"] = [str(out_dir / name) for name in OUTPUT_FILES]
     return summary
 
 

@@ -672,3 +672,27 @@ def test_a_split_whose_re_evaluation_stopped_midway_or_whose_metrics_were_change
     assert reasons["stopped"].startswith("its evaluation on test did not finish"), reasons
     assert "medcli evaluate" in reasons["stopped"]
     assert "is not the file this run wrote" in reasons["edited"], reasons
+
+
+def test_a_comparison_that_fails_midway_leaves_the_earlier_one_whole(tmp_path, monkeypatch):
+    """Review: the five files were replaced one by one, so a comparison that failed at the chart
+    (a full disk, a drawing error) left the new tables beside the old chart."""
+    from medcli import aggregate as aggregate_module
+    from medcli.errors import MedcliError
+
+    make_run(tmp_path / "runs", "a")
+    out = tmp_path / "cmp"
+    assert runner.invoke(app, ["aggregate", str(tmp_path / "runs"), "--out", str(out)]).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    make_run(tmp_path / "runs", "b", model="vit-tiny", accuracy=0.7)
+
+    def fail(path, result):
+        raise MedcliError(f"writing {path} failed (No space left on device)")
+
+    monkeypatch.setattr(aggregate_module, "write_chart", fail)
+    failed = runner.invoke(app, ["aggregate", str(tmp_path / "runs"), "--out", str(out)])
+    assert failed.exit_code == 1 and "No space left" in failed.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no new table, no leftover folder
+    monkeypatch.undo()
+    assert runner.invoke(app, ["aggregate", str(tmp_path / "runs"), "--out", str(out)]).exit_code == 0
+    assert "vit-tiny" in (out / "comparison.csv").read_text() and sorted(p.name for p in out.iterdir()) == sorted(before)
