@@ -178,7 +178,7 @@ class Writer:
         `raise_errors` a failed write is one warning (another error is already on its way)."""
         if self._closed:
             return
-        interrupted = None
+        interrupted, said = None, None
         while True:
             try:
                 self.wait()
@@ -191,7 +191,9 @@ class Writer:
                     self._thread.shutdown(wait=True)
                     self._closed = True
                     raise
-                console.warn(f"a checkpoint write failed: {exc}")
+                if exc is not said:  # the writes queued behind a failed one raise its error again
+                    console.warn(f"a checkpoint write failed: {exc}")
+                said = exc
         self._thread.shutdown(wait=True)
         self._closed = True
         if interrupted is not None:

@@ -174,6 +174,19 @@ def test_a_failed_write_raises_on_the_training_thread_and_keeps_the_previous_fil
     assert torch.load(target, weights_only=True) == {"epoch": 1} and not fileio.partial_files(target)
 
 
+def test_a_failed_write_is_said_once_when_another_error_ends_the_stage(tmp_path, monkeypatch, capsys):
+    """Review: with best.pt and last.pt queued behind a failed write, the stage's end said the
+    same failure once per queued file."""
+    monkeypatch.setattr(os, "replace", lambda *args: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(KeyboardInterrupt):
+        with checkpoints.writing() as writer:
+            writer.write({tmp_path / "best.pt": {"epoch": 2}, tmp_path / "last.pt": {"epoch": 2}},
+                         torch.device("cpu"))
+            raise KeyboardInterrupt
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "checkpoint write failed" in line]
+    assert len(warnings) == 1 and "No space left" in warnings[0], warnings
+
+
 def test_a_killed_writers_partial_files_are_removed_when_the_stage_starts_again(tmp_path):
     target = tmp_path / "last.pt"
     partial = tmp_path / ".last.pt.abc123.tmp.pt"
