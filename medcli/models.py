@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from medcli import hub
+from medcli import fileio, hub
 from medcli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -148,7 +148,7 @@ def create(name: str, num_classes: int, in_chans: int, input_size: int, pretrain
     if state is not None:
         load = _load_torchvision_state if rec.torchvision else _load_timm_state
         model = load(model, spec, state, str(weights), WEIGHTS_FIX)
-        spec.update(pretrained=True, weights=str(Path(weights).resolve()))
+        spec.update(pretrained=True, weights=str(Path(weights).resolve()), weights_sha256=fileio.sha256_file(weights))
     elif pretrained:
         loaded = _load_imagenet(model, spec)
         if loaded is not None:

@@ -440,7 +440,12 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
 
         def change(data: dict) -> None:
             data["config"].update({key: config[key] for key in ("device", "amp", "collective_timeout")})
-            data.setdefault("environment", {})["distributed"] = ctx.record()
+            environment = data.setdefault("environment", {})
+            environment["distributed"] = ctx.record()
+            # config holds where the run goes on; each resume says where the epochs after it ran
+            environment.setdefault("resumes", []).append({
+                "after_epoch": checkpoint["epoch"] if checkpoint else 0, "device": config["device"], "amp": config["amp"],
+                "world_size": ctx.world_size})
 
         def begin() -> None:  # rank 0, once the stage is locked: a refused resume changes and says nothing
             console.info(f"resuming {run.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
@@ -452,7 +457,7 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
         run.data["config"].update({key: config[key] for key in ("device", "amp", "collective_timeout")})
         with optim.determinism(config, dev):
             if checkpoint is None:  # interrupted before the first epoch ended: start it again
-                model, _ = _create_model(config, run.spec["num_classes"], run.spec["in_chans"])
+                model = _starting_model(run, config)
             else:
                 model = models.rebuild(run.spec)
             _strict_model(model, config)
@@ -479,6 +484,21 @@ def _create_model(config: dict, num_classes: int, channels: int):
 
     return models.create(config["variant"], num_classes, channels, config["input_size"],
                          pretrained=config["pretrained"], weights=config["weights"], **config["model_overrides"])
+
+
+def _starting_model(run: Run, config: dict):
+    """The model a run started from, built again (a resume before its first checkpoint): from the
+    weights its spec says were loaded (a file, or ImageNet's), not those the options asked for;
+    refused when they cannot be had as they were (a changed file, ImageNet's out of reach)."""
+    recorded = run.spec
+    given = recorded.get("weights")
+    model, spec = _create_model({**config, "pretrained": bool(recorded["pretrained"]), "weights": given},
+                                recorded["num_classes"], recorded["in_chans"])
+    if spec["pretrained"] != recorded["pretrained"] or recorded.get("weights_sha256") not in (None, spec.get("weights_sha256")):
+        what = f"the weights file {given}, which has changed since" if given else "ImageNet weights, which cannot be loaded now"
+        raise UsageError(f"run {run.run_dir} was stopped before its first checkpoint and started from {what}; "
+                         "start a new run")
+    return model
 
 
 def _strict_model(model, config: dict) -> list[str]:

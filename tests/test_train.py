@@ -1023,6 +1023,39 @@ def test_ordinal_label_smoothing_goes_to_the_neighbouring_grades():
 # -- review: resume after a kill or an interruption at the very end -----------------------------
 
 
+def test_a_run_stopped_in_its_first_epoch_resumes_from_the_weights_it_started_from(small_root, tmp_path, monkeypatch):
+    """Review: a run stopped before its first checkpoint was built again from the options, not
+    from what it recorded: a --weights file replaced in between (or ImageNet weights out of reach
+    offline, or within reach for a run that trained from scratch) changed what the run trained.
+    It starts from the recorded weights, refused when they changed; each resume is recorded."""
+    import timm
+
+    weights = tmp_path / "start.pth"
+    torch.save(timm.create_model("test_vit", num_classes=8).state_dict(), weights)
+    options = dict(root=small_root, epochs=1, batch_size=16, model="timm:test_vit", seed=0, weights=weights)
+    straight = train.train(runs_dir=tmp_path / "a", **options)
+    real_epoch = train.train_one_epoch
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "train_one_epoch", stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(runs_dir=tmp_path / "b", **options)
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    (run,) = (tmp_path / "b").iterdir()
+    assert not (run / "checkpoints" / "last.pt").exists()
+    original = weights.read_bytes()
+    torch.save(timm.create_model("test_vit", num_classes=8).state_dict(), weights)  # other random weights
+    with pytest.raises(UsageError, match="started from the weights file .* which has changed since"):
+        train.resume(run)
+    weights.write_bytes(original)
+    resumed = train.resume(run)
+    assert _weights_equal(straight.run_dir / "checkpoints/last.pt", run / "checkpoints/last.pt")
+    assert resumed.data["environment"]["resumes"] == [{"after_epoch": 0, "device": "cpu", "amp": resumed.config["amp"],
+                                                       "world_size": 1}]
+
+
 def test_a_kill_while_the_first_last_pt_is_written_restarts_the_run(small_root, tmp_path, monkeypatch, capsys):
     """Review: best.pt is written before last.pt; a kill between them in epoch 1 (or later,
     while epoch 1's last.pt was still being written and later epochs skipped theirs) left a
