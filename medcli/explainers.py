@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Callable, Iterator, Sequence
 
 from medcli import console
@@ -206,7 +206,7 @@ def cam_explainer(method: str, model, spec: dict, layer: str, batch_size: int) -
     if token_grid:  # ViT tokens -> a grid
         prefix, grid = token_grid(model, spec)
         reshape = partial(tokens_to_map, prefix=prefix, grid=grid)
-    cam_class = getattr(pytorch_grad_cam, CAM_CLASSES[method])
+    cam_class = _oriented_eigencam() if method == "eigencam" else getattr(pytorch_grad_cam, CAM_CLASSES[method])
     with _silent_score_cam(), cam_class(model=model, target_layers=[model.get_submodule(layer)],
                                         reshape_transform=reshape) as cam:
         cam.batch_size = batch_size
@@ -214,6 +214,27 @@ def cam_explainer(method: str, model, spec: dict, layer: str, batch_size: int) -
             yield cam
         except IndexError as exc:
             raise RuntimeError(f"grad-cam {CAM_CLASSES[method]} failed: {exc}") from exc
+
+
+@cache
+def _oriented_eigencam() -> type:  # made on first use: grad-cam is imported late
+    """grad-cam's EigenCAM with the sign of each map fixed. It projects the centred activations
+    on their first principal direction, whose sign an SVD leaves arbitrary (grad-cam issue 315),
+    then keeps the positive part: about half the maps came out as the negative of the evidence,
+    bright on the background. Each map is turned to grow with the activations' magnitude (the
+    sum of their absolute values over the channels at each cell)."""
+    import numpy as np
+    from pytorch_grad_cam import EigenCAM
+
+    class OrientedEigenCAM(EigenCAM):
+        def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):
+            maps = super().get_cam_image(input_tensor, target_layer, target_category, activations, grads, eigen_smooth)
+            magnitude = np.abs(activations).sum(axis=1)  # (B, h, w)
+            agreement = ((maps - maps.mean(axis=(1, 2), keepdims=True))
+                         * (magnitude - magnitude.mean(axis=(1, 2), keepdims=True))).sum(axis=(1, 2))
+            return maps * np.where(agreement < 0, -1, 1).astype(maps.dtype)[:, None, None]
+
+    return OrientedEigenCAM
 
 
 @contextmanager
