@@ -115,7 +115,8 @@ def explain_run(
 
     from medcli import datasets, inference
 
-    _check_options(method, split, per_class, indices, only_errors, target, layer, batch_size)
+    options = {"head_fusion": head_fusion, "discard_ratio": discard_ratio, "batch_size": batch_size}
+    _check_options(method, split, per_class, indices, only_errors, target, layer, options)
     chosen_method = explainers.METHODS[method]
     run = Run.open(run)
     run.require_trained()
@@ -124,7 +125,6 @@ def explain_run(
     dev = inference.resolve_device(device)
     model = run.load_model(checkpoint, dev)
     layer = explainers.resolve_layer(model, spec, layer) if chosen_method.uses_layer else None
-    options = {"head_fusion": head_fusion, "discard_ratio": discard_ratio, "batch_size": batch_size}
     explainer = chosen_method.open(model, spec, layer, options)
     data = run.load_data(root, [split])
     images, labels = data.images[split], data.labels[split]
@@ -152,7 +152,8 @@ def explain_run(
                          + (" or drop --only-errors" if only_errors else ""))
     selection = _selection(split, indices, per_class or explainers.DEFAULT_PER_CLASS, seed, only_errors)
     if not overwrite:
-        wanted = {"checkpoint": checkpoint, "target": target, "layer": layer, "faithfulness": faithfulness,
+        wanted = {"data_md5": data.record.get("md5"), "checkpoint": checkpoint, "target": target, "layer": layer,
+                  "faithfulness": faithfulness,
                   **({"seed": seed} if faithfulness else {}),  # ROAD's noise: other scores of the same maps
                   **{name: options[name] for name in chosen_method.options}}
         _refuse_replacing_other_maps(run, method, split, chosen, selection, wanted, names)
@@ -181,7 +182,8 @@ def explain_run(
         files.append(save_maps(run.maps_file(method), explained, data.record, selection, mapped))
         masses = explained.box_mass
         index = {
-            "run": run.run_id, "method": method, "split": split, "checkpoint": checkpoint, "target": target,
+            "run": run.run_id, "method": method, "split": split, "data_md5": data.record.get("md5"),
+            "checkpoint": checkpoint, "target": target,
             "layer": layer, "seed": seed, "only_errors": only_errors, "selection": selection,
             **{name: options[name] for name in chosen_method.options},
             "mean_box_mass": _finite(np.nanmean(masses)) if masses is not None and np.isfinite(masses).any() else None,
@@ -231,8 +233,9 @@ def _selection(split: str, indices, per_class: int, seed: int, only_errors: bool
     return f"--split {split} --per-class {per_class} --seed {seed}" + (" --only-errors" if only_errors else "")
 
 
-_SHOWN = {"checkpoint": "{}.pt", "target": "target {}", "layer": "at {}", "seed": "ROAD scores of seed {}",
-          "head_fusion": "head fusion {}", "discard_ratio": "discard ratio {}"}  # how a differing option is named in the refusal
+_SHOWN = {"data_md5": "data file md5 {}", "checkpoint": "{}.pt", "target": "target {}", "layer": "at {}",
+          "seed": "ROAD scores of seed {}", "head_fusion": "head fusion {}",
+          "discard_ratio": "discard ratio {}"}  # how a differing option is named in the refusal
 
 
 def _refuse_replacing_other_maps(run: Run, method: str, split: str, chosen, selection: str, wanted: dict,
@@ -243,11 +246,16 @@ def _refuse_replacing_other_maps(run: Run, method: str, split: str, chosen, sele
     freely; an option an older index lacks is unknown and refuses nothing."""
     import json
 
-    try:
-        earlier = json.loads(run.explain_index(method).read_text())
-        earlier_samples = {int(sample["index"]) for sample in earlier["samples"]}
-    except (OSError, ValueError, KeyError, TypeError):  # none, or unreadable: nothing to keep
+    index = run.explain_index(method)
+    if not index.is_file():  # no explanation, or one stopped before its index was written
         return
+    try:
+        earlier = json.loads(index.read_text())
+        earlier_samples = {int(sample["index"]) for sample in earlier["samples"]}
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # what its maps are cannot be told
+        raise UsageError(f"{run.relative(index)} of run {run.run_dir} is unreadable ({type(exc).__name__}), so "
+                         "what its maps are cannot be compared with this explanation: pass --overwrite to "
+                         "replace them") from None
     if "faithfulness" in earlier:  # the index holds the scores' summary, None without them
         earlier["faithfulness"] = earlier["faithfulness"] is not None
     held, asked = [], []
@@ -368,9 +376,15 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
     return samples, grids, files
 
 
-def _check_options(method, split, per_class, indices, only_errors, target, layer, batch_size) -> None:
+def _check_options(method, split, per_class, indices, only_errors, target, layer, options: dict) -> None:
     known = explainers.METHODS
+    own = known[method].options if method in known else explainers.DEFAULT_OPTIONS
+    foreign = [name for name, value in explainers.DEFAULT_OPTIONS.items() if name not in own and options[name] != value]
+    owners = ", ".join(name for name, other in known.items() if set(foreign) & set(other.options))
+    batch_size = options["batch_size"]
     checks = [
+        (not foreign, f"{', '.join('--' + name.replace('_', '-') for name in foreign)} "
+                      f"{'applies' if len(foreign) == 1 else 'apply'} to {owners}; {method} has no such option"),
         (method in known, f"unknown --method '{method}'; choose one of {', '.join(known)}"),
         (split in SPLITS, f"unknown --split '{split}'; choose one of {', '.join(SPLITS)}"),
         (per_class is None or per_class >= 1, f"--per-class must be at least 1 (got {per_class})"),

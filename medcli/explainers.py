@@ -368,16 +368,20 @@ def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device,
     import numpy as np
     import torch
     import torch.nn.functional as F
+    from pytorch_grad_cam import ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from medcli import augment
 
+    # Score-CAM makes every masked copy of its whole input at once (images x channels of the
+    # layer x the image): one image at a time, its copies `batch_size` per forward pass
+    step = 1 if isinstance(explainer, ScoreCAM) else batch_size
     out, scores = [], []
     with console.progress() as bar:
         task = bar.add_task(progress_label, total=int(images.shape[0]), unit="img") if progress_label else None
-        for start in range(0, int(images.shape[0]), batch_size):
-            batch = images[start:start + batch_size].to(device)
-            classes = [int(t) for t in targets[start:start + batch_size]]
+        for start in range(0, int(images.shape[0]), step):
+            batch = images[start:start + step].to(device)
+            classes = [int(t) for t in targets[start:start + step]]
             x = augment.preprocess(batch, prep)
             raw = np.asarray(explainer(input_tensor=x, targets=[ClassifierOutputTarget(k) for k in classes]),
                              dtype=np.float32)

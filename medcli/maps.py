@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
+import io
 import textwrap
+import zipfile
 from dataclasses import dataclass
 from string import ascii_uppercase
 from itertools import combinations
@@ -85,9 +87,14 @@ def _columns(run_dirs: Sequence[Path], methods: Sequence[str] | None) -> list[Co
             if not path.is_file():
                 raise UsageError(f"run {run_dir} has no {run.relative(path)} (explained by an older medcli); "
                                  f"explain it again with '{run.command('explain', '--method', method)}'")
-            with np.load(path) as archive:
-                data = {key: archive[key] for key in archive.files}
-            columns.append(Column(run.run_dir.name, method, json.loads(str(data.pop("meta"))), data, run.run_dir.resolve()))
+            fix = f"explain it again with '{run.command('explain', '--method', method, '--overwrite')}'"
+            try:  # checked against the sha256 the explain stage recorded
+                with np.load(io.BytesIO(run.read_artefact(path, fix))) as archive:
+                    data = {key: archive[key] for key in archive.files}
+                meta, _ = json.loads(str(data.pop("meta"))), data["maps"]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                raise UsageError(f"{run.relative(path)} of run {run_dir} is damaged ({type(exc).__name__}); {fix}") from None
+            columns.append(Column(run.run_dir.name, method, meta, data, run.run_dir.resolve()))
     _named(columns)
     return columns
 

@@ -501,8 +501,11 @@ def save_sample_figure(path, image, heat, title: str, note: str | None = None) -
     return Path(path)
 
 
+GRID_COLUMNS = 8  # samples a row of a class grid; more wrap onto further rows (no strip too wide to print)
+
+
 def save_class_grid(path, title: str, items: Sequence[tuple], note: str | None = None) -> Path:
-    """One class's samples: originals (top row) above their map overlays (bottom row), a
+    """One class's samples: originals above their map overlays, GRID_COLUMNS a row, a
     caption per column, the rows labelled, a colour bar for the map, and `note`
     (`datasets.provenance`) as a red footer.
 
@@ -512,28 +515,37 @@ def save_class_grid(path, title: str, items: Sequence[tuple], note: str | None =
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
-    width = 1.8 * len(items) + 1.5
+    columns = min(len(items), GRID_COLUMNS)
+    blocks = -(-len(items) // columns)  # an image row above its overlay row, per GRID_COLUMNS samples
+    width = 1.8 * columns + 1.5
     heading = textwrap.fill(title, max(30, int(7 * width)))
     # Fixed margins instead of a layout engine, which cost about a second per grid: the title's
-    # lines (suptitle, 'large': 0.25 in each) and two caption lines (7 pt) above the images.
-    top_in = 0.15 + 0.25 * (heading.count("\n") + 1) + 0.35
-    height = 3.5 + top_in
+    # lines (suptitle, 'large': 0.25 in each) and two caption lines (7 pt) above each block.
+    top_in, caption_in, block_in = 0.15 + 0.25 * (heading.count("\n") + 1) + 0.35, 0.35, 3.5
+    height = top_in + blocks * block_in + (blocks - 1) * caption_in
     left, right, bottom = 0.45 / width, 1 - 1.0 / width, (0.35 if note else 0.05) / height
     fig = Figure(figsize=(width, height))
-    axes = fig.subplots(2, len(items), squeeze=False, gridspec_kw={
-        "left": left, "right": right, "bottom": bottom, "top": 1 - top_in / height, "wspace": 0.08, "hspace": 0.08})
-    for column, (image, heat, caption) in enumerate(items):
+    outer = fig.add_gridspec(blocks, 1, left=left, right=right, bottom=bottom, top=1 - top_in / height,
+                             hspace=caption_in / block_in)
+    rows = []  # (image axes, overlay axes) per block
+    for block in range(blocks):
+        grid = outer[block].subgridspec(2, columns, wspace=0.08, hspace=0.08)
+        shown = range(min(columns, len(items) - block * columns))
+        rows.append(([fig.add_subplot(grid[0, c]) for c in shown], [fig.add_subplot(grid[1, c]) for c in shown]))
+    for number, (image, heat, caption) in enumerate(items):
         original, _, overlay = panels(image, heat)
-        axes[0, column].imshow(original, interpolation="nearest")
-        axes[1, column].imshow(overlay, interpolation="nearest")
-        axes[0, column].set_title(caption, fontsize=7)
-    for ax in axes.flat:
+        above, below = (row[number % columns] for row in rows[number // columns])
+        above.imshow(original, interpolation="nearest")
+        below.imshow(overlay, interpolation="nearest")
+        above.set_title(caption, fontsize=7)
+    for ax in fig.axes:
         ax.set_xticks([])
         ax.set_yticks([])
         ax.spines[:].set_visible(False)
-    axes[0, 0].set_ylabel("image", fontsize=8)
-    axes[1, 0].set_ylabel("map over image", fontsize=8)
-    overlay_box = axes[1, -1].get_position()
+    for above, below in rows:
+        above[0].set_ylabel("image", fontsize=8)
+        below[0].set_ylabel("map over image", fontsize=8)
+    overlay_box = rows[0][1][-1].get_position()
     colour_bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap=MAP_CMAP), cax=fig.add_axes(
         (right + 0.15 / width, overlay_box.y0, 0.12 / width, overlay_box.height)))
     colour_bar.set_label("map value", fontsize=7)

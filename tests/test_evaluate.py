@@ -577,6 +577,29 @@ def test_a_class_grid_title_never_covers_the_captions(figures, tmp_path, samples
     assert heading.y1 <= fig.bbox.y1 and heading.x0 >= fig.bbox.x0 and heading.x1 <= fig.bbox.x1
 
 
+def test_a_large_class_grid_wraps_into_rows_of_samples(figures, tmp_path):
+    """Review: a class grid put every sample in one row (300 samples: a 70,395 x 552 px strip)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medcli import reports
+
+    image = np.full((28, 28, 3), 128, dtype=np.uint8)
+    heat = np.tile(np.linspace(0, 1, 28, dtype=np.float32), (28, 1))
+    reports.save_class_grid(tmp_path / "grid.png", f"gradcam · test · true class {NAMES[3]}",
+                            [(image, heat, f"#{n} pred basophil\n0.61") for n in range(19)], note="SYNTHETIC data")
+    (fig,) = figures
+    assert fig.get_figwidth() == pytest.approx(1.8 * reports.GRID_COLUMNS + 1.5)
+    assert len(fig.axes) == 2 * 19 + 1
+    labelled = [ax for ax in fig.axes if ax.get_ylabel() == "image"]
+    assert len(labelled) == 3  # three rows of samples: 8, 8 and 3
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    boxes = [ax.get_window_extent(renderer) for ax in fig.axes[:-1]]
+    captions = [ax.title.get_window_extent(renderer) for ax in fig.axes[:-1] if ax.get_title()]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes + captions) for b in (boxes + captions)[i + 1:]
+                   if a is not b and not (a.x0 == b.x0 and a.y0 == b.y0)), "no caption over another row's images"
+
+
 def test_a_sample_figures_text_is_large_enough_to_print_and_stays_on_the_canvas(tmp_path):
     """Review: the per-sample PNG wrote its title with Pillow's 10-px bitmap font on a 736-px
     canvas (about 3 pt printed 3.5 in wide), and a long title ran off the right edge."""

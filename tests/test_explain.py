@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -156,6 +157,20 @@ def _hook_count(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
+def test_score_cam_masks_one_image_at_a_time(cnn, sample_images, monkeypatch):
+    """Review: grad-cam's Score-CAM builds the masked copies of its whole input at once (images x
+    channels x image: about 20 GB for 64 images of 224 px at a 512-channel layer), so
+    --batch-size bounded the forward passes but not the memory. Its input is one image."""
+    from pytorch_grad_cam import ScoreCAM
+
+    seen, real = [], ScoreCAM.__call__
+    monkeypatch.setattr(ScoreCAM, "__call__", lambda self, input_tensor, **kw: seen.append(len(input_tensor))
+                        or real(self, input_tensor, **kw))
+    model, spec = cnn
+    assert _maps(model, spec, "scorecam", sample_images[:3], [0, 1, 2]).shape[0] == 3
+    assert seen == [1, 1, 1]
+
+
 @pytest.mark.parametrize("family,method", [("cnn", "gradcam"), ("vit", "gradcam"), ("vit", "rollout")])
 def test_hooks_are_released_after_use(family, method, cnn, vit, sample_images):
     model, spec = cnn if family == "cnn" else vit
@@ -205,6 +220,32 @@ def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
     assert {p.name for p in out.iterdir()} == expected
     stage = json.loads((run / "manifest.json").read_text())["stages"]["explain:gradcam"]
     assert {k.rsplit("/", 1)[1] for k in stage["artefacts"]} == expected
+
+
+def test_maps_of_another_data_file_or_of_an_unreadable_index_are_not_replaced_unsaid(tiny_run, tmp_path):
+    """Review: explaining with --root pointing at another file of the same flag replaced the
+    earlier maps (other images under the same sample numbers) with only a warning, and an
+    unreadable index.json let any explanation replace the maps it described."""
+    from medcli.run import Run
+
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    args = ["explain", str(run), "--indices", "0,1", "--no-faithfulness"]
+    assert runner.invoke(app, args).exit_code == 0
+    source = Path(Run.open(run).dataset["path"])
+    other = tmp_path / "other" / source.name
+    other.parent.mkdir()
+    arrays = dict(np.load(source))
+    arrays["test_images"] = arrays["test_images"][:, ::-1].copy()
+    np.savez_compressed(other, **arrays)
+    out = run / "explain" / "gradcam"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    one_line_error(runner.invoke(app, [*args, "--root", str(other.parent)]), 2,
+                   "holds maps: data file md5 ", "this asks for data file md5 ", "--overwrite")
+    (out / "index.json").write_text("{ damaged")
+    one_line_error(runner.invoke(app, [*args, "--target", "true"]), 2,
+                   "explain/gradcam/index.json of run", "is unreadable (JSONDecodeError)", "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "index.json"} == \
+        {name: data for name, data in before.items() if name != "index.json"}
 
 
 def test_an_untrained_cnn_does_not_point_at_the_evidence(synthetic_root):
@@ -445,6 +486,12 @@ def test_rollout_on_a_cnn_is_a_usage_error(tiny_run):
     assert not any(name.startswith("explain") for name in stages)
 
 
+def test_rollout_options_given_to_another_method_are_a_usage_error(tiny_run):
+    """Review: `--method gradcam --head-fusion max --discard-ratio 5` ran, ignoring both."""
+    _one_line_usage_error([tiny_run, "--head-fusion", "max", "--discard-ratio", "0.5"],
+                          "--head-fusion, --discard-ratio apply to rollout; gradcam has no such option")
+
+
 def test_unknown_layer_lists_the_valid_ones(tiny_run):
     _one_line_usage_error([tiny_run, "--layer", "layer9"], "layer9", "layer1", "layer2")
 
@@ -514,6 +561,22 @@ def test_aggregate_maps_lines_up_the_same_samples_across_runs(explained_pair, tm
     assert len(json.loads(only.stdout)["pairs"]) == 1
 
 
+def test_a_damaged_maps_file_is_a_one_line_error_naming_it(explained_pair, tmp_path):
+    """Review: a cut-short maps.npz ended `aggregate --maps` with "unexpected BadZipFile"."""
+    from medcli.run import Run
+
+    a, b = explained_pair
+    b = shutil.copytree(b, tmp_path / "b")
+    maps_file = b / "explain" / "gradcam" / "maps.npz"
+    maps_file.write_bytes(maps_file.read_bytes()[:100])
+    args = ["aggregate", str(a), str(b), "--maps", "--method", "gradcam", "--out", str(tmp_path / "cmp")]
+    one_line_error(runner.invoke(app, args), 2, "explain/gradcam/maps.npz of run", "is not the file this run wrote",
+                   "--method gradcam --overwrite")
+    Run.open(b).update(lambda data: data["stages"]["explain:gradcam"]["artefacts"].pop("explain/gradcam/maps.npz"))
+    one_line_error(runner.invoke(app, args), 2, "explain/gradcam/maps.npz of run", "is damaged (BadZipFile)",
+                   "--method gradcam --overwrite")
+
+
 def test_the_maps_figure_has_no_empty_sample_slots(explained_pair, tmp_path, monkeypatch):
     """Review: four sample slots per row were reserved when each class had two samples, so the
     right half of maps_compare.png was blank (and its text the smaller in print)."""
@@ -567,6 +630,11 @@ def test_aggregate_maps_bad_input_is_one_line(explained_pair, tiny_run, tmp_path
         content = {key: archive[key] for key in archive.files}
     content["meta"] = np.array(json.dumps({**json.loads(str(content["meta"])), "md5": "0" * 32}))
     np.savez(maps_file, **content)
+    from medcli.run import Run
+
+    sha = fileio.sha256_file(maps_file)  # as an explanation of that data would have recorded it
+    Run.open(other_data).update(lambda data: data["stages"]["explain:gradcam"]["artefacts"].__setitem__(
+        "explain/gradcam/maps.npz", sha))
     cases.append(([str(a), str(other_data)], "different data files"))
     for args, needle in cases:
         result = runner.invoke(app, ["aggregate", *args, "--maps", "--method", "gradcam", "--out", str(tmp_path / "o")])
@@ -704,7 +772,7 @@ def test_maps_of_other_targets_or_made_on_data_found_elsewhere_are_checked(tiny_
         content = {key: archive[key] for key in archive.files}
     content["test_images"][0] = 255 - content["test_images"][0]
     np.savez_compressed(changed / datasets.filename("bloodmnist", 28), **content)
-    _explain(runs[2], "--indices", "0,1,2", "--root", str(changed))
+    _explain(runs[2], "--indices", "0,1,2", "--root", str(changed), "--overwrite")  # maps of other images
     with np.load(runs[2] / "explain" / "gradcam" / "maps.npz") as archive:
         meta = json.loads(str(archive["meta"]))
     assert meta["md5"] == fileio.md5_file(changed / datasets.filename("bloodmnist", 28)) != Run.open(runs[2]).dataset["md5"]
