@@ -163,7 +163,7 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
               "ci": task.intervals(labels, raw, **BOOTSTRAP), "reliability": bins}
 
     title, note = f"{run.run_id} · {split}", datasets.provenance(data.record)
-    captions = task.describe(labels, probs)
+    captions = task.describe(labels, raw)  # the model's own confidences, as in the predictions CSV
     files = [
         fileio.write_json(run.metrics_file(split), result),
         *tables.write_predictions(run.predictions_file(split), task, labels, raw, None if fit is None else fit[0]),

@@ -324,7 +324,7 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
             point_rows += [{"split": split, "class": curve["name"], "fpr": f, "tpr": t, "threshold": h}
                            for f, t, h in zip(curve["fpr"], curve["tpr"], curve["threshold"])]
     roc_blocks = [Block(pd.DataFrame(roc_rows or [{"note": "no class with both positives and negatives"}]),
-                        title="ROC AUC and average precision (AP) per class (one-vs-rest; binary-class: class 1)",
+                        title="ROC AUC and average precision (AP) per class (one-vs-rest; binary-class: the finding)",
                         formats={"auc": DECIMAL, "ap": DECIMAL, "prevalence": PERCENT}),
                   Block(pd.DataFrame(point_rows or [{"note": "no curve"}]), title="ROC curve points",
                         formats={"fpr": DECIMAL, "tpr": DECIMAL, "threshold": DECIMAL})]

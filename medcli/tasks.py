@@ -62,7 +62,7 @@ class Task:
 
     def intervals(self, labels, probs, resamples: int, seed: int) -> dict:
         """Bootstrap 95 % intervals of this task's accuracy and AUC (the AUC of `roc_classes`,
-        averaged: every class, class 1 of a binary task, every label): `metrics.bootstrap_intervals`."""
+        averaged: every class, the finding of a binary task, every label): `metrics.bootstrap_intervals`."""
         from medcli import metrics
 
         columns = self.roc_classes()
@@ -269,7 +269,9 @@ class Binary(SingleLabel):
         return self.outputs - 1
 
     def roc_classes(self) -> list[int]:
-        return [self.outputs - 1]
+        """The finding's curve: its AUC is class 1's (softmax scores of two classes rank the
+        images in reverse), its precision-recall curve and AP are the finding's own."""
+        return [self.finding]
 
     @property
     def finding(self) -> int:

@@ -95,8 +95,10 @@ def test_calibration_changes_only_the_calibration_metrics(run_copy):
 
     run = Run.open(run_copy)
     plain = evaluate_run(run_copy, split="test", device="cpu", medmnist_csv=True)["splits"]["test"]
-    files = {path: path.read_bytes() for path in (run.predictions_file("test"), *run.medmnist_dir().glob("*_test_*.csv"))}
-    assert len(files) == 2
+    # review: the samples and mistakes figures showed (and ranked mistakes by) the scaled confidences
+    files = {path: path.read_bytes() for path in (run.predictions_file("test"), *run.medmnist_dir().glob("*_test_*.csv"),
+                                                  run.figure_file("samples", "test"), run.figure_file("mistakes", "test"))}
+    assert len(files) == 4
     scaled = evaluate_run(run_copy, split="test", calibrate=True, device="cpu", medmnist_csv=True)["splits"]["test"]
     calibration = scaled["calibration"]
     assert calibration["after"]["auc"] != calibration["before"]["auc"]  # T moves this model's AUC

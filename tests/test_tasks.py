@@ -131,6 +131,26 @@ def test_roc_curves_are_sklearns_and_binary_draws_the_class_the_auc_is_of(task):
         assert curves[0]["auc"] == pytest.approx(t.metrics(labels, probs)["auc"], abs=1e-12)
 
 
+def test_a_binary_precision_recall_curve_is_of_the_finding():
+    """Review: BreastMNIST's precision-recall curve and AP were of class 1, "normal, benign" (the
+    majority: AP 0.91 where malignant's is 0.63), beside rates said to be of malignant."""
+    from sklearn.metrics import average_precision_score
+
+    from medcli import tables
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random(156) > 0.27).astype(int)  # 27 % malignant (class 0), as BreastMNIST's test split
+    p1 = np.clip(0.5 + 0.3 * (labels - 0.5) + rng.normal(0, 0.25, 156), 0.01, 0.99)
+    probs = np.stack([1 - p1, p1], axis=1)
+    breast = for_kind(BINARY, ("malignant", "normal, benign"))
+    (curve,) = tables.roc_curves(breast.indicator(labels), probs, breast.names, breast.roc_classes())
+    assert curve["name"] == "malignant" and curve["prevalence"] == pytest.approx((labels == 0).mean())
+    assert curve["ap"] == pytest.approx(average_precision_score(labels == 0, probs[:, 0]))
+    assert curve["auc"] == pytest.approx(breast.metrics(labels, probs)["auc"], abs=1e-12)  # medmnist's, of class 1
+    assert breast.intervals(labels, probs, resamples=50, seed=0)["auc"] == \
+        pytest.approx(for_kind(BINARY, ("c0", "c1")).intervals(labels, probs, resamples=50, seed=0)["auc"])
+
+
 @pytest.mark.parametrize("names, finding", [(("malignant", "normal, benign"), 0), (("normal", "pneumonia"), 1),
                                              (("c0", "c1"), 1)])
 def test_binary_rates_are_of_the_finding_not_of_class_1(names, finding):
