@@ -30,6 +30,7 @@ import numpy as np
 
 from medcli import compare_stats, console, datasets, fileio, reports, tables
 from medcli.config import experiment as experiment_of
+from medcli.metrics import temperature_applied
 from medcli.errors import UsageError
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
 from medcli.explainers import METHODS as EXPLAIN_METHODS
@@ -124,7 +125,7 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     if values.get("auc") is not None and values["auc"] == after.get("auc") != before.get("auc"):
         values["auc"] = before["auc"]  # written before evaluate kept the model's own AUC under --calibrate
     # A skipped fit kept T = 1: for a multi-label task only the labels in "skipped" (as evaluate decides)
-    calibrated = bool(calibration) and bool(np.any(np.asarray(calibration.get("temperature", 1.0)) != 1.0))
+    calibrated = temperature_applied(calibration)
     tta = len(evaluation.get("tta", {}).get("views", [])) > 1  # the identity alone is a plain evaluation
     settings = [evaluation.get("checkpoint", "?")] + (["tta"] if tta else []) + (["calibrated"] if calibrated else [])
     experiment = experiment_of(config)

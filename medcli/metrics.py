@@ -473,6 +473,12 @@ def temperature_text(temperature: float | Sequence[float]) -> str:
     return f"{min(temperature):.3f}-{max(temperature):.3f} ({len(temperature)} labels)"
 
 
+def temperature_applied(calibration: dict | None) -> bool:
+    """Whether an evaluation's `calibration` scaled anything: a temperature other than 1 (a
+    skipped fit keeps T = 1, for a multi-label task only for the labels it skipped)."""
+    return bool(calibration) and bool(np.any(np.asarray(calibration.get("temperature", 1.0)) != 1.0))
+
+
 def metric_text(key: str, value) -> str:
     """A metric for a table cell: percent metrics in %, the others to 4 decimals, n/a for None."""
     if value is None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from medcli import datasets, fileio, tasks
 from medcli.errors import UsageError
-from medcli.metrics import temperature_text
+from medcli.metrics import temperature_applied, temperature_text
 from medcli.names import PERCENT_METRICS, SCALAR_METRICS
 
 __all__ = [
@@ -281,7 +281,11 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
     notes = {s: datasets.provenance(evaluations[s][0].get("dataset") or dataset) for s in splits}
     note = next(iter(notes.values())) if len(set(notes.values())) == 1 else \
         "; ".join(f"{s}: {n or 'the official file'}" for s, n in notes.items())
-    summary = Block(pd.DataFrame(metrics_rows, columns=["metric", *splits]), title=note and f"data: {note}",
+    scaled = [s for s in splits if temperature_applied(evaluations[s][0].get("calibration"))]
+    titles = ([f"data: {note}"] if note else []) + ([
+        f"ece, nll and brier of {', '.join(scaled)} are after temperature scaling (loss is the model's own; before "
+        "and after: the calibration rows below)"] if scaled else [])
+    summary = Block(pd.DataFrame(metrics_rows, columns=["metric", *splits]), title="; ".join(titles) or None,
                     row_formats={"n": INTEGER, **{m: metric_format(m) for m in shown}})
     info = [("run", manifest.get("run_id")), ("created", manifest.get("created")),
             ("dataset", dataset.get("flag")), ("size", dataset.get("size")),

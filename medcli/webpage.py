@@ -34,9 +34,8 @@ from typing import Iterable, Sequence
 from medcli import __version__, aggregate, compare_stats, console, datasets, fileio, maps, selection
 from medcli.errors import MedcliError, UsageError
 from medcli.evaluate import shown_metrics
-from medcli.metrics import interval_text, metric_text
 from medcli.explainers import METHODS as EXPLAIN_METHODS
-from medcli.metrics import temperature_text
+from medcli.metrics import interval_text, metric_text, temperature_applied, temperature_text
 from medcli.names import SPLITS
 from medcli.run import Run
 
@@ -262,7 +261,7 @@ def _metrics(run: Run, evaluations: dict[str, dict]) -> str:
              for key in keys if key in ci]
     caption = f"{ci['level']:.0%} CI: {ci['method']} over the images, {ci['resamples']} resamples, seed {ci['seed']}"
     parts = [_table(("metric", *splits), rows, numeric=range(1, len(splits) + 1), caption=caption)]
-    scaled = [split for split, r in evaluations.items() if _scaled(r.get("calibration"))]
+    scaled = [split for split, r in evaluations.items() if temperature_applied(r.get("calibration"))]
     if scaled:
         parts.append(_note(f"ECE, NLL and Brier of {', '.join(scaled)} are after temperature scaling (before and "
                            "after: Calibration)."))
@@ -303,14 +302,8 @@ def _calibration(run: Run, evaluations: dict[str, dict]) -> str:
                                "temperature on val and shows the calibration before and after it."))
         figure = run.figure_file("reliability", split)
         parts.append(_run_figure(run, figure, f"Reliability diagram, {split} split"
-                                 + (", before and after temperature scaling" if _scaled(calibration) else "")))
+                                 + (", before and after temperature scaling" if temperature_applied(calibration) else "")))
     return "".join(parts)
-
-
-def _scaled(calibration: dict | None) -> bool:
-    """A temperature other than 1 was applied (a skipped fit keeps T = 1: nothing changed)."""
-    temperature = calibration["temperature"] if calibration else 1.0
-    return any(t != 1.0 for t in (temperature if isinstance(temperature, list) else [temperature]))
 
 
 def _figures(run: Run, evaluations: dict[str, dict]) -> str:

@@ -108,6 +108,12 @@ def test_calibration_changes_only_the_calibration_metrics(run_copy):
     assert {path: path.read_bytes() for path in files} == files
     sidecar = json.loads(tables.task_file(run.predictions_file("test")).read_text())
     assert sidecar["probabilities"] == "uncalibrated" and sidecar["temperature"] == calibration["temperature"]
+    # review: the workbook's summary mixed scaled and unscaled ece/nll/brier without a word
+    from openpyxl import load_workbook
+
+    summary = load_workbook(run.report_file(), read_only=True)["summary"]
+    assert any("ece, nll and brier of test are after temperature scaling" in str(cell)
+               for row in summary.iter_rows(max_row=3, values_only=True) for cell in row)
 
 
 def test_evaluation_runs_in_full_precision_unless_asked(run_copy, monkeypatch):
