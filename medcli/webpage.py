@@ -75,7 +75,7 @@ td.num { text-align: right; white-space: nowrap; }
 figure { margin: .8em 0 1.4em; break-inside: avoid; page-break-inside: avoid; }
 figure img { display: block; max-width: 100%; width: auto; height: auto; border: 1px solid #e6e8eb; }
 figcaption { font-size: .88em; margin-top: .3em; }
-.grids { display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 0 18px; }
+.grids { display: grid; grid-template-columns: 1fr; gap: 0 18px; }  /* a grid a row: its captions stay legible */
 pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f8fa; border: 1px solid var(--line);
       padding: .7em .9em; font-size: .86em; }
 footer { margin-top: 3em; padding-top: .6em; border-top: 1px solid var(--line); color: var(--muted); font-size: .85em; }
@@ -89,7 +89,6 @@ footer { margin-top: 3em; padding-top: .6em; border-top: 1px solid var(--line); 
   tr { break-inside: avoid; page-break-inside: avoid; }
   .wide { overflow: visible; }
   figure img { max-height: 230mm; }
-  .grids { grid-template-columns: 1fr 1fr; }
   .provenance, thead th { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
 }
 """
@@ -126,7 +125,7 @@ def _figure(path: Path, caption: str, data: bytes | None = None) -> str:
     """A PNG (`data`, else the file's bytes) inlined as a data: URI, with its caption; its pixel
     size goes into width and height so the page keeps its layout while it loads."""
     data = Path(path).read_bytes() if data is None else data
-    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24:
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24 or not data.endswith(b"IEND\xaeB`\x82"):  # cut short
         raise UsageError(f"{path} is not a whole PNG image (damaged); draw it again with the command that wrote it")
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk follows the 8-byte signature
     return (f'<figure><img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" width="{width}" '
@@ -367,6 +366,11 @@ def write_comparison_page(paths: Sequence[str | os.PathLike], out_dir: str | os.
     except UsageError as exc:  # nothing to compare (fewer than two explanations, no common sample...)
         agreement = str(exc)
         console.info(f"the page has no comparison of explanation maps: {agreement}")
+        earlier = [path for name in maps.OUTPUT_FILES if (path := out / MAPS_DIR / name).is_file()]
+        for path in earlier:  # another page's, which this one replaces
+            path.unlink()
+        if earlier:
+            console.warn(f"removed the earlier comparison of explanation maps in {out / MAPS_DIR}: this page has none")
     return fileio.write_text(out / COMPARISON_PAGE, comparison_page(result, chart, agreement))
 
 
@@ -377,10 +381,12 @@ def comparison_page(result: aggregate.Comparison, chart: Path, agreement: dict |
     title, header, rows = aggregate.display_rows(result)
     numeric = [i for i, name in enumerate(header) if name in result.metrics or name in ("epochs", "train time")]
     table = _table([aggregate.heading(name) for name in header], rows, numeric, caption=title)
+    tested_on = [compare_stats.data_key(group) for group in result.groups]
+    why_not = ("no two of its setups were tested on the same data file" if len(set(tested_on)) == len(tested_on) > 1
+               else f"this page has {console.plural(len(result.groups), 'setup')}; choose two with "
+                    "'medcli report --pair A B'")
     tests = (f"<h3>Paired tests</h3><pre>{_e(chr(10).join(compare_stats.paired_lines(result.paired)))}</pre>"
-             if result.paired else _note(f"No paired tests: they compare two setups on the same images, and this page has "
-                                         f"{console.plural(len(result.groups), 'setup')}; choose two with "
-                                         "'medcli report --pair A B'."))
+             if result.paired else _note(f"No paired tests: they compare two setups on the same images, and {why_not}."))
     setups = {path: group["group"] for group in result.groups for path in group["paths"]}  # ids need not be unique
     runs = _table(("run", "setup", "seed", "evaluation", "directory"),
                   [(r["run"], setups[r["path"]], r["seed"], r["evaluation"], r["path"]) for r in result.runs])

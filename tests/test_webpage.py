@@ -200,8 +200,8 @@ def test_a_run_page_never_shows_files_the_run_did_not_write(explained_runs, tmp_
     figure = run / "figures" / "confusion_test.png"
     if damage == "other run's metrics":
         shutil.copyfile(second / "metrics" / "test.json", run / "metrics" / "test.json")
-    elif damage == "truncated figure":
-        figure.write_bytes(figure.read_bytes()[:2])
+    elif damage == "truncated figure":  # review: a PNG cut after its header was shown as a broken image
+        figure.write_bytes(figure.read_bytes()[:5000])
     elif damage == "missing figures":
         shutil.rmtree(run / "figures")
     else:
@@ -219,6 +219,32 @@ def test_a_run_page_never_shows_files_the_run_did_not_write(explained_runs, tmp_
         one_line_error(result, 2, "figures/confusion_test.png", "is not a whole PNG image")
     else:
         one_line_error(result, 2, "metrics/test.json", "is not the file this run wrote", "re-run 'medcli evaluate")
+
+
+def test_a_comparison_page_without_maps_removes_the_earlier_pages_maps_files(explained_runs, tmp_path, capsys):
+    """Review: a page whose runs had no comparable explanations left the maps/ files of the page
+    it replaced in DIR (chestmnist's agreement beside a breast-vs-retina page), unsaid."""
+    from test_aggregate import make_run
+
+    out = tmp_path / "out"
+    webpage.write_comparison_page(explained_runs, out)
+    assert len(list((out / webpage.MAPS_DIR).iterdir())) == 3
+    plain = [make_run(tmp_path / "runs", name, model=model) for name, model in (("a", "resnet18"), ("b", "vit-tiny"))]
+    capsys.readouterr()
+    webpage.write_comparison_page(plain, out)
+    assert not (out / webpage.MAPS_DIR).exists() or not list((out / webpage.MAPS_DIR).iterdir())
+    assert "removed the earlier comparison of explanation maps" in " ".join(capsys.readouterr().err.split())
+
+
+def test_no_paired_tests_between_setups_on_different_files_says_why(tmp_path):
+    """Review: two setups tested on different files were told to "choose two with --pair",
+    which cannot help: paired tests need the same images."""
+    from test_aggregate import make_run
+
+    runs = [make_run(tmp_path / "runs", "a"), make_run(tmp_path / "runs", "b", model="vit-tiny", dataset={"md5": "def"})]
+    text = " ".join(webpage.write_comparison_page(runs, tmp_path / "out").read_text(encoding="utf-8").split())
+    assert "No paired tests: they compare two setups on the same images, and no two of its setups were tested on " \
+           "the same data file." in text
 
 
 def test_the_comparison_page_keeps_aggregates_chart_and_says_what_it_replaces(tmp_path, capsys):
