@@ -342,11 +342,13 @@ def save_reliability(path, panels: Sequence[tuple[str, dict]], title: str, note:
     return _finish(fig, path, title, note)
 
 
-def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int, best_by: str) -> Path:
+def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int, best_by: str,
+                val: str = "val") -> Path:
     """Training curves: loss, accuracy (with validation macro F1 and AUC) and learning rate
     per epoch (train's `history`) on integer epoch ticks, the best epoch (best.pt) marked,
     titled with the model, data and run of `manifest` and what best.pt was chosen by
-    (`best_by`, e.g. "auc (EMA, mean of 3 epochs)"), and the data's `provenance` as a footer."""
+    (`best_by`, e.g. "auc (EMA, mean of 3 epochs)"), and the data's `provenance` as a footer.
+    `val` names the validation curves (the EMA's weights are not the ones the train curves are of)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
@@ -354,12 +356,12 @@ def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int, 
     fig = Figure(figsize=(10, 3.4), layout="constrained")
     axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
-    axes[0].plot(epochs, [r["val_loss"] for r in history], "o-", label="val")
+    axes[0].plot(epochs, [r["val_loss"] for r in history], "o-", label=val)
     axes[0].set_title("loss")
     axes[1].plot(epochs, [r["train_acc"] for r in history], "o-", label="train")
-    axes[1].plot(epochs, [r["val_acc"] for r in history], "o-", label="val")
-    axes[1].plot(epochs, [r["val_f1"] for r in history], "--", label="val macro F1")
-    axes[1].plot(epochs, [np.nan if r["val_auc"] is None else r["val_auc"] for r in history], ":", label="val AUC")
+    axes[1].plot(epochs, [r["val_acc"] for r in history], "o-", label=val)
+    axes[1].plot(epochs, [r["val_f1"] for r in history], "--", label=f"{val} macro F1")
+    axes[1].plot(epochs, [np.nan if r["val_auc"] is None else r["val_auc"] for r in history], ":", label=f"{val} AUC")
     axes[1].set_title("accuracy, F1, AUC")
     axes[2].plot(epochs, [r["lr"] for r in history], "o-")
     axes[2].set_title("learning rate (last step of epoch)")

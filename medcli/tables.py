@@ -30,6 +30,7 @@ PROB_PREFIX = "prob_"
 PERCENT = "0.00%"
 DECIMAL = "0.0000"
 INTEGER = "0"
+LR = "0.00E+00"  # a learning rate: 3.6e-06 is not "0.0000"
 
 
 def roc_curves(indicator: np.ndarray, probs: np.ndarray, names: Sequence[str], classes: Sequence[int]) -> list[dict]:
@@ -334,7 +335,11 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
                         formats={"fpr": DECIMAL, "tpr": DECIMAL, "threshold": DECIMAL})]
 
     if history is not None and len(history):
-        history_blocks = [Block(history, formats={c: DECIMAL for c in history.columns if history[c].dtype.kind == "f"})]
+        ema = manifest.get("config", {}).get("select", {}).get("weights") == "ema"
+        history_blocks = [Block(history, title="val_*: the validation metrics of the weights' EMA, which best.pt holds; "
+                                               "train_*: of the weights trained" if ema else None,
+                                formats={c: LR if c == "lr" else DECIMAL
+                                         for c in history.columns if history[c].dtype.kind == "f"})]
     else:
         history_blocks = [Block(pd.DataFrame({"note": ["this run has no training history"]}))]
 

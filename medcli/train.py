@@ -686,7 +686,8 @@ def _record_progress(run: Run, st, state: State, stopped_early: bool, final: boo
         st.add(history)  # recorded before the curves are drawn (a second or so): a stop then loses no epoch
     if final or time.perf_counter() - state.curves_at >= CURVES_EVERY_S:
         curves = reports.save_curves(run.figure_file("curves"), state.history, run.data, state.best["epoch"],
-                                     selection.describe(select, config["epochs"], short=True))
+                                     selection.describe(select, config["epochs"], short=True),
+                                     val="val (EMA weights)" if state.ema is not None else "val")
         state.curves_at = time.perf_counter()
         with lock:
             st.add(curves)

@@ -64,7 +64,11 @@ def test_evaluate_writes_files_workbook_and_stage_and_repeats_identically(run_co
     per_class = book["per-class"]
     assert [c.value for c in per_class[1]][:3] == ["split", "class", "name"] and per_class.max_row == 1 + len(NAMES)
     assert book["predictions"].max_row == 1 + 64
-    assert book["training history"]["A1"].value == "epoch" and book["training history"].max_row == 1 + Run.open(run_copy).config["epochs"]
+    history = book["training history"]  # review: the EMA's val columns unsaid; the lr shown as 0.0000
+    assert history["A1"].value.startswith("val_*: the validation metrics of the weights' EMA")
+    assert history["A2"].value == "epoch" and history.max_row == 2 + Run.open(run_copy).config["epochs"]
+    lr_column = next(cell.column_letter for cell in history[2] if cell.value == "lr")
+    assert history[f"{lr_column}3"].number_format == "0.00E+00"
 
     again = runner.invoke(app, ["evaluate", str(run_copy), "--json", "--device", "cpu", "--batch-size", "32"])
     assert again.exit_code == 0, again.output
@@ -355,8 +359,12 @@ def test_training_curves_name_the_run_mark_the_best_epoch_on_integer_ticks(figur
                 "val_f1": 0.4, "val_auc": 0.8, "lr": 1e-3} for e in range(1, 6)]
     manifest = {"run_id": "20260101-000000_bloodmnist28_resnet18", "config": {"model": "resnet18", "monitor": "acc"},
                 "dataset": {"flag": "bloodmnist", "size": 28, "sample": True, "official": False}}
-    reports.save_curves(tmp_path / "curves.png", history, manifest, best_epoch=3, best_by="auc (EMA, mean of 3 epochs)")
+    reports.save_curves(tmp_path / "curves.png", history, manifest, best_epoch=3, best_by="auc (EMA, mean of 3 epochs)",
+                        val="val (EMA weights)")
     fig = figures[0]
+    # review: the EMA's validation curves were labelled "val" beside the raw weights' train curves
+    assert [line.get_label() for line in fig.axes[1].lines][:4] == [
+        "train", "val (EMA weights)", "val (EMA weights) macro F1", "val (EMA weights) AUC"]
     assert all(part in fig.get_suptitle() for part in ("resnet18", "bloodmnist 28 px", manifest["run_id"], "epoch 3",
                                                        "best val auc (EMA, mean of 3 epochs)"))
     assert "embedded PBC sample" in _texts(fig)
