@@ -281,8 +281,12 @@ def _p(test: dict) -> str:
     """A test's p-value, and its Holm-adjusted one where several tests are shown."""
     if test["p_value"] is None:
         return "p undefined"
-    text = "p < 0.0001" if test["p_value"] < 1e-4 else f"p = {test['p_value']:.2g}"
-    return text + (f" (Holm {test['p_holm']:.2g})" if test.get("p_holm", test["p_value"]) != test["p_value"] else "")
+    def shown(p: float) -> str:
+        return "< 0.0001" if p < 1e-4 else f"{p:.2g}"
+
+    text = "p < 0.0001" if test["p_value"] < 1e-4 else f"p = {shown(test['p_value'])}"
+    holm = shown(test.get("p_holm", test["p_value"]))
+    return text + (f" (Holm {holm})" if holm != shown(test["p_value"]) else "")
 
 
 def _difference(metric: str, value: float) -> str:

@@ -18,9 +18,9 @@ from typing import Sequence
 
 import numpy as np
 
-from medcli import fileio
+from medcli import console, fileio
 from medcli.errors import UsageError
-from medcli.names import short_names
+from medcli.names import SPLITS, short_names
 from medcli.datasets import provenance
 from medcli.tables import read_predictions
 
@@ -397,6 +397,8 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
 
     target = Path(target)
     suffix = {None: "", True: "_normalized", False: "_counts"}[normalize]
+    if split not in SPLITS:
+        raise UsageError(f"unknown --split '{split}'; choose one of {', '.join(SPLITS)}")
     if not target.exists():
         raise UsageError(f"{target} does not exist; pass a run directory or a predictions CSV from 'medcli evaluate'")
     if target.is_dir():
@@ -414,8 +416,11 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
         title, note = (f"{run.run_id} · {target.stem}", provenance(run.dataset)) if run else (target.name, None)
     frame, task = read_predictions(csv)
     destination = Path(out) if out else default_out
+    fileio.output_file(destination)  # a folder there, a file on its way, or an unwritable folder: refused
     if destination.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg", ".jpeg"):
         raise UsageError(f"--out {destination}: unsupported image type; use a .png, .pdf, .svg or .jpg file name")
+    if destination.exists():
+        console.warn(f"replacing the earlier {destination}")
     tables = task.confusion_tables(task.confusion(*task.csv_decisions(frame)))
     return save_task_confusion(destination, tables, title, note, normalize)
 

@@ -327,7 +327,7 @@ def _explanations(run: Run) -> str:
         facts = [f"{len(index['samples'])} {index['split']} samples ({index.get('selection')})",
                  f"target {index['target']}", f"checkpoint {index['checkpoint']}"]
         facts += [f"layer {index['layer']}"] if index.get("layer") else []
-        facts += [f"{road['metric']} {road['mean']:.3f} ± {road['std']:.3f}"] if road else []
+        facts += [f"{road['metric']} {road['mean']:.3g} ± {road['std']:.3g}"] if road else []
         facts += [f"mean heat-map share in the evidence box {mass:.2f}"] if mass is not None else []
         grids = [(run.explain_dir(method) / file, f"{method}: true class {name}")
                  for name, file in index["grids"].items()]

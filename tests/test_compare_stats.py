@@ -240,3 +240,14 @@ def test_runs_of_the_same_id_in_two_folders_keep_their_own_setups(tmp_path):
     page = webpage.comparison_page(result, write_chart(tmp_path / "chart.png", result), "none")
     rows = re.findall(r"<tr><td>same-id</td><td>([^<]*)</td>.*?<td>([^<]*)</td></tr>", page)
     assert sorted(rows) == sorted([("resnet18 s0", str(cnn)), ("vit-tiny s0", str(vit))]), rows
+
+
+def test_a_p_value_and_its_holm_adjustment_are_shown_alike():
+    """Review: "McNemar exact p < 0.0001 (Holm 1.5e-67)": the p-value was floored, its Holm
+    adjustment not."""
+    from medcli.compare_stats import _p
+
+    assert _p({"p_value": 5e-68, "p_holm": 1.5e-67}) == "p < 0.0001"
+    assert _p({"p_value": 5e-5, "p_holm": 0.0003}) == "p < 0.0001 (Holm 0.0003)"
+    assert _p({"p_value": 0.02, "p_holm": 0.04}) == "p = 0.02 (Holm 0.04)"
+    assert _p({"p_value": 0.02}) == "p = 0.02"

@@ -205,6 +205,15 @@ def test_plot_confusion_default_output_for_a_run_dir(tmp_path):
     result = runner.invoke(app, ["plot-confusion", str(run), "--split", "val", "--normalize"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(run / "figures" / "confusion_val_normalized.png")
+    # review: a second drawing replaced the first unsaid; an unknown split advised an invalid
+    # command; a folder as --out was "unsupported image type"
+    again = runner.invoke(app, ["plot-confusion", str(run), "--split", "val", "--normalize"])
+    assert again.exit_code == 0 and f"replacing the earlier {run / 'figures' / 'confusion_val_normalized.png'}" in \
+        " ".join(again.stderr.split())
+    one_line_error(runner.invoke(app, ["plot-confusion", str(run), "--split", "bogus"]), 2,
+                   "unknown --split 'bogus'; choose one of train, val, test")
+    one_line_error(runner.invoke(app, ["plot-confusion", str(run), "--split", "val", "--out", str(tmp_path)]), 2,
+                   f"--out {tmp_path} is a folder")
 
 
 def test_csv_with_missing_columns_exits_2(tmp_path):
