@@ -65,7 +65,7 @@ _SPLIT_ORDER = ("train_images", "val_images", "test_images")
 _CHUNK = 256  # images read from an array file at a time
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError)
 _ORIENTATION = 0x0112  # the EXIF Orientation tag
-_NPY_LAYOUTS = "(N, H, W), (N, H, W, C), (H, W) or (H, W, C) with C 1 or 3"
+_NPY_LAYOUTS = "(N, H, W), (N, H, W, C), (H, W) or (H, W, C) with C 1 or 3 (2 or 4: with alpha, dropped)"
 
 _notes: set[str] = set()
 
@@ -310,6 +310,9 @@ def _fit_array(image: np.ndarray, target: Target, path: Path) -> np.ndarray:
     """One uint8 (H, W) or (H, W, C) array image -> (size, size, channels); as is when it fits."""
     if image.ndim == 2:
         image = image[:, :, None]
+    if image.shape[2] in (2, 4):  # gray or RGB with alpha, as a PNG's alpha: dropped
+        _note("alpha", "dropping the alpha channel (transparency is ignored, not composited)")
+        image = image[:, :, :-1]
     if image.shape == (target.size, target.size, target.channels):
         return np.array(image, dtype=np.uint8)  # a copy: the source may be a memory map
     image = np.ascontiguousarray(image[:, :, 0] if image.shape[2] == 1 else image)
@@ -378,13 +381,13 @@ def _layout(shape: tuple, path: Path, key: str | None = None, dtype: np.dtype | 
     if len(shape) == 2:
         stack = False
     elif len(shape) == 3:
-        stack = shape[2] not in (1, 3)
+        stack = shape[2] not in (1, 2, 3, 4)  # 2 and 4: gray or RGB with alpha
         where_ = f"{path}{':' + key if key else ''}"
         if stack and shape[0] in (1, 3) and shape[1] == shape[2] and f"chw {where_}" not in _notes:
             _notes.add(f"chw {where_}")  # once per array: an npz's arrays are laid out twice
             console.warn(f"{where_}: shape {tuple(shape)} read as {shape[0]} grayscale image(s); a channel-first "
                          f"image must be saved as (H, W, {shape[0]})")
-    elif len(shape) == 4 and shape[3] in (1, 3):
+    elif len(shape) == 4 and shape[3] in (1, 2, 3, 4):
         stack = True
     else:
         raise BadFile(f"{where} shape {tuple(shape)}: expected {_NPY_LAYOUTS} (MedMNIST layout)", path=path)

@@ -214,6 +214,23 @@ def test_npy_layouts(tmp_path, shape, target, stack):
     assert all(np.array_equal(a, s.reshape(28, 28, -1)) for (_, a), s in zip(out, stacked))
 
 
+@pytest.mark.parametrize("shape", [(28, 28, 4), (40, 60, 4), (28, 28, 2), (3, 28, 28, 4)])
+def test_an_npy_with_alpha_is_read_as_its_images_alpha_dropped(tmp_path, shape, capsys):
+    """Review: an RGBA (H, W, 4) or gray+alpha (H, W, 2) array was read as H strip-shaped
+    grayscale images (40 rows of predictions for one image, exit 0). Its alpha is dropped, as a
+    PNG's is, and it is the same image as its PNG without alpha."""
+    array = noise(shape)
+    np.save(tmp_path / "a.npy", array)
+    target = RGB if shape[-1] == 4 else GRAY
+    out = images.read(tmp_path / "a.npy", target)
+    stacked = array if len(shape) == 4 else array[None]
+    assert len(out) == len(stacked)
+    for (_, got), image in zip(out, stacked):
+        plain = save(tmp_path / "plain.png", image[:, :, 0] if shape[-1] == 2 else image[:, :, :3])
+        assert np.array_equal(got, only(plain, target))
+    assert "dropping the alpha channel" in capsys.readouterr().err
+
+
 def test_npy_is_converted_like_an_image(tmp_path):
     array = noise((2, 40, 30, 3))
     np.save(tmp_path / "a.npy", array)
@@ -346,11 +363,11 @@ def _truncated(path: Path) -> Path:
     lambda p: _truncated(save(p / "cut.png", noise((64, 64, 3)))),
     lambda p: _truncated(save(p / "cut.jpg", noise((64, 64, 3)))),
     lambda p: np.save(p / "f.npy", np.zeros((2, 28, 28), np.float32)) or p / "f.npy",
-    lambda p: np.save(p / "c4.npy", noise((2, 28, 28, 4))) or p / "c4.npy",
+    lambda p: np.save(p / "c5.npy", noise((2, 28, 28, 5))) or p / "c5.npy",
     lambda p: (p / "z.npz").write_bytes(b"PK\x03\x04 broken") and None or p / "z.npz",
     lambda p: np.savez(p / "l.npz", labels=np.arange(3)) or p / "l.npz",
     lambda p: np.savez(p / "fl.npz", train_images=np.zeros((2, 28, 28), np.float64)) or p / "fl.npz",
-], ids=["empty", "text", "truncated-png", "truncated-jpeg", "float-npy", "4-channels", "bad-zip", "no-images",
+], ids=["empty", "text", "truncated-png", "truncated-jpeg", "float-npy", "5-channels", "bad-zip", "no-images",
         "float-npz"])
 def test_bad_files_name_the_file_in_one_line(tmp_path, make, monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # someone else's setting must not hide it
