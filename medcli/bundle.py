@@ -175,8 +175,8 @@ def open_model(source: str | os.PathLike, checkpoint: str | None = None, device=
     file with its sidecar, opened for prediction on `device` (ONNX Runtime runs on the CPU).
     `checkpoint`: a run's (None: best); an exported file holds one, and another is refused."""
     path = Path(source).expanduser()
-    kind = next((name for name, suffix in FORMATS.items() if path.suffix == suffix and path.is_file()), None)
-    if kind is None and path.suffix in FORMATS.values() and not path.exists():
+    kind = next((name for name, suffix in FORMATS.items() if path.suffix.lower() == suffix and path.is_file()), None)
+    if kind is None and path.suffix.lower() in FORMATS.values() and not path.exists():
         raise UsageError(f"{path} does not exist; pass a model file 'medcli export' wrote, or a run directory")
     if kind is None:
         run = Run.open(path)
@@ -193,8 +193,10 @@ def open_model(source: str | os.PathLike, checkpoint: str | None = None, device=
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise UsageError(f"{card_path} is not a medcli model description; export the model with 'medcli export RUN'")
     missing = [key for key in _CARD_KEYS if key not in card]
+    missing += [f"{key} (as a mapping)" for key in _CARD_INNER_KEYS if key in card and not isinstance(card[key], dict)]
     missing += [f"{key}.{inner}" for key, inner_keys in _CARD_INNER_KEYS.items()
                 if isinstance(card.get(key), dict) for inner in inner_keys if inner not in card[key]]
+    missing += [] if isinstance(card.get("class_names", []), list) else ["class_names (as a list)"]
     missing += [f"calibrations[{k}]" for k, fit in enumerate(card.get("calibrations") or [])
                 if not (isinstance(fit, dict) and {"temperature", "tta", "fitted_on"} <= fit.keys())]
     if card.get("version") != VERSION or missing:
@@ -205,7 +207,28 @@ def open_model(source: str | os.PathLike, checkpoint: str | None = None, device=
         raise UsageError(f"{path.name} was exported from the {card.get('checkpoint')} checkpoint; --checkpoint applies "
                          f"to run directories (export the {checkpoint} one with 'medcli export RUN --checkpoint "
                          f"{checkpoint}')")
-    return Opened(load_exported(kind, path, device), card, kind, path)
+    model = load_exported(kind, path, device)
+    _check_matches(model, card, path, card_path, device)
+    return Opened(model, card, kind, path)
+
+
+def _check_matches(model, card: dict, path: Path, card_path: Path, device) -> None:
+    """One blank image through an exported model: refused in one line unless it takes the
+    description's input and gives one score per class (a description of another export, copied
+    beside it, ended in the runtime's own error)."""
+    import torch
+
+    shape = (1, card["image"]["channels"], card["preprocess"]["input_size"], card["preprocess"]["input_size"])
+    try:
+        with torch.no_grad():
+            scores = model(torch.zeros(shape, device=device))
+        fits = tuple(scores.shape) == (1, len(card["class_names"]))
+        problem = f"it gives {tuple(scores.shape)[1:]} scores for {len(card['class_names'])} classes"
+    except Exception as exc:  # the runtimes raise their own types for an input of the wrong shape
+        fits, problem = False, f"it does not take a {shape[1:]} input ({type(exc).__name__})"
+    if not fits:
+        raise UsageError(f"{path.name} does not match its description {card_path.name}: {problem}; keep each "
+                         "export's files together, or export the model again")
 
 
 def load_exported(kind: str, path: Path, device="cpu"):

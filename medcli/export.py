@@ -214,7 +214,8 @@ def model_card(card: dict, test: dict | None) -> str:
         f"- {flag} at {size} px: {info.get('description', '').strip()}",
         f"- This run's file: md5 {data['md5']}"
         + (f"; **{data['provenance']}**" if data.get("provenance") else " (the official MedMNIST file)")
-        + f"; images per split {data.get('n_samples')}.",
+        + "; images per split: " + (", ".join(f"{split} {n:,}" for split, n in data["n_samples"].items())
+                                     if isinstance(data.get("n_samples"), dict) else "not recorded") + ".",
         f"- Licence: {data['licence']}.",
         "",
         "## Test metrics",

@@ -175,12 +175,27 @@ def _earlier_results(out: Path | None, overwrite: bool, explain: str | None) -> 
     if folder is not None and folder.exists() and not folder.is_dir():
         raise UsageError(f"{folder}, where --explain puts its overlays, is a file; move it or choose another --out")
     earlier = sorted(folder.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")) if folder is not None and folder.is_dir() else []
+    if out.exists() and overwrite and not _predictions_csv(out):  # an input image, or a file of someone else's
+        raise UsageError(f"{out} exists and is not a predictions CSV (its first line is not 'path,prediction,...'); "
+                         "--overwrite replaces only those: choose another --out")
     if not overwrite:
         if out.exists():
             raise UsageError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
         if earlier:
             raise UsageError(f"{folder} holds earlier overlays; pass --overwrite to replace them, or choose another --out")
     return earlier
+
+
+def _predictions_csv(path: Path) -> bool:
+    """Whether `path` starts as the CSV predict writes."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(_CSV_START)) == _CSV_START
+    except OSError:
+        return False
+
+
+_CSV_START = b"path,prediction,"
 
 
 def _inputs(paths: Sequence[str], out: Path | None) -> list[Path]:

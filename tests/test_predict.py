@@ -93,6 +93,12 @@ def test_predict_writes_json_and_refuses_to_overwrite_its_output(tiny_run, pngs,
     replaced = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--out", str(out), "--overwrite"])
     assert replaced.exit_code == 0 and replaced.stdout.strip() == str(out.resolve())
     assert len(pd.read_csv(out)) == len(CHOSEN)
+    # review: --out naming one of the input images, with --overwrite, replaced the image by the CSV
+    image = pngs / "test_000.png"
+    before = image.read_bytes()
+    one_line_error(runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--out", str(image), "--overwrite"]), 2,
+                   "is not a predictions CSV", "choose another --out")
+    assert image.read_bytes() == before
 
 
 def test_a_bad_file_is_one_line_the_others_are_predicted_and_the_exit_code_says_so(tiny_run, pngs, tmp_path):
@@ -315,6 +321,22 @@ def test_exported_model_without_its_description_is_one_line(run_copy, tmp_path):
     one_line_error(runner.invoke(app, ["predict", str(tmp_path / "m.onnx"), str(tmp_path)]), 2, "m.json", "medcli export")
 
 
+def test_a_description_that_does_not_fit_its_export_is_one_line(exported, pngs, tmp_path):
+    """Review: another export's description copied beside a model ended in the runtime's own
+    error ("unexpected InvalidArgument"), and a description whose "image" was not a mapping in
+    "unexpected TypeError"."""
+    model = Path(shutil.copy(exported, tmp_path / "m.pt"))
+    card = json.loads(bundle.sidecar_path(exported).read_text())
+    for change, needle in [(lambda c: c["class_names"].pop(), "it gives (8,) scores for 7 classes"),
+                           (lambda c: c["image"].update(channels=1), "it does not take a (1, 28, 28) input"),
+                           (lambda c: c.update(image="x"), "lacks image (as a mapping)")]:
+        changed = json.loads(json.dumps(card))
+        change(changed)
+        bundle.sidecar_path(model).write_text(json.dumps(changed))
+        result = runner.invoke(app, ["predict", str(model), str(pngs / "test_000.png")])
+        one_line_error(result, 2, needle)
+
+
 def test_checkpoint_applies_to_runs_and_an_export_refuses_another(tiny_run, exported, pngs):
     one_line_error(runner.invoke(app, ["predict", str(exported), str(pngs), "--checkpoint", "last"]), 2,
                    "exported from the best checkpoint", "--checkpoint applies to run directories")
@@ -446,6 +468,12 @@ def test_the_model_card_says_its_test_metrics_are_after_temperature_scaling(run_
     text = Path(result["card"]).read_text()
     temperature = json.loads((run_copy / "metrics" / "test.json").read_text())["calibration"]["temperature"]
     assert f"without test-time views; after temperature scaling, T = {temperature:.3f} fitted on val" in text
+    assert "; images per split: train 256, val 64, test 64." in text  # review: a Python dict was printed
+    card = bundle.sidecar_path(result["model"])
+    upper = card.with_name("M.PT")  # review: an upper-case suffix was "not a run directory"
+    Path(result["model"]).rename(upper)
+    card.rename(bundle.sidecar_path(upper))
+    assert bundle.open_model(upper).kind == "torchscript"
 
 
 def test_overlays_of_files_in_a_folder_with_brackets_keep_their_names(tiny_run, pngs, tmp_path):
