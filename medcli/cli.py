@@ -667,4 +667,9 @@ def clean_processes(
 
 
 def main() -> None:
-    app(prog_name="medcli")
+    try:
+        app(prog_name="medcli")
+    finally:  # the command has ended and said so: a Ctrl-C or SIGTERM while the interpreter tears torch
+        # down (a second or more) must not add a traceback or kill a finished command by the signal
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
