@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -536,44 +536,46 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
     config = run.config
     device = torch.device(distributed.device_for(ctx, config["device"]))
     prep = run.data["preprocess"]
-    if ctx.is_main:
-        _warn_if_device_shared(config["device"], ctx)
-    if device.type == "cpu":
-        use_cpu_threads(ctx)
-    if config.get("sync_bn") and ctx.enabled:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        elif ctx.is_main:  # a --sync-bn run resumed on another device (torch's SyncBatchNorm is CUDA-only)
-            console.warn(f"--sync-bn needs CUDA: on {device.type} each process keeps its own BatchNorm statistics")
-    model.to(device)
-    if config["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    budget = feed.data_budget(config, device)
-    train_data = feed.Data.of(splits, "train", device, budget)
-    val_data = feed.Data.of(splits, "val", device, budget - (0 if train_data.streamed else train_data.images.numel()))
-    steps = len(train_data) // global_batch(config, ctx, len(train_data))
-    optimizer = optim.make_optimizer(model, config, device)
-    select = selection.rule(config)
-    ema = selection.make_ema(model, select)  # before DDP wraps the model, as timm's training script does
-    forward = model
-    if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
+    with ExitStack() as stack:  # the stage first: a stop or failure while the model and data are set up is recorded
+        st = stack.enter_context(run.stage("train")) if ctx.is_main else None
+        stack.enter_context(distributed.peers(ctx, run.run_dir))
+        if ctx.is_main:
+            _warn_if_device_shared(config["device"], ctx)
+        if device.type == "cpu":
+            use_cpu_threads(ctx)
+        if config.get("sync_bn") and ctx.enabled:
+            if device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            elif ctx.is_main:  # a --sync-bn run resumed on another device (torch's SyncBatchNorm is CUDA-only)
+                console.warn(f"--sync-bn needs CUDA: on {device.type} each process keeps its own BatchNorm statistics")
+        model.to(device)
+        if config["channels_last"]:
+            model.to(memory_format=torch.channels_last)
+        budget = feed.data_budget(config, device)
+        train_data = feed.Data.of(splits, "train", device, budget)
+        val_data = feed.Data.of(splits, "val", device, budget - (0 if train_data.streamed else train_data.images.numel()))
+        steps = len(train_data) // global_batch(config, ctx, len(train_data))
+        optimizer = optim.make_optimizer(model, config, device)
+        select = selection.rule(config)
+        ema = selection.make_ema(model, select)  # before DDP wraps the model, as timm's training script does
+        forward = model
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
 
-        forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    state = State(model=model, forward=compiled(forward, config), optimizer=optimizer,
-                  scheduler=optim.make_scheduler(optimizer, config, steps),
-                  scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
-                  data_gen=torch.Generator().manual_seed(config["seed"]),
-                  aug_gen=torch.Generator().manual_seed(config["seed"] + 1),  # CPU: the same stream on any device
-                  task=datasets.task(config["dataset"]), ema=ema)
-    if checkpoint is not None:
-        checkpoints.restore(state, checkpoint, run, device)
-    optim.place_lr(optimizer, config, device)  # a device tensor the schedule fills (--compile, CUDA)
-    state.step = optim.compiled_step(optimizer, config, state.scaler)
-    with (run.stage("train") if ctx.is_main else nullcontext()) as st, distributed.peers(ctx, run.run_dir), \
-            console.progress() as bar, \
-            (checkpoints.writing(st, (run.checkpoint_path("last"), run.checkpoint_path("best")))
-             if st is not None else nullcontext()) as writer:  # pending writes finish before the stage ends
+            forward = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        state = State(model=model, forward=compiled(forward, config), optimizer=optimizer,
+                      scheduler=optim.make_scheduler(optimizer, config, steps),
+                      scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
+                      data_gen=torch.Generator().manual_seed(config["seed"]),
+                      aug_gen=torch.Generator().manual_seed(config["seed"] + 1),  # CPU: the same stream on any device
+                      task=datasets.task(config["dataset"]), ema=ema)
+        if checkpoint is not None:
+            checkpoints.restore(state, checkpoint, run, device)
+        optim.place_lr(optimizer, config, device)  # a device tensor the schedule fills (--compile, CUDA)
+        state.step = optim.compiled_step(optimizer, config, state.scaler)
+        bar = stack.enter_context(console.progress())
+        writer = None if st is None else stack.enter_context(  # pending writes finish before the stage ends
+            checkpoints.writing(st, (run.checkpoint_path("last"), run.checkpoint_path("best"))))
         epochs_task = bar.add_task("epochs", total=config["epochs"], completed=state.epoch, unit="epoch")
         batch_task = bar.add_task("epoch", total=steps, unit="img")
         stopped_early = checkpoint is not None and should_stop(state.bad_epochs, config["patience"]) \

@@ -421,6 +421,32 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(synthetic_root, tmp_
         train.resume(run)
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError("CUDA out of memory")])
+def test_a_stop_or_failure_while_training_is_set_up_is_recorded_in_the_run(small_root, tmp_path, monkeypatch, stop):
+    """Review: between the run's creation and its train stage (the model and data moved to the
+    device: seconds on a GPU) a Ctrl-C or an error left a run with no stage at all, and the
+    message did not name it. The stage is interrupted (resumable) or failed."""
+    from medcli import feed
+
+    real = feed.Data.of
+
+    def stopped(*args, **kwargs):
+        raise stop
+
+    monkeypatch.setattr(feed.Data, "of", stopped)
+    result = runner.invoke(app, ["train", "--root", str(small_root), "--runs-dir", str(tmp_path), "--epochs", "1",
+                                 "--batch-size", "16", "--model", "timm:test_resnet"])
+    (run,) = tmp_path.iterdir()
+    status = Run.open(run).stages["train"]["status"]
+    if stop is KeyboardInterrupt:
+        assert result.exit_code == 130 and status == "interrupted"
+        assert f"medcli train --resume {run}" in result.stderr.replace("'", ""), result.stderr
+        monkeypatch.setattr(feed.Data, "of", real)
+        assert train.resume(run).stages["train"]["status"] == "completed"
+    else:
+        assert result.exit_code == 1 and status == "failed", result.stderr
+
+
 def test_a_run_trained_on_cuda_resumes_on_the_cpu(small_root, tmp_path, monkeypatch, capsys):
     """Review defect 1: last.pt written on a GPU holds CUDA RNG states and (before the
     augmentation generator moved to the CPU) a CUDA generator state, and the manifest says
