@@ -155,9 +155,9 @@ def output_folder(path: str | os.PathLike, names: Sequence[str]) -> Path:
 @contextmanager
 def together(out: Path) -> Iterator[Path]:
     """A hidden folder in `out` for a set of files that replace the earlier ones together: the
-    files written into it (each atomically) are moved into `out` only when the block ends without
-    an error, by renames, which take no space; on any error none is moved and `out` holds the
-    earlier set whole. The folder is removed either way."""
+    files written into it (each atomically; in subfolders too) are moved to the same places in
+    `out` only when the block ends without an error, by renames, which take no space; on any
+    error none is moved and `out` holds the earlier set whole. The folder is removed either way."""
     import shutil
 
     try:
@@ -167,9 +167,11 @@ def together(out: Path) -> Iterator[Path]:
         raise UsageError(f"cannot write into {out}: {exc.strerror or exc}; choose a writable location") from exc
     try:
         yield staging
-        for file in sorted(staging.iterdir()):
-            os.replace(file, out / file.name)
-        _fsync_dir(out)
+        for file in sorted(path for path in staging.rglob("*") if path.is_file()):
+            target = out / file.relative_to(staging)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(file, target)
+            _fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

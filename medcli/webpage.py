@@ -358,20 +358,23 @@ def write_comparison_page(paths: Sequence[str | os.PathLike], out_dir: str | os.
     their stored explanation maps (`maps.compare`, its files in `out_dir/maps/`, where
     `aggregate --maps --out out_dir/maps` would put them), and write `out_dir/comparison.html`
     beside its chart (PAGE_CHART); returns the page's path."""
-    out = fileio.output_folder(out_dir, (COMPARISON_PAGE, PAGE_CHART))
-    result = aggregate.aggregate(paths, pair=pair)
-    chart = aggregate.write_chart(out / PAGE_CHART, result)
-    try:
-        agreement: dict | str = maps.compare([row["path"] for row in result.runs], out / MAPS_DIR)
-    except UsageError as exc:  # nothing to compare (fewer than two explanations, no common sample...)
-        agreement = str(exc)
-        console.info(f"the page has no comparison of explanation maps: {agreement}")
-        earlier = [path for name in maps.OUTPUT_FILES if (path := out / MAPS_DIR / name).is_file()]
-        for path in earlier:  # another page's, which this one replaces
-            path.unlink()
-        if earlier:
-            console.warn(f"removed the earlier comparison of explanation maps in {out / MAPS_DIR}: this page has none")
-    return fileio.write_text(out / COMPARISON_PAGE, comparison_page(result, chart, agreement))
+    result = aggregate.aggregate(paths, pair=pair)  # a bad --pair is refused before anything is replaced
+    maps_files = [f"{MAPS_DIR}/{name}" for name in maps.OUTPUT_FILES]
+    out = fileio.output_folder(out_dir, (COMPARISON_PAGE, PAGE_CHART, *maps_files))
+    with fileio.together(out) as staging:  # the page, its chart and its maps replace the earlier ones together
+        chart = aggregate.write_chart(staging / PAGE_CHART, result)
+        try:
+            agreement: dict | str = maps.compare([row["path"] for row in result.runs], staging / MAPS_DIR)
+        except UsageError as exc:  # nothing to compare (fewer than two explanations, no common sample...)
+            agreement = str(exc)
+            console.info(f"the page has no comparison of explanation maps: {agreement}")
+        fileio.write_text(staging / COMPARISON_PAGE, comparison_page(result, chart, agreement))
+    earlier = [path for name in maps_files if isinstance(agreement, str) and (path := out / name).is_file()]
+    for path in earlier:  # the replaced page's, which this one does not show
+        path.unlink()
+    if earlier:
+        console.warn(f"removed the earlier comparison of explanation maps in {out / MAPS_DIR}: this page has none")
+    return out / COMPARISON_PAGE
 
 
 def comparison_page(result: aggregate.Comparison, chart: Path, agreement: dict | str) -> str:

@@ -247,6 +247,32 @@ def test_no_paired_tests_between_setups_on_different_files_says_why(tmp_path):
            "the same data file." in text
 
 
+def test_a_comparison_page_replaces_its_files_together_and_a_bad_pair_replaces_nothing(tmp_path, monkeypatch, capsys):
+    """Review: `report RUN... --out DIR` stopped midway left the new chart beside the old page;
+    `--pair x y` said it was replacing the earlier files, then refused."""
+    from medcli.errors import MedcliError, UsageError
+
+    from test_aggregate import make_run
+
+    runs = [make_run(tmp_path / "runs", name, model=model) for name, model in (("a", "resnet18"), ("b", "vit-tiny"))]
+    out = tmp_path / "out"
+    webpage.write_comparison_page(runs, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    with pytest.raises(UsageError, match="--pair"):
+        webpage.write_comparison_page(runs, out, pair=["x", "y"])
+    assert "replacing" not in capsys.readouterr().err
+
+    def fail(*args):
+        raise MedcliError("writing the page failed (No space left on device)")
+
+    monkeypatch.setattr(webpage, "comparison_page", fail)
+    make_run(tmp_path / "runs", "c", model="vit-small", accuracy=0.5)
+    with pytest.raises(MedcliError, match="No space left"):
+        webpage.write_comparison_page([*runs, tmp_path / "runs" / "c"], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the chart too; no folder left behind
+
+
 def test_the_comparison_page_keeps_aggregates_chart_and_says_what_it_replaces(tmp_path, capsys):
     """Review: `report --out DIR` wrote its chart over aggregate's comparison.png in DIR (the md
     then described metrics the chart no longer showed), and replaced an earlier page unsaid."""
