@@ -215,8 +215,9 @@ def _inputs(paths: Sequence[str], out: Path | None) -> list[Path]:
 
 
 def _temperature(opened: bundle.Opened, calibrated: bool, tta: bool):
-    """The temperature --calibrated applies (1 when not asked for, or when the model was never
-    calibrated: one line says so)."""
+    """The temperature --calibrated applies (1 when not asked for); a model never calibrated is
+    refused, naming the command that calibrates it (uncalibrated numbers asked for as calibrated
+    would pass unnoticed under --quiet)."""
     if not calibrated:
         return 1.0
     card = opened.card
@@ -228,9 +229,8 @@ def _temperature(opened: bundle.Opened, calibrated: bool, tta: bool):
                else  # an export's description was fixed when it was written
                f"calibrate its run {card['run_id']} ('medcli evaluate RUN {' '.join(flags)}"
                f"{'' if checkpoint == 'best' else ' --checkpoint ' + checkpoint}'), then export it again with --overwrite")
-        console.warn(f"--calibrated: {opened.source.name} ({card['run_id']}, {card['checkpoint']}.pt) has no calibrated "
-                     f"evaluation: {how}; the probabilities are uncalibrated")
-        return 1.0
+        raise UsageError(f"--calibrated: {opened.source.name} ({card['run_id']}, {card['checkpoint']}.pt) has no "
+                         f"calibrated evaluation: {how}, or drop --calibrated")
     if fit["tta"] != tta:
         console.warn(f"--calibrated: the temperature was fitted {'with' if fit['tta'] else 'without'} test-time views "
                      f"and this prediction is {'with' if tta else 'without'} them; it may fit less well")
