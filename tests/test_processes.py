@@ -77,6 +77,9 @@ def test_lists_medcli_processes_and_their_runs_but_nothing_else(fake_medcli):
         listed = json.loads(result.stdout)
         assert listed["ended"] is False and proc.pid in {p["pid"] for p in listed["processes"]}
         assert proc.poll() is None  # still alive: a dry run ends nothing
+        # review: the listing went to stderr (so `| grep` found nothing) and -q did not silence it
+        quiet = runner.invoke(app, ["-q", "clean-processes", "--dry-run"])
+        assert quiet.exit_code == 0 and quiet.stderr == "" and str(proc.pid) in quiet.stdout
     finally:
         bystander.kill()
         bystander.wait()
