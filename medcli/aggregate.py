@@ -90,6 +90,8 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     """One comparison row; raises UsageError with the reason a run cannot be compared."""
     run = Run.open(run_dir)
     state = run.status("train")
+    if state == "running":  # still training, or its process died: require says which
+        run.require("train", f"finish it with '{run.resume_command()}'")
     if state != "completed":
         raise UsageError(f"unfinished: train {state or 'not run'} (finish it with '{run.resume_command()}')")
     train = run.stages["train"]

@@ -422,6 +422,21 @@ def _fresh_copy(path: Path, flag: str, size: int) -> str:
     return f"download it again with 'medcli download {flag} --size {size} --root {shlex.quote(str(folder))} --overwrite'"
 
 
+def restore_hint(record: dict, where: str | os.PathLike) -> str:
+    """How to put back the missing dataset file a run's `record` describes, in the folder
+    `where` it was (the recorded file's folder): written again (synthetic), placed again (the
+    embedded sample), fetched (an official file), or restored by hand (an import)."""
+    flag, size, folder = record.get("flag"), record.get("size"), Path(where)
+    if record.get("synthetic") or folder.name == SYNTHETIC_DIR:
+        return (f"write it again with 'medcli download {flag} --synthetic --size {size} "
+                f"--root {shlex.quote(str(folder.parent if folder.name == SYNTHETIC_DIR else folder))}'")
+    if record.get("sample"):
+        return f"place it again with 'medcli download {flag} --sample --root {shlex.quote(str(folder.parent))}'"
+    if record.get("official") is False:
+        return "restore that file (it was imported, not downloaded: md5 " + str(record.get("md5")) + ")"
+    return f"fetch it with 'medcli download {flag} --size {size} --root {shlex.quote(str(folder))}'"
+
+
 def use_cache(record: dict, splits: Sequence[str], processes: int = 1) -> bool:
     """Whether training maps `splits` of the file `record` describes: MEDCLI_DATA_CACHE=always
     or never, else (auto) when the images `processes` processes on one node would each hold

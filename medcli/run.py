@@ -470,9 +470,10 @@ class Run:
             candidates = [Path(p) for p in (self.config.get("root"), Path(record.get("path", "")).parent) if p]
             root = next((c for c in candidates if datasets.data_path(c, flag, size).is_file()), None)
             if root is None:
+                where = Path(record["path"]).parent if record.get("path") else Path(self.config.get("root") or ".")
                 raise UsageError(f"the dataset this run was trained on ({datasets.filename(flag, size)} under "
                                  f"{self.config.get('root') or record.get('path')}) is missing; pass --root DIR holding "
-                                 f"it, or fetch it with 'medcli download {flag} --size {size}'")
+                                 f"it, or {datasets.restore_hint(record, where)}")
         data = datasets.load(root, flag, size, splits, **load_options)
         if record.get("md5") and data.record.get("md5") != record.get("md5"):
             differs = (f"{data.path} differs from the file this run was trained on (md5 {data.record.get('md5')} "

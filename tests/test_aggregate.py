@@ -696,3 +696,22 @@ def test_a_comparison_that_fails_midway_leaves_the_earlier_one_whole(tmp_path, m
     monkeypatch.undo()
     assert runner.invoke(app, ["aggregate", str(tmp_path / "runs"), "--out", str(out)]).exit_code == 0
     assert "vit-tiny" in (out / "comparison.csv").read_text() and sorted(p.name for p in out.iterdir()) == sorted(before)
+
+
+def test_a_run_still_training_is_said_to_be_not_told_to_resume(tmp_path):
+    """Review: a run in training was left out with "finish it with 'medcli train --resume ...'",
+    which its lock refuses; a running stage whose process is gone is told to resume."""
+    import os
+
+    from filelock import FileLock
+
+    from medcli.run import stage_lock_path
+
+    make_run(tmp_path, "done")
+    busy = make_run(tmp_path, "busy", seed=1, train_status="running")
+    Run.open(busy).update(lambda data: data["stages"]["train"].update(pid=os.getpid()))
+    with FileLock(stage_lock_path(busy, "train")):
+        reasons = [s["reason"] for s in aggregate([tmp_path], metric_names=["accuracy"]).skipped]
+    assert len(reasons) == 1 and f"is still running (pid {os.getpid()}); wait for it to finish" in reasons[0], reasons
+    (reason,) = [s["reason"] for s in aggregate([tmp_path], metric_names=["accuracy"]).skipped]
+    assert "ended without recording how (killed?); finish it with 'medcli train --resume" in reason

@@ -218,3 +218,23 @@ def test_a_stage_marked_running_is_told_apart_as_live_or_ended(tmp_path):
     with FileLock(stage_lock_path(run.run_dir, "evaluate")):  # the evaluating process, alive
         with pytest.raises(UsageError, match=r"is still running \(pid 4242\); wait for it to finish"):
             Run.open(run.run_dir).require("evaluate", "evaluate it first")
+
+
+@pytest.mark.parametrize("kind, record, hint", [
+    ("synthetic", {"synthetic": True, "official": False},
+     "write it again with 'medcli download bloodmnist --synthetic --size 28 --root {root}'"),
+    ("sample", {"sample": True, "official": False}, "place it again with 'medcli download bloodmnist --sample --root {root}'"),
+    ("", {"official": False, "md5": "abc"}, "restore that file (it was imported, not downloaded: md5 abc)"),
+    ("", {"official": True}, "fetch it with 'medcli download bloodmnist --size 28 --root {root}'"),
+])
+def test_a_missing_dataset_is_put_back_where_the_run_looks(tmp_path, kind, record, hint):
+    """Review: a run whose data was gone advised 'medcli download bloodmnist --size 28', which
+    saves the official file in ~/.medmnist (the run does not look there) and, for a synthetic or
+    sample run, another file than the one it trained on."""
+    root = tmp_path / "gone"
+    path = (root / kind if kind else root) / "bloodmnist.npz"
+    run = Run.create(tmp_path / "runs", "r", config={"root": str(path.parent)},
+                     dataset={"flag": "bloodmnist", "size": 28, "path": str(path), **record})
+    with pytest.raises(UsageError) as refused:
+        run.load_data()
+    assert "is missing; pass --root DIR holding it, or " + hint.format(root=root) in str(refused.value)
