@@ -336,6 +336,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
     # a map of another class than the prediction (--target) says which, in its name, title and tile
     other = [class_specific and int(ex.targets[row]) != int(ex.predictions[row]) for row in range(len(ex.indices))]
     classes = sorted(set(int(ex.labels[row]) for row in in_grids))
+    flat = [bool(np.ptp(ex.maps[row]) == 0) for row in range(len(ex.indices))]  # a constant map shows nothing
     samples, grids, files = [], {}, []
     with console.progress() as bar:
         task = bar.add_task("figures", total=len(ex.indices) + len(classes), unit="fig")
@@ -348,7 +349,8 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
             true_text = "+".join(names[k] for k in present[row]) or "no finding"
             explained = tasks.explained_text(names[pred], ex.confidence[row], _decided(ex, row))
             title = (f"true {true_text} | {explained} | " + (f"map of {names[mapped]} | " if other[row] else "") + caption
-                     + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None else ""))
+                     + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None else "")
+                     + (" | constant map: no information" if flat[row] else ""))
             reports.save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title, note)
             files.append(out_dir / name)
             samples.append({
@@ -368,7 +370,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
             reports.save_class_grid(out_dir / grids[names[k]], f"{caption} · {ex.split} · true class {names[k]}", [
                 (ex.images[row], ex.maps[row],
                  f"#{ex.indices[row]} {_called(ex, row)} {slugs[ex.predictions[row]]}\n{ex.confidence[row]:.2f}"
-                 + (f" map {slugs[ex.targets[row]]}" if other[row] else ""))
+                 + (f" map {slugs[ex.targets[row]]}" if other[row] else "") + (" (constant map)" if flat[row] else ""))
                 for row in rows],
                 note)
             files.append(out_dir / grids[names[k]])

@@ -662,6 +662,26 @@ def test_a_multilabel_sample_without_findings_is_named_so_and_joins_no_label_gri
     assert list(grids) == ["mass"] and all(f.is_file() for f in files)
 
 
+def test_a_constant_map_says_it_shows_nothing(tmp_path, monkeypatch):
+    """Review: an all-zero Grad-CAM map (a ViT's, often) was drawn as a dark overlay with nothing
+    saying the map carries no information."""
+    from medcli import reports
+    from medcli.explain import Explained, write_figures
+
+    titles, captions = [], []
+    monkeypatch.setattr(reports, "save_sample_figure", lambda path, image, heat, title, note=None: titles.append(title))
+    monkeypatch.setattr(reports, "save_class_grid", lambda path, title, items, note=None: captions.extend(
+        c for _, _, c in items))
+    maps = np.zeros((2, 28, 28), np.float32)
+    maps[1, 10:15, 10:15] = 1.0
+    ex = Explained(split="test", indices=np.array([4, 7]), images=np.zeros((2, 28, 28, 3), np.uint8),
+                   labels=np.array([1, 1]), predictions=np.array([1, 1]), confidence=np.array([0.9, 0.8]),
+                   targets=np.array([1, 1]), maps=maps, box_mass=None)
+    write_figures(tmp_path, "gradcam", ex, ["a", "b"])
+    assert titles[0].endswith("| constant map: no information") and "constant" not in titles[1]
+    assert captions[0].endswith("(constant map)") and "constant" not in captions[1]
+
+
 def test_a_samples_road_score_depends_on_neither_the_batch_nor_the_other_samples(tiny_run, tmp_path):
     """Review: one generator was reseeded for every batch, so an image's noise and tie order
     (and its score, by up to 0.1) followed its position in the batch: `--batch-size` and the
