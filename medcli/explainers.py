@@ -220,19 +220,22 @@ def cam_explainer(method: str, model, spec: dict, layer: str, batch_size: int) -
 def _oriented_eigencam() -> type:  # made on first use: grad-cam is imported late
     """grad-cam's EigenCAM with the sign of each map fixed. It projects the centred activations
     on their first principal direction, whose sign an SVD leaves arbitrary (grad-cam issue 315),
-    then keeps the positive part: about half the maps came out as the negative of the evidence,
-    bright on the background. Each map is turned to grow with the activations' magnitude (the
-    sum of their absolute values over the channels at each cell)."""
+    then keeps the positive part: a map could come out as the negative of the evidence, bright
+    on the background (7 of 8 on the tiny test run). Each map is turned so that its cell of
+    largest magnitude is positive (sklearn's `svd_flip` rule: the few cells that stand out, not
+    the background, carry the weight). Measured on the README's real-data runs (ROAD, 64
+    samples): ViT 0.255 against 0.252 as grad-cam leaves it, CNN 0.229 against 0.228; turning
+    each map to grow with the activations' magnitude instead halved the ViT's (0.123: a
+    LayerNorm's output has nearly the same magnitude everywhere)."""
     import numpy as np
     from pytorch_grad_cam import EigenCAM
 
     class OrientedEigenCAM(EigenCAM):
         def get_cam_image(self, input_tensor, target_layer, target_category, activations, grads, eigen_smooth):
             maps = super().get_cam_image(input_tensor, target_layer, target_category, activations, grads, eigen_smooth)
-            magnitude = np.abs(activations).sum(axis=1)  # (B, h, w)
-            agreement = ((maps - maps.mean(axis=(1, 2), keepdims=True))
-                         * (magnitude - magnitude.mean(axis=(1, 2), keepdims=True))).sum(axis=(1, 2))
-            return maps * np.where(agreement < 0, -1, 1).astype(maps.dtype)[:, None, None]
+            flat = maps.reshape(len(maps), -1)
+            largest = flat[np.arange(len(flat)), np.abs(flat).argmax(axis=1)]
+            return maps * np.where(largest < 0, -1, 1).astype(maps.dtype)[:, None, None]
 
     return OrientedEigenCAM
 
