@@ -155,7 +155,7 @@ def _image_tests(ra: dict, rb: dict, split: str) -> dict:
     else:
         entry["accuracy"] = {"refused": "accuracy is each image's share of labels right here; McNemar needs one "
                                         "right or wrong decision per image"}
-    columns = task.roc_classes()
+    columns = task.auc_columns()
     entry["auc"] = metrics.paired_bootstrap_auc(task.indicator(labels)[:, columns], probs_a[:, columns],
                                                 probs_b[:, columns], BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED)
     return entry

@@ -35,7 +35,7 @@ LR = "0.00E+00"  # a learning rate: 3.6e-06 is not "0.0000"
 
 def roc_curves(indicator: np.ndarray, probs: np.ndarray, names: Sequence[str], classes: Sequence[int]) -> list[dict]:
     """ROC and precision-recall curve points of `classes` (the task's `roc_classes`: every
-    class, or class 1 alone for a binary-class task, whose AUC is the task's), one-vs-rest
+    class, or the finding alone for a binary-class task), one-vs-rest
     (`indicator` (N, K): which samples belong to each class or carry each label). A class
     without positives or negatives has no curve. For the figure and the workbook; `ap` is
     sklearn's average precision (the step-wise area under the precision-recall curve)."""

@@ -60,12 +60,16 @@ class Task:
         """What a reader of this task's metrics file needs beyond the task and class names."""
         return {}
 
+    def auc_columns(self) -> list[int]:
+        """The columns whose AUCs, averaged, are the task's AUC (its intervals and paired tests)."""
+        return self.roc_classes()
+
     def intervals(self, labels, probs, resamples: int, seed: int) -> dict:
-        """Bootstrap 95 % intervals of this task's accuracy and AUC (the AUC of `roc_classes`,
-        averaged: every class, the finding of a binary task, every label): `metrics.bootstrap_intervals`."""
+        """Bootstrap 95 % intervals of this task's accuracy and AUC (the AUC of `auc_columns`,
+        averaged: every class, class 1 of a binary task, every label): `metrics.bootstrap_intervals`."""
         from medcli import metrics
 
-        columns = self.roc_classes()
+        columns = self.auc_columns()
         return metrics.bootstrap_intervals(self.image_accuracy(labels, probs), self.indicator(labels)[:, columns],
                                            probs[:, columns], resamples, seed)
 
@@ -269,9 +273,14 @@ class Binary(SingleLabel):
         return self.outputs - 1
 
     def roc_classes(self) -> list[int]:
-        """The finding's curve: its AUC is class 1's (softmax scores of two classes rank the
-        images in reverse), its precision-recall curve and AP are the finding's own."""
+        """The finding's curves: its precision-recall curve and AP are its own; its ROC AUC is
+        class 1's (two softmax scores rank the images in reverse) up to ties of a saturated
+        softmax (p1 == 1.0 exactly where p0 still tells images apart)."""
         return [self.finding]
+
+    def auc_columns(self) -> list[int]:
+        """medmnist's AUC is class 1's: its intervals and paired tests are too, tie for tie."""
+        return [self.auc_class()]
 
     @property
     def finding(self) -> int:
