@@ -667,9 +667,22 @@ def clean_processes(
 
 
 def main() -> None:
+    code: int | str | None = 0
     try:
         app(prog_name="medcli")
+    except SystemExit as exc:
+        code = exc.code
+        raise
     finally:  # the command has ended and said so: a Ctrl-C or SIGTERM while the interpreter tears torch
-        # down (a second or more) must not add a traceback or kill a finished command by the signal
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # down (a second or more) ends the process at once with the command's own exit code, not by
+        # the signal and without a traceback (and a teardown that hangs can still be stopped)
+        def finished(signum, frame):
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+        signal.signal(signal.SIGINT, finished)
+        signal.signal(signal.SIGTERM, finished)
