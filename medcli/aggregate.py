@@ -102,7 +102,7 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
                              f"re-run '{run.evaluate_command(split)}'")
         raise UsageError(f"not evaluated on {split} (run '{run.evaluate_command(split)}')")
     try:
-        evaluation = json.loads(run.read_artefact(metrics_file, f"re-run '{run.evaluate_command(split)}'"))
+        evaluation = json.loads(run.read_evaluated(metrics_file, split))
         values = evaluation["metrics"]
         if not isinstance(evaluation, dict) or not isinstance(values, dict):
             raise TypeError("not a mapping")

@@ -658,7 +658,10 @@ def clean_processes(
         question = f"End {console.plural(count, 'process', 'processes')}?"
         return sys.stdin.isatty() and not json_out and typer.confirm(question, err=True)
 
-    report = processes.clean(dry_run=dry_run, yes=yes, older_than=older_than, grace_s=grace, show=not json_out,
+    from rich.console import Console
+
+    report = processes.clean(dry_run=dry_run, yes=yes, older_than=older_than, grace_s=grace,
+                             show=None if json_out else Console(highlight=False).print,  # the listing: stdout
                              confirm=ask, run=run, pid=pid)
     if json_out:
         emit(report)

@@ -161,6 +161,15 @@ def _image_tests(ra: dict, rb: dict, split: str) -> dict:
     return entry
 
 
+def _predictions(run: Run, split: str):
+    """A run's predictions of `split` (`tables.read_predictions`), the file checked first against
+    the sha256 evaluate recorded (an edited or copied-in CSV is not this run's)."""
+    path = run.predictions_file(split)
+    if path.is_file():  # a missing one is read_predictions' to name
+        run.read_evaluated(path, split)
+    return tables.read_predictions(path)
+
+
 def _same_images(ra: dict, rb: dict, split: str):
     """(task, labels, probabilities of A, of B) from the two runs' predictions CSVs of `split`;
     a one-line UsageError unless both saw the same images: the same dataset file (md5) and the
@@ -169,8 +178,7 @@ def _same_images(ra: dict, rb: dict, split: str):
     if md5[0] is None or md5[0] != md5[1]:
         raise UsageError(f"not the same test images: {ra['run']} and {rb['run']} were evaluated on different files "
                          f"(md5 {md5[0]} vs {md5[1]})")
-    (frame_a, task), (frame_b, task_b) = (tables.read_predictions(Run.open(r["path"]).predictions_file(split))
-                                          for r in (ra, rb))
+    (frame_a, task), (frame_b, task_b) = (_predictions(Run.open(r["path"]), split) for r in (ra, rb))
     labels, labels_b = task.csv_decisions(frame_a)[0], task_b.csv_decisions(frame_b)[0]
     if task != task_b or labels.shape != labels_b.shape or not np.array_equal(labels, labels_b) \
             or not np.array_equal(frame_a["index"], frame_b["index"]):

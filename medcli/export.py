@@ -49,7 +49,7 @@ def export_run(
     suffix = bundle.FORMATS[format]
     model_file = (Path(out).expanduser() if out is not None
                   else run.export_file(checkpoint, suffix, "" if format == "onnx" else format))
-    if model_file.suffix != suffix:
+    if model_file.suffix.lower() != suffix:
         raise UsageError(f"--out {model_file}: a {format} model file ends with {suffix}")
     fileio.output_file(model_file)
     _check_exporter(format)
@@ -64,21 +64,24 @@ def export_run(
     model = run.load_model(checkpoint, "cpu").float()
     x, verified_on = _verification_batch(run, card, root)
     with run.stage("export") as st:
-        with fileio.atomic_path(model_file) as tmp:
-            with torch.no_grad():
-                reference = model(x).numpy()
-            details = _EXPORTERS[format](model, x[:TRACE_BATCH], Path(tmp))
-            exported = _run_exported(format, Path(tmp), x)
-            verification = _check(reference, exported, verified_on, format,
-                                  tasks.for_kind(card["task"], card["class_names"]))
-        description = card | {"export": {"format": format, "file": model_file.name, **details,
-                                         "input": {"name": "images", "dtype": "float32",
-                                                   "shape": ["batch", card["image"]["channels"],
-                                                             card["preprocess"]["input_size"], card["preprocess"]["input_size"]]},
-                                         "output": {"name": "logits", "shape": ["batch", len(card["class_names"])]},
-                                         "verification": verification}}
-        fileio.write_json(files[1], description)
-        fileio.write_text(files[2], model_card(description, bundle.test_metrics(run, checkpoint)))
+        with fileio.together(model_file.parent) as staging:  # the model, its description and card, or none
+            staged = [staging / path.name for path in files]
+            with fileio.atomic_path(staged[0]) as tmp:
+                with torch.no_grad():
+                    reference = model(x).numpy()
+                details = _EXPORTERS[format](model, x[:TRACE_BATCH], Path(tmp))
+                exported = _run_exported(format, Path(tmp), x)
+                verification = _check(reference, exported, verified_on, format,
+                                      tasks.for_kind(card["task"], card["class_names"]))
+            description = card | {"export": {"format": format, "file": model_file.name, **details,
+                                             "input": {"name": "images", "dtype": "float32",
+                                                       "shape": ["batch", card["image"]["channels"],
+                                                                 card["preprocess"]["input_size"],
+                                                                 card["preprocess"]["input_size"]]},
+                                             "output": {"name": "logits", "shape": ["batch", len(card["class_names"])]},
+                                             "verification": verification}}
+            fileio.write_json(staged[1], description)
+            fileio.write_text(staged[2], model_card(description, bundle.test_metrics(run, checkpoint)))
         inside = [p for p in files if p.resolve().is_relative_to(run.run_dir.resolve())]
         st.add(*inside, save=False)
         st.summary[format] = {"checkpoint": checkpoint, "files": [str(p.resolve()) for p in files],

@@ -187,10 +187,10 @@ def _earlier_results(out: Path | None, overwrite: bool, explain: str | None) -> 
 
 
 def _predictions_csv(path: Path) -> bool:
-    """Whether `path` starts as the CSV predict writes."""
+    """Whether `path` starts as the CSV predict writes, or is empty (made ready for it, e.g. by mktemp)."""
     try:
         with open(path, "rb") as handle:
-            return handle.read(len(_CSV_START)) == _CSV_START
+            return handle.read(len(_CSV_START)) in (_CSV_START, b"")
     except OSError:
         return False
 

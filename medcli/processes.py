@@ -296,11 +296,11 @@ def job_of(found: list[MedcliProcess], run: str | os.PathLike | None = None,
 
 
 def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = None, grace_s: float = 10.0,
-          show: bool = True, confirm: Callable[[int], bool] | None = None, run: str | os.PathLike | None = None,
+          show: Callable[[Any], None] | None = None, confirm: Callable[[int], bool] | None = None, run: str | os.PathLike | None = None,
           pid: int | None = None) -> dict:
     """`medcli clean-processes`: find this user's other medcli processes (older than
     `older_than`, e.g. '2h'; only the job of `run` or `pid`, `job_of`, when given), show them
-    as a table on stdout (`show`), and end them with `yes`, or when `confirm(count)` says so
+    as a table to `show` (a Rich renderable), and end them with `yes`, or when `confirm(count)` says so
     (never with `dry_run`). Returns {"ended": bool, "processes": [...]}: end_processes'
     reports when they were ended (each with `ended`), else the processes found; a process
     that could not be ended is warned about."""
@@ -313,10 +313,8 @@ def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = Non
         found = job_of(found, run, pid)
         if not found:
             console.info(f"no medcli process of this user is {'pid ' + str(pid) if pid is not None else 'working on ' + str(run)}")
-    if show:  # the listing is the command's result: stdout (as `download --list`), kept by --quiet
-        from rich.console import Console
-
-        Console(highlight=False).print(table(found, f"{console.plural(len(found), 'medcli process', 'medcli processes')}"))
+    if show is not None:  # the listing is the command's result: the CLI prints it on stdout
+        show(table(found, f"{console.plural(len(found), 'medcli process', 'medcli processes')}"))
     end = bool(found) and not dry_run and (yes or (confirm is not None and bool(confirm(len(found)))))
     result = end_processes(found, grace_s) if end else [p.to_dict() for p in found]
     if end:

@@ -447,6 +447,24 @@ class Run:
         except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise UsageError(f"{path} is unreadable ({type(exc).__name__}); {fix}") from None
 
+    def read_evaluated(self, path: Path, split: str) -> bytes:
+        """The bytes of a file of a split the evaluate stage lists, checked against the sha256
+        it recorded for the file, whatever the stage's status (an attempt at another split that
+        stopped leaves the listed splits' records as they were); a one-line UsageError when the
+        file is not the one evaluate wrote."""
+        import hashlib
+
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise UsageError(f"{self.relative(path)} of run {self.run_dir} cannot be read ({exc.strerror or exc}); "
+                             f"re-run '{self.evaluate_command(split)}'") from None
+        recorded = self.stages.get("evaluate", {}).get("artefacts", {}).get(self.relative(path))
+        if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+            raise UsageError(f"{self.relative(path)} of run {self.run_dir} is not the file evaluate wrote (its sha256 "
+                             f"differs from the manifest's); re-run '{self.evaluate_command(split)}'")
+        return data
+
     def evaluated_splits(self) -> list[str]:
         """The splits the evaluate stage lists (each evaluated to the end, its files recorded;
         a later attempt at another split, failed or running, leaves them be), whose metrics file

@@ -251,3 +251,18 @@ def test_a_p_value_and_its_holm_adjustment_are_shown_alike():
     assert _p({"p_value": 5e-5, "p_holm": 0.0003}) == "p < 0.0001 (Holm 0.0003)"
     assert _p({"p_value": 0.02, "p_holm": 0.04}) == "p = 0.02 (Holm 0.04)"
     assert _p({"p_value": 0.02}) == "p = 0.02"
+
+
+def test_a_predictions_file_changed_after_evaluate_is_no_ground_for_a_paired_test(tmp_path):
+    """Review: aggregate checked metrics/<split>.json against the manifest, but the paired tests
+    read predictions/<split>.csv unchecked: an edited or copied-in CSV fed McNemar."""
+    import hashlib
+
+    _cnn_vs_vit(tmp_path)
+    run = Run.open(tmp_path / "vit")
+    path = run.predictions_file("test")
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    run.update(lambda data: data["stages"]["evaluate"]["artefacts"].__setitem__("predictions/test.csv", sha))
+    predicted(tmp_path / "vit", RIGHT_A)  # another model's predictions in its place
+    (pair,) = aggregate([tmp_path], metric_names=["accuracy"]).paired["pairs"]
+    assert "predictions/test.csv of run" in pair["refused"] and "is not the file evaluate wrote" in pair["refused"]

@@ -99,6 +99,10 @@ def test_predict_writes_json_and_refuses_to_overwrite_its_output(tiny_run, pngs,
     one_line_error(runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--out", str(image), "--overwrite"]), 2,
                    "is not a predictions CSV", "choose another --out")
     assert image.read_bytes() == before
+    empty = tmp_path / "made-by-mktemp.csv"  # review: an empty file made for the output was refused
+    empty.write_bytes(b"")
+    written = runner.invoke(app, ["predict", str(tiny_run), str(pngs), "--out", str(empty), "--overwrite"])
+    assert written.exit_code == 0 and len(pd.read_csv(empty)) == len(CHOSEN)
 
 
 def test_a_bad_file_is_one_line_the_others_are_predicted_and_the_exit_code_says_so(tiny_run, pngs, tmp_path):
@@ -476,6 +480,24 @@ def test_the_model_card_says_its_test_metrics_are_after_temperature_scaling(run_
     Path(result["model"]).rename(upper)
     card.rename(bundle.sidecar_path(upper))
     assert bundle.open_model(upper).kind == "torchscript"
+
+
+def test_an_export_stopped_midway_keeps_the_earlier_files_together(run_copy, tmp_path, monkeypatch):
+    """Review: `export --overwrite` replaced the model, then its description, then its card: a
+    stop between them left a new model beside the old description (another checkpoint's name
+    and temperature). They are replaced together; an upper-case suffix is an export file too."""
+    out = tmp_path / "exp" / "M.PT"
+    export.export_run(run_copy, format="torchscript", out=out)
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    assert sorted(before) == ["M.PT", "M.json", "M.md"]
+
+    def stop(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "model_card", stop)
+    with pytest.raises(KeyboardInterrupt):
+        export.export_run(run_copy, format="torchscript", checkpoint="last", out=out, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
 
 
 def test_overlays_of_files_in_a_folder_with_brackets_keep_their_names(tiny_run, pngs, tmp_path):

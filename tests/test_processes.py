@@ -208,10 +208,10 @@ def test_clean_ends_only_with_consent_and_a_process_left_running_exits_1(monkeyp
 
     monkeypatch.setattr(processes, "end_processes", end)
     asked = []
-    report = processes.clean(show=False, confirm=lambda count: asked.append(count) or False)
+    report = processes.clean(confirm=lambda count: asked.append(count) or False)
     assert asked == [1] and report == {"ended": False, "processes": [found.to_dict()]} and ended == []
-    assert not processes.clean(dry_run=True, show=False, confirm=lambda count: True)["ended"] and ended == []
-    assert processes.clean(show=False, confirm=lambda count: True)["ended"] and len(ended) == 1
+    assert not processes.clean(dry_run=True, confirm=lambda count: True)["ended"] and ended == []
+    assert processes.clean(confirm=lambda count: True)["ended"] and len(ended) == 1
     result = runner.invoke(app, ["clean-processes", "--yes", "--json"])
     assert result.exit_code == 1 and json.loads(result.stdout)["processes"][0]["error"] == "permission denied"
     assert "could not end pid 999999: permission denied" in result.stderr
@@ -283,7 +283,7 @@ def test_run_and_pid_keep_to_one_job_with_its_launcher_and_ranks(tmp_path):
         assert len(ranks) == 2 and any(p.run_dirs == [str(runs[0])] for p in ranks)  # rank 0 holds the lock, rank 1 not
         assert {p.pid for p in processes.job_of(found, pid=ranks[0].pid)} == {p.pid for p in job_a}
         assert not {p.pid for p in job_a} & {p.pid for p in processes.job_of(found, run=runs[1])}
-        result = processes.clean(yes=True, run=runs[0], grace_s=2, show=False)
+        result = processes.clean(yes=True, run=runs[0], grace_s=2)
         assert result["ended"] and {p["pid"] for p in result["processes"]} == {p.pid for p in job_a}
         jobs[0].wait(timeout=20)
         assert jobs[1].poll() is None  # the other job runs on
