@@ -34,7 +34,7 @@ from medcli.names import SPLITS
 __all__ = [
     "CHECKS", "MAP_MIN_BYTES", "SAMPLE_DIR", "SAMPLE_OF", "provenance", "provenance_kind", "SIZES", "SPLITS", "SYNTHETIC_DIR", "Splits", "as_tensor", "as_view", "check_size", "class_names", "current_md5", "data_path",
     "default_root", "filename", "flags", "info", "load", "make_record", "make_synthetic", "official_source",
-    "keep_record", "read_record", "record_of", "record_path", "resolve", "task", "unchanged", "use_cache", "validate_npz", "write_record",
+    "keep_record", "read_record", "record_of", "record_path", "resolve", "restore_hint", "task", "unchanged", "use_cache", "validate_npz", "write_record",
 ]
 
 SIZES = (28, 64, 128, 224)
@@ -413,28 +413,31 @@ def _reraise_bugs(exc: Exception) -> None:
 
 def _fresh_copy(path: Path, flag: str, size: int) -> str:
     """How to put a good copy where the damaged dataset file `path` is, for the folder it is in."""
-    folder = path.resolve().parent
-    if folder.name == SYNTHETIC_DIR:
-        return (f"delete it and write it again with 'medcli download {flag} --synthetic --size {size} "
-                f"--root {shlex.quote(str(folder.parent))}'")
-    if folder.name == SAMPLE_DIR and (flag, size) == SAMPLE_OF:
-        return f"place it again with 'medcli download {flag} --sample --root {shlex.quote(str(folder.parent))} --overwrite'"
-    return f"download it again with 'medcli download {flag} --size {size} --root {shlex.quote(str(folder))} --overwrite'"
+    return _put_back(path.resolve().parent, flag, size, {}, overwrite=True)
 
 
 def restore_hint(record: dict, where: str | os.PathLike) -> str:
     """How to put back the missing dataset file a run's `record` describes, in the folder
     `where` it was (the recorded file's folder): written again (synthetic), placed again (the
     embedded sample), fetched (an official file), or restored by hand (an import)."""
-    flag, size, folder = record.get("flag"), record.get("size"), Path(where)
-    if record.get("synthetic") or folder.name == SYNTHETIC_DIR:
-        return (f"write it again with 'medcli download {flag} --synthetic --size {size} "
-                f"--root {shlex.quote(str(folder.parent if folder.name == SYNTHETIC_DIR else folder))}'")
-    if record.get("sample"):
-        return f"place it again with 'medcli download {flag} --sample --root {shlex.quote(str(folder.parent))}'"
-    if record.get("official") is False:
+    if record.get("official") is False and not record.get("synthetic") and not record.get("sample") \
+            and Path(where).name not in (SYNTHETIC_DIR, SAMPLE_DIR):
         return "restore that file (it was imported, not downloaded: md5 " + str(record.get("md5")) + ")"
-    return f"fetch it with 'medcli download {flag} --size {size} --root {shlex.quote(str(folder))}'"
+    return _put_back(Path(where), record.get("flag"), record.get("size"), record, overwrite=False)
+
+
+def _put_back(folder: Path, flag, size, record: dict, overwrite: bool) -> str:
+    """The download command that writes a dataset file into `folder` again: its synthetic
+    stand-in, the embedded sample, or the official file."""
+    if record.get("synthetic") or folder.name == SYNTHETIC_DIR:
+        root = folder.parent if folder.name == SYNTHETIC_DIR else folder
+        return (f"{'delete it and ' if overwrite else ''}write it again with 'medcli download {flag} --synthetic "
+                f"--size {size} --root {shlex.quote(str(root))}'")  # the synthetic writer refuses to replace
+    if record.get("sample") or (folder.name == SAMPLE_DIR and (flag, size) == SAMPLE_OF):
+        return (f"place it again with 'medcli download {flag} --sample --root {shlex.quote(str(folder.parent))}"
+                + (" --overwrite'" if overwrite else "'"))
+    return (f"{'download it again' if overwrite else 'fetch it'} with 'medcli download {flag} --size {size} "
+            f"--root {shlex.quote(str(folder))}" + (" --overwrite'" if overwrite else "'"))
 
 
 def use_cache(record: dict, splits: Sequence[str], processes: int = 1) -> bool:

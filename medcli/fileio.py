@@ -141,6 +141,11 @@ def output_folder(path: str | os.PathLike, names: Sequence[str]) -> Path:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file; pass a directory for the files ({', '.join(names)})")
     folders = [name for name in names if (out / name).is_dir()]
+    files = [str(parent.relative_to(out)) for name in names for parent in (out / name).parents
+             if parent != out and parent.is_relative_to(out) and parent.exists() and not parent.is_dir()]
+    if files:
+        raise UsageError(f"--out {out} holds a file named {files[0]}, where a folder of its files goes; move it away "
+                         "or choose another --out")
     if folders:
         raise UsageError(f"--out {out} holds {'a folder' if len(folders) == 1 else 'folders'} named "
                          f"{', '.join(folders)}, where the file{'s go' if len(folders) > 1 else ' goes'}; "
@@ -167,10 +172,17 @@ def together(out: Path) -> Iterator[Path]:
         raise UsageError(f"cannot write into {out}: {exc.strerror or exc}; choose a writable location") from exc
     try:
         yield staging
+        moved: list[Path] = []
         for file in sorted(path for path in staging.rglob("*") if path.is_file()):
             target = out / file.relative_to(staging)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(file, target)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(file, target)
+            except OSError as exc:  # a folder or file put in the way since output_folder looked
+                done = f" ({', '.join(str(p) for p in moved)} already replaced)" if moved else ""
+                raise MedcliError(f"could not put {target} in place ({exc.strerror or exc}){done}; "
+                                  f"{_write_advice(exc, target)}") from exc
+            moved.append(target)
             _fsync_dir(target.parent)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

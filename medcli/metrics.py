@@ -23,7 +23,7 @@ __all__ = [
     "above_threshold", "binary_nll", "binary_rates", "bootstrap_intervals", "classification_metrics", "confusion_counts",
     "fit_label_temperatures", "interval_text", "metric_text",
     "fit_temperature", "label_matrix_metrics", "mcnemar_exact", "mean_difference", "nll", "ordinal_scores",
-    "paired_bootstrap_auc", "per_label", "reliability", "sigmoid", "softmax",
+    "paired_bootstrap_auc", "per_label", "reliability", "sigmoid", "softmax", "temperature_applied",
     "temperature_text", "top_label", "BOOTSTRAP_CHUNK", "ONE_SIDED", "SEPARATED", "THRESHOLD",
 ]
 

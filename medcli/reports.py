@@ -25,7 +25,7 @@ from medcli.datasets import provenance
 from medcli.tables import read_predictions
 
 __all__ = [
-    "DISPLAY_PX", "MAP_CMAP", "TITLE_PX", "panels", "plot_confusion", "save_class_grid", "save_curves", "save_figure",
+    "DISPLAY_PX", "GRID_COLUMNS", "MAP_CMAP", "TITLE_PX", "panels", "plot_confusion", "save_class_grid", "save_curves", "save_figure",
     "save_mistakes", "save_reliability", "save_roc", "save_sample_figure", "save_samples", "save_task_confusion",
 ]
 

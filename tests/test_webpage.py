@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 
 from medcli import webpage
 from medcli.cli import app
+from medcli.errors import UsageError
 from medcli.run import Run
 
 from cli_helpers import one_line_error
@@ -250,7 +251,7 @@ def test_no_paired_tests_between_setups_on_different_files_says_why(tmp_path):
 def test_a_comparison_page_replaces_its_files_together_and_a_bad_pair_replaces_nothing(tmp_path, monkeypatch, capsys):
     """Review: `report RUN... --out DIR` stopped midway left the new chart beside the old page;
     `--pair x y` said it was replacing the earlier files, then refused."""
-    from medcli.errors import MedcliError, UsageError
+    from medcli.errors import MedcliError
 
     from test_aggregate import make_run
 
@@ -271,6 +272,19 @@ def test_a_comparison_page_replaces_its_files_together_and_a_bad_pair_replaces_n
     with pytest.raises(MedcliError, match="No space left"):
         webpage.write_comparison_page([*runs, tmp_path / "runs" / "c"], out)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the chart too; no folder left behind
+
+
+def test_a_file_where_the_pages_maps_folder_goes_is_refused_before_anything_is_written(tmp_path):
+    """Review: with a file named maps in DIR the page and chart were moved in, then the maps
+    folder failed with a raw FileExistsError."""
+    from test_aggregate import make_run
+
+    runs = [make_run(tmp_path / "runs", name, model=model) for name, model in (("a", "resnet18"), ("b", "vit-tiny"))]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / webpage.MAPS_DIR).write_text("not a folder")
+    with pytest.raises(UsageError, match=f"holds a file named {webpage.MAPS_DIR}, where a folder of its files goes"):
+        webpage.write_comparison_page(runs, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [webpage.MAPS_DIR]
 
 
 def test_the_comparison_page_keeps_aggregates_chart_and_says_what_it_replaces(tmp_path, capsys):
