@@ -1132,10 +1132,10 @@ def test_an_interruption_after_the_last_epochs_checkpoint_resumes_to_the_same_en
     assert straight.stages["train"]["summary"]["epochs_run"] == epochs_run
     real_curves = reports.save_curves
 
-    def interrupt_at_the_end(path, history, *args):
+    def interrupt_at_the_end(path, history, *args, **kwargs):
         if len(history) == epochs_run:
             raise KeyboardInterrupt
-        return real_curves(path, history, *args)
+        return real_curves(path, history, *args, **kwargs)
 
     _scripted(monkeypatch, aucs)
     monkeypatch.setattr(reports, "save_curves", interrupt_at_the_end)
