@@ -385,7 +385,7 @@ def _interval_blocks(evaluations: dict) -> list[Block]:
 
 def _calibration_blocks(evaluations: dict) -> list[Block]:
     """Temperature scaling per calibrated split: T (or why the fit was skipped) and each
-    calibration metric before and after."""
+    calibration metric before and after; a multi-label task's temperature of each label."""
     import pandas as pd
 
     rows = []
@@ -398,8 +398,13 @@ def _calibration_blocks(evaluations: dict) -> list[Block]:
                      for m in calibration["before"]]
     if not rows:
         return []
+    per_label = [{"split": split, "label": name, "temperature": float(t)} for split, (meta, _) in evaluations.items()
+                 if meta.get("calibration") and np.ndim(meta["calibration"]["temperature"]) == 1
+                 for name, t in zip(meta["class_names"], meta["calibration"]["temperature"])]
     return [Block(pd.DataFrame(rows), title="temperature scaling fitted on val: before and after",
-                  formats={"temperature": "0.000"}, row_formats={m: metric_format(m) for m in {row["metric"] for row in rows}})]
+                  formats={"temperature": "0.000"}, row_formats={m: metric_format(m) for m in {row["metric"] for row in rows}}),
+            *([Block(pd.DataFrame(per_label), title="the temperature of each label (one fitted per label on val)",
+                     formats={"temperature": "0.000"})] if per_label else [])]
 
 
 def _temperature_cell(temperature: float | Sequence[float]) -> float | str:

@@ -813,3 +813,14 @@ def test_the_workbook_says_what_each_split_was_evaluated_on(run_copy):
     assert "train: SYNTHETIC data" in banner and "test: the official file" in banner
     assert cells["test: data"] == "the official file" and cells["val: data"].startswith("SYNTHETIC data")
     assert cells["test: temperature"] == metrics.temperature_text(test["calibration"]["temperature"])
+
+
+def test_the_workbook_gives_each_labels_temperature(tmp_path):
+    """Review: a multi-label calibration was shown only as a range ("0.732-1.059 (14 labels)");
+    a paper needs the temperature of each label."""
+    from medcli.tables import _calibration_blocks
+
+    calibration = {"temperature": [0.75, 1.25], "skipped": None, "before": {"ece": 0.1}, "after": {"ece": 0.05}}
+    blocks = _calibration_blocks({"test": ({"class_names": ["effusion", "mass"], "calibration": calibration}, None)})
+    assert len(blocks) == 2 and blocks[1].frame.to_dict("records") == [
+        {"split": "test", "label": "effusion", "temperature": 0.75}, {"split": "test", "label": "mass", "temperature": 1.25}]
