@@ -296,6 +296,10 @@ def _calibration(run: Run, evaluations: dict[str, dict]) -> str:
                 ("metric", "before", "after"),
                 [(key, metric_text(key, before), metric_text(key, calibration["after"][key]))
                  for key, before in calibration["before"].items()], numeric=[1, 2]))
+            if isinstance(calibration["temperature"], list):  # multi-label: one per label
+                parts.append(_table(("label", "temperature"),
+                                    [(name, f"{t:.3f}") for name, t in zip(result["class_names"], calibration["temperature"])],
+                                    numeric=[1], caption=f"The temperature of each label, {split} split"))
         else:
             parts.append(_note(f"Not calibrated: '{run.evaluate_command(split, '--calibrate')}' fits a "
                                "temperature on val and shows the calibration before and after it."))

@@ -366,3 +366,13 @@ def test_commands_a_page_suggests_work_from_any_folder(tmp_path, monkeypatch):
     assert f"'medcli explain {shlex.quote(str((tmp_path / run.run_dir).resolve()))}'" in text
     assert shlex.split(run.command("explain", "--method", "gradcam"))[2:] == [str(run.run_dir.resolve()), "--method",
                                                                               "gradcam"]
+
+
+def test_a_multi_label_calibration_shows_each_labels_temperature(tmp_path):
+    """Review: the page gave a multi-label calibration's temperatures only as a range."""
+    run = Run.create(tmp_path, "r", config={}, dataset={"flag": "chestmnist", "size": 28})
+    result = {"class_names": ["effusion", "mass"], "calibration": {
+        "fitted_on": "val", "temperature": [0.75, 1.25], "skipped": None, "before": {"ece": 0.1}, "after": {"ece": 0.05}}}
+    text = " ".join(webpage._calibration(run, {"test": result}).split())
+    assert "The temperature of each label, test split" in text
+    assert "<td>effusion</td> <td class=\"num\">0.750</td>" in text.replace("><", "> <"), text
