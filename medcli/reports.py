@@ -353,7 +353,7 @@ def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int, 
     from matplotlib.ticker import MaxNLocator
 
     epochs = [row["epoch"] for row in history]
-    fig = Figure(figsize=(10, 3.4), layout="constrained")
+    fig = Figure(figsize=(10, 4.6), layout="constrained")
     axes = fig.subplots(1, 3)
     axes[0].plot(epochs, [r["train_loss"] for r in history], "o-", label="train")
     axes[0].plot(epochs, [r["val_loss"] for r in history], "o-", label=val)
@@ -370,8 +370,8 @@ def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int, 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.axvline(best_epoch, color="black", ls="-.", lw=1.0, label=f"best epoch ({best_epoch})")
-    axes[0].legend(fontsize=9)
-    axes[1].legend(fontsize=9)
+    for ax in axes[:2]:  # below the panel: a legend inside hid the curves it names
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     config, data = manifest["config"], manifest["dataset"]
     title = (f"{config['model']} · {data['flag']} {data['size']} px · run {manifest['run_id']}\n"
              f"best val {best_by}: epoch {best_epoch}")
