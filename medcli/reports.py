@@ -371,7 +371,7 @@ def save_curves(path, history: Sequence[dict], manifest: dict, best_epoch: int, 
         ax.grid(alpha=0.3)
         ax.axvline(best_epoch, color="black", ls="-.", lw=1.0, label=f"best epoch ({best_epoch})")
     for ax in axes[:2]:  # below the panel: a legend inside hid the curves it names
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
+        ax.legend(fontsize=9, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
     config, data = manifest["config"], manifest["dataset"]
     title = (f"{config['model']} · {data['flag']} {data['size']} px · run {manifest['run_id']}\n"
              f"best val {best_by}: epoch {best_epoch}")
