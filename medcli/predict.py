@@ -109,7 +109,7 @@ def predict_files(
         if not rows:
             raise UsageError("the file could not be read (see above)" if len(files) == 1
                              else f"none of the {len(files)} files could be read (listed above)")
-        table = pd.DataFrame(rows, columns=["path", "prediction", *(f"{PROB_PREFIX}{n}" for n in names)])
+        table = pd.DataFrame(rows, columns=[*_CSV_FIRST, *(f"{PROB_PREFIX}{n}" for n in names)])
         if explain:
             table["overlay"] = _publish(staging, overlays, earlier, overlay_dir(out, explain))
         written = _write(out, table) if out is not None else None
@@ -195,7 +195,8 @@ def _predictions_csv(path: Path) -> bool:
         return False
 
 
-_CSV_START = b"path,prediction,"
+_CSV_FIRST = ("path", "prediction")  # the CSV's first columns (the class probabilities follow)
+_CSV_START = ",".join((*_CSV_FIRST, "")).encode()
 
 
 def _inputs(paths: Sequence[str], out: Path | None) -> list[Path]:
