@@ -57,3 +57,18 @@ def calibrated_probabilities(csv, rows=slice(None)):
     scaled = np.log(probs) / temperature  # softmax(z / T) from softmax(z): log p is z up to a constant
     scaled -= scaled.max(axis=1, keepdims=True)
     return np.exp(scaled) / np.exp(scaled).sum(axis=1, keepdims=True)
+
+
+def interrupt_at_call(monkeypatch, owner, name: str, call: int = 2):
+    """Replace `owner.name` by a stand-in whose `call`-th call raises KeyboardInterrupt (Ctrl-C
+    there) and whose other calls go through; returns the original."""
+    real, calls = getattr(owner, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+    return real

@@ -24,7 +24,7 @@ from medcli import augment, bundle, datasets, export, models
 from medcli.cli import app
 from medcli.run import Run
 
-from cli_helpers import calibrated_probabilities, one_line_error
+from cli_helpers import calibrated_probabilities, interrupt_at_call, one_line_error
 
 runner = CliRunner()
 CHOSEN = [0, 3, 7, 20, 41, 63]  # test images written out as PNG files
@@ -518,15 +518,7 @@ def test_an_overwrite_stopped_halfway_keeps_the_earlier_csv_and_its_overlays(tin
     args = ["--quiet", "predict", str(tiny_run), str(pngs), "--out", str(out), "--explain", "gradcam", "--batch-size", "2"]
     assert runner.invoke(app, args).exit_code == 0
     before = {path.name: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
-    real, calls = predict._overlays, []
-
-    def stop_at_the_second_batch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(predict, "_overlays", stop_at_the_second_batch)
+    interrupt_at_call(monkeypatch, predict, "_overlays")  # at the second batch
     assert runner.invoke(app, [*args, "--overwrite"]).exit_code == 130
     assert {path.name: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
     assert all(Path(p).is_file() for p in pd.read_csv(out)["overlay"])

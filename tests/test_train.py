@@ -18,7 +18,7 @@ from medcli.errors import UsageError
 from medcli.run import Run
 from medcli.config import fit_warmup_to_epochs, resolve_config
 
-from cli_helpers import one_line_error
+from cli_helpers import interrupt_at_call, one_line_error
 
 runner = CliRunner()
 TINY = {"model": "timm:test_resnet", "batch_size": 64, "seed": 0}
@@ -383,16 +383,7 @@ def test_a_tie_moves_best_to_the_later_epoch_but_does_not_reset_patience(small_r
 
 def _interrupted_run(runs, monkeypatch, **options) -> Path:
     """A run interrupted during its second epoch (last.pt holds epoch 1)."""
-    real_epoch = train.train_one_epoch
-    calls = []
-
-    def interrupt_second_epoch(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_epoch(*args, **kwargs)
-
-    monkeypatch.setattr(train, "train_one_epoch", interrupt_second_epoch)
+    real_epoch = interrupt_at_call(monkeypatch, train, "train_one_epoch")
     with pytest.raises(KeyboardInterrupt):
         train.train(runs_dir=runs, **options)
     monkeypatch.setattr(train, "train_one_epoch", real_epoch)
