@@ -163,11 +163,11 @@ def _image_tests(ra: dict, rb: dict, split: str) -> dict:
 
 def _predictions(run: Run, split: str):
     """A run's predictions of `split` (`tables.read_predictions`), the file checked first against
-    the sha256 evaluate recorded (an edited or copied-in CSV is not this run's)."""
+    the sha256 evaluate recorded (an edited or copied-in CSV is not this run's): the bytes
+    hashed are the bytes parsed."""
     path = run.predictions_file(split)
-    if path.is_file():  # a missing one is read_predictions' to name
-        run.read_evaluated(path, split)
-    return tables.read_predictions(path)
+    checked = run.read_evaluated(path, split) if path.is_file() else None  # a missing one is read_predictions' to name
+    return tables.read_predictions(path, checked)
 
 
 def _same_images(ra: dict, rb: dict, split: str):

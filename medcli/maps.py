@@ -91,9 +91,11 @@ def _columns(run_dirs: Sequence[Path], methods: Sequence[str] | None) -> list[Co
             try:  # checked against the sha256 the explain stage recorded
                 with np.load(io.BytesIO(run.read_artefact(path, fix))) as archive:
                     data = {key: archive[key] for key in archive.files}
-                meta, _ = json.loads(str(data.pop("meta"))), data["maps"]
+                meta = json.loads(str(data.pop("meta")))
             except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
                 raise UsageError(f"{run.relative(path)} of run {run_dir} is damaged ({type(exc).__name__}); {fix}") from None
+            if "maps" not in data:
+                raise UsageError(f"{run.relative(path)} of run {run_dir} is damaged (it holds no maps); {fix}")
             columns.append(Column(run.run_dir.name, method, meta, data, run.run_dir.resolve()))
     _named(columns)
     return columns

@@ -8,6 +8,7 @@ through `fileio.atomic_path`.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,17 +110,17 @@ def write_predictions(path, task: tasks.Task, labels: np.ndarray, probs: np.ndar
     return Path(path), fileio.write_json(task_file(path), sidecar)
 
 
-def read_predictions(path: str | os.PathLike):
+def read_predictions(path: str | os.PathLike, content: bytes | None = None):
     """Read and check a predictions CSV; returns (DataFrame, its task). The task comes from the
     CSV's sidecar (`task_file`); a CSV without one (written before medcli recorded it) is read
-    by its layout."""
+    by its layout. `content`: the file's bytes, already read (and checked) by the caller."""
     import pandas as pd
 
     path = Path(path)
-    if not path.is_file():
+    if content is None and not path.is_file():
         raise UsageError(f"no predictions file {path}; run 'medcli evaluate' on the run first (or pass the CSV path)")
     try:
-        frame = pd.read_csv(path)
+        frame = pd.read_csv(path if content is None else io.BytesIO(content))
     except (ValueError, OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read {path} as CSV ({' '.join(str(exc).split())}); pass a file written by 'medcli evaluate'") from None
     if frame.empty:

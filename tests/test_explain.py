@@ -575,6 +575,8 @@ def test_a_damaged_maps_file_is_a_one_line_error_naming_it(explained_pair, tmp_p
     Run.open(b).update(lambda data: data["stages"]["explain:gradcam"]["artefacts"].pop("explain/gradcam/maps.npz"))
     one_line_error(runner.invoke(app, args), 2, "explain/gradcam/maps.npz of run", "is damaged (BadZipFile)",
                    "--method gradcam --overwrite")
+    np.savez(maps_file, meta=np.array("{}"))  # a readable archive without its maps
+    one_line_error(runner.invoke(app, args), 2, "explain/gradcam/maps.npz of run", "is damaged (it holds no maps)")
 
 
 def test_the_maps_figure_has_no_empty_sample_slots(explained_pair, tmp_path, monkeypatch):
