@@ -70,6 +70,7 @@ def evaluate_run(
         raise UsageError(f"--batch-size must be at least 1 (got {batch_size})")
     run = Run.open(run)
     train_stage = run.require_trained()
+    run.refuse_if_busy("evaluate")
     dev = inference.resolve_device(device)
     amp_mode = inference.resolve_amp(dev, amp, default="off")  # full precision unless asked: logits feed the metrics
     model = run.load_model(checkpoint, dev)

@@ -120,6 +120,7 @@ def explain_run(
     chosen_method = explainers.METHODS[method]
     run = Run.open(run)
     run.require_trained()
+    run.refuse_if_busy(run.explain_stage(method))
     spec = run.spec
     chosen_method.check_model(spec, run.run_id)
     dev = inference.resolve_device(device)

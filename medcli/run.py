@@ -186,6 +186,19 @@ class Run:
             raise UsageError(f"run {self.run_dir} has no completed {stage} stage ({state}); {hint}")
         return entry
 
+    def refuse_if_busy(self, name: str) -> None:
+        """The stage's one-line refusal now, before a command loads its model and data, when another
+        process works on it (`stage` refuses it again, for one that starts meanwhile)."""
+        if self._stage_held(name):
+            raise self._in_use(name)
+
+    def _in_use(self, name: str) -> UsageError:
+        pid = manifest.read(self.run_dir)[1]["stages"].get(name, {}).get("pid")  # the holder's, from disk
+        end = f"end it alone with 'kill {pid}'" if pid else "end it"  # not clean-processes --yes: it ends all
+        return UsageError(f"run {self.run_dir} is in use by another medcli process ({name} stage"
+                          f"{f', pid {pid}' if pid else ''}); wait for it to finish, or if it is stale {end} "
+                          f"(list medcli's processes with 'medcli clean-processes')")
+
     def _stage_held(self, name: str) -> bool | None:
         """Whether a process holds the stage's lock (is working on it) now; None when that
         cannot be told (a read-only run directory)."""
@@ -305,11 +318,7 @@ class Run:
         try:
             lock.acquire()
         except Timeout:
-            pid = manifest.read(self.run_dir)[1]["stages"].get(name, {}).get("pid")  # the holder's, from disk
-            end = f"end it alone with 'kill {pid}'" if pid else "end it"  # not clean-processes --yes: it ends all
-            raise UsageError(f"run {self.run_dir} is in use by another medcli process ({name} stage"
-                             f"{f', pid {pid}' if pid else ''}); wait for it to finish, or if it is stale {end} "
-                             f"(list medcli's processes with 'medcli clean-processes')") from None
+            raise self._in_use(name) from None
         except OSError as exc:
             raise UsageError(f"cannot lock run {self.run_dir}: {exc.strerror}; check the directory is writable") from exc
         try:

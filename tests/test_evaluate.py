@@ -824,3 +824,20 @@ def test_the_workbook_gives_each_labels_temperature(tmp_path):
     blocks = _calibration_blocks({"test": ({"class_names": ["effusion", "mass"], "calibration": calibration}, None)})
     assert len(blocks) == 2 and blocks[1].frame.to_dict("records") == [
         {"split": "test", "label": "effusion", "temperature": 0.75}, {"split": "test", "label": "mass", "temperature": 1.25}]
+
+
+@pytest.mark.parametrize("stage, args", [("evaluate", ["evaluate"]), ("explain:gradcam", ["explain", "--method", "gradcam"])])
+def test_a_run_another_process_evaluates_is_refused_before_the_model_and_data_load(tiny_run, monkeypatch, stage, args):
+    """Left from a review: a second evaluate of a run loaded the model and the whole dataset
+    before the stage lock refused it."""
+    from filelock import FileLock
+
+    from medcli.run import stage_lock_path
+
+    loaded = []
+    monkeypatch.setattr(Run, "load_model", lambda *a, **k: loaded.append("model"))
+    monkeypatch.setattr(Run, "load_data", lambda *a, **k: loaded.append("data"))
+    with FileLock(stage_lock_path(tiny_run, stage)):  # the other process, at work
+        one_line_error(runner.invoke(app, [args[0], str(tiny_run), *args[1:]]), 2,
+                       f"is in use by another medcli process ({stage} stage")
+    assert loaded == []
