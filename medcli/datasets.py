@@ -73,7 +73,9 @@ def flags() -> list[str]:
 def info(flag: str) -> dict:
     flag = flag.lower()
     if flag not in flags():
-        raise UsageError(f"unknown dataset '{flag}'; choose one of: {', '.join(flags())}")
+        what = ("a 3D MedMNIST dataset; medcli trains on the 2D ones" if flag in _info_table()
+                else "unknown dataset")
+        raise UsageError(f"'{flag}' is {what}; choose one of: {', '.join(flags())}")
     return _info_table()[flag]
 
 
@@ -223,12 +225,14 @@ _MADE_BY_MAKE_RECORD = ("flag", "size", "file", "md5", "official_md5", "official
 CHECKS = 3
 
 
-def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: dict, **extra: Any) -> dict:
-    """npz's record: what it holds, its md5, and the size and mtime that md5 belongs to."""
+def make_record(flag: str, size: int, npz: Path, md5: str, source: str, counts: dict, *,
+                written: Path | None = None, **extra: Any) -> dict:
+    """npz's record: what it holds, its md5, and the size and mtime that md5 belongs to.
+    `written`: the temporary file about to be renamed to npz (a rename keeps them)."""
     from medcli.manifest import now_iso
 
     _, official_md5 = official_source(flag, size)
-    stat = Path(npz).stat()
+    stat = Path(written or npz).stat()
     return {
         "flag": flag,
         "size": size,
@@ -305,7 +309,13 @@ def _missing(root: Path, flag: str, size: int) -> str:
                  for sub, what in ((SAMPLE_DIR, "the embedded PBC sample that scripts/run_all.sh uses offline"),
                                    (SYNTHETIC_DIR, "SYNTHETIC stand-in data"))
                  if data_path(root / sub, flag, size).is_file()]
-    ways = [f"'medcli download {flag} --size {size} --root {shlex.quote(str(root))}'", "--from FILE to import a copy you have"]
+    others = [str(other) for other in SIZES if other != size and data_path(root, flag, other).is_file()]
+    if others:
+        stand_ins.append(f"it holds {flag} at {' and '.join(others)} px (pass --size {others[0]})")
+    base = root.parent if root.name in (SAMPLE_DIR, SYNTHETIC_DIR) else root  # download places stand-ins below it
+    ways = [f"'medcli download {flag} --size {size} --root {shlex.quote(str(base))}'"
+            + ("" if base == root else f" (then train with --root {shlex.quote(str(base))})"),
+            "--from FILE to import a copy you have"]
     if (flag, size) == SAMPLE_OF:
         ways.append("--sample for the embedded real sample")
     ways.append("--synthetic for a demo stand-in")
@@ -505,11 +515,11 @@ def make_synthetic(
     with fileio.atomic_path(target) as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)
-    record = make_record(
-        flag, size, target, fileio.md5_file(target), f"synthetic (seed {seed})",
-        dict(zip(SPLITS, n_per_split)), synthetic=True, signal_box=[lo, hi, lo, hi],
-    )
-    write_record(target, record)
+        # the record first: a stop in between leaves a record of no file, never a synthetic
+        # file without the record that says so (which would pass for real data)
+        write_record(target, make_record(flag, size, target, fileio.md5_file(tmp), f"synthetic (seed {seed})",
+                                         dict(zip(SPLITS, n_per_split)), written=tmp, synthetic=True,
+                                         signal_box=[lo, hi, lo, hi]))
     return target
 
 

@@ -51,7 +51,6 @@ SAMPLE_SOURCE = ("embedded sample of PBC blood-cell images (Acevedo et al., Data
                  "Mendeley Data snkd93bnjr; CC BY 4.0), prepared as MedMNIST's BloodMNIST, not the official split")
 DEFAULT_BACKOFF = 1.0
 MIRROR_SCHEMES = ("http", "https", "ftp", "file")
-STALE_PARTIAL_S = 600  # a temporary file untouched this long is a killed download's, not a running one's
 
 
 class _Retry(Exception):
@@ -346,16 +345,20 @@ def _synthesize(flag: str, size: int, root: Path) -> dict:
     `<root>/synthetic/` (datasets.SYNTHETIC_DIR), never where the real file goes.
 
     Its record says `synthetic: true`, which train copies into the manifest and every later
-    command shows, so demo numbers can't pass for BloodMNIST results. A file there whose bytes
-    are not the ones its synthetic record describes is real data and stays.
+    command shows, so demo numbers can't pass for BloodMNIST results. The set already there
+    is kept (also on a read-only root); a file there whose bytes are not the ones a synthetic
+    record describes may be real data and stays.
     """
-    target = fileio.output_file(datasets.data_path(root / datasets.SYNTHETIC_DIR, flag, size), "--root")
-    if target.exists():
+    target = datasets.data_path(root / datasets.SYNTHETIC_DIR, flag, size)
+    if target.is_file():
         existing = datasets.record_of(target, flag, size)
         if not (existing and existing.get("synthetic") and datasets.current_md5(target, existing) == existing["md5"]):
-            raise UsageError(f"{target} holds real data; refusing to overwrite it with synthetic data: "
-                             "move it or pass another --root for the synthetic set")
-    datasets.make_synthetic(target, flag, size, SYNTHETIC_SPLITS, seed=0)
+            raise UsageError(f"{target} holds a file medcli did not write as its synthetic set (real data?); refusing "
+                             "to overwrite it with synthetic data: move it or pass another --root for the synthetic set")
+        if existing["n_samples"] == dict(zip(datasets.SPLITS, SYNTHETIC_SPLITS)):
+            console.info(f"the synthetic {flag} at {size} px is already at {target}")
+            return _with_path(existing, target)
+    datasets.make_synthetic(fileio.output_file(target, "--root"), flag, size, SYNTHETIC_SPLITS, seed=0)
     console.warn(f"wrote SYNTHETIC {flag} at {size} px to {target} ({'/'.join(map(str, SYNTHETIC_SPLITS))} "
                  f"train/val/test images): for demos and tests, not real data; train on it with --root {target.parent}")
     return _with_path(datasets.read_record(target), target)
@@ -368,11 +371,12 @@ def _place_sample(flags: list[str], sizes: list[int], root: Path, *, overwrite: 
     if flags != [SAMPLE_FLAG] or sizes != [SAMPLE_SIZE]:
         raise UsageError(f"--sample is the embedded {SAMPLE_FLAG} sample at {SAMPLE_SIZE} px only: "
                          f"'medcli download {SAMPLE_FLAG} --sample'")
-    target = fileio.output_file(datasets.data_path(root / datasets.SAMPLE_DIR, SAMPLE_FLAG, SAMPLE_SIZE), "--root")
+    target = datasets.data_path(root / datasets.SAMPLE_DIR, SAMPLE_FLAG, SAMPLE_SIZE)
     existing = datasets.record_of(target, SAMPLE_FLAG, SAMPLE_SIZE) if target.exists() else None
     if existing is not None and existing.get("sample") and datasets.unchanged(existing, target):
-        console.info(f"the embedded sample is already at {target}")
+        console.info(f"the embedded sample is already at {target}")  # also on a read-only root
         return _with_path(existing, target)
+    fileio.output_file(target, "--root")
     if not SAMPLE_FILE.is_file():
         raise MedcliError(f"this medcli installation lacks its embedded sample {SAMPLE_FILE}; reinstall medcli")
     earlier = _other_file_at(target, SAMPLE_FLAG, SAMPLE_SIZE, SAMPLE_MD5)
@@ -461,6 +465,7 @@ def _present(target: Path, flag: str, size: int, md5: str, overwrite: bool = Fal
         return None
     console.info(f"{target} is present and verified (md5 {md5}); nothing to download")
     if record is not None and record["md5"] == md5 and datasets.unchanged(record, target):
+        _clear_partials(target)
         return _with_path(record, target)
     origin = record.get("source") if record is not None and record["md5"] == md5 else None
     return _save_record(flag, size, target, md5, origin or str(target.resolve()),
@@ -592,15 +597,13 @@ def _save_record(flag: str, size: int, target: Path, md5: str, origin: str, coun
 
 def _clear_partials(target: Path) -> None:
     """Remove the temporary files killed writes of target left beside it (a 224-px file's are
-    gigabytes), when a download starts and after target is written; a recent one may be a
-    concurrent download's and stays."""
+    gigabytes) whenever target is looked for; a concurrent download's stays (its writer holds
+    it: `fileio.abandoned_partials`)."""
     removed = 0
     try:
-        cutoff = time.time() - STALE_PARTIAL_S
-        for path in fileio.partial_files(target):
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed += 1
+        for path in fileio.abandoned_partials(target):
+            path.unlink(missing_ok=True)
+            removed += 1
     except OSError as exc:  # a read-only root, or a concurrent download renamed its own
         console.debug(f"temporary files beside {target} left as they are ({exc})")
     if removed:

@@ -17,8 +17,13 @@ from typing import Any, BinaryIO, Iterator, Sequence
 
 from medcli.errors import MedcliError, UsageError
 
-__all__ = ["HashingWriter", "atomic_path", "atomic_stream", "md5_file", "output_file", "output_folder", "partial_files",
-           "sha256_file", "together", "write_json", "write_text"]
+try:
+    import fcntl
+except ImportError:  # Windows, where a file open in its writer cannot be removed: the same protection
+    fcntl = None
+
+__all__ = ["HashingWriter", "abandoned_partials", "atomic_path", "atomic_stream", "md5_file", "output_file",
+           "output_folder", "partial_files", "sha256_file", "together", "write_json", "write_text"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -39,7 +44,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically.
 
     The temporary file keeps the target's suffix (matplotlib and openpyxl pick the format
-    from it). On any exception the temporary file is removed and `path` is untouched.
+    from it). On any exception the temporary file is removed and `path` is untouched. The
+    writer holds a lock on the temporary file until it is renamed or removed, so a killed
+    writer's file is told from a live one's (`abandoned_partials`).
     """
     target = Path(path)
     try:
@@ -49,13 +56,14 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         )
     except OSError as exc:
         raise UsageError(f"cannot write {target}: {exc.strerror or exc}; choose a writable location") from exc
-    os.close(fd)
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, or when this process dies
     tmp = Path(tmp_name)
-    # mkstemp makes the file private (0600); give it the mode a plain open() would.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -67,6 +75,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
 
 
 def _write_advice(exc: OSError, target: Path) -> str:
@@ -111,10 +121,29 @@ def atomic_stream(path: str | os.PathLike, algorithm: str = "sha256") -> Iterato
 
 
 def partial_files(path: str | os.PathLike) -> list[Path]:
-    """The temporary files `atomic_path` left beside `path` when a process writing it was killed
-    (removing them is safe only while no other process writes `path`)."""
+    """The temporary files of `atomic_path` beside `path`: those of writers at work and those
+    killed writers left (`abandoned_partials` tells them apart)."""
     target = Path(path)
     return sorted(target.parent.glob(f".{target.name}.*.tmp{target.suffix}"))
+
+
+def abandoned_partials(path: str | os.PathLike) -> list[Path]:
+    """The temporary files beside `path` that no live process writes: their writer was killed
+    (its lock on the file ended with it), so they can be removed, whatever their age."""
+    return [partial for partial in partial_files(path) if not _being_written(partial)]
+
+
+def _being_written(partial: Path) -> bool:
+    if fcntl is None:
+        return False  # Windows refuses to remove a file its writer holds open
+    try:
+        with open(partial, "rb") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # freed again when handle closes
+    except FileNotFoundError:
+        return False
+    except OSError:  # BlockingIOError: its writer holds it; or it is not ours to read
+        return True
+    return False
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -419,6 +419,7 @@ def test_list_tells_synthetic_unrecorded_and_changed_files_apart(tmp_path):
         ([], "name at least one dataset"),
         ([FLAG, "--size", "32"], "not a MedMNIST size"),
         (["nosuchmnist"], "unknown dataset"),
+        (["organmnist3d"], "'organmnist3d' is a 3D MedMNIST dataset; medcli trains on the 2D ones"),
         ([FLAG, "--size", "all", "--from", "x.npz"], "exactly one dataset and one --size"),
         ([FLAG, "--allow-unofficial"], "only to --from"),
         (["pathmnist", "--sample"], "bloodmnist sample at 28 px only"),
@@ -461,7 +462,7 @@ def test_cli_synthetic_writes_a_labelled_learnable_set_and_never_overwrites_real
     real = runner.invoke(app, ["download", "bloodmnist", "--from", str(good_npz), "--allow-unofficial", "--root", str(synthetic_dir)])
     assert real.exit_code == 0, real.output
     before = (synthetic_dir / "bloodmnist.npz").read_bytes()
-    assert "holds real data" in one_line_error(runner.invoke(app, ["download", "bloodmnist", "--synthetic", "--root", str(tmp_path)]), 2)
+    assert "(real data?)" in one_line_error(runner.invoke(app, ["download", "bloodmnist", "--synthetic", "--root", str(tmp_path)]), 2)
     assert (synthetic_dir / "bloodmnist.npz").read_bytes() == before
 
 
@@ -495,6 +496,18 @@ def test_a_missing_dataset_names_the_stand_ins_beside_it(tmp_path):
     result = runner.invoke(app, ["train", "--root", str(tmp_path), "--runs-dir", str(tmp_path / "runs")])
     line = one_line_error(result, 2, f"--root {tmp_path / datasets.SAMPLE_DIR}", "--from FILE", "--sample", "--synthetic")
     assert "embedded PBC sample" in line
+
+
+def test_a_missing_size_names_the_size_there_and_never_nests_stand_in_folders(tmp_path):
+    """Review: after `download --synthetic --size 64`, training at 28 px on ROOT/synthetic said
+    to run `download --root ROOT/synthetic` (which writes ROOT/synthetic/synthetic/) and never
+    that the file there is the 64-px one."""
+    assert runner.invoke(app, ["download", FLAG, "--synthetic", "--size", "64", "--root", str(tmp_path)]).exit_code == 0
+    folder = tmp_path / datasets.SYNTHETIC_DIR
+    result = runner.invoke(app, ["train", "--root", str(folder), "--runs-dir", str(tmp_path / "runs")])
+    line = one_line_error(result, 2, f"no {FLAG} at 28 px under {folder}", f"it holds {FLAG} at 64 px (pass --size 64)",
+                          f"'medcli download {FLAG} --size 28 --root {tmp_path}' (then train with --root {tmp_path})")
+    assert f"--root {folder}'" not in line
 
 
 def test_an_imported_copy_of_synthetic_data_stays_synthetic(tmp_path):
@@ -582,7 +595,38 @@ def test_synthetic_data_goes_to_its_own_folder_and_a_stale_record_never_hides_re
     assert Path(json.loads(result.stdout)[0]["path"]) == target and not (tmp_path / NAME).exists()
     target.write_bytes(good_npz.read_bytes())  # the user puts real data there; the record stays
     line = one_line_error(runner.invoke(app, ["download", FLAG, "--synthetic", "--root", str(tmp_path)]), 2)
-    assert "holds real data" in line and target.read_bytes() == good_npz.read_bytes()
+    assert "(real data?)" in line and target.read_bytes() == good_npz.read_bytes()
+
+
+def test_a_synthetic_set_is_never_left_without_the_record_that_says_so(tmp_path, monkeypatch):
+    """Review: a disk full (or a stop) after the synthetic npz was renamed into place and before
+    its record was written left a file that then passed for real data, and `--synthetic` then
+    refused to write it again."""
+    real_write = datasets.write_record
+    monkeypatch.setattr(datasets, "write_record",
+                        lambda *args: (_ for _ in ()).throw(MedcliError("writing the record failed (No space left)")))
+    one_line_error(runner.invoke(app, ["download", FLAG, "--synthetic", "--root", str(tmp_path)]), 1, "No space left")
+    assert not (tmp_path / datasets.SYNTHETIC_DIR / NAME).exists()
+    monkeypatch.setattr(datasets, "write_record", real_write)
+    result = runner.invoke(app, ["download", FLAG, "--synthetic", "--root", str(tmp_path), "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout)[0]["synthetic"] is True
+    assert datasets.resolve(tmp_path / datasets.SYNTHETIC_DIR, FLAG, SIZE)[1]["synthetic"] is True
+
+
+@pytest.mark.parametrize("mode", ["--sample", "--synthetic"])
+def test_a_stand_in_already_there_is_used_on_a_read_only_root_and_not_made_again(tmp_path, monkeypatch, mode):
+    """Review: `--sample` and `--synthetic` refused a read-only root where the verified file
+    already was (the plain download used it), and `--synthetic` made the set again each time
+    (42 s and 1.9 GB at 224 px)."""
+    first = runner.invoke(app, ["download", FLAG, mode, "--root", str(tmp_path), "--json"])
+    assert first.exit_code == 0, first.output
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, *a, **k: False if str(tmp_path) in str(path) and mode & os.W_OK
+                        else real_access(path, mode, *a, **k))  # the root mounted read-only
+    monkeypatch.setattr(datasets, "make_synthetic", lambda *a, **k: pytest.fail("made again"))
+    again = runner.invoke(app, ["download", FLAG, mode, "--root", str(tmp_path), "--json"])
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout) == json.loads(first.stdout) and "already" in again.stderr
 
 
 def test_a_fortran_ordered_import_trains_as_it_imports(good_npz, tmp_path):
@@ -602,13 +646,37 @@ def test_a_fortran_ordered_import_trains_as_it_imports(good_npz, tmp_path):
 
 
 def test_a_successful_download_removes_what_a_killed_one_left(server, good_npz, tmp_path):
+    """Review: a killed download's temporary file younger than 10 minutes was kept as maybe a
+    running download's, and then for good (a later call found the file present and looked no
+    further). Its writer's lock tells: a killed writer's file goes at once, a live one's stays."""
     leftover = tmp_path / f".{NAME}.abc123.tmp.npz"  # what atomic_path leaves when kill -9 stops a write
-    leftover.write_bytes(b"PK\x03\x04 half a file")
-    os.utime(leftover, (time.time() - 3600,) * 2)  # an hour old: no download is still writing it
-    recent = tmp_path / f".{NAME}.def456.tmp.npz"  # maybe a concurrent download's: it stays
-    recent.write_bytes(b"PK")
-    _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))
-    assert _left(tmp_path) == sorted([recent.name, NAME.replace(".npz", ".json"), NAME])
+    leftover.write_bytes(b"PK\x03\x04 half a file")  # written a moment ago
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.atomic_path(tmp_path / NAME) as concurrent:  # another download at work
+            concurrent.write_bytes(b"PK")
+            _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))
+            assert _left(tmp_path) == sorted([concurrent.name, NAME.replace(".npz", ".json"), NAME])
+            leftover.write_bytes(b"PK\x03\x04 another killed write")
+            _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))  # present: still looked at
+            assert not leftover.exists() and concurrent.exists() and server.hits["good"] == 1
+            raise KeyboardInterrupt  # the other download is stopped
+    assert _left(tmp_path) == sorted([NAME.replace(".npz", ".json"), NAME])
+
+
+def test_a_writer_killed_mid_write_leaves_a_file_known_as_abandoned(tmp_path):
+    target = tmp_path / NAME
+    code = ("import sys, time; from medcli import fileio\n"
+            "with fileio.atomic_path(sys.argv[1]) as tmp:\n"
+            "    tmp.write_bytes(b'PK half'); print('writing', flush=True); time.sleep(60)\n")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout.readline() == "writing\n"
+        (partial,) = fileio.partial_files(target)
+        assert fileio.abandoned_partials(target) == []  # its writer is at work
+    finally:
+        writer.kill()
+        writer.wait()
+    assert fileio.abandoned_partials(target) == [partial]  # kill -9: the file stays, its lock is gone
 
 
 def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_even_with_force_color(monkeypatch):
