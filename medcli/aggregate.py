@@ -371,9 +371,10 @@ def _drop_copies(runs: list[dict], skipped: list[dict]) -> list[dict]:
 
 def _display(metric: str, mean, std, method: str | None = None, gap: str = " ") -> str:
     """A metric's cell: mean ±std (percent metrics in % and points; `gap` before the std), the
-    faithfulness method named; blank where there is no value (a metric the run cannot have)."""
+    faithfulness method named; "n/a" where it is undefined (an AUC of a split without both
+    classes), blank where there is none (a map method the model cannot have)."""
     if mean is None:
-        return ""
+        return "" if metric in ROAD_METRICS else "n/a"
     percent = metric in PERCENT_METRICS
     value = f"{mean:.2%}" if percent else f"{mean:.4f}"
     if std is not None:
@@ -427,7 +428,7 @@ def display_rows(result: Comparison, wide: bool = False, gap: str = " ") -> tupl
             + (f" (different data: {ref['different_data']})" if ref["different_data"] else "")
         cells = {"setup": label, "data": f"{ref['dataset']} {ref['size']} px"}
         rows.append([cells.get(c, "") for c in ("setup", *extra)]
-                    + [_display(m, ref.get(m), None) for m in result.metrics])
+                    + [_display(m, ref[m], None) if m in ref else "" for m in result.metrics])
     several_data = len({_data_text(g) for g in result.groups}) > 1
     title = f"{result.split} split" + (f" of {shared['data']}" if "data" in shared else "") \
         + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "") \

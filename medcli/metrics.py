@@ -85,17 +85,22 @@ def binary_nll(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(-(labels * np.log(p) + (1 - labels) * np.log1p(-p)).mean())
 
 
-def brier(targets: np.ndarray, probs: np.ndarray) -> float:
-    """Brier score: mean over samples of sum over columns of (p - target)^2, with one-hot
-    targets for single-label tasks (0 best, 2 worst) and the 0/1 label matrix for multi-label."""
-    return float(((np.asarray(probs, dtype=np.float64) - targets) ** 2).sum(axis=1).mean())
+def brier(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """sklearn's Brier score of single-label decisions: the mean over samples of the squared
+    errors summed over the classes (0 best, 2 worst), halved for two classes, where it is the
+    usual (p - y)^2 of one probability (0 best, 1 worst)."""
+    from sklearn.metrics import brier_score_loss
+
+    if not labels.size:
+        return None
+    with warnings.catch_warnings():  # scores read back from a CSV need not sum to 1 (rounded, or someone's)
+        warnings.simplefilter("ignore", UserWarning)
+        return float(brier_score_loss(labels, probs, labels=np.arange(probs.shape[1])))
 
 
-def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    labels = np.asarray(labels).reshape(-1).astype(np.int64)
-    out = np.zeros((labels.size, n_classes))
-    out[np.arange(labels.size), labels] = 1.0
-    return out
+def label_brier(labels: np.ndarray, probs: np.ndarray) -> float | None:
+    """A multi-label Brier score: the mean of each label's binary (p - y)^2 (0 best, 1 worst)."""
+    return float(((probs - labels) ** 2).mean()) if labels.size else None
 
 
 def reliability(confidence: np.ndarray, correct: np.ndarray, n_bins: int = ECE_BINS) -> dict:
@@ -167,10 +172,14 @@ def _mean_if_defined(values: Sequence[float | None]) -> float | None:
 def _precision_recall_f1(labels: np.ndarray, preds: np.ndarray, classes) -> dict:
     from sklearn.metrics import precision_recall_fscore_support
 
-    with warnings.catch_warnings():  # classes absent from labels or predictions: defined as 0
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        # each class's own value is undefined (NaN, reported None) where its denominator is
+        # empty: precision of a class never predicted, recall of one the split lacks, F1 of one
+        # in neither; the averages count those as 0, as sklearn's zero_division=0
+        undefined = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=np.nan)
         p, r, f, support = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=0)
-        result = {"per_class": (p, r, f, support)}
+        result = {"per_class": undefined}
         for avg in ("macro", "micro"):
             ap, ar, af, _ = precision_recall_fscore_support(labels, preds, labels=classes, average=avg, zero_division=0)
             result.update({f"precision_{avg}": float(ap), f"recall_{avg}": float(ar), f"f1_{avg}": float(af)})
@@ -187,7 +196,11 @@ def _precision_recall_f1(labels: np.ndarray, preds: np.ndarray, classes) -> dict
 
 def _per_class_rows(names: Sequence[str], scores: dict, aucs: Sequence[float | None]) -> list[dict]:
     p, r, f, support = scores.pop("per_class")
-    return [{"class": k, "name": name, "precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+
+    def defined(values, k):
+        return None if np.isnan(values[k]) else float(values[k])
+
+    return [{"class": k, "name": name, "precision": defined(p, k), "recall": defined(r, k), "f1": defined(f, k),
              "support": int(support[k]), "auc": aucs[k]} for k, name in enumerate(names)]
 
 
@@ -239,7 +252,7 @@ def classification_metrics(
         "loss": cross_entropy,
         "nll": cross_entropy,
         "ece": reliability(confidence, correct)["ece"],
-        "brier": brier(one_hot(labels, n_classes), probs),
+        "brier": brier(labels, probs),
     }
     result.update(scores)
     cm = confusion_matrix(labels, preds, labels=classes)
@@ -308,7 +321,7 @@ def label_matrix_metrics(labels: np.ndarray, probs: np.ndarray, class_names: Seq
         "loss": loss,
         "nll": loss,
         "ece": reliability(confidence, correct)["ece"],
-        "brier": brier(labels, probs),
+        "brier": label_brier(labels, probs),
     }
     result.update(scores)
     result["per_class"] = _per_class_rows(names, scores, per_label_auc)

@@ -270,6 +270,22 @@ def test_cnn_and_vit_faithfulness_in_one_table(tmp_path, capsys):
     assert "0.3400 (rollout)" in text and "0.2100 (gradcam)" in text
 
 
+def test_an_undefined_auc_reads_n_a_and_a_metric_a_model_cannot_have_stays_blank(tmp_path):
+    """Review: an AUC undefined on a split without both classes was a blank cell, the cell of a
+    map method the model cannot have, where `evaluate` and the chart say n/a."""
+    run = make_run(tmp_path, "cnn", spec=RESNET, accuracy=0.9)
+    metrics_file = run / "metrics" / "test.json"
+    document = json.loads(metrics_file.read_text())
+    document["metrics"]["auc"] = None
+    fileio.write_json(metrics_file, document)
+    result = aggregate([tmp_path], metric_names=["accuracy", "auc", "road_rollout"], reference=True)
+    _, header, rows = display_rows(result)
+    cells = dict(zip(header, rows[0]))
+    assert (cells["auc"], cells["road_rollout"]) == ("n/a", "")
+    published = dict(zip(header, rows[-1]))  # the published row has no rollout score either
+    assert "published" in published["setup"] and published["road_rollout"] == "" and published["auc"] != ""
+
+
 def crowded(root: Path) -> Path:
     """Runs of the kind a CNN-vs-ViT study leaves: three seeds, a pretrained twin, a reduced ViT,
     synthetic data, and two runs left out with long paths in their reasons."""

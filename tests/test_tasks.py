@@ -87,6 +87,37 @@ def test_accuracy_and_auc_equal_medmnists_evaluator(task, kind):
     assert set(EXTRA_METRICS[task]) <= set(ours)
 
 
+@pytest.mark.parametrize("task,kind", [(task, kind) for task in (MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL)
+                                       for kind in ("random", "absent", "one positive")])
+def test_brier_and_per_class_scores_are_sklearns_and_undefined_ones_are_none(task, kind):
+    """Review: a binary Brier score was twice sklearn's (both columns summed), a multi-label one
+    summed over the labels (4.6 for 14 random labels), and a class's precision, recall or F1
+    over an empty denominator was 0.0 beside a sensitivity of None."""
+    from sklearn.metrics import brier_score_loss, precision_recall_fscore_support
+
+    rng = np.random.default_rng(len(kind) + len(task))
+    if task == MULTI_LABEL:
+        labels, probs = _multilabel(rng, kind)
+        brier = np.mean([brier_score_loss(labels[:, k], probs[:, k], labels=[0, 1]) for k in range(labels.shape[1])])
+    else:
+        labels, probs = _single(rng, {MULTI_CLASS: 6, BINARY: 2, ORDINAL: 5}[task], kind)
+        brier = brier_score_loss(labels, probs[:, 1]) if task == BINARY else \
+            brier_score_loss(labels, probs, labels=np.arange(probs.shape[1]))
+    chosen = for_kind(task, tuple(f"c{k}" for k in range(probs.shape[1])))
+    ours = chosen.metrics(labels, probs)
+    assert ours["brier"] == pytest.approx(brier, abs=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        oracle = precision_recall_fscore_support(labels, chosen.predictions(probs), zero_division=np.nan,
+                                                 labels=np.arange(probs.shape[1]))[:3]
+    for row in ours["per_class"]:
+        for name, values in zip(("precision", "recall", "f1"), oracle):
+            expected = values[row["class"]]
+            assert (row[name] is None) if np.isnan(expected) else row[name] == pytest.approx(expected, abs=1e-12)
+    if kind == "absent":  # the class (label) the split lacks has no recall
+        assert None in [row["recall"] for row in ours["per_class"]]
+
+
 @pytest.mark.parametrize("task", [MULTI_CLASS, BINARY, ORDINAL, MULTI_LABEL])
 def test_bootstrap_intervals_follow_each_tasks_accuracy_and_auc(task):
     """The intervals resample the task's own numbers: the mean of `image_accuracy` is its
