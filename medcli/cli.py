@@ -30,7 +30,7 @@ from medcli import __version__, console, names
 from medcli import config as _config
 from medcli import models as _models  # light at import: its family records give train's choices and defaults
 from medcli import explainers as _explainers  # light at import: the methods, --layer's help
-from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliError, UsageError
+from medcli.errors import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, MedcliError, UsageError, clear_stop, request_stop
 
 __all__ = ["app", "main"]
 
@@ -56,6 +56,8 @@ class MedcliGroup(TyperGroup):
         except (typer.Exit, typer.Abort):
             raise
         except ClickUsageError as exc:
+            if _job().local_rank != 0:  # every process of a node parses the same command line: one says it
+                raise typer.Exit(EXIT_USAGE) from None
             if exc.ctx and exc.ctx.parent:
                 name = f"medcli {exc.ctx.info_name}"
             else:  # an option missing its value fails before the subcommand's context exists
@@ -78,6 +80,7 @@ class MedcliGroup(TyperGroup):
         except KeyboardInterrupt as exc:  # a stage names its run and how to continue (`Run.stage`)
             from medcli import distributed
 
+            clear_stop()
             if distributed.says_interruptions():  # a distributed job's end is said once
                 console.error(str(exc) or "interrupted")
             raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -140,10 +143,6 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
-def _sigterm(signum, frame):  # SIGTERM behaves like Ctrl-C: stages end "interrupted", exit 130
-    raise KeyboardInterrupt
-
-
 @app.callback()
 def main_options(
     ctx: typer.Context,
@@ -159,7 +158,9 @@ def main_options(
     Exit codes: 0 ok, 1 runtime failure, 2 bad usage or input, 130 interrupted.
     """
     console.configure(quiet=quiet, verbose=verbose)
-    signal.signal(signal.SIGTERM, _sigterm)
+    clear_stop()
+    for stop in (signal.SIGINT, signal.SIGTERM):  # SIGTERM behaves like Ctrl-C: stages end "interrupted", exit 130
+        signal.signal(stop, request_stop)
     launched = os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1") and \
         any(key in os.environ for key in ("LOCAL_RANK", "TORCHELASTIC_RUN_ID"))  # torchrun's, not any launcher's
     if ctx.invoked_subcommand not in (None, "train") and launched and not {"-h", "--help"} & set(ctx.meta.get(ARGV_KEY, ())):

@@ -382,7 +382,7 @@ def launch(nproc: int, argv: list[str], lost: Callable[[str, int, str], Any] | N
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, system.usable_cpus() // nproc)))
     args = get_args_parser().parse_args(
         ["--standalone", f"--nproc-per-node={nproc}", "--module", "medcli", *_without_nproc(argv)])
-    with tempfile.TemporaryDirectory(prefix="medcli-launch-") as folder:
+    with tempfile.TemporaryDirectory(prefix="medcli-launch-") as folder, _elastic_logs_quiet():
         announced = Path(folder) / "run.json"
         os.environ[RUN_FILE_ENV] = str(announced)
         os.environ[LAUNCHER_ENV] = str(os.getpid())
@@ -410,6 +410,29 @@ def launch(nproc: int, argv: list[str], lost: Callable[[str, int, str], Any] | N
             os.environ.pop(RUN_FILE_ENV, None)
             os.environ.pop(LAUNCHER_ENV, None)
     return 0
+
+
+@contextmanager
+def _elastic_logs_quiet() -> Iterator[None]:
+    """torchrun's own log lines ("Sending process N closing signal SIGTERM", "failed (exitcode:
+    -9) local_rank: 1 ...") kept off stderr while `launch` runs it: the launcher says how the
+    job ended in one line; --verbose shows them."""
+    import logging
+
+    if console.is_verbose():
+        yield
+        return
+    names = ("torch.distributed.elastic", "torch.distributed.run")
+    loggers = [logging.getLogger(name) for name in {*names, *(name for name in logging.root.manager.loggerDict
+                                                             if name.startswith(names))}]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 _STOPPED = (130, -2, -15)  # Ctrl-C, SIGINT, SIGTERM: stopped (by the user, or by torchrun after another failed)

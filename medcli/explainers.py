@@ -28,7 +28,7 @@ from functools import cache, partial
 from typing import Callable, Iterator, Sequence
 
 from medcli import console
-from medcli.errors import UsageError
+from medcli.errors import UsageError, check_stop
 
 __all__ = [
     "AttentionRollout", "CAM_CLASSES", "DEFAULT_OPTIONS", "DEFAULT_PER_CLASS", "HEAD_FUSIONS", "LAYER_HELP", "METHODS", "MIN_CAM_GRID", "Method",
@@ -383,6 +383,7 @@ def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device,
     with console.progress() as bar:
         task = bar.add_task(progress_label, total=int(images.shape[0]), unit="img") if progress_label else None
         for start in range(0, int(images.shape[0]), step):
+            check_stop()
             batch = images[start:start + step].to(device)
             classes = [int(t) for t in targets[start:start + step]]
             x = augment.preprocess(batch, prep)

@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from typing import Callable, Sequence
 
 from medcli import console
-from medcli.errors import MedcliError, UsageError
+from medcli.errors import MedcliError, UsageError, check_stop
 from medcli.names import AMP_MODES
 
 __all__ = ["autocast", "predict_logits", "resolve_amp", "resolve_device"]
@@ -146,6 +146,7 @@ def _predict(model, images, prep: dict, *, batch_size: int, device, amp: str, vi
         with torch.inference_mode(), (console.progress() if progress_label else nullcontext()) as bar:
             row = bar.add_task(progress_label, total=total, unit="img") if progress_label else None
             for start in range(0, total, batch_size):
+                check_stop()
                 batch = images[start:start + batch_size].contiguous().to(device, non_blocking=True)  # of a view too
                 real = int(batch.shape[0])
                 if pad and real < batch_size:

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from medcli import augment, checkpoints, console, distributed, feed, inference, optim, selection
 from medcli.config import MIN_BATCH, fine_tune_lr, fit_to_data, resolve_config, run_name
-from medcli.errors import MedcliError, UsageError
+from medcli.errors import MedcliError, UsageError, check_stop
 from medcli.manifest import environment
 from medcli.names import MONITORS
 from medcli.run import Run
@@ -177,6 +177,7 @@ def check_resume_launch(path: str | os.PathLike, nproc: int, device: str | None 
     resume keeps) splits over them, at least MIN_BATCH images each."""
     run = Run.open(path)
     _require_unfinished(run)
+    run.refuse_if_busy("train")
     distributed.check_gpus(nproc, inference.resolve_device(device).type if device not in (None, "auto")
                            else run.config["device"])
     batch = run.config["batch_size"]
@@ -234,6 +235,7 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
     start = time.perf_counter()
     bar.reset(task, total=steps * batch, description=f"epoch {state.epoch + 1}")
     for step in range(steps):
+        check_stop()  # a SIGTERM whose KeyboardInterrupt a finaliser swallowed
         rows = slice(step * batch, (step + 1) * batch)
         index, host = positions[rows], order[rows]
         params = {key: values[step] for key, values in moved.params.items()}
@@ -402,6 +404,8 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
 
     run = Run.open(path)
     _require_unfinished(run)
+    if not distributed.from_env().enabled:  # a job's other ranks would find its own rank 0 at work
+        run.refuse_if_busy("train")  # before the data loads (`fit`'s stage lock refuses it again)
     config = dict(run.config)
     if device is not None and device != "auto":
         dev = inference.resolve_device(device)
@@ -433,10 +437,11 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
         config["collective_timeout"] = timeout
         splits = _load(config, ctx, run, root)
         before = run.data.get("environment", {}).get("distributed", {"world_size": 1, "backend": None})
-        if (config["device"], config["amp"]) != (run.config["device"], run.config["amp"]) or before != ctx.record():
-            console.info(f"resuming on {config['device']} (amp {config['amp']}) with {console.plural(ctx.world_size, 'process', 'processes')}; "
-                         f"the run trained on {run.config['device']} (amp {run.config['amp']}) with "
-                         f"{console.plural(before['world_size'], 'process', 'processes')}")
+        moved = (config["device"], config["amp"]) != (run.config["device"], run.config["amp"]) or before != ctx.record()
+        elsewhere = (f"resuming on {config['device']} (amp {config['amp']}) with "
+                     f"{console.plural(ctx.world_size, 'process', 'processes')}; the run trained on "
+                     f"{run.config['device']} (amp {run.config['amp']}) with "
+                     f"{console.plural(before['world_size'], 'process', 'processes')}")
 
         def change(data: dict) -> None:
             data["config"].update({key: config[key] for key in ("device", "amp", "collective_timeout")})
@@ -448,6 +453,8 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
                 "world_size": ctx.world_size})
 
         def begin() -> None:  # rank 0, once the stage is locked: a refused resume changes and says nothing
+            if moved:
+                console.info(elsewhere)
             console.info(f"resuming {run.run_dir} after epoch {checkpoint['epoch'] if checkpoint else 0}")
             if restart:
                 console.warn(f"run {run.run_dir} was stopped before its first {run.relative(last)} was complete: "

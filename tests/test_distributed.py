@@ -262,6 +262,9 @@ def test_a_lost_process_ends_the_job_in_bounded_time_and_the_run_says_interrupte
     assert launcher.returncode == 130 and stdout == "", stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "medcli train --resume" in last and "--nproc 2'" in last, stderr[-2000:]
+    # review: torchrun's own log lines ("Sending process N closing signal SIGTERM", "failed
+    # (exitcode: -9) local_rank: 1 ...") came before the launcher's line
+    assert "closing signal" not in stderr and "exitcode" not in stderr, stderr[-2000:]
     (run,) = runs.iterdir()
     manifest = _manifest(run)
     assert manifest["stages"]["train"]["status"] == "interrupted", manifest["stages"]["train"]
@@ -764,6 +767,9 @@ def test_an_error_one_rank_alone_finds_is_said_by_that_rank(monkeypatch):
         result = CliRunner().invoke(app, ["train", "--model", "timm:test_resnet"])
         assert result.exit_code != 0 and result.stderr.strip().startswith(said), result.stderr
         assert bool(result.stderr.strip()) is bool(said)
+    # review: a bad option under plain torchrun was said by every process
+    result = CliRunner().invoke(app, ["train", "--epochs", "0"])
+    assert result.exit_code == 2 and result.stderr == ""
 
 
 def test_a_sync_bn_run_resumed_on_the_cpu_in_two_processes_trains_without_it(data_root, tmp_path):

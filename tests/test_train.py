@@ -412,6 +412,63 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(synthetic_root, tmp_
         train.resume(run)
 
 
+def test_a_resume_of_a_run_another_process_trains_is_refused_before_anything_loads(small_root, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """Review: a second `train --resume` of a run being resumed loaded its data and said
+    "resuming on cpu ... with 1 process; the run trained ... with 2 processes" before the stage
+    lock refused it; `--nproc` started its processes first."""
+    from filelock import FileLock
+
+    from medcli.run import stage_lock_path
+
+    run = _interrupted_run(tmp_path / "runs", monkeypatch, root=small_root, epochs=2, **{**TINY, "batch_size": 16})
+    monkeypatch.setattr(train, "_load", lambda *a, **k: pytest.fail("the data loaded"))
+    capsys.readouterr()
+    with FileLock(stage_lock_path(run, "train")):  # the other resume, at work
+        with pytest.raises(UsageError, match=r"in use by another medcli process \(train stage"):
+            train.resume(run, device="cpu")
+        with pytest.raises(UsageError, match=r"in use by another medcli process \(train stage"):
+            train.check_resume_launch(run, 2)
+    assert "resuming" not in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the swallowed one, as Python says it
+def test_a_sigterm_whose_interrupt_a_finaliser_swallowed_still_stops_training(small_root, tmp_path, monkeypatch):
+    """Review: a SIGTERM that arrived while Python ran a weakref callback (torch runs many)
+    raised its KeyboardInterrupt there, where Python prints "Exception ignored" and drops it:
+    training went on as if nothing had been asked."""
+    import os
+    import signal
+
+    from medcli import augment
+
+    class Finaliser:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered while this finaliser runs
+            sum(range(10_000))
+
+    real_apply, calls = augment.apply, []
+
+    def apply_then_finalise(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            Finaliser()  # made and dropped at once: its __del__ runs here
+        return real_apply(*args, **kwargs)
+
+    monkeypatch.setattr(augment, "apply", apply_then_finalise)
+    runs = tmp_path / "runs"
+    args = ["train", "--model", "timm:test_resnet", "--batch-size", "16", "--epochs", "2", "--root", str(small_root),
+            "--runs-dir", str(runs)]
+    try:
+        result = runner.invoke(app, args)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert result.exit_code == 130, result.output
+    (run,) = runs.iterdir()
+    assert Run.open(run).stages["train"]["status"] == "interrupted"
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError("CUDA out of memory")])
 def test_a_stop_or_failure_while_training_is_set_up_is_recorded_in_the_run(small_root, tmp_path, monkeypatch, stop):
     """Review: between the run's creation and its train stage (the model and data moved to the
