@@ -151,7 +151,7 @@ class TrainOptions:
                                              "each step as CUDA graphs.", experiment=False)
     pretrained: bool = _option(False, "Start from ImageNet weights (default off).")
     weights: str | None = _option(None, "Start from a local state dict / timm checkpoint.")
-    input_size: int | None = _option(None, "Model input size (default: dataset size; 224 for full ViTs).")
+    input_size: int | None = _option(None, "Model input size (default: dataset size; 224 for full ViTs; 28 with --reduced).")
     root: str | None = _option(None, "Data root (default $MEDCLI_DATA or ~/.medmnist).", experiment=False)
     runs_dir: str = _option("runs", "Where run directories are created.", experiment=False)
     sync_bn: bool = _option(False, (

@@ -37,11 +37,12 @@ from medcli.run import Run, find_runs
 __all__ = ["aggregate_maps", "agreement", "compare", "lines", "shown"]
 
 TOP_SHARE = 0.2
-# The comparison figure: one row per true class of up to MAX_PER_CLASS samples, fewer when many
-# maps sit side by side (at most MAX_TILES_PER_ROW images a row); its resolution drops for
+# The comparison figure: a row per true class of its first samples, up to MAX_PER_CLASS and no
+# more than keep the figure narrow enough that its smallest text (TILE_PT) prints at
+# reports.MIN_PRINT_PT on a page reports.PRINT_WIDTH_IN wide; its resolution drops for
 # datasets with many classes so that it stays at most MAX_FIGURE_PX high.
 MAX_PER_CLASS = 4
-MAX_TILES_PER_ROW = 12
+TILE_PT, TEXT_PT = 6.5, 7
 MAX_FIGURE_PX = 2000
 DPI = 110
 TILE_IN, GAP_IN, BLOCK_GAP_IN, LABEL_IN = 0.9, 0.04, 0.22, 1.45  # layout, in inches
@@ -247,28 +248,32 @@ def _letter(column: int) -> str:
 
 def save_figure(path, columns: list[Column], rows: list[list[int]], right: list, common: list[int], labels, scores: list[tuple], images,
                 names: Sequence[str], title: str) -> Path:
-    """The maps side by side on a compact grid: a row per true class (its first samples), a
-    block per sample (the image, then each column's overlay, titled with its letter,
+    """The maps side by side on a compact grid: a row per true class (its first samples, as many
+    as print at a page's width allows), a block per sample (the image, then each column's overlay, titled with its letter,
     prediction, red when it is not one of the sample's labels (`right`), and confidence) captioned with every
     pair's Spearman and IoU (`scores`: (pair letters, rho, iou) over `common`); a legend names
     the lettered columns."""
     from matplotlib.figure import Figure
 
-    from medcli.reports import panels, save_figure as save
+    from medcli.reports import MIN_PRINT_PT, PRINT_WIDTH_IN, panels, save_figure as save
 
     brief = short_names(names, width=10)  # in captions; rows are labelled with longer names
     import numpy as np
 
-    # as many sample slots per row as the fullest class fills, no empty ones
-    per_class = max(1, min(MAX_PER_CLASS, MAX_TILES_PER_ROW // (len(columns) + 1),
-                           int(np.unique(labels, return_counts=True)[1].max())))
     classes = _classes(labels)
     block = (len(columns) + 1) * TILE_IN + len(columns) * GAP_IN
+    widest = PRINT_WIDTH_IN * TILE_PT / MIN_PRINT_PT  # printed at a page's width, TILE_PT stays readable
+    fits = max(1, int((widest - LABEL_IN - 0.1 + BLOCK_GAP_IN) // (block + BLOCK_GAP_IN)))
+    counts = np.unique(labels, return_counts=True)[1]
+    per_class = min(MAX_PER_CLASS, fits, int(counts.max()))  # as many slots as the fullest class fills
     width = LABEL_IN + per_class * block + (per_class - 1) * BLOCK_GAP_IN + 0.1
     row_height = TITLE_IN + TILE_IN + len(scores) * LINE_IN + ROW_GAP_IN
     chars = int((width - 0.2) * 17)  # 7-pt characters per line of the figure's width
     heading = textwrap.wrap(title, int(chars * 7 / 8))  # bold, 8 pt
-    legend = textwrap.wrap(f"Over each map: its column, the predicted class (red: not the sample's) and its confidence. "
+    legend = textwrap.wrap((f"Shown: the first {f'{per_class} ' if per_class > 1 else ''}of each class's samples "
+                            f"(the scores of all are in "
+                            f"maps_agreement.csv). " if per_class < counts.max() else "")
+                           + f"Over each map: its column, the predicted class (red: not the sample's) and its confidence. "
                            f"Under each sample: the Spearman \u03c1 and top-{TOP_SHARE:.0%} IoU of every two maps.", chars)
     lines = len(heading) * 1.2 + len(legend) + 0.3  # the column names follow
     header = 0.2 + LINE_IN * (lines + len(columns))
@@ -276,7 +281,7 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], right: list,
     fig = Figure(figsize=(width, height))
 
     def place(x: float, y: float, **text) -> None:  # text at (x, y) inches from the top left
-        fig.text(x / width, 1 - y / height, text.pop("s"), **{"fontsize": 7, "va": "top", **text})
+        fig.text(x / width, 1 - y / height, text.pop("s"), **{"fontsize": TEXT_PT, "va": "top", **text})
 
     place(0.1, 0.1, s="\n".join(heading), fontsize=8, weight="bold")
     place(0.1, 0.1 + LINE_IN * 1.2 * len(heading), s="\n".join(legend))
@@ -302,7 +307,7 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], right: list,
                                    TILE_IN / width, TILE_IN / height])
                 ax.imshow(picture, interpolation="nearest")
                 ax.set_axis_off()
-                ax.set_title(caption, fontsize=6, pad=2, color=colour)
+                ax.set_title(caption, fontsize=TILE_PT, pad=2, color=colour)
             place(left, top + TITLE_IN + TILE_IN + 0.03, s="\n".join(
                 f"{pair}  \u03c1 {shown(rho[i], 2)}  IoU {shown(iou[i], 2)}" for pair, rho, iou in scores))
     return save(fig, path, dpi=min(DPI, MAX_FIGURE_PX / height))

@@ -151,7 +151,7 @@ def road_speed() -> None:
                         removal(p, NoisyLinearImputer())(x[i], torch.from_numpy(maps[i]))
 
         torch.set_num_threads(1)
-        gradcam_s = _seconds(theirs)
+        gradcam_s = min(_seconds(theirs) for _ in range(3))  # both solvers: the best of three
         single = min(_seconds(ours) for _ in range(3))
         torch.set_num_threads(cpus)
         parallel = min(_seconds(ours) for _ in range(3))

@@ -173,6 +173,7 @@ def run_case(case: Case, root: Path, work: Path, device: str, peak: float | None
     done, wall = medcli(args, limit)
     row["wall_s"] = wall
     if done is None or done.returncode != 0:
+        row["failed"] = True
         row["note"] = (f"killed at its {limit:.0f} s limit" if done is None
                        else f"FAILED ({done.returncode}): {done.stderr.strip()[-200:]}")
         return
@@ -194,8 +195,11 @@ def run_case(case: Case, root: Path, work: Path, device: str, peak: float | None
 
 def verdict(case: Case) -> str:
     """met / missed over the targets measured; the ones that could not be (no nvidia-smi, a
-    failed step) are named."""
+    skipped step) are named; a case that failed or was killed has no verdict (its time is
+    the time to the failure)."""
     row, checks, unmeasured = case.row, [], []
+    if row.get("failed"):
+        return "FAILED"
     for key, target, higher in (("wall_s", case.target_s, False), ("busy", case.target_busy, True),
                                 ("peak_share", case.target_peak, True), ("accuracy", case.target_acc, True)):
         if target is not None and row.get(key) is None:

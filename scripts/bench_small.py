@@ -153,9 +153,14 @@ def medcli_defaults(root: Path, flag: str, seed: int, runs: Path) -> dict:
             "augment": run.config["augment"]}
 
 
+def std(values) -> float:
+    """The sample standard deviation over seeds (ddof=1, as `medcli aggregate`); 0 for one seed."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def spread(values) -> str:
     values = [v for v in values if v is not None]
-    return f"{np.mean(values):.4f} +- {np.std(values):.4f}" if values else "n/a"
+    return f"{np.mean(values):.4f} +- {std(values):.4f}" if values else "n/a"
 
 
 def provenance() -> dict:
@@ -189,8 +194,17 @@ def recipe_of(result: dict) -> str:
 
 
 def rows_of(results: list[dict], name: str, recipe: str, reference_epochs: int) -> list[dict]:
-    return [r for r in results if r["set"] == name and recipe_of(r) == recipe
-            and (recipe != "reference" or r["reference_epochs"] == reference_epochs)]
+    """One row per seed, in seed order: the last one recorded where a seed was run twice (two
+    sittings that overlapped)."""
+    by_seed = {r["seed"]: r for r in results if r["set"] == name and recipe_of(r) == recipe
+               and (recipe != "reference" or r["reference_epochs"] == reference_epochs)}
+    return [by_seed[seed] for seed in sorted(by_seed)]
+
+
+def label(recipe: str, reference_epochs: int) -> str:
+    return ("medcli defaults" if recipe == "medcli" else "medcli defaults before the EMA rule"
+            if recipe == EARLIER else "reference" if reference_epochs == 100
+            else f"reference, {reference_epochs} epochs (NOT the published 100)")
 
 
 def table(results: list[dict], sets: list[str], recipes: list[str], reference_epochs: int) -> None:
@@ -199,11 +213,8 @@ def table(results: list[dict], sets: list[str], recipes: list[str], reference_ep
             rows = rows_of(results, name, recipe, reference_epochs)
             if not rows:
                 continue
-            label = ("medcli defaults" if recipe == "medcli" else "medcli defaults before the EMA rule"
-                     if recipe == EARLIER else "reference" if reference_epochs == 100
-                     else f"reference, {reference_epochs} epochs (NOT the published 100)")
             extra = f"  outside steps {np.mean([r['outside_steps'] for r in rows]):.1%}" if recipe != "reference" else ""
-            print(f"{name:10s} {label:40s} seeds {','.join(str(r['seed']) for r in rows):6s} "
+            print(f"{name:10s} {label(recipe, reference_epochs):40s} seeds {','.join(str(r['seed']) for r in rows):6s} "
                   f"acc {spread([r['accuracy'] for r in rows])}  auc {spread([r['auc'] for r in rows])}  "
                   f"{np.mean([r['seconds'] for r in rows]) / 60:.1f} min/run{extra}  "
                   f"best epoch {','.join(str(r.get('best_epoch', '?')) for r in rows)}  "
@@ -220,14 +231,14 @@ def markdown(results: list[dict], sets: list[str], reference_epochs: int) -> Non
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in sets:
         for recipe in ("reference", "medcli"):
-            rows = sorted(rows_of(results, name, recipe, reference_epochs), key=lambda r: r["seed"])
+            rows = rows_of(results, name, recipe, reference_epochs)
             if rows:
                 acc, auc = ([r[key] for r in rows] for key in ("accuracy", "auc"))
                 minutes = [r["seconds"] / 60 for r in rows]
-                print(f"| {name} | {'medcli defaults' if recipe == 'medcli' else 'reference'} "
+                print(f"| {name} | {label(recipe, reference_epochs)} "
                       f"| {','.join(str(r['seed']) for r in rows)} | {', '.join(f'{a:.1%}' for a in acc)} "
-                      f"| {np.mean(acc):.1%} ± {np.std(acc) * 100:.1f} | {', '.join(f'{a:.4f}' for a in auc)} "
-                      f"| {np.mean(auc):.4f} ± {np.std(auc):.4f} | {', '.join(str(r.get('best_epoch', '?')) for r in rows)} "
+                      f"| {np.mean(acc):.1%} ± {std(acc) * 100:.1f} | {', '.join(f'{a:.4f}' for a in auc)} "
+                      f"| {np.mean(auc):.4f} ± {std(auc):.4f} | {', '.join(str(r.get('best_epoch', '?')) for r in rows)} "
                       f"| {min(minutes):.0f}-{max(minutes):.0f} |")
     print()
     for name in sets:
@@ -246,7 +257,7 @@ def verdict(results: list[dict], name: str, reference_epochs: int, prefix: str =
     said = []
     for key in ("accuracy", "auc"):
         gaps = [by["medcli"][s][key] - by["reference"][s][key] for s in seeds]
-        spread_ = max(np.std([by[recipe][s][key] for s in seeds]) for recipe in by)
+        spread_ = max(std([by[recipe][s][key] for s in seeds]) for recipe in by)
         met = min(gaps) > 0 and np.mean(gaps) > spread_
         behind = ", ".join(f"seed {s}: " + (f"tie at {by['medcli'][s][key]:.4f}" if abs(gap) < 1e-9 else f"{gap:+.4f}")
                            for s, gap in zip(seeds, gaps) if gap <= 0)  # a tie is no win: the numbers say which

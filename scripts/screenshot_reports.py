@@ -30,8 +30,9 @@ BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 SHOTS = {"report.html": "report_run.png", "comparison.html": "report_comparison.png"}
 # Added to a copy of a page: once it has loaded (images included), each image's state, natural
-# size (0 for one that does not decode) and place, and every resource the page fetched, go into
-# a <pre> that --dump-dom prints.
+# size (0 for one that does not decode) and place, each scrolling box's content and visible
+# widths (a table wider than the page), and every resource the page fetched, go into a <pre>
+# that --dump-dom prints.
 PROBE = """<script>
 addEventListener("load", () => {
   const images = [...document.images].map((image) => {
@@ -41,7 +42,8 @@ addEventListener("load", () => {
   });
   const out = document.createElement("pre");
   out.id = "probe";
-  out.textContent = JSON.stringify({images, resources: performance.getEntriesByType("resource").map((e) => e.name)});
+  const boxes = [...document.querySelectorAll(".wide")].map((box) => ({content: box.scrollWidth, shown: box.clientWidth}));
+  out.textContent = JSON.stringify({images, boxes, resources: performance.getEntriesByType("resource").map((e) => e.name)});
   document.body.append(out);
 });
 </script>"""
@@ -74,7 +76,8 @@ def screenshot(page: Path, png: Path, width: int = 1280, height: int = 2000) -> 
 def probe(page: Path, width: int = 1280, height: int = 2000) -> dict:
     """Load a copy of `page` with PROBE and without its content security policy (so the probe
     runs and any fetch the page would make shows up): {"images": [{complete, width, height, box:
-    [x, y, w, h]}], "resources": [URLs fetched]}."""
+    [x, y, w, h]}], "boxes": [{content, shown}] (widths of each `.wide` box), "resources": [URLs
+    fetched]}."""
     text = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", Path(page).read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / Path(page).name

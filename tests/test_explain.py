@@ -593,6 +593,29 @@ def test_the_maps_figure_has_no_empty_sample_slots(explained_pair, tmp_path, mon
     assert kept[0].get_figwidth() == pytest.approx(maps.LABEL_IN + 2 * block + maps.BLOCK_GAP_IN + 0.1)
 
 
+def test_the_maps_figure_is_readable_printed_at_a_page_width(explained_pair, tmp_path, monkeypatch):
+    """Review: with four samples a class the figure was 13.3 in wide with 6-pt tile titles:
+    3.3 pt printed at a page's width. Three runs side by side leave room for one sample a class,
+    and the legend says the figure shows the first; every text prints at reports.MIN_PRINT_PT
+    or more."""
+    from matplotlib.text import Text
+
+    from medcli import maps, reports
+
+    kept, real = [], reports.save_figure
+    monkeypatch.setattr(reports, "save_figure", lambda fig, path, dpi=None: kept.append(fig) or real(fig, path, dpi))
+    a, b = explained_pair
+    c = shutil.copytree(b, tmp_path / "c")
+    assert runner.invoke(app, ["aggregate", str(a), str(b), str(c), "--maps", "--method", "gradcam",
+                               "--out", str(tmp_path / "cmp")]).exit_code == 0
+    (fig,) = kept
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert min(sizes) * min(1.0, reports.PRINT_WIDTH_IN / fig.get_figwidth()) >= reports.MIN_PRINT_PT
+    block = 4 * maps.TILE_IN + 3 * maps.GAP_IN  # the image and three runs' overlays: one a class
+    assert fig.get_figwidth() == pytest.approx(maps.LABEL_IN + block + 0.1)
+    assert "Shown: the first of each class's samples" in " ".join(t.get_text() for t in fig.texts)
+
+
 def test_aggregate_maps_prints_its_files_and_says_what_it_replaces(explained_pair, tmp_path):
     """Review: the text output listed no file written (only --format json did), printed Python's
     None, took --format csv/md silently, and a second comparison replaced the first unsaid."""

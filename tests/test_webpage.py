@@ -165,6 +165,17 @@ def test_each_page_loads_in_chromium_and_its_screenshot_shows_the_figures(pages,
         assert ImageStat.Stat(screen.crop((int(x), int(y), int(x + width), int(y + height)))).stddev[0] > 20
 
 
+def test_a_long_run_path_wraps_inside_the_page(explained_runs, chromium, tmp_path):
+    """Review: a run directory with a long path (no hyphens to break at) made its table wider
+    than the page: cut off in print, and the whole printout shrunk to fit."""
+    deep = tmp_path / ("averylongfoldernamewithoutbreaks" * 6) / "runs"
+    run = shutil.copytree(explained_runs[0], deep / explained_runs[0].name)
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    boxes = chromium.probe(Path(result.stdout.strip()), *WINDOW)["boxes"]
+    assert boxes and all(box["content"] <= box["shown"] for box in boxes), boxes
+
+
 def test_the_run_page_says_how_best_pt_was_chosen_and_which_numbers_are_calibrated(explained_runs, pages):
     """Review: the page said "monitor acc" in the training options while best.pt was chosen by
     the EMA-window rule on AUC, and the metrics table showed ECE/NLL/Brier after temperature
