@@ -132,9 +132,10 @@ def check_sync_bn(config: dict, ctx: distributed.Context) -> None:
                          "process it does nothing: drop it, or train with --nproc N")
 
 
-def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -> int:
+def global_batch(config: dict, ctx: distributed.Context, n: int | None = None, most: int | None = None) -> int:
     """Images per optimizer step over all processes: --batch-size (at most the `n` training
-    images), each process taking an equal slice of it."""
+    images), each process taking an equal slice of it. `most`: the most processes the data
+    allows, for the error that asks for fewer (by default batch // MIN_BATCH)."""
     batch, world = config["batch_size"], ctx.world_size
     if n is not None and n < MIN_BATCH * world:
         if world == 1 or n < MIN_BATCH:
@@ -147,7 +148,7 @@ def global_batch(config: dict, ctx: distributed.Context, n: int | None = None) -
                          f"processes; use a multiple of {world}")
     if batch // world < MIN_BATCH:
         given = "--batch-size" if config["batch_source"] == "--batch-size" else "the default batch size"
-        fewer = batch // MIN_BATCH
+        fewer = batch // MIN_BATCH if most is None else most
         raise UsageError(f"{given} {batch} gives each of {world} processes {batch // world} image a step; BatchNorm "
                          f"and MixUp need {MIN_BATCH}: pass --batch-size {MIN_BATCH * world} or more, or "
                          + (f"use at most {fewer} processes" if fewer > 1 else "train in one process"))
@@ -167,8 +168,21 @@ def check_launch(nproc: int, **options: Any) -> None:
     distributed.check_gpus(nproc, config["device"])
     # said here, once: the record it saves (a changed file recorded again) is current for the processes
     n_train = datasets.resolve(config["root"], config["dataset"], config["size"])[1]["n_samples"]["train"]
+
+    def batch(processes: int, most: int | None = None) -> int:
+        return global_batch(fit_to_data(config, n_train, processes), distributed.Context(world_size=processes), n_train,
+                            most)
+
+    def allows(processes: int) -> bool:
+        try:
+            batch(processes)
+        except UsageError:
+            return False
+        return True
+
     with console.silenced():
-        global_batch(fit_to_data(config, n_train, nproc), distributed.Context(world_size=nproc), n_train)
+        if not allows(nproc):  # the default batch is fitted to each count: the most that works is searched for
+            batch(nproc, most=max((k for k in range(1, nproc) if allows(k)), default=1))
 
 
 def check_resume_launch(path: str | os.PathLike, nproc: int, device: str | None = None) -> None:

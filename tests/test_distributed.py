@@ -577,8 +577,14 @@ def test_too_few_training_images_for_the_processes_are_named_before_any_starts(t
     datasets.make_synthetic(tmp_path / "bloodmnist.npz", "bloodmnist", 28, (1000, 2, 2), seed=1)
     datasets.record_path(tmp_path / "bloodmnist.npz").unlink()
     with pytest.raises(UsageError, match=r"^the default batch size \d+ gives each of 64 processes 1 image a step"
-                                         r".*--batch-size 128 or more, or use at most \d+ processes"):
+                                         r".*--batch-size 128 or more, or use at most \d+ processes") as refused:
         train.check_launch(64, **options)
+    # review: the count named was half the batch fitted to 64 processes (too few: the default
+    # batch is fitted to each count); it is the most that works
+    most = int(re.search(r"use at most (\d+) processes", str(refused.value)).group(1))
+    train.check_launch(most, **options)
+    with pytest.raises(UsageError, match=f"use at most {most} processes"):
+        train.check_launch(most + 1, **options)
 
 
 def test_a_resume_under_nproc_is_checked_before_any_process_starts(tmp_path):
