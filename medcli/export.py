@@ -10,6 +10,7 @@ description (`bundle.describe`, read back by `medcli predict`) and a model card 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import sys
@@ -140,6 +141,8 @@ def _onnx(model, example, path: Path) -> dict:
             torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
                               output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False,
                               verbose=False)
+    except OSError:
+        raise  # the file could not be written (a full disk): `atomic_path` says so
     except Exception as exc:  # the exporter raises many kinds; all mean "this model does not export"
         raise MedcliError(f"ONNX export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
                           "try --format torchscript") from None
@@ -155,9 +158,12 @@ def _torchscript(model, example, path: Path) -> dict:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # trace and save are deprecated for torch.export, which has no portable file
             traced = torch.jit.trace(model, example)
-            torch.jit.save(traced, str(path))
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer)
     except Exception as exc:
         raise MedcliError(f"TorchScript export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
+    # written by Python: torch's own file writer ends the process (std::terminate) on a full disk
+    path.write_bytes(buffer.getvalue())
     return {"torchscript": "torch.jit.trace"}
 
 

@@ -100,10 +100,15 @@ class HashingWriter:
     def __init__(self, handle: BinaryIO, digest: Any):
         self.handle = handle
         self.digest = digest
+        self.error: OSError | None = None  # a failed write, which torch's writer reports as a RuntimeError
 
     def write(self, data) -> int:
         self.digest.update(data)
-        return self.handle.write(data)
+        try:
+            return self.handle.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
 
     def flush(self) -> None:
         self.handle.flush()
@@ -117,7 +122,13 @@ def atomic_stream(path: str | os.PathLike, algorithm: str = "sha256") -> Iterato
     """`atomic_path` for content written to a stream: yields a `HashingWriter` on the temporary
     file, whose `hexdigest()` after the block is the hash of the file now at `path`."""
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        yield HashingWriter(handle, hashlib.new(algorithm))
+        writer = HashingWriter(handle, hashlib.new(algorithm))
+        try:
+            yield writer
+        except RuntimeError as exc:  # "unexpected pos ..." from torch.save: the disk's own error says why
+            if writer.error is None:
+                raise
+            raise writer.error from exc
 
 
 def partial_files(path: str | os.PathLike) -> list[Path]:

@@ -174,6 +174,25 @@ def test_a_failed_write_raises_on_the_training_thread_and_keeps_the_previous_fil
     assert torch.load(target, weights_only=True) == {"epoch": 1} and not fileio.partial_files(target)
 
 
+def test_a_checkpoint_that_fills_the_disk_says_so(tmp_path, monkeypatch):
+    """Review: torch.save reports a failed write of its stream as "RuntimeError: [enforce fail at
+    inline_container.cc:672] unexpected pos 768 vs 662" ("unexpected RuntimeError" on a full disk)."""
+    import errno
+    import io
+
+    class FillsUp(io.FileIO):
+        def write(self, data):
+            if self.tell() + len(data) > 4096:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    monkeypatch.setattr(fileio, "open", lambda path, mode: FillsUp(path, mode.replace("b", "")), raising=False)
+    target = tmp_path / "last.pt"
+    with pytest.raises(MedcliError, match=r"writing .*last.pt failed \(No space left on device\)"):
+        checkpoints.write(target, {"w": torch.zeros(100_000)})
+    assert not target.exists() and not fileio.partial_files(target)
+
+
 def test_a_failed_write_is_said_once_when_another_error_ends_the_stage(tmp_path, monkeypatch, capsys):
     """Review: with best.pt and last.pt queued behind a failed write, the stage's end said the
     same failure once per queued file."""

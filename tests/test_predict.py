@@ -353,6 +353,31 @@ def test_checkpoint_applies_to_runs_and_an_export_refuses_another(tiny_run, expo
         assert json.loads(result.stdout)["model"]["checkpoint"] == expected
 
 
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(run_copy, tmp_path, monkeypatch, fmt):
+    """Review: on a full disk `export --format torchscript` ended by SIGABRT (torch's file writer
+    throws from a destructor) with 50 lines of C++ stack, its stage left running and its staging
+    folder behind; ONNX said the model "does not export" and advised TorchScript."""
+    import errno
+
+    real = Path.write_bytes
+    if fmt == "onnx":
+        real_export = torch.onnx.export
+
+        def export_on_full_disk(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(torch.onnx, "export", export_on_full_disk)
+    else:
+        monkeypatch.setattr(Path, "write_bytes", lambda self, data: (_ for _ in ()).throw(
+            OSError(errno.ENOSPC, "No space left on device")) if self.suffix == ".pt" else real(self, data))
+    out = tmp_path / "out"
+    line = one_line_error(runner.invoke(app, ["export", str(run_copy), "--format", fmt, "--out",
+                                              str(out / f"m{bundle.FORMATS[fmt]}")]), 1, "No space left on device")
+    assert "try --format" not in line and (not out.exists() or not any(out.iterdir())), line
+    assert Run.open(run_copy).stages["export"]["status"] == "failed"
+
+
 def test_torchscript_save_and_load_keep_deprecation_warnings_to_themselves(tmp_path):
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 2)).eval()
     x = torch.randn(2, 3, 2, 2)
