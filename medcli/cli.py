@@ -87,6 +87,10 @@ class MedcliGroup(TyperGroup):
         except Exception as exc:  # an unexpected bug: one line unless --verbose
             if isinstance(exc, BrokenPipeError) and _stdout_gone():  # its reader left (`| head`): Click ends quietly
                 raise
+            if isinstance(exc, OSError) and exc.filename is not None and not console.is_verbose():
+                # the file system's refusal of a path the user gave (a name too long, a loop of links)
+                console.error(f"{_from_rank(_job())}cannot use {exc.filename}: {exc.strerror or exc}")
+                raise typer.Exit(EXIT_FAILURE) from None
             if console.is_verbose():
                 console.console().print_exception()
             console.error(f"{_from_rank(_job())}unexpected {type(exc).__name__}: {exc} "
@@ -677,6 +681,9 @@ def main() -> None:
     except SystemExit as exc:
         code = exc.code
         raise
+    except KeyboardInterrupt:  # before a command began (its commands being built): nothing to record
+        code = EXIT_INTERRUPTED
+        raise SystemExit(code) from None
     finally:  # the command has ended and said so: a Ctrl-C or SIGTERM while the interpreter tears torch
         # down (a second or more) ends the process at once with the command's own exit code, not by
         # the signal and without a traceback (and a teardown that hangs can still be stopped)

@@ -115,7 +115,12 @@ def evaluate_run(
                          f"{metrics.temperature_text(fit[0])}" + (f"; skipped (T = 1): {fit[1]}" if fit[1] else ""))
         st.writing()
         for name in chosen:
-            st.summary.pop(name, None)  # listed again once its files are all written (Run.evaluated_splits)
+            earlier = st.summary.pop(name, None)  # listed again once its files are all written (Run.evaluated_splits)
+            if earlier:
+                console.warn(f"replacing the earlier evaluation of {name} (checkpoint {earlier.get('checkpoint')}"
+                             + (", TTA" if earlier.get("tta") else "")
+                             + (", calibrated" if earlier.get("temperature") is not None else "") + ")")
+            st.drop(*_split_files(run, name))  # a stop halfway leaves no sha256 of a file since replaced
             _drop_medmnist_csv(st, name, data.record, replaced=medmnist_csv)
             result, files = _write_split(run, name, logits[name], data, task, fit, context, medmnist_csv)
             results[name] = result
@@ -180,6 +185,13 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
     if medmnist_csv:
         files.append(_write_medmnist_csv(run, split, raw, values, data.record))
     return result, files
+
+
+def _split_files(run: Run, split: str) -> list[Path]:
+    """The files `_write_split` writes for `split` (the --medmnist-csv file aside)."""
+    csv = run.predictions_file(split)
+    return [run.metrics_file(split), csv, tables.task_file(csv),
+            *(run.figure_file(name, split) for name in ("confusion", "samples", "mistakes", "reliability", "roc"))]
 
 
 def _medmnist_prefix(record: dict, split: str) -> str:

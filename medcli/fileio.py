@@ -7,6 +7,7 @@ either the old file or the new one, never a half-written one.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ except ImportError:  # Windows, where a file open in its writer cannot be remove
     fcntl = None
 
 __all__ = ["HashingWriter", "abandoned_partials", "atomic_path", "atomic_stream", "md5_file", "output_file",
-           "output_folder", "partial_files", "sha256_file", "together", "write_json", "write_text"]
+           "output_folder", "partial_files", "sha256_file", "together", "write_bytes", "write_json", "write_text"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -51,19 +52,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     target = Path(path)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp" + target.suffix, dir=target.parent
-        )
+        fd, tmp_name = tempfile.mkstemp(prefix=_temporary_prefix(target), suffix=".tmp" + target.suffix,
+                                        dir=target.parent)
     except OSError as exc:
         raise UsageError(f"cannot write {target}: {exc.strerror or exc}; choose a writable location") from exc
     if fcntl is not None:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, or when this process dies
     tmp = Path(tmp_name)
     try:
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        # mkstemp makes the file private (0600): the mode of the file it replaces, else the one
+        # a plain open() would give
+        try:
+            mode = target.stat().st_mode & 0o7777
+        except OSError:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.chmod(tmp, mode)
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -131,11 +136,19 @@ def atomic_stream(path: str | os.PathLike, algorithm: str = "sha256") -> Iterato
             raise writer.error from exc
 
 
+def _temporary_prefix(target: Path) -> str:
+    """".<name>." for `atomic_path`'s temporary files of `target`, the name cut where the whole
+    temporary name (8 random characters and ".tmp<suffix>" follow) would pass the 255 bytes a
+    file name may have."""
+    room = 255 - len(f"..{'x' * 8}.tmp{target.suffix}".encode())
+    return f".{target.name.encode()[:room].decode(errors='ignore')}."
+
+
 def partial_files(path: str | os.PathLike) -> list[Path]:
     """The temporary files of `atomic_path` beside `path`: those of writers at work and those
     killed writers left (`abandoned_partials` tells them apart)."""
     target = Path(path)
-    return sorted(target.parent.glob(f".{target.name}.*.tmp{target.suffix}"))
+    return sorted(target.parent.glob(f"{glob.escape(_temporary_prefix(target))}*.tmp{target.suffix}"))
 
 
 def abandoned_partials(path: str | os.PathLike) -> list[Path]:

@@ -308,6 +308,10 @@ def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = Non
         raise UsageError("--dry-run and --yes contradict each other; pass one of them")
     if run is not None and pid is not None:
         raise UsageError("--run and --pid each choose one job; pass one of them")
+    if run is not None and not Path(run).is_dir():
+        raise UsageError(f"--run {run}: no such run directory")
+    if pid is not None and pid < 1:
+        raise UsageError(f"--pid {pid} is not a process id")
     found = find_processes(parse_duration(older_than) if older_than else 0.0)
     if run is not None or pid is not None:
         found = job_of(found, run, pid)

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from medcli import console, fileio, manifest
-from medcli.errors import Interrupted, UsageError
+from medcli.errors import Interrupted, MedcliError, UsageError
 from medcli.names import CHECKPOINTS, SPLITS
 
 __all__ = ["Run", "STAGE_LOCK_PREFIX", "create_run_dir", "find_runs"]
@@ -290,14 +290,21 @@ class Run:
             self.update(begin)
             record = StageRecord(self, name, entry, earlier or None)
             start = time.perf_counter()
+
+            def ended(status: str, error: str) -> None:  # the error that ended the stage is the one to say
+                try:
+                    record.end(status, start, error)
+                except MedcliError as failed:  # a full disk: the manifest cannot be written either
+                    console.warn(f"the {name} stage could not be recorded as {status}: {failed}")
+
             try:
                 yield record
             except Interrupted as exc:
-                record.end("interrupted", start, str(exc))
+                ended("interrupted", str(exc))
                 raise
             except KeyboardInterrupt:
                 kept = record.earlier is not None and not record.touched
-                record.end("interrupted", start, "interrupted by the user")
+                ended("interrupted", "interrupted by the user")
                 if kept:
                     raise KeyboardInterrupt(f"the {name} stage of run {self.run_dir.resolve()} was interrupted before "
                                             "it changed any file: its earlier result stands") from None
@@ -306,7 +313,7 @@ class Run:
                 raise KeyboardInterrupt(f"the {name} stage of run {self.run_dir.resolve()} was interrupted; "
                                         f"{then}") from None
             except BaseException as exc:
-                record.end("failed", start, str(exc) or type(exc).__name__)
+                ended("failed", str(exc) or type(exc).__name__)
                 raise
             record.end("completed", start, None)
 
@@ -543,6 +550,13 @@ class StageRecord:
         self.entry["artefacts"][self.run.relative(path)] = sha256
         if save:
             self.save()
+
+    def drop(self, *paths: str | os.PathLike) -> None:
+        """Unlist files about to be written again (they stay on disk): a stop halfway leaves
+        no sha256 of a file replaced since."""
+        self.touched = True
+        for path in paths:
+            self.entry["artefacts"].pop(self.run.relative(path), None)
 
     def forget(self, prefix: str, keep: Sequence[str | os.PathLike] = ()) -> None:
         """Delete the files this stage recorded under `prefix` (an earlier run of the stage),

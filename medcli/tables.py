@@ -244,9 +244,9 @@ def write_workbook(path: str | os.PathLike, sheets: dict[str, list[Block]],
             image = Image(str(picture))
             image.width, image.height = image.width * 0.6, image.height * 0.6
             ws.add_image(image, f"{anchor_column}{1 + k * 24}")
-    with fileio.atomic_path(path) as tmp:
-        book.save(tmp)
-    return Path(path)
+    buffer = io.BytesIO()  # saved to a file, openpyxl keeps it open after a failed write (a full disk stays full)
+    book.save(buffer)
+    return fileio.write_bytes(path, buffer.getvalue())
 
 
 def _flatten(prefix: str, value, out: list) -> None:

@@ -63,6 +63,28 @@ def test_a_signal_after_the_command_has_ended_changes_nothing(argv, exit_code):
     assert proc.stdout.strip() == (f"medcli {__version__}" if exit_code == 0 else "")
 
 
+@pytest.mark.parametrize("stop", [  # importing the CLI; Typer building its commands
+    "import builtins\nreal = builtins.__import__\n"
+    "builtins.__import__ = lambda name, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if name == 'typer' "
+    "else real(name, *a, **k)\n",
+    "import typer.main\ntyper.main.get_command = lambda *a: (_ for _ in ()).throw(KeyboardInterrupt)\n"])
+def test_a_ctrl_c_while_the_command_line_starts_up_is_exit_130_without_a_traceback(stop):
+    """Review: Ctrl-C in the first second (the imports, then Typer building the commands)
+    printed a 16-47-line KeyboardInterrupt traceback."""
+    code = f"import sys\nsys.argv = ['medcli', 'download', '--list']\n{stop}from medcli.__main__ import main\nmain()\n"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in proc.stderr and proc.stdout == "", proc
+
+
+def test_a_path_the_file_system_refuses_is_one_line(tmp_path):
+    """Review: a 300-character folder name ended evaluate, report, explain and predict with
+    "unexpected OSError: [Errno 36] File name too long"."""
+    long = tmp_path / ("b" * 300)
+    result = CliRunner().invoke(app, ["evaluate", str(long)])
+    line = one_line_error(result, None, "File name too long")
+    assert "unexpected" not in line and result.exit_code != 0
+
+
 def test_unknown_option_is_one_line_exit_2():
     one_line_error(runner.invoke(app, ["train", "--no-such-option"]), 2, "--no-such-option")
 

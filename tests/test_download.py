@@ -679,6 +679,25 @@ def test_a_writer_killed_mid_write_leaves_a_file_known_as_abandoned(tmp_path):
     assert fileio.abandoned_partials(target) == [partial]  # kill -9: the file stays, its lock is gone
 
 
+def test_a_file_whose_name_is_near_the_limit_is_written_and_its_partials_found(tmp_path):
+    """Review: a legal 249-character --out name failed after all the work: the temporary file's
+    name (".<name>.XXXXXXXX.tmp<suffix>") passed the 255-byte limit."""
+    target = tmp_path / ("é" * 60 + "a" * 120 + ".csv")  # 245 bytes
+    assert fileio.write_text(target, "x").read_text() == "x" and fileio.partial_files(target) == []
+    with pytest.raises(KeyboardInterrupt):
+        with fileio.atomic_path(target) as tmp:
+            assert fileio.partial_files(target) == [tmp]
+            raise KeyboardInterrupt
+
+
+def test_a_file_written_again_keeps_its_mode(tmp_path):
+    """Review: writing a manifest (or any file) again reset a mode the user had set (0444 to 0644)."""
+    target = fileio.write_text(tmp_path / "manifest.json", "{}")
+    os.chmod(target, 0o640)
+    fileio.write_text(target, "{ }")
+    assert target.stat().st_mode & 0o777 == 0o640 and target.read_text() == "{ }"
+
+
 def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_even_with_force_color(monkeypatch):
     from medcli import console
 

@@ -826,6 +826,35 @@ def test_the_workbook_gives_each_labels_temperature(tmp_path):
         {"split": "test", "label": "effusion", "temperature": 0.75}, {"split": "test", "label": "mass", "temperature": 1.25}]
 
 
+def test_an_evaluation_replaced_says_what_it_replaces(run_copy):
+    """Review: `evaluate --checkpoint last --calibrate` replaced the earlier best.pt evaluation's
+    files without a word (explain refuses, plot-confusion and aggregate say so)."""
+    first = runner.invoke(app, ["evaluate", str(run_copy), "--split", "all"])
+    assert first.exit_code == 0 and "replacing" not in first.stderr
+    again = runner.invoke(app, ["evaluate", str(run_copy), "--checkpoint", "last", "--calibrate"])
+    said = " ".join(again.stderr.split())
+    assert again.exit_code == 0 and "replacing the earlier evaluation of test (checkpoint best)" in said
+    assert "of val" not in said and "of train" not in said  # only test is evaluated again
+
+
+def test_a_split_stopped_while_rewritten_leaves_no_sha256_of_a_replaced_file(run_copy, monkeypatch):
+    """Review: Ctrl-C after metrics/test.json was rewritten left its old sha256 in the manifest,
+    and a later completed evaluate of another split carried the stale entry forward."""
+    from medcli import fileio, reports
+    from medcli.evaluate import evaluate_run
+
+    evaluate_run(run_copy, device="cpu", batch_size=64)
+    with monkeypatch.context() as patch:
+        patch.setattr(reports, "save_samples", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            evaluate_run(run_copy, device="cpu", batch_size=64, calibrate=True)  # metrics/test.json is new
+    evaluate_run(run_copy, split="val", device="cpu", batch_size=64)
+    stage = Run.open(run_copy).stages["evaluate"]
+    assert stage["status"] == "completed"
+    stale = [rel for rel, sha in stage["artefacts"].items() if fileio.sha256_file(run_copy / rel) != sha]
+    assert stale == [] and "metrics/val.json" in stage["artefacts"]
+
+
 @pytest.mark.parametrize("stage, args", [("evaluate", ["evaluate"]), ("explain:gradcam", ["explain", "--method", "gradcam"])])
 def test_a_run_another_process_evaluates_is_refused_before_the_model_and_data_load(tiny_run, monkeypatch, stage, args):
     """Left from a review: a second evaluate of a run loaded the model and the whole dataset

@@ -194,6 +194,15 @@ def test_dry_run_and_yes_conflict():
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, said", [(["--run", "no/such/run"], "--run no/such/run: no such run directory"),
+                                        (["--pid", "-5"], "--pid -5 is not a process id")])
+def test_a_job_that_cannot_exist_is_a_usage_error_not_an_empty_table(args, said):
+    """Review: a mistyped --run path (or --pid -5) exited 0 with an empty table, which reads as
+    "nothing to clean"."""
+    result = runner.invoke(app, ["clean-processes", *args, "--dry-run"])
+    assert result.exit_code == 2 and said in result.stderr and result.stdout == "", result.output
+
+
 def test_clean_ends_only_with_consent_and_a_process_left_running_exits_1(monkeypatch):
     """processes.clean (the whole of clean-processes): asks `confirm` with the count, ends
     nothing on a no or with dry_run; the CLI exits 1 when a process could not be ended."""

@@ -65,6 +65,23 @@ def test_stage_failure_is_recorded(tmp_path, exc, status):
     assert entry["error"]
 
 
+def test_a_stage_that_cannot_record_its_failure_says_the_failure(tmp_path, monkeypatch, capsys):
+    """Review: on a full disk the workbook's write failed, then so did the manifest's, and the
+    error said only "writing manifest.json failed" (the stage stayed running)."""
+    from medcli import manifest as manifest_module
+    from medcli.errors import MedcliError
+
+    run = _new(tmp_path)
+    real_write = manifest_module.write
+    with pytest.raises(MedcliError, match="writing report.xlsx failed"):
+        with run.stage("evaluate"):
+            monkeypatch.setattr(manifest_module, "write", lambda *a, **k: (_ for _ in ()).throw(
+                MedcliError("writing manifest.json failed (No space left on device)")))
+            raise MedcliError("writing report.xlsx failed (No space left on device)")
+    monkeypatch.setattr(manifest_module, "write", real_write)
+    assert "could not be recorded as failed: writing manifest.json failed" in capsys.readouterr().err
+
+
 def test_stage_lock_refuses_a_second_writer_of_the_same_stage(tmp_path):
     manifest = _new(tmp_path)
     other = Run.open(manifest.run_dir)
