@@ -442,6 +442,8 @@ def save_maps(path, ex: Explained, dataset: dict, selection: str, target: str | 
                                               "target": target}))}
     if ex.road is not None:
         arrays["road"] = np.asarray(ex.road, dtype=np.float32)
+    if ex.decided is not None:  # a multi-label image's top label that no label reached the threshold: no decision
+        arrays["decided"] = np.asarray(ex.decided, dtype=bool)
     with fileio.atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)

@@ -261,6 +261,7 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], right: list,
     import numpy as np
 
     classes = _classes(labels)
+    undecided = any("decided" in column.data and not column.data["decided"].all() for column in columns)
     block = (len(columns) + 1) * TILE_IN + len(columns) * GAP_IN
     widest = PRINT_WIDTH_IN * TILE_PT / MIN_PRINT_PT  # printed at a page's width, TILE_PT stays readable
     fits = max(1, int((widest - LABEL_IN - 0.1 + BLOCK_GAP_IN) // (block + BLOCK_GAP_IN)))
@@ -273,7 +274,8 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], right: list,
     legend = textwrap.wrap((f"Shown: the first {f'{per_class} ' if per_class > 1 else ''}of each class's samples "
                             f"(the scores of all are in "
                             f"maps_agreement.csv). " if per_class < counts.max() else "")
-                           + f"Over each map: its column, the predicted class (red: not the sample's) and its confidence. "
+                           + f"Over each map: its column, the predicted class (red: not the sample's) and its confidence"
+                           + ("; \"top\": the most probable label, where no label reached 0.5" if undecided else "") + ". "
                            f"Under each sample: the Spearman \u03c1 and top-{TOP_SHARE:.0%} IoU of every two maps.", chars)
     lines = len(heading) * 1.2 + len(legend) + 0.3  # the column names follow
     header = 0.2 + LINE_IN * (lines + len(columns))
@@ -299,7 +301,9 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], right: list,
             for c, column in enumerate(columns):
                 row = rows[c][i]
                 predicted = int(column.data["predictions"][row])
-                tiles.append((f"{_letter(c)} {brief[predicted]} {float(column.data['confidence'][row]):.2f}",
+                no_label = "decided" in column.data and not column.data["decided"][row]
+                tiles.append((f"{_letter(c)} {'top ' if no_label else ''}{brief[predicted]} "
+                              f"{float(column.data['confidence'][row]):.2f}",
                               "black" if right[c][i] else "red",
                               panels(images[common[i]], column.data["maps"][row].astype("float32"))[2]))
             for t, (caption, colour, picture) in enumerate(tiles):

@@ -593,6 +593,29 @@ def test_the_maps_figure_has_no_empty_sample_slots(explained_pair, tmp_path, mon
     assert kept[0].get_figwidth() == pytest.approx(maps.LABEL_IN + 2 * block + maps.BLOCK_GAP_IN + 0.1)
 
 
+def test_a_multilabel_map_without_a_decision_is_captioned_top_not_as_a_prediction(tmp_path, monkeypatch):
+    """Review: the maps figure captioned a chest image's most probable label at 0.38 as the
+    prediction ("A hernia 0.38") where no label reached 0.5 (explain says "top ... no label
+    found")."""
+    from medcli import maps, reports
+
+    kept, real = [], reports.save_figure
+    monkeypatch.setattr(reports, "save_figure", lambda fig, path, dpi=None: kept.append(fig) or real(fig, path, dpi))
+    heat = np.random.default_rng(0).random((2, 28, 28)).astype(np.float16)
+    columns = [maps.Column(name, "gradcam", {}, {"maps": heat, "predictions": np.array([0, 1]),
+                                                 "confidence": np.array([0.38, 0.9], dtype=np.float32),
+                                                 "decided": np.array([False, True])}, tmp_path / name)
+               for name in ("a", "b")]
+    scores = [("AB", np.array([1.0, 1.0]), np.array([1.0, 1.0]))]
+    images = np.zeros((2, 28, 28, 3), dtype=np.uint8)
+    maps.save_figure(tmp_path / "m.png", columns, [[0, 1], [0, 1]], [[True, True], [True, True]], [0, 1],
+                     np.array([0, 1]), scores, images, ["hernia", "mass"], "t")
+    titles = [ax.get_title() for ax in kept[0].axes]
+    assert "A top hernia 0.38" in titles and "A mass 0.90" in titles
+    legend = " ".join(" ".join(t.get_text() for t in kept[0].texts).split())
+    assert "\"top\": the most probable label, where no label reached 0.5" in legend
+
+
 def test_the_maps_figure_is_readable_printed_at_a_page_width(explained_pair, tmp_path, monkeypatch):
     """Review: with four samples a class the figure was 13.3 in wide with 6-pt tile titles:
     3.3 pt printed at a page's width. Three runs side by side leave room for one sample a class,

@@ -346,6 +346,8 @@ def test_every_command_works_for_the_task(flag, task_roots, tmp_path):
         in index["faithfulness"]["metric"]
     if isinstance(task, MultiLabel):
         assert all(s["label_name"] in s["true_labels"] for s in index["samples"])
+    with np.load(run / "explain" / "gradcam" / "maps.npz") as stored:  # aggregate --maps captions what index.json says
+        assert list(stored["decided"]) == [s["decided"] for s in index["samples"]]
     named = runner.invoke(app, ["--quiet", "explain", str(run), "--method", "gradcam", "--indices", "0,1",
                                 "--target", task.names[1], "--json", "--no-faithfulness", "--overwrite"])
     assert named.exit_code == 0, named.output
