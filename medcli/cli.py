@@ -7,6 +7,7 @@ Errors are turned into one red line and an exit code in one place: `MedcliGroup.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -87,15 +88,19 @@ class MedcliGroup(TyperGroup):
         except Exception as exc:  # an unexpected bug: one line unless --verbose
             if isinstance(exc, BrokenPipeError) and _stdout_gone():  # its reader left (`| head`): Click ends quietly
                 raise
-            if isinstance(exc, OSError) and exc.filename is not None and not console.is_verbose():
+            if isinstance(exc, OSError) and exc.errno in _PATH_REFUSALS and not console.is_verbose():
                 # the file system's refusal of a path the user gave (a name too long, a loop of links)
-                console.error(f"{_from_rank(_job())}cannot use {exc.filename}: {exc.strerror or exc}")
+                console.error(f"{_from_rank(_job())}cannot use {exc.filename}: {exc.strerror}; give another path "
+                              "(re-run with --verbose for the traceback)")
                 raise typer.Exit(EXIT_FAILURE) from None
             if console.is_verbose():
                 console.console().print_exception()
             console.error(f"{_from_rank(_job())}unexpected {type(exc).__name__}: {exc} "
                           "(re-run with --verbose for the traceback)")
             raise typer.Exit(EXIT_FAILURE) from None
+
+
+_PATH_REFUSALS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR}  # a path no file can have
 
 
 def _job():

@@ -34,6 +34,7 @@ CALIBRATION_METRICS = ("ece", "nll", "brier", "auc")  # recorded before and afte
 # after it. Everything else (accuracy is unchanged; the one-vs-rest AUC of a softmax moves a
 # little) is the model's own, so a calibrated run never gains on a ranking by the transform.
 SCALED_METRICS = ("ece", "nll", "brier")
+SPLIT_FIGURES = ("confusion", "samples", "mistakes", "reliability", "roc")  # figures/<name>_<split>.png
 BOOTSTRAP = {"resamples": 1000, "seed": 0}  # the intervals of accuracy and AUC (`tasks.Task.intervals`)
 
 
@@ -116,7 +117,8 @@ def evaluate_run(
         st.writing()
         for name in chosen:
             earlier = st.summary.pop(name, None)  # listed again once its files are all written (Run.evaluated_splits)
-            if earlier:
+            if earlier and (earlier.get("checkpoint"), bool(earlier.get("tta")), earlier.get("temperature") is not None) \
+                    != (checkpoint, tta, fit is not None):  # evaluated as before: the same files again, unsaid
                 console.warn(f"replacing the earlier evaluation of {name} (checkpoint {earlier.get('checkpoint')}"
                              + (", TTA" if earlier.get("tta") else "")
                              + (", calibrated" if earlier.get("temperature") is not None else "") + ")")
@@ -170,16 +172,16 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
 
     title, note = f"{run.run_id} · {split}", datasets.provenance(data.record)
     captions = task.describe(labels, raw)  # the model's own confidences, as in the predictions CSV
+    figure = {name: run.figure_file(name, split) for name in SPLIT_FIGURES}
     files = [
         fileio.write_json(run.metrics_file(split), result),
         *tables.write_predictions(run.predictions_file(split), task, labels, raw, None if fit is None else fit[0]),
-        reports.save_task_confusion(run.figure_file("confusion", split), task.confusion_tables(values), title, note),
-        reports.save_samples(run.figure_file("samples", split), data.images[split], captions,
+        reports.save_task_confusion(figure["confusion"], task.confusion_tables(values), title, note),
+        reports.save_samples(figure["samples"], data.images[split], captions,
                              f"{title}: sample predictions (green right, red wrong; confidence in brackets)", note),
-        reports.save_mistakes(run.figure_file("mistakes", split), data.images[split], captions,
-                              f"{title}: most confident mistakes", note),
-        reports.save_reliability(run.figure_file("reliability", split), panels, f"{title}: reliability", note),
-        reports.save_roc(run.figure_file("roc", split), tables.roc_curves(task.indicator(labels), raw, names, task.roc_classes()),
+        reports.save_mistakes(figure["mistakes"], data.images[split], captions, f"{title}: most confident mistakes", note),
+        reports.save_reliability(figure["reliability"], panels, f"{title}: reliability", note),
+        reports.save_roc(figure["roc"], tables.roc_curves(task.indicator(labels), raw, names, task.roc_classes()),
                          f"{title}: ROC and precision-recall", note),
     ]
     if medmnist_csv:
@@ -190,8 +192,7 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
 def _split_files(run: Run, split: str) -> list[Path]:
     """The files `_write_split` writes for `split` (the --medmnist-csv file aside)."""
     csv = run.predictions_file(split)
-    return [run.metrics_file(split), csv, tables.task_file(csv),
-            *(run.figure_file(name, split) for name in ("confusion", "samples", "mistakes", "reliability", "roc"))]
+    return [run.metrics_file(split), csv, tables.task_file(csv), *(run.figure_file(name, split) for name in SPLIT_FIGURES)]
 
 
 def _medmnist_prefix(record: dict, split: str) -> str:

@@ -10,6 +10,7 @@ description (`bundle.describe`, read back by `medcli predict`) and a model card 
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -141,9 +142,9 @@ def _onnx(model, example, path: Path) -> dict:
             torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["images"],
                               output_names=["logits"], dynamic_shapes=({0: batch},), external_data=False,
                               verbose=False)
-    except OSError:
-        raise  # the file could not be written (a full disk): `atomic_path` says so
     except Exception as exc:  # the exporter raises many kinds; all mean "this model does not export"
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS):
+            raise  # but a file that could not be written (a full disk): `atomic_path` says so
         raise MedcliError(f"ONNX export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]}); "
                           "try --format torchscript") from None
     opset = next(entry.version for entry in onnx.load(str(path), load_external_data=False).opset_import

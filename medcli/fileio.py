@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator, Sequence
@@ -20,8 +21,12 @@ from medcli.errors import MedcliError, UsageError
 
 try:
     import fcntl
-except ImportError:  # Windows, where a file open in its writer cannot be removed: the same protection
+except ImportError:  # Windows: no lock (a file open in its writer cannot be removed there anyway)
     fcntl = None
+
+_UMASK = os.umask(0)  # read once: setting it to read it races with threads creating files
+os.umask(_UMASK)
+QUIET_PARTIAL_S = 60  # a temporary file untouched this long and unlocked is a killed writer's
 
 __all__ = ["HashingWriter", "abandoned_partials", "atomic_path", "atomic_stream", "md5_file", "output_file",
            "output_folder", "partial_files", "sha256_file", "together", "write_bytes", "write_json", "write_text"]
@@ -45,9 +50,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` atomically.
 
     The temporary file keeps the target's suffix (matplotlib and openpyxl pick the format
-    from it). On any exception the temporary file is removed and `path` is untouched. The
-    writer holds a lock on the temporary file until it is renamed or removed, so a killed
-    writer's file is told from a live one's (`abandoned_partials`).
+    from it). On any exception the temporary file is removed and `path` is untouched. The new
+    file gets the mode of the one it replaces (else a plain open()'s). Where the file system
+    allows, the writer holds a lock on the temporary file until it is renamed or removed, so a
+    killed writer's file is told from a live one's (`abandoned_partials`).
     """
     target = Path(path)
     try:
@@ -56,22 +62,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
                                         dir=target.parent)
     except OSError as exc:
         raise UsageError(f"cannot write {target}: {exc.strerror or exc}; choose a writable location") from exc
-    if fcntl is not None:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, or when this process dies
     tmp = Path(tmp_name)
     try:
-        # mkstemp makes the file private (0600): the mode of the file it replaces, else the one
-        # a plain open() would give
-        try:
-            mode = target.stat().st_mode & 0o7777
-        except OSError:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.chmod(tmp, mode)
+        if fcntl is None:  # a file still open cannot be renamed on Windows
+            os.close(fd)
+            fd = None
+        else:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)  # released when fd closes, or when this process dies
+            except OSError:  # a file system without locks (NFS without lockd): `abandoned_partials` goes by age
+                pass
         yield tmp
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        try:  # mkstemp made it private (0600); set now, so a read-only mode does not stop its writer
+            mode = target.stat().st_mode & 0o7777
+        except OSError:
+            mode = 0o666 & ~_UMASK
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     except OSError as exc:  # disk full, read-only file system, I/O error...
@@ -81,7 +89,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
 def _write_advice(exc: OSError, target: Path) -> str:
@@ -140,8 +149,8 @@ def _temporary_prefix(target: Path) -> str:
     """".<name>." for `atomic_path`'s temporary files of `target`, the name cut where the whole
     temporary name (8 random characters and ".tmp<suffix>" follow) would pass the 255 bytes a
     file name may have."""
-    room = 255 - len(f"..{'x' * 8}.tmp{target.suffix}".encode())
-    return f".{target.name.encode()[:room].decode(errors='ignore')}."
+    room = 255 - len(os.fsencode(f"..{'x' * 8}.tmp{target.suffix}"))
+    return f".{os.fsdecode(os.fsencode(target.name)[:room])}."  # the bytes kept as they are
 
 
 def partial_files(path: str | os.PathLike) -> list[Path]:
@@ -152,9 +161,18 @@ def partial_files(path: str | os.PathLike) -> list[Path]:
 
 
 def abandoned_partials(path: str | os.PathLike) -> list[Path]:
-    """The temporary files beside `path` that no live process writes: their writer was killed
-    (its lock on the file ended with it), so they can be removed, whatever their age."""
-    return [partial for partial in partial_files(path) if not _being_written(partial)]
+    """The temporary files beside `path` that no live process writes: unlocked (a killed
+    writer's lock ended with it) and untouched for QUIET_PARTIAL_S (a lock taken on another
+    host of a shared file system may not show here), so they can be removed."""
+    quiet = time.time() - QUIET_PARTIAL_S
+    return [partial for partial in partial_files(path) if not _being_written(partial) and _untouched_since(partial, quiet)]
+
+
+def _untouched_since(partial: Path, moment: float) -> bool:
+    try:
+        return partial.stat().st_mtime < moment
+    except OSError:
+        return False
 
 
 def _being_written(partial: Path) -> bool:

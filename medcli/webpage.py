@@ -184,7 +184,7 @@ def write_run_page(path: str | os.PathLike) -> Path:
     evaluations = {split: _evaluation(run, split) for split in SPLIT_ORDER if split in evaluated}
     if not evaluations:
         raise UsageError(f"run {run.run_dir} has no evaluated split left; {hint}")
-    with run.stage(REPORT_STAGE, keep_completed=True) as st:  # a page not replaced leaves the earlier one's entry
+    with run.stage(REPORT_STAGE) as st:
         page = fileio.write_text(run.html_report_file(), run_page(run, evaluations))
         st.add(page, save=False)
         st.summary.update(splits=list(evaluations), bytes=page.stat().st_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -648,15 +649,22 @@ def test_a_fortran_ordered_import_trains_as_it_imports(good_npz, tmp_path):
 def test_a_successful_download_removes_what_a_killed_one_left(server, good_npz, tmp_path):
     """Review: a killed download's temporary file younger than 10 minutes was kept as maybe a
     running download's, and then for good (a later call found the file present and looked no
-    further). Its writer's lock tells: a killed writer's file goes at once, a live one's stays."""
+    further). Its writer's lock tells: a killed writer's file goes once it is a minute old (a
+    lock taken on another host of a shared file system may not show), a live one's stays."""
+    minutes_ago = (time.time() - 120,) * 2
     leftover = tmp_path / f".{NAME}.abc123.tmp.npz"  # what atomic_path leaves when kill -9 stops a write
-    leftover.write_bytes(b"PK\x03\x04 half a file")  # written a moment ago
+    leftover.write_bytes(b"PK\x03\x04 half a file")
+    os.utime(leftover, minutes_ago)
     with pytest.raises(KeyboardInterrupt):
-        with fileio.atomic_path(tmp_path / NAME) as concurrent:  # another download at work
+        with fileio.atomic_path(tmp_path / NAME) as concurrent:  # another download at work, stalled
             concurrent.write_bytes(b"PK")
+            os.utime(concurrent, minutes_ago)
             _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))
             assert _left(tmp_path) == sorted([concurrent.name, NAME.replace(".npz", ".json"), NAME])
             leftover.write_bytes(b"PK\x03\x04 another killed write")
+            _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))  # a moment old: it stays
+            assert leftover.exists()
+            os.utime(leftover, minutes_ago)
             _fetch(server, "good", tmp_path, fileio.md5_file(good_npz))  # present: still looked at
             assert not leftover.exists() and concurrent.exists() and server.hits["good"] == 1
             raise KeyboardInterrupt  # the other download is stopped
@@ -676,6 +684,7 @@ def test_a_writer_killed_mid_write_leaves_a_file_known_as_abandoned(tmp_path):
     finally:
         writer.kill()
         writer.wait()
+    os.utime(partial, (time.time() - 120,) * 2)
     assert fileio.abandoned_partials(target) == [partial]  # kill -9: the file stays, its lock is gone
 
 
@@ -690,12 +699,34 @@ def test_a_file_whose_name_is_near_the_limit_is_written_and_its_partials_found(t
             raise KeyboardInterrupt
 
 
-def test_a_file_written_again_keeps_its_mode(tmp_path):
-    """Review: writing a manifest (or any file) again reset a mode the user had set (0444 to 0644)."""
-    target = fileio.write_text(tmp_path / "manifest.json", "{}")
-    os.chmod(target, 0o640)
-    fileio.write_text(target, "{ }")
-    assert target.stat().st_mode & 0o777 == 0o640 and target.read_text() == "{ }"
+@pytest.mark.parametrize("mode", [0o640, 0o444])
+def test_a_file_written_again_keeps_its_mode(tmp_path, mode):
+    """Review: writing a manifest (or any file) again reset a mode the user had set (0444 to
+    0644); and a read-only mode must not stop the writer of the new file (checked as another
+    user when this runs as root: root writes anything)."""
+    import tempfile
+
+    root = os.geteuid() == 0
+    folder = Path(tempfile.mkdtemp(dir="/tmp")) if root else tmp_path  # pytest's own folders are root's alone
+    try:
+        target = fileio.write_text(folder / "manifest.json", "{}")
+        os.chmod(target, mode)
+        if root:
+            if shutil.which("setpriv") is None:
+                pytest.skip("setpriv (util-linux) is needed to write as another user")
+            os.chmod(folder, 0o777)
+            code = f"from medcli import fileio; fileio.write_text({str(target)!r}, '{{ }}')"
+            nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
+                                     "-c", code], capture_output=True, text=True)
+            if nobody.returncode != 0 and "setpriv" in nobody.stderr:
+                pytest.skip(f"cannot run as another user: {nobody.stderr.strip()}")
+            assert nobody.returncode == 0, nobody.stderr
+        else:
+            fileio.write_text(target, "{ }")
+        assert target.stat().st_mode & 0o777 == mode and target.read_text() == "{ }"
+    finally:
+        if root:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_even_with_force_color(monkeypatch):

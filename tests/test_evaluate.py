@@ -835,6 +835,8 @@ def test_an_evaluation_replaced_says_what_it_replaces(run_copy):
     said = " ".join(again.stderr.split())
     assert again.exit_code == 0 and "replacing the earlier evaluation of test (checkpoint best)" in said
     assert "of val" not in said and "of train" not in said  # only test is evaluated again
+    same = runner.invoke(app, ["evaluate", str(run_copy), "--checkpoint", "last", "--calibrate"])
+    assert same.exit_code == 0 and "replacing" not in same.stderr  # as before: the same files again
 
 
 def test_a_split_stopped_while_rewritten_leaves_no_sha256_of_a_replaced_file(run_copy, monkeypatch):
