@@ -614,6 +614,26 @@ def test_a_synthetic_set_is_never_left_without_the_record_that_says_so(tmp_path,
     assert datasets.resolve(tmp_path / datasets.SYNTHETIC_DIR, FLAG, SIZE)[1]["synthetic"] is True
 
 
+def test_an_older_synthetic_set_made_again_is_never_left_with_the_new_ones_record(tmp_path, monkeypatch):
+    """Self-review: with the record written first, a stop before the new set was renamed into
+    place left the older set (other split sizes) beside the new set's record: an md5 mismatch,
+    so the older set was then recorded as unofficial real data."""
+    target = tmp_path / datasets.SYNTHETIC_DIR / NAME
+    datasets.make_synthetic(target, FLAG, SIZE, (16, 8, 8), seed=0)  # an older medcli's stand-in
+    real_write = datasets.write_record
+
+    def stopped_after_the_record(npz, record):
+        real_write(npz, record)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets, "write_record", stopped_after_the_record)
+    assert runner.invoke(app, ["download", FLAG, "--synthetic", "--root", str(tmp_path)]).exit_code == 130
+    assert not target.exists()  # no file: the next call writes it; never the old one under the new record
+    monkeypatch.setattr(datasets, "write_record", real_write)
+    assert runner.invoke(app, ["download", FLAG, "--synthetic", "--root", str(tmp_path)]).exit_code == 0
+    assert datasets.resolve(target.parent, FLAG, SIZE)[1]["synthetic"] is True
+
+
 @pytest.mark.parametrize("mode", ["--sample", "--synthetic"])
 def test_a_stand_in_already_there_is_used_on_a_read_only_root_and_not_made_again(tmp_path, monkeypatch, mode):
     """Review: `--sample` and `--synthetic` refused a read-only root where the verified file
