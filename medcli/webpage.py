@@ -69,7 +69,8 @@ nav a { margin-right: 1.1em; color: #0550ae; text-decoration: none; }
 .wide { overflow-x: auto; }
 table { border-collapse: collapse; margin: .4em 0 1em; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid var(--line); padding: .28em .6em; text-align: left; vertical-align: top;
-         overflow-wrap: anywhere; }  /* a long path wraps (break-word leaves a cell as wide as the path) */
+         overflow-wrap: break-word; }
+td { overflow-wrap: anywhere; }  /* a long path wraps (break-word leaves a cell as wide as the path); headings stay whole */
 thead th { background: var(--head); }
 td.num { text-align: right; white-space: nowrap; }
 figure { margin: .8em 0 1.4em; break-inside: avoid; page-break-inside: avoid; }
