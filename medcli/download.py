@@ -358,9 +358,9 @@ def _synthesize(flag: str, size: int, root: Path) -> dict:
         if existing["n_samples"] == dict(zip(datasets.SPLITS, SYNTHETIC_SPLITS)):
             console.info(f"the synthetic {flag} at {size} px is already at {target}")
             return _with_path(existing, target)
-        fileio.output_file(target, "--root")
-        target.unlink()  # another medcli's set: gone first, so a stop while the new one is written leaves none
-    datasets.make_synthetic(fileio.output_file(target, "--root"), flag, size, SYNTHETIC_SPLITS, seed=0)
+    fileio.output_file(target, "--root")
+    target.unlink(missing_ok=True)  # another medcli's set: gone first, so a stop while the new one is written leaves none
+    datasets.make_synthetic(target, flag, size, SYNTHETIC_SPLITS, seed=0)
     console.warn(f"wrote SYNTHETIC {flag} at {size} px to {target} ({'/'.join(map(str, SYNTHETIC_SPLITS))} "
                  f"train/val/test images): for demos and tests, not real data; train on it with --root {target.parent}")
     return _with_path(datasets.read_record(target), target)

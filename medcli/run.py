@@ -187,17 +187,10 @@ class Run:
         return entry
 
     def refuse_if_busy(self, name: str) -> None:
-        """The stage's one-line refusal now, before a command loads its model and data, when another
-        process works on it (`stage` refuses it again, for one that starts meanwhile)."""
-        if self._stage_held(name):
-            raise self._in_use(name)
-
-    def _in_use(self, name: str) -> UsageError:
-        pid = manifest.read(self.run_dir)[1]["stages"].get(name, {}).get("pid")  # the holder's, from disk
-        end = f"end it alone with 'kill {pid}'" if pid else "end it"  # not clean-processes --yes: it ends all
-        return UsageError(f"run {self.run_dir} is in use by another medcli process ({name} stage"
-                          f"{f', pid {pid}' if pid else ''}); wait for it to finish, or if it is stale {end} "
-                          f"(list medcli's processes with 'medcli clean-processes')")
+        """The stage lock's one-line refusal now, before a command loads its model and data, when
+        another process works on it (`stage` refuses it again, for one that starts meanwhile)."""
+        with self._stage_lock(name):
+            pass
 
     def _stage_held(self, name: str) -> bool | None:
         """Whether a process holds the stage's lock (is working on it) now; None when that
@@ -325,7 +318,11 @@ class Run:
         try:
             lock.acquire()
         except Timeout:
-            raise self._in_use(name) from None
+            pid = manifest.read(self.run_dir)[1]["stages"].get(name, {}).get("pid")  # the holder's, from disk
+            end = f"end it alone with 'kill {pid}'" if pid else "end it"  # not clean-processes --yes: it ends all
+            raise UsageError(f"run {self.run_dir} is in use by another medcli process ({name} stage"
+                             f"{f', pid {pid}' if pid else ''}); wait for it to finish, or if it is stale {end} "
+                             f"(list medcli's processes with 'medcli clean-processes')") from None
         except OSError as exc:
             raise UsageError(f"cannot lock run {self.run_dir}: {exc.strerror}; check the directory is writable") from exc
         try:
