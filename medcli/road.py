@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from typing import Iterator, Sequence
 
-__all__ = ["CHUNK", "NOISE", "impute", "kept", "perturbed"]
+__all__ = ["CHUNK", "CPU_CHUNK", "NOISE", "impute", "kept", "perturbed"]
 
 NOISE = 0.01  # grad-cam's NoisyLinearImputer(noise=0.01)
 EDGE, CORNER = 1 / 6, 1 / 12  # grad-cam's neighbour weights (they sum to 1)
@@ -38,15 +38,16 @@ OFFSETS = tuple((dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1))  # 3x3 stenc
 COARSEST = 8  # grids at most this many cells a side are solved directly
 TOLERANCE = 1e-4  # relative residual where conjugate gradient stops: values within 2e-4 to 3e-3 (28 to 224 px) of spsolve's
 MAX_ITERATIONS = 100
-CHUNK = 2**22  # image values imputed at once (16 MiB per float32 vector; the solver keeps about a dozen)
+CHUNK = 2**22  # image values imputed at once on a GPU (16 MiB per float32 vector; the solver keeps about a dozen)
+CPU_CHUNK = 2**20  # on a CPU: 4 MiB vectors keep more of the solver's data in cache (10-18 % faster at 224 px)
 
 
 def perturbed(x, maps, percentiles: Sequence[float], seed: int, samples: Sequence[int] | None = None) -> Iterator:
     """The images x (N, C, H, W) after every removal ROAD makes with `maps` (N, H, W), in
     grad-cam's order: "least relevant first" then "most relevant first", each percentile, each
-    image (row r is from image r % N). Yields them in chunks of at most CHUNK values, on x's
-    device. The noise and the order of tied pixels come from CPU generators: without `samples`
-    one seeded with `seed`, whose noise is the stream grad-cam draws after
+    image (row r is from image r % N). Yields them in chunks of at most CHUNK values (CPU_CHUNK
+    on a CPU), on x's device. The noise and the order of tied pixels come from CPU generators:
+    without `samples` one seeded with `seed`, whose noise is the stream grad-cam draws after
     torch.manual_seed(seed) (the oracle's); with `samples` (an id per image, e.g. its index in
     the split) one per image seeded with (seed, id), so an image's score depends on neither the
     batch it is in nor the other images explained."""
@@ -58,7 +59,7 @@ def perturbed(x, maps, percentiles: Sequence[float], seed: int, samples: Sequenc
     noise = _removal_noise(height * width, channels, percentiles, n, generator)
     removed = ~kept(torch.as_tensor(maps, device=x.device), percentiles, generator).flatten(0, 2)
     source = torch.arange(len(removed), device=x.device) % n
-    step = max(1, CHUNK // (channels * height * width))
+    step = max(1, (CPU_CHUNK if x.device.type == "cpu" else CHUNK) // (channels * height * width))
     for start in range(0, len(removed), step):
         rows = slice(start, start + step)
         yield impute(x[source[rows]], removed[rows], noise[rows])
@@ -125,25 +126,36 @@ def impute(x, unknown, noise=None):
     unknown = unknown[:, None]
     mask = unknown.to(x.dtype)
     known = x * (1 - mask)
-    rhs = mask * (_blur(known) - known / 3)  # the weighted sum of the known neighbours
+    rhs = _blur12(known).mul_(mask / 12)  # the weighted sum of the known neighbours (known is 0 under the mask)
     solution = _conjugate_gradient(_hierarchy(mask), rhs)
-    if noise is not None:
-        where = unknown.expand_as(x)
+    if noise is not None:  # scattered into place: indexing the solution by the mask would cost a nonzero()
         drawn = torch.cat([values.reshape(-1) for values in noise]).to(x.device)
-        solution = solution.masked_scatter(where, solution[where] + drawn)
+        solution += torch.zeros_like(solution).masked_scatter_(unknown.expand_as(x), drawn)
     return torch.where(unknown, solution, x)
 
 
-def _blur(v):
-    """(b b^T / 12) * v with b = (1, 2, 1), zero beyond the image, in two separable passes: the
-    weighted sum of each pixel's neighbours plus v / 3 (the centre's weight is 4 / 12)."""
-    rows = v * (2 / 12)
-    rows[..., 1:].add_(v[..., :-1], alpha=1 / 12)
-    rows[..., :-1].add_(v[..., 1:], alpha=1 / 12)
-    out = rows * 2
-    out[..., 1:, :] += rows[..., :-1, :]
-    out[..., :-1, :] += rows[..., 1:, :]
-    return out
+def _blur12(v, rows=None):
+    """(b b^T) * v with b = (1, 2, 1), zero beyond the image: 12 x (the weighted sum of each
+    pixel's neighbours plus v / 3; the centre's weight is 4 / 12), one axis after the other,
+    two passes each. `rows`, a tensor like v, holds the first axis's (a new one without it)."""
+    return _one_two_one(_one_two_one(v, -1, rows), -2)
+
+
+def _one_two_one(v, axis: int, out=None):
+    """(1, 2, 1) along axis -2 or -1 of v, zero beyond the image, into `out` (a new tensor
+    without it): the two neighbours' sum where both or one exist, then twice v added."""
+    import torch
+
+    out = v.new_empty(v.shape) if out is None else out
+    size = v.shape[axis]
+    torch.add(_along(v, axis, slice(0, size - 2)), _along(v, axis, slice(2, size)),
+              out=_along(out, axis, slice(1, size - 1)))
+    if size > 1:
+        _along(out, axis, slice(0, 1)).copy_(_along(v, axis, slice(1, 2)))
+        _along(out, axis, slice(size - 1, size)).copy_(_along(v, axis, slice(size - 2, size - 1)))
+    else:
+        out.zero_()
+    return out.add_(v, alpha=2)
 
 
 class _Level:
@@ -156,14 +168,15 @@ class _Level:
         self.mask = (stencil[:, 4:5] > 0).to(stencil.dtype)
         self.smoother = self.mask / stencil.abs().sum(1, keepdim=True).clamp_min(1e-30)
         self.inverse = None
+        # out[i] += weight_e[i] v[i + e] where i + e lies in the grid: the cells and weights, sliced once
+        self.neighbours = [((..., _overlap(dy), _overlap(dx)), (..., _overlap(-dy), _overlap(-dx)),
+                            stencil[:, e:e + 1, _overlap(dy), _overlap(dx)])
+                           for e, (dy, dx) in enumerate(OFFSETS) if dy or dx]
 
     def apply(self, v):
         out = self.stencil[:, 4:5] * v
-        for e, (dy, dx) in enumerate(OFFSETS):
-            if dy or dx:  # out[i] += weight_e[i] v[i + e] where i + e lies in the grid
-                here, there = _overlap(dy), _overlap(-dy)
-                left, right = _overlap(dx), _overlap(-dx)
-                out[..., here, left].addcmul_(self.stencil[:, e:e + 1, here, left], v[..., there, right])
+        for here, there, weight in self.neighbours:
+            out[here].addcmul_(weight, v[there])
         return out
 
     def cycle(self, coarser: list, r):
@@ -210,14 +223,27 @@ class _Image(_Level):
         import torch
 
         self.mask, self.inverse = mask, None
+        self.rows = None  # apply's first blur pass, one buffer reused
         height, width = mask.shape[-2:]
         # The weight of each pixel's in-image neighbours (1 inside, less on the border).
-        self.weights = _blur(torch.ones(1, 1, height, width, dtype=mask.dtype, device=mask.device)) - 1 / 3
+        self.weights = _blur12(torch.ones(1, 1, height, width, dtype=mask.dtype, device=mask.device)) / 12 - 1 / 3
         self.smoother = mask / self.weights
-        self.diagonal, self.outside = mask * (self.weights + 1 / 3), -mask  # what apply needs, ready
+        self.diagonal, self.outside = mask * (self.weights + 1 / 3), mask / -12  # what apply needs, ready
 
-    def apply(self, v):  # mask (weights v - neighbour sum) = mask ((weights + 1/3) v - _blur(v))
-        return _blur(v).mul_(self.outside).addcmul_(self.diagonal, v)
+    def apply(self, v):  # mask (weights v - neighbour sum) = mask ((weights + 1/3) v - _blur12(v) / 12)
+        return self._blur12(v).mul_(self.outside).addcmul_(self.diagonal, v)
+
+    def residual(self, r, z):
+        """r - A z, two passes after the blur: r + mask _blur12(z) / 12 - diagonal z."""
+        import torch
+
+        blurred = self._blur12(z)
+        return torch.addcmul(r, blurred, self.outside, value=-1, out=blurred).addcmul_(self.diagonal, z, value=-1)
+
+    def _blur12(self, v):
+        if self.rows is None or self.rows.shape != v.shape:
+            self.rows = v.new_empty(v.shape)
+        return _blur12(v, self.rows)
 
     def as_stencil(self):
         """The operator as a stencil (M, 9, h, w) for `_galerkin`, zero-padded to odd sides:
@@ -272,18 +298,27 @@ def _galerkin(stencil):
 def _restrict(v):
     """P^T v: (M, C, H, W) -> (M, C, H // 2 + 1, W // 2 + 1), full weighting: coarse cell i
     takes fine cell 2i and half of each of its two neighbours, along both axes."""
-    import torch.nn.functional as F
+    return _restrict_axis(_restrict_axis(v, -2), -1)
 
-    height, width = v.shape[-2:]
-    h, w = height // 2 + 1, width // 2 + 1
-    rows = v.new_empty(*v.shape[:-2], h, width)
-    even, odd = v[..., 0::2, :], v[..., 1::2, :]
-    rows[..., :even.shape[-2], :] = even
-    rows[..., even.shape[-2]:, :] = 0
-    rows[..., :odd.shape[-2], :].add_(odd, alpha=0.5)
-    rows[..., 1:odd.shape[-2] + 1, :].add_(odd, alpha=0.5)
-    padded = F.pad(rows, (1, 2 * w - width))  # [j + 1] holds fine column j, j = -1 .. 2w - 1
-    return padded[..., 1:2 * w:2] + (padded[..., 0:2 * w - 1:2] + padded[..., 2:2 * w + 1:2]) * 0.5
+
+def _restrict_axis(v, axis: int):
+    """P^T along one axis (-2 or -1) of v, in place on a new tensor (no temporaries)."""
+    size = v.shape[axis]
+    shape = list(v.shape)
+    shape[axis] = size // 2 + 1
+    out = v.new_empty(shape)
+    even, odd = _along(v, axis, slice(0, None, 2)), _along(v, axis, slice(1, None, 2))
+    n_even, n_odd = even.shape[axis], odd.shape[axis]
+    _along(out, axis, slice(0, n_even)).copy_(even)
+    _along(out, axis, slice(n_even, None)).zero_()
+    _along(out, axis, slice(0, n_odd)).add_(odd, alpha=0.5)
+    _along(out, axis, slice(1, n_odd + 1)).add_(odd, alpha=0.5)
+    return out
+
+
+def _along(v, axis: int, cells: slice):
+    """v's cells along axis -2 or -1."""
+    return v[..., cells, :] if axis == -2 else v[..., cells]
 
 
 def _overlap(shift: int) -> slice:
@@ -293,14 +328,21 @@ def _overlap(shift: int) -> slice:
 
 def _prolong(v, size):
     """P v: bilinear interpolation from the coarse grid (cell i at fine 2i) to `size`."""
-    h, w = v.shape[-2:]
-    rows = v.new_empty(*v.shape[:-2], 2 * h - 1, w)
-    rows[..., 0::2, :] = v
-    rows[..., 1::2, :] = (v[..., :-1, :] + v[..., 1:, :]) * 0.5
-    out = v.new_empty(*v.shape[:-2], 2 * h - 1, 2 * w - 1)
-    out[..., 0::2] = rows
-    out[..., 1::2] = (rows[..., :-1] + rows[..., 1:]) * 0.5
-    return out[..., :size[0], :size[1]]
+    return _prolong_axis(_prolong_axis(v, -2, size[0]), -1, size[1])
+
+
+def _prolong_axis(v, axis: int, size: int):
+    """P along one axis: coarse cell i to fine cell 2i, the midpoints between them, `size` cells."""
+    import torch
+
+    shape = list(v.shape)
+    shape[axis] = size
+    out = v.new_empty(shape)
+    n_even, n_odd = (size + 1) // 2, size // 2
+    _along(out, axis, slice(0, None, 2)).copy_(_along(v, axis, slice(0, n_even)))
+    torch.lerp(_along(v, axis, slice(0, n_odd)), _along(v, axis, slice(1, n_odd + 1)), 0.5,
+               out=_along(out, axis, slice(1, None, 2)))
+    return out
 
 
 def _conjugate_gradient(levels: list[_Level], rhs):
@@ -329,5 +371,5 @@ def _conjugate_gradient(levels: list[_Level], rhs):
             break
         z = finest.cycle(coarser, r)
         rz, rz_old = dot(r, z), rz
-        p = p.mul_(ratio(rz, rz_old)).add_(z)
+        p = torch.addcmul(z, ratio(rz, rz_old), p, out=p)
     return x
