@@ -71,3 +71,17 @@ def test_a_map_with_half_zeros_removes_the_intended_share():
     x = torch.randn(1, 3, 28, 28)
     perturbed = torch.cat(list(road.perturbed(x, cam, PERCENTILES, seed=0)))
     assert (perturbed != x).any(dim=1).sum(dim=(1, 2)).tolist() == [784 - int(n) for n in expected] * 2
+
+
+def test_chunks_of_removals_change_nothing(monkeypatch):
+    """A CPU solves CPU_CHUNK values at a time (a cache-sized share; CHUNK elsewhere): every
+    chunk holds at most that many values, and the perturbed images are those of one chunk up
+    to the solver's tolerance (the noise and each removal stay with their image)."""
+    x = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(2))
+    maps = _tie_free_maps(3, 28, 28, seed=1)
+    whole = list(road.perturbed(x, maps, PERCENTILES, seed=3))
+    assert len(whole) == 1
+    monkeypatch.setattr(road, "CPU_CHUNK", 5 * 3 * 28 * 28)  # 5 removals of 24 a chunk
+    chunks = list(road.perturbed(x, maps, PERCENTILES, seed=3))
+    assert [len(chunk) for chunk in chunks] == [5, 5, 5, 5, 4]
+    assert (torch.cat(chunks) - whole[0]).abs().max() < 1e-4
