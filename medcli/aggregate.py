@@ -21,6 +21,7 @@ import re
 import shutil
 import sys
 import textwrap
+from string import ascii_uppercase
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -394,6 +395,7 @@ def _data_text(entry: dict) -> str:
 
 
 _BAR_HATCHES = ("", "//", "..", "xx")  # the chart's setups past matplotlib's 10 colours repeat them hatched
+CHART_COLUMNS = 3  # the chart's metric panels a row
 _SHARED = {"data": _data_text, "evaluation": lambda g: g["evaluation"]}  # in the title when every setup shares it
 
 
@@ -522,49 +524,71 @@ def write_chart(path: str | os.PathLike, result: Comparison) -> Path:
 
 
 def chart_figure(result: Comparison):
-    """Grouped bar chart: one cluster per metric, one bar per setup (labelled by model and
-    seeds, and its evaluation where setups differ in it) with its value printed on it and the
-    std over seeds as an error bar; the data, split and any shared evaluation in the title. Bars are outlined, so a zero still shows; a missing value reads n/a.
-    Metric names wrap onto lines of their own; the legend is one column below the axes, each
-    label wrapped to fit the figure, which grows taller to hold it."""
+    """One panel per metric (up to CHART_COLUMNS a row), one horizontal bar per setup, keyed A,
+    B, C... on every panel and in the legend below (colours too, hatched past ten), with its
+    value printed beside it and the std over seeds as an error bar; a missing value reads n/a.
+    The data, split and any shared evaluation are the title. The figure is PRINT_WIDTH_IN wide
+    whatever the number of setups and metrics, and grows taller instead, so each text prints at
+    its size (at least reports.MIN_PRINT_PT) on a page."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import PercentFormatter
 
-    n = len(result.groups)
-    width = 0.8 / max(n, 1)
-    fig_width = max(6.4, len(result.metrics) * (0.6 + 0.45 * n))
+    n, metrics = len(result.groups), result.metrics
+    columns = min(len(metrics), CHART_COLUMNS)
+    rows = -(-len(metrics) // columns)
+    width = reports.PRINT_WIDTH_IN
 
     def wrapped(text: str, points: float, room: int = 0) -> str:  # lines as wide as the figure holds
-        return "\n".join(textwrap.wrap(text, int(fig_width * 72 / (points * 0.62)) - room))
+        return "\n".join(textwrap.wrap(text, int(width * 72 / (points * 0.62)) - room))
 
     shared = _shared(result)
-    labels = [wrapped(g["group"] + ("" if "evaluation" in shared else f" ({g['evaluation']})"), 10, room=12)
-              for g in result.groups]  # room for the legend's key
-    fig = Figure(figsize=(fig_width, 4.8 + 0.2 * sum(label.count("\n") + 1 for label in labels)), layout="constrained")
-    ax = fig.subplots()
-    x = np.arange(len(result.metrics))
-    tops = [0.0]
-    for i, g in enumerate(result.groups):
-        values = [g[m] for m in result.metrics]
-        stds = [g[f"{m}_std"] or 0.0 for m in result.metrics] if g["n_runs"] > 1 else [0.0] * len(values)
-        bars = ax.bar(x - 0.4 + width * (i + 0.5), [v or 0.0 for v in values], width, label=labels[i],
-                      yerr=stds if g["n_runs"] > 1 else None, capsize=3, edgecolor="black", linewidth=0.8,
-                      color=f"C{i % 10}", hatch=_BAR_HATCHES[i // 10 % len(_BAR_HATCHES)])  # 10 colours, then hatched
-        for bar, metric, value, std in zip(bars, result.metrics, values, stds):  # above the error bar
-            text = "n/a" if value is None else f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.3f}"
-            ax.annotate(text + (f"\n{g[f'{metric}_method']}" if g.get(f"{metric}_method") else ""),
-                        (bar.get_x() + bar.get_width() / 2, (value or 0.0) + std), xytext=(0, 3),
-                        textcoords="offset points", ha="center", va="bottom", fontsize=9, rotation=90 if n > 2 else 0)
-        tops += [(v or 0.0) + s for v, s in zip(values, stds)]
-    ax.set_ylim(min(0.0, ax.get_ylim()[0]), max(tops) * (1.3 if n > 2 else 1.15) or 1.0)
-    ax.set_xticks(x, ["\n".join(textwrap.wrap(heading(m), 9)) for m in result.metrics], fontsize=11)
-    ax.set_ylabel("mean over seeds (error bar: std)", fontsize=10)
+    keys = [_bar_key(i) for i in range(n)]
+    labels = [wrapped(f"{key}: {g['group']}" + ("" if "evaluation" in shared else f" ({g['evaluation']})"), 8, room=6)
+              for key, g in zip(keys, result.groups)]  # room for the legend's swatch
+    panel_in = 0.55 + 0.22 * n  # a panel's title, axis and bars
+    legend_in = 0.3 + 0.14 * sum(label.count("\n") + 1 for label in labels)
+    fig = Figure(figsize=(width, 0.5 + rows * panel_in + legend_in), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    y = np.arange(n)[::-1]  # A on top
+    for ax, metric in zip(axes, metrics):
+        values = [g[metric] for g in result.groups]
+        stds = [(g[f"{metric}_std"] or 0.0) if g["n_runs"] > 1 else 0.0 for g in result.groups]
+        bars = ax.barh(y, [v or 0.0 for v in values], 0.75, xerr=stds if any(stds) else None,
+                       capsize=2, edgecolor="black", linewidth=0.6, error_kw={"linewidth": 0.8},
+                       color=[f"C{i % 10}" for i in range(n)])
+        for i, bar in enumerate(bars):  # 10 colours, then hatched
+            bar.set_hatch(_BAR_HATCHES[i // 10 % len(_BAR_HATCHES)])
+        texts = [("n/a" if value is None else f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.3f}")
+                 + (f" {g[f'{metric}_method']}" if g.get(f"{metric}_method") else "") for g, value in zip(result.groups, values)]
+        for bar, text, value, std in zip(bars, texts, values, stds):  # beyond the error bar
+            ax.annotate(text, ((value or 0.0) + std, bar.get_y() + bar.get_height() / 2), xytext=(2, 0),
+                        textcoords="offset points", ha="left", va="center", fontsize=7)
+        # the values printed beside the bars fit in the panel: the longest takes this share of its axis
+        room = min(0.6, (4 + 7 * 0.6 * max(map(len, texts))) / 72 / (width / columns - 0.5))
+        low, high = min(0.0, *(v or 0.0 for v in values)), max([(v or 0.0) + s for v, s in zip(values, stds)])
+        ax.set_xlim(low, high / (1 - room) or 1.0)
+        ax.set_xticks([tick for tick in ax.get_xticks() if low <= tick <= high + 1e-9] or [0.0])  # none in the values' room
+        if metric in PERCENT_METRICS:
+            ax.xaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=None))
+        ax.set_yticks(y, keys, fontsize=8)
+        ax.set_title("\n".join(textwrap.wrap(heading(metric), 24)), fontsize=9)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
+    for ax in axes[len(metrics):]:
+        ax.set_visible(False)
     texts, files = dict.fromkeys(_data_text(g) for g in result.groups), {compare_stats.data_key(g) for g in result.groups}
     title = f"{', '.join(texts)}{f' ({len(files)} files)' if len(files) > len(texts) else ''}: {result.split} split" \
-        + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "")
-    ax.set_title(wrapped(title, 12), fontsize=12)
-    ax.grid(axis="y", alpha=0.3)
-    fig.legend(fontsize=10, loc="outside lower center", ncols=1)
+        + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "") \
+        + ("; mean over seeds, error bar: std" if any(g["n_runs"] > 1 for g in result.groups) else "")
+    fig.suptitle(wrapped(title, 10), fontsize=10)
+    handles = [bar for bar in axes[0].patches][:n]
+    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=1)
     return fig
+
+
+def _bar_key(i: int) -> str:
+    """A, B, ..., Z, AA, AB, ...: a setup's key on the chart."""
+    return _bar_key(i // 26 - 1) + ascii_uppercase[i % 26] if i >= 26 else ascii_uppercase[i]
 
 
 def write_xlsx(path: str | os.PathLike, result: Comparison) -> Path:

@@ -92,6 +92,8 @@ def pair_groups(groups: list[dict], pair: Sequence[str] | None) -> tuple[dict, d
     a, b = (_named_group(groups, name) for name in pair)
     if a is b:
         raise UsageError(f"--pair names the setup '{a['group']}' twice; name two different setups")
+    if a["dataset"] != b["dataset"]:  # a t-test over seeds of two datasets' accuracies tests nothing
+        raise UsageError(f"--pair compares setups on one dataset, not {a['dataset']} with {b['dataset']}")
     return a, b
 
 

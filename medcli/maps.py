@@ -80,6 +80,12 @@ def _columns(run_dirs: Sequence[Path], methods: Sequence[str] | None) -> list[Co
     for run_dir in run_dirs:
         run = Run.open(run_dir)
         done = [m for m in EXPLAIN_METHODS if run.status(run.explain_stage(m)) == "completed" and (not methods or m in methods)]
+        if not done and methods and not any(EXPLAIN_METHODS[m].supports(run.spec) for m in methods):
+            explained = [m for m in EXPLAIN_METHODS if run.status(run.explain_stage(m)) == "completed"]
+            then = (f"name a method it has: {', '.join(explained)}" if explained
+                    else f"explain it first with '{run.command('explain')}'")
+            raise UsageError(f"{' and '.join(methods)} {'does' if len(methods) == 1 else 'do'} not apply to run "
+                             f"{run_dir.name}'s model ({run.spec.get('name')}); {then}")
         if not done:
             raise UsageError(f"run {run_dir} has no completed explanation{' with ' + ', '.join(methods) if methods else ''}; "
                              f"explain it first with '{run.command('explain')}'")

@@ -24,8 +24,10 @@ from __future__ import annotations
 
 import base64
 import html
+import io
 import json
 import os
+import re
 import struct
 from datetime import datetime, timezone
 from pathlib import Path
@@ -43,6 +45,10 @@ __all__ = ["COMPARISON_PAGE", "REPORT_STAGE", "comparison_page", "report", "run_
            "write_run_page"]
 
 REPORT_STAGE = "report"
+# a printed page's text box in CSS pixels (1/96 in): A4's width less the margins (182 mm), and a
+# little less than `figure img`'s max-height (230 mm), room for a caption
+PRINT_WIDTH_PX, PRINT_HEIGHT_PX = 688, 820
+LONG_WORD = 20  # characters of a table cell's word kept whole; longer ones wrap (`_cell`)
 COMPARISON_PAGE = "comparison.html"
 PAGE_CHART = "comparison_page.png"  # not aggregate's comparison.png: a page may be written beside its outputs
 MAPS_DIR = "maps"  # the maps agreement files of a comparison, beside its page
@@ -69,13 +75,14 @@ nav a { margin-right: 1.1em; color: #0550ae; text-decoration: none; }
 .wide { overflow-x: auto; }
 table { border-collapse: collapse; margin: .4em 0 1em; font-variant-numeric: tabular-nums; }
 th, td { border: 1px solid var(--line); padding: .28em .6em; text-align: left; vertical-align: top;
-         overflow-wrap: break-word; }
-td { overflow-wrap: anywhere; }  /* a long path wraps (break-word leaves a cell as wide as the path); headings stay whole */
+         overflow-wrap: break-word; }  /* words stay whole; a long path or id wraps at its <wbr> (`_cell`) */
 thead th { background: var(--head); }
 td.num { text-align: right; white-space: nowrap; }
 figure { margin: .8em 0 1.4em; break-inside: avoid; page-break-inside: avoid; }
 figure img { display: block; max-width: 100%; width: auto; height: auto; border: 1px solid #e6e8eb; }
 figcaption { font-size: .88em; margin-top: .3em; }
+figure.strips { break-inside: auto; page-break-inside: auto; }  /* a tall figure's strips: a page each at most */
+figure.strips img { border: 0; break-inside: avoid; page-break-inside: avoid; }
 .grids { display: grid; grid-template-columns: 1fr; gap: 0 18px; }  /* a grid a row: its captions stay legible */
 pre { white-space: pre-wrap; overflow-wrap: anywhere; background: #f6f8fa; border: 1px solid var(--line);
       padding: .7em .9em; font-size: .86em; }
@@ -110,10 +117,22 @@ def _table(header: Sequence[str] | None, rows: Iterable[Sequence], numeric: Iter
     on a narrow screen."""
     numeric = set(numeric)
     head = "<thead><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr></thead>" if header else ""
-    body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_e(c)}</td>"
+    body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{_cell(c)}</td>"
                                     for i, c in enumerate(row)) + "</tr>" for row in rows)
     title = _note(caption) if caption else ""
     return f'{title}<div class="wide"><table>{head}<tbody>{body}</tbody></table></div>'
+
+
+def _cell(value) -> str:
+    """A text cell: a word longer than LONG_WORD characters (a path, a run id) may wrap after
+    its separators, and a stretch of it without any every LONG_WORD characters; shorter words
+    stay whole. (CSS cannot do both: overflow-wrap: anywhere lets a table squeeze every text
+    column to a few letters, break-word leaves a column as wide as its longest path.)"""
+    def breakable(word: str) -> str:
+        pieces = re.split(r"(?<=[/\\_\-.:,=])|(?=[(\[])", word)  # after a separator, before a bracket
+        return "<wbr>".join(_e(piece[i:i + LONG_WORD]) for piece in pieces for i in range(0, len(piece), LONG_WORD))
+
+    return "".join(breakable(word) if len(word) > LONG_WORD else _e(word) for word in re.split(r"(\s+)", str(value)))
 
 
 def _pairs(items: Iterable[tuple[str, object]]) -> str:
@@ -129,8 +148,47 @@ def _figure(path: Path, caption: str, data: bytes | None = None) -> str:
     if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 24 or not data.endswith(b"IEND\xaeB`\x82"):  # cut short
         raise UsageError(f"{path} is not a whole PNG image (damaged); draw it again with the command that wrote it")
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk follows the 8-byte signature
-    return (f'<figure><img src="data:image/png;base64,{base64.b64encode(data).decode("ascii")}" width="{width}" '
-            f'height="{height}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>')
+    strips = _strips(data, width, height)
+    images = "".join(
+        f'<img src="data:image/png;base64,{base64.b64encode(strip).decode("ascii")}" width="{width}" height="{tall}" '
+        f'alt="{_e(caption if len(strips) == 1 else f"{caption} (part {i} of {len(strips)})")}">'
+        for i, (strip, tall) in enumerate(strips, 1))
+    return (f'<figure{"" if len(strips) == 1 else " class=strips"}>{images}'
+            f'<figcaption>{_e(caption)}</figcaption></figure>')
+
+
+def _strips(data: bytes, width: int, height: int) -> list[tuple[bytes, int]]:
+    """A PNG (`width` x `height` pixels) as the pieces (PNG bytes, height) a printed page shows
+    at their size: itself, or if it is taller than a page (at most PRINT_WIDTH_PX wide, as
+    printed), strips a page high each, cut in the widest band of rows of one colour in a strip's
+    lower half (the space between a figure's rows, not between two lines of text). Printed
+    whole, `max-height` would shrink it to the page's height (the maps figure's text to a third)."""
+    limit = int(PRINT_HEIGHT_PX * max(1.0, width / PRINT_WIDTH_PX))  # a page's height, in the image's pixels
+    if height <= limit:
+        return [(data, height)]
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    plain = (pixels == pixels[:, :1]).all(axis=(1, 2))
+    cuts = [0]
+    while height - cuts[-1] > limit:
+        lower = cuts[-1] + limit // 2
+        window = plain[lower:cuts[-1] + limit]
+        # the widest band of plain rows (between a figure's rows, not between two lines of text)
+        edges = np.flatnonzero(np.diff(np.concatenate([[False], window, [False]]).astype(np.int8)))
+        starts, ends = edges[::2], edges[1::2]
+        widest = int(np.argmax((ends - starts)[::-1])) if len(starts) else None  # the lowest of the widest
+        cuts.append(cuts[-1] + limit if widest is None
+                    else lower + int(starts[::-1][widest] + ends[::-1][widest]) // 2)
+    cuts.append(height)
+    strips = []
+    for top, bottom in zip(cuts, cuts[1:]):
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[top:bottom]).save(buffer, format="PNG", optimize=True)
+        strips.append((buffer.getvalue(), bottom - top))
+    return strips
 
 
 def _run_figure(run: Run, path: Path, caption: str) -> str:

@@ -43,7 +43,21 @@ addEventListener("load", () => {
   const out = document.createElement("pre");
   out.id = "probe";
   const boxes = [...document.querySelectorAll(".wide")].map((box) => ({content: box.scrollWidth, shown: box.clientWidth}));
-  out.textContent = JSON.stringify({images, boxes, resources: performance.getEntriesByType("resource").map((e) => e.name)});
+  const broken = [];  // words of table cells split over two lines or more (within one text node)
+  for (const cell of document.querySelectorAll("td")) {
+    const walker = document.createTreeWalker(cell, NodeFilter.SHOW_TEXT);
+    const range = document.createRange();
+    for (let node; (node = walker.nextNode());) {
+      for (const found of node.data.matchAll(/\S+/g)) {
+        range.setStart(node, found.index);
+        range.setEnd(node, found.index + found[0].length);
+        const lines = new Set([...range.getClientRects()].map((rect) => Math.round(rect.top)));
+        if (lines.size > 1) broken.push(found[0]);
+      }
+    }
+  }
+  out.textContent = JSON.stringify({images, boxes, broken,
+                                    resources: performance.getEntriesByType("resource").map((e) => e.name)});
   document.body.append(out);
 });
 </script>"""
@@ -76,8 +90,9 @@ def screenshot(page: Path, png: Path, width: int = 1280, height: int = 2000) -> 
 def probe(page: Path, width: int = 1280, height: int = 2000) -> dict:
     """Load a copy of `page` with PROBE and without its content security policy (so the probe
     runs and any fetch the page would make shows up): {"images": [{complete, width, height, box:
-    [x, y, w, h]}], "boxes": [{content, shown}] (widths of each `.wide` box), "resources": [URLs
-    fetched]}."""
+    [x, y, w, h]}], "boxes": [{content, shown}] (widths of each `.wide` box), "broken": [words of
+    table cells split over lines; a word split at a <wbr> counts only its text node's piece],
+    "resources": [URLs fetched]}."""
     text = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", Path(page).read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory() as tmp:
         copy = Path(tmp) / Path(page).name

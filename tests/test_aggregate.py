@@ -404,33 +404,47 @@ def test_labels_keep_short_values_whole_and_pair_takes_what_the_table_shows(tmp_
         assert [json.loads(paired.stdout)["paired"][k] for k in "ab"] == pair
 
 
-@pytest.mark.parametrize("setups", [1, 4])
-def test_chart_legend_and_metric_names_are_whole_and_apart(tmp_path, setups):
+@pytest.mark.parametrize("setups", [1, 4, 7])
+def test_chart_legend_and_metric_names_are_whole_apart_and_print_at_size(tmp_path, setups):
     """Review: long setup labels pushed the legend past both edges of comparison.png, and the
-    metric names ran into each other ("accuracbalanced accuracf1 macro") even with one setup."""
+    metric names ran into each other ("accuracbalanced accuracf1 macro") even with one setup.
+    Review: the chart grew 0.45 in wider per setup (16.5 in for 6 setups and 5 metrics), so a
+    page printed its 9-pt values at 4 pt: it is a page wide and grows taller instead."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Text
 
+    from medcli import reports
     from medcli.aggregate import chart_figure
 
     retina, chest = {"flag": "retinamnist", "synthetic": True}, {"flag": "chestmnist", "size": 64}
     preset, given = {"flips": ["hflip", "vflip"], "rotate": 90, "crop_scale": 0.8}, {"flips": []}
-    for name, model, data, augment in [("a", "resnet18", retina, preset), ("b", "resnet18", retina, given),
-                                       ("c", "resnet18", chest, preset), ("d", "vit-tiny", retina, preset)][:setups]:
-        make_run(tmp_path, name, model=model, augment=augment, dataset=data,
+    kinds = [("resnet18", retina, preset), ("resnet18", retina, given), ("resnet18", chest, preset),
+             ("vit-tiny", retina, preset)]
+    for i in range(setups):
+        model, data, augment = kinds[i % 4]
+        make_run(tmp_path, f"r{i}", model=model, augment=augment, dataset=data, lr=0.1 + i // 4,
                  spec=RESNET if model == "resnet18" else REDUCED_VIT)
-    result = aggregate([tmp_path], metric_names=["accuracy", "balanced_accuracy", "f1_macro", "auc", "ece"])
-    fig = chart_figure(result)
+    metrics = ["accuracy", "balanced_accuracy", "f1_macro", "auc", "ece"]
+    fig = chart_figure(aggregate([tmp_path], metric_names=metrics))
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw(renderer)
-    (ax,) = fig.axes
-    (legend,) = [*fig.legends, *filter(None, [ax.get_legend()])]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    assert [" ".join(ax.get_title().split()) for ax in panels] == ["accuracy", "balanced accuracy", "f1 macro", "auc",
+                                                                  "ece ↓"]
+    (legend,) = fig.legends
     assert len(legend.get_texts()) == setups
-    ticks = [t.get_window_extent(renderer) for t in ax.get_xticklabels()]
-    for box in [legend.get_window_extent(renderer), ax.title.get_window_extent(renderer), *ticks]:
+    keys = {t.get_text(): t.get_position()[1] for t in panels[0].get_yticklabels()}
+    assert sorted(keys, key=keys.get, reverse=True) == list("ABCDEFG"[:setups])  # A on top
+    titles = [ax.title.get_window_extent(renderer) for ax in panels]
+    for box in [legend.get_window_extent(renderer), fig._suptitle.get_window_extent(renderer), *titles]:
         assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
-    space = fig.dpi * 11 / 72 / 2  # half an em of the 11-pt metric names
-    assert all(right.x0 - left.x1 >= space for left, right in zip(ticks, ticks[1:]))
-    assert not any(legend.get_window_extent(renderer).overlaps(box) for box in [ax.get_window_extent(), *ticks])
+    frames = [ax.get_window_extent(renderer) for ax in panels]
+    for i, frame in enumerate(frames):  # panels apart, each title clear of the other panels
+        assert not any(frame.overlaps(other) or titles[i].overlaps(other) for other in frames[:i] + frames[i + 1:])
+    assert not any(legend.get_window_extent(renderer).overlaps(box) for box in frames + titles)
+    assert fig.get_figwidth() == pytest.approx(reports.PRINT_WIDTH_IN)
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    assert min(sizes) >= reports.MIN_PRINT_PT
 
 
 def test_faithfulness_does_not_import_torch(tmp_path):
@@ -543,11 +557,11 @@ def test_the_chart_says_which_numbers_are_calibrated(tmp_path):
 
     make_run(tmp_path, "plain", seed=0)
     make_run(tmp_path, "calibrated", seed=1, calibration={"temperature": 1.2})
-    (ax,) = chart_figure(aggregate([tmp_path], metric_names=["accuracy", "ece"])).axes
-    legend = sorted(" ".join(t.get_text().split()) for t in ax.figure.legends[0].get_texts())
-    assert legend == ["resnet18 s0 (best)", "resnet18 s1 (best, calibrated)"]
-    (ax,) = chart_figure(aggregate([tmp_path / "calibrated"], metric_names=["ece"])).axes
-    assert ax.get_title().replace("\n", " ").endswith("test split, evaluation: best, calibrated")
+    fig = chart_figure(aggregate([tmp_path], metric_names=["accuracy", "ece"]))
+    legend = sorted(" ".join(t.get_text().split()) for t in fig.legends[0].get_texts())
+    assert legend == ["A: resnet18 s0 (best)", "B: resnet18 s1 (best, calibrated)"]
+    fig = chart_figure(aggregate([tmp_path / "calibrated"], metric_names=["ece"]))
+    assert fig._suptitle.get_text().replace("\n", " ").endswith("test split, evaluation: best, calibrated")
 
 
 def test_three_setups_without_pair_say_their_best_means_are_untested(tmp_path, capsys):
@@ -595,8 +609,7 @@ def test_setups_tested_on_different_files_are_no_rivals_and_say_which_file(tmp_p
         "vit-tiny s0 on bloodmnist 28 px (UNOFFICIAL) md5 bbbbbbbb"]
     title, _, _ = display_rows(result)
     assert "UNOFFICIAL" not in title
-    (ax,) = chart_figure(result).axes
-    assert "(2 files)" in ax.get_title().replace("\n", " ")
+    assert "(2 files)" in chart_figure(result)._suptitle.get_text().replace("\n", " ")
 
 
 def test_a_malformed_metrics_file_leaves_its_run_out_not_the_comparison(tmp_path):
