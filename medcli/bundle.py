@@ -80,7 +80,8 @@ def preprocessing_steps(card: dict) -> list[str]:
     sidecar and the model card list them)."""
     image, prep = card["image"], card["preprocess"]
     channels = "one channel (RGB converted with ITU-R 601-2 luma)" if image["channels"] == 1 else \
-        "three channels (grayscale repeated, alpha dropped)"
+        "three channels in R, G, B order (grayscale repeated, alpha dropped)"
+    task = tasks.for_kind(card["task"], card["class_names"])
     return [
         f"read as 8-bit with {channels}",
         f"centre-cropped to a square and resized to {image['size']} x {image['size']} px (the dataset's image size) "
@@ -89,8 +90,9 @@ def preprocessing_steps(card: dict) -> list[str]:
         f"resized to {prep['input_size']} x {prep['input_size']} px ({prep['interpolation']}, antialiased when "
         "downscaling)" if prep["input_size"] != image["size"] else "kept at that size (the model's input size)",
         f"normalised per channel: (x - mean) / std, mean {prep['mean']}, std {prep['std']}",
-        f"the model's scores (logits) turned into probabilities by {tasks.for_kind(card['task'], card['class_names']).probability_rule}"
+        f"the model's scores (logits) turned into probabilities by {task.probability_rule}"
         + (" (logits divided by the temperature when calibrated)" if card.get("calibration") else ""),
+        f"decided: {task.decision_rule()}",
     ]
 
 

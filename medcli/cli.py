@@ -319,7 +319,7 @@ def train(
     reduced: Annotated[bool, typer.Option("--reduced", help=_opt("reduced"))] = False,
     epochs: Annotated[Optional[int], typer.Option(min=1, help=_opt("epochs"))] = None,
     batch_size: Annotated[Optional[int], typer.Option(min=2, help=_opt("batch_size"))] = None,
-    lr: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("lr"))] = None,
+    lr: Annotated[Optional[float], typer.Option(help=_opt("lr"))] = None,  # checked by config: > 0, finite
     weight_decay: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("weight_decay"))] = None,
     optimizer: Annotated[Optional[Optimizer], typer.Option(help=_opt("optimizer"))] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option(min=0.0, help=_opt("warmup_epochs"))] = None,
@@ -331,7 +331,7 @@ def train(
     jitter: Annotated[Optional[float], typer.Option(help=_opt("jitter"))] = None,
     patience: Annotated[Optional[int], typer.Option(min=1, help=_opt("patience"))] = None,
     monitor: Annotated[Optional[Monitor], typer.Option(help=_opt("monitor"))] = None,
-    seed: Annotated[int, typer.Option(min=0, help=_opt("seed"))] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=_config.SEED_MAX, help=_opt("seed"))] = 0,
     deterministic: Annotated[bool, typer.Option("--deterministic", help=_opt("deterministic"))] = False,
     device: Annotated[str, typer.Option(help=_opt("device"))] = "auto",
     amp: Annotated[Optional[Amp], typer.Option(help=_opt("amp"))] = None,
@@ -508,7 +508,7 @@ def explain(
     target: Annotated[str, typer.Option(help="Class to explain: pred (the predicted class; multi-label: the most probable label), true, or a class number or name (eigencam and rollout map every class alike; ROAD scores the target).")] = "pred",
     layer: Annotated[Optional[str], typer.Option(help=_explainers.LAYER_HELP)] = None,
     checkpoint: Annotated[Checkpoint, typer.Option(help="best.pt (as the run's selection rule chose it; see 'medcli train --help') or last.pt.")] = Checkpoint.best,
-    seed: Annotated[int, typer.Option(min=0, help="Seed of the sample choice and of ROAD's noise.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=_config.SEED_MAX, help="Seed of the sample choice and of ROAD's noise.")] = 0,
     head_fusion: Annotated[HeadFusion, typer.Option(help="Rollout: how the heads of a block are combined.")] = HeadFusion(_explainers.DEFAULT_OPTIONS["head_fusion"]),
     discard_ratio: Annotated[float, typer.Option(help="Rollout: share of the weakest attention to patches dropped per block.")] = _explainers.DEFAULT_OPTIONS["discard_ratio"],
     batch_size: Annotated[int, typer.Option(min=1, help="Images per CAM batch (Score-CAM: one image at a time, this many masked copies per forward pass).")] = 64,
@@ -548,7 +548,9 @@ def predict(
     paths: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False, help=(
         "Image files (PNG, JPEG, TIFF, BMP; 8/16 bit; gray, RGB, RGBA), folders (searched recursively, sorted), "
         "globs, .npy/.npz arrays in the MedMNIST layout, DICOM (pip install 'medcli[dicom]')."))],
-    out: Annotated[Optional[Path], typer.Option(help="Write the CSV here (default: print it on stdout).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help=(
+        "Write the CSV here (default: print it on stdout); written for the readable files also when some fail "
+        "(then exit 2 without --skip-bad)."))] = None,
     tta: Annotated[bool, typer.Option("--tta", help="Average the trained flips as test-time views, as evaluate --tta.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help=(
         "Apply the temperature of the run's calibrated evaluation (evaluate --calibrate)."))] = False,

@@ -41,6 +41,7 @@ CHANNELS_LAST_ON_CPU = True
 # batch 32 / lr 0.025 79.5 %, batch 16 / lr 0.0125 86.5 % (MedMNIST v2's recipe: 78.9 %).
 MIN_STEPS_PER_EPOCH = 32
 MIN_DEFAULT_BATCH = 16
+SEED_MAX = 2**32 - 1  # --seed's largest (numpy's legacy limit; medcli derives seed + 1 and per-sample seeds from it)
 MIN_BATCH = 2  # images per step and process: BatchNorm's batch statistics and a MixUp partner need two
 # Of the free GPU memory, the share the uint8 splits may take (else kept in pinned host memory).
 DEVICE_DATA_SHARE = 0.5
@@ -120,7 +121,8 @@ class TrainOptions:
     batch_size: int | None = _option(None, (
         f"Global batch size (default {models.record(models.DEFAULT_MODEL).defaults['batch_size']}; halved for small "
         f"training sets until an epoch has {MIN_STEPS_PER_EPOCH} steps, not below {MIN_DEFAULT_BATCH}, and rounded "
-        "down to a multiple of --nproc; the lr scaled with it)."))
+        "down to a multiple of --nproc; the default lr scaled with it; a given --batch-size keeps the lr, a "
+        "warning names the scaled one)."))
     lr: float | None = _option(None, "Peak learning rate (default per family).")
     weight_decay: float | None = _option(None, "Weight decay (not on norms/biases).")
     optimizer: str | None = _option(None, "Default: sgd for CNNs, adamw for ViTs.")

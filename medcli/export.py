@@ -218,7 +218,8 @@ def model_card(card: dict, test: dict | None) -> str:
         f"{export['input']['shape']}, output `logits` {export['output']['shape']}.",
         f"- Checked at export: logits within {export['verification']['max_abs_diff']:.2g} of PyTorch's on "
         f"{export['verification']['images']} (allowed {export['verification']['tolerance']:.2g}).",
-        f"- Classes: {', '.join(card['class_names'])}.",
+        f"- {'Labels' if card['task'].startswith('multi-label') else 'Classes'} (output: name): "
+        + "; ".join(f"{i}: {name}" for i, name in enumerate(card["class_names"])) + ".",
         "",
         "## Data",
         f"- {flag} at {size} px: {info.get('description', '').strip()}",

@@ -66,6 +66,7 @@ _CHUNK = 256  # images read from an array file at a time
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, KeyError)
 _ORIENTATION = 0x0112  # the EXIF Orientation tag
 _NPY_LAYOUTS = "(N, H, W), (N, H, W, C), (H, W) or (H, W, C) with C 1 or 3 (2 or 4: with alpha, dropped)"
+_MIN_WIDTH = 8  # px: a 3-D array whose last axis is shorter (and more than 4) is no stack of (N, H, W) images
 
 _notes: set[str] = set()
 
@@ -382,6 +383,9 @@ def _layout(shape: tuple, path: Path, key: str | None = None, dtype: np.dtype | 
         stack = False
     elif len(shape) == 3:
         stack = shape[2] not in (1, 2, 3, 4)  # 2 and 4: gray or RGB with alpha
+        if stack and shape[2] < _MIN_WIDTH:  # (64, 64, 6) is no stack of 64 strips
+            raise BadFile(f"{where} shape {tuple(shape)}: a last axis of {shape[2]} is neither an image's channels "
+                          f"(1 to 4) nor the width of a stack's images (at least {_MIN_WIDTH} px)", path=path)
         where_ = f"{path}{':' + key if key else ''}"
         if stack and shape[0] in (1, 3) and shape[1] == shape[2] and f"chw {where_}" not in _notes:
             _notes.add(f"chw {where_}")  # once per array: an npz's arrays are laid out twice

@@ -135,6 +135,10 @@ class SingleLabel(Task):
         """Predicted class per sample (N,)."""
         return probs.argmax(axis=1)
 
+    def decision_rule(self) -> str:
+        """How `predictions` decides, for people (model cards)."""
+        return "the class of highest probability"
+
     def decision_names(self, probs) -> list[str]:
         """Each sample's decision in words: the predicted class's name."""
         return [self.names[k] for k in self.predictions(probs)]
@@ -269,6 +273,12 @@ class Binary(SingleLabel):
 
         return metrics.above_threshold(probs[:, -1])
 
+    def decision_rule(self) -> str:
+        from medcli import metrics
+
+        return (f"class 1 ({self.names[1]}) when its probability is above {metrics.THRESHOLD}, "
+                f"else class 0 ({self.names[0]})")
+
     def auc_class(self) -> int:
         return self.outputs - 1
 
@@ -388,6 +398,11 @@ class MultiLabel(Task):
         from medcli import metrics
 
         return metrics.above_threshold(probs)
+
+    def decision_rule(self) -> str:
+        from medcli import metrics
+
+        return f"each label whose probability is above {metrics.THRESHOLD} present"
 
     def decision_names(self, probs) -> list[str]:
         """The labels found (probability above 0.5), joined by '; ' (empty: none found)."""

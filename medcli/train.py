@@ -441,7 +441,7 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
     # recorded a last.pt was stopped before the first one was complete (a later epoch skipped
     # its own while that one was written); one that recorded it lost it (with best.pt, too:
     # nothing is there to say what is lost)
-    if not last.is_file() and run.relative(last) in run.stages["train"].get("artefacts", {}):
+    if not last.is_file() and run.relative(last) in run.stages.get("train", {}).get("artefacts", {}):  # none: stopped first
         raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
                          f"restore the file or start a new run")
     checkpoint = checkpoints.read(last) if last.is_file() else None

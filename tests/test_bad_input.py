@@ -213,6 +213,13 @@ OPTION_CASES = {
     "batch-size 1": (["train", "--batch-size", "1"], "--batch-size"),
     "one image per process": (["train", "--nproc", "2", "--batch-size", "2"], "--batch-size 4 or more, or train in one process"),
     "lr inf": (["train", "--lr", "inf"], "--lr must be positive and finite"),
+    # review: nan and 0 got Typer's "greater than or equal to 0" ([x>=0.0] in --help), 0 rejected later
+    "lr nan": (["train", "--lr", "nan"], "--lr must be positive and finite (got nan)"),
+    "lr 0": (["train", "--lr", "0"], "--lr must be positive and finite (got 0.0)"),
+    # review: 2^64 - 1 ended in "unexpected ValueError: Overflow" with a failed run left behind
+    "seed 2^64-1": (["train", "--seed", str(2**64 - 1)], "--seed"),
+    "seed 2^70": (["train", "--seed", str(2**70)], "--seed"),
+    "explain seed 2^64": (["explain", "RUN", "--seed", str(2**64)], "--seed"),
     "weight-decay inf": (["train", "--weight-decay", "inf"], "--weight-decay must be >= 0 and finite"),
     "unknown method": (["explain", "RUN", "--method", "magic"], "magic"),
     "download size 27": (["download", "bloodmnist", "--size", "27"], "27"),

@@ -542,6 +542,17 @@ def test_a_single_2d_image_in_an_npz_and_a_channel_first_array_is_named(tmp_path
     assert "channel-first image must be saved as (H, W, 3)" in " ".join(capsys.readouterr().err.split())
 
 
+def test_an_image_of_five_to_seven_channels_is_refused_not_read_as_strips(tmp_path):
+    """Review: a (64, 64, 6) .npy (a 6-channel image) was read as 64 images 6 px wide, each
+    blown up to 28 x 28 and predicted, without a word. A stack of images 8 px wide or more, and
+    (H, W, 1..4) images, read as before."""
+    np.save(tmp_path / "six.npy", noise((64, 64, 6)))
+    with pytest.raises(BadFile, match=r"shape \(64, 64, 6\): a last axis of 6 is neither an image's channels"):
+        images.read(tmp_path / "six.npy", GRAY)
+    np.save(tmp_path / "stack.npy", noise((5, 28, 8)))
+    assert len(images.read(tmp_path / "stack.npy", GRAY)) == 5
+
+
 def test_an_npz_of_images_and_labels_reads_the_images_once_in_a_fixed_order(tmp_path, capsys):
     """Review of the fixes above: with 2-D arrays allowed, an npz pairing images with an (N, 1)
     label array failed whole ("y: expected uint8 images"); a channel-first array's warning came

@@ -268,6 +268,12 @@ def test_export_matches_pytorch_and_predict_on_it_matches_the_run(run_copy, pngs
     text = Path(files["card"]).read_text()
     for needle in ("Not a medical device", "## Test metrics", "accuracy", "Trained on 28-px images", "Licence"):
         assert needle in text, needle
+    # review: "Classes: a, b, c" cut a class name with commas in it (bloodmnist's immature
+    # granulocytes) into several; the steps said neither the channel order nor the decision
+    names = card["class_names"]
+    assert "- Classes (output: name): " + "; ".join(f"{i}: {name}" for i, name in enumerate(names)) + "." in text
+    assert any("," in name for name in names)
+    assert "in R, G, B order" in card["steps"][0] and card["steps"][-1] == "decided: the class of highest probability"
     # review: the card said "monitor acc" for a best.pt the EMA-window rule chose by mean val AUC
     select = Run.open(run_copy).config["select"]
     chosen = card["training"]["best.pt"]

@@ -411,3 +411,20 @@ def test_a_multilabel_label_below_the_threshold_is_not_called_a_prediction():
     assert single.decided(probs, single.explained_class(probs)).all()
     assert tasks.explained_text("mass", 0.33, False) == "top mass (0.33; no label found)"
     assert tasks.explained_text("mass", 0.9, True) == "pred mass (0.90)"
+
+
+def test_the_decision_rule_a_model_card_gives_is_the_tasks():
+    """Review: the model card said how scores become probabilities, not how they become a
+    decision (a binary task's class 1 above 0.5, not the argmax; a label above 0.5)."""
+    from medcli import tasks
+
+    binary = tasks.for_kind(BINARY, ["malignant", "normal, benign"])
+    assert binary.decision_rule() == "class 1 (normal, benign) when its probability is above 0.5, else class 0 (malignant)"
+    assert binary.predictions(np.array([[0.6, 0.55], [0.3, 0.5]])).tolist() == [1, 0]  # not the argmax
+    labels = tasks.for_kind(MULTI_LABEL, ["a", "b", "c"])
+    assert labels.decision_rule() == "each label whose probability is above 0.5 present"
+    assert labels.predictions(np.array([[0.7, 0.5, 0.51]])).tolist() == [[1, 0, 1]]
+    for kind in (MULTI_CLASS, ORDINAL):
+        task = tasks.for_kind(kind, ["a", "b", "c"])
+        assert task.decision_rule() == "the class of highest probability"
+        assert task.predictions(np.array([[0.2, 0.45, 0.35]])).tolist() == [1]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -1128,6 +1129,19 @@ def test_a_run_stopped_in_its_first_epoch_resumes_from_the_weights_it_started_fr
     assert _weights_equal(straight.run_dir / "checkpoints/last.pt", run / "checkpoints/last.pt")
     assert resumed.data["environment"]["resumes"] == [{"after_epoch": 0, "device": "cpu", "amp": resumed.config["amp"],
                                                        "world_size": 1}]
+
+
+def test_a_run_stopped_before_its_train_stage_was_recorded_resumes_from_the_start(small_root, tmp_path):
+    """Review: a stop between the run's creation and its train stage's first record left a run
+    whose `train --resume` ended in "unexpected KeyError: 'train'"."""
+    options = dict(root=small_root, epochs=1, batch_size=16, model="timm:test_resnet", seed=0)
+    straight = train.train(runs_dir=tmp_path / "a", **options)
+    run = shutil.copytree(straight.run_dir, tmp_path / "b" / straight.run_dir.name)
+    shutil.rmtree(run / "checkpoints")
+    Run.open(run).update(lambda data: data["stages"].clear())
+    resumed = train.resume(run)
+    assert resumed.status("train") == "completed"
+    assert _weights_equal(straight.run_dir / "checkpoints/last.pt", run / "checkpoints/last.pt")
 
 
 def test_a_kill_while_the_first_last_pt_is_written_restarts_the_run(small_root, tmp_path, monkeypatch, capsys):
