@@ -152,12 +152,13 @@ def explain_run(
         raise UsageError(f"the {split} split has no {what} to explain; choose another --split"
                          + (" or drop --only-errors" if only_errors else ""))
     selection = _selection(split, indices, per_class or explainers.DEFAULT_PER_CLASS, seed, only_errors)
-    if not overwrite:
-        wanted = {"data_md5": data.record.get("md5"), "checkpoint": checkpoint, "target": target, "layer": layer,
-                  "faithfulness": faithfulness,
-                  **({"seed": seed} if faithfulness else {}),  # ROAD's noise: other scores of the same maps
-                  **{name: options[name] for name in chosen_method.options}}
-        _refuse_replacing_other_maps(run, method, split, chosen, selection, wanted, names)
+    wanted = {"data_md5": data.record.get("md5"), "checkpoint": checkpoint, "target": target, "layer": layer,
+              "faithfulness": faithfulness,
+              **({"seed": seed} if faithfulness else {}),  # ROAD's noise: other scores of the same maps
+              **{name: options[name] for name in chosen_method.options}}
+    replaced = _other_maps(run, method, split, chosen, selection, wanted, names, overwrite)
+    if replaced:  # --overwrite: said, as evaluate and download say what they replace
+        console.warn(f"replacing the earlier {run.relative(run.explain_dir(method))} of run {run.run_dir}: {replaced}")
     probs = probabilities(chosen)
     preds = task.explained_class(probs)
     truth = task.true_class(labels[chosen], probs) if groups is None else groups
@@ -239,21 +240,24 @@ _SHOWN = {"data_md5": "data file md5 {}", "checkpoint": "{}.pt", "target": "targ
           "discard_ratio": "discard ratio {}"}  # how a differing option is named in the refusal
 
 
-def _refuse_replacing_other_maps(run: Run, method: str, split: str, chosen, selection: str, wanted: dict,
-                                 names: Sequence[str]) -> None:
-    """A one-line refusal when the method's earlier explanation differs from this one: other
-    samples than `chosen`, or another value of an option in `wanted` (checkpoint, target,
-    layer, faithfulness, the method's own options). The same explanation again replaces it
-    freely; an option an older index lacks is unknown and refuses nothing."""
+def _other_maps(run: Run, method: str, split: str, chosen, selection: str, wanted: dict, names: Sequence[str],
+                overwrite: bool) -> str | None:
+    """The method's earlier explanation when it differs from this one (other samples than
+    `chosen`, or another value of an option in `wanted`: checkpoint, target, layer,
+    faithfulness, the method's own options), in words; without `overwrite` a one-line refusal
+    instead. The same explanation again replaces it freely (None); an option an older index
+    lacks is unknown and refuses nothing."""
     import json
 
     index = run.explain_index(method)
     if not index.is_file():  # no explanation, or one stopped before its index was written
-        return
+        return None
     try:
         earlier = json.loads(index.read_text())
         earlier_samples = {int(sample["index"]) for sample in earlier["samples"]}
     except (OSError, ValueError, KeyError, TypeError) as exc:  # what its maps are cannot be told
+        if overwrite:
+            return f"maps whose {run.relative(index)} is unreadable ({type(exc).__name__})"
         raise UsageError(f"{run.relative(index)} of run {run.run_dir} is unreadable ({type(exc).__name__}), so "
                          "what its maps are cannot be compared with this explanation: pass --overwrite to "
                          "replace them") from None
@@ -269,9 +273,10 @@ def _refuse_replacing_other_maps(run: Run, method: str, split: str, chosen, sele
         if (_class_of(before, names) != _class_of(value, names)) if name == "target" else before != value:
             held.append(_shown(name, before))
             asked.append(_shown(name, value))
-    if held:
+    if held and not overwrite:
         raise UsageError(f"{run.relative(run.explain_dir(method))} of run {run.run_dir} holds maps: "
                          f"{', '.join(held)}; this asks for {', '.join(asked)}: pass --overwrite to replace them")
+    return f"maps of {', '.join(held)}" if held else None
 
 
 def _shown(name: str, value) -> str:

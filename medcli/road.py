@@ -129,7 +129,7 @@ def impute(x, unknown, noise=None):
     rhs = _blur12(known).mul_(mask / 12)  # the weighted sum of the known neighbours (known is 0 under the mask)
     solution = _conjugate_gradient(_hierarchy(mask), rhs)
     if noise is not None:  # scattered into place: indexing the solution by the mask would cost a nonzero()
-        drawn = torch.cat([values.reshape(-1) for values in noise]).to(x.device)
+        drawn = torch.cat([values.reshape(-1) for values in noise]).to(x.device, x.dtype)  # masked_scatter_: one dtype
         solution += torch.zeros_like(solution).masked_scatter_(unknown.expand_as(x), drawn)
     return torch.where(unknown, solution, x)
 

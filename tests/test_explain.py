@@ -213,8 +213,12 @@ def test_gradcam_on_a_cnn_points_at_the_evidence(tiny_run, tmp_path):
     again = runner.invoke(app, ["explain", str(run), "--indices", "5", "--overwrite", "--no-faithfulness"])
     assert again.exit_code == 0 and again.stdout.strip() == str(out)
     assert ": 1 test sample explained" in again.stderr
+    # review: --overwrite deleted the 32 earlier maps without a word (evaluate and download say what they replace)
+    assert f"replacing the earlier explain/gradcam of run {run}: maps of 32 test samples (--split test " \
+           "--per-class 4 --seed 0)" in " ".join(again.stderr.split())
     same = runner.invoke(app, ["explain", str(run), "--indices", "5", "--no-faithfulness"])
     assert same.exit_code == 0, same.stderr
+    assert "replacing" not in same.stderr  # the same explanation again replaces nothing a user would miss
     second = json.loads((out / "index.json").read_text())
     expected = {s["file"] for s in second["samples"]} | set(second["grids"].values()) | {"index.json", "maps.npz"}
     assert {p.name for p in out.iterdir()} == expected

@@ -85,3 +85,13 @@ def test_chunks_of_removals_change_nothing(monkeypatch):
     chunks = list(road.perturbed(x, maps, PERCENTILES, seed=3))
     assert [len(chunk) for chunk in chunks] == [5, 5, 5, 5, 4]
     assert (torch.cat(chunks) - whole[0]).abs().max() < 1e-4
+
+
+def test_images_of_another_float_type_are_imputed_in_that_type():
+    """Review: float64 images ended in "masked_scatter: expected self and source to have same
+    dtypes" (the noise is drawn in float32)."""
+    x = torch.randn(2, 3, 16, 12, generator=torch.Generator().manual_seed(4))
+    maps = _tie_free_maps(2, 16, 12)
+    single = torch.cat(list(road.perturbed(x, maps, PERCENTILES, seed=5)))
+    double = torch.cat(list(road.perturbed(x.double(), maps, PERCENTILES, seed=5)))
+    assert double.dtype == torch.float64 and (double - single).abs().max() < 1e-4
