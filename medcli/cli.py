@@ -435,7 +435,8 @@ def _pair(pair: tuple[str, str] | None) -> tuple[str, str] | None:
 @app.command()
 def aggregate(
     ctx: typer.Context,
-    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories or folders searched for runs (default: .).")] = None,
+    runs: Annotated[Optional[list[Path]], typer.Argument(metavar="RUN|DIR...", help=(
+        "Run directories or folders searched for runs (default: .)."))] = None,
     split: Annotated[str, typer.Option(help="Which metrics/<split>.json to compare: test, val or train.")] = "test",
     metrics: Annotated[Optional[str], typer.Option(help=(
         f"Comma-separated metrics (default: {', '.join(names.COMPARE_METRICS)}); road_<method> (e.g. road_gradcam) "
@@ -445,6 +446,7 @@ def aggregate(
         "Write comparison CSV, XLSX, Markdown and PNG into this folder; the files written are printed after the "
         "table (json: a files list; csv and md: logged on stderr)."))] = None,
     format: Annotated[OutputFormat, typer.Option("--format", help="What to print on stdout (xlsx needs --out).")] = OutputFormat.table,
+    json_output: Annotated[bool, typer.Option("--json", help="Print JSON: --format json.")] = False,
     maps: Annotated[bool, typer.Option("--maps", help=(
         "Compare the runs' stored explanation maps instead (no model needed): per common sample, Spearman "
         "correlation and top-20% overlap between every two explained (run, method), per class means, and a "
@@ -464,6 +466,10 @@ def aggregate(
     unreadable are listed with the reason. With --maps, compare where the runs look instead
     (CNN vs ViT on the same samples).
     """
+    if json_output:  # as every other command spells it
+        if _given(ctx, {"format"}) and format is not OutputFormat.json:
+            raise UsageError(f"--json prints JSON and --format {format.value} a {format.value}; give one of them")
+        format = OutputFormat.json
     if maps:
         from medcli import maps as compare_maps
 
@@ -483,6 +489,7 @@ def aggregate(
 
 @app.command("plot-confusion")
 def plot_confusion(
+    ctx: typer.Context,
     target: Annotated[Path, typer.Argument(metavar="RUN|CSV", help="A run directory or a predictions CSV.")],
     split: Annotated[str, typer.Option(help="With a run directory: which predictions/<split>.csv.")] = "test",
     normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Row-normalised or counts only (default: both side by side; multi-label: a grid of per-label counts).")] = None,
@@ -494,6 +501,8 @@ def plot_confusion(
     """
     from medcli import reports
 
+    if not target.is_dir():  # a CSV is one split's predictions already
+        _refuse_given(ctx, {"split"}, "a predictions CSV (it holds one split)")
     emit(str(reports.plot_confusion(target, split=split, normalize=normalize, out=out).resolve()))
 
 

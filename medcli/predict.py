@@ -89,8 +89,8 @@ def predict_files(
             console.progress() as bar:
         row = bar.add_task("predict", total=None, unit="img")
         for batch_names, pixels, bad in images.batches(files, target, batch_size):
-            for path, reason in bad:
-                console.error(f"{path}: {reason}")
+            for path, reason in bad:  # a warning: --skip-bad makes the command succeed; its end says the error
+                console.warn(f"{path}: {reason}")
                 failed.append({"path": path, "error": reason})
             if not len(batch_names):
                 continue

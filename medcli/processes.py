@@ -356,13 +356,13 @@ def table(procs: list[MedcliProcess], title: str):
     from rich.table import Table
 
     out = Table(title=title, title_justify="left")
-    for column in ("pid", "age", "command", "run directory", "CPU %", "RSS MiB", "GPU MiB"):
-        out.add_column(column, overflow="fold")
-    for p in procs:
-        out.add_row(
-            str(p.pid), _human_age(p.age_s), p.command, "\n".join(p.run_dirs) or "-",
-            f"{p.cpu_percent:.0f}", f"{p.rss_mb:.0f}", "-" if p.gpu_mb is None else f"{p.gpu_mb:.0f}",
-        )
+    rows = [(str(p.pid), _human_age(p.age_s), p.command, "\n".join(p.run_dirs) or "-", f"{p.cpu_percent:.0f}",
+             f"{p.rss_mb:.0f}", "-" if p.gpu_mb is None else f"{p.gpu_mb:.0f}") for p in procs]
+    for i, column in enumerate(("pid", "age", "command", "run directory", "CPU %", "RSS MiB", "GPU MiB")):
+        whole = column not in ("command", "run directory")  # numbers kept whole on a narrow terminal: a pid is copied
+        out.add_column(column, overflow="fold", min_width=max((len(row[i]) for row in rows), default=1) if whole else None)
+    for row in rows:
+        out.add_row(*row)
     return out
 
 

@@ -63,6 +63,20 @@ def test_a_signal_after_the_command_has_ended_changes_nothing(argv, exit_code):
     assert proc.stdout.strip() == (f"medcli {__version__}" if exit_code == 0 else "")
 
 
+def test_a_console_without_the_tables_characters_gets_question_marks_not_an_error(tmp_path):
+    """Review: on a Latin-1 (or cp1252) console `aggregate` ended in "unexpected
+    UnicodeEncodeError: 'latin-1' codec can't encode character '\\u2193'" (its ↓ and ★)."""
+    from test_aggregate import make_run
+
+    make_run(tmp_path, "a")
+    make_run(tmp_path, "b", model="vit-tiny")
+    env = {**os.environ, "PYTHONIOENCODING": "latin-1"}
+    proc = subprocess.run([sys.executable, "-m", "medcli", "aggregate", str(tmp_path)], capture_output=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert b"ece ?" in proc.stdout and b"\xb1" in proc.stdout  # ↓ has no Latin-1 byte, ± has
+
+
 @pytest.mark.parametrize("stop", [  # importing the CLI; Typer building its commands
     "import builtins\nreal = builtins.__import__\n"
     "builtins.__import__ = lambda name, *a, **k: (_ for _ in ()).throw(KeyboardInterrupt) if name == 'typer' "

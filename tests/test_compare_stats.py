@@ -155,6 +155,11 @@ def test_pair_chooses_two_of_several_setups(tmp_path):
     assert shown.exit_code == 0, shown.output
     paired = json.loads(shown.stdout)["paired"]
     assert (paired["a"], paired["b"]) == ("resnet18 s0", "vit-tiny s0")
+    # review: --json, as every other command spells it, was "No such option"
+    as_json = runner.invoke(app, ["aggregate", str(tmp_path), "--pair", str(runs[0]), "vit", "--json"])
+    assert json.loads(as_json.stdout)["paired"] == paired
+    one_line_error(runner.invoke(app, ["aggregate", str(tmp_path), "--json", "--format", "csv"]), 2,
+                   "--json prints JSON and --format csv a csv; give one of them")
     bad = runner.invoke(app, ["aggregate", str(tmp_path), "--pair", "cnn", "alexnet"])
     assert bad.exit_code == 2 and "--pair 'alexnet' names no compared setup" in bad.stderr
 

@@ -185,6 +185,9 @@ def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # review: it printed the path as typed; report and the rest print it absolute
     printed = runner.invoke(app, ["plot-confusion", "test.csv", "--no-normalize", "--out", "cm.png"])
     assert printed.exit_code == 0 and printed.stdout == f"{out}\n", printed.output
+    # review: --split with a CSV was ignored without a word (its help says "with a run directory")
+    one_line_error(runner.invoke(app, ["plot-confusion", "test.csv", "--split", "val", "--out", "cm.png"]), 2,
+                   "a predictions CSV (it holds one split) does not use --split")
 
 
 def test_the_predictions_csv_keeps_every_probability_exactly(tmp_path):

@@ -372,3 +372,17 @@ def test_a_launchers_processes_get_sigterm_once_through_it(tmp_path):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         launcher.wait()
+
+
+def test_a_narrow_terminal_keeps_pids_and_numbers_whole():
+    """Review: at COLUMNS=40 the pid 14508 wrapped onto two lines ("145" / "08"), which a user
+    copies into kill."""
+    from rich.console import Console
+
+    found = processes.MedcliProcess(pid=1450812, age_s=75.0, command="medcli train --model resnet18 --epochs 60",
+                                    subcommand="train", run_dirs=["runs/20261201-134614_bloodmnist28_resnet18"],
+                                    cpu_percent=187.0, rss_mb=1324.0)
+    console = Console(width=40, record=True)
+    console.print(processes.table([found], "medcli processes"))
+    text = console.export_text()
+    assert "1450812" in text, text

@@ -58,3 +58,12 @@ def test_run_all_stops_at_the_first_failure_with_its_exit_code(tmp_path):
     assert "FAILED train-resnet18 (exit 2)" in done.stderr and "--epochs" in done.stderr
     assert "train-vit" not in done.stderr  # nothing after the failing stage ran
     assert not (tmp_path / "comparison").exists()
+
+
+def test_run_all_needs_no_home_for_its_help_or_a_given_root(tmp_path):
+    """Review: under `set -u`, `$HOME/.medmnist` as the default --root ended even --help with
+    "HOME: unbound variable" (exit 1) where HOME is unset (cron, some containers)."""
+    env = {key: value for key, value in os.environ.items() if key != "HOME"}
+    shown = subprocess.run(["bash", str(SCRIPT), "--help"], env=env, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL)
+    assert shown.returncode == 0 and "Usage: scripts/run_all.sh" in shown.stdout, shown.stderr
