@@ -435,7 +435,7 @@ def _pair(pair: tuple[str, str] | None) -> tuple[str, str] | None:
 @app.command()
 def aggregate(
     ctx: typer.Context,
-    runs: Annotated[Optional[list[Path]], typer.Argument(metavar="RUN|DIR...", help=(
+    runs: Annotated[Optional[list[Path]], typer.Argument(metavar="RUN|DIR", help=(
         "Run directories or folders searched for runs (default: .)."))] = None,
     split: Annotated[str, typer.Option(help="Which metrics/<split>.json to compare: test, val or train.")] = "test",
     metrics: Annotated[Optional[str], typer.Option(help=(
