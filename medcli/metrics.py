@@ -24,7 +24,7 @@ __all__ = [
     "fit_label_temperatures", "interval_text", "metric_text",
     "fit_temperature", "label_matrix_metrics", "mcnemar_exact", "mean_difference", "nll", "ordinal_scores",
     "paired_bootstrap_auc", "per_label", "reliability", "sigmoid", "softmax", "temperature_applied",
-    "temperature_text", "top_label", "BOOTSTRAP_CHUNK", "ONE_SIDED", "SEPARATED", "THRESHOLD",
+    "temperature_text", "top_label", "BOOTSTRAP_CHUNK", "CONSTANT", "ONE_SIDED", "SEPARATED", "THRESHOLD",
 ]
 
 
@@ -404,6 +404,7 @@ SEPARATED = "no validation image ranked wrong"
 ONE_SIDED = "validation images all positive or all negative"
 ONE_CLASS = "validation images all of one class"
 AT_BOUND = "no optimum inside the search range"
+CONSTANT = "every validation image has the same scores (the model ranks none above another)"
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str | None]:
@@ -426,12 +427,15 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> tuple[float, str 
     search stopped anywhere on that stretch: T = 0.04 once). Both are detected directly,
     whatever the logits' scale, and keep T = 1. Any other split has an image whose true class
     is below another, so the NLL rises again as T -> 0 and has an optimum. An optimum at the
-    edge of the search range is not trusted either.
+    edge of the search range is not trusted either. Nor is a model that gives every image the
+    same scores (a zeroed last layer): T would only match the class frequencies (CONSTANT).
     """
     labels, logits = _fit_inputs(logits, labels)
     labels = labels.reshape(-1)
     if np.unique(labels).size == 1:  # nothing ranked against anything: no temperature to learn
         return 1.0, ONE_CLASS
+    if _constant(logits - logits.mean(axis=1, keepdims=True)):  # one softmax for all: T would fit the class frequencies
+        return 1.0, CONSTANT
     rows = np.arange(labels.size)
     others = np.where(np.arange(logits.shape[1]) == labels[:, None], -np.inf, logits)
     if (logits[rows, labels] >= others.max(axis=1)).all():
@@ -455,9 +459,16 @@ def fit_label_temperatures(logits: np.ndarray, labels: np.ndarray) -> tuple[list
 def _fit_label(z: np.ndarray, y: np.ndarray) -> tuple[float, str | None]:
     if y.all() or not y.any():
         return 1.0, ONE_SIDED
+    if _constant(z[:, None]):
+        return 1.0, CONSTANT
     if ((2 * y - 1) * z >= 0).all():  # right, or on the fence (0), for every image
         return 1.0, SEPARATED
     return _fit_log_temperature(lambda log_t: float((np.logaddexp(0.0, s := z / np.exp(log_t)) - y * s).mean()), z)
+
+
+def _constant(scores: np.ndarray) -> bool:
+    """Whether every row of (N, K) scores is the same, up to rounding."""
+    return bool(np.ptp(scores, axis=0).max() <= 1e-9 * max(1.0, float(np.abs(scores).max())))
 
 
 def _fit_inputs(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -104,7 +104,7 @@ def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) ->
     ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     n = len(names)
     threshold = image.norm.vmax / 2
-    fontsize = 9 if n <= 10 else 8
+    fontsize = _cell_fontsize(n)
     for i in range(n):
         for j in range(n):
             ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=fontsize,
@@ -117,15 +117,24 @@ def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) ->
     ax.set_title("row-normalised\n(recall on the diagonal)" if normalize else "counts")  # fits a 2-class panel
 
 
+def _cell_fontsize(classes: int) -> int:
+    """The points of a confusion matrix's cell values (and the smallest of its texts)."""
+    return 9 if classes <= 10 else 8
+
+
 def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str], title: str,
                    panels: Sequence[bool] = (False, True), note: str | None = None) -> Path:
     """A confusion-matrix figure with one panel per entry of `panels` (False = counts,
-    True = row-normalised); evaluate draws both side by side."""
+    True = row-normalised); evaluate draws both, side by side up to 8 classes and stacked above
+    (their text would print below MIN_PRINT_PT at a page's width)."""
     from matplotlib.figure import Figure
 
     side = max(3.6, 0.42 * len(names) + 1.8)
-    fig = Figure(figsize=(side * len(panels), side), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    # side by side while the smallest text still prints at MIN_PRINT_PT on a page's width, else stacked
+    beside = _cell_fontsize(len(names)) * PRINT_WIDTH_IN / (side * len(panels)) >= MIN_PRINT_PT
+    columns = len(panels) if beside else 1
+    fig = Figure(figsize=(side * columns, side * -(-len(panels) // columns)), layout="constrained")
+    axes = fig.subplots(-(-len(panels) // columns), columns, squeeze=False).ravel()
     for ax, normalize in zip(axes, panels):
         draw_confusion(ax, cm, names, normalize)
     return _finish(fig, path, title, note)

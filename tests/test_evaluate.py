@@ -727,6 +727,21 @@ def test_every_text_of_a_confusion_figure_stays_inside_it(figures, tmp_path, n):
         assert not _texts_outside(fig), (fig.get_size_inches(), _texts_outside(fig))
 
 
+@pytest.mark.parametrize("flag", ["pathmnist", "organamnist"])
+def test_a_confusion_matrix_of_nine_or_more_classes_is_readable_printed(figures, tmp_path, flag):
+    """Review: side by side, the two panels of PathMNIST's 9 classes were 11.2 in wide (5.7 pt
+    printed at 7 in) and OrganAMNIST's 11 classes 12.8 in (4.4 pt): they are stacked instead."""
+    from medcli import reports
+
+    names = datasets.class_names(flag)
+    n = len(names)
+    counts = np.eye(n, dtype=np.int64) * 20 + 1
+    reports.save_confusion(tmp_path / "cm.png", counts, names, "t")
+    (fig,) = figures
+    assert _smallest_printed_pt(fig) >= reports.MIN_PRINT_PT
+    assert len([ax for ax in fig.axes if ax.images]) == 2  # both panels still drawn
+
+
 def test_sample_and_mistake_grids_are_readable_printed_at_a_page_width(figures, tmp_path):
     """Review: the samples and mistakes grids were 12.8 in wide with 6.5-pt captions: 3.6 pt
     printed 7 in wide. Printed at a page's width every text is at least reports.MIN_PRINT_PT,

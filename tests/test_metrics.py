@@ -211,3 +211,20 @@ def test_a_validation_split_of_one_class_keeps_t_1_and_says_why():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(20, 2))
     assert metrics.fit_temperature(logits, np.zeros(20, dtype=int)) == (1.0, metrics.ONE_CLASS)
+
+
+def test_a_model_with_one_output_for_every_image_is_not_calibrated():
+    """Review: a model whose last layer was zeroed (or biased to -4 for every label) got
+    T = 2.1-3.0 per label and "ECE 14.33 % -> 0.70 %" with no warning: a temperature that only
+    matches the class frequencies, reported as an improvement. A model tying every class was
+    told "no validation image ranked wrong". Both keep T = 1 and say why."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 50)
+    labels[:3] = [0, 1, 2]
+    for logits in (np.zeros((50, 3)), np.tile([50.0, 0.0, 1.0], (50, 1)), np.tile([3.0, 1.0, 2.0], (50, 1)) + 7.0):
+        assert metrics.fit_temperature(logits, labels) == (1.0, metrics.CONSTANT)
+    y = (rng.random((50, 3)) < 0.3).astype(int)
+    y[:2] = [[1, 1, 1], [0, 0, 0]]
+    z = np.column_stack([np.full(50, -4.0), np.zeros(50), rng.normal(size=50)])
+    temperatures, reasons = metrics.fit_label_temperatures(z, y)
+    assert temperatures[:2] == [1.0, 1.0] and reasons == [metrics.CONSTANT, metrics.CONSTANT, None]
