@@ -560,14 +560,17 @@ def chart_figure(result: Comparison):
             bar.set_hatch(_BAR_HATCHES[i // 10 % len(_BAR_HATCHES)])
         texts = [("n/a" if value is None else f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.3f}")
                  + (f" {g[f'{metric}_method']}" if g.get(f"{metric}_method") else "") for g, value in zip(result.groups, values)]
-        for bar, text, value, std in zip(bars, texts, values, stds):  # beyond the error bar
-            ax.annotate(text, ((value or 0.0) + std, bar.get_y() + bar.get_height() / 2), xytext=(2, 0),
-                        textcoords="offset points", ha="left", va="center", fontsize=7)
+        for bar, text, value, std in zip(bars, texts, values, stds):  # beyond the error bar, on the bar's side
+            side = -1 if (value or 0.0) < 0 else 1
+            ax.annotate(text, ((value or 0.0) + side * std, bar.get_y() + bar.get_height() / 2), xytext=(2 * side, 0),
+                        textcoords="offset points", ha="left" if side > 0 else "right", va="center", fontsize=7)
         # the values printed beside the bars fit in the panel: the longest takes this share of its axis
         room = min(0.6, (4 + 7 * 0.6 * max(map(len, texts))) / 72 / (width / columns - 0.5))
-        low, high = min(0.0, *(v or 0.0 for v in values)), max([(v or 0.0) + s for v, s in zip(values, stds)])
-        ax.set_xlim(low, high / (1 - room) or 1.0)
-        ax.set_xticks([tick for tick in ax.get_xticks() if low <= tick <= high + 1e-9] or [0.0])  # none in the values' room
+        low = min([0.0] + [(v or 0.0) - s for v, s in zip(values, stds)])
+        high = max([0.0] + [(v or 0.0) + s for v, s in zip(values, stds)])
+        pad = ((high - low) or 1.0) * room / (1 - room)
+        ax.set_xlim(low - (pad if low < 0 else 0.0), high + (pad if high > 0 or low == 0 else 0.0))
+        ax.set_xticks([tick for tick in ax.get_xticks() if low - 1e-9 <= tick <= high + 1e-9] or [0.0])  # none in the room
         if metric in PERCENT_METRICS:
             ax.xaxis.set_major_formatter(PercentFormatter(xmax=1, decimals=None))
         ax.set_yticks(y, keys, fontsize=8)

@@ -492,7 +492,7 @@ def plot_confusion(
     ctx: typer.Context,
     target: Annotated[Path, typer.Argument(metavar="RUN|CSV", help="A run directory or a predictions CSV.")],
     split: Annotated[str, typer.Option(help="With a run directory: which predictions/<split>.csv.")] = "test",
-    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Row-normalised or counts only (default: both side by side; multi-label: a grid of per-label counts).")] = None,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="Row-normalised or counts only (default: both, side by side, stacked from 9 classes; multi-label: a grid of per-label counts).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Image file to write (.png, .pdf, .svg).")] = None,
 ) -> None:
     """Redraw a confusion matrix from a predictions CSV.
@@ -501,7 +501,7 @@ def plot_confusion(
     """
     from medcli import reports
 
-    if not target.is_dir():  # a CSV is one split's predictions already
+    if target.is_file():  # a CSV is one split's predictions already (a mistyped run: plot_confusion says so)
         _refuse_given(ctx, {"split"}, "a predictions CSV (it holds one split)")
     emit(str(reports.plot_confusion(target, split=split, normalize=normalize, out=out).resolve()))
 

@@ -41,7 +41,7 @@ CHANNELS_LAST_ON_CPU = True
 # batch 32 / lr 0.025 79.5 %, batch 16 / lr 0.0125 86.5 % (MedMNIST v2's recipe: 78.9 %).
 MIN_STEPS_PER_EPOCH = 32
 MIN_DEFAULT_BATCH = 16
-SEED_MAX = 2**32 - 1  # --seed's largest (numpy's legacy limit; medcli derives seed + 1 and per-sample seeds from it)
+SEED_MAX = 2**32 - 1  # --seed's largest: 32 bits, well below torch's 2^64 - 1 for the seeds derived from it (seed + 1)
 MIN_BATCH = 2  # images per step and process: BatchNorm's batch statistics and a MixUp partner need two
 # Of the free GPU memory, the share the uint8 splits may take (else kept in pinned host memory).
 DEVICE_DATA_SHARE = 0.5
@@ -232,6 +232,8 @@ def resolve_config(**given: Any) -> dict:
     lr_source = "--lr" if o.lr is not None else _source(o.reduced, "lr", rec)
     chosen.setdefault("input_size", o.size)
     _check_numbers(chosen, o.patience, monitor)
+    if not 0 <= o.seed <= SEED_MAX:  # the CLI's range too, for a caller of the library
+        raise UsageError(f"--seed must be 0 to {SEED_MAX} (got {o.seed})")
     dev = inference.resolve_device(o.device)
     if o.sync_bn and (dev.type != "cuda" or rec.kind != "cnn"):
         raise UsageError("--sync-bn needs CUDA GPUs and a CNN (SyncBatchNorm has no CPU kernel, and ViTs have no "

@@ -157,8 +157,6 @@ def explain_run(
               **({"seed": seed} if faithfulness else {}),  # ROAD's noise: other scores of the same maps
               **{name: options[name] for name in chosen_method.options}}
     replaced = _other_maps(run, method, split, chosen, selection, wanted, names, overwrite)
-    if replaced:  # --overwrite: said, as evaluate and download say what they replace
-        console.warn(f"replacing the earlier {run.relative(run.explain_dir(method))} of run {run.run_dir}: {replaced}")
     probs = probabilities(chosen)
     preds = task.explained_class(probs)
     truth = task.true_class(labels[chosen], probs) if groups is None else groups
@@ -175,6 +173,8 @@ def explain_run(
                               classes, maps, explainers.box_mass(maps, box) if box else None, scores,
                               label_sets=task.label_sets(labels[chosen]), decided=task.decided(probs, preds))
         caption = f"{method}{f' · {layer}' if layer else ''}"
+        if replaced:  # --overwrite, said when it happens (as evaluate and download say what they replace)
+            console.warn(f"replacing the earlier {run.relative(out_dir)} of run {run.run_dir}: {replaced}")
         st.writing()
         samples, grids, files = write_figures(out_dir, caption, explained, names, datasets.provenance(data.record),
                                               class_specific=chosen_method.class_specific)

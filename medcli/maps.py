@@ -84,8 +84,8 @@ def _columns(run_dirs: Sequence[Path], methods: Sequence[str] | None) -> list[Co
             explained = [m for m in EXPLAIN_METHODS if run.status(run.explain_stage(m)) == "completed"]
             then = (f"name a method it has: {', '.join(explained)}" if explained
                     else f"explain it first with '{run.command('explain')}'")
-            raise UsageError(f"{' and '.join(methods)} {'does' if len(methods) == 1 else 'do'} not apply to run "
-                             f"{run_dir.name}'s model ({run.spec.get('name')}); {then}")
+            raise UsageError(f"{' and '.join(methods)} {'does' if len(methods) == 1 else 'do'} not apply to the model "
+                             f"of run {run_dir} ({run.spec.get('name')}); {then}")
         if not done:
             raise UsageError(f"run {run_dir} has no completed explanation{' with ' + ', '.join(methods) if methods else ''}; "
                              f"explain it first with '{run.command('explain')}'")

@@ -448,9 +448,9 @@ def fit_label_temperatures(logits: np.ndarray, labels: np.ndarray) -> tuple[list
     """One temperature per label of (N, labels) sigmoid logits, each minimising that label's
     binary cross-entropy of sigmoid(logit / T): labels are separate yes/no decisions, over- or
     under-confident to different degrees. Returns (temperatures, reasons): a label whose
-    validation images are all positive or all negative says nothing about its ranking, and
-    one whose images all lie on the right side of 0 is separated (see `fit_temperature`);
-    either keeps T = 1 with its reason."""
+    validation images are all positive or all negative says nothing about its ranking, one
+    whose images all get the same score ranks none (CONSTANT), and one whose images all lie on
+    the right side of 0 is separated (see `fit_temperature`); each keeps T = 1 with its reason."""
     labels, logits = _fit_inputs(logits, labels)
     fits = [_fit_label(logits[:, k], labels[:, k]) for k in range(logits.shape[1])]
     return [t for t, _ in fits], [reason for _, reason in fits]

@@ -267,7 +267,7 @@ def _save_confusion_grid(path, tables: Sequence[tuple], title: str, normalize: b
 def save_task_confusion(path, tables: Sequence[tuple], title: str, note: str | None = None,
                         normalize: bool | None = None) -> Path:
     """The confusion figure of `Task.confusion_tables`: one class matrix, counts and
-    row-normalised side by side unless `normalize` picks one; or a grid of captioned matrices
+    row-normalised (`save_confusion`: side by side, stacked from 9 classes) unless `normalize` picks one; or a grid of captioned matrices
     (a multi-label task's 2x2 per label)."""
     if len(tables) == 1 and tables[0][0] is None:
         _, names, cm = tables[0]
@@ -398,7 +398,7 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
     """Redraw a confusion matrix from a predictions CSV alone (no model, no torch).
 
     `target` is a run directory (its `predictions/<split>.csv` is used) or a CSV path.
-    normalize None draws counts and row-normalised side by side (evaluate's figure; a
+    normalize None draws counts and row-normalised, side by side or stacked (evaluate's figure; a
     multi-label run: a grid of per-label counts); True or False draws that one panel (grid). The default output is the run's
     `figures/confusion_<split>[_normalized|_counts].png`, or beside the CSV.
     """

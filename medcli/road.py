@@ -130,7 +130,10 @@ def impute(x, unknown, noise=None):
     solution = _conjugate_gradient(_hierarchy(mask), rhs)
     if noise is not None:  # scattered into place: indexing the solution by the mask would cost a nonzero()
         drawn = torch.cat([values.reshape(-1) for values in noise]).to(x.device, x.dtype)  # masked_scatter_: one dtype
-        solution += torch.zeros_like(solution).masked_scatter_(unknown.expand_as(x), drawn)
+        where = unknown.expand_as(x)
+        if drawn.numel() != int(where.sum()):  # masked_scatter_ would take a longer noise's first values silently
+            raise ValueError(f"{drawn.numel()} noise values for {int(where.sum())} imputed ones")
+        solution += torch.zeros_like(solution).masked_scatter_(where, drawn)
     return torch.where(unknown, solution, x)
 
 
@@ -216,7 +219,7 @@ class _Level:
 
 
 class _Image(_Level):
-    """The image grid: grad-cam's stencil in two separable passes, Jacobi smoothing (its high
+    """The image grid: grad-cam's stencil as `_blur12` (two passes an axis), Jacobi smoothing (its high
     frequencies lie within [2/3, 3/2] x the diagonal)."""
 
     def __init__(self, mask):

@@ -625,6 +625,30 @@ def test_a_malformed_metrics_file_leaves_its_run_out_not_the_comparison(tmp_path
                                                          "re-run 'medcli evaluate'"]
 
 
+def test_a_metric_below_zero_is_drawn_inside_its_panel(tmp_path):
+    """Self-review: the panel's axis ran from the lowest value to the highest + room, so bars of
+    a metric below zero (a ROAD score, a kappa) fell outside it, their values on the bars."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medcli.aggregate import chart_figure
+
+    make_run(tmp_path, "a")
+    make_run(tmp_path, "b", model="vit-tiny")
+    result = aggregate([tmp_path], metric_names=["auc"])
+    for group, value in zip(result.groups, (-0.02, -0.01)):
+        group["auc"] = value
+    fig = chart_figure(result)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    (ax,) = fig.axes
+    low, high = ax.get_xlim()
+    assert low < -0.02 and high >= 0.0
+    frame = ax.get_window_extent(renderer)
+    for text in ax.texts:  # each value inside the panel, left of its bar
+        box = text.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and text.get_ha() == "right", text.get_text()
+
+
 def test_the_chart_tells_more_than_ten_setups_apart(tmp_path):
     """Review: from the 11th setup on, the bars reused the first setups' colours."""
     from matplotlib.colors import to_hex

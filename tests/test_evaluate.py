@@ -188,6 +188,8 @@ def test_plot_confusion_from_a_csv_alone_without_torch(tmp_path, monkeypatch):
     # review: --split with a CSV was ignored without a word (its help says "with a run directory")
     one_line_error(runner.invoke(app, ["plot-confusion", "test.csv", "--split", "val", "--out", "cm.png"]), 2,
                    "a predictions CSV (it holds one split) does not use --split")
+    assert "does not use --split" not in one_line_error(  # a mistyped run is said to be missing
+        runner.invoke(app, ["plot-confusion", "runs/typo", "--split", "val"]), 2)
 
 
 def test_the_predictions_csv_keeps_every_probability_exactly(tmp_path):

@@ -693,7 +693,7 @@ def test_aggregate_maps_bad_input_is_one_line(explained_pair, tiny_run, tmp_path
         assert needle in one_line_error(result, 2), args
     # review: "explain it first with 'medcli explain RUN'" for a method the run's model cannot have
     no_rollout = runner.invoke(app, ["aggregate", str(a), str(b), "--maps", "--method", "rollout", "--out", str(tmp_path / "o")])
-    assert "rollout does not apply to run a's model (timm:test_resnet); name a method it has: gradcam" \
+    assert f"rollout does not apply to the model of run {a} (timm:test_resnet); name a method it has: gradcam" \
         in one_line_error(no_rollout, 2)
     unknown = runner.invoke(app, ["aggregate", str(a), str(b), "--maps", "--method", "nosuch", "--out", str(tmp_path / "o")])
     assert "unknown --method nosuch" in one_line_error(unknown, 2) and "gradcam" in unknown.stderr

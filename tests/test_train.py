@@ -1131,6 +1131,13 @@ def test_a_run_stopped_in_its_first_epoch_resumes_from_the_weights_it_started_fr
                                                        "world_size": 1}]
 
 
+def test_the_library_refuses_a_seed_beyond_the_clis_range():
+    """Self-review: --seed's bound was Typer's alone; `train.train(seed=2**64 - 1)` still
+    overflowed in torch.Generator().manual_seed(seed + 1), after the run was made."""
+    with pytest.raises(UsageError, match=r"--seed must be 0 to 4294967295 \(got 18446744073709551615\)"):
+        resolve_config(device="cpu", seed=2**64 - 1)
+
+
 def test_a_run_stopped_before_its_train_stage_was_recorded_resumes_from_the_start(small_root, tmp_path):
     """Review: a stop between the run's creation and its train stage's first record left a run
     whose `train --resume` ended in "unexpected KeyError: 'train'"."""
