@@ -19,6 +19,7 @@ import importlib.util
 import math
 import os
 import shlex
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -61,7 +62,9 @@ def _info_table() -> dict:
     path = Path(spec.submodule_search_locations[0]) / "info.py"
     info_spec = importlib.util.spec_from_file_location("medmnist.info", path)
     module = importlib.util.module_from_spec(info_spec)
-    info_spec.loader.exec_module(module)
+    with warnings.catch_warnings():  # it makes ~/.medmnist, medmnist's own default root, which medcli never uses
+        warnings.filterwarnings("ignore", message="Failed to setup default root", category=UserWarning)
+        info_spec.loader.exec_module(module)
     return module.INFO
 
 

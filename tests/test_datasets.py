@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -410,3 +412,13 @@ def test_a_data_root_copied_to_another_file_system_keeps_its_records(root):
     _, record = datasets.resolve(root, FLAG, SIZE)
     assert datasets.unchanged({**record, "device": record["device"] + 1, "inode": record["inode"] + 1}, path)
     assert not datasets.unchanged({**record, "inode": record["inode"] + 1}, path)  # same file system: another file
+
+
+def test_a_home_without_room_for_medmnists_folder_prints_no_python_warning():
+    """Review: medmnist's info.py makes ~/.medmnist when loaded and, where it cannot (a
+    read-only home), a raw "UserWarning: Failed to setup default root." reached stderr of
+    every command that looks a dataset up; medcli never uses that folder."""
+    code = "from medcli import datasets\nprint(len(datasets.flags()))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "HOME": "/proc"})  # no folder can be made there, even by root
+    assert proc.returncode == 0 and proc.stdout.strip() == "12" and "Warning" not in proc.stderr, proc.stderr
