@@ -558,14 +558,14 @@ def chart_figure(result: Comparison):
                        color=[f"C{i % 10}" for i in range(n)])
         for i, bar in enumerate(bars):  # 10 colours, then hatched
             bar.set_hatch(_BAR_HATCHES[i // 10 % len(_BAR_HATCHES)])
-        texts = [("n/a" if value is None else f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.3f}")
+        shown = [("n/a" if value is None else f"{value:.1%}" if metric in PERCENT_METRICS else f"{value:.3f}")
                  + (f" {g[f'{metric}_method']}" if g.get(f"{metric}_method") else "") for g, value in zip(result.groups, values)]
-        for bar, text, value, std in zip(bars, texts, values, stds):  # beyond the error bar, on the bar's side
+        for bar, text, value, std in zip(bars, shown, values, stds):  # beyond the error bar, on the bar's side
             side = -1 if (value or 0.0) < 0 else 1
             ax.annotate(text, ((value or 0.0) + side * std, bar.get_y() + bar.get_height() / 2), xytext=(2 * side, 0),
                         textcoords="offset points", ha="left" if side > 0 else "right", va="center", fontsize=7)
         # the values printed beside the bars fit in the panel: the longest takes this share of its axis
-        room = min(0.6, (4 + 7 * 0.6 * max(map(len, texts))) / 72 / (width / columns - 0.5))
+        room = min(0.6, (4 + 7 * 0.6 * max(map(len, shown))) / 72 / (width / columns - 0.5))
         low = min([0.0] + [(v or 0.0) - s for v, s in zip(values, stds)])
         high = max([0.0] + [(v or 0.0) + s for v, s in zip(values, stds)])
         pad = ((high - low) or 1.0) * room / (1 - room)
@@ -584,8 +584,7 @@ def chart_figure(result: Comparison):
         + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "") \
         + ("; mean over seeds, error bar: std" if any(g["n_runs"] > 1 for g in result.groups) else "")
     fig.suptitle(wrapped(title, 10), fontsize=10)
-    handles = [bar for bar in axes[0].patches][:n]
-    fig.legend(handles, labels, fontsize=8, loc="outside lower center", ncols=1)
+    fig.legend(list(axes[0].patches)[:n], labels, fontsize=8, loc="outside lower center", ncols=1)  # the bars A, B...
     return fig
 
 
