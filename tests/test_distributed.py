@@ -102,6 +102,16 @@ def test_torchrun_with_two_processes_trains_the_one_process_model(single, data_r
         assert ra[5] == rb[5]  # val_acc over all 32 images
 
 
+def _pending(process: psutil.Process, signum: int) -> bool:
+    """Whether `signum` waits, undelivered, for `process` (a stopped process takes none)."""
+    try:
+        status = Path(f"/proc/{process.pid}/status").read_text()
+    except OSError:
+        return False
+    masks = [int(line.split()[1], 16) for line in status.splitlines() if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(mask >> (signum - 1) & 1 for mask in masks)
+
+
 def _workers(parent: psutil.Process) -> dict[int, psutil.Process]:
     """rank -> process, among the launcher's descendants."""
     found = {}
@@ -227,7 +237,9 @@ def test_a_lost_process_ends_the_job_in_bounded_time_and_the_run_says_interrupte
       `running` interrupted (it used to stay `running`);
     * rank 1 stops answering (SIGSTOP: a hung process or a lost node, no connection closes, as
       NCCL sees a dead peer): rank 0's collective times out after 5 s instead of 10 minutes and
-      records the stage interrupted; the launcher stops the hung process.
+      records the stage interrupted; the launcher stops the hung process (its SIGTERM, found
+      pending on the stopped process, which is then continued to take it: torchrun's SIGKILL
+      would follow 30 s later, its own fixed grace period).
     Every process is gone well within a minute, and the launcher ends with one line, exit 130."""
     runs = tmp_path / "runs"
     launcher = subprocess.Popen(
@@ -247,6 +259,11 @@ def test_a_lost_process_ends_the_job_in_bounded_time_and_the_run_says_interrupte
         else:
             workers[1].send_signal(signal.SIGSTOP)
         lost_at = time.time()
+        if lose == "hang rank 1":  # torchrun's own grace period, not medcli's: spared once its SIGTERM waits
+            while launcher.poll() is None and time.time() < lost_at + 60 and not _pending(workers[1], signal.SIGTERM):
+                time.sleep(0.05)
+            asked_to_stop = _pending(workers[1], signal.SIGTERM)
+            workers[1].send_signal(signal.SIGCONT)
         stdout, stderr = launcher.communicate(timeout=120)
         ended_in = time.time() - lost_at
         gone, alive = psutil.wait_procs(list(workers.values()), timeout=1)
@@ -259,6 +276,7 @@ def test_a_lost_process_ends_the_job_in_bounded_time_and_the_run_says_interrupte
         if launcher.poll() is None:
             launcher.kill()
     assert not alive and ended_in < 60, (ended_in, stderr[-2000:])
+    assert lose != "hang rank 1" or asked_to_stop, "the launcher never stopped the hung process"
     assert launcher.returncode == 130 and stdout == "", stderr[-2000:]
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and "medcli train --resume" in last and "--nproc 2'" in last, stderr[-2000:]
