@@ -35,6 +35,7 @@ import json
 import os
 import re
 import shlex
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -46,7 +47,7 @@ from medcli import console
 from medcli.errors import Interrupted, MedcliError, UsageError
 
 __all__ = [
-    "COLLECTIVE_TIMEOUT_S", "Context", "check_gpus", "collective_timeout", "device_for", "from_env", "from_main", "gather",
+    "COLLECTIVE_TIMEOUT_S", "Context", "check_gpus", "collective_timeout", "command_line", "device_for", "from_env", "from_main", "gather",
     "gpu_index", "is_main_process", "joined", "launch", "says_interruptions", "model_seed", "peer_lost", "peers",
     "seed_model", "session", "sum_", "sync_buffers", "watch_launcher",
 ]
@@ -359,6 +360,20 @@ def sync_buffers(ctx: Context, model) -> None:
 
         for buffer in model.buffers():
             dist.broadcast(buffer, src=0)
+
+
+def command_line() -> list[str]:
+    """The command that started this process's job: a launcher's (torchrun, or `train --nproc`,
+    which runs torchrun's in its own process), the parent of every process it starts, names
+    the processes; one process has its own sys.argv."""
+    if os.environ.get("LOCAL_RANK") is not None:
+        import psutil
+
+        try:
+            return psutil.Process(os.getppid()).cmdline()
+        except psutil.Error:
+            pass
+    return list(sys.argv)
 
 
 def launch(nproc: int, argv: list[str], lost: Callable[[str, int, str], Any] | None = None) -> int:

@@ -13,12 +13,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from medcli import __version__, fileio, system
+from medcli import __version__, distributed, fileio, system
 from medcli.errors import UsageError
 
 __all__ = ["FILENAME", "SCHEMA_VERSION", "document", "environment", "now_iso", "read", "write"]
@@ -50,7 +49,7 @@ def environment(device: str | None = None, seed: int | None = None, deterministi
         "torch_threads": torch.get_num_threads(),
         "seed": seed,
         "deterministic": deterministic,
-        "argv": sys.argv,
+        "argv": distributed.command_line(),  # under torchrun or --nproc, the launcher's
     }
     if device and device.startswith("cuda") and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from medcli import console
+from medcli import console, manifest
 from medcli.errors import UsageError
 
 __all__ = ["MedcliProcess", "clean", "end_processes", "find_processes", "job_of", "mark_lost", "other_trainings", "parse_duration"]
@@ -310,6 +310,9 @@ def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = Non
         raise UsageError("--run and --pid each choose one job; pass one of them")
     if run is not None and not Path(run).is_dir():
         raise UsageError(f"--run {run}: no such run directory")
+    if run is not None and not (Path(run) / manifest.FILENAME).is_file():
+        raise UsageError(f"--run {run} is no run directory (it has no {manifest.FILENAME}); pass the folder "
+                         "'medcli train' printed")
     if pid is not None and pid < 1:
         raise UsageError(f"--pid {pid} is not a process id")
     found = find_processes(parse_duration(older_than) if older_than else 0.0)

@@ -86,6 +86,8 @@ def test_torchrun_with_two_processes_trains_the_one_process_model(single, data_r
     assert [p for p in runs.iterdir()] == [run]
     manifest = _manifest(run)
     assert manifest["environment"]["distributed"] == {"world_size": 2, "backend": "gloo"}
+    # review: the argv was the process's own, '-m medcli train ...': run again, one process
+    assert manifest["environment"]["argv"][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
     assert manifest["stages"]["train"]["status"] == "completed"
     assert manifest["stages"]["train"]["summary"]["world_size"] == 2
     # images/s counts each image once: the manifest says what rank 0's last epoch line says
@@ -152,6 +154,7 @@ def test_losing_one_process_interrupts_the_run_and_it_resumes_in_one(single, dat
     (run,) = runs.iterdir()
     stage = _manifest(run)["stages"]["train"]
     assert stage["status"] == "interrupted", stage
+    assert _manifest(run)["environment"]["argv"][-2:] == ["--nproc", "2"]  # the command as launched
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["epoch"] < 3
 
     resumed = _medcli("--quiet", "train", "--resume", str(run))

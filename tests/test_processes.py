@@ -195,10 +195,12 @@ def test_dry_run_and_yes_conflict():
 
 
 @pytest.mark.parametrize("args, said", [(["--run", "no/such/run"], "--run no/such/run: no such run directory"),
+                                        (["--run", "FOLDER"], "is no run directory (it has no manifest.json)"),
                                         (["--pid", "-5"], "--pid -5 is not a process id")])
-def test_a_job_that_cannot_exist_is_a_usage_error_not_an_empty_table(args, said):
+def test_a_job_that_cannot_exist_is_a_usage_error_not_an_empty_table(args, said, tmp_path):
     """Review: a mistyped --run path (or --pid -5) exited 0 with an empty table, which reads as
-    "nothing to clean"."""
+    "nothing to clean"; so did a folder that is no run (e.g. the runs folder itself)."""
+    args = [str(tmp_path) if arg == "FOLDER" else arg for arg in args]
     result = runner.invoke(app, ["clean-processes", *args, "--dry-run"])
     assert result.exit_code == 2 and said in result.stderr and result.stdout == "", result.output
 
