@@ -111,15 +111,29 @@ def train_flops_per_image(model_name: str, input_size: int, device: str) -> floa
     return counter.get_total_flops() / 8
 
 
-class BusySampler:
-    """`nvidia-smi`'s utilization.gpu every 200 ms, with the time each sample was read; no
-    samples (and busy shares of None) where there is no nvidia-smi."""
+def gpu_uuid() -> str:
+    """The UUID nvidia-smi names the training GPU by (torch's device 0; some torch versions
+    print it without nvidia-smi's "GPU-")."""
+    import torch
 
-    def __init__(self) -> None:
+    uuid = str(torch.cuda.get_device_properties(0).uuid)
+    return uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+
+
+class BusySampler:
+    """`nvidia-smi`'s utilization.gpu of the GPU `gpu` (its UUID, which names it whatever
+    CUDA_VISIBLE_DEVICES says; without -i nvidia-smi prints a line per GPU of the machine)
+    every 200 ms, with the time each sample was read; no samples (and busy shares of None)
+    where there is no nvidia-smi or no GPU."""
+
+    def __init__(self, gpu: str | None) -> None:
         self.samples: list[tuple[float, float]] = []
+        self.process = None
+        if gpu is None:
+            return
         try:
             self.process = subprocess.Popen(
-                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
+                ["nvidia-smi", "-i", gpu, "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "200"],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         except OSError:
             self.process = None
@@ -288,7 +302,7 @@ def measure(options, cases: list, device: str, peak: float | None, work: Path, b
         datasets.make_synthetic(root / "bloodmnist.npz", "bloodmnist", 28, (64, 32, 32), seed=0)
     else:
         root = root_for(options.data, work)
-    busy, runs = BusySampler(), {}
+    busy, runs = BusySampler(gpu_uuid() if device == "cuda" else None), {}
     try:
         for case in cases:
             run_case(case, root, work, device, peak, busy, runs, options.budget - (time.perf_counter() - began))

@@ -46,7 +46,8 @@ def train_runs(workdir: Path) -> list[Path]:
     return runs
 
 
-def write_pngs(run: Path, folder: Path) -> None:
+def write_pngs(run: Path, folder: Path) -> str:
+    """Up to FILES images of the run's test (then train) split as PNG files; says how many, of what size."""
     from PIL import Image
 
     from medcli.run import Run
@@ -56,6 +57,7 @@ def write_pngs(run: Path, folder: Path) -> None:
     images = [*data.images["test"], *data.images["train"]][:FILES]
     for k, image in enumerate(images):
         Image.fromarray(image).save(folder / f"cell_{k:04d}.png")
+    return f"{len(images):,} at {images[0].shape[0]} px"
 
 
 def timed(command: list[str], repeats: int) -> float:
@@ -122,7 +124,7 @@ def main() -> None:
         runs = args.run or train_runs(workdir)
         for run in runs:
             folder = workdir / f"pngs-{run.name}"
-            write_pngs(run, folder)
+            pngs = write_pngs(run, folder)
             onnx_file = workdir / f"{run.name}.onnx"
             subprocess.run([*medcli, "export", str(run), "--out", str(onnx_file)], check=True, stdout=subprocess.DEVNULL)
             run_s = timed([*medcli, "predict", str(run), str(folder), "--out", str(workdir / "a.csv"), "--overwrite"], args.repeats)
@@ -132,16 +134,16 @@ def main() -> None:
             from medcli.run import Run
 
             spec = Run.open(run).spec
-            rows.append((f"{spec['name']} ({spec['params'] / 1e6:.1f} M)", run_s, onnx_s, torch_rate, onnx_rate, diff))
+            rows.append((f"{spec['name']} ({spec['params'] / 1e6:.1f} M)", pngs, run_s, onnx_s, torch_rate, onnx_rate, diff))
     import torch
     import onnxruntime
 
-    print(f"\n{FILES} PNG files at 28 px, {threads} threads, median of {args.repeats}; torch {torch.__version__}, "
+    print(f"\nup to {FILES:,} PNG files per run, {threads} threads, median of {args.repeats}; torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}")
-    print("| model | predict 1,000 PNGs, run (s) | same, ONNX file (s) | forward PyTorch (img/s) | forward ONNX Runtime (img/s) | ORT / PyTorch | max abs logit diff |")
-    print("|---|---|---|---|---|---|---|")
-    for name, run_s, onnx_s, torch_rate, onnx_rate, diff in rows:
-        print(f"| {name} | {run_s:.2f} | {onnx_s:.2f} | {torch_rate:,.0f} | {onnx_rate:,.0f} | {onnx_rate / torch_rate:.2f}x | {diff:.1e} |")
+    print("| model | PNG files | predict them, run (s) | same, ONNX file (s) | forward PyTorch (img/s) | forward ONNX Runtime (img/s) | ORT / PyTorch | max abs logit diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, pngs, run_s, onnx_s, torch_rate, onnx_rate, diff in rows:
+        print(f"| {name} | {pngs} | {run_s:.2f} | {onnx_s:.2f} | {torch_rate:,.0f} | {onnx_rate:,.0f} | {onnx_rate / torch_rate:.2f}x | {diff:.1e} |")
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ For each set and seed it trains:
               then `medcli evaluate` (best.pt, no TTA).
 
 and prints test accuracy and AUC (medmnist's definitions) as mean +- std over the seeds, wall
-time, and for medcli the share of the training stage spent outside the training steps
-(validation, BatchNorm re-estimation, checkpoints, history and curves), and for both the
-epoch best.pt (the best model) came from.
+time (for both: loading the data, building the model and training; not the test evaluation),
+and for medcli the share of the training stage spent outside the training steps (the stage's
+set-up of model, data, optimizer and EMA, validation, BatchNorm re-estimation, checkpoints,
+history and curves), and for both the epoch best.pt (the best model) came from.
 
     .venv/bin/python scripts/bench_small.py [--sets blood546,gray2] [--seeds 0,1,2] [--only medcli]
                                             [--results bench_small.jsonl [--table]]
@@ -97,6 +98,7 @@ def reference(root: Path, flag: str, seed: int, epochs: int) -> dict:
     from medcli import datasets, system
 
     torch.set_num_threads(system.usable_cpus())
+    start = time.perf_counter()  # as medcli's: data loading, the model and the training, not the test
     torch.manual_seed(seed)
     splits = datasets.load(root, flag, 28)
     task = datasets.task(flag)
@@ -118,7 +120,6 @@ def reference(root: Path, flag: str, seed: int, epochs: int) -> dict:
         return task.probs_t(out.double()).numpy()
 
     best, best_auc, best_epoch = None, -1.0, None
-    start = time.perf_counter()
     for epoch in range(1, epochs + 1):
         net.train()
         order = torch.randperm(len(xtr), generator=generator)

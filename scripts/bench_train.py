@@ -10,7 +10,7 @@ Parts (default: all):
   --full N    the full default `medcli train --model resnet18` recipe (batch 128, SGD lr 0.1,
               label smoothing, the stem of the size policy) shortened to N epochs: test accuracy,
               and the projected wall time of the default epoch count at the measured time per
-              epoch. Not part of the default set (hours of CPU time at the default epoch count).
+              epoch (history.csv's seconds; start-up and what follows the epochs counted once). Not part of the default set (hours of CPU time at the default epoch count).
 The end-to-end runs train at the size of the --data file (28 px, or 64 px with
 bloodmnist_pbc_64.npz). Test accuracy comes from the best checkpoint through
 `inference.predict_logits`.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import os
 import subprocess
 import sys
@@ -136,13 +137,17 @@ def end_to_end(model: str, source: Path, work: Path, extra: list[str], reduced: 
                                       batch_size=512, device="cpu")
     accuracy = float((logits.argmax(1).numpy() == splits.labels["test"]).mean())
     summary = run.stages["train"]["summary"]
+    rule = "" if summary.get("select_rule", "epoch") == "epoch" else f", {summary['select_rule']} rule"
     print(f"{label} wall {wall / 60:.2f} min, epochs {summary['epochs_run']}, "
-          f"best epoch {summary['best_epoch']} (val acc {summary['best_value']:.4f}), "
+          f"best epoch {summary['best_epoch']} (val {summary['monitor']} {summary['best_value']:.4f}{rule}), "
           f"train {summary['images_per_s']:.0f} img/s (last epoch {summary['last_epoch_images_per_s']:.0f}), TEST accuracy {accuracy:.4f}  ({run.run_dir})")
     if not reduced:
         default_epochs = models.record(model).defaults["epochs"]
-        projected = wall / summary["epochs_run"] * default_epochs
-        print(f"{label} projected wall for the default {default_epochs} epochs: {projected / 3600:.1f} h")
+        with run.history_file().open() as history:
+            epochs_s = sum(float(row["seconds"]) for row in csv.DictReader(history))
+        projected = wall - epochs_s + epochs_s / summary["epochs_run"] * default_epochs  # start-up and the end once
+        print(f"{label} projected wall for the default {default_epochs} epochs: {projected / 3600:.1f} h "
+              f"({epochs_s / summary['epochs_run']:.0f} s per epoch, {wall - epochs_s:.0f} s outside the epochs)")
 
 
 def main() -> None:
