@@ -622,15 +622,12 @@ def table_text(result: Comparison, wide: bool = False, width: int | None = None)
     piped. A table that cannot fit (many metrics) runs past the width rather than lose its
     right-hand columns. No line ends in spaces."""
     from rich.console import Console
-    from rich.measure import Measurement
 
     terminal = sys.stdout.isatty()
     buffer = io.StringIO()
     shown = rich_tables(result, wide)
-    out = Console(file=buffer, width=width or (shutil.get_terminal_size().columns if terminal else 240),
-                  force_terminal=terminal, no_color=not terminal)
-    unbounded = out.options.update_width(sys.maxsize)  # the table's own minimum, not the page's
-    out.width = max(out.width, Measurement.get(out, unbounded, shown[0]).minimum)
+    out = console.widened(Console(file=buffer, width=width or (shutil.get_terminal_size().columns if terminal else 240),
+                                  force_terminal=terminal, no_color=not terminal), shown[0])
     out.print(*shown, crop=False)
     return "\n".join(line.rstrip() for line in buffer.getvalue().rstrip("\n").splitlines())
 

@@ -293,7 +293,8 @@ def download(
         else:
             from rich.console import Console
 
-            Console().print(library.table(entries, root))
+            shown = library.table(entries, root)
+            console.widened(Console(), shown).print(shown, crop=False)
         return
     def show(records: list[dict]) -> None:
         emit(records if json_out else "\n".join(record["path"] for record in records))

@@ -28,7 +28,7 @@ from rich.progress import (
 )
 
 __all__ = ["configure", "console", "debug", "error", "info", "is_quiet", "is_verbose", "plural", "progress", "silenced",
-           "warn"]
+           "warn", "widened"]
 
 _state = {"quiet": False, "verbose": False}
 _console: Console | None = None
@@ -64,6 +64,16 @@ def console() -> Console:
     if _console is None or _console.file is not sys.stderr:
         _console = Console(stderr=True, highlight=False, soft_wrap=True)
     return _console
+
+
+def widened(out: Console, renderable) -> Console:
+    """`out`, at least as wide as `renderable` can be (a table that cannot fit the terminal
+    runs past it, rather than cut its cells to "…")."""
+    from rich.measure import Measurement
+
+    unbounded = out.options.update_width(sys.maxsize)  # the renderable's own minimum, not the page's
+    out.width = max(out.width, Measurement.get(out, unbounded, renderable).minimum)
+    return out
 
 
 # Messages are plain text: file names ("scan.tif[frame 1]") and library errors ("[/src/pair.cc:534]")

@@ -970,3 +970,15 @@ def test_one_files_usage_error_does_not_stop_the_others(server, good_npz, tmp_pa
                                  "--mirror", f"{server.base}/good"])
     assert result.exit_code == 2 and result.stdout.strip() == str((tmp_path / NAME).resolve())
     assert "holds another pathmnist file" in result.stderr and "1 of 2 files not downloaded" in result.stderr
+
+
+def test_the_list_is_never_cut_at_a_narrow_terminal(tmp_path):
+    """Review: at 40 columns `download --list` cut every number ("89…", "7,…"); the table runs
+    past a narrow terminal instead, as aggregate's does."""
+    table = runner.invoke(app, ["download", "--list", "--root", str(tmp_path)], env={"COLUMNS": "40"})
+    assert table.exit_code == 0, table.output
+    assert "…" not in table.stdout
+    for flag in ("pathmnist", "organsmnist"):
+        counts = [f"{n:,}" for n in datasets.info(flag)["n_samples"].values()]
+        row = next(line for line in table.stdout.splitlines() if line.strip().startswith(flag))
+        assert all(count in row for count in counts), row
