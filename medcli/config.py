@@ -41,7 +41,7 @@ CHANNELS_LAST_ON_CPU = True
 # batch 32 / lr 0.025 79.5 %, batch 16 / lr 0.0125 86.5 % (MedMNIST v2's recipe: 78.9 %).
 MIN_STEPS_PER_EPOCH = 32
 MIN_DEFAULT_BATCH = 16
-SEED_MAX = 2**32 - 1  # --seed's largest: 32 bits, well below torch's 2^64 - 1 for the seeds derived from it (seed + 1)
+SEED_MAX = 2**32 - 1  # --seed's largest: 32 bits (numpy's SeedSequence and torch's 2^64 - 1 take it whole)
 MIN_BATCH = 2  # images per step and process: BatchNorm's batch statistics and a MixUp partner need two
 # Of the free GPU memory, the share the uint8 splits may take (else kept in pinned host memory).
 DEVICE_DATA_SHARE = 0.5

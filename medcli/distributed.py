@@ -47,7 +47,7 @@ from medcli import console
 from medcli.errors import Interrupted, MedcliError, UsageError
 
 __all__ = [
-    "COLLECTIVE_TIMEOUT_S", "Context", "check_gpus", "collective_timeout", "command_line", "device_for", "from_env", "from_main", "gather",
+    "COLLECTIVE_TIMEOUT_S", "Context", "check_gpus", "collective_timeout", "command_line", "derived_seed", "device_for", "from_env", "from_main", "gather",
     "gpu_index", "is_main_process", "joined", "launch", "says_interruptions", "model_seed", "peer_lost", "peers",
     "seed_model", "session", "sum_", "sync_buffers", "watch_launcher",
 ]
@@ -241,10 +241,17 @@ def joined() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def derived_seed(purpose: str, *parts: int) -> int:
+    """The seed (63 bits) of one purpose's random stream, from the run's seed and `parts`: a
+    hash, so the streams of two purposes or two run seeds never coincide (seed and seed + 1
+    would: one run's augmentation stream was the next seed's data order)."""
+    digest = hashlib.sha256(f"medcli-{purpose}-rng:{':'.join(map(str, parts))}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 def model_seed(seed: int, rank: int, epoch: int) -> int:
     """The seed of process `rank`'s own random stream (dropout, drop-path) in `epoch`."""
-    digest = hashlib.sha256(f"medcli-model-rng:{seed}:{rank}:{epoch}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+    return derived_seed("model", seed, rank, epoch)
 
 
 def seed_model(ctx: Context, seed: int, epoch: int) -> None:

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EVAL_BATCH", "HISTORY_COLUMNS", "State", "bn_images", "check_finite", "check_launch", "check_sync_bn", "compare",
-    "compiled", "monitored", "reestimate_batchnorm", "resume", "summary", "train", "train_one_epoch",
+    "compiled", "generators", "monitored", "reestimate_batchnorm", "resume", "summary", "train", "train_one_epoch",
     "use_cpu_threads",
 ]
 
@@ -67,6 +67,16 @@ HISTORY_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_ac
 # ---------------------------------------------------------------------------------------
 # The loop
 # ---------------------------------------------------------------------------------------
+
+def generators(seed: int) -> dict:
+    """The data order's and the augmentation's random streams of a run (CPU generators: the same
+    streams on any device), each seeded apart from the other and from the model's (the global
+    stream, torch.manual_seed(seed): its initialisation, dropout)."""
+    import torch
+
+    return {"data_gen": torch.Generator().manual_seed(distributed.derived_seed("data", seed)),
+            "aug_gen": torch.Generator().manual_seed(distributed.derived_seed("augment", seed))}
+
 
 @dataclass
 class State:
@@ -587,9 +597,7 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
         state = State(model=model, forward=compiled(forward, config), optimizer=optimizer,
                       scheduler=optim.make_scheduler(optimizer, config, steps),
                       scaler=torch.amp.GradScaler(device.type, enabled=config["amp"] == "fp16"),
-                      data_gen=torch.Generator().manual_seed(config["seed"]),
-                      aug_gen=torch.Generator().manual_seed(config["seed"] + 1),  # CPU: the same stream on any device
-                      task=datasets.task(config["dataset"]), ema=ema)
+                      **generators(config["seed"]), task=datasets.task(config["dataset"]), ema=ema)
         if checkpoint is not None:
             checkpoints.restore(state, checkpoint, run, device)
         optim.place_lr(optimizer, config, device)  # a device tensor the schedule fills (--compile, CUDA)

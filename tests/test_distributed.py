@@ -343,8 +343,7 @@ def _first_epoch(rank: int, world_size: int) -> _Recorder:
     state = train.State(model=model, forward=model, optimizer=optimizer,
                         scheduler=optim.make_scheduler(optimizer, config, 4),
                         scaler=torch.amp.GradScaler("cpu", enabled=False),
-                        data_gen=torch.Generator().manual_seed(config["seed"]),
-                        aug_gen=torch.Generator().manual_seed(config["seed"] + 1), task=datasets.task("bloodmnist"))
+                        **train.generators(config["seed"]), task=datasets.task("bloodmnist"))
     with console.progress() as bar:
         train.train_one_epoch(state, data, augment.make_prep(28, 3), config, torch.device("cpu"), bar,
                               bar.add_task("epoch", total=1), distributed.Context(rank=rank, world_size=world_size))

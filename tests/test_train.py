@@ -104,7 +104,9 @@ def test_a_compiled_run_follows_the_schedule_and_equals_the_eager_run(small_root
     monkeypatch.setattr(torch, "compile", compile_eager)
     monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(True))
     torch._dynamo.reset()
-    options = dict(root=small_root, epochs=4, warmup_epochs=1.0, **{**TINY, "batch_size": 8})  # 2 steps an epoch
+    # 2 steps an epoch, at the rate of batch 8 (lr 0.1 there makes training chaotic: the float32
+    # rounding of a compiled step grew into 1 % of the weights within two steps for some seeds)
+    options = dict(root=small_root, epochs=4, warmup_epochs=1.0, lr=0.00625, **{**TINY, "batch_size": 8})
     eager = train.train(runs_dir=tmp_path / "eager", **options)
     assert not marks and not modes
     run = _interrupted_run(tmp_path / "compiled", monkeypatch, compile_mode="reduce-overhead", **options)
@@ -1055,7 +1057,9 @@ def test_the_ema_averages_the_parameters_and_gets_its_own_batchnorm_statistics(s
     ema = run.load_model("best", "cpu")
     stored = {k: v.clone() for k, v in ema.state_dict().items() if "running" in k}
     update_bn([batch], ema)
-    assert stored and all(torch.allclose(stored[k], v, atol=1e-5) for k, v in ema.state_dict().items() if k in stored)
+    # the same statistics up to float32 rounding (training sums them in batches of EVAL_BATCH)
+    assert stored and all(torch.allclose(stored[k], v, rtol=1e-4, atol=1e-5) for k, v in ema.state_dict().items()
+                          if k in stored)
     assert not all(torch.allclose(stored[k], last["model"][k]) for k in stored)
     trained = run.load_model("last", "cpu")  # last.pt's own statistics are re-estimated at the end too
     update_bn([batch], trained)
@@ -1136,6 +1140,23 @@ def test_the_library_refuses_a_seed_beyond_the_clis_range():
     overflowed in torch.Generator().manual_seed(seed + 1), after the run was made."""
     with pytest.raises(UsageError, match=r"--seed must be 0 to 4294967295 \(got 18446744073709551615\)"):
         resolve_config(device="cpu", seed=2**64 - 1)
+
+
+def test_the_random_streams_of_a_run_and_of_other_seeds_never_coincide():
+    """Review: the data order was seeded with the run's seed, as the model's initialisation (the
+    global stream: the same numbers), and the augmentation with seed + 1, the next seed's data
+    order and initialisation: seeds 0, 1, 2, repeats `aggregate` treats as independent, shared
+    their streams. Every (seed, purpose) now draws its own."""
+    draws = {}
+    for seed in range(4):
+        torch.manual_seed(seed)
+        draws[seed, "model"] = torch.rand(8)
+        for purpose, generator in train.generators(seed).items():
+            draws[seed, purpose] = torch.rand(8, generator=generator)
+    again = {purpose: torch.rand(8, generator=generator) for purpose, generator in train.generators(3).items()}
+    assert all(torch.equal(again[purpose], draws[3, purpose]) for purpose in again)  # a seed's streams are its own
+    streams = list(draws.values())
+    assert all(not torch.equal(a, b) for i, a in enumerate(streams) for b in streams[i + 1:]), sorted(draws)
 
 
 def test_a_run_stopped_before_its_train_stage_was_recorded_resumes_from_the_start(small_root, tmp_path):
