@@ -316,6 +316,8 @@ def aggregate(paths: Sequence[str | os.PathLike], split: str = "test", metric_na
                          f"{', '.join(m for m in COMPARABLE_METRICS if m not in FAITHFULNESS_METRICS)} "
                          f"(the faithfulness of each run's own explain method) or road_<explain method>")
     run_dirs, skipped = find_runs(paths or ["."])
+    if not run_dirs and skipped:  # nothing found at all: the paths are the problem
+        raise UsageError("no runs to compare: " + "; ".join(f"{entry['run']} {entry['reason']}" for entry in skipped))
     runs, foreign = [], {}
     for run_dir in run_dirs:
         try:

@@ -68,7 +68,8 @@ class MedcliGroup(TyperGroup):
                 console.error(f"{option} is a global option: put it before the command, "
                               f"as in 'medcli {option} {exc.ctx.info_name} ...'")
             else:
-                console.error(f"{exc.format_message()} (see '{name} --help')")
+                # Typer words a choice error "Invalid value for '--split': Value error, 'x' is not one of ..."
+                console.error(f"{exc.format_message().replace(': Value error, ', ': ')} (see '{name} --help')")
             raise typer.Exit(EXIT_USAGE) from None
         except MedcliError as exc:
             job = _job()

@@ -29,7 +29,7 @@ from collections import Counter
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -63,18 +63,24 @@ def data_key(group: dict) -> tuple:
 
 def leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[str]]:
     """Per metric, the labels of the group(s) (`aggregate`'s setups) with the best mean (lower
-    is better for losses and ECE) among two or more on the same data."""
+    is better for losses and ECE) among two or more on the same data; a score that names its
+    method (`<metric>_method`: `road`, each run's own explanation method) only among scores of
+    that method."""
     by_data: dict[tuple, list[dict]] = {}
     for g in groups:
         by_data.setdefault(data_key(g), []).append(g)
     found: dict[str, list[str]] = {}
     for metric in metric_names:
-        for rivals in by_data.values():
-            scored = [(g[metric], g["group"]) for g in rivals if g[metric] is not None]
-            if len(scored) > 1:
-                best = (min if metric in LOWER_IS_BETTER else max)(value for value, _ in scored)
-                found.setdefault(metric, []).extend(
-                    name for value, name in scored if np.isclose(value, best, rtol=0, atol=1e-12))
+        for same_data in by_data.values():
+            contests: dict[Any, list[dict]] = {}
+            for g in same_data:
+                contests.setdefault(g.get(f"{metric}_method"), []).append(g)
+            for rivals in contests.values():
+                scored = [(g[metric], g["group"]) for g in rivals if g[metric] is not None]
+                if len(scored) > 1:
+                    best = (min if metric in LOWER_IS_BETTER else max)(value for value, _ in scored)
+                    found.setdefault(metric, []).extend(
+                        name for value, name in scored if np.isclose(value, best, rtol=0, atol=1e-12))
     return found
 
 

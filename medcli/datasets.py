@@ -76,9 +76,13 @@ def flags() -> list[str]:
 def info(flag: str) -> dict:
     flag = flag.lower()
     if flag not in flags():
-        what = ("a 3D MedMNIST dataset; medcli trains on the 2D ones" if flag in _info_table()
-                else "unknown dataset")
-        raise UsageError(f"'{flag}' is {what}; choose one of: {', '.join(flags())}")
+        if flag in _info_table():
+            raise UsageError(f"'{flag}' is a 3D MedMNIST dataset; medcli trains on the 2D ones: {', '.join(flags())}")
+        import difflib
+
+        close = difflib.get_close_matches(flag, flags(), n=1, cutoff=0.8)  # a typo, not any other flag
+        raise UsageError(f"'{flag}' is not a MedMNIST 2D dataset; "
+                         + (f"did you mean {close[0]}? " if close else "") + f"(one of: {', '.join(flags())})")
     return _info_table()[flag]
 
 

@@ -172,14 +172,18 @@ def _write_split(run: Run, split: str, logits: np.ndarray, data: datasets.Splits
 
     title, note = f"{run.run_id} · {split}", datasets.provenance(data.record)
     captions = task.describe(labels, raw)  # the model's own confidences, as in the predictions CSV
+    scaled = metrics.temperature_applied(calibration)  # the figures show the model's own, unscaled, confidences
     figure = {name: run.figure_file(name, split) for name in SPLIT_FIGURES}
     files = [
         fileio.write_json(run.metrics_file(split), result),
         *tables.write_predictions(run.predictions_file(split), task, labels, raw, None if fit is None else fit[0]),
         reports.save_task_confusion(figure["confusion"], task.confusion_tables(values), title, note),
         reports.save_samples(figure["samples"], data.images[split], captions,
-                             f"{title}: sample predictions (green right, red wrong; confidence in brackets)", note),
-        reports.save_mistakes(figure["mistakes"], data.images[split], captions, f"{title}: most confident mistakes", note),
+                             f"{title}: sample predictions (green right, red wrong; "
+                             f"{'the confidence before temperature scaling' if scaled else 'confidence'} in brackets)",
+                             note),
+        reports.save_mistakes(figure["mistakes"], data.images[split], captions, f"{title}: most confident mistakes"
+                              + (" (confidence before temperature scaling)" if scaled else ""), note),
         reports.save_reliability(figure["reliability"], panels, f"{title}: reliability", note),
         reports.save_roc(figure["roc"], tables.roc_curves(task.indicator(labels), raw, names, task.roc_classes()),
                          f"{title}: ROC and precision-recall", note),

@@ -28,7 +28,7 @@ from medcli.errors import UsageError
 from medcli.names import EXPLAIN_TARGETS, SPLITS, file_names, short_names
 from medcli.run import Run
 
-__all__ = ["Explained", "choose_samples", "explain_run", "parse_indices", "write_figures"]
+__all__ = ["Explained", "choose_samples", "explain_run", "faithfulness_text", "parse_indices", "write_figures"]
 
 
 # -- samples ---------------------------------------------------------------------------------------
@@ -168,6 +168,8 @@ def explain_run(
             maps, scores = explainers.heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
                                     device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
                                     scorer=explainers.road_scorer(model, seed, task, samples=chosen) if faithfulness else None)
+        if scores is not None:  # a constant map ranks its pixels by ROAD's tie noise alone: a random removal
+            scores = np.where(_constant(maps), np.nan, scores)
         box = data.record.get("signal_box")
         explained = Explained(split, chosen, images[chosen], truth, preds, probs[np.arange(len(chosen)), preds],
                               classes, maps, explainers.box_mass(maps, box) if box else None, scores,
@@ -208,7 +210,7 @@ def explain_run(
     console.info(f"{method}{f' on {layer}' if layer else ''}: {explained_samples} explained"
                  + (f", mean heat-map share in the evidence box {index['mean_box_mass']:.2f}"
                     if index["mean_box_mass"] is not None else "")
-                 + (f", ROAD faithfulness {road['mean']:.3f} +- {road['std']:.3f}" if road else ""))
+                 + (f", ROAD faithfulness {faithfulness_text(road)}" if road else ""))
     index["dir"] = str(out_dir.resolve())
     return index
 
@@ -342,7 +344,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
     # a map of another class than the prediction (--target) says which, in its name, title and tile
     other = [class_specific and int(ex.targets[row]) != int(ex.predictions[row]) for row in range(len(ex.indices))]
     classes = sorted(set(int(ex.labels[row]) for row in in_grids))
-    flat = [bool(np.ptp(ex.maps[row]) == 0) for row in range(len(ex.indices))]  # a constant map shows nothing
+    flat = _constant(ex.maps).tolist()  # a constant map shows nothing (and has no ROAD score)
     samples, grids, files = [], {}, []
     with console.progress() as bar:
         task = bar.add_task("figures", total=len(ex.indices) + len(classes), unit="fig")
@@ -355,7 +357,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
             true_text = "+".join(names[k] for k in present[row]) or "no finding"
             explained = tasks.explained_text(names[pred], ex.confidence[row], _decided(ex, row))
             title = (f"true {true_text} | {explained} | " + (f"map of {names[mapped]} | " if other[row] else "") + caption
-                     + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None else "")
+                     + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None and not flat[row] else "")
                      + (" | constant map: no information" if flat[row] else ""))
             reports.save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title, note)
             files.append(out_dir / name)
@@ -367,6 +369,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
                 "target": int(ex.targets[row]), "file": name,
                 **({"box_mass": _finite(ex.box_mass[row])} if ex.box_mass is not None else {}),
                 **({"road": _finite(ex.road[row])} if ex.road is not None else {}),
+                **({"constant": True} if flat[row] else {}),
                 **({"true_labels": [names[k] for k in present[row]]} if ex.label_sets is not None else {}),
             })
             bar.advance(task)
@@ -456,12 +459,34 @@ def save_maps(path, ex: Explained, dataset: dict, selection: str, target: str | 
 
 
 def _spread(values, task) -> dict | None:
-    """{"metric", "mean", "std", "n"} of per-sample scores (None without scores)."""
+    """{"metric", "mean", "std", "n", "constant"} of per-sample scores (None without scores):
+    over the scored maps (n), the constant ones (NaN) counted apart."""
     import numpy as np
 
     if values is None or not len(values):
         return None
-    return {"metric": explainers.road_name(task), "mean": _finite(np.mean(values)), "std": _finite(np.std(values)), "n": len(values)}
+    values = np.asarray(values, dtype=np.float64)
+    scored = values[np.isfinite(values)]
+    mean, std = (_finite(np.mean(scored)), _finite(np.std(scored))) if len(scored) else (None, None)
+    return {"metric": explainers.road_name(task), "mean": mean, "std": std, "n": len(scored),
+            "constant": int(len(values) - len(scored))}
+
+
+def faithfulness_text(road: dict, plus_minus: str = "+-") -> str:
+    """An explanation's faithfulness summary (index.json's) in words: mean and std over the
+    scored maps, how many, and the constant ones left out (an index from before they were)."""
+    left_out = road.get("constant", 0)
+    spread = (f"{road['mean']:.3f} {plus_minus} {road['std']:.3f}" if road["n"] else "none (no map varies)")
+    return (f"{spread} ({console.plural(road['n'], 'map')}"
+            + (f"; {console.plural(left_out, 'constant map')} left out" if left_out else "") + ")")
+
+
+def _constant(maps):
+    """Which of `maps` (N, H, W) hold one value everywhere (they show nothing)."""
+    import numpy as np
+
+    maps = np.asarray(maps)
+    return np.ptp(maps.reshape(len(maps), -1), axis=1) == 0
 
 
 def _finite(value) -> float | None:

@@ -222,7 +222,8 @@ def model_card(card: dict, test: dict | None) -> str:
         + "; ".join(f"{i}: {name}" for i, name in enumerate(card["class_names"])) + ".",
         "",
         "## Data",
-        f"- {flag} at {size} px: {info.get('description', '').strip()}",
+        (f"- Trained on **{data['provenance']}**, not the official {flag}, for which MedMNIST says: "
+         if data.get("provenance") else f"- {flag} at {size} px: ") + info.get("description", "").strip(),
         f"- This run's file: md5 {data['md5']}"
         + (f"; **{data['provenance']}**" if data.get("provenance") else " (the official MedMNIST file)")
         + "; images per split: " + (", ".join(f"{split} {n:,}" for split, n in data["n_samples"].items())

@@ -205,10 +205,12 @@ def compare(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, m
     for (first, a), (second, b) in combinations(enumerate(columns), 2):
         rho, iou = agreement(a.data["maps"][rows[first]], b.data["maps"][rows[second]])
         scores.append((_letter(first) + _letter(second), rho, iou))
+        defined = np.isfinite(rho)  # a pair with a constant map has no rank correlation (nor IoU)
         per_class = {names[k]: {"spearman": _mean(rho[labels == k]), "top20_iou": _mean(iou[labels == k]),
-                                "n": int((labels == k).sum())} for k in _classes(labels)}
+                                "n": int((defined & (labels == k)).sum()),
+                                "undefined": int((~defined & (labels == k)).sum())} for k in _classes(labels)}
         pairs.append({"a": a.label, "b": b.label, "spearman": _mean(rho), "top20_iou": _mean(iou),
-                      "per_class": per_class})
+                      "n": int(defined.sum()), "undefined": int((~defined).sum()), "per_class": per_class})
         for i, sample in enumerate(common):
             table.append({"sample": sample, "label": names[labels[i]], "a": a.label, "b": b.label,
                           "spearman": _round(rho[i]), "top20_iou": _round(iou[i])})
@@ -362,7 +364,11 @@ def lines(summary: dict) -> list[str]:
     target = f"; the class-specific maps explain {summary['target']}" if summary.get("target") else ""
     out = [f"{console.plural(summary['samples'], 'common ' + summary['split'] + ' sample')} of {summary['dataset']}{target}"]
     for pair in summary["pairs"]:
-        out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {shown(pair['spearman'])}, top-20% IoU {shown(pair['top20_iou'])}")
-        out += [f"    {name}: {shown(v['spearman'])} / {shown(v['top20_iou'])} (n={v['n']})"
+        over = (f" over {pair['n']} of {console.plural(pair['n'] + pair['undefined'], 'sample')} "
+                f"({pair['undefined']} with a constant map)" if pair.get("undefined") else "")
+        out.append(f"{pair['a']}  vs  {pair['b']}: Spearman {shown(pair['spearman'])}, top-20% IoU "
+                   f"{shown(pair['top20_iou'])}{over}")
+        out += [f"    {name}: {shown(v['spearman'])} / {shown(v['top20_iou'])} (n={v['n']}"
+                + (f"; {v['undefined']} undefined" if v.get("undefined") else "") + ")"
                 for name, v in pair["per_class"].items()]
     return out

@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 from medcli import __version__, aggregate, compare_stats, console, datasets, fileio, maps, selection
 from medcli.errors import MedcliError, UsageError
 from medcli.evaluate import shown_metrics
+from medcli.explain import faithfulness_text
 from medcli.explainers import METHODS as EXPLAIN_METHODS
 from medcli.metrics import interval_text, metric_text, temperature_applied, temperature_text
 from medcli.names import SPLITS
@@ -359,6 +360,10 @@ def _calibration(run: Run, evaluations: dict[str, dict]) -> str:
                 parts.append(_table(("label", "temperature"),
                                     [(name, f"{t:.3f}") for name, t in zip(result["class_names"], calibration["temperature"])],
                                     numeric=[1], caption=f"The temperature of each label, {split} split"))
+        elif split == "val":  # where evaluate fits the temperature: its numbers after it would flatter it
+            parts.append(_note(f"Not calibrated. The temperature is fitted on this split; "
+                               f"'{run.evaluate_command('test', '--calibrate')}' fits it and shows the test split's "
+                               "calibration before and after it."))
         else:
             parts.append(_note(f"Not calibrated: '{run.evaluate_command(split, '--calibrate')}' fits a "
                                "temperature on val and shows the calibration before and after it."))
@@ -390,7 +395,7 @@ def _explanations(run: Run) -> str:
         facts = [f"{len(index['samples'])} {index['split']} samples ({index.get('selection')})",
                  f"target {index['target']}", f"checkpoint {index['checkpoint']}"]
         facts += [f"layer {index['layer']}"] if index.get("layer") else []
-        facts += [f"{road['metric']} {road['mean']:.3g} ± {road['std']:.3g}"] if road else []
+        facts += [f"{road['metric']} {faithfulness_text(road, '±')}"] if road else []
         facts += [f"mean heat-map share in the evidence box {mass:.2f}"] if mass is not None else []
         grids = [(run.explain_dir(method) / file, f"{method}: true class {name}")
                  for name, file in index["grids"].items()]

@@ -227,6 +227,11 @@ OPTION_CASES = {
     "evaluate unknown split": (["evaluate", "RUN", "--split", "holdout"], "holdout"),
     "aggregate unknown format": (["aggregate", "RUN", "--format", "pdf"], "pdf"),
     "clean-processes bad duration": (["clean-processes", "--older-than", "soon"], "soon"),
+    # review: a typo got the list of twelve flags and no suggestion; Typer's choice error began
+    # "Value error,"; a missing path gave "no evaluated runs to compare among 0 found"
+    "dataset typo": (["download", "bloodmnst"], "'bloodmnst' is not a MedMNIST 2D dataset; did you mean bloodmnist?"),
+    "split typo": (["evaluate", "RUN", "--split", "tset"], "Invalid value for '--split': 'tset' is not one of"),
+    "aggregate missing path": (["aggregate", "no/such/runs"], "no runs to compare: no/such/runs does not exist"),
 }
 
 

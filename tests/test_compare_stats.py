@@ -288,3 +288,18 @@ def test_a_predictions_file_changed_after_evaluate_is_no_ground_for_a_paired_tes
     predicted(tmp_path / "vit", RIGHT_A)  # another model's predictions in its place
     (pair,) = aggregate([tmp_path], metric_names=["accuracy"]).paired["pairs"]
     assert "predictions/test.csv of run" in pair["refused"] and "is not the file evaluate wrote" in pair["refused"]
+
+
+def test_a_method_named_score_leads_only_among_scores_of_that_method():
+    """Review: the `road` column (each run's own explanation method) starred a ViT's rollout score
+    over a CNN's Grad-CAM score: faithfulness of two methods is no contest."""
+    from medcli.compare_stats import leaders
+
+    def group(name, road, method, acc):
+        return {"group": name, "dataset": "bloodmnist", "size": 28, "data": "official", "experiment": {},
+                "road": road, "road_method": method, "accuracy": acc}
+
+    groups = [group("cnn", 0.06, "gradcam", 0.9), group("vit", 0.19, "rollout", 0.8),
+              group("cnn2", 0.05, "gradcam", 0.7)]
+    found = leaders(groups, ["accuracy", "road"])
+    assert found == {"accuracy": ["cnn"], "road": ["cnn"]}  # rollout's one score has no rival

@@ -419,7 +419,7 @@ def test_list_tells_synthetic_unrecorded_and_changed_files_apart(tmp_path):
     [
         ([], "name at least one dataset"),
         ([FLAG, "--size", "32"], "not a MedMNIST size"),
-        (["nosuchmnist"], "unknown dataset"),
+        (["nosuchmnist"], "'nosuchmnist' is not a MedMNIST 2D dataset; (one of: pathmnist,"),
         (["organmnist3d"], "'organmnist3d' is a 3D MedMNIST dataset; medcli trains on the 2D ones"),
         ([FLAG, "--size", "all", "--from", "x.npz"], "exactly one dataset and one --size"),
         ([FLAG, "--allow-unofficial"], "only to --from"),

@@ -89,7 +89,7 @@ def test_tta_and_calibration_are_deterministic_and_recorded(run_copy):
     assert calibration["before"]["auc"] == runs[0]["metrics"]["auc"]
 
 
-def test_calibration_changes_only_the_calibration_metrics(run_copy):
+def test_calibration_changes_only_the_calibration_metrics(run_copy, monkeypatch):
     """Review: with --calibrate the headline AUC (its interval, the medmnist CSV and the
     predictions the paired tests read) was that of the temperature-scaled probabilities: a
     softmax's one-vs-rest AUC moves with T, so a calibrated run could gain on a ranking by a
@@ -97,13 +97,21 @@ def test_calibration_changes_only_the_calibration_metrics(run_copy):
     after scaling, and the sidecar records T."""
     from medcli.evaluate import SCALED_METRICS, evaluate_run
 
+    from medcli import reports
+
     run = Run.open(run_copy)
+    # review: the samples and mistakes figures showed (and ranked mistakes by) the scaled
+    # confidences: they show the same as without calibration (and their titles say so)
+    shown = []
+    for name in ("save_samples", "save_mistakes"):
+        draw = getattr(reports, name)
+        monkeypatch.setattr(reports, name, lambda path, images, captions, *rest, draw=draw: (
+            shown.append(captions), draw(path, images, captions, *rest))[1])
     plain = evaluate_run(run_copy, split="test", device="cpu", medmnist_csv=True)["splits"]["test"]
-    # review: the samples and mistakes figures showed (and ranked mistakes by) the scaled confidences
-    files = {path: path.read_bytes() for path in (run.predictions_file("test"), *run.medmnist_dir().glob("*_test_*.csv"),
-                                                  run.figure_file("samples", "test"), run.figure_file("mistakes", "test"))}
-    assert len(files) == 4
+    files = {path: path.read_bytes() for path in (run.predictions_file("test"), *run.medmnist_dir().glob("*_test_*.csv"))}
+    assert len(files) == 2
     scaled = evaluate_run(run_copy, split="test", calibrate=True, device="cpu", medmnist_csv=True)["splits"]["test"]
+    assert len(shown) == 4 and all(np.array_equal(x, y) for a, b in zip(shown[:2], shown[2:]) for x, y in zip(a, b))
     calibration = scaled["calibration"]
     assert calibration["after"]["auc"] != calibration["before"]["auc"]  # T moves this model's AUC
     for key, value in plain["metrics"].items():
@@ -892,3 +900,22 @@ def test_a_run_another_process_evaluates_is_refused_before_the_model_and_data_lo
         one_line_error(runner.invoke(app, [args[0], str(tiny_run), *args[1:]]), 2,
                        f"is in use by another medcli process ({stage} stage")
     assert loaded == []
+
+
+def test_the_sample_figures_of_a_calibrated_split_say_whose_confidences_they_show(run_copy, monkeypatch):
+    """Review: after --calibrate the samples and mistakes figures showed the model's own
+    confidences ("(41%)"; with T = 0.39 the scaled one is far higher) and said nothing."""
+    from medcli import reports
+
+    titles = {}
+    for name in ("save_samples", "save_mistakes"):
+        draw = getattr(reports, name)
+        monkeypatch.setattr(reports, name, lambda path, images, captions, title, note=None, draw=draw, name=name: (
+            titles.setdefault(name, []).append(title), draw(path, images, captions, title, note))[1])
+    from medcli.evaluate import evaluate_run
+
+    evaluate_run(run_copy)
+    evaluate_run(run_copy, calibrate=True)
+    for name in ("save_samples", "save_mistakes"):
+        plain, calibrated = titles[name]
+        assert "temperature" not in plain and "before temperature scaling" in calibrated, titles

@@ -10,6 +10,7 @@ untrained, so for it we test the geometry instead (see the rollout evidence test
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from medcli import augment, datasets, explain, explainers, fileio, models, names
+from medcli import augment, datasets, explain, explainers, fileio, models, names, reports
 from medcli.cli import app
 from medcli.run import Run
 
@@ -347,8 +348,9 @@ def test_explain_records_faithfulness_and_raw_maps(tiny_run, tmp_path):
     result = runner.invoke(app, ["explain", str(run), "--per-class", "1", "--json"])
     assert result.exit_code == 0, result.stderr
     index = json.loads(result.stdout)
-    roads = [s["road"] for s in index["samples"]]
-    assert index["faithfulness"]["n"] == len(roads) == 8
+    roads = [s["road"] for s in index["samples"] if not s.get("constant")]  # a constant map has no score
+    assert len(index["samples"]) == 8 and None not in roads
+    assert (index["faithfulness"]["n"], index["faithfulness"]["constant"]) == (len(roads), 8 - len(roads))
     assert index["faithfulness"]["mean"] == pytest.approx(np.mean(roads), abs=1e-5)
     stage = Run.open(run).stages["explain:gradcam"]
     assert stage["summary"]["faithfulness"] == index["faithfulness"]
@@ -759,8 +761,8 @@ def test_a_samples_road_score_depends_on_neither_the_batch_nor_the_other_samples
     for copy, batch in zip(copies, (64, 3)):
         result = runner.invoke(app, ["explain", str(copy), "--per-class", "1", "--batch-size", str(batch), "--json"])
         assert result.exit_code == 0, result.stderr
-        scores.append([s["road"] for s in json.loads(result.stdout)["samples"]])
-    np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)
+        scores.append([np.nan if s["road"] is None else s["road"] for s in json.loads(result.stdout)["samples"]])
+    np.testing.assert_allclose(scores[0], scores[1], atol=1e-4)  # NaN (a constant map) in the same places
 
 
 def test_the_top_share_overlap_of_sparse_maps_does_not_count_their_shared_zeros():
@@ -907,3 +909,68 @@ def test_multilabel_samples_are_grouped_by_their_labels_alone(tmp_path):
                    label_sets=np.array([[0, 1, 0], [0, 0, 0]]))
     with np.load(save_maps(tmp_path / "maps.npz", ex, {"flag": "chestmnist", "size": 28}, "--indices 4,7")) as archive:
         assert archive["labels"].tolist() == [1, -1]
+
+
+def test_constant_maps_are_left_out_of_the_faithfulness_and_counted(tiny_run, tmp_path, monkeypatch):
+    """Review: an all-zero Grad-CAM map got a ROAD score (its pixels ranked by the tie-breaking
+    noise alone: a random removal) that went into the mean explain, aggregate and the report
+    show, with nothing marking it. Such a map has no score; the summary says how many there were."""
+    from medcli import explainers
+
+    real = explainers.heatmaps
+
+    def two_constant(*args, **kwargs):
+        maps, scores = real(*args, **kwargs)
+        maps[:2] = 0.0
+        return maps, scores
+
+    monkeypatch.setattr(explainers, "heatmaps", two_constant)
+    titles = []
+    draw = reports.save_sample_figure
+    monkeypatch.setattr(reports, "save_sample_figure", lambda path, image, heat, title, note=None: (
+        titles.append(title), draw(path, image, heat, title, note)))
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    result = runner.invoke(app, ["explain", str(run), "--per-class", "1", "--json"])
+    assert result.exit_code == 0, result.stderr
+    index = json.loads(result.stdout)
+    flat = [bool(np.ptp(np.load(run / "explain" / "gradcam" / "maps.npz")["maps"][row]) == 0) for row in range(8)]
+    assert flat[:2] == [True, True] and [s.get("constant", False) for s in index["samples"]] == flat
+    assert all((s["road"] is None) == s.get("constant", False) for s in index["samples"])
+    scored = [s["road"] for s in index["samples"] if s["road"] is not None]
+    road = index["faithfulness"]
+    assert (road["n"], road["constant"]) == (len(scored), 8 - len(scored)) and road["constant"] >= 2
+    assert road["mean"] == pytest.approx(np.mean(scored), abs=1e-5)
+    assert f"{len(scored)} maps; {8 - len(scored)} constant maps left out" in result.stderr
+    assert "ROAD" not in titles[0] and "constant map" in titles[0] and "ROAD" in titles[2]
+
+
+def test_maps_agreement_counts_only_the_samples_it_is_defined_on(explained_pair, tmp_path, monkeypatch):
+    """Review: a sample whose map is constant has no agreement, yet 'monocyte: 0.819 / 0.348
+    (n=2)' counted it: n is the samples the mean is over, and the others are said."""
+    from medcli import maps
+
+    real = maps.agreement
+
+    def first_undefined(a, b):
+        rho, iou = real(a, b)
+        rho[0], iou[0] = np.nan, np.nan
+        return rho, iou
+
+    monkeypatch.setattr(maps, "agreement", first_undefined)
+    a, b = explained_pair
+    result = runner.invoke(app, ["aggregate", str(a), str(b), "--maps", "--method", "gradcam", "--out", str(tmp_path),
+                                 "--format", "json"])
+    assert result.exit_code == 0, result.stderr
+    (pair,) = json.loads(result.stdout)["pairs"]
+    rows = list(csv.DictReader((tmp_path / "maps_agreement.csv").open()))
+    undefined = [row["label"] for row in rows if row["spearman"] == ""]  # sample 0, and any with a constant map
+    assert len(rows) == 16 and undefined and (pair["n"], pair["undefined"]) == (16 - len(undefined), len(undefined))
+    for name, counts in pair["per_class"].items():
+        assert counts["undefined"] == undefined.count(name)
+        assert counts["n"] + counts["undefined"] == sum(row["label"] == name for row in rows)
+    shown = runner.invoke(app, ["aggregate", str(a), str(b), "--maps", "--method", "gradcam", "--out", str(tmp_path)])
+    said = f"over {16 - len(undefined)} of 16 samples ({len(undefined)} with a constant map)"
+    name = undefined[0]
+    counts = pair["per_class"][name]
+    assert said in shown.stdout and f"{name}: " in shown.stdout and \
+        f"(n={counts['n']}; {counts['undefined']} undefined)" in shown.stdout, shown.stdout

@@ -507,6 +507,9 @@ def test_the_model_card_says_its_test_metrics_are_after_temperature_scaling(run_
     temperature = json.loads((run_copy / "metrics" / "test.json").read_text())["calibration"]["temperature"]
     assert f"without test-time views; after temperature scaling, T = {temperature:.3f} fitted on val" in text
     assert "; images per split: train 256, val 64, test 64." in text  # review: a Python dict was printed
+    # review: the Data section opened with the official dataset's description (its 17,092 images)
+    data = text.split("## Data\n", 1)[1].splitlines()[0]
+    assert data.startswith("- Trained on **SYNTHETIC data") and "not the official bloodmnist, for which" in data
     card = bundle.sidecar_path(result["model"])
     upper = card.with_name("M.PT")  # review: an upper-case suffix was "not a run directory"
     Path(result["model"]).rename(upper)

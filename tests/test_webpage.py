@@ -438,3 +438,13 @@ def test_a_multi_label_calibration_shows_each_labels_temperature(tmp_path):
     text = " ".join(webpage._calibration(run, {"test": result}).split())
     assert "The temperature of each label, test split" in text
     assert "<td>effusion</td> <td class=\"num\">0.750</td>" in text.replace("><", "> <"), text
+
+
+def test_an_uncalibrated_val_split_is_not_advised_to_calibrate_on_itself(tmp_path):
+    """Review: the page advised 'medcli evaluate RUN --split val --calibrate' for val, where the
+    temperature is fitted: its numbers after scaling flatter it. It points at the test split."""
+    run = Run.create(tmp_path, "r", config={}, dataset={"flag": "bloodmnist", "size": 28})
+    text = html.unescape(" ".join(webpage._calibration(run, {"val": {}, "test": {}}).split()))
+    val, test = text.split("test split", 1)
+    assert "--split val" not in val and "fitted on this split" in val and run.evaluate_command("test", "--calibrate") in val
+    assert run.evaluate_command("test", "--calibrate") in test
