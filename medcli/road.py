@@ -86,15 +86,15 @@ def kept(maps, percentiles: Sequence[float], generator):
     else:
         ties = torch.cat([torch.randint(0, 2**32, (2, 1, pixels), generator=own) for own in generator], dim=1)
     ties = ties.to(maps.device)
-    ranks = []
+    kept = []
     for direction, values in enumerate((1 - maps, maps)):  # grad-cam ranks 1 - map for "least relevant first"
         bits = (values.reshape(n, pixels).float() + 0.0).view(torch.int32).long()  # + 0.0: -0 is 0
         order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) * 2**32 + ties[direction]  # the floats' order, then ties
-        position = torch.empty_like(order).scatter_(1, order.argsort(dim=1),
-                                                    torch.arange(pixels, device=maps.device).expand(n, pixels))
-        ranks.append(position.view(n, height, width))
-    limits = torch.tensor([_kept_count(pixels, p) for p in percentiles], device=maps.device)
-    return torch.stack(ranks)[:, None] < limits.view(1, -1, 1, 1, 1)
+        # the keys are distinct: the k pixels of lowest rank are those up to the k-th smallest key
+        kept.append(torch.stack([order <= order.kthvalue(k, dim=1).values[:, None] if k else
+                                 torch.zeros_like(order, dtype=torch.bool)
+                                 for k in (_kept_count(pixels, p) for p in percentiles)]))
+    return torch.stack(kept).view(2, len(percentiles), n, height, width)
 
 
 def _kept_count(pixels: int, percentile: float) -> int:
@@ -259,10 +259,15 @@ class _Image(_Level):
         h, w = 2 * (height // 2) + 1, 2 * (width // 2) + 1
         padded = F.pad(self.mask[:, 0], (1, w - width + 1, 1, h - height + 1))
         inner = padded[:, 1:h + 1, 1:w + 1]
-        fields = [inner * F.pad(self.weights[0, 0], (0, w - width, 0, h - height)) if not (dy or dx) else
-                  inner * padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w] * -(CORNER if dy and dx else EDGE)
-                  for dy, dx in OFFSETS]
-        return torch.stack(fields, dim=1)
+        stencil = inner.new_empty((len(inner), len(OFFSETS), h, w))
+        weighted = {EDGE: inner * -EDGE, CORNER: inner * -CORNER}  # one pass a field below
+        for e, (dy, dx) in enumerate(OFFSETS):
+            if dy or dx:
+                torch.mul(weighted[CORNER if dy and dx else EDGE], padded[:, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w],
+                          out=stencil[:, e])
+            else:
+                torch.mul(inner, F.pad(self.weights[0, 0], (0, w - width, 0, h - height)), out=stencil[:, e])
+        return stencil
 
 
 def _hierarchy(mask) -> list[_Level]:
