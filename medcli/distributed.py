@@ -47,9 +47,9 @@ from medcli import console
 from medcli.errors import Interrupted, MedcliError, UsageError
 
 __all__ = [
-    "COLLECTIVE_TIMEOUT_S", "Context", "check_gpus", "collective_timeout", "command_line", "derived_seed", "device_for", "from_env", "from_main", "gather",
-    "gpu_index", "is_main_process", "joined", "launch", "says_interruptions", "model_seed", "peer_lost", "peers",
-    "seed_model", "session", "sum_", "sync_buffers", "watch_launcher",
+    "COLLECTIVE_TIMEOUT_S", "Context", "check_gpus", "collective_timeout", "command_line", "derived_seed", "device_for",
+    "from_env", "from_main", "gather", "gpu_index", "is_main_process", "joined", "launch", "says_interruptions",
+    "model_seed", "peer_lost", "peers", "seed_model", "session", "sum_", "sync_buffers", "watch_launcher",
 ]
 
 # How long a collective waits for the other processes before the job counts as lost. The

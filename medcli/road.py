@@ -86,15 +86,15 @@ def kept(maps, percentiles: Sequence[float], generator):
     else:
         ties = torch.cat([torch.randint(0, 2**32, (2, 1, pixels), generator=own) for own in generator], dim=1)
     ties = ties.to(maps.device)
-    kept = []
+    masks = []
     for direction, values in enumerate((1 - maps, maps)):  # grad-cam ranks 1 - map for "least relevant first"
         bits = (values.reshape(n, pixels).float() + 0.0).view(torch.int32).long()  # + 0.0: -0 is 0
         order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) * 2**32 + ties[direction]  # the floats' order, then ties
         # the keys are distinct: the k pixels of lowest rank are those up to the k-th smallest key
-        kept.append(torch.stack([order <= order.kthvalue(k, dim=1).values[:, None] if k else
-                                 torch.zeros_like(order, dtype=torch.bool)
-                                 for k in (_kept_count(pixels, p) for p in percentiles)]))
-    return torch.stack(kept).view(2, len(percentiles), n, height, width)
+        masks.append(torch.stack([order <= order.kthvalue(k, dim=1).values[:, None] if k else
+                                  torch.zeros_like(order, dtype=torch.bool)
+                                  for k in (_kept_count(pixels, p) for p in percentiles)]))
+    return torch.stack(masks).view(2, len(percentiles), n, height, width)
 
 
 def _kept_count(pixels: int, percentile: float) -> int:
