@@ -169,7 +169,7 @@ def explain_run(
                                     device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
                                     scorer=explainers.road_scorer(model, seed, task, samples=chosen) if faithfulness else None)
         if scores is not None:  # a constant map ranks its pixels by ROAD's tie noise alone: a random removal
-            scores = np.where(_constant(maps), np.nan, scores)
+            scores = np.where(explainers.constant(maps), np.nan, scores)
         box = data.record.get("signal_box")
         explained = Explained(split, chosen, images[chosen], truth, preds, probs[np.arange(len(chosen)), preds],
                               classes, maps, explainers.box_mass(maps, box) if box else None, scores,
@@ -344,7 +344,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
     # a map of another class than the prediction (--target) says which, in its name, title and tile
     other = [class_specific and int(ex.targets[row]) != int(ex.predictions[row]) for row in range(len(ex.indices))]
     classes = sorted(set(int(ex.labels[row]) for row in in_grids))
-    flat = _constant(ex.maps).tolist()  # a constant map shows nothing (and has no ROAD score)
+    flat = explainers.constant(ex.maps).tolist()  # a constant map shows nothing (and has no ROAD score)
     samples, grids, files = [], {}, []
     with console.progress() as bar:
         task = bar.add_task("figures", total=len(ex.indices) + len(classes), unit="fig")
@@ -358,7 +358,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
             explained = tasks.explained_text(names[pred], ex.confidence[row], _decided(ex, row))
             title = (f"true {true_text} | {explained} | " + (f"map of {names[mapped]} | " if other[row] else "") + caption
                      + (f" | ROAD {ex.road[row]:.3f}" if ex.road is not None and not flat[row] else "")
-                     + (" | constant map: no information" if flat[row] else ""))
+                     + (f" | {explainers.CONSTANT_NOTE}" if flat[row] else ""))
             reports.save_sample_figure(out_dir / name, ex.images[row], ex.maps[row], title, note)
             files.append(out_dir / name)
             samples.append({
@@ -479,14 +479,6 @@ def faithfulness_text(road: dict, plus_minus: str = "+-") -> str:
     spread = (f"{road['mean']:.3f} {plus_minus} {road['std']:.3f}" if road["n"] else "none (no map varies)")
     return (f"{spread} ({console.plural(road['n'], 'map')}"
             + (f"; {console.plural(left_out, 'constant map')} left out" if left_out else "") + ")")
-
-
-def _constant(maps):
-    """Which of `maps` (N, H, W) hold one value everywhere (they show nothing)."""
-    import numpy as np
-
-    maps = np.asarray(maps)
-    return np.ptp(maps.reshape(len(maps), -1), axis=1) == 0
 
 
 def _finite(value) -> float | None:

@@ -33,7 +33,7 @@ from medcli.errors import UsageError, check_stop
 __all__ = [
     "AttentionRollout", "CAM_CLASSES", "DEFAULT_OPTIONS", "DEFAULT_PER_CLASS", "HEAD_FUSIONS", "LAYER_HELP", "METHODS", "MIN_CAM_GRID", "Method",
     "ROAD_PERCENTILES", "box_mass", "cam_layers", "default_layer", "heatmaps", "resolve_layer", "road_name", "road_scorer",
-    "rollout",
+    "CONSTANT_NOTE", "constant", "rollout",
 ]
 
 HEAD_FUSIONS = ("mean", "max", "min")
@@ -445,6 +445,18 @@ def road_scorer(model, seed: int, task, percentiles: Sequence[int] = ROAD_PERCEN
         return (least - most) / 2
 
     return score
+
+
+CONSTANT_NOTE = "constant map: no information"  # what a figure of such a map says
+
+
+def constant(maps):
+    """Which of `maps` (N, H, W) hold one value everywhere: they show nothing, and ROAD would
+    rank their pixels by its tie-breaking noise alone (a random removal)."""
+    import numpy as np
+
+    maps = np.asarray(maps)
+    return np.ptp(maps.reshape(len(maps), -1), axis=1) == 0
 
 
 def box_mass(maps, box: Sequence[int]):

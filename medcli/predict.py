@@ -257,13 +257,14 @@ def _overlays(active, caption: str, opened: bundle.Opened, batch_names, pixels, 
     classes = task.explained_class(probs)
     decided = task.decided(probs, classes)
     maps, _ = explainers.heatmaps(active, tensor, opened.card["preprocess"], classes, batch_size=batch_size, device=dev)
+    flat = explainers.constant(maps)
     first = done - len(batch_names)
     written = []
     for k, name in enumerate(batch_names):
         stem = file_names([Path(re.sub(r"\[(frame )?\d+\]$", "", name)).stem])[0]  # not a frame's "[i]"
         path = folder / f"{first + k:05d}_{stem}.png"
         title = (f"{Path(name).name} | {tasks.explained_text(task.names[classes[k]], probs[k, classes[k]], decided[k])}"
-                 f" | {caption}")
+                 f" | {caption}" + (f" | {explainers.CONSTANT_NOTE}" if flat[k] else ""))
         reports.save_sample_figure(path, pixels[k], maps[k], title, note=opened.card["dataset"].get("provenance"))
         written.append(str(path))
     return written

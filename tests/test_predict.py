@@ -590,3 +590,25 @@ def test_tta_without_a_view_to_add_uses_the_calibration_evaluate_recorded_for_it
     assert "fitted without" not in result.stderr and "no calibrated" not in result.stderr, result.stderr
     np.testing.assert_allclose(_probs(pd.read_csv(pd.io.common.StringIO(result.stdout))),
                                calibrated_probabilities(run_copy / "predictions" / "test.csv", CHOSEN), atol=1e-5)
+
+
+def test_an_overlay_of_a_constant_map_says_it_shows_nothing(tiny_run, pngs, tmp_path, monkeypatch):
+    """Review: `predict --explain` drew an all-zero map as a black heat map with nothing saying it
+    carries no information (explain's figures say so)."""
+    from medcli import explainers, reports
+
+    real, titles = explainers.heatmaps, []
+
+    def first_constant(*args, **kwargs):
+        maps, scores = real(*args, **kwargs)
+        maps[0] = 0.0
+        return maps, scores
+
+    monkeypatch.setattr(explainers, "heatmaps", first_constant)
+    monkeypatch.setattr(reports, "save_sample_figure", lambda path, image, heat, title, note=None: (
+        titles.append((title, bool(np.ptp(heat) == 0))), Path(path).write_bytes(b"png")))
+    result = runner.invoke(app, ["--quiet", "predict", str(tiny_run), str(pngs), "--out", str(tmp_path / "p.csv"),
+                                 "--explain", "gradcam"])
+    assert result.exit_code == 0, result.stderr
+    assert titles[0] == (titles[0][0], True) and titles[0][0].endswith("| constant map: no information")
+    assert all(title.endswith("| constant map: no information") == flat for title, flat in titles)
