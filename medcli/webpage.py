@@ -137,9 +137,10 @@ def _cell(value) -> str:
 
 
 def _pairs(items: Iterable[tuple[str, object]]) -> str:
-    """A two-column table of names and values (other than text, as JSON: true, null, [...])."""
-    return _table(None, [(key, value if isinstance(value, str) else json.dumps(value, default=str))
-                         for key, value in items])
+    """A two-column table of names and values (a number to 6 significant digits; other than
+    text, as JSON: true, null, [...])."""
+    return _table(None, [(key, value if isinstance(value, str) else f"{value:.6g}" if isinstance(value, float)
+                          else json.dumps(value, default=str)) for key, value in items])
 
 
 def _figure(path: Path, caption: str, data: bytes | None = None) -> str:

@@ -448,3 +448,10 @@ def test_an_uncalibrated_val_split_is_not_advised_to_calibrate_on_itself(tmp_pat
     val, test = text.split("test split", 1)
     assert "--split val" not in val and "fitted on this split" in val and run.evaluate_command("test", "--calibrate") in val
     assert run.evaluate_command("test", "--calibrate") in test
+
+
+def test_numbers_in_the_run_tables_are_not_raw_floats():
+    """Review: the Training block printed 'best_value 0.9984523777879958'."""
+    text = webpage._pairs([("best_value", 0.9984523777879958), ("epochs", 60), ("lr", 0.1), ("ema_decay", 0.99912345678)])
+    assert "0.998452<" in text and "0.99845237" not in text and ">60<" in text and ">0.1<" in text
+    assert "0.999123<" in text
