@@ -438,7 +438,8 @@ def display_rows(result: Comparison, wide: bool = False, gap: str = " ") -> tupl
         + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "") \
         + "; mean ±std over seeds" \
         + (f", {LEADER_MARK} = best{' on its data' if several_data else ''}" if result.leaders else "") \
-        + (", ↓ = lower is better" if LOWER_IS_BETTER & set(result.metrics) else "")
+        + (", ↓ = lower is better" if LOWER_IS_BETTER & set(result.metrics) else "") \
+        + ("; train time: in the training steps (not validation, checkpoints or start-up)" if wide else "")
     return title, ["setup", *extra, *result.metrics], rows
 
 

@@ -315,6 +315,8 @@ def test_the_default_table_fits_the_terminal(tmp_path, width):
     assert "resnet18 (11.2M) s0-2" in text and "(SYNTHETIC)" in text
     assert "20261130-031500" not in text.split("not compared")[0]  # run ids only in --wide
     assert "20261130-031500_bloodmnist28_resnet18-0" in table_text(result, wide=True, width=240)  # --wide, piped
+    assert "train time: in the training steps (not validation" in table_text(result, wide=True, width=240)  # review: undefined
+    assert "train time:" not in text
 
 
 def test_a_narrow_table_never_splits_a_number_or_a_heading(tmp_path):
