@@ -281,12 +281,15 @@ def _faithfulness(run: Run, spec: dict, wanted: Sequence[str], split: str) -> di
     family alone supports, rollout for a ViT, else the first explained in METHODS order), named
     in `road_method`. A method the run's model cannot be explained with is None (a blank cell);
     one it could have but was not explained with is None with a warning naming the command."""
-    scores = {}
+    scores, unscored = {}, set()  # unscored: explained, every map constant (no ROAD score)
     for method in EXPLAIN_METHODS:
         summary = run.stages.get(run.explain_stage(method), {}).get("summary", {})
         if run.status(run.explain_stage(method)) == "completed" and summary.get("faithfulness") \
                 and summary.get("split") == split:
-            scores[method] = summary["faithfulness"]["mean"]
+            if summary["faithfulness"]["mean"] is None:
+                unscored.add(method)
+            else:
+                scores[method] = summary["faithfulness"]["mean"]
     preferred = sorted(EXPLAIN_METHODS, key=lambda m: EXPLAIN_METHODS[m].supported_by is None)
     own = next((m for m in preferred if m in scores), None)
     values = {f"{OWN_FAITHFULNESS}_method": own}
@@ -294,7 +297,9 @@ def _faithfulness(run: Run, spec: dict, wanted: Sequence[str], split: str) -> di
         method = metric[len(FAITHFULNESS_PREFIX):] if metric != OWN_FAITHFULNESS \
             else own or next(m for m in preferred if EXPLAIN_METHODS[m].supports(spec))
         values[metric] = scores.get(method)
-        if values[metric] is None and EXPLAIN_METHODS[method].supports(spec):
+        if method in unscored and values[metric] is None:
+            console.warn(f"{run.run_id} has no {metric} on {split}: every {method} map is constant (no ROAD score)")
+        elif values[metric] is None and EXPLAIN_METHODS[method].supports(spec):
             console.warn(f"{run.run_id} has no {metric} on {split}: explain it with "
                          f"'{run.command('explain', '--method', method, '--split', split)}'")
     return values

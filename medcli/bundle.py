@@ -23,7 +23,7 @@ from medcli.errors import UsageError
 from medcli.names import EXPORT_FORMATS
 from medcli.run import Run
 
-__all__ = ["FORMAT", "FORMATS", "Opened", "calibration", "calibrations", "card_calibrations", "describe", "load_exported", "open_model", "preprocessing_steps",
+__all__ = ["FORMAT", "FORMATS", "Opened", "calibration", "calibrations", "card_calibrations", "describe", "export_kind", "load_exported", "open_model", "preprocessing_steps",
            "sidecar_path", "test_metrics"]
 
 FORMAT, VERSION = "medcli-model", 1
@@ -172,12 +172,19 @@ class Opened:
         return views if tta else {"identity": views["identity"]}
 
 
+def export_kind(path: str | os.PathLike) -> str | None:
+    """The format of an exported model file at `path` ("onnx", "torchscript"), None for anything
+    else (a run directory or its manifest)."""
+    path = Path(path).expanduser()
+    return next((name for name, suffix in FORMATS.items() if path.suffix.lower() == suffix and path.is_file()), None)
+
+
 def open_model(source: str | os.PathLike, checkpoint: str | None = None, device="cpu") -> Opened:
     """A run directory (or its manifest), an exported `.onnx` file or a TorchScript `.pt`
     file with its sidecar, opened for prediction on `device` (ONNX Runtime runs on the CPU).
     `checkpoint`: a run's (None: best); an exported file holds one, and another is refused."""
     path = Path(source).expanduser()
-    kind = next((name for name, suffix in FORMATS.items() if path.suffix.lower() == suffix and path.is_file()), None)
+    kind = export_kind(path)
     if kind is None and path.suffix.lower() in FORMATS.values() and not path.exists():
         raise UsageError(f"{path} does not exist; pass a model file 'medcli export' wrote, or a run directory")
     if kind is None:

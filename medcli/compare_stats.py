@@ -201,6 +201,10 @@ def _across_seeds(pairs: list[tuple[dict, dict]], metric_names: Sequence[str]) -
         return {"refused": f"a t-interval needs two or more seeds run by both setups; {len(pairs)} in common"}
     result = {"seeds": [ra["seed"] for ra, _ in pairs]}
     for metric in metric_names:
+        methods = {run.get(f"{metric}_method") for pair in pairs for run in pair} - {None}
+        if len(methods) > 1:  # `road`: each run's own explanation method; two methods' faithfulness is no contest
+            result[metric] = {"refused": f"the setups' scores are of different methods ({', '.join(sorted(methods))})"}
+            continue
         differences = [ra[metric] - rb[metric] for ra, rb in pairs if ra[metric] is not None and rb[metric] is not None]
         result[metric] = (metrics.mean_difference(differences) if len(differences) > 1
                           else {"refused": "not every run of the pairs has it"})

@@ -372,14 +372,17 @@ def sync_buffers(ctx: Context, model) -> None:
 def command_line() -> list[str]:
     """The command that started this process's job: a launcher's (torchrun, or `train --nproc`,
     which runs torchrun's in its own process), the parent of every process it starts, names
-    the processes; one process has its own sys.argv."""
+    the processes; otherwise (one process, or LOCAL_RANK set by some other parent) its own sys.argv."""
     if os.environ.get("LOCAL_RANK") is not None:
         import psutil
 
         try:
-            return psutil.Process(os.getppid()).cmdline()
+            parent = psutil.Process(os.getppid()).cmdline()
         except psutil.Error:
-            pass
+            parent = []
+        if os.environ.get(LAUNCHER_ENV) == str(os.getppid()) or any(
+                part == "torch.distributed.run" or Path(part).name == "torchrun" for part in parent):
+            return parent
     return list(sys.argv)
 
 

@@ -168,8 +168,9 @@ def explain_run(
             maps, scores = explainers.heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
                                     device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
                                     scorer=explainers.road_scorer(model, seed, task, samples=chosen) if faithfulness else None)
+        flat = explainers.constant(maps)
         if scores is not None:  # a constant map ranks its pixels by ROAD's tie noise alone: a random removal
-            scores = np.where(explainers.constant(maps), np.nan, scores)
+            scores = np.where(flat, np.nan, scores)
         box = data.record.get("signal_box")
         explained = Explained(split, chosen, images[chosen], truth, preds, probs[np.arange(len(chosen)), preds],
                               classes, maps, explainers.box_mass(maps, box) if box else None, scores,
@@ -191,7 +192,7 @@ def explain_run(
             "layer": layer, "seed": seed, "only_errors": only_errors, "selection": selection,
             **{name: options[name] for name in chosen_method.options},
             "mean_box_mass": _finite(np.nanmean(masses)) if masses is not None and np.isfinite(masses).any() else None,
-            "faithfulness": _spread(scores, task),
+            "faithfulness": _spread(scores, task, flat),
             "maps": run.maps_file(method).name, "samples": samples, "grids": grids,
         }
         fileio.write_json(run.explain_index(method), index)
@@ -458,9 +459,9 @@ def save_maps(path, ex: Explained, dataset: dict, selection: str, target: str | 
     return path
 
 
-def _spread(values, task) -> dict | None:
+def _spread(values, task, flat) -> dict | None:
     """{"metric", "mean", "std", "n", "constant"} of per-sample scores (None without scores):
-    over the scored maps (n), the constant ones (NaN) counted apart."""
+    over the finite scores (n), the constant maps (`flat`, unscored) counted apart."""
     import numpy as np
 
     if values is None or not len(values):
@@ -469,7 +470,7 @@ def _spread(values, task) -> dict | None:
     scored = values[np.isfinite(values)]
     mean, std = (_finite(np.mean(scored)), _finite(np.std(scored))) if len(scored) else (None, None)
     return {"metric": explainers.road_name(task), "mean": mean, "std": std, "n": len(scored),
-            "constant": int(len(values) - len(scored))}
+            "constant": int(np.sum(flat))}
 
 
 def faithfulness_text(road: dict, plus_minus: str = "+-") -> str:

@@ -62,6 +62,9 @@ def predict_files(
     if explain is not None:
         if explain not in explainers.METHODS:
             raise UsageError(f"unknown --explain '{explain}'; choose one of {', '.join(explainers.METHODS)}")
+        if bundle.export_kind(source):
+            raise UsageError(f"--explain needs the run directory: {Path(source).name} is an exported "
+                             f"{bundle.export_kind(source)} model, which the explainers cannot open")
         if out is None:
             raise UsageError("--explain writes one overlay per image beside the CSV: give --out FILE.csv")
     earlier = _earlier_results(out, overwrite, explain)
@@ -70,9 +73,6 @@ def predict_files(
     opened = bundle.open_model(source, checkpoint, dev)
     if opened.kind == "onnx":
         dev = inference.resolve_device("cpu")  # ONNX Runtime runs here on the CPU
-    if explain is not None and opened.run is None:
-        raise UsageError(f"--explain needs the run directory: {opened.source.name} is an exported "
-                         f"{opened.kind} model, which the explainers cannot open")
     card, task = opened.card, opened.task
     views = opened.views(tta)
     if tta and len(views) == 1:

@@ -90,7 +90,8 @@ def kept(maps, percentiles: Sequence[float], generator):
     for direction, values in enumerate((1 - maps, maps)):  # grad-cam ranks 1 - map for "least relevant first"
         bits = (values.reshape(n, pixels).float() + 0.0).view(torch.int32).long()  # + 0.0: -0 is 0
         order = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits) * 2**32 + ties[direction]  # the floats' order, then ties
-        # the keys are distinct: the k pixels of lowest rank are those up to the k-th smallest key
+        # the k pixels of lowest rank are those up to the k-th smallest key (two tied values whose 32
+        # random bits also tie, at the k-th key, keep one pixel more: a chance below 1e-5 a removal)
         masks.append(torch.stack([order <= order.kthvalue(k, dim=1).values[:, None] if k else
                                   torch.zeros_like(order, dtype=torch.bool)
                                   for k in (_kept_count(pixels, p) for p in percentiles)]))

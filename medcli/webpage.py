@@ -362,9 +362,11 @@ def _calibration(run: Run, evaluations: dict[str, dict]) -> str:
                                     [(name, f"{t:.3f}") for name, t in zip(result["class_names"], calibration["temperature"])],
                                     numeric=[1], caption=f"The temperature of each label, {split} split"))
         elif split == "val":  # where evaluate fits the temperature: its numbers after it would flatter it
-            parts.append(_note(f"Not calibrated. The temperature is fitted on this split; "
-                               f"'{run.evaluate_command('test', '--calibrate')}' fits it and shows the test split's "
-                               "calibration before and after it."))
+            test = ("the test split's section shows its calibration before and after it"
+                    if (evaluations.get("test") or {}).get("calibration") else
+                    f"'{run.evaluate_command('test', '--calibrate')}' fits it and shows the test split's "
+                    "calibration before and after it")
+            parts.append(_note(f"Not calibrated. The temperature is fitted on this split; {test}."))
         else:
             parts.append(_note(f"Not calibrated: '{run.evaluate_command(split, '--calibrate')}' fits a "
                                "temperature on val and shows the calibration before and after it."))
@@ -479,10 +481,16 @@ def _agreement(agreement: dict | str) -> str:
     if isinstance(agreement, str):
         return _note(f"No comparison of explanation maps: {agreement}")
     figure = next(Path(f) for f in agreement["files"] if f.endswith(".png"))
-    pairs = [(p["a"], p["b"], maps.shown(p["spearman"]), maps.shown(p["top20_iou"])) for p in agreement["pairs"]]
-    per_class = [(f"{p['a']} vs {p['b']}", name, maps.shown(v["spearman"]), maps.shown(v["top20_iou"]), v["n"])
+    def samples(counts: dict) -> str:  # the samples a mean is over, and those without an agreement
+        undefined = counts.get("undefined", 0)
+        return f"{counts['n']}" + (f" ({undefined} more with a constant map)" if undefined else "")
+
+    pairs = [(p["a"], p["b"], maps.shown(p["spearman"]), maps.shown(p["top20_iou"]),
+              samples(p) if "n" in p else agreement["samples"]) for p in agreement["pairs"]]
+    per_class = [(f"{p['a']} vs {p['b']}", name, maps.shown(v["spearman"]), maps.shown(v["top20_iou"]), samples(v))
                  for p in agreement["pairs"] for name, v in p["per_class"].items()]
-    return (_table(("A", "B", "Spearman", "top-20% IoU"), pairs, numeric=[2, 3], caption=maps.lines(agreement)[0])
+    return (_table(("A", "B", "Spearman", "top-20% IoU", "samples"), pairs, numeric=[2, 3, 4],
+                   caption=maps.lines(agreement)[0])
             + _figure(figure, "The explained samples side by side, each map over its image")
             + "<h3>Per class</h3>" + _table(("pair", "class", "Spearman", "top-20% IoU", "samples"), per_class,
                                              numeric=[2, 3, 4]))

@@ -84,13 +84,13 @@ def faithfulness(copies: dict[str, Path], per_class: int, figure: Path | None) -
     """Every method with ROAD on each run; the scoring cost; CNN-vs-ViT agreement per class."""
     from medcli.explainers import CAM_CLASSES
 
-    print(f"{'run':<4} {'method':<10} {'seconds':>8}  {'ROAD mean +- std':>18}  samples")
+    from medcli.explain import faithfulness_text
+
+    print(f"{'run':<4} {'method':<10} {'seconds':>8}  ROAD mean +- std (scored maps; constant ones left out)")
     for kind, run in sorted(copies.items()):
         for method in (*CAM_CLASSES, *(["rollout"] if kind == "vit" else [])):
             seconds, index = explain(run, "--method", method, "--per-class", str(per_class))
-            road = index["faithfulness"]
-            print(f"{kind:<4} {method:<10} {seconds:8.1f}  {road['mean']:8.3f} +- {road['std']:.3f}  {road['n']:7d}",
-                  flush=True)
+            print(f"{kind:<4} {method:<10} {seconds:8.1f}  {faithfulness_text(index['faithfulness'])}", flush=True)
     # each replaces the other's maps; the whole command is mostly start-up, so the explain stage (maps, scores and files, from the manifest) is timed too
     plain, _ = explain(copies["cnn"], "--method", "gradcam", "--per-class", str(per_class), "--no-faithfulness")
     plain_stage = stage_seconds(copies["cnn"], "gradcam")

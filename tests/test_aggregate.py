@@ -270,6 +270,19 @@ def test_cnn_and_vit_faithfulness_in_one_table(tmp_path, capsys):
     assert "0.3400 (rollout)" in text and "0.2100 (gradcam)" in text
 
 
+def test_a_method_whose_maps_were_all_constant_is_not_advised_again_nor_the_runs_own(tmp_path, capsys):
+    """Self-review: every Grad-CAM map constant (a mean of None) made that method the run's
+    `road`, blank, with advice to explain the run again, which gives the same maps."""
+    cnn = make_run(tmp_path, "cnn", spec=RESNET, accuracy=0.9)
+    explained(cnn, "gradcam", None)
+    explained(cnn, "eigencam", 0.23)
+    result = aggregate([tmp_path], metric_names=["accuracy", "road_gradcam", "road"])
+    (group,) = result.groups
+    assert group["road_gradcam"] is None and (group["road"], group["road_method"]) == (0.23, "eigencam")
+    warnings = capsys.readouterr().err
+    assert "every gradcam map is constant" in warnings and "explain it with" not in warnings
+
+
 def test_an_undefined_auc_reads_n_a_and_a_metric_a_model_cannot_have_stays_blank(tmp_path):
     """Review: an AUC undefined on a split without both classes was a blank cell, the cell of a
     map method the model cannot have, where `evaluate` and the chart say n/a."""

@@ -249,12 +249,21 @@ def test_sigkill_during_a_write_leaves_the_previous_checkpoint_and_resume_matche
     log = tmp_path / "log.txt"
     # the uninterrupted oracle trains meanwhile (one thread each: two cores, the same arithmetic)
     straight = _medcli("train", "--root", str(synthetic_root), "--runs-dir", str(tmp_path / "straight"), *TRAIN, log=log)
+    try:
+        _killed_and_resumed(synthetic_root, tmp_path, log, straight)
+    finally:
+        if straight.poll() is None:  # a failed check leaves no training behind
+            straight.kill()
+            straight.wait()
+
+
+def _killed_and_resumed(synthetic_root, tmp_path, log, straight) -> None:
+    """The test above, while `straight` trains: kill a run during a write, check it, resume it."""
     for attempt in range(4):  # the write may finish (or the run end) before the signal lands
         run = _kill_during_last_write(synthetic_root, tmp_path / f"runs{attempt}", log)
         if run is not None:
             break
     else:
-        straight.kill()
         pytest.fail(f"never caught a last.pt write in progress in 4 runs:\n{log.read_text()[-2000:]}")
     last = run / "checkpoints" / "last.pt"
     assert fileio.partial_files(last)  # the half-written file was never renamed over last.pt

@@ -303,3 +303,17 @@ def test_a_method_named_score_leads_only_among_scores_of_that_method():
               group("cnn2", 0.05, "gradcam", 0.7)]
     found = leaders(groups, ["accuracy", "road"])
     assert found == {"accuracy": ["cnn"], "road": ["cnn"]}  # rollout's one score has no rival
+
+
+def test_no_paired_interval_between_scores_of_two_methods():
+    """Self-review: the `road` leaders kept to one method, but the paired t-interval over seeds
+    still took gradcam minus rollout (and counted it in Holm's adjustment)."""
+    from medcli.compare_stats import _across_seeds
+
+    pairs = [({"seed": s, "road": 0.05 + s / 100, "road_method": "gradcam", "accuracy": 0.9 + s / 100},
+              {"seed": s, "road": 0.2 + s / 50, "road_method": "rollout", "accuracy": 0.8 + s / 70}) for s in range(3)]
+    result = _across_seeds(pairs, ["accuracy", "road"])
+    assert "different methods (gradcam, rollout)" in result["road"]["refused"]
+    assert result["accuracy"]["p_value"] is not None
+    same = [({**a, "road_method": "gradcam"}, {**b, "road_method": "gradcam"}) for a, b in pairs]
+    assert "refused" not in _across_seeds(same, ["road"])["road"]

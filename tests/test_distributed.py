@@ -815,3 +815,16 @@ def test_a_sync_bn_run_resumed_on_the_cpu_in_two_processes_trains_without_it(dat
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stderr.count("--sync-bn needs CUDA: on cpu each process keeps its own BatchNorm statistics") == 1
     assert _manifest(run)["stages"]["train"]["status"] == "completed"
+
+
+def test_a_local_rank_set_by_another_parent_keeps_the_processs_own_command(monkeypatch):
+    """Self-review: any LOCAL_RANK (exported in a job script, set by another launcher) made the
+    manifest record the parent's command line (bash, slurmstepd): only torchrun's or medcli's
+    launcher stands for the job's command."""
+    from medcli import distributed
+
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv(distributed.LAUNCHER_ENV, raising=False)
+    assert distributed.command_line() == sys.argv  # this process's parent is no torchrun
+    monkeypatch.setenv(distributed.LAUNCHER_ENV, str(os.getppid()))
+    assert distributed.command_line() == psutil.Process(os.getppid()).cmdline()

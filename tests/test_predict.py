@@ -612,3 +612,13 @@ def test_an_overlay_of_a_constant_map_says_it_shows_nothing(tiny_run, pngs, tmp_
     assert result.exit_code == 0, result.stderr
     assert titles[0] == (titles[0][0], True) and titles[0][0].endswith("| constant map: no information")
     assert all(title.endswith("| constant map: no information") == flat for title, flat in titles)
+
+
+def test_explain_with_an_exported_model_is_refused_for_that_first(exported, tiny_run, pngs):
+    """Review: `predict MODEL.onnx x.png --explain gradcam` first asked for --out; given one, it
+    then said an exported model cannot be explained: one try, one reason."""
+    line = one_line_error(runner.invoke(app, ["predict", str(exported), str(pngs), "--explain", "gradcam"]), 2)
+    assert "--explain needs the run directory" in line and "--out" not in line
+    manifest = tiny_run / "manifest.json"  # a run named by its manifest is a run: it asks for --out
+    line = one_line_error(runner.invoke(app, ["predict", str(manifest), str(pngs), "--explain", "gradcam"]), 2)
+    assert "give --out FILE.csv" in line

@@ -1142,7 +1142,7 @@ def test_the_library_refuses_a_seed_beyond_the_clis_range():
         resolve_config(device="cpu", seed=2**64 - 1)
 
 
-def test_the_random_streams_of_a_run_and_of_other_seeds_never_coincide():
+def test_the_random_streams_of_a_run_and_of_other_seeds_never_coincide(small_root, tmp_path, monkeypatch):
     """Review: the data order was seeded with the run's seed, as the model's initialisation (the
     global stream: the same numbers), and the augmentation with seed + 1, the next seed's data
     order and initialisation: seeds 0, 1, 2, repeats `aggregate` treats as independent, shared
@@ -1157,6 +1157,10 @@ def test_the_random_streams_of_a_run_and_of_other_seeds_never_coincide():
     assert all(torch.equal(again[purpose], draws[3, purpose]) for purpose in again)  # a seed's streams are its own
     streams = list(draws.values())
     assert all(not torch.equal(a, b) for i, a in enumerate(streams) for b in streams[i + 1:]), sorted(draws)
+    made, real = [], train.generators  # and training draws from them
+    monkeypatch.setattr(train, "generators", lambda seed: (made.append(seed), real(seed))[1])
+    train.train(root=small_root, runs_dir=tmp_path, epochs=1, **{**TINY, "batch_size": 16, "seed": 7})
+    assert made == [7]
 
 
 def test_a_run_stopped_before_its_train_stage_was_recorded_resumes_from_the_start(small_root, tmp_path):

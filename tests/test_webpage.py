@@ -410,9 +410,15 @@ def test_agreement_cells_without_a_value_read_n_a_and_every_value_has_three_deci
     agreement = {"samples": 3, "split": "test", "dataset": "bloodmnist", "columns": ["A", "B"], "files": [str(figure)],
                  "pairs": [{"a": "A", "b": "B", "spearman": None, "top20_iou": 0.5344,
                             "per_class": {"basophil": {"spearman": 0.418, "top20_iou": None, "n": 3}}}]}
-    cells = [html.unescape(cell) for cell in __import__("re").findall(r'<td class="num">([^<]*)</td>',
-                                                                       webpage._agreement(agreement))]
-    assert cells == ["n/a", "0.534", "0.418", "n/a", "3"]
+    def cells(found):
+        return [html.unescape(cell) for cell in __import__("re").findall(r'<td class="num">([^<]*)</td>', found)]
+
+    assert cells(webpage._agreement(agreement)) == ["n/a", "0.534", "3", "0.418", "n/a", "3"]  # an older summary
+    # self-review: the page showed only the samples a mean is over, as if a class had no others
+    agreement["pairs"][0].update(n=2, undefined=1)
+    agreement["pairs"][0]["per_class"]["basophil"].update(n=2, undefined=1)
+    assert cells(webpage._agreement(agreement)) == ["n/a", "0.534", "2 (1 more with a constant map)", "0.418", "n/a",
+                                                    "2 (1 more with a constant map)"]
 
 
 def test_commands_a_page_suggests_work_from_any_folder(tmp_path, monkeypatch):
@@ -448,6 +454,10 @@ def test_an_uncalibrated_val_split_is_not_advised_to_calibrate_on_itself(tmp_pat
     val, test = text.split("test split", 1)
     assert "--split val" not in val and "fitted on this split" in val and run.evaluate_command("test", "--calibrate") in val
     assert run.evaluate_command("test", "--calibrate") in test
+    calibrated = {"calibration": {"fitted_on": "val", "temperature": 1.5, "skipped": None, "before": {"ece": 0.1},
+                                  "after": {"ece": 0.05}}}
+    text = html.unescape(" ".join(webpage._calibration(run, {"val": {}, "test": calibrated}).split()))
+    assert "the test split's section shows its calibration" in text and "--calibrate" not in text
 
 
 def test_numbers_in_the_run_tables_are_not_raw_floats():
