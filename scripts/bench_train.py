@@ -10,7 +10,8 @@ Parts (default: all):
   --full N    the full default `medcli train --model resnet18` recipe (batch 128, SGD lr 0.1,
               label smoothing, the stem of the size policy) shortened to N epochs: test accuracy,
               and the projected wall time of the default epoch count at the measured time per
-              epoch (history.csv's seconds; start-up and what follows the epochs counted once). Not part of the default set (hours of CPU time at the default epoch count).
+              epoch (history.csv's seconds; start-up and what follows the epochs counted once).
+              Not part of the default set (hours of CPU time at the default epoch count).
 The end-to-end runs train at the size of the --data file (28 px, or 64 px with
 bloodmnist_pbc_64.npz). Test accuracy comes from the best checkpoint through
 `inference.predict_logits`.
