@@ -52,6 +52,8 @@ MANIFEST_LOCK_WAIT_S = 60.0  # a read-modify-write takes milliseconds; waiting t
 def create_run_dir(runs_root: str | os.PathLike, name: str) -> Path:
     """Make a brand-new run directory; never reuse one (a numeric suffix is added instead)."""
     root = Path(runs_root)
+    if root.exists() and not root.is_dir():
+        raise UsageError(f"--runs-dir {root} is a file, not a folder; pass a folder for the runs")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -33,7 +33,7 @@ SHOTS = {"report.html": "report_run.png", "comparison.html": "report_comparison.
 # size (0 for one that does not decode) and place, each scrolling box's content and visible
 # widths (a table wider than the page), and every resource the page fetched, go into a <pre>
 # that --dump-dom prints.
-PROBE = """<script>
+PROBE = r"""<script>
 addEventListener("load", () => {
   const images = [...document.images].map((image) => {
     const box = image.getBoundingClientRect();

@@ -255,3 +255,13 @@ def test_a_missing_dataset_is_put_back_where_the_run_looks(tmp_path, kind, recor
     with pytest.raises(UsageError) as refused:
         run.load_data()
     assert "is missing; pass --root DIR holding it, or " + hint.format(root=root) in str(refused.value)
+
+
+def test_a_runs_dir_that_is_a_file_is_named_as_one(tmp_path):
+    """Review: `train --runs-dir r1.out` (an existing file) said "File exists"."""
+    from medcli.errors import UsageError
+
+    (tmp_path / "r1.out").write_text("a log")
+    with pytest.raises(UsageError, match=r"--runs-dir .*r1.out is a file, not a folder"):
+        create_run_dir(tmp_path / "r1.out", "run")
+    assert (tmp_path / "r1.out").read_text() == "a log"
