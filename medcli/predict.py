@@ -62,9 +62,10 @@ def predict_files(
     if explain is not None:
         if explain not in explainers.METHODS:
             raise UsageError(f"unknown --explain '{explain}'; choose one of {', '.join(explainers.METHODS)}")
-        if bundle.export_kind(source):
+        exported = bundle.export_kind(source)
+        if exported:
             raise UsageError(f"--explain needs the run directory: {Path(source).name} is an exported "
-                             f"{bundle.export_kind(source)} model, which the explainers cannot open")
+                             f"{exported} model, which the explainers cannot open")
         if out is None:
             raise UsageError("--explain writes one overlay per image beside the CSV: give --out FILE.csv")
     earlier = _earlier_results(out, overwrite, explain)

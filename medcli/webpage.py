@@ -481,6 +481,7 @@ def _agreement(agreement: dict | str) -> str:
     if isinstance(agreement, str):
         return _note(f"No comparison of explanation maps: {agreement}")
     figure = next(Path(f) for f in agreement["files"] if f.endswith(".png"))
+
     def samples(counts: dict) -> str:  # the samples a mean is over, and those without an agreement
         undefined = counts.get("undefined", 0)
         return f"{counts['n']}" + (f" ({undefined} more with a constant map)" if undefined else "")
