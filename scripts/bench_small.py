@@ -151,7 +151,7 @@ def medcli_defaults(root: Path, flag: str, seed: int, runs: Path) -> dict:
             "outside_steps": 1 - stage["summary"]["train_seconds"] / stage["duration_s"],
             "epochs": stage["summary"]["epochs_run"], "batch": run.config["batch_size"], "lr": run.config["lr"],
             "best_epoch": stage["summary"]["best_epoch"], "select": run.config.get("select"),
-            "augment": run.config["augment"]}
+            "augment": run.config["augment"], "streams": STREAMS}
 
 
 def std(values) -> float:
@@ -185,13 +185,20 @@ def load_results(path: Path | None) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-EARLIER = "medcli-earlier"  # medcli runs from before the best-checkpoint rules (no "select"): kept, not current
+# medcli runs from before a change of the defaults: kept and shown apart, never counted as done.
+# A run is current when its result has each field below (the newest change last); otherwise it
+# belongs to the first change it lacks.
+CHANGES = (("select", "medcli-before-ema", "medcli defaults before the EMA rule"),  # issue 28's selection rules
+           ("streams", "medcli-before-streams", "medcli defaults before the streams were seeded apart"))
+STREAMS = "sha256(purpose, seed)"  # train.generators since 943661a: data order and augmentation apart from the model
 
 
 def recipe_of(result: dict) -> str:
-    """`reference`, `medcli` (today's defaults) or EARLIER (defaults before issue 28: selection
-    by validation accuracy epoch by epoch, no crop; shown apart and never counted as done)."""
-    return EARLIER if result["recipe"] == "medcli" and "select" not in result else result["recipe"]
+    """`reference`, `medcli` (today's defaults) or the earlier medcli defaults it ran with
+    (`CHANGES`)."""
+    if result["recipe"] == "medcli":
+        return next((recipe for key, recipe, _ in CHANGES if key not in result), "medcli")
+    return result["recipe"]
 
 
 def rows_of(results: list[dict], name: str, recipe: str, reference_epochs: int) -> list[dict]:
@@ -203,19 +210,20 @@ def rows_of(results: list[dict], name: str, recipe: str, reference_epochs: int) 
 
 
 def label(recipe: str, reference_epochs: int) -> str:
-    return ("medcli defaults" if recipe == "medcli" else "medcli defaults before the EMA rule"
-            if recipe == EARLIER else "reference" if reference_epochs == 100
+    earlier = {recipe: text for _, recipe, text in CHANGES}
+    return ("medcli defaults" if recipe == "medcli" else earlier[recipe] if recipe in earlier
+            else "reference" if reference_epochs == 100
             else f"reference, {reference_epochs} epochs (NOT the published 100)")
 
 
 def table(results: list[dict], sets: list[str], recipes: list[str], reference_epochs: int) -> None:
     for name in sets:
-        for recipe in [*recipes, *([EARLIER] if "medcli" in recipes else [])]:
+        for recipe in [*recipes, *([recipe for _, recipe, _ in CHANGES] if "medcli" in recipes else [])]:
             rows = rows_of(results, name, recipe, reference_epochs)
             if not rows:
                 continue
             extra = f"  outside steps {np.mean([r['outside_steps'] for r in rows]):.1%}" if recipe != "reference" else ""
-            print(f"{name:10s} {label(recipe, reference_epochs):40s} seeds {','.join(str(r['seed']) for r in rows):6s} "
+            print(f"{name:10s} {label(recipe, reference_epochs):52s} seeds {','.join(str(r['seed']) for r in rows):6s} "
                   f"acc {spread([r['accuracy'] for r in rows])}  auc {spread([r['auc'] for r in rows])}  "
                   f"{np.mean([r['seconds'] for r in rows]) / 60:.1f} min/run{extra}  "
                   f"best epoch {','.join(str(r.get('best_epoch', '?')) for r in rows)}  "
