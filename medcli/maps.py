@@ -47,6 +47,7 @@ MAX_FIGURE_PX = 2000
 DPI = 110
 TILE_IN, GAP_IN, BLOCK_GAP_IN, LABEL_IN = 0.9, 0.04, 0.22, 1.45  # layout, in inches
 TITLE_IN, LINE_IN, ROW_GAP_IN = 0.2, 0.15, 0.12
+CAPTION_IN = 1.2  # one pair's scores under a sample ("AB  \u03c1 0.76  IoU 0.92"); as many a line as a block is wide
 
 
 @dataclass
@@ -276,7 +277,9 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], right: list,
     counts = np.unique(labels, return_counts=True)[1]
     per_class = min(MAX_PER_CLASS, fits, int(counts.max()))  # as many slots as the fullest class fills
     width = LABEL_IN + per_class * block + (per_class - 1) * BLOCK_GAP_IN + 0.1
-    row_height = TITLE_IN + TILE_IN + len(scores) * LINE_IN + ROW_GAP_IN
+    across = max(1, int(block // CAPTION_IN))  # pairs' scores side by side under a sample, then down
+    down = -(-len(scores) // across)
+    row_height = TITLE_IN + TILE_IN + down * LINE_IN + ROW_GAP_IN
     chars = int((width - 0.2) * 17)  # 7-pt characters per line of the figure's width
     heading = textwrap.wrap(title, int(chars * 7 / 8))  # bold, 8 pt
     legend = textwrap.wrap((f"Shown: the first {f'{per_class} ' if per_class > 1 else ''}of each class's samples "
@@ -319,8 +322,9 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], right: list,
                 ax.imshow(picture, interpolation="nearest")
                 ax.set_axis_off()
                 ax.set_title(caption, fontsize=TILE_PT, pad=2, color=colour)
-            place(left, top + TITLE_IN + TILE_IN + 0.03, s="\n".join(
-                f"{pair}  \u03c1 {shown(rho[i], 2)}  IoU {shown(iou[i], 2)}" for pair, rho, iou in scores))
+            for j in range(0, len(scores), down):  # a column of captions: AB, AC, AD, then AE, ...
+                place(left + j // down * CAPTION_IN, top + TITLE_IN + TILE_IN + 0.03, s="\n".join(
+                    f"{pair}  \u03c1 {shown(rho[i], 2)}  IoU {shown(iou[i], 2)}" for pair, rho, iou in scores[j:j + down]))
     return save(fig, path, dpi=min(DPI, MAX_FIGURE_PX / height))
 
 

@@ -622,6 +622,36 @@ def test_a_multilabel_map_without_a_decision_is_captioned_top_not_as_a_predictio
     assert "\"top\": the most probable label, where no label reached 0.5" in legend
 
 
+def test_many_runs_maps_figure_keeps_its_resolution_and_every_pair_score(tmp_path, monkeypatch):
+    """Review: six runs have 15 pairs, their scores were 15 lines under each sample: the figure
+    grew 28 in high and was saved at 72 dpi to stay 2,000 px high. The scores now stand side
+    by side as far as a sample's block is wide, none overlapping another."""
+    from itertools import combinations
+
+    from medcli import maps, reports
+
+    kept, real = [], reports.save_figure
+    monkeypatch.setattr(reports, "save_figure", lambda fig, path, dpi=None: kept.append((fig, dpi)) or real(fig, path, dpi))
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(8), 2)
+    columns = [maps.Column(f"r{c}", "gradcam", {}, {"maps": rng.random((16, 28, 28)).astype(np.float16),
+                                                    "predictions": labels, "confidence": rng.random(16)}, tmp_path)
+               for c in range(6)]
+    scores = [(maps._letter(a) + maps._letter(b), rng.random(16), rng.random(16)) for a, b in combinations(range(6), 2)]
+    maps.save_figure(tmp_path / "m.png", columns, [list(range(16))] * 6, [np.ones(16, bool)] * 6, list(range(16)),
+                     labels, scores, np.zeros((16, 28, 28, 3), np.uint8), [*datasets.class_names("bloodmnist")], "t")
+    (fig, dpi), = kept
+    assert dpi == maps.DPI  # not scaled down
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    boxes = [(t.get_text(), t.get_window_extent(renderer)) for t in fig.texts if "\u03c1" in t.get_text()]
+    text = "\n".join(s for s, _ in boxes)
+    assert all(text.count(f"{pair}  \u03c1") == 8 for pair, _, _ in scores)  # every pair, in each class's row
+    assert not any(a.overlaps(b) for a, b in combinations([box for _, box in boxes], 2))
+    assert max(box.x1 for _, box in boxes) <= fig.bbox.x1
+
+
 def test_the_maps_figure_is_readable_printed_at_a_page_width(explained_pair, tmp_path, monkeypatch):
     """Review: with four samples a class the figure was 13.3 in wide with 6-pt tile titles:
     3.3 pt printed at a page's width. Three runs side by side leave room for one sample a class,
