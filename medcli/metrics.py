@@ -503,6 +503,26 @@ def temperature_applied(calibration: dict | None) -> bool:
     return bool(calibration) and bool(np.any(np.asarray(calibration.get("temperature", 1.0)) != 1.0))
 
 
+def evaluated_with(result: dict) -> str:
+    """How a split was evaluated (a metrics JSON as evaluate writes it): the checkpoint, the
+    test-time views and whether a temperature scaled its probabilities."""
+    views = result["tta"]["views"]
+    return (f"checkpoint {result.get('checkpoint')}, "
+            + ("the image alone" if len(views) == 1 else f"{len(views)} test-time views") + ", "
+            + ("temperature-scaled" if temperature_applied(result.get("calibration")) else "not scaled"))
+
+
+def mixed_evaluations(results: dict[str, dict]) -> str | None:
+    """A sentence when the splits shown side by side (split -> metrics JSON) were evaluated
+    differently (an `evaluate --split val` beside an `evaluate --tta --calibrate` of test);
+    None when they compare like for like."""
+    described = {split: evaluated_with(result) for split, result in results.items()}
+    if len(set(described.values())) < 2:
+        return None
+    return ("the splits were evaluated differently (" + "; ".join(f"{s}: {d}" for s, d in described.items())
+            + "): their columns do not compare like for like; evaluate them with the same options to compare them")
+
+
 def metric_text(key: str, value) -> str:
     """A metric for a table cell: percent metrics in %, the others to 4 decimals, n/a for None."""
     if value is None:

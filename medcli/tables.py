@@ -18,7 +18,7 @@ import numpy as np
 
 from medcli import datasets, fileio, tasks
 from medcli.errors import UsageError
-from medcli.metrics import temperature_applied, temperature_text
+from medcli.metrics import mixed_evaluations, temperature_applied, temperature_text
 from medcli.names import PERCENT_METRICS, SCALAR_METRICS
 
 __all__ = [
@@ -287,6 +287,7 @@ def write_report(path, manifest: dict, evaluations: dict[str, tuple[dict, object
     titles = ([f"data: {note}"] if note else []) + ([
         f"ece, nll and brier of {', '.join(scaled)} are after temperature scaling (loss is the model's own; before "
         "and after: the calibration rows below)"] if scaled else [])
+    titles += [mixed] if (mixed := mixed_evaluations({s: evaluations[s][0] for s in splits})) else []
     summary = Block(pd.DataFrame(metrics_rows, columns=["metric", *splits]), title="; ".join(titles) or None,
                     row_formats={"n": INTEGER, **{m: metric_format(m) for m in shown}})
     info = [("run", manifest.get("run_id")), ("created", manifest.get("created")),

@@ -919,3 +919,28 @@ def test_the_sample_figures_of_a_calibrated_split_say_whose_confidences_they_sho
     for name in ("save_samples", "save_mistakes"):
         plain, calibrated = titles[name]
         assert "temperature" not in plain and "before temperature scaling" in calibrated, titles
+
+
+def test_splits_evaluated_differently_are_said_to_be_so_where_they_stand_side_by_side(run_copy):
+    """Review: report.xlsx and the run page showed an `evaluate --tta --calibrate` of test in
+    the column beside a plain `evaluate --split val`; only the run rows far below said how each
+    was made."""
+    import openpyxl
+
+    from medcli import webpage
+    from medcli.evaluate import evaluate_run
+
+    def said():
+        banner = openpyxl.load_workbook(run_copy / "report.xlsx")["summary"]["A1"].value or ""
+        page = " ".join(webpage.write_run_page(run_copy).read_text(encoding="utf-8").split())
+        return ["evaluated differently" in text for text in (banner, page)], banner
+
+    evaluate_run(run_copy, split="val", device="cpu")
+    evaluate_run(run_copy, split="test", device="cpu")
+    assert said()[0] == [False, False]
+    evaluate_run(run_copy, split="test", tta=True, device="cpu")
+    (in_book, in_page), banner = said()
+    assert in_book and in_page
+    assert "val: checkpoint best, the image alone, not scaled; test: checkpoint best, 4 test-time views" in banner
+    evaluate_run(run_copy, split="val", tta=True, device="cpu")
+    assert said()[0] == [False, False]
