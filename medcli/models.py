@@ -67,6 +67,7 @@ class Torchvision:
     pool: str  # the stem's max-pool: an Identity in the "small" stem
     classifier: str  # dropped from weights whose class count differs
     fix_keys: Callable[[dict], dict] | None = None  # older weight files' key names -> today's
+    conv_init: str = "fan_out"  # the Kaiming mode of torchvision's own conv init (a replaced first conv gets it)
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,7 @@ def _torchvision_cnn(spec: Mapping[str, Any]) -> nn.Module:
     elif in_chans != 3:
         conv = nn.Conv2d(in_chans, conv.out_channels, kernel_size=7, stride=2, padding=3, bias=False)
     model.set_submodule(rec.torchvision.first_conv, conv)
-    nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # torchvision ResNet's init
+    nn.init.kaiming_normal_(conv.weight, mode=rec.torchvision.conv_init, nonlinearity="relu")  # as torchvision's
     return model
 
 
@@ -389,7 +390,8 @@ FAMILIES = {  # torchvision families under their alias; "vit" and "timm" for tim
     "densenet121": Family("densenet121", "cnn", _densenet121, CNN_DEFAULTS, CNN_REDUCED, {"keep_maxpool": True},
                           lambda model: [f"features.{name}" for name, _ in model.features.named_children()],
                           stem=cnn_stem, torchvision=Torchvision("DenseNet121_Weights", "features.conv0",
-                                                                 "features.pool0", "classifier", _densenet_keys)),
+                                                                 "features.pool0", "classifier", _densenet_keys,
+                                                                 conv_init="fan_in")),
     "vit": Family("vit, vit-small, vit-tiny and timm ViTs", "vit", partial(_timm_model, fixed_size=True),
                   VIT_DEFAULTS, VIT_REDUCED, {"patch_size": 4}, lambda model: [f"blocks.{len(model.blocks) - 1}.norm1"],
                   reduced_alias=("vit-tiny", {"depth": 6, "embed_dim": 128, "num_heads": 4}),

@@ -172,6 +172,16 @@ def test_densenet121_builds_with_the_recorded_stem_and_rebuilds_from_its_spec(si
     torch.testing.assert_close(clone.eval()(x), model.eval()(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name, conv, fan", [("resnet18", "conv1", "out"), ("densenet121", "features.conv0", "in")])
+def test_a_replaced_first_conv_is_initialised_as_torchvision_initialises_that_model(name, conv, fan):
+    """Review: DenseNet's re-made first conv got ResNet's rule (Kaiming, fan_out): on one channel
+    a standard deviation of 0.059 where torchvision's DenseNet init (Kaiming, fan_in) gives 0.47."""
+    torch.manual_seed(0)
+    weight = models.create(name, 5, 1, 28)[0].get_submodule(conv).weight
+    fans = {"in": weight.shape[1] * 9, "out": weight.shape[0] * 9}
+    assert weight.std().item() == pytest.approx((2 / fans[fan]) ** 0.5, rel=0.1)
+
+
 def test_densenet121_keeps_torchvisions_state_dict_keys():
     from torchvision.models import densenet121
 
