@@ -52,9 +52,18 @@ class MedcliGroup(TyperGroup):
         # the subcommand's name, before Click clears it (Click 8.2+: _protected_args; 8.1: protected_args)
         pending = ctx._protected_args if hasattr(ctx, "_protected_args") else getattr(ctx, "protected_args", [])
         sub = next(iter(pending or []), None)
+        if (empty := _empty_argument(ctx.meta.get(ARGV_KEY, ()), self, sub)) is not None:
+            if _job().local_rank == 0:
+                name = f"medcli {sub}" if sub in self.commands else "medcli"
+                console.error(f"{empty} is empty (an unset shell variable?); give it a value (see '{name} --help')")
+            raise typer.Exit(EXIT_USAGE)
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort):
+        except typer.Abort as exc:  # Click's prompt turns Ctrl-C into Abort ("Aborted!", exit 1)
+            if isinstance(exc.__context__, KeyboardInterrupt):
+                raise typer.Exit(EXIT_INTERRUPTED) from None
+            raise
+        except typer.Exit:
             raise
         except ClickUsageError as exc:
             if _job().local_rank != 0:  # every process of a node parses the same command line: one says it
@@ -102,6 +111,21 @@ class MedcliGroup(TyperGroup):
 
 
 _PATH_REFUSALS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR}  # a path no file can have
+
+
+def _empty_argument(argv, group, sub: str | None) -> str | None:
+    """What an empty word of the command line is ("--root" for `--root ""` or `--root=`, "an
+    argument" otherwise), or None when there is none: no medcli option or argument takes an
+    empty value, and `--root "$DATA"` with DATA unset meant the current folder."""
+    takes_value = {name for command in (group, group.commands.get(sub)) if command is not None
+                   for param in command.params if param.param_type_name == "option" and not param.is_flag
+                   and not param.count for name in param.opts}
+    for before, word in zip([None, *argv], argv):
+        if word.endswith("=") and word.startswith("--"):
+            return word[:-1]
+        if word == "":
+            return before if before in takes_value else "an argument"
+    return None
 
 
 def _job():

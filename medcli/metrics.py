@@ -516,7 +516,7 @@ def mixed_evaluations(results: dict[str, dict]) -> str | None:
     """A sentence when the splits shown side by side (split -> metrics JSON) were evaluated
     differently (an `evaluate --split val` beside an `evaluate --tta --calibrate` of test);
     None when they compare like for like."""
-    described = {split: evaluated_with(result) for split, result in results.items()}
+    described = {split: evaluated_with(result) for split, result in results.items()} if len(results) > 1 else {}
     if len(set(described.values())) < 2:
         return None
     return ("the splits were evaluated differently (" + "; ".join(f"{s}: {d}" for s, d in described.items())

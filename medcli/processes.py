@@ -315,7 +315,7 @@ def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = Non
                          "'medcli train' printed")
     if pid is not None and pid < 1:
         raise UsageError(f"--pid {pid} is not a process id")
-    found = find_processes(parse_duration(older_than) if older_than else 0.0)
+    found = find_processes(parse_duration(older_than) if older_than is not None else 0.0)
     if run is not None or pid is not None:
         found = job_of(found, run, pid)
         if not found:

@@ -51,8 +51,9 @@ def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> Path:
 
 def _heading(width_in: float, title: str, note: str | None) -> tuple[str, str | None, float]:
     """A figure's title and data footer wrapped to its width, and the inches they take."""
-    def fill(text: str, chars: int) -> str:  # each line of `text` wrapped to `chars`
-        return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
+    def fill(text: str, chars: int) -> str:  # each line of `text` wrapped to `chars`, never after a " ·"
+        return "\n".join(textwrap.fill(line.replace(" \u00b7 ", " \u00b7\u00a0"), chars).replace("\u00a0", " ")
+                         for line in text.split("\n"))
 
     chars = int(width_in * 72 / (0.6 * 12))  # a 12-pt line as wide as the figure
     title = fill(title, chars)
@@ -78,11 +79,12 @@ def _wrapped(names: Sequence[str], width: int = 16) -> list[str]:
 
 
 def _share(value: float) -> str:
-    """A row-normalised cell: whole percent, but a share that is neither none nor all never
-    reads as 0 % or 100 % (1 of 218 images is "<1%", 217 of 218 ">99%")."""
+    """A row-normalised cell, in percent of its row (the panel's title says "%": "100%" was wider
+    than an eight-class cell): whole numbers, but a share that is neither none nor all never
+    reads as 0 or 100 (1 of 218 images is "<1", 217 of 218 ">99")."""
     if value == 0 or value == 1:
-        return f"{value:.0%}"
-    return "<1%" if value < 0.005 else ">99%" if value >= 0.995 else f"{value:.0%}"
+        return f"{value * 100:.0f}"
+    return "<1" if value < 0.005 else ">99" if value >= 0.995 else f"{value * 100:.0f}"
 
 
 def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) -> None:
@@ -95,8 +97,9 @@ def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) ->
     if normalize:
         totals = cm.sum(axis=1, keepdims=True)
         values = np.divide(cm, totals, out=np.zeros_like(cm), where=totals > 0)
-        image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=1.0)
         labels = [[_share(v) for v in row] for row in values]
+        values = values * 100
+        image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=100.0)
     else:
         values = cm
         image = ax.imshow(values, cmap="Blues", vmin=0.0, vmax=max(values.max(), 1.0))
@@ -114,12 +117,12 @@ def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) ->
     ax.set_yticks(range(n), _wrapped(names), fontsize=9)
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
-    ax.set_title("row-normalised\n(recall on the diagonal)" if normalize else "counts")  # fits a 2-class panel
+    ax.set_title("% of the true class\n(recall on the diagonal)" if normalize else "counts")  # fits a 2-class panel
 
 
 def _cell_fontsize(classes: int) -> int:
     """The points of a confusion matrix's cell values (and the smallest of its texts)."""
-    return 9 if classes <= 10 else 8
+    return 9 if classes <= 10 else 8 if classes <= 12 else 7  # "100" and ">99" fit a cell
 
 
 def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str], title: str,
@@ -133,7 +136,9 @@ def save_confusion(path: str | os.PathLike, cm: np.ndarray, names: Sequence[str]
     # side by side while the smallest text still prints at MIN_PRINT_PT on a page's width, else stacked
     beside = _cell_fontsize(len(names)) * PRINT_WIDTH_IN / (side * len(panels)) >= MIN_PRINT_PT
     columns = len(panels) if beside else 1
-    fig = Figure(figsize=(side * columns, side * -(-len(panels) // columns)), layout="constrained")
+    width = side * columns  # and as high as its panels, plus its title and data footer
+    fig = Figure(figsize=(width, side * -(-len(panels) // columns) + _heading(width, title, note)[2]),
+                 layout="constrained")
     axes = fig.subplots(-(-len(panels) // columns), columns, squeeze=False).ravel()
     for ax, normalize in zip(axes, panels):
         draw_confusion(ax, cm, names, normalize)

@@ -309,3 +309,17 @@ def test_no_compile_with_a_compile_mode_is_a_contradiction_not_a_compiled_run(tm
     result = runner.invoke(app, ["train", "--no-compile", "--compile-mode", "reduce-overhead", "--runs-dir", str(tmp_path)])
     one_line_error(result, 2, "--compile-mode reduce-overhead", "--no-compile")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args, said", [
+    (["download", "bloodmnist", "--synthetic", "--root", ""], "--root is empty"),
+    (["download", "bloodmnist", "--synthetic", "--root="], "--root is empty"),
+    (["evaluate", "--tta", ""], "an argument is empty"),
+    (["aggregate", ""], "an argument is empty")])
+def test_an_empty_word_on_the_command_line_is_refused(args, said, tmp_path, monkeypatch):
+    """Review: `--root "$DATA"` with DATA unset wrote the data into the current folder (Path("")
+    is "."); no medcli option or argument takes an empty value."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and said + " (an unset shell variable?)" in result.stderr, result.output
+    assert list(tmp_path.iterdir()) == []

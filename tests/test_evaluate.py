@@ -719,7 +719,34 @@ def test_a_row_normalised_cell_that_is_neither_none_nor_all_never_reads_0_or_100
     reports.save_confusion(tmp_path / "cm.png", np.array([[217, 1, 0], [0, 50, 50], [0, 0, 9]]), NAMES[:3], "t",
                            panels=(True,))
     cells = [text.get_text() for text in figures[0].axes[0].texts]
-    assert cells == [">99%", "<1%", "0%", "0%", "50%", "50%", "0%", "0%", "100%"]
+    assert cells == [">99", "<1", "0", "0", "50", "50", "0", "0", "100"]  # percent: the title says so
+    assert figures[0].axes[0].get_title().startswith("% of the true class")
+
+
+@pytest.mark.parametrize("n", [2, 8, 14])
+def test_every_cell_value_of_a_confusion_matrix_fits_its_cell(figures, tmp_path, n):
+    """Review: "100%" was wider than an eight-class cell and ran over its neighbours; and a
+    narrow figure's title broke after "·", leaving the split alone on the next line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medcli import reports
+
+    names = datasets.class_names("chestmnist")[:n]
+    cm = np.eye(n, dtype=int) * 40 + 1  # 97-98 % on the diagonal, 1 % elsewhere: the widest texts
+    cm[0] = 0
+    cm[0, 0] = 7  # "100"
+    reports.save_confusion(tmp_path / "one.png", cm, names, "20261201-191036_bloodmnist28_timm-test_resnet · test",
+                           panels=(True,))
+    reports.save_confusion(tmp_path / "both.png", cm, names, "t")
+    for fig in figures:
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        for ax in [ax for ax in fig.axes if ax.images]:
+            cell = ax.get_window_extent(renderer).width / n
+            widths = [text.get_window_extent(renderer).width for text in ax.texts]
+            assert len(widths) == n * n and max(widths) < 0.9 * cell, (max(widths), cell)
+    title = figures[0]._suptitle.get_text()
+    assert not any(line.rstrip().endswith("\u00b7") for line in title.split("\n")), title
 
 
 @pytest.mark.parametrize("n", [2, 3, 8, 14])

@@ -388,3 +388,41 @@ def test_a_narrow_terminal_keeps_pids_and_numbers_whole():
     console.print(processes.table([found], "medcli processes"))
     text = console.export_text()
     assert "1450812" in text, text
+
+
+def test_an_empty_age_filter_is_refused_not_taken_as_none(monkeypatch):
+    """Review: `--older-than "$MAXAGE"` with MAXAGE unset (an empty string) meant no filter:
+    with --yes, every medcli process of the user, fresh ones too, was ended."""
+    monkeypatch.setattr(processes, "end_processes", lambda *a, **k: pytest.fail("nothing may be ended"))
+    with pytest.raises(UsageError, match="cannot read duration"):
+        processes.clean(older_than="", yes=True)
+    result = runner.invoke(app, ["clean-processes", "--older-than", "", "--yes"])
+    assert result.exit_code == 2 and "--older-than is empty (an unset shell variable?)" in result.stderr
+
+
+def test_ctrl_c_at_the_confirmation_exits_130_not_1(fake_medcli):
+    """Review: Ctrl-C at "End 1 process? [y/N]" (a terminal's prompt) printed "Aborted!" and
+    exited 1 (Click turns the interrupt into Abort); an interruption exits 130, ending nothing."""
+    import select
+    import signal
+
+    proc, _ = fake_medcli()
+    master, terminal = os.openpty()
+    child = subprocess.Popen([sys.executable, "-m", "medcli", "clean-processes", "--pid", str(proc.pid)],
+                             stdin=terminal, stdout=terminal, stderr=terminal)
+    os.close(terminal)
+    shown, deadline = b"", time.monotonic() + 60
+    while b"[y/N]" not in shown and time.monotonic() < deadline and child.poll() is None:
+        if select.select([master], [], [], 1)[0]:
+            shown += os.read(master, 4096)
+    assert b"[y/N]" in shown, shown
+    time.sleep(1)  # as a person would: a signal caught just before input() blocks in read() waits for a key
+    child.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 30
+    while child.poll() is None and time.monotonic() < deadline:  # reading on: a terminal nobody reads blocks
+        with contextlib.suppress(OSError):
+            if select.select([master], [], [], 1)[0]:
+                shown += os.read(master, 4096)
+    os.close(master)
+    assert child.poll() == 130, shown
+    assert proc.poll() is None  # still running
