@@ -244,11 +244,12 @@ def _name_groups(groups: list[dict], seed_texts: list[str]) -> None:
         labels = bases if ignored else {id(g): g["group"] for g in groups}
         for label in set(labels.values()):
             same = [g for g in groups if labels[id(g)] == label]
-            keys = sorted((k for k in set().union(*(g["experiment"] for g in same)) if k not in ignored
-                           and len({json.dumps(g["experiment"].get(k), default=str) for g in same}) > 1),
+            flat = {id(g): _flat(g["experiment"]) for g in same}  # a rule's settings by name: select.window
+            keys = sorted((k for k in set().union(*flat.values()) if k.split(".")[0] not in ignored
+                           and len({json.dumps(flat[id(g)].get(k), default=str) for g in same}) > 1),
                           key=_label_rank)
             for g in same if len(same) > 1 and keys else ():
-                g["group"] += " " + ", ".join(f"{k}={_brief(g['experiment'].get(k))}" for k in keys[:2])
+                g["group"] += " " + ", ".join(f"{k}={_brief(flat[id(g)].get(k))}" for k in keys[:2])
     for label in {g["group"] for g in groups}:
         same = [g for g in groups if g["group"] == label]
         for number, g in enumerate(same[1:], start=2):
@@ -258,11 +259,24 @@ def _name_groups(groups: list[dict], seed_texts: list[str]) -> None:
 _LEADING_KEYS = ("model", "pretrained")
 
 
+def _flat(settings: dict, prefix: str = "") -> dict:
+    """`settings` with every nested dict's entries as keys of their own ("select.window"), so
+    a label names the one that differs, not a dict cut after 24 characters."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _label_rank(key: str) -> tuple:
     """Labels name the model and weights first, then the settings alphabetically, then the
     data's md5."""
-    return (_LEADING_KEYS.index(key) if key in _LEADING_KEYS else len(_LEADING_KEYS),
-            key in ("data_md5", "evaluated_md5"), key)
+    top = key.split(".")[0]
+    return (_LEADING_KEYS.index(top) if top in _LEADING_KEYS else len(_LEADING_KEYS),
+            top in ("data_md5", "evaluated_md5"), key)
 
 
 def _brief(value, limit: int = 24) -> str:

@@ -31,7 +31,7 @@ from medcli.errors import UsageError
 from medcli.names import SCALAR_METRICS
 from medcli.run import Run
 
-__all__ = ["RESUME_KEYS", "Writer", "payload", "read", "restore", "snapshot", "write", "writing"]
+__all__ = ["RESUME_KEYS", "Writer", "owner", "payload", "read", "restore", "snapshot", "write", "writing"]
 
 # What last.pt must hold for --resume to continue exactly where the run stopped.
 RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "history", "best", "bad_epochs", "ema",
@@ -40,11 +40,17 @@ RESUME_KEYS = ("model", "optimizer", "scheduler", "scaler", "rng", "epoch", "his
 _SINCE_SELECTION = frozenset({"ema", "scores"})
 
 
-def payload(state: Any, metrics: dict, full: bool, device, model: Any = None) -> dict:
+def owner(run: Run) -> dict:
+    """The run a last.pt belongs to, as it records it: its id and creation time (a copy of the
+    run folder is the same run; another run's last.pt copied in is not)."""
+    return {"run_id": run.run_id, "created": run.data.get("created")}
+
+
+def payload(state: Any, metrics: dict, full: bool, device, model: Any = None, run: Run | None = None) -> dict:
     """What a checkpoint holds, as references to the live training state (`snapshot` copies it);
     only tensors, numbers, strings, lists and dicts (weights_only). `full`: last.pt's resume
-    state too. `model`: the module whose weights are saved (default the trained one; best.pt
-    under the `ema-window` rule: the EMA's)."""
+    state too, and the `owner` of `run`. `model`: the module whose weights are saved (default
+    the trained one; best.pt under the `ema-window` rule: the EMA's)."""
     content = {"model": (state.model if model is None else model).state_dict(), "epoch": state.epoch,
                "metrics": {key: metrics.get(key) for key in SCALAR_METRICS}}
     if full:
@@ -53,7 +59,7 @@ def payload(state: Any, metrics: dict, full: bool, device, model: Any = None) ->
                        scaler=state.scaler.state_dict(), rng=state.rng(device), history=state.history,
                        best=state.best, bad_epochs=state.bad_epochs,
                        ema=None if ema is None else ema.module.state_dict(), scores=list(getattr(state, "scores", [])),
-                       train_seconds=getattr(state, "train_seconds", 0.0))
+                       train_seconds=getattr(state, "train_seconds", 0.0), owner=None if run is None else owner(run))
     return content
 
 
@@ -172,13 +178,14 @@ class Writer:
         for path in list(self._pending):
             self._wait(path)
 
-    def close(self, raise_errors: bool = True) -> None:
+    def close(self, raise_errors: bool = True, leaving: BaseException | None = None) -> None:
         """Finish the pending writes, then stop the thread. A second Ctrl-C while waiting does
         not abandon a write half done (it is re-raised once the write is finished); without
-        `raise_errors` a failed write is one warning (another error is already on its way)."""
+        `raise_errors` a failed write is one warning (another error, `leaving`, is already on
+        its way; the writes queued behind a failed one raise its error again: said once)."""
         if self._closed:
             return
-        interrupted, said = None, None
+        interrupted, said = None, leaving
         while True:
             try:
                 self.wait()
@@ -212,14 +219,16 @@ def writing(stage: Any = None, paths: tuple[Path, ...] = ()) -> Iterator[Writer]
     writer = Writer(stage)
     try:
         yield writer
-    except BaseException:
-        writer.close(raise_errors=False)
+    except BaseException as exc:
+        writer.close(raise_errors=False, leaving=exc)
         raise
     writer.close()
 
 
-def read(path: Path) -> dict:
-    """last.pt as saved, or a one-line UsageError for a damaged or foreign file."""
+def read(path: Path, run: Run) -> dict:
+    """`run`'s last.pt as saved, or a one-line UsageError for a damaged file or another run's
+    (its `owner`; a last.pt from before owners were recorded: its sha256 against the one the
+    train stage recorded, where it did)."""
     import torch
 
     try:
@@ -232,6 +241,15 @@ def read(path: Path) -> dict:
     if missing:
         raise UsageError(f"{path} is not a medcli training checkpoint (no {', '.join(missing)}); "
                          f"the checkpoint is damaged, start a new run")
+    mine, relative = owner(run), run.relative(path)
+    recorded = run.stages.get("train", {}).get("artefacts", {}).get(relative)
+    if checkpoint.get("owner") not in (None, mine):
+        other = checkpoint["owner"]
+        raise UsageError(f"{relative} of run {run.run_dir} was written by another run ({other.get('run_id')}, created "
+                         f"{other.get('created')}); restore this run's own last.pt or start a new run")
+    if "owner" not in checkpoint and recorded and fileio.sha256_file(path) != recorded:
+        raise UsageError(f"{relative} of run {run.run_dir} is not the file this run wrote (its sha256 differs from "
+                         "the manifest's); restore this run's own last.pt or start a new run")
     return checkpoint
 
 

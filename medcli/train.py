@@ -454,7 +454,7 @@ def resume(path: str | os.PathLike, device: str | None = None, collective_timeou
     if not last.is_file() and run.relative(last) in run.stages.get("train", {}).get("artefacts", {}):  # none: stopped first
         raise UsageError(f"run {run.run_dir} finished epochs but has no {run.relative(last)} to resume from; "
                          f"restore the file or start a new run")
-    checkpoint = checkpoints.read(last) if last.is_file() else None
+    checkpoint = checkpoints.read(last, run) if last.is_file() else None
     timeout = distributed.collective_timeout(collective_timeout, run.config.get("collective_timeout"))
     with distributed.session(config["device"], timeout) as ctx:
         global_batch(config, ctx)
@@ -670,7 +670,7 @@ def _record_epoch(run: Run, st, state: State, val: dict, train_stats: dict, is_b
     # from (a resumed run that did not rank that epoch best again would keep it under another
     # epoch's name), and a run stopped between the two has best.pt rebuilt (`_mend_best`)
     skip_last = not final and not is_best and writer.busy(files["last"])
-    saved = {} if skip_last else {files["last"]: checkpoints.payload(state, val, full=True, device=device)}
+    saved = {} if skip_last else {files["last"]: checkpoints.payload(state, val, full=True, device=device, run=run)}
     if is_best:
         saved[files["best"]] = checkpoints.payload(state, val, full=False, device=device, model=ranked)
     writer.write(saved, device)  # an unchanged best.pt keeps its file and hash

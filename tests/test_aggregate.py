@@ -406,9 +406,10 @@ def test_labels_keep_short_values_whole_and_pair_takes_what_the_table_shows(tmp_
     make_run(tmp_path, "short", model="vit-tiny", augment={"flips": ["hflip"]})
     result = aggregate([tmp_path], metric_names=["accuracy"])
     labels = {g["group"] for g in result.groups}
+    # review: a dict cut after 24 characters ("select={'rule': 'ema-window'…") hid what differed
     assert labels == {"resnet18 s0 lr=0.1", "resnet18 s0 lr=0.0125",
-                      "vit-tiny s0 augment={'flips': ['hflip'…",
-                      "vit-tiny s0 augment={'flips': ['hflip']}"}
+                      "vit-tiny s0 augment.flips=hflip+vflip, augment.rotate=90",
+                      "vit-tiny s0 augment.flips=hflip, augment.rotate=None"}
     shown = [line.split("│")[1].strip() for line in table_text(result, width=240).splitlines()
              if line.startswith("│")]
     assert sorted(shown) == sorted(labels)

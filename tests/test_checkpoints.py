@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from medcli import checkpoints, fileio
+from medcli.run import Run
 from medcli.errors import MedcliError
 
 TRAIN = ["--model", "timm:test_resnet", "--batch-size", "64", "--seed", "0", "--epochs", "5", "--mixup-alpha", "0.4"]
@@ -267,7 +268,7 @@ def _killed_and_resumed(synthetic_root, tmp_path, log, straight) -> None:
         pytest.fail(f"never caught a last.pt write in progress in 4 runs:\n{log.read_text()[-2000:]}")
     last = run / "checkpoints" / "last.pt"
     assert fileio.partial_files(last)  # the half-written file was never renamed over last.pt
-    checkpoint = checkpoints.read(last)  # loads: the previous complete checkpoint
+    checkpoint = checkpoints.read(last, Run.open(run))  # loads: the previous complete checkpoint
     assert 1 <= checkpoint["epoch"] < 5
     data = json.loads((run / "manifest.json").read_text())
     assert data["stages"]["train"]["status"] == "running"  # SIGKILL: nothing could record the end
@@ -347,7 +348,7 @@ def test_a_last_pt_still_being_written_is_skipped_not_waited_for_and_the_final_o
     assert lasts[0] == 1 and 2 not in lasts and lasts[-1] == 4  # epoch 3: written if epoch 1's was done by then
     assert run.stages["train"]["summary"]["last_skipped"] == 4 - len(lasts)
     assert [epoch for name, epoch in written if name == "best.pt"] == [1]
-    final = checkpoints.read(run.checkpoint_path("last"))
+    final = checkpoints.read(run.checkpoint_path("last"), run)
     assert final["epoch"] == 4 and len(final["history"]) == 4
     assert run.stages["train"]["artefacts"]["checkpoints/last.pt"] == _sha256(run.checkpoint_path("last"))
 
@@ -368,6 +369,24 @@ def test_best_pt_is_never_ahead_of_last_pt(synthetic_root, tmp_path, monkeypatch
                       batch_size=64, seed=0)
     assert written == [("last.pt", 1), ("best.pt", 1), ("last.pt", 2), ("best.pt", 2), ("last.pt", 4)]
     assert run.stages["train"]["summary"]["last_skipped"] == 1
+
+
+def test_a_failed_checkpoint_write_is_said_once(synthetic_root, tmp_path, monkeypatch, capsys):
+    """Review: a full disk failing last.pt, with best.pt queued behind it (which raises the same
+    error), gave "warning: a checkpoint write failed: X" and then "error: X"."""
+    from medcli import train
+
+    def fail(name, epoch):
+        if (name, epoch) == ("last.pt", 2):
+            raise OSError(28, "No space left on device")
+
+    _recording_writes(monkeypatch, fail)
+    _scripted_aucs(monkeypatch, [0.8, 0.9, 0.85])
+    capsys.readouterr()
+    with pytest.raises(OSError, match="No space left on device"):
+        train.train(root=synthetic_root, runs_dir=tmp_path, epochs=3, monitor="auc", model="timm:test_resnet",
+                    batch_size=64, seed=0)
+    assert "No space left on device" not in capsys.readouterr().err  # the error itself is the CLI's one line
 
 
 def test_a_run_stopped_between_last_pt_and_best_pt_resumes_with_the_best_pt_it_would_have(
@@ -392,7 +411,7 @@ def test_a_run_stopped_between_last_pt_and_best_pt_resumes_with_the_best_pt_it_w
         train.train(runs_dir=tmp_path / "b", **options)
     (path,) = (tmp_path / "b").iterdir()
     assert torch.load(path / "checkpoints/best.pt", weights_only=True)["epoch"] == 1
-    assert checkpoints.read(path / "checkpoints/last.pt")["epoch"] == 2
+    assert checkpoints.read(path / "checkpoints/last.pt", Run.open(path))["epoch"] == 2
     monkeypatch.setattr(checkpoints, "write", original)
     _scripted_aucs(monkeypatch, [0.85])
     capsys.readouterr()

@@ -395,6 +395,26 @@ def test_training_curves_name_the_run_mark_the_best_epoch_on_integer_ticks(figur
         assert [line.get_xdata()[0] for line in ax.lines if line.get_label().startswith("best epoch")] == [3]
 
 
+def test_the_saved_curves_leave_room_for_the_loss_ticks_the_layout_gave_them(tmp_path):
+    """Review: with a data footer, a loss between 2.08 and 2.095 was laid out with three-decimal
+    ticks, the shorter panel then got "2.0950" ones, and the PNG cut them to ".0950" (a
+    figure drawn twice, as tests do, looked right): the saved file's left edge is blank."""
+    from PIL import Image
+
+    from medcli import reports
+
+    history = [{"epoch": 1, "train_loss": 2.09479, "val_loss": 2.08208, "train_acc": 0.106, "val_acc": 0.125,
+                "val_f1": 0.028, "val_auc": 0.537, "lr": 1.8e-4},
+               {"epoch": 2, "train_loss": 2.08285, "val_loss": 2.07973, "train_acc": 0.125, "val_acc": 0.125,
+                "val_f1": 0.028, "val_auc": 0.539, "lr": 2.4e-7}]
+    manifest = {"run_id": "20261201-190614_bloodmnist28_timm-test_vit", "config": {"model": "timm:test_vit"},
+                "dataset": {"flag": "bloodmnist", "size": 28, "synthetic": True}}
+    path = reports.save_curves(tmp_path / "curves.png", history, manifest, 2, "auc (EMA)", val="val (EMA weights)")
+    with Image.open(path) as image:
+        edge = np.asarray(image.convert("L"))[:, :3]
+    assert edge.min() > 200, "something is drawn at the figure's left edge (cut off)"
+
+
 def test_confusion_class_names_are_whole_and_inside_the_figure(figures, tmp_path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 

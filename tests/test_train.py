@@ -1246,6 +1246,33 @@ def test_an_interruption_after_the_last_epochs_checkpoint_resumes_to_the_same_en
     assert resumed.stages["train"]["artefacts"]["figures/curves.png"] == fileio.sha256_file(run / "figures/curves.png")
 
 
+def test_a_resume_refuses_another_runs_last_pt_but_takes_a_copy_of_its_own(small_root, tmp_path, monkeypatch):
+    """Review: another run's last.pt copied into an interrupted run was resumed from: the run
+    ended "completed" with the other run's epochs in its history and best.pt, and every hash
+    check after it passed. last.pt names its run; one from before that is checked against the
+    sha256 the train stage recorded."""
+    import shutil
+
+    options = dict(root=small_root, epochs=2, **{**TINY, "batch_size": 16})
+    run = _interrupted_run(tmp_path / "runs", monkeypatch, **options)
+    other = _interrupted_run(tmp_path / "others", monkeypatch, **{**options, "seed": 1})
+    copy = Path(shutil.copytree(run, tmp_path / "copy"))
+    own = (run / "checkpoints/last.pt").read_bytes()
+    shutil.copyfile(other / "checkpoints/last.pt", run / "checkpoints/last.pt")
+    before = (run / "manifest.json").read_bytes()
+    with pytest.raises(UsageError, match=r"checkpoints/last.pt of run .* was written by another run \("):
+        train.resume(run)
+    assert (run / "manifest.json").read_bytes() == before
+    older = _load(other / "checkpoints/last.pt")  # as medcli wrote it before last.pt named its run
+    del older["owner"]
+    torch.save(older, run / "checkpoints/last.pt")
+    with pytest.raises(UsageError, match="is not the file this run wrote"):
+        train.resume(run)
+    (run / "checkpoints/last.pt").write_bytes(own)
+    assert train.resume(run).stages["train"]["status"] == "completed"
+    assert train.resume(copy).stages["train"]["status"] == "completed"  # a copy of the folder is the same run
+
+
 def test_a_refused_resume_leaves_the_manifest_as_it_was(small_root, tmp_path, monkeypatch):
     """Review: --collective-timeout (and a new device) were written into the manifest before
     the data was found and the stage lock taken: a refused resume changed the run anyway."""
