@@ -179,7 +179,7 @@ def validate_npz(path: str | os.PathLike, flag: str, size: int) -> dict[str, int
     if path.is_dir():
         raise UsageError(f"{path} is a folder; give the npz file")
     if not path.is_file():
-        raise UsageError(f"{path} does not exist")
+        raise UsageError(f"{path} is not a regular file; give the npz file" if path.exists() else f"{path} does not exist")
     try:
         with zipfile.ZipFile(path) as archive:
             names = {name[:-4] for name in archive.namelist() if name.endswith(".npy")}

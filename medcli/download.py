@@ -93,13 +93,19 @@ def _check_mirror(mirror: str | None) -> None:
     if scheme not in MIRROR_SCHEMES:
         raise UsageError(f"--mirror {mirror} is not a folder URL ({', '.join(s + '://' for s in MIRROR_SCHEMES)}); "
                          "check --mirror / $MEDCLI_MIRROR")
+    parts = urllib.parse.urlsplit(mirror)
+    if "@" in parts.netloc:  # urllib takes "user:secret@host" for the host name; medcli's lines would show it
+        shown = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
+        raise UsageError(f"--mirror {shown} holds a user name or password, which medcli does not send (and would "
+                         "print); give a mirror that needs none, or download with another tool and import "
+                         "the files with --from")
 
 
 def parse_size(text: str) -> list[int]:
     """A --size value: one of datasets.SIZES, or 'all' for every one."""
     if text.strip().lower() == "all":
         return list(datasets.SIZES)
-    size = int(text) if text.strip().isdigit() else None
+    size = int(text) if text.strip().isascii() and text.strip().isdecimal() else None  # not "²"
     if size not in datasets.SIZES:
         choices = ", ".join(map(str, datasets.SIZES))
         raise UsageError(f"--size {text} is not a MedMNIST size; choose one of {choices} or all")
@@ -253,7 +259,9 @@ def import_file(
     # A copy of a file medcli made (synthetic data, the embedded sample) keeps what its record says it is.
     origin = datasets.record_of(source_file, flag, size) or {}
     kept = {key: origin[key] for key in _KEPT_ON_IMPORT if key in origin and origin.get("md5") == md5}
-    record = _save_record(flag, size, target, md5, str(source_file.resolve()), counts, **kept)
+    itself = source_file.resolve() == target.resolve() and origin.get("md5") == md5  # imported onto itself
+    record = _save_record(flag, size, target, md5, origin["source"] if itself and origin.get("source")
+                          else str(source_file.resolve()), counts, **kept)
     kind = "official" if record["official"] else f"unofficial, md5 {md5}"
     kind += "".join(f", {key}" for key in ("synthetic", "sample") if record.get(key))
     splits = ", ".join(f"{n} {split}" for split, n in counts.items())
@@ -350,6 +358,7 @@ def _synthesize(flag: str, size: int, root: Path) -> dict:
     record describes may be real data and stays.
     """
     target = datasets.data_path(root / datasets.SYNTHETIC_DIR, flag, size)
+    _clear_partials(target)  # a killed write's (a 224-px set's is hundreds of MB)
     if target.is_file():
         existing = datasets.record_of(target, flag, size)
         if not (existing and existing.get("synthetic") and datasets.current_md5(target, existing) == existing["md5"]):
