@@ -580,7 +580,7 @@ def explain(
 def predict(
     model: Annotated[Path, typer.Argument(metavar="RUN", help=(
         "A run directory, or a model file 'medcli export' wrote (.onnx or TorchScript .pt, its .json beside it)."))],
-    paths: Annotated[list[str], typer.Argument(metavar="PATH...", show_default=False, help=(
+    paths: Annotated[list[str], typer.Argument(metavar="PATH", show_default=False, help=(
         "Image files (PNG, JPEG, TIFF, BMP; 8/16 bit; gray, RGB, RGBA), folders (searched recursively, sorted), "
         "globs, .npy/.npz arrays in the MedMNIST layout, DICOM (pip install 'medcli[dicom]')."))],
     out: Annotated[Optional[Path], typer.Option(help=(
