@@ -36,7 +36,7 @@ from medcli.errors import UsageError
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
 from medcli.explainers import METHODS as EXPLAIN_METHODS
 from medcli.names import (CHECKPOINTS, FAITHFULNESS_PREFIX, LOWER_IS_BETTER, PERCENT_METRICS, SCALAR_METRICS,
-                          SPLITS)
+                          SHOWN_DECIMALS, SPLITS)
 from medcli.tasks import EXTRA_METRICS, MultiClass
 from medcli.run import Run, find_runs
 
@@ -398,7 +398,7 @@ def _display(metric: str, mean, std, method: str | None = None, gap: str = " ") 
     if mean is None:
         return "" if metric in ROAD_METRICS else "n/a"
     percent = metric in PERCENT_METRICS
-    value = f"{mean:.2%}" if percent else f"{mean:.4f}"
+    value = f"{mean:.{SHOWN_DECIMALS - 2}%}" if percent else f"{mean:.{SHOWN_DECIMALS}f}"
     if std is not None:
         value += f"{gap}±{std * 100:.2f}" if percent else f"{gap}±{std:.4f}"
     return f"{value} ({method})" if method else value
@@ -456,7 +456,8 @@ def display_rows(result: Comparison, wide: bool = False, gap: str = " ") -> tupl
     title = f"{result.split} split" + (f" of {shared['data']}" if "data" in shared else "") \
         + (f", evaluation: {shared['evaluation']}" if "evaluation" in shared else "") \
         + "; mean ±std over seeds" \
-        + (f", {LEADER_MARK} = best{' on its data' if several_data else ''}" if result.leaders else "") \
+        + (f", {LEADER_MARK} = best mean{' on its data' if several_data else ''} (not a test)"
+           if result.leaders else "") \
         + (", ↓ = lower is better" if LOWER_IS_BETTER & set(result.metrics) else "") \
         + ("; train time: in the training steps (not validation, checkpoints or start-up)" if wide else "")
     return title, ["setup", *extra, *result.metrics], rows

@@ -35,11 +35,11 @@ import numpy as np
 
 from medcli import metrics, tables
 from medcli.errors import UsageError
-from medcli.names import LOWER_IS_BETTER, PERCENT_METRICS
+from medcli.names import LOWER_IS_BETTER, PERCENT_METRICS, SHOWN_DECIMALS
 from medcli.run import Run
 
 __all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CITATION", "benchmarks", "data_key", "leaders", "pair_groups",
-           "paired_lines", "paired_rows", "paired_tests", "references"]
+           "p_text", "paired_lines", "paired_rows", "paired_tests", "references"]
 
 BOOTSTRAP_RESAMPLES = 2000
 BOOTSTRAP_SEED = 0
@@ -63,7 +63,8 @@ def data_key(group: dict) -> tuple:
 
 def leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[str]]:
     """Per metric, the labels of the group(s) (`aggregate`'s setups) with the best mean (lower
-    is better for losses and ECE) among two or more on the same data; a score that names its
+    is better for losses and ECE) among two or more on the same data, at the precision the
+    table shows (SHOWN_DECIMALS: two means that read 91.23 % both lead); a score that names its
     method (`<metric>_method`: `road`, each run's own explanation method) only among scores of
     that method."""
     by_data: dict[tuple, list[dict]] = {}
@@ -76,11 +77,11 @@ def leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[s
             for g in same_data:
                 contests.setdefault(g.get(f"{metric}_method"), []).append(g)
             for rivals in contests.values():
-                scored = [(g[metric], g["group"]) for g in rivals if g[metric] is not None]
+                scored = [(round(g[metric], SHOWN_DECIMALS), g["group"]) for g in rivals if g[metric] is not None]
                 if len(scored) > 1:
                     best = (min if metric in LOWER_IS_BETTER else max)(value for value, _ in scored)
                     found.setdefault(metric, []).extend(
-                        name for value, name in scored if np.isclose(value, best, rtol=0, atol=1e-12))
+                        name for value, name in scored if value == best)
     return found
 
 
@@ -250,9 +251,10 @@ def paired_lines(paired: dict) -> list[str]:
             if "refused" in found:
                 lines.append(f"    {metric}: {found['refused']}")
                 continue
-            low, high = found["interval"]
-            lines.append(f"    {metric} {_difference(metric, found['mean'])}, {found['level']:.0%} t-interval "
-                         f"{_difference(metric, low)} to {_difference(metric, high)}, paired t {_p(found)}")
+            interval = ("no t-interval (the differences do not vary)" if found["interval"] is None else
+                        f"{found['level']:.0%} t-interval {_difference(metric, found['interval'][0])} to "
+                        f"{_difference(metric, found['interval'][1])}")
+            lines.append(f"    {metric} {_difference(metric, found['mean'])}, {interval}, paired t {_p(found)}")
     return lines
 
 
@@ -265,7 +267,7 @@ def paired_rows(paired: dict) -> list[dict]:
         return {"p": test["p_value"], "p_holm": test.get("p_holm", test["p_value"])}
 
     def interval(test: dict) -> dict:
-        return {"ci_low": test["interval"][0], "ci_high": test["interval"][1]}
+        return dict(zip(("ci_low", "ci_high"), test["interval"] or (None, None)))
 
     rows = []
     for entry in paired["pairs"]:
@@ -297,16 +299,26 @@ def paired_rows(paired: dict) -> list[dict]:
     return rows
 
 
+def p_text(p: float) -> str:
+    """A p-value to three significant digits, cut (not rounded) so that it never crosses a
+    threshold such as 0.05 or 0.01 (0.0496 stays "0.0496", 0.04999 reads "0.0499", never
+    "0.05"); "< 0.0001" below that."""
+    if p < 1e-4:
+        return "< 0.0001"
+    digits = 2 - int(np.floor(np.log10(p)))
+    return f"{np.floor(round(p * 10 ** digits, 6)) / 10 ** digits:.{digits}f}".rstrip("0").rstrip(".")
+
+
 def _p(test: dict) -> str:
-    """A test's p-value, and its Holm-adjusted one where several tests are shown."""
+    """A test's p-value (`p_text`; "p ≤" where a bootstrap found no resample against it: its
+    least p), and its Holm-adjusted one where several tests are shown."""
     if test["p_value"] is None:
         return "p undefined"
-    def shown(p: float) -> str:
-        return "< 0.0001" if p < 1e-4 else f"{p:.2g}"
-
-    text = "p < 0.0001" if test["p_value"] < 1e-4 else f"p = {shown(test['p_value'])}"
-    holm = shown(test.get("p_holm", test["p_value"]))
-    return text + (f" (Holm {holm})" if holm != shown(test["p_value"]) else "")
+    floor = test.get("test") == "paired bootstrap" and test["p_value"] <= 2 / (test["used"] + 1)
+    text = p_text(test["p_value"])
+    holm = p_text(test.get("p_holm", test["p_value"]))
+    return (("p " if text.startswith("<") else "p \u2264 " if floor else "p = ") + text
+            + (f" (Holm {holm})" if holm != text else ""))
 
 
 def _difference(metric: str, value: float) -> str:

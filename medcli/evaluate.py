@@ -274,8 +274,7 @@ def _print_summary(results: dict) -> None:
 
     first = next(iter(results.values()))
     note = datasets.provenance(first["dataset"])
-    ci = first["ci"]
-    captions = [f"{ci['level']:.0%} CI: {ci['method']} over the images, {ci['resamples']} resamples, seed {ci['seed']}"]
+    captions = [metrics.interval_caption({split: result["ci"] for split, result in results.items()})]
     table = Table(title="evaluation" + (f" · data: {note}" if note else ""), title_justify="left",
                   title_style="bold red" if note else None, caption_justify="left")
     table.add_column("metric")
@@ -284,7 +283,8 @@ def _print_summary(results: dict) -> None:
     rows = [("images", [str(r["metrics"]["n"]) for r in results.values()])]
     for key in shown_metrics(first):
         rows.append((key, [metrics.metric_text(key, r["metrics"][key]) for r in results.values()]))
-    rows += [(f"{key} {ci['level']:.0%} CI", [metrics.interval_text(key, r["ci"][key]) for r in results.values()])
+    rows += [(f"{key} {first['ci']['level']:.0%} CI",
+              [metrics.interval_text(key, r["ci"][key]) for r in results.values()])
              for key in ("accuracy", "auc")]
     calibrations = [r["calibration"] for r in results.values()]
     if all(calibrations):  # one evaluation calibrates every split or none

@@ -21,7 +21,7 @@ from medcli.names import PERCENT_METRICS
 
 __all__ = [
     "above_threshold", "binary_nll", "binary_rates", "bootstrap_intervals", "classification_metrics", "confusion_counts",
-    "fit_label_temperatures", "interval_text", "metric_text",
+    "evaluated_with", "fit_label_temperatures", "interval_caption", "interval_text", "metric_text", "mixed_evaluations",
     "fit_temperature", "label_matrix_metrics", "mcnemar_exact", "mean_difference", "nll", "ordinal_scores",
     "paired_bootstrap_auc", "per_label", "reliability", "sigmoid", "softmax", "temperature_applied",
     "temperature_text", "top_label", "BOOTSTRAP_CHUNK", "CONSTANT", "ONE_SIDED", "SEPARATED", "THRESHOLD",
@@ -350,8 +350,9 @@ def bootstrap_intervals(correct: np.ndarray, positive: np.ndarray, scores: np.nd
     draws N images with replacement (numpy's generator seeded with `seed`), kept as counts
     per image: accuracy is then a weighted mean, and AUC the weighted Mann-Whitney statistic
     over scores sorted once, ties counting one half, with no sort per resample. A resample in
-    which a column lacks positives or negatives has no AUC and is left out; the AUC interval
-    is None where the whole split lacks them.
+    which a column lacks positives or negatives has no AUC and is left out (`auc_used` counts
+    the others where there are fewer than `resamples`); the AUC interval is None where the
+    whole split lacks them.
     """
     correct = np.asarray(correct, dtype=np.float64)
     positive, scores = np.asarray(positive, dtype=bool), np.asarray(scores, dtype=np.float64)
@@ -365,13 +366,26 @@ def bootstrap_intervals(correct: np.ndarray, positive: np.ndarray, scores: np.nd
             auc.append(np.mean([_weighted_auc(weights, *column) for column in columns], axis=0))
     tail = 50.0 * (1.0 - level)
 
-    def interval(values: list) -> list[float] | None:
+    def finite(values: list):
         values = np.concatenate(values) if values else np.empty(0)
-        values = values[np.isfinite(values)]
-        return np.percentile(values, [tail, 100.0 - tail]).tolist() if values.size else None
+        return values[np.isfinite(values)]
 
+    accuracy, auc = finite(accuracy), finite(auc)
     return {"method": "percentile bootstrap", "level": level, "resamples": resamples, "seed": seed,
-            "accuracy": interval(accuracy), "auc": interval(auc)}
+            "accuracy": np.percentile(accuracy, [tail, 100.0 - tail]).tolist() if accuracy.size else None,
+            "auc": np.percentile(auc, [tail, 100.0 - tail]).tolist() if auc.size else None,
+            **({"auc_used": int(auc.size)} if has_auc and auc.size < resamples else {})}
+
+
+def interval_caption(cis: dict[str, dict]) -> str:
+    """What the intervals of `bootstrap_intervals` are (split -> its `ci`), for a table's
+    caption: and with how many resamples a split's AUC interval was made where some lacked a
+    class (a conditional interval)."""
+    ci = next(iter(cis.values()))
+    fewer = "; ".join(f"AUC of {split}: the {c['auc_used']} in which every class had positives and negatives"
+                      for split, c in cis.items() if c.get("auc_used") is not None)
+    return (f"{ci['level']:.0%} CI: {ci['method']} over the images, {ci['resamples']} resamples, seed {ci['seed']}"
+            + (f" ({fewer})" if fewer else ""))
 
 
 def _score_order(positive: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -584,12 +598,14 @@ def paired_bootstrap_auc(positive: np.ndarray, scores_a: np.ndarray, scores_b: n
     if not (np.isfinite(auc_a) and np.isfinite(auc_b)):
         return {**base, "difference": None, "interval": None, "p_value": None, "used": 0}
     differences = np.concatenate([auc(w, 0) - auc(w, 1) for w in _resample_weights(n, resamples, seed)])
-    differences = differences[np.isfinite(differences)]
-    tail = 50.0 * (1.0 - level)
-    p_value = (min(1.0, 2.0 * (1 + min((differences <= 0).sum(), (differences >= 0).sum())) / (differences.size + 1))
-               if differences.size else None)
-    return {**base, "difference": auc_a - auc_b, "used": int(differences.size),
-            "interval": np.percentile(differences, [tail, 100.0 - tail]).tolist() if differences.size else None,
+    differences = np.sort(differences[np.isfinite(differences)])
+    used = differences.size
+    p_value = min(1.0, 2.0 * (1 + min((differences <= 0).sum(), (differences >= 0).sum())) / (used + 1)) if used else None
+    # the percentile interval's ends as order statistics (Davison & Hinkley's (B + 1) a / 2-th):
+    # it leaves out 0 exactly when p < 1 - level (an interpolated percentile could exclude 0 at p 0.051)
+    k = min(max(int(np.ceil((1.0 - level) * (used + 1) / 2)) - 2, 0), used - 1)
+    return {**base, "difference": auc_a - auc_b, "used": int(used),
+            "interval": [float(differences[k]), float(differences[used - 1 - k])] if used else None,
             "p_value": p_value}
 
 
@@ -606,9 +622,9 @@ def _resample_weights(n: int, resamples: int, seed: int):
 def mean_difference(differences: Sequence[float], level: float = 0.95) -> dict:
     """Mean of paired differences (A - B, one per seed) with its Student-t interval and the
     paired t-test's two-sided p-value (n - 1 degrees of freedom; needs n >= 2). Differences
-    that do not vary (up to rounding: 1/156 + 120/156 - 120/156 is not exactly 1/156) give a
-    zero-width interval, and p 1.0 (mean 0) or None (no test: two equal differences are no
-    evidence of a certain one)."""
+    that do not vary (up to rounding: 1/156 + 120/156 - 120/156 is not exactly 1/156) give no
+    interval (None: a zero-width one would claim certainty from two seeds), and p 1.0 (mean
+    0) or None (no test: two equal differences are no evidence of a certain one)."""
     from scipy import stats
 
     d = np.asarray(differences, dtype=np.float64).reshape(-1)
@@ -618,9 +634,9 @@ def mean_difference(differences: Sequence[float], level: float = 0.95) -> dict:
     error = std / np.sqrt(d.size)
     rounding = 1e-9 * max(1.0, float(np.abs(d).max()))
     if std <= rounding:
-        half, p_value = 0.0, 1.0 if abs(mean) <= rounding else None
+        interval, p_value = None, 1.0 if abs(mean) <= rounding else None
     else:
         half = float(stats.t.ppf(0.5 + level / 2, d.size - 1) * error)
-        p_value = float(2 * stats.t.sf(abs(mean) / error, d.size - 1))
+        interval, p_value = [mean - half, mean + half], float(2 * stats.t.sf(abs(mean) / error, d.size - 1))
     return {"test": "paired t", "n": int(d.size), "mean": mean, "std": std, "level": level,
-            "interval": [mean - half, mean + half], "p_value": p_value}
+            "interval": interval, "p_value": p_value}

@@ -13,7 +13,7 @@ __all__ = [
     "AMP_MODES", "CHECKPOINTS", "COMPARE_FORMATS", "COMPILE_MODES", "EXPORT_FORMATS",
     "COMPARE_METRICS", "EVAL_SPLITS", "EXPLAIN_TARGETS", 
     "FAITHFULNESS_PREFIX", "LOWER_IS_BETTER", "MONITORS",
-    "OPTIMIZERS", "PERCENT_METRICS", "SCALAR_METRICS", "SPLITS",
+    "OPTIMIZERS", "PERCENT_METRICS", "SCALAR_METRICS", "SHOWN_DECIMALS", "SPLITS",
     "file_names", "short_names",
 ]
 
@@ -31,6 +31,8 @@ LOWER_IS_BETTER = frozenset({"loss", "nll", "ece", "brier", "mae"})
 PERCENT_METRICS = frozenset({"accuracy", "balanced_accuracy", "f1_macro", "precision_macro", "recall_macro",
                              "f1_micro", "precision_micro", "recall_micro", "ece", "sensitivity", "specificity",
                              "ppv", "npv", "subset_accuracy"})
+# Tables show a metric to 4 decimals of its value (a percent metric: 91.23 %, two of a percent).
+SHOWN_DECIMALS = 4
 COMPARE_METRICS = ("accuracy", "balanced_accuracy", "f1_macro", "auc", "ece")  # aggregate's default columns
 COMPARE_FORMATS = ("table", "csv", "md", "xlsx", "json")
 EXPORT_FORMATS = ("onnx", "torchscript")  # medcli export --format

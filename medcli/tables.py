@@ -18,7 +18,7 @@ import numpy as np
 
 from medcli import datasets, fileio, tasks
 from medcli.errors import UsageError
-from medcli.metrics import mixed_evaluations, temperature_applied, temperature_text
+from medcli.metrics import interval_caption, mixed_evaluations, temperature_applied, temperature_text
 from medcli.names import PERCENT_METRICS, SCALAR_METRICS
 
 __all__ = [
@@ -372,16 +372,14 @@ def _interval_blocks(evaluations: dict) -> list[Block]:
     evaluated before medcli computed them)."""
     import pandas as pd
 
-    rows, recorded = [], None
+    rows = []
     for split, (meta, _) in evaluations.items():
         for metric in ("accuracy", "auc") if meta.get("ci") else ():
-            recorded = meta["ci"]
-            low, high = recorded[metric] or (None, None)
+            low, high = meta["ci"][metric] or (None, None)
             rows.append({"metric": metric, "split": split, "value": meta["metrics"][metric], "low": low, "high": high})
     if not rows:
         return []
-    title = (f"{recorded['level']:.0%} confidence intervals ({recorded['method']} over the split's images, "
-             f"{recorded['resamples']} resamples, seed {recorded['seed']})")
+    title = interval_caption({split: meta["ci"] for split, (meta, _) in evaluations.items() if meta.get("ci")})
     return [Block(pd.DataFrame(rows), title=title, row_formats={m: metric_format(m) for m in ("accuracy", "auc")})]
 
 

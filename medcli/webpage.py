@@ -38,7 +38,7 @@ from medcli.errors import MedcliError, UsageError
 from medcli.evaluate import shown_metrics
 from medcli.explain import faithfulness_text
 from medcli.explainers import METHODS as EXPLAIN_METHODS
-from medcli.metrics import interval_text, metric_text, mixed_evaluations, temperature_applied, temperature_text
+from medcli.metrics import interval_caption, interval_text, metric_text, mixed_evaluations, temperature_applied, temperature_text
 from medcli.names import SPLITS
 from medcli.run import Run
 
@@ -319,7 +319,7 @@ def _metrics(run: Run, evaluations: dict[str, dict]) -> str:
     rows += [(key, *[metric_text(key, r["metrics"].get(key)) for r in results]) for key in keys]
     rows += [(f"{key} {ci['level']:.0%} CI", *[interval_text(key, r["ci"].get(key)) for r in results])
              for key in keys if key in ci]
-    caption = f"{ci['level']:.0%} CI: {ci['method']} over the images, {ci['resamples']} resamples, seed {ci['seed']}"
+    caption = interval_caption({split: r["ci"] for split, r in evaluations.items()})
     parts = [_table(("metric", *splits), rows, numeric=range(1, len(splits) + 1), caption=caption)]
     if mixed := mixed_evaluations(evaluations):
         parts.append(_note(mixed[0].upper() + mixed[1:] + "."))

@@ -104,7 +104,7 @@ def test_two_runs_on_the_same_images_get_paired_tests(tmp_path):
                                                                compare_stats.BOOTSTRAP_SEED)
     assert pair["auc"] == aggregate([tmp_path], metric_names=["accuracy", "auc"]).paired["pairs"][0]["auc"]
     text = table_text(result, width=100)
-    assert "McNemar exact p = 0.039" in text and "paired bootstrap" in text
+    assert "McNemar exact p = 0.0385" in text and "paired bootstrap" in text
     # review: the workbook had no paired tests (only the table, Markdown, JSON and page did)
     sheet = load_workbook(write_xlsx(tmp_path / "c.xlsx", result))["paired tests"]
     rows = list(sheet.iter_rows(values_only=True))
@@ -317,3 +317,44 @@ def test_no_paired_interval_between_scores_of_two_methods():
     assert result["accuracy"]["p_value"] is not None
     same = [({**a, "road_method": "gradcam"}, {**b, "road_method": "gradcam"}) for a, b in pairs]
     assert "refused" not in _across_seeds(same, ["road"])["road"]
+
+
+def test_p_values_are_cut_so_they_never_cross_a_threshold():
+    """Review: f"{p:.2g}" printed 0.0496 and 0.0504 both as "p = 0.05" (and 0.00996 as 0.01)."""
+    from medcli.compare_stats import _p, p_text
+
+    assert [p_text(p) for p in (0.0496, 0.0504, 0.049996, 0.05, 0.00996, 1.0, 0.12345, 7e-5)] == \
+        ["0.0496", "0.0504", "0.0499", "0.05", "0.00996", "1", "0.123", "< 0.0001"]
+    assert _p({"p_value": 0.0496, "p_holm": 0.0992}) == "p = 0.0496 (Holm 0.0992)"
+    least = {"test": "paired bootstrap", "p_value": 2 / 2001, "used": 2000}
+    assert _p(least) == "p \u2264 0.000999"  # no resample against it: the least p 2,000 can give
+
+
+def test_the_paired_bootstrap_interval_leaves_out_zero_exactly_when_p_is_below_005():
+    """Review: "95% CI +0.0011 to +0.1833, paired bootstrap p = 0.051" (60 images): the
+    interpolated percentile left 0 out where p did not reach 0.05 (50 of 2,000 differences
+    <= 0). Here and on other sets near the line, the interval leaves out 0 iff p < 0.05."""
+    def found(seed, shift):
+        rng = np.random.default_rng(seed)
+        y = rng.integers(0, 2, 60).astype(bool)
+        a = rng.normal(size=60) + y * 1.0
+        b = a + rng.normal(size=60) * 1.0 - y * shift
+        return metrics.paired_bootstrap_auc(y[:, None], a[:, None], b[:, None], 2000, 0)
+
+    review = found(104, 0.3)
+    assert review["p_value"] == pytest.approx(2 * 51 / 2001) and review["interval"][0] <= 0
+    near = [found(seed, shift) for seed in range(20) for shift in (0.2, 0.3, 0.4)]
+    near = [r for r in near if 0.02 < r["p_value"] < 0.1]
+    assert len(near) > 5
+    for r in near:
+        low, high = r["interval"]
+        assert (low > 0 or high < 0) == (r["p_value"] < 0.05), r
+
+
+def test_leaders_are_the_best_at_the_precision_shown():
+    """Review: 0.912346 and 0.912341 both read 91.23 %; the star went to one of them."""
+    from medcli import compare_stats
+
+    groups = [{"group": name, "accuracy": value, "dataset": "bloodmnist", "size": 28, "data": "official",
+               "experiment": {}} for name, value in (("A", 0.912346), ("B", 0.912341), ("C", 0.9))]
+    assert compare_stats.leaders(groups, ["accuracy"]) == {"accuracy": ["A", "B"]}

@@ -200,9 +200,27 @@ def test_equal_differences_up_to_rounding_are_not_a_significant_t_test():
     differs in the last bit, and the t-test gave p = 5.5e-15."""
     n = 156
     found = metrics.mean_difference([120 / n - 119 / n, 121 / n - 120 / n])
-    assert found["p_value"] is None and found["interval"][0] == found["interval"][1]
+    assert found["p_value"] is None
+    # review: a zero-width 95 % interval ("+5.00 points to +5.00 points") claimed certainty from two seeds
+    assert found["interval"] is None
     assert metrics.mean_difference([0.0, 1e-17])["p_value"] == 1.0
     assert metrics.mean_difference([0.01, 0.02])["p_value"] is not None
+
+
+def test_an_auc_interval_made_without_some_resamples_says_so(tmp_path):
+    """Review: with one image of a class in 200, only 635 of 1,000 resamples held it; the AUC
+    interval came from those, and every caption said "1000 resamples"."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(100, int), np.ones(99, int), 2]
+    scores = metrics.softmax(np.eye(3)[labels] + rng.normal(0, 1, (200, 3)))
+    positive = np.eye(3, dtype=bool)[labels]
+    ci = metrics.bootstrap_intervals(scores.argmax(1) == labels, positive, scores, 1000, 0)
+    held = sum(bool(positive[w > 0, 2].any()) for w in np.concatenate(list(metrics._resample_weights(200, 1000, 0))))
+    assert ci["auc_used"] == held < 1000
+    assert f"AUC of test: the {held} in which every class had positives and negatives" in \
+        metrics.interval_caption({"test": ci})
+    whole = metrics.bootstrap_intervals(labels == labels, np.eye(3, dtype=bool)[np.arange(200) % 3], scores, 100, 0)
+    assert "auc_used" not in whole and "(" not in metrics.interval_caption({"test": whole})
 
 
 def test_a_validation_split_of_one_class_keeps_t_1_and_says_why():

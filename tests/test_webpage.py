@@ -383,7 +383,7 @@ def test_a_comparison_page_of_three_setups_tests_the_pair_named(tmp_path):
         assert result.exit_code == 0, result.output
         texts[name] = Path(result.stdout.strip()).read_text(encoding="utf-8")
     assert "choose two with &#x27;medcli report --pair A B&#x27;" in texts["none"] and "McNemar" not in texts["none"]
-    assert "McNemar exact p = 0.039" in texts["ab"]
+    assert "McNemar exact p = 0.0385" in texts["ab"]
     alone = runner.invoke(app, ["report", str(runs[0]), "--pair", "a", "b"])
     assert alone.exit_code == 2 and "--pair" in one_line_error(alone)
 
