@@ -254,7 +254,8 @@ def paired_lines(paired: dict) -> list[str]:
             interval = ("no t-interval (the differences do not vary)" if found["interval"] is None else
                         f"{found['level']:.0%} t-interval {_difference(metric, found['interval'][0])} to "
                         f"{_difference(metric, found['interval'][1])}")
-            lines.append(f"    {metric} {_difference(metric, found['mean'])}, {interval}, paired t {_p(found)}")
+            lines.append(f"    {metric} {_difference(metric, found['mean'])}, {interval}, paired t ({found['n'] - 1} df) "
+                         f"{_p(found)}")
     return lines
 
 

@@ -145,6 +145,9 @@ def test_seeds_give_a_mean_difference_with_a_t_interval(tmp_path):
     assert over_seeds["difference"] == pytest.approx(0.09) and over_seeds["seeds"] == "0, 1"
     assert across["accuracy"]["n"] == 2 and across["accuracy"]["interval"][0] < 0.09 < across["accuracy"]["interval"][1]
     assert all("no predictions file" in pair["refused"] for pair in paired["pairs"])  # said, not silently skipped
+    # review: two seeds' interval ran from -95.82 to +231.76 points, unexplained: the line says its df
+    assert any(line.strip().startswith("accuracy +9.00 points, 95% t-interval") and "paired t (1 df) p = " in line
+               for line in compare_stats.paired_lines(paired))
 
 
 def test_pair_chooses_two_of_several_setups(tmp_path):
