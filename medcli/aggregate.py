@@ -31,7 +31,7 @@ import numpy as np
 
 from medcli import compare_stats, console, datasets, fileio, reports, tables
 from medcli.config import experiment as experiment_of
-from medcli.metrics import temperature_applied
+from medcli.metrics import evaluation_settings, metric_text
 from medcli.errors import UsageError
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
 from medcli.explainers import METHODS as EXPLAIN_METHODS
@@ -127,10 +127,7 @@ def read_run(run_dir: Path, split: str, metric_names: Sequence[str]) -> dict:
     before, after = calibration.get("before") or {}, calibration.get("after") or {}
     if values.get("auc") is not None and values["auc"] == after.get("auc") != before.get("auc"):
         values["auc"] = before["auc"]  # written before evaluate kept the model's own AUC under --calibrate
-    # A skipped fit kept T = 1: for a multi-label task only the labels in "skipped" (as evaluate decides)
-    calibrated = temperature_applied(calibration)
-    tta = len(evaluation.get("tta", {}).get("views", [])) > 1  # the identity alone is a plain evaluation
-    settings = [evaluation.get("checkpoint", "?")] + (["tta"] if tta else []) + (["calibrated"] if calibrated else [])
+    settings = evaluation_settings(evaluation)  # a skipped temperature fit (T = 1) is no calibration
     experiment = experiment_of(config)
     # what the split was scored on (`evaluate --root` may point at another file than training's)
     tested = evaluation["dataset"] if isinstance(evaluation.get("dataset"), dict) and evaluation["dataset"].get("md5") \
@@ -398,7 +395,7 @@ def _display(metric: str, mean, std, method: str | None = None, gap: str = " ") 
     if mean is None:
         return "" if metric in ROAD_METRICS else "n/a"
     percent = metric in PERCENT_METRICS
-    value = f"{mean:.{SHOWN_DECIMALS - 2}%}" if percent else f"{mean:.{SHOWN_DECIMALS}f}"
+    value = metric_text(metric, mean)
     if std is not None:
         value += f"{gap}±{std * 100:.2f}" if percent else f"{gap}±{std:.4f}"
     return f"{value} ({method})" if method else value

@@ -41,9 +41,13 @@ _SINCE_SELECTION = frozenset({"ema", "scores"})
 
 
 def owner(run: Run) -> dict:
-    """The run a last.pt belongs to, as it records it: its id and creation time (a copy of the
-    run folder is the same run; another run's last.pt copied in is not)."""
-    return {"run_id": run.run_id, "created": run.data.get("created")}
+    """The run a last.pt belongs to, as it records it: its id and its manifest's random `uid`
+    (a copy of the run folder is the same run; another run's last.pt copied in is not, even
+    one started in the same second); a run from before manifests had one: id, creation time
+    and seed."""
+    uid = run.data.get("uid")
+    return {"run_id": run.run_id, **({"uid": uid} if uid else
+                                     {"created": run.data.get("created"), "seed": run.config.get("seed")})}
 
 
 def payload(state: Any, metrics: dict, full: bool, device, model: Any = None, run: Run | None = None) -> dict:
@@ -227,8 +231,9 @@ def writing(stage: Any = None, paths: tuple[Path, ...] = ()) -> Iterator[Writer]
 
 def read(path: Path, run: Run) -> dict:
     """`run`'s last.pt as saved, or a one-line UsageError for a damaged file or another run's
-    (its `owner`; a last.pt from before owners were recorded: its sha256 against the one the
-    train stage recorded, where it did)."""
+    (its `owner`). A last.pt from before owners were recorded whose sha256 is not the one the
+    train stage recorded is a warning: it may be another run's, or this run's own written
+    after the manifest was last saved (a kill between the two)."""
     import torch
 
     try:
@@ -248,8 +253,9 @@ def read(path: Path, run: Run) -> dict:
         raise UsageError(f"{relative} of run {run.run_dir} was written by another run ({other.get('run_id')}, created "
                          f"{other.get('created')}); restore this run's own last.pt or start a new run")
     if "owner" not in checkpoint and recorded and fileio.sha256_file(path) != recorded:
-        raise UsageError(f"{relative} of run {run.run_dir} is not the file this run wrote (its sha256 differs from "
-                         "the manifest's); restore this run's own last.pt or start a new run")
+        console.warn(f"{relative} of run {run.run_dir} is not the one its manifest recorded: written after the "
+                     "manifest was last saved (a kill in between), or another run's copied in (a last.pt of an "
+                     "older medcli names no run); resuming from it")
     return checkpoint
 
 

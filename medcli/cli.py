@@ -115,13 +115,19 @@ _PATH_REFUSALS = {errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR}  # a path no f
 
 def _empty_argument(argv, group, sub: str | None) -> str | None:
     """What an empty word of the command line is ("--root" for `--root ""` or `--root=`, "an
-    argument" otherwise), or None when there is none: no medcli option or argument takes an
-    empty value, and `--root "$DATA"` with DATA unset meant the current folder."""
+    argument" otherwise), or None when there is none (or help is asked for): no medcli option
+    or argument takes an empty value, and `--root "$DATA"` with DATA unset meant the current
+    folder. Words after "--" are arguments, however they look."""
     takes_value = {name for command in (group, group.commands.get(sub)) if command is not None
                    for param in command.params if param.param_type_name == "option" and not param.is_flag
                    and not param.count for name in param.opts}
+    options = argv[:argv.index("--")] if "--" in argv else argv
+    if {"-h", "--help"} & set(options):
+        return None
     for before, word in zip([None, *argv], argv):
-        if word.endswith("=") and word.startswith("--"):
+        if word == "--" and before not in takes_value:
+            return "an argument" if "" in argv[argv.index(word) + 1:] else None
+        if word.endswith("=") and word[:-1] in takes_value:
             return word[:-1]
         if word == "":
             return before if before in takes_value else "an argument"

@@ -35,7 +35,7 @@ import numpy as np
 
 from medcli import metrics, tables
 from medcli.errors import UsageError
-from medcli.names import LOWER_IS_BETTER, PERCENT_METRICS, SHOWN_DECIMALS
+from medcli.names import LOWER_IS_BETTER, PERCENT_METRICS
 from medcli.run import Run
 
 __all__ = ["BOOTSTRAP_RESAMPLES", "BOOTSTRAP_SEED", "CITATION", "benchmarks", "data_key", "leaders", "pair_groups",
@@ -64,7 +64,7 @@ def data_key(group: dict) -> tuple:
 def leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[str]]:
     """Per metric, the labels of the group(s) (`aggregate`'s setups) with the best mean (lower
     is better for losses and ECE) among two or more on the same data, at the precision the
-    table shows (SHOWN_DECIMALS: two means that read 91.23 % both lead); a score that names its
+    table shows (`metrics.shown_value`: two means that read 91.23 % both lead); a score that names its
     method (`<metric>_method`: `road`, each run's own explanation method) only among scores of
     that method."""
     by_data: dict[tuple, list[dict]] = {}
@@ -77,7 +77,7 @@ def leaders(groups: list[dict], metric_names: Sequence[str]) -> dict[str, list[s
             for g in same_data:
                 contests.setdefault(g.get(f"{metric}_method"), []).append(g)
             for rivals in contests.values():
-                scored = [(round(g[metric], SHOWN_DECIMALS), g["group"]) for g in rivals if g[metric] is not None]
+                scored = [(metrics.shown_value(metric, g[metric]), g["group"]) for g in rivals if g[metric] is not None]
                 if len(scored) > 1:
                     best = (min if metric in LOWER_IS_BETTER else max)(value for value, _ in scored)
                     found.setdefault(metric, []).extend(
@@ -236,9 +236,10 @@ def paired_lines(paired: dict) -> list[str]:
         if auc["difference"] is None:
             lines.append("    AUC: undefined on these images (a class without positives or negatives)")
         else:
-            low, high = auc["interval"]
+            interval = ("no interval (too few resamples)" if auc["interval"] is None else
+                        f"{auc['level']:.0%} CI {auc['interval'][0]:+.4f} to {auc['interval'][1]:+.4f}")
             lines.append(f"    AUC {auc['auc_a']:.4f} vs {auc['auc_b']:.4f}: A - B {auc['difference']:+.4f}, "
-                         f"{auc['level']:.0%} CI {low:+.4f} to {high:+.4f}, paired bootstrap {_p(auc)} "
+                         f"{interval}, paired bootstrap {_p(auc)} "
                          f"({auc['used']} of {auc['resamples']} resamples, seed {auc['seed']})")
     across = paired.get("across_seeds")
     if across is not None and "refused" in across:
@@ -318,8 +319,9 @@ def _p(test: dict) -> str:
     floor = test.get("test") == "paired bootstrap" and test["p_value"] <= 2 / (test["used"] + 1)
     text = p_text(test["p_value"])
     holm = p_text(test.get("p_holm", test["p_value"]))
-    return (("p " if text.startswith("<") else "p \u2264 " if floor else "p = ") + text
-            + (f" (Holm {holm})" if holm != text else ""))
+    bound = "" if text.startswith("<") else "\u2264 " if floor else "= "  # a bound's Holm value is one too
+    return f"p {bound}{text}" + (f" (Holm {'' if holm.startswith('<') else bound.replace('= ', '')}{holm})"
+                                 if holm != text else "")
 
 
 def _difference(metric: str, value: float) -> str:

@@ -19,6 +19,7 @@ import hashlib
 import http.client
 import itertools
 import os
+import re
 import shlex
 import time
 import urllib.error
@@ -86,6 +87,11 @@ def _check_mirror(mirror: str | None) -> None:
     no error while every file is present)."""
     if not mirror:
         return
+    shown = re.sub(r"^([A-Za-z][\w+.-]*://)?[^/@]*@", r"\1***@", mirror)  # user and password never printed
+    if shown != mirror:  # urllib takes "user:secret@host" for the host name; medcli's lines would show it
+        raise UsageError(f"--mirror {shown} holds a user name or password, which medcli does not send (and would "
+                         "print); give a mirror that needs none, or download with another tool and import "
+                         "the files with --from")
     try:
         scheme = urllib.parse.urlsplit(mirror).scheme
     except ValueError as exc:  # e.g. an unclosed IPv6 bracket
@@ -93,12 +99,6 @@ def _check_mirror(mirror: str | None) -> None:
     if scheme not in MIRROR_SCHEMES:
         raise UsageError(f"--mirror {mirror} is not a folder URL ({', '.join(s + '://' for s in MIRROR_SCHEMES)}); "
                          "check --mirror / $MEDCLI_MIRROR")
-    parts = urllib.parse.urlsplit(mirror)
-    if "@" in parts.netloc:  # urllib takes "user:secret@host" for the host name; medcli's lines would show it
-        shown = parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]).geturl()
-        raise UsageError(f"--mirror {shown} holds a user name or password, which medcli does not send (and would "
-                         "print); give a mirror that needs none, or download with another tool and import "
-                         "the files with --from")
 
 
 def parse_size(text: str) -> list[int]:

@@ -57,12 +57,16 @@ def environment(device: str | None = None, seed: int | None = None, deterministi
 
 
 def document(run_id: str, *, config: dict, dataset: dict, **sections: Any) -> dict:
-    """A new manifest document with no stages yet."""
+    """A new manifest document with no stages yet; `uid`: random, this run's alone (two runs
+    started in the same second may share their run id and creation time)."""
+    import uuid
+
     return {
         "schema_version": SCHEMA_VERSION,
         "medcli_version": __version__,
         "created": now_iso(),
         "run_id": run_id,
+        "uid": uuid.uuid4().hex,
         "config": config,
         "dataset": dataset,
         **sections,

@@ -17,11 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-from medcli.names import PERCENT_METRICS
+from medcli.names import PERCENT_METRICS, SHOWN_DECIMALS
 
 __all__ = [
     "above_threshold", "binary_nll", "binary_rates", "bootstrap_intervals", "classification_metrics", "confusion_counts",
-    "evaluated_with", "fit_label_temperatures", "interval_caption", "interval_text", "metric_text", "mixed_evaluations",
+    "bootstrap_test", "evaluated_with", "evaluation_settings", "fit_label_temperatures", "interval_caption", "interval_text", "metric_text", "mixed_evaluations",
     "fit_temperature", "label_matrix_metrics", "mcnemar_exact", "mean_difference", "nll", "ordinal_scores",
     "paired_bootstrap_auc", "per_label", "reliability", "sigmoid", "softmax", "temperature_applied",
     "temperature_text", "top_label", "BOOTSTRAP_CHUNK", "CONSTANT", "ONE_SIDED", "SEPARATED", "THRESHOLD",
@@ -517,13 +517,22 @@ def temperature_applied(calibration: dict | None) -> bool:
     return bool(calibration) and bool(np.any(np.asarray(calibration.get("temperature", 1.0)) != 1.0))
 
 
+def evaluation_settings(result: dict) -> list[str]:
+    """How a split was evaluated (a metrics JSON as evaluate writes it): the checkpoint, then
+    "tta" (more views than the image alone) and "calibrated" (a temperature other than 1)
+    where they apply."""
+    tta = len((result.get("tta") or {}).get("views", [])) > 1
+    return ([result.get("checkpoint", "?")] + (["tta"] if tta else [])
+            + (["calibrated"] if temperature_applied(result.get("calibration")) else []))
+
+
 def evaluated_with(result: dict) -> str:
-    """How a split was evaluated (a metrics JSON as evaluate writes it): the checkpoint, the
-    test-time views and whether a temperature scaled its probabilities."""
-    views = result["tta"]["views"]
-    return (f"checkpoint {result.get('checkpoint')}, "
-            + ("the image alone" if len(views) == 1 else f"{len(views)} test-time views") + ", "
-            + ("temperature-scaled" if temperature_applied(result.get("calibration")) else "not scaled"))
+    """`evaluation_settings` in words, with the md5 of the file the split was scored on."""
+    settings = evaluation_settings(result)
+    md5 = (result.get("dataset") or {}).get("md5")
+    return (f"checkpoint {settings[0]}, " + ("the test-time views" if "tta" in settings else "the image alone") + ", "
+            + ("temperature-scaled" if "calibrated" in settings else "not scaled")
+            + (f", data md5 {md5[:8]}" if md5 else ""))
 
 
 def mixed_evaluations(results: dict[str, dict]) -> str | None:
@@ -537,11 +546,17 @@ def mixed_evaluations(results: dict[str, dict]) -> str | None:
             + "): their columns do not compare like for like; evaluate them with the same options to compare them")
 
 
+def shown_value(key: str, value: float) -> float:
+    """A metric's value as `metric_text` shows it (91.23 % -> 91.23; 0.95125 -> 0.9512, rounded as
+    the format rounds): what tables rank."""
+    return float(f"{value * 100:.{SHOWN_DECIMALS - 2}f}" if key in PERCENT_METRICS else f"{value:.{SHOWN_DECIMALS}f}")
+
+
 def metric_text(key: str, value) -> str:
     """A metric for a table cell: percent metrics in %, the others to 4 decimals, n/a for None."""
     if value is None:
         return "n/a"
-    return f"{value:.2%}" if key in PERCENT_METRICS else f"{value:.4f}"
+    return f"{value:.{SHOWN_DECIMALS - 2}%}" if key in PERCENT_METRICS else f"{value:.{SHOWN_DECIMALS}f}"
 
 
 def interval_text(key: str, bounds: list[float] | None) -> str:
@@ -598,15 +613,25 @@ def paired_bootstrap_auc(positive: np.ndarray, scores_a: np.ndarray, scores_b: n
     if not (np.isfinite(auc_a) and np.isfinite(auc_b)):
         return {**base, "difference": None, "interval": None, "p_value": None, "used": 0}
     differences = np.concatenate([auc(w, 0) - auc(w, 1) for w in _resample_weights(n, resamples, seed)])
-    differences = np.sort(differences[np.isfinite(differences)])
-    used = differences.size
-    p_value = min(1.0, 2.0 * (1 + min((differences <= 0).sum(), (differences >= 0).sum())) / (used + 1)) if used else None
-    # the percentile interval's ends as order statistics (Davison & Hinkley's (B + 1) a / 2-th):
-    # it leaves out 0 exactly when p < 1 - level (an interpolated percentile could exclude 0 at p 0.051)
-    k = min(max(int(np.ceil((1.0 - level) * (used + 1) / 2)) - 2, 0), used - 1)
-    return {**base, "difference": auc_a - auc_b, "used": int(used),
-            "interval": [float(differences[k]), float(differences[used - 1 - k])] if used else None,
-            "p_value": p_value}
+    differences = differences[np.isfinite(differences)]
+    return {**base, "difference": auc_a - auc_b, "used": int(differences.size),
+            **dict(zip(("interval", "p_value"), bootstrap_test(differences, level)))}
+
+
+def bootstrap_test(differences: np.ndarray, level: float) -> tuple[list[float] | None, float | None]:
+    """The interval and two-sided p-value of resampled differences (A - B): p = 2 (1 + the
+    resamples on the far side of 0, 0 included) / (B + 1); the interval's ends are order
+    statistics (Davison & Hinkley's (B + 1) a / 2-th), the k-th from each end, k the most
+    resamples on one side of 0 with which p < 1 - level: it leaves out 0 exactly when p does
+    (an interpolated percentile could at p 0.051). No interval where no count gives such a p
+    (too few resamples); neither without resamples."""
+    d = np.sort(np.asarray(differences, dtype=np.float64))
+    used = d.size
+    if not used:
+        return None, None
+    p_value = min(1.0, 2.0 * (1 + min((d <= 0).sum(), (d >= 0).sum())) / (used + 1))
+    k = int(np.ceil(round((1.0 - level) * (used + 1) / 2 - 1, 9))) - 1  # integer-exact: 49.99999999 is 50
+    return ([float(d[k]), float(d[used - 1 - k])] if 0 <= k < used else None), p_value
 
 
 def _resample_weights(n: int, resamples: int, seed: int):

@@ -86,9 +86,10 @@ def _share(value: float) -> str:
     """A row-normalised cell, in percent of its row (the panel's title says "%": "100%" was wider
     than an eight-class cell): whole numbers, but a share that is neither none nor all never
     reads as 0 or 100 (1 of 218 images is "<1", 217 of 218 ">99")."""
-    if value == 0 or value == 1:
-        return f"{value * 100:.0f}"
-    return "<1" if value < 0.005 else ">99" if value >= 0.995 else f"{value * 100:.0f}"
+    text = f"{value * 100:.0f}"
+    if 0 < value < 1:  # rounded as the format rounds (0.005 reads "0": half to even)
+        return {"0": "<1", "100": ">99"}.get(text, text)
+    return text
 
 
 def draw_confusion(ax, cm: np.ndarray, names: Sequence[str], normalize: bool) -> None:
@@ -270,7 +271,7 @@ def _save_confusion_grid(path, tables: Sequence[tuple], title: str, normalize: b
             ax.set_xlabel("")
     for ax in axes[n:]:
         ax.set_axis_off()
-    return _finish(fig, path, f"{title}{' (row-normalised)' if normalize else ''}", note)
+    return _finish(fig, path, f"{title}{' (row-normalised: % of the true class)' if normalize else ''}", note)
 
 
 def save_task_confusion(path, tables: Sequence[tuple], title: str, note: str | None = None,

@@ -320,9 +320,9 @@ def _metrics(run: Run, evaluations: dict[str, dict]) -> str:
     rows += [(f"{key} {ci['level']:.0%} CI", *[interval_text(key, r["ci"].get(key)) for r in results])
              for key in keys if key in ci]
     caption = interval_caption({split: r["ci"] for split, r in evaluations.items()})
-    parts = [_table(("metric", *splits), rows, numeric=range(1, len(splits) + 1), caption=caption)]
-    if mixed := mixed_evaluations(evaluations):
-        parts.append(_note(mixed[0].upper() + mixed[1:] + "."))
+    mixed = mixed_evaluations(evaluations)  # said above the columns it is about
+    parts = ([_note(mixed[0].upper() + mixed[1:] + ".")] if mixed else []) + [
+        _table(("metric", *splits), rows, numeric=range(1, len(splits) + 1), caption=caption)]
     scaled = [split for split, r in evaluations.items() if temperature_applied(r.get("calibration"))]
     if scaled:
         parts.append(_note(f"ECE, NLL and Brier of {', '.join(scaled)} are after temperature scaling (before and "

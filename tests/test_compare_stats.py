@@ -354,10 +354,32 @@ def test_the_paired_bootstrap_interval_leaves_out_zero_exactly_when_p_is_below_0
         assert (low > 0 or high < 0) == (r["p_value"] < 0.05), r
 
 
+@pytest.mark.parametrize("used", [20, 39, 40, 999, 1000, 1999, 2000])
+@pytest.mark.parametrize("level", [0.95, 0.99])
+def test_the_bootstrap_interval_and_p_agree_for_every_count_of_resamples(used, level):
+    """Review: with 1,999 resamples (one dropped) (1 - 0.95) x 2000 / 2 is 50.00000000000004,
+    so the interval left out 0 beside p = 0.05; with too few resamples [min, max] left it out
+    while p could not go below 0.05."""
+    alpha = round(1 - level, 12)  # 1 - 0.95 is 0.05000000000000004: p = 0.05 is not below it
+    for against in range(0, used // 10 + 2):
+        d = np.r_[-np.arange(1, against + 1) / 1000, np.arange(1, used - against + 1) / 1000]
+        interval, p = metrics.bootstrap_test(d, level)
+        assert p == pytest.approx(min(1.0, 2 * (1 + against) / (used + 1)))
+        if interval is None:
+            assert p >= alpha
+        else:
+            assert (interval[0] > 0) == (p < alpha), (against, interval, p)
+
+
 def test_leaders_are_the_best_at_the_precision_shown():
     """Review: 0.912346 and 0.912341 both read 91.23 %; the star went to one of them."""
     from medcli import compare_stats
 
     groups = [{"group": name, "accuracy": value, "dataset": "bloodmnist", "size": 28, "data": "official",
                "experiment": {}} for name, value in (("A", 0.912346), ("B", 0.912341), ("C", 0.9))]
+    assert compare_stats.leaders(groups, ["accuracy"]) == {"accuracy": ["A", "B"]}
+    # review: a mean half-way between two shown values: round() and the "%" format differed
+    halfway = np.mean([0.88, 0.8975])
+    assert f"{halfway:.2%}" == f"{0.8888:.2%}" == "88.88%"
+    groups = [{**groups[0], "accuracy": halfway}, {**groups[1], "accuracy": 0.8888}]
     assert compare_stats.leaders(groups, ["accuracy"]) == {"accuracy": ["A", "B"]}

@@ -998,6 +998,9 @@ def test_odd_sizes_sources_and_mirrors_are_one_line_usage_errors(tmp_path):
                                  "--mirror", "http://user:s3cret@127.0.0.1:9/files"])
     assert mirror.exit_code == 2 and "holds a user name or password" in mirror.stderr, mirror.output
     assert "s3cret" not in mirror.output
+    for bad in ("sftp://me:s3cret@host/files", "me:s3cret@host/files"):  # review: the scheme's error printed it
+        other = runner.invoke(app, ["download", FLAG, "--root", str(tmp_path / "r"), "--mirror", bad])
+        assert other.exit_code == 2 and "s3cret" not in other.output, other.output
 
 
 def test_a_synthetic_set_cleans_up_what_a_killed_write_of_it_left(tmp_path):

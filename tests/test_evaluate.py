@@ -740,6 +740,7 @@ def test_a_row_normalised_cell_that_is_neither_none_nor_all_never_reads_0_or_100
                            panels=(True,))
     cells = [text.get_text() for text in figures[0].axes[0].texts]
     assert cells == [">99", "<1", "0", "0", "50", "50", "0", "0", "100"]  # percent: the title says so
+    assert reports._share(0.005) == "<1" and reports._share(0.995) == ">99"  # review: 1 of 200 read "0"
     assert figures[0].axes[0].get_title().startswith("% of the true class")
 
 
@@ -988,6 +989,9 @@ def test_splits_evaluated_differently_are_said_to_be_so_where_they_stand_side_by
     evaluate_run(run_copy, split="test", tta=True, device="cpu")
     (in_book, in_page), banner = said()
     assert in_book and in_page
-    assert "val: checkpoint best, the image alone, not scaled; test: checkpoint best, 4 test-time views" in banner
+    assert "val: checkpoint best, the image alone, not scaled, data md5 " in banner
+    assert "; test: checkpoint best, the test-time views, not scaled, data md5 " in banner
+    page = webpage.write_run_page(run_copy).read_text(encoding="utf-8")
+    assert page.index("evaluated differently") < page.index("<table", page.index("Metrics"))  # above the columns
     evaluate_run(run_copy, split="val", tta=True, device="cpu")
     assert said()[0] == [False, False]

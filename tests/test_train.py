@@ -1246,28 +1246,38 @@ def test_an_interruption_after_the_last_epochs_checkpoint_resumes_to_the_same_en
     assert resumed.stages["train"]["artefacts"]["figures/curves.png"] == fileio.sha256_file(run / "figures/curves.png")
 
 
-def test_a_resume_refuses_another_runs_last_pt_but_takes_a_copy_of_its_own(small_root, tmp_path, monkeypatch):
+def test_a_resume_refuses_another_runs_last_pt_but_takes_a_copy_of_its_own(small_root, tmp_path, monkeypatch, capsys):
     """Review: another run's last.pt copied into an interrupted run was resumed from: the run
     ended "completed" with the other run's epochs in its history and best.pt, and every hash
-    check after it passed. last.pt names its run; one from before that is checked against the
-    sha256 the train stage recorded."""
+    check after it passed. last.pt names its run by the manifest's random uid (two runs
+    started in the same second share run id and creation time); one from before that whose
+    sha256 is not the recorded one is said."""
     import shutil
 
     options = dict(root=small_root, epochs=2, **{**TINY, "batch_size": 16})
     run = _interrupted_run(tmp_path / "runs", monkeypatch, **options)
     other = _interrupted_run(tmp_path / "others", monkeypatch, **{**options, "seed": 1})
     copy = Path(shutil.copytree(run, tmp_path / "copy"))
+    legacy = Path(shutil.copytree(run, tmp_path / "legacy"))
     own = (run / "checkpoints/last.pt").read_bytes()
     shutil.copyfile(other / "checkpoints/last.pt", run / "checkpoints/last.pt")
     before = (run / "manifest.json").read_bytes()
     with pytest.raises(UsageError, match=r"checkpoints/last.pt of run .* was written by another run \("):
         train.resume(run)
     assert (run / "manifest.json").read_bytes() == before
-    older = _load(other / "checkpoints/last.pt")  # as medcli wrote it before last.pt named its run
-    del older["owner"]
+    twin = json.loads((other / "manifest.json").read_text())  # review: started in the same second as this run
+    twin.update(run_id=Run.open(run).run_id, created=Run.open(run).data["created"])
+    (other / "manifest.json").write_text(json.dumps(twin))
+    older = _load(other / "checkpoints/last.pt")
+    older["owner"] = {**older["owner"], "run_id": twin["run_id"]}
     torch.save(older, run / "checkpoints/last.pt")
-    with pytest.raises(UsageError, match="is not the file this run wrote"):
+    with pytest.raises(UsageError, match="was written by another run"):
         train.resume(run)
+    del older["owner"]  # as an older medcli wrote it, naming no run: its sha256 is not the recorded one, said
+    torch.save(older, legacy / "checkpoints/last.pt")
+    capsys.readouterr()
+    train.resume(legacy)  # and resumed from (a last.pt written after the manifest was saved is one too)
+    assert "is not the one its manifest recorded" in capsys.readouterr().err
     (run / "checkpoints/last.pt").write_bytes(own)
     assert train.resume(run).stages["train"]["status"] == "completed"
     assert train.resume(copy).stages["train"]["status"] == "completed"  # a copy of the folder is the same run
