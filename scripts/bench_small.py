@@ -231,15 +231,23 @@ def table(results: list[dict], sets: list[str], recipes: list[str], reference_ep
         verdict(results, name, reference_epochs)
 
 
+def shown_medcli(results: list[dict], name: str) -> str:
+    """The medcli recipe a set's table rows and verdict show: today's defaults where they ran,
+    else the newest earlier defaults that did (labelled as such)."""
+    return next((recipe for recipe in ("medcli", *(r for _, r, _ in reversed(CHANGES)))
+                 if any(r["set"] == name and recipe_of(r) == recipe for r in results)), "medcli")
+
+
 def markdown(results: list[dict], sets: list[str], reference_epochs: int) -> None:
     """The table of the README's small-data section: per set, each recipe's accuracy and AUC
     per seed and as mean ± std, the epoch best.pt came from and the wall time per run; under
-    it, issue 28's verdict per set."""
+    it, issue 28's verdict per set (`shown_medcli`: a set not run with today's defaults yet
+    shows the newest earlier ones)."""
     print("| set | recipe | seeds | test accuracy per seed | mean ± std | test AUC per seed | mean ± std "
           "| best.pt from epoch | min per run |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in sets:
-        for recipe in ("reference", "medcli"):
+        for recipe in ("reference", shown_medcli(results, name)):
             rows = rows_of(results, name, recipe, reference_epochs)
             if rows:
                 acc, auc = ([r[key] for r in rows] for key in ("accuracy", "auc"))
@@ -251,14 +259,15 @@ def markdown(results: list[dict], sets: list[str], reference_epochs: int) -> Non
                       f"| {min(minutes):.0f}-{max(minutes):.0f} |")
     print()
     for name in sets:
-        verdict(results, name, reference_epochs, prefix="- ")
+        verdict(results, name, reference_epochs, prefix="- ", medcli=shown_medcli(results, name))
 
 
-def verdict(results: list[dict], name: str, reference_epochs: int, prefix: str = "") -> None:
-    """Issue 28's test on the seeds both recipes have finished: today's defaults beat the
-    reference on accuracy and AUC in every seed, and on the mean by more than the seeds'
-    spread (the larger standard deviation of the two recipes)."""
-    by = {recipe: {r["seed"]: r for r in rows_of(results, name, recipe, reference_epochs)}
+def verdict(results: list[dict], name: str, reference_epochs: int, prefix: str = "", medcli: str = "medcli") -> None:
+    """Issue 28's test on the seeds both recipes have finished: today's defaults (or the
+    earlier `medcli` recipe, said) beat the reference on accuracy and AUC in every seed, and on
+    the mean by more than the seeds' spread (the larger standard deviation of the two recipes)."""
+    by = {recipe: {r["seed"]: r for r in rows_of(results, name, recipe if recipe == "reference" else medcli,
+                                                  reference_epochs)}
           for recipe in ("reference", "medcli")}
     seeds = sorted(set(by["reference"]) & set(by["medcli"]))
     if not seeds:
@@ -273,7 +282,9 @@ def verdict(results: list[dict], name: str, reference_epochs: int, prefix: str =
         said.append(f"{key} {np.mean(gaps):+.4f} (every seed: {'yes' if min(gaps) > 0 else f'NO, {behind}'}; "
                     f"mean gap > spread {spread_:.4f}: {'yes' if np.mean(gaps) > spread_ else 'NO'})")
         said[-1] += "" if met else " NOT MET"
-    print(f"{prefix}{name:10s} medcli - reference on seeds {','.join(map(str, seeds))}: " + "; ".join(said), flush=True)
+    before = "" if medcli == "medcli" else f" ({label(medcli, reference_epochs).replace('medcli defaults ', '')})"
+    print(f"{prefix}{name:10s} medcli{before} - reference on seeds {','.join(map(str, seeds))}: " + "; ".join(said),
+          flush=True)
 
 
 def main() -> None:

@@ -57,3 +57,21 @@ def test_small_data_tables_use_one_row_a_seed_the_sample_std_and_say_a_short_ref
 @pytest.mark.parametrize("values, expected", [([0.5], 0.0), ([0.7, 0.6, 0.9], np.std([0.7, 0.6, 0.9], ddof=1))])
 def test_the_seed_spread_is_the_sample_std(values, expected):
     assert _script("bench_small").std(values) == pytest.approx(expected)
+
+
+def test_small_data_tables_keep_earlier_defaults_apart_and_say_which(capsys):
+    """The data order and augmentation streams changed on 2026-12-01: medcli runs from before
+    (no "streams" in their result) are shown and judged as such, never as today's defaults,
+    and a set re-run with today's defaults shows those alone."""
+    bench = _script("bench_small")
+    old = [{**_result(seed, 0.9), "recipe": "medcli", "select": {}} for seed in (0, 1)]
+    new = [{**_result(0, 0.95), "recipe": "medcli", "select": {}, "streams": bench.STREAMS}]
+    reference = [_result(0, 0.5), _result(1, 0.6)]
+    assert [bench.recipe_of(r) for r in (*old, *new)] == ["medcli-before-streams"] * 2 + ["medcli"]
+    bench.markdown([*reference, *old], ["gray2"], 100)
+    out = capsys.readouterr().out
+    assert "| gray2 | medcli defaults before the streams were seeded apart | 0,1 |" in out
+    assert "medcli (before the streams were seeded apart) - reference on seeds 0,1" in out
+    bench.markdown([*reference, *old, *new], ["gray2"], 100)
+    out = capsys.readouterr().out
+    assert "| gray2 | medcli defaults | 0 | 95.0%" in out and "before the streams" not in out
