@@ -152,10 +152,16 @@ class Run:
 
     @property
     def spec(self) -> dict:
-        """The model spec (`models.create`), or a one-line refusal when the manifest has none."""
+        """The model spec (`models.create`), or a one-line refusal when the manifest has none or
+        a damaged one (its sizes not positive whole numbers: a builder's error would blame an option)."""
         spec = self.data.get("model")
         if not isinstance(spec, dict) or "name" not in spec:
             raise UsageError(f"run {self.run_dir} has no model spec in its manifest; re-train it with medcli train")
+        bad = [f"model.{key} ({spec[key]!r})" for key in ("num_classes", "in_chans", "input_size")
+               if key in spec and (isinstance(spec[key], bool) or not isinstance(spec[key], int) or spec[key] < 1)]
+        if bad:
+            raise UsageError(f"{self.run_dir / manifest.FILENAME} has malformed {', '.join(bad)}: the manifest is "
+                             "damaged; restore it or train the run again")
         return spec
 
     @property

@@ -236,12 +236,20 @@ def _page(title: str, subtitle: str, notes: Sequence[str], sections: Sequence[tu
 
 def write_run_page(path: str | os.PathLike) -> Path:
     """Write a run's page (`Run.html_report_file()`) inside its `report` stage; returns its path.
-    A run that is not trained or not evaluated is a one-line refusal naming the command to run."""
+    A run that is not trained or not evaluated is a one-line refusal naming the command to run;
+    one whose last evaluate attempt (of another split) did not finish shows the splits evaluated
+    before it, as `aggregate` compares them, and says so (an attempt at work now is waited for)."""
     run = Run.open(path)
     run.require_trained()
     hint = f"evaluate it first with '{run.command('evaluate')}'"
-    run.require("evaluate", hint)
     evaluated = run.evaluated_splits()
+    status = run.status("evaluate")
+    if evaluated and status not in ("completed", None):
+        run.refuse_if_busy("evaluate")  # an evaluation under way: wait for it
+        console.warn(f"the last evaluate attempt of run {run.run_dir} did not finish ({status}); the page shows "
+                     f"the splits evaluated before it: {', '.join(evaluated)}")
+    else:
+        run.require("evaluate", hint)
     evaluations = {split: _evaluation(run, split) for split in SPLIT_ORDER if split in evaluated}
     if not evaluations:
         raise UsageError(f"run {run.run_dir} has no evaluated split left; {hint}")

@@ -166,6 +166,20 @@ def test_a_checkpoint_another_run_wrote_is_refused(run, command):
     assert NOT_ITS_OWN in one_line_error(runner.invoke(app, args(run)), 2)
 
 
+@pytest.mark.parametrize("command", CHECKPOINT_COMMANDS)
+def test_a_damaged_model_spec_is_said_to_be_the_manifests(run, command):
+    """Review: `"num_classes": "eight"` in manifest.json was reported as "model timm:test_resnet
+    does not accept that option (...); drop it or pick another model", an option nobody gave."""
+    _, args = CHECKPOINT_COMMANDS[command]
+    data = json.loads((run / "manifest.json").read_text())
+    data["model"]["num_classes"] = "eight"
+    if command == "train --resume":
+        data["stages"]["train"]["status"] = "interrupted"
+    (run / "manifest.json").write_text(json.dumps(data))
+    line = one_line_error(runner.invoke(app, args(run)), 2)
+    assert "has malformed model.num_classes ('eight'): the manifest is damaged" in line, line
+
+
 @pytest.mark.parametrize("problem", CHECKPOINT_PROBLEMS)
 @pytest.mark.parametrize("command", CHECKPOINT_COMMANDS)
 def test_bad_checkpoint(run, command, problem):

@@ -465,3 +465,24 @@ def test_numbers_in_the_run_tables_are_not_raw_floats():
     text = webpage._pairs([("best_value", 0.9984523777879958), ("epochs", 60), ("lr", 0.1), ("ema_decay", 0.99912345678)])
     assert "0.998452<" in text and "0.99845237" not in text and ">60<" in text and ">0.1<" in text
     assert "0.999123<" in text
+
+
+def test_a_killed_evaluation_of_another_split_leaves_the_page_of_the_splits_evaluated_before(explained_runs,
+                                                                                              tmp_path):
+    """Review: an `evaluate --split val` killed (kill -9) left the evaluate stage "running"
+    with a dead pid; `aggregate` compared the run's intact test results, but `report` refused
+    the run and advised evaluating test again."""
+    import subprocess
+    import sys
+
+    run = Path(shutil.copytree(explained_runs[0], tmp_path / "run"))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    Run.open(run).update(lambda data: data["stages"]["evaluate"].update(status="running", pid=dead.pid))
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.output
+    assert "the last evaluate attempt of run" in result.stderr and "did not finish (running)" in result.stderr
+    assert "test split" in (run / "report.html").read_text(encoding="utf-8")
+    Run.open(run).update(lambda data: data["stages"]["evaluate"]["summary"].clear())  # nothing evaluated before it
+    refused = runner.invoke(app, ["report", str(run)])
+    assert refused.exit_code == 2 and "did not finish" in refused.stderr and "evaluate it first" in refused.stderr
