@@ -36,7 +36,7 @@ from medcli.errors import UsageError
 from medcli.names import COMPARE_FORMATS as FORMATS, COMPARE_METRICS as DEFAULT_METRICS
 from medcli.explainers import METHODS as EXPLAIN_METHODS
 from medcli.names import (CHECKPOINTS, FAITHFULNESS_PREFIX, LOWER_IS_BETTER, PERCENT_METRICS, SCALAR_METRICS,
-                          SHOWN_DECIMALS, SPLITS)
+                          SPLITS)
 from medcli.tasks import EXTRA_METRICS, MultiClass
 from medcli.run import Run, find_runs
 

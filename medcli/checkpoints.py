@@ -250,8 +250,9 @@ def read(path: Path, run: Run) -> dict:
     recorded = run.stages.get("train", {}).get("artefacts", {}).get(relative)
     if checkpoint.get("owner") not in (None, mine):
         other = checkpoint["owner"]
-        raise UsageError(f"{relative} of run {run.run_dir} was written by another run ({other.get('run_id')}, created "
-                         f"{other.get('created')}); restore this run's own last.pt or start a new run")
+        raise UsageError(f"{relative} of run {run.run_dir} was written by another run ({other.get('run_id')}"
+                         + (f", uid {other['uid'][:8]}" if other.get("uid") else "")
+                         + "); restore this run's own last.pt or start a new run")
     if "owner" not in checkpoint and recorded and fileio.sha256_file(path) != recorded:
         console.warn(f"{relative} of run {run.run_dir} is not the one its manifest recorded: written after the "
                      "manifest was last saved (a kill in between), or another run's copied in (a last.pt of an "

@@ -21,7 +21,8 @@ from medcli.names import PERCENT_METRICS, SHOWN_DECIMALS
 
 __all__ = [
     "above_threshold", "binary_nll", "binary_rates", "bootstrap_intervals", "classification_metrics", "confusion_counts",
-    "bootstrap_test", "evaluated_with", "evaluation_settings", "fit_label_temperatures", "interval_caption", "interval_text", "metric_text", "mixed_evaluations",
+    "bootstrap_test", "evaluated_with", "evaluation_settings", "fit_label_temperatures", "interval_caption",
+    "interval_text", "metric_text", "mixed_evaluations", "shown_value",
     "fit_temperature", "label_matrix_metrics", "mcnemar_exact", "mean_difference", "nll", "ordinal_scores",
     "paired_bootstrap_auc", "per_label", "reliability", "sigmoid", "softmax", "temperature_applied",
     "temperature_text", "top_label", "BOOTSTRAP_CHUNK", "CONSTANT", "ONE_SIDED", "SEPARATED", "THRESHOLD",
