@@ -694,7 +694,7 @@ def clean_processes(
         Optional[str], typer.Option(help="Only processes older than this, e.g. 30m, 2h, 1d.")
     ] = None,
     run: Annotated[Optional[Path], typer.Option(help="Only the job working on this run directory (its launcher and ranks too).")] = None,
-    pid: Annotated[Optional[int], typer.Option(help="Only the job of this process (its launcher and ranks too).")] = None,
+    pid: Annotated[Optional[int], typer.Option(help="Only the job of this process (its launcher and ranks too); exit 1 if it is no medcli process of yours.")] = None,
     grace: Annotated[float, typer.Option(min=0, help="Seconds between SIGTERM and SIGKILL.")] = 10.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the processes as JSON on stdout.")] = False,
 ) -> None:

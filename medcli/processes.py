@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from medcli import console, manifest
-from medcli.errors import UsageError
+from medcli.errors import MedcliError, UsageError
 
 __all__ = ["MedcliProcess", "clean", "end_processes", "find_processes", "job_of", "mark_lost", "other_trainings", "parse_duration"]
 
@@ -303,7 +303,8 @@ def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = Non
     as a table to `show` (a Rich renderable), and end them with `yes`, or when `confirm(count)` says so
     (never with `dry_run`). Returns {"ended": bool, "processes": [...]}: end_processes'
     reports when they were ended (each with `ended`), else the processes found; a process
-    that could not be ended is warned about."""
+    that could not be ended is warned about. A `pid` that is no medcli process of this user
+    is a MedcliError (exit 1, as kill(1)); a `run` nobody works on is an empty listing."""
     if dry_run and yes:
         raise UsageError("--dry-run and --yes contradict each other; pass one of them")
     if run is not None and pid is not None:
@@ -318,8 +319,10 @@ def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = Non
     found = find_processes(parse_duration(older_than) if older_than is not None else 0.0)
     if run is not None or pid is not None:
         found = job_of(found, run, pid)
+        if not found and pid is not None:  # like kill(1): the one process named is not there
+            raise MedcliError(f"pid {pid} is no medcli process of this user")
         if not found:
-            console.info(f"no medcli process of this user is {'pid ' + str(pid) if pid is not None else 'working on ' + str(run)}")
+            console.info(f"no medcli process of this user is working on {run}")
     if show is not None:  # the listing is the command's result: the CLI prints it on stdout
         show(table(found, f"{console.plural(len(found), 'medcli process', 'medcli processes')}"))
     end = bool(found) and not dry_run and (yes or (confirm is not None and bool(confirm(len(found)))))

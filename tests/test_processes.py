@@ -426,3 +426,14 @@ def test_ctrl_c_at_the_confirmation_exits_130_not_1(fake_medcli):
     os.close(master)
     assert child.poll() == 130, shown
     assert proc.poll() is None  # still running
+
+
+@pytest.mark.parametrize("mode", ["--yes", "--dry-run"])
+def test_a_pid_that_is_no_medcli_process_exits_1(mode):
+    """Review: `clean-processes --pid N --yes` of a pid that is no medcli process of this user
+    (ended already, a typo, someone else's) exited 0, which a script reads as "ended"; like
+    kill(1), naming one process that is not there is a failure (a --run with nobody working on
+    it stays a plain empty listing: that job has simply ended)."""
+    result = runner.invoke(app, ["clean-processes", "--pid", str(os.getpid()), mode, "--json"])
+    assert result.exit_code == 1 and result.stdout == "", result.output
+    assert result.stderr.strip().splitlines() == [f"error: pid {os.getpid()} is no medcli process of this user"]
