@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from medcli import console, explainers, fileio, tasks
@@ -168,9 +168,6 @@ def explain_run(
             maps, scores = explainers.heatmaps(active, datasets.as_tensor(images[chosen]), prep, classes, batch_size=batch_size,
                                     device=dev, progress_label=f"explain {method}" + (" + ROAD" if faithfulness else ""),
                                     scorer=explainers.road_scorer(model, seed, task, samples=chosen) if faithfulness else None)
-        flat = explainers.constant(maps)
-        if scores is not None:  # a constant map ranks its pixels by ROAD's tie noise alone: a random removal
-            scores = np.where(flat, np.nan, scores)
         box = data.record.get("signal_box")
         explained = Explained(split, chosen, images[chosen], truth, preds, probs[np.arange(len(chosen)), preds],
                               classes, maps, explainers.box_mass(maps, box) if box else None, scores,
@@ -192,7 +189,7 @@ def explain_run(
             "layer": layer, "seed": seed, "only_errors": only_errors, "selection": selection,
             **{name: options[name] for name in chosen_method.options},
             "mean_box_mass": _finite(np.nanmean(masses)) if masses is not None and np.isfinite(masses).any() else None,
-            "faithfulness": _spread(scores, task, flat),
+            "faithfulness": _spread(explained.road, task, explained.constant),
             "maps": run.maps_file(method).name, "samples": samples, "grids": grids,
         }
         fileio.write_json(run.explain_index(method), index)
@@ -313,6 +310,14 @@ class Explained:
     road: Any = None  # ROAD faithfulness of each map (`road_scorer`), or None
     label_sets: Any = None  # multi-label: every sample's 0/1 labels (`labels` is the one it stands for)
     decided: Any = None  # whether each prediction is a decision (`Task.decided`; None: all are)
+    constant: Any = field(init=False)  # maps with one value everywhere: they show nothing
+
+    def __post_init__(self):
+        import numpy as np
+
+        self.constant = explainers.constant(self.maps)
+        if self.road is not None:  # a constant map ranks its pixels by ROAD's tie noise alone: a random removal
+            self.road = np.where(self.constant, np.nan, self.road)
 
 
 def _decided(ex: Explained, row: int) -> bool:
@@ -345,7 +350,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
     # a map of another class than the prediction (--target) says which, in its name, title and tile
     other = [class_specific and int(ex.targets[row]) != int(ex.predictions[row]) for row in range(len(ex.indices))]
     classes = sorted(set(int(ex.labels[row]) for row in in_grids))
-    flat = explainers.constant(ex.maps).tolist()  # a constant map shows nothing (and has no ROAD score)
+    flat = ex.constant.tolist()
     samples, grids, files = [], {}, []
     with console.progress() as bar:
         task = bar.add_task("figures", total=len(ex.indices) + len(classes), unit="fig")
