@@ -89,6 +89,36 @@ def test_tta_and_calibration_are_deterministic_and_recorded(run_copy):
     assert calibration["before"]["auc"] == runs[0]["metrics"]["auc"]
 
 
+def test_tta_averages_the_softmax_of_the_flipped_images(run_copy):
+    """Review: the TTA tests compared evaluate with predict (one code path) and checked the
+    recorded views; `--tta` ignoring its views would have passed. The oracle here: the mean
+    softmax of the model on the image and its torch.flip'ed copies, made by hand."""
+    from medcli import augment
+    from medcli.evaluate import evaluate_run
+
+    run = Run.open(run_copy)
+    assert run.config["augment"]["hflip"] and run.config["augment"]["vflip"]  # so 4 views
+    evaluate_run(run_copy, split="val", tta=True, device="cpu")
+    tta = _probs(run.predictions_file("val"))
+    evaluate_run(run_copy, split="val", device="cpu")
+    plain = _probs(run.predictions_file("val"))
+
+    model = run.load_model("best", torch.device("cpu")).eval()
+    images = datasets.as_tensor(run.load_data(None, ["val"]).images["val"])
+    with torch.no_grad():
+        softmax = [torch.softmax(model(augment.preprocess(images.flip(dims) if dims else images,
+                                                          run.data["preprocess"])), dim=1)
+                   for dims in [(), (3,), (2,), (2, 3)]]
+    np.testing.assert_allclose(plain, softmax[0].numpy(), atol=1e-5)
+    np.testing.assert_allclose(tta, (sum(softmax) / 4).numpy(), atol=1e-5)
+    assert np.abs(tta - plain).max() > 1e-3  # the views change this model's output
+
+
+def _probs(csv) -> np.ndarray:
+    frame, _ = tables.read_predictions(csv)
+    return frame[[c for c in frame.columns if c.startswith("prob_")]].to_numpy()
+
+
 def test_calibration_changes_only_the_calibration_metrics(run_copy, monkeypatch):
     """Review: with --calibrate the headline AUC (its interval, the medmnist CSV and the
     predictions the paired tests read) was that of the temperature-scaled probabilities: a
