@@ -1,4 +1,4 @@
-"""Helpers shared by the CLI tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -72,3 +72,42 @@ def interrupt_at_call(monkeypatch, owner, name: str, call: int = 2):
 
     monkeypatch.setattr(owner, name, interrupted)
     return real
+
+
+def tiny_epoch(images: int, lr_tensor: bool = False, task=None, **options):
+    """A first training epoch ready to run on the CPU: (state, data, prep, config) for
+    `train.train_one_epoch` with a tiny CNN on `images` random 28-px RGB images of 8 classes,
+    batch 16 (`lr_tensor`: the learning rate a tensor the schedule fills, as with --compile and
+    on CUDA; `task`: the task object, BloodMNIST's by default; `options`: resolve_config's)."""
+    import torch
+
+    from medcli import augment, datasets, feed, models, optim, train
+    from medcli.config import resolve_config
+
+    augment._normalisation.cache_clear()  # built in the first epoch of a run (and then kept)
+    torch.manual_seed(0)
+    config = resolve_config(model="timm:test_resnet", device="cpu", batch_size=16, rotate=10.0, crop_scale=0.6,
+                            **options)
+    model, _ = models.create("timm:test_resnet", 8, 3, 28)
+    device = torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    data = feed.Data(torch.randint(0, 256, (images, 3, 28, 28), dtype=torch.uint8, generator=generator),
+                     torch.randint(0, 8, (images,), generator=generator), device)
+    optimizer = optim.make_optimizer(model, config, device)
+    scheduler = optim.make_scheduler(optimizer, config, images // 16)
+    optim.place_lr(optimizer, {"compile": lr_tensor}, device)
+    state = train.State(model=model, forward=model, optimizer=optimizer, scheduler=scheduler,
+                        scaler=torch.amp.GradScaler("cpu", enabled=False), data_gen=torch.Generator().manual_seed(0),
+                        aug_gen=torch.Generator().manual_seed(1), task=task or datasets.task("bloodmnist"))
+    return state, data, augment.make_prep(28, 3), config
+
+
+def run_epoch(state, data, prep, config) -> None:
+    """`train.train_one_epoch` of `tiny_epoch`'s parts, with a progress bar (off the terminal)."""
+    import torch
+
+    from medcli import console, train
+
+    with console.progress() as bar:
+        task = bar.add_task("epoch", total=1)
+        train.train_one_epoch(state, data, prep, config, torch.device("cpu"), bar, task)

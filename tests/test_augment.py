@@ -20,8 +20,9 @@ def _gen(seed=0):
 
 
 def _mixup(x, targets, alpha, generator):
-    """MixUp as training does it: x and soft `targets` blended with a shuffled copy of the
-    batch by `draw_mixup`'s weight. Returns (x, targets, lam, perm), perm on x's device."""
+    """x and soft `targets` blended with a shuffled copy of the batch by `draw_mixup`'s weight,
+    the way training mixes (`test_training_mixes_images_and_targets_by_the_same_weight_and_partners`).
+    Returns (x, targets, lam, perm), perm on x's device."""
     lam, perm = augment.draw_mixup(x.shape[0], alpha, generator)
     perm = perm.to(x.device, non_blocking=True)
     return torch.lerp(x[perm], x, lam), torch.lerp(targets[perm], targets, lam), lam, perm
@@ -96,20 +97,73 @@ def test_grayscale_batches():
     assert out.shape == (4, 1, 64, 64) and len(prep["mean"]) == 1
 
 
-def test_mixup_mixes_inputs_and_soft_targets():
-    x = torch.randn(32, 3, 8, 8)
-    labels = torch.arange(32) % 4
-    targets = torch.nn.functional.one_hot(labels, 4).float()
-    mixed_x, mixed_t, lam, perm = _mixup(x, targets, 0.4, _gen(7))
-    assert 0.0 < lam < 1.0 and not torch.equal(perm, torch.arange(32))
-    assert torch.allclose(mixed_t.sum(1), torch.ones(32))
-    moved = labels != labels[perm]
-    assert moved.any()
-    assert torch.allclose(mixed_t[moved].max(1).values, torch.full((int(moved.sum()),), max(lam, 1 - lam)))
-    assert torch.allclose(mixed_t, lam * targets + (1 - lam) * targets[perm])
-    assert torch.allclose(mixed_x, lam * x + (1 - lam) * x[perm], atol=1e-6)
-    again = _mixup(x, targets, 0.4, _gen(7))
-    assert again[2] == lam and torch.equal(again[3], perm)
+def test_draw_mixup_is_a_seeded_beta_weight_and_a_shuffle():
+    """lam ~ Beta(alpha, alpha) (mean 1/2, variance 1 / (4 (2 alpha + 1))), perm a permutation,
+    both the same again from the same seed."""
+    lam, perm = augment.draw_mixup(32, 0.4, _gen(7))
+    assert 0.0 < lam < 1.0 and sorted(perm.tolist()) == list(range(32)) and not torch.equal(perm, torch.arange(32))
+    again = augment.draw_mixup(32, 0.4, _gen(7))
+    assert again[0] == lam and torch.equal(again[1], perm)
+    lams = torch.tensor([augment.draw_mixup(2, 0.4, _gen(seed))[0] for seed in range(4000)], dtype=torch.float64)
+    assert abs(lams.mean().item() - 0.5) < 0.02 and abs(lams.var().item() - 1 / (4 * 1.8)) < 0.01
+
+
+def test_draw_epoch_draws_what_a_draw_per_step_would():
+    """The epoch's draws made up front (what training uses) are the numbers of `draw` and
+    `draw_mixup` called step by step on the same generator: the stream a resume, another
+    world size and the per-step API all agree on."""
+    aug = augment.for_dataset("bloodmnist", rotate=10.0, crop_scale=0.6, jitter=0.2)
+    epoch = augment.draw_epoch(3, 8, aug, 0.4, _gen(5))
+    generator = _gen(5)
+    for step in range(3):
+        params = augment.draw(8, aug, generator)
+        lam, perm = augment.draw_mixup(8, 0.4, generator)
+        assert params.keys() == epoch.params.keys() and len(params) == 3
+        assert all(torch.equal(params[key], epoch.params[key][step]) for key in params)
+        assert lam == epoch.lams[step] and torch.equal(perm, epoch.perms[step])
+    without = augment.draw_epoch(2, 8, aug, 0.0, _gen(5))
+    assert without.lams == [] and without.perms is None
+    generator = _gen(5)
+    second = [augment.draw(8, aug, generator) for _ in range(2)][1]  # no MixUp draws in between
+    assert torch.equal(without.params["theta"][1], second["theta"])
+
+
+def test_training_mixes_images_and_targets_by_the_same_weight_and_partners():
+    """Review: the MixUp test checked a helper of its own, not training's mixing. Here a real
+    epoch (2 steps of 16): the model sees lam x + (1 - lam) x[perm] of the augmented batch,
+    and the loss gets the one-hot targets mixed the same way (not with 1 - lam)."""
+    from medcli import tasks
+
+    from cli_helpers import run_epoch, tiny_epoch
+
+    seen = {"x": [], "targets": [], "labels": []}
+
+    class Spying(tasks.MultiClass):
+        def loss(self, logits, targets, label_smoothing=0.0):
+            seen["targets"].append(targets)
+            return super().loss(logits, targets, label_smoothing)
+
+        def hits(self, logits, labels):
+            seen["labels"].append(labels)
+            return super().hits(logits, labels)
+
+    state, data, prep, config = tiny_epoch(32, task=Spying([str(k) for k in range(8)]), mixup_alpha=0.4)
+    model = state.model
+    state.forward = lambda x: seen["x"].append(x.clone()) or model(x)
+    drawn, augmented = [], []
+    with pytest.MonkeyPatch.context() as patch:
+        real_draw, real_apply = augment.draw_epoch, augment.apply
+        patch.setattr(augment, "draw_epoch", lambda *a: drawn.append(real_draw(*a)) or drawn[-1])
+        patch.setattr(augment, "apply", lambda *a: augmented.append(real_apply(*a)) or augmented[-1])
+        run_epoch(state, data, prep, config)
+    [draws] = drawn
+    assert len(augmented) == len(seen["x"]) == 2
+    for step, x in enumerate(augmented):
+        lam, perm = draws.lams[step], draws.perms[step]
+        assert 0.0 < lam < 1.0 and lam != 0.5
+        torch.testing.assert_close(seen["x"][step], lam * x + (1 - lam) * x[perm])
+        one_hot = torch.nn.functional.one_hot(seen["labels"][step], 8).float()
+        torch.testing.assert_close(seen["targets"][step], lam * one_hot + (1 - lam) * one_hot[perm])
 
 
 def test_dataset_aware_defaults_and_options():

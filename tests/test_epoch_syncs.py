@@ -10,31 +10,15 @@ from collections import Counter
 import pytest
 import torch
 
-from medcli import augment, console, datasets, feed, models, optim, train
-from medcli.config import resolve_config
+from cli_helpers import run_epoch, tiny_epoch
 
 READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
 
 def _reads_in_one_epoch(monkeypatch, images: int, lr_tensor: bool = False, **options) -> Counter:
     """Host reads (and tensors built from Python data) while `train_one_epoch` trains a tiny
-    CNN on `images` random images, batch 16, as a run's first epoch (`lr_tensor`: the learning
-    rate a tensor the schedule fills, as with --compile and on CUDA)."""
-    augment._normalisation.cache_clear()  # built in the first epoch of a run (and then kept)
-    torch.manual_seed(0)
-    config = resolve_config(model="timm:test_resnet", device="cpu", batch_size=16, rotate=10.0, crop_scale=0.6,
-                            **options)
-    model, _ = models.create("timm:test_resnet", 8, 3, 28)
-    device = torch.device("cpu")
-    generator = torch.Generator().manual_seed(0)
-    data = feed.Data(torch.randint(0, 256, (images, 3, 28, 28), dtype=torch.uint8, generator=generator),
-                     torch.randint(0, 8, (images,), generator=generator), device)
-    optimizer = optim.make_optimizer(model, config, device)
-    scheduler = optim.make_scheduler(optimizer, config, images // 16)
-    optim.place_lr(optimizer, {"compile": lr_tensor}, device)
-    state = train.State(model=model, forward=model, optimizer=optimizer, scheduler=scheduler,
-                        scaler=torch.amp.GradScaler("cpu", enabled=False), data_gen=torch.Generator().manual_seed(0),
-                        aug_gen=torch.Generator().manual_seed(1), task=datasets.task("bloodmnist"))
+    CNN on `images` random images, batch 16, as a run's first epoch (`tiny_epoch`)."""
+    state, data, prep, config = tiny_epoch(images, lr_tensor, **options)
     counts: Counter = Counter()
 
     def counted(name, original):
@@ -43,12 +27,11 @@ def _reads_in_one_epoch(monkeypatch, images: int, lr_tensor: bool = False, **opt
             return original(*args, **kwargs)
         return read
 
-    with console.progress() as bar, monkeypatch.context() as patch:
-        task = bar.add_task("epoch", total=1)
+    with monkeypatch.context() as patch:
         for name in READS:
             patch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
         patch.setattr(torch, "tensor", counted("torch.tensor", torch.tensor))
-        train.train_one_epoch(state, data, augment.make_prep(28, 3), config, device, bar, task)
+        run_epoch(state, data, prep, config)
     return counts
 
 
