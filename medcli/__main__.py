@@ -4,6 +4,8 @@ console's encoding lacks (a Latin-1 or cp1252 terminal) is written as "?"."""
 
 import sys
 
+from medcli.errors import EXIT_INTERRUPTED
+
 __all__ = ["main"]
 
 
@@ -14,7 +16,7 @@ def main() -> None:
     try:
         from medcli.cli import main as command_line
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     command_line()
 
 

@@ -262,7 +262,7 @@ def download(
         Optional[list[str]],
         typer.Argument(metavar="FLAG", help="Datasets, e.g. bloodmnist pathmnist (see --list).", show_default=False),
     ] = None,
-    size: Annotated[str, typer.Option("--size", "-s", help="Image size: 28, 64, 128, 224 or all.")] = "28",
+    size: Annotated[str, typer.Option("--size", "-s", help=f"Image size: {', '.join(map(str, names.SIZES))} or all.")] = "28",
     root: Annotated[
         Optional[Path],
         typer.Option(help="Data folder (default: $MEDCLI_DATA, else ~/.medmnist).", show_default=False),
@@ -719,7 +719,7 @@ def clean_processes(
     if json_out:
         emit(report)
     if report["ended"] and not all(p["ended"] for p in report["processes"]):
-        raise typer.Exit(1)
+        raise typer.Exit(EXIT_FAILURE)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 from medcli import augment, distributed, models, selection, tasks
 from medcli.distributed import COLLECTIVE_TIMEOUT_S
 from medcli.errors import UsageError
-from medcli.names import MONITORS, OPTIMIZERS
+from medcli.names import MONITORS, OPTIMIZERS, sizes_text
 
 __all__ = [
     "CHANNELS_LAST_ON_CPU", "DEVICE_DATA_SHARE", "FINE_TUNE_LR_DIVISOR", "MIN_DEFAULT_BATCH",
@@ -87,11 +87,42 @@ def defaults_help() -> str:
             f"{selection.rule_help()}.")
 
 
+def _task_monitors() -> str:
+    """The task types whose default --monitor is not accuracy, in words."""
+    return "; ".join(f"{cls.default_monitor} for {'multi-label' if cls.several_per_image else cls.kind} sets"
+                     for cls in tasks.TASKS.values() if cls.default_monitor != "acc")
+
+
+def _input_sizes() -> str:
+    """--input-size's default of every family, full and --reduced, in words."""
+    def size(values: dict) -> str:
+        return str(values["input_size"]) if "input_size" in values else "dataset size"
+
+    return (f"{_by_kind(lambda rec: size(rec.defaults))}; "
+            f"{_by_kind(lambda rec: size({**rec.reduced, **rec.reduced_overrides}))} with --reduced")
+
+
+def _by_kind(describe) -> str:
+    """`describe(record)` per kind of model ("sgd for CNNs, adamw for ViTs"), the text alone when
+    all agree, `_by_family` when the records of one kind differ."""
+    texts: dict[str, set[str]] = {}
+    for rec in models.FAMILIES.values():
+        texts.setdefault(rec.kind, set()).add(str(describe(rec)))
+    if any(len(text) > 1 for text in texts.values()):
+        return _by_family(describe)
+    if len(set.union(*texts.values())) == 1:
+        return next(iter(set.union(*texts.values())))
+    return ", ".join(f"{text} for {models.KINDS[kind]}" for kind, (text,) in texts.items())
+
+
 def _by_family(describe) -> str:
-    """`describe(record)` of every family record; records described alike share one entry."""
+    """`describe(record)` of every family record; records described alike share one entry
+    (the text alone when all are alike)."""
     labels: dict[str, list[str]] = {}
     for rec in models.FAMILIES.values():
-        labels.setdefault(describe(rec), []).append(rec.label)
+        labels.setdefault(str(describe(rec)), []).append(rec.label)
+    if len(labels) == 1:
+        return next(iter(labels))
     return "; ".join(f"{', '.join(names)}: {text}" for text, names in labels.items())
 
 
@@ -114,7 +145,7 @@ class TrainOptions:
 
     dataset: str = _option("bloodmnist", "MedMNIST 2D dataset flag (any task type: multi-class, binary, ordinal, "
                                          "multi-label).")
-    size: int = _option(28, "Dataset image size: 28, 64, 128 or 224.")
+    size: int = _option(28, f"Dataset image size: {sizes_text()}.")
     model: str = _option(models.DEFAULT_MODEL, f"{models.VALID_NAMES}.")
     reduced: bool = _option(False, reduced_help())
     epochs: int | None = _option(None, "Epochs (default per family/preset).")
@@ -125,10 +156,11 @@ class TrainOptions:
         "warning names the scaled one)."))
     lr: float | None = _option(None, "Peak learning rate (default per family).")
     weight_decay: float | None = _option(None, "Weight decay (not on norms/biases).")
-    optimizer: str | None = _option(None, "Default: sgd for CNNs, adamw for ViTs.")
+    optimizer: str | None = _option(None, f"Default: {_by_kind(lambda rec: rec.defaults['optimizer'])}.")
     warmup_epochs: float | None = _option(None, "Linear warm-up length in epochs.")
-    label_smoothing: float | None = _option(None, "Label smoothing (default 0.1; for ordinal grades it goes to the "
-                                                  "neighbouring grades).")
+    label_smoothing: float | None = _option(None, (
+        f"Label smoothing (default {_by_kind(lambda rec: rec.defaults['label_smoothing'])}; for ordinal grades it "
+        "goes to the neighbouring grades)."))
     mixup_alpha: float | None = _option(None, "MixUp Beta(alpha, alpha); 0 = off.")
     flips: bool | None = _option(None, (
         "Random flips and 90-degree turns on (--flips) or off (--no-flips). Default: per dataset and axis, "
@@ -142,7 +174,7 @@ class TrainOptions:
     patience: int | None = _option(None, "Early stopping after N epochs without improvement (default off).")
     monitor: str | None = _option(None, (
         "Validation metric for best.pt and early stopping, epoch by epoch on the trained weights (default acc; "
-        f"auc for ChestMNIST; below {selection.SMALL_VAL} validation images the EMA rule above unless given); "
+        f"{_task_monitors()}; below {selection.SMALL_VAL} validation images the EMA rule above unless given); "
         "ties go to the later epoch."))
     seed: int = _option(0, "Seed for weights, data order and augmentation.", experiment=False)
     deterministic: bool = _option(False, "Strict mode: deterministic kernels; reruns give bit-identical weights.", experiment=False)
@@ -153,7 +185,7 @@ class TrainOptions:
                                              "each step as CUDA graphs.", experiment=False)
     pretrained: bool = _option(False, "Start from ImageNet weights (default off).")
     weights: str | None = _option(None, "Start from a local state dict / timm checkpoint.")
-    input_size: int | None = _option(None, "Model input size (default: dataset size; 224 for full ViTs; 28 with --reduced).")
+    input_size: int | None = _option(None, f"Input size (default: {_input_sizes()}).")
     root: str | None = _option(None, "Data root (default $MEDCLI_DATA or ~/.medmnist).", experiment=False)
     runs_dir: str = _option("runs", "Where run directories are created.", experiment=False)
     sync_bn: bool = _option(False, (

@@ -30,15 +30,14 @@ import numpy as np
 
 from medcli import console, fileio, npzcache, tasks
 from medcli.errors import MedcliError, UsageError
-from medcli.names import SPLITS
+from medcli.names import SIZES, SPLITS
 
 __all__ = [
     "CHECKS", "MAP_MIN_BYTES", "SAMPLE_DIR", "SAMPLE_OF", "provenance", "provenance_kind", "SIZES", "SPLITS", "SYNTHETIC_DIR", "Splits", "as_tensor", "as_view", "check_size", "class_names", "current_md5", "data_path",
     "default_root", "filename", "flags", "info", "load", "make_record", "make_synthetic", "official_source",
-    "keep_record", "read_record", "record_of", "record_path", "resolve", "restore_hint", "task", "unchanged", "use_cache", "validate_npz", "write_record",
+    "keep_record", "read_record", "record_of", "record_path", "resolve", "restore_hint", "size_suffix", "task", "unchanged", "use_cache", "validate_npz", "write_record",
 ]
 
-SIZES = (28, 64, 128, 224)
 # Stand-ins medcli keeps in folders of their own under a data root, never under the official
 # file's path: the embedded real sample (`download --sample`, of SAMPLE_OF's flag and size) and
 # synthetic data (`download --synthetic` as scripts/run_all.sh uses it).
@@ -102,15 +101,19 @@ def check_size(size: int) -> int:
     return size
 
 
+def size_suffix(size: int) -> str:
+    """What MedMNIST's names add for a size: nothing at 28 px (the original files), else _<size>."""
+    return "" if size == 28 else f"_{size}"
+
+
 def filename(flag: str, size: int) -> str:
-    return f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz"
+    return f"{flag}{size_suffix(size)}.npz"
 
 
 def official_source(flag: str, size: int) -> tuple[str, str]:
     """(url, md5) of the official file on Zenodo."""
     meta = info(flag)
-    suffix = "" if size == 28 else f"_{size}"
-    return meta[f"url{suffix}"], meta[f"MD5{suffix}"]
+    return meta[f"url{size_suffix(size)}"], meta[f"MD5{size_suffix(size)}"]
 
 
 def default_root() -> Path:

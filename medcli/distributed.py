@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from medcli import console
-from medcli.errors import Interrupted, MedcliError, UsageError
+from medcli.errors import EXIT_INTERRUPTED, Interrupted, MedcliError, UsageError
 
 __all__ = [
     "COLLECTIVE_TIMEOUT_S", "Context", "check_gpus", "collective_timeout", "command_line", "derived_seed", "device_for",
@@ -460,7 +460,7 @@ def _elastic_logs_quiet() -> Iterator[None]:
             logger.setLevel(level)
 
 
-_STOPPED = (130, -2, -15)  # Ctrl-C, SIGINT, SIGTERM: stopped (by the user, or by torchrun after another failed)
+_STOPPED = (EXIT_INTERRUPTED, -2, -15)  # Ctrl-C, SIGINT, SIGTERM: stopped (by the user, or by torchrun after another failed)
 
 
 def _cause_order(exitcode: int) -> int:
@@ -481,7 +481,7 @@ def _describe_exit(rank: int, pid: int, exitcode: int) -> str:
         except ValueError:
             name = f"signal {-exitcode}"
         return f"rank {rank} (pid {pid}) was killed by {name}"
-    if exitcode == 130:
+    if exitcode == EXIT_INTERRUPTED:
         return f"rank {rank} stopped (interrupted, or it lost another process of the job: its line is above)"
     return f"rank {rank} exited with code {exitcode}"
 

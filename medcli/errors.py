@@ -3,7 +3,6 @@
 __all__ = ["EXIT_FAILURE", "EXIT_INTERRUPTED", "EXIT_USAGE", "Interrupted", "MedcliError", "UsageError", "check_stop",
            "clear_stop", "request_stop"]
 
-EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

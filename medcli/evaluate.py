@@ -23,7 +23,7 @@ import numpy as np
 from medcli import augment, console, datasets, fileio, metrics, reports, tables
 from medcli.errors import MedcliError, UsageError
 from medcli.names import EVAL_SPLITS, SPLITS
-from medcli.run import Run, StageRecord
+from medcli.run import SPLIT_FIGURES, Run, StageRecord
 from medcli.tasks import EXTRA_METRICS, Task
 
 __all__ = ["BOOTSTRAP", "evaluate_run", "shown_metrics", "written_files"]
@@ -34,7 +34,6 @@ CALIBRATION_METRICS = ("ece", "nll", "brier", "auc")  # recorded before and afte
 # after it. Everything else (accuracy is unchanged; the one-vs-rest AUC of a softmax moves a
 # little) is the model's own, so a calibrated run never gains on a ranking by the transform.
 SCALED_METRICS = ("ece", "nll", "brier")
-SPLIT_FIGURES = ("confusion", "samples", "mistakes", "reliability", "roc")  # figures/<name>_<split>.png
 BOOTSTRAP = {"resamples": 1000, "seed": 0}  # the intervals of accuracy and AUC (`tasks.Task.intervals`)
 
 
@@ -201,8 +200,7 @@ def _split_files(run: Run, split: str) -> list[Path]:
 
 def _medmnist_prefix(record: dict, split: str) -> str:
     """The start of a split's --medmnist-csv file name: flag, size suffix for 64+ px, split."""
-    size = int(record["size"])
-    return f"{record['flag']}{'' if size == 28 else f'_{size}'}_{split}_"
+    return f"{record['flag']}{datasets.size_suffix(int(record['size']))}_{split}_"
 
 
 def _drop_medmnist_csv(st: StageRecord, split: str, record: dict, replaced: bool) -> None:

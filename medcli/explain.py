@@ -116,7 +116,7 @@ def explain_run(
     from medcli import datasets, inference
 
     options = {"head_fusion": head_fusion, "discard_ratio": discard_ratio, "batch_size": batch_size}
-    _check_options(method, split, per_class, indices, only_errors, target, layer, options)
+    _check_options(method, split, per_class, indices, only_errors, layer, options)
     chosen_method = explainers.METHODS[method]
     run = Run.open(run)
     run.require_trained()
@@ -393,7 +393,7 @@ def write_figures(out_dir, caption: str, ex: Explained, names: Sequence[str],
     return samples, grids, files
 
 
-def _check_options(method, split, per_class, indices, only_errors, target, layer, options: dict) -> None:
+def _check_options(method, split, per_class, indices, only_errors, layer, options: dict) -> None:
     known = explainers.METHODS
     own = known[method].options if method in known else explainers.DEFAULT_OPTIONS
     foreign = [name for name, value in explainers.DEFAULT_OPTIONS.items() if name not in own and options[name] != value]

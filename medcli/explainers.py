@@ -58,7 +58,8 @@ ROAD_PERCENTILES = (20, 40, 60, 80)  # as in grad-cam's ROAD tutorial: 4 removal
 def road_name(task) -> str:
     """The faithfulness metric as the index and the pages name it, with the confidence it
     measures for `task` (a `medcli.tasks.Task`)."""
-    return (f"ROAD combined (Rong et al. 2022), {task.confidence_name}, percentiles 20/40/60/80, tied pixels "
+    levels = "/".join(map(str, ROAD_PERCENTILES))
+    return (f"ROAD combined (Rong et al. 2022), {task.confidence_name}, percentiles {levels}, tied pixels "
             "ranked in a seeded random order (grad-cam's ROADCombined keeps none of a tie at a percentile)")
 LAYER_HELP = (
     "CAM target layer, a module name (an unknown one lists the valid names). Default: the "
@@ -402,8 +403,7 @@ def heatmaps(explainer, images, prep: dict, targets, *, batch_size: int, device,
     return np.concatenate(out), (np.concatenate(scores) if scorer is not None else None)
 
 
-def road_scorer(model, seed: int, task, percentiles: Sequence[int] = ROAD_PERCENTILES,
-                samples: Sequence[int] | None = None):
+def road_scorer(model, seed: int, task, samples: Sequence[int] | None = None):
     """Faithfulness of maps to `model`: the ROAD combined score (Rong et al., "A Consistent and
     Efficient Evaluation Strategy for Attribution Methods", ICML 2022) as grad-cam's
     `ROADCombined` computes it, its imputation solved on the model's device (`medcli.road`).
@@ -435,12 +435,12 @@ def road_scorer(model, seed: int, task, percentiles: Sequence[int] = ROAD_PERCEN
             raise ValueError(f"road_scorer: {len(samples)} sample ids for more than {scored[0]} images")
         scored[0] += len(classes)
         with torch.no_grad():
-            for images in road.perturbed(x, maps, percentiles, seed, ids):
+            for images in road.perturbed(x, maps, ROAD_PERCENTILES, seed, ids):
                 for start in range(0, len(images), len(classes)):
                     done = len(confidences)
                     outputs = model(images[start:start + len(classes)])
                     confidences += [targets[(done + i) % len(classes)](out) for i, out in enumerate(outputs)]
-        after = torch.stack(confidences).float().cpu().numpy().reshape(2, len(percentiles), len(classes))
+        after = torch.stack(confidences).float().cpu().numpy().reshape(2, len(ROAD_PERCENTILES), len(classes))
         least, most = after.mean(axis=1)
         return (least - most) / 2
 

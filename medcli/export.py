@@ -182,7 +182,7 @@ def _run_exported(format: str, path: Path, x) -> np.ndarray:
 
 def _check(reference: np.ndarray, exported: np.ndarray, verified_on: str, format: str, task: tasks.Task) -> dict:
     """The exported logits within TOLERANCE of PyTorch's, and whether the task's decisions
-    (argmax, or each label at 0.5 for multi-label) are the same."""
+    (`task.predictions`) are the same."""
     diff = float(np.abs(reference - exported).max()) if reference.shape == exported.shape else float("inf")
     allowed = TOLERANCE * max(1.0, float(np.abs(reference).max()))
     if not diff <= allowed:
@@ -200,12 +200,13 @@ def model_card(card: dict, test: dict | None) -> str:
     data, image, model, export = card["dataset"], card["image"], card["model"], card["export"]
     flag, size = data["flag"], image["size"]
     info = datasets.info(flag)
+    outputs = "labels" if tasks.for_kind(card["task"], card["class_names"]).several_per_image else "classes"
     lines = [
         f"# Model card: {model['name']} on {flag} at {size} px ({card['run_id']}, {card['checkpoint']}.pt)",
         "",
         "## Intended use",
         f"Research and teaching: classifying {flag} images ({card['task']}, {len(card['class_names'])} "
-        f"{'labels' if card['task'].startswith('multi-label') else 'classes'}) and comparing models. "
+        f"{outputs}) and comparing models. "
         "**Not a medical device**: not for diagnosis or any clinical decision.",
         "",
         "## Model",
@@ -218,7 +219,7 @@ def model_card(card: dict, test: dict | None) -> str:
         f"{export['input']['shape']}, output `logits` {export['output']['shape']}.",
         f"- Checked at export: logits within {export['verification']['max_abs_diff']:.2g} of PyTorch's on "
         f"{export['verification']['images']} (allowed {export['verification']['tolerance']:.2g}).",
-        f"- {'Labels' if card['task'].startswith('multi-label') else 'Classes'} (output: name): "
+        f"- {outputs.capitalize()} (output: name): "
         + "; ".join(f"{i}: {name}" for i, name in enumerate(card["class_names"])) + ".",
         "",
         "## Data",

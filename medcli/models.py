@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from torch import nn
 
 __all__ = [
-    "ALIASES", "DEFAULT_MODEL", "FAMILIES", "Family", "STEMS", "SmallMapConv2d", "Torchvision", "VALID_NAMES",
+    "ALIASES", "DEFAULT_MODEL", "FAMILIES", "Family", "KINDS", "STEMS", "SmallMapConv2d", "Torchvision", "VALID_NAMES",
     "create", "load_state", "make_deterministic", "pretrained_stats", "read_state_dict", "rebuild",
     "record", "resize_kernel", "spec_record",
 ]
@@ -70,12 +70,15 @@ class Torchvision:
     conv_init: str = "fan_out"  # the Kaiming mode of torchvision's own conv init (a replaced first conv gets it)
 
 
+KINDS = {"cnn": "CNNs", "vit": "ViTs"}  # the kinds of model a family is, as help texts name them
+
+
 @dataclass(frozen=True)
 class Family:
     """What medcli decides per model family (the records are FAMILIES; `record(name)`)."""
 
     label: str  # the models it covers, for help texts
-    kind: str  # "cnn" | "vit": the spec's "family", named in the config's lr and batch sources
+    kind: str  # a key of KINDS: the spec's "family", named in the config's lr and batch sources
     build: Callable[..., Any]  # spec (timm: + timm's loading options) -> the model, randomly initialised
     defaults: Mapping[str, Any]  # training defaults: `config.resolve_config` starts from them
     reduced: Mapping[str, Any]  # --reduced: the config values it sets...
@@ -144,7 +147,7 @@ def create(name: str, num_classes: int, in_chans: int, input_size: int, pretrain
     state = _read_weights_file(Path(weights)) if weights is not None else None  # fail before building
     other_timm = rec is FAMILIES["timm"]  # the ViT record builds for the input size itself
     model = _sized(spec) if other_timm and "img_size" not in overrides else rebuild(spec)
-    if name.startswith("timm:"):
+    if name.startswith(TIMM_PREFIX):
         _probe(model, spec)
     if state is not None:
         load = _load_torchvision_state if rec.torchvision else _load_timm_state

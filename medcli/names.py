@@ -13,11 +13,13 @@ __all__ = [
     "AMP_MODES", "CHECKPOINTS", "COMPARE_FORMATS", "COMPILE_MODES", "EXPORT_FORMATS",
     "COMPARE_METRICS", "EVAL_SPLITS", "EXPLAIN_TARGETS", 
     "FAITHFULNESS_PREFIX", "LOWER_IS_BETTER", "MONITORS",
-    "OPTIMIZERS", "PERCENT_METRICS", "SCALAR_METRICS", "SHOWN_DECIMALS", "SPLITS",
+    "OPTIMIZERS", "PERCENT_METRICS", "SCALAR_METRICS", "SHOWN_DECIMALS", "SIZES", "SPLITS",
+    "sizes_text",
     "file_names", "short_names",
 ]
 
 SPLITS = ("train", "val", "test")
+SIZES = (28, 64, 128, 224)  # MedMNIST's image sizes (MedMNIST+ added all but 28)
 EVAL_SPLITS = ("test", "val", "train", "all")  # `evaluate --split`: all = every split
 CHECKPOINTS = ("best", "last")  # checkpoints/<name>.pt
 
@@ -76,3 +78,9 @@ def file_names(names: Sequence[str]) -> list[str]:
 def _distinct(texts: list[str], pattern: str) -> list[str]:
     return [text if texts.count(text) == 1 else pattern.format(text=text, number=number)
             for number, text in enumerate(texts)]
+
+
+def sizes_text() -> str:
+    """The sizes for a help text: "28, 64, 128 or 224"."""
+    *first, final = map(str, SIZES)
+    return f"{', '.join(first)} or {final}"

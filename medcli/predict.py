@@ -112,7 +112,7 @@ def predict_files(
                              else f"none of the {len(files)} files could be read (listed above)")
         table = pd.DataFrame(rows, columns=[*_CSV_FIRST, *(f"{PROB_PREFIX}{n}" for n in names)])
         if explain:
-            table["overlay"] = _publish(staging, overlays, earlier, overlay_dir(out, explain))
+            table["overlay"] = _publish(overlays, earlier, overlay_dir(out, explain))
         written = _write(out, table) if out is not None else None
     console.info(f"{console.plural(len(rows), 'image')} predicted with {opened.kind} {opened.source}"
                  + (f"; {console.plural(len(failed), 'file')} failed" if failed else ""))
@@ -147,8 +147,8 @@ def _staged(out: Path | None, explain: str | None):
                 break
 
 
-def _publish(staging: Path, overlays: list[str], earlier: list[Path], folder: Path) -> list[str]:
-    """The new overlays moved from `staging` into `folder`, then the `earlier` ones they did not
+def _publish(overlays: list[str], earlier: list[Path], folder: Path) -> list[str]:
+    """The new overlays (drawn in a staging folder) moved into `folder`, then the `earlier` ones they did not
     replace removed; returns their paths there."""
     moved = []
     for drawn in overlays:

@@ -44,10 +44,11 @@ _TILE_IN, _CAPTION_PT = 0.875, 6.5
 
 def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> Path:
     """Save a matplotlib Figure atomically (the format follows the file suffix). A constrained
-    layout is settled by one draw first: laid out once, an axes it made shorter could get finer
-    ticks with longer labels than it made room for (a loss panel's "2.0950" cut to ".0950")."""
+    layout is laid out once before the save lays it out again: laid out once, an axes it made
+    shorter could get finer ticks with longer labels than it made room for (a loss panel's
+    "2.0950" cut to ".0950"). The layout pass alone, not a whole draw: half the cost."""
     if fig.get_layout_engine() is not None:
-        fig.draw_without_rendering()
+        fig.get_layout_engine().execute(fig)
     with fileio.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi or _DPI)
     return Path(path)
@@ -426,7 +427,7 @@ def plot_confusion(target: str | os.PathLike, split: str = "test", normalize: bo
         if not csv.is_file():
             raise UsageError(f"run {run.run_dir} has no {run.relative(csv)}; write it with "
                              f"'{run.evaluate_command(split)}'")
-        default_out = run.figure_file(f"confusion_{split}{suffix}")
+        default_out = run.figure_file("confusion", split, suffix)
         title, note = f"{run.run_id} · {split}", provenance(run.dataset)
     else:
         csv = target

@@ -29,7 +29,7 @@ from medcli import console, fileio, manifest
 from medcli.errors import Interrupted, MedcliError, UsageError
 from medcli.names import CHECKPOINTS, SPLITS
 
-__all__ = ["Run", "STAGE_LOCK_PREFIX", "create_run_dir", "find_runs"]
+__all__ = ["RUN_FIGURES", "Run", "SPLIT_FIGURES", "STAGE_LOCK_PREFIX", "create_run_dir", "find_runs"]
 
 # The layout of a run directory (see the `Run` methods that build paths from these).
 CHECKPOINT_DIR = "checkpoints"
@@ -39,6 +39,10 @@ PREDICTIONS_DIR = "predictions"
 EXPLAIN_DIR = "explain"
 EXPORT_DIR = "export"
 HISTORY_FILE = "history.csv"
+# The figures: figures/<name>_<split>.png, drawn by evaluate for each split, and
+# figures/<name>.png, drawn by train (`Run.figure_file` refuses any other name)
+SPLIT_FIGURES = ("confusion", "samples", "mistakes", "reliability", "roc")
+RUN_FIGURES = ("curves",)
 REPORT_FILE = "report.xlsx"
 HTML_REPORT_FILE = "report.html"
 MAPS_FILE = "maps.npz"
@@ -363,9 +367,12 @@ class Run:
         """Per-epoch training history (`train`)."""
         return self.path(HISTORY_FILE)
 
-    def figure_file(self, name: str, split: str | None = None) -> Path:
-        """`figures/<name>.png`, or `figures/<name>_<split>.png` for a split's figure."""
-        return self.path(f"{FIGURE_DIR}/{name}{f'_{split}' if split else ''}.png")
+    def figure_file(self, name: str, split: str | None = None, variant: str = "") -> Path:
+        """`figures/<name>.png` (RUN_FIGURES), or `figures/<name>_<split><variant>.png` for a
+        split's figure (SPLIT_FIGURES; `variant`: another drawing of it, e.g. "_counts")."""
+        if name not in (SPLIT_FIGURES if split else RUN_FIGURES):
+            raise ValueError(f"a run has no figure {name!r}{f' of a split' if split else ''}")
+        return self.path(f"{FIGURE_DIR}/{name}{f'_{split}' if split else ''}{variant}.png")
 
     def metrics_file(self, split: str) -> Path:
         """A split's metrics (`evaluate`; read by `aggregate` and the report)."""

@@ -306,7 +306,7 @@ def train_one_epoch(state: State, data: feed.Data, prep: dict, config: dict, dev
             "images_per_s": seen / seconds}
 
 
-def evaluate(model, data: feed.Data, prep: dict, config: dict, device, task: Task,
+def evaluate(model, data: feed.Data, prep: dict, device, task: Task,
              ctx: distributed.Context = distributed.Context()) -> dict:
     """Validation metrics (`task.metrics`) over the whole split: each process predicts its
     share, the logits are gathered, and every process gets the same metrics."""
@@ -621,7 +621,7 @@ def fit(run: Run, model, splits: datasets.Splits, checkpoint: dict | None,
             check_finite(model, state.epoch + 1, config)
             ranked = model if state.ema is None else state.ema.module  # the weights the rule ranks (and best.pt holds)
             reestimate_batchnorm(ranked, train_data, prep, config, device)
-            val = evaluate(ranked, val_data, prep, config, device, state.task, ctx)
+            val = evaluate(ranked, val_data, prep, device, state.task, ctx)
             state.epoch += 1
             state.scores.append(monitored(val, select["monitor"]))
             if not state.history and ctx.is_main and val.get(MONITORS[select["monitor"]][0]) is None:

@@ -55,8 +55,8 @@ PAGE_CHART = "comparison_page.png"  # not aggregate's comparison.png: a page may
 MAPS_DIR = "maps"  # the maps agreement files of a comparison, beside its page
 SPLIT_ORDER = tuple(reversed(SPLITS))  # test first: the split a result is reported on
 EVALUATION_KEYS = ("task", "metrics", "ci", "checkpoint", "tta", "device")  # what the page reads of a metrics JSON
-SPLIT_FIGURES = (("roc", "ROC and precision-recall curves"), ("samples", "Sample predictions (green right, red wrong)"),
-                 ("mistakes", "Most confident mistakes"))  # the confusion matrix goes with the metrics
+FIGURE_CAPTIONS = (("roc", "ROC and precision-recall curves"), ("samples", "Sample predictions (green right, red wrong)"),
+                   ("mistakes", "Most confident mistakes"))  # the confusion matrix goes with the metrics
 # The browser may load nothing but the inline style sheet and the inlined images.
 POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 STYLE = """
@@ -391,7 +391,7 @@ def _figures(run: Run, evaluations: dict[str, dict]) -> str:
     curves = run.figure_file("curves")
     parts.append("<h3>Training</h3>" + _run_figure(run, curves, "Training curves"))
     for split in evaluations:
-        shown = [(run.figure_file(kind, split), text) for kind, text in SPLIT_FIGURES]
+        shown = [(run.figure_file(kind, split), text) for kind, text in FIGURE_CAPTIONS]
         parts.append(f"<h3>{_e(split)} split</h3>"
                      + "".join(_run_figure(run, path, f"{text}, {split} split") for path, text in shown))
     return "".join(parts)

@@ -50,8 +50,9 @@ def test_paired_bootstrap_is_seeded_and_matches_sklearn():
     first = metrics.paired_bootstrap_auc(positive, good, poor, resamples=300, seed=7)
     assert first == metrics.paired_bootstrap_auc(positive, good, poor, resamples=300, seed=7)
     assert first["interval"] != metrics.paired_bootstrap_auc(positive, good, poor, resamples=300, seed=8)["interval"]
-    expected = np.mean([roc_auc_score(positive[:, k], good[:, k]) for k in range(2)])
-    assert first["auc_a"] == pytest.approx(expected)
+    for key, scores in (("auc_a", good), ("auc_b", poor)):
+        assert first[key] == pytest.approx(np.mean([roc_auc_score(positive[:, k], scores[:, k]) for k in range(2)]))
+    assert first["difference"] == pytest.approx(first["auc_a"] - first["auc_b"])
     assert first["difference"] > 0 and first["interval"][0] > 0 and first["p_value"] < 0.01
     assert (first["resamples"], first["seed"], first["used"]) == (300, 7, 300)
     same = metrics.paired_bootstrap_auc(positive, good, good, resamples=100, seed=0)

@@ -565,7 +565,8 @@ def test_an_interrupted_job_says_so_once(monkeypatch, env, says):
 # -- review of the distributed paths --------------------------------------------------------------
 
 
-def test_a_validation_share_may_be_empty(monkeypatch):
+@pytest.mark.parametrize("favoured", [2, 5])  # the image's class, another
+def test_a_validation_share_may_be_empty(monkeypatch, favoured):
     """Review: with fewer validation images than processes, the last rank's empty share came
     back as a (0,) tensor and torch.cat failed ("Sizes of tensors must match"): the run failed.
     Rank 1 of 2 with one validation image gets the metrics of rank 0's logits."""
@@ -575,12 +576,13 @@ def test_a_validation_share_may_be_empty(monkeypatch):
     images = torch.randint(0, 255, (1, 3, 8, 8), dtype=torch.uint8)
     data = feed.Data(images=images, labels=torch.tensor([2]), device=torch.device("cpu"))
     prep = {"input_size": 8, "mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear"}
-    others = model(torch.zeros(1, 3, 8, 8)).detach()
+    others = torch.nn.functional.one_hot(torch.tensor([favoured]), 8).float() * 5  # rank 0's logits of the image
     monkeypatch.setattr(distributed, "sync_buffers", lambda ctx, model: None)
     monkeypatch.setattr(distributed, "gather", lambda ctx, mine: [others, mine])  # rank 0's one image, then ours
-    metrics = train.evaluate(model, data, prep, {}, "cpu", datasets.task("bloodmnist"),
+    metrics = train.evaluate(model, data, prep, "cpu", datasets.task("bloodmnist"),
                              distributed.Context(rank=1, world_size=2))
-    assert metrics["accuracy"] in (0.0, 1.0)
+    assert metrics["accuracy"] == (1.0 if favoured == 2 else 0.0)
+    assert metrics["loss"] == pytest.approx(-torch.log_softmax(others, 1)[0, 2].item(), rel=1e-6)
 
 
 def test_too_few_training_images_for_the_processes_are_named_before_any_starts(tmp_path, monkeypatch):

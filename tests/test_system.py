@@ -71,11 +71,21 @@ def test_training_sets_torch_threads_from_usable_cpus(monkeypatch):
     from medcli import train
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(system, "usable_cpus", lambda: 1)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.setattr(system, "usable_cpus", lambda: 3)  # none of torch's usual counts here
     before = torch.get_num_threads()
     try:
+        torch.set_num_threads(1)
+        train.use_cpu_threads()
+        assert torch.get_num_threads() == 3
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes of a job on this node share the cores
         train.use_cpu_threads()
         assert torch.get_num_threads() == 1
+        monkeypatch.delenv("LOCAL_WORLD_SIZE")
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's setting is left alone
+        torch.set_num_threads(2)
+        train.use_cpu_threads()
+        assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
 
