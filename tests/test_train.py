@@ -884,6 +884,7 @@ def test_batchnorm_reestimation_weighs_every_image_alike():
     assert model[0].running_mean.item() == pytest.approx(exact.item(), abs=1e-5)
 
 
+@pytest.mark.realdata
 def test_one_epoch_on_real_data_does_not_collapse(shared_data, tmp_path, make_subset):
     """Issue 12: `--epochs 1` reached 68 % train but 26 % test accuracy (the schedule ended at
     its peak and BatchNorm's averages lagged). On 3,000 real PBC images, with the full default
@@ -900,8 +901,13 @@ def test_one_epoch_on_real_data_does_not_collapse(shared_data, tmp_path, make_su
     run = train.train(root=root, runs_dir=tmp_path / "runs", model="resnet18", reduced=True, epochs=1, batch_size=128,
                       lr=0.1, warmup_epochs=1.0, seed=0)
     train_acc = float(list(csv.DictReader(run.path("history.csv").open()))[-1]["train_acc"])
-    test_acc = evaluate.evaluate_run(run.run_dir)["splits"]["test"]["metrics"]["accuracy"]
+    test = evaluate.evaluate_run(run.run_dir)["splits"]["test"]["metrics"]
+    test_acc = test["accuracy"]
     assert test_acc >= train_acc - 0.05, (train_acc, test_acc)
+    # review: relative alone, a model that learned nothing passed. Measured 28.2 % during the
+    # epoch and 37.3 % on test; one class predicted for all is at most 21 % of this test split
+    assert test_acc >= 0.30, test_acc
+    assert sum(any(row[k] for row in test["confusion_matrix"]) for k in range(8)) >= 4  # classes ever predicted
 
 
 @pytest.mark.parametrize("n_train,batch,lr", [(546, 16, 0.0125), (1080, 32, 0.025), (11959, 128, 0.1), (100, 16, 0.0125)])
