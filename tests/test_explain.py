@@ -117,6 +117,30 @@ def test_default_layers_follow_the_map_size(cnn, vit):
                                                            "features.denseblock3", "the last block's norm1"))
 
 
+def test_tokens_to_map_puts_each_patch_token_back_where_its_patch_was(vit, sample_images):
+    """Review: the ViT CAM's token reshaping had no geometry check (a transposed grid or an
+    off-by-one prefix would pass the map tests). The oracle: timm's patch embedding, a conv
+    whose (C, h, w) output it flattens row by row into the tokens after the prefix ones."""
+    import copy
+
+    model = copy.deepcopy(vit[0])
+    assert isinstance(model.patch_embed.norm, torch.nn.Identity) and isinstance(model.norm_pre, torch.nn.Identity)
+    with torch.no_grad():
+        model.pos_embed.zero_()  # the tokens entering the blocks are then the class token and the patches'
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    x = augment.preprocess(sample_images, PREP)
+    with torch.no_grad():
+        patches = model.patch_embed.proj(x)
+        model(x)
+    prefix = model.num_prefix_tokens
+    assert prefix >= 1 and seen[0].shape[1] == prefix + patches.shape[-2] * patches.shape[-1]
+    torch.testing.assert_close(explainers.tokens_to_map(seen[0], prefix, tuple(patches.shape[-2:])), patches)
+    grid = torch.arange(2 * 3, dtype=torch.float32).reshape(1, 1, 2, 3)  # not square: a transpose shows
+    row_major = torch.cat([torch.full((1, 1, 1), -1.0), grid.flatten(2).transpose(1, 2)], dim=1)
+    assert torch.equal(explainers.tokens_to_map(row_major, 1, (2, 3)), grid)
+
+
 # -- rollout ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fusion", list(explainers.HEAD_FUSIONS))
 @pytest.mark.parametrize("discard", [0.0, 0.9])
