@@ -284,7 +284,7 @@ def save_figure(path, columns: list[Column], rows: list[list[int]], right: list,
     heading = textwrap.wrap(title, int(chars * 7 / 8))  # bold, 8 pt
     legend = textwrap.wrap((f"Shown: the first {f'{per_class} ' if per_class > 1 else ''}of each class's samples "
                             f"(the scores of all are in {OUTPUT_FILES[0]}). " if per_class < counts.max() else "")
-                           + f"Over each map: its column, the predicted class (red: not the sample's) and its confidence"
+                           + "Over each map: its column, the predicted class (red: not the sample's) and its confidence"
                            + ("; \"top\": the most probable label, where no label reached 0.5" if undecided else "") + ". "
                            f"Under each sample: the Spearman \u03c1 and top-{TOP_SHARE:.0%} IoU of every two maps.", chars)
     lines = len(heading) * 1.2 + len(legend) + 0.3  # the column names follow

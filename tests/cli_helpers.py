@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 
 HEAVY = ("torch", "numpy", "timm", "torchvision", "sklearn", "matplotlib", "pandas", "scipy")
@@ -111,3 +115,28 @@ def run_epoch(state, data, prep, config) -> None:
     with console.progress() as bar:
         task = bar.add_task("epoch", total=1)
         train.train_one_epoch(state, data, prep, config, torch.device("cpu"), bar, task)
+
+
+@contextlib.contextmanager
+def shared_folder():
+    """A folder every user may enter, removed afterwards: pytest's own folders are their owner's alone."""
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    folder.chmod(0o755)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def as_nobody(code: str) -> subprocess.CompletedProcess:
+    """Python `code` run as the unprivileged user nobody (setpriv), for the checks that root's
+    rights would void (it reads and writes anything); skips where that is not possible."""
+    import pytest
+
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to run as another user")
+    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code],
+                          capture_output=True, text=True)
+    if done.returncode != 0 and "setpriv" in done.stderr:
+        pytest.skip(f"cannot run as another user: {done.stderr.strip()}")
+    return done

@@ -702,7 +702,7 @@ def test_what_a_run_was_tested_on_is_the_evaluated_file_not_the_training_one(tmp
 def test_a_calibrated_evaluation_from_before_keeps_the_models_own_auc(tmp_path):
     """Review of the diff: metrics files written before evaluate kept the model's own AUC under
     --calibrate hold the scaled one; they are compared by the AUC before scaling, like new ones."""
-    run = make_run(tmp_path, "old", calibration={"temperature": 1.5, "before": {"auc": 0.91}, "after": {"auc": 0.95}})
+    make_run(tmp_path, "old", calibration={"temperature": 1.5, "before": {"auc": 0.91}, "after": {"auc": 0.95}})
     (row,) = aggregate([tmp_path], metric_names=["auc"]).runs
     assert row["auc"] == 0.91
     make_run(tmp_path / "new", "new", calibration={"temperature": 1.5, "before": {"auc": 0.95}, "after": {"auc": 0.97}})

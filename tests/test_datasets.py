@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from medcli import datasets, fileio, npzcache
 from medcli.cli import app
+
+from cli_helpers import as_nobody, shared_folder
 from medcli.errors import MedcliError
 
 from cli_helpers import one_line_error
@@ -114,15 +116,26 @@ def test_a_read_only_root_without_records_still_trains(root, tmp_path, monkeypat
     assert not datasets.record_path(datasets.data_path(root, FLAG, SIZE)).exists()
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_a_really_read_only_root(root):
+    """A data root nobody may write to (checked as another user when this runs as root, whom
+    directory permissions do not stop): the file is checked and used, its record not kept."""
     path = datasets.data_path(root, FLAG, SIZE)
     datasets.record_path(path).unlink()
-    root.chmod(0o555)
-    try:
-        assert datasets.resolve(root, FLAG, SIZE)[1]["md5"] == fileio.md5_file(path)
-    finally:
-        root.chmod(0o755)
+    if os.geteuid() != 0:
+        root.chmod(0o555)
+        try:
+            assert datasets.resolve(root, FLAG, SIZE)[1]["md5"] == fileio.md5_file(path)
+        finally:
+            root.chmod(0o755)
+        return
+    with shared_folder() as folder:
+        shutil.copytree(root, folder / "data")
+        (folder / "data").chmod(0o555)
+        nobody = as_nobody(f"from medcli import datasets; print(datasets.resolve({str(folder / 'data')!r}, "
+                           f"{FLAG!r}, {SIZE})[1]['md5'])")
+        assert nobody.returncode == 0, nobody.stderr
+        assert nobody.stdout.split() == [fileio.md5_file(path)]
+        assert not datasets.record_path(folder / "data" / path.name).exists()
 
 
 def test_make_subset_is_stratified_relabelled_and_checked_like_an_import(tmp_path, make_subset):

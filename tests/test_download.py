@@ -3,9 +3,9 @@ CLI, the --list view, and the real PBC-derived BloodMNIST file when ../shared is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +24,7 @@ from medcli import datasets, download, fileio
 from medcli.cli import app
 from medcli.errors import MedcliError, UsageError
 
-from cli_helpers import one_line_error
+from cli_helpers import as_nobody, one_line_error, shared_folder
 
 FLAG, SIZE = "bloodmnist", 28
 NAME = datasets.filename(FLAG, SIZE)
@@ -724,29 +724,17 @@ def test_a_file_written_again_keeps_its_mode(tmp_path, mode):
     """Review: writing a manifest (or any file) again reset a mode the user had set (0444 to
     0644); and a read-only mode must not stop the writer of the new file (checked as another
     user when this runs as root: root writes anything)."""
-    import tempfile
-
     root = os.geteuid() == 0
-    folder = Path(tempfile.mkdtemp(dir="/tmp")) if root else tmp_path  # pytest's own folders are root's alone
-    try:
+    with shared_folder() if root else contextlib.nullcontext(tmp_path) as folder:
         target = fileio.write_text(folder / "manifest.json", "{}")
         os.chmod(target, mode)
         if root:
-            if shutil.which("setpriv") is None:
-                pytest.skip("setpriv (util-linux) is needed to write as another user")
             os.chmod(folder, 0o777)
-            code = f"from medcli import fileio; fileio.write_text({str(target)!r}, '{{ }}')"
-            nobody = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable,
-                                     "-c", code], capture_output=True, text=True)
-            if nobody.returncode != 0 and "setpriv" in nobody.stderr:
-                pytest.skip(f"cannot run as another user: {nobody.stderr.strip()}")
+            nobody = as_nobody(f"from medcli import fileio; fileio.write_text({str(target)!r}, '{{ }}')")
             assert nobody.returncode == 0, nobody.stderr
         else:
             fileio.write_text(target, "{ }")
         assert target.stat().st_mode & 0o777 == mode and target.read_text() == "{ }"
-    finally:
-        if root:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_progress_bars_stay_off_when_stderr_is_not_a_terminal_even_with_force_color(monkeypatch):

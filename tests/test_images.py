@@ -14,6 +14,8 @@ from medcli import images
 from medcli.errors import EXIT_FAILURE, UsageError
 from medcli.images import BadFile, Target
 
+from cli_helpers import as_nobody, shared_folder
+
 GRAY, RGB = Target(28, 1), Target(28, 3)
 
 
@@ -380,16 +382,25 @@ def test_bad_files_name_the_file_in_one_line(tmp_path, make, monkeypatch):
 
 
 def test_an_unreadable_file_says_so_not_damaged(tmp_path):
-    path = save(tmp_path / "locked.png", noise((28, 28)))
-    path.chmod(0)
-    try:
-        if os.access(path, os.R_OK):
-            pytest.skip("running as root: a file without permissions stays readable")
-        with pytest.raises(BadFile, match=r"cannot read it \(Permission denied\)") as caught:
-            images.read(path, GRAY)
-        assert "damaged" not in str(caught.value)
-    finally:
-        path.chmod(0o644)
+    """(Checked as another user when this runs as root, who reads any file.)"""
+    if os.geteuid() != 0:
+        path = save(tmp_path / "locked.png", noise((28, 28)))
+        path.chmod(0)
+        try:
+            with pytest.raises(BadFile, match=r"cannot read it \(Permission denied\)") as caught:
+                images.read(path, GRAY)
+            assert "damaged" not in str(caught.value)
+        finally:
+            path.chmod(0o644)
+        return
+    with shared_folder() as folder:
+        path = save(folder / "locked.png", noise((28, 28)))
+        path.chmod(0)
+        nobody = as_nobody("from medcli import images\n"
+                           f"try:\n    images.read({str(path)!r}, images.Target(28, 1))\n"
+                           "except images.BadFile as exc:\n    print(exc)")
+        assert nobody.returncode == 0, nobody.stderr
+        assert f"{path}: cannot read it (Permission denied)" in nobody.stdout and "damaged" not in nobody.stdout
 
 
 def test_an_image_above_pillows_limit_says_so(tmp_path, monkeypatch):

@@ -369,8 +369,6 @@ def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(run_copy, t
 
     real = Path.write_bytes
     if fmt == "onnx":
-        real_export = torch.onnx.export
-
         def export_on_full_disk(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
 
