@@ -99,7 +99,7 @@ def _input_sizes() -> str:
         return str(values["input_size"]) if "input_size" in values else "dataset size"
 
     return (f"{_by_kind(lambda rec: size(rec.defaults))}; "
-            f"{_by_kind(lambda rec: size({**rec.reduced, **rec.reduced_overrides}))} with --reduced")
+            f"{_by_kind(lambda rec: size({**rec.defaults, **rec.reduced}))} with --reduced")
 
 
 def _by_kind(describe) -> str:
@@ -150,9 +150,8 @@ class TrainOptions:
     reduced: bool = _option(False, reduced_help())
     epochs: int | None = _option(None, "Epochs (default per family/preset).")
     batch_size: int | None = _option(None, (
-        f"Global batch size (default {models.record(models.DEFAULT_MODEL).defaults['batch_size']}; halved for small "
-        f"training sets until an epoch has {MIN_STEPS_PER_EPOCH} steps, not below {MIN_DEFAULT_BATCH}, and rounded "
-        "down to a multiple of --nproc; the default lr scaled with it; a given --batch-size keeps the lr, a "
+        f"Global batch size (default {models.record(models.DEFAULT_MODEL).defaults['batch_size']}, smaller for small "
+        "training sets as above, rounded down to a multiple of --nproc; a given --batch-size keeps the lr, a "
         "warning names the scaled one)."))
     lr: float | None = _option(None, "Peak learning rate (default per family).")
     weight_decay: float | None = _option(None, "Weight decay (not on norms/biases).")
@@ -185,7 +184,7 @@ class TrainOptions:
                                              "each step as CUDA graphs.", experiment=False)
     pretrained: bool = _option(False, "Start from ImageNet weights (default off).")
     weights: str | None = _option(None, "Start from a local state dict / timm checkpoint.")
-    input_size: int | None = _option(None, f"Input size (default: {_input_sizes()}).")
+    input_size: int | None = _option(None, f"Model input size (default: {_input_sizes()}).")
     root: str | None = _option(None, "Data root (default $MEDCLI_DATA or ~/.medmnist).", experiment=False)
     runs_dir: str = _option("runs", "Where run directories are created.", experiment=False)
     sync_bn: bool = _option(False, (

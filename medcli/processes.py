@@ -319,9 +319,11 @@ def clean(dry_run: bool = False, yes: bool = False, older_than: str | None = Non
     found = find_processes(parse_duration(older_than) if older_than is not None else 0.0)
     if run is not None or pid is not None:
         found = job_of(found, run, pid)
-        if not found and pid is not None:  # like kill(1): the one process named is not there
+        if not found and pid is not None and older_than is not None and job_of(find_processes(), None, pid):
+            console.info(f"pid {pid} is not older than {older_than}")
+        elif not found and pid is not None:  # like kill(1): the one process named is not there
             raise MedcliError(f"pid {pid} is no medcli process of this user")
-        if not found:
+        elif not found:
             console.info(f"no medcli process of this user is working on {run}")
     if show is not None:  # the listing is the command's result: the CLI prints it on stdout
         show(table(found, f"{console.plural(len(found), 'medcli process', 'medcli processes')}"))

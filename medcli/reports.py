@@ -47,7 +47,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: float | None = None) -> Path:
     layout is laid out once before the save lays it out again: laid out once, an axes it made
     shorter could get finer ticks with longer labels than it made room for (a loss panel's
     "2.0950" cut to ".0950"). The layout pass alone, not a whole draw: half the cost."""
-    if fig.get_layout_engine() is not None:
+    if fig.axes and fig.get_layout_engine() is not None:  # (a figure without axes has nothing to lay out)
         fig.get_layout_engine().execute(fig)
     with fileio.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi or _DPI)

@@ -323,3 +323,20 @@ def test_an_empty_word_on_the_command_line_is_refused(args, said, tmp_path, monk
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and said + " (an unset shell variable?)" in result.stderr, result.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_help_texts_name_each_kind_of_model_or_each_family(monkeypatch):
+    """The defaults in train's help come from the family records: said per kind of model while
+    the records of a kind agree, per family where they do not, once when all agree."""
+    import dataclasses
+
+    from medcli import config, models
+
+    assert config._by_kind(lambda rec: rec.defaults["optimizer"]) == "sgd for CNNs, adamw for ViTs"
+    assert config._by_kind(lambda rec: rec.defaults["label_smoothing"]) == "0.1"
+    families = dict(models.FAMILIES)
+    families["densenet121"] = dataclasses.replace(families["densenet121"],
+                                                  defaults={**families["densenet121"].defaults, "optimizer": "adamw"})
+    monkeypatch.setattr(models, "FAMILIES", families)
+    assert (config._by_kind(lambda rec: rec.defaults["optimizer"])
+            == "resnet18, other timm models: sgd; densenet121, vit, vit-small, vit-tiny and timm ViTs: adamw")

@@ -16,11 +16,9 @@ from typer.testing import CliRunner
 
 from medcli import datasets, fileio, npzcache
 from medcli.cli import app
-
-from cli_helpers import as_nobody, shared_folder
 from medcli.errors import MedcliError
 
-from cli_helpers import one_line_error
+from cli_helpers import as_nobody, one_line_error, shared_folder
 
 runner = CliRunner()
 FLAG, SIZE = "bloodmnist", 28

@@ -429,11 +429,22 @@ def test_ctrl_c_at_the_confirmation_exits_130_not_1(fake_medcli):
 
 
 @pytest.mark.parametrize("mode", ["--yes", "--dry-run"])
-def test_a_pid_that_is_no_medcli_process_exits_1(mode):
+def test_a_pid_that_is_no_medcli_process_exits_1(mode, fake_medcli):
     """Review: `clean-processes --pid N --yes` of a pid that is no medcli process of this user
-    (ended already, a typo, someone else's) exited 0, which a script reads as "ended"; like
-    kill(1), naming one process that is not there is a failure (a --run with nobody working on
-    it stays a plain empty listing: that job has simply ended)."""
-    result = runner.invoke(app, ["clean-processes", "--pid", str(os.getpid()), mode, "--json"])
-    assert result.exit_code == 1 and result.stdout == "", result.output
-    assert result.stderr.strip().splitlines() == [f"error: pid {os.getpid()} is no medcli process of this user"]
+    (ended already, a typo, another program) exited 0, which a script reads as "ended"; like
+    kill(1), naming one process that is not there is a failure, and the program is left alone.
+    A medcli process that --older-than leaves out is said to be too young (exit 0), and a
+    --run nobody works on stays a plain empty listing: that job has simply ended."""
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "medcli", "train"])
+    proc, run = fake_medcli()
+    try:
+        result = runner.invoke(app, ["clean-processes", "--pid", str(bystander.pid), mode, "--json"])
+        assert result.exit_code == 1 and result.stdout == "", result.output
+        assert result.stderr.strip().splitlines() == [f"error: pid {bystander.pid} is no medcli process of this user"]
+        assert bystander.poll() is None
+        young = runner.invoke(app, ["clean-processes", "--pid", str(proc.pid), "--older-than", "1h", mode, "--json"])
+        assert young.exit_code == 0 and json.loads(young.stdout)["processes"] == [], young.output
+        assert f"pid {proc.pid} is not older than 1h" in young.stderr and proc.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -265,3 +265,13 @@ def test_a_runs_dir_that_is_a_file_is_named_as_one(tmp_path):
     with pytest.raises(UsageError, match=r"--runs-dir .*r1.out is a file, not a folder"):
         create_run_dir(tmp_path / "r1.out", "run")
     assert (tmp_path / "r1.out").read_text() == "a log"
+
+
+def test_a_figure_file_is_one_of_the_runs_figures(tmp_path):
+    """Run owns the figure names: a renamed figure cannot silently drop off the pages that read it."""
+    run = Run.create(tmp_path, "r", config={}, dataset={})
+    assert run.figure_file("confusion", "test", "_counts") == run.run_dir / "figures" / "confusion_test_counts.png"
+    assert run.figure_file("curves") == run.run_dir / "figures" / "curves.png"
+    for name, split in (("confusion", None), ("curves", "test"), ("confusions", "test")):
+        with pytest.raises(ValueError, match="a run has no figure"):
+            run.figure_file(name, split)
