@@ -383,6 +383,20 @@ def test_explain_records_faithfulness_and_raw_maps(tiny_run, tmp_path):
     assert json.loads(str(stored["meta"]))["flag"] == "bloodmnist"
     assert json.loads(str(stored["meta"]))["selection"] == index["selection"] == "--split test --per-class 1 --seed 0"
     assert "explain/gradcam/maps.npz" in stage["artefacts"]
+    # review: no test held the maps to grad-cam itself. The oracle: pytorch_grad_cam's GradCAM on
+    # the default layer, the same test images preprocessed, each map of its predicted class
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    opened = Run.open(run)
+    model = opened.load_model("best", torch.device("cpu"))
+    layer = explainers.resolve_layer(model, opened.spec, None)
+    images = datasets.as_tensor(opened.load_data(None, ["test"]).images["test"][stored["indices"]])
+    with GradCAM(model=model, target_layers=[model.get_submodule(layer)]) as cam:
+        expected = cam(input_tensor=augment.preprocess(images, opened.data["preprocess"]),
+                       targets=[ClassifierOutputTarget(int(k)) for k in stored["predictions"]])
+    np.testing.assert_allclose(stored["maps"].astype(np.float32), expected, atol=1e-3)  # maps.npz keeps float16
+    assert list(stored["targets"]) == list(stored["predictions"])
     # review: --no-faithfulness silently dropped the stored ROAD scores ('aggregate --metrics road_*' went blank)
     quick = ["explain", str(run), "--per-class", "1", "--no-faithfulness", "--json"]
     one_line_error(runner.invoke(app, quick), 2, "holds maps: with ROAD scores; this asks for without ROAD scores",
