@@ -82,7 +82,7 @@ def test_heat_maps_are_finite_varied_and_image_sized(family, method, cnn, vit, s
         images = images[:2]
     maps = _maps(model, spec, method, images, _predictions(model, images))
     assert maps.shape == (len(images), 28, 28)
-    assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
+    assert np.isfinite(maps).all()  # heatmaps clamps to [0, 1]; a NaN would survive it
     assert (maps.std(axis=(1, 2)) > 0.01).all(), "a constant heat map explains nothing"
     assert capfd.readouterr().err == "", "grad-cam's own progress bars stay silent (Score-CAM's tqdm)"
 
