@@ -75,3 +75,5 @@ def test_small_data_tables_keep_earlier_defaults_apart_and_say_which(capsys):
     bench.markdown([*reference, *old, *new], ["gray2"], 100)
     out = capsys.readouterr().out
     assert "| gray2 | medcli defaults | 0 | 95.0%" in out and "before the streams" not in out
+    # review: one seed's spread is 0, and "mean gap > spread 0.0000: yes" read as a verdict
+    assert "(every seed: yes; no spread of one seed: not judged yet)" in out and "spread 0.0000" not in out
